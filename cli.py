@@ -1,0 +1,62 @@
+"""The one `backdrop` command. Subcommands live next to their code and register themselves here."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each module's `add_parser(subparsers)` adds its subcommands, each with `set_defaults(func=...)`.
+SUBCOMMAND_MODULES = [
+    "backdrop.diffusion.cli",   # generate, img2img, inpaint
+    "backdrop.train.cli",       # train {clip,vae,pretrain,inpaint,cache}
+    "backdrop.export.cli",      # export {onnx,tensorrt}
+    "backdrop.serve.cli",       # serve
+]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="backdrop",
+        description="Backdrop: paint new scenes around products (inpainting), text-to-image and image-to-image.",
+    )
+    parser.add_argument("--version", action="version", version=f"backdrop {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:  # a subcommand whose module is not written yet
+            if e.name == name:
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def _version() -> str:
+    from backdrop import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as e:
+        print(f"backdrop {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

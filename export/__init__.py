@@ -1,0 +1,1 @@
+"""Export to ONNX / TensorRT and the backends that run the four components."""

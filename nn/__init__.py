@@ -1,0 +1,1 @@
+"""Models and weights: configs, CLIP, VAE, UNet, tokenizer, checkpoint loading."""

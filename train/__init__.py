@@ -1,0 +1,1 @@
+"""Training: one loop (core.py), data (data.py), one file a stage (stages/)."""

@@ -1,0 +1,1 @@
+"""Training stages: each file holds only its data preparation and its loss."""
