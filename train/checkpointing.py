@@ -1,0 +1,111 @@
+"""Training checkpoints: atomic directories of safetensors + JSON, never pickle.
+
+Layout of one checkpoint:  OUT/checkpoints/step-00000100/{state.safetensors, meta.json}
+It is written as OUT/checkpoints/.tmp-step-00000100-<pid>/, every file fsynced, then renamed into place with
+os.replace and the parent directory fsynced. A run killed at any moment, including mid-save, leaves only complete
+`step-*` directories (a rename is atomic on POSIX), so the newest one is always loadable; leftover `.tmp-*`
+directories are ignored and cleaned up by the next save.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step-"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, write) -> None:
+    write(path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], meta: dict,
+                    keep_last: int = 2) -> Path:
+    """Write one checkpoint atomically under `root`; keep only the newest `keep_last` (0 keeps all)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    # safetensors refuses shared or non-contiguous storage: give it plain contiguous copies where needed
+    plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _write_synced(tmp / "state.safetensors", lambda p: save_file(plain, str(p)))
+    _write_synced(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta)))
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, or the newest one under a run directory (OUT/) or its OUT/checkpoints/."""
+    path = Path(path)
+    if (path / "meta.json").is_file() and (path / "state.safetensors").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = list_checkpoints(root)
+        if found:
+            return found[-1]
+    raise FileNotFoundError(f"{path}: no complete checkpoint here (expected {PREFIX}NNNNNNNN/ with meta.json and "
+                            "state.safetensors, or a run directory holding checkpoints/)")
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    ck = resolve(path)
+    try:
+        meta = json.loads((ck / "meta.json").read_text())
+        tensors = load_file(str(ck / "state.safetensors"))
+    except Exception as e:  # corrupt or truncated: say which file
+        raise ValueError(f"{ck}: unreadable checkpoint ({type(e).__name__}: {e})") from e
+    return tensors, meta
+
+
+def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """torch optimizer state_dict -> (tensors, JSON-able meta) without pickle."""
+    tensors, scalars = {}, {}
+    for idx, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{name}"] = value
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}

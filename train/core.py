@@ -1,0 +1,323 @@
+"""The one training loop every stage uses (nanoGPT-sized).
+
+A stage (train/stages/*.py) supplies only what is its own: the module to train, a loss over a batch, and how to
+write the final model. This file owns everything else: AdamW with warmup + cosine decay, bf16/fp16 autocast (the
+trainable weights stay fp32; fp16 uses a grad scaler), gradient accumulation and clipping, gradient checkpointing,
+EMA, DDP under torchrun (gloo on CPU, nccl on GPU) with gradient sync only on the last micro-step, logging to tqdm
+and a JSONL file, and checkpoints that are atomic and resume exactly (model, EMA, optimizer, LR schedule, step, data
+position and every RNG), so a stopped-and-resumed CPU run ends with the same weights as a straight run.
+
+Checkpoints contain no pickle: tensors go to safetensors, everything else to JSON.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import checkpointing as ckpt
+
+__all__ = ["TrainConfig", "Stage", "Trainer", "EMA", "lr_at"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000                 # optimizer steps (each of grad_accum micro-batches)
+    batch_size: int = 8               # per-process micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0             # linear warm-up from 0 (Goyal et al. 2017)
+    lr_schedule: str = "cosine"       # "cosine" (to min_lr_ratio * lr at the last step) or "constant"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0            # max global grad norm; 0 disables
+    precision: str = "fp32"           # "fp32" | "bf16" | "fp16" (autocast; fp16 adds a grad scaler)
+    ema_decay: float = 0.0            # 0 disables EMA; e.g. 0.999 for short runs, 0.9999 for long ones
+    ema_start_step: int = 0           # before this step the EMA copies the weights
+    ema_warmup: bool = True           # decay ramps as (1+n)/(10+n) (Tarvainen & Valpola; diffusers' EMAModel)
+    gradient_checkpointing: bool = False
+    save_every: int = 0               # 0: only the final checkpoint
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"TrainConfig: precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"TrainConfig: lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
+
+
+class Stage(Protocol):
+    """What a stage supplies. `loss` receives the (possibly DDP-wrapped) trainable module."""
+
+    def trainable(self) -> nn.Module: ...
+
+    def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> tuple[torch.Tensor, dict]: ...
+
+    def save_final(self, module: nn.Module, out_dir: Path) -> None: ...
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine to min_lr_ratio * lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(1, cfg.steps - cfg.warmup_steps - 1)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point parameters and buffers (kept in fp32)."""
+
+    def __init__(self, module: nn.Module, decay: float, start_step: int = 0, warmup: bool = True):
+        self.decay, self.start_step, self.warmup = decay, start_step, warmup
+        self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+    def decay_at(self, step: int) -> float:
+        if step < self.start_step:
+            return 0.0  # copy the weights until EMA starts
+        n = step - self.start_step
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        d = self.decay_at(step)
+        for k, v in module.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.detach().float(), 1.0 - d)
+
+    def copy_to(self, module: nn.Module) -> None:
+        state = module.state_dict()
+        module.load_state_dict({k: self.shadow[k].to(state[k].dtype) if k in self.shadow else v
+                                for k, v in state.items()})
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def _set_gradient_checkpointing(module: nn.Module, on: bool) -> None:
+    for m in module.modules():
+        if hasattr(m, "gradient_checkpointing"):
+            m.gradient_checkpointing = on
+
+
+def _rng_state(generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    np_state = np.random.get_state()
+    meta = {"python": _tuplify_to_list(random.getstate()),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(tensors["torch"])
+    generator.set_state(tensors["generator"])
+    if torch.cuda.is_available():
+        cuda = [tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    random.setstate(_listify_to_tuple(meta["python"]))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
+
+
+def _tuplify_to_list(x):
+    return [_tuplify_to_list(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _listify_to_tuple(x):
+    return tuple(_listify_to_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+class Trainer:
+    """Runs `cfg.steps` optimizer steps of `stage` over `loader` and writes checkpoints under `out/`.
+
+    `loader` is an iterator of batches with `state_dict()` / `load_state_dict()` (its position), already sharded for
+    this process's rank. Under torchrun, call `torch.distributed.init_process_group` before creating the Trainer.
+    """
+
+    def __init__(self, stage: Stage, loader: Iterator, cfg: TrainConfig, out: str | os.PathLike,
+                 device: str | torch.device = "cpu", progress: bool = True):
+        self.stage, self.loader, self.cfg, self.out = stage, loader, cfg, Path(out)
+        self.device = torch.device(device)
+        self.progress = progress
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.step = 0
+        self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + self.rank)
+
+        module = stage.trainable().to(self.device)
+        _set_gradient_checkpointing(module, cfg.gradient_checkpointing)
+        self.module = module
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the stage's trainable module has no parameters with requires_grad=True")
+        decay = [p for p in params if p.ndim >= 2]        # no weight decay on norms and biases (GPT-2 practice)
+        no_decay = [p for p in params if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=cfg.betas)
+        self.model = module
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        self.ema = EMA(module, cfg.ema_decay, cfg.ema_start_step, cfg.ema_warmup) if cfg.ema_decay > 0 else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.log_path = self.out / "log.jsonl"
+
+    # ---------------------------------------------------------------- checkpoints
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything a resume needs. Model/EMA/optimizer are identical on every rank; RNG and data position are
+        per rank, so they are gathered to rank 0 (a list indexed by rank)."""
+        tensors = {f"model.{k}": v for k, v in self.module.state_dict().items()}
+        if self.ema is not None:
+            tensors |= {f"ema.{k}": v for k, v in self.ema.shadow.items()}
+        opt_tensors, opt_meta = ckpt.flatten_optimizer(self.optimizer.state_dict())
+        tensors |= {f"optim.{k}": v for k, v in opt_tensors.items()}
+        if self.scaler.is_enabled():
+            tensors["scaler.scale"] = torch.tensor(float(self.scaler.get_scale()))
+        per_rank = [(_rng_state(self.generator), self.loader.state_dict())]
+        if self.world > 1:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, per_rank[0])
+            per_rank = gathered
+        for r, ((rng_tensors, _), _) in enumerate(per_rank):
+            tensors |= {f"rng.{r}.{k}": v for k, v in rng_tensors.items()}
+        meta = {"step": self.step, "config": asdict(self.cfg), "optimizer": opt_meta, "world_size": self.world,
+                "rng": [m for (_, m), _ in per_rank], "data": [d for _, d in per_rank]}
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if meta.get("world_size", 1) != self.world:
+            raise ValueError(f"checkpoint was written by {meta['world_size']} processes, resuming with {self.world}")
+        sub = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+        self.module.load_state_dict(sub("model."), strict=True)
+        if self.ema is not None:
+            ema = sub("ema.")
+            if set(ema) != set(self.ema.shadow):
+                raise ValueError("the checkpoint's EMA weights do not match this run's (is EMA on in both?)")
+            self.ema.shadow = {k: v.float().clone() for k, v in ema.items()}
+        self.optimizer.load_state_dict(ckpt.unflatten_optimizer(sub("optim."), meta["optimizer"]))
+        if self.scaler.is_enabled() and "scaler.scale" in tensors:
+            self.scaler.update(float(tensors["scaler.scale"]))
+        _set_rng_state(sub(f"rng.{self.rank}."), meta["rng"][self.rank], self.generator)
+        self.loader.load_state_dict(meta["data"][self.rank])
+        self.step = int(meta["step"])
+
+    def save(self) -> Path | None:
+        tensors, meta = self.state()  # every rank takes part in the gather
+        if self.rank != 0:
+            return None
+        return ckpt.save_checkpoint(self.out / "checkpoints", self.step, tensors, meta, keep_last=self.cfg.keep_last)
+
+    def resume(self, path: str | os.PathLike) -> None:
+        """Resume from a checkpoint directory, or from the newest complete one under a run's out/ directory."""
+        tensors, meta = ckpt.load_checkpoint(path)
+        self.load_state(tensors, meta)
+
+    # ---------------------------------------------------------------- the loop
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, cfg)
+        self.optimizer.zero_grad(set_to_none=True)
+        total, metrics = 0.0, {}
+        for micro in range(cfg.grad_accum):
+            batch = _to_device(next(self.loader), self.device)
+            last = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or self.world == 1 else self.model.no_sync()
+            with sync:
+                with self._autocast():
+                    loss, m = self.stage.loss(self.model, batch, self.generator)
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+            total += float(loss.detach()) / cfg.grad_accum
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v) / cfg.grad_accum
+        self.scaler.unscale_(self.optimizer)
+        if cfg.grad_clip > 0:
+            metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.module, self.step - 1)
+        return {"loss": total, **metrics}
+
+    def fit(self) -> nn.Module:
+        """Train to cfg.steps, saving every cfg.save_every steps and at the end; returns the trained module."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress or self.rank != 0,
+                   desc="train", dynamic_ncols=True)
+        images = cfg.batch_size * cfg.grad_accum * self.world
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            record = self.train_step()
+            dt = time.perf_counter() - t0
+            record |= {"step": self.step, "lr": lr_at(self.step - 1, cfg), "step_time": dt, "images_per_s": images / dt}
+            bar.update(1)
+            if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", ips=f"{images / dt:.1f}")
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.save()
+        bar.close()
+        self.save()
+        return self.module
+
+    def final_module(self) -> nn.Module:
+        """The module to ship: the EMA weights when EMA is on, else the raw weights."""
+        if self.ema is None:
+            return self.module
+        import copy
+
+        module = copy.deepcopy(self.module)
+        self.ema.copy_to(module)
+        return module
+
+    def save_final(self) -> Path:
+        path = self.out / "final"
+        if self.rank == 0:
+            self.stage.save_final(self.final_module(), path)
+        return path
+
+
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
