@@ -1,0 +1,245 @@
+"""Dynamic batching: a bounded queue that groups compatible requests into UNet batches. Pure CPU bookkeeping.
+
+Like nano-vllm's Scheduler, this knows nothing about models or HTTP, so every rule is testable with a fake clock:
+
+- A request carries `n` items (one per image). Items that share a `BatchKey` (model, kind, size bucket, steps,
+  sampler) can ride in one UNet batch; each keeps its own prompt, image, mask, seed, strength and guidance.
+- Batches are formed around the *oldest* queued item: its key is served first, with the compatible items behind it
+  in arrival order, up to `max_batch_size`. So no request waits behind an unbounded stream of newer ones
+  (head-of-line fairness), whatever their keys.
+- A batch leaves when it is full or when its oldest item has waited `max_queue_delay` seconds for company.
+- The queue holds at most `max_queue` items: `submit` raises `QueueFull` with a Retry-After estimate (HTTP 429).
+- A request past its deadline is dropped from the queue and finished as `timeout` (HTTP 504); if it is already
+  running, its results are discarded. A cancelled request (client gone) is dropped the same way.
+- `close()` stops admissions (SIGTERM); queued work is still served, so the server can drain then exit.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+__all__ = ["BatchKey", "Request", "Batch", "Batcher", "QueueFull", "ShuttingDown"]
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: float):
+        super().__init__(f"the queue is full; retry in {retry_after:.0f} s")
+        self.retry_after = retry_after
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What must be equal for items to share one UNet batch."""
+    kind: str            # "generate" | "img2img" | "inpaint"
+    height: int
+    width: int
+    steps: int
+    sampler: str
+    model: str = "default"
+
+
+@dataclass(eq=False)
+class Request:
+    key: BatchKey
+    items: list[Any]                      # per-image payloads (prompt, seed, image, mask, ...), len == n
+    deadline: float | None = None         # absolute time on the batcher's clock; None: no deadline
+    id: str = ""
+    arrival: float = 0.0                  # set by submit()
+    status: str = "queued"                # queued | running | done | failed | timeout | cancelled
+    error: BaseException | None = None
+    results: list[Any] = field(default_factory=list)
+    _remaining: int = 0
+    _done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def _finish(self, status: str, error: BaseException | None = None) -> None:
+        if not self._done.is_set():
+            self.status, self.error = status, error
+            self._done.set()
+
+
+@dataclass(frozen=True)
+class _Item:
+    request: Request
+    index: int
+    seq: int                              # global arrival order (ties broken by item index)
+
+
+@dataclass
+class Batch:
+    key: BatchKey
+    entries: list[_Item]
+    formed_at: float
+
+    @property
+    def payloads(self) -> list[Any]:
+        return [e.request.items[e.index] for e in self.entries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class Batcher:
+    def __init__(self, max_batch_size: int = 4, max_queue_delay: float = 0.01, max_queue: int = 64,
+                 clock: Callable[[], float] = time.monotonic):
+        if max_batch_size < 1 or max_queue < 1 or max_queue_delay < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1 and max_queue_delay >= 0")
+        self.max_batch_size, self.max_queue_delay, self.max_queue = max_batch_size, max_queue_delay, max_queue
+        self.clock = clock
+        self._queue: deque[_Item] = deque()
+        self._running: set[int] = set()   # ids of batches handed out and not yet completed
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._batch_seconds = 1.0         # running estimate of one batch's duration, for Retry-After
+        self.on_expire: Callable[[Request], None] | None = None
+
+    # ------------------------------------------------------------------ admission
+    def submit(self, request: Request) -> Request:
+        if not request.items:
+            raise ValueError("a request needs at least one item")
+        with self._cond:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._queue) + len(request.items) > self.max_queue:
+                raise QueueFull(self.retry_after())
+            request.arrival = self.clock()
+            request.status, request._remaining = "queued", len(request.items)
+            request.results = [None] * len(request.items)
+            for i in range(len(request.items)):
+                self._queue.append(_Item(request, i, next(self._seq)))
+            self._cond.notify_all()
+        return request
+
+    def retry_after(self) -> float:
+        """Seconds until the queue has room for a batch: batches ahead times the measured batch duration."""
+        batches_ahead = math.ceil(len(self._queue) / self.max_batch_size) + len(self._running)
+        return max(1.0, math.ceil(batches_ahead * self._batch_seconds))
+
+    def cancel(self, request: Request) -> None:
+        """The client went away: drop its queued items; its running items' results will be discarded."""
+        with self._cond:
+            self._drop(request, "cancelled")
+
+    def close(self) -> None:
+        """Stop admitting requests; what is queued is still served."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue and not self._running
+
+    # ------------------------------------------------------------------ batch formation
+    def _drop(self, request: Request, status: str, error: BaseException | None = None) -> None:
+        self._queue = deque(e for e in self._queue if e.request is not request)
+        request._finish(status, error)
+
+    def _expire(self, now: float) -> None:
+        for req in {e.request for e in self._queue if e.request.deadline is not None and now >= e.request.deadline}:
+            self._drop(req, "timeout")
+            if self.on_expire:
+                self.on_expire(req)
+
+    def poll(self) -> Batch | None:
+        """Form the next batch if one is due now, else None. Never blocks."""
+        with self._cond:
+            return self._poll(self.clock())
+
+    def _poll(self, now: float) -> Batch | None:
+        self._expire(now)
+        if not self._queue:
+            return None
+        head = self._queue[0]
+        members = [e for e in self._queue if e.request.key == head.request.key][: self.max_batch_size]
+        waited = now - head.request.arrival
+        if len(members) < self.max_batch_size and waited < self.max_queue_delay and not self._closed:
+            return None
+        taken = set(map(id, members))
+        self._queue = deque(e for e in self._queue if id(e) not in taken)
+        for e in members:
+            e.request.status = "running"
+        batch = Batch(head.request.key, members, now)
+        self._running.add(id(batch))
+        return batch
+
+    def _next_wakeup(self, now: float) -> float | None:
+        """Seconds until a batch could become due or a deadline passes (None: nothing queued)."""
+        if not self._queue:
+            return None
+        times = [self._queue[0].request.arrival + self.max_queue_delay]
+        times += [e.request.deadline for e in self._queue if e.request.deadline is not None]
+        return max(0.0, min(times) - now)
+
+    def next_batch(self, timeout: float | None = None) -> Batch | None:
+        """Block until a batch is due (or `timeout` seconds pass, or the batcher is closed and empty)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                batch = self._poll(self.clock())
+                if batch is not None:
+                    return batch
+                if self._closed and not self._queue:
+                    return None
+                wait = self._next_wakeup(self.clock())
+                if end is not None:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        return None
+                    wait = left if wait is None else min(wait, left)
+                self._cond.wait(wait)
+
+    # ------------------------------------------------------------------ completion
+    def complete(self, batch: Batch, outputs: list[Any]) -> None:
+        """Hand each item its output; a request finishes when all its items have. Late or cancelled ones are
+        discarded (their request already finished as timeout/cancelled)."""
+        if len(outputs) != len(batch):
+            raise ValueError(f"batch of {len(batch)} items got {len(outputs)} outputs")
+        with self._cond:
+            self._account(batch)
+            now = self.clock()
+            for e, out in zip(batch.entries, outputs):
+                req = e.request
+                if req.finished:
+                    continue
+                if req.deadline is not None and now >= req.deadline:
+                    req._finish("timeout")
+                    continue
+                req.results[e.index] = out
+                req._remaining -= 1
+                if req._remaining == 0:
+                    req._finish("done")
+            self._cond.notify_all()
+
+    def fail(self, batch: Batch, error: BaseException) -> None:
+        with self._cond:
+            self._account(batch)
+            for e in batch.entries:
+                if not e.request.finished:
+                    self._drop(e.request, "failed", error)
+            self._cond.notify_all()
+
+    def _account(self, batch: Batch) -> None:
+        self._running.discard(id(batch))
+        seconds = max(1e-3, self.clock() - batch.formed_at)
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
