@@ -1,0 +1,517 @@
+"""Mask conventions, image <-> tensor conversion, cropping and the paste-back that keeps a product's pixels exact.
+
+One internal mask form: float32 tensor (B, 1, H, W) in [0, 1], 1 = repaint (Stable Diffusion's convention).
+Images are uint8 numpy (B, H, W, 3) wherever pixels must stay exact (paste-back), float32 (B, 3, H, W) in [-1, 1]
+for the VAE. Every function works per item over a batch of equal-sized items; lists of PIL images are batches.
+
+The inpaint path of the pipeline, front to back (`grow` in latent cells, (h, w) the processing size):
+
+    img    = image_to_uint8(image)                                   # (B, H, W, 3): the pixels we keep
+    mask   = to_repaint_mask(product_mask=pm, size=img.shape[1:3])   # (B, 1, H, W), 1 = repaint
+    model  = dilate(mask, 8 * grow)                                  # the model's mask only, never the paste-back's
+    whole image:  x = pad_to_multiple(image_to_tensor(img));  m = pad_to_multiple(model)
+    "only masked": boxes = crop_box(model, (h, w), pad)
+                   x = image_to_tensor(crop_images(img, boxes, (h, w)));  m = crop_masks(model, boxes, (h, w))
+    latents_mask = latent_mask(m);  masked = masked_image(x, m)      # the 9-channel UNet's extra inputs
+    ... sample, vae_decode -> y (B, 3, h', w') in [-1, 1] ...
+    gen    = tensor_to_uint8(crop_to(y, (H, W)))   or, cropped:  tensor_to_uint8(y)
+    out    = composite(img, gen, mask, boxes=boxes, mask_blur=4, match_color=True)
+    out[mask == 0] is bit-identical to img[mask == 0], whatever the options.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+__all__ = [
+    "to_repaint_mask", "invert", "binarize", "image_to_tensor", "image_to_uint8", "tensor_to_uint8", "to_pil",
+    "fit_size", "pad_to_multiple", "crop_to", "dilate", "latent_mask", "masked_image", "gaussian_blur", "feather",
+    "crop_box", "crop_images", "crop_masks", "uncrop", "color_match", "paste_back", "composite",
+]
+
+PIL_MODES = ("L", "1", "RGB", "RGBA", "LA", "P")
+Box = tuple[int, int, int, int]  # (x1, y1, x2, y2), x2/y2 exclusive: PIL's and diffusers' order
+
+
+# ----------------------------------------------------------------------------------------------- reading inputs
+
+def _items(x, name: str) -> list:
+    """A batch as a list of single items: a list/tuple, a 4-D array (B, H, W, C) / tensor (B, C, H, W), or one item."""
+    if isinstance(x, (list, tuple)):
+        if not x:
+            raise ValueError(f"{name}: empty list")
+        return list(x)
+    if isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 4:
+        return list(x)
+    return [x]
+
+
+def _array(x, name: str) -> np.ndarray:
+    """One non-PIL item as (H, W, C) numpy, uint8 or float in [0, 1] (bool becomes uint8 0/255)."""
+    if isinstance(x, torch.Tensor):
+        if x.ndim == 3:
+            x = x.permute(1, 2, 0)  # (C, H, W) -> (H, W, C)
+        x = (x.float() if x.is_floating_point() else x).detach().cpu().numpy()
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: expected a PIL image, numpy array or torch tensor, got {type(x).__name__}")
+    if x.ndim == 2:
+        x = x[..., None]  # (H, W) -> (H, W, 1)
+    if x.ndim != 3:
+        raise ValueError(f"{name}: expected (H, W) or (H, W, C) arrays / (C, H, W) tensors, got shape {x.shape}")
+    if x.dtype == np.bool_:
+        return x.astype(np.uint8) * 255
+    if np.issubdtype(x.dtype, np.floating):
+        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+        if not (0.0 <= lo and hi <= 1.0):  # also catches NaN
+            raise ValueError(f"{name}: float values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]"
+                             " (a [-1, 1] image needs (x + 1) / 2 first)")
+        return x
+    if x.dtype != np.uint8:
+        raise ValueError(f"{name}: dtype {x.dtype} is not supported (use uint8 0..255, bool, or float in [0, 1])")
+    return x
+
+
+def _pil(x: Image.Image, name: str) -> Image.Image:
+    if x.mode not in PIL_MODES:
+        raise ValueError(f"{name}: PIL mode {x.mode!r} is not supported (use one of {', '.join(PIL_MODES)})")
+    return x
+
+
+def _mask_item(x, name: str, alpha: bool) -> np.ndarray:
+    """(H, W) mask values in the input's own domain (uint8 or float): luma, or the alpha channel if `alpha`."""
+    if isinstance(x, Image.Image):
+        x = _pil(x, name)
+        if alpha:
+            if "transparency" in x.info:  # P / L / RGB with a transparent colour key
+                x = x.convert("RGBA")
+            if x.mode not in ("RGBA", "LA"):
+                raise ValueError(f"{name}: PIL mode {x.mode!r} has no alpha channel (the alpha convention needs"
+                                 " RGBA, LA or P with transparency)")
+            return np.asarray(x.getchannel("A"))
+        return np.asarray(x.convert("L"))  # ITU-R 601-2 luma, what diffusers' do_convert_grayscale does
+    a = _array(x, name)
+    c = a.shape[-1]
+    if alpha:
+        if c not in (2, 4):
+            raise ValueError(f"{name}: {c} channels have no alpha (the alpha convention needs 2 (LA) or 4 (RGBA))")
+        return a[..., -1]
+    if c == 1:
+        return a[..., 0]
+    if c in (3, 4):  # a colour mask: its luma, bit-exact with PIL's convert("L") for uint8; alpha is ignored
+        if a.dtype == np.uint8:
+            return np.asarray(Image.fromarray(np.ascontiguousarray(a[..., :3])).convert("L"))
+        return a[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=a.dtype)
+    raise ValueError(f"{name}: a mask needs 1, 3 or 4 channels, got {c} (shape {a.shape})")
+
+
+def _to_float(a: np.ndarray) -> torch.Tensor:
+    # uint8 / 255 in float32, exactly diffusers' VaeImageProcessor.pil_to_numpy
+    return torch.from_numpy(a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32))
+
+
+def _same_size(sizes: list[tuple[int, int]], name: str, size: tuple[int, int] | None = None) -> None:
+    for i, s in enumerate(sizes):
+        if s != sizes[0]:
+            raise ValueError(f"{name}: item {i} is {s[0]}x{s[1]} (HxW) but item 0 is {sizes[0][0]}x{sizes[0][1]}")
+    if size is not None and tuple(sizes[0]) != tuple(size):
+        raise ValueError(f"{name} is {sizes[0][0]}x{sizes[0][1]} (HxW) but the image is {size[0]}x{size[1]}")
+
+
+def _check_mask(mask, name: str = "mask") -> torch.Tensor:
+    if not (isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[1] == 1 and mask.is_floating_point()):
+        what = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{name}: expected a float tensor (B, 1, H, W) from to_repaint_mask, got {what}")
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------- conventions
+
+def to_repaint_mask(mask=None, product_mask=None, image=None, *, threshold: float | None = None,
+                    size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Normalise any mask convention to float32 (B, 1, H, W) in [0, 1], 1 = repaint. Give exactly one of:
+
+    mask          Stable Diffusion: white = repaint.
+    product_mask  white = the product to keep, so repaint = 1 - product.
+    image         OpenAI Images API edits: the alpha channel of the RGBA image itself or of a separate mask PNG,
+                  alpha 0 = edit, so repaint = 1 - alpha. A soft (anti-aliased) cutout edge becomes a soft mask,
+                  and paste-back with it is exactly alpha-compositing the product over the generated backdrop.
+
+    Each accepts a PIL image (L, 1, RGB, RGBA, LA, P), a numpy (H, W) / (H, W, C) / (B, H, W, C) array or a torch
+    (H, W) / (C, H, W) / (B, C, H, W) tensor, uint8, bool or float in [0, 1], or a list of those; colour masks
+    are read by their luma like diffusers. Inversion happens in the input's own domain (255 - v for uint8), so the
+    three conventions give bit-identical masks. `threshold` binarises (>= threshold is repaint, as diffusers).
+    `size` (H, W) is checked against the mask size. A mask with nothing to repaint is an error.
+    """
+    given = [(k, v) for k, v in (("mask", mask), ("product_mask", product_mask), ("image", image)) if v is not None]
+    if len(given) != 1:
+        raise ValueError("to_repaint_mask: give exactly one of mask= (white = repaint), product_mask= (white ="
+                         f" keep) or image= (alpha 0 = repaint); got {[k for k, _ in given] or 'none'}")
+    name, value = given[0]
+    arrays = []
+    for i, item in enumerate(_items(value, name)):
+        a = _mask_item(item, f"{name}[{i}]", alpha=name == "image")
+        if name != "mask":
+            a = 255 - a if a.dtype == np.uint8 else 1.0 - a
+        arrays.append(a)
+    _same_size([a.shape for a in arrays], name, size)
+    m = torch.stack([_to_float(a) for a in arrays])[:, None]  # (B, 1, H, W)
+    if threshold is not None:
+        m = binarize(m, threshold)
+    for i in torch.nonzero(m.flatten(1).amax(1) == 0).flatten().tolist():
+        raise ValueError(f"{name}[{i}]: the mask is empty, nothing to repaint (every pixel would be kept)")
+    return m
+
+
+def invert(mask: torch.Tensor) -> torch.Tensor:
+    """Repaint <-> keep."""
+    return 1.0 - _check_mask(mask)
+
+
+def binarize(mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """1 where mask >= threshold, else 0 (diffusers' VaeImageProcessor.binarize uses >= 0.5)."""
+    return (_check_mask(mask) >= threshold).to(mask.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+def _image_arrays(images, name: str) -> list[np.ndarray]:
+    out = []
+    for i, x in enumerate(_items(images, name)):
+        if isinstance(x, Image.Image):
+            out.append(np.asarray(_pil(x, f"{name}[{i}]").convert("RGB")))  # alpha dropped, P/L expanded
+            continue
+        a = _array(x, f"{name}[{i}]")
+        if a.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"{name}[{i}]: an image needs 1, 3 or 4 channels, got shape {a.shape}")
+        out.append(np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a[..., :3])
+    _same_size([a.shape[:2] for a in out], name)
+    if len({a.dtype for a in out}) > 1:
+        raise ValueError(f"{name}: items mix dtypes {sorted({str(a.dtype) for a in out})}")
+    return out
+
+
+def image_to_tensor(images) -> torch.Tensor:
+    """Images (PIL, uint8 or [0, 1] float arrays/tensors, or lists) -> float32 (B, 3, H, W) in [-1, 1].
+
+    Bit-identical to diffusers' VaeImageProcessor.preprocess without resizing: float32 v / 255, then 2 x - 1.
+    """
+    x = torch.stack([_to_float(a) for a in _image_arrays(images, "image")])  # (B, H, W, 3) in [0, 1]
+    return 2.0 * x.permute(0, 3, 1, 2).contiguous() - 1.0  # (B, 3, H, W)
+
+
+def image_to_uint8(images) -> np.ndarray:
+    """Images -> uint8 (B, H, W, 3), the exact pixels paste-back keeps. Floats round like `tensor_to_uint8`."""
+    arrays = _image_arrays(images, "image")
+    if arrays[0].dtype != np.uint8:
+        arrays = [(a.astype(np.float32) * 255).round().astype(np.uint8) for a in arrays]
+    return np.stack(arrays)
+
+
+def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """VAE output (B, C, H, W) in [-1, 1] -> uint8 (B, H, W, C).
+
+    Exactly diffusers' VaeImageProcessor.postprocess + numpy_to_pil: (x * 0.5 + 0.5).clamp(0, 1) in x's dtype,
+    then float32 numpy, * 255, np.round (round half to even), astype uint8.
+    """
+    if not (isinstance(x, torch.Tensor) and x.ndim == 4 and x.is_floating_point()):
+        raise ValueError(f"tensor_to_uint8: expected a float tensor (B, C, H, W), got {getattr(x, 'shape', type(x))}")
+    x = (x * 0.5 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()  # (B, H, W, C)
+    return (x * 255).round().astype(np.uint8)
+
+
+def to_pil(x) -> list[Image.Image]:
+    """A [-1, 1] tensor (B, C, H, W) or uint8 array (B, H, W, C) / (H, W, C) -> list of PIL images."""
+    a = tensor_to_uint8(x) if isinstance(x, torch.Tensor) else np.asarray(x)
+    if a.dtype != np.uint8 or a.ndim not in (3, 4):
+        raise ValueError(f"to_pil: expected uint8 (B, H, W, C) or a [-1, 1] tensor, got {a.dtype} {a.shape}")
+    a = a[None] if a.ndim == 3 else a
+    return [Image.fromarray(i[..., 0] if i.shape[-1] == 1 else i) for i in a]
+
+
+# ----------------------------------------------------------------------------------------------- sizes
+
+def fit_size(h: int, w: int, multiple: int = 8, side: int | None = None) -> tuple[int, int]:
+    """Processing size (H, W), both multiples of `multiple`.
+
+    side=None: the smallest multiples >= (h, w), the size `pad_to_multiple` pads to.
+    side=N: scaled so the longer side is N, each side rounded to the nearest multiple (at least one multiple);
+            e.g. the processing size of an "only masked" crop.
+    """
+    if h < 1 or w < 1 or multiple < 1:
+        raise ValueError(f"fit_size: sizes must be positive, got h={h}, w={w}, multiple={multiple}")
+    if side is None:
+        return -(-h // multiple) * multiple, -(-w // multiple) * multiple
+    s = side / max(h, w)
+    return tuple(max(multiple, round(d * s / multiple) * multiple) for d in (h, w))
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = 8, mode: str = "reflect") -> torch.Tensor:
+    """Pad (B, C, H, W) on the right and bottom to `fit_size(H, W, multiple)`; `crop_to(y, (H, W))` undoes it.
+
+    Reflect continues texture, so the VAE and UNet see no hard edge (diffusers instead resizes to a multiple of 8,
+    which changes the geometry); "replicate" repeats the edge. The padded band is cropped away after decoding.
+    """
+    if mode not in ("reflect", "replicate"):
+        raise ValueError(f"pad_to_multiple: mode must be 'reflect' or 'replicate', got {mode!r}")
+    H, W = x.shape[-2:]
+    Hp, Wp = fit_size(H, W, multiple)
+    if (Hp, Wp) == (H, W):
+        return x
+    if mode == "reflect" and (Hp - H >= H or Wp - W >= W):
+        raise ValueError(f"pad_to_multiple: {H}x{W} (HxW) is too small to reflect-pad to {Hp}x{Wp}; use 'replicate'")
+    return F.pad(x, (0, Wp - W, 0, Hp - H), mode=mode)  # (B, C, Hp, Wp)
+
+
+def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The top-left (H, W) of (B, C, Hp, Wp): the inverse of pad_to_multiple."""
+    H, W = size
+    if x.shape[-2] < H or x.shape[-1] < W:
+        raise ValueError(f"crop_to: {x.shape[-2]}x{x.shape[-1]} (HxW) is smaller than the target {H}x{W}")
+    return x[..., :H, :W]
+
+
+# ----------------------------------------------------------------------------------------------- the model's mask
+
+def dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Grow the repaint region by `pixels` (square neighbourhood); negative shrinks it. Outside the image counts
+    as neither repaint nor keep.
+
+    The pipeline dilates in *image* space by 8 * N to grow by N latent cells, and only the model's mask: the crop
+    box must contain the grown region, while paste-back keeps using the original mask. With a square kernel and
+    8-divisible sizes this is exact: latent_mask(dilate(m, 8 N)) == dilate(latent_mask(m), N) (tested).
+    Max is separable, so this costs O(pixels) per pixel, not O(pixels^2).
+    """
+    m = _check_mask(mask)
+    if pixels == 0:
+        return m.clone()
+    sign, r = (1.0, pixels) if pixels > 0 else (-1.0, -pixels)
+    x = sign * m  # erosion = -maxpool(-m); max_pool2d pads with -inf, so the border never wins
+    x = F.max_pool2d(x, (1, 2 * r + 1), stride=1, padding=(0, r))  # rows
+    x = F.max_pool2d(x, (2 * r + 1, 1), stride=1, padding=(r, 0))  # columns
+    return sign * x
+
+
+def latent_mask(mask: torch.Tensor, size: tuple[int, int] | None = None, mode: str = "max",
+                factor: int = 8) -> torch.Tensor:
+    """(B, 1, H, W) image-space mask -> (B, 1, h, w) latent mask, h = H / factor unless `size` is given.
+
+    mode "max" (ours): a latent cell is 1 if any of its pixels has mask > 0, so no repaint pixel is ever lost,
+        not even a one-pixel line or a soft cutout edge (adaptive max pooling; equal to max_pool2d(8) when 8
+        divides the size). Pass `threshold=` to to_repaint_mask first for noisy masks.
+    mode "diffusers": StableDiffusionInpaintPipeline (0.42): VaeImageProcessor(do_binarize=True) binarises at
+        >= 0.5, then prepare_mask_latents calls F.interpolate(mask, size=(H // 8, W // 8)), mode "nearest", so a
+        cell copies one pixel. Use it to reproduce diffusers exactly.
+    """
+    m = _check_mask(mask)
+    H, W = m.shape[-2:]
+    if size is None:
+        if H % factor or W % factor:
+            raise ValueError(f"latent_mask: {H}x{W} (HxW) is not a multiple of {factor}; pad_to_multiple first")
+        size = (H // factor, W // factor)
+    if mode == "max":
+        return (F.adaptive_max_pool2d(m, tuple(size)) > 0).to(m.dtype)
+    if mode == "diffusers":
+        return F.interpolate((m >= 0.5).to(m.dtype), size=tuple(size))
+    raise ValueError(f"latent_mask: mode must be 'max' or 'diffusers', got {mode!r}")
+
+
+def masked_image(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The 9-channel UNet's masked image: image * (mask < 0.5), as StableDiffusionInpaintPipeline does (repaint
+    pixels become 0, mid-grey in [-1, 1])."""
+    _check_mask(mask)
+    if image.shape[0] != mask.shape[0] or image.shape[-2:] != mask.shape[-2:]:
+        raise ValueError(f"masked_image: image {tuple(image.shape)} and mask {tuple(mask.shape)} differ in size")
+    return image * (mask < 0.5)
+
+
+# ----------------------------------------------------------------------------------------------- feathering
+
+def gaussian_blur(mask: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, 1, H, W); radius ceil(3 sigma) (OpenCV's default kernel size), normalised
+    kernel, edge-replicated border so the image border reads as neither repaint nor keep."""
+    m = _check_mask(mask)
+    if sigma <= 0:
+        return m.clone()
+    r = math.ceil(3 * sigma)
+    t = torch.arange(-r, r + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = (k / k.sum()).to(m.dtype)  # (2r + 1,)
+    x = F.pad(m, (r, r, r, r), mode="replicate")  # (B, 1, H + 2r, W + 2r)
+    x = F.conv2d(x, k.view(1, 1, 1, -1))  # rows:    (B, 1, H + 2r, W)
+    return F.conv2d(x, k.view(1, 1, -1, 1))  # columns: (B, 1, H, W)
+
+
+def feather(mask: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Paste-back weight of the generated image: min(gaussian_blur(mask, sigma), mask).
+
+    The usual mask blur (A1111's, diffusers' VaeImageProcessor.blur) is symmetric, so it leaks generated pixels
+    into the product. Clamping the blurred mask by the mask itself keeps the feather one-sided: a kept pixel
+    (mask == 0) has weight min(., 0) = 0 exactly, whatever the float error of the convolution, and no pixel gets
+    more generated than its mask asks. The weight steps from 0 to about 0.5 at the boundary, is 0.98 at 2 sigma
+    inside and 1 (up to float rounding) beyond the kernel radius, 3 sigma. We preferred this to eroding by the
+    kernel radius before blurring (a ramp from exactly 0): erosion deletes every repaint region narrower than
+    6 sigma, e.g. the gap inside a mug's handle, which would then show the old background; here a thin region
+    still gets weight ~0.5 or more.
+    """
+    return torch.minimum(gaussian_blur(mask, sigma), mask)
+
+
+# ----------------------------------------------------------------------------------------------- "only masked"
+
+def crop_box(mask: torch.Tensor, size: tuple[int, int], pad: int = 0) -> list[Box]:
+    """Per item, the box around the repaint pixels (mask > 0), grown by `pad` and then to the aspect ratio of the
+    processing size (h, w), clipped to the image. Equal to diffusers' VaeImageProcessor.get_crop_region(mask,
+    width=w, height=h, pad=pad); its arithmetic (int() truncation, shift-then-clip) is kept so boxes match exactly.
+    Pass the dilated mask, so the crop holds everything the model repaints.
+    """
+    m = _check_mask(mask)
+    if pad < 0 or int(pad) != pad:
+        raise ValueError(f"crop_box: pad must be a non-negative integer, got {pad!r}")
+    pad = int(pad)
+    h, w = size
+    H, W = m.shape[-2:]
+    boxes = []
+    for i, item in enumerate(m[:, 0] > 0):  # (H, W) bool
+        rows, cols = torch.nonzero(item.any(1)).flatten(), torch.nonzero(item.any(0)).flatten()
+        if rows.numel() == 0:
+            raise ValueError(f"crop_box: mask item {i} is empty, there is nothing to crop around")
+        x1, y1 = max(int(cols[0]) - pad, 0), max(int(rows[0]) - pad, 0)
+        x2, y2 = min(int(cols[-1]) + 1 + pad, W), min(int(rows[-1]) + 1 + pad, H)
+        if (x2 - x1) / (y2 - y1) > w / h:
+            y1, y2 = _grow(y1, y2, (x2 - x1) / (w / h), H)
+        else:
+            x1, x2 = _grow(x1, x2, (y2 - y1) * (w / h), W)
+        boxes.append((x1, y1, x2, y2))
+    return boxes
+
+
+def _grow(a: int, b: int, want: float, limit: int) -> tuple[int, int]:
+    """Grow [a, b) to length `want` around its centre, shifted back inside [0, limit) (get_crop_region step 3)."""
+    diff = int(want - (b - a))
+    a, b = a - diff // 2, b + diff - diff // 2
+    if b >= limit:
+        a, b = a - (b - limit), limit
+    if a < 0:
+        a, b = 0, b - a
+    return a, min(b, limit)
+
+
+def crop_images(images: np.ndarray, boxes: list[Box], size: tuple[int, int]) -> np.ndarray:
+    """uint8 (B, H, W, 3) -> each box resized to (h, w) with Lanczos (diffusers' default resample) -> (B, h, w, 3).
+
+    diffusers uses resize_mode="fill" (aspect-preserving, edges stretched into any gap); that equals this plain
+    resize whenever the box has the processing aspect ratio, which crop_box aims for. A plain resize is the exact
+    geometric inverse of `uncrop`'s, also when the box was clipped at the image border.
+    """
+    images = image_to_uint8(images)
+    h, w = size
+    return np.stack([np.asarray(Image.fromarray(img).crop(box).resize((w, h), Image.LANCZOS))
+                     for img, box in zip(images, boxes, strict=True)])
+
+
+def crop_masks(mask: torch.Tensor, boxes: list[Box], size: tuple[int, int], mode: str = "max") -> torch.Tensor:
+    """(B, 1, H, W) -> each box resized to (h, w) -> (B, 1, h, w).
+
+    "max": adaptive max pooling, a covering resize (every output pixel is the max over the input pixels it spans)
+        so, as with latent_mask, shrinking never loses a repaint pixel.
+    "diffusers": the mask quantised to uint8 and Lanczos-resized by PIL, what VaeImageProcessor.preprocess does
+        before binarising (equal to its "fill" mode when the box has the processing aspect ratio).
+    """
+    m = _check_mask(mask)
+    h, w = size
+    out = []
+    for item, (x1, y1, x2, y2) in zip(m, boxes, strict=True):
+        c = item[:, y1:y2, x1:x2]  # (1, bh, bw)
+        if mode == "max":
+            out.append(F.adaptive_max_pool2d(c, (h, w)))
+        elif mode == "diffusers":
+            u8 = (c[0] * 255).round().to(torch.uint8).numpy()
+            out.append(_to_float(np.asarray(Image.fromarray(u8).resize((w, h), Image.LANCZOS)))[None])
+        else:
+            raise ValueError(f"crop_masks: mode must be 'max' or 'diffusers', got {mode!r}")
+    return torch.stack(out).to(m.dtype)  # (B, 1, h, w)
+
+
+def uncrop(image: np.ndarray, generated: np.ndarray, boxes: list[Box]) -> np.ndarray:
+    """Full-size generated images: a copy of `image` (B, H, W, 3) with each generated crop (B, h, w, 3) resized back
+    to its box (Lanczos) and pasted in. Pixels outside the boxes are the input's, so paste-back keeps them anyway."""
+    out = image_to_uint8(image).copy()
+    for o, g, (x1, y1, x2, y2) in zip(out, image_to_uint8(generated), boxes, strict=True):
+        o[y1:y2, x1:x2] = np.asarray(Image.fromarray(g).resize((x2 - x1, y2 - y1), Image.LANCZOS))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- paste-back
+
+def color_match(generated: np.ndarray, image: np.ndarray, mask: torch.Tensor, boxes: list[Box] | None = None,
+                min_pixels: int = 64) -> np.ndarray:
+    """Remove the colour cast the VAE/sampler put on `generated` (B, H, W, 3) uint8, per item and channel.
+
+    Where mask == 0 the generated image should reproduce the input (the model was told to keep those pixels; a
+    4-channel inpaint even re-decodes the encoded input there), so the affine map that moves its mean/std there
+    onto the input's is this sample's colour drift; we apply it to the whole generated image. The statistics use
+    only kept pixels inside the item's box (outside it `uncrop` copied the input, which would bias them to
+    identity). The std ratio is 1 for near-flat regions (std < 1 level, e.g. a white product) and clamped to
+    [0.5, 2]; fewer than `min_pixels` kept pixels leave the item as is. Kept pixels are then restored exactly by
+    paste_back, so this never changes them in the output.
+    """
+    gen, img, m = image_to_uint8(generated), image_to_uint8(image), _check_mask(mask)
+    if gen.shape != img.shape or m.shape[-2:] != img.shape[1:3]:
+        raise ValueError(f"color_match: generated {gen.shape}, image {img.shape} and mask {tuple(m.shape)} differ")
+    out = gen.copy()
+    for i in range(len(gen)):
+        keep = (m[i, 0] == 0).numpy()  # (H, W)
+        if boxes is not None:
+            x1, y1, x2, y2 = boxes[i]
+            inside = np.zeros_like(keep)
+            inside[y1:y2, x1:x2] = True
+            keep &= inside
+        if keep.sum() < min_pixels:
+            continue
+        g, t = gen[i][keep].astype(np.float64), img[i][keep].astype(np.float64)  # (N, 3)
+        sg, st = g.std(0), t.std(0)
+        scale = np.where(sg < 1.0, 1.0, np.clip(st / np.maximum(sg, 1e-12), 0.5, 2.0))
+        fixed = (gen[i].astype(np.float64) - g.mean(0)) * scale + t.mean(0)
+        out[i] = np.clip(np.rint(fixed), 0, 255).astype(np.uint8)
+    return out
+
+
+def paste_back(image: np.ndarray, generated: np.ndarray, blend: torch.Tensor) -> np.ndarray:
+    """uint8 (B, H, W, 3) images, blend (B, 1, H, W) = weight of the generated image -> uint8 (B, H, W, 3).
+
+    out = image where blend == 0 (bit-identical), generated where blend >= 1, round(image + blend (gen - image))
+    in between. Working on uint8 makes "the product's pixels are kept" a bit-exact statement.
+    """
+    img, gen, b = image_to_uint8(image), image_to_uint8(generated), _check_mask(blend, "blend")
+    if img.shape != gen.shape:
+        raise ValueError(f"paste_back: image is {img.shape[1]}x{img.shape[2]} (HxW, batch {img.shape[0]}) but"
+                         f" generated is {gen.shape[1]}x{gen.shape[2]} (batch {gen.shape[0]})")
+    if (b.shape[0], *b.shape[-2:]) != img.shape[:3]:
+        raise ValueError(f"paste_back: blend is {b.shape[-2]}x{b.shape[-1]} (HxW, batch {b.shape[0]}) but the"
+                         f" image is {img.shape[1]}x{img.shape[2]} (batch {img.shape[0]})")
+    w = b[:, 0, :, :, None].detach().cpu().float().numpy()  # (B, H, W, 1)
+    f_img, f_gen = img.astype(np.float32), gen.astype(np.float32)
+    mixed = np.clip(np.rint(f_img + w * (f_gen - f_img)), 0, 255).astype(np.uint8)
+    return np.where(w <= 0, img, np.where(w >= 1, gen, mixed))
+
+
+def composite(image, generated, mask: torch.Tensor, *, boxes: list[Box] | None = None, mask_blur: float = 0.0,
+              match_color: bool = False) -> np.ndarray:
+    """The back half of inpainting: uint8 (B, H, W, 3) output with every kept pixel bit-identical to `image`.
+
+    image      the original images (B, H, W, 3) (anything image_to_uint8 reads).
+    generated  the decoded images: full size (B, H, W, 3), or with `boxes` the processed crops (B, h, w, 3).
+    mask       the *original* repaint mask (B, 1, H, W) (not the dilated one the model saw).
+    mask_blur  feather sigma in pixels (see `feather`); 0 keeps the mask as is, right for RGBA cutouts whose
+               transparent pixels hold no real colour.
+    match_color  apply `color_match` before pasting.
+    """
+    img = image_to_uint8(image)
+    gen = uncrop(img, generated, boxes) if boxes is not None else image_to_uint8(generated)
+    if match_color:
+        gen = color_match(gen, img, mask, boxes)
+    return paste_back(img, gen, feather(_check_mask(mask), mask_blur))

@@ -1,0 +1,78 @@
+"""The Backend contract (../shared/ARCHITECTURE.md) and its torch implementation.
+
+Everything downstream of the models (Pipeline, the server, the benchmarks) sees a model only through these four
+calls, so torch, ONNX Runtime and TensorRT are interchangeable:
+
+    encode_text(input_ids (B, 77) int64)          -> context (B, 77, C)
+    unet(latents (B, Cin, h, w), t (B,), context) -> eps or v (B, 4, h, w)   (Cin = 9 for inpainting UNets)
+    vae_encode(images in [-1, 1] (B, 3, H, W))    -> latents (B, 4, H/8, W/8), the unscaled posterior mean
+    vae_decode(latents (B, 4, h, w))              -> images in [-1, 1] (B, 3, 8h, 8w)
+
+Inputs may come in any float dtype; a backend computes in its own dtype and returns float32, so the sampler's
+arithmetic is always float32 whatever the weights are.
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from backdrop.nn.config import ModelConfig
+
+__all__ = ["Backend", "TorchBackend", "make_backend", "BACKENDS"]
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    config: ModelConfig
+    tokenizer: object            # callable: list[str] -> LongTensor (B, 77)
+    device: torch.device
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def unet(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor: ...
+
+    def vae_encode(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchBackend:
+    """Eager PyTorch: the four components of a backdrop.nn Model, in one dtype on one device."""
+
+    name = "torch"
+
+    def __init__(self, model, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        self.device = torch.device(device) if device is not None else model.device
+        self.dtype = dtype or model.dtype
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.config: ModelConfig = model.config
+        self.tokenizer = model.tokenizer
+
+    @torch.inference_mode()
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.text_encoder(input_ids.to(self.device)).float()
+
+    @torch.inference_mode()
+    def unet(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = latents.to(self.device, self.dtype)
+        return self.model.unet(x, t.to(self.device), context.to(self.device, self.dtype)).float()
+
+    @torch.inference_mode()
+    def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.vae.encode(images.to(self.device, self.dtype)).float()
+
+    @torch.inference_mode()
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.model.vae.decode(latents.to(self.device, self.dtype)).float()
+
+
+def make_backend(kind: str, model_or_path, device=None, dtype=None) -> Backend:
+    """Build a backend by name. `model_or_path` is a loaded Model (torch) or an export folder (the others)."""
+    if kind == "torch":
+        return TorchBackend(model_or_path, device=device, dtype=dtype)
+    if kind in ("onnxruntime", "tensorrt"):
+        raise ValueError(f"backend {kind!r} arrives with the export issue; use backend='torch'")
+    raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
