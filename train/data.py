@@ -1,0 +1,373 @@
+"""Training data: image folders, the synthetic world, a resumable sharded batch stream, random inpainting masks.
+
+Every dataset returns items of one shape (and `collate` stacks them):
+    image    (3, H, W) float32 in [-1, 1]
+    caption  str
+    mask     (1, H, W) float32 in {0, 1}, 1 = product; only when the dataset has masks (all items or none)
+    index    int, the item actually returned
+
+Folder layout read by ImageFolder (the Hugging Face "imagefolder" convention, plus masks):
+    root/metadata.jsonl   one JSON object a line, paths relative to the jsonl's folder:
+                          {"file_name": "mug.png", "text": "a red mug on sand", "mask_file_name": "mug_mask.png"}
+                          ("mask" is accepted in place of "mask_file_name")
+    without metadata.jsonl, every image under root (recursively, sorted) with its caption in `<stem>.txt` and its
+    optional mask in `<stem>.mask.png` beside it.
+    A mask is a greyscale image of the same size, white (>= 128) = product. Either every image has one or none does.
+Unreadable images are logged (with their path) and skipped, at scan time and again at load time, so a long run
+never dies on one bad file.
+
+Determinism: the order is a seeded permutation per epoch, and random crops/flips are seeded by (seed, epoch, index),
+not by a global RNG, so the same position always gives the same batch whatever the workers did before.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .synthetic import World
+
+__all__ = ["ImageFolder", "SyntheticDataset", "make_dataset", "collate", "ShardedSampler", "DataStream",
+           "MASK_KINDS", "random_mask", "random_mask_with_kind", "product_repaint_mask", "inpaint_mask"]
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_BAD_IMAGE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on broken files
+
+
+def _image_tensor(img: Image.Image) -> torch.Tensor:
+    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (H, W, 3)
+    return a.permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W) in [-1, 1]
+
+
+def _mask_tensor(mask: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]  # (1, H, W)
+
+
+def _key(key) -> tuple[int, int]:
+    """Items are addressed by an index or by (index, epoch) (what ShardedSampler yields)."""
+    return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), 0)
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Images with captions (and optional product masks) from a folder; see the module docstring for the layout.
+
+    Each image is resized so its shorter side is `size`, then cropped to size x size (centred, or at a random
+    offset with `random_crop`), and mirrored half the time with `flip`; the mask goes through the same resize,
+    crop and flip.
+    """
+
+    def __init__(self, root, size: int, *, metadata=None, random_crop: bool = False, flip: bool = False,
+                 seed: int = 0):
+        self.root, self.size, self.random_crop, self.flip, self.seed = Path(root), size, random_crop, flip, seed
+        if not self.root.is_dir():
+            raise ValueError(f"ImageFolder: {self.root} is not a directory")
+        meta = Path(metadata) if metadata is not None else self.root / "metadata.jsonl"
+        entries = self._read_metadata(meta) if meta.is_file() else self._scan_folder()
+        self.entries = [e for e in entries if self._readable(e)]  # (image path, caption, mask path or None)
+        if not self.entries:
+            raise ValueError(f"ImageFolder: no readable images in {self.root}")
+        with_mask = [e for e in self.entries if e[2] is not None]
+        if with_mask and len(with_mask) != len(self.entries):
+            missing = [str(e[0]) for e in self.entries if e[2] is None][:3]
+            raise ValueError(f"ImageFolder: {len(with_mask)} of {len(self.entries)} images in {self.root} have a "
+                             f"mask; give every image a mask or none (no mask for e.g. {missing})")
+        self.has_masks = bool(with_mask)
+        self._bad: set[int] = set()  # found unreadable at load time (per worker process)
+
+    def _read_metadata(self, path: Path) -> list:
+        entries = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("file_name"), str):
+                raise ValueError(f"{path}:{n}: needs a string 'file_name' (the image's path relative to {path.parent})")
+            if not isinstance(rec.get("text"), str):
+                raise ValueError(f"{path}:{n}: needs a string 'text' (the caption of {rec['file_name']})")
+            mask = rec.get("mask_file_name", rec.get("mask"))
+            entries.append((path.parent / rec["file_name"], rec["text"], path.parent / mask if mask else None))
+        return entries
+
+    def _scan_folder(self) -> list:
+        images = sorted(p for p in self.root.rglob("*")
+                        if p.suffix.lower() in IMAGE_EXTS and not p.name.lower().endswith(".mask.png"))
+        entries, uncaptioned = [], 0
+        for p in images:
+            txt, mask = p.with_suffix(".txt"), p.with_name(p.stem + ".mask.png")
+            uncaptioned += not txt.is_file()
+            caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+            entries.append((p, caption, mask if mask.is_file() else None))
+        if uncaptioned:
+            log.warning("%d of %d images in %s have no <name>.txt caption; they train with an empty caption",
+                        uncaptioned, len(images), self.root)
+        return entries
+
+    @staticmethod
+    def _readable(entry) -> bool:
+        """Cheap scan-time check: the header parses (a full decode happens at load time)."""
+        for path in (entry[0], entry[2]):
+            if path is None:
+                continue
+            try:
+                with Image.open(path) as im:
+                    im.size  # noqa: B018 - reading the header is the check
+            except _BAD_IMAGE as e:
+                log.warning("skipping unreadable image %s: %s", path, e)
+                return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, key) -> dict:
+        index, epoch = _key(key)
+        for k in range(len(self.entries)):  # a file that breaks now is skipped for the next readable one
+            i = (index + k) % len(self.entries)
+            if i in self._bad:
+                continue
+            try:
+                return self._load(i, epoch)
+            except _BAD_IMAGE as e:
+                self._bad.add(i)
+                log.warning("skipping unreadable image %s: %s", self.entries[i][0], e)
+        raise RuntimeError(f"ImageFolder: every image in {self.root} failed to load")
+
+    def _load(self, i: int, epoch: int) -> dict:
+        path, caption, mask_path = self.entries[i]
+        with Image.open(path) as im:
+            img = ImageOps.exif_transpose(im).convert("RGB")  # phone photos store their rotation in EXIF
+        mask = None
+        if mask_path is not None:
+            with Image.open(mask_path) as im:
+                mask = ImageOps.exif_transpose(im).convert("L")
+            if mask.size != img.size:
+                raise ValueError(f"mask {mask_path} is {mask.size[0]}x{mask.size[1]}, its image "
+                                 f"{img.size[0]}x{img.size[1]}")
+        # Every random choice comes from (seed, epoch, index), drawn in a fixed order.
+        rng = np.random.default_rng([self.seed, epoch, i])
+        rx, ry, rflip = rng.random(3)
+        w, h = img.size
+        scale = self.size / min(w, h)
+        nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
+        left, top = ((int(rx * (nw - self.size + 1)), int(ry * (nh - self.size + 1))) if self.random_crop
+                     else ((nw - self.size) // 2, (nh - self.size) // 2))
+        box = (left, top, left + self.size, top + self.size)
+        flip = self.flip and rflip < 0.5
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=2.0).crop(box)
+        item = {"image": _image_tensor(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img),
+                "caption": caption, "index": i}
+        if mask is not None:  # same size, same crop box, same flip; bilinear then threshold keeps edges smooth
+            m = np.asarray(mask.resize((nw, nh), Image.Resampling.BILINEAR).crop(box)) >= 128  # (size, size)
+            item["mask"] = _mask_tensor(m[:, ::-1] if flip else m)
+        return item
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """`n` samples of the procedural world (train/synthetic.py), rendered on demand (hundreds per second)."""
+
+    def __init__(self, n: int, size: int, seed: int = 0):
+        if n <= 0:
+            raise ValueError(f"SyntheticDataset: n must be positive, got {n}")
+        self.n, self.size, self.world, self.has_masks = n, size, World(seed), True
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key) -> dict:
+        index, _ = _key(key)  # the world is already random per index: no augmentation, epochs look the same
+        if not 0 <= index < self.n:
+            raise IndexError(f"SyntheticDataset: index {index} out of range for {self.n} samples")
+        s = self.world.sample(index, self.size)
+        return {"image": _image_tensor(s.image), "caption": s.caption, "mask": _mask_tensor(s.mask), "index": index}
+
+
+def make_dataset(spec: str, size: int, seed: int = 0, **folder_options) -> torch.utils.data.Dataset:
+    """'synthetic:N' (N samples of the procedural world), a folder of images, or a metadata .jsonl file."""
+    if spec.startswith("synthetic:"):
+        n = spec.split(":", 1)[1]
+        if not (n.isdigit() and int(n) > 0):
+            raise ValueError(f"dataset spec {spec!r}: N in 'synthetic:N' must be a positive integer, e.g. "
+                             "'synthetic:10000'")
+        return SyntheticDataset(int(n), size, seed)
+    path = Path(spec)
+    if path.is_dir():
+        return ImageFolder(path, size, seed=seed, **folder_options)
+    if path.is_file() and path.suffix == ".jsonl":
+        return ImageFolder(path.parent, size, metadata=path, seed=seed, **folder_options)
+    raise ValueError(f"dataset spec {spec!r}: expected 'synthetic:N', a folder of images or a metadata .jsonl "
+                     f"file, and {spec!r} is {'not a .jsonl file' if path.is_file() else 'not there'}")
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack tensors, turn ints into a LongTensor, keep strings as lists."""
+    keys = set(items[0])
+    for it in items:
+        if set(it) != keys:
+            raise ValueError(f"collate: items {items[0].get('index')} and {it.get('index')} have different fields "
+                             f"({sorted(keys)} vs {sorted(it)}); does only part of the dataset have masks?")
+    out = {}
+    for k in items[0]:
+        vals = [it[k] for it in items]
+        if isinstance(vals[0], torch.Tensor):
+            out[k] = torch.stack(vals)  # (B, ...)
+        elif isinstance(vals[0], int):
+            out[k] = torch.tensor(vals, dtype=torch.long)
+        else:
+            out[k] = vals
+    return out
+
+
+class ShardedSampler(torch.utils.data.Sampler):
+    """An endless, seeded order over n items, sharded across DDP ranks, that can start at any position.
+
+    Epoch e is the permutation of range(n) drawn from (seed, e); rank r of `world_size` takes its positions r,
+    r + world_size, ... (DistributedSampler's striding, without padding), so the ranks' shards of an epoch are
+    disjoint and cover every index exactly once. Yields (index, epoch), which the datasets use to seed augmentation.
+    `start` counts the items this rank has already taken; each rank runs through its own shards, epoch after epoch.
+    """
+
+    def __init__(self, n: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 start: int = 0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"ShardedSampler: rank {rank} is not in [0, world_size={world_size})")
+        if n < world_size:
+            raise ValueError(f"ShardedSampler: {n} items cannot be shared by {world_size} ranks")
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        self.shuffle, self.start = shuffle, start
+        self.epoch_length = len(range(rank, n, world_size))  # this rank's items per epoch
+
+    def shard(self, epoch: int) -> np.ndarray:
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        return order[self.rank::self.world_size]
+
+    def __iter__(self):
+        epoch, pos = divmod(self.start, self.epoch_length)
+        while True:
+            for i in self.shard(epoch)[pos:]:
+                yield int(i), epoch
+            epoch, pos = epoch + 1, 0
+
+
+class DataStream:
+    """Endless batches of a dataset for one DDP rank, in ShardedSampler order, resumable exactly.
+
+    `state_dict()` counts the items this stream has *handed out*, not what DataLoader workers have prefetched, so
+    `load_state_dict()` followed by `next()` gives exactly the batch an uninterrupted run would have got.
+    """
+
+    def __init__(self, dataset, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, num_workers: int = 0):
+        if batch_size <= 0:
+            raise ValueError(f"DataStream: batch_size must be positive, got {batch_size}")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world_size, self.shuffle, self.num_workers = rank, world_size, shuffle, num_workers
+        self.consumed, self._it = 0, None
+        ShardedSampler(len(dataset), rank=rank, world_size=world_size)  # validate now, not at the first batch
+
+    def _loader(self) -> torch.utils.data.DataLoader:
+        sampler = ShardedSampler(len(self.dataset), seed=self.seed, rank=self.rank, world_size=self.world_size,
+                                 shuffle=self.shuffle, start=self.consumed)
+        # An explicit generator: otherwise DataLoader draws its worker base seed from the global torch RNG.
+        return torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler,
+                                           collate_fn=collate, num_workers=self.num_workers,
+                                           generator=torch.Generator().manual_seed(self.seed))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = iter(self._loader())
+        batch = next(self._it)
+        self.consumed += self.batch_size
+        return batch
+
+    @property
+    def epoch(self) -> float:
+        return self.consumed / len(range(self.rank, len(self.dataset), self.world_size))
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "seed": self.seed, "n": len(self.dataset), "rank": self.rank,
+                "world_size": self.world_size, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for field in ("seed", "n", "rank", "world_size", "shuffle"):
+            if state.get(field) != mine[field]:
+                raise ValueError(f"DataStream: the saved data position is for {field}={state.get(field)!r}, this "
+                                 f"stream has {field}={mine[field]!r}; resuming would not continue the same order")
+        self.consumed, self._it = int(state["consumed"]), None  # dropping the iterator shuts its workers down
+
+
+# ---------------------------------------------------------------------- inpainting masks
+# The SD-inpainting recipe (runwayml/stable-diffusion-inpainting model card, after LaMa, Suvorov et al. 2021):
+# synthetic masks, and in 25% of cases the whole image is masked. Ours: full 25%, box, ellipse, brush 25% each.
+MASK_KINDS = ("box", "ellipse", "brush", "full")
+
+
+def random_mask_with_kind(h: int, w: int, generator: torch.Generator) -> tuple[torch.Tensor, str]:
+    """A random repaint mask (1, h, w) float32 in {0, 1}, 1 = repaint, and its kind; deterministic per generator."""
+    r = lambda k=1: torch.rand(k, generator=generator).tolist()  # noqa: E731
+    kind = MASK_KINDS[min(3, int(r()[0] * 4))]
+    y = ((torch.arange(h, dtype=torch.float32) + 0.5) / h)[:, None]  # (h, 1) pixel centres in [0, 1]
+    x = ((torch.arange(w, dtype=torch.float32) + 0.5) / w)[None, :]  # (1, w)
+    if kind == "full":
+        m = torch.ones(h, w, dtype=torch.bool)
+    elif kind == "box":  # half-sizes 0.1-0.4 of the side: never empty (>= 1 pixel centre), never the whole image
+        cy, cx, hy, hx = r(4)
+        cy, cx = 0.1 + 0.8 * cy, 0.1 + 0.8 * cx
+        m = ((y - cy).abs() < 0.1 + 0.3 * hy) & ((x - cx).abs() < 0.1 + 0.3 * hx)
+    elif kind == "ellipse":  # a rotated ellipse, radii 0.12-0.45
+        cy, cx, ry, rx, th = r(5)
+        cy, cx, ry, rx, th = 0.15 + 0.7 * cy, 0.15 + 0.7 * cx, 0.12 + 0.33 * ry, 0.12 + 0.33 * rx, math.pi * th
+        dy, dx = y - cy, x - cx
+        a, b = dx * math.cos(th) + dy * math.sin(th), -dx * math.sin(th) + dy * math.cos(th)  # (h, w) rotated
+        m = (a / rx) ** 2 + (b / ry) ** 2 <= 1
+    else:  # brush: 1-4 strokes, each a random walk of 3-8 thick segments (LaMa's irregular masks)
+        m = torch.zeros(h, w, dtype=torch.bool)
+        strokes = 1 + int(r()[0] * 4)
+        for _ in range(strokes):
+            py, px, angle, width, steps = r(5)
+            py, px, angle, radius = 0.1 + 0.8 * py, 0.1 + 0.8 * px, 2 * math.pi * angle, 0.02 + 0.05 * width
+            radius = max(radius, 0.75 / min(h, w))  # at least ~1.5 px wide, so a stroke never vanishes
+            for _ in range(3 + int(steps * 6)):
+                turn, length = r(2)
+                angle += (turn - 0.5) * 2.0  # up to about +-57 degrees a step
+                qy = min(max(py + math.sin(angle) * (0.05 + 0.2 * length), 0.0), 1.0)
+                qx = min(max(px + math.cos(angle) * (0.05 + 0.2 * length), 0.0), 1.0)
+                vy, vx = qy - py, qx - px  # distance from every pixel to the segment (p -> q)
+                t = (((y - py) * vy + (x - px) * vx) / max(vy * vy + vx * vx, 1e-12)).clamp(0, 1)  # (h, w)
+                m |= (y - py - t * vy) ** 2 + (x - px - t * vx) ** 2 <= radius * radius
+                py, px = qy, qx
+    return m.float()[None], kind  # (1, h, w)
+
+
+def random_mask(h: int, w: int, generator: torch.Generator) -> torch.Tensor:
+    """A random repaint mask (1, h, w): box, ellipse, brush strokes or (25%) everything; 1 = repaint."""
+    return random_mask_with_kind(h, w, generator)[0]
+
+
+def product_repaint_mask(product_mask: torch.Tensor) -> torch.Tensor:
+    """Keep the product, repaint everything else: 1 - product mask (same shape)."""
+    return 1 - product_mask
+
+
+def inpaint_mask(h: int, w: int, generator: torch.Generator, product_mask: torch.Tensor | None = None,
+                 product_prob: float = 0.5) -> torch.Tensor:
+    """The fine-tuning mask for one item: with a product mask, `product_prob` of the time keep the product (the
+    job the model ships for); otherwise a random mask. (1, h, w), 1 = repaint."""
+    u = torch.rand(1, generator=generator).item()  # drawn always, so the stream of draws does not depend on masks
+    if product_mask is not None and u < product_prob:
+        if product_mask.shape[-2:] != (h, w):
+            raise ValueError(f"inpaint_mask: product mask is {tuple(product_mask.shape)}, expected (1, {h}, {w})")
+        return product_repaint_mask(product_mask)
+    return random_mask(h, w, generator)
