@@ -1,0 +1,365 @@
+"""Samplers: pure functions `sample_x(model, x, sigmas, ...)` over `denoised = model(x, sigma, **extra_args)`.
+
+k-diffusion style (Crowson, k-diffusion/sampling.py): x lives in the VE parametrization x = x0 + sigma * eps, the
+model wrapper (guidance.py) owns prediction type, input scaling and guidance, and each sampler is a short loop.
+Every sampler reproduces one diffusers 0.42 scheduler run over the Schedule that schedule.build_schedule makes for
+its name (tests/test_samplers.py runs both loops on the same model and noise):
+
+  ddim         DDIMScheduler (eta 0 = deterministic; eta > 0 adds noise)     Song et al. 2020, arXiv:2010.02502
+  ddpm         DDPMScheduler (fixed_small variance = ancestral, eta 1)       Ho et al. 2020, arXiv:2006.11239
+  euler        EulerDiscreteScheduler                                       Karras et al. 2022, Alg. 2 w/o churn
+  euler-a      EulerAncestralDiscreteScheduler
+  heun         HeunDiscreteScheduler (Euler on the last step to sigma 0)     Karras et al. 2022, Alg. 1
+  dpmpp-2m     DPMSolverMultistepScheduler dpmsolver++, order 2, midpoint    Lu et al. 2022, arXiv:2211.01095
+  dpmpp-2m-sde DPMSolverMultistepScheduler sde-dpmsolver++, order 2, midpoint (the SDE variant, eta 1)
+  ...-karras   the same with use_karras_sigmas (rho 7)
+
+Randomness only comes from `noise_sampler(sigma, sigma_next) -> tensor like x`; `default_noise_sampler(x, gens)`
+draws each item from its own torch.Generator, as diffusers' randn_tensor does with a list of generators, so seed s
+gives the same image alone or in any batch. `callback(i, x, sigma, sigma_next, denoised)` runs after each step and
+may return a replacement x (4-channel inpainting blends the known region back; see blend_known_region). Setting
+`interrupt` (a threading.Event) stops the loop before the next step by raising SamplingInterrupted.
+
+A pipeline on top (tests/test_guidance.py checks this recipe against diffusers' own pipelines):
+    schedule = build_schedule("dpmpp-2m-karras", 25, model_config.scheduler)   # .img2img(strength) for img2img
+    model = CFGDenoiser(backend.unet, schedule, model_config.prediction_type)
+    noise = per_item_randn((B, 4, h, w), generators, device)                   # first draw from each generator
+    x = initial_latents(noise, schedule)                     # img2img: noised_latents(x0 * scaling, noise, schedule)
+    x = sample(model, x, schedule, noise_sampler=default_noise_sampler(x, generators),
+               extra_args=dict(context=c, uncond_context=uc, guidance_scale=7.5))  # + c_concat for 9-ch inpaint
+    image = vae_decode(output_latents(x, schedule) / scaling_factor)
+Samplers take one sigma per step for the whole batch; items with different strengths need separate loops.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from backdrop.diffusion.schedule import RECIPES, Recipe, Schedule
+
+__all__ = [
+    "SAMPLERS", "SamplerSpec", "SamplingInterrupted", "sample", "sample_ddim", "sample_ddpm", "sample_euler",
+    "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "default_noise_sampler",
+    "per_item_randn", "initial_latents", "noised_latents", "output_latents", "blend_known_region",
+]
+
+
+class SamplingInterrupted(Exception):
+    """Raised by a sampler when its `interrupt` event is set (or by a callback that wants to stop)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"sampling interrupted before step {step}")
+        self.step = step
+
+
+# --------------------------------------------------------------------------------------------------- noise
+
+def per_item_randn(shape: Sequence[int], generators: Sequence[torch.Generator] | torch.Generator,
+                   device=None, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise of `shape`, item i drawn from generators[i] (diffusers' randn_tensor with a list of
+    generators: each item (1, ...) on its generator's device, then moved to `device`). One generator draws the
+    whole batch at once, as diffusers does with a single generator."""
+    device = torch.device(device) if device is not None else None
+    if isinstance(generators, torch.Generator):
+        return torch.randn(tuple(shape), generator=generators, device=generators.device, dtype=dtype).to(device)
+    if len(generators) != shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}: pass one per item")
+    item = (1, *shape[1:])
+    return torch.cat([torch.randn(item, generator=g, device=g.device, dtype=dtype) for g in generators]).to(device)
+
+
+def default_noise_sampler(x: torch.Tensor, generators: Sequence[torch.Generator] | torch.Generator) -> Callable:
+    """noise_sampler(sigma, sigma_next) drawing noise shaped like x from per-item generators."""
+    def noise_sampler(sigma, sigma_next):
+        return per_item_randn(x.shape, generators, device=x.device, dtype=x.dtype)
+    return noise_sampler
+
+
+# --------------------------------------------------------------------------------------------------- shared parts
+
+def _progress(n: int, disable: bool | None, interrupt: threading.Event | None):
+    """range(n) with a tqdm bar (disable=None: hidden unless on a terminal) that checks `interrupt` before a step."""
+    with tqdm(total=n, disable=disable, leave=False) as bar:
+        for i in range(n):
+            if interrupt is not None and interrupt.is_set():
+                raise SamplingInterrupted(i)
+            yield i
+            bar.update()
+
+
+def _after_step(callback, i, x, sigma, sigma_next, denoised):
+    if callback is None:
+        return x
+    new = callback(i, x, sigma, sigma_next, denoised)
+    if new is None:
+        return x
+    if new.shape != x.shape:
+        raise ValueError(f"callback returned x of shape {tuple(new.shape)}, expected {tuple(x.shape)}")
+    return new
+
+
+def _need_noise(noise_sampler, name: str):
+    if noise_sampler is None:
+        raise ValueError(f"{name} draws noise: pass noise_sampler=default_noise_sampler(x, generators)")
+
+
+def _ancestral_step(sigma: float, sigma_next: float, eta: float, float32: bool = False) -> tuple[float, float]:
+    """(sigma_down, sigma_up): step deterministically to sigma_down, then add sigma_up fresh noise, so the marginal
+    is sigma_next. eta 1 is the DDPM posterior (Ho et al. eq. 7 in VE form), eta 0 is DDIM; k-diffusion's
+    get_ancestral_step, written so sigma = inf (zero terminal SNR) gives the limit (sigma_up = eta * sigma_next).
+
+    float32=True rounds as diffusers' EulerAncestral does (float32 tensors): with zero terminal SNR sigma_max is
+    4096, and x + d * (sigma_down - sigma) loses ~1e-3 to float32 cancellation there, which we must reproduce."""
+    if sigma_next == 0:
+        return 0.0, 0.0
+    if float32 and eta == 1.0:
+        f, t = np.float32(sigma), np.float32(sigma_next)
+        up = np.sqrt(t**2 * (f**2 - t**2) / f**2)
+        return float(np.sqrt(t**2 - up**2)), float(up)
+    ratio = 0.0 if math.isinf(sigma) else (sigma_next / sigma) ** 2
+    up = min(sigma_next, eta * sigma_next * math.sqrt(max(1.0 - ratio, 0.0)))
+    return math.sqrt(sigma_next**2 - up**2), up
+
+
+def _eps(x: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The noise direction (x - x0) / sigma; at sigma = inf x holds the VP latents, whose limit it is."""
+    return x if math.isinf(sigma) else (x - denoised) / sigma
+
+
+# --------------------------------------------------------------------------------------------------- samplers
+
+@torch.no_grad()
+def sample_ddim(model, x, sigmas, *, eta=0.0, sigmas_to=None, extra_args=None, callback=None, noise_sampler=None,
+                disable=None, interrupt=None):
+    """DDIM (eta 0) or its stochastic family. `sigmas_to` (N,) is where each step lands (Schedule.sigmas_to):
+    diffusers' DDIM lands on t - T // N, which with linspace/trailing spacing can differ from the next step's
+    timestep; the VP latents are then kept and read at the next sigma, exactly as diffusers does."""
+    extra_args = extra_args or {}
+    sig = sigmas.tolist()
+    to = sig[1:] if sigmas_to is None else sigmas_to.tolist()
+    if eta > 0:
+        _need_noise(noise_sampler, "ddim with eta > 0")
+    for i in _progress(len(sig) - 1, disable, interrupt):
+        s, s_to, s_next = sig[i], to[i], sig[i + 1]
+        denoised = model(x, s, **extra_args)
+        down, up = _ancestral_step(s, s_to, eta)
+        x = denoised + _eps(x, denoised, s) * down  # Song et al. eq. 12 in VE form
+        if up > 0:
+            x = x + noise_sampler(s, s_to) * up
+        if s_to != s_next:  # same VP latents, read at the next step's level
+            x = x * (math.sqrt(1 + s_next**2) / math.sqrt(1 + s_to**2))
+        x = _after_step(callback, i, x, s, s_next, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, disable=None,
+                interrupt=None):
+    """DDPM ancestral sampling with the fixed_small posterior variance (diffusers' DDPMScheduler default)."""
+    _need_noise(noise_sampler, "ddpm")
+    return sample_ddim(model, x, sigmas, eta=1.0, extra_args=extra_args, callback=callback,
+                       noise_sampler=noise_sampler, disable=disable, interrupt=interrupt)
+
+
+@torch.no_grad()
+def sample_euler(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, disable=None,
+                 interrupt=None):
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - denoised) / sigma (Karras et al. eq. 3)."""
+    extra_args = extra_args or {}
+    sig = sigmas.tolist()
+    for i in _progress(len(sig) - 1, disable, interrupt):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = model(x, s, **extra_args)
+        d = (x - denoised) / s
+        x = x + d * (s_next - s)
+        x = _after_step(callback, i, x, s, s_next, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model, x, sigmas, *, eta=1.0, extra_args=None, callback=None, noise_sampler=None,
+                           disable=None, interrupt=None):
+    """Euler step to sigma_down, then noise up to sigma_next (diffusers' EulerAncestral is eta = 1)."""
+    extra_args = extra_args or {}
+    _need_noise(noise_sampler, "euler-a")
+    sig = sigmas.tolist()
+    for i in _progress(len(sig) - 1, disable, interrupt):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = model(x, s, **extra_args)
+        down, up = _ancestral_step(s, s_next, eta, float32=True)
+        d = (x - denoised) / s
+        x = x + d * float(np.float32(down) - np.float32(s))
+        if up > 0:
+            x = x + noise_sampler(s, s_next) * up
+        x = _after_step(callback, i, x, s, s_next, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, disable=None,
+                interrupt=None):
+    """Heun's 2nd-order method (Karras et al. Algorithm 1, no churn); the last step to sigma 0 is Euler.
+    2N - 1 model calls; the corrector's call uses sigma_next's own timestep."""
+    extra_args = extra_args or {}
+    sig = sigmas.tolist()
+    for i in _progress(len(sig) - 1, disable, interrupt):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = model(x, s, **extra_args)
+        d = (x - denoised) / s
+        dt = s_next - s
+        if s_next == 0:
+            x_new = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = (x_2 - model(x_2, s_next, **extra_args)) / s_next
+            x_new = x + (d + d_2) / 2 * dt
+        x = _after_step(callback, i, x_new, s, s_next, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, disable=None,
+                    interrupt=None):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in VE form, lambda = -log(sigma): first order on the first step
+    and on the last (to sigma 0, where it returns x0), as diffusers' lower_order_final."""
+    extra_args = extra_args or {}
+    sig = sigmas.tolist()
+    old, h_last = None, None
+    for i in _progress(len(sig) - 1, disable, interrupt):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = model(x, s, **extra_args)
+        h = None
+        if s_next == 0:
+            x_new = denoised
+        else:
+            h = math.log(s) - math.log(s_next)
+            d = denoised if old is None else denoised + (0.5 * h / h_last) * (denoised - old)  # D0 + D1 / 2
+            x_new = (s_next / s) * x - math.expm1(-h) * d
+        old, h_last = denoised, h
+        x = _after_step(callback, i, x_new, s, s_next, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, disable=None,
+                        interrupt=None):
+    """DPM-Solver++(2M) SDE, midpoint (diffusers' sde-dpmsolver++; k-diffusion's dpmpp_2m_sde with eta 1):
+    x' = (s'/s)² x + (1 - e^-2h)(D0 + D1 / 2) + s' sqrt(1 - e^-2h) z."""
+    extra_args = extra_args or {}
+    _need_noise(noise_sampler, "dpmpp-2m-sde")
+    sig = sigmas.tolist()
+    old, h_last = None, None
+    for i in _progress(len(sig) - 1, disable, interrupt):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = model(x, s, **extra_args)
+        h = None
+        if s_next == 0:
+            x_new = denoised
+        else:
+            h = math.log(s) - math.log(s_next)
+            d = denoised if old is None else denoised + (0.5 * h / h_last) * (denoised - old)
+            gain = -math.expm1(-2 * h)  # 1 - e^-2h
+            x_new = (s_next / s) ** 2 * x + gain * d
+            x_new = x_new + noise_sampler(s, s_next) * (s_next * math.sqrt(gain))
+        old, h_last = denoised, h
+        x = _after_step(callback, i, x_new, s, s_next, denoised)
+    return x
+
+
+# --------------------------------------------------------------------------------------------------- registry
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str
+    fn: Callable
+    stochastic: bool          # needs a noise_sampler
+
+    @property
+    def recipe(self) -> Recipe:
+        return RECIPES[self.name]
+
+    @property
+    def spacing(self) -> str:  # diffusers' default timestep_spacing for this scheduler
+        return self.recipe.spacing
+
+    @property
+    def order(self) -> int:  # diffusers' scheduler.order
+        return self.recipe.order
+
+
+SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
+    SamplerSpec("ddim", sample_ddim, False),
+    SamplerSpec("ddpm", sample_ddpm, True),
+    SamplerSpec("euler", sample_euler, False),
+    SamplerSpec("euler-a", sample_euler_ancestral, True),
+    SamplerSpec("heun", sample_heun, False),
+    SamplerSpec("dpmpp-2m", sample_dpmpp_2m, False),
+    SamplerSpec("dpmpp-2m-karras", sample_dpmpp_2m, False),
+    SamplerSpec("dpmpp-2m-sde", sample_dpmpp_2m_sde, True),
+    SamplerSpec("dpmpp-2m-sde-karras", sample_dpmpp_2m_sde, True),
+)}
+
+
+def sample(model, x: torch.Tensor, schedule: Schedule, *, extra_args=None, callback=None, noise_sampler=None,
+           disable=None, interrupt=None, **options) -> torch.Tensor:
+    """Run the sampler the schedule was built for. `options` go to the sampler (e.g. eta for ddim)."""
+    spec = SAMPLERS[schedule.sampler]
+    if spec.stochastic:
+        _need_noise(noise_sampler, schedule.sampler)
+    if schedule.sampler == "ddim":
+        options["sigmas_to"] = schedule.sigmas_to
+    return spec.fn(model, x, schedule.sigmas, extra_args=extra_args, callback=callback, noise_sampler=noise_sampler,
+                   disable=disable, interrupt=interrupt, **options)
+
+
+# --------------------------------------------------------------------------------------------------- latents in/out
+
+def initial_latents(noise: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """txt2img start: the VE x diffusers starts from, given unit noise (its `latents * init_noise_sigma`).
+
+    DDIM/DDPM/DPM start from VP latents = noise (x = noise * sqrt(1 + sigma0²)); Euler/Heun from
+    noise * sigma_max, or noise * sqrt(sigma_max² + 1) with leading spacing. At sigma0 = inf the state is the VP
+    latents themselves (see Denoiser)."""
+    if math.isinf(float(schedule.sigmas[0])):
+        return noise.clone()
+    return noise * schedule.init_noise_sigma
+
+
+def noised_latents(x0: torch.Tensor, noise: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """img2img start: x0 + noise * sigmas[0] (diffusers' scheduler.add_noise at the sub-schedule's first timestep;
+    the VP form sqrt(a) x0 + sqrt(1 - a) noise of DDIM/DDPM/DPM is the same point). x0: unscaled-by-sigma latents,
+    i.e. vae posterior mean * scaling_factor."""
+    s = float(schedule.sigmas[0])
+    if math.isinf(s):
+        return noise.clone()
+    return x0 + noise * s
+
+
+def output_latents(x: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """The latents diffusers hands to the VAE (before / scaling_factor): x_vp at the final level. That is x itself
+    for samplers ending at sigma 0; DDIM with set_alpha_to_one=False ends at sigma(alphas_cumprod[0]) and
+    diffusers decodes those (slightly noisy) VP latents, not x0."""
+    s = float(schedule.sigmas[-1])
+    return x if s == 0 else x / math.sqrt(1 + s * s)
+
+
+def blend_known_region(x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, schedule: Schedule) -> Callable:
+    """Callback for 4-channel-UNet inpainting, as diffusers' StableDiffusionInpaintPipeline: after each step keep
+    x where mask = 1 (repaint) and put back the known latents x0 noised to the new level with the initial `noise`
+    (clean x0 after the last step). mask: (B, 1, h, w) at latent size, 1 = repaint.
+    Heun differs slightly from diffusers, which also blends its intermediate (predictor) point."""
+    n = schedule.num_steps
+
+    def callback(i, x, sigma, sigma_next, denoised):
+        if i == n - 1:  # VP x0 at the final level (sigma 0 except DDIM's sigma(alphas_cumprod[0]))
+            known = x0 * math.sqrt(1 + sigma_next**2)
+        else:
+            known = x0 + noise * sigma_next
+        return (1 - mask) * known + mask * x
+    return callback

@@ -1,0 +1,170 @@
+"""Schedules equal diffusers 0.42's: betas/alphas_cumprod (three beta schedules, zero-SNR rescaling), the sigmas and
+UNet timesteps of every sampler's scheduler for every spacing, and img2img's get_timesteps sub-schedules."""
+import dataclasses
+import inspect
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from backdrop.diffusion.samplers import SAMPLERS
+from backdrop.diffusion.schedule import RECIPES, alphas_cumprod, betas, build_schedule, karras_sigmas
+
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)  # SD1.x/2.x config
+STEPS = (1, 2, 3, 7, 10, 25, 50)  # 3 and 7 do not divide 1000: trailing/leading rounding and DDIM's t - T // N
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' numpy-2 __array__ notices
+
+
+def sched_config(**kw):
+    from backdrop.nn.config import SchedulerConfig
+    return SchedulerConfig(**(SD | kw))
+
+
+def diffusers_scheduler(name, cfg, prediction_type="epsilon"):
+    """The diffusers scheduler a pipeline would build for `name` from this scheduler_config.json (from_config)."""
+    import diffusers
+
+    kw = {}
+    if name.startswith("dpmpp"):
+        kw = dict(algorithm_type="sde-dpmsolver++" if "sde" in name else "dpmsolver++", solver_order=2,
+                  use_karras_sigmas=name.endswith("karras"))
+    return getattr(diffusers, RECIPES[name].scheduler).from_config(cfg.to_diffusers(prediction_type), **kw)
+
+
+def one_per_step(name, seq):
+    """diffusers' Heun repeats every timestep/sigma after the first (predictor, corrector); ours has one per step."""
+    return torch.cat([seq[:1], seq[1::2]]) if RECIPES[name].order == 2 else seq
+
+
+@pytest.mark.parametrize("beta_schedule", ["scaled_linear", "linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_alphas_cumprod_equal_diffusers(beta_schedule, zero_snr):
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    cfg = sched_config(beta_schedule=beta_schedule, rescale_betas_zero_snr=zero_snr)
+    ref = DDIMScheduler.from_config(cfg.to_diffusers())
+    assert torch.equal(betas(cfg), ref.betas)
+    ac = alphas_cumprod(cfg)
+    assert ac.dtype == torch.float32 and torch.equal(ac, ref.alphas_cumprod)
+    # diffusers' Euler/DPM replace a terminal 0 by 2**-24 to keep sigma finite; we do the same for those samplers
+    assert torch.equal(alphas_cumprod(cfg, patch_zero_snr=True), EulerDiscreteScheduler.from_config(
+        cfg.to_diffusers()).alphas_cumprod)
+    if zero_snr:  # Lin et al. 2023 Algorithm 1: terminal SNR exactly 0, the first alpha kept
+        plain = alphas_cumprod(dataclasses.replace(cfg, rescale_betas_zero_snr=False))
+        assert ac[-1].item() == 0.0
+        assert ac[0].item() == pytest.approx(plain[0].item(), rel=1e-6)
+        assert bool((ac[1:] < ac[:-1]).all())
+    else:
+        assert ac[-1].item() > 0
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_defaults_are_the_diffusers_class_defaults(name):
+    import diffusers
+
+    cls = getattr(diffusers, RECIPES[name].scheduler)
+    assert inspect.signature(cls.__init__).parameters["timestep_spacing"].default == RECIPES[name].spacing
+    assert cls.order == RECIPES[name].order == SAMPLERS[name].order
+    assert SAMPLERS[name].spacing == RECIPES[name].spacing
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_sigmas_and_timesteps_equal_diffusers(name):
+    """Bit-identical timesteps (what the UNet sees) and sigmas, for every spacing, step count and zero-SNR."""
+    cases = [(sp, False) for sp in (None, "leading", "trailing", "linspace")]
+    if RECIPES[name].zero_snr:
+        cases.append(("trailing", True))
+    for spacing, zero_snr in cases:
+        cfg = sched_config(timestep_spacing=spacing, rescale_betas_zero_snr=zero_snr)
+        for n in STEPS:
+            ours = build_schedule(name, n, cfg)
+            ref = diffusers_scheduler(name, cfg)
+            ref.set_timesteps(n)
+            where = f"{name} spacing={spacing} zero_snr={zero_snr} steps={n}"
+            assert torch.equal(ours.timesteps, one_per_step(name, ref.timesteps).float()), where
+            assert ours.num_steps == len(ours.timesteps) == len(ours.sigmas) - 1, where
+            family = RECIPES[name].family
+            if family in ("k", "dpm"):
+                assert torch.equal(ours.sigmas, one_per_step(name, ref.sigmas).float()), where
+                assert torch.equal(ours.sigmas_to, ours.sigmas[1:]), where
+            else:  # DDIM/DDPM keep alphas_cumprod: sigma = sqrt((1 - a) / a) at each timestep
+                ac = ref.alphas_cumprod[ref.timesteps]
+                assert torch.equal(ours.sigmas[:-1], ((1 - ac) / ac) ** 0.5), where
+            if family == "ddim":  # lands on t - T // N; below 0 on final_alpha_cumprod (alphas_cumprod[0] for SD)
+                prev = ref.timesteps - 1000 // n
+                a_prev = torch.where(prev >= 0, ref.alphas_cumprod[prev.clamp(min=0)], ref.final_alpha_cumprod)
+                assert torch.allclose(ours.sigmas_to, ((1 - a_prev) / a_prev) ** 0.5, rtol=1e-6), where
+                assert ours.sigmas[-1] == ours.sigmas_to[-1] > 0, where
+            else:
+                assert ours.sigmas[-1] == 0, where
+            # txt2img's initial noise scale: Euler/Heun's init_noise_sigma is already VE; the others start from
+            # unit-variance VP latents, i.e. VE noise * sqrt(1 + sigma0²)
+            s0 = ours.sigmas[0].item()
+            if family == "k":
+                assert ours.init_noise_sigma == float(ref.init_noise_sigma), where
+            elif not math.isinf(s0):
+                assert ref.init_noise_sigma == 1.0 and ours.init_noise_sigma == pytest.approx(
+                    math.sqrt(1 + s0 * s0), rel=1e-7), where
+
+
+def test_karras_sigmas_follow_eq5():
+    s = karras_sigmas(0.03, 14.6, 5, rho=7.0)
+    assert s[0] == pytest.approx(14.6) and s[-1] == pytest.approx(0.03)
+    assert np.allclose(np.diff(s ** (1 / 7)), (0.03 ** (1 / 7) - 14.6 ** (1 / 7)) / 4)  # even in sigma^(1/rho)
+
+
+def test_timestep_pairs_exact_and_falls_back_to_log_sigma_interpolation():
+    from diffusers import EulerDiscreteScheduler
+
+    cfg = sched_config()
+    karras = build_schedule("dpmpp-2m-karras", 10, cfg)
+    ref = EulerDiscreteScheduler.from_config(cfg.to_diffusers())
+    log_sigmas = np.log(((1 - ref.alphas_cumprod) / ref.alphas_cumprod).numpy() ** 0.5)
+    interpolated = [float(ref._sigma_to_t(np.float64(s), log_sigmas)) for s in karras.sigmas[:-1].tolist()]
+    paired = [karras.timestep(s) for s in karras.sigmas[:-1].tolist()]
+    assert paired == karras.timesteps.tolist()  # the rounded timesteps diffusers feeds, not the interpolated ones
+    assert paired != interpolated
+    for s in (0.05, 0.7, 3.3, 14.0):  # not in the schedule: diffusers' _sigma_to_t
+        assert karras.timestep(s) == pytest.approx(float(ref._sigma_to_t(np.float64(s), log_sigmas)), abs=1e-9)
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_img2img_sub_schedule_equals_get_timesteps(name):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    cfg = sched_config()
+    for n in (10, 25, 50):
+        full = build_schedule(name, n, cfg)
+        for strength in (0.3, 0.75, 1.0):
+            ref = diffusers_scheduler(name, cfg)
+            ref.set_timesteps(n)
+            # the pipeline's own method; it only touches self.scheduler
+            ts, steps = StableDiffusionImg2ImgPipeline.get_timesteps(types.SimpleNamespace(scheduler=ref), n,
+                                                                    strength, "cpu")
+            sub = full.img2img(strength)
+            assert sub.num_steps == steps and torch.equal(sub.timesteps, one_per_step(name, ts).float())
+            assert torch.equal(sub.sigmas, full.sigmas[sub.start:]) and sub.sigmas[-1] == full.sigmas[-1]
+            if RECIPES[name].family in ("k", "dpm"):  # the sigma its add_noise/first step use (begin_index)
+                assert sub.sigmas[0] == ref.sigmas[ref.begin_index]
+
+
+def test_bad_input_is_named():
+    cfg = sched_config()
+    with pytest.raises(ValueError, match="unknown sampler 'plms'.*euler-a"):
+        build_schedule("plms", 10, cfg)
+    for steps in (0, 1001, 2.5):
+        with pytest.raises(ValueError, match="steps must be an int"):
+            build_schedule("euler", steps, cfg)
+    with pytest.raises(ValueError, match="HeunDiscreteScheduler.*zero terminal SNR"):
+        build_schedule("heun", 10, sched_config(rescale_betas_zero_snr=True))
+    with pytest.raises(ValueError, match="clip_sample"):
+        build_schedule("ddim", 10, sched_config(clip_sample=True))
+    full = build_schedule("ddim", 10, cfg)
+    with pytest.raises(ValueError, match="leaves no step"):
+        full.img2img(0.05)
+    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
+        full.img2img(1.5)
+    with pytest.raises(ValueError, match="already a sub-schedule"):
+        full.img2img(0.5).img2img(0.5)
