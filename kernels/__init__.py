@@ -1,39 +1,77 @@
 """The single dispatch point for our kernels. Model code calls only `attention` and `group_norm`.
 
-Triton on CUDA tensors, the torch reference elsewhere; override with `impl=` or BACKDROP_KERNELS=torch|triton.
-This package imports nothing from backdrop.
+impl="auto" (the default) runs the Triton kernels on CUDA tensors and the torch reference elsewhere; the env var
+BACKDROP_KERNELS=torch|triton overrides "auto" process-wide, and impl="torch"|"triton" overrides both for one
+call. "auto" also falls back to torch for what the kernels do not cover (head dim > 256, float64, a crop whose
+spatial dims do not collapse); an explicit impl="triton" raises a ValueError naming the problem instead.
+Triton on a CPU tensor runs in Triton's interpreter and needs TRITON_INTERPRET=1 set before this package is
+imported (the tests do that). This package imports nothing from backdrop.
 """
 from __future__ import annotations
 
 import os
 
 import torch
+import triton.language as tl
 
+from . import attention as _attention_mod
+from . import group_norm as _group_norm_mod
 from .attention import attention_ref
 from .group_norm import group_norm_ref
 
 __all__ = ["attention", "group_norm", "attention_ref", "group_norm_ref"]
 
+IMPLS = ("auto", "torch", "triton")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-def _impl(impl: str, x: torch.Tensor) -> str:
+
+def _choose(impl: str, x: torch.Tensor, supported) -> str:
+    """'torch' or 'triton' for this call; `supported()` says whether auto may pick the kernel."""
+    source = "impl"
     if impl == "auto":
-        impl = os.environ.get("BACKDROP_KERNELS", "auto")
+        impl, source = os.environ.get("BACKDROP_KERNELS") or "auto", "BACKDROP_KERNELS"
+    if impl not in IMPLS:
+        raise ValueError(f"{source}={impl!r}: kernel impl must be one of {', '.join(IMPLS)}")
     if impl == "auto":
-        return "torch"  # Triton kernels not written yet
-    if impl not in ("torch", "triton"):
-        raise ValueError(f"kernel impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+        return "triton" if x.is_cuda and supported() else "torch"
+    if impl == "triton" and not x.is_cuda:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"Triton kernels on a {x.device.type} tensor need TRITON_INTERPRET=1 (set before "
+                             f"importing backdrop); use impl='torch' or CUDA tensors")
+        if not _interpreted():
+            raise ValueError("TRITON_INTERPRET=1 was set after Triton was imported, so its kernels were set up for "
+                             "the GPU; set it before the first import of triton / backdrop.kernels")
     return impl
 
 
+def _interpreted() -> bool:
+    """Whether Triton and our kernels were set up for the interpreter. Triton decides once per process, when a
+    @triton.jit function is decorated (its own library functions at `import triton`), from TRITON_INTERPRET."""
+    def interpreted(fn):
+        while type(fn).__name__ != "InterpretedFunction":
+            if not hasattr(fn, "fn"):  # Autotuner -> JITFunction / InterpretedFunction -> plain function
+                return False
+            fn = fn.fn
+        return True
+    return interpreted(tl.zeros) and interpreted(_attention_mod._attn_fwd) and interpreted(_group_norm_mod._gn_fwd)
+
+
 def attention(q, k, v, causal: bool = False, scale: float | None = None, impl: str = "auto"):
-    """q (B, H, Sq, D), k/v (B, H, Sk, D) -> (B, H, Sq, D)."""
-    if _impl(impl, q) == "triton":
-        raise NotImplementedError("the Triton attention kernel is not written yet")
+    """softmax(q kᵀ · scale) v.  q (B, H, Sq, D), k/v (B, H, Sk, D) -> (B, H, Sq, D).
+
+    scale defaults to 1/sqrt(D); causal is top-left aligned (query i sees keys j <= i), as in SDPA."""
+    def supported():
+        return (q.dtype in _KERNEL_DTYPES and q.shape[-1] <= _attention_mod.MAX_HEAD_DIM
+                and all(t.stride(-1) == 1 for t in (q, k, v)))
+    if _choose(impl, q, supported) == "triton":
+        return _attention_mod.attention(q, k, v, causal=causal, scale=scale)
     return attention_ref(q, k, v, causal=causal, scale=scale)
 
 
 def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, silu: bool = False, impl: str = "auto"):
     """GroupNorm over x (B, C, *spatial), optionally followed by SiLU."""
-    if _impl(impl, x) == "triton":
-        raise NotImplementedError("the Triton GroupNorm kernel is not written yet")
+    def supported():
+        return x.dtype in _KERNEL_DTYPES and _group_norm_mod._strides_bcl(x) is not None
+    if _choose(impl, x, supported) == "triton":
+        return _group_norm_mod.group_norm(x, num_groups, weight, bias, eps, silu=silu)
     return group_norm_ref(x, num_groups, weight, bias, eps, silu=silu)

@@ -1,0 +1,253 @@
+"""Flash attention (kernels/attention.py) against a float64 reference, forward and backward.
+
+Without a GPU the Triton kernels run in Triton's interpreter on the CPU (TRITON_INTERPRET=1), so the shapes are
+small, but the head dims are SD's real ones and every block boundary, diagonal and ragged tail is crossed: the
+interpreter runs 64x32 query/key blocks (see attention._INTERPRET).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Before the first import of triton: Triton decides interpreter vs compiler when a kernel is decorated. Without a
+    # GPU nothing else can run Triton, so setting it for the rest of the session harms no other test; on a GPU
+    # machine it stays unset and these tests run the compiled kernels on CUDA.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+from backdrop import kernels  # noqa: E402
+from backdrop.kernels.attention import (  # noqa: E402
+    _attention_bwd, _attention_fwd, _head_dim_split, attention_ref,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Triton picks interpreter or compiler once, at its import. If a test module collected earlier imported it (through
+# backdrop.kernels) before this module set TRITON_INTERPRET, it stays in compiler mode (it cannot be re-imported),
+# and this file's tests run in a fresh pytest process instead (test_this_file_in_a_fresh_process). A
+# tests/conftest.py that sets TRITON_INTERPRET before any import makes that unnecessary.
+STALE_TRITON = DEVICE == "cpu" and not kernels._interpreted()
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_required(request):
+    if STALE_TRITON and request.node.name != "test_this_file_in_a_fresh_process":
+        pytest.skip("Triton was imported in compiler mode: test_this_file_in_a_fresh_process runs this test")
+
+
+@pytest.mark.skipif(not STALE_TRITON, reason="Triton is in interpreter mode: the tests run in this process")
+def test_this_file_in_a_fresh_process():
+    import subprocess
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", __file__], env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-6000:]
+
+
+# Max |ours − float64 reference| / max |reference|. fp16/bf16 follow FlashAttention: P is rounded to the input
+# dtype before P·V (and dS before dS·K), so the error is a few units of that dtype's epsilon.
+TOL = {
+    torch.float32: {"fwd": 2e-5, "bwd": 1e-4},
+    torch.float16: {"fwd": 4e-3, "bwd": 1e-2},
+    torch.bfloat16: {"fwd": 3e-2, "bwd": 1.2e-1},  # dq: emulating these roundings in float64 gives up to 6e-2
+}
+DTYPES = [torch.float32, torch.float16,
+          pytest.param(torch.bfloat16, marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 dots need CUDA"))]
+
+
+def _inputs(B, H, Sq, Sk, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Off-centre (-2.3 + 0.5 randn): a kernel that forgets the running max or a mask term is visibly wrong.
+    q, k, v = (-2.3 + 0.5 * torch.randn(B, H, S, D, generator=g, dtype=torch.float64) for S in (Sq, Sk, Sk))
+    do = torch.randn(B, H, Sq, D, generator=g, dtype=torch.float64)
+    return [t.to(DEVICE, dtype) for t in (q, k, v, do)]
+
+
+def _reference(q, k, v, do, causal, scale=None):
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    o = attention_ref(q64, k64, v64, causal=causal, scale=scale)
+    o.backward(do.double())
+    return o.detach(), q64.grad, k64.grad, v64.grad
+
+
+def _err(actual, expected):
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+CASES = {  # name: (B, H, Sq, Sk, D, causal)
+    "d40-self": (1, 2, 100, 100, 40, False),    # head_dim 40: SD1.5 level 1, split 32 + 8; 100 = no block multiple
+    "d40-cross77": (2, 1, 100, 77, 40, False),  # 77 keys: the CLIP context of cross-attention
+    "d80-cross77": (1, 2, 65, 77, 80, False),   # head_dim 80: SD1.5 level 2, split 64 + 16
+    "d160-self": (2, 1, 33, 33, 160, False),    # head_dim 160: SD1.5 level 3, split 128 + 32
+    "d64-cross77": (1, 2, 130, 77, 64, False),  # head_dim 64: SD2 and CLIP, one chunk
+    "d64-causal77": (1, 2, 77, 77, 64, True),   # causal over 77 tokens: the CLIP text encoder
+    "d40-causal": (1, 2, 100, 100, 40, True),   # causal with the split head dim: diagonal blocks + ragged tail
+    "d64-causal-wide": (1, 2, 33, 70, 64, True),  # Sq < Sk, top-left aligned like SDPA's is_causal
+    "d8-small": (2, 1, 40, 50, 8, False),       # head_dim < 16: one padded, masked chunk
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_backward_match_float64(case, dtype):
+    B, H, Sq, Sk, D, causal = CASES[case]
+    if dtype != torch.float32 and case in ("d8-small", "d64-causal-wide", "d40-self"):
+        pytest.skip("fp32 covers this shape; 16-bit runs the SD shapes")  # keeps the interpreter under budget
+    q, k, v, do = _inputs(B, H, Sq, Sk, D, dtype)
+    # poison=True: every buffer the launchers allocate starts as NaN, so an element a kernel forgets shows up.
+    o, lse, o32 = _attention_fwd(q, k, v, causal=causal, keep_fp32=True, poison=True)
+    dq, dk, dv = _attention_bwd(q, k, v, o32, lse, do, causal=causal, poison=True)
+    ref = _reference(q, k, v, do, causal)
+    tol = TOL[dtype]
+    assert o.dtype == dtype and o.shape == q.shape
+    assert _err(o, ref[0]) < tol["fwd"], f"forward error {_err(o, ref[0]):.2e}"
+    assert _err(o32, ref[0]) < TOL[torch.float32]["fwd"] * 20  # before rounding: only fp32 accumulation error
+    for name, ours, theirs in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[1:]):
+        assert ours.dtype == dtype and ours.shape == theirs.shape
+        assert _err(ours, theirs) < tol["bwd"], f"{name} error {_err(ours, theirs):.2e}"
+    # The saved log-sum-exp (base 2) is what the backward trusts: check it too.
+    s = (q.double() @ k.double().transpose(-1, -2)) * D ** -0.5
+    if causal:
+        s = s.masked_fill(torch.ones(Sq, Sk, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    assert torch.allclose(lse.double(), torch.logsumexp(s, -1) / torch.log(torch.tensor(2.0)), atol=1e-3, rtol=1e-4)
+
+
+def test_head_dim_split_wastes_little():
+    # 40 = 32 + 8 for P·V (the output dim may be 8) but 32 + 16 where D is reduced over (tensor cores need k >= 16).
+    assert _head_dim_split(40) == (32, 16, 8)
+    assert _head_dim_split(80) == (64, 16, 16)
+    assert _head_dim_split(160) == (128, 32, 32)
+    assert _head_dim_split(64) == (64, 0, 0)
+    for d in range(16, 257):
+        d0, dk1, dv1 = _head_dim_split(d)
+        assert d0 + dv1 >= d and d0 + dk1 >= d and dk1 in (0,) + tuple(2 ** i for i in range(4, 8))
+        assert (d0 + dk1) / d < 1.5 or d < 32, f"D={d} pads to {d0 + dk1}"
+
+
+def test_autograd_through_dispatch_keeps_layout_and_scale():
+    # q, k, v as the UNet makes them: views of (B, S, H, D) projections, transposed to (B, H, S, D).
+    B, S, H, D = 2, 70, 2, 40
+    g = torch.Generator().manual_seed(1)
+    x = [(-2.3 + 0.5 * torch.randn(B, S, H, D, generator=g)).to(DEVICE).requires_grad_() for _ in range(3)]
+    q, k, v = (t.transpose(1, 2) for t in x)
+    out = kernels.attention(q, k, v, scale=0.3, impl="triton")
+    assert type(out.grad_fn).__name__ == "_FlashAttentionBackward"
+    assert out.stride() == q.stride()  # (B, S, H, D) memory: folding the heads back is a free view
+    do = torch.randn(B, H, S, D, generator=g).to(DEVICE)
+    out.backward(do)
+    ref = _reference(q.detach(), k.detach(), v.detach(), do, causal=False, scale=0.3)
+    assert _err(out.detach(), ref[0]) < TOL[torch.float32]["fwd"]
+    for t, r in zip(x, ref[1:]):
+        assert _err(t.grad.transpose(1, 2), r) < TOL[torch.float32]["bwd"]
+
+
+# Compiles kernels for an H100 (sm_90a) in a fresh interpreter without TRITON_INTERPRET: triton.compile runs the
+# real code generator and the bundled ptxas, no GPU needed. Prints, per kernel, what its PTX contains.
+COMPILE_FOR_H100 = r"""
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+mod = importlib.import_module(sys.argv[1])
+POINTERS = dict.fromkeys("Q K V O DO DQ DK DV X Y W Bias DY DX".split())  # in the input dtype
+POINTERS.update(dict.fromkeys("O32 LSE DELTA PMEAN PM2 MEAN RSTD PS1 PS2 PDW PDB".split(), "fp32"))
+for name, dtype, constexprs, ints, warps, stages in json.loads(sys.argv[2]):
+    fn = getattr(mod, name).fn  # the autotuner's JITFunction
+    sig, attrs = {}, {}
+    for i, p in enumerate(fn.params):
+        if p.name in constexprs:
+            sig[p.name] = "constexpr"
+        elif ints.get(p.name) == 1:  # Triton's launcher turns an int argument equal to 1 into a constant
+            sig[p.name], constexprs[p.name] = "constexpr", 1
+        elif p.name in POINTERS:  # 16-byte aligned, as torch allocates them
+            sig[p.name] = "*" + (POINTERS[p.name] or dtype)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[p.name] = "fp32" if p.name in ("qk_scale", "sm_scale", "eps") else "i32"
+            if ints.get(p.name, 1) % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps, num_stages=stages))
+    ptx = k.asm["ptx"]
+    print(json.dumps([name, k.metadata.shared, "wgmma" in ptx, "cp.async" in ptx, "ld.global.v4" in ptx]))
+"""
+
+
+def compile_for_h100(module: str, jobs: list) -> list:
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its NVIDIA backend")
+    import json
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    run = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100, module, json.dumps(jobs)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [json.loads(line) for line in run.stdout.splitlines()]
+
+
+def test_kernels_compile_for_h100():
+    # The interpreter accepts things the GPU compiler does not (dots with k < 16, scoping across static ifs); this
+    # catches them, and checks the hot loops really run on wgmma tensor cores fed by cp.async pipelining (which
+    # needs the ALIGN hint for D = 40's 80-byte rows).
+    d0, dk1, dv1 = _head_dim_split(40)  # head_dim 40: both chunks, the 8-wide P·V, causal masks
+    base = dict(HEAD_DIM=40, BLOCK_D0=d0, BLOCK_DK1=dk1, CAUSAL=True, PRECISION="tf32", ALIGN=8)
+    jobs = [["_attn_fwd", "fp16", dict(base, BLOCK_DV1=dv1, STORE_O32=True, BLOCK_M=128, BLOCK_N=64), {}, 8, 3],
+            ["_attn_bwd_dkdv", "fp16", dict(base, BLOCK_M=32, BLOCK_N=128), {}, 8, 3],
+            ["_attn_bwd_dq", "fp16", dict(base, BLOCK_M=128, BLOCK_N=32), {}, 8, 3],
+            ["_attn_fwd", "bf16", dict(base, HEAD_DIM=64, BLOCK_D0=64, BLOCK_DK1=0, BLOCK_DV1=0, CAUSAL=False,
+                                       STORE_O32=False, BLOCK_M=128, BLOCK_N=128), {}, 8, 3]]  # SD2: one chunk
+    for name, smem, wgmma, cp_async, _ in compile_for_h100("backdrop.kernels.attention", jobs):
+        assert wgmma and cp_async and smem <= 220 * 1024, name
+
+
+def _qkv(B=1, H=2, Sq=8, Sk=8, D=16, dtype=torch.float32):
+    return [torch.randn(B, H, S, D, dtype=dtype, device=DEVICE) for S in (Sq, Sk, Sk)]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda q, k, v: (q, k, v[..., :-1, :]), "k and v lengths differ"),
+    (lambda q, k, v: (q, k[:, :1], v[:, :1]), "batch and heads must match"),
+    (lambda q, k, v: (q[0], k[0], v[0]), "must be 4-D"),
+    (lambda q, k, v: (q.double(), k.double(), v.double()), "dtype torch.float64"),
+    (lambda q, k, v: (q, k.half(), v), "share a dtype"),
+    (lambda q, k, v: (q, k[..., :8], v[..., :8]), "head dims differ"),
+    (lambda q, k, v: (q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)), "needs unit stride"),
+    (lambda q, k, v: (q, k[:, :, :0], v[:, :, :0]), "no keys"),
+    (lambda q, k, v: tuple(torch.zeros(1, 2, 4, 264, device=DEVICE) for _ in range(3)), "D=264"),
+])
+def test_launcher_rejects_what_it_cannot_do(bad, match):
+    q, k, v = bad(*_qkv())
+    with pytest.raises(ValueError, match=match):
+        _attention_fwd(q, k, v)
+
+
+def test_dispatch_env_and_impl(monkeypatch):
+    q, k, v = (t.requires_grad_() for t in _qkv(Sq=20, Sk=12))
+    name = lambda out: type(out.grad_fn).__name__  # noqa: E731  (which implementation built this output)
+    ours = kernels.attention(q, k, v, impl="triton")
+    theirs = kernels.attention(q, k, v, impl="torch")
+    assert name(ours) == "_FlashAttentionBackward" and name(theirs) != name(ours)
+    assert _err(ours.detach(), theirs.detach().double()) < TOL[torch.float32]["fwd"]  # switching impl is harmless
+    monkeypatch.delenv("BACKDROP_KERNELS", raising=False)
+    auto = name(theirs) if DEVICE == "cpu" else name(ours)  # auto: the kernels on CUDA only
+    assert name(kernels.attention(q, k, v)) == auto
+    monkeypatch.setenv("BACKDROP_KERNELS", "triton")
+    assert name(kernels.attention(q, k, v)) == name(ours)
+    assert name(kernels.attention(q, k, v, impl="torch")) == name(theirs)  # impl= beats the env var
+    monkeypatch.setenv("BACKDROP_KERNELS", "torch")
+    assert name(kernels.attention(q, k, v)) == name(theirs)
+    monkeypatch.setenv("BACKDROP_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="BACKDROP_KERNELS='cuda'"):
+        kernels.attention(q, k, v)
+    with pytest.raises(ValueError, match="impl='fast'"):
+        kernels.attention(q, k, v, impl="fast")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors only")
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        kernels.attention(*_qkv(), impl="triton")
