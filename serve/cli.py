@@ -1,0 +1,108 @@
+"""`backdrop serve MODEL`: the batched HTTP server with OpenAI-compatible image endpoints (serve/server.py).
+
+The model is loaded before the port is bound, so a bad path or checkpoint is a one-line error (exit status 2);
+warm-up runs after binding, and /readyz turns 200 when it is done. SIGTERM (or Ctrl-C) stops accepting
+connections, finishes the requests in flight and what is queued, then exits; uvicorn re-raises the signal after
+its graceful shutdown, so the exit status is the signal's (143 for SIGTERM in a shell), as process managers expect.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from backdrop.cli import CLIError
+from backdrop.diffusion.schedule import RECIPES
+
+__all__ = ["add_parser"]
+
+DTYPE_CHOICES = ("fp32", "bf16", "fp16")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve a model over HTTP with OpenAI-compatible image endpoints",
+        description="Serve MODEL over HTTP: POST /v1/images/edits and /v1/images/generations speak OpenAI's "
+                    "Images API (so the official openai client works against it), POST /v1/inpaint takes every "
+                    "inpainting option; /healthz, /readyz and /metrics (Prometheus) are for operators. Concurrent "
+                    "requests are grouped into batches on the accelerator (dynamic batching).",
+        epilog="example: backdrop serve ./my-model --port 8000 --max-batch-size 8; then "
+               "OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='unused').images.edit(...)")
+    p.add_argument("model", metavar="MODEL", help="a diffusers model folder, one .safetensors checkpoint, or a "
+                                                  "built-in model's name")
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on; 0.0.0.0 exposes the server to the network, which has no "
+                          "authentication of its own (default: %(default)s)")
+    net.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    net.add_argument("--max-body-mb", type=float, default=32, metavar="MB",
+                     help="larger request bodies get 413 (default: %(default)s)")
+    m = p.add_argument_group("model")
+    m.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
+                   help="what runs the model (default: %(default)s)")
+    m.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
+    m.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                   help="weight precision (default: fp16 on GPUs, bf16 on CPUs with native bf16, else fp32)")
+    m.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on CUDA with the torch backend, run the UNet eagerly instead of replaying CUDA graphs")
+    b = p.add_argument_group("batching")
+    b.add_argument("--max-batch-size", type=int, default=8, metavar="N",
+                   help="images per model call; 1 turns dynamic batching off (default: %(default)s)")
+    b.add_argument("--max-queue-delay-ms", type=float, default=20, metavar="MS",
+                   help="how long a request waits for others to share its batch (default: %(default)s)")
+    b.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="images waiting at most; more get 429 with Retry-After (default: %(default)s)")
+    b.add_argument("--request-timeout", type=float, default=300, metavar="S",
+                   help="seconds from arrival to answer, queueing included; later gets 504 (default: %(default)s)")
+    s = p.add_argument_group("defaults of the OpenAI endpoints (/v1/inpaint may set its own)")
+    s.add_argument("--steps", type=int, default=30, metavar="N", help="denoising steps (default: %(default)s)")
+    s.add_argument("--sampler", choices=list(RECIPES), default="dpmpp-2m", metavar="NAME",
+                   help=f"one of: {', '.join(RECIPES)} (default: %(default)s)")
+    s.add_argument("--guidance-scale", type=float, default=7.5, metavar="SCALE", help="(default: %(default)s)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:  # the serve extra: starlette, uvicorn, python-multipart
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ModuleNotFoundError as e:
+        raise CLIError(f"serving needs {e.name}: pip install 'backdrop[serve]'") from None
+    from backdrop.serve.engine import EngineConfig
+    from backdrop.serve.server import ServerConfig
+
+    if not 0 <= args.port < 65536:
+        raise CLIError(f"--port {args.port} must be in [0, 65535]")
+    try:
+        engine_config = EngineConfig(args.max_batch_size, args.max_queue_delay_ms, args.max_queue,
+                                     args.request_timeout, model_name=str(args.model))
+        server_config = ServerConfig(steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
+                                     max_body_bytes=int(args.max_body_mb * 2**20))
+    except ValueError as e:  # "EngineConfig.max_queue = 0 is out of range" -> the flag's name
+        field = str(e).split(".", 1)[1].split(" ", 1)[0]
+        raise CLIError(f"--{field.replace('_', '-')}: {str(e).split(' = ', 1)[1]}") from None
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = _load(args, engine_config)
+    from backdrop.serve.server import create_app, run
+
+    print(f"serving {args.model} on http://{args.host}:{args.port} (OpenAI base_url: "
+          f"http://{args.host}:{args.port}/v1)", flush=True)
+    run(create_app(engine, server_config), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _load(args, engine_config):
+    import torch
+
+    from backdrop.diffusion.pipeline import Pipeline
+    from backdrop.serve.cuda_graphs import GraphedBackend
+    from backdrop.serve.engine import Engine
+
+    try:
+        pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    except (FileNotFoundError, ValueError, OSError) as e:  # CheckpointError is a ValueError naming file and key
+        raise CLIError(str(e)) from None
+    device = torch.device(pipe.backend.device)
+    if args.cuda_graphs and args.backend == "torch" and device.type == "cuda":
+        pipe = Pipeline(GraphedBackend(pipe.backend))
+    return Engine(pipe, engine_config)

@@ -1,0 +1,196 @@
+"""The serving engine: one Pipeline, one Batcher, one worker thread. No HTTP here (that is server.py).
+
+Like nano-vllm's LLMEngine, the step is a few lines: the worker takes the next batch from the Batcher
+(serve/batcher.py), runs it as ONE Pipeline call with per-item prompts, images, masks, seeds and strengths, and
+hands each item its image. What must be equal for items to share that call is the batch key: the Batcher's
+BatchKey (kind, size, steps, sampler, model) plus `options`, the Pipeline arguments that are one value per call
+(guidance scale, mask blur, crop padding, ...). Requests with the server's defaults all share one key per size.
+
+Callers (the async HTTP handlers) wait without blocking their event loop: `submit(..., on_done)` registers a
+callback the worker calls (from its thread) when the request finishes, whether done, failed or expired.
+A request whose client went away or whose deadline passed is `abandon`ed: dropped from the queue, its results
+discarded, and if every request of the running batch is gone the batch is interrupted between two steps.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from PIL import Image
+
+from backdrop.diffusion.pipeline import Pipeline, SamplingInterrupted
+from backdrop.serve.batcher import Batch, BatchKey, Batcher, Request
+from backdrop.serve.metrics import ServerMetrics
+
+__all__ = ["ServeKey", "Item", "Engine", "EngineConfig"]
+
+log = logging.getLogger("backdrop.serve")
+
+
+@dataclass(frozen=True)
+class ServeKey(BatchKey):
+    """BatchKey plus the Pipeline arguments that take one value per call, as sorted (name, value) pairs."""
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to make. `image` (RGB) and `mask` (L, white = repaint) only for inpainting."""
+    prompt: str
+    seed: int
+    negative_prompt: str = ""
+    strength: float = 1.0
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 8          # items per Pipeline call; 1 turns dynamic batching off
+    max_queue_delay_ms: float = 20   # how long the oldest item waits for company before its batch leaves
+    max_queue: int = 64              # queued items (images) before submissions get 429
+    request_timeout: float = 300.0   # seconds from arrival to answer, queueing included; then 504
+    model_name: str = "backdrop"     # the `model` of every BatchKey (one model per engine)
+
+    def __post_init__(self):
+        for name, ok in (("max_batch_size", self.max_batch_size >= 1), ("max_queue", self.max_queue >= 1),
+                         ("max_queue_delay_ms", self.max_queue_delay_ms >= 0),
+                         ("request_timeout", self.request_timeout > 0)):
+            if not ok:
+                raise ValueError(f"EngineConfig.{name} = {getattr(self, name)!r} is out of range")
+
+
+class Engine:
+    def __init__(self, pipeline: Pipeline, config: EngineConfig = EngineConfig(), warmup: bool = True):
+        self.pipe, self.config = pipeline, config
+        self.batcher = Batcher(config.max_batch_size, config.max_queue_delay_ms / 1000, config.max_queue)
+        self.batcher.on_expire = self._notify
+        self.metrics = ServerMetrics(queue_depth=lambda: self.batcher.depth)
+        self.ready = threading.Event()
+        self.error: BaseException | None = None       # what went wrong in warm-up, shown by /readyz
+        self._warmup = warmup
+        self._callbacks: dict[Request, Callable[[], None]] = {}
+        self._lock = threading.Lock()
+        self._current: tuple[Batch, threading.Event] | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    @property
+    def native_size(self) -> int:
+        return self.pipe.config.image_size
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="backdrop-batch-worker", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop admissions; the worker serves what is queued (drain), then exits."""
+        self._closing = True
+        self.batcher.close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        try:
+            if self._warmup:
+                self._warm_up()
+            self.ready.set()
+            self.metrics.ready.set(1)
+        except Exception as e:  # the model cannot run: /readyz says why; requests will fail with the reason
+            log.exception("warm-up failed")
+            self.error = e
+        while True:
+            batch = self.batcher.next_batch(timeout=0.5)
+            if batch is None:
+                if self._closing and self.batcher.idle:  # closed and drained
+                    return
+                continue
+            self._run(batch)
+
+    def _warm_up(self) -> None:
+        """One tiny call through every component (text encoder, VAE encode/decode, UNet with guidance), so the
+        first request does not pay for lazy initialisation; on CUDA it also captures the batch-1 graphs."""
+        n = self.native_size
+        t0 = time.perf_counter()
+        if self.pipe.config.unet.in_channels == 9:
+            image = Image.new("RGB", (n, n), (128, 128, 128))
+            mask = Image.new("L", (n, n), 255)
+            self.pipe.inpaint(image, mask=mask, prompt="warm-up", seed=0, steps=1, progress=False)
+        else:
+            self.pipe.generate("warm-up", seed=0, steps=1, progress=False)
+        log.info("warm-up took %.1f s", time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------------------------------ requests
+    def submit(self, key: ServeKey, items: list[Item], on_done: Callable[[], None],
+               timeout: float | None = None) -> Request:
+        """Queue one request (n items). Raises batcher.QueueFull (429) or batcher.ShuttingDown (503).
+        `on_done()` is called from another thread once the request has finished, whatever its status."""
+        seconds = self.config.request_timeout if timeout is None else min(timeout, self.config.request_timeout)
+        req = Request(key, list(items), deadline=self.batcher.clock() + seconds)
+        with self._lock:
+            self._callbacks[req] = on_done
+        try:
+            return self.batcher.submit(req)
+        except BaseException:
+            with self._lock:
+                self._callbacks.pop(req, None)
+            raise
+
+    def abandon(self, req: Request) -> None:
+        """The client left or the deadline passed: drop the request; interrupt its batch if nobody else waits."""
+        self.batcher.cancel(req)
+        self._notify(req)
+        current = self._current
+        if current is not None and all(e.request.finished for e in current[0].entries):
+            current[1].set()
+
+    def _notify(self, req: Request) -> None:
+        with self._lock:
+            callback = self._callbacks.pop(req, None)
+        if callback is not None:
+            callback()
+
+    # ------------------------------------------------------------------------------------------ the step
+    def _run(self, batch: Batch) -> None:
+        interrupt = threading.Event()
+        self._current = (batch, interrupt)  # first, so an abandon() from now on can interrupt this batch
+        live = [i for i, e in enumerate(batch.entries) if not e.request.finished]  # cancelled after formation
+        outputs: list[Any] = [None] * len(batch)
+        t0 = time.perf_counter()
+        try:
+            if live:
+                images = self._call(batch.key, [batch.payloads[i] for i in live], interrupt)
+                for i, image in zip(live, images):
+                    outputs[i] = image
+                self.metrics.batch_size.observe(len(live))
+                self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+            self.batcher.complete(batch, outputs)
+        except SamplingInterrupted:  # every request of the batch was abandoned: nothing to deliver
+            self.batcher.complete(batch, outputs)
+        except Exception as e:  # a model failure: fail this batch, keep serving the next ones
+            log.exception("batch of %d failed", len(live))
+            self.batcher.fail(batch, e)
+        finally:
+            self._current = None
+            for req in {e.request for e in batch.entries}:
+                if req.finished:
+                    self._notify(req)
+
+    def _call(self, key: ServeKey, items: list[Item], interrupt: threading.Event) -> list[Image.Image]:
+        """One Pipeline call for the whole batch: every per-item value as a list, one seed per item."""
+        args = dict(prompt=[it.prompt for it in items], negative_prompt=[it.negative_prompt for it in items],
+                    seed=[it.seed for it in items], steps=key.steps, sampler=key.sampler, progress=False,
+                    interrupt=interrupt, **dict(key.options))
+        if key.kind == "generate":
+            out = self.pipe.generate(height=key.height, width=key.width, **args)
+        elif key.kind == "inpaint":
+            out = self.pipe.inpaint([it.image for it in items], mask=[it.mask for it in items],
+                                    strength=[it.strength for it in items], **args)
+        else:
+            raise ValueError(f"unknown batch kind {key.kind!r}")
+        return out.images
