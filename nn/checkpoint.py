@@ -1,0 +1,442 @@
+"""Whole models in and out: a diffusers folder or an original (LDM) single .safetensors file, or random weights.
+
+Loading builds every component on the meta device (no memory, no random init), checks every key and shape of the
+file against it before reading a single tensor, then hands the memory-mapped safetensors tensors to
+`load_state_dict(strict=True, assign=True)`: the only copy is the dtype cast (and SD2's fused q/k/v, split in
+three), none at all when the file already holds the requested dtype. LDM names go through nn/ldm_keys.py.
+Pickle checkpoints (.ckpt/.bin/.pt/.pth) can run code when unpickled, so they are refused unless asked for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .clip import TextEncoder
+from .config import (PREDICTION_TYPES, ModelConfig, SchedulerConfig, TextConfig, UNetConfig, VAEConfig,
+                     get_preset)
+from .ldm_keys import (FOLDER_EXTRAS, CheckpointError, Src, clip_prefix, detect_config, diffusers_configs,
+                       folder_key, from_ldm, known_extras, ldm_names, ldm_shape, to_ldm)
+from .tokenizer import Tokenizer
+from .unet import UNet
+from .vae import VAE
+
+__all__ = ["Model", "CheckpointError", "load_model", "save_model", "init_model", "config_to_dict",
+           "config_from_dict", "diffusers_configs"]
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+METADATA_KEY = "backdrop_config"  # our LDM files carry their ModelConfig here, for what shapes cannot tell
+
+
+@dataclass
+class Model:
+    """The four components of a Stable Diffusion model and its ModelConfig."""
+    unet: UNet
+    vae: VAE
+    text_encoder: TextEncoder
+    tokenizer: Tokenizer
+    config: ModelConfig
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "Model":
+        for m in self.modules().values():
+            m.to(device=device, dtype=dtype)
+        return self
+
+    def eval(self) -> "Model":
+        for m in self.modules().values():
+            m.eval()
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+
+# ------------------------------------------------------------------------------------------------- configs
+
+def config_to_dict(cfg: ModelConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    """Inverse of config_to_dict (JSON turns tuples into lists; unknown fields are an error)."""
+    def make(cls, sub: dict):
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()})
+    return ModelConfig(unet=make(UNetConfig, d["unet"]), vae=make(VAEConfig, d["vae"]),
+                       text=make(TextConfig, d["text"]), scheduler=make(SchedulerConfig, d["scheduler"]),
+                       prediction_type=d["prediction_type"], image_size=d["image_size"])
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+# --------------------------------------------------------------------------------------------- reading files
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict]:
+    """({key: shape}, metadata) of a safetensors file, checked against the file size so that a truncated or
+    corrupt file fails here, naming itself, rather than deep inside the mmap reader."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None  # little-endian u64 header length
+        if n is None or 8 + n > size:
+            raise CheckpointError(f"{path}: not a safetensors file, or truncated: {size} bytes cannot hold "
+                                  f"the {n}-byte header it announces")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    metadata, data, shapes = header.pop("__metadata__", None) or {}, size - 8 - n, {}
+    for key, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}: {info!r}") from None
+        if end > data:
+            raise CheckpointError(f"{path}: truncated: tensor {key!r} ends at byte {end} of the data, but the "
+                                  f"file holds only {data} bytes of data (an interrupted download or copy?)")
+        if dtype in _DTYPE_BYTES and end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
+            raise CheckpointError(f"{path}: corrupt: tensor {key!r} {dtype} {shape} spans {end - begin} bytes")
+        shapes[key] = shape
+    return shapes, metadata
+
+
+def _pickle_refusal(path: Path) -> CheckpointError:
+    out = path.with_suffix(".safetensors")
+    return CheckpointError(
+        f"{path}: pickle checkpoints can run arbitrary code when loaded, so Backdrop reads .safetensors. Convert "
+        f"it once, where you trust the file:\n  python -c \"import torch, safetensors.torch as st; "
+        f"sd = torch.load('{path}', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
+        f"st.save_file({{k: v.contiguous().clone() for k, v in sd.items() if isinstance(v, torch.Tensor)}}, "
+        f"'{out}')\"\nor pass allow_pickle=True (which loads it with torch.load(weights_only=True)).")
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:  # the zip format maps lazily; the legacy format cannot be mapped
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types; all mean "cannot read"
+        raise CheckpointError(f"{path}: torch.load(weights_only=True) failed: {e}") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # Lightning / LDM training checkpoints
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict")
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+class _Reader:
+    """The tensors of one checkpoint (a safetensors file, its shards, or a pickle), fetched by key on demand."""
+
+    def __init__(self, files: list[Path], allow_pickle: bool = False):
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.where: dict[str, Path] = {}
+        self.metadata: dict = {}
+        self._handles: dict[Path, object] = {}
+        self._pickled: dict[str, torch.Tensor] = {}
+        for f in files:
+            if f.suffix in PICKLE_SUFFIXES:
+                if not allow_pickle:
+                    raise _pickle_refusal(f)
+                self._pickled |= _load_pickle(f)
+                shapes = {k: tuple(v.shape) for k, v in self._pickled.items()}
+            else:
+                shapes, meta = _header(f)
+                self.metadata |= meta
+            self.shapes |= shapes
+            self.where |= dict.fromkeys(shapes, f)
+        self.label = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} shards)"
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self._pickled:
+            return self._pickled[key]
+        f = self.where[key]
+        try:
+            if f not in self._handles:
+                self._handles[f] = safe_open(str(f), framework="pt")  # mmap: pages are read on first touch
+            return self._handles[f].get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: cannot read tensor {key!r}: {e}") from None
+
+
+def _shards(index: Path) -> list[Path]:
+    """The files a `*.safetensors.index*.json` (transformers/diffusers sharding) names, all present."""
+    weight_map = _json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: no weight_map")
+    files = [index.parent / name for name in sorted(set(weight_map.values()))]
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{index}: names shard {f.name}, which is missing")
+    return files
+
+
+def _weight_files(folder: Path, stem: str, allow_pickle: bool) -> list[Path]:
+    """A component folder's weights: `stem`.safetensors, else sharded, else the .fp16 variant (diffusers naming)."""
+    for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{stem}.fp16.safetensors",
+                 f"{stem}.safetensors.index.fp16.json"):
+        if (folder / name).is_file():
+            return _shards(folder / name) if name.endswith(".json") else [folder / name]
+    for name in (f"{stem}.bin", f"pytorch_{stem}.bin", f"{stem}.fp16.bin", f"pytorch_{stem}.fp16.bin"):
+        if (folder / name).is_file():
+            if not allow_pickle:
+                raise _pickle_refusal(folder / name)
+            return [folder / name]
+    raise CheckpointError(f"{folder}: no weights: expected {stem}.safetensors (or sharded "
+                          f"{stem}.safetensors.index.json, or the {stem}.fp16.safetensors variant)")
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+class _Problems:
+    """Every mismatch between a file and the model, reported together in one CheckpointError."""
+
+    def __init__(self):
+        self.missing, self.unexpected, self.shapes = [], [], []
+
+    def check(self, module: nn.Module, names: dict[str, Src], reader: _Reader) -> None:
+        for key, t in module.state_dict().items():
+            src = names[key]
+            if src.key not in reader.shapes:
+                self.missing.append(src.key)
+            elif (want := ldm_shape(t.shape, src)) != (got := reader.shapes[src.key]) and not (
+                    src.conv and got == tuple(t.shape)):  # some converters already wrote the 1x1 convs as Linear
+                self.shapes.append(f"{src.key}: file {got} vs model {want}")
+
+    def raise_if_any(self, label: str, what: str) -> None:
+        def listed(items: list[str], kind: str) -> str:
+            more = f", ... and {len(items) - 5} more" if len(items) > 5 else ""
+            return f"{len(items)} {kind}: {', '.join(items[:5])}{more}"
+        parts = [listed(items, kind) for items, kind in ((self.missing, "missing"), (self.unexpected, "unexpected"),
+                                                         (self.shapes, "with the wrong shape")) if items]
+        if parts:
+            raise CheckpointError(f"{label}: does not match {what}: " + "; ".join(parts))
+
+
+def _fill(module: nn.Module, names: dict[str, Src], reader: _Reader, dtype: torch.dtype, device) -> None:
+    """Give the meta-device `module` its tensors from `reader`, cast as they are read."""
+    tensors = {}
+    for key in module.state_dict():
+        src = names[key]
+        t = from_ldm(reader.get(src.key), src)
+        # q/k/v thirds of one fused tensor would share its storage (safetensors refuses to save that): copy them
+        tensors[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else None,
+                            copy=src.part is not None)
+    module.load_state_dict(tensors, strict=True, assign=True)
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:  # a non-persistent buffer the loader cannot know how to fill: a modelling bug, not bad input
+        raise RuntimeError(f"{type(module).__name__}: {left[:5]} were not loaded and are still on the meta device")
+    module.eval()
+
+
+class _SkipInit(TorchFunctionMode):
+    """Skips torch.nn.init calls while the modules are built for loading: their values would be overwritten,
+    and on the meta device they cost time all the same (the first meta normal_() imports torch's decompositions,
+    ~4 s). A function mode scoped to one `with`, like torch.device() itself; nothing global is patched."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return kwargs["tensor"] if "tensor" in kwargs else args[0]
+        return func(*args, **kwargs)
+
+
+def _meta_modules(cfg: ModelConfig) -> dict[str, nn.Module]:
+    with torch.device("meta"), _SkipInit():
+        return {"unet": UNet(cfg.unet), "vae": VAE(cfg.vae), "text_encoder": TextEncoder(cfg.text)}
+
+
+def _load_single_file(path: Path, dtype, device, prediction_type, allow_pickle) -> Model:
+    reader = _Reader([path], allow_pickle)
+    if METADATA_KEY in reader.metadata:  # written by save_model: the exact config, heads and groups included
+        try:
+            cfg = config_from_dict(json.loads(reader.metadata[METADATA_KEY]))
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{path}: unreadable {METADATA_KEY} metadata: {e!r}") from None
+        if prediction_type:
+            cfg = dataclasses.replace(cfg, prediction_type=prediction_type)
+    else:
+        cfg = detect_config(reader.shapes, str(path), prediction_type)
+    modules = _meta_modules(cfg)
+    names = ldm_names(cfg, {c: m.state_dict().keys() for c, m in modules.items()}, clip=clip_prefix(reader.shapes))
+    problems = _Problems()
+    for c, m in modules.items():
+        problems.check(m, names[c], reader)
+    used, extras = {s.key for n in names.values() for s in n.values()}, known_extras(cfg)
+    problems.unexpected = [k for k in reader.shapes if k not in used and not extras.fullmatch(k)]
+    problems.raise_if_any(reader.label, f"the {cfg.family.upper()} model it describes")
+    for c, m in modules.items():
+        _fill(m, names[c], reader, dtype, device)
+    return Model(**modules, tokenizer=Tokenizer.from_assets(cfg.text.pad_token_id), config=cfg)
+
+
+def _load_folder(root: Path, dtype, device, prediction_type, allow_pickle) -> Model:
+    if not (root / "model_index.json").is_file():
+        raise CheckpointError(f"{root}: not a model folder: expected a diffusers Stable Diffusion folder "
+                              "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or an LDM "
+                              "single .safetensors file")
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (root / sub).is_dir():
+            raise CheckpointError(f"{root}: model folder has no {sub}/ (a diffusers Stable Diffusion folder has "
+                                  "unet/, vae/, text_encoder/, tokenizer/ and scheduler/)")
+    try:
+        tokenizer = Tokenizer.from_folder(root / "tokenizer")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{root / 'tokenizer'}: {e}") from None
+    sched = _json(root / "scheduler" / "scheduler_config.json")
+    try:
+        unet = UNetConfig.from_diffusers(_json(root / "unet" / "config.json"), str(root / "unet" / "config.json"))
+        vae = VAEConfig.from_diffusers(_json(root / "vae" / "config.json"), str(root / "vae" / "config.json"))
+        text = TextConfig.from_transformers(_json(root / "text_encoder" / "config.json"),
+                                            str(root / "text_encoder" / "config.json"), tokenizer.pad_token_id)
+        cfg = ModelConfig(unet=unet, vae=vae, text=text, scheduler=SchedulerConfig.from_diffusers(sched),
+                          prediction_type=prediction_type or sched.get("prediction_type", "epsilon"),
+                          image_size=unet.sample_size * vae.downsample_factor)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{root}: {e}") from None
+    modules = _meta_modules(cfg)
+    plans = []
+    for c, m in modules.items():
+        stem = "model" if c == "text_encoder" else "diffusion_pytorch_model"
+        reader = _Reader(_weight_files(root / c, stem, allow_pickle), allow_pickle)
+        ours = {folder_key(c, k): k for k in reader.shapes}  # our key -> file key
+        names = {k: Src(ours.get(k, k)) for k in m.state_dict()}
+        problems = _Problems()
+        problems.check(m, names, reader)
+        problems.unexpected = [f for k, f in ours.items() if k not in names and not FOLDER_EXTRAS.fullmatch(f)]
+        problems.raise_if_any(reader.label, f"the {c} its {c}/config.json describes")
+        plans.append((m, names, reader))
+    for m, names, reader in plans:
+        _fill(m, names, reader, dtype, device)
+    return Model(**modules, tokenizer=tokenizer, config=cfg)
+
+
+def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", prediction_type: str | None = None,
+               allow_pickle: bool = False) -> Model:
+    """Load a Stable Diffusion 1.x/2.x model (eval mode) from a diffusers folder or an LDM single file.
+
+    path: a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), or one
+        original `.safetensors` file; the LDM file's configuration is read from its tensor shapes.
+    prediction_type: "epsilon" or "v_prediction"; overrides the folder's scheduler config. A single file cannot
+        say what its UNet predicts: files default to epsilon, which is right for SD 1.x, SD2-base and the
+        inpainting models; pass "v_prediction" for SD 2.0/2.1-768 ("768-v") files, or the images come out as
+        grey noise.
+    allow_pickle: read .ckpt/.bin/.pt/.pth with torch.load(weights_only=True); only for files you trust.
+    Any missing, unexpected or mis-shaped tensor raises CheckpointError naming the file and the keys.
+    """
+    if prediction_type not in (None, *PREDICTION_TYPES):
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    path = Path(path)
+    if path.is_dir():
+        return _load_folder(path, dtype, device, prediction_type, allow_pickle)
+    if path.is_file():
+        return _load_single_file(path, dtype, device, prediction_type, allow_pickle)
+    raise CheckpointError(f"{path}: no such file or folder")
+
+
+def init_model(preset_or_config: str | ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+               device="cpu") -> Model:
+    """A model with random weights, the same for the same seed (drawn in float32 on the CPU, then moved)."""
+    cfg = get_preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+        torch.manual_seed(seed)
+        model = Model(unet=UNet(cfg.unet), vae=VAE(cfg.vae), text_encoder=TextEncoder(cfg.text),
+                      tokenizer=Tokenizer.from_assets(cfg.text.pad_token_id), config=cfg)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# -------------------------------------------------------------------------------------------------- saving
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a file, or a folder (which makes the renames inside it durable)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """save_file wants contiguous CPU tensors that share no storage; clone the rare ones that do."""
+    seen, out = set(), {}
+    for k, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        out[k] = t.clone() if t.untyped_storage().data_ptr() in seen else t
+        seen.add(t.untyped_storage().data_ptr())
+    save_file(out, str(path), metadata={"format": "pt", **(metadata or {})})
+    _fsync(path)
+
+
+def _write_folder(model: Model, folder: Path) -> None:
+    for name, obj in diffusers_configs(model.config, model.dtype).items():
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        _fsync(folder / name)
+    _safetensors(model.unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors")
+    _safetensors(model.vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors")
+    _safetensors(model.text_encoder.state_dict(), folder / "text_encoder" / "model.safetensors")
+    model.tokenizer.save(folder / "tokenizer")
+    for f in [*(folder / "tokenizer").iterdir(), *folder.iterdir()]:
+        _fsync(f)
+
+
+def save_model(model: Model, path, layout: str = "diffusers") -> Path:
+    """Write `model` as a diffusers folder (layout="diffusers"; diffusers' from_pretrained opens it) or as one LDM
+    .safetensors file (layout="ldm", with the ModelConfig in its metadata).
+
+    Atomic: the new version is written next to `path` (a temporary name in the same folder), flushed to disk,
+    then renamed over it, so a crash leaves the old version or the new one, never half of one (an old folder sits
+    under a hidden name for the instant between its two renames)."""
+    path = Path(path)
+    if layout not in ("diffusers", "ldm"):
+        raise ValueError(f"layout must be 'diffusers' or 'ldm', got {layout!r}")
+    if layout == "ldm" and path.suffix != ".safetensors":
+        raise ValueError(f"{path}: an LDM single file is saved as .safetensors")
+    if layout == "diffusers" and path.exists() and not (
+            path.is_dir() and ((path / "model_index.json").is_file() or not any(path.iterdir()))):
+        raise ValueError(f"{path}: exists and is not a model folder; refusing to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    try:
+        if layout == "ldm":
+            tensors = to_ldm(model.config, {c: m.state_dict() for c, m in model.modules().items()})
+            _safetensors(tensors, tmp / path.name, {METADATA_KEY: json.dumps(config_to_dict(model.config))})
+            os.replace(tmp / path.name, path)
+        else:  # a folder cannot be renamed over a folder: move the old one aside for the instant of the swap
+            _write_folder(model, tmp)
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+        _fsync(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return path
