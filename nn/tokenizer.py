@@ -1,0 +1,403 @@
+"""The CLIP byte-level BPE tokenizer of the SD1/SD2 text encoders, on the Rust `tokenizers` library.
+
+Ids equal transformers 5's `CLIPTokenizer` (for 4.x see below) called with padding="max_length", max_length=77,
+truncation=True, for any string. The pipeline, all of it run by the Rust library (no Python BPE loop):
+
+  added tokens     <|startoftext|>, <|endoftext|> (and the pad token) are cut out of the raw text first and
+                   map straight to their ids; their `normalized` flag says whether they are matched before
+                   (False) or after (True) the normalizer, i.e. whether "<|ENDOFTEXT|>" is one as well
+  normalizer       NFC, every run of whitespace -> " ", lower-case
+  pre-tokenizer    CLIP's regex (openai/CLIP simple_tokenizer.py) keeps letter runs, single digits, runs of
+                   other symbols and the contractions 's 't 're 've 'm 'll 'd, and drops the whitespace, which
+                   is CLIP's `whitespace_clean` (collapse, strip); then GPT-2's byte-to-unicode map
+  model            BPE over the bytes of each word; the last symbol of a word carries the suffix "</w>"
+  post-processor   <|startoftext|> $A <|endoftext|>; truncation keeps EOS, padding with the family's pad id
+
+What ftfy would change. openai/CLIP and open_clip (what the text encoders were trained with) and transformers 4.x's
+slow `CLIPTokenizer` *with* ftfy installed clean the text with `ftfy.fix_text` + `html.unescape` twice instead of
+plain NFC: curly quotes become straight ("it’s" then splits as it + 's), "&amp;" becomes "&", full-width forms
+and ligatures are folded and mojibake is repaired. Without ftfy, the 4.x slow tokenizer ran BERT's BasicTokenizer
+instead, which differs from us on: CJK ideographs (each one becomes its own word), control and format characters
+(U+0000, vertical tab, form feed, U+0085, U+200D ZWJ, soft hyphen: dropped, so the words either side join), a
+capital sigma ending a word (Python's lower() gives "ς", Rust's per-character lower-case "σ"), and upper-case
+"<|ENDOFTEXT|>" (the slow tokenizer always gave EOS). 4.x's CLIPTokenizerFast differed from us only on the last
+point (it registered the special tokens normalized); measured on the test corpus and 2,000 random strings with
+SD1.5- and SD2.1-style folders. transformers 5.x has no slow CLIP tokenizer and never uses ftfy; its CLIPTokenizer
+is what we match. Everyday prompts (printable text, no HTML entities, no special-token text) agree on every path.
+
+The SD2 quirk: its tokenizer pads with "!" (id 0), and transformers registers the pad token as a special added
+token, so every "!" in an SD2 prompt becomes id 0 on its own ("wow!!!" -> wow, 0, 0, 0), where SD1 gives one
+"!!!</w>" token. We keep that, because the reference pipeline (and so the tests) does it.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
+from importlib import resources
+from typing import Sequence
+
+import torch
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as _Backend
+
+__all__ = ["Tokenizer", "CONTEXT_LENGTH", "BOS_TOKEN", "EOS_TOKEN"]
+
+CONTEXT_LENGTH = 77          # CLIP's text context: 77 positions = BOS + 75 tokens + EOS
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"  # also CLIP's unknown token and SD1's pad token
+ASSET = "bpe_simple_vocab_16e6.txt.gz"  # openai/CLIP's merges, shipped with open_clip (assets/LICENSE-open_clip.txt)
+# CLIP uses the first 49152 - 256 - 2 = 48894 merges of the file, so that bytes + merges + 2 specials = 49152;
+# with the 256 "</w>" byte forms the vocabulary has 49408 ids (open_clip tokenizer.py, SimpleTokenizer.__init__).
+NUM_MERGES = 49152 - 256 - 2
+# openai/CLIP simple_tokenizer.py; applied after lower-casing, so its re.IGNORECASE is not needed here.
+CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters (openai/gpt-2 encoder.py): printable
+    Latin-1 bytes map to themselves, the other 68 to chr(256 + n). The order of this dict is the order of ids 0..255."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in keep}
+    shifted = (b for b in range(256) if b not in table)
+    table.update({b: chr(256 + n) for n, b in enumerate(shifted)})
+    return table
+
+
+@lru_cache(maxsize=1)
+def _asset_vocab() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """Tokens in id order and merges in rank order, built from the shipped gz exactly as open_clip does."""
+    with resources.files("backdrop.assets").joinpath(ASSET).open("rb") as f:
+        lines = gzip.decompress(f.read()).decode("utf-8").split("\n")
+    merges = tuple(tuple(line.split()) for line in lines[1:NUM_MERGES + 1])  # line 0 is a "#version" header
+    byte_chars = list(bytes_to_unicode().values())
+    tokens = (*byte_chars, *(c + "</w>" for c in byte_chars), *("".join(m) for m in merges), BOS_TOKEN, EOS_TOKEN)
+    return tokens, merges
+
+
+@dataclass(frozen=True)
+class _Added:
+    """A token cut out of the raw text before BPE (tokenizers' AddedToken). It is looked for before the normalizer
+    unless `normalized`, so only with normalized=True is "<|ENDOFTEXT|>" EOS too; decode skips `special` ones."""
+    content: str
+    normalized: bool | None = False
+    lstrip: bool = False
+    rstrip: bool = False
+    single_word: bool = False
+    special: bool = True
+
+    @classmethod
+    def parse(cls, value, where: str, special: bool | None = None) -> "_Added | str":
+        """A token string stays a string; an AddedToken dict becomes an _Added (`special` forced when given, else
+        the dict's, else False). A missing `normalized` stays None: tokenizers resolves it to `not special` only
+        when the token is registered, after transformers may have made it special."""
+        if isinstance(value, str):
+            return value
+        if not (isinstance(value, dict) and isinstance(value.get("content"), str)):
+            raise ValueError(f"{where}: expected a token string or an AddedToken dict with 'content', got {value!r}")
+        normalized = value.get("normalized")
+        return cls(value["content"], normalized=None if normalized is None else bool(normalized),
+                   lstrip=bool(value.get("lstrip", False)), rstrip=bool(value.get("rstrip", False)),
+                   single_word=bool(value.get("single_word", False)),
+                   special=bool(value.get("special", False)) if special is None else special)
+
+    def resolved(self) -> "_Added":
+        return self if self.normalized is not None else replace(self, normalized=not self.special)
+
+    def as_dict(self) -> dict:  # AddedToken's JSON form, as in tokenizer_config.json
+        return asdict(self)
+
+
+class Tokenizer:
+    """CLIP tokenizer: `tok(texts)` -> (B, 77) int64 ids. Build with `from_assets` or `from_folder`."""
+
+    model_max_length = CONTEXT_LENGTH
+
+    def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]],
+                 specials: dict[str, str] | None = None, added: Sequence[_Added] = (), source: str = "vocabulary"):
+        """`vocab`: token -> id (ids 0..N-1); `merges`: BPE merges by rank; `specials`: role (bos_token, eos_token,
+        unk_token, pad_token, ...) -> token, CLIPTokenizer's defaults for the roles left out; `added`: the tokens
+        cut out of the text with their flags, a later one winning (a role's token not among them: special, not
+        normalized)."""
+        specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN,
+                    **(specials or {})}
+        if sorted(vocab.values()) != list(range(len(vocab))):
+            raise ValueError(f"{source}: token ids must be exactly 0..{len(vocab) - 1}, each once")
+        for what, content in [*specials.items(), *(("added token", t.content) for t in added)]:
+            if content not in vocab:
+                raise ValueError(f"{source}: {what} {content!r} is not in the vocabulary (tokens beyond it, e.g. "
+                                 "from textual inversion, are not supported)")
+        self._vocab = dict(vocab)
+        self._merges = [tuple(m) for m in merges]
+        self._specials = {k: specials[k] for k in SPECIAL_KEYS if k in specials}
+        self._added = {t.content: t.resolved() for t in added}  # a token given twice keeps its last flags
+        for content in self._specials.values():
+            self._added.setdefault(content, _Added(content))
+        self.vocab_size = len(vocab)
+        self.bos_token_id = vocab[specials["bos_token"]]
+        self.eos_token_id = vocab[specials["eos_token"]]
+        self.pad_token_id = vocab[specials["pad_token"]]
+        self._backend = self._build_backend()
+
+    def _build_backend(self) -> _Backend:
+        bos, eos = self._specials["bos_token"], self._specials["eos_token"]
+        backend = _Backend(models.BPE(
+            vocab=self._vocab, merges=self._merges, dropout=None, fuse_unk=False,
+            continuing_subword_prefix="", end_of_word_suffix="</w>",  # CLIP marks word ends, not continuations
+            unk_token=self._specials["unk_token"],                   # never used: all 512 byte symbols are in vocab
+        ))
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            # invert=True: the regex matches are the words; what it does not match (whitespace) is removed
+            pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+            # use_regex=True re-splits with GPT-2's pattern, as transformers does; a no-op on CLIP's words except
+            # a lower-cased "<|endoftext|>" that was not matched as a special token: it becomes "<|", "endoftext", "|>"
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+        backend.decoder = decoders.ByteLevel()
+        backend.add_tokens([AddedToken(t.content, special=t.special, normalized=t.normalized, lstrip=t.lstrip,
+                                       rstrip=t.rstrip, single_word=t.single_word) for t in self._added.values()])
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A {eos}", special_tokens=[(bos, self.bos_token_id), (eos, self.eos_token_id)])
+        return backend
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_assets(cls, pad_token_id: int = 49407) -> "Tokenizer":
+        """The real CLIP vocabulary shipped in assets/. SD1 pads with <|endoftext|> (49407), SD2 with "!" (0)."""
+        tokens, merges = _asset_vocab()
+        if not isinstance(pad_token_id, int) or not 0 <= pad_token_id < len(tokens):
+            raise ValueError(f"pad_token_id must be an id in [0, {len(tokens)}), got {pad_token_id!r}")
+        return cls({t: i for i, t in enumerate(tokens)}, merges,
+                   {"pad_token": tokens[pad_token_id]}, source=f"assets/{ASSET}")
+
+    @classmethod
+    def from_folder(cls, path: str | os.PathLike) -> "Tokenizer":
+        """A diffusers `tokenizer/` folder: vocab.json + merges.txt as the published SD folders ship them, or the
+        tokenizer.json that transformers 5 saves instead (preferred when present, as transformers does), plus the
+        special tokens (the pad token above all) from tokenizer_config.json / special_tokens_map.json."""
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"tokenizer folder {path!r} does not exist")
+        fast_file = os.path.join(path, "tokenizer.json")
+        if os.path.isfile(fast_file):
+            vocab, merges, file_added = _read_tokenizer_json(fast_file)
+        else:
+            for name in ("vocab.json", "merges.txt"):
+                if not os.path.isfile(os.path.join(path, name)):
+                    raise FileNotFoundError(f"tokenizer folder {path!r} has no {name} (a CLIP tokenizer needs "
+                                            "vocab.json and merges.txt, or a tokenizer.json)")
+            vocab_file = os.path.join(path, "vocab.json")
+            vocab = _read_json(vocab_file)
+            if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+                raise ValueError(f"{vocab_file}: expected a JSON object mapping token -> integer id")
+            merges, file_added = _read_merges(os.path.join(path, "merges.txt"), vocab), None
+        config_file = os.path.join(path, "tokenizer_config.json")
+        config = _read_json(config_file) if os.path.isfile(config_file) else {}
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_file}: expected a JSON object")
+        cls_name = config.get("tokenizer_class", "CLIPTokenizer")
+        if cls_name not in ("CLIPTokenizer", "CLIPTokenizerFast"):
+            raise ValueError(f"{config_file}: tokenizer_class {cls_name!r} is not a CLIP tokenizer")
+        # int(1e30) is transformers' "no limit set" (VERY_LARGE_INTEGER), written by folders saved without one
+        if config.get("model_max_length", CONTEXT_LENGTH) not in (CONTEXT_LENGTH, int(1e30)):
+            raise ValueError(f"{config_file}: model_max_length is {config['model_max_length']}; the CLIP text "
+                             f"encoder has {CONTEXT_LENGTH} positions")
+        specials, added = _read_specials(path, config, vocab, file_added)
+        return cls(vocab, merges, specials, added, source=path)
+
+    # ------------------------------------------------------------------ use
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """(B, 77) int64: BOS, tokens, EOS, then pad. A prompt over 75 tokens keeps its first 75 and its EOS."""
+        texts = _check_texts(texts)
+        ids = torch.full((len(texts), CONTEXT_LENGTH), self.pad_token_id, dtype=torch.long)  # (B, 77)
+        # encode_batch runs normalization, pre-tokenization and BPE in Rust (in parallel); only the per-prompt
+        # copy into the tensor is Python. Truncating after the post-processor equals transformers' truncation
+        # (75 tokens, then BOS/EOS added): the first 76 ids are the same either way, and EOS closes the row.
+        for row, enc in enumerate(self._backend.encode_batch(texts, add_special_tokens=True)):
+            seq = enc.ids
+            if len(seq) > CONTEXT_LENGTH:
+                seq = seq[:CONTEXT_LENGTH - 1] + [self.eos_token_id]
+            ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """All ids of one prompt, BOS and EOS included, neither truncated nor padded: more than 77 means the
+        prompt will be cut (for warnings and tests)."""
+        (text,) = _check_texts(text)
+        return self._backend.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """Text back from ids, special tokens (and so padding) skipped; "</w>" ends a word."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return self._backend.decode(ids, skip_special_tokens=True).replace("</w>", " ").strip()
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write vocab.json, merges.txt, special_tokens_map.json and tokenizer_config.json: a diffusers tokenizer/
+        folder that transformers' CLIPTokenizer.from_pretrained and `from_folder` load to the same ids."""
+        folder = os.fspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        stale = os.path.join(folder, "tokenizer.json")  # would take precedence over the files written here
+        if os.path.isfile(stale):
+            os.remove(stale)
+        vocab = dict(sorted(self._vocab.items(), key=lambda kv: kv[1]))
+        _write_json(os.path.join(folder, "vocab.json"), vocab)
+        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self._merges))
+        # As transformers >= 4.34 writes it: every added token with its flags in `added_tokens_decoder`, the roles
+        # as plain strings; transformers 5 then ignores special_tokens_map.json, written for older readers.
+        _write_json(os.path.join(folder, "special_tokens_map.json"),
+                    {role: self._added[c].as_dict() for role, c in self._specials.items()})
+        _write_json(os.path.join(folder, "tokenizer_config.json"), {
+            "tokenizer_class": "CLIPTokenizer", "model_max_length": CONTEXT_LENGTH, "do_lower_case": True,
+            "add_prefix_space": False, "errors": "replace",
+            "added_tokens_decoder": {str(self._vocab[c]): t.as_dict() for c, t in self._added.items()},
+            **self._specials,
+        })
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token_id}, pad={self.pad_token_id})"
+
+
+
+def _check_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        return [texts]
+    if not isinstance(texts, (list, tuple)):
+        raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+    return list(texts)
+
+
+def _read_json(file: str):
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+
+def _write_json(file: str, obj) -> None:
+    with open(file, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2 if len(obj) < 100 else None)
+        f.write("\n")
+
+
+def _read_merges(file: str, vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """merges.txt: one "left right" pair a line by rank, after an optional "#version" header."""
+    with open(file, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    start = 1 if lines and lines[0].startswith("#version") else 0
+    numbered = [(n, line.split()) for n, line in enumerate(lines[start:], start=start + 1) if line.strip()]
+    for n, pair in numbered:
+        _check_merge(pair, vocab, f"{file}:{n}")
+    return [(a, b) for _, (a, b) in numbered]
+
+
+def _check_merge(pair: list[str], vocab: dict[str, int], where: str) -> None:
+    """Both sides of a merge and their concatenation must be tokens of the vocabulary."""
+    if len(pair) != 2:
+        raise ValueError(f"{where}: expected two symbols separated by a space, got {' '.join(pair)!r}")
+    a, b = pair
+    if a not in vocab or b not in vocab or a + b not in vocab:
+        sym = next(s for s in (a, b, a + b) if s not in vocab)
+        raise ValueError(f"{where}: merge '{a} {b}' uses {sym!r}, which is not in the vocabulary")
+
+
+def _read_tokenizer_json(file: str) -> tuple[dict[str, int], list[tuple[str, str]], list[_Added]]:
+    """The vocabulary, merges and added tokens of a `tokenizers` file (what transformers 5 saves). Its normalizer and
+    pre-tokenizer are ignored, as transformers' CLIPTokenizer ignores them: they are CLIP's by definition."""
+    data = _read_json(file)
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
+        raise ValueError(f"{file}: not a CLIP tokenizer (expected model.type 'BPE' with end_of_word_suffix '</w>')")
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        raise ValueError(f"{file}: model.vocab must map token -> integer id")
+    if not isinstance(merges, list):
+        raise ValueError(f"{file}: model.merges must be a list")
+    merges = [m.split(" ") if isinstance(m, str) else list(m) for m in merges]  # "a b" (older files) or [a, b]
+    for i, pair in enumerate(merges):
+        _check_merge(pair, vocab, f"{file}: model.merges[{i}]")
+    added = []
+    for i, entry in enumerate(data.get("added_tokens") or []):
+        tok = _Added.parse(entry, f"{file}: added_tokens[{i}]")
+        if isinstance(tok, str) or vocab.get(tok.content) != entry.get("id"):
+            raise ValueError(f"{file}: added_tokens[{i}] {entry!r} is not a token of model.vocab with that id; "
+                             "tokens beyond the vocabulary are not supported")
+        added.append(tok)
+    return vocab, [tuple(m) for m in merges], sorted(added, key=lambda t: vocab[t.content])
+
+
+def _read_specials(path: str, config: dict, vocab: dict[str, int],
+                   file_added: list[_Added] | None = None) -> tuple[dict[str, str], list[_Added]]:
+    """The special tokens by role and every added token with its flags, as transformers 5.x's CLIPTokenizer
+    .from_pretrained resolves them (tokenization_utils_base.from_pretrained, TokenizersBackend.__init__).
+
+    Where the roles come from: a tokenizer_config.json with `added_tokens_decoder` (transformers >= 4.34 writes
+    one) is the only source; in older folders special_tokens_map.json wins over tokenizer_config.json. SD2's old
+    folders name the pad token "!" in special_tokens_map.json only, so this order decides SD2's pad id.
+    Which flags a token gets: the decoder's entries (else a tokenizer.json's added tokens) are registered first; then each role in SPECIAL_KEYS order,
+    unless its token is a decoder entry or an equal value was queued already; plain strings are special and not
+    normalized, and the last registration of a token wins. So in SD1.5's old folder (eos_token and unk_token
+    normalized, pad_token the plain string "<|endoftext|>") EOS ends up not normalized: "<|ENDOFTEXT|>" is BPE'd.
+    """
+    config_file = os.path.join(path, "tokenizer_config.json")
+    decoder = config.get("added_tokens_decoder")
+    roles: dict[str, _Added | str] = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN,
+                                      "pad_token": EOS_TOKEN}  # CLIPTokenizer.__init__'s defaults
+    queue: list[_Added | str] = []
+    if decoder is not None:
+        if not isinstance(decoder, dict):
+            raise ValueError(f"{config_file}: added_tokens_decoder must be an object id -> token")
+        if not all(str(k).isdigit() for k in decoder):
+            raise ValueError(f"{config_file}: added_tokens_decoder keys must be token ids")
+        for idx, value in sorted(decoder.items(), key=lambda kv: int(kv[0])):
+            tok = _Added.parse(value, f"{config_file}: added_tokens_decoder[{idx}]")
+            tok = _Added(tok) if isinstance(tok, str) else tok
+            if str(vocab.get(tok.content)) != str(idx):
+                raise ValueError(f"{config_file}: added_tokens_decoder gives {tok.content!r} id {idx}, vocab.json "
+                                 f"gives {vocab.get(tok.content)}; tokens beyond vocab.json are not supported")
+            queue.append(tok)
+        roles.update({k: _Added.parse(config[k], f"{config_file}: {k}") for k in SPECIAL_KEYS
+                      if config.get(k) is not None})
+    else:
+        queue.extend(file_added or [])
+        map_file = os.path.join(path, "special_tokens_map.json")
+        token_map = _read_json(map_file) if os.path.isfile(map_file) else {}
+        if not isinstance(token_map, dict):
+            raise ValueError(f"{map_file}: expected a JSON object")
+        for k in SPECIAL_KEYS:
+            if token_map.get(k) is not None:
+                roles[k] = _Added.parse(token_map[k], f"{map_file}: {k}", special=True)
+            elif config.get(k) is not None:
+                roles[k] = _Added.parse(config[k], f"{config_file}: {k}")
+    from_decoder = {t.content for t in queue}
+    for k in SPECIAL_KEYS:
+        v = roles.get(k)
+        if v is not None and getattr(v, "content", v) not in from_decoder and not any(_same(v, q) for q in queue):
+            queue.append(v)
+    specials = {k: getattr(v, "content", v) for k, v in roles.items()}
+    named = set(specials.values())
+    added = []
+    for tok in queue:  # transformers makes every role's token special; then the normalized default applies
+        tok = _Added(tok) if isinstance(tok, str) else replace(tok, special=tok.special or tok.content in named)
+        added.append(tok.resolved())
+    return specials, added
+
+
+def _same(a: _Added | str, b: _Added | str) -> bool:
+    """Python's AddedToken equality, which decides whether transformers queues a role's token again: all flags
+    compared, a missing `normalized` read as `not special`; a plain string equals only the same string."""
+    if isinstance(a, _Added) and isinstance(b, _Added):
+        return a.resolved() == b.resolved()
+    return a == b
