@@ -1,0 +1,191 @@
+"""The denoising UNet of Stable Diffusion 1.x / 2.x: eps (or v) = UNet(noisy latents, timestep, text context).
+
+Module paths mirror diffusers' UNet2DConditionModel (diffusers/models/unets/unet_2d_condition.py,
+unet_2d_blocks.py, transformers/transformer_2d.py, attention.py), so a diffusers `unet/` folder loads with a
+strict load_state_dict. The blocks are plain containers; UNet.forward walks them in one readable loop.
+SD1 and SD2 differ only in config: per-level head counts, text width, and Linear vs 1x1-conv proj_in/proj_out.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import UNetConfig
+from .layers import (Attention, Downsample2D, FeedForward, GroupNorm, ResnetBlock2D, TimestepEmbedding, Timesteps,
+                     Upsample2D, maybe_checkpoint)
+
+__all__ = ["UNet"]
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm self-attention, cross-attention to the text, GEGLU feed-forward; each residual."""
+
+    def __init__(self, dim: int, heads: int, cross_attention_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dim // heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, dim // heads, cross_attention_dim=cross_attention_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2D(nn.Module):
+    """Feature map -> tokens -> one BasicTransformerBlock -> feature map, plus the input (diffusers'
+    Transformer2DModel for continuous inputs, LDM's SpatialTransformer).
+
+    SD1 projects with 1x1 convs on the map (project, then flatten); SD2 (use_linear_projection) with Linear
+    layers on the tokens (flatten, then project). Both orders are kept so the float results match the reference.
+    """
+
+    def __init__(self, channels: int, heads: int, cross_attention_dim: int, groups: int, linear: bool):
+        super().__init__()
+        self.linear = linear
+        self.norm = GroupNorm(groups, channels, eps=1e-6)  # 1e-6: LDM's Normalize, not the resnets' norm_eps
+        proj = (lambda: nn.Linear(channels, channels)) if linear else (lambda: nn.Conv2d(channels, channels, 1))
+        self.proj_in = proj()
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, cross_attention_dim)])
+        self.proj_out = proj()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        if self.linear:
+            h = self.proj_in(h.permute(0, 2, 3, 1).reshape(B, H * W, C))  # (B, HW, C)
+        else:
+            h = self.proj_in(h).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.linear:
+            h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
+        else:
+            h = self.proj_out(h.reshape(B, H, W, C).permute(0, 3, 1, 2))  # (B, C, H, W)
+        return x + h
+
+
+class Level(nn.Module):
+    """One UNet level on the down or up path: `resnets`, optional `attentions` (one per resnet), and optional
+    `downsamplers.0` / `upsamplers.0` (diffusers' {CrossAttn,}{Down,Up}Block2D)."""
+
+    def __init__(self, resnets: list[nn.Module], attentions: list[nn.Module] | None,
+                 down: Downsample2D | None = None, up: Upsample2D | None = None):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions) if attentions else None
+        self.downsamplers = nn.ModuleList([down]) if down is not None else None
+        self.upsamplers = nn.ModuleList([up]) if up is not None else None
+
+
+class MidBlock(nn.Module):
+    """resnets.0, attentions.0, resnets.1 at the lowest resolution (diffusers' UNetMidBlock2DCrossAttn)."""
+
+    def __init__(self, resnets: list[nn.Module], attention: nn.Module):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList([attention])
+
+
+class UNet(nn.Module):
+    """UNet2DConditionModel for SD1/SD2: forward(sample (B, Cin, h, w), timestep, context (B, L, C)) -> (B, 4, h, w).
+
+    Set `gradient_checkpointing = True` to recompute each resnet/attention block in backward when training.
+    """
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch, heads, n = cfg.block_out_channels, cfg.num_heads, len(cfg.block_out_channels)
+        g, eps, temb = cfg.norm_num_groups, cfg.norm_eps, ch[0] * cfg.time_embed_dim_mult
+
+        def resnet(c_in: int, c_out: int) -> ResnetBlock2D:
+            return ResnetBlock2D(c_in, c_out, temb, g, eps)
+
+        def attention(c: int, h: int) -> Transformer2D:
+            return Transformer2D(c, h, cfg.cross_attention_dim, g, cfg.use_linear_projection)
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_proj = Timesteps(ch[0])
+        self.time_embedding = TimestepEmbedding(ch[0], temb)
+
+        self.down_blocks = nn.ModuleList()
+        for i in range(n):
+            c_in, c = ch[max(i - 1, 0)], ch[i]
+            self.down_blocks.append(Level(
+                [resnet(c_in if j == 0 else c, c) for j in range(cfg.layers_per_block)],
+                [attention(c, heads[i]) for _ in range(cfg.layers_per_block)] if cfg.attention_levels[i] else None,
+                down=Downsample2D(c, padding=1) if i < n - 1 else None))
+
+        self.mid_block = MidBlock([resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])], attention(ch[-1], heads[-1]))
+
+        # Up level i mirrors down level n-1-i. Its resnet j sees the previous level's output (j == 0) or its own,
+        # concatenated with one skip connection; the last skip of a level comes from the level below's input.
+        self.up_blocks = nn.ModuleList()
+        rev, rev_heads, rev_attn = ch[::-1], heads[::-1], cfg.attention_levels[::-1]
+        for i in range(n):
+            c, c_prev, c_skip_last = rev[i], rev[max(i - 1, 0)], rev[min(i + 1, n - 1)]
+            layers = cfg.layers_per_block + 1
+            self.up_blocks.append(Level(
+                [resnet((c_prev if j == 0 else c) + (c_skip_last if j == layers - 1 else c), c) for j in range(layers)],
+                [attention(c, rev_heads[i]) for _ in range(layers)] if rev_attn[i] else None,
+                up=Upsample2D(c) if i < n - 1 else None))
+
+        self.conv_norm_out = GroupNorm(g, ch[0], eps, silu=True)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.gradient_checkpointing = False
+
+    def _timesteps(self, timestep, batch: int, device: torch.device) -> torch.Tensor:
+        """int / float / 0-dim / (1,) / (B,) -> (B,) float32. Fractional timesteps are kept (Euler, Karras)."""
+        t = torch.as_tensor(timestep, device=device)
+        if t.dim() == 0:
+            t = t[None]
+        if t.dim() != 1 or t.shape[0] not in (1, batch):
+            raise ValueError(f"UNet.forward: timestep must be a scalar or shape (B,) with B={batch}, "
+                             f"got shape {tuple(t.shape)}")
+        return t.float().expand(batch)
+
+    def forward(self, sample: torch.Tensor, timestep, context: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if sample.dim() != 4 or sample.shape[1] != cfg.in_channels:
+            raise ValueError(f"UNet.forward: sample must be (B, {cfg.in_channels}, h, w), got {tuple(sample.shape)}")
+        B = sample.shape[0]
+        if context.dim() != 3 or context.shape[0] != B or context.shape[2] != cfg.cross_attention_dim:
+            raise ValueError(f"UNet.forward: context must be ({B}, L, {cfg.cross_attention_dim}), "
+                             f"got {tuple(context.shape)}")
+        ckpt = self.gradient_checkpointing and self.training
+
+        t_emb = self.time_proj(self._timesteps(timestep, B, sample.device)).to(sample.dtype)  # (B, C0)
+        emb = self.time_embedding(t_emb)  # (B, 4*C0)
+
+        h = self.conv_in(sample)
+        skips = [h]
+        for level in self.down_blocks:
+            for j, resnet in enumerate(level.resnets):
+                h = maybe_checkpoint(ckpt, resnet, h, emb)
+                if level.attentions is not None:
+                    h = maybe_checkpoint(ckpt, level.attentions[j], h, context)
+                skips.append(h)
+            if level.downsamplers is not None:
+                h = level.downsamplers[0](h)
+                skips.append(h)
+
+        mid = self.mid_block
+        h = maybe_checkpoint(ckpt, mid.resnets[0], h, emb)
+        h = maybe_checkpoint(ckpt, mid.attentions[0], h, context)
+        h = maybe_checkpoint(ckpt, mid.resnets[1], h, emb)
+
+        for level in self.up_blocks:
+            for j, resnet in enumerate(level.resnets):
+                h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+                h = maybe_checkpoint(ckpt, resnet, h, emb)
+                if level.attentions is not None:
+                    h = maybe_checkpoint(ckpt, level.attentions[j], h, context)
+            if level.upsamplers is not None:
+                # Land exactly on the next skip's size: latent sides that are not multiples of 2^(levels-1)
+                # were rounded up by the stride-2 convs (diffusers' forward_upsample_size / upsample_size).
+                h = level.upsamplers[0](h, skips[-1].shape[-2:])
+        return self.conv_out(self.conv_norm_out(h))

@@ -1,0 +1,187 @@
+"""The KL autoencoder of latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent
+Diffusion Models", sec. 3.1): images in [-1, 1] <-> latents 8x smaller with 4 channels.
+
+Module paths mirror diffusers' AutoencoderKL (diffusers/models/autoencoders/{autoencoder_kl,vae}.py), so a
+diffusers `vae/` folder loads with a strict load_state_dict. Latents here are UNSCALED: the pipeline multiplies
+by `cfg.scaling_factor` after `encode` and divides before `decode`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import VAEConfig
+from .layers import Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, maybe_checkpoint
+
+__all__ = ["VAE", "DiagonalGaussian"]
+
+# LDM's VAE normalises with eps 1e-6 everywhere (taming-transformers' Normalize), unlike the UNet's 1e-5.
+_EPS = 1e-6
+
+
+class DiagonalGaussian:
+    """The posterior q(z|x) = N(mean, exp(logvar)), as LDM's DiagonalGaussianDistribution
+    (ldm/modules/distributions/distributions.py). `moments` is (B, 2*C, h, w): mean channels first."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)  # (B, C, h, w) each
+        # The clamp keeps exp() finite early in training; LDM's bounds.
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) summed over all latent dims, one value per item: (B,)."""
+        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+
+
+class SpatialSelfAttention(Attention):
+    """The VAE mid block's attention: one head over all h*w positions, GroupNorm first, residual added.
+
+    diffusers builds it as Attention(heads=1, dim_head=C, bias=True, residual_connection=True) with `group_norm`.
+    """
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__(channels, heads=1, dim_head=channels, bias=True)
+        self.group_norm = GroupNorm(groups, channels, _EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # (B, HW, C)
+        h = super().forward(h)  # (B, HW, C)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+
+
+class MidBlock(nn.Module):
+    """resnet, attention, resnet at the lowest resolution (diffusers' UNetMidBlock2D, no time embedding)."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.attentions = nn.ModuleList([SpatialSelfAttention(channels, groups)])
+        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, None, groups, _EPS) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor, ckpt: bool = False) -> torch.Tensor:
+        x = maybe_checkpoint(ckpt, self.resnets[0], x)
+        x = maybe_checkpoint(ckpt, self.attentions[0], x)
+        return maybe_checkpoint(ckpt, self.resnets[1], x)
+
+
+class _Level(nn.Module):
+    """One resolution level: `resnets`, then `downsamplers.0` (encoder) or `upsamplers.0` (decoder) if any."""
+
+    def __init__(self, resnets: list[ResnetBlock2D], down: Downsample2D | None = None, up: Upsample2D | None = None):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.downsamplers = nn.ModuleList([down]) if down is not None else None
+        self.upsamplers = nn.ModuleList([up]) if up is not None else None
+
+    def forward(self, x: torch.Tensor, ckpt: bool = False) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = maybe_checkpoint(ckpt, resnet, x)
+        for sampler in (self.downsamplers or ()):
+            x = sampler(x)
+        for sampler in (self.upsamplers or ()):
+            x = sampler(x)
+        return x
+
+
+class Encoder(nn.Module):
+    """(B, 3, H, W) -> (B, 2*latent, H/8, W/8): mean and log-variance of the posterior."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        for i in range(n):
+            c_in = ch[max(i - 1, 0)]
+            resnets = [ResnetBlock2D(c_in if j == 0 else ch[i], ch[i], None, g, _EPS) for j in range(cfg.layers_per_block)]
+            down = Downsample2D(ch[i], padding=0) if i < n - 1 else None
+            self.down_blocks.append(_Level(resnets, down=down))
+        self.mid_block = MidBlock(ch[-1], g)
+        self.conv_norm_out = GroupNorm(g, ch[-1], _EPS, silu=True)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, ckpt: bool = False) -> torch.Tensor:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x, ckpt)
+        x = self.mid_block(x, ckpt)
+        return self.conv_out(self.conv_norm_out(x))
+
+
+class Decoder(nn.Module):
+    """(B, latent, h, w) -> (B, 3, 8h, 8w). Each level has layers_per_block + 1 resnets, as LDM."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
+        rev = tuple(reversed(ch))
+        self.conv_in = nn.Conv2d(cfg.latent_channels, rev[0], 3, padding=1)
+        self.mid_block = MidBlock(rev[0], g)
+        self.up_blocks = nn.ModuleList()
+        for i in range(n):
+            c_in = rev[max(i - 1, 0)]
+            resnets = [ResnetBlock2D(c_in if j == 0 else rev[i], rev[i], None, g, _EPS)
+                       for j in range(cfg.layers_per_block + 1)]
+            up = Upsample2D(rev[i]) if i < n - 1 else None
+            self.up_blocks.append(_Level(resnets, up=up))
+        self.conv_norm_out = GroupNorm(g, ch[0], _EPS, silu=True)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor, ckpt: bool = False) -> torch.Tensor:
+        x = self.mid_block(self.conv_in(z), ckpt)
+        for block in self.up_blocks:
+            x = block(x, ckpt)
+        return self.conv_out(self.conv_norm_out(x))
+
+
+class VAE(nn.Module):
+    """AutoencoderKL. `encode` gives the posterior mean, `decode` maps latents back to (unclamped) images."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.latent_channels
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1)  # a 1x1 conv on the moments, kept from VQGAN's layout
+        self.post_quant_conv = nn.Conv2d(c, c, 1)
+        # Recompute resnet/attention activations in backward (training only); see layers.maybe_checkpoint.
+        self.gradient_checkpointing = False
+
+    def _check(self, x: torch.Tensor, channels: int, what: str, name: str) -> None:
+        if x.dim() != 4 or x.shape[1] != channels:
+            raise ValueError(f"VAE.{what}: {name} must be (B, {channels}, H, W), got shape {tuple(x.shape)}")
+
+    def encode_posterior(self, images: torch.Tensor) -> DiagonalGaussian:
+        """images (B, 3, H, W) in [-1, 1] -> q(z|x) over (B, 4, H/8, W/8) latents.
+
+        Sides that are not multiples of 8 round down, as in diffusers (the encoder pads one row/column)."""
+        self._check(images, self.cfg.in_channels, "encode", "images")
+        ckpt = self.gradient_checkpointing and self.training
+        return DiagonalGaussian(self.quant_conv(self.encoder(images, ckpt)))  # moments (B, 2C, h, w)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> posterior mean (B, 4, H/8, W/8), unscaled."""
+        return self.encode_posterior(images).mean
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), roughly [-1, 1] but not clamped."""
+        self._check(latents, self.cfg.latent_channels, "decode", "latents")
+        ckpt = self.gradient_checkpointing and self.training
+        return self.decoder(self.post_quant_conv(latents), ckpt)
+
+    def forward(self, images: torch.Tensor, sample_posterior: bool = True,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """Reconstruct for training: (reconstruction, posterior); decodes a posterior sample or its mean."""
+        posterior = self.encode_posterior(images)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z), posterior
