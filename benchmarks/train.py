@@ -1,0 +1,296 @@
+"""Training throughput of the pretrain and inpaint stages: Backdrop's Trainer + stage vs the same loop written on
+diffusers' UNet2DConditionModel (and AutoencoderKL for inpaint's masked image), identical weights and batch.
+
+    .venv/bin/python benchmarks/train.py [--cases tiny-64,sd15-256] [--stages pretrain,inpaint] [--threads N]
+                                         [--repeats 2] [--precision fp32|bf16] [--weights fp32|bf16]
+
+Ours: `Trainer.train_step()` on PretrainStage / InpaintStage with a cached batch (VAE posterior moments and text
+embeddings precomputed, as `backdrop train cache` gives them; inpaint still encodes a freshly masked image every
+step, as it must). Peer: the diffusers train_text_to_image loop on the same batch: posterior sample, noise, random
+timesteps, DDPMScheduler.add_noise, UNet2DConditionModel, MSE to eps, backward, clip_grad_norm_(1.0),
+torch.optim.AdamW with the same parameter groups, the same autocast precision; inpaint builds the same random masks
+and encodes image * (mask < 0.5) with diffusers' AutoencoderKL (ours encodes the all-grey image of the 25% fully
+masked items once and reuses it; the peer encodes every item, as diffusers' examples do). Both draw every random number from one generator
+in the same order, so their first losses agree (printed: a check that the work is the same).
+
+Each measurement is its own process (clean memory; SD1.5 training needs ~16 GiB), ours and peer alternate
+`--repeats` times; a process's figure is its median step, and the best process of each side counts (on a
+shared machine the best is the least disturbed). Both wall-clock and CPU-time throughput are reported: with other
+work on the machine, images per CPU second is the steadier figure.
+CUDA present: SD1.5 at 256 and 512 px in bf16 (`--cases sd15-256,sd15-512 --precision bf16`, the default there).
+Results: printed, and benchmarks/results/train-<device>.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CASES = {  # name: (preset, image size, batch, timed steps)
+    "tiny-64": ("tiny", 64, 2, 30),
+    "sd15-256": ("sd15", 256, 1, 3),
+    "sd15-512": ("sd15", 512, 1, 5),
+}
+NEED_GIB = {"tiny": 1, "sd15": 17}  # resident memory of one training process at 256 px, fp32 weights + AdamW
+
+
+class FixedBatch:
+    """The same batch every step, with the position protocol train/core.py expects."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __next__(self):
+        return self.batch
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def _batch(model, size: int, n: int, device) -> dict:
+    """n synthetic images with their cached posterior moments and text embeddings (what a cache row holds)."""
+    from backdrop.train.data import collate, make_dataset
+    from backdrop.train.stages.common import posterior_moments
+
+    data = make_dataset(f"synthetic:{n}", size)
+    items = collate([data[i] for i in range(n)])
+    with torch.no_grad():
+        vae, text = model.vae.to(device).eval(), model.text_encoder.to(device).eval()
+        moments = posterior_moments(vae, items["image"].to(device))
+        context = text(model.tokenizer(items["caption"]).to(device)).float()
+    return {"moments": moments, "context": context, "image": items["image"].to(device),
+            "index": items["index"], "mask": items["mask"].to(device)}
+
+
+def _ours(job: dict, model, batch, device) -> tuple[list[float], list[float]]:
+    from backdrop.train.core import TrainConfig, Trainer
+    from backdrop.train.stages.common import DiffusionOptions
+    from backdrop.train.stages.inpaint import InpaintStage
+    from backdrop.train.stages.pretrain import PretrainStage
+
+    opts = DiffusionOptions(caption_dropout=0.1)
+    stage = (InpaintStage(model, opts, device) if job["stage"] == "inpaint" else PretrainStage(model, opts, device))
+    cfg = TrainConfig(steps=10 ** 6, batch_size=job["batch"], lr=1e-5, precision=job["precision"], seed=0)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(stage, FixedBatch(batch), cfg, out, device=device, progress=False)
+        losses, times = [], []
+        for _ in range(job["warmup"] + job["steps"]):
+            t0, c0 = time.perf_counter(), time.process_time()
+            losses.append(trainer.train_step()["loss"])
+            _sync(device)
+            times.append((time.perf_counter() - t0, time.process_time() - c0))
+    return losses, times[job["warmup"]:]
+
+
+def _peer(job: dict, model, batch, device) -> tuple[list[float], list[float]]:
+    import diffusers
+    import torch.nn.functional as F
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from backdrop.train.data import random_mask
+    from backdrop.train.stages.inpaint import to_inpaint_model
+
+    if job["stage"] == "inpaint":
+        model = to_inpaint_model(model)
+    cfg = model.config
+    with torch.device("meta"):  # take our tensors as they are: identical weights, no second copy in memory
+        unet = diffusers.UNet2DConditionModel.from_config(cfg.unet.to_diffusers()).to(model.unet.conv_in.weight.dtype)
+        vae = diffusers.AutoencoderKL.from_config(cfg.vae.to_diffusers())
+    unet.load_state_dict(model.unet.state_dict(), strict=True, assign=True)
+    vae.load_state_dict(model.vae.state_dict(), strict=True, assign=True)
+    unet, vae = unet.to(device).train(), vae.to(device).eval().requires_grad_(False)
+    with torch.no_grad():
+        empty = model.text_encoder.to(device)(model.tokenizer([""]).to(device)).float()
+    del model
+    scheduler = diffusers.DDPMScheduler.from_config(cfg.scheduler.to_diffusers(cfg.prediction_type))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 1e-2},
+                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=1e-5)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job["precision"])
+    g = torch.Generator().manual_seed(0)  # the Trainer's generator for seed 0, rank 0
+    n, losses, times = job["batch"], [], []
+    for _ in range(job["warmup"] + job["steps"]):
+        t0, c0 = time.perf_counter(), time.process_time()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            drop = (torch.rand(n, generator=g) < 0.1).to(device)
+            context = torch.where(drop[:, None, None], empty, batch["context"])
+            # diffusers' randn_tensor draws on the generator's device, so the CPU generator works on CUDA too
+            latents = DiagonalGaussianDistribution(batch["moments"]).sample(g) * cfg.scaling_factor
+            concat = None
+            if job["stage"] == "inpaint":
+                mask = torch.stack([random_mask(*batch["image"].shape[-2:], g) for _ in range(n)]).to(device)
+                with torch.no_grad():
+                    masked = vae.encode(batch["image"] * (mask < 0.5)).latent_dist.mean * cfg.scaling_factor
+                lat_mask = F.interpolate((mask >= 0.5).float(), size=latents.shape[-2:])
+                concat = torch.cat([lat_mask, masked.float()], 1)
+            noise = torch.randn(latents.shape, generator=g).to(device)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g).to(device)
+            noisy = scheduler.add_noise(latents, noise, t)
+            x = noisy if concat is None else torch.cat([noisy, concat], 1)
+            pred = unet(x, t, context).sample
+            loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        _sync(device)
+        times.append((time.perf_counter() - t0, time.process_time() - c0))
+    return losses, times[job["warmup"]:]
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def worker(job: dict) -> dict:
+    from backdrop.nn.checkpoint import init_model
+
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    device = torch.device(job["device"])
+    model = init_model(job["preset"], seed=0)  # the same random weights in every process
+    if job["weights"] == "bf16":  # the UNet's weights, gradients and AdamW state in bf16 (half the memory)
+        model.unet.to(torch.bfloat16)
+    batch = _batch(model, job["size"], job["batch"], device)
+    losses, times = (_ours if job["who"] == "ours" else _peer)(job, model, batch, device)
+    # median step: a step that lost its core to another process for a while does not count.
+    # CPU seconds (this process, all threads) per step: on a shared machine wall time includes waiting for a core
+    wall, cpu = (statistics.median(t[i] for t in times) for i in (0, 1))
+    return {"images_per_s": job["batch"] / wall, "images_per_cpu_s": job["batch"] / cpu, "first_loss": losses[0]}
+
+
+def _machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def _available_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return float("inf")
+
+
+def _spawn(job: dict) -> dict:
+    p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{job['who']} {job['stage']} {job['preset']}-{job['size']} failed (exit status "
+                           f"{p.returncode}; -9: killed, e.g. out of memory):\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="sd15-256,sd15-512" if cuda else "tiny-64,sd15-256",
+                    help=f"comma-separated, from {', '.join(CASES)}")
+    ap.add_argument("--stages", default="pretrain,inpaint")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16" if cuda else "fp32")
+    ap.add_argument("--weights", choices=("fp32", "bf16"), default="fp32",
+                    help="dtype of the trained UNet's weights and AdamW state on both sides; bf16 halves the memory "
+                         "(SD1.5 then fits in ~9 GiB) and needs --precision bf16 (default: fp32)")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--repeats", type=int, default=2, help="processes per side, alternating (default: 2)")
+    ap.add_argument("--steps", type=int, help="timed steps (default: per case)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.weights == "bf16" and args.precision != "bf16":
+        ap.error("--weights bf16 needs --precision bf16 (autocast feeds the bf16 weights bf16 inputs)")
+
+    device = "cuda" if cuda else "cpu"
+    machine = _machine(device)
+    print(f"machine: {machine}; threads {args.threads or torch.get_num_threads()}; "
+          f"load average {os.getloadavg()[0]:.1f} at start")
+    rows = []
+    for case in args.cases.split(","):
+        preset, size, batch, steps = CASES[case]
+        for stage in args.stages.split(","):
+            need, have = NEED_GIB[preset] / (2 if args.weights == "bf16" else 1), _available_gib()
+            if device == "cpu" and have < need:
+                print(f"{stage:8s} {case:9s} skipped: needs ~{need} GiB free memory, {have:.1f} GiB available")
+                continue
+            job = {"stage": stage, "preset": preset, "size": size, "batch": batch, "steps": args.steps or steps,
+                   "warmup": args.warmup, "precision": args.precision, "weights": args.weights, "device": device,
+                   "threads": args.threads}
+            load0 = os.getloadavg()[0]
+            results = {"ours": [], "peer": []}
+            try:
+                for _ in range(args.repeats):
+                    for who in ("peer", "ours"):
+                        results[who].append(_spawn(job | {"who": who}))
+            except RuntimeError as e:
+                print(f"{stage:8s} {case:9s} failed: {str(e).splitlines()[0]}")
+                continue
+            best = {w: max(r["images_per_s"] for r in rs) for w, rs in results.items()}
+            per_cpu = {w: max(r["images_per_cpu_s"] for r in rs) for w, rs in results.items()}
+            ratio, cpu_ratio = best["ours"] / best["peer"], per_cpu["ours"] / per_cpu["peer"]
+            load = (load0 + os.getloadavg()[0]) / 2
+            print(f"{stage:8s} {case:9s} batch {batch} {args.precision}/{args.weights} weights: peer (diffusers loop) "
+                  f"{best['peer']:.3f} img/s, ours {best['ours']:.3f} img/s, ratio {ratio:.2f}x (per CPU second: "
+                  f"{per_cpu['peer']:.3f} vs {per_cpu['ours']:.3f}, {cpu_ratio:.2f}x); first loss "
+                  f"{results['peer'][0]['first_loss']:.5f} vs {results['ours'][0]['first_loss']:.5f}; load {load:.1f}")
+            rows.append({"date": date.today().isoformat(), "device": device, "machine": machine,
+                         "threads": args.threads or torch.get_num_threads(), "stage": stage, "case": case,
+                         "batch": batch, "precision": args.precision, "weights": args.weights, "steps": job["steps"],
+                         "peer_images_per_s": round(best["peer"], 4), "ours_images_per_s": round(best["ours"], 4),
+                         "ratio": round(ratio, 3), "peer_images_per_cpu_s": round(per_cpu["peer"], 4),
+                         "ours_images_per_cpu_s": round(per_cpu["ours"], 4), "cpu_ratio": round(cpu_ratio, 3),
+                         "peer_first_loss": results["peer"][0]["first_loss"],
+                         "ours_first_loss": results["ours"][0]["first_loss"], "load_average": round(load, 1)})
+    if rows:
+        _write(RESULTS / f"train-{device}.csv", rows)
+    return 0
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    """Add `rows` to the CSV, replacing earlier rows of the same measurement (stage, case, precisions, threads)."""
+    key = lambda r: tuple(str(r[k]) for k in ("stage", "case", "precision", "weights", "threads"))  # noqa: E731
+    new = {key(r) for r in rows}
+    old = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            old = [r for r in csv.DictReader(f) if key(r) not in new and set(r) == set(rows[0])]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(old + rows)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

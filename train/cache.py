@@ -1,0 +1,188 @@
+"""A cache of VAE posteriors and text embeddings, so the diffusion stages skip both frozen encoders every step.
+
+`backdrop train cache --data SPEC --init MODEL --out CACHE` encodes every item of the dataset once; then
+`backdrop train pretrain|inpaint --data CACHE ...` trains from it: a `--data` folder holding `cache.json` is a
+cache, used automatically. Layout of CACHE/:
+
+    cache.json                 manifest: format, item count, image size, shapes, fingerprints, shard list
+    shard-00000.safetensors    rows [0, shard_size): moments (n, 2C, h, w), context (n, 77, C),
+    shard-00001.safetensors    image (n, 3, H, W) uint8 (unless --no-images), mask (n, 1, H, W) uint8 (if masks)
+    empty.safetensors          context (1, 77, C) of the empty prompt (caption dropout)
+
+Row i is dataset item i, so a DataStream over the cache walks the same order as over the images. `moments` is the
+posterior (mean, clamped log-variance), not a sample: the stage draws the sample from its generator exactly as
+on-the-fly encoding does, so a run gives the same losses either way. The images are kept (as the uint8 they were
+decoded from, so they come back bit-identical) because the inpaint stage encodes a freshly masked image each step.
+Flips: Backdrop trains without random flips (product shots carry text and logos, which a mirror garbles), so one
+entry per image is enough. The fingerprint of the VAE and text encoder weights is checked when training starts:
+a cache made by other encoders is refused rather than silently training on the wrong latents.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..nn.checkpoint import Model
+from .data import collate
+from .stages.common import posterior_moments
+
+__all__ = ["MANIFEST", "is_cache", "fingerprint", "build_cache", "LatentCache"]
+
+MANIFEST = "cache.json"
+FORMAT = 1
+STORE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def is_cache(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes and bytes), 16 hex digits."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats that came from uint8 (k / 127.5 - 1) back to exactly k."""
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def build_cache(model: Model, dataset, out: str | os.PathLike, *, batch_size: int = 16, shard_size: int = 512,
+                images: bool = True, dtype: str = "fp32", device="cpu", source: str = "",
+                progress: bool = True) -> Path:
+    """Encode every item of `dataset` with `model`'s VAE and text encoder into `out` (written atomically)."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: exists and is not empty; remove it or choose another --out")
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"cache dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
+    store = STORE_DTYPES[dtype]
+    device = torch.device(device)
+    vae, text = model.vae.to(device).eval(), model.text_encoder.to(device).eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        empty = text(model.tokenizer([""]).to(device)).float().cpu()  # (1, 77, C)
+        save_file({"context": empty.to(store)}, str(tmp / "empty.safetensors"))
+        n, shards, rows, has_masks, size = len(dataset), [], [], None, None
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+
+        def flush():
+            name = f"shard-{len(shards):05d}.safetensors"
+            tensors = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+            save_file(tensors, str(tmp / name))
+            shards.append({"file": name, "rows": int(tensors["context"].shape[0])})
+            rows.clear()
+
+        for batch in tqdm(loader, desc="cache", disable=not progress, dynamic_ncols=True):
+            x = batch["image"].to(device)  # (B, 3, H, W)
+            size = int(x.shape[-1])
+            row = {"moments": posterior_moments(vae, x).cpu().to(store),  # (B, 2C, h, w)
+                   "context": text(model.tokenizer(batch["caption"]).to(device)).float().cpu().to(store)}
+            if images:
+                row["image"] = _to_uint8(batch["image"])  # (B, 3, H, W)
+            has_masks = "mask" in batch
+            if has_masks:
+                row["mask"] = (batch["mask"] > 0.5).to(torch.uint8)  # (B, 1, H, W)
+            for i in range(x.shape[0]):  # split at shard boundaries
+                rows.append({k: v[i:i + 1] for k, v in row.items()})
+                if len(rows) == shard_size:
+                    flush()
+        if rows:
+            flush()
+        manifest = {
+            "format": FORMAT, "rows": n, "size": size, "shard_size": shard_size, "shards": shards,
+            "dtype": dtype, "has_images": images, "has_masks": bool(has_masks), "source": source,
+            "latent_channels": model.config.vae.latent_channels,
+            "fingerprint": {"vae": fingerprint(model.vae), "text_encoder": fingerprint(model.text_encoder)},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """The items of a cache folder: moments, context, index, and image / mask when the cache has them."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self.manifest = json.loads((self.path / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{self.path}: not a latent cache (no {MANIFEST}; make one with `backdrop train "
+                             "cache`)") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.path / MANIFEST}: not valid JSON ({e})") from None
+        m = self.manifest
+        if m.get("format") != FORMAT:
+            raise ValueError(f"{self.path / MANIFEST}: format {m.get('format')!r}, this Backdrop reads {FORMAT}")
+        for shard in m["shards"]:
+            if not (self.path / shard["file"]).is_file():
+                raise ValueError(f"{self.path}: shard {shard['file']} named in {MANIFEST} is missing")
+        if sum(s["rows"] for s in m["shards"]) != m["rows"]:
+            raise ValueError(f"{self.path / MANIFEST}: the shards hold {sum(s['rows'] for s in m['shards'])} rows, "
+                             f"the manifest says {m['rows']}")
+        self.size, self.has_masks, self.has_images = m["size"], m["has_masks"], m["has_images"]
+        self.empty_context = load_file(str(self.path / "empty.safetensors"))["context"].float()  # (1, 77, C)
+        self._handles: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return self.manifest["rows"]
+
+    def check(self, model: Model, size: int) -> None:
+        """Refuse to train `model` at `size` px from latents another VAE / text encoder made."""
+        m = self.manifest
+        if m["size"] != size:
+            raise ValueError(f"{self.path}: cached at {m['size']} px, training at {size} px; pass --size "
+                             f"{m['size']} or rebuild the cache")
+        for name, module in (("vae", model.vae), ("text_encoder", model.text_encoder)):
+            if fingerprint(module) != m["fingerprint"][name]:
+                raise ValueError(f"{self.path}: made with a different {name} than the model being trained "
+                                 f"(fingerprint {m['fingerprint'][name]} vs {fingerprint(module)}); rebuild it "
+                                 f"with `backdrop train cache --init` the same model")
+
+    def _handle(self, shard: int):
+        if shard not in self._handles:  # opened lazily: DataLoader workers each open their own (mmap)
+            self._handles[shard] = safe_open(str(self.path / self.manifest["shards"][shard]["file"]), "pt")
+        return self._handles[shard]
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_handles"} | {"_handles": {}}
+
+    def __getitem__(self, key) -> dict:
+        index = int(key[0]) if isinstance(key, tuple) else int(key)  # ShardedSampler yields (index, epoch)
+        if not 0 <= index < len(self):
+            raise IndexError(f"LatentCache: index {index} out of range for {len(self)} rows")
+        shard, row = divmod(index, self.manifest["shard_size"])
+        f = self._handle(shard)
+        get = lambda name: f.get_slice(name)[row:row + 1][0]  # noqa: E731 - one row, read from the mmap
+        item = {"moments": get("moments").float(), "context": get("context").float(), "index": index}
+        if self.has_images:
+            item["image"] = get("image").float() / 127.5 - 1  # (3, H, W), as data._image_tensor makes it
+        if self.has_masks:
+            item["mask"] = get("mask").float()  # (1, H, W)
+        return item
