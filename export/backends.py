@@ -69,10 +69,18 @@ class TorchBackend:
         return self.model.vae.decode(latents.to(self.device, self.dtype)).float()
 
 
-def make_backend(kind: str, model_or_path, device=None, dtype=None) -> Backend:
-    """Build a backend by name. `model_or_path` is a loaded Model (torch) or an export folder (the others)."""
+def make_backend(kind: str, model_or_path, device=None, dtype=None, **options) -> Backend:
+    """Build a backend by name. `model_or_path` is a loaded Model (torch) or an export folder (the others):
+    `backdrop export onnx` writes the onnxruntime one, `backdrop export tensorrt` the tensorrt one.
+    options: the backend's own keywords (onnxruntime: providers, threads, trt_cache; tensorrt: cuda_graphs)."""
     if kind == "torch":
+        if options:
+            raise TypeError(f"the torch backend takes no options, got {sorted(options)}")
         return TorchBackend(model_or_path, device=device, dtype=dtype)
-    if kind in ("onnxruntime", "tensorrt"):
-        raise ValueError(f"backend {kind!r} arrives with the export issue; use backend='torch'")
+    if kind == "onnxruntime":
+        from backdrop.export.ort_backend import OnnxRuntimeBackend
+        return OnnxRuntimeBackend(model_or_path, device=device, dtype=dtype, **options)
+    if kind == "tensorrt":
+        from backdrop.export.tensorrt import TensorRTBackend
+        return TensorRTBackend(model_or_path, device=device, dtype=dtype, **options)
     raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")

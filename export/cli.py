@@ -1,0 +1,119 @@
+"""`backdrop export onnx` and `backdrop export tensorrt`: make a model runnable by ONNX Runtime or TensorRT.
+
+    backdrop export onnx sd15-inpaint/ --out sd15-onnx            # four checked graphs + tokenizer + configs
+    backdrop export tensorrt sd15-onnx --out sd15-trt --bucket 512 --bucket 512x768:1-4
+    backdrop inpaint ... / Pipeline.from_pretrained("sd15-onnx", backend="onnxruntime")
+
+User errors (a missing model, a bad bucket, a graph that fails its check) are one line on stderr and exit status
+2 (backdrop.cli.CLIError); the path written is printed on success.
+"""
+from __future__ import annotations
+
+import argparse
+
+from backdrop.cli import CLIError
+
+__all__ = ["add_parser"]
+
+
+def _output_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder to write; replaced whole only once everything in it has been built and checked")
+    return p
+
+
+def add_parser(subparsers) -> None:
+    out = _output_options()
+    export = subparsers.add_parser("export", help="export a model to ONNX, or build TensorRT engines from that",
+                                   description="Export a model for ONNX Runtime or TensorRT.")
+    sub = export.add_subparsers(dest="target", metavar="TARGET", required=True)
+
+    onnx = sub.add_parser(
+        "onnx", parents=[out], help="write the four ONNX graphs of a model, each checked against PyTorch",
+        description="Export the text encoder, UNet, VAE encoder and VAE decoder of MODEL to ONNX (opset 17), with "
+                    "the tokenizer and configs, into one folder that `--backend onnxruntime` runs on its own. "
+                    "Every graph is run on random inputs and compared with the PyTorch model; one that disagrees "
+                    "is not written.",
+        epilog="example: backdrop export onnx sd-v1-5-inpainting.safetensors --out sd15-onnx --dtype fp16")
+    onnx.add_argument("model", metavar="MODEL",
+                      help="a diffusers model folder, one .safetensors checkpoint, or a built-in model's name")
+    onnx.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                      help="weight precision of the graphs; inputs and outputs stay fp32 (default: %(default)s)")
+    onnx.add_argument("--size", metavar="HxW", default=None,
+                      help="fix the image size in pixels (e.g. 512x512); default: any size (images whose sides "
+                           "are multiples of 64 px)")
+    onnx.add_argument("--components", nargs="+", metavar="NAME", default=None,
+                      help="export only these: text_encoder unet vae_encoder vae_decoder (default: all four)")
+    onnx.add_argument("--external-data", action="store_true",
+                      help="always keep weights in model.onnx.data next to each graph (automatic above 2 GB)")
+    onnx.add_argument("--quiet", action="store_true", help="no progress bar")
+    onnx.add_argument("--device", default="cpu",
+                      help="where to trace and check the model: cpu, cuda, ... (default: %(default)s)")
+    onnx.set_defaults(func=_onnx)
+
+    trt = sub.add_parser(
+        "tensorrt", parents=[out], help="build TensorRT engines from an ONNX export (NVIDIA GPU)",
+        description="Build one TensorRT engine per graph of the ONNX_DIR export, for the image sizes and batch "
+                    "sizes named by --bucket. Requests outside every bucket are refused at run time.",
+        epilog="example: backdrop export tensorrt sd15-onnx --out sd15-trt --bucket 512:1-4 --bucket 512x768:2")
+    trt.add_argument("onnx_dir", metavar="ONNX_DIR", help="a folder written by `backdrop export onnx`")
+    trt.add_argument("--bucket", action="append", metavar="HxW[:MIN-MAX]", default=None,
+                     help="image size and batch range to build for, repeatable: 512 (512x512, batch 1-4), "
+                          "512x768:1-8, 768:2 (exactly 2: replayed as a CUDA graph). Default: the model's size "
+                          "and its 2:3 and 3:2 neighbours")
+    trt.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16",
+                     help="engine precision (default: %(default)s); bf16 needs TensorRT 10 and an Ampere+ GPU")
+    trt.add_argument("--strongly-typed", action="store_true",
+                     help="build in the ONNX graph's own types (needs an fp16 export for fp16; TensorRT 11 "
+                          "always does)")
+    trt.add_argument("--timing-cache", metavar="FILE", default=None,
+                     help="kernel timing cache to read and update, shared across builds (default: DIR/timing.cache)")
+    trt.add_argument("--workspace-gb", type=float, default=8.0, metavar="GB",
+                     help="scratch GPU memory TensorRT may use while building (default: %(default)s)")
+    trt.set_defaults(func=_tensorrt)
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        h, _, w = text.lower().partition("x")
+        return int(h), int(w or h)
+    except ValueError:
+        raise CLIError(f"--size {text!r}: expected HEIGHTxWIDTH in pixels, e.g. 512x768") from None
+
+
+def _onnx(args) -> int:
+    import torch
+
+    from backdrop.diffusion.pipeline import resolve_model
+    from backdrop.export.onnx import COMPONENTS, ExportError, export_onnx
+    from backdrop.nn.checkpoint import load_model
+
+    try:
+        model = load_model(resolve_model(args.model), dtype=torch.float32, device=args.device)
+    except (OSError, ValueError, RuntimeError) as e:  # missing files, CheckpointError, a bad --device
+        raise CLIError(f"cannot load model {args.model}: {e}") from None
+    try:
+        path = export_onnx(model, args.out, dtype=args.dtype, static_hw=_size(args.size),
+                           components=tuple(args.components or COMPONENTS),
+                           external_data=True if args.external_data else None, progress=not args.quiet)
+    except (ExportError, ValueError, OSError) as e:
+        raise CLIError(str(e)) from None
+    print(path)
+    return 0
+
+
+def _tensorrt(args) -> int:
+    from backdrop.export.tensorrt import BuildError, build_engines, parse_bucket
+
+    try:
+        buckets = [parse_bucket(b) for b in args.bucket] if args.bucket else None
+        path = build_engines(args.onnx_dir, args.out, buckets=buckets, precision=args.precision,
+                             strongly_typed=args.strongly_typed, workspace_gb=args.workspace_gb,
+                             timing_cache=args.timing_cache)
+    except (ImportError, BuildError, ValueError, OSError) as e:
+        raise CLIError(str(e)) from None
+    print(path)
+    return 0

@@ -1,0 +1,269 @@
+"""ONNX export and the onnxruntime backend, on tiny random models in SD1 (inpainting) and SD2 shapes.
+
+Parity: each exported graph equals its torch module on fresh random inputs (batches and sizes other than the
+traced ones); the onnxruntime Pipeline equals the torch Pipeline (same seeds) at batch 1 and 3 from one export
+folder copied elsewhere (so the folder is self-contained); refit through the export's weight map gives a LoRA-merged
+UNet's outputs and then the base's again, exactly. Refusals: a graph checked against a different module, a
+tolerance no graph meets, and an op ONNX cannot express raise ExportError and write nothing; shapes the graphs
+cannot run are ValueErrors naming the graph and the dim. Also: an fp16 graph runs in ONNX Runtime on the CPU;
+the >2 GB path (weights held out of onnxslim, external data) works at tiny size; BACKDROP_KERNELS=triton in the
+environment does not reach the trace; the CLI writes a folder and reports errors in one line.
+"""
+import copy
+import dataclasses
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from backdrop.diffusion.pipeline import Pipeline
+from backdrop.export import onnx as E
+from backdrop.export.backends import TorchBackend, make_backend
+from backdrop.export.ort_backend import OnnxRuntimeBackend
+from backdrop.export.tensorrt import RefitError
+from backdrop.nn.checkpoint import init_model, save_model
+from backdrop.nn.config import PRESETS
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
+                                        "ignore::UserWarning")
+
+TOL_NP = 2e-3  # max abs on [0, 1] "np" images: float32 reordering between runtimes, well under 1/255
+
+
+def _sd2_tiny():
+    """SD2's shapes at tiny size: OpenCLIP-style text (gelu, pad "!" = 0), Linear proj_in/out, per-level head
+    counts, v-prediction, and a plain 4-channel UNet (the SD1 model is the 9-channel inpainting one)."""
+    t = PRESETS["tiny"]
+    return dataclasses.replace(t, text=dataclasses.replace(t.text, hidden_act="gelu", pad_token_id=0),
+                               unet=dataclasses.replace(t.unet, use_linear_projection=True, num_heads=(1, 2, 4, 4)),
+                               prediction_type="v_prediction")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny graphs gain nothing from intra-op threads, and on a busy 2-core box a descheduled worker makes every
+    op many times slower (tests/test_pipeline.py measured ~20x)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, one_thread):
+    """{"sd1": (model, export folder), "sd2": ...}: each exported once, every graph checked on the spot."""
+    out = {}
+    for name, cfg in {"sd1": PRESETS["tiny-inpaint"], "sd2": _sd2_tiny()}.items():
+        model = init_model(cfg, seed=1)
+        out[name] = (model, E.export_onnx(model, tmp_path_factory.mktemp(name) / "onnx", progress=False))
+    return out
+
+
+def _errors(got: np.ndarray, want: torch.Tensor) -> tuple[float, float]:
+    return E.measure(got, want.detach().numpy())
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2"])
+def test_every_graph_equals_torch(exported, name):
+    model, folder = exported[name]
+    export = E.load_export(folder)
+    assert export.config == model.config and export.dtype == "fp32"
+    modules = E.graph_modules(model)
+    for c in E.COMPONENTS:
+        proto = onnx.load(str(export.files[c]))
+        assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
+        assert batch.dim_param == "batch", f"{c}: the batch axis must be dynamic"
+        sess = E._session(export.files[c])
+        # batch 2 at 16x8 latents: neither the traced size nor the checked ones
+        inputs = E.sample_inputs(export.specs[c], model.config, 2, (16, 8), seed=11)
+        with torch.no_grad():
+            want = modules[c](*inputs.values())
+        got = sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+        rel, psnr = _errors(got, want)
+        assert rel <= 1e-3 and psnr >= 40, f"{name} {c}: rel {rel:.2e}, PSNR {psnr:.1f} dB"
+        check = export.manifest["components"][c]["check"]
+        assert check["max_rel_err"] <= 1e-3 and check["psnr_db"] >= 40
+
+
+def test_folder_is_self_contained_and_pipelines_agree(exported, tmp_path):
+    """The export folder alone (copied away from everything) runs the inpainting Pipeline; its images equal the
+    torch Pipeline's at batch 1 and 3, same seeds, float output (paste_back=False: no uint8 rounding)."""
+    model, folder = exported["sd1"]
+    moved = shutil.copytree(folder, tmp_path / "moved")
+    ort_pipe = Pipeline.from_pretrained(moved, device="cpu", backend="onnxruntime")
+    assert isinstance(ort_pipe.backend, OnnxRuntimeBackend)
+    torch_pipe = Pipeline(TorchBackend(model, device="cpu", dtype=torch.float32))
+    rng = np.random.default_rng(0)
+    image = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[12:52, 20:44] = 255
+    for batch in (1, 3):
+        kw = dict(image=image, mask=mask, prompt=["a red bottle", "a cat", "wet rocks"][:batch], steps=4, seed=7,
+                  output_type="np", paste_back=False, progress=False)
+        a, b = torch_pipe.inpaint(**kw).images, ort_pipe.inpaint(**kw).images
+        assert a.shape == (batch, 64, 64, 3) and np.abs(a - b).max() <= TOL_NP
+    ids = model.tokenizer(["a red bottle"])
+    assert torch.equal(ort_pipe.backend.tokenizer(["a red bottle"]), ids)
+
+
+def test_sd2_pipeline_agrees(exported):
+    """v-prediction text-to-image through the SD2-shaped export, batch 1 and 3."""
+    model, folder = exported["sd2"]
+    ort_pipe = Pipeline(make_backend("onnxruntime", folder, device="cpu"))
+    torch_pipe = Pipeline(TorchBackend(model, device="cpu", dtype=torch.float32))
+    for batch in (1, 3):
+        kw = dict(prompt="a bottle", negative_prompt="blurry", steps=3, seed=3, num_images_per_prompt=batch,
+                  output_type="np", progress=False)
+        a, b = torch_pipe.generate(**kw).images, ort_pipe.generate(**kw).images
+        assert a.shape == (batch, 64, 64, 3) and np.abs(a - b).max() <= TOL_NP
+
+
+def test_backend_contract_and_shape_errors(exported):
+    model, folder = exported["sd1"]
+    ort_b, ref = OnnxRuntimeBackend(folder), TorchBackend(model, device="cpu", dtype=torch.float32)
+    assert ort_b.latent_multiple == 8  # 2^(levels - 1): callers pad images to 64 px for this export
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 9, 8, 8, generator=g), torch.randn(2, 77, 64, generator=g)
+    for t in (torch.tensor([10.0, 900.0]), torch.tensor(500.0)):  # per-item and one scalar timestep
+        out = ort_b.unet(x, t, ctx)
+        assert out.dtype == torch.float32 and torch.allclose(out, ref.unet(x, t, ctx), atol=1e-5)
+    images = torch.rand(1, 3, 64, 72, generator=g) * 2 - 1
+    assert torch.allclose(ort_b.vae_encode(images), ref.vae_encode(images), atol=1e-5)
+    with pytest.raises(ValueError, match=r"unet: input sample must be \(batch, 9,"):
+        ort_b.unet(torch.randn(2, 4, 8, 8), torch.tensor(1.0), ctx)
+    with pytest.raises(ValueError, match="multiples of 64 px"):  # 9x9 latents: the UNet's up path cannot land
+        ort_b.unet(torch.randn(2, 9, 9, 9), torch.tensor(1.0), ctx)
+    with pytest.raises(ValueError, match="batch is 3 in another input"):
+        ort_b.unet(torch.randn(3, 9, 8, 8), torch.tensor([1.0, 2.0, 3.0]), ctx)
+    with pytest.raises(TypeError, match="runs an export folder"):
+        make_backend("onnxruntime", model)
+
+
+def test_refit_loads_a_lora_and_restores_the_base_exactly(exported):
+    model, folder = exported["sd1"]
+    backend = OnnxRuntimeBackend(folder)
+    inputs = E.sample_inputs(backend.export.specs["unet"], model.config, 2, (8, 8), seed=5)
+    before = backend.unet(*inputs.values())
+    lora, g = copy.deepcopy(model.unet), torch.Generator().manual_seed(0)
+    targets = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
+    with torch.no_grad():  # W + B A, rank 4: a merged LoRA on every attention projection
+        for name, p in lora.named_parameters():
+            if name.endswith(targets):
+                p += 0.1 * torch.randn(p.shape[0], 4, generator=g) @ torch.randn(4, p.shape[1], generator=g)
+        want = lora(*inputs.values())
+    assert (want - before).abs().max() > 1e-2  # the LoRA matters
+    backend.refit("unet", {k: v for k, v in lora.state_dict().items() if k.endswith(targets)})
+    rel, _ = _errors(backend.unet(*inputs.values()).numpy(), want)
+    assert rel <= 1e-4  # float32 reordering; the LoRA itself moves outputs by > 1e-2
+    backend.refit("unet", lora.state_dict())  # the full merged state_dict works too
+    assert _errors(backend.unet(*inputs.values()).numpy(), want)[0] <= 1e-4
+    backend.refit("unet")
+    assert torch.equal(backend.unet(*inputs.values()), before)
+    bad = {k: v for k, v in lora.state_dict().items() if k.endswith("norm1.bias")}
+    bad = {k: v + 1 for k, v in bad.items()}
+    with pytest.raises(RefitError):  # zero biases of the random init were folded away at export
+        backend.refit("unet", bad)
+
+
+def test_refuses_a_graph_that_disagrees(tmp_path):
+    model = init_model("tiny", seed=2)
+    spec, module = E.graph_specs(model.config)["vae_encoder"], E.graph_modules(model)["vae_encoder"]
+    wrong = copy.deepcopy(module)
+    with torch.no_grad():
+        wrong.vae.encoder.conv_in.weight.mul_(1.01)  # a 1% error in one layer
+    path = tmp_path / "vae_encoder" / "model.onnx"
+    with pytest.raises(E.ExportError, match=r"vae_encoder: the ONNX graph disagrees with torch .* max rel err"):
+        E.export_component(spec, module, model.config, path, reference=wrong)
+    with pytest.raises(E.ExportError, match="vae_encoder: .*limit 0e"):
+        E.export_component(spec, module, model.config, path, tolerance=E.Tolerance(0.0, math.inf))
+    assert not path.exists() and not list(path.parent.iterdir())
+
+
+class _Eig(torch.nn.Module):
+    """An op ONNX has no operator for (a symmetric eigendecomposition)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, latent_sample):
+        x = self.proj(latent_sample.mean(dim=(2, 3)))  # (B, 4)
+        return torch.linalg.eigvalsh(x[:, :, None] * x[:, None, :])[:, :, None, None].expand_as(latent_sample)
+
+
+def test_refuses_an_unsupported_op(tmp_path):
+    cfg = PRESETS["tiny"]
+    spec = E.graph_specs(cfg)["vae_decoder"]
+    spec = dataclasses.replace(spec, outputs=(("sample", spec.inputs[0][1]),))
+    with pytest.raises(E.ExportError, match="vae_decoder: torch.onnx.export failed: .*linalg_eigvalsh"):
+        E.export_component(spec, _Eig(), cfg, tmp_path / "x" / "model.onnx")
+    assert not (tmp_path / "x" / "model.onnx").exists()
+
+
+def test_fp16_graph_runs_in_onnxruntime(tmp_path):
+    model = init_model("tiny", seed=3)
+    spec, module = E.graph_specs(model.config)["vae_decoder"], E.graph_modules(model)["vae_decoder"]
+    path = tmp_path / "vae_decoder" / "model.onnx"
+    try:
+        entry = E.export_component(spec, module, model.config, path, dtype="fp16")
+    except E.ExportError as e:
+        if "cannot load" in str(e) or "failed to run" in str(e):
+            pytest.skip(f"this onnxruntime cannot run float16 graphs on the CPU: {e}")
+        raise
+    proto = onnx.load(str(path))
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    kinds = {t.data_type for t in proto.graph.initializer if len(t.dims) > 1 and t.data_type in floats}
+    assert kinds == {onnx.TensorProto.FLOAT16}  # every conv/linear weight is half
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # interface stays fp32
+    inputs = E.sample_inputs(spec, model.config, 2, (8, 12), seed=4)
+    got = E._session(path).run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+    rel, psnr = _errors(got, module(*inputs.values()))
+    assert 0 < rel <= E.TOLERANCES["fp16"].max_rel_err and psnr >= 30 and entry["dtype"] == "fp16"
+
+
+def test_external_data_and_held_out_weights(tmp_path, monkeypatch):
+    """The >2 GB path at tiny size: weights held out of onnxslim give the same graph outputs, and weights in
+    model.onnx.data load and run. BACKDROP_KERNELS=triton (as a CUDA machine may set) must not reach the trace:
+    the export runs the torch reference kernels whatever the environment says, and restores it after."""
+    monkeypatch.setenv("BACKDROP_KERNELS", "triton")  # Triton on a CPU tensor would raise inside the trace
+    model = init_model("tiny", seed=4)
+    spec, module = E.graph_specs(model.config)["text_encoder"], E.graph_modules(model)["text_encoder"]
+    path = tmp_path / "text_encoder" / "model.onnx"
+    entry = E.export_component(spec, module, model.config, path, external_data=True)
+    assert os.environ["BACKDROP_KERNELS"] == "triton"
+    monkeypatch.delenv("BACKDROP_KERNELS")  # the torch reference below: this test's module runs on the CPU
+    assert entry["external_data"] and (path.parent / "model.onnx.data").stat().st_size > 10**6
+    held = E._slim(onnx.load(str(path)), hold_out_weights=True)
+    assert {t.name for t in held.graph.initializer} == {t.name for t in onnx.load(str(path)).graph.initializer}
+    onnx.save(held, str(tmp_path / "held.onnx"))
+    inputs = E.sample_inputs(spec, model.config, 3, (8, 8), seed=6)
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    a = E._session(path).run(None, feed)[0]
+    b = E._session(tmp_path / "held.onnx").run(None, feed)[0]
+    assert np.array_equal(a, b) and _errors(a, module(*inputs.values()))[0] <= 1e-3
+
+
+def test_cli_exports_and_reports_errors(exported, tmp_path, capsys):
+    from backdrop.cli import main
+
+    folder = save_model(init_model("tiny", seed=5), tmp_path / "model")
+    assert main(["export", "onnx", str(folder), "--out", str(tmp_path / "onnx"), "--components", "text_encoder",
+                 "--quiet"]) == 0
+    assert Path(capsys.readouterr().out.strip()) == tmp_path / "onnx"
+    assert list(E.load_export(tmp_path / "onnx", require=("text_encoder",)).files) == ["text_encoder"]
+    assert main(["export", "onnx", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert "cannot load model" in capsys.readouterr().err
+    trt = ["export", "tensorrt", "--out", str(tmp_path / "trt")]
+    assert main(trt + [str(tmp_path / "onnx")]) == 2
+    assert "the export has no unet, vae_encoder, vae_decoder graph" in capsys.readouterr().err
+    # refused before TensorRT is needed: 72 px is not a multiple of 64, which the dynamic UNet runs
+    assert main(trt + [str(exported["sd1"][1]), "--bucket", "64x72"]) == 2
+    assert "multiples of 64 px" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no unet, vae_encoder, vae_decoder graph"):
+        OnnxRuntimeBackend(tmp_path / "onnx")

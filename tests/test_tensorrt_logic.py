@@ -1,0 +1,170 @@
+"""The TensorRT path's plain-Python logic, on any machine: shape buckets -> optimization profiles, picking a
+profile per request and refusing what fits none, the precision rules of TensorRT 10 vs 11, and the refit arrays
+built from an export's weight map. The engine build and run themselves need an NVIDIA GPU and TensorRT and are
+not exercised here.
+"""
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from backdrop.export import onnx as E
+from backdrop.export.tensorrt import (Profile, Range, RefitError, ShapeBucket, ShapeError, TensorRTBackend,
+                                      build_engines, default_buckets, parse_bucket, precision_plan, profiles_for,
+                                      refit_arrays, select_profile)
+from backdrop.nn.config import PRESETS
+
+SD15 = PRESETS["sd15-inpaint"]
+
+
+def test_ranges_and_buckets():
+    assert 3 in Range(1, 2, 4) and 5 not in Range(1, 2, 4)
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        Range(2, 1, 4)
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        Range(0, 1, 1)
+    assert parse_bucket("512") == ShapeBucket(512, 512, Range(1, 1, 4))
+    assert parse_bucket("512x768:1-8@2") == ShapeBucket(512, 768, Range(1, 2, 8))
+    assert parse_bucket("768:2").static and not parse_bucket("768:1-2").static
+    for bad in ("512x", "big", "512:4-2", "512x768:0"):
+        with pytest.raises(ValueError):
+            parse_bucket(bad)
+    assert [(b.height, b.width) for b in default_buckets(SD15)] == [(512, 512), (512, 768), (768, 512)]
+    assert [(b.height, b.width) for b in default_buckets(PRESETS["tiny"])] == [(64, 64)]
+
+
+def test_profiles_derive_each_graphs_batch_and_sizes():
+    specs = E.graph_specs(SD15)
+    buckets = [parse_bucket("512:1-4@2"), parse_bucket("512x768:2")]
+    unet = profiles_for(specs["unet"], SD15, buckets)
+    # guidance doubles the UNet's batch: images 1-4 -> up to 8 (down to 1: guidance_scale <= 1 runs B items)
+    assert unet[0].shapes[0] == ("sample", (1, 9, 64, 64), (4, 9, 64, 64), (8, 9, 64, 64))
+    assert unet[0].shapes[2] == ("encoder_hidden_states", (1, 77, 768), (4, 77, 768), (8, 77, 768))
+    assert unet[1].shapes[0] == ("sample", (4, 9, 64, 96), (4, 9, 64, 96), (4, 9, 64, 96))  # static: 2 guided
+    assert unet[1].static
+    vae_enc = profiles_for(specs["vae_encoder"], SD15, buckets)
+    assert vae_enc[1].shapes == (("sample", (2, 3, 512, 768), (2, 3, 512, 768), (2, 3, 512, 768)),)
+    assert vae_enc[1].static and not vae_enc[0].static
+    text = profiles_for(specs["text_encoder"], SD15, [parse_bucket("512"), parse_bucket("768")])
+    assert len(text) == 1 and text[0].shapes == (("input_ids", (1, 77), (2, 77), (8, 77)),)  # merged: no h/w
+    assert Profile.from_json(unet[1].to_json()) == unet[1]
+    with pytest.raises(ValueError, match="multiples of 64 px"):  # the dynamic UNet's 2x upsampling rule
+        profiles_for(specs["unet"], SD15, [parse_bucket("520")])
+    with pytest.raises(ValueError, match="multiples of 8 px"):
+        profiles_for(specs["vae_decoder"], SD15, [parse_bucket("516")])
+    static = E.graph_specs(SD15, static_hw=(512, 512))
+    assert profiles_for(static["unet"], SD15, [parse_bucket("512")])[0].shapes[0][3] == (8, 9, 64, 64)
+    with pytest.raises(ValueError, match="static size"):
+        profiles_for(static["vae_decoder"], SD15, [parse_bucket("768")])
+
+
+def test_select_profile_prefers_static_then_tightest_and_refuses_the_rest():
+    spec = E.graph_specs(SD15)["unet"]
+    profiles = profiles_for(spec, SD15, [parse_bucket("512:1-8"), parse_bucket("512:2"), parse_bucket("512:1-2"),
+                                         parse_bucket("768:1-4")])
+
+    def shapes(b, h, w):
+        return {"sample": (b, 9, h, w), "timestep": (b,), "encoder_hidden_states": (b, 77, 768)}
+    assert select_profile("unet", profiles, shapes(4, 64, 64)) == 1  # static 2 images x guidance: CUDA graph
+    assert select_profile("unet", profiles, shapes(3, 64, 64)) == 2  # 1-2 images (2-4) is tighter than 1-8
+    assert select_profile("unet", profiles, shapes(16, 64, 64)) == 0
+    assert select_profile("unet", profiles, shapes(8, 96, 96)) == 3
+    for bad, why in ((shapes(17, 64, 64), "batch"), (shapes(2, 64, 96), "size"), (shapes(2, 80, 80), "size")):
+        with pytest.raises(ShapeError, match=r"unet: sample \(\d+, 9, \d+, \d+\).* fits none .* built for: "
+                                             r"512x512 batch 1-8; 512x512 batch 2-2; 512x512 batch 1-2; "
+                                             r"768x768 batch 1-4. The request is refused"):
+            select_profile("unet", profiles, bad)
+    with pytest.raises(ShapeError):  # a missing input is no fit either
+        select_profile("unet", profiles, {"sample": (2, 9, 64, 64)})
+
+
+def test_precision_rules_of_tensorrt_10_and_11():
+    assert precision_plan("fp16", "fp32", 10) == (False, ("FP16",))
+    assert precision_plan("bf16", "fp32", 10) == (False, ("BF16",))
+    assert precision_plan("fp32", "fp32", 10) == (False, ())
+    assert precision_plan("fp16", "fp16", 10, strongly_typed=True) == (True, ())
+    assert precision_plan("fp16", "fp16", 11) == (True, ())
+    with pytest.raises(ValueError, match="Ampere"):
+        precision_plan("bf16", "fp32", 10, bf16_supported=False)
+    with pytest.raises(ValueError, match="TensorRT 11 builds strongly typed .* --dtype fp16"):
+        precision_plan("fp16", "fp32", 11)
+    with pytest.raises(ValueError, match="strongly typed: a fp16 engine needs a fp16 ONNX export"):
+        precision_plan("fp16", "fp32", 10, strongly_typed=True)
+    with pytest.raises(ValueError, match="bf16 needs TensorRT 10"):
+        precision_plan("bf16", "fp32", 11)
+    with pytest.raises(ValueError, match="choose fp32, fp16 or bf16"):
+        precision_plan("int8", "fp32", 10)
+
+
+class _Block(nn.Module):
+    """A Linear (exported transposed), a GroupNorm (weight folded to (C, 1, 1)), two equal 1x1 convs (stored
+    once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.GroupNorm(2, 8)
+        self.a, self.b = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.proj = nn.Linear(8, 8, bias=False)
+        with torch.no_grad():
+            self.b.load_state_dict(self.a.state_dict())
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.uniform_(-1, 1)
+
+    def forward(self, x):  # (B, 8, H, W)
+        h = self.a(self.norm(x)) + self.b(x)
+        return self.proj(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # Linear over channels
+
+
+@pytest.fixture(scope="module")
+def exported_block(tmp_path_factory):
+    torch.manual_seed(0)
+    block = _Block().eval()
+    spec = E.GraphSpec("block", (("x", ("batch", 8, "h", "w")),), (("y", ("batch", 8, "h", "w")),))
+    path = tmp_path_factory.mktemp("block") / "raw.onnx"
+    E._trace("block", block, spec, {"x": torch.randn(2, 8, 4, 4)}, path, E.OPSET)
+    proto = E._slim(onnx.load(str(path)))
+    return block, proto, E.weight_map(proto, block)
+
+
+def test_refit_arrays_reproduce_the_exported_weights_bit_for_bit(exported_block):
+    block, proto, wmap = exported_block
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    entries = wmap["initializers"]
+    assert any(e["transpose"] and e["keys"] == ["proj.weight"] for e in entries.values())
+    assert any(e["keys"] == ["a.weight", "b.weight"] for e in entries.values())  # equal convs: one initializer
+    arrays = refit_arrays(wmap, block.state_dict())
+    held = {k for e in entries.values() for k in e["keys"]}
+    assert held | set(wmap["folded"]) == set(block.state_dict())
+    assert arrays and all(np.array_equal(a, inits[n]) and a.dtype == inits[n].dtype for n, a in arrays.items())
+
+
+def test_refit_arrays_follow_new_weights_and_refuse_what_cannot_fit(exported_block):
+    block, _, wmap = exported_block
+    sd = {k: v.clone() for k, v in block.state_dict().items()}
+    new = torch.randn(8, 8)
+    (name, arr), = refit_arrays(wmap, {"proj.weight": new}).items()
+    assert np.array_equal(arr, new.numpy().T) and wmap["initializers"][name]["transpose"]
+    with pytest.raises(RefitError, match="decoder.weight: are not weights of this component"):
+        refit_arrays(wmap, {"decoder.weight": new})
+    with pytest.raises(RefitError, match=r"proj.weight: shape \(8, 9\) does not fit"):
+        refit_arrays(wmap, {"proj.weight": torch.randn(8, 9)})
+    with pytest.raises(RefitError, match="a.weight, b.weight were equal at export and are one weight"):
+        refit_arrays(wmap, {"a.weight": sd["a.weight"] + 1, "b.weight": sd["b.weight"]})
+    with pytest.raises(RefitError, match="give them all"):
+        refit_arrays(wmap, {"a.weight": sd["a.weight"]})
+    same = {"a.weight": sd["a.weight"] * 2, "b.weight": sd["a.weight"] * 2}  # the shared pair moved together
+    (arr,) = refit_arrays(wmap, same).values()
+    assert np.array_equal(arr, (sd["a.weight"] * 2).numpy())
+    for key in wmap["folded"]:  # folded weights: unchanged passes, changed is refused
+        assert refit_arrays(wmap, {key: sd[key]}) == {}
+        with pytest.raises(RefitError, match="folded into constants at export"):
+            refit_arrays(wmap, {key: sd[key] + 1})
+
+
+def test_folders_that_are_not_exports_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a Backdrop TensorRT folder"):
+        TensorRTBackend(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a Backdrop ONNX export"):
+        build_engines(tmp_path, tmp_path / "trt")
