@@ -55,10 +55,12 @@ class Transformer2D(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.norm(x)
+        # (B, C, H, W) -> (B, HW, C) is a transposed view; the Linear folds it with one copy, the conv path copies
+        # it once here, so that every LayerNorm and residual add below runs on contiguous tokens.
         if self.linear:
             h = self.proj_in(h.permute(0, 2, 3, 1).reshape(B, H * W, C))  # (B, HW, C)
         else:
-            h = self.proj_in(h).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C)
+            h = self.proj_in(h).permute(0, 2, 3, 1).reshape(B, H * W, C).contiguous()  # (B, HW, C)
         for block in self.transformer_blocks:
             h = block(h, context)
         if self.linear:
@@ -122,8 +124,9 @@ class UNet(nn.Module):
 
         self.mid_block = MidBlock([resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])], attention(ch[-1], heads[-1]))
 
-        # Up level i mirrors down level n-1-i. Its resnet j sees the previous level's output (j == 0) or its own,
-        # concatenated with one skip connection; the last skip of a level comes from the level below's input.
+        # Up level i mirrors down level n-1-i. Its resnet j takes the previous up level's output (j == 0) or its
+        # own, concatenated with one skip; a level's last skip is the next finer down level's downsampled output
+        # (or conv_in's), so it carries that level's channels, rev[i + 1] (diffusers' res_skip_channels).
         self.up_blocks = nn.ModuleList()
         rev, rev_heads, rev_attn = ch[::-1], heads[::-1], cfg.attention_levels[::-1]
         for i in range(n):

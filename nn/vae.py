@@ -102,7 +102,8 @@ class Encoder(nn.Module):
         self.down_blocks = nn.ModuleList()
         for i in range(n):
             c_in = ch[max(i - 1, 0)]
-            resnets = [ResnetBlock2D(c_in if j == 0 else ch[i], ch[i], None, g, _EPS) for j in range(cfg.layers_per_block)]
+            resnets = [ResnetBlock2D(c_in if j == 0 else ch[i], ch[i], None, g, _EPS)
+                       for j in range(cfg.layers_per_block)]
             down = Downsample2D(ch[i], padding=0) if i < n - 1 else None
             self.down_blocks.append(_Level(resnets, down=down))
         self.mid_block = MidBlock(ch[-1], g)

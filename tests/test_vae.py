@@ -25,11 +25,10 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
     """Every parameter random, 1/sqrt(fan_in)-scaled so activations stay O(1) (see tests/test_unet.py)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        r = torch.randn(p.shape, generator=g)
-        if p.dim() == 1:
-            p.copy_(1.0 + 0.1 * r if "norm" in name and name.endswith("weight") else 0.1 * r)
+        if p.dim() == 1:  # norm weights near 1, biases near 0
+            p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.1, generator=g)
         else:
-            p.copy_(r / math.sqrt(p[0].numel()))
+            p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
