@@ -114,23 +114,33 @@ def test_gradient_checkpointing_same_gradients():
 
 
 def test_triton_kernels_take_our_layouts(monkeypatch):
-    """The model hands the Triton kernels (interpreted on a CPU machine) strided q/k/v views and NCHW maps; they
-    must give what the torch reference gives. A 2-level config keeps the interpreter's run to a few seconds."""
+    """The model hands the Triton kernels (interpreted on a CPU machine) strided q/k/v views and NCHW maps; forward
+    and backward must give what the torch reference gives. A 2-level config keeps the interpreter to a few seconds."""
     cfg = UNetConfig(block_out_channels=(32, 64), num_heads=(2, 4), attention_levels=(True, True),
                      layers_per_block=1, cross_attention_dim=48, norm_num_groups=8)
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no CUDA and no TRITON_INTERPRET=1 (tests/conftest.py sets it for a whole session)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    ours = UNet(cfg).eval()
+    ours = UNet(cfg)
     randomize_(ours, seed=11)
     ours.to(device)
     x, ctx = torch.randn(1, 4, 6, 5, device=device), torch.randn(1, 7, 48, device=device)
-    with torch.no_grad():
-        monkeypatch.setenv("BACKDROP_KERNELS", "torch")
-        want = ours(x, 3.5, ctx)
-        monkeypatch.setenv("BACKDROP_KERNELS", "triton")
-        got = ours(x, 3.5, ctx)
+    weight = torch.randn(1, 4, 6, 5, device=device)
+
+    def run(impl):
+        monkeypatch.setenv("BACKDROP_KERNELS", impl)
+        ours.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        out = ours(xi, 3.5, ctx)
+        (out * weight).sum().backward()
+        return out.detach(), xi.grad, {n: p.grad.clone() for n, p in ours.named_parameters()}
+
+    want, want_dx, want_grads = run("torch")
+    got, got_dx, got_grads = run("triton")
     assert rel_err(got, want) < 1e-3  # fp32 on a GPU runs 3xTF32 dots; a layout bug is off by O(1)
+    assert rel_err(got_dx, want_dx) < 1e-3
+    worst = max(rel_err(got_grads[n], g) for n, g in want_grads.items() if g.abs().max() > 0)
+    assert worst < 1e-3, f"a parameter gradient differs by {worst:.2e} between kernels on and off"
 
 
 def test_bad_inputs_name_the_problem():
