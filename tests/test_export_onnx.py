@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from PIL import Image
 
 from backdrop.diffusion.pipeline import Pipeline
 from backdrop.export import onnx as E
@@ -267,3 +268,25 @@ def test_cli_exports_and_reports_errors(exported, tmp_path, capsys):
     assert "multiples of 64 px" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no unet, vae_encoder, vae_decoder graph"):
         OnnxRuntimeBackend(tmp_path / "onnx")
+
+
+def test_inpaint_cli_runs_an_onnx_export(exported, tmp_path, capsys):
+    """`backdrop inpaint --backend onnxruntime --model EXPORT` writes the same PNG as the torch backend."""
+    from backdrop.cli import main
+
+    model, folder = exported["sd1"]
+    rng = np.random.default_rng(3)
+    Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "img.png")
+    product = np.zeros((64, 64), np.uint8)
+    product[16:48, 24:40] = 255
+    Image.fromarray(product).save(tmp_path / "product.png")
+    torch_folder = save_model(model, tmp_path / "model")
+    args = ["inpaint", str(tmp_path / "img.png"), "--product-mask", str(tmp_path / "product.png"), "--prompt",
+            "a red bottle", "--steps", "3", "--seed", "4", "--quiet", "--dtype", "fp32"]
+    assert main(args + ["--model", str(folder), "--backend", "onnxruntime", "--out", str(tmp_path / "ort")]) == 0
+    assert main(args + ["--model", str(torch_folder), "--out", str(tmp_path / "torch")]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / d / "inpaint-4.png"), np.int16) for d in ("ort", "torch"))
+    assert np.abs(a - b).max() <= 2  # uint8 rounding of float outputs that agree to ~1e-4
+    assert (a[16:48, 24:40] == np.asarray(Image.open(tmp_path / "img.png"))[16:48, 24:40]).all()  # product kept
+    assert main(args + ["--model", str(tmp_path / "nope"), "--backend", "onnxruntime"]) == 2
+    assert "cannot load model" in capsys.readouterr().err

@@ -1,0 +1,218 @@
+"""`backdrop generate`, `backdrop img2img` and `backdrop inpaint`: the Pipeline from the command line.
+
+Options the three share are defined once, in parent parsers (`_common_options`, `_image_options`). Every user
+error (unreadable file, bad option value, unknown model) is one line on stderr and exit status 2 (backdrop.cli.
+CLIError); a mask whose size differs from the image is resized with a warning, and an all-black mask writes the
+input unchanged with a note. Images are written to OUT/<kind>-<seed>.png and their paths printed, one per line.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from backdrop.cli import CLIError
+from backdrop.diffusion.schedule import RECIPES
+
+__all__ = ["add_parser"]
+
+DTYPE_CHOICES = ("fp32", "bf16", "fp16")
+
+
+def _common_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="backdrop-tiny", metavar="PATH_OR_NAME",
+                       help="a diffusers model folder, one .safetensors checkpoint, or a built-in model's name "
+                            "(default: %(default)s)")
+    model.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
+                       help="torch runs --model directly; onnxruntime/tensorrt run an export folder written by "
+                            "`backdrop export` (default: %(default)s)")
+    model.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
+    model.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                       help="weight precision (default: fp16 on GPUs, bf16 on CPUs with native bf16, else fp32)")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--prompt", required=True, metavar="TEXT",
+                   help="what the picture should show, e.g. 'a bottle on wet rocks'")
+    s.add_argument("--negative-prompt", default="", metavar="TEXT",
+                   help="what it should not show, e.g. 'blurry, text'")
+    s.add_argument("--n", type=int, default=1, metavar="N", help="how many images to make (default: 1)")
+    s.add_argument("--seed", type=int, default=None,
+                   help="random seed; image i uses SEED + i, so any image can be remade alone (default: random)")
+    s.add_argument("--steps", type=int, default=30, metavar="N", help="denoising steps: more is slower, often finer "
+                                                         "(default: %(default)s)")
+    s.add_argument("--sampler", choices=list(RECIPES), default="dpmpp-2m", metavar="NAME",
+                   help=f"one of: {', '.join(RECIPES)} (default: %(default)s)")
+    s.add_argument("--guidance-scale", type=float, default=7.5, metavar="SCALE",
+                   help="how strongly to follow the prompt; 1 turns guidance off (default: %(default)s)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", default="outputs", metavar="DIR",
+                     help="folder for the PNG files <command>-<seed>.png (default: %(default)s)")
+    out.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _image_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("image", metavar="IMAGE", help="the input picture (PNG, JPEG, WebP, ...)")
+    p.add_argument("--strength", type=float, metavar="S",
+                   help="how much to change: 1 starts from pure noise, 0.3 keeps most of the input "
+                        "(default: %(default)s)")
+    return p
+
+
+def add_parser(subparsers) -> None:
+    common, image = _common_options(), _image_options()
+
+    gen = subparsers.add_parser("generate", parents=[common],
+                                help="make pictures from a text prompt",
+                                description="Make pictures from a text prompt.")
+    gen.add_argument("--height", type=int, default=None, metavar="PX",
+                     help="pixels (default: the model's native size)")
+    gen.add_argument("--width", type=int, default=None, metavar="PX",
+                     help="pixels (default: the model's native size)")
+    gen.set_defaults(func=_run, kind="generate")
+
+    i2i = subparsers.add_parser("img2img", parents=[common, image], help="redraw a picture to follow a prompt",
+                                description="Redraw IMAGE to follow the prompt; the output has IMAGE's size.")
+    i2i.set_defaults(func=_run, kind="img2img", strength=0.75)
+
+    inp = subparsers.add_parser(
+        "inpaint", parents=[common, image], help="paint a new scene around a product (or into a masked region)",
+        description="Repaint part of IMAGE. Mark what to repaint with --mask (white = repaint), or what to keep "
+                    "with --product-mask (white = the product); an RGBA IMAGE without either repaints its "
+                    "transparent pixels. Pixels that are kept come out exactly as they went in.",
+        epilog="example: backdrop inpaint bottle.png --product-mask bottle-mask.png "
+               "--prompt 'on a marble table, soft light' --n 4 --seed 7")
+    which = inp.add_argument_group("mask").add_mutually_exclusive_group()
+    which.add_argument("--mask", metavar="M", help="mask image: white = repaint, black = keep")
+    which.add_argument("--product-mask", metavar="M", help="mask image: white = the product to keep, black = "
+                                                           "the background to repaint")
+    opts = inp.add_argument_group("inpainting")
+    opts.add_argument("--mask-blur", type=float, default=None, metavar="PX",
+                      help="soften the seam by this many pixels, inside the repainted region only "
+                           "(default: 4; 0 for RGBA cutouts)")
+    opts.add_argument("--mask-dilate", type=int, default=1, metavar="CELLS",
+                      help="let the model repaint this many 8-pixel cells past the mask edge, so halos around the "
+                           "product get replaced (default: %(default)s)")
+    opts.add_argument("--crop-padding", type=int, default=None, metavar="PX",
+                      help="work only on the box around the mask grown by PX pixels, at the model's native "
+                           "resolution: faster and more detailed for small regions (default: whole image)")
+    opts.add_argument("--color-match", action="store_true",
+                      help="correct the colour cast of the new pixels to match the kept ones")
+    opts.add_argument("--no-paste-back", dest="paste_back", action="store_false",
+                      help="keep the model's own rendering of the kept region instead of the exact input pixels")
+    inp.set_defaults(func=_run, kind="inpaint", strength=1.0)
+
+
+# ------------------------------------------------------------------------------------------------------ running
+
+def _check(args) -> None:
+    """Range checks argparse cannot express, as one-line errors."""
+    rules = [("--n", args.n, args.n >= 1, "at least 1"), ("--steps", args.steps, args.steps >= 1, "at least 1"),
+             ("--guidance-scale", args.guidance_scale, args.guidance_scale >= 0, ">= 0")]
+    if args.seed is not None:
+        rules.append(("--seed", args.seed, 0 <= args.seed < 2**63 - args.n, "in [0, 2**63 - N)"))
+    if args.kind == "generate":
+        rules += [(f"--{k}", v, v is None or v >= 8, "at least 8") for k, v in
+                  (("height", args.height), ("width", args.width))]
+    else:
+        rules.append(("--strength", args.strength, 0 < args.strength <= 1, "in (0, 1]"))
+    if args.kind == "inpaint":
+        rules += [("--mask-blur", args.mask_blur, args.mask_blur is None or args.mask_blur >= 0, ">= 0"),
+                  ("--mask-dilate", args.mask_dilate, args.mask_dilate >= 0, ">= 0"),
+                  ("--crop-padding", args.crop_padding, args.crop_padding is None or args.crop_padding >= 0,
+                   ">= 0")]
+    for flag, value, ok, want in rules:
+        if not ok:
+            raise CLIError(f"{flag} {value} must be {want}")
+    if args.device is not None:
+        import torch
+
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise CLIError(f"--device {args.device!r} is not a device name (try cpu, cuda or cuda:1)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CLIError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _open(path: str, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        im = Image.open(path)
+        im.load()
+    except FileNotFoundError:
+        raise CLIError(f"{what} {path}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise CLIError(f"{what} {path}: cannot read it as an image ({_one_line(e)})") from None
+    if im.mode not in ("L", "1", "RGB", "RGBA", "LA", "P"):
+        im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+    return im
+
+
+def _fit_mask(mask, image, path: str):
+    """Resize a mask to the image's size (with a warning): the API refuses mismatched sizes, the CLI helps."""
+    from PIL import Image
+
+    if mask.size == image.size:
+        return mask
+    print(f"warning: mask {path} is {mask.size[0]}x{mask.size[1]} but the image is {image.size[0]}x"
+          f"{image.size[1]} (WxH); resizing the mask to match", file=sys.stderr)
+    mask = mask.convert("LA" if mask.mode in ("RGBA", "LA") else "L")
+    return mask.resize(image.size, Image.BILINEAR)
+
+
+def _pipeline(args):
+    from backdrop.diffusion.pipeline import Pipeline
+
+    try:
+        return Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    except (OSError, ValueError, RuntimeError, ImportError) as e:  # missing files, CheckpointError, OOM, no ORT/TRT
+        raise CLIError(f"cannot load model {args.model}: {_one_line(e)}") from None
+
+
+def _run(args) -> int:
+    _check(args)
+    common = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                  sampler=args.sampler, guidance_scale=args.guidance_scale, seed=args.seed,
+                  num_images_per_prompt=args.n, progress=not args.quiet)
+    inputs = {}
+    if args.kind != "generate":
+        inputs["image"] = _open(args.image, "image")
+        inputs["strength"] = args.strength
+    if args.kind == "inpaint":
+        image = inputs["image"]
+        if args.mask or args.product_mask:
+            key, path = ("mask", args.mask) if args.mask else ("product_mask", args.product_mask)
+            inputs[key] = _fit_mask(_open(path, key.replace("_", " ")), image, path)
+        elif image.mode not in ("RGBA", "LA") and "transparency" not in image.info:
+            raise CLIError(f"{args.image} has no transparency: give --mask (white = repaint) or --product-mask "
+                           "(white = the product to keep)")
+        inputs.update(mask_blur=args.mask_blur, mask_dilate=args.mask_dilate, crop_padding=args.crop_padding,
+                      color_match=args.color_match, paste_back=args.paste_back)
+    pipe = _pipeline(args)
+    try:
+        if args.kind == "generate":
+            out = pipe.generate(height=args.height, width=args.width, **common)
+        else:
+            out = getattr(pipe, args.kind)(**inputs, **common)
+    except ValueError as e:  # a value the pipeline refuses (e.g. strength x steps leaves no step)
+        raise CLIError(_one_line(e)) from None
+    if out.unchanged:
+        print("note: the mask has nothing to repaint; wrote the input unchanged", file=sys.stderr)
+    folder = Path(args.out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for im, seed in zip(out.images, out.seeds):
+            path = folder / f"{args.kind}-{seed}.png"
+            im.save(path)
+            print(path)
+    except OSError as e:
+        raise CLIError(f"cannot write to {folder}: {e}") from None
+    return 0

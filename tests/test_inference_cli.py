@@ -1,0 +1,130 @@
+"""`backdrop generate | img2img | inpaint`: each writes OUT/<kind>-<seed>.png and prints the paths; user errors
+are one line on stderr with exit status 2 (no traceback); mismatched masks are resized with a warning; an
+all-black mask writes the input with a note; --help works."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backdrop.cli import main
+from backdrop.nn.checkpoint import init_model, save_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models; a busy 2-core box makes intra-op threads ~20x slower
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("cli")
+    model = save_model(init_model("tiny", seed=2), root / "model")
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (45, 67, 3), dtype=np.uint8)  # HxW 45x67: not multiples of 8
+    Image.fromarray(image).save(root / "product.png")
+    product = np.zeros((45, 67), np.uint8)
+    product[10:35, 20:45] = 255  # white = the product to keep
+    Image.fromarray(product).save(root / "product-mask.png")
+    Image.fromarray(product).resize((134, 90)).save(root / "big-mask.png")  # 2x the image size
+    Image.new("L", (67, 45), 0).save(root / "black.png")
+    (root / "not-an-image.png").write_text("hello")
+    return dict(root=root, model=str(model), image=image, product=product)
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out.split(), out.err.strip()
+
+
+def fast(files, out):
+    return ["--model", files["model"], "--steps", "2", "--quiet", "--out", out, "--prompt", "on a marble table"]
+
+
+def test_generate_writes_pngs_named_by_seed(files, capsys, tmp_path):
+    code, paths, err = run(capsys, "generate", *fast(files, tmp_path), "--n", "2", "--seed", "7", "--height", "40",
+                           "--width", "56")
+    assert code == 0 and err == ""
+    assert paths == [str(tmp_path / "generate-7.png"), str(tmp_path / "generate-8.png")]
+    assert all(Image.open(p).size == (56, 40) for p in paths)
+
+
+def test_img2img_keeps_the_input_size(files, capsys, tmp_path):
+    code, paths, _ = run(capsys, "img2img", files["root"] / "product.png", *fast(files, tmp_path), "--seed", "3",
+                         "--strength", "0.5", "--sampler", "euler-a")
+    assert code == 0 and paths == [str(tmp_path / "img2img-3.png")]
+    assert Image.open(paths[0]).size == (67, 45)
+
+
+def test_inpaint_keeps_the_product_pixels(files, capsys, tmp_path):
+    code, paths, _ = run(capsys, "inpaint", files["root"] / "product.png", "--product-mask",
+                         files["root"] / "product-mask.png", *fast(files, tmp_path), "--n", "2", "--seed", "5",
+                         "--crop-padding", "4", "--color-match")
+    assert code == 0 and paths == [str(tmp_path / "inpaint-5.png"), str(tmp_path / "inpaint-6.png")]
+    keep = files["product"] == 255
+    for p in paths:
+        out = np.asarray(Image.open(p))
+        assert out.shape == files["image"].shape
+        assert np.array_equal(out[keep], files["image"][keep])
+        assert np.abs(out[~keep].astype(int) - files["image"][~keep]).mean() > 5
+
+
+def test_inpaint_resizes_a_mismatched_mask_with_a_warning(files, capsys, tmp_path):
+    code, paths, err = run(capsys, "inpaint", files["root"] / "product.png", "--product-mask",
+                           files["root"] / "big-mask.png", *fast(files, tmp_path), "--seed", "1")
+    assert code == 0 and len(paths) == 1
+    assert err.startswith("warning: mask") and "is 134x90 but the image is 67x45" in err
+
+
+def test_inpaint_all_black_mask_writes_the_input(files, capsys, tmp_path):
+    code, paths, err = run(capsys, "inpaint", files["root"] / "product.png", "--mask", files["root"] / "black.png",
+                           *fast(files, tmp_path), "--seed", "1")
+    assert code == 0 and "nothing to repaint" in err
+    assert np.array_equal(np.asarray(Image.open(paths[0])), files["image"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["inpaint", "{root}/missing.png", "--mask", "{root}/black.png"], "missing.png: no such file"),
+    (["inpaint", "{root}/not-an-image.png", "--mask", "{root}/black.png"], "cannot read it as an image"),
+    (["inpaint", "{root}/product.png"], "has no transparency: give --mask"),
+    (["img2img", "{root}/product.png", "--strength", "1.5"], "--strength 1.5 must be in (0, 1]"),
+    (["generate", "--steps", "0"], "--steps 0 must be at least 1"),
+    (["generate", "--n", "0"], "--n 0 must be at least 1"),
+    (["inpaint", "{root}/product.png", "--mask", "{root}/black.png", "--mask-dilate", "-1"],
+     "--mask-dilate -1 must be >= 0"),
+    (["generate", "--model", "no-such-model"], "not a built-in model (built-in:"),
+    (["generate", "--device", "gpu"], "--device 'gpu' is not a device name"),
+    (["img2img", "{root}/product.png", "--strength", "0.1", "--steps", "5"], "leaves no step to run"),
+])
+def test_bad_inputs_exit_2_with_one_line(files, capsys, tmp_path, args, message):
+    argv = [a.format(root=files["root"]) for a in args]
+    argv[1:1] = fast(files, tmp_path)
+    if "--model" in args:  # the test's own --model comes last and wins
+        argv += ["--model", "no-such-model"]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["generate", "img2img", "inpaint"])
+def test_help(capsys, command):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert f"usage: backdrop {command}" in text and "--prompt" in text and "--model" in text
+
+
+def test_the_installed_command_reports_errors_without_a_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "backdrop", "generate", "--prompt", "x", "--model",
+                        str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "nowhere" in r.stderr

@@ -1,0 +1,435 @@
+"""Pipeline end to end on tiny random models saved in the diffusers layout and loaded by both sides.
+
+Parity: generate / img2img / inpaint (9- and 4-channel UNets) equal diffusers' StableDiffusion{,Img2Img,Inpaint}
+Pipeline on the same folder, the same initial noise (per-item generators) and, where diffusers would draw a VAE
+posterior sample, the same image latents (we use the posterior mean and hand it over). Properties: kept pixels are
+bit-identical after paste-back at odd sizes and with crops, seeds give the same image alone or in a batch, mixed
+strengths equal separate calls, the 4-channel loop keeps the known latents, and the API's errors name the fault.
+"""
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backdrop.diffusion import masks as M
+from backdrop.diffusion.pipeline import (Output, Pipeline, SamplingInterrupted, default_dtype, parse_dtype,
+                                         resolve_model, unet_width)
+from backdrop.diffusion.samplers import per_item_randn
+from backdrop.diffusion.schedule import RECIPES, build_schedule
+from backdrop.export.backends import TorchBackend
+from backdrop.nn.checkpoint import init_model, save_model
+from backdrop.nn.config import PRESETS, SchedulerConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
+                                        "ignore::UserWarning")
+
+PROMPTS = ["a red bottle on a marble table", "a cat"]
+TOL = 2e-3  # max abs on [0, 1] "np" outputs: a diffusers-vs-ours float32 rounding budget, well under 1/255
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box a descheduled worker thread
+    makes every op ~20x slower (measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@dataclass
+class Tiny:
+    folder: str
+    pipe: Pipeline
+
+
+def _sd2_tiny():
+    """SD2's shapes at tiny size: OpenCLIP-style text (gelu, pad "!" = 0), linear proj_in/out, v-prediction, and a
+    non-default scheduler (zero terminal SNR, trailing spacing: SD2.1-style fine-tunes) that both sides must read
+    from scheduler_config.json."""
+    t = PRESETS["tiny"]
+    return replace(t, text=replace(t.text, hidden_act="gelu", pad_token_id=0),
+                   unet=replace(t.unet, use_linear_projection=True, num_heads=(1, 2, 2, 2)),
+                   prediction_type="v_prediction",
+                   scheduler=SchedulerConfig(timestep_spacing="trailing", rescale_betas_zero_snr=True))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, one_thread):
+    out = {}
+    for name, cfg in {"sd1": PRESETS["tiny"], "sd1-inpaint": PRESETS["tiny-inpaint"], "sd2": _sd2_tiny()}.items():
+        folder = save_model(init_model(cfg, seed=1), tmp_path_factory.mktemp(name) / "model")
+        out[name] = Tiny(str(folder), Pipeline.from_pretrained(folder, device="cpu", dtype=torch.float32))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ref(models):
+    """ref(model, kind, sampler): a diffusers pipeline over the components loaded once from our folder."""
+    import diffusers
+
+    loaded = {}
+
+    def get(model: str, kind: str, sampler: str):
+        if model not in loaded:
+            cls = diffusers.StableDiffusionInpaintPipeline if model == "sd1-inpaint" else \
+                diffusers.StableDiffusionPipeline
+            loaded[model] = cls.from_pretrained(models[model].folder, safety_checker=None, feature_extractor=None,
+                                                requires_safety_checker=False)
+        parts = dict(loaded[model].components, requires_safety_checker=False)
+        cls = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
+               "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]
+        pipe = cls(**parts)
+        extra = {"use_karras_sigmas": sampler.endswith("karras")} if sampler.startswith("dpmpp") else {}
+        pipe.scheduler = getattr(diffusers, RECIPES[sampler].scheduler).from_config(pipe.scheduler.config, **extra)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    return get
+
+
+def generators(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def images(n, h=64, w=64, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):  # smooth colour ramps plus noise: VAE latents of real-looking variety
+        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+        base = np.stack([yy, xx, 1 - yy], -1) * rng.uniform(100, 255, 3)
+        out.append(Image.fromarray(np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)))
+    return out
+
+
+def rect_masks(n, h=64, w=64, seed=0, soft=True):
+    """'L' masks, white = repaint: a random rectangle with an anti-aliased rim (values strictly between 0, 255)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        m = np.zeros((h, w), np.uint8)
+        y, x = rng.integers(4, h // 3), rng.integers(4, w // 3)
+        m[y:y + h // 2, x:x + w // 2] = 255
+        if soft:
+            m[y - 1, x:x + w // 2] = 128
+            m[y:y + h // 2, x - 1] = 77
+        out.append(Image.fromarray(m))
+    return out
+
+
+def latents_of(pipe, imgs):
+    """The scaled image latents our pipeline samples from: the VAE posterior mean times the scaling factor."""
+    return pipe.backend.vae_encode(M.image_to_tensor(imgs)) * pipe.config.scaling_factor
+
+
+def max_diff(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+
+
+def u8(img) -> np.ndarray:
+    return np.asarray(img).astype(np.int16)
+
+
+# ------------------------------------------------------------------------------------------ parity with diffusers
+
+def test_diffusers_reads_our_text_encoder_folder(models, ref):
+    """transformers 5 saves CLIPTextModel without the `text_model.` key level; our folder must still load into
+    transformers with every weight (a missing one would be randomly initialised and differ)."""
+    pipe = models["sd2"].pipe
+    d = ref("sd2", "txt2img", "ddim")
+    ids = pipe.backend.tokenizer(PROMPTS + ["wow!!!"])
+    assert torch.equal(ids, d.tokenizer(PROMPTS + ["wow!!!"], padding="max_length", max_length=77,
+                                        truncation=True, return_tensors="pt").input_ids)
+    with torch.no_grad():
+        assert torch.allclose(pipe.backend.encode_text(ids), d.text_encoder(ids)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("model,sampler", [("sd1", "ddim"), ("sd1", "euler"), ("sd1", "dpmpp-2m"),
+                                           ("sd2", "euler"), ("sd2", "ddim")])
+def test_generate_equals_diffusers(models, ref, model, sampler):
+    """A batch of two prompts, guidance 7.5, the same initial latents; sd2 also checks v-prediction and that the
+    folder's scheduler config (zero SNR, trailing spacing) is honoured as diffusers honours it."""
+    pipe = models[model].pipe
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = pipe.generate(PROMPTS, negative_prompt="blurry", steps=5, sampler=sampler, guidance_scale=7.5,
+                         latents=noise, output_type="np", progress=False, seed=[1, 2])
+    theirs = ref(model, "txt2img", sampler)(PROMPTS, negative_prompt=["blurry"] * 2, num_inference_steps=5,
+                                            guidance_scale=7.5, latents=noise.clone(), output_type="np",
+                                            height=64, width=64).images
+    assert ours.images.shape == theirs.shape == (2, 64, 64, 3) and ours.images.dtype == np.float32
+    assert theirs.std() > 0.05  # a real picture, not a clamped constant
+    assert max_diff(ours.images, theirs) <= TOL
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp-2m"])
+def test_inpaint_9_channels_equals_diffusers(models, ref, sampler):
+    """Paste-back off and diffusers' mask conventions (binarise at 0.5, nearest resize, no dilation): the same
+    output as StableDiffusionInpaintPipeline given our masked-image latents, which equal its VAE's posterior mean
+    (diffusers itself would draw a posterior sample from the generator)."""
+    pipe = models["sd1-inpaint"].pipe
+    imgs, masks, seeds = images(2), rect_masks(2), [3, 4]
+    ours = pipe.inpaint(imgs, masks, prompt=PROMPTS, seed=seeds, steps=5, sampler=sampler, paste_back=False,
+                        mask_mode="diffusers", mask_dilate=0, output_type="np", progress=False)
+    d = ref("sd1-inpaint", "inpaint", sampler)
+    masked = M.masked_image(M.image_to_tensor(imgs), M.to_repaint_mask(mask=masks))  # (2, 3, 64, 64)
+    masked_latents = pipe.backend.vae_encode(masked) * pipe.config.scaling_factor
+    with torch.no_grad():
+        mean = d.vae.encode(masked).latent_dist.mean * d.vae.config.scaling_factor
+    assert torch.allclose(masked_latents, mean, atol=1e-4)
+    theirs = d(prompt=PROMPTS, image=imgs, mask_image=masks, masked_image_latents=masked_latents, height=64,
+               width=64, num_inference_steps=5, guidance_scale=7.5, generator=generators(seeds), strength=1.0,
+               output_type="np").images
+    assert theirs.std() > 0.05
+    assert max_diff(ours.images, theirs) <= TOL
+
+
+@pytest.mark.parametrize("sampler,strength", [("ddim", 0.8), ("euler", 1.0)])
+def test_inpaint_4_channels_equals_diffusers(models, ref, sampler, strength):
+    """A plain 4-channel UNet: the known region is blended back after every step, as diffusers does. diffusers
+    gets the image as latents (our posterior mean), so neither side draws a posterior sample."""
+    pipe = models["sd1"].pipe
+    imgs, masks, seeds = images(2, seed=1), rect_masks(2, seed=1), [5, 6]
+    ours = pipe.inpaint(imgs, masks, prompt=PROMPTS, seed=seeds, steps=6, sampler=sampler, strength=strength,
+                        paste_back=False, mask_mode="diffusers", mask_dilate=0, output_type="np", progress=False)
+    x0 = latents_of(pipe, imgs)
+    theirs = ref("sd1", "inpaint", sampler)(
+        prompt=PROMPTS, image=x0, mask_image=masks, masked_image_latents=x0, height=64, width=64,
+        num_inference_steps=6, guidance_scale=7.5, generator=generators(seeds), strength=strength,
+        output_type="np").images
+    assert max_diff(ours.images, theirs) <= TOL
+
+
+def test_img2img_equals_diffusers(models, ref):
+    pipe = models["sd1"].pipe
+    imgs, seeds = images(2, seed=2), [7, 8]
+    ours = pipe.img2img(imgs, PROMPTS, strength=0.6, seed=seeds, steps=10, sampler="dpmpp-2m", output_type="np",
+                        progress=False)
+    theirs = ref("sd1", "img2img", "dpmpp-2m")(
+        prompt=PROMPTS, image=latents_of(pipe, imgs), strength=0.6, num_inference_steps=10, guidance_scale=7.5,
+        generator=generators(seeds), output_type="np").images
+    assert max_diff(ours.images, theirs) <= TOL
+
+
+# -------------------------------------------------------------------------------------------------- properties
+
+def test_mixed_strengths_equal_separate_calls(models):
+    pipe = models["sd1"].pipe
+    imgs, strengths, seeds = images(3, seed=3), [0.5, 0.9, 0.5], [11, 12, 13]
+    prompts = PROMPTS + ["a vase"]
+    both = pipe.img2img(imgs, prompts, strength=strengths, seed=seeds, steps=6, sampler="euler-a",
+                        output_type="np", progress=False)
+    assert both.seeds == seeds
+    for i in range(3):
+        alone = pipe.img2img(imgs[i], prompts[i], strength=strengths[i], seed=seeds[i], steps=6, sampler="euler-a",
+                             output_type="np", progress=False)
+        assert max_diff(both.images[i], alone.images[0]) <= TOL
+    assert max_diff(both.images[0], both.images[2]) > 0.05  # the items really differ
+
+
+def test_seed_gives_the_same_image_alone_or_in_a_batch(models):
+    pipe = models["sd1"].pipe
+    prompts = PROMPTS + ["a vase"]
+    batch = pipe.generate(prompts, seed=[5, 6, 7], steps=4, sampler="euler-a", progress=False)
+    for i, p in enumerate(prompts):
+        alone = pipe.generate(p, seed=5 + i, steps=4, sampler="euler-a", progress=False)
+        assert np.abs(u8(batch.images[i]) - u8(alone.images[0])).max() <= 2  # 2/255
+    # num_images_per_prompt k: seeds s, s+1, ...; an int seed over n prompts gives item m the seed s + m
+    two = pipe.generate(prompts[0], seed=40, num_images_per_prompt=2, steps=4, sampler="euler-a", progress=False)
+    assert two.seeds == [40, 41]
+    second = pipe.generate(prompts[0], seed=41, steps=4, sampler="euler-a", progress=False)
+    assert np.abs(u8(two.images[1]) - u8(second.images[0])).max() <= 2
+    assert pipe.generate(prompts[:2], seed=9, num_images_per_prompt=2, steps=1, progress=False,
+                         output_type="latent").seeds == [9, 10, 11, 12]
+    drawn = pipe.generate(prompts[0], steps=3, progress=False)  # seed None: random, reported back
+    again = pipe.generate(prompts[0], seed=drawn.seeds[0], steps=3, progress=False)
+    assert np.array_equal(u8(drawn.images[0]), u8(again.images[0]))
+
+
+@pytest.mark.parametrize("model", ["sd1", "sd1-inpaint"])
+@pytest.mark.parametrize("crop_padding,color_match", [(None, False), (6, True)])
+def test_paste_back_keeps_kept_pixels_bit_identical(models, model, crop_padding, color_match):
+    """67x45 (HxW, not multiples of 8), a product mask with a soft edge, feathering, optional crop + colour match:
+    every pixel outside the repaint mask is the input's, bit for bit; the output has the input's size."""
+    pipe = models[model].pipe
+    img = images(1, 67, 45, seed=4)[0]
+    product = 255 - np.asarray(rect_masks(1, 67, 45, seed=4)[0])  # white = the product to keep
+    product[30:34, 5:40] = 255  # a thin shelf: repaint region only a few pixels tall between product parts
+    out = pipe.inpaint(img, product_mask=Image.fromarray(product), prompt="on a beach", seed=3, steps=3,
+                       crop_padding=crop_padding, color_match=color_match, mask_blur=4, progress=False)
+    res, src = u8(out.images[0]), u8(img)
+    assert res.shape == src.shape == (67, 45, 3)
+    kept = product == 255  # repaint mask == 0
+    assert np.array_equal(res[kept], src[kept])
+    assert np.abs(res[~kept] - src[~kept]).mean() > 5  # the background really was repainted
+
+
+def test_four_channel_loop_keeps_the_known_region(models):
+    """After every step the known latents (latent mask 0) are the image latents noised to the next level with the
+    item's own initial noise, and clean image latents at the end (samplers.blend_known_region)."""
+    pipe = models["sd1"].pipe
+    img, mask, seed, steps = images(1, seed=5), rect_masks(1, seed=5, soft=False), 21, 5
+    seen = []
+    out = pipe.inpaint(img, mask, prompt="x", seed=seed, steps=steps, sampler="dpmpp-2m", output_type="latent",
+                       mask_dilate=1, progress=False, callback=lambda i, x: seen.append(x.clone()))
+    x0 = latents_of(pipe, img)
+    noise = per_item_randn(x0.shape, [torch.Generator().manual_seed(seed)])
+    known = M.latent_mask(M.dilate(M.to_repaint_mask(mask=mask), 8)) == 0  # (1, 1, 8, 8)
+    known = known.expand_as(x0)
+    assert 0 < known.float().mean() < 1 and len(seen) == steps
+    sigmas = build_schedule("dpmpp-2m", steps, pipe.config.scheduler).sigmas.tolist()
+    for i, x in enumerate(seen[:-1]):
+        assert torch.allclose(x[known], (x0 + noise * sigmas[i + 1])[known], atol=1e-5)
+    assert torch.allclose(out.images[known], x0[known], atol=1e-5)
+    assert (out.images[~known] - x0[~known]).abs().mean() > 0.1  # the repaint region moved
+
+
+def test_rgba_alpha_convention_equals_explicit_mask(models):
+    """OpenAI's convention (alpha 0 = repaint) gives the same result as the equivalent white-is-repaint mask with
+    no feathering (the default blur for cutouts is 0)."""
+    pipe = models["sd1-inpaint"].pipe
+    rgb = images(1, seed=6)[0]
+    alpha = 255 - np.asarray(rect_masks(1, seed=6)[0])
+    rgba = Image.fromarray(np.dstack([np.asarray(rgb), alpha]), "RGBA")
+    a = pipe.inpaint(rgba, prompt="x", seed=2, steps=3, progress=False, output_type="np")
+    b = pipe.inpaint(rgb, Image.fromarray(255 - alpha), prompt="x", seed=2, steps=3, mask_blur=0, progress=False,
+                     output_type="np")
+    assert np.array_equal(a.images, b.images)
+    with pytest.raises(ValueError, match="no mask: give mask="):
+        pipe.inpaint(rgb, prompt="x", steps=2, progress=False)
+
+
+def test_all_black_mask_returns_the_input(models):
+    pipe = models["sd1-inpaint"].pipe
+    imgs, masks = images(2, seed=7), rect_masks(2, seed=7)
+    black = Image.new("L", (64, 64), 0)
+    out = pipe.inpaint(imgs, [masks[0], black], prompt="x", seed=[1, 2], steps=2, progress=False)
+    assert out.unchanged == [1] and out.seeds == [1, 2]
+    assert np.array_equal(np.asarray(out.images[1]), np.asarray(imgs[1]))
+    alone = pipe.inpaint(imgs[0], masks[0], prompt="x", seed=1, steps=2, progress=False)
+    assert np.abs(u8(out.images[0]) - u8(alone.images[0])).max() <= 2
+    only = pipe.inpaint(imgs[1], black, prompt="x", steps=2, progress=False, output_type="np")
+    assert only.unchanged == [0] and np.array_equal((only.images[0] * 255).round().astype(np.uint8),
+                                                    np.asarray(imgs[1]))
+    with pytest.raises(ValueError, match="nothing to repaint; output_type='latent'"):
+        pipe.inpaint(imgs[1], black, prompt="x", steps=2, progress=False, output_type="latent")
+
+
+def test_output_types_sizes_and_nine_channel_generate(models):
+    pipe = models["sd1-inpaint"].pipe  # generate on an inpainting UNet: mask 1, grey masked image
+    pil = pipe.generate("x", height=45, width=67, steps=2, seed=0, progress=False)
+    assert isinstance(pil, Output) and [im.size for im in pil.images] == [(67, 45)]
+    arr = pipe.generate("x", height=45, width=67, steps=2, seed=0, progress=False, output_type="np")
+    assert arr.images.shape == (1, 45, 67, 3) and 0 <= arr.images.min() and arr.images.max() <= 1
+    assert np.abs(u8(pil.images[0]) - (arr.images[0] * 255).round()).max() <= 1
+    lat = pipe.generate("x", height=45, width=67, steps=2, seed=0, progress=False, output_type="latent")
+    assert lat.images.shape == (1, 4, 6, 9)  # 45x67 sampled at 48x72
+    assert pipe.generate("x", steps=1, progress=False, output_type="np").images.shape == (1, 64, 64, 3)
+    odd = pipe.inpaint(images(1, 67, 45)[0], rect_masks(1, 67, 45)[0], prompt="x", steps=1, progress=False,
+                       paste_back=False, color_match=True, output_type="np")
+    assert odd.images.shape == (1, 67, 45, 3)
+
+
+def test_callback_progress_and_interrupt(models, capsys):
+    import threading
+
+    pipe = models["sd1"].pipe
+    steps_seen = []
+    pipe.generate("x", steps=4, seed=0, progress=False, output_type="latent",
+                  callback=lambda i, x: steps_seen.append((i, tuple(x.shape))))
+    assert steps_seen == [(i, (1, 4, 8, 8)) for i in range(4)]
+    assert capsys.readouterr().err == ""
+    pipe.generate("x", steps=2, seed=0, progress=True, output_type="latent")
+    assert "0/2" in capsys.readouterr().err  # tqdm's bar on stderr (later refreshes are rate-limited)
+    stop = threading.Event()
+    with pytest.raises(SamplingInterrupted, match="before step 2"):
+        pipe.generate("x", steps=5, seed=0, progress=False, interrupt=stop,
+                      callback=lambda i, x: stop.set() if i == 1 else None)
+
+
+def test_text_is_encoded_once_per_distinct_prompt(models):
+    calls = []
+    backend = models["sd1"].pipe.backend
+
+    class Counting(TorchBackend):
+        def __init__(self):  # share the loaded model; count what reaches the text encoder
+            self.__dict__.update(backend.__dict__)
+
+        def encode_text(self, input_ids):
+            calls.append(input_ids.shape[0])
+            return super().encode_text(input_ids)
+
+    pipe = Pipeline(Counting())
+    pipe.generate(["a", "b", "a"], negative_prompt="", num_images_per_prompt=2, steps=1, progress=False,
+                  output_type="latent")
+    assert calls == [3]  # "a", "b" and the negative "", in one call
+    calls.clear()
+    pipe.generate(["a", "b"], guidance_scale=1.0, steps=1, progress=False, output_type="latent")
+    assert calls == [2]  # no guidance: no negative prompt to encode
+
+
+def test_a_backends_latent_multiple_is_honoured(models):
+    """Exported UNets (export/ort_backend.py) need latent sides that are multiples of `latent_multiple`: the
+    pipeline pads images to 8 * that (replicate where reflection cannot reach) and crops back."""
+    backend = models["sd1"].pipe.backend
+
+    class Coarse(TorchBackend):
+        latent_multiple = 4  # 32 px
+
+        def __init__(self):
+            self.__dict__.update(backend.__dict__)
+
+        def unet(self, latents, t, context):
+            assert latents.shape[-2] % 4 == 0 and latents.shape[-1] % 4 == 0, latents.shape
+            return super().unet(latents, t, context)
+
+    pipe = Pipeline(Coarse())
+    lat = pipe.generate("x", height=45, width=67, steps=1, seed=0, progress=False, output_type="latent")
+    assert lat.images.shape == (1, 4, 8, 12)  # 45x67 sampled at 64x96
+    hole = np.zeros((20, 13), np.uint8)
+    hole[5:12, 3:9] = 255
+    small = pipe.inpaint(images(1, 20, 13)[0], Image.fromarray(hole), prompt="x", steps=1, progress=False)
+    assert small.images[0].size == (13, 20)
+
+
+def test_loading_single_file_names_and_defaults(models, tmp_path):
+    sd1 = models["sd1"]
+    single = save_model(sd1.pipe.backend.model, tmp_path / "tiny.safetensors", layout="ldm")
+    a = Pipeline.from_pretrained(single, device="cpu", dtype="fp32").generate("x", steps=2, seed=1,
+                                                                            progress=False, output_type="np")
+    b = sd1.pipe.generate("x", steps=2, seed=1, progress=False, output_type="np")
+    assert max_diff(a.images, b.images) <= 1e-5  # same weights; the LDM layout's reshaped tensors round alike
+    with pytest.raises(FileNotFoundError, match=r"'no-such-model'.*not a built-in model \(built-in: "):
+        resolve_model("no-such-model")
+    with pytest.raises(TypeError, match="is not a Backend"):
+        Pipeline(object())
+    assert default_dtype("cuda") == torch.float16
+    assert default_dtype("cpu") in (torch.float32, torch.bfloat16)  # bf16 where the CPU has avx512_bf16/AMX
+    assert unet_width(Path(sd1.folder)) == unet_width(single) == 64  # read from config.json / file metadata
+    assert default_dtype("cpu", 64) == torch.float32  # tiny models are overhead-bound: bf16 does not pay
+    assert parse_dtype("bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype 'int8' is not one of"):
+        parse_dtype("int8")
+
+
+def test_bad_inputs_are_named(models):
+    pipe = models["sd1-inpaint"].pipe
+    img = images(1)[0]
+    small = Image.new("L", (32, 32), 255)
+    with pytest.raises(ValueError, match=r"mask is 32x32 \(HxW\) but the image is 64x64"):
+        pipe.inpaint(img, small, prompt="x", steps=2, progress=False)
+    with pytest.raises(ValueError, match="not both"):
+        pipe.inpaint(img, small, product_mask=small, prompt="x", progress=False)
+    with pytest.raises(ValueError, match="output_type 'jpg' is not one of pil, np, latent"):
+        pipe.generate("x", output_type="jpg")
+    with pytest.raises(ValueError, match=r"latents must be a tensor of shape \(2, 4, 8, 8\)"):
+        pipe.generate(["a", "b"], latents=torch.zeros(1, 4, 8, 8), steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"strength 1.5 must be a number in \(0, 1\]"):
+        pipe.img2img(img, "x", strength=1.5)
+    with pytest.raises(ValueError, match="seed -1 must be an int"):
+        pipe.generate("x", seed=-1)
+    with pytest.raises(ValueError, match="image: 2 values for 3 requests"):
+        pipe.img2img([img, img], ["a", "b", "c"])
+    with pytest.raises(ValueError, match="unknown sampler 'plms'"):
+        pipe.generate("x", sampler="plms", progress=False)
