@@ -1,0 +1,66 @@
+"""Inpainting quality of a model on held-out scenes of the synthetic world (train/evaluate.py): how often the
+generated backdrop shows the prompted floor / backdrop / sky / wall colour, against the ceiling (true renders of
+the prompted scenes), chance and an empty-prompt control; object expansion; product pixels kept.
+
+    .venv/bin/python benchmarks/quality.py [--model backdrop-tiny] [--n 64] [--steps 20] [--guidance-scale 4]
+
+Prints the model card's markdown tables and writes benchmarks/results/quality-<model name>.json (the settings,
+the machine, the commit and every figure).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="backdrop-tiny")
+    ap.add_argument("--n", type=int, default=64, help="held-out scenes (default: %(default)s)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--sampler", default="dpmpp-2m")
+    ap.add_argument("--guidance-scale", type=float, default=4.0)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--no-control", dest="control", action="store_false", help="skip the empty-prompt control run")
+    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/quality-<model>.json)")
+    args = ap.parse_args()
+
+    from backdrop.diffusion.pipeline import Pipeline
+    from backdrop.train.evaluate import evaluate_inpainting, format_report
+
+    pipe = Pipeline.from_pretrained(args.model)
+
+    def inpaint_fn(images, product_masks, prompts, seeds):
+        out = pipe.inpaint(image=images, product_mask=product_masks, prompt=prompts, seed=list(seeds),
+                           steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
+                           output_type="np", progress=False)
+        return (np.asarray(out.images) * 255).round().astype(np.uint8)
+
+    start = time.perf_counter()
+    report = evaluate_inpainting(inpaint_fn, n=args.n, size=pipe.config.image_size, control=args.control,
+                                 batch_size=args.batch_size)
+    seconds = time.perf_counter() - start
+    print(format_report(report))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    report |= {"model": str(args.model), "steps": args.steps, "sampler": args.sampler,
+               "guidance_scale": args.guidance_scale, "seconds": round(seconds, 1), "date": str(date.today()),
+               "commit": commit, "torch": torch.__version__, "dtype": str(pipe.backend.dtype)}
+    name = Path(str(args.model)).name.removesuffix(".safetensors")
+    path = Path(args.out) if args.out else RESULTS / f"quality-{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path} ({seconds:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
