@@ -3,6 +3,7 @@ generated backdrop shows the prompted floor / backdrop / sky / wall colour, agai
 the prompted scenes), chance and an empty-prompt control; object expansion; product pixels kept.
 
     .venv/bin/python benchmarks/quality.py [--model backdrop-tiny] [--n 64] [--steps 20] [--guidance-scale 4]
+                                          [--mask-dilate 1] [--out FILE]
 
 Prints the model card's markdown tables and writes benchmarks/results/quality-<model name>.json (the settings,
 the machine, the commit and every figure).
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--sampler", default="dpmpp-2m")
     ap.add_argument("--guidance-scale", type=float, default=4.0)
+    ap.add_argument("--mask-dilate", type=int, default=1, help="Pipeline.inpaint's mask_dilate (default: 1)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--no-control", dest="control", action="store_false", help="skip the empty-prompt control run")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/quality-<model>.json)")
@@ -42,7 +44,7 @@ def main() -> None:
     def inpaint_fn(images, product_masks, prompts, seeds):
         out = pipe.inpaint(image=images, product_mask=product_masks, prompt=prompts, seed=list(seeds),
                            steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
-                           output_type="np", progress=False)
+                           mask_dilate=args.mask_dilate, output_type="np", progress=False)
         return (np.asarray(out.images) * 255).round().astype(np.uint8)
 
     start = time.perf_counter()
@@ -53,8 +55,8 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
     report |= {"model": str(args.model), "steps": args.steps, "sampler": args.sampler,
-               "guidance_scale": args.guidance_scale, "seconds": round(seconds, 1), "date": str(date.today()),
-               "commit": commit, "torch": torch.__version__, "dtype": str(pipe.backend.dtype)}
+               "guidance_scale": args.guidance_scale, "mask_dilate": args.mask_dilate, "seconds": round(seconds, 1),
+               "date": str(date.today()), "commit": commit, "torch": torch.__version__, "dtype": str(pipe.backend.dtype)}
     name = Path(str(args.model)).name.removesuffix(".safetensors")
     path = Path(args.out) if args.out else RESULTS / f"quality-{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from backdrop.diffusion import masks as M
-from backdrop.diffusion.pipeline import (Output, Pipeline, SamplingInterrupted, default_dtype, parse_dtype,
-                                         resolve_model, unet_width)
+from backdrop.diffusion.pipeline import (Output, Pipeline, SamplingInterrupted, builtin_models, default_dtype,
+                                         parse_dtype, resolve_model, unet_width)
 from backdrop.diffusion.samplers import per_item_randn
 from backdrop.diffusion.schedule import RECIPES, build_schedule
 from backdrop.export.backends import TorchBackend
@@ -433,3 +433,23 @@ def test_bad_inputs_are_named(models):
         pipe.img2img([img, img], ["a", "b", "c"])
     with pytest.raises(ValueError, match="unknown sampler 'plms'"):
         pipe.generate("x", sampler="plms", progress=False)
+
+
+def test_builtin_model_opens_by_name_and_keeps_the_example_product():
+    """The shipped backdrop-tiny (assets/) opens by name and repaints around the example product, keeping every
+    product pixel; the files `make demo` uses are in the package."""
+    from importlib import resources
+
+    assets = Path(str(resources.files("backdrop.assets")))
+    assert "backdrop-tiny" in builtin_models()
+    assert resolve_model("backdrop-tiny") == assets / "backdrop-tiny"
+    pipe = Pipeline.from_pretrained("backdrop-tiny", device="cpu")
+    assert pipe.config.unet.in_channels == 9 and pipe.backend.dtype == torch.float32  # fp16 on disk, fp32 here
+    image = Image.open(assets / "example-product.png")
+    product = np.asarray(Image.open(assets / "example-mask.png")) > 127
+    out = pipe.inpaint(image, product_mask=Image.fromarray(product), prompt="on the grass in front of a night sky",
+                       steps=4, seed=3, progress=False, output_type="np")
+    got = (out.images[0] * 255).round().astype(np.uint8)
+    assert got.shape == np.asarray(image).shape and product.any()
+    assert (got[product] == np.asarray(image)[product]).all()  # the product, bit-identical
+    assert np.abs(got[~product].astype(int) - np.asarray(image)[~product]).mean() > 10  # the backdrop, repainted
