@@ -12,12 +12,16 @@ from __future__ import annotations
 import os
 
 import torch
-import triton.language as tl
 
-from . import attention as _attention_mod
-from . import group_norm as _group_norm_mod
-from .attention import attention_ref
-from .group_norm import group_norm_ref
+from .reference import attention_ref, group_norm_ref
+
+try:
+    import triton.language as tl
+
+    from . import attention as _attention_mod
+    from . import group_norm as _group_norm_mod
+except ImportError:  # Triton ships for Linux only: elsewhere "auto" always runs the torch references
+    tl = _attention_mod = _group_norm_mod = None
 
 __all__ = ["attention", "group_norm", "attention_ref", "group_norm_ref"]
 
@@ -33,7 +37,9 @@ def _choose(impl: str, x: torch.Tensor, supported) -> str:
     if impl not in IMPLS:
         raise ValueError(f"{source}={impl!r}: kernel impl must be one of {', '.join(IMPLS)}")
     if impl == "auto":
-        return "triton" if x.is_cuda and supported() else "torch"
+        return "triton" if x.is_cuda and tl is not None and supported() else "torch"
+    if impl == "triton" and tl is None:
+        raise ValueError(f"{source}='triton': Triton is not installed here (it ships for Linux); use impl='torch'")
     if impl == "triton" and not x.is_cuda:
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"Triton kernels on a {x.device.type} tensor need TRITON_INTERPRET=1 (set before "

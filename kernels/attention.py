@@ -1,4 +1,4 @@
-"""Flash attention in Triton, forward and backward, and its pure-torch reference `attention_ref`.
+"""Flash attention in Triton, forward and backward (the pure-torch reference `attention_ref` is in reference.py).
 
 Algorithm: FlashAttention-2 (Dao 2023, arXiv:2307.08691), the layout of Triton's tutorial 06 "Fused Attention".
 The forward streams key/value blocks through an online softmax (running max `m_i`, running sum `l_i`) in base 2
@@ -25,9 +25,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from .reference import attention_ref  # noqa: F401  (re-exported: the tests compare against it)
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the native instruction
 MAX_HEAD_DIM = 256  # at most 256 lanes of q, k, v per row; beyond that the tiles no longer fit on chip
@@ -559,8 +560,3 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 
     scale defaults to 1/sqrt(D); causal is top-left aligned (query i sees keys j <= i), as in SDPA."""
     return _FlashAttention.apply(q, k, v, causal, scale)
-
-
-def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, scale: float | None = None):
-    """softmax(q kᵀ · scale) v.  q (B, H, Sq, D), k/v (B, H, Sk, D) -> (B, H, Sq, D)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)

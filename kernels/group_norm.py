@@ -1,4 +1,4 @@
-"""GroupNorm (+ fused SiLU) in Triton, forward and backward, and its pure-torch reference `group_norm_ref`.
+"""GroupNorm (+ fused SiLU) in Triton, forward and backward (the torch reference `group_norm_ref` is in reference.py).
 
 Layout. x (B, C, *spatial) is read as (B, C, L) with L = prod(spatial) through three strides, so NCHW
 (stride_l = 1), channels-last (stride_c = 1) and 3-D (B, C, L) inputs run the same kernels. A program owns BLOCK_G
@@ -27,9 +27,10 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from .reference import group_norm_ref  # noqa: F401  (re-exported: the tests compare against it)
 
 # Elements per tile held in registers (fp32): 4096 across 4-16 warps is 8-32 registers a thread.
 TILE = 4096
@@ -463,9 +464,3 @@ def group_norm(x: torch.Tensor, num_groups: int, weight=None, bias=None, eps: fl
 
     The output keeps x's memory format (channels_last in, channels_last out)."""
     return _GroupNorm.apply(x, num_groups, weight, bias, eps, silu)
-
-
-def group_norm_ref(x: torch.Tensor, num_groups: int, weight=None, bias=None, eps: float = 1e-5, silu: bool = False):
-    """F.group_norm then optional SiLU.  x (B, C, *spatial)."""
-    y = F.group_norm(x, num_groups, weight, bias, eps)
-    return F.silu(y) if silu else y

@@ -251,3 +251,32 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         kernels.attention(*_qkv(), impl="triton")
+
+
+def test_without_triton_everything_runs_the_torch_reference():
+    """Triton ships for Linux only: without it the package still imports, "auto" runs the references and an
+    explicit impl="triton" says why it cannot (a fresh process in which `import triton` fails)."""
+    code = """
+import sys
+sys.modules["triton"] = None  # makes `import triton` raise ImportError
+import torch
+from backdrop import kernels
+from backdrop.nn.checkpoint import init_model
+q = torch.randn(1, 2, 5, 8)
+assert torch.equal(kernels.attention(q, q, q), kernels.attention_ref(q, q, q))
+x = torch.randn(2, 8, 3, 3)
+assert torch.equal(kernels.group_norm(x, 4, silu=True), kernels.group_norm_ref(x, 4, silu=True))
+try:
+    kernels.attention(q, q, q, impl="triton")
+    raise SystemExit("no error")
+except ValueError as e:
+    assert "Triton is not installed" in str(e), e
+m = init_model("tiny")
+m.unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, m.config.unet.cross_attention_dim))
+print("ok")
+"""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
