@@ -87,7 +87,7 @@ def _size(text: str | None) -> tuple[int, int] | None:
 def _onnx(args) -> int:
     import torch
 
-    from backdrop.diffusion.pipeline import resolve_model
+    from backdrop.nn.resolve import resolve_model
     from backdrop.export.onnx import COMPONENTS, ExportError, export_onnx
     from backdrop.nn.checkpoint import load_model
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from backdrop.nn import ldm_keys
 from backdrop.nn.checkpoint import CheckpointError, Model, _meta_modules, init_model, load_model, save_model
 from backdrop.nn.config import PRESETS, ModelConfig, TextConfig, UNetConfig, VAEConfig
+from backdrop.nn.testing import rel_err
 from backdrop.nn.tokenizer import Tokenizer
 
 # Tiny, but in the real layouts: 4 UNet levels, 2 resnets a level, attention on 3 levels; SD1 = 8 heads a level
@@ -74,10 +75,6 @@ def ldm_state_dict(cfg: ModelConfig, ref) -> dict:
     unet, vae, text = ref
     return ldm_keys.to_ldm(cfg, {"unet": unet.state_dict(), "vae": vae.state_dict(),
                                  "text_encoder": text_state_dict(text)})
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
 def assert_same_tensors(a: Model, b: Model) -> None:

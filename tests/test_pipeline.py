@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 
 from backdrop.diffusion import masks as M
-from backdrop.diffusion.pipeline import (Output, Pipeline, SamplingInterrupted, builtin_models, default_dtype,
-                                         parse_dtype, resolve_model, unet_width)
+from backdrop.diffusion.pipeline import Output, Pipeline, SamplingInterrupted
 from backdrop.diffusion.samplers import per_item_randn
 from backdrop.diffusion.schedule import RECIPES, build_schedule
 from backdrop.export.backends import TorchBackend
 from backdrop.nn.checkpoint import init_model, save_model
 from backdrop.nn.config import PRESETS, SchedulerConfig
+from backdrop.nn.resolve import builtin_models, default_dtype, parse_dtype, resolve_model, unet_width
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
                                         "ignore::UserWarning")

@@ -5,13 +5,13 @@ with 4 levels, 2 resnets a level and attention on three, so every layout rule ru
 the up path, head splitting, both projection orders, odd latent sides (13x10) that force the up path to land on
 the skip sizes, 4- and 9-channel inputs, fractional timesteps. One test runs the full sd15-inpaint size.
 """
-import math
 import os
 
 import pytest
 import torch
 
 from backdrop.nn.config import PRESETS, UNetConfig, replace
+from backdrop.nn.testing import randomize_, rel_err
 from backdrop.nn.unet import UNet
 
 diffusers = pytest.importorskip("diffusers")
@@ -26,22 +26,6 @@ CONFIGS = {
     "sd2": SD2_TINY,
     "sd2-inpaint": replace(SD2_TINY, in_channels=9),
 }
-
-
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Every parameter random (zero-initialised ones such as conv_out would otherwise hide bugs), scaled by
-    1/sqrt(fan_in) so activations stay O(1) through the whole depth and a relative error means something."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.dim() == 1:  # norm weights near 1, biases near 0
-            p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.1, generator=g)
-        else:
-            p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def build_pair(cfg: UNetConfig, seed: int = 0):

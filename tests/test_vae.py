@@ -4,13 +4,13 @@ A tiny config with 4 levels (8x downsampling, 2 resnets a level, the single-head
 VAE at a small image; the posterior's mean/logvar/sample/kl against diffusers' DiagonalGaussianDistribution;
 the sub-pixel upsample path against interpolate + conv, values and gradients.
 """
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from backdrop.nn.config import PRESETS, VAEConfig
+from backdrop.nn.testing import randomize_, rel_err
 from backdrop.nn.layers import Upsample2D, upsample_conv_subpixel
 from backdrop.nn.vae import VAE, DiagonalGaussian
 
@@ -18,21 +18,6 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
 
 TINY = VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=2, norm_num_groups=8, sample_size=64)
-
-
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Every parameter random, 1/sqrt(fan_in)-scaled so activations stay O(1) (see tests/test_unet.py)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.dim() == 1:  # norm weights near 1, biases near 0
-            p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.1, generator=g)
-        else:
-            p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def build_pair(cfg: VAEConfig, seed: int = 0):
