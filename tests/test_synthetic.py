@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from backdrop.train import synthetic
+from backdrop.train import products
 from backdrop.train.synthetic import COLOURS, VOCAB, WALL_COLOURS, World, vocabulary
 
 
@@ -113,12 +113,12 @@ def test_overrides_pin_one_attribute_and_keep_the_rest():
 @pytest.mark.parametrize("product", VOCAB["product"])
 def test_products_stay_inside_their_declared_extents(product):
     """The renderer draws a product only inside its EXTENTS box; a shape spilling out would be cut off."""
-    left, right, height, _ = synthetic.EXTENTS[product]
+    left, right, height, _ = products.EXTENTS[product]
     for mirror in (1, -1):
-        geo = synthetic._Placement(product, scale=0.25, cx=0.5, base=0.75, mirror=mirror, light=0.5)
+        geo = products._Placement(product, scale=0.25, cx=0.5, base=0.75, mirror=mirror, light=0.5)
         n = 1000
         y = ((np.arange(n, dtype=np.float32) + 0.5) / n)[:, None]
-        inside, _ = synthetic._draw_product(y.reshape(1, n), y, geo, np.float32([200, 40, 40]), "dotted")
+        inside, _ = products._draw_product(y.reshape(1, n), y, geo, np.float32([200, 40, 40]), "dotted")
         ys, xs = np.nonzero(inside)
         p = ((xs + 0.5) / n - 0.5) / 0.25
         q = (0.75 - (ys + 0.5) / n) / 0.25

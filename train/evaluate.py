@@ -288,7 +288,7 @@ def _nearest_colour(x: np.ndarray, ref: np.ndarray, pixels: tuple, r: int) -> np
 @dataclass(frozen=True)
 class ObjectExpansion:
     """How far a product's silhouette grows into the backdrop (definition in the module docstring)."""
-    ring: int = 3  # px: at 64x64 products are 22-35 px tall (synthetic._place), and 3 px of growth shows
+    ring: int = 3  # px: at 64x64 products are 22-35 px tall (products._place), and 3 px of growth shows
 
     def __post_init__(self):
         if not (isinstance(self.ring, int) and self.ring >= 1):
