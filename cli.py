@@ -43,8 +43,15 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line's entry point; argv None reads sys.argv. Run as a program (argv None), the process is ours,
+    so it keeps freed memory for reuse (backdrop.runtime; opt out with BACKDROP_MALLOC=system); called in-process
+    with argv, e.g. from tests, the host's allocator is left alone."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None:
+        from backdrop.runtime import keep_freed_memory
+
+        keep_freed_memory()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

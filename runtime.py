@@ -1,0 +1,44 @@
+"""Process-wide CPU settings that the `backdrop` command applies for its own process (never the library on its own:
+a library must not change how its host program allocates memory). Python API users call them explicitly.
+
+    import backdrop.runtime
+    backdrop.runtime.keep_freed_memory()   # before running a full-size model on the CPU
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+__all__ = ["keep_freed_memory"]
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt() parameter numbers (malloc.h)
+_INT_MAX = 2**31 - 1
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process for reuse instead of handing it back to the OS.
+
+    Why: glibc serves large blocks (above a threshold that never exceeds 32 MB) with a fresh mmap and unmaps them
+    on free, so every large activation of a full-size model is page-faulted in again, one zero-filled 4 KiB page at
+    a time. The SD1.5 VAE decoder at batch 4 x 256² (bf16, 2 threads, AMD EPYC) took 1.2 million page faults and
+    2.4 s of system time per call; with mmap and trimming off: 24 thousand faults, 0.04 s, and the decode went
+    from 6.88 s to 5.90 s (-14%); the UNet, whose activations are smaller, was unchanged; peak RSS unchanged
+    (6444 MB both). This is what the jemalloc/tcmalloc LD_PRELOAD of torch.backends.xeon.run_cpu buys, without
+    preloading anything.
+
+    The cost: the process's RSS stays at its peak until it exits (as with any caching allocator). Returns whether
+    the setting was applied: False on non-glibc systems, or when BACKDROP_MALLOC=system asks to leave malloc alone.
+    """
+    if os.environ.get("BACKDROP_MALLOC", "").lower() == "system":
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # mallopt returns 1 on success. Order matters little; both are needed: no mmap for large blocks (so they come
+    # from the heap and return to it), and no trimming of the heap's free top back to the OS.
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
