@@ -5,48 +5,19 @@ small, but the head dims are SD's real ones and every block boundary, diagonal a
 interpreter runs 64x32 query/key blocks (see attention._INTERPRET).
 """
 import os
+import sys
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Before the first import of triton: Triton decides interpreter vs compiler when a kernel is decorated. Without a
-    # GPU nothing else can run Triton, so setting it for the rest of the session harms no other test; on a GPU
-    # machine it stays unset and these tests run the compiled kernels on CUDA.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-
-from backdrop import kernels  # noqa: E402
-from backdrop.kernels.attention import (  # noqa: E402
+# TRITON_INTERPRET=1 (no GPU) is set by tests/conftest.py before anything imports triton.
+from backdrop import kernels
+from backdrop.kernels.attention import (
     _attention_bwd, _attention_fwd, _head_dim_split, attention_ref,
 )
+from triton_h100 import compile_for_h100  # tests/ is on sys.path (pyproject pythonpath)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Triton picks interpreter or compiler once, at its import. If a test module collected earlier imported it (through
-# backdrop.kernels) before this module set TRITON_INTERPRET, it stays in compiler mode (it cannot be re-imported),
-# and this file's tests run in a fresh pytest process instead (test_this_file_in_a_fresh_process). A
-# tests/conftest.py that sets TRITON_INTERPRET before any import makes that unnecessary.
-STALE_TRITON = DEVICE == "cpu" and not kernels._interpreted()
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_required(request):
-    if STALE_TRITON and request.node.name != "test_this_file_in_a_fresh_process":
-        pytest.skip("Triton was imported in compiler mode: test_this_file_in_a_fresh_process runs this test")
-
-
-@pytest.mark.skipif(not STALE_TRITON, reason="Triton is in interpreter mode: the tests run in this process")
-def test_this_file_in_a_fresh_process():
-    import subprocess
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", __file__], env=env,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
-                         text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-6000:]
-
-
 # Max |ours − float64 reference| / max |reference|. fp16/bf16 follow FlashAttention: P is rounded to the input
 # dtype before P·V (and dS before dS·K), so the error is a few units of that dtype's epsilon.
 TOL = {
@@ -142,50 +113,6 @@ def test_autograd_through_dispatch_keeps_layout_and_scale():
     assert _err(out.detach(), ref[0]) < TOL[torch.float32]["fwd"]
     for t, r in zip(x, ref[1:]):
         assert _err(t.grad.transpose(1, 2), r) < TOL[torch.float32]["bwd"]
-
-
-# Compiles kernels for an H100 (sm_90a) in a fresh interpreter without TRITON_INTERPRET: triton.compile runs the
-# real code generator and the bundled ptxas, no GPU needed. Prints, per kernel, what its PTX contains.
-COMPILE_FOR_H100 = r"""
-import importlib, json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-mod = importlib.import_module(sys.argv[1])
-POINTERS = dict.fromkeys("Q K V O DO DQ DK DV X Y W Bias DY DX".split())  # in the input dtype
-POINTERS.update(dict.fromkeys("O32 LSE DELTA PMEAN PM2 MEAN RSTD PS1 PS2 PDW PDB".split(), "fp32"))
-for name, dtype, constexprs, ints, warps, stages in json.loads(sys.argv[2]):
-    fn = getattr(mod, name).fn  # the autotuner's JITFunction
-    sig, attrs = {}, {}
-    for i, p in enumerate(fn.params):
-        if p.name in constexprs:
-            sig[p.name] = "constexpr"
-        elif ints.get(p.name) == 1:  # Triton's launcher turns an int argument equal to 1 into a constant
-            sig[p.name], constexprs[p.name] = "constexpr", 1
-        elif p.name in POINTERS:  # 16-byte aligned, as torch allocates them
-            sig[p.name] = "*" + (POINTERS[p.name] or dtype)
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[p.name] = "fp32" if p.name in ("qk_scale", "sm_scale", "eps") else "i32"
-            if ints.get(p.name, 1) % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=warps, num_stages=stages))
-    ptx = k.asm["ptx"]
-    print(json.dumps([name, k.metadata.shared, "wgmma" in ptx, "cp.async" in ptx, "ld.global.v4" in ptx]))
-"""
-
-
-def compile_for_h100(module: str, jobs: list) -> list:
-    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its NVIDIA backend")
-    import json
-    import subprocess
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    run = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100, module, json.dumps(jobs)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return [json.loads(line) for line in run.stdout.splitlines()]
 
 
 def test_kernels_compile_for_h100():
