@@ -14,6 +14,9 @@ SUBCOMMAND_MODULES = [
 ]
 
 
+LONG_RUNNING = {"serve"}  # commands that run until stopped: see main() on memory
+
+
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2, no traceback."""
 
@@ -44,11 +47,12 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line's entry point; argv None reads sys.argv. Run as a program (argv None), the process is ours,
-    so it keeps freed memory for reuse (backdrop.runtime; opt out with BACKDROP_MALLOC=system); called in-process
-    with argv, e.g. from tests, the host's allocator is left alone."""
+    so a one-shot job keeps freed memory for reuse (backdrop.runtime; opt out with BACKDROP_MALLOC=system); a
+    long-running server does not (its mix of shapes fragments a heap that never shrinks); called in-process with
+    argv, e.g. from tests, the host's allocator is left alone."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if argv is None:
+    if argv is None and args.command not in LONG_RUNNING:
         from backdrop.runtime import keep_freed_memory
 
         keep_freed_memory()

@@ -12,15 +12,15 @@ warms up with one 1-step image (page-faults the weights, builds oneDNN primitive
 and keeps the best. Besides wall-clock images/s we report CPU-seconds per image, which a shared machine disturbs
 less (wall time there depends on what else runs; the load average is printed with every row).
 
-Ratios: "same precision" is ours / diffusers at the same dtype, nothing else changed; "vs diffusers default" is ours
-at our default settings, the ones the `backdrop` command runs with (Pipeline.from_pretrained's default_dtype, and
-backdrop.runtime.keep_freed_memory on the CPU), / diffusers at its default, fp32. Quality: PSNR of each
-output against ours in fp32 on the same seeds. For text-to-image the two pipelines compute the same image (same
-per-item noise), so diffusers' PSNR there is a parity check; for inpainting they do not (ours dilates the mask and
-pastes the product back, diffusers samples the masked-image latents from the VAE posterior), so there it is only
-informative; the exact parity tests are tests/test_pipeline.py. Results: printed, and merged into
-benchmarks/results/pipeline-<device>.csv, keeping the best of all runs per configuration (rerun when the machine
-was busy: a run can only be slowed down by other work).
+Ratios: "same precision" is ours / diffusers at the same dtype, nothing else changed; "vs diffusers default" is
+ours at our default settings, the ones `backdrop generate` and `backdrop inpaint` run with
+(Pipeline.from_pretrained's default_dtype, and backdrop.runtime.keep_freed_memory on the CPU), / diffusers at its
+default, fp32. Quality: PSNR of each output against ours in fp32 on the same seeds. For text-to-image the two
+pipelines compute the same image (same per-item noise), so diffusers' PSNR there is a parity check; for inpainting
+they do not (ours dilates the mask and pastes the product back, diffusers samples the masked-image latents from the
+VAE posterior), so there it is only informative; the exact parity tests are tests/test_pipeline.py. Results:
+printed, and merged into benchmarks/results/pipeline-<device>.csv, keeping the best of all runs per configuration
+(rerun when the machine was busy: a run can only be slowed down by other work).
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def _ours(folder, dtype, device):
     from backdrop.diffusion.pipeline import Pipeline
     from backdrop.runtime import keep_freed_memory
 
-    if dtype == "default":  # our defaults are what the `backdrop` command runs with: it keeps freed memory
+    if dtype == "default":  # our defaults are what `backdrop generate|inpaint` run with: they keep freed memory
         keep_freed_memory()
 
     pipe = Pipeline.from_pretrained(folder, device=device, dtype=None if dtype == "default" else dtype)
