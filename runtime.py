@@ -10,7 +10,7 @@ import ctypes
 import os
 import platform
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["keep_freed_memory", "keeping_freed_memory"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt() parameter numbers (malloc.h)
 _INT_MAX = 2**31 - 1
@@ -47,4 +47,14 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success. Order matters little; both are needed: no mmap for large blocks (so they come
     # from the heap and return to it), and no trimming of the heap's free top back to the OS.
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
+    global _applied
+    _applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
+    return _applied
+
+
+_applied = False
+
+
+def keeping_freed_memory() -> bool:
+    """Whether keep_freed_memory() took effect in this process."""
+    return _applied

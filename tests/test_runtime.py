@@ -51,3 +51,27 @@ def test_opt_out_leaves_malloc_alone():
     out = _probe("tuned", {"BACKDROP_MALLOC": "system"})
     assert out["applied"] is False
     assert out["faults"] > 50_000
+
+
+# The command decides per subcommand: one-shot jobs keep freed memory, the long-running server does not. Each
+# command here fails fast (no such model), after main() has made that choice.
+COMMAND = """
+import sys
+from backdrop.cli import main
+from backdrop.runtime import keeping_freed_memory
+sys.argv = ["backdrop"] + sys.argv[1:]
+code = main()
+print(code, keeping_freed_memory())
+"""
+
+
+@pytest.mark.parametrize("argv, keeps", [
+    (["generate", "--model", "/no/such/model", "--prompt", "x"], True),
+    (["serve", "/no/such/model"], False),
+])
+def test_command_keeps_freed_memory_for_jobs_not_servers(tmp_path, argv, keeps):
+    r = subprocess.run([sys.executable, "-c", COMMAND, *argv], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    code, kept = r.stdout.split()[-2:]
+    assert code == "2" and kept == str(keeps), (r.stdout, r.stderr)
