@@ -14,7 +14,7 @@ SUBCOMMAND_MODULES = [
 ]
 
 
-LONG_RUNNING = {"serve"}  # commands that run until stopped: see main() on memory
+LONG_RUNNING = {"serve"}  # commands that run until stopped and manage memory themselves: see main()
 
 
 class CLIError(Exception):
@@ -48,8 +48,9 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     """The command line's entry point; argv None reads sys.argv. Run as a program (argv None), the process is ours,
     so a one-shot job keeps freed memory for reuse (backdrop.runtime; opt out with BACKDROP_MALLOC=system); a
-    long-running server does not (its mix of shapes fragments a heap that never shrinks); called in-process with
-    argv, e.g. from tests, the host's allocator is left alone."""
+    long-running server, whose mix of shapes fragments a heap that never shrinks, does so itself within a budget
+    (--cpu-cache-mb, serve/engine.py); called in-process with argv, e.g. from tests, the host's allocator is left
+    alone."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if argv is None and args.command not in LONG_RUNNING:

@@ -54,11 +54,15 @@ class EngineConfig:
     max_queue: int = 64              # queued items (images) before submissions get 429
     request_timeout: float = 300.0   # seconds from arrival to answer, queueing included; then 504
     model_name: str = "backdrop"     # the `model` of every BatchKey (one model per engine)
+    # CPU only: freed memory the process may keep for reuse above its footprint after warm-up, in MiB (see
+    # backdrop.runtime: keep_freed_memory, trimmed back with release_freed_memory past the budget). 0: leave
+    # malloc alone. Process-wide, so off unless asked for (`backdrop serve` asks: --cpu-cache-mb).
+    cpu_cache_mb: float = 0
 
     def __post_init__(self):
         for name, ok in (("max_batch_size", self.max_batch_size >= 1), ("max_queue", self.max_queue >= 1),
                          ("max_queue_delay_ms", self.max_queue_delay_ms >= 0),
-                         ("request_timeout", self.request_timeout > 0)):
+                         ("request_timeout", self.request_timeout > 0), ("cpu_cache_mb", self.cpu_cache_mb >= 0)):
             if not ok:
                 raise ValueError(f"EngineConfig.{name} = {getattr(self, name)!r} is out of range")
 
@@ -77,6 +81,8 @@ class Engine:
         self._current: tuple[Batch, threading.Event] | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._rss_limit_mb: float | None = None  # set after warm-up when keeping freed memory (cpu_cache_mb)
+        self.memory_trims = 0                    # times the freed memory went back to the OS
 
     @property
     def native_size(self) -> int:
@@ -96,9 +102,15 @@ class Engine:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        from backdrop import runtime
+
+        keep = (self.config.cpu_cache_mb > 0 and str(self.pipe.backend.device).startswith("cpu")
+                and runtime.keep_freed_memory())
         try:
             if self._warmup:
                 self._warm_up()
+            if keep:
+                self._rss_limit_mb = runtime.rss_mb() + self.config.cpu_cache_mb
             self.ready.set()
             self.metrics.ready.set(1)
         except Exception as e:  # the model cannot run: /readyz says why; requests will fail with the reason
@@ -111,6 +123,9 @@ class Engine:
                     return
                 continue
             self._run(batch)
+            if self._rss_limit_mb is not None and runtime.rss_mb() > self._rss_limit_mb:
+                runtime.release_freed_memory()
+                self.memory_trims += 1
 
     def _warm_up(self) -> None:
         """One tiny call through every component (text encoder, VAE encode/decode, UNet with guidance), so the

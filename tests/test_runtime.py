@@ -53,8 +53,8 @@ def test_opt_out_leaves_malloc_alone():
     assert out["faults"] > 50_000
 
 
-# The command decides per subcommand: one-shot jobs keep freed memory, the long-running server does not. Each
-# command here fails fast (no such model), after main() has made that choice.
+# The command decides per subcommand: one-shot jobs keep freed memory; the long-running server leaves it to its
+# engine (budgeted, below). Each command here fails fast (no such model), after main() has made that choice.
 COMMAND = """
 import sys
 from backdrop.cli import main
@@ -75,3 +75,36 @@ def test_command_keeps_freed_memory_for_jobs_not_servers(tmp_path, argv, keeps):
     assert r.returncode == 0, r.stderr
     code, kept = r.stdout.split()[-2:]
     assert code == "2" and kept == str(keeps), (r.stdout, r.stderr)
+
+
+# The server's engine keeps freed memory within a budget: with 1 MiB above the warmed-up footprint, a request at
+# 4x the native size grows RSS past it and the worker hands the freed memory back after the batch.
+ENGINE = """
+import sys, threading
+import torch
+from backdrop import runtime
+from backdrop.diffusion.pipeline import Pipeline
+from backdrop.export.backends import make_backend
+from backdrop.nn.checkpoint import init_model
+from backdrop.serve.engine import Engine, EngineConfig, Item, ServeKey
+torch.set_num_threads(1)
+pipe = Pipeline(make_backend("torch", init_model("tiny", seed=0), device="cpu", dtype=torch.float32))
+engine = Engine(pipe, EngineConfig(cpu_cache_mb=float(sys.argv[1])))
+engine.start()
+assert engine.ready.wait(120)
+done = threading.Event()
+key = ServeKey("generate", 256, 256, 2, "dpmpp-2m", engine.config.model_name, (("guidance_scale", 7.5),))
+engine.submit(key, [Item("a red mug", seed=s) for s in range(2)], done.set)
+assert done.wait(300)
+engine.close(60)
+print(runtime.keeping_freed_memory(), engine.memory_trims)
+"""
+
+
+@pytest.mark.parametrize("budget_mb, keeps", [(1, True), (0, False)])
+def test_server_engine_keeps_freed_memory_within_budget(budget_mb, keeps):
+    r = subprocess.run([sys.executable, "-c", ENGINE, str(budget_mb)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    kept, trims = r.stdout.split()[-2:]
+    assert kept == str(keeps)
+    assert (int(trims) >= 1) if keeps else (trims == "0")
