@@ -39,13 +39,9 @@ def keep_freed_memory() -> bool:
     """
     if os.environ.get("BACKDROP_MALLOC", "").lower() == "system":
         return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    mallopt = _glibc("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success. Order matters little; both are needed: no mmap for large blocks (so they come
     # from the heap and return to it), and no trimming of the heap's free top back to the OS.
     global _applied
@@ -67,14 +63,20 @@ def release_freed_memory() -> bool:
     With keep_freed_memory this bounds a long-running process: call it when `rss_mb()` passes a budget. The tiny
     model through the 150-call soak above, trimming whenever RSS passed 1.5 GB: 125 s (1.30x glibc's default, vs
     1.42x untrimmed) with RSS at most 1.45 GB, below the default's 1.7 GB peak; 24 trims."""
+    trim = _glibc("malloc_trim", [ctypes.c_size_t])
+    return trim is not None and bool(trim(0))
+
+
+def _glibc(name: str, argtypes: list):
+    """glibc's function `name` (returning int), or None where the C library is not glibc."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
+        return None
     try:
-        trim = ctypes.CDLL(None).malloc_trim
+        fn = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
-        return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return bool(trim(0))
+        return None
+    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return fn
 
 
 def rss_mb() -> float:
