@@ -1,7 +1,7 @@
 """Serving throughput and latency with dynamic batching on vs off, over loopback HTTP.
 
     .venv/bin/python benchmarks/serve_load.py [--model PATH] [--concurrency 1,2,4,8,16,32] [--steps 4]
-        [--max-batch-size 8] [--threads 1] [--min-requests 16] [--max-seconds 90]
+        [--max-batch-size 8] [--threads 1] [--min-requests 96] [--max-seconds 90]
 
 Starts `backdrop serve` twice as a subprocess on 127.0.0.1 (a random-weight tiny-inpaint model unless --model
 is given): once with --max-batch-size N (batching on), once with 1 (off), same everything else. For each
@@ -130,7 +130,8 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-queue-delay-ms", type=float, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads in the server")
-    parser.add_argument("--min-requests", type=int, default=16)
+    parser.add_argument("--min-requests", type=int, default=96,
+                        help="requests per concurrency level at least (a level of ~1 s is noise on a quiet CPU)")
     parser.add_argument("--max-seconds", type=float, default=90, help="per concurrency level")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
