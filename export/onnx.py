@@ -320,7 +320,7 @@ def digest(a: np.ndarray) -> str:
 
 
 def weight_map(proto, module: nn.Module) -> dict:
-    """Which torch weights each ONNX initializer holds, for refits (export/tensorrt.py refit_arrays):
+    """Which torch weights each ONNX initializer holds, for refits (export/trt_plan.py refit_arrays):
 
     {"initializers": {name: {"keys": [state_dict keys], "transpose": bool, "shape": [...], "dtype": ...}},
      "folded": {key: digest}}: the float weights no initializer holds, with a digest of their export-time value.

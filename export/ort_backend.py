@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from backdrop.export.onnx import COMPONENTS, OnnxExport, load_export
-from backdrop.export.tensorrt import refit_arrays
+from backdrop.export.trt_plan import refit_arrays
 from backdrop.nn.config import ModelConfig
 
 __all__ = ["OnnxRuntimeBackend", "PROVIDERS", "session_providers"]
@@ -103,7 +103,7 @@ class OnnxRuntimeBackend:
     def refit(self, component: str = "unet", weights: dict[str, torch.Tensor] | None = None) -> None:
         """Swap new weights into a graph without exporting again, e.g. a LoRA-merged UNet's state_dict (any
         subset of its keys): the session is rebuilt with ONNX Runtime overriding the initializers they map to
-        (export/tensorrt.py refit_arrays, through the export's weights.json). weights=None restores the graph's
+        (export/trt_plan.py refit_arrays, through the export's weights.json). weights=None restores the graph's
         own weights."""
         arrays = {} if weights is None else refit_arrays(self.export.weight_map(component), weights)
         self.sessions[component] = self._session(component, arrays)
