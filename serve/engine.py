@@ -19,8 +19,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from PIL import Image
 
+from backdrop import runtime
 from backdrop.diffusion.pipeline import Pipeline, SamplingInterrupted
 from backdrop.serve.batcher import Batch, BatchKey, Batcher, Request
 from backdrop.serve.metrics import ServerMetrics
@@ -102,9 +104,7 @@ class Engine:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
-        from backdrop import runtime
-
-        keep = (self.config.cpu_cache_mb > 0 and str(self.pipe.backend.device).startswith("cpu")
+        keep = (self.config.cpu_cache_mb > 0 and torch.device(self.pipe.backend.device).type == "cpu"
                 and runtime.keep_freed_memory())
         try:
             if self._warmup:
