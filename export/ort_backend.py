@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from backdrop.export.onnx import COMPONENTS, OnnxExport, load_export
+from backdrop.export.onnx_folder import COMPONENTS, OnnxExport, load_export
 from backdrop.export.trt_plan import refit_arrays
 from backdrop.nn.config import ModelConfig
 

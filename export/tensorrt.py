@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backdrop.export.onnx import COMPONENTS, GraphSpec, load_export
+from backdrop.export.onnx_folder import COMPONENTS, GraphSpec, load_export
 from backdrop.export.trt_plan import (BuildError, Profile, Range, RefitError, ShapeBucket, ShapeError,
                                       default_buckets, parse_bucket, precision_plan, profiles_for, refit_arrays,
                                       select_profile)

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from backdrop.export.onnx import GraphSpec, digest
+from backdrop.export.onnx_folder import GraphSpec, digest
 from backdrop.nn.config import ModelConfig
 
 __all__ = ["Range", "ShapeBucket", "Profile", "ShapeError", "RefitError", "BuildError", "parse_bucket",

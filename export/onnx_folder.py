@@ -1,0 +1,152 @@
+"""The ONNX export folder's format, shared by the exporter (export/onnx.py) and its readers (the onnxruntime and
+TensorRT backends): the manifest's names, each graph's interface (GraphSpec, graph_specs), the fingerprint of
+folded weights in weights.json (digest), and reading a folder back (load_export)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from backdrop.nn.checkpoint import config_from_dict
+from backdrop.nn.config import ModelConfig, SchedulerConfig
+from backdrop.nn.tokenizer import Tokenizer
+
+__all__ = ["COMPONENTS", "MANIFEST", "FORMAT", "GraphSpec", "graph_specs", "digest", "OnnxExport", "load_export"]
+
+COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+MANIFEST = "backdrop_export.json"
+FORMAT = 1                # bump when the folder layout changes
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One graph's interface: (name, dims) per input and output; a str dim is dynamic (its ONNX dim_param).
+    Dynamic spatial dims must be multiples of `multiple` (see graph_specs); `scale` is pixels per latent."""
+    name: str
+    inputs: tuple[tuple[str, tuple[int | str, ...]], ...]
+    outputs: tuple[tuple[str, tuple[int | str, ...]], ...]
+    multiple: int = 1
+    scale: int = 8
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {n: {i: d for i, d in enumerate(dims) if isinstance(d, str)} for n, dims in self.inputs + self.outputs}
+
+    def to_json(self) -> dict:
+        return {"inputs": {n: list(d) for n, d in self.inputs}, "outputs": {n: list(d) for n, d in self.outputs},
+                "multiple": self.multiple, "scale": self.scale}
+
+    @classmethod
+    def from_json(cls, name: str, d: dict) -> "GraphSpec":
+        return cls(name, tuple((n, tuple(v)) for n, v in d["inputs"].items()),
+                   tuple((n, tuple(v)) for n, v in d["outputs"].items()), d["multiple"], d["scale"])
+
+    def check(self, inputs: dict[str, tuple[int, ...]]) -> None:
+        """Raise ValueError naming the graph, the input and the dim when `inputs` (name -> shape) do not fit."""
+        sizes: dict[str, int] = {}
+        for name, dims in self.inputs:
+            shape = tuple(inputs[name])
+            want = "(" + ", ".join(map(str, dims)) + ")"
+            if len(shape) != len(dims):
+                raise ValueError(f"{self.name}: input {name} must be {want}, got {shape}")
+            for d, n in zip(dims, shape):
+                if (d != n) if isinstance(d, int) else (sizes.setdefault(d, n) != n):
+                    raise ValueError(f"{self.name}: input {name} must be {want}, got {shape}"
+                                     + (f" ({d} is {sizes[d]} in another input)" if isinstance(d, str) else ""))
+                if isinstance(d, str) and d != "batch" and n % self.multiple:
+                    raise ValueError(f"{self.name}: input {name} {shape}: {d} {n} is not a multiple of "
+                                     f"{self.multiple}; this export runs latent sides that are multiples of "
+                                     f"{self.multiple} (images multiples of {self.scale * self.multiple} px)")
+
+
+def graph_specs(cfg: ModelConfig, static_hw: tuple[int, int] | None = None) -> dict[str, GraphSpec]:
+    """The four graphs' interfaces. static_hw: fixed (height, width) in pixels, else dynamic spatial dims.
+
+    A dynamic UNet runs latent sides that are multiples of 2^(levels-1) (8 for SD: images multiples of 64 px),
+    as diffusers' and optimum's ONNX/TensorRT exports do: the tracer bakes the up path's upsampling in as a
+    constant 2x, which lands on the skip connections only when no stride-2 conv rounded an odd side up."""
+    f, L, C = cfg.vae.downsample_factor, cfg.text.max_position_embeddings, cfg.text.hidden_size
+    if static_hw is not None and (static_hw[0] % f or static_hw[1] % f):
+        raise ValueError(f"static size {static_hw[0]}x{static_hw[1]} must be a multiple of {f} (the VAE's factor)")
+    H, W = static_hw or ("height", "width")
+    h, w = (H // f, W // f) if static_hw else ("latent_height", "latent_width")
+    lat, cin = cfg.vae.latent_channels, cfg.unet.in_channels
+    return {
+        "text_encoder": GraphSpec("text_encoder", (("input_ids", ("batch", L)),),
+                                  (("last_hidden_state", ("batch", L, C)),), 1, f),
+        "unet": GraphSpec("unet", (("sample", ("batch", cin, h, w)), ("timestep", ("batch",)),
+                                   ("encoder_hidden_states", ("batch", L, C))),
+                          (("out_sample", ("batch", cfg.unet.out_channels, h, w)),),
+                          1 if static_hw else 2 ** (len(cfg.unet.block_out_channels) - 1), f),
+        "vae_encoder": GraphSpec("vae_encoder", (("sample", ("batch", cfg.vae.in_channels, H, W)),),
+                                 (("latent_mean", ("batch", lat, h, w)),), 1, f),
+        "vae_decoder": GraphSpec("vae_decoder", (("latent_sample", ("batch", lat, h, w)),),
+                                 (("sample", ("batch", cfg.vae.out_channels, H, W)),), 1, f),
+    }
+
+
+def digest(a: np.ndarray) -> str:
+    """A fingerprint of an array's float32 values (not its shape)."""
+    return hashlib.blake2b(np.ascontiguousarray(a, np.float32).tobytes(), digest_size=16).hexdigest()
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing from the export folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """An export folder, read: its ModelConfig, graph interfaces and files (the tokenizer loads on demand)."""
+    folder: Path
+    config: ModelConfig
+    dtype: str
+    specs: dict[str, GraphSpec]
+    files: dict[str, Path]
+    manifest: dict
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_folder(self.folder / "tokenizer")
+
+    def weight_map(self, component: str) -> dict:
+        return read_json(self.files[component].parent / "weights.json")
+
+
+def load_export(folder, require: tuple[str, ...] = COMPONENTS) -> OnnxExport:
+    """Read an export folder written by export_onnx; every component in `require` must be there."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        raise FileNotFoundError(f"{folder}: not a Backdrop ONNX export (no {MANIFEST}); make one with "
+                                f"`backdrop export onnx MODEL --out {folder}`")
+    manifest = read_json(folder / MANIFEST)
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, this Backdrop reads format "
+                         f"{FORMAT}; export the model again")
+    entries = manifest.get("components", {})
+    missing = [c for c in require if c not in entries or not (folder / entries[c]["file"]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: the export has no {', '.join(missing)} graph (it holds "
+                                f"{', '.join(entries) or 'none'}); export those components too")
+    d = read_json(folder / "model_config.json")
+    sched = read_json(folder / "scheduler" / "scheduler_config.json")
+    try:
+        cfg = config_from_dict(d | {"scheduler": dataclasses.asdict(SchedulerConfig.from_diffusers(sched))})
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{folder / 'model_config.json'}: {e!r}") from None
+    try:
+        specs = {c: GraphSpec.from_json(c, e) for c, e in entries.items()}
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{folder / MANIFEST}: malformed component entry (no {e}); export the model again") from None
+    return OnnxExport(folder, cfg, manifest["dtype"], specs, {c: folder / e["file"] for c, e in entries.items()},
+                      manifest)
