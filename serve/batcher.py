@@ -7,7 +7,18 @@ Like nano-vllm's Scheduler, this knows nothing about models or HTTP, so every ru
 - Batches are formed around the *oldest* queued item: its key is served first, with the compatible items behind it
   in arrival order, up to `max_batch_size`. So no request waits behind an unbounded stream of newer ones
   (head-of-line fairness), whatever their keys.
-- A batch leaves when it is full or when its oldest item has waited `max_queue_delay` seconds for company.
+- A batch leaves when it is full or when its oldest item has waited for company long enough. The wait counts
+  from when the engine could have run it (the later of the item's arrival and the end of the engine's last batch):
+  time spent behind a busy engine is not time spent waiting for company. Without that, an item that missed a
+  batch runs alone the moment the engine frees up, just before the clients of the batch before it come back,
+  and closed-loop clients split into two half batches that take turns for good.
+- How long is long enough is learned per key, up to `max_queue_delay` (`adaptive=True`, the default): after a
+  batch leaves short of full, the next compatible arrival tells whether that was right. One that arrives while
+  that batch is still running, within `max_queue_delay` of its leaving, came too late: the wait doubles. If it
+  arrives after that batch finished and the batch was a single request (the wait brought no company at all), the
+  wait was wasted: it halves. Otherwise it stays. So a lone client soon pays no wait at all, and the wait grows back as soon as company is missed.
+  Shrinking on anything less than no company at all made closed-loop clients miss their batches often enough to
+  cost more than the waits saved. `adaptive=False` always waits `max_queue_delay`.
 - The queue holds at most `max_queue` items: `submit` raises `QueueFull` with a Retry-After estimate (HTTP 429).
 - A request past its deadline is dropped from the queue and finished as `timeout` (HTTP 504); if it is already
   running, its results are discarded. A cancelled request (client gone) is dropped the same way.
@@ -85,6 +96,7 @@ class Batch:
     key: BatchKey
     entries: list[_Item]
     formed_at: float
+    number: int = 0                       # in order of formation
 
     @property
     def payloads(self) -> list[Any]:
@@ -96,14 +108,18 @@ class Batch:
 
 class Batcher:
     def __init__(self, max_batch_size: int = 4, max_queue_delay: float = 0.01, max_queue: int = 64,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, adaptive: bool = True):
         if max_batch_size < 1 or max_queue < 1 or max_queue_delay < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1 and max_queue_delay >= 0")
         self.max_batch_size, self.max_queue_delay, self.max_queue = max_batch_size, max_queue_delay, max_queue
-        self.clock = clock
+        self.clock, self.adaptive = clock, adaptive
+        self._free_since = -math.inf      # when the engine finished its last batch (nothing running since)
+        self._delay: dict[BatchKey, float] = {}                   # learned wait per key (adaptive)
+        self._short: dict[BatchKey, tuple[int, float, bool]] = {}  # key -> its last batch that left short:
+        #                                                          (number, formed_at, a single request)
         self._queue: deque[_Item] = deque()
-        self._running: set[int] = set()   # ids of batches handed out and not yet completed
-        self._seq = itertools.count()
+        self._running: set[int] = set()   # numbers of the batches handed out and not yet completed
+        self._seq, self._batches = itertools.count(), itertools.count(1)
         self._cond = threading.Condition()
         self._closed = False
         self._batch_seconds = 1.0         # running estimate of one batch's duration, for Retry-After
@@ -119,6 +135,7 @@ class Batcher:
             if len(self._queue) + len(request.items) > self.max_queue:
                 raise QueueFull(self.retry_after())
             request.arrival = self.clock()
+            self._learn(request.key, request.arrival)
             request.status, request._remaining = "queued", len(request.items)
             request.results = [None] * len(request.items)
             for i in range(len(request.items)):
@@ -141,6 +158,10 @@ class Batcher:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    def delay(self, key: BatchKey) -> float:
+        """How long a partial batch of `key` waits for company once the engine is free (seconds)."""
+        return self._delay.get(key, self.max_queue_delay)
 
     @property
     def depth(self) -> int:
@@ -170,24 +191,42 @@ class Batcher:
         self._expire(now)
         if not self._queue:
             return None
-        head = self._queue[0]
-        members = [e for e in self._queue if e.request.key == head.request.key][: self.max_batch_size]
-        waited = now - head.request.arrival
-        if len(members) < self.max_batch_size and waited < self.max_queue_delay and not self._closed:
+        key = self._queue[0].request.key
+        members = [e for e in self._queue if e.request.key == key][: self.max_batch_size]
+        short = len(members) < self.max_batch_size
+        if short and now < self._window_start() + self.delay(key) and not self._closed:
             return None
         taken = set(map(id, members))
         self._queue = deque(e for e in self._queue if id(e) not in taken)
         for e in members:
             e.request.status = "running"
-        batch = Batch(head.request.key, members, now)
-        self._running.add(id(batch))
+        batch = Batch(key, members, now, next(self._batches))
+        self._running.add(batch.number)
+        if short and self.adaptive and not self._closed:
+            self._short[key] = (batch.number, now, all(e.request is members[0].request for e in members))
         return batch
+
+    def _window_start(self) -> float:
+        """When the head item started waiting for company: its arrival, or the engine's last finish if later."""
+        return max(self._queue[0].request.arrival, self._free_since)
+
+    def _learn(self, key: BatchKey, now: float) -> None:
+        """An item of `key` arrives: if the last batch of `key` left short of full, was its wait right?"""
+        if key not in self._short:
+            return
+        number, formed_at, alone = self._short.pop(key)
+        wait = self.delay(key)
+        if number in self._running:                     # it came while that batch ran
+            if now - formed_at < self.max_queue_delay:  # and a longer wait would have caught it
+                self._delay[key] = min(self.max_queue_delay, max(2 * wait, self.max_queue_delay / 8))
+        elif alone:                                     # nobody came, during the wait nor while it ran
+            self._delay[key] = wait / 2
 
     def _next_wakeup(self, now: float) -> float | None:
         """Seconds until a batch could become due or a deadline passes (None: nothing queued)."""
         if not self._queue:
             return None
-        times = [self._queue[0].request.arrival + self.max_queue_delay]
+        times = [self._window_start() + self.delay(self._queue[0].request.key)]
         times += [e.request.deadline for e in self._queue if e.request.deadline is not None]
         return max(0.0, min(times) - now)
 
@@ -240,6 +279,8 @@ class Batcher:
             self._cond.notify_all()
 
     def _account(self, batch: Batch) -> None:
-        self._running.discard(id(batch))
+        self._running.discard(batch.number)
+        if not self._running:
+            self._free_since = self.clock()
         seconds = max(1e-3, self.clock() - batch.formed_at)
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds

@@ -47,8 +47,12 @@ def add_parser(subparsers) -> None:
     b = p.add_argument_group("batching")
     b.add_argument("--max-batch-size", type=int, default=8, metavar="N",
                    help="images per model call; 1 turns dynamic batching off (default: %(default)s)")
-    b.add_argument("--max-queue-delay-ms", type=float, default=20, metavar="MS",
-                   help="how long a request waits for others to share its batch (default: %(default)s)")
+    b.add_argument("--max-queue-delay-ms", type=float, default=50, metavar="MS",
+                   help="the longest a request waits for others to share its batch once the model is free; the "
+                        "wait is learned below this: none for a lone client, longer when company was just missed "
+                        "(default: %(default)s)")
+    b.add_argument("--fixed-queue-delay", dest="adaptive_delay", action="store_false",
+                   help="always wait the whole --max-queue-delay-ms for company instead of learning the wait")
     b.add_argument("--max-queue", type=int, default=64, metavar="N",
                    help="images waiting at most; more get 429 with Retry-After (default: %(default)s)")
     b.add_argument("--request-timeout", type=float, default=300, metavar="S",
@@ -80,7 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         engine_config = EngineConfig(args.max_batch_size, args.max_queue_delay_ms, args.max_queue,
                                      args.request_timeout, model_name=str(args.model),
-                                     cpu_cache_mb=args.cpu_cache_mb)
+                                     cpu_cache_mb=args.cpu_cache_mb, adaptive_delay=args.adaptive_delay)
         server_config = ServerConfig(steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
                                      max_body_bytes=int(args.max_body_mb * 2**20))
     except ValueError as e:  # "EngineConfig.max_queue = 0 is out of range" -> the flag's name

@@ -52,7 +52,7 @@ class Item:
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch_size: int = 8          # items per Pipeline call; 1 turns dynamic batching off
-    max_queue_delay_ms: float = 20   # how long the oldest item waits for company before its batch leaves
+    max_queue_delay_ms: float = 50   # the longest a partial batch waits for company once the engine is free
     max_queue: int = 64              # queued items (images) before submissions get 429
     request_timeout: float = 300.0   # seconds from arrival to answer, queueing included; then 504
     model_name: str = "backdrop"     # the `model` of every BatchKey (one model per engine)
@@ -60,6 +60,7 @@ class EngineConfig:
     # backdrop.runtime: keep_freed_memory, trimmed back with release_freed_memory past the budget). 0: leave
     # malloc alone. Process-wide, so off unless asked for (`backdrop serve` asks: --cpu-cache-mb).
     cpu_cache_mb: float = 0
+    adaptive_delay: bool = True      # learn the wait per batch key, up to max_queue_delay_ms (serve/batcher.py)
 
     def __post_init__(self):
         for name, ok in (("max_batch_size", self.max_batch_size >= 1), ("max_queue", self.max_queue >= 1),
@@ -72,7 +73,8 @@ class EngineConfig:
 class Engine:
     def __init__(self, pipeline: Pipeline, config: EngineConfig = EngineConfig(), warmup: bool = True):
         self.pipe, self.config = pipeline, config
-        self.batcher = Batcher(config.max_batch_size, config.max_queue_delay_ms / 1000, config.max_queue)
+        self.batcher = Batcher(config.max_batch_size, config.max_queue_delay_ms / 1000, config.max_queue,
+                               adaptive=config.adaptive_delay)
         self.batcher.on_expire = self._notify
         self.metrics = ServerMetrics(queue_depth=lambda: self.batcher.depth)
         self.ready = threading.Event()

@@ -1,4 +1,5 @@
 """The batcher's rules with a fake clock: grouping, delay, fairness, backpressure, deadlines, cancellation, drain."""
+import itertools
 import threading
 
 import pytest
@@ -17,9 +18,9 @@ class Clock:
         return self.t
 
 
-def make(max_batch=4, delay=0.05, max_queue=16):
+def make(max_batch=4, delay=0.05, max_queue=16, adaptive=True):
     clock = Clock()
-    return Batcher(max_batch, delay, max_queue, clock=clock), clock
+    return Batcher(max_batch, delay, max_queue, clock=clock, adaptive=adaptive), clock
 
 
 def req(key=A, n=1, deadline=None, name=""):
@@ -69,6 +70,78 @@ def test_head_of_line_fairness_against_a_stream_of_newer_requests():
         clock.t += 0.001
     assert old.finished and old.results == ["old0"]
     assert len(served) <= 11                     # it went as soon as its own delay elapsed
+
+
+def test_the_wait_for_company_counts_from_when_the_engine_is_free():
+    b, clock = make(max_batch=4, delay=0.5, adaptive=False)   # times in binary fractions: exact sums
+    b.submit(req(name="x")), b.submit(req(name="y"))
+    clock.t += 0.5
+    running = b.poll()                           # x, y leave after the delay
+    clock.t += 0.125
+    b.submit(req(name="s"))                      # s arrives while the engine is busy ...
+    clock.t += 2
+    b.complete(running, ["x", "y"])              # ... for longer than the delay,
+    assert b.poll() is None                      # yet it waits for company now that the engine is free
+    clock.t += 0.25
+    b.submit(req(name="t"))
+    assert b.poll() is None
+    clock.t += 0.25
+    assert b.poll().payloads == ["s0", "t0"]
+
+
+def closed_loop(b, clock, clients, run_seconds, back_after, first_arrivals, seconds):
+    """`clients` closed-loop clients on the fake clock, one engine: each client sends a request, waits for its
+    answer and sends the next `back_after(i)` seconds later, for `seconds`; then what is queued is served.
+    A batch of any size takes `run_seconds`. Returns the sizes of the batches run, in order."""
+    start = clock.t
+    arrivals = {i: start + at for i, at in enumerate(first_arrivals)}   # first_arrivals: seconds from now
+    sizes, running, done_at = [], None, 0.0
+    for tick in itertools.count():               # 1 ms ticks
+        clock.t = start + tick * 1e-3
+        sending = clock.t < start + seconds
+        if not sending and running is None and b.idle:
+            return sizes
+        for i, at in sorted(arrivals.items()):
+            if sending and at is not None and clock.t >= at - 1e-9:
+                b.submit(Request(A, [i], id=str(i)))
+                arrivals[i] = None
+        if running is not None and clock.t >= done_at - 1e-9:
+            b.complete(running, running.payloads)
+            for i in running.payloads:
+                arrivals[i] = clock.t + back_after(i)
+            running = None
+        if running is None and (running := b.poll()) is not None:
+            sizes.append(len(running))
+            done_at = clock.t + run_seconds
+
+
+def test_closed_loop_clients_do_not_split_into_alternating_half_batches():
+    # 8 clients whose answers take 20-34 ms to come back as their next request; one started late. Counting the
+    # wait from arrival, the straggler would run alone each time the engine frees up, just before the other 7
+    # come back: batches of 7, 1, 7, 1, ... for good. Counting it from when the engine is free, it waits for them.
+    b, clock = make(max_batch=8, delay=0.05, max_queue=64)
+    sizes = closed_loop(b, clock, 8, run_seconds=0.1, back_after=lambda i: 0.020 + 0.002 * i,
+                        first_arrivals=[0.0] * 7 + [0.06], seconds=3.0)
+    assert len(sizes) > 20 and sizes[0] == 7 and all(n == 8 for n in sizes[1:]), sizes
+
+
+def test_a_lone_client_soon_pays_no_wait_and_the_wait_grows_back_with_company():
+    b, clock = make(max_batch=8, delay=0.05, max_queue=64)
+    sizes = closed_loop(b, clock, 1, run_seconds=0.1, back_after=lambda i: 0.02, first_arrivals=[0.0], seconds=2)
+    assert set(sizes) == {1} and len(sizes) > 10
+    assert b.delay(A) < 0.05 / 2 ** 9            # halved after every lone batch that nobody missed
+    # a second client, 10 ms behind the first: it arrives while the first runs alone (missed it), so the wait
+    # doubles until it covers the 10 ms, and from then on the two ride together
+    sizes = closed_loop(b, clock, 2, run_seconds=0.1, back_after=lambda i: 0.02 + 0.01 * i,
+                        first_arrivals=[0.0, 0.01], seconds=2)
+    assert sizes[:2] == [1, 1] and all(n == 2 for n in sizes[6:]), sizes
+    assert 0.01 <= b.delay(A) <= 0.05
+
+
+def test_a_fixed_wait_does_not_learn():
+    b, clock = make(max_batch=8, delay=0.05, max_queue=64, adaptive=False)
+    closed_loop(b, clock, 1, run_seconds=0.1, back_after=lambda i: 0.02, first_arrivals=[0.0], seconds=1)
+    assert b.delay(A) == 0.05
 
 
 def test_queue_limit_raises_queue_full_with_retry_after():
