@@ -20,7 +20,6 @@ import csv
 import gc
 import importlib.util
 import os
-import platform
 import statistics
 import time
 from collections import defaultdict
@@ -35,6 +34,8 @@ from backdrop.export.backends import make_backend
 from backdrop.export.onnx import MANIFEST, export_onnx, load_export
 from backdrop.nn.checkpoint import init_model
 from backdrop.nn.config import get_preset
+
+from common import commit, machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"torch": torch.float32, "torch-bf16": torch.bfloat16, "onnxruntime": torch.float32,
@@ -72,17 +73,6 @@ class Timed:
 
     def vae_decode(self, z):
         return self._timed("vae_decode", z)
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def request(size: int, batch: int, steps: int) -> dict:
@@ -151,7 +141,8 @@ def main() -> None:
     args.threads = torch.get_num_threads()
     cfg = get_preset(args.preset)
     onnx_dir, trt_dir = Path(args.dir) / f"{args.preset}-onnx", Path(args.dir) / f"{args.preset}-trt"
-    print(f"random {args.preset} (fp32), {args.size}x{args.size}, {args.steps} steps; {machine(args.device)}")
+    print(f"random {args.preset} (fp32), {args.size}x{args.size}, {args.steps} steps; "
+          f"{machine(str(args.device), args.threads)}")
     if not (onnx_dir / MANIFEST).is_file() or load_export(onnx_dir).config != cfg:
         start = time.perf_counter()
         export_onnx(init_model(cfg, seed=0), onnx_dir)
@@ -171,7 +162,8 @@ def main() -> None:
                       flush=True)
             del backend, model
             gc.collect()
-    rows = []
+    rows, meta = [], {"machine": machine(str(args.device), args.threads), "commit": commit(),
+                      "date": date.today().isoformat()}
     for (name, batch), measured in runs.items():
         row = {k: round(statistics.median(r[k] for r in measured), 4) for k in measured[0]}
         base = runs.get(("torch", batch))
@@ -181,14 +173,14 @@ def main() -> None:
                      "threads": args.threads, "size": args.size, "steps": args.steps, "batch": batch,
                      "rounds": len(measured), **row,
                      "speedup_vs_torch": round(speedup, 2) if base else "", "max_abs_diff_vs_torch": diff,
-                     "machine": machine(args.device), "date": date.today().isoformat()})
+                     **meta})
     print(f"\nmedians of {args.rounds} rounds\n{'backend':12} {'batch':>5} {'text ms':>8} {'UNet/step ms':>12} "
           f"{'VAE enc ms':>10} {'VAE dec ms':>10} {'images/s':>9} {'vs torch':>8} {'load':>5}")
     for r in rows:
         print(f"{r['backend']:12} {r['batch']:5} {r['text_ms']:8.0f} {r['unet_step_ms']:12.0f} "
               f"{r['vae_encode_ms']:10.0f} {r['vae_decode_ms']:10.0f} {r['images_per_s']:9.4f} "
               f"{str(r['speedup_vs_torch']):>8} {r['load_average']:5.1f}")
-    print(f"machine: {machine(args.device)}")
+    print(f"machine: {meta['machine']}; commit {meta['commit']}")
     out = RESULTS / f"backends-{args.device.type}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:

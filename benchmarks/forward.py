@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
-import platform
 import statistics
 import time
 from datetime import date
@@ -35,6 +33,8 @@ from tqdm import tqdm
 from backdrop.nn.config import PRESETS
 from backdrop.nn.unet import UNet
 from backdrop.nn.vae import VAE
+
+from common import commit, machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "forward-cpu.csv"
 
@@ -133,19 +133,6 @@ def time_pair(ours, peer, repeats: int, clock) -> tuple[list[float], list[float]
     return times["ours"], times["peer"], rel
 
 
-def machine(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} threads{load}"
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=64, help="latent side for the UNet and VAE (64 = 512px images)")
@@ -160,7 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     cfg = PRESETS["sd15"]
-    rows, notes = [], []
+    rows, notes, sha = [], [], commit()
     for comp in args.components.split(","):
         try:
             label, ours, peer, peer_name = cases(comp, cfg, args.size)
@@ -178,14 +165,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row["ratio"] = statistics.median([tp / to for tp, to in zip(t_peer, t_ours)])
             row["ratio_min"] = row["peer_min_s"] / row["ours_min_s"]
             row |= {"max_rel_diff": rel, "repeats": args.repeats, "clock": args.clock,
-                    "machine": machine(args.threads), "date": date.today().isoformat()}
+                    "machine": machine("cpu", args.threads), "commit": sha, "date": date.today().isoformat()}
             rows.append(row)
             print(f"{label} [{dtype}]  peer {row['peer_median_s']:.3f}s  ours {row['ours_median_s']:.3f}s  "
                   f"ratio {row['ratio']:.3f} (paired median), {row['ratio_min']:.3f} (best times)  "
                   f"rel diff {rel:.1e}", flush=True)
         del ours, peer
 
-    print(f"\n{machine(args.threads)}; clock: {args.clock}; ratio = peer / ours (>= 1: Backdrop is faster)")
+    print(f"\n{machine('cpu', args.threads)}; commit {sha}; clock: {args.clock}; "
+          "ratio = peer / ours (>= 1: Backdrop is faster)")
     print("times: medians; ratio: median of the per-repeat peer/ours ratios; best: min(peer) / min(ours)")
     head = f"{'component':<62} {'dtype':<5} {'peer s':>8} {'ours s':>8} {'ratio':>6} {'best':>6}"
     print(head + "\n" + "-" * len(head))

@@ -22,12 +22,13 @@ import argparse
 import csv
 import math
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from common import commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = ["gpu", "commit", "op", "shape", "dtype", "pass", "unit", "ours", "peer_name", "peer", "ratio",
@@ -146,17 +147,6 @@ def row(op, shape, dtype, pass_, unit, work, ours, peer_name, peer) -> dict:
             "ours": round(o, 2) if o == o else "", "peer_name": peer_name, "peer": round(p, 2) if p == p else "",
             "ratio": round(o / p, 3) if o == o and p == p else "", "ours_ms": round(ours_ms, 4) if o == o else "",
             "peer_ms": round(peer_ms, 4) if p == p else "", "hbm_pct": "", "error": errors}
-
-
-def commit() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True).stdout
-        return sha + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv=None) -> int:

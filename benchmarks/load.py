@@ -19,8 +19,6 @@ import argparse
 import csv
 import gc
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +35,8 @@ from backdrop.nn import ldm_keys
 from backdrop.nn.checkpoint import _meta_modules, diffusers_configs, load_model
 from backdrop.nn.config import PRESETS
 from backdrop.nn.tokenizer import Tokenizer
+
+from common import commit, machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "load-cpu.csv"
 
@@ -94,16 +94,6 @@ def timed(loader, path: Path, config: Path, dtype: torch.dtype) -> tuple[float, 
     return loaded - start, done - start
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"load average {os.getloadavg()[0]:.1f}")
-
-
 def cold(loader: str, path: Path, config: Path, dtype: str) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, __file__, "--cold", loader, str(path), str(config), dtype], check=True,
@@ -130,7 +120,7 @@ def main() -> None:
         write_config_folder(config)
         size_gb = path.stat().st_size / 1e9
         print(f"{path.name}: {numel / 1e9:.2f} B parameters, {size_gb:.2f} GB; {machine()}")
-        rows = []
+        rows, sha = [], commit()
         for name in args.dtypes.split(","):
             dtype = getattr(torch, name)
             for loader in (peer, ours):  # warm-up: page cache, lazy imports, allocator
@@ -156,14 +146,14 @@ def main() -> None:
                     "speedup_median": round(statistics.median(peer_s) / statistics.median(ours_s), 2),
                     "peer_min_s": round(min(peer_s), 3), "ours_min_s": round(min(ours_s), 3),
                     "speedup_min": round(min(peer_s) / min(ours_s), 2),
-                    "repeats": len(peer_s), "file_gb": round(size_gb, 2), "machine": machine(),
+                    "repeats": len(peer_s), "file_gb": round(size_gb, 2), "machine": machine(), "commit": sha,
                     "date": date.today().isoformat()})
     print(f"\n{'dtype':8} {'measure':12} {'peer median':>11} {'ours median':>11} {'ratio':>6}   {'peer min':>8} "
           f"{'ours min':>8} {'ratio':>6}")
     for r in rows:
         print(f"{r['dtype']:8} {r['measure']:12} {r['peer_median_s']:10.2f}s {r['ours_median_s']:10.2f}s "
               f"{r['speedup_median']:5.1f}x   {r['peer_min_s']:7.2f}s {r['ours_min_s']:7.2f}s {r['speedup_min']:5.1f}x")
-    print(f"peer: {rows[0]['peer']}\nmachine: {rows[0]['machine']}")
+    print(f"peer: {rows[0]['peer']}\nmachine: {rows[0]['machine']}; commit {rows[0]['commit']}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with open(RESULTS, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

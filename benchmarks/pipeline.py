@@ -28,7 +28,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -39,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from common import commit, machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT, NEGATIVE = "a glass bottle on a marble table, soft light", "blurry, text"
@@ -143,20 +144,6 @@ def worker(spec: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ driver
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    name = platform.processor() or "cpu"
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        bf16 = "avx512_bf16" in info.split() or "amx_bf16" in info.split()
-    except (OSError, StopIteration):
-        bf16 = False
-    return (f"{name}, {os.cpu_count()} cores{' (avx512_bf16)' if bf16 else ''}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
-
-
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
@@ -198,8 +185,8 @@ def main() -> None:
                            "diffusers:fp32,diffusers:bf16,ours:fp32,ours:default")
     impls = [tuple(s.split(":")) for s in impls.split(",")]
     cache, rows = Path(args.cache), []
-    desc = machine(device)
-    print(f"machine: {desc}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    desc, sha = machine(str(device)), commit()  # the CPU's line carries its bf16 support and the load average
+    print(f"machine: {desc}; commit {sha}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             size = 512 if cuda and model == "sd15" else (256 if model == "sd15" else 64)
@@ -226,8 +213,8 @@ def main() -> None:
                     for g in group:  # quality: each output against ours in fp32, same seeds
                         if ref is not None and g is not ref:
                             g["psnr_vs_ours_fp32_db"] = round(psnr(g["images"], ref["images"]), 1)
-                    rows += [{k: v for k, v in g.items() if k != "images"} | dict(machine=desc, date=str(date.today()))
-                             for g in group]
+                    rows += [{k: v for k, v in g.items() if k != "images"}
+                             | dict(machine=desc, commit=sha, date=str(date.today())) for g in group]
     report(write(rows, device))
 
 
@@ -236,7 +223,8 @@ KEY = ("benchmark", "steps", "batch", "threads", "impl", "setting")
 
 def merge(old: list[dict], new: list[dict]) -> list[dict]:
     """Best of all runs per configuration (a shared machine only ever slows a run down): highest images/s with
-    the load average of that run, lowest CPU-seconds, highest peak memory; `runs` counts them."""
+    the load average and commit of that run ("" for rows of files older than the commit column), lowest
+    CPU-seconds, highest peak memory; `runs` counts them."""
     rows = {tuple(str(r[k]) for k in KEY): r for r in old}
     for r in new:
         k = tuple(str(r[f]) for f in KEY)
@@ -246,7 +234,8 @@ def merge(old: list[dict], new: list[dict]) -> list[dict]:
         o = rows[k]
         best = r if r["images_per_s"] > float(o["images_per_s"]) else o
         psnr_db = r.get("psnr_vs_ours_fp32_db") or o.get("psnr_vs_ours_fp32_db", "")  # a run without fp32 has none
-        rows[k] = dict(r, images_per_s=best["images_per_s"], load_avg=best["load_avg"], psnr_vs_ours_fp32_db=psnr_db,
+        rows[k] = dict(r, images_per_s=best["images_per_s"], load_avg=best["load_avg"],
+                       commit=best.get("commit", ""), psnr_vs_ours_fp32_db=psnr_db,
                        cpu_s_per_image=min(r["cpu_s_per_image"], float(o["cpu_s_per_image"])),
                        peak_mb=max(r["peak_mb"], float(o["peak_mb"])), runs=int(o.get("runs") or 1) + 1)
     return list(rows.values())
@@ -287,15 +276,17 @@ def write(rows: list[dict], device: torch.device) -> list[dict]:
         for r in old:  # early files named diffusers' dtypes by their setting ("fp32") and had no threads column
             r["dtype"] = str(DTYPES.get(r["dtype"], r["dtype"])).removeprefix("torch.")
             r["threads"] = r.get("threads") or r["machine"].split(" threads")[0].rsplit(" ", 1)[-1]
-    rows = merge(old, rows)
-    ratios(rows)
-    fields = list(dict.fromkeys(k for r in rows for k in r))
+    merged = merge(old, rows)
+    ratios(merged)
+    # the union of all rows' columns, in this run's order first (so a column older files lack, such as commit,
+    # sits where a fresh file has it); a row without a column writes it empty
+    fields = list(dict.fromkeys(k for r in rows + merged for k in r))
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(merged)
     print(f"wrote {path}")
-    return rows
+    return merged
 
 
 def report(rows: list[dict]) -> None:

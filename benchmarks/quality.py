@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from common import commit, machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -52,11 +53,10 @@ def main() -> None:
                                  batch_size=args.batch_size)
     seconds = time.perf_counter() - start
     print(format_report(report))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
     report |= {"model": str(args.model), "steps": args.steps, "sampler": args.sampler,
                "guidance_scale": args.guidance_scale, "mask_dilate": args.mask_dilate, "seconds": round(seconds, 1),
-               "date": str(date.today()), "commit": commit, "torch": torch.__version__, "dtype": str(pipe.backend.dtype)}
+               "date": str(date.today()), "commit": commit(), "machine": machine(str(pipe.backend.device)),
+               "torch": torch.__version__, "dtype": str(pipe.backend.dtype)}
     name = Path(str(args.model)).name.removesuffix(".safetensors")
     path = Path(args.out) if args.out else RESULTS / f"quality-{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

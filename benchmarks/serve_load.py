@@ -1,16 +1,20 @@
 """Serving throughput and latency with dynamic batching on vs off, over loopback HTTP.
 
     .venv/bin/python benchmarks/serve_load.py [--model PATH] [--concurrency 1,2,4,8,16,32] [--steps 4]
-        [--max-batch-size 8] [--threads 1] [--min-requests 96] [--max-seconds 90]
+        [--max-batch-size 8] [--max-queue-delay-ms 50] [--threads 1] [--min-requests 96] [--max-seconds 90]
+        [--repeats 3]
 
-Starts `backdrop serve` twice as a subprocess on 127.0.0.1 (a random-weight tiny-inpaint model unless --model
-is given): once with --max-batch-size N (batching on), once with 1 (off), same everything else. For each
-concurrency c, c closed-loop clients (asyncio + httpx) each send POST /v1/images/edits (an RGBA product cut-out,
-64x64, n = 1, its own seed) and send the next as soon as the answer arrives, until max(min-requests, 2c)
-requests are done or --max-seconds pass. Reports images/s (answered images / wall time of the level),
-latency p50/p95/p99 (nearest rank; with 16-64 samples p99 is about the maximum), and the mean batch size the
-server actually ran (from its /metrics histogram). One run per setting; the machine may be shared, so the load
-average before and after each level is written too. Results: printed, and benchmarks/results/serve-<device>.csv.
+Starts `backdrop serve` twice as subprocesses on 127.0.0.1 (a random-weight tiny-inpaint model unless --model
+is given): one with --max-batch-size N (batching on), one with 1 (off), same everything else, both up for the
+whole run. For each concurrency c, c closed-loop clients (asyncio + httpx) each send POST /v1/images/edits (an
+RGBA product cut-out, 64x64, n = 1, its own seed) and send the next as soon as the answer arrives, until
+max(min-requests, 2c) requests are done or --max-seconds pass. Each level runs --repeats times on each server,
+the two servers taking turns (on, off, on, off, ...), so that a slow spell of a shared machine or the order of
+the runs does not land on one side; the row of each (server, c) is its run with the median images/s, and
+`runs` / `runs_mean_batch` list the images/s / mean batch of all. Reports images/s (answered images / wall
+time of the level), latency p50/p95/p99 (nearest rank; with 16-64 samples p99 is about the maximum), the mean
+batch size the server actually ran (from its /metrics histogram), and the load average before and after.
+Results: printed, and benchmarks/results/serve-<device>.csv.
 """
 from __future__ import annotations
 
@@ -19,7 +23,6 @@ import asyncio
 import csv
 import io
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -32,18 +35,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from common import commit, machine
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import torch
-
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} server threads"
 
 
 def product_png(seed: int, size: int = 64) -> bytes:
@@ -128,11 +122,12 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,2,4,8,16,32")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--max-queue-delay-ms", type=float, default=20)
+    parser.add_argument("--max-queue-delay-ms", type=float, default=50, help="the server's default")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads in the server")
     parser.add_argument("--min-requests", type=int, default=96,
                         help="requests per concurrency level at least (a level of ~1 s is noise on a quiet CPU)")
     parser.add_argument("--max-seconds", type=float, default=90, help="per concurrency level")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each level on each server; the median")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     images = [product_png(s) for s in range(8)]
@@ -146,27 +141,40 @@ def main() -> None:
             from backdrop.nn.config import PRESETS
             model = str(save_model(init_model(PRESETS["tiny-inpaint"], seed=0, dtype=torch.float32),
                                    Path(tmp) / "tiny-inpaint"))
-        rows = []
-        for mode, batch in (("batching", args.max_batch_size), ("no batching", 1)):
-            server = Server(model, batch, args)
-            try:
+        modes = (("batching", args.max_batch_size), ("no batching", 1))
+        servers = []
+        try:
+            for _, batch in modes:
+                servers.append(Server(model, batch, args))
+            for server in servers:
                 asyncio.run(level(server.url, 1, 2, 60, images))  # first-request effects out of the numbers
-                for c in levels:
-                    load0 = os.getloadavg()[0]
-                    s0, n0 = batch_stats(server.url)
-                    row = asyncio.run(level(server.url, c, max(args.min_requests, 2 * c), args.max_seconds, images))
-                    s1, n1 = batch_stats(server.url)
-                    row = {"mode": mode, "max_batch_size": batch, "concurrency": c, **row,
-                           "mean_batch": round((s1 - s0) / max(1, n1 - n0), 2),
-                           "load_avg_before": round(load0, 2), "load_avg_after": round(os.getloadavg()[0], 2)}
-                    rows.append(row)
-                    print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-            finally:
+            rows = []
+            for c in levels:
+                runs = {mode: [] for mode, _ in modes}
+                for _ in range(args.repeats):
+                    for (mode, batch), server in zip(modes, servers):
+                        load0 = os.getloadavg()[0]
+                        s0, n0 = batch_stats(server.url)
+                        row = asyncio.run(level(server.url, c, max(args.min_requests, 2 * c), args.max_seconds,
+                                                images))
+                        s1, n1 = batch_stats(server.url)
+                        row = {"mode": mode, "max_batch_size": batch, "concurrency": c, **row,
+                               "mean_batch": round((s1 - s0) / max(1, n1 - n0), 2),
+                               "load_avg_before": round(load0, 2), "load_avg_after": round(os.getloadavg()[0], 2)}
+                        runs[mode].append(row)
+                        print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+                for mode, _ in modes:
+                    ordered = sorted(runs[mode], key=lambda r: r["images_per_s"])
+                    rows.append({**ordered[len(ordered) // 2],
+                                 "runs": " ".join(str(r["images_per_s"]) for r in runs[mode]),
+                                 "runs_mean_batch": " ".join(str(r["mean_batch"]) for r in runs[mode])})
+        finally:
+            for server in servers:
                 server.stop()
 
     meta = {"model": args.model or "tiny-inpaint (random weights), 64x64 edits", "steps": args.steps,
-            "sampler": "dpmpp-2m", "device": args.device, "machine": machine(args.threads),
-            "date": date.today().isoformat()}
+            "sampler": "dpmpp-2m", "max_queue_delay_ms": args.max_queue_delay_ms, "device": args.device,
+            "machine": machine(args.device, args.threads), "commit": commit(), "date": date.today().isoformat()}
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"serve-{args.device}.csv"
     with open(out, "w", newline="") as f:

@@ -26,7 +26,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
+
+from common import commit, machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = {  # name: (preset, image size, batch, timed steps)
@@ -176,20 +177,6 @@ def worker(job: dict) -> dict:
     return {"images_per_s": job["batch"] / wall, "images_per_cpu_s": job["batch"] / cpu, "first_loss": losses[0]}
 
 
-def _machine(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
 def _available_gib() -> float:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -232,9 +219,8 @@ def main(argv=None) -> int:
         ap.error("--weights bf16 needs --precision bf16 (autocast feeds the bf16 weights bf16 inputs)")
 
     device = "cuda" if cuda else "cpu"
-    machine = _machine(device)
-    print(f"machine: {machine}; threads {args.threads or torch.get_num_threads()}; "
-          f"load average {os.getloadavg()[0]:.1f} at start")
+    desc, sha = machine(device, args.threads or torch.get_num_threads()), commit()  # on the CPU: load at start
+    print(f"machine: {desc}; commit {sha}")
     rows = []
     for case in args.cases.split(","):
         preset, size, batch, steps = CASES[case]
@@ -263,7 +249,7 @@ def main(argv=None) -> int:
                   f"{best['peer']:.3f} img/s, ours {best['ours']:.3f} img/s, ratio {ratio:.2f}x (per CPU second: "
                   f"{per_cpu['peer']:.3f} vs {per_cpu['ours']:.3f}, {cpu_ratio:.2f}x); first loss "
                   f"{results['peer'][0]['first_loss']:.5f} vs {results['ours'][0]['first_loss']:.5f}; load {load:.1f}")
-            rows.append({"date": date.today().isoformat(), "device": device, "machine": machine,
+            rows.append({"date": date.today().isoformat(), "device": device, "machine": desc, "commit": sha,
                          "threads": args.threads or torch.get_num_threads(), "stage": stage, "case": case,
                          "batch": batch, "precision": args.precision, "weights": args.weights, "steps": job["steps"],
                          "peer_images_per_s": round(best["peer"], 4), "ours_images_per_s": round(best["ours"], 4),
@@ -277,16 +263,19 @@ def main(argv=None) -> int:
 
 
 def _write(path: Path, rows: list[dict]) -> None:
-    """Add `rows` to the CSV, replacing earlier rows of the same measurement (stage, case, precisions, threads)."""
-    key = lambda r: tuple(str(r[k]) for k in ("stage", "case", "precision", "weights", "threads"))  # noqa: E731
+    """Add `rows` to the CSV, replacing earlier rows of the same measurement (stage, case, precisions, threads).
+    Earlier rows with columns this script no longer writes, or without the key columns, are dropped; rows of
+    files older than a column (e.g. commit) are kept, with that column empty."""
+    fields = ("stage", "case", "precision", "weights", "threads")
+    key = lambda r: tuple(str(r[k]) for k in fields)  # noqa: E731
     new = {key(r) for r in rows}
     old = []
     if path.is_file():
         with open(path, newline="") as f:
-            old = [r for r in csv.DictReader(f) if key(r) not in new and set(r) == set(rows[0])]
+            old = [r for r in csv.DictReader(f) if set(fields) <= set(r) <= set(rows[0]) and key(r) not in new]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), restval="")
         w.writeheader()
         w.writerows(old + rows)
     print(f"wrote {path}")

@@ -1,0 +1,47 @@
+"""What every benchmark writes beside its figures: the machine it ran on and the commit it measured.
+
+Imported by the scripts in this folder (run as `python benchmarks/NAME.py`, which puts the folder on sys.path).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+__all__ = ["machine", "commit"]
+
+
+def machine(device: str = "cpu", threads: int | None = None) -> str:
+    """The GPU's name on CUDA; on the CPU its model, cores, bf16 support, threads in use and the load average
+    (a shared machine's figures are only as good as its quiet)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}"
+    info = {}  # the first "model name" and "flags" of /proc/cpuinfo
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
+    bf16 = " (avx512_bf16)" if flags & {"avx512_bf16", "amx_bf16"} else ""
+    threads = torch.get_num_threads() if threads is None else threads
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return f"{name}, {os.cpu_count()} cores{bf16}, torch {torch.__version__}, {threads} threads{load}"
+
+
+def commit() -> str:
+    """The short hash of HEAD, with -dirty when the working tree has changes; 'unknown' outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True).stdout
+        return sha + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
