@@ -1,13 +1,19 @@
 """Serving throughput and latency with dynamic batching on vs off, over loopback HTTP.
 
-    .venv/bin/python benchmarks/serve_load.py [--model PATH] [--concurrency 1,2,4,8,16,32] [--steps 4]
-        [--max-batch-size 8] [--max-queue-delay-ms 50] [--threads 1] [--min-requests 96] [--max-seconds 90]
-        [--repeats 3]
+    .venv/bin/python benchmarks/serve_load.py [--model PATH|PRESET] [--size PX] [--concurrency 1,2,4,8,16,32]
+        [--steps 4] [--max-batch-size 8] [--max-queue-delay-ms 50] [--threads 1] [--min-requests 96]
+        [--max-seconds 90] [--repeats 3] [--device cpu|cuda] [--cache DIR]
 
-Starts `backdrop serve` twice as subprocesses on 127.0.0.1 (a random-weight tiny-inpaint model unless --model
-is given): one with --max-batch-size N (batching on), one with 1 (off), same everything else, both up for the
-whole run. For each concurrency c, c closed-loop clients (asyncio + httpx) each send POST /v1/images/edits (an
-RGBA product cut-out, 64x64, n = 1, its own seed) and send the next as soon as the answer arrives, until
+    on a GPU, the issue's goal (SD1.5 inpainting at 512x512, 30 steps; ~10 minutes):
+    python benchmarks/serve_load.py --device cuda --model sd15-inpaint --size 512 --steps 30 \
+        --concurrency 1,8,16 --repeats 1 --min-requests 32 --max-seconds 60
+
+Starts `backdrop serve` twice as subprocesses on 127.0.0.1 (a model folder or file, or a preset name such as
+tiny-inpaint, the default, or sd15-inpaint, built once with random weights under --cache): one with
+--max-batch-size N (batching on), one with 1 (off), same everything else, both up for the whole run. For each
+concurrency c, c closed-loop clients (asyncio + httpx) each send POST /v1/images/edits (an RGBA product
+cut-out, --size pixels square, the model's native size by default, n = 1, its own seed) and send the next as
+soon as the answer arrives, until
 max(min-requests, 2c) requests are done or --max-seconds pass. Each level runs --repeats times on each server,
 the two servers taking turns (on, off, on, off, ...), so that a slow spell of a shared machine or the order of
 the runs does not land on one side; the row of each (server, c) is its run with the median images/s, and
@@ -22,6 +28,7 @@ import argparse
 import asyncio
 import csv
 import io
+import json
 import os
 import socket
 import subprocess
@@ -50,6 +57,24 @@ def product_png(seed: int, size: int = 64) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgba, "RGBA").save(buf, "PNG")
     return buf.getvalue()
+
+
+def prepare(model: str, cache: Path, size: int | None) -> tuple[str, int]:
+    """The model to serve (a preset name is built once under `cache` with random weights) and the edit size."""
+    from backdrop.nn.config import PRESETS
+
+    native = 512                                 # a single file: SD's
+    if model in PRESETS and not Path(model).exists():
+        from backdrop.nn.checkpoint import init_model, save_model
+
+        folder, native = cache / model, PRESETS[model].image_size
+        if not (folder / "model_index.json").is_file():
+            print(f"building random {model} in {folder} ...", flush=True)
+            save_model(init_model(model, seed=0), folder)
+        model = str(folder)
+    elif (Path(model) / "unet" / "config.json").is_file():  # a diffusers folder: the UNet's sample size x 8
+        native = 8 * json.loads((Path(model) / "unet" / "config.json").read_text())["sample_size"]
+    return model, size or native
 
 
 def batch_stats(url: str) -> tuple[float, int]:
@@ -117,7 +142,11 @@ async def level(url: str, concurrency: int, total: int, max_seconds: float, imag
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="model folder or file (default: a random tiny-inpaint)")
+    parser.add_argument("--model", default="tiny-inpaint",
+                        help="model folder or file, or a preset name built with random weights (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=None, help="edit size in pixels (default: the model's native)")
+    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "backdrop-bench"),
+                        help="where presets are built, once (default: %(default)s)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--concurrency", default="1,2,4,8,16,32")
     parser.add_argument("--steps", type=int, default=4)
@@ -130,49 +159,41 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each level on each server; the median")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    images = [product_png(s) for s in range(8)]
+    model, size = prepare(args.model, Path(args.cache), args.size)
+    images = [product_png(s, size) for s in range(8)]
+    modes = (("batching", args.max_batch_size), ("no batching", 1))
+    servers = []
+    try:
+        for _, batch in modes:
+            servers.append(Server(model, batch, args))
+        for server in servers:
+            asyncio.run(level(server.url, 1, 2, 60, images))  # first-request effects out of the numbers
+        rows = []
+        for c in levels:
+            runs = {mode: [] for mode, _ in modes}
+            for _ in range(args.repeats):
+                for (mode, batch), server in zip(modes, servers):
+                    load0 = os.getloadavg()[0]
+                    s0, n0 = batch_stats(server.url)
+                    row = asyncio.run(level(server.url, c, max(args.min_requests, 2 * c), args.max_seconds,
+                                            images))
+                    s1, n1 = batch_stats(server.url)
+                    row = {"mode": mode, "max_batch_size": batch, "concurrency": c, **row,
+                           "mean_batch": round((s1 - s0) / max(1, n1 - n0), 2),
+                           "load_avg_before": round(load0, 2), "load_avg_after": round(os.getloadavg()[0], 2)}
+                    runs[mode].append(row)
+                    print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+            for mode, _ in modes:
+                ordered = sorted(runs[mode], key=lambda r: r["images_per_s"])
+                rows.append({**ordered[len(ordered) // 2],
+                             "runs": " ".join(str(r["images_per_s"]) for r in runs[mode]),
+                             "runs_mean_batch": " ".join(str(r["mean_batch"]) for r in runs[mode])})
+    finally:
+        for server in servers:
+            server.stop()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        if model is None:
-            import torch
-
-            from backdrop.nn.checkpoint import init_model, save_model
-            from backdrop.nn.config import PRESETS
-            model = str(save_model(init_model(PRESETS["tiny-inpaint"], seed=0, dtype=torch.float32),
-                                   Path(tmp) / "tiny-inpaint"))
-        modes = (("batching", args.max_batch_size), ("no batching", 1))
-        servers = []
-        try:
-            for _, batch in modes:
-                servers.append(Server(model, batch, args))
-            for server in servers:
-                asyncio.run(level(server.url, 1, 2, 60, images))  # first-request effects out of the numbers
-            rows = []
-            for c in levels:
-                runs = {mode: [] for mode, _ in modes}
-                for _ in range(args.repeats):
-                    for (mode, batch), server in zip(modes, servers):
-                        load0 = os.getloadavg()[0]
-                        s0, n0 = batch_stats(server.url)
-                        row = asyncio.run(level(server.url, c, max(args.min_requests, 2 * c), args.max_seconds,
-                                                images))
-                        s1, n1 = batch_stats(server.url)
-                        row = {"mode": mode, "max_batch_size": batch, "concurrency": c, **row,
-                               "mean_batch": round((s1 - s0) / max(1, n1 - n0), 2),
-                               "load_avg_before": round(load0, 2), "load_avg_after": round(os.getloadavg()[0], 2)}
-                        runs[mode].append(row)
-                        print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-                for mode, _ in modes:
-                    ordered = sorted(runs[mode], key=lambda r: r["images_per_s"])
-                    rows.append({**ordered[len(ordered) // 2],
-                                 "runs": " ".join(str(r["images_per_s"]) for r in runs[mode]),
-                                 "runs_mean_batch": " ".join(str(r["mean_batch"]) for r in runs[mode])})
-        finally:
-            for server in servers:
-                server.stop()
-
-    meta = {"model": args.model or "tiny-inpaint (random weights), 64x64 edits", "steps": args.steps,
+    meta = {"model": f"{args.model}{' (random weights)' if not Path(args.model).exists() else ''}, "
+                     f"{size}x{size} edits", "steps": args.steps,
             "sampler": "dpmpp-2m", "max_queue_delay_ms": args.max_queue_delay_ms, "device": args.device,
             "machine": machine(args.device, args.threads), "commit": commit(), "date": date.today().isoformat()}
     RESULTS.mkdir(exist_ok=True)
