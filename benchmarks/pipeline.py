@@ -12,16 +12,21 @@ warms up with one 1-step image (page-faults the weights, builds oneDNN primitive
 and keeps the best. Besides wall-clock images/s we report CPU-seconds per image, which a shared machine disturbs
 less (wall time there depends on what else runs; the load average is printed with every row).
 
-Ratios: "same precision" is ours / diffusers at the same dtype, nothing else changed; "vs diffusers default" is
-ours at our default settings, the ones `backdrop generate` and `backdrop inpaint` run with
+On CUDA the implementations are diffusers fp32 and fp16 (eager, SDPA attention), ours fp32 and fp16, and
+ours:graphs (fp16 with the UNet replayed from CUDA graphs, as `backdrop serve` runs); the issue's goals at 512x512,
+30 steps, batch 1: `python benchmarks/pipeline.py --models sd15 --batches 1 --steps 30 --repeats 3`.
+steps_per_s is steps / wall time of the whole call (text encoding and VAE decode included), a lower bound on the
+denoising loop's rate that progress bars (and stable-fast's figures) report; one step is one guided UNet call.
+
+Ratios: "same precision" is ours / diffusers at the same dtype, nothing else changed (ours:graphs: plus graphs); "vs
+diffusers default" is ours at our default settings, the ones `backdrop generate` and `backdrop inpaint` run with
 (Pipeline.from_pretrained's default_dtype, and backdrop.runtime.keep_freed_memory on the CPU), / diffusers at its
 default, fp32. Quality: PSNR of each output against ours in fp32 on the same seeds. For text-to-image the two
 pipelines compute the same image (same per-item noise), so diffusers' PSNR there is a parity check; for inpainting
 they do not (ours dilates the mask and pastes the product back, diffusers samples the masked-image latents from the
 VAE posterior), so there it is only informative; the exact parity tests are tests/test_pipeline.py. Results:
 printed, and merged into benchmarks/results/pipeline-<device>.csv, keeping the best of all runs per configuration
-(rerun when the machine was busy: a run can only be slowed down by other work).
-"""
+(rerun when the machine was busy: a run can only be slowed down by other work)."""
 from __future__ import annotations
 
 import argparse
@@ -82,8 +87,12 @@ def _ours(folder, dtype, device):
     if dtype == "default":  # our defaults are what `backdrop generate|inpaint` run with: they keep freed memory
         keep_freed_memory()
 
-    pipe = Pipeline.from_pretrained(folder, device=device, dtype=None if dtype == "default" else dtype)
+    pipe = Pipeline.from_pretrained(folder, device=device, dtype=None if dtype in ("default", "graphs") else dtype)
     name = str(pipe.backend.dtype).removeprefix("torch.")
+    if dtype == "graphs":  # our default dtype, the UNet replayed from CUDA graphs, as `backdrop serve` runs on a GPU
+        from backdrop.serve.cuda_graphs import GraphedBackend
+
+        pipe = Pipeline(GraphedBackend(pipe.backend))
 
     def call(task, batch, steps, size, seeds):
         common = dict(negative_prompt=NEGATIVE, seed=seeds, steps=steps, sampler="dpmpp-2m", guidance_scale=7.5,
@@ -125,6 +134,8 @@ def worker(spec: dict) -> dict:
     call, dtype = (_ours if spec["impl"] == "ours" else _diffusers)(spec["folder"], spec["dtype"], device)
     seeds = list(range(100, 100 + spec["batch"]))
     call(spec["task"], 1, 1, spec["size"], seeds[:1])  # warm-up: touches every weight, builds the primitives
+    if spec["dtype"] == "graphs":                       # and captures the graph of the timed batch size
+        call(spec["task"], spec["batch"], 1, spec["size"], seeds)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -181,7 +192,9 @@ def main() -> None:
     cuda = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)  # for the machine line; each worker sets its own
-    impls = args.impls or ("diffusers:fp32,diffusers:fp16,ours:fp32,ours:default" if cuda else
+    # on CUDA our default is fp16 with nothing else (keep_freed_memory is for the CPU): ours:fp16 is that row, and
+    # ours:graphs adds the CUDA-graph UNet of `backdrop serve`; both compare with diffusers:fp16 (same precision)
+    impls = args.impls or ("diffusers:fp32,diffusers:fp16,ours:fp32,ours:fp16,ours:graphs" if cuda else
                            "diffusers:fp32,diffusers:bf16,ours:fp32,ours:default")
     impls = [tuple(s.split(":")) for s in impls.split(",")]
     cache, rows = Path(args.cache), []
@@ -207,6 +220,7 @@ def main() -> None:
                             benchmark=f"{task} {model} {size}x{size}", steps=args.steps, batch=batch,
                             threads=torch.get_num_threads(), impl=impl, setting=setting, dtype=res["dtype"],
                             images_per_s=round(batch / res["wall_s"], 5),
+                            steps_per_s=round(args.steps / res["wall_s"], 3),
                             cpu_s_per_image=round(res["cpu_s"] / batch, 3), peak_mb=round(res["peak_mb"]),
                             load_avg=res["load"], images=np.load(spec["images"])))
                     ref = next((g for g in group if g["impl"] == "ours" and g["dtype"] == "float32"), None)
@@ -234,7 +248,8 @@ def merge(old: list[dict], new: list[dict]) -> list[dict]:
         o = rows[k]
         best = r if r["images_per_s"] > float(o["images_per_s"]) else o
         psnr_db = r.get("psnr_vs_ours_fp32_db") or o.get("psnr_vs_ours_fp32_db", "")  # a run without fp32 has none
-        rows[k] = dict(r, images_per_s=best["images_per_s"], load_avg=best["load_avg"],
+        rows[k] = dict(r, images_per_s=best["images_per_s"], steps_per_s=best.get("steps_per_s", ""),
+                       load_avg=best["load_avg"],
                        commit=best.get("commit", ""), psnr_vs_ours_fp32_db=psnr_db,
                        cpu_s_per_image=min(r["cpu_s_per_image"], float(o["cpu_s_per_image"])),
                        peak_mb=max(r["peak_mb"], float(o["peak_mb"])), runs=int(o.get("runs") or 1) + 1)
