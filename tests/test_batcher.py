@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from backdrop.serve.batcher import Batcher, BatchKey, QueueFull, Request, ShuttingDown
+from backdrop.serve.batcher import KEYS_REMEMBERED, Batcher, BatchKey, QueueFull, Request, ShuttingDown
 
 A = BatchKey("inpaint", 512, 512, 30, "dpmpp-2m")
 B = BatchKey("generate", 512, 512, 30, "dpmpp-2m")
@@ -142,6 +142,19 @@ def test_a_fixed_wait_does_not_learn():
     b, clock = make(max_batch=8, delay=0.05, max_queue=64, adaptive=False)
     closed_loop(b, clock, 1, run_seconds=0.1, back_after=lambda i: 0.02, first_arrivals=[0.0], seconds=1)
     assert b.delay(A) == 0.05
+
+
+def test_learned_waits_are_kept_for_a_bounded_number_of_keys():
+    b, clock = make(max_batch=8, delay=0.05, max_queue=64)
+    for i in range(KEYS_REMEMBERED + 50):        # (the server's keys carry /v1/inpaint's options: unbounded)
+        key = BatchKey("inpaint", 64, 64, 1 + i, "dpmpp-2m")
+        for _ in range(2):                       # a lone request, then the next: the wait of `key` halves
+            r = b.submit(Request(key, ["x"]))
+            clock.t += 1
+            b.complete(b.poll(), ["y"])
+            assert r.status == "done"
+    assert len(b._delay) == len(b._short) == KEYS_REMEMBERED
+    assert b.delay(key) == 0.025
 
 
 def test_queue_limit_raises_queue_full_with_retry_after():
