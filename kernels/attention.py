@@ -61,6 +61,12 @@ _FWD_CONFIGS = _configs((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64,
                         (64, 128, 8, 3))
 _DKDV_CONFIGS = _configs((32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3))
 _DQ_CONFIGS = _configs((128, 32, 8, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3), (64, 64, 8, 3))
+# Used only when none of the above fits: fp32 inputs at head dim 160 (SD1.5's deepest attention). Compiled for
+# sm_90a: fwd (64, 32, 4, 3) 196,608 B, dkdv (16, 64, 4, 2) 200,832 B, dq (64, 16, 4, 2) 200,704 B of the
+# 232,448 an H100 block may use; every candidate above needs 278-311 KB there. The second of each pair is smaller
+# still (a fraction of the speed: no wgmma at 32x32), the last resort.
+_FALLBACK = {"fwd": _configs((64, 32, 4, 3), (64, 32, 4, 2)), "dkdv": _configs((16, 64, 4, 2), (32, 32, 4, 2)),
+             "dq": _configs((64, 16, 4, 2), (32, 32, 4, 2))}
 # Under TRITON_INTERPRET=1 autotuning cannot time anything; the blocks are small enough that the CPU tests cross
 # block boundaries, diagonals and ragged tails with tiny tensors.
 _INTERPRET = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
@@ -80,18 +86,26 @@ def _prune(kernel: str):
         args = {**named_args, **kwargs}
         width = args["BLOCK_D0"] + args["BLOCK_DK1"]
         row_bytes = 2 * width * args["Q"].element_size()  # K and V (fwd, dq) or Q and dO (dkdv) travel together
+        # fp32 (tf32x3) backward kernels hold a second copy of their resident tiles: +73 KB at head dim 160
+        resident_copies = 2 if kernel != "fwd" and args["Q"].element_size() == 4 else 1
 
-        def smem(c):  # matches the compiler's figure within a few %: pipelined tiles + the resident ones
-            return (c.num_stages * c.kwargs[streamed] + c.kwargs[resident]) * row_bytes
+        def smem(c):  # at or a few % above the compiler's figure: pipelined tiles + the resident ones
+            return (c.num_stages * c.kwargs[streamed] + resident_copies * c.kwargs[resident]) * row_bytes
 
         def regs(c):  # fp32 accumulators + the score tile per thread; ptxas spills past ~180 of these
             m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
             acc = 2 * n * width if kernel == "dkdv" else m * width
             return (acc + m * n) / (32 * c.num_warps)
 
-        kept = [c for c in configs if smem(c) <= _SMEM_BUDGET and regs(c) < 180]
-        return kept or [min(configs, key=smem)]
+        fallback = {_shape(c) for c in _FALLBACK[kernel]}
+        fits = [c for c in configs if smem(c) <= _SMEM_BUDGET and regs(c) < 180]
+        return ([c for c in fits if _shape(c) not in fallback] or [c for c in fits if _shape(c) in fallback]
+                or [min(configs, key=smem)])
     return prune
+
+
+def _shape(c) -> tuple[int, int, int, int]:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
 
 @triton.jit
@@ -159,7 +173,7 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, k_base, v_base, stride_ks, st
     return acc0, acc1, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["SQ_KEY", "SK_KEY", "HEAD_DIM", "CAUSAL"],
+@triton.autotune(configs=_FWD_CONFIGS + _FALLBACK["fwd"], key=["SQ_KEY", "SK_KEY", "HEAD_DIM", "CAUSAL"],
                  prune_configs_by={"early_config_prune": _prune("fwd")})
 @triton.jit
 def _attn_fwd(
@@ -274,7 +288,7 @@ def _dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, LSE, DELTA, q_base, d
     return dk0, dk1, dv0, dv1
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=["SQ_KEY", "SK_KEY", "HEAD_DIM", "CAUSAL"],
+@triton.autotune(configs=_DKDV_CONFIGS + _FALLBACK["dkdv"], key=["SQ_KEY", "SK_KEY", "HEAD_DIM", "CAUSAL"],
                  prune_configs_by={"early_config_prune": _prune("dkdv")})
 @triton.jit
 def _attn_bwd_dkdv(
@@ -366,7 +380,7 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, K, V, k_base, v_base, stri
     return dq0, dq1
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=["SQ_KEY", "SK_KEY", "HEAD_DIM", "CAUSAL"],
+@triton.autotune(configs=_DQ_CONFIGS + _FALLBACK["dq"], key=["SQ_KEY", "SK_KEY", "HEAD_DIM", "CAUSAL"],
                  prune_configs_by={"early_config_prune": _prune("dq")})
 @triton.jit
 def _attn_bwd_dq(

@@ -13,7 +13,7 @@ import torch
 # TRITON_INTERPRET=1 (no GPU) is set by tests/conftest.py before anything imports triton.
 from backdrop import kernels
 from backdrop.kernels.attention import (
-    _attention_bwd, _attention_fwd, _head_dim_split, attention_ref,
+    _attention_bwd, _attention_fwd, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd, _head_dim_split, _prune, attention_ref,
 )
 from triton_h100 import compile_for_h100  # tests/ is on sys.path (pyproject pythonpath)
 
@@ -128,6 +128,25 @@ def test_kernels_compile_for_h100():
                                        STORE_O32=False, BLOCK_M=128, BLOCK_N=128), {}, 8, 3]]  # SD2: one chunk
     for name, smem, wgmma, cp_async, _ in compile_for_h100("backdrop.kernels.attention", jobs):
         assert wgmma and cp_async and smem <= 220 * 1024, name
+
+
+def test_fp32_at_head_dim_160_keeps_only_configs_that_fit_an_h100(monkeypatch):
+    # SD1.5's deepest attention in an fp32 UNet (or fp32 training): tf32x3's backward keeps a second copy of its
+    # resident tiles, and every regular candidate needs 278-311 KB of shared memory, past the 232,448 B an H100
+    # block may use, so the launch would fail. The pruner must fall back to configs that fit. (Once, offline, all
+    # 102 configs it keeps for head dims 40/64/80/160 x fp32/fp16 were compiled so: the largest took 221,696 B.)
+    monkeypatch.setattr(sys.modules["backdrop.kernels.attention"], "_interpreting", lambda: False)  # a GPU's choice
+    d0, dk1, dv1 = _head_dim_split(160)
+    base = dict(HEAD_DIM=160, BLOCK_D0=d0, BLOCK_DK1=dk1, CAUSAL=False, PRECISION="tf32x3", ALIGN=16)
+    jobs = []
+    for kernel, fn in (("fwd", _attn_fwd), ("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
+        kept = _prune(kernel)(fn.configs, dict(BLOCK_D0=d0, BLOCK_DK1=dk1, Q=torch.empty(0)))
+        assert kept and len(kept) < len(fn.configs), kernel
+        for c in kept:
+            extra = dict(BLOCK_DV1=dv1, STORE_O32=True) if kernel == "fwd" else {}
+            jobs.append([fn.fn.__name__, "fp32", dict(base, **c.kwargs, **extra), {}, c.num_warps, c.num_stages])
+    for name, smem, *_ in compile_for_h100("backdrop.kernels.attention", jobs):
+        assert smem <= 232_448, (name, smem)
 
 
 def _qkv(B=1, H=2, Sq=8, Sk=8, D=16, dtype=torch.float32):
