@@ -134,7 +134,7 @@ def worker(spec: dict) -> dict:
     call, dtype = (_ours if spec["impl"] == "ours" else _diffusers)(spec["folder"], spec["dtype"], device)
     seeds = list(range(100, 100 + spec["batch"]))
     call(spec["task"], 1, 1, spec["size"], seeds[:1])  # warm-up: touches every weight, builds the primitives
-    if spec["dtype"] == "graphs":                       # and captures the graph of the timed batch size
+    if spec["batch"] > 1:  # and those of the timed batch (oneDNN; on CUDA Triton specialises on it, graphs capture)
         call(spec["task"], spec["batch"], 1, spec["size"], seeds)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -148,7 +148,8 @@ def worker(spec: dict) -> dict:
         w, c = time.perf_counter() - w, time.process_time() - c
         best = (w, c) if best is None or w < best[0] else best
     np.save(spec["images"], np.asarray(images, np.float32))
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+    # reserved, not allocated: a CUDA graph's intermediates live in its pool and count as free once captured
+    peak = (torch.cuda.max_memory_reserved() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KB
     return dict(wall_s=best[0], cpu_s=best[1], peak_mb=peak / 2**20, dtype=dtype)
 
@@ -160,12 +161,15 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
 
 
-def run_one(spec: dict) -> dict:
+def run_one(spec: dict) -> dict | None:
+    """One configuration in its own process; None (its error printed) if it failed, so the others still run."""
     load = os.getloadavg()[0]
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        raise SystemExit(f"worker failed: {spec}\n{r.stderr[-3000:]}")
+        print(f"  worker FAILED: {spec['impl']}:{spec['dtype']} {spec['task']} b{spec['batch']}\n{r.stderr[-3000:]}",
+              flush=True)
+        return None
     return dict(json.loads(r.stdout.strip().splitlines()[-1]), load=round((load + os.getloadavg()[0]) / 2, 1))
 
 
@@ -192,12 +196,14 @@ def main() -> None:
     cuda = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)  # for the machine line; each worker sets its own
-    # on CUDA our default is fp16 with nothing else (keep_freed_memory is for the CPU): ours:fp16 is that row, and
-    # ours:graphs adds the CUDA-graph UNet of `backdrop serve`; both compare with diffusers:fp16 (same precision)
+    # on CUDA our default is fp16 with nothing else (keep_freed_memory is for the CPU), so ours:fp16 stands for it
+    # and is compared with diffusers:fp16 (the issue's goal), not with diffusers' fp32 default; ours:graphs adds
+    # the CUDA-graph UNet of `backdrop serve`, compared with diffusers:fp16 too
     impls = args.impls or ("diffusers:fp32,diffusers:fp16,ours:fp32,ours:fp16,ours:graphs" if cuda else
                            "diffusers:fp32,diffusers:bf16,ours:fp32,ours:default")
     impls = [tuple(s.split(":")) for s in impls.split(",")]
-    cache, rows = Path(args.cache), []
+    cache, rows, old = Path(args.cache), [], read(device)
+    merged = old
     desc, sha = machine(str(device)), commit()  # the CPU's line carries its bf16 support and the load average
     print(f"machine: {desc}; commit {sha}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,6 +219,8 @@ def main() -> None:
                                     repeats=args.repeats or (5 if model == "tiny" else 1), threads=args.threads,
                                     images=os.path.join(tmp, f"{impl}-{setting}.npy"))
                         res = run_one(spec)
+                        if res is None:
+                            continue
                         print(f"  {model:5s} {task:8s} b{batch} {impl:9s} {setting:8s} {res['dtype']:9s} "
                               f"{batch / res['wall_s']:7.4f} img/s  {res['cpu_s'] / batch:7.2f} cpu-s/img  "
                               f"{res['peak_mb']:7.0f} MB  (load {res['load']})", flush=True)
@@ -229,7 +237,8 @@ def main() -> None:
                             g["psnr_vs_ours_fp32_db"] = round(psnr(g["images"], ref["images"]), 1)
                     rows += [{k: v for k, v in g.items() if k != "images"}
                              | dict(machine=desc, commit=sha, date=str(date.today())) for g in group]
-    report(write(rows, device))
+                    merged = write(old, rows, device)  # after every group: a run cut short keeps what it measured
+    report(merged)
 
 
 KEY = ("benchmark", "steps", "batch", "threads", "impl", "setting")
@@ -279,19 +288,26 @@ def ratios(rows: list[dict]) -> None:
                                                    2)
 
 
-def write(rows: list[dict], device: torch.device) -> list[dict]:
-    """Merge into benchmarks/results/pipeline-<device>.csv (best of all runs; see `merge`) and recompute the
-    ratios, so rerunning on a noisy machine (or only `--models tiny`) improves the file instead of replacing it."""
+def read(device: torch.device) -> list[dict]:
+    """The rows of benchmarks/results/pipeline-<device>.csv from earlier runs."""
+    path = RESULTS / f"pipeline-{device.type}.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        old = list(csv.DictReader(f))
+    for r in old:  # early files named diffusers' dtypes by their setting ("fp32") and had no threads column
+        r["dtype"] = str(DTYPES.get(r["dtype"], r["dtype"])).removeprefix("torch.")
+        r["threads"] = r.get("threads") or r["machine"].split(" threads")[0].rsplit(" ", 1)[-1]
+    return old
+
+
+def write(old: list[dict], rows: list[dict], device: torch.device) -> list[dict]:
+    """Merge this run's rows into the earlier ones (best of all runs; see `merge`), recompute the ratios and write
+    benchmarks/results/pipeline-<device>.csv, so rerunning on a noisy machine (or only `--models tiny`) improves
+    the file instead of replacing it."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"pipeline-{device.type}.csv"
-    old = []
-    if path.is_file():
-        with open(path, newline="") as f:
-            old = list(csv.DictReader(f))
-        for r in old:  # early files named diffusers' dtypes by their setting ("fp32") and had no threads column
-            r["dtype"] = str(DTYPES.get(r["dtype"], r["dtype"])).removeprefix("torch.")
-            r["threads"] = r.get("threads") or r["machine"].split(" threads")[0].rsplit(" ", 1)[-1]
-    merged = merge(old, rows)
+    merged = merge([dict(r) for r in old], rows)
     ratios(merged)
     # the union of all rows' columns, in this run's order first (so a column older files lack, such as commit,
     # sits where a fresh file has it); a row without a column writes it empty
