@@ -257,8 +257,7 @@ def main(argv=None) -> int:
                          "ours_images_per_cpu_s": round(per_cpu["ours"], 4), "cpu_ratio": round(cpu_ratio, 3),
                          "peer_first_loss": results["peer"][0]["first_loss"],
                          "ours_first_loss": results["ours"][0]["first_loss"], "load_average": round(load, 1)})
-    if rows:
-        _write(RESULTS / f"train-{device}.csv", rows)
+            _write(RESULTS / f"train-{device}.csv", rows)  # after every row: a run cut short keeps what it measured
     return 0
 
 

@@ -249,7 +249,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, cfg)
         self.optimizer.zero_grad(set_to_none=True)
-        total, metrics = 0.0, {}
+        metrics = {}  # tensors until the whole step is queued: reading one earlier makes the GPU wait for the CPU
         for micro in range(cfg.grad_accum):
             batch = _to_device(next(self.loader), self.device)
             last = micro == cfg.grad_accum - 1
@@ -258,18 +258,17 @@ class Trainer:
                 with self._autocast():
                     loss, m = self.stage.loss(self.model, batch, self.generator)
                 self.scaler.scale(loss / cfg.grad_accum).backward()
-            total += float(loss.detach()) / cfg.grad_accum
-            for k, v in m.items():
-                metrics[k] = metrics.get(k, 0.0) + float(v) / cfg.grad_accum
+            for k, v in {"loss": loss.detach(), **m}.items():
+                metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum
         self.scaler.unscale_(self.optimizer)
         if cfg.grad_clip > 0:
-            metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip))
+            metrics["grad_norm"] = nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.module, self.step - 1)
-        return {"loss": total, **metrics}
+        return {k: float(v) for k, v in metrics.items()}  # the step's one host sync, after all of it is queued
 
     def fit(self) -> nn.Module:
         """Train to cfg.steps, saving every cfg.save_every steps and at the end; returns the trained module."""
