@@ -166,8 +166,9 @@ def main() -> None:
     try:
         for _, batch in modes:
             servers.append(Server(model, batch, args))
-        for server in servers:
-            asyncio.run(level(server.url, 1, 2, 60, images))  # first-request effects out of the numbers
+        for server in servers:  # first-request effects out of the numbers, and every batch size the levels see
+            asyncio.run(level(server.url, 1, 2, 60, images))
+            asyncio.run(level(server.url, max(levels), 2 * max(levels), 120, images))
         rows = []
         for c in levels:
             runs = {mode: [] for mode, _ in modes}

@@ -25,9 +25,10 @@ from PIL import Image
 from backdrop import runtime
 from backdrop.diffusion.pipeline import Pipeline, SamplingInterrupted
 from backdrop.serve.batcher import Batch, BatchKey, Batcher, Request
+from backdrop.serve.cuda_graphs import BATCH_BUCKETS
 from backdrop.serve.metrics import ServerMetrics
 
-__all__ = ["ServeKey", "Item", "Engine", "EngineConfig"]
+__all__ = ["ServeKey", "Item", "Engine", "EngineConfig", "warm_up_batches"]
 
 log = logging.getLogger("backdrop.serve")
 
@@ -68,6 +69,14 @@ class EngineConfig:
                          ("request_timeout", self.request_timeout > 0), ("cpu_cache_mb", self.cpu_cache_mb >= 0)):
             if not ok:
                 raise ValueError(f"EngineConfig.{name} = {getattr(self, name)!r} is out of range")
+
+
+def warm_up_batches(device_type: str, max_batch_size: int) -> list[int]:
+    """The batch sizes the engine warms up with: 1 on the CPU; on CUDA each graph bucket below max_batch_size,
+    and max_batch_size itself."""
+    if device_type != "cuda":
+        return [1]
+    return sorted({b for b in BATCH_BUCKETS if b < max_batch_size} | {max_batch_size})
 
 
 class Engine:
@@ -130,17 +139,22 @@ class Engine:
                 self.memory_trims += 1
 
     def _warm_up(self) -> None:
-        """One tiny call through every component (text encoder, VAE encode/decode, UNet with guidance), so the
-        first request does not pay for lazy initialisation; on CUDA it also captures the batch-1 graphs."""
+        """One-step calls through every component (text encoder, VAE encode/decode, UNet with guidance) at the
+        native size, so the first requests do not pay for lazy initialisation. On the CPU one image is enough; on
+        CUDA every batch bucket up to max_batch_size runs once, capturing its UNet graph and compiling the Triton
+        kernels for its batch size (the first full batch would otherwise pay several seconds for them)."""
         n = self.native_size
         t0 = time.perf_counter()
-        if self.pipe.config.unet.in_channels == 9:
-            image = Image.new("RGB", (n, n), (128, 128, 128))
-            mask = Image.new("L", (n, n), 255)
-            self.pipe.inpaint(image, mask=mask, prompt="warm-up", seed=0, steps=1, progress=False)
-        else:
-            self.pipe.generate("warm-up", seed=0, steps=1, progress=False)
-        log.info("warm-up took %.1f s", time.perf_counter() - t0)
+        sizes = warm_up_batches(torch.device(self.pipe.backend.device).type, self.config.max_batch_size)
+        for b in sizes:
+            if self.pipe.config.unet.in_channels == 9:
+                image = Image.new("RGB", (n, n), (128, 128, 128))
+                mask = Image.new("L", (n, n), 255)
+                self.pipe.inpaint(image, mask=mask, prompt=["warm-up"] * b, seed=list(range(b)), steps=1,
+                                  progress=False)
+            else:
+                self.pipe.generate(["warm-up"] * b, seed=list(range(b)), steps=1, progress=False)
+        log.info("warm-up (batches of %s) took %.1f s", sizes, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------------------------------ requests
     def submit(self, key: ServeKey, items: list[Item], on_done: Callable[[], None],

@@ -382,6 +382,15 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     assert cli_main(["serve", str(tmp_path), "--port", "70000"]) == 2
 
 
+def test_warm_up_covers_every_graph_bucket_on_cuda_only():
+    from backdrop.serve.engine import warm_up_batches
+
+    assert warm_up_batches("cpu", 8) == [1]
+    assert warm_up_batches("cuda", 8) == [1, 2, 4, 8]
+    assert warm_up_batches("cuda", 6) == [1, 2, 4, 6]   # 6 images pad to the 8-image graph, captured by its own call
+    assert warm_up_batches("cuda", 1) == [1]
+
+
 def test_cuda_graph_unet_buckets_pad_and_slice(pipe):
     """On the CPU the wrapper pads to its batch bucket and runs eagerly: rows must equal the direct call's,
     whatever stale rows the static buffers hold from earlier calls."""
