@@ -9,6 +9,7 @@ imported (the tests do that). This package imports nothing from backdrop.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -27,6 +28,12 @@ __all__ = ["attention", "group_norm", "attention_ref", "group_norm_ref"]
 
 IMPLS = ("auto", "torch", "triton")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _on_device_of(x: torch.Tensor):
+    """Triton launches on the current CUDA device, not on the tensors' one (a server's worker thread starts on
+    cuda:0 whatever its model's device). The backward needs nothing: autograd runs it on the tensors' device."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _choose(impl: str, x: torch.Tensor, supported) -> str:
@@ -70,7 +77,8 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, impl: s
         return (q.dtype in _KERNEL_DTYPES and q.shape[-1] <= _attention_mod.MAX_HEAD_DIM
                 and all(t.stride(-1) == 1 for t in (q, k, v)))
     if _choose(impl, q, supported) == "triton":
-        return _attention_mod.attention(q, k, v, causal=causal, scale=scale)
+        with _on_device_of(q):
+            return _attention_mod.attention(q, k, v, causal=causal, scale=scale)
     return attention_ref(q, k, v, causal=causal, scale=scale)
 
 
@@ -79,5 +87,6 @@ def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, si
     def supported():
         return x.dtype in _KERNEL_DTYPES and _group_norm_mod._strides_bcl(x) is not None
     if _choose(impl, x, supported) == "triton":
-        return _group_norm_mod.group_norm(x, num_groups, weight, bias, eps, silu=silu)
+        with _on_device_of(x):
+            return _group_norm_mod.group_norm(x, num_groups, weight, bias, eps, silu=silu)
     return group_norm_ref(x, num_groups, weight, bias, eps, silu=silu)
