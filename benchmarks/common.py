@@ -36,7 +36,11 @@ def machine(device: str = "cpu", threads: int | None = None) -> str:
 
 
 def commit() -> str:
-    """The short hash of HEAD, with -dirty when the working tree has changes; 'unknown' outside git."""
+    """The short hash of HEAD, with -dirty when the working tree has changes; BACKDROP_COMMIT where there is no
+    git (the device machine gets a copy of the working tree without .git: set it from the checkout the copy was
+    made of); 'unknown' otherwise."""
+    if os.environ.get("BACKDROP_COMMIT"):
+        return os.environ["BACKDROP_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,

@@ -6,7 +6,8 @@
 #       carry=[".whl"])
 #
 # The Makefile is for CPU machines and CI (it builds .venv from PyPI); here python3 is the image's, which holds
-# the CUDA build of torch.
+# the CUDA build of torch. The copy has no .git: prefix benchmark commands with BACKDROP_COMMIT=<the commit you
+# ran from> so their results name it.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site \
   && python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir -e . \

@@ -10,7 +10,9 @@ attention   SD1.5 (8 heads of 40/80/160/160 over the four UNet levels) and SD2 (
             backward (FlashAttention-2's convention).
 group_norm  GroupNorm(32) + SiLU on SD1.5's UNet activations at 512² and 768² and on VAE-decoder activations,
             NCHW and channels_last. Peer: F.group_norm then F.silu (eager). Figure: GB/s of compulsory traffic
-            (read x, write y; the backward adds read x and dy, write dx) and its share of the GPU's HBM peak.
+            (read x, write y; the backward adds read x and dy, write dx), its share of the GPU's spec-sheet HBM
+            peak (hbm_pct) and of the bandwidth measured here (copy_pct: a 1 GiB device-to-device copy, read +
+            write, which is what "measured HBM bandwidth" means in the goal; on an H100 SXM about 90% of spec).
 Passes: forward, and forward+backward (grads of all inputs). Timing: triton.testing.do_bench (mean ms) after one
 untimed call, which autotunes our kernels. A backend that fails on a row is recorded as `error` in that row.
 Prints every row (peer, ours, ratio = ours/peer in the figure's unit, >1 is faster) and writes
@@ -32,7 +34,7 @@ from common import commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = ["gpu", "commit", "op", "shape", "dtype", "pass", "unit", "ours", "peer_name", "peer", "ratio",
-           "ours_ms", "peer_ms", "hbm_pct", "error"]
+           "ours_ms", "peer_ms", "hbm_pct", "copy_pct", "error"]
 HBM_GBPS = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800,
             "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -100,7 +102,17 @@ def attention_rows(dtype: torch.dtype, quick: bool):
                 yield row("attention", shape, dtype, pass_, "TFLOP/s", flops / 1e12, ours, peer_name, peer)
 
 
-def group_norm_rows(dtype: torch.dtype, quick: bool, peak_gbps: float | None):
+def copy_gbps() -> float:
+    """The HBM bandwidth a plain 1 GiB device-to-device copy achieves (bytes read + written per second)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    src = dst = None  # 2 GiB back to the pool before the benchmarks
+    torch.cuda.empty_cache()
+    return 2 * 2**30 / (ms * 1e-3) / 1e9
+
+
+def group_norm_rows(dtype: torch.dtype, quick: bool, peak_gbps: float | None, measured_gbps: float):
     from backdrop import kernels
 
     for label, shape in group_norm_shapes(quick):
@@ -124,8 +136,10 @@ def group_norm_rows(dtype: torch.dtype, quick: bool, peak_gbps: float | None):
                 peer = measure(lambda: run(lambda a, c, d: F.silu(F.group_norm(a, 32, c, d))))
                 r = row("group_norm+silu", f"{label} {layout}: {tuple(shape)}", dtype, pass_, "GB/s", traffic / 1e9,
                         ours, "F.group_norm+F.silu", peer)
-                if peak_gbps and r["ours"] != "":
-                    r["hbm_pct"] = f"{100 * r['ours'] / peak_gbps:.0f}"
+                if r["ours"] != "":
+                    r["copy_pct"] = f"{100 * r['ours'] / measured_gbps:.0f}"
+                    if peak_gbps:
+                        r["hbm_pct"] = f"{100 * r['ours'] / peak_gbps:.0f}"
                 yield r
 
 
@@ -134,7 +148,10 @@ def measure(fn) -> tuple[float, str]:
     try:
         return fn(), ""
     except Exception as e:  # noqa: BLE001 — unsupported shape/dtype in a backend, OOM, compile failure...
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001 — a poisoned CUDA context raises again here; the row still records e
+            pass
         return math.nan, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
 
@@ -146,7 +163,7 @@ def row(op, shape, dtype, pass_, unit, work, ours, peer_name, peer) -> dict:
     return {"op": op, "shape": shape, "dtype": str(dtype).removeprefix("torch."), "pass": pass_, "unit": unit,
             "ours": round(o, 2) if o == o else "", "peer_name": peer_name, "peer": round(p, 2) if p == p else "",
             "ratio": round(o / p, 3) if o == o and p == p else "", "ours_ms": round(ours_ms, 4) if o == o else "",
-            "peer_ms": round(peer_ms, 4) if p == p else "", "hbm_pct": "", "error": errors}
+            "peer_ms": round(peer_ms, 4) if p == p else "", "hbm_pct": "", "copy_pct": "", "error": errors}
 
 
 def main(argv=None) -> int:
@@ -163,7 +180,9 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name()
     peak = next((v for k, v in HBM_GBPS.items() if k.lower() in gpu.lower()), None)
     meta = {"gpu": gpu, "commit": commit()}
-    print(f"{gpu} (HBM peak {peak or '?'} GB/s), torch {torch.__version__}, commit {meta['commit']}")
+    measured = copy_gbps()
+    print(f"{gpu} (HBM peak {peak or '?'} GB/s on the spec sheet, {measured:.0f} GB/s measured by a copy), "
+          f"torch {torch.__version__}, commit {meta['commit']}")
     out = args.out or RESULTS / f"kernels-{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -176,7 +195,7 @@ def main(argv=None) -> int:
             if "attention" in args.ops:
                 gens.append(attention_rows(dtype, args.quick))
             if "group_norm" in args.ops:
-                gens.append(group_norm_rows(dtype, args.quick, peak))
+                gens.append(group_norm_rows(dtype, args.quick, peak, measured))
             for gen in gens:
                 for r in gen:
                     r.update(meta)
@@ -185,7 +204,7 @@ def main(argv=None) -> int:
                     f.flush()
                     print(f"{r['op']:16} {r['dtype']:9} {r['pass']:8} {r['shape'][:70]:70} {r['peer_name']:20} "
                           f"{r['peer']!s:>9} ours {r['ours']!s:>9} {r['unit']:8} x{r['ratio']!s:6} "
-                          f"{r['hbm_pct'] and r['hbm_pct'] + '% HBM'} {r['error']}", flush=True)
+                          f"{r['copy_pct'] and r['copy_pct'] + '% of copy'} {r['error']}", flush=True)
     print(f"{len(rows)} rows -> {out}")
     return 0
 

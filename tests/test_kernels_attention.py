@@ -75,7 +75,9 @@ def test_forward_backward_match_float64(case, dtype):
     tol = TOL[dtype]
     assert o.dtype == dtype and o.shape == q.shape
     assert _err(o, ref[0]) < tol["fwd"], f"forward error {_err(o, ref[0]):.2e}"
-    assert _err(o32, ref[0]) < TOL[torch.float32]["fwd"] * 20  # before rounding: only fp32 accumulation error
+    # before the output's rounding: fp32 accumulation, plus P rounded to the input dtype for P·V (an exact emulation
+    # gives 0.8-1.4e-4 in fp16, 5.9-9.9e-4 in bf16 on these shapes)
+    assert _err(o32, ref[0]) < {torch.bfloat16: 3e-3}.get(dtype, TOL[torch.float32]["fwd"] * 20)
     for name, ours, theirs in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[1:]):
         assert ours.dtype == dtype and ours.shape == theirs.shape
         assert _err(ours, theirs) < tol["bwd"], f"{name} error {_err(ours, theirs):.2e}"

@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 from backdrop.cli import main
 from backdrop.nn.checkpoint import load_model
 
-FAST = ["--size", "32", "--batch-size", "4", "--quiet", "--log-every", "1"]
+# the CPU on any machine: the resume test wants bit-identical weights (cuDNN's weight gradients may use atomics),
+# and two torchrun processes on a one-GPU machine would both need cuda:0 and cuda:1
+FAST = ["--size", "32", "--batch-size", "4", "--quiet", "--log-every", "1", "--device", "cpu"]
 
 
 @pytest.fixture(autouse=True)

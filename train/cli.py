@@ -187,7 +187,12 @@ def _distributed(args) -> tuple[int, int, object]:
     if world == 1:
         return 0, 1, device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise CLIError(f"process {local} of this machine needs cuda:{local}, and there are "
+                           f"{torch.cuda.device_count()} GPUs: run at most that many processes per node "
+                           "(--nproc_per_node), or --device cpu")
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
