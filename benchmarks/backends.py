@@ -2,16 +2,26 @@
 
     .venv/bin/python benchmarks/backends.py [--preset sd15-inpaint] [--size 256] [--steps 4] [--batches 1,4]
                                             [--threads N] [--dir /tmp/backdrop-bench] [--backends torch,onnxruntime]
+                                            [--out CSV]
 
 A random-weight model in the shapes of --preset (full-size SD1.5 inpainting by default, fp32) is exported once to
-ONNX into --dir (reused on later runs) and, where TensorRT can run, built into engines. Every backend then serves
-the same request: an inpaint of a size x size image with a centred mask, prompt + negative prompt, guidance 7.5,
-DPM++ 2M, the same seed, at each batch size. Each (backend, batch) runs once with one step to warm up (first-run
-allocations, oneDNN / ORT kernel selection), then once measured; the backends take turns for --rounds rounds
-(the load of a shared machine drifts) and the medians are reported. The backend is wrapped in a timer, so the stages
-are measured inside the real request: text = encode_text per request, UNet = one call at the guided batch (2B)
-per sampler step (mean), VAE encode / decode = their calls per request; images/s = B / wall time of the request.
-Results: printed with the machine, and benchmarks/results/backends-<device>.csv.
+ONNX into --dir (reused on later runs; only when onnxruntime or tensorrt is to run) and, where TensorRT can run,
+built into engines. A backend this machine cannot run (tensorrt without a GPU or the tensorrt package, onnxruntime
+on CUDA without onnxruntime-gpu or with a provider that fails to load) prints "NAME: skipped (reason)" and the run
+goes on without it. Every backend then serves the same request: an inpaint of a size x size image with a centred
+mask, prompt + negative prompt, guidance 7.5, DPM++ 2M, the same seed, at each batch size. Each (backend, batch)
+runs once with one step to warm up (first-run allocations, oneDNN / ORT kernel selection), then once measured; the
+backends take turns for --rounds rounds (the load of a shared machine drifts) and the medians are reported. The
+backend is wrapped in a timer, so the stages are measured inside the real request: text = encode_text per
+request, UNet = one call at the guided batch (2B) per sampler step (mean), VAE encode / decode = their calls per
+request; images/s = B / wall time of the request.
+
+Baseline (speedup_vs_torch, max_abs_diff_vs_torch, named in the "baseline" column): on the CPU "torch", fp32
+eager, which is what runs there. On CUDA "torch-fp16", the Pipeline's default there and the precision of the
+TensorRT engines (fp32 torch, which nobody deploys on a GPU, is still measured); the CUDA default backends are
+torch-fp16,torch,onnxruntime,tensorrt. Where the baseline was not run, fp32 torch is the base if it was.
+Results: printed with the machine, and --out (default benchmarks/results/backends-<device>.csv), rewritten after
+every measured row with the medians so far, so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
@@ -38,8 +48,9 @@ from backdrop.nn.config import get_preset
 from common import commit, machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DTYPES = {"torch": torch.float32, "torch-bf16": torch.bfloat16, "onnxruntime": torch.float32,
-          "tensorrt": torch.float16}
+DTYPES = {"torch": torch.float32, "torch-bf16": torch.bfloat16, "torch-fp16": torch.float16,
+          "onnxruntime": torch.float32, "tensorrt": torch.float16}
+NEEDS_ONNX = ("onnxruntime", "tensorrt")  # the backends that run the ONNX export in --dir
 
 
 class Timed:
@@ -101,22 +112,66 @@ def run(backend, size: int, batch: int, steps: int) -> tuple[dict, np.ndarray]:
     return {k: round(v, 3 if k != "images_per_s" else 4) for k, v in row.items()}, images
 
 
-def build(name: str, args, model, onnx_dir: Path, trt_dir: Path):
-    """The backend `name`, or None (with the reason printed) where it cannot run here."""
-    if name in ("torch", "torch-bf16"):  # torch-bf16: the Pipeline's default on CPUs with native bf16
-        return make_backend("torch", model, device=args.device, dtype=DTYPES[name])
+def unavailable(name: str, args) -> str | None:
+    """Why the backend `name` cannot run on this machine, found before anything is exported for it; else None."""
     if name == "onnxruntime":
-        return make_backend("onnxruntime", onnx_dir, device=args.device, threads=args.threads)
-    if name == "tensorrt":
-        if args.device.type != "cuda" or importlib.util.find_spec("tensorrt") is None:
-            print("tensorrt: skipped (needs an NVIDIA GPU and the tensorrt package)")
-            return None
+        from backdrop.export.ort_backend import session_providers
+        try:
+            session_providers(args.device)
+        except ValueError as e:  # e.g. the CPU-only onnxruntime on a CUDA machine
+            return str(e)
+    if name == "tensorrt" and (args.device.type != "cuda" or importlib.util.find_spec("tensorrt") is None):
+        return "needs an NVIDIA GPU and the tensorrt package"
+    return None
+
+
+def build(name: str, args, model, onnx_dir: Path, trt_dir: Path):
+    """The backend `name`, or None (with the reason printed) where it cannot be built here."""
+    if name.startswith("torch"):  # torch-bf16: the Pipeline's default on CPUs with native bf16; -fp16 on CUDA
+        return make_backend("torch", model, device=args.device, dtype=DTYPES[name])
+    try:
+        if name == "onnxruntime":
+            return make_backend("onnxruntime", onnx_dir, device=args.device, threads=args.threads)
         from backdrop.export.tensorrt import Range, ShapeBucket, build_engines
         if not (trt_dir / "backdrop_tensorrt.json").is_file():
             build_engines(onnx_dir, trt_dir, buckets=[ShapeBucket(args.size, args.size, Range(1, b, b))
                                                       for b in args.batch_list])
         return make_backend("tensorrt", trt_dir, device=args.device)
-    raise SystemExit(f"unknown backend {name!r}")
+    except (ImportError, RuntimeError, ValueError) as e:  # e.g. an execution provider listed but failing to load
+        print(f"{name}: skipped ({type(e).__name__}: {e})")
+        return None
+
+
+def baseline(runs: dict, device: torch.device) -> str:
+    """The backend the others are compared with (see the module docstring), "" if none of them ran."""
+    measured = {name for name, _ in runs}
+    return next((b for b in (("torch-fp16", "torch") if device.type == "cuda" else ("torch",)) if b in measured), "")
+
+
+def summary(runs: dict, images: dict, args, meta: dict) -> list[dict]:
+    """One row per (backend, batch) measured so far: the medians of its rounds, against the baseline's."""
+    base_name, rows = baseline(runs, args.device), []
+    for (name, batch), done in runs.items():
+        row = {k: round(statistics.median(r[k] for r in done), 4) for k in done[0]}
+        base = runs.get((base_name, batch))
+        speedup = row["images_per_s"] / statistics.median(r["images_per_s"] for r in base) if base else ""
+        diff = float(np.abs(images[name, batch] - images[base_name, batch]).max()) if base else ""
+        rows.append({"backend": name, "device": args.device.type, "dtype": str(DTYPES[name]).removeprefix("torch."),
+                     "threads": args.threads, "size": args.size, "steps": args.steps, "batch": batch,
+                     "rounds": len(done), **row, "baseline": base_name if base else "",
+                     "speedup_vs_torch": round(speedup, 2) if base else "", "max_abs_diff_vs_torch": diff,
+                     **meta})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)  # whole or not at all, should the run be killed mid-write
 
 
 def main() -> None:
@@ -125,17 +180,24 @@ def main() -> None:
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default: %(default)s)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--batches", default="1,4")
-    p.add_argument("--backends", default="torch,onnxruntime,tensorrt",
+    p.add_argument("--backends", default=None,
                    help="comma-separated: torch (fp32), onnxruntime (the fp32 export), tensorrt (fp16 engines), "
-                        "torch-bf16")
+                        "torch-bf16, torch-fp16 (default: torch,onnxruntime,tensorrt; on CUDA torch-fp16 first)")
     p.add_argument("--rounds", type=int, default=2,
                    help="times each backend is measured, the backends taking turns: on a shared machine the load "
                         "drifts, and alternating spreads it over all of them (medians reported)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for torch and ORT alike")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dir", default="/tmp/backdrop-bench", help="where the ONNX export (and engines) are kept")
+    p.add_argument("--out", type=Path, default=None,
+                   help="CSV to write (default: benchmarks/results/backends-<device>.csv)")
     args = p.parse_args()
     args.device, args.batch_list = torch.device(args.device), [int(b) for b in args.batches.split(",")]
+    default = "torch-fp16,torch,onnxruntime,tensorrt" if args.device.type == "cuda" else "torch,onnxruntime,tensorrt"
+    names = (args.backends or default).split(",")
+    if unknown := [n for n in names if n not in DTYPES]:
+        raise SystemExit(f"unknown backend {', '.join(map(repr, unknown))}; choose from {', '.join(DTYPES)}")
+    out = args.out or RESULTS / f"backends-{args.device.type}.csv"
     if args.threads:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
@@ -143,50 +205,45 @@ def main() -> None:
     onnx_dir, trt_dir = Path(args.dir) / f"{args.preset}-onnx", Path(args.dir) / f"{args.preset}-trt"
     print(f"random {args.preset} (fp32), {args.size}x{args.size}, {args.steps} steps; "
           f"{machine(str(args.device), args.threads)}")
-    if not (onnx_dir / MANIFEST).is_file() or load_export(onnx_dir).config != cfg:
+    skipped = {n: reason for n in names if (reason := unavailable(n, args))}
+    for name, reason in skipped.items():
+        print(f"{name}: skipped ({reason})")
+    names = [n for n in names if n not in skipped]
+    if any(n in NEEDS_ONNX for n in names) and (not (onnx_dir / MANIFEST).is_file()
+                                                or load_export(onnx_dir).config != cfg):
         start = time.perf_counter()
         export_onnx(init_model(cfg, seed=0), onnx_dir)
         print(f"exported to {onnx_dir} in {time.perf_counter() - start:.0f} s")
-    runs, images = defaultdict(list), {}
+    runs, images, rows = defaultdict(list), {}, []
+    meta = {"machine": machine(str(args.device), args.threads), "commit": commit(), "date": date.today().isoformat()}
     for _ in range(args.rounds):
-        for name in args.backends.split(","):
+        for name in list(names):
             # one backend in memory at a time (the fp32 SD1.5 weights are 4.3 GB per copy); the torch model is
             # rebuilt each round from the same seed, so it is the exported model every time
             model = init_model(cfg, seed=0) if name.startswith("torch") else None
             backend = build(name, args, model, onnx_dir, trt_dir)
+            if backend is None:
+                names.remove(name)  # said why once; not tried again next round
             for batch in args.batch_list if backend is not None else []:
                 load = os.getloadavg()[0]
                 row, images[name, batch] = run(backend, args.size, batch, args.steps)
                 runs[name, batch].append(row | {"load_average": round(load, 1)})
                 print(f"{name} batch {batch}: " + " ".join(f"{k}={v}" for k, v in runs[name, batch][-1].items()),
                       flush=True)
+                rows = summary(runs, images, args, meta)
+                write_csv(out, rows)  # after every row: a run cut short keeps what it measured
             del backend, model
             gc.collect()
-    rows, meta = [], {"machine": machine(str(args.device), args.threads), "commit": commit(),
-                      "date": date.today().isoformat()}
-    for (name, batch), measured in runs.items():
-        row = {k: round(statistics.median(r[k] for r in measured), 4) for k in measured[0]}
-        base = runs.get(("torch", batch))
-        speedup = row["images_per_s"] / statistics.median(r["images_per_s"] for r in base) if base else ""
-        diff = float(np.abs(images[name, batch] - images["torch", batch]).max()) if base else ""
-        rows.append({"backend": name, "device": args.device.type, "dtype": str(DTYPES[name]).removeprefix("torch."),
-                     "threads": args.threads, "size": args.size, "steps": args.steps, "batch": batch,
-                     "rounds": len(measured), **row,
-                     "speedup_vs_torch": round(speedup, 2) if base else "", "max_abs_diff_vs_torch": diff,
-                     **meta})
+    if not rows:
+        raise SystemExit("no backend could run here; nothing written")
     print(f"\nmedians of {args.rounds} rounds\n{'backend':12} {'batch':>5} {'text ms':>8} {'UNet/step ms':>12} "
-          f"{'VAE enc ms':>10} {'VAE dec ms':>10} {'images/s':>9} {'vs torch':>8} {'load':>5}")
+          f"{'VAE enc ms':>10} {'VAE dec ms':>10} {'images/s':>9} {'vs base':>8} {'load':>5}  (base: "
+          f"{baseline(runs, args.device) or 'none'})")
     for r in rows:
         print(f"{r['backend']:12} {r['batch']:5} {r['text_ms']:8.0f} {r['unet_step_ms']:12.0f} "
               f"{r['vae_encode_ms']:10.0f} {r['vae_decode_ms']:10.0f} {r['images_per_s']:9.4f} "
               f"{str(r['speedup_vs_torch']):>8} {r['load_average']:5.1f}")
     print(f"machine: {meta['machine']}; commit {meta['commit']}")
-    out = RESULTS / f"backends-{args.device.type}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     print(f"wrote {out}")
 
 

@@ -45,7 +45,8 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-        self.device = torch.device(device) if device is not None else model.device
+        # default: where the weights are (a Model has no .device; its .dtype is read off the UNet the same way)
+        self.device = torch.device(device) if device is not None else next(model.unet.parameters()).device
         self.dtype = dtype or model.dtype
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.config: ModelConfig = model.config

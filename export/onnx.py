@@ -168,7 +168,7 @@ def _check(name: str, path: Path, reference: nn.Module, cases: list[dict[str, to
     device = next(reference.parameters()).device
     worst = {"max_rel_err": 0.0, "psnr_db": math.inf, "shapes": []}
     for inputs in cases:
-        with torch_kernels(), torch.no_grad():
+        with torch_kernels(), full_fp32(), torch.no_grad():
             want = reference(*(t.to(device) for t in inputs.values())).float().cpu().numpy()
         try:
             got = sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
@@ -201,6 +201,20 @@ def torch_kernels():
             os.environ.pop("BACKDROP_KERNELS", None)
         else:
             os.environ["BACKDROP_KERNELS"] = old
+
+
+@contextmanager
+def full_fp32():
+    """TF32 off for cuDNN convolutions and CUDA matmuls (cuDNN's allow_tf32 defaults to True): a reference on a
+    GPU must compute in float32 like ONNX Runtime on the CPU, or TF32's 10-bit mantissa alone can exceed
+    TOLERANCES["fp32"]. Both settings are restored after; nothing changes on the CPU."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
 def _trace(name: str, module: nn.Module, spec: GraphSpec, inputs: dict[str, torch.Tensor], path: Path,

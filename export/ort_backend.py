@@ -25,7 +25,7 @@ from backdrop.export.onnx_folder import COMPONENTS, OnnxExport, load_export
 from backdrop.export.trt_plan import refit_arrays
 from backdrop.nn.config import ModelConfig
 
-__all__ = ["OnnxRuntimeBackend", "PROVIDERS", "session_providers"]
+__all__ = ["OnnxRuntimeBackend", "PROVIDERS", "session_providers", "attached"]
 
 # Our short names for ORT's execution providers.
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -36,7 +36,9 @@ def session_providers(device: torch.device, requested: tuple[str, ...] | None = 
                       trt_cache: str | None = None) -> list:
     """ORT's `providers` list for `device`: CPU alone on the CPU; on CUDA the requested providers (default
     ("cuda",)) in order, then CPU for any node they do not take. A provider this onnxruntime build lacks is a
-    ValueError that says which package has it."""
+    ValueError that says which package has it. A provider the build lists can still fail to load (e.g. a
+    CUDA 12 onnxruntime-gpu on a CUDA 13 machine): ORT then only warns and runs on the CPU, so
+    OnnxRuntimeBackend checks every session's providers once it is made (`attached`)."""
     import onnxruntime as ort
 
     if device.type == "cpu":
@@ -98,7 +100,8 @@ class OnnxRuntimeBackend:
         for name, value in values.items():
             so.add_initializer(name, value)  # replaces the graph's initializer of that name
         self._pinned[component] = values  # ORT uses override buffers in place: they must outlive the session
-        return ort.InferenceSession(str(self.export.files[component]), so, providers=self.providers)
+        sess = ort.InferenceSession(str(self.export.files[component]), so, providers=self.providers)
+        return attached(sess, self.providers, component)
 
     def refit(self, component: str = "unet", weights: dict[str, torch.Tensor] | None = None) -> None:
         """Swap new weights into a graph without exporting again, e.g. a LoRA-merged UNet's state_dict (any
@@ -150,6 +153,19 @@ class OnnxRuntimeBackend:
         binding.bind_output(name, "cuda", index, np.float32, tuple(out.shape), out.data_ptr())
         sess.run_with_iobinding(binding)
         return out
+
+
+def attached(sess, providers: list, component: str = "graph"):
+    """`sess`, once every provider in `providers` (session_providers' list) is found attached to it. ORT only
+    warns about a requested provider it cannot load and builds the session without it; a CUDA session fallen back
+    to the CPU would fail later, at its first run ("no data transfer registered" for the bound CUDA buffers)."""
+    names = [p[0] if isinstance(p, tuple) else p for p in providers]
+    missing = [n for n in names if n not in sess.get_providers()]
+    if missing:
+        raise RuntimeError(f"onnxruntime did not attach {', '.join(missing)} to the {component} session (it has "
+                           f"{sess.get_providers()}): the provider failed to load, e.g. an onnxruntime-gpu built "
+                           f"for another CUDA or cuDNN than this machine's (see onnxruntime's warnings above)")
+    return sess
 
 
 _NP = {torch.float32: np.float32, torch.int64: np.int64}

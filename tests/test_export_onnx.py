@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
@@ -170,6 +171,39 @@ def test_refit_loads_a_lora_and_restores_the_base_exactly(exported):
     bad = {k: v + 1 for k, v in bad.items()}
     with pytest.raises(RefitError):  # zero biases of the random init were folded away at export
         backend.refit("unet", bad)
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(),
+                    reason="this onnxruntime can attach the CUDA provider")
+def test_a_provider_that_does_not_attach_is_an_error(exported):
+    """Asked for a provider it cannot load, onnxruntime does not raise: it warns and builds a CPU-only session (a
+    CPU build asked for CUDAExecutionProvider does exactly that, as does a CUDA 12 onnxruntime-gpu on a CUDA 13
+    machine), and a CUDA backend would fail at its first run. The backend checks every session it makes."""
+    backend = OnnxRuntimeBackend(exported["sd1"][1])
+    assert backend.sessions["unet"].get_providers() == ["CPUExecutionProvider"]
+    # the list session_providers makes for CUDA, past its check that this build lists the provider
+    backend.providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    with pytest.raises(RuntimeError, match=r"did not attach CUDAExecutionProvider to the unet session "
+                                           r"\(it has \['CPUExecutionProvider'\]\)"):
+        backend.refit("unet")
+
+
+def test_torch_backend_defaults_to_the_models_device_and_dtype():
+    backend = make_backend("torch", init_model("tiny", seed=0))
+    assert backend.device == torch.device("cpu") and backend.dtype == torch.float32
+
+
+def test_reference_computes_without_tf32():
+    """The export's torch reference on a GPU: no TF32 in cuDNN convolutions or matmuls, the settings restored."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with pytest.raises(KeyError), E.full_fp32():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+            raise KeyError  # restored on the way out of a failed check too
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def test_refuses_a_graph_that_disagrees(tmp_path):
