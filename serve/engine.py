@@ -85,7 +85,9 @@ class Engine:
         self.batcher = Batcher(config.max_batch_size, config.max_queue_delay_ms / 1000, config.max_queue,
                                adaptive=config.adaptive_delay)
         self.batcher.on_expire = self._notify
-        self.metrics = ServerMetrics(queue_depth=lambda: self.batcher.depth)
+        self._last_key: BatchKey | None = None   # the key of the last batch run, for the batch-wait gauge
+        self.metrics = ServerMetrics(queue_depth=lambda: self.batcher.depth, batch_wait=lambda: (
+            self.batcher.max_queue_delay if self._last_key is None else self.batcher.delay(self._last_key)))
         self.ready = threading.Event()
         self.error: BaseException | None = None       # what went wrong in warm-up, shown by /readyz
         self._warmup = warmup
@@ -188,6 +190,7 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ the step
     def _run(self, batch: Batch) -> None:
+        self._last_key = batch.key
         interrupt = threading.Event()
         self._current = (batch, interrupt)  # first, so an abandon() from now on can interrupt this batch
         live = [i for i, e in enumerate(batch.entries) if not e.request.finished]  # cancelled after formation

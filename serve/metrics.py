@@ -142,9 +142,9 @@ class Histogram(_Metric):
 
 
 class ServerMetrics:
-    """The server's metrics. `queue_depth` is read from the batcher at scrape time."""
+    """The server's metrics. `queue_depth` and `batch_wait` are read from the batcher at scrape time."""
 
-    def __init__(self, queue_depth: Callable[[], float] = lambda: 0.0):
+    def __init__(self, queue_depth: Callable[[], float] = lambda: 0.0, batch_wait: Callable[[], float] = lambda: 0.0):
         self.batch_size = Histogram("backdrop_batch_size", "Items (images) per Pipeline call, i.e. per UNet batch "
                                     "before classifier-free guidance doubles it.", (1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
         self.batch_seconds = Histogram("backdrop_batch_duration_seconds", "Wall time of one Pipeline call.",
@@ -156,12 +156,15 @@ class ServerMetrics:
                                 labelnames=("endpoint", "code"))
         self.images = Counter("backdrop_images_total", "Images returned to clients.")
         self.queue_depth = Gauge("backdrop_queue_depth", "Items waiting in the batcher's queue.", fn=queue_depth)
+        self.batch_wait = Gauge("backdrop_batch_wait_seconds", "How long a partial batch like the last one waits "
+                                "for company once the model is free (learned, at most --max-queue-delay-ms).",
+                                fn=batch_wait)
         self.in_flight = Gauge("backdrop_requests_in_flight", "Image requests admitted and not yet answered.")
         self.ready = Gauge("backdrop_ready", "1 once the model is loaded and warmed up.")
 
     def render(self) -> str:
         metrics = (self.batch_size, self.batch_seconds, self.latency, self.requests, self.images, self.queue_depth,
-                   self.in_flight, self.ready)
+                   self.batch_wait, self.in_flight, self.ready)
         return "\n".join(line for m in metrics for line in m.render()) + "\n"
 
 

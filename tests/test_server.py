@@ -190,6 +190,7 @@ def test_concurrent_edits_are_batched_and_each_matches_a_solo_run(server, pipe):
     after = parse_histogram(metrics(server), "backdrop_batch_size")
     assert after["sum"] - before["sum"] == 8  # every image went through one batch
     assert after["count"] - before["count"] < 8, "8 concurrent edits were not batched"
+    assert 0 < scalar(metrics(server), "backdrop_batch_wait_seconds") <= 0.5  # learned, capped by the 500 ms
     for i, out in enumerate(outs):
         solo = pipe.inpaint(Image.fromarray(products[i], "RGBA"), prompt=PROMPTS[i], seed=100 + i, steps=STEPS,
                             progress=False).images[0]
