@@ -14,9 +14,10 @@ group_norm  GroupNorm(32) + SiLU on SD1.5's UNet activations at 512² and 768² 
             peak (hbm_pct) and of the bandwidth measured here (copy_pct: a 1 GiB device-to-device copy, read +
             write, which is what "measured HBM bandwidth" means in the goal; on an H100 SXM about 90% of spec).
 Passes: forward, and forward+backward (grads of all inputs). Timing: triton.testing.do_bench (mean ms) after one
-untimed call, which autotunes our kernels. A backend that fails on a row is recorded as `error` in that row.
-Prints every row (peer, ours, ratio = ours/peer in the figure's unit, >1 is faster) and writes
-benchmarks/results/kernels-<gpu>.csv.
+untimed call, which autotunes our kernels; with --cudagraph the forward rows use do_bench_cudagraph (replays, no
+Python dispatch on either side: at the deep levels' 64-256 tokens eager timings are mostly launch overhead).
+A backend that fails on a row is recorded as `error` in that row. Prints every row (peer, ours, ratio = ours/peer
+in the figure's unit, >1 is faster) and writes benchmarks/results/kernels-<gpu>.csv.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from common import commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = ["gpu", "commit", "op", "shape", "dtype", "pass", "unit", "ours", "peer_name", "peer", "ratio",
-           "ours_ms", "peer_ms", "hbm_pct", "copy_pct", "error"]
+           "ours_ms", "peer_ms", "hbm_pct", "copy_pct", "timing", "error"]
 HBM_GBPS = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800,
             "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -65,10 +66,15 @@ def group_norm_shapes(quick: bool) -> list[tuple[str, tuple[int, ...]]]:
     return [r for r in rows if not quick or "L0" in r[0]]
 
 
+GRAPHED = False  # --cudagraph: forward passes replayed from a CUDA graph (kernel time, no Python dispatch)
+
+
 def bench_ms(fn, grads=None) -> float:
-    from triton.testing import do_bench
+    from triton.testing import do_bench, do_bench_cudagraph
     fn()  # compiles and autotunes our kernels outside the timed region
     torch.cuda.synchronize()
+    if GRAPHED and grads is None:
+        return do_bench_cudagraph(fn, rep=100)
     return do_bench(fn, warmup=25, rep=100, grad_to_none=grads)
 
 
@@ -172,7 +178,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="fp16,bf16", help="comma-separated: fp16, bf16")
     ap.add_argument("--quick", action="store_true", help="only the largest shape of each family (a smoke run)")
     ap.add_argument("--out", type=Path, default=None, help="CSV path (default benchmarks/results/kernels-<gpu>.csv)")
+    ap.add_argument("--cudagraph", action="store_true",
+                    help="time forward passes as CUDA-graph replays: the kernels without Python dispatch, which is "
+                         "how `backdrop serve` runs the UNet (short sequences are otherwise mostly launch overhead)")
     args = ap.parse_args(argv)
+    global GRAPHED
+    GRAPHED = args.cudagraph
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU (the kernels are Triton; on the CPU they only run in the "
               "interpreter, which measures nothing). Skipping.")
@@ -198,7 +209,7 @@ def main(argv=None) -> int:
                 gens.append(group_norm_rows(dtype, args.quick, peak, measured))
             for gen in gens:
                 for r in gen:
-                    r.update(meta)
+                    r.update(meta, timing="cudagraph" if GRAPHED and r["pass"] == "fwd" else "eager")
                     rows.append(r)
                     writer.writerow(r)
                     f.flush()
