@@ -1,8 +1,8 @@
-"""Flash attention (kernels/attention.py) against a float64 reference, forward and backward.
+"""Flash attention (kernels/attention.py, attention_kernels.py) against a float64 reference, forward and backward.
 
 Without a GPU the Triton kernels run in Triton's interpreter on the CPU (TRITON_INTERPRET=1), so the shapes are
 small, but the head dims are SD's real ones and every block boundary, diagonal and ragged tail is crossed: the
-interpreter runs 64x32 query/key blocks (see attention._INTERPRET).
+interpreter runs 64x32 query/key blocks (see attention_kernels._INTERPRET).
 """
 import os
 import sys
@@ -12,9 +12,8 @@ import torch
 
 # TRITON_INTERPRET=1 (no GPU) is set by tests/conftest.py before anything imports triton.
 from backdrop import kernels
-from backdrop.kernels.attention import (
-    _attention_bwd, _attention_fwd, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd, _head_dim_split, _prune, attention_ref,
-)
+from backdrop.kernels.attention import _attention_bwd, _attention_fwd, attention_ref
+from backdrop.kernels.attention_kernels import _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd, _head_dim_split, _prune
 from triton_h100 import compile_for_h100  # tests/ is on sys.path (pyproject pythonpath)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -128,7 +127,7 @@ def test_kernels_compile_for_h100():
             ["_attn_bwd_dq", "fp16", dict(base, BLOCK_M=128, BLOCK_N=32), {}, 8, 3],
             ["_attn_fwd", "bf16", dict(base, HEAD_DIM=64, BLOCK_D0=64, BLOCK_DK1=0, BLOCK_DV1=0, CAUSAL=False,
                                        STORE_O32=False, BLOCK_M=128, BLOCK_N=128), {}, 8, 3]]  # SD2: one chunk
-    for name, smem, wgmma, cp_async, _ in compile_for_h100("backdrop.kernels.attention", jobs):
+    for name, smem, wgmma, cp_async, _ in compile_for_h100("backdrop.kernels.attention_kernels", jobs):
         assert wgmma and cp_async and smem <= 220 * 1024, name
 
 
@@ -137,7 +136,8 @@ def test_fp32_at_head_dim_160_keeps_only_configs_that_fit_an_h100(monkeypatch):
     # resident tiles, and every regular candidate needs 278-311 KB of shared memory, past the 232,448 B an H100
     # block may use, so the launch would fail. The pruner must fall back to configs that fit. (Once, offline, all
     # 102 configs it keeps for head dims 40/64/80/160 x fp32/fp16 were compiled so: the largest took 221,696 B.)
-    monkeypatch.setattr(sys.modules["backdrop.kernels.attention"], "_interpreting", lambda: False)  # a GPU's choice
+    # the configs a GPU would keep, not the interpreter's one
+    monkeypatch.setattr(sys.modules["backdrop.kernels.attention_kernels"], "_interpreting", lambda: False)
     d0, dk1, dv1 = _head_dim_split(160)
     base = dict(HEAD_DIM=160, BLOCK_D0=d0, BLOCK_DK1=dk1, CAUSAL=False, PRECISION="tf32x3", ALIGN=16)
     jobs = []
@@ -147,7 +147,7 @@ def test_fp32_at_head_dim_160_keeps_only_configs_that_fit_an_h100(monkeypatch):
         for c in kept:
             extra = dict(BLOCK_DV1=dv1, STORE_O32=True) if kernel == "fwd" else {}
             jobs.append([fn.fn.__name__, "fp32", dict(base, **c.kwargs, **extra), {}, c.num_warps, c.num_stages])
-    for name, smem, *_ in compile_for_h100("backdrop.kernels.attention", jobs):
+    for name, smem, *_ in compile_for_h100("backdrop.kernels.attention_kernels", jobs):
         assert smem <= 232_448, (name, smem)
 
 
