@@ -1,4 +1,5 @@
-"""What every benchmark writes beside its figures: the machine it ran on and the commit it measured.
+"""What every benchmark writes beside its figures (the machine it ran on, the commit it measured), and the
+random-weight models they share.
 
 Imported by the scripts in this folder (run as `python benchmarks/NAME.py`, which puts the folder on sys.path).
 """
@@ -9,7 +10,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-__all__ = ["machine", "commit"]
+__all__ = ["machine", "commit", "random_model"]
 
 
 def machine(device: str = "cpu", threads: int | None = None) -> str:
@@ -49,3 +50,14 @@ def commit() -> str:
         return sha + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def random_model(preset: str, cache: Path) -> Path:
+    """The diffusers folder of a random-weight model of `preset` (seed 0) under `cache`, built on first use."""
+    from backdrop.nn.checkpoint import init_model, save_model
+
+    folder = cache / preset
+    if not (folder / "model_index.json").is_file():
+        print(f"building random {preset} in {folder} ...", flush=True)
+        save_model(init_model(preset, seed=0), folder)
+    return folder

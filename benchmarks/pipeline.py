@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import commit, machine
+from common import commit, machine, random_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT, NEGATIVE = "a glass bottle on a marble table, soft light", "blurry, text"
@@ -67,15 +67,8 @@ def product_inputs(size: int):
 
 
 def prepare(model: str, task: str, cache: Path) -> Path:
-    """The diffusers folder of a random-weight model, built once."""
-    from backdrop.nn.checkpoint import init_model, save_model
-
-    preset = INPAINT_PRESET[model] if task == "inpaint" else model
-    folder = cache / preset
-    if not (folder / "model_index.json").is_file():
-        print(f"building random {preset} in {folder} ...", flush=True)
-        save_model(init_model(preset, seed=0), folder)
-    return folder
+    """The diffusers folder of a random-weight model, built once (the 9-channel variant for inpainting)."""
+    return random_model(INPAINT_PRESET[model] if task == "inpaint" else model, cache)
 
 
 # ------------------------------------------------------------------------------------------------------ worker

@@ -42,7 +42,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from common import commit, machine
+from common import commit, machine, random_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -65,13 +65,7 @@ def prepare(model: str, cache: Path, size: int | None) -> tuple[str, int]:
 
     native = 512                                 # a single file: SD's
     if model in PRESETS and not Path(model).exists():
-        from backdrop.nn.checkpoint import init_model, save_model
-
-        folder, native = cache / model, PRESETS[model].image_size
-        if not (folder / "model_index.json").is_file():
-            print(f"building random {model} in {folder} ...", flush=True)
-            save_model(init_model(model, seed=0), folder)
-        model = str(folder)
+        model, native = str(random_model(model, cache)), PRESETS[model].image_size
     elif (Path(model) / "unet" / "config.json").is_file():  # a diffusers folder: the UNet's sample size x 8
         native = 8 * json.loads((Path(model) / "unet" / "config.json").read_text())["sample_size"]
     return model, size or native
