@@ -27,6 +27,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .autotune import autotune
+from .autotune import interpreting as _interpreting  # patched by the tests
+
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the native instruction
 MAX_HEAD_DIM = 256  # at most 256 lanes of q, k, v per row; beyond that the tiles no longer fit on chip
 
@@ -39,10 +42,6 @@ def _head_dim_split(d: int) -> tuple[int, int, int]:
         return d0, 0, 0
     p2 = triton.next_power_of_2(rest)
     return d0, max(16, p2), max(8, p2)
-
-
-def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret)
 
 
 def _configs(*mnws):
@@ -68,6 +67,7 @@ _FALLBACK = {"fwd": _configs((64, 32, 4, 3), (64, 32, 4, 2)), "dkdv": _configs((
 # block boundaries, diagonals and ragged tails with tiny tensors.
 _INTERPRET = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
 _SMEM_BUDGET = 220 * 1024  # an H100 block may use 227 KB of shared memory
+_KEY = ["SQ_KEY", "SK_KEY", "HEAD_DIM", "CAUSAL"]  # re-tuned per power-of-two bucket of Sq / Sk
 
 
 def _prune(kernel: str):
@@ -170,8 +170,7 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, k_base, v_base, stride_ks, st
     return acc0, acc1, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS + _FALLBACK["fwd"], key=["SQ_KEY", "SK_KEY", "HEAD_DIM", "CAUSAL"],
-                 prune_configs_by={"early_config_prune": _prune("fwd")})
+@autotune(_FWD_CONFIGS + _FALLBACK["fwd"], _KEY, _prune("fwd"))
 @triton.jit
 def _attn_fwd(
     Q, K, V,  # (B, H, Sq|Sk, D) inputs, any strides with unit stride along D
@@ -285,8 +284,7 @@ def _dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, LSE, DELTA, q_base, d
     return dk0, dk1, dv0, dv1
 
 
-@triton.autotune(configs=_DKDV_CONFIGS + _FALLBACK["dkdv"], key=["SQ_KEY", "SK_KEY", "HEAD_DIM", "CAUSAL"],
-                 prune_configs_by={"early_config_prune": _prune("dkdv")})
+@autotune(_DKDV_CONFIGS + _FALLBACK["dkdv"], _KEY, _prune("dkdv"))
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO,  # (B, H, S, D) forward inputs and dO, unit stride along D
@@ -377,8 +375,7 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, K, V, k_base, v_base, stri
     return dq0, dq1
 
 
-@triton.autotune(configs=_DQ_CONFIGS + _FALLBACK["dq"], key=["SQ_KEY", "SK_KEY", "HEAD_DIM", "CAUSAL"],
-                 prune_configs_by={"early_config_prune": _prune("dq")})
+@autotune(_DQ_CONFIGS + _FALLBACK["dq"], _KEY, _prune("dq"))
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO,  # (B, H, S, D) forward inputs and dO, unit stride along D

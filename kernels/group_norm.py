@@ -30,16 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .autotune import autotune
+from .autotune import interpreting as _interpreting
 from .reference import group_norm_ref  # noqa: F401  (re-exported: the tests compare against it)
 
 # Elements per tile held in registers (fp32): 4096 across 4-16 warps is 8-32 registers a thread.
 TILE = 4096
 SINGLE_MAX = 4 * TILE  # a group up to this many (padded) elements is normalized from registers, x read once
 MAX_CHUNKS = 64  # chunks per group in the split schedule; each _gn_fwd program merges all of its group's chunks
-
-
-def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -50,8 +48,7 @@ def _prune(configs, named_args, **kwargs):
 # Memory-bound: the only knob worth tuning on H100 is how many warps share a tile (latency hiding vs registers).
 _CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
 _KEY = ["L", "G", "CPG", "stride_xl", "BLOCK_L", "BLOCK_G"]
-_autotune = functools.partial(triton.autotune, configs=_CONFIGS, key=_KEY,
-                              prune_configs_by={"early_config_prune": _prune})
+_autotune = functools.partial(autotune, _CONFIGS, _KEY, _prune)
 
 
 @triton.jit

@@ -201,6 +201,17 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         kernels.attention(*_qkv(), impl="triton")
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's path")
+def test_every_autotuned_kernel_is_untimed_in_the_interpreter():
+    """The interpreter can time nothing. Triton 3.6 (the GPU machine's image) still times a single pruned config,
+    so each autotuned kernel must carry kernels/autotune.py's bench, which returns without running the kernel."""
+    modules = [sys.modules[f"backdrop.kernels.{name}"] for name in ("attention_kernels", "group_norm")]
+    tuned = [k for m in modules for k in vars(m).values() if hasattr(k, "prune_configs")]
+    assert len(tuned) == 7, [k.fn.__name__ for k in tuned]  # 3 attention kernels, 4 GroupNorm kernels
+    for k in tuned:
+        assert k.do_bench(lambda: pytest.fail(f"{k.fn.__name__} was timed"), quantiles=(0.5, 0.2, 0.8)) == [0.0] * 3
+
+
 def test_without_triton_everything_runs_the_torch_reference():
     """Triton ships for Linux only: without it the package still imports, "auto" runs the references and an
     explicit impl="triton" says why it cannot (a fresh process in which `import triton` fails)."""
