@@ -17,7 +17,8 @@ Each measurement is its own process (clean memory; SD1.5 training needs ~16 GiB)
 `--repeats` times; a process's figure is its median step, and the best process of each side counts (on a
 shared machine the best is the least disturbed). Both wall-clock and CPU-time throughput are reported: with other
 work on the machine, images per CPU second is the steadier figure.
-CUDA present: SD1.5 at 256 and 512 px in bf16 (`--cases sd15-256,sd15-512 --precision bf16`, the default there).
+CUDA present: SD1.5 at 256 and 512 px in bf16 (`--cases sd15-256,sd15-512 --precision bf16`, the default there),
+at batch 16 and 8 (the CPU runs batch 1).
 Results: printed, and benchmarks/results/train-<device>.csv.
 """
 from __future__ import annotations
@@ -39,10 +40,13 @@ import torch
 from common import commit, machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CASES = {  # name: (preset, image size, batch, timed steps)
-    "tiny-64": ("tiny", 64, 2, 30),
-    "sd15-256": ("sd15", 256, 1, 3),
-    "sd15-512": ("sd15", 512, 1, 5),
+CASES = {  # name: (preset, image size, {device: (batch, timed steps)})
+    "tiny-64": ("tiny", 64, {"cpu": (2, 30), "cuda": (32, 20)}),
+    # On a GPU, a training run's batch (MosaicML: 16 per A100 at 256 px), not 1 (a GPU idling between launches).
+    # SD1.5's fp32 weights + grads + AdamW take ~14 GiB, bf16 activations ~1.5 GiB per 256-px image and ~4x that at
+    # 512 (estimates; peak_gib in the results says): these fit an 80 GB H100. --batch-size changes them.
+    "sd15-256": ("sd15", 256, {"cpu": (1, 3), "cuda": (16, 10)}),
+    "sd15-512": ("sd15", 512, {"cpu": (1, 5), "cuda": (8, 10)}),
 }
 NEED_GIB = {"tiny": 1, "sd15": 17}  # resident memory of one training process at 256 px, fp32 weights + AdamW
 
@@ -174,7 +178,9 @@ def worker(job: dict) -> dict:
     # median step: a step that lost its core to another process for a while does not count.
     # CPU seconds (this process, all threads) per step: on a shared machine wall time includes waiting for a core
     wall, cpu = (statistics.median(t[i] for t in times) for i in (0, 1))
-    return {"images_per_s": job["batch"] / wall, "images_per_cpu_s": job["batch"] / cpu, "first_loss": losses[0]}
+    peak = torch.cuda.max_memory_reserved(device) / 2 ** 30 if device.type == "cuda" else 0.0
+    return {"images_per_s": job["batch"] / wall, "images_per_cpu_s": job["batch"] / cpu, "first_loss": losses[0],
+            "peak_gib": peak}
 
 
 def _available_gib() -> float:
@@ -208,7 +214,8 @@ def main(argv=None) -> int:
                          "(SD1.5 then fits in ~9 GiB) and needs --precision bf16 (default: fp32)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--repeats", type=int, default=2, help="processes per side, alternating (default: 2)")
-    ap.add_argument("--steps", type=int, help="timed steps (default: per case)")
+    ap.add_argument("--steps", type=int, help="timed steps (default: per case and device)")
+    ap.add_argument("--batch-size", type=int, help="images per step (default: per case and device, see CASES)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -223,7 +230,9 @@ def main(argv=None) -> int:
     print(f"machine: {desc}; commit {sha}")
     rows = []
     for case in args.cases.split(","):
-        preset, size, batch, steps = CASES[case]
+        preset, size, per_device = CASES[case]
+        batch, steps = per_device[device]
+        batch = args.batch_size or batch
         for stage in args.stages.split(","):
             need, have = NEED_GIB[preset] / (2 if args.weights == "bf16" else 1), _available_gib()
             if device == "cpu" and have < need:
@@ -256,7 +265,9 @@ def main(argv=None) -> int:
                          "ratio": round(ratio, 3), "peer_images_per_cpu_s": round(per_cpu["peer"], 4),
                          "ours_images_per_cpu_s": round(per_cpu["ours"], 4), "cpu_ratio": round(cpu_ratio, 3),
                          "peer_first_loss": results["peer"][0]["first_loss"],
-                         "ours_first_loss": results["ours"][0]["first_loss"], "load_average": round(load, 1)})
+                         "ours_first_loss": results["ours"][0]["first_loss"], "load_average": round(load, 1),
+                         **{f"{w}_peak_gib": round(max(r.get("peak_gib", 0.0) for r in rs), 2)
+                            for w, rs in results.items()}})
             _write(RESULTS / f"train-{device}.csv", rows)  # after every row: a run cut short keeps what it measured
     return 0
 
