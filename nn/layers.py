@@ -16,7 +16,7 @@ from torch import nn
 from .. import kernels
 
 __all__ = [
-    "GroupNorm", "ResnetBlock2D", "Downsample2D", "Upsample2D", "upsample_conv_subpixel", "Attention", "GEGLU",
+    "GroupNorm", "LayerNorm", "ResnetBlock2D", "Downsample2D", "Upsample2D", "upsample_conv_subpixel", "Attention", "GEGLU",
     "FeedForward", "Timesteps", "TimestepEmbedding", "timestep_embedding", "maybe_checkpoint",
 ]
 
@@ -37,6 +37,19 @@ class GroupNorm(nn.GroupNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", silu=True" if self.silu else "")
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters) that keeps a 16-bit input 16-bit under autocast, as MosaicML's low-precision
+    LayerNorm does. CUDA's autocast runs layer_norm in fp32, so each of a transformer block's three norms wrote
+    fp32 for the next Linear to cast straight back to 16 bits: twice the bytes and one more kernel. The kernel
+    accumulates in fp32 either way, and every consumer here is a Linear that would round to 16 bits anyway."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 class ResnetBlock2D(nn.Module):

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from .config import UNetConfig
-from .layers import (Attention, Downsample2D, FeedForward, GroupNorm, ResnetBlock2D, TimestepEmbedding, Timesteps,
-                     Upsample2D, maybe_checkpoint)
+from .layers import (Attention, Downsample2D, FeedForward, GroupNorm, LayerNorm, ResnetBlock2D, TimestepEmbedding,
+                     Timesteps, Upsample2D, maybe_checkpoint)
 
 __all__ = ["UNet"]
 
@@ -22,11 +22,11 @@ class BasicTransformerBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, cross_attention_dim: int):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn1 = Attention(dim, heads, dim // heads)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.attn2 = Attention(dim, heads, dim // heads, cross_attention_dim=cross_attention_dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -127,6 +127,34 @@ def test_triton_kernels_take_our_layouts(monkeypatch):
     assert worst < 1e-3, f"a parameter gradient differs by {worst:.2e} between kernels on and off"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_layer_norm_under_autocast(dtype):
+    """The transformer blocks' LayerNorm stays 16-bit under autocast (CUDA's would write fp32): forward and
+    backward equal the fp32 LayerNorm of the same 16-bit input within the dtype's rounding."""
+    from backdrop.nn.layers import LayerNorm
+    g = torch.Generator().manual_seed(0)
+    ours, ref = LayerNorm(64), torch.nn.LayerNorm(64)
+    weight, bias = 1 + 0.3 * torch.randn(64, generator=g), 0.5 * torch.randn(64, generator=g)
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.weight.copy_(weight)
+            m.bias.copy_(bias)
+    x = (3.0 + torch.randn(2, 10, 64, generator=g)).to(dtype).requires_grad_()  # off-centre tokens
+    dy = torch.randn(2, 10, 64, generator=g)
+    with torch.autocast("cpu", dtype):
+        y = ours(x)
+    assert y.dtype == dtype
+    (y.float() * dy).sum().backward()
+    got = (y.float(), x.grad.float(), ours.weight.grad, ours.bias.grad)
+    x.grad = None
+    want_y = ref(x.float())
+    (want_y * dy).sum().backward()
+    want = (want_y, x.grad.float(), ref.weight.grad, ref.bias.grad)
+    tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    for name, a, b in zip(("y", "dx", "dweight", "dbias"), got, want):
+        assert rel_err(a, b) < tol, f"{name}: {rel_err(a, b):.2e}"
+
+
 def test_bad_inputs_name_the_problem():
     ours = UNet(SD1_TINY).eval()
     x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 48)
