@@ -4,14 +4,15 @@ diffusers' UNet2DConditionModel (and AutoencoderKL for inpaint's masked image), 
     .venv/bin/python benchmarks/train.py [--cases tiny-64,sd15-256] [--stages pretrain,inpaint] [--threads N]
                                          [--repeats 2] [--precision fp32|bf16] [--weights fp32|bf16]
 
-Ours: `Trainer.train_step()` (fused AdamW) on PretrainStage / InpaintStage with a cached batch (VAE posterior moments and text
-embeddings precomputed, as `backdrop train cache` gives them; inpaint still encodes a freshly masked image every
-step, as it must). Peer: the diffusers train_text_to_image loop on the same batch: posterior sample, noise, random
-timesteps, DDPMScheduler.add_noise, UNet2DConditionModel, MSE to eps, backward, clip_grad_norm_(1.0),
-torch.optim.AdamW (its default, foreach) with the same parameter groups, the same autocast precision; inpaint builds the same random masks
-and encodes image * (mask < 0.5) with diffusers' AutoencoderKL (ours encodes the all-grey image of the 25% fully
-masked items once and reuses it; the peer encodes every item, as diffusers' examples do). Both draw every random number from one generator
-in the same order, so their first losses agree (printed: a check that the work is the same).
+Ours: `Trainer.train_step()` (fused AdamW) on PretrainStage / InpaintStage with a cached batch (VAE posterior
+moments and text embeddings precomputed, as `backdrop train cache` gives them; inpaint still encodes a freshly
+masked image every step, as it must). Peer: the diffusers train_text_to_image loop on the same batch: posterior
+sample, noise, random timesteps, DDPMScheduler.add_noise, UNet2DConditionModel, MSE to eps, backward,
+clip_grad_norm_(1.0), torch.optim.AdamW (its default, foreach) with the same parameter groups, the same autocast
+precision; inpaint builds the same random masks and encodes image * (mask < 0.5) with diffusers' AutoencoderKL
+(ours encodes the all-grey image of the 25% fully masked items once and reuses it; the peer encodes every item, as
+diffusers' examples do). Both draw every random number from one generator in the same order, so their first losses
+agree (printed: a check that the work is the same).
 
 Each measurement is its own process (clean memory; SD1.5 training needs ~16 GiB), ours and peer alternate
 `--repeats` times; a process's figure is its median step, and the best process of each side counts (on a

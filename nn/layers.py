@@ -16,8 +16,8 @@ from torch import nn
 from .. import kernels
 
 __all__ = [
-    "GroupNorm", "LayerNorm", "ResnetBlock2D", "Downsample2D", "Upsample2D", "upsample_conv_subpixel", "Attention", "GEGLU",
-    "FeedForward", "Timesteps", "TimestepEmbedding", "timestep_embedding", "maybe_checkpoint",
+    "GroupNorm", "LayerNorm", "ResnetBlock2D", "Downsample2D", "Upsample2D", "upsample_conv_subpixel", "Attention",
+    "GEGLU", "FeedForward", "Timesteps", "TimestepEmbedding", "timestep_embedding", "maybe_checkpoint",
 ]
 
 

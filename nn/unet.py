@@ -48,7 +48,6 @@ class Transformer2D(nn.Module):
 
     def __init__(self, channels: int, heads: int, cross_attention_dim: int, groups: int, linear: bool):
         super().__init__()
-        self.linear = linear
         self.norm = GroupNorm(groups, channels, eps=1e-6)  # 1e-6: LDM's Normalize, not the resnets' norm_eps
         proj = (lambda: nn.Linear(channels, channels)) if linear else (lambda: nn.Conv2d(channels, channels, 1))
         self.proj_in = proj()

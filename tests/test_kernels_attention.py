@@ -25,7 +25,8 @@ TOL = {
     torch.bfloat16: {"fwd": 3e-2, "bwd": 1.2e-1},  # dq: emulating these roundings in float64 gives up to 6e-2
 }
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),  # ids for -k
-          pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 dots need CUDA"))]
+          pytest.param(torch.bfloat16, id="bf16",
+                       marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 dots need CUDA"))]
 
 
 def _inputs(B, H, Sq, Sk, D, dtype, seed=0):

@@ -21,7 +21,8 @@ TOL = {
     torch.bfloat16: {"fwd": 1.6e-2, "bwd": 3e-2},
 }
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),  # ids for -k
-          pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 checked on CUDA"))]
+          pytest.param(torch.bfloat16, id="bf16",
+                       marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 checked on CUDA"))]
 
 CASES = {  # name: (shape, groups, channels_last, affine, silu, launcher overrides)
     "nchw-single": ((2, 30, 7, 9), 3, False, True, True, {}),  # C/G = 10, not a power of two; odd H×W = 63
