@@ -19,13 +19,13 @@
 #   graphs        benchmarks/kernels.py attention forward as CUDA-graph replays (launch-free)     ~3 min
 #   txt2img       benchmarks/pipeline.py SD1.5 512², 30 steps, batch 1: fp16 vs diffusers, graphs ~5 min
 #   inpaint       the same for inpainting                                                         ~5 min
-#   train256      benchmarks/train.py SD1.5 at 256², inpaint stage, bf16, batch 16                 ~4 min
-#   train512      the same at 512², batch 8                                                        ~5 min
+#   train256      benchmarks/train.py SD1.5 at 256², inpaint stage, bf16, batch 32                ~4 min
+#   train512      the same at 512², batch 16                                                      ~5 min
 #   serve         benchmarks/serve_load.py SD1.5 inpaint 512², 30 steps, concurrency 1, 8, 16     ~6 min
 #
-# The steps' output goes to $OUT/steps.log, the benchmarks' CSVs to $OUT (8 files come back at most). Copy them into benchmarks/results/ here
-# after each call: the next call carries them, and the benchmarks merge new rows into the file they find. Commit
-# them; each CSV row names the GPU (machine / gpu column) and the commit passed here.
+# The steps' output goes to $OUT/steps.log, the benchmarks' CSVs to $OUT (8 files come back at most). Copy the
+# CSVs into benchmarks/results/ here after each call: the next call carries them, and the benchmarks merge new rows
+# into the file they find. Commit them; each CSV row names the GPU (machine / gpu column) and the commit passed here.
 set -u
 [ $# -ge 2 ] || { echo "usage: on_device.sh COMMIT STEP [STEP ...]" >&2; exit 2; }
 COMMIT=$1

@@ -19,7 +19,7 @@ Each measurement is its own process (clean memory; SD1.5 training needs ~16 GiB)
 shared machine the best is the least disturbed). Both wall-clock and CPU-time throughput are reported: with other
 work on the machine, images per CPU second is the steadier figure.
 CUDA present: SD1.5 at 256 and 512 px in bf16 (`--cases sd15-256,sd15-512 --precision bf16`, the default there),
-at batch 16 and 8 (the CPU runs batch 1).
+at batch 32 and 16 (the CPU runs batch 1).
 Results: printed, and benchmarks/results/train-<device>.csv.
 """
 from __future__ import annotations
@@ -43,11 +43,12 @@ from common import commit, machine
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = {  # name: (preset, image size, {device: (batch, timed steps)})
     "tiny-64": ("tiny", 64, {"cpu": (2, 30), "cuda": (32, 20)}),
-    # On a GPU, a training run's batch (MosaicML: 16 per A100 at 256 px), not 1 (a GPU idling between launches).
-    # SD1.5's fp32 weights + grads + AdamW take ~14 GiB, bf16 activations ~1.5 GiB per 256-px image and ~4x that at
-    # 512 (estimates; peak_gib in the results says): these fit an 80 GB H100. --batch-size changes them.
-    "sd15-256": ("sd15", 256, {"cpu": (1, 3), "cuda": (16, 10)}),
-    "sd15-512": ("sd15", 512, {"cpu": (1, 5), "cuda": (8, 10)}),
+    # On a GPU, a training run's batch (MosaicML: 16-32 per A100 at 256 px), not 1: an H100 at batch 1 waits on
+    # kernel launches. SD1.5's fp32 weights + grads + AdamW take ~14 GiB, autocast's bf16 weight copies ~2 GiB; the
+    # activations of one image in bf16 were ~0.3 GiB at 256 px and ~1.2 GiB at 512 here (CPU peak RSS, rough), so
+    # these need ~25 and ~35 GiB of an 80 GB H100. peak_gib in the results says; --batch-size changes them.
+    "sd15-256": ("sd15", 256, {"cpu": (1, 3), "cuda": (32, 10)}),
+    "sd15-512": ("sd15", 512, {"cpu": (1, 5), "cuda": (16, 10)}),
 }
 NEED_GIB = {"tiny": 1, "sd15": 17}  # resident memory of one training process at 256 px, fp32 weights + AdamW
 
