@@ -271,7 +271,8 @@ def test_full_masks_reuse_the_grey_latents():
         mask[rows] = 1
         with torch.no_grad():
             want = model.vae.encode(image * (mask < 0.5)) * sf
-            torch.testing.assert_close(stage._masked_latents(image, mask), want, rtol=1e-4, atol=1e-5)
+            full = torch.tensor([i in rows for i in range(3)])
+            torch.testing.assert_close(stage._masked_latents(image, mask, full), want, rtol=1e-4, atol=1e-5)
 
 
 def test_vae_overfits_and_measures_scaling_factor(tmp_path):

@@ -84,11 +84,11 @@ class InpaintStage(DiffusionStage):
         product = batch["mask"].cpu()  # (B, 1, H, W), 1 = product
         return torch.stack([inpaint_mask(*hw, generator, product[i], self.product_prob) for i in range(n)])
 
-    def _masked_latents(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _masked_latents(self, image: torch.Tensor, mask: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
         """Scaled posterior means of image * (mask < 0.5). A fully masked item's masked image is all grey (zeros),
-        the same every time: its latents are encoded once and reused (the 25% "full" random masks)."""
+        the same every time: its latents are encoded once and reused (the 25% "full" random masks). `full` (B,)
+        bool says which items those are, on the host: reading it from the device mask would wait for the GPU."""
         vae, sf = self.model.vae, self.config.scaling_factor
-        full = (mask >= 0.5).flatten(1).all(dim=1)  # (B,)
         if not bool(full.any()):
             return vae.encode(M.masked_image(image, mask)).float() * sf
         key = (*image.shape[-2:], image.device)
@@ -96,7 +96,8 @@ class InpaintStage(DiffusionStage):
             self._grey[key] = vae.encode(torch.zeros_like(image[:1])).float() * sf  # (1, 4, h, w)
         out = self._grey[key].expand(image.shape[0], -1, -1, -1).clone()  # (B, 4, h, w)
         if not bool(full.all()):
-            out[~full] = vae.encode(M.masked_image(image[~full], mask[~full])).float() * sf
+            rest = (~full).nonzero().squeeze(1).to(image.device)  # host indices: no device nonzero, no sync
+            out[rest] = vae.encode(M.masked_image(image[rest], mask[rest])).float() * sf
         return out
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -105,9 +106,11 @@ class InpaintStage(DiffusionStage):
                              "built with --no-images; rebuild it without --no-images or pass the images")
         x0, context = self.condition(batch, generator)  # (B, 4, h, w), (B, 77, C)
         image = batch["image"]  # (B, 3, H, W) in [-1, 1]
-        mask = self._repaint_masks(batch, generator, tuple(image.shape[-2:])).to(image.device)  # (B, 1, H, W)
+        mask = self._repaint_masks(batch, generator, tuple(image.shape[-2:]))  # (B, 1, H, W) on the host
+        full = (mask >= 0.5).flatten(1).all(dim=1)  # (B,) items repainted entirely
+        mask = mask.to(image.device)
         with torch.no_grad():
-            masked_latents = self._masked_latents(image, mask)  # (B, 4, h, w)
+            masked_latents = self._masked_latents(image, mask, full)  # (B, 4, h, w)
             lat_mask = M.latent_mask(mask, size=tuple(x0.shape[-2:]), mode=self.latent_mask_mode)  # (B, 1, h, w)
         concat = torch.cat([lat_mask.to(x0.dtype), masked_latents], dim=1)  # (B, 5, h, w)
         loss, metrics = self.diffusion_loss(model, x0, context, generator, concat)
