@@ -1,4 +1,5 @@
-"""Mask conventions, image <-> tensor conversion, cropping and the paste-back that keeps a product's pixels exact.
+"""Mask conventions, image <-> tensor conversion, sizes, the model's mask and feathering. The "only masked" crop and
+the paste-back that keeps a product's pixels exact are in crop_paste.py (named C. below), which builds on these.
 
 One internal mask form: float32 tensor (B, 1, H, W) in [0, 1], 1 = repaint (Stable Diffusion's convention).
 Images are uint8 numpy (B, H, W, 3) wherever pixels must stay exact (paste-back), float32 (B, 3, H, W) in [-1, 1]
@@ -10,12 +11,12 @@ The inpaint path of the pipeline, front to back (`grow` in latent cells, (h, w) 
     mask   = to_repaint_mask(product_mask=pm, size=img.shape[1:3])   # (B, 1, H, W), 1 = repaint
     model  = dilate(mask, 8 * grow)                                  # the model's mask only, never the paste-back's
     whole image:  x = pad_to_multiple(image_to_tensor(img));  m = pad_to_multiple(model)
-    "only masked": boxes = crop_box(model, (h, w), pad)
-                   x = image_to_tensor(crop_images(img, boxes, (h, w)));  m = crop_masks(model, boxes, (h, w))
+    "only masked": boxes = C.crop_box(model, (h, w), pad)
+                   x = image_to_tensor(C.crop_images(img, boxes, (h, w)));  m = C.crop_masks(model, boxes, (h, w))
     latents_mask = latent_mask(m);  masked = masked_image(x, m)      # the 9-channel UNet's extra inputs
     ... sample, vae_decode -> y (B, 3, h', w') in [-1, 1] ...
     gen    = tensor_to_uint8(crop_to(y, (H, W)))   or, cropped:  tensor_to_uint8(y)
-    out    = composite(img, gen, mask, boxes=boxes, mask_blur=4, match_color=True)
+    out    = C.composite(img, gen, mask, boxes=boxes, mask_blur=4, match_color=True)
     out[mask == 0] is bit-identical to img[mask == 0], whatever the options.
 """
 from __future__ import annotations
@@ -30,11 +31,9 @@ from PIL import Image
 __all__ = [
     "to_repaint_mask", "invert", "binarize", "image_to_tensor", "image_to_uint8", "tensor_to_uint8", "to_pil",
     "fit_size", "pad_to_multiple", "crop_to", "dilate", "latent_mask", "masked_image", "gaussian_blur", "feather",
-    "crop_box", "crop_images", "crop_masks", "uncrop", "color_match", "paste_back", "composite",
 ]
 
 PIL_MODES = ("L", "1", "RGB", "RGBA", "LA", "P")
-Box = tuple[int, int, int, int]  # (x1, y1, x2, y2), x2/y2 exclusive: PIL's and diffusers' order
 
 
 # ----------------------------------------------------------------------------------------------- reading inputs
@@ -358,160 +357,3 @@ def feather(mask: torch.Tensor, sigma: float) -> torch.Tensor:
     still gets weight ~0.5 or more.
     """
     return torch.minimum(gaussian_blur(mask, sigma), mask)
-
-
-# ----------------------------------------------------------------------------------------------- "only masked"
-
-def crop_box(mask: torch.Tensor, size: tuple[int, int], pad: int = 0) -> list[Box]:
-    """Per item, the box around the repaint pixels (mask > 0), grown by `pad` and then to the aspect ratio of the
-    processing size (h, w), clipped to the image. Equal to diffusers' VaeImageProcessor.get_crop_region(mask,
-    width=w, height=h, pad=pad); its arithmetic (int() truncation, shift-then-clip) is kept so boxes match exactly.
-    Pass the dilated mask, so the crop holds everything the model repaints.
-    """
-    m = _check_mask(mask)
-    if pad < 0 or int(pad) != pad:
-        raise ValueError(f"crop_box: pad must be a non-negative integer, got {pad!r}")
-    pad = int(pad)
-    h, w = size
-    H, W = m.shape[-2:]
-    boxes = []
-    for i, item in enumerate(m[:, 0] > 0):  # (H, W) bool
-        rows, cols = torch.nonzero(item.any(1)).flatten(), torch.nonzero(item.any(0)).flatten()
-        if rows.numel() == 0:
-            raise ValueError(f"crop_box: mask item {i} is empty, there is nothing to crop around")
-        x1, y1 = max(int(cols[0]) - pad, 0), max(int(rows[0]) - pad, 0)
-        x2, y2 = min(int(cols[-1]) + 1 + pad, W), min(int(rows[-1]) + 1 + pad, H)
-        if (x2 - x1) / (y2 - y1) > w / h:
-            y1, y2 = _grow(y1, y2, (x2 - x1) / (w / h), H)
-        else:
-            x1, x2 = _grow(x1, x2, (y2 - y1) * (w / h), W)
-        boxes.append((x1, y1, x2, y2))
-    return boxes
-
-
-def _grow(a: int, b: int, want: float, limit: int) -> tuple[int, int]:
-    """Grow [a, b) to length `want` around its centre, shifted back inside [0, limit) (get_crop_region step 3)."""
-    diff = int(want - (b - a))
-    a, b = a - diff // 2, b + diff - diff // 2
-    if b >= limit:
-        a, b = a - (b - limit), limit
-    if a < 0:
-        a, b = 0, b - a
-    return a, min(b, limit)
-
-
-def crop_images(images: np.ndarray, boxes: list[Box], size: tuple[int, int]) -> np.ndarray:
-    """uint8 (B, H, W, 3) -> each box resized to (h, w) with Lanczos (diffusers' default resample) -> (B, h, w, 3).
-
-    diffusers uses resize_mode="fill" (aspect-preserving, edges stretched into any gap); that equals this plain
-    resize whenever the box has the processing aspect ratio, which crop_box aims for. A plain resize is the exact
-    geometric inverse of `uncrop`'s, also when the box was clipped at the image border.
-    """
-    images = image_to_uint8(images)
-    h, w = size
-    return np.stack([np.asarray(Image.fromarray(img).crop(box).resize((w, h), Image.LANCZOS))
-                     for img, box in zip(images, boxes, strict=True)])
-
-
-def crop_masks(mask: torch.Tensor, boxes: list[Box], size: tuple[int, int], mode: str = "max") -> torch.Tensor:
-    """(B, 1, H, W) -> each box resized to (h, w) -> (B, 1, h, w).
-
-    "max": adaptive max pooling, a covering resize (every output pixel is the max over the input pixels it spans)
-        so, as with latent_mask, shrinking never loses a repaint pixel.
-    "diffusers": the mask quantised to uint8 and Lanczos-resized by PIL, what VaeImageProcessor.preprocess does
-        before binarising (equal to its "fill" mode when the box has the processing aspect ratio).
-    """
-    m = _check_mask(mask)
-    h, w = size
-    out = []
-    for item, (x1, y1, x2, y2) in zip(m, boxes, strict=True):
-        c = item[:, y1:y2, x1:x2]  # (1, bh, bw)
-        if mode == "max":
-            out.append(F.adaptive_max_pool2d(c, (h, w)))
-        elif mode == "diffusers":
-            u8 = (c[0] * 255).round().to(torch.uint8).numpy()
-            out.append(_to_float(np.asarray(Image.fromarray(u8).resize((w, h), Image.LANCZOS)))[None])
-        else:
-            raise ValueError(f"crop_masks: mode must be 'max' or 'diffusers', got {mode!r}")
-    return torch.stack(out).to(m.dtype)  # (B, 1, h, w)
-
-
-def uncrop(image: np.ndarray, generated: np.ndarray, boxes: list[Box]) -> np.ndarray:
-    """Full-size generated images: a copy of `image` (B, H, W, 3) with each generated crop (B, h, w, 3) resized back
-    to its box (Lanczos) and pasted in. Pixels outside the boxes are the input's, so paste-back keeps them anyway."""
-    out = image_to_uint8(image).copy()
-    for o, g, (x1, y1, x2, y2) in zip(out, image_to_uint8(generated), boxes, strict=True):
-        o[y1:y2, x1:x2] = np.asarray(Image.fromarray(g).resize((x2 - x1, y2 - y1), Image.LANCZOS))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- paste-back
-
-def color_match(generated: np.ndarray, image: np.ndarray, mask: torch.Tensor, boxes: list[Box] | None = None,
-                min_pixels: int = 64) -> np.ndarray:
-    """Remove the colour cast the VAE/sampler put on `generated` (B, H, W, 3) uint8, per item and channel.
-
-    Where mask == 0 the generated image should reproduce the input (the model was told to keep those pixels; a
-    4-channel inpaint even re-decodes the encoded input there), so the affine map that moves its mean/std there
-    onto the input's is this sample's colour drift; we apply it to the whole generated image. The statistics use
-    only kept pixels inside the item's box (outside it `uncrop` copied the input, which would bias them to
-    identity). The std ratio is 1 for near-flat regions (std < 1 level, e.g. a white product) and clamped to
-    [0.5, 2]; fewer than `min_pixels` kept pixels leave the item as is. Kept pixels are then restored exactly by
-    paste_back, so this never changes them in the output.
-    """
-    gen, img, m = image_to_uint8(generated), image_to_uint8(image), _check_mask(mask)
-    if gen.shape != img.shape or m.shape[-2:] != img.shape[1:3]:
-        raise ValueError(f"color_match: generated {gen.shape}, image {img.shape} and mask {tuple(m.shape)} differ")
-    out = gen.copy()
-    for i in range(len(gen)):
-        keep = (m[i, 0] == 0).numpy()  # (H, W)
-        if boxes is not None:
-            x1, y1, x2, y2 = boxes[i]
-            inside = np.zeros_like(keep)
-            inside[y1:y2, x1:x2] = True
-            keep &= inside
-        if keep.sum() < min_pixels:
-            continue
-        g, t = gen[i][keep].astype(np.float64), img[i][keep].astype(np.float64)  # (N, 3)
-        sg, st = g.std(0), t.std(0)
-        scale = np.where(sg < 1.0, 1.0, np.clip(st / np.maximum(sg, 1e-12), 0.5, 2.0))
-        fixed = (gen[i].astype(np.float64) - g.mean(0)) * scale + t.mean(0)
-        out[i] = np.clip(np.rint(fixed), 0, 255).astype(np.uint8)
-    return out
-
-
-def paste_back(image: np.ndarray, generated: np.ndarray, blend: torch.Tensor) -> np.ndarray:
-    """uint8 (B, H, W, 3) images, blend (B, 1, H, W) = weight of the generated image -> uint8 (B, H, W, 3).
-
-    out = image where blend == 0 (bit-identical), generated where blend >= 1, round(image + blend (gen - image))
-    in between. Working on uint8 makes "the product's pixels are kept" a bit-exact statement.
-    """
-    img, gen, b = image_to_uint8(image), image_to_uint8(generated), _check_mask(blend, "blend")
-    if img.shape != gen.shape:
-        raise ValueError(f"paste_back: image is {img.shape[1]}x{img.shape[2]} (HxW, batch {img.shape[0]}) but"
-                         f" generated is {gen.shape[1]}x{gen.shape[2]} (batch {gen.shape[0]})")
-    if (b.shape[0], *b.shape[-2:]) != img.shape[:3]:
-        raise ValueError(f"paste_back: blend is {b.shape[-2]}x{b.shape[-1]} (HxW, batch {b.shape[0]}) but the"
-                         f" image is {img.shape[1]}x{img.shape[2]} (batch {img.shape[0]})")
-    w = b[:, 0, :, :, None].detach().cpu().float().numpy()  # (B, H, W, 1)
-    f_img, f_gen = img.astype(np.float32), gen.astype(np.float32)
-    mixed = np.clip(np.rint(f_img + w * (f_gen - f_img)), 0, 255).astype(np.uint8)
-    return np.where(w <= 0, img, np.where(w >= 1, gen, mixed))
-
-
-def composite(image, generated, mask: torch.Tensor, *, boxes: list[Box] | None = None, mask_blur: float = 0.0,
-              match_color: bool = False) -> np.ndarray:
-    """The back half of inpainting: uint8 (B, H, W, 3) output with every kept pixel bit-identical to `image`.
-
-    image      the original images (B, H, W, 3) (anything image_to_uint8 reads).
-    generated  the decoded images: full size (B, H, W, 3), or with `boxes` the processed crops (B, h, w, 3).
-    mask       the *original* repaint mask (B, 1, H, W) (not the dilated one the model saw).
-    mask_blur  feather sigma in pixels (see `feather`); 0 keeps the mask as is, right for RGBA cutouts whose
-               transparent pixels hold no real colour.
-    match_color  apply `color_match` before pasting.
-    """
-    img = image_to_uint8(image)
-    gen = uncrop(img, generated, boxes) if boxes is not None else image_to_uint8(generated)
-    if match_color:
-        gen = color_match(gen, img, mask, boxes)
-    return paste_back(img, gen, feather(_check_mask(mask), mask_blur))

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from backdrop.diffusion import crop_paste as C
 from backdrop.diffusion import masks as M
 from backdrop.diffusion.guidance import CFGDenoiser
 from backdrop.diffusion.samplers import (SamplingInterrupted, blend_known_region, default_noise_sampler,
@@ -304,9 +305,9 @@ class Pipeline:
             m = self._pad(model_mask)  # (B, 1, H', W')
         else:
             size = M.fit_size(H, W, self._multiple, side=cfg.image_size)
-            boxes = M.crop_box(model_mask, size, crop_padding)
-            x = M.image_to_tensor(M.crop_images(img, boxes, size))  # (B, 3, h*f, w*f)
-            m = M.crop_masks(model_mask, boxes, size)  # (B, 1, h*f, w*f)
+            boxes = C.crop_box(model_mask, size, crop_padding)
+            x = M.image_to_tensor(C.crop_images(img, boxes, size))  # (B, 3, h*f, w*f)
+            m = C.crop_masks(model_mask, boxes, size)  # (B, 1, h*f, w*f)
         lat_mask = M.latent_mask(m, mode=mask_mode, factor=f).to(self.backend.device)  # (B, 1, h, w)
         nine = cfg.unet.in_channels == 9
         if not nine and cfg.unet.in_channels != cfg.vae.latent_channels:
@@ -326,11 +327,11 @@ class Pipeline:
                 return self._format(y, out.seeds, req["output_type"])
         gen = M.tensor_to_uint8(y)  # (B, H, W, 3), or the crops (B, h*f, w*f, 3)
         if paste_back:
-            done = M.composite(img, gen, mask, boxes=boxes, mask_blur=blur, match_color=color_match)
+            done = C.composite(img, gen, mask, boxes=boxes, mask_blur=blur, match_color=color_match)
         else:
-            done = gen if boxes is None else M.uncrop(img, gen, boxes)  # (B, H, W, 3)
+            done = gen if boxes is None else C.uncrop(img, gen, boxes)  # (B, H, W, 3)
             if color_match:
-                done = M.color_match(done, img, mask, boxes)
+                done = C.color_match(done, img, mask, boxes)
         return self._format(done.astype(np.float32) / 255, out.seeds, req["output_type"])
 
     # -------------------------------------------------------------------------------------------- shared core

@@ -9,7 +9,7 @@
 
 Conventions. Edits follow OpenAI: alpha 0 in the mask PNG (or, without a mask, in the image itself) marks what
 to repaint, so an RGBA product cut-out gets a new backdrop and its opaque pixels come back bit-identical
-(diffusion/masks.py). Extensions, ignored by OpenAI clients: `seed` (request field; item j gets seed + j) and
+(diffusion/crop_paste.py). Extensions, ignored by OpenAI clients: `seed` (request field; item j gets seed + j) and
 `negative_prompt`; every returned image carries its `seed`. response_format defaults to b64_json (gpt-image's
 behaviour); "url" answers with http URLs served by this server for `FileStore.ttl` seconds.
 Sizes: generations take a bucket "WxH" with W, H in {native, 2 x native} of the model (512x512, 1024x512, ... for

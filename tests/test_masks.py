@@ -1,12 +1,13 @@
-"""diffusion/masks.py: mask conventions agree, paste-back keeps kept pixels bit-identical under every option, and
-the diffusers-convention paths (preprocess, postprocess, mask latents, crop box, crop + overlay) equal diffusers'
-own VaeImageProcessor / StableDiffusionInpaintPipeline code on the same inputs."""
+"""diffusion/masks.py and crop_paste.py: mask conventions agree, paste-back keeps kept pixels bit-identical under
+every option, and the diffusers-convention paths (preprocess, postprocess, mask latents, crop box, crop + overlay)
+equal diffusers' own VaeImageProcessor / StableDiffusionInpaintPipeline code on the same inputs."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from backdrop.diffusion import crop_paste as C
 from backdrop.diffusion import masks as M
 
 ODD = [(67, 45), (333, 517)]  # not multiples of 8, portrait and landscape
@@ -95,11 +96,11 @@ def test_batches_of_masks_and_images():
     assert x.shape == (3, 3, 45, 67) and torch.equal(x, M.image_to_tensor(np.stack(ims)))
     assert np.array_equal(M.image_to_uint8(x.add(1).div(2)), np.stack(ims))  # [0, 1] tensors round back exactly
     gens = np.stack([random_image(rng, 32, 32) for _ in range(3)])
-    boxes = M.crop_box(batch, (32, 32), pad=2)
+    boxes = C.crop_box(batch, (32, 32), pad=2)
     assert len(set(boxes)) == 3  # per-item boxes
-    out = M.composite(ims, gens, batch, boxes=boxes, mask_blur=1.5, match_color=True)
+    out = C.composite(ims, gens, batch, boxes=boxes, mask_blur=1.5, match_color=True)
     for i in range(3):  # a batch is exactly its items, one at a time
-        assert np.array_equal(out[i], M.composite(ims[i], gens[i], batch[i:i + 1], boxes=boxes[i:i + 1],
+        assert np.array_equal(out[i], C.composite(ims[i], gens[i], batch[i:i + 1], boxes=boxes[i:i + 1],
                                                   mask_blur=1.5, match_color=True)[0])
 
 
@@ -124,10 +125,10 @@ def test_batches_of_masks_and_images():
     (lambda: M.dilate(np.ones((1, 1, 8, 8)), 1), ["(B, 1, H, W)"]),
     (lambda: M.latent_mask(torch.ones(1, 1, 67, 45)), ["67x45", "pad_to_multiple"]),
     (lambda: M.latent_mask(torch.ones(1, 1, 8, 8), mode="bilinear"), ["mode"]),
-    (lambda: M.crop_box(torch.zeros(1, 1, 8, 8), (8, 8)), ["empty"]),
-    (lambda: M.paste_back(np.zeros((1, 67, 45, 3), np.uint8), np.zeros((1, 64, 48, 3), np.uint8),
+    (lambda: C.crop_box(torch.zeros(1, 1, 8, 8), (8, 8)), ["empty"]),
+    (lambda: C.paste_back(np.zeros((1, 67, 45, 3), np.uint8), np.zeros((1, 64, 48, 3), np.uint8),
                           torch.ones(1, 1, 67, 45)), ["67x45", "64x48"]),
-    (lambda: M.paste_back(np.zeros((1, 67, 45, 3), np.uint8), np.zeros((1, 67, 45, 3), np.uint8),
+    (lambda: C.paste_back(np.zeros((1, 67, 45, 3), np.uint8), np.zeros((1, 67, 45, 3), np.uint8),
                           torch.ones(1, 1, 64, 48)), ["blend", "64x48", "67x45"]),
     (lambda: M.pad_to_multiple(torch.zeros(1, 3, 3, 3)), ["3x3", "replicate"]),
 ])
@@ -221,8 +222,8 @@ def test_max_pool_never_loses_a_repaint_pixel(h, w, seed):
     assert all(lat[y // 8, x // 8] == 1 for y, x in zip(ys, xs))
     # the same through an "only masked" crop resized to the processing size, down and up
     for size in [(32, 24), (128, 96)]:
-        box = M.crop_box(mask, size, pad=3)[0]
-        crop = M.latent_mask(M.crop_masks(mask, [box], size))[0, 0]
+        box = C.crop_box(mask, size, pad=3)[0]
+        crop = M.latent_mask(C.crop_masks(mask, [box], size))[0, 0]
         bw, bh = box[2] - box[0], box[3] - box[1]
         for y, x in zip(ys, xs):  # adaptive pooling: pixel y of a bh-high box lies in output row floor(y h / bh)
             assert crop[(y - box[1]) * size[0] // bh // 8, (x - box[0]) * size[1] // bw // 8] == 1
@@ -282,15 +283,15 @@ def test_kept_pixels_are_bit_identical(h, w, crop_pad):
             y = (x + 0.3 * torch.randn_like(x)).clamp(-1.2, 1.2)  # a "decoded" image: input plus noise and a cast
             gen = M.tensor_to_uint8(M.crop_to(y, (h, w)))
         else:
-            boxes = M.crop_box(model_mask, size, pad=crop_pad)
+            boxes = C.crop_box(model_mask, size, pad=crop_pad)
             gen = random_image(rng, *size)[None].repeat(2, 0)
         sigma, match = [0.0, 2.5][seed % 2], seed >= 1
-        out = M.composite(img, gen, mask, boxes=boxes, mask_blur=sigma, match_color=match)
+        out = C.composite(img, gen, mask, boxes=boxes, mask_blur=sigma, match_color=match)
         assert out.shape == img.shape and out.dtype == np.uint8
         keep = (mask[:, 0] == 0).numpy()
         assert np.array_equal(out[keep], img[keep])
-        full = M.uncrop(img, gen, boxes) if boxes else gen
-        full = M.color_match(full, img, mask, boxes) if match else full
+        full = C.uncrop(img, gen, boxes) if boxes else gen
+        full = C.color_match(full, img, mask, boxes) if match else full
         blend = M.feather(mask, sigma)[:, 0].numpy()
         assert np.array_equal(out[blend >= 1], full[blend >= 1])
         mid = (blend > 0) & (blend < 1)
@@ -305,11 +306,11 @@ def test_color_match_removes_a_cast():
     scene = np.where(mask[:, 0, :, :, None].numpy() > 0, rng.integers(40, 200, img.shape), img)
     scale, shift = np.array([0.8, 1.1, 0.95]), np.array([20.0, -10.0, 5.0])
     gen = np.clip(np.rint(scene * scale + shift), 0, 255).astype(np.uint8)  # a per-channel colour cast
-    fixed = M.color_match(gen, img, mask)
+    fixed = C.color_match(gen, img, mask)
     keep = (mask[:, 0] == 0).numpy()
     assert np.abs(fixed[keep].astype(int) - img[keep]).max() <= 1  # kept region back on the input's colours
     assert np.abs(fixed.astype(int) - scene).max() <= 1  # and the same correction undoes the cast everywhere
-    assert np.array_equal(M.color_match(img, img, mask), img)  # no cast, no change
+    assert np.array_equal(C.color_match(img, img, mask), img)  # no cast, no change
 
 
 # ----------------------------------------------------------------------------------------------- crop vs diffusers
@@ -324,7 +325,7 @@ def test_crop_box_matches_diffusers_get_crop_region():
         m[y:y + rng.integers(1, H), x:x + rng.integers(1, W)] = rng.integers(1, 256)
         size = [(64, 64), (64, 96), (96, 64), (512, 384), (40, 72)][rng.integers(5)]
         pad = int(rng.integers(0, 40))
-        ours = M.crop_box(M.to_repaint_mask(mask=m), size, pad=pad)[0]
+        ours = C.crop_box(M.to_repaint_mask(mask=m), size, pad=pad)[0]
         assert ours == mask_proc.get_crop_region(Image.fromarray(m), size[1], size[0], pad=pad), (H, W, size, pad)
 
 
@@ -341,14 +342,14 @@ def test_crop_and_overlay_match_diffusers(seed):
     mask_pil = Image.fromarray(m)
     crops = mask_proc.get_crop_region(mask_pil, size[1], size[0], pad=pad)
     mask = M.to_repaint_mask(mask=mask_pil)
-    boxes = M.crop_box(mask, size, pad=pad)
+    boxes = C.crop_box(mask, size, pad=pad)
     assert boxes == [crops] and crops[2] - crops[0] == crops[3] - crops[1]  # square box: "fill" == plain resize
     ref_init = image_proc.preprocess(img, height=64, width=64, crops_coords=crops, resize_mode="fill")
     ref_cond = mask_proc.preprocess(mask_pil, height=64, width=64, crops_coords=crops, resize_mode="fill")
-    assert torch.equal(M.image_to_tensor(M.crop_images(M.image_to_uint8(img), boxes, size)), ref_init)
-    assert torch.equal(M.binarize(M.crop_masks(mask, boxes, size, mode="diffusers")), ref_cond)
+    assert torch.equal(M.image_to_tensor(C.crop_images(M.image_to_uint8(img), boxes, size)), ref_init)
+    assert torch.equal(M.binarize(C.crop_masks(mask, boxes, size, mode="diffusers")), ref_cond)
     ref_out = np.asarray(image_proc.apply_overlay(mask_pil, img, gen, crops))
-    assert np.array_equal(M.composite(img, gen, mask, boxes=boxes)[0], ref_out)
+    assert np.array_equal(C.composite(img, gen, mask, boxes=boxes)[0], ref_out)
 
 
 # ----------------------------------------------------------------------------------------------- sizes
