@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--sampler", default="dpmpp-2m")
     ap.add_argument("--guidance-scale", type=float, default=4.0)
     ap.add_argument("--mask-dilate", type=int, default=1, help="Pipeline.inpaint's mask_dilate (default: 1)")
+    ap.add_argument("--mask-blur", type=float, default=None,
+                    help="Pipeline.inpaint's mask_blur, the paste-back feather in pixels (default: the Pipeline's, 4)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--no-control", dest="control", action="store_false", help="skip the empty-prompt control run")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/quality-<model>.json)")
@@ -45,7 +47,7 @@ def main() -> None:
     def inpaint_fn(images, product_masks, prompts, seeds):
         out = pipe.inpaint(image=images, product_mask=product_masks, prompt=prompts, seed=list(seeds),
                            steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
-                           mask_dilate=args.mask_dilate, output_type="np", progress=False)
+                           mask_dilate=args.mask_dilate, mask_blur=args.mask_blur, output_type="np", progress=False)
         return (np.asarray(out.images) * 255).round().astype(np.uint8)
 
     start = time.perf_counter()
@@ -54,7 +56,8 @@ def main() -> None:
     seconds = time.perf_counter() - start
     print(format_report(report))
     report |= {"model": str(args.model), "steps": args.steps, "sampler": args.sampler,
-               "guidance_scale": args.guidance_scale, "mask_dilate": args.mask_dilate, "seconds": round(seconds, 1),
+               "guidance_scale": args.guidance_scale, "mask_dilate": args.mask_dilate,
+               "mask_blur": args.mask_blur, "seconds": round(seconds, 1),
                "date": str(date.today()), "commit": commit(), "machine": machine(str(pipe.backend.device)),
                "torch": torch.__version__, "dtype": str(pipe.backend.dtype)}
     name = Path(str(args.model)).name.removesuffix(".safetensors")

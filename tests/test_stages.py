@@ -292,6 +292,24 @@ def test_vae_overfits_and_measures_scaling_factor(tmp_path):
     assert loaded.config.vae.scaling_factor == pytest.approx(1 / z.std().item(), rel=1e-4)
 
 
+def test_vae_decoder_only_keeps_the_latent_space(tmp_path):
+    model = tiny()
+    randomize_(model.vae)
+    data = make_dataset("synthetic:8", 32)
+    batch = collate([data[i] for i in range(8)])
+    stage = VAEStage(model, decoder_only=True)
+    before = {k: v.clone() for k, v in model.vae.state_dict().items()}
+    l1_before = fixed_loss(stage, stage.trainable(), batch, metric="l1")
+    trainer = fit(stage, data, tmp_path / "run", steps=20, lr=2e-3)
+    assert fixed_loss(stage, trainer.module, batch, metric="l1") < 0.9 * l1_before
+    loaded = load_model(trainer.save_final()).vae.state_dict()
+    changed = {k for k, v in loaded.items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed), sorted(changed)
+    assert not any(k.startswith("decoder.") for k in set(before) - changed)  # every decoder tensor trained
+    with pytest.raises(ValueError, match="decoder_only"):
+        VAEStage(tiny(), decoder_only=True, calibration=batch["image"])
+
+
 def test_ssim():
     """On an 11x11 image SSIM is one window: Wang et al. eq. 13 with Gaussian-weighted (sigma 1.5) statistics,
     written out here in float64 without the separable blur."""

@@ -41,7 +41,7 @@ def test_help(capsys):
     assert all(s in out for s in ("clip", "vae", "pretrain", "inpaint", "cache", "--init runs/vae/final"))
     for stage, options in {"pretrain": ("--snr-gamma", "--resume", "--data", "--gradient-checkpointing"),
                            "inpaint": ("--masks", "--caption-dropout", "--precision"),
-                           "clip": ("--vision-width", "--ema-decay"), "vae": ("--ssim-weight", "--warmup"),
+                           "clip": ("--vision-width", "--ema-decay"), "vae": ("--ssim-weight", "--warmup", "--decoder-only"),
                            "cache": ("--shard-size", "--no-images")}.items():
         with pytest.raises(SystemExit) as e:
             main(["train", stage, "--help"])
@@ -64,6 +64,7 @@ def test_bad_data_spec_exits_2_with_one_line(tmp_path):
     (["pretrain", "--data", "synthetic:4", "--zero-terminal-snr"], "v-prediction"),
     (["pretrain", "--data", "synthetic:4", "--preset", "huge"], "unknown preset"),
     (["clip", "--data", "synthetic:4", "--size", "30"], "--size 30"),
+    (["vae", "--data", "synthetic:4", "--decoder-only"], "--init"),
 ])
 def test_user_errors_are_one_line(args, message, tmp_path, capsys):
     assert run(*args, "--out", tmp_path / "o", "--quiet") == 2
@@ -100,6 +101,13 @@ def test_chain_through_the_cli(tmp_path):
     assert prod.config.unet.in_channels == 9 and pre.config.unet.in_channels == 4
     assert (d / "prod/final/image_encoder/model.safetensors").is_file()  # carried along the chain
     assert [json.loads(x)["step"] for x in (d / "prod/log.jsonl").read_text().splitlines()] == [1, 2]
+    assert run("vae", "--data", "synthetic:8", "--out", d / "dec", "--init", d / "prod/final", "--steps", 2,
+               "--decoder-only", *FAST) == 0
+    dec = load_model(d / "dec/final")  # a new decoder on the same latent space: the inpainting UNet still fits it
+    assert not torch.equal(dec.vae.decoder.conv_out.weight, prod.vae.decoder.conv_out.weight)
+    assert torch.equal(dec.vae.encoder.conv_in.weight, prod.vae.encoder.conv_in.weight)
+    assert torch.equal(dec.unet.conv_in.weight, prod.unet.conv_in.weight)
+    assert dec.config.scaling_factor == prod.config.scaling_factor and dec.config.unet.in_channels == 9
 
     pipe = Pipeline.from_pretrained(d / "prod/final", device="cpu", dtype=torch.float32)
     image = torch.rand(32, 32, 3).numpy()

@@ -130,6 +130,9 @@ def add_parser(subparsers) -> None:
                      help="loss = (1-A) L1 + A (1-SSIM) + KL term (default: %(default)s, Zhao et al. 2017)")
     vae.add_argument("--kl-weight", type=float, default=1e-6, metavar="B", help="KL weight (default: %(default)s, "
                                                                                  "as LDM)")
+    vae.add_argument("--decoder-only", action="store_true",
+                     help="fine-tune only the decoder of --init's VAE: its latents and scaling factor stay, so a UNet "
+                          "trained on them keeps working (as Stability's sd-vae-ft-mse)")
 
     stages.add_parser("pretrain", parents=[data, training, diffusion], help="text-to-image diffusion (UNet)",
                       description="Train the UNet for text-to-image on the frozen text encoder and VAE.")
@@ -248,9 +251,11 @@ def _stage(args, name: str, model, data, size: int, device):
 
         from backdrop.train.stages.vae import VAEStage
 
+        if args.decoder_only and not args.init:
+            raise CLIError("--decoder-only fine-tunes a trained VAE's decoder; give it with --init")
         n = min(CALIBRATION_IMAGES, len(data))
-        calibration = torch.stack([data[i]["image"] for i in range(n)])  # (n, 3, H, W)
-        return VAEStage(model, device, args.init, args.ssim_weight, args.kl_weight, calibration)
+        calibration = None if args.decoder_only else torch.stack([data[i]["image"] for i in range(n)])  # (n, 3, H, W)
+        return VAEStage(model, device, args.init, args.ssim_weight, args.kl_weight, calibration, args.decoder_only)
     options = DiffusionOptions(args.prediction, args.snr_gamma, args.noise_offset, args.input_perturbation,
                                args.zero_terminal_snr, args.caption_dropout)
     if name == "pretrain":

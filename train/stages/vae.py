@@ -11,6 +11,10 @@ Loss = (1 - α) L1 + α (1 - SSIM) + β KL / (3HW), with α = 0.84 and β = 1e-6
   LDM's ratio. It only keeps the latent scale in check; it is not a VAE prior to sample from.
 At the end the latent scaling factor is re-measured as 1 / std(latents) over a calibration batch (LDM's
 `scale_by_std`), so the UNet trained next sees unit-variance latents.
+
+`decoder_only` (`--decoder-only`) fine-tunes the decoder (and post_quant_conv) of a trained VAE with its encoder
+frozen, as Stability did for sd-vae-ft-mse: the latent space and scaling factor stay those of --init, so a UNet
+already trained on them keeps working and only the pixels it decodes to get sharper. The KL term is then constant.
 """
 from __future__ import annotations
 
@@ -94,14 +98,21 @@ class VAEStage:
     """Trains `model.vae` as an autoencoder: reconstruct the posterior sample, keep the posterior near N(0, I)."""
 
     def __init__(self, model: Model, device="cpu", init=None, ssim_weight: float = SSIM_WEIGHT,
-                 kl_weight: float = KL_WEIGHT, calibration: torch.Tensor | None = None):
+                 kl_weight: float = KL_WEIGHT, calibration: torch.Tensor | None = None, decoder_only: bool = False):
         if not 0.0 <= ssim_weight <= 1.0 or kl_weight < 0:
             raise ValueError(f"VAEStage: ssim_weight must be in [0, 1] and kl_weight >= 0, got {ssim_weight}, "
                              f"{kl_weight}")
+        if decoder_only and calibration is not None:
+            raise ValueError("VAEStage: decoder_only keeps the encoder's latent space and its scaling factor; "
+                             "pass no calibration images")
         self.model, self.device, self.init = model, torch.device(device), init
         self.ssim_weight, self.kl_weight = ssim_weight, kl_weight
         self.calibration = calibration  # (N, 3, H, W) images for the scaling factor; None keeps the model's
-        self.autoencoder = Autoencoder(model.vae.requires_grad_(True))
+        vae = model.vae.requires_grad_(not decoder_only)
+        if decoder_only:
+            vae.decoder.requires_grad_(True)
+            vae.post_quant_conv.requires_grad_(True)
+        self.autoencoder = Autoencoder(vae)
 
     def trainable(self) -> nn.Module:
         return self.autoencoder
