@@ -3,7 +3,7 @@ generated backdrop shows the prompted floor / backdrop / sky / wall colour, agai
 the prompted scenes), chance and an empty-prompt control; object expansion; product pixels kept.
 
     .venv/bin/python benchmarks/quality.py [--model backdrop-tiny] [--n 64] [--steps 20] [--guidance-scale 4]
-                                          [--mask-dilate 1] [--out FILE]
+                                          [--mask-dilate 1] [--mask-blur PX] [--out FILE]
 
 Prints the model card's markdown tables and writes benchmarks/results/quality-<model name>.json (the settings,
 the machine, the commit and every figure).
@@ -33,7 +33,8 @@ def main() -> None:
     ap.add_argument("--guidance-scale", type=float, default=4.0)
     ap.add_argument("--mask-dilate", type=int, default=1, help="Pipeline.inpaint's mask_dilate (default: 1)")
     ap.add_argument("--mask-blur", type=float, default=None,
-                    help="Pipeline.inpaint's mask_blur, the paste-back feather in pixels (default: the Pipeline's, 4)")
+                    help="Pipeline.inpaint's mask_blur, the paste-back feather in pixels (default: the Pipeline's, "
+                         "0 for product masks)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--no-control", dest="control", action="store_false", help="skip the empty-prompt control run")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/quality-<model>.json)")

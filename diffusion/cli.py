@@ -91,7 +91,8 @@ def add_parser(subparsers) -> None:
     opts = inp.add_argument_group("inpainting")
     opts.add_argument("--mask-blur", type=float, default=None, metavar="PX",
                       help="soften the seam by this many pixels, inside the repainted region only "
-                           "(default: 4; 0 for RGBA cutouts)")
+                           "(default: 4 with --mask; 0 with --product-mask and RGBA cutouts, whose edge is the "
+                           "product's own)")
     opts.add_argument("--mask-dilate", type=int, default=1, metavar="CELLS",
                       help="let the model repaint this many 8-pixel cells past the mask edge, so halos around the "
                            "product get replaced (default: %(default)s)")

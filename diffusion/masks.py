@@ -31,6 +31,7 @@ from PIL import Image
 __all__ = [
     "to_repaint_mask", "invert", "binarize", "image_to_tensor", "image_to_uint8", "tensor_to_uint8", "to_pil",
     "fit_size", "pad_to_multiple", "crop_to", "dilate", "latent_mask", "masked_image", "gaussian_blur", "feather",
+    "default_mask_blur",
 ]
 
 PIL_MODES = ("L", "1", "RGB", "RGBA", "LA", "P")
@@ -342,6 +343,18 @@ def gaussian_blur(mask: torch.Tensor, sigma: float) -> torch.Tensor:
     x = F.pad(m, (r, r, r, r), mode="replicate")  # (B, 1, H + 2r, W + 2r)
     x = F.conv2d(x, k.view(1, 1, 1, -1))  # rows:    (B, 1, H + 2r, W)
     return F.conv2d(x, k.view(1, 1, -1, 1))  # columns: (B, 1, H, W)
+
+
+def default_mask_blur(kind: str) -> float:
+    """The paste-back feather sigma (px) when the caller gives none, by the mask's convention (to_repaint_mask's
+    argument names): 4 for an SD `mask` (white = repaint), whose edge is an arbitrary brush line that a feather
+    hides; 0 for a `product_mask` and for an RGBA `image`. There the edge is the product's own silhouette, and every
+    pixel a feather takes from the input outside it is the old backdrop: with 4, a band of it showed around the
+    product (benchmarks/quality.py on backdrop-tiny, 256 scenes: object expansion +17.4 vs +12.0 points, whole
+    backdrop right 84% vs 92%); a cutout's alpha is soft already."""
+    if kind not in ("mask", "product_mask", "image"):
+        raise ValueError(f"default_mask_blur: kind must be 'mask', 'product_mask' or 'image', got {kind!r}")
+    return 4.0 if kind == "mask" else 0.0
 
 
 def feather(mask: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -57,7 +57,7 @@ from backdrop.diffusion.guidance import CFGDenoiser
 from backdrop.diffusion.samplers import (SamplingInterrupted, blend_known_region, default_noise_sampler,
                                          initial_latents, noised_latents, output_latents, per_item_randn, sample)
 from backdrop.diffusion.schedule import build_schedule
-from backdrop.nn.resolve import (builtin_models, default_device, default_dtype, parse_dtype, resolve_model,
+from backdrop.nn.resolve import (default_device, default_dtype, parse_dtype, resolve_model,
                                  unet_width)
 
 __all__ = ["Pipeline", "Output", "SamplingInterrupted", "OUTPUT_TYPES"]
@@ -208,8 +208,9 @@ class Pipeline:
         """Repaint the masked region. Give `mask` (white = repaint), `product_mask` (white = keep the product), or
         neither with RGBA images (OpenAI's convention: alpha 0 = repaint).
 
-        mask_blur    feather sigma in pixels for paste-back; None: 4, or 0 with the alpha convention (a cutout's
-                     transparent pixels hold no real colour to blend with, and its alpha is already soft).
+        mask_blur    feather sigma in pixels for paste-back; None: 4 with `mask`, 0 with `product_mask` or an RGBA
+                     image, whose edge is the product's own (a feather there blends in the old backdrop; see
+                     masks.default_mask_blur).
         mask_dilate  grow the region the model repaints by this many latent cells (8 px); paste-back still uses
                      the original mask, so the product stays exact while its halo gets repainted.
         crop_padding None: process the whole image; N: process only the box around the mask grown by N px, at
@@ -230,7 +231,7 @@ class Pipeline:
         images, masks = _broadcast(images, n, "image"), _broadcast(masks, n, kind)
         strengths = _repeat([_check_strength(s) for s in _broadcast(_items(strength, "strength"), n,
                                                                           "strength")], k)
-        blur = (0.0 if kind == "image" else 4.0) if mask_blur is None else float(mask_blur)
+        blur = M.default_mask_blur(kind) if mask_blur is None else float(mask_blur)
         if blur < 0 or isinstance(mask_dilate, bool) or not isinstance(mask_dilate, int) or mask_dilate < 0:
             raise ValueError(f"mask_blur ({mask_blur!r}) and mask_dilate ({mask_dilate!r}) must be >= 0 "
                              "(mask_dilate an int, in latent cells)")

@@ -52,6 +52,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from backdrop.diffusion.masks import default_mask_blur
 from backdrop.diffusion.schedule import RECIPES
 from backdrop.serve.batcher import QueueFull, ShuttingDown
 from backdrop.serve.engine import Engine, Item, ServeKey
@@ -350,7 +351,7 @@ class _Handlers:
             guidance_scale=number(f.get("guidance_scale"), "guidance_scale", 0.0, 50.0, self.config.guidance_scale),
             guidance_rescale=number(f.get("guidance_rescale"), "guidance_rescale", 0.0, 1.0, 0.0),
             mask_dilate=number(f.get("mask_dilate"), "mask_dilate", 0, 64, 1, int),
-            mask_blur=number(f.get("mask_blur"), "mask_blur", 0.0, 256.0, 0.0 if kind is None else 4.0),
+            mask_blur=number(f.get("mask_blur"), "mask_blur", 0.0, 256.0, default_mask_blur(kind or "image")),
             crop_padding=None if crop is None else number(crop, "crop_padding", 0, 2**16, None, int),
             color_match=boolean(f.get("color_match"), "color_match", False),
             paste_back=boolean(f.get("paste_back"), "paste_back", True),

@@ -287,7 +287,7 @@ def test_four_channel_loop_keeps_the_known_region(models):
 
 def test_rgba_alpha_convention_equals_explicit_mask(models):
     """OpenAI's convention (alpha 0 = repaint) gives the same result as the equivalent white-is-repaint mask with
-    no feathering (the default blur for cutouts is 0)."""
+    no feathering (the default blur for cutouts and product masks is 0)."""
     pipe = models["sd1-inpaint"].pipe
     rgb = images(1, seed=6)[0]
     alpha = 255 - np.asarray(rect_masks(1, seed=6)[0])
@@ -296,6 +296,14 @@ def test_rgba_alpha_convention_equals_explicit_mask(models):
     b = pipe.inpaint(rgb, Image.fromarray(255 - alpha), prompt="x", seed=2, steps=3, mask_blur=0, progress=False,
                      output_type="np")
     assert np.array_equal(a.images, b.images)
+    # a product mask's default is no feather too (its edge is the product's own); an SD mask's is 4 px
+    c = pipe.inpaint(rgb, product_mask=Image.fromarray(alpha), prompt="x", seed=2, steps=3, progress=False,
+                     output_type="np")
+    assert np.array_equal(a.images, c.images)
+    d = pipe.inpaint(rgb, Image.fromarray(255 - alpha), prompt="x", seed=2, steps=3, progress=False, output_type="np")
+    e = pipe.inpaint(rgb, Image.fromarray(255 - alpha), prompt="x", seed=2, steps=3, mask_blur=4, progress=False,
+                     output_type="np")
+    assert np.array_equal(d.images, e.images) and not np.array_equal(d.images, a.images)
     with pytest.raises(ValueError, match="no mask: give mask="):
         pipe.inpaint(rgb, prompt="x", steps=2, progress=False)
 
