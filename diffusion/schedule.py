@@ -225,8 +225,8 @@ def build_schedule(sampler: str, steps: int, config: SchedulerConfig | None = No
 
     ac = alphas_cumprod(cfg, patch_zero_snr=r.family in ("k", "dpm"))
     train_sigmas = (((1 - ac) / ac) ** 0.5).numpy()  # (T,) float32, ascending in t; inf at a zero terminal SNR
+    # len(ts) may exceed steps by one: trailing spacing with a step count that does not divide T (as diffusers)
     ts = _spaced(spacing, steps, cfg, r.family)
-    n = len(ts)  # trailing spacing with a step count that does not divide T can give diffusers one extra step
 
     if r.family in ("ddim", "ddpm"):
         sig = train_sigmas[ts].astype(np.float64)
