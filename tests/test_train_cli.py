@@ -41,7 +41,8 @@ def test_help(capsys):
     assert all(s in out for s in ("clip", "vae", "pretrain", "inpaint", "cache", "--init runs/vae/final"))
     for stage, options in {"pretrain": ("--snr-gamma", "--resume", "--data", "--gradient-checkpointing"),
                            "inpaint": ("--masks", "--caption-dropout", "--precision"),
-                           "clip": ("--vision-width", "--ema-decay"), "vae": ("--ssim-weight", "--warmup", "--decoder-only"),
+                           "clip": ("--vision-width", "--ema-decay"),
+                           "vae": ("--ssim-weight", "--warmup", "--decoder-only"),
                            "cache": ("--shard-size", "--no-images")}.items():
         with pytest.raises(SystemExit) as e:
             main(["train", stage, "--help"])
