@@ -40,15 +40,17 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/quality-<model>.json)")
     args = ap.parse_args()
 
+    from backdrop.diffusion.masks import default_mask_blur
     from backdrop.diffusion.pipeline import Pipeline
     from backdrop.train.evaluate import evaluate_inpainting, format_report
 
     pipe = Pipeline.from_pretrained(args.model)
+    blur = default_mask_blur("product_mask") if args.mask_blur is None else args.mask_blur  # recorded as used
 
     def inpaint_fn(images, product_masks, prompts, seeds):
         out = pipe.inpaint(image=images, product_mask=product_masks, prompt=prompts, seed=list(seeds),
                            steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
-                           mask_dilate=args.mask_dilate, mask_blur=args.mask_blur, output_type="np", progress=False)
+                           mask_dilate=args.mask_dilate, mask_blur=blur, output_type="np", progress=False)
         return (np.asarray(out.images) * 255).round().astype(np.uint8)
 
     start = time.perf_counter()
@@ -58,7 +60,7 @@ def main() -> None:
     print(format_report(report))
     report |= {"model": str(args.model), "steps": args.steps, "sampler": args.sampler,
                "guidance_scale": args.guidance_scale, "mask_dilate": args.mask_dilate,
-               "mask_blur": args.mask_blur, "seconds": round(seconds, 1),
+               "mask_blur": blur, "seconds": round(seconds, 1),
                "date": str(date.today()), "commit": commit(), "machine": machine(str(pipe.backend.device)),
                "torch": torch.__version__, "dtype": str(pipe.backend.dtype)}
     name = Path(str(args.model)).name.removesuffix(".safetensors")
