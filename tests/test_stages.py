@@ -3,13 +3,14 @@
 transformers) open, the 9-channel conversion is exact, the inpainting inputs are the diffusers pipeline's, resume
 equals a straight run, and the latent cache gives the losses on-the-fly encoding gives."""
 import dataclasses
+import json
 import math
 
 import pytest
 import torch
 
 from backdrop.nn.checkpoint import init_model, load_model
-from backdrop.train.cache import LatentCache, build_cache
+from backdrop.train.cache import LatentCache, build_cache, fingerprint
 from backdrop.train.core import TrainConfig, Trainer
 from backdrop.train.data import DataStream, collate, make_dataset
 from backdrop.train.stages.clip import ClipStage, clip_score, load_clip, vision_config
@@ -391,8 +392,19 @@ def test_cache_gives_the_on_the_fly_loss(stage_cls, tmp_path):
 def test_cache_refuses_other_encoders_and_sizes(tmp_path):
     model = tiny()
     cache = LatentCache(build_cache(model, make_dataset("synthetic:2", 64), tmp_path / "c", progress=False))
-    with pytest.raises(ValueError, match="different vae"):
+    with pytest.raises(ValueError, match="different vae encoder"):
         cache.check(tiny(seed=1), 64)
+    new_decoder = tiny()
+    with torch.no_grad():
+        new_decoder.vae.decoder.conv_out.weight.add_(0.1)
+    cache.check(new_decoder, 64)  # the moments come from the encoder: a decoder fine-tune keeps the cache
+    # a cache from before that rule holds the whole VAE's fingerprint and is checked against the whole VAE
+    manifest = json.loads((tmp_path / "c/cache.json").read_text())
+    manifest["fingerprint"] = {"vae": fingerprint(model.vae), "text_encoder": fingerprint(model.text_encoder)}
+    (tmp_path / "c/cache.json").write_text(json.dumps(manifest))
+    LatentCache(tmp_path / "c").check(model, 64)
+    with pytest.raises(ValueError, match="different vae "):
+        LatentCache(tmp_path / "c").check(new_decoder, 64)
     with pytest.raises(ValueError, match="cached at 64 px"):
         cache.check(model, 128)
     with pytest.raises(ValueError, match="not empty"):

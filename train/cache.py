@@ -14,8 +14,11 @@ posterior (mean, clamped log-variance), not a sample: the stage draws the sample
 on-the-fly encoding does, so a run gives the same losses either way. The images are kept (as the uint8 they were
 decoded from, so they come back bit-identical) because the inpaint stage encodes a freshly masked image each step.
 Flips: Backdrop trains without random flips (product shots carry text and logos, which a mirror garbles), so one
-entry per image is enough. The fingerprint of the VAE and text encoder weights is checked when training starts:
-a cache made by other encoders is refused rather than silently training on the wrong latents.
+entry per image is enough. The fingerprints of the weights that made the cache, the VAE's encoding half (encoder
+and quant_conv) and the text encoder, are checked when training starts: a cache made by other encoders is refused
+rather than silently training on the wrong latents, and one made before a decoder-only fine-tune (`train vae
+--decoder-only`) still serves. Caches written before that rule hold the whole VAE's fingerprint ("vae"), and are
+checked against the whole VAE.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from ..nn.checkpoint import Model
 from .data import collate
 from .stages.common import posterior_moments
 
-__all__ = ["MANIFEST", "is_cache", "fingerprint", "build_cache", "LatentCache"]
+__all__ = ["MANIFEST", "is_cache", "fingerprint", "vae_encoder_fingerprint", "build_cache", "LatentCache"]
 
 MANIFEST = "cache.json"
 FORMAT = 1
@@ -52,6 +55,11 @@ def fingerprint(module: torch.nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def vae_encoder_fingerprint(vae: torch.nn.Module) -> str:
+    """The fingerprint of what a cache's moments depend on: the VAE's encoder and quant_conv, not its decoder."""
+    return fingerprint(torch.nn.ModuleDict({"encoder": vae.encoder, "quant_conv": vae.quant_conv}))
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -113,7 +121,8 @@ def build_cache(model: Model, dataset, out: str | os.PathLike, *, batch_size: in
             "format": FORMAT, "rows": n, "size": size, "shard_size": shard_size, "shards": shards,
             "dtype": dtype, "has_images": images, "has_masks": bool(has_masks), "source": source,
             "latent_channels": model.config.vae.latent_channels,
-            "fingerprint": {"vae": fingerprint(model.vae), "text_encoder": fingerprint(model.text_encoder)},
+            "fingerprint": {"vae_encoder": vae_encoder_fingerprint(model.vae),
+                            "text_encoder": fingerprint(model.text_encoder)},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
@@ -159,11 +168,13 @@ class LatentCache(torch.utils.data.Dataset):
         if m["size"] != size:
             raise ValueError(f"{self.path}: cached at {m['size']} px, training at {size} px; pass --size "
                              f"{m['size']} or rebuild the cache")
-        for name, module in (("vae", model.vae), ("text_encoder", model.text_encoder)):
-            if fingerprint(module) != m["fingerprint"][name]:
-                raise ValueError(f"{self.path}: made with a different {name} than the model being trained "
-                                 f"(fingerprint {m['fingerprint'][name]} vs {fingerprint(module)}); rebuild it "
-                                 f"with `backdrop train cache --init` the same model")
+        made = m["fingerprint"]
+        vae = ("vae_encoder", vae_encoder_fingerprint) if "vae_encoder" in made else ("vae", fingerprint)
+        for (name, of), module in ((vae, model.vae), (("text_encoder", fingerprint), model.text_encoder)):
+            if of(module) != made[name]:
+                raise ValueError(f"{self.path}: made with a different {name.replace('_', ' ')} than the model being "
+                                 f"trained (fingerprint {made[name]} vs {of(module)}); rebuild it with "
+                                 f"`backdrop train cache --init` the same model")
 
     def _handle(self, shard: int):
         if shard not in self._handles:  # opened lazily: DataLoader workers each open their own (mmap)
