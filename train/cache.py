@@ -169,11 +169,12 @@ class LatentCache(torch.utils.data.Dataset):
             raise ValueError(f"{self.path}: cached at {m['size']} px, training at {size} px; pass --size "
                              f"{m['size']} or rebuild the cache")
         made = m["fingerprint"]
-        vae = ("vae_encoder", vae_encoder_fingerprint) if "vae_encoder" in made else ("vae", fingerprint)
-        for (name, of), module in ((vae, model.vae), (("text_encoder", fingerprint), model.text_encoder)):
-            if of(module) != made[name]:
+        vae = ("vae_encoder", vae_encoder_fingerprint(model.vae)) if "vae_encoder" in made else \
+            ("vae", fingerprint(model.vae))  # a cache from before the encoder-only rule
+        for name, have in (vae, ("text_encoder", fingerprint(model.text_encoder))):
+            if have != made[name]:
                 raise ValueError(f"{self.path}: made with a different {name.replace('_', ' ')} than the model being "
-                                 f"trained (fingerprint {made[name]} vs {of(module)}); rebuild it with "
+                                 f"trained (fingerprint {made[name]} vs {have}); rebuild it with "
                                  f"`backdrop train cache --init` the same model")
 
     def _handle(self, shard: int):
