@@ -184,7 +184,7 @@ def test_true_renders_score_at_the_ceiling_with_no_expansion(classifier, expansi
         assert v["accuracy"] >= v["heldout"] - 0.1, (a, v)  # the held-out accuracy was measured on other renders
         assert v["accuracy"] >= v["chance"] + 0.5, (a, v)
     assert r["scene"]["accuracy"] >= 0.85 and r["scene"]["chance"] < 0.03
-    e = r["expansion"]
+    [e] = r["expansion"]  # the one ring asked for
     assert abs(e["corrected"]) <= 0.03 and e["raw"] < 0.15 and e["recall"] > 0.6, e
     assert r["product_preserved"] == 1.0
     assert r["attributes"]["sky"]["n"] == r["attributes"]["wall_colour"]["n"] == 32
@@ -198,7 +198,7 @@ def test_noise_backgrounds_score_near_chance(classifier, expansion):
         assert v["majority"] <= v["chance"] + 1 / v["n"] + 1e-9  # balanced targets: no constant guess beats chance
         assert v["control"] <= v["chance"] + 0.2
     assert r["scene"]["accuracy"] <= 0.1
-    assert abs(r["expansion"]["corrected"]) <= 0.1, r["expansion"]  # noise matches noise nearby, not the product
+    assert abs(r["expansion"][0]["corrected"]) <= 0.1, r["expansion"]  # noise matches noise nearby, not the product
     assert r["attributes"]["colour"]["accuracy"] >= 0.8  # the product is still there, untouched
     assert r["product_preserved"] == 1.0
 
@@ -215,7 +215,7 @@ def test_softened_true_renders_still_score_high(classifier, expansion):
     r = ev.evaluate_inpainting(soft, n=64, classifier=classifier, expansion=expansion)
     for a, least in (("floor", 0.85), ("backdrop", 0.95), ("sky", 0.85), ("wall_colour", 0.75)):  # chance <= 0.5
         assert r["attributes"][a]["accuracy"] >= least, (a, r["attributes"][a])
-    assert 0 <= r["expansion"]["corrected"] <= 0.15, r["expansion"]
+    assert 0 <= r["expansion"][0]["corrected"] <= 0.15, r["expansion"]
 
 
 def test_unchanged_input_gets_no_prompted_floor_right(classifier, expansion):
@@ -234,7 +234,7 @@ def test_unchanged_input_gets_no_prompted_floor_right(classifier, expansion):
     r = ev.evaluate_inpainting(identity_checked, n=32, classifier=classifier, expansion=expansion)
     assert r["attributes"]["floor"]["accuracy"] <= 0.05
     assert r["scene"]["accuracy"] == 0.0
-    assert abs(r["expansion"]["corrected"]) <= 0.1
+    assert abs(r["expansion"][0]["corrected"]) <= 0.1
 
 
 def test_bleeding_product_raises_expansion_and_unpasted_products_are_caught(classifier, expansion):
@@ -245,7 +245,7 @@ def test_bleeding_product_raises_expansion_and_unpasted_products_are_caught(clas
         return np.stack([bleed(o, np.asarray(m) > 127, 3) for o, m in zip(out, masks)])
 
     r = ev.evaluate_inpainting(bleeding, n=64, classifier=classifier, expansion=expansion)
-    e = r["expansion"]
+    [e] = r["expansion"]
     assert e["corrected"] >= 0.5 and e["raw"] >= 0.6, e
     assert r["product_preserved"] == 1.0
     r = ev.evaluate_inpainting(truth_fn(16, paste=False), n=16, classifier=classifier, expansion=expansion)
@@ -254,13 +254,16 @@ def test_bleeding_product_raises_expansion_and_unpasted_products_are_caught(clas
 
 def test_deterministic_json_and_report(classifier, expansion):
     import json
-    a = ev.evaluate_inpainting(noise_fn, n=16, classifier=classifier, expansion=expansion, batch_size=5)
-    b = ev.evaluate_inpainting(noise_fn, n=16, classifier=classifier, expansion=expansion)
+    a = ev.evaluate_inpainting(noise_fn, n=16, classifier=classifier, batch_size=5)  # default rings: 3 and 6 px
+    rings = [expansion, ev.ObjectExpansion(ring=6)]
+    b = ev.evaluate_inpainting(noise_fn, n=16, classifier=classifier, expansion=rings)
     assert a == b and json.loads(json.dumps(a)) == a
+    assert [e["ring"] for e in a["expansion"]] == [3, 6]
     small = ev.AttributeClassifier.fit(n=60, size=SIZE), ev.AttributeClassifier.fit(n=60, size=SIZE)
     assert all(np.array_equal(small[0].tensors[k], small[1].tensors[k]) for k in small[0].tensors)
     report = ev.format_report(a)
-    for name in ("floor", "wall colour", "whole backdrop", "object expansion", "bit-identical"):
+    for name in ("floor", "wall colour", "whole backdrop", "object expansion", "ring of 3 px", "ring of 6 px",
+                 "bit-identical"):
         assert name in report
     assert f"| floor | {100 * a['attributes']['floor']['accuracy']:.0f}% |" in report
 

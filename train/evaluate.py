@@ -17,6 +17,7 @@ training data is World(0) by default; the judges use CLASSIFIER_SEED, the evalua
   so it stays sane on images unlike the renders (a noise backdrop matches the noise next to it, not the product).
   raw = the mean over images of the fraction of ring pixels that are product. Real renders score above zero
   too (a white mug on a white wall), so corrected = raw - the same rate on the true renders of the same scenes.
+  The harness reports two rings, 3 and 6 px at 64x64: growth right at the edge, and a halo a little further out.
 
 `evaluate_inpainting(inpaint_fn)` runs the protocol and returns a JSON-able dict; `format_report` turns it into
 the model card's markdown tables. A pipeline plugs in as
@@ -28,6 +29,7 @@ the model card's markdown tables. A pipeline plugs in as
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -406,20 +408,24 @@ def _generate(inpaint_fn, images, masks, prompts, seeds, batch_size) -> np.ndarr
 
 
 def evaluate_inpainting(inpaint_fn, n: int = 64, size: int = 64, seed: int = EVAL_SEED,
-                        classifier: AttributeClassifier | None = None, expansion: ObjectExpansion | None = None, *,
+                        classifier: AttributeClassifier | None = None,
+                        expansion: ObjectExpansion | Sequence[ObjectExpansion] | None = None, *,
                         control: bool = False, batch_size: int | None = None) -> dict:
     """Score `inpaint_fn(images, product_masks, prompts, seeds) -> (n, H, W, 3) uint8` on n held-out scenes.
 
     For each scene of plan_scenes(n, seed): the input is its render and product mask (PIL, L, white = product),
     the prompt names a new floor and backdrop in the world's own caption templates. Reports, per attribute, the
     accuracy of `classifier` on the generated images against the prompt, on the true renders of the prompted scenes
-    (the ceiling: the product's geometry stays the same under the override, which is checked) and chance; object
-    expansion raw, on those true renders (baseline) and the difference, plus the detector's recall on simulated
-    growth in the true renders; the fraction of product pixels kept bit-identical. `control=True` runs inpaint_fn
+    (the ceiling: the product's geometry stays the same under the override, which is checked) and chance; for each
+    `expansion` ring (default 3 and 6 px at 64x64, scaled with size) object expansion raw, on those true renders
+    (baseline) and the difference, plus the detector's recall on simulated growth in the true renders; the
+    fraction of product pixels kept bit-identical. `control=True` runs inpaint_fn
     again with empty prompts: what a prompt-blind model scores. Without a classifier one is fitted on
     World(CLASSIFIER_SEED) (seconds). Returns a JSON-able dict (see format_report)."""
     classifier = classifier or AttributeClassifier.fit(size=size)
-    expansion = expansion or ObjectExpansion(ring=max(1, round(3 * size / 64)))  # 3 px at 64: scale with size
+    ring = max(1, round(3 * size / 64))  # 3 px at 64: scale with size
+    rings = expansion or (ObjectExpansion(ring), ObjectExpansion(2 * ring))
+    rings = (rings,) if isinstance(rings, ObjectExpansion) else tuple(rings)
     if classifier.meta["seed"] == seed:
         raise ValueError(f"evaluate_inpainting: seed {seed} is the world the classifier was fitted on; evaluate "
                          f"on another (default EVAL_SEED = {EVAL_SEED})")
@@ -456,17 +462,19 @@ def evaluate_inpainting(inpaint_fn, n: int = 64, size: int = 64, seed: int = EVA
              "chance": float(np.mean([np.prod([1 / len(ATTRS[k][0]) for k in ks]) for ks in parts]))}
     if control:
         scene["control"] = whole(pred_control)
-    raw, base = expansion.rates(generated, masks).mean(), expansion.rates(real, masks).mean()
-    recall = expansion.recall(real, masks, np.stack([t.coverage >= 0.5 for t in truth]))
-    return {"n": n, "size": size, "seed": seed, "attributes": attributes, "scene": scene,
-            "expansion": {"ring": expansion.ring, "raw": float(raw), "baseline": float(base),
-                          "corrected": float(raw - base), "recall": recall},
+    grown = np.stack([t.coverage >= 0.5 for t in truth])  # (n, H, W): truly product, for the detector's recall
+    expansions = []
+    for e in rings:
+        raw, base = e.rates(generated, masks).mean(), e.rates(real, masks).mean()
+        expansions.append({"ring": e.ring, "raw": float(raw), "baseline": float(base), "corrected": float(raw - base),
+                           "recall": e.recall(real, masks, grown)})
+    return {"n": n, "size": size, "seed": seed, "attributes": attributes, "scene": scene, "expansion": expansions,
             "product_preserved": float((generated == images).all(-1)[masks].mean()),
             "classifier": {"seed": classifier.meta["seed"], "n": classifier.meta["n"]}}
 
 
 def format_report(r: dict) -> str:
-    """The model card's markdown: one row an attribute, then object expansion and product preservation."""
+    """The model card's markdown: one row an attribute, then one an expansion ring, and product preservation."""
     pct = lambda v: "–" if v is None else f"{100 * v:.0f}%"  # noqa: E731
     ctl = "control" in r["scene"]
     lines = [f"Evaluated on {r['n']} held-out scenes of the synthetic world (seed {r['seed']}) at {r['size']}x"
@@ -480,12 +488,11 @@ def format_report(r: dict) -> str:
     for name, v, items in rows:
         lines.append(f"| {name} | {pct(v['accuracy'])} | {pct(v['ceiling'])} | {pct(v['chance'])} |"
                      + (f" {pct(v['control'])} |" if ctl else "") + f" {items} |")
-    e = r["expansion"]
-    lines += ["", f"| object expansion (ring of {e['ring']} px) | generated | true renders | corrected |",
-              "|---|---|---|---|",
-              f"| ring pixels that look like product | {pct(e['raw'])} | {pct(e['baseline'])} | "
-              f"{100 * e['corrected']:+.1f} pts |", "",
-              f"Expansion detector: it flags {pct(e['recall'])} of truly grown product pixels (simulated growth in "
-              f"the true renders); the corrected figure subtracts its false positives.", "",
+    lines += ["", "| object expansion: ring pixels that look like product | generated | true renders | corrected "
+              "| detector recall |", "|---|---|---|---|---|"]
+    lines += [f"| ring of {e['ring']} px | {pct(e['raw'])} | {pct(e['baseline'])} | {100 * e['corrected']:+.1f} pts "
+              f"| {pct(e['recall'])} |" for e in r["expansion"]]
+    lines += ["", "Detector recall: the share of truly grown product pixels it flags (simulated growth in the true "
+              "renders); the corrected figure subtracts its false positives.", "",
               f"Product pixels kept bit-identical: {100 * r['product_preserved']:.2f}%."]
     return "\n".join(lines) + "\n"
