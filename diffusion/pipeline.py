@@ -16,7 +16,8 @@ batches. One call may hold different prompts, images, masks, seeds and strengths
   * `latents` (B, 4, h, w) is unit-variance initial noise, as in diffusers (it is scaled by the schedule).
   * Strengths. Samplers take one sigma per step for the whole batch, so items with different strengths run as
     separate sampler loops (one per distinct strength) in one call; outputs keep the input order.
-  * Text is encoded once per distinct prompt and negative prompt, in one encode_text call.
+  * Text is encoded once per distinct prompt and negative prompt, in one encode_text call. A text over CLIP's 77
+    tokens is cut there (as diffusers does), with a logged warning that names the dropped words.
   * Sizes need not be multiples of 8: images are reflect-padded (masks.pad_to_multiple) and outputs cropped back,
     so the output has the input's size. generate's height/width default to the model's native image_size, the
     resolution it was trained at (512 for SD1.5, 768 for SD2-v, 64 for the tiny model): anything else is slower
@@ -42,6 +43,7 @@ Which model, device and precision `from_pretrained` picks by default: nn/resolve
 """
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -59,11 +61,13 @@ from backdrop.diffusion.samplers import (SamplingInterrupted, blend_known_region
 from backdrop.diffusion.schedule import build_schedule
 from backdrop.nn.resolve import (default_device, default_dtype, parse_dtype, resolve_model,
                                  unet_width)
+from backdrop.nn.tokenizer import CONTEXT_LENGTH
 
 __all__ = ["Pipeline", "Output", "SamplingInterrupted", "OUTPUT_TYPES"]
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64 - 1; we keep seed + item inside int64
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -355,7 +359,13 @@ class Pipeline:
     def _encode_text(self, prompts: list[str], negatives: list[str], guided: bool):
         """Each distinct text once, in one encode_text call -> (context, uncond_context or None), (B, 77, C)."""
         texts = list(dict.fromkeys(prompts + (negatives if guided else [])))
-        emb = self.backend.encode_text(self.backend.tokenizer(texts))  # (U, 77, C)
+        tok = self.backend.tokenizer
+        for t in texts:
+            ids = tok.encode(t)  # BOS ... EOS, uncut
+            if len(ids) > CONTEXT_LENGTH:
+                log.warning("prompt cut to CLIP's %d tokens; dropped: %r", CONTEXT_LENGTH,
+                            tok.decode(ids[CONTEXT_LENGTH - 1:-1]))
+        emb = self.backend.encode_text(tok(texts))  # (U, 77, C)
         row = {t: i for i, t in enumerate(texts)}
         ctx = emb[[row[p] for p in prompts]]
         return ctx, (emb[[row[p] for p in negatives]] if guided else None)

@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from backdrop.nn.config import ModelConfig
+from backdrop.nn.tokenizer import Tokenizer
 
 __all__ = ["Backend", "TorchBackend", "make_backend", "BACKENDS"]
 
@@ -27,7 +28,7 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 @runtime_checkable
 class Backend(Protocol):
     config: ModelConfig
-    tokenizer: object            # callable: list[str] -> LongTensor (B, 77)
+    tokenizer: Tokenizer         # nn/tokenizer.py: tok(texts) -> LongTensor (B, 77); tok.encode(text), uncut ids
     device: torch.device
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor: ...

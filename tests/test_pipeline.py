@@ -377,6 +377,18 @@ def test_text_is_encoded_once_per_distinct_prompt(models):
     assert calls == [2]  # no guidance: no negative prompt to encode
 
 
+def test_prompts_over_77_tokens_are_cut_with_a_warning(models, caplog):
+    pipe = models["sd1"].pipe
+    long = " ".join(["red"] * 75 + ["ceramic", "mug"])  # BOS + 77 words + EOS: the last two do not fit
+    with caplog.at_level("WARNING", logger="backdrop.diffusion.pipeline"):
+        a = pipe.generate([long, "short"], steps=1, seed=0, progress=False, output_type="latent").images
+    [record] = caplog.records  # one warning, for the long prompt only
+    assert "'ceramic mug'" in record.getMessage()
+    cut = pipe.generate([" ".join(["red"] * 75), "short"], steps=1, seed=0, progress=False,
+                        output_type="latent").images
+    assert torch.equal(a, cut)  # what is kept is exactly the first 75 tokens
+
+
 def test_a_backends_latent_multiple_is_honoured(models):
     """Exported UNets (export/ort_backend.py) need latent sides that are multiples of `latent_multiple`: the
     pipeline pads images to 8 * that (replicate where reflection cannot reach) and crops back."""
