@@ -45,6 +45,9 @@ def _common_options() -> argparse.ArgumentParser:
                    help=f"one of: {', '.join(RECIPES)} (default: %(default)s)")
     s.add_argument("--guidance-scale", type=float, default=7.5, metavar="SCALE",
                    help="how strongly to follow the prompt; 1 turns guidance off (default: %(default)s)")
+    s.add_argument("--eta", type=float, default=0.0,
+                   help="with --sampler ddim: fresh noise each step, 0 = none (deterministic), 1 = as DDPM "
+                        "(default: %(default)s)")
     out = p.add_argument_group("output")
     out.add_argument("--out", default="outputs", metavar="DIR",
                      help="folder for the PNG files <command>-<seed>.png (default: %(default)s)")
@@ -181,7 +184,7 @@ def _pipeline(args):
 def _run(args) -> int:
     _check(args)
     common = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                  sampler=args.sampler, guidance_scale=args.guidance_scale, seed=args.seed,
+                  sampler=args.sampler, guidance_scale=args.guidance_scale, eta=args.eta, seed=args.seed,
                   num_images_per_prompt=args.n, progress=not args.quiet)
     inputs = {}
     if args.kind != "generate":

@@ -14,6 +14,8 @@ batches. One call may hold different prompts, images, masks, seeds and strengths
     noise (unless `latents` gives it), the later draws feed stochastic samplers, as diffusers with a list of
     generators.
   * `latents` (B, 4, h, w) is unit-variance initial noise, as in diffusers (it is scaled by the schedule).
+  * `eta` is DDIM's noise (0 = deterministic, 1 = as DDPM), diffusers' `eta`: for sampler "ddim" only (diffusers
+    ignores it elsewhere; we refuse it there rather than silently drop it).
   * Strengths. Samplers take one sigma per step for the whole batch, so items with different strengths run as
     separate sampler loops (one per distinct strength) in one call; outputs keep the input order.
   * Text is encoded once per distinct prompt and negative prompt, in one encode_text call. A text over CLIP's 77
@@ -56,7 +58,7 @@ from PIL import Image
 from backdrop.diffusion import crop_paste as C
 from backdrop.diffusion import masks as M
 from backdrop.diffusion.guidance import CFGDenoiser
-from backdrop.diffusion.samplers import (SamplingInterrupted, blend_known_region, default_noise_sampler,
+from backdrop.diffusion.samplers import (SamplingInterrupted, blend_known_region, check_eta, default_noise_sampler,
                                          initial_latents, noised_latents, output_latents, per_item_randn, sample)
 from backdrop.diffusion.schedule import build_schedule
 from backdrop.nn.resolve import (default_device, default_dtype, parse_dtype, resolve_model,
@@ -166,10 +168,11 @@ class Pipeline:
     def generate(self, prompt, negative_prompt="", height: int | None = None, width: int | None = None,
                  steps: int = 30, guidance_scale: float = 7.5, sampler: str = "dpmpp-2m", seed=None, latents=None,
                  num_images_per_prompt: int = 1, output_type: str = "pil", guidance_rescale: float = 0.0,
-                 progress: bool = True, callback: Callable | None = None,
+                 eta: float = 0.0, progress: bool = True, callback: Callable | None = None,
                  interrupt: threading.Event | None = None) -> Output:
         """Text to image. height/width: default the model's native config.image_size; any positive size works
         (sampled at the next multiple of 8, then cropped). `callback(step, latents)` runs after every step."""
+        loop = _Loop(steps, sampler, eta, guidance_scale, guidance_rescale, progress, callback, interrupt)
         size = self.config.image_size
         H, W = height or size, width or size
         if not (isinstance(H, int) and isinstance(W, int) and H > 0 and W > 0):
@@ -178,16 +181,16 @@ class Pipeline:
         B, f = len(req["prompts"]), self.config.vae.downsample_factor
         h, w = (d // f for d in M.fit_size(H, W, self._multiple))
         job = dict(req, strengths=[1.0] * B, x0=None, size=(H, W), c_concat=self._empty_concat(B, h, w))
-        return self._run(job, (h, w), steps, sampler, guidance_scale, guidance_rescale, latents, progress,
-                         callback, interrupt, start="noise")
+        return self._run(job, (h, w), loop, latents, start="noise")
 
     def img2img(self, image, prompt, strength=0.75, negative_prompt="", steps: int = 30,
                 guidance_scale: float = 7.5, sampler: str = "dpmpp-2m", seed=None, latents=None,
                 num_images_per_prompt: int = 1, output_type: str = "pil", guidance_rescale: float = 0.0,
-                progress: bool = True, callback: Callable | None = None,
+                eta: float = 0.0, progress: bool = True, callback: Callable | None = None,
                 interrupt: threading.Event | None = None) -> Output:
         """Image to image: the image's latents noised to `strength` (1 = all noise), then int(steps * strength)
         steps, as diffusers' StableDiffusionImg2ImgPipeline. Output has the input's size."""
+        loop = _Loop(steps, sampler, eta, guidance_scale, guidance_rescale, progress, callback, interrupt)
         images, n_strengths = _items(image, "image"), len(strength) if isinstance(strength, (list, tuple)) else 1
         req = self._requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
                              n=max(len(images), n_strengths))
@@ -199,14 +202,13 @@ class Pipeline:
         x0 = self._encode_image(self._pad(M.image_to_tensor(img)))  # (B, 4, h, w)
         job = dict(req, strengths=strengths, x0=x0, size=(H, W),
                    c_concat=self._empty_concat(len(img), *x0.shape[-2:]))
-        return self._run(job, tuple(x0.shape[-2:]), steps, sampler, guidance_scale, guidance_rescale, latents,
-                         progress, callback, interrupt, start="image")
+        return self._run(job, tuple(x0.shape[-2:]), loop, latents, start="image")
 
     def inpaint(self, image, mask=None, prompt="", product_mask=None, strength=1.0, mask_blur: float | None = None,
                 mask_dilate: int = 1, crop_padding: int | None = None, paste_back: bool = True,
                 color_match: bool = False, negative_prompt="", steps: int = 30, guidance_scale: float = 7.5,
                 sampler: str = "dpmpp-2m", seed=None, latents=None, num_images_per_prompt: int = 1,
-                output_type: str = "pil", guidance_rescale: float = 0.0, mask_mode: str = "max",
+                output_type: str = "pil", guidance_rescale: float = 0.0, eta: float = 0.0, mask_mode: str = "max",
                 progress: bool = True, callback: Callable | None = None,
                 interrupt: threading.Event | None = None) -> Output:
         """Repaint the masked region. Give `mask` (white = repaint), `product_mask` (white = keep the product), or
@@ -225,6 +227,7 @@ class Pipeline:
                      (binarise at 0.5, nearest resize; reproduces StableDiffusionInpaintPipeline).
         An item whose mask has nothing to repaint is returned as the input (listed in Output.unchanged).
         """
+        loop = _Loop(steps, sampler, eta, guidance_scale, guidance_rescale, progress, callback, interrupt)
         images = _items(image, "image")
         kind, given = self._mask_kind(mask, product_mask, images[0])
         masks = _items(given, kind) if kind != "image" else images
@@ -253,9 +256,8 @@ class Pipeline:
         mask_t = torch.cat([per_item[i // k] for i in todo])  # (B', 1, H, W), 1 = repaint
         out = self._inpaint(img[todo], mask_t, dict(req, prompts=pick(req["prompts"]),
                             negatives=pick(req["negatives"]), seeds=pick(req["seeds"]), strengths=pick(strengths)),
-                            blur, mask_dilate, crop_padding, paste_back, color_match, mask_mode, steps, sampler,
-                            guidance_scale, guidance_rescale, latents if latents is None or not unchanged
-                            else latents[todo], progress, callback, interrupt)
+                            blur, mask_dilate, crop_padding, paste_back, color_match, mask_mode, loop,
+                            latents if latents is None or not unchanged else latents[todo])
         if not unchanged:
             return out
         full = img.astype(np.float32) / 255  # (B, H, W, 3)
@@ -299,8 +301,8 @@ class Pipeline:
                 msg = f"{kind}[{i}]: {msg}"
             raise ValueError(msg) from None
 
-    def _inpaint(self, img, mask, req, blur, dilate, crop_padding, paste_back, color_match, mask_mode, steps,
-                 sampler, guidance_scale, guidance_rescale, latents, progress, callback, interrupt) -> Output:
+    def _inpaint(self, img, mask, req, blur, dilate, crop_padding, paste_back, color_match, mask_mode,
+                 loop: _Loop, latents) -> Output:
         cfg, f = self.config, self.config.vae.downsample_factor
         H, W = img.shape[1:3]
         model_mask = M.dilate(mask, f * dilate)  # grown for the model only; paste-back uses `mask`
@@ -321,8 +323,7 @@ class Pipeline:
         x0 = self._encode_image(x) if not nine or min(req["strengths"]) < 1 else None
         c_concat = torch.cat([lat_mask, self._encode_image(M.masked_image(x, m))], 1) if nine else None
         job = dict(req, x0=x0, size=(H, W), c_concat=c_concat, mask=None if nine else lat_mask)
-        out = self._run(job, tuple(lat_mask.shape[-2:]), steps, sampler, guidance_scale, guidance_rescale, latents,
-                        progress, callback, interrupt, start="inpaint", decode=False)
+        out = self._run(job, tuple(lat_mask.shape[-2:]), loop, latents, start="inpaint", decode=False)
         if req["output_type"] == "latent":
             return out
         y = self.backend.vae_decode(out.images / cfg.scaling_factor).cpu()  # (B, 3, h*f, w*f) in [-1, 1]
@@ -394,11 +395,10 @@ class Pipeline:
         grey = self._encode_image(torch.zeros(1, 3, h * f, w * f)).expand(b, -1, -1, -1)  # (B, 4, h, w)
         return torch.cat([torch.ones(b, 1, h, w, device=grey.device), grey], 1)  # (B, 5, h, w)
 
-    def _run(self, job: dict, hw, steps, sampler, guidance_scale, guidance_rescale, latents, progress, callback,
-             interrupt, start: str, decode: bool = True) -> Output:
+    def _run(self, job: dict, hw, loop: _Loop, latents, start: str, decode: bool = True) -> Output:
         """Noise, one sampler loop per distinct strength, then decode. start: "noise" (txt2img), "image"
         (img2img: x0 noised to the strength) or "inpaint" (pure noise at strength 1, else as img2img)."""
-        full = build_schedule(sampler, steps, self.config.scheduler)
+        full = build_schedule(loop.sampler, loop.steps, self.config.scheduler)
         B, C, dev = len(job["prompts"]), self.config.vae.latent_channels, self.backend.device
         gens = [torch.Generator().manual_seed(s) for s in job["seeds"]]  # CPU: the same noise on any device
         shape = (B, C, *hw)
@@ -409,7 +409,7 @@ class Pipeline:
                 raise ValueError(f"latents must be a tensor of shape {shape} (unit-variance noise), got "
                                  f"{tuple(getattr(latents, 'shape', ())) or type(latents).__name__}")
             noise = latents.to(dev, torch.float32)
-        guided = guidance_scale > 1
+        guided, interrupt = loop.guidance_scale > 1, loop.interrupt
         ctx, uctx = self._encode_text(job["prompts"], job["negatives"], guided)
         result = torch.empty(shape, device=dev)
         for strength, idx in _groups(job["strengths"]).items():
@@ -423,16 +423,16 @@ class Pipeline:
                 x = noised_latents(x0, eps, sched)
             blend = None if job.get("mask") is None else blend_known_region(x0, eps, job["mask"][idx], sched)
             args = dict(context=ctx[idx], uncond_context=None if uctx is None else uctx[idx],
-                        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
+                        guidance_scale=loop.guidance_scale, guidance_rescale=loop.guidance_rescale)
             if job["c_concat"] is not None:
                 args["c_concat"] = job["c_concat"][idx]
             x = sample(CFGDenoiser(self.backend.unet, sched, self.config.prediction_type), x, sched,
-                       extra_args=args, callback=_step_callback(blend, callback),
-                       noise_sampler=default_noise_sampler(x, [gens[i] for i in idx]), disable=not progress,
-                       interrupt=interrupt)
+                       extra_args=args, callback=_step_callback(blend, loop.callback),
+                       noise_sampler=default_noise_sampler(x, [gens[i] for i in idx]), disable=not loop.progress,
+                       interrupt=interrupt, **({"eta": loop.eta} if loop.eta else {}))
             result[idx] = output_latents(x, sched)
         if interrupt is not None and interrupt.is_set():
-            raise SamplingInterrupted(steps)
+            raise SamplingInterrupted(loop.steps)
         if not decode or job["output_type"] == "latent":
             return Output(result, job["seeds"])
         y = self.backend.vae_decode(result / self.config.scaling_factor).cpu()  # (B, 3, h*f, w*f) in [-1, 1]
@@ -448,6 +448,22 @@ class Pipeline:
         if output_type == "pil":
             return Output(M.to_pil((images * 255).round().astype(np.uint8)), seeds, unchanged or [])
         return Output(images.astype(np.float32), seeds, unchanged or [])
+
+
+@dataclass(frozen=True)
+class _Loop:
+    """One call's sampling settings, as the public methods take them; passed through to _run unchanged."""
+    steps: int
+    sampler: str
+    eta: float
+    guidance_scale: float
+    guidance_rescale: float
+    progress: bool
+    callback: Callable | None
+    interrupt: threading.Event | None
+
+    def __post_init__(self):
+        check_eta(self.eta, self.sampler)
 
 
 def _step_callback(blend, user) -> Callable | None:

@@ -306,6 +306,16 @@ SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
 )}
 
 
+def check_eta(eta, sampler: str) -> None:
+    """ValueError unless `eta` (DDIM's noise, diffusers' `eta`) is a number >= 0, and 0 for samplers other than
+    ddim: diffusers ignores it there; we refuse rather than silently drop it."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
+        raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+    if eta and sampler != "ddim":
+        raise ValueError(f"eta ({eta}) is DDIM's noise and applies to sampler='ddim' only, not {sampler!r}; the "
+                         "stochastic samplers are euler-a, ddpm and dpmpp-2m-sde")
+
+
 def sample(model, x: torch.Tensor, schedule: Schedule, *, extra_args=None, callback=None, noise_sampler=None,
            disable=None, interrupt=None, **options) -> torch.Tensor:
     """Run the sampler the schedule was built for. `options` go to the sampler (e.g. eta for ddim)."""

@@ -53,6 +53,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from backdrop.diffusion.masks import default_mask_blur
+from backdrop.diffusion.samplers import check_eta
 from backdrop.diffusion.schedule import RECIPES
 from backdrop.serve.batcher import QueueFull, ShuttingDown
 from backdrop.serve.engine import Engine, Item, ServeKey
@@ -332,8 +333,9 @@ class _Handlers:
     async def inpaint(self, request: Request) -> Response:
         f = await self._json(request)
         check_fields(f, ("image", "mask", "product_mask", "prompt", "negative_prompt", "n", "seed", "strength",
-                          "steps", "sampler", "guidance_scale", "guidance_rescale", "mask_dilate", "mask_blur",
-                          "crop_padding", "color_match", "paste_back", "mask_mode", "response_format", "timeout"))
+                          "steps", "sampler", "eta", "guidance_scale", "guidance_rescale", "mask_dilate",
+                          "mask_blur", "crop_padding", "color_match", "paste_back", "mask_mode", "response_format",
+                          "timeout"))
         if "image" not in f:
             raise APIError(400, "image is required (base64 PNG, JPEG or WebP)", param="image", code="invalid_image")
         if f.get("mask") is not None and f.get("product_mask") is not None:
@@ -346,8 +348,14 @@ class _Handlers:
         strength = number(f.get("strength"), "strength", 1e-3, 1.0, 1.0)
         steps = number(f.get("steps"), "steps", 1, MAX_STEPS, self.config.steps, int)
         sampler = choice(f.get("sampler"), "sampler", tuple(RECIPES), self.config.sampler)
+        eta = number(f.get("eta"), "eta", 0.0, 1.0, 0.0)
+        try:
+            check_eta(eta, sampler)
+        except ValueError as e:
+            raise APIError(400, str(e), param="eta", code="invalid_value") from None
         crop = f.get("crop_padding")
         options = dict(
+            eta=eta,
             guidance_scale=number(f.get("guidance_scale"), "guidance_scale", 0.0, 50.0, self.config.guidance_scale),
             guidance_rescale=number(f.get("guidance_rescale"), "guidance_rescale", 0.0, 1.0, 0.0),
             mask_dilate=number(f.get("mask_dilate"), "mask_dilate", 0, 64, 1, int),

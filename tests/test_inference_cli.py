@@ -98,6 +98,7 @@ def test_inpaint_all_black_mask_writes_the_input(files, capsys, tmp_path):
     (["img2img", "{root}/product.png", "--strength", "1.5"], "--strength 1.5 must be in (0, 1]"),
     (["generate", "--steps", "0"], "--steps 0 must be at least 1"),
     (["generate", "--n", "0"], "--n 0 must be at least 1"),
+    (["generate", "--eta", "0.5"], "applies to sampler='ddim' only, not 'dpmpp-2m'"),
     (["inpaint", "{root}/product.png", "--mask", "{root}/black.png", "--mask-dilate", "-1"],
      "--mask-dilate -1 must be >= 0"),
     (["generate", "--model", "no-such-model"], "not a built-in model (built-in:"),

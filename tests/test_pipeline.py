@@ -163,6 +163,24 @@ def test_generate_equals_diffusers(models, ref, model, sampler):
     assert max_diff(ours.images, theirs) <= TOL
 
 
+def test_ddim_eta_equals_diffusers(models, ref):
+    """eta > 0: DDIM draws fresh noise every step from each item's generator, as diffusers does from a list."""
+    pipe = models["sd1"].pipe
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = pipe.generate(PROMPTS, steps=5, sampler="ddim", eta=0.7, latents=noise, output_type="np",
+                         progress=False, seed=[1, 2])
+    theirs = ref("sd1", "txt2img", "ddim")(PROMPTS, num_inference_steps=5, eta=0.7, latents=noise.clone(),
+                                           generator=generators([1, 2]), output_type="np", height=64,
+                                           width=64).images
+    assert max_diff(ours.images, theirs) <= TOL
+    plain = pipe.generate(PROMPTS, steps=5, sampler="ddim", latents=noise, output_type="np", progress=False)
+    assert max_diff(ours.images, plain.images) > 0.01  # the noise did something
+    with pytest.raises(ValueError, match="sampler='ddim' only, not 'euler'"):
+        pipe.generate("a", steps=1, sampler="euler", eta=0.5)
+    with pytest.raises(ValueError, match="eta must be a number >= 0"):
+        pipe.inpaint(images(1)[0], mask=rect_masks(1)[0], prompt="a", steps=1, sampler="ddim", eta=-1)
+
+
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp-2m"])
 def test_inpaint_9_channels_equals_diffusers(models, ref, sampler):
     """Paste-back off and diffusers' mask conventions (binarise at 0.5, nearest resize, no dilation): the same

@@ -198,6 +198,29 @@ def test_concurrent_edits_are_batched_and_each_matches_a_solo_run(server, pipe):
         assert_kept_exact(out, products[i])
 
 
+def test_inpaint_endpoint_passes_every_option_to_the_pipeline(server, pipe):
+    """/v1/inpaint with a product mask and non-default options equals Pipeline.inpaint with the same arguments."""
+    rgba = product(20, size=(48, 80))  # not the native size: exercises the crop and the paste
+    image, mask = Image.fromarray(rgba[..., :3]), Image.fromarray(rgba[..., 3])  # product_mask: white = keep
+    options = dict(seed=5, strength=0.9, steps=3, sampler="ddim", eta=0.5, guidance_scale=3.0, guidance_rescale=0.3,
+                   mask_dilate=0, mask_blur=1.0, crop_padding=4, color_match=True, negative_prompt="blurry")
+    r = httpx.post(f"{server.url}/v1/inpaint", timeout=120, content=json.dumps(dict(
+        options, image=base64.b64encode(png(image)).decode(), product_mask=base64.b64encode(png(mask)).decode(),
+        prompt=PROMPTS[3], n=2)))
+    assert r.status_code == 200, r.text[:300]
+    outs = [decode(d["b64_json"]) for d in r.json()["data"]]
+    solo = pipe.inpaint(image, product_mask=mask, prompt=PROMPTS[3], num_images_per_prompt=2, progress=False,
+                        **options).images
+    for out, want in zip(outs, solo):
+        assert out.shape == (48, 80, 3)
+        assert np.abs(out.astype(int) - np.asarray(want).astype(int)).max() <= 2
+    plain = pipe.inpaint(image, product_mask=mask, prompt=PROMPTS[3], seed=5, steps=3, progress=False).images[0]
+    assert np.abs(outs[0].astype(int) - np.asarray(plain).astype(int)).max() > 10  # the options did something
+    r = httpx.post(f"{server.url}/v1/inpaint", timeout=120, content=inpaint_body(rgba, eta=0.5))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "eta"  # eta with the server's sampler (dpmpp-2m)
+    assert "sampler='ddim' only" in r.json()["error"]["message"]
+
+
 def _png_claiming(width: int, height: int) -> bytes:
     """A valid 16x16 PNG whose IHDR is rewritten (CRC fixed) to claim width x height."""
     data = bytearray(png(np.zeros((16, 16, 3), np.uint8)))
