@@ -46,7 +46,8 @@ from backdrop.diffusion.schedule import RECIPES, Recipe, Schedule
 __all__ = [
     "SAMPLERS", "SamplerSpec", "SamplingInterrupted", "sample", "sample_ddim", "sample_ddpm", "sample_euler",
     "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "default_noise_sampler",
-    "per_item_randn", "initial_latents", "noised_latents", "output_latents", "blend_known_region",
+    "per_item_randn", "host_to_device", "initial_latents", "noised_latents", "output_latents", "blend_known_region",
+    "check_eta",
 ]
 
 
@@ -60,18 +61,30 @@ class SamplingInterrupted(Exception):
 
 # --------------------------------------------------------------------------------------------------- noise
 
+def host_to_device(x: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    """A host tensor (noise from a CPU generator, a mask made on the host) on `device`, without waiting for the GPU.
+    torch follows a blocking host->CUDA copy with a stream synchronize, which drains every queued kernel first; a
+    copy from pinned memory with non_blocking=True is ordered on the stream instead (the pinned block is not reused
+    before the copy is done). Elsewhere a plain .to(device)."""
+    device = torch.device(device) if device is not None else x.device
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def per_item_randn(shape: Sequence[int], generators: Sequence[torch.Generator] | torch.Generator,
                    device=None, dtype=torch.float32) -> torch.Tensor:
     """Standard normal noise of `shape`, item i drawn from generators[i] (diffusers' randn_tensor with a list of
     generators: each item (1, ...) on its generator's device, then moved to `device`). One generator draws the
     whole batch at once, as diffusers does with a single generator."""
-    device = torch.device(device) if device is not None else None
     if isinstance(generators, torch.Generator):
-        return torch.randn(tuple(shape), generator=generators, device=generators.device, dtype=dtype).to(device)
+        return host_to_device(torch.randn(tuple(shape), generator=generators, device=generators.device,
+                                          dtype=dtype), device)
     if len(generators) != shape[0]:
         raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}: pass one per item")
     item = (1, *shape[1:])
-    return torch.cat([torch.randn(item, generator=g, device=g.device, dtype=dtype) for g in generators]).to(device)
+    return host_to_device(torch.cat([torch.randn(item, generator=g, device=g.device, dtype=dtype)
+                                     for g in generators]), device)
 
 
 def default_noise_sampler(x: torch.Tensor, generators: Sequence[torch.Generator] | torch.Generator) -> Callable:

@@ -229,6 +229,29 @@ def test_inpaint_conversion_is_exact_and_stage_overfits(tmp_path):
     assert torch.equal(loaded.unet.conv_in.weight, trainer.module.conv_in.weight)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a host sync only exists with a GPU")
+@pytest.mark.parametrize("stage_cls", [PretrainStage, InpaintStage, VAEStage])
+def test_cuda_train_steps_never_wait_for_the_gpu(stage_cls, tmp_path):
+    """A bf16 training step on CUDA queues all its work without a host sync, so the loop's host work for the next
+    step (masks, noise, Python) overlaps the GPU's work on this one. torch's sync debug mode raises on any: a
+    blocking host->device copy (torch synchronizes the stream after one), .item(), a device nonzero. The first
+    step runs outside it: it fills one-time caches (the schedule on the device, grey latents, kernel autotuning)."""
+    model = tiny()
+    stage = (VAEStage(model, device="cuda") if stage_cls is VAEStage else
+             stage_cls(model, DiffusionOptions(snr_gamma=5.0, caption_dropout=0.2, noise_offset=0.05), "cuda"))
+    data = make_dataset("synthetic:16", 64)
+    cfg = TrainConfig(steps=3, batch_size=8, lr=1e-4, precision="bf16", ema_decay=0.99)
+    trainer = Trainer(stage, DataStream(data, 8), cfg, tmp_path, device="cuda", progress=False)
+    trainer.train_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        metrics = trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(float(metrics["loss"]))
+
+
 @pytest.mark.parametrize("masks", ["random", "product"])
 def test_inpaint_inputs_are_the_diffusers_pipelines(masks):
     """The UNet's 5 extra channels: diffusers' prepare_mask_latents mask (binarise, nearest resize) and the latents

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..diffusion.samplers import host_to_device
 from . import checkpointing as ckpt
 
 __all__ = ["TrainConfig", "Stage", "Trainer", "EMA", "lr_at"]
@@ -246,13 +247,16 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self) -> dict:
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step. Its metrics (loss, the stage's own, grad_norm) come back as 0-dim tensors where the
+        step ran, not floats: float(v) waits for the GPU to finish the step, so fit() reads them only when it logs,
+        and otherwise goes on to the next step's host work (masks, noise, Python) while the GPU computes."""
         cfg = self.cfg
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, cfg)
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = {}  # tensors until the whole step is queued: reading one earlier makes the GPU wait for the CPU
+        metrics = {}
         for micro in range(cfg.grad_accum):
             batch = _to_device(next(self.loader), self.device)
             last = micro == cfg.grad_accum - 1
@@ -271,7 +275,7 @@ class Trainer:
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.module, self.step - 1)
-        return {k: float(v) for k, v in metrics.items()}  # the step's one host sync, after all of it is queued
+        return metrics
 
     def fit(self) -> nn.Module:
         """Train to cfg.steps, saving every cfg.save_every steps and at the end; returns the trained module."""
@@ -282,18 +286,23 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress or self.rank != 0,
                    desc="train", dynamic_ncols=True)
         images = cfg.batch_size * cfg.grad_accum * self.world
+        since, t_since = self.step, time.perf_counter()  # the last log: step_time is the mean step since then
         while self.step < cfg.steps:
-            t0 = time.perf_counter()
-            record = self.train_step()
-            dt = time.perf_counter() - t0
-            record |= {"step": self.step, "lr": lr_at(self.step - 1, cfg), "step_time": dt, "images_per_s": images / dt}
+            metrics = self.train_step()
             bar.update(1)
             if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                record = {k: float(v) for k, v in metrics.items()}  # waits for the GPU (no other wait in bf16/fp32)
+                now = time.perf_counter()
+                dt = (now - t_since) / (self.step - since)
+                since, t_since = self.step, now
+                record |= {"step": self.step, "lr": lr_at(self.step - 1, cfg), "step_time": dt,
+                           "images_per_s": images / dt}
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", ips=f"{images / dt:.1f}")
                 with open(self.log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                 self.save()
+                since, t_since = self.step, time.perf_counter()  # a save is not a training step
         bar.close()
         self.save()
         return self.module
@@ -317,7 +326,7 @@ class Trainer:
 
 def _to_device(batch, device: torch.device):
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        return host_to_device(batch, device)
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ...diffusion.samplers import host_to_device
 from ...nn.checkpoint import CheckpointError, Model, load_model
 from ...nn.clip import CLIP, clip_preprocess
 from ...nn.config import VisionConfig
@@ -167,7 +168,7 @@ class ClipStage:
             raise ValueError("the clip stage trains the text encoder, so it needs images and captions, not a latent "
                              "cache (pass --data synthetic:N or an image folder)")
         images = batch["image"]  # (B, 3, H, W) in [-1, 1]
-        ids = self.model.tokenizer(batch["caption"]).to(images.device)  # (B, 77)
+        ids = host_to_device(self.model.tokenizer(batch["caption"]), images.device)  # (B, 77)
         pixels = clip_preprocess(images, self.clip.vision_model.cfg.image_size)  # (B, 3, S, S)
         logits_per_image, logits_per_text = model(ids, pixels)  # (B, B) each; through the DDP wrapper
         labels = torch.arange(ids.shape[0], device=images.device)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...diffusion.samplers import host_to_device
 from ...diffusion.schedule import alphas_cumprod
 from ...nn.checkpoint import Model, save_model
 from ...nn.config import PREDICTION_TYPES, ModelConfig
@@ -78,9 +79,15 @@ class NoiseSchedule:
     def __init__(self, cfg: ModelConfig):
         self.alphas_cumprod = alphas_cumprod(cfg.scheduler)  # (T,), exactly 0 at T-1 under zero terminal SNR
         self.num_timesteps = cfg.scheduler.num_train_timesteps
+        self._copies = {}  # device -> alphas_cumprod there: a host->GPU copy every step would wait for the GPU
+
+    def _alphas(self, device: torch.device) -> torch.Tensor:
+        if device not in self._copies:
+            self._copies[device] = self.alphas_cumprod.to(device)
+        return self._copies[device]
 
     def _coefficients(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a = self.alphas_cumprod.to(device=x.device, dtype=x.dtype)[t.to(x.device)]  # (B,)
+        a = self._alphas(x.device).to(x.dtype)[t.to(x.device)]  # (B,)
         shape = (-1,) + (1,) * (x.dim() - 1)
         return (a ** 0.5).view(shape), ((1 - a) ** 0.5).view(shape)  # (B, 1, 1, 1) each
 
@@ -96,7 +103,7 @@ class NoiseSchedule:
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) float32 a_t / (1 - a_t), computed as diffusers' training_utils.compute_snr does."""
-        a = self.alphas_cumprod.to(t.device)
+        a = self._alphas(t.device)
         return ((a ** 0.5)[t].float() / ((1.0 - a) ** 0.5)[t].float()) ** 2
 
     def min_snr_weights(self, t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -116,12 +123,12 @@ def posterior_moments(vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def sample_posterior(moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """z = mean + exp(logvar / 2) * eps, eps drawn on the CPU generator (LDM's DiagonalGaussianDistribution)."""
     mean, logvar = moments.chunk(2, dim=1)  # (B, C, h, w) each
-    eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+    eps = host_to_device(torch.randn(mean.shape, generator=generator), mean.device)
     return mean + torch.exp(0.5 * logvar) * eps
 
 
 def _randn(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    return torch.randn(shape, generator=generator).to(device=like.device, dtype=like.dtype)
+    return host_to_device(torch.randn(shape, generator=generator), like.device).to(like.dtype)
 
 
 def write_model(model: Model, out_dir: Path, init: str | Path | None = None) -> Path:
@@ -161,7 +168,7 @@ class DiffusionStage:
 
     @torch.no_grad()
     def _encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = self.model.tokenizer(captions).to(self.device)  # (B, 77)
+        ids = host_to_device(self.model.tokenizer(captions), self.device)  # (B, 77)
         return self.model.text_encoder(ids).float()  # (B, 77, C)
 
     @torch.no_grad()
@@ -172,7 +179,7 @@ class DiffusionStage:
         drop = torch.rand(n, generator=generator) < self.options.caption_dropout  # (B,), drawn every step
         if cached:
             context = batch["context"].float()
-            context = torch.where(drop.to(context.device)[:, None, None], self.empty_context, context)
+            context = torch.where(host_to_device(drop, context.device)[:, None, None], self.empty_context, context)
             moments = batch["moments"].float()
         else:
             captions = ["" if d else c for d, c in zip(drop.tolist(), batch["caption"])]
@@ -192,7 +199,8 @@ class DiffusionStage:
         noised_with = noise
         if opts.input_perturbation:
             noised_with = noise + opts.input_perturbation * _randn(noise.shape, generator, x0)
-        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
+        t = host_to_device(torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator),
+                           x0.device)
         x_t = self.schedule.add_noise(x0, noised_with, t)
         target = noise if prediction == "epsilon" else self.schedule.velocity(x0, noise, t)
         model_input = x_t if concat is None else torch.cat([x_t, concat.to(x_t.dtype)], dim=1)  # (B, 4 [+5], h, w)

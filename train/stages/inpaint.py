@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ...diffusion import masks as M
+from ...diffusion.samplers import host_to_device
 from ...nn.checkpoint import Model
 from ...nn.unet import UNet
 from ..data import inpaint_mask, random_mask
@@ -96,7 +97,7 @@ class InpaintStage(DiffusionStage):
             self._grey[key] = vae.encode(torch.zeros_like(image[:1])).float() * sf  # (1, 4, h, w)
         out = self._grey[key].expand(image.shape[0], -1, -1, -1).clone()  # (B, 4, h, w)
         if not bool(full.all()):
-            rest = (~full).nonzero().squeeze(1).to(image.device)  # host indices: no device nonzero, no sync
+            rest = host_to_device((~full).nonzero().squeeze(1), image.device)  # host indices: no device nonzero
             out[rest] = vae.encode(M.masked_image(image[rest], mask[rest])).float() * sf
         return out
 
@@ -108,7 +109,7 @@ class InpaintStage(DiffusionStage):
         image = batch["image"]  # (B, 3, H, W) in [-1, 1]
         mask = self._repaint_masks(batch, generator, tuple(image.shape[-2:]))  # (B, 1, H, W) on the host
         full = (mask >= 0.5).flatten(1).all(dim=1)  # (B,) items repainted entirely
-        mask = mask.to(image.device)
+        mask = host_to_device(mask, image.device)
         with torch.no_grad():
             masked_latents = self._masked_latents(image, mask, full)  # (B, 4, h, w)
             lat_mask = M.latent_mask(mask, size=tuple(x0.shape[-2:]), mode=self.latent_mask_mode)  # (B, 1, h, w)
