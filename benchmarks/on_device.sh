@@ -12,7 +12,7 @@
 #
 #   tests16       attention + GroupNorm tests in fp16 and bf16 on CUDA (bf16 runs only there)      ~5-8 min
 #   tests32       the rest of those two files (fp32, sm_90a fits, dispatch), the UNet-level kernel
-#                 test, the CUDA-graph server tests and the no-host-sync training step test      ~4-6 min
+#                 test, the CUDA-graph server tests, the no-host-sync training and sampling tests ~4-6 min
 #   suite         every other test file, on a machine where CUDA is there (-n 8)                  ~3 min
 #   kernels-fp16  benchmarks/kernels.py, attention + GroupNorm, forward and forward+backward      ~5-7 min
 #   kernels-bf16  the same in bf16 (the CSV is written row by row: a run cut short keeps its rows)
@@ -38,8 +38,8 @@ command_of() {  # the command line of step $1
   case "$1" in
     tests16) echo "python3 -m pytest -q -n 4 $KERNEL_TESTS -k 'fp16 or bf16'" ;;
     tests32) echo "python3 -m pytest -q -n 4 $KERNEL_TESTS -k 'not fp16 and not bf16'; s=\$?; python3 -m pytest" \
-                  "-q tests/test_unet.py tests/test_server.py tests/test_stages.py -k 'triton or cuda or graph'" \
-                  "&& exit \$s" ;;
+                  "-q tests/test_unet.py tests/test_server.py tests/test_stages.py tests/test_pipeline.py" \
+                  "-k 'triton or cuda or graph' && exit \$s" ;;
     suite) echo "python3 -m pytest -q -n 8 tests --deselect tests/test_kernels_attention.py" \
                 "--deselect tests/test_kernels_group_norm.py" ;;
     kernels-fp16 | kernels-bf16) echo "python3 benchmarks/kernels.py --dtypes ${1#kernels-} --out $OUT/$1.csv" ;;

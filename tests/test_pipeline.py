@@ -395,6 +395,26 @@ def test_text_is_encoded_once_per_distinct_prompt(models):
     assert calls == [2]  # no guidance: no negative prompt to encode
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a host sync only exists with a GPU")
+@pytest.mark.parametrize("model,sampler,eta", [("sd1-inpaint", "dpmpp-2m", 0.0), ("sd1-inpaint", "euler-a", 0.0),
+                                               ("sd1", "ddim", 0.5), ("sd1", "heun", 0.0)])
+def test_cuda_sampling_steps_never_wait_for_the_gpu(models, model, sampler, eta):
+    """From the end of the first step to the last, the sampling loop on CUDA only queues work (9-channel and
+    4-channel inpainting with its per-step blend, deterministic and stochastic samplers, guidance): torch's sync
+    debug mode raises on any host sync (a blocking host->device copy, .item(), a device nonzero)."""
+    pipe = Pipeline.from_pretrained(models[model].folder, device="cuda", dtype=torch.float16)
+    steps = 5
+
+    def strict_between(i, latents):  # runs after step i
+        torch.cuda.set_sync_debug_mode("error" if i < steps - 1 else "default")
+    try:
+        out = pipe.inpaint(images(2), mask=rect_masks(2), prompt=PROMPTS, steps=steps, sampler=sampler, eta=eta,
+                           seed=0, callback=strict_between, progress=False, output_type="np")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert np.isfinite(out.images).all()
+
+
 def test_prompts_over_77_tokens_are_cut_with_a_warning(models, caplog):
     pipe = models["sd1"].pipe
     long = " ".join(["red"] * 75 + ["ceramic", "mug"])  # BOS + 77 words + EOS: the last two do not fit
