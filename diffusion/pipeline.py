@@ -19,7 +19,9 @@ batches. One call may hold different prompts, images, masks, seeds and strengths
   * Strengths. Samplers take one sigma per step for the whole batch, so items with different strengths run as
     separate sampler loops (one per distinct strength) in one call; outputs keep the input order.
   * Text is encoded once per distinct prompt and negative prompt, in one encode_text call. A text over CLIP's 77
-    tokens is cut there (as diffusers does), with a logged warning that names the dropped words.
+    tokens is cut there (as diffusers does), with a logged warning that names the dropped words. Instead of text,
+    `prompt_embeds` / `negative_prompt_embeds` (n, L, C) give the embeddings (diffusers' arguments; encode_prompt
+    makes them from text, to encode once and reuse). With neither, the prompt is "" (unconditional).
   * Sizes need not be multiples of 8: images are reflect-padded (masks.pad_to_multiple) and outputs cropped back,
     so the output has the input's size. generate's height/width default to the model's native image_size, the
     resolution it was trained at (512 for SD1.5, 768 for SD2-v, 64 for the tiny model): anything else is slower
@@ -165,11 +167,11 @@ class Pipeline:
 
     # -------------------------------------------------------------------------------------------- public API
 
-    def generate(self, prompt, negative_prompt="", height: int | None = None, width: int | None = None,
+    def generate(self, prompt=None, negative_prompt="", height: int | None = None, width: int | None = None,
                  steps: int = 30, guidance_scale: float = 7.5, sampler: str = "dpmpp-2m", seed=None, latents=None,
                  num_images_per_prompt: int = 1, output_type: str = "pil", guidance_rescale: float = 0.0,
-                 eta: float = 0.0, progress: bool = True, callback: Callable | None = None,
-                 interrupt: threading.Event | None = None) -> Output:
+                 eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None, progress: bool = True,
+                 callback: Callable | None = None, interrupt: threading.Event | None = None) -> Output:
         """Text to image. height/width: default the model's native config.image_size; any positive size works
         (sampled at the next multiple of 8, then cropped). `callback(step, latents)` runs after every step."""
         loop = _Loop(steps, sampler, eta, guidance_scale, guidance_rescale, progress, callback, interrupt)
@@ -177,23 +179,24 @@ class Pipeline:
         H, W = height or size, width or size
         if not (isinstance(H, int) and isinstance(W, int) and H > 0 and W > 0):
             raise ValueError(f"height and width must be positive ints, got {height!r} x {width!r}")
-        req = self._requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type)
+        req = self._requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
+                             embeds=(prompt_embeds, negative_prompt_embeds))
         B, f = len(req["prompts"]), self.config.vae.downsample_factor
         h, w = (d // f for d in M.fit_size(H, W, self._multiple))
         job = dict(req, strengths=[1.0] * B, x0=None, size=(H, W), c_concat=self._empty_concat(B, h, w))
         return self._run(job, (h, w), loop, latents, start="noise")
 
-    def img2img(self, image, prompt, strength=0.75, negative_prompt="", steps: int = 30,
+    def img2img(self, image, prompt=None, strength=0.75, negative_prompt="", steps: int = 30,
                 guidance_scale: float = 7.5, sampler: str = "dpmpp-2m", seed=None, latents=None,
                 num_images_per_prompt: int = 1, output_type: str = "pil", guidance_rescale: float = 0.0,
-                eta: float = 0.0, progress: bool = True, callback: Callable | None = None,
-                interrupt: threading.Event | None = None) -> Output:
+                eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None, progress: bool = True,
+                callback: Callable | None = None, interrupt: threading.Event | None = None) -> Output:
         """Image to image: the image's latents noised to `strength` (1 = all noise), then int(steps * strength)
         steps, as diffusers' StableDiffusionImg2ImgPipeline. Output has the input's size."""
         loop = _Loop(steps, sampler, eta, guidance_scale, guidance_rescale, progress, callback, interrupt)
         images, n_strengths = _items(image, "image"), len(strength) if isinstance(strength, (list, tuple)) else 1
         req = self._requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
-                             n=max(len(images), n_strengths))
+                             n=max(len(images), n_strengths), embeds=(prompt_embeds, negative_prompt_embeds))
         n, k = req["n"], req["k"]
         img = M.image_to_uint8(_repeat(_broadcast(images, n, "image"), k))  # (B, H, W, 3)
         strengths = _repeat([_check_strength(s) for s in _broadcast(_items(strength, "strength"), n,
@@ -204,13 +207,13 @@ class Pipeline:
                    c_concat=self._empty_concat(len(img), *x0.shape[-2:]))
         return self._run(job, tuple(x0.shape[-2:]), loop, latents, start="image")
 
-    def inpaint(self, image, mask=None, prompt="", product_mask=None, strength=1.0, mask_blur: float | None = None,
+    def inpaint(self, image, mask=None, prompt=None, product_mask=None, strength=1.0, mask_blur: float | None = None,
                 mask_dilate: int = 1, crop_padding: int | None = None, paste_back: bool = True,
                 color_match: bool = False, negative_prompt="", steps: int = 30, guidance_scale: float = 7.5,
                 sampler: str = "dpmpp-2m", seed=None, latents=None, num_images_per_prompt: int = 1,
                 output_type: str = "pil", guidance_rescale: float = 0.0, eta: float = 0.0, mask_mode: str = "max",
-                progress: bool = True, callback: Callable | None = None,
-                interrupt: threading.Event | None = None) -> Output:
+                prompt_embeds=None, negative_prompt_embeds=None, progress: bool = True,
+                callback: Callable | None = None, interrupt: threading.Event | None = None) -> Output:
         """Repaint the masked region. Give `mask` (white = repaint), `product_mask` (white = keep the product), or
         neither with RGBA images (OpenAI's convention: alpha 0 = repaint).
 
@@ -233,7 +236,8 @@ class Pipeline:
         masks = _items(given, kind) if kind != "image" else images
         n_strengths = len(strength) if isinstance(strength, (list, tuple)) else 1
         req = self._requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
-                             n=max(len(images), len(masks), n_strengths))
+                             n=max(len(images), len(masks), n_strengths),
+                             embeds=(prompt_embeds, negative_prompt_embeds))
         n, k = req["n"], req["k"]
         images, masks = _broadcast(images, n, "image"), _broadcast(masks, n, kind)
         strengths = _repeat([_check_strength(s) for s in _broadcast(_items(strength, "strength"), n,
@@ -342,34 +346,69 @@ class Pipeline:
 
     # -------------------------------------------------------------------------------------------- shared core
 
-    def _requests(self, prompt, negative_prompt, seed, k, output_type, n: int = 1) -> dict:
-        """n requests (the longest list among prompt, negative prompt, seed and the images) x k images each."""
+    def _requests(self, prompt, negative_prompt, seed, k, output_type, n: int = 1, embeds=(None, None)) -> dict:
+        """n requests (the longest list among prompt, negative prompt, seed and the images) x k images each.
+        A prompt is a string, or a row (L, C) of `embeds` (prompt_embeds, negative_prompt_embeds) given instead."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"num_images_per_prompt must be an int >= 1, got {k!r}")
-        prompts, negatives = _items(prompt, "prompt"), _items(negative_prompt, "negative_prompt")
+        prompts, negatives = (self._prompts(t, e, name) for t, e, name in
+                              ((prompt, embeds[0], "prompt"), (negative_prompt, embeds[1], "negative_prompt")))
         n = max(n, len(prompts), len(negatives), len(_items(seed, "seed")) if isinstance(seed, (list, tuple)) else 1)
-        for name, texts in (("prompt", prompts), ("negative_prompt", negatives)):
-            if not all(isinstance(t, str) for t in texts):
-                raise ValueError(f"{name} must be a string or a list of strings")
         return dict(n=n, k=k, output_type=output_type, seeds=_seeds(seed, n, k),
                     prompts=_repeat(_broadcast(prompts, n, "prompt"), k),
                     negatives=_repeat(_broadcast(negatives, n, "negative_prompt"), k))
 
-    def _encode_text(self, prompts: list[str], negatives: list[str], guided: bool):
-        """Each distinct text once, in one encode_text call -> (context, uncond_context or None), (B, 77, C)."""
-        texts = list(dict.fromkeys(prompts + (negatives if guided else [])))
+    def encode_prompt(self, prompt) -> torch.Tensor:
+        """Text embeddings (n, 77, C) float32 on the pipeline's device, for `prompt_embeds` /
+        `negative_prompt_embeds`: encode a prompt once and reuse it across calls, or pass embeddings made otherwise
+        (prompt weighting, longer contexts), as diffusers' prompt_embeds."""
+        return self._embed(self._prompts(prompt, None, "prompt"))
+
+    def _prompts(self, text, embeds, name: str) -> list:
+        """One request's prompt or a list: strings, or the rows (L, C) of `embeds` (n, L, C) / (L, C)."""
+        if embeds is None:
+            texts = _items("" if text is None else text, name)
+            if not all(isinstance(t, str) for t in texts):
+                raise ValueError(f"{name} must be a string or a list of strings")
+            return texts
+        if text not in (None, ""):
+            raise ValueError(f"give {name} or {name}_embeds, not both")
+        width = self.config.unet.cross_attention_dim
+        if not (isinstance(embeds, torch.Tensor) and embeds.is_floating_point() and embeds.ndim in (2, 3)
+                and embeds.shape[-1] == width and embeds.shape[-2] > 0):
+            got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise ValueError(f"{name}_embeds must be a float tensor (n, L, {width}) or (L, {width}) (this UNet's "
+                             f"cross_attention_dim), got {got}")
+        return list(embeds[None] if embeds.ndim == 2 else embeds)
+
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        """(U, 77, C) in one encode_text call; a text over CLIP's 77 tokens is cut there, with a warning."""
         tok = self.backend.tokenizer
         for t in texts:
             ids = tok.encode(t)  # BOS ... EOS, uncut
             if len(ids) > CONTEXT_LENGTH:
                 log.warning("prompt cut to CLIP's %d tokens; dropped: %r", CONTEXT_LENGTH,
                             tok.decode(ids[CONTEXT_LENGTH - 1:-1]))
-        emb = self.backend.encode_text(tok(texts))  # (U, 77, C)
+        return self.backend.encode_text(tok(texts)).float()
+
+    def _encode_text(self, prompts: list, negatives: list, guided: bool):
+        """-> (context, uncond_context or None), (B, L, C): each distinct text encoded once, in one call;
+        embedding rows taken as they are."""
+        items = prompts + (negatives if guided else [])
+        texts = list(dict.fromkeys(p for p in items if isinstance(p, str)))
+        emb = self._embed(texts) if texts else None  # (U, 77, C)
         row = {t: i for i, t in enumerate(texts)}
-        ctx = emb[[row[p] for p in prompts]]
-        return ctx, (emb[[row[p] for p in negatives]] if guided else None)
+        shapes = sorted({tuple(emb.shape[1:]) if isinstance(p, str) else tuple(p.shape) for p in items})
+        if len(shapes) > 1:
+            raise ValueError(f"the prompts' and negative prompts' embeddings of one call need one shape (L, C), got "
+                             f"{shapes} (a text prompt encodes to ({CONTEXT_LENGTH}, C))")
+        dev = self.backend.device
+
+        def stack(values: list) -> torch.Tensor:
+            return torch.stack([emb[row[v]] if isinstance(v, str) else v.to(dev, torch.float32) for v in values])
+        return stack(prompts), (stack(negatives) if guided else None)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) padded right/bottom to the processing multiple: reflect (continues texture), or replicate

@@ -181,6 +181,34 @@ def test_ddim_eta_equals_diffusers(models, ref):
         pipe.inpaint(images(1)[0], mask=rect_masks(1)[0], prompt="a", steps=1, sampler="ddim", eta=-1)
 
 
+def test_prompt_embeds_equal_text_and_diffusers(models, ref):
+    """encode_prompt's embeddings in place of the text give the same images, and the same as diffusers given those
+    embeddings; one (L, C) row broadcasts to every request, and an unconditional row may be any shared length."""
+    pipe = models["sd1"].pipe
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    common = dict(steps=4, sampler="euler", latents=noise, output_type="np", progress=False, seed=[1, 2])
+    text = pipe.generate(PROMPTS, negative_prompt="blurry", **common).images
+    cond, uncond = pipe.encode_prompt(PROMPTS), pipe.encode_prompt("blurry")  # (2, 77, C), (1, 77, C)
+    assert cond.shape == (2, 77, pipe.config.unet.cross_attention_dim) and cond.dtype == torch.float32
+    ours = pipe.generate(prompt_embeds=cond, negative_prompt_embeds=uncond[0], **common).images
+    np.testing.assert_array_equal(ours, text)
+    theirs = ref("sd1", "txt2img", "euler")(prompt_embeds=cond, negative_prompt_embeds=uncond.expand(2, -1, -1),
+                                            num_inference_steps=4, latents=noise.clone(), output_type="np",
+                                            height=64, width=64).images
+    assert max_diff(ours, theirs) <= TOL
+    # embeddings of another length (e.g. two concatenated 77-token windows), for both: what diffusers takes too
+    long = torch.cat([cond, cond], 1)
+    two = pipe.generate(prompt_embeds=long, negative_prompt_embeds=torch.cat([uncond, uncond], 1), **common)
+    assert two.images.shape == (2, 64, 64, 3) and np.isfinite(two.images).all()
+    for call, match in [
+        (dict(prompt="a", prompt_embeds=cond), "give prompt or prompt_embeds, not both"),
+        (dict(prompt_embeds=cond[..., :-1]), r"prompt_embeds must be a float tensor \(n, L, 64\)"),
+        (dict(prompt_embeds=long), r"need one shape \(L, C\)"),  # text negative prompt "": 77 tokens
+    ]:
+        with pytest.raises(ValueError, match=match):
+            pipe.generate(steps=1, progress=False, **call)
+
+
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp-2m"])
 def test_inpaint_9_channels_equals_diffusers(models, ref, sampler):
     """Paste-back off and diffusers' mask conventions (binarise at 0.5, nearest resize, no dilation): the same
