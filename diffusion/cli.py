@@ -45,6 +45,9 @@ def _common_options() -> argparse.ArgumentParser:
                    help=f"one of: {', '.join(RECIPES)} (default: %(default)s)")
     s.add_argument("--guidance-scale", type=float, default=7.5, metavar="SCALE",
                    help="how strongly to follow the prompt; 1 turns guidance off (default: %(default)s)")
+    s.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                   help="rescale the guided prediction toward the prompt-only one's spread (Lin et al. 2023), "
+                        "0-1: counters washed-out or over-exposed images at high guidance (default: %(default)s)")
     s.add_argument("--eta", type=float, default=0.0,
                    help="with --sampler ddim: fresh noise each step, 0 = none (deterministic), 1 = as DDPM "
                         "(default: %(default)s)")
@@ -114,7 +117,8 @@ def add_parser(subparsers) -> None:
 def _check(args) -> None:
     """Range checks argparse cannot express, as one-line errors."""
     rules = [("--n", args.n, args.n >= 1, "at least 1"), ("--steps", args.steps, args.steps >= 1, "at least 1"),
-             ("--guidance-scale", args.guidance_scale, args.guidance_scale >= 0, ">= 0")]
+             ("--guidance-scale", args.guidance_scale, args.guidance_scale >= 0, ">= 0"),
+             ("--guidance-rescale", args.guidance_rescale, 0 <= args.guidance_rescale <= 1, "in [0, 1]")]
     if args.seed is not None:
         rules.append(("--seed", args.seed, 0 <= args.seed < 2**63 - args.n, "in [0, 2**63 - N)"))
     if args.kind == "generate":
@@ -184,7 +188,8 @@ def _pipeline(args):
 def _run(args) -> int:
     _check(args)
     common = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                  sampler=args.sampler, guidance_scale=args.guidance_scale, eta=args.eta, seed=args.seed,
+                  sampler=args.sampler, guidance_scale=args.guidance_scale,
+                  guidance_rescale=args.guidance_rescale, eta=args.eta, seed=args.seed,
                   num_images_per_prompt=args.n, progress=not args.quiet)
     inputs = {}
     if args.kind != "generate":

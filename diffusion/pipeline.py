@@ -48,6 +48,7 @@ Which model, device and precision `from_pretrained` picks by default: nn/resolve
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -502,6 +503,10 @@ class _Loop:
     interrupt: threading.Event | None
 
     def __post_init__(self):
+        for name, hi, want in (("guidance_scale", math.inf, ">= 0"), ("guidance_rescale", 1.0, "in [0, 1]")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= hi or math.isinf(v):
+                raise ValueError(f"{name} must be a finite number {want}, got {v!r}")
         check_eta(self.eta, self.sampler)
 
 

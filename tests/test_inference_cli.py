@@ -57,6 +57,21 @@ def test_generate_writes_pngs_named_by_seed(files, capsys, tmp_path):
     assert all(Image.open(p).size == (56, 40) for p in paths)
 
 
+def test_sampling_options_reach_the_pipeline(files, capsys, tmp_path):
+    from backdrop.diffusion.pipeline import Pipeline
+
+    options = dict(steps=3, sampler="ddim", eta=0.5, guidance_scale=3.0, guidance_rescale=0.7, seed=4,
+                   negative_prompt="blurry")
+    argv = [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", v)]
+    code, [path], _ = run(capsys, "generate", "--model", files["model"], "--quiet", "--out", tmp_path, "--prompt",
+                          "a lamp", *argv)
+    pipe = Pipeline.from_pretrained(files["model"], device="cpu")
+    want = pipe.generate("a lamp", progress=False, **options).images[0]
+    assert code == 0 and np.array_equal(np.asarray(Image.open(path)), np.asarray(want))
+    plain = pipe.generate("a lamp", steps=3, seed=4, progress=False).images[0]
+    assert not np.array_equal(np.asarray(plain), np.asarray(want))  # the options changed the image
+
+
 def test_img2img_keeps_the_input_size(files, capsys, tmp_path):
     code, paths, _ = run(capsys, "img2img", files["root"] / "product.png", *fast(files, tmp_path), "--seed", "3",
                          "--strength", "0.5", "--sampler", "euler-a")
@@ -99,6 +114,7 @@ def test_inpaint_all_black_mask_writes_the_input(files, capsys, tmp_path):
     (["generate", "--steps", "0"], "--steps 0 must be at least 1"),
     (["generate", "--n", "0"], "--n 0 must be at least 1"),
     (["generate", "--eta", "0.5"], "applies to sampler='ddim' only, not 'dpmpp-2m'"),
+    (["generate", "--guidance-rescale", "2"], "--guidance-rescale 2.0 must be in [0, 1]"),
     (["inpaint", "{root}/product.png", "--mask", "{root}/black.png", "--mask-dilate", "-1"],
      "--mask-dilate -1 must be >= 0"),
     (["generate", "--model", "no-such-model"], "not a built-in model (built-in:"),

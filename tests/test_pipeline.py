@@ -163,7 +163,7 @@ def test_generate_equals_diffusers(models, ref, model, sampler):
     assert max_diff(ours.images, theirs) <= TOL
 
 
-def test_ddim_eta_equals_diffusers(models, ref):
+def test_ddim_eta_equals_diffusers_and_bad_settings_are_named(models, ref):
     """eta > 0: DDIM draws fresh noise every step from each item's generator, as diffusers does from a list."""
     pipe = models["sd1"].pipe
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -177,6 +177,9 @@ def test_ddim_eta_equals_diffusers(models, ref):
     assert max_diff(ours.images, plain.images) > 0.01  # the noise did something
     with pytest.raises(ValueError, match="sampler='ddim' only, not 'euler'"):
         pipe.generate("a", steps=1, sampler="euler", eta=0.5)
+    for bad in (dict(guidance_scale=float("nan")), dict(guidance_scale=-1), dict(guidance_rescale=1.5)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a finite number"):
+            pipe.generate("a", steps=1, **bad)  # diffusers runs these silently (no guidance, or extrapolated)
     with pytest.raises(ValueError, match="eta must be a number >= 0"):
         pipe.inpaint(images(1)[0], mask=rect_masks(1)[0], prompt="a", steps=1, sampler="ddim", eta=-1)
 
