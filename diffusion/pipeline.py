@@ -244,9 +244,10 @@ class Pipeline:
         strengths = _repeat([_check_strength(s) for s in _broadcast(_items(strength, "strength"), n,
                                                                           "strength")], k)
         blur = M.default_mask_blur(kind) if mask_blur is None else float(mask_blur)
-        if blur < 0 or isinstance(mask_dilate, bool) or not isinstance(mask_dilate, int) or mask_dilate < 0:
-            raise ValueError(f"mask_blur ({mask_blur!r}) and mask_dilate ({mask_dilate!r}) must be >= 0 "
-                             "(mask_dilate an int, in latent cells)")
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+        if blur < 0 or not whole(mask_dilate) or not (crop_padding is None or whole(crop_padding)):
+            raise ValueError(f"mask_blur ({mask_blur!r}) must be >= 0, mask_dilate ({mask_dilate!r}, in latent "
+                             f"cells) and crop_padding ({crop_padding!r}, pixels, or None) ints >= 0")
         img = M.image_to_uint8(_repeat(images, k))  # (B, H, W, 3): the pixels paste-back keeps
         H, W = img.shape[1:3]
         per_item = [self._repaint_mask(kind, m, i, (H, W)) for i, m in enumerate(masks)]

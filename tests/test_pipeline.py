@@ -522,6 +522,9 @@ def test_bad_inputs_are_named(models):
         pipe.img2img([img, img], ["a", "b", "c"])
     with pytest.raises(ValueError, match="unknown sampler 'plms'"):
         pipe.generate("x", sampler="plms", progress=False)
+    for bad in (dict(mask_blur=-1), dict(mask_dilate=1.5), dict(crop_padding=-4), dict(crop_padding=2.5)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} \\({next(iter(bad.values()))}"):
+            pipe.inpaint(img, rect_masks(1)[0], prompt="x", steps=1, progress=False, **bad)
 
 
 def test_builtin_model_opens_by_name_and_keeps_the_example_product():
