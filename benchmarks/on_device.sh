@@ -19,6 +19,7 @@
 #   graphs        benchmarks/kernels.py attention forward as CUDA-graph replays (launch-free)     ~3 min
 #   txt2img       benchmarks/pipeline.py SD1.5 512², 30 steps, batch 1: fp16 vs diffusers, graphs ~5 min
 #   inpaint       the same for inpainting                                                         ~5 min
+#   cl            txt2img, ours fp16 vs channels-last weights (an experiment: worth a default on CUDA?) ~2 min
 #   train256      benchmarks/train.py SD1.5 at 256², inpaint stage, bf16, batch 32                ~4 min
 #   train512      the same at 512², batch 16                                                      ~5 min
 #   serve         benchmarks/serve_load.py SD1.5 inpaint 512², 30 steps, concurrency 1, 8, 16     ~6 min
@@ -44,6 +45,8 @@ command_of() {  # the command line of step $1
                 "--deselect tests/test_kernels_group_norm.py" ;;
     kernels-fp16 | kernels-bf16) echo "python3 benchmarks/kernels.py --dtypes ${1#kernels-} --out $OUT/$1.csv" ;;
     graphs) echo "python3 benchmarks/kernels.py --ops attention --cudagraph --out $OUT/kernels-cudagraph.csv" ;;
+    cl) echo "python3 benchmarks/pipeline.py --models sd15 --tasks txt2img --batches 1 --steps 30 --repeats 3" \
+             "--impls ours:fp16,ours:cl" ;;
     txt2img | inpaint) echo "python3 benchmarks/pipeline.py --models sd15 --tasks $1 --batches 1 --steps 30" \
                             "--repeats 3" ;;
     train256 | train512) echo "python3 benchmarks/train.py --cases sd15-${1#train} --stages inpaint --repeats 1" ;;

@@ -13,7 +13,9 @@ and keeps the best. Besides wall-clock images/s we report CPU-seconds per image,
 less (wall time there depends on what else runs; the load average is printed with every row).
 
 On CUDA the implementations are diffusers fp32 and fp16 (eager, SDPA attention), ours fp32 and fp16, and
-ours:graphs (fp16 with the UNet replayed from CUDA graphs, as `backdrop serve` runs); the issue's goals at 512x512,
+ours:graphs (fp16 with the UNet replayed from CUDA graphs, as `backdrop serve` runs); ours:cl (an experiment, not
+in the defaults: our default dtype with channels-last weights; slower on this CPU, unmeasured on a GPU, where
+cuDNN's fp16 convolutions prefer NHWC and our transformer's token permutes become views); the issue's goals at 512x512,
 30 steps, batch 1: `python benchmarks/pipeline.py --models sd15 --batches 1 --steps 30 --repeats 3`.
 steps_per_s is steps / wall time of the whole call (text encoding and VAE decode included), a lower bound on the
 denoising loop's rate that progress bars (and stable-fast's figures) report; one step is one guided UNet call.
@@ -80,8 +82,12 @@ def _ours(folder, dtype, device):
     if dtype == "default":  # our defaults are what `backdrop generate|inpaint` run with: they keep freed memory
         keep_freed_memory()
 
-    pipe = Pipeline.from_pretrained(folder, device=device, dtype=None if dtype in ("default", "graphs") else dtype)
+    pipe = Pipeline.from_pretrained(folder, device=device,
+                                    dtype=None if dtype in ("default", "graphs", "cl") else dtype)
     name = str(pipe.backend.dtype).removeprefix("torch.")
+    if dtype == "cl":  # an experiment: our default dtype with channels-last UNet and VAE weights (NHWC convs)
+        for part in (pipe.backend.model.unet, pipe.backend.model.vae):
+            part.to(memory_format=torch.channels_last)
     if dtype == "graphs":  # our default dtype, the UNet replayed from CUDA graphs, as `backdrop serve` runs on a GPU
         from backdrop.serve.cuda_graphs import GraphedBackend
 
