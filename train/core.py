@@ -100,10 +100,12 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: nn.Module, step: int) -> None:
-        d = self.decay_at(step)
-        for k, v in module.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].lerp_(v.detach().float(), 1.0 - d)
+        """shadow <- lerp(shadow, weights, 1 - decay), all tensors in one foreach call (as torch.optim.swa_utils'
+        EMA): on a GPU one launch per chunk of tensors instead of one per tensor (~700 for SD1.5's UNet)."""
+        state = module.state_dict()
+        keys = [k for k in self.shadow if k in state]
+        torch._foreach_lerp_([self.shadow[k] for k in keys], [state[k].detach().float() for k in keys],
+                             1.0 - self.decay_at(step))
 
     def copy_to(self, module: nn.Module) -> None:
         state = module.state_dict()
