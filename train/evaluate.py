@@ -419,9 +419,9 @@ def evaluate_inpainting(inpaint_fn, n: int = 64, size: int = 64, seed: int = EVA
     (the ceiling: the product's geometry stays the same under the override, which is checked) and chance; for each
     `expansion` ring (default 3 and 6 px at 64x64, scaled with size) object expansion raw, on those true renders
     (baseline) and the difference, plus the detector's recall on simulated growth in the true renders; the
-    fraction of product pixels kept bit-identical. `control=True` runs inpaint_fn
-    again with empty prompts: what a prompt-blind model scores. Without a classifier one is fitted on
-    World(CLASSIFIER_SEED) (seconds). Returns a JSON-able dict (see format_report)."""
+    fraction of product pixels kept bit-identical. `control=True` runs inpaint_fn again with empty prompts: what a
+    prompt-blind model scores. Without a classifier one is fitted on World(CLASSIFIER_SEED) (seconds). Returns a
+    JSON-able dict (see format_report)."""
     classifier = classifier or AttributeClassifier.fit(size=size)
     ring = max(1, round(3 * size / 64))  # 3 px at 64: scale with size
     rings = expansion or (ObjectExpansion(ring), ObjectExpansion(2 * ring))
