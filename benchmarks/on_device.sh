@@ -39,8 +39,8 @@ export BACKDROP_COMMIT="$COMMIT" PYTHONUNBUFFERED=1
 KERNEL_TESTS="tests/test_kernels_attention.py tests/test_kernels_group_norm.py"
 command_of() {  # the command line of step $1
   case "$1" in
-    tests16) echo "python3 -m pytest -q -n 4 $KERNEL_TESTS -k 'fp16 or bf16'" ;;
-    tests32) echo "python3 -m pytest -q -n 4 $KERNEL_TESTS -k 'not fp16 and not bf16'; s=\$?; python3 -m pytest" \
+    tests16) echo "python3 -m pytest -q -n 8 $KERNEL_TESTS -k 'fp16 or bf16'" ;;
+    tests32) echo "python3 -m pytest -q -n 8 $KERNEL_TESTS -k 'not fp16 and not bf16'; s=\$?; python3 -m pytest" \
                   "-q tests/test_unet.py tests/test_server.py tests/test_stages.py tests/test_pipeline.py" \
                   "-k 'triton or cuda or graph' && exit \$s" ;;
     suite) echo "python3 -m pytest -q -n 8 tests --deselect tests/test_kernels_attention.py" \
