@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from backdrop.diffusion.batching import items
+
 __all__ = [
     "to_repaint_mask", "invert", "binarize", "image_to_tensor", "image_to_uint8", "tensor_to_uint8", "to_pil",
     "fit_size", "pad_to_multiple", "crop_to", "dilate", "latent_mask", "masked_image", "gaussian_blur", "feather",
@@ -38,17 +40,6 @@ PIL_MODES = ("L", "1", "RGB", "RGBA", "LA", "P")
 
 
 # ----------------------------------------------------------------------------------------------- reading inputs
-
-def _items(x, name: str) -> list:
-    """A batch as a list of single items: a list/tuple, a 4-D array (B, H, W, C) / tensor (B, C, H, W), or one item."""
-    if isinstance(x, (list, tuple)):
-        if not x:
-            raise ValueError(f"{name}: empty list")
-        return list(x)
-    if isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 4:
-        return list(x)
-    return [x]
-
 
 def _array(x, name: str) -> np.ndarray:
     """One non-PIL item as (H, W, C) numpy, uint8 or float in [0, 1] (bool becomes uint8 0/255)."""
@@ -152,7 +143,7 @@ def to_repaint_mask(mask=None, product_mask=None, image=None, *, threshold: floa
                          f" keep) or image= (alpha 0 = repaint); got {[k for k, _ in given] or 'none'}")
     name, value = given[0]
     arrays = []
-    for i, item in enumerate(_items(value, name)):
+    for i, item in enumerate(items(value, name)):
         a = _mask_item(item, f"{name}[{i}]", alpha=name == "image")
         if name != "mask":
             a = 255 - a if a.dtype == np.uint8 else 1.0 - a
@@ -180,7 +171,7 @@ def binarize(mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 
 def _image_arrays(images, name: str) -> list[np.ndarray]:
     out = []
-    for i, x in enumerate(_items(images, name)):
+    for i, x in enumerate(items(images, name)):
         if isinstance(x, Image.Image):
             out.append(np.asarray(_pil(x, f"{name}[{i}]").convert("RGB")))  # alpha dropped, P/L expanded
             continue

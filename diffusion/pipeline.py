@@ -1,8 +1,9 @@
 """Pipeline: text-to-image, image-to-image and inpainting over any Backend (export/backends.py).
 
 Thin on purpose: the math lives in schedule.py / samplers.py / guidance.py and every image and mask operation in
-masks.py; this file only follows their recipes (the module docstrings of samplers.py and masks.py) and handles
-batches. One call may hold different prompts, images, masks, seeds and strengths:
+masks.py, and how one call's arguments become per-item lists in batching.py; this file only follows their recipes
+(the module docstrings of samplers.py and masks.py) and runs the models. One call may hold different prompts,
+images, masks, seeds and strengths:
 
   * Broadcasting. `prompt`, `negative_prompt`, `image`, `mask`/`product_mask`, `seed` and `strength` may each be
     one value or a list of n (the n requests); a single value applies to all. num_images_per_prompt = k then
@@ -48,8 +49,6 @@ Which model, device and precision `from_pretrained` picks by default: nn/resolve
 from __future__ import annotations
 
 import logging
-import math
-import secrets
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -60,8 +59,10 @@ from PIL import Image
 
 from backdrop.diffusion import crop_paste as C
 from backdrop.diffusion import masks as M
+from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, broadcast, groups, item_strengths, items, prompts,
+                                        repeat, requests)
 from backdrop.diffusion.guidance import CFGDenoiser
-from backdrop.diffusion.samplers import (SamplingInterrupted, blend_known_region, check_eta, default_noise_sampler,
+from backdrop.diffusion.samplers import (SamplingInterrupted, blend_known_region, default_noise_sampler,
                                          initial_latents, noised_latents, output_latents, per_item_randn, sample)
 from backdrop.diffusion.schedule import build_schedule
 from backdrop.nn.resolve import (default_device, default_dtype, parse_dtype, resolve_model,
@@ -70,8 +71,6 @@ from backdrop.nn.tokenizer import CONTEXT_LENGTH
 
 __all__ = ["Pipeline", "Output", "SamplingInterrupted", "OUTPUT_TYPES"]
 
-OUTPUT_TYPES = ("pil", "np", "latent")
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64 - 1; we keep seed + item inside int64
 log = logging.getLogger(__name__)
 
 
@@ -83,56 +82,6 @@ class Output:
     images: list | np.ndarray | torch.Tensor
     seeds: list[int]
     unchanged: list[int] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------------------------------------- batch helpers
-
-def _items(value, name: str) -> list:
-    """One request's value or a list of them (a 4-D array/tensor is a batch, as masks.py reads it)."""
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise ValueError(f"{name}: empty list")
-        return list(value)
-    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 4:
-        return list(value)
-    return [value]
-
-
-def _broadcast(values: list, n: int, name: str) -> list:
-    if len(values) == n:
-        return values
-    if len(values) == 1:
-        return values * n
-    raise ValueError(f"{name}: {len(values)} values for {n} requests; give one, or one per request")
-
-
-def _seeds(seed, n: int, k: int) -> list[int]:
-    """Per output item (n requests x k images): request i image j gets seeds[i] + j; an int s is [s, s+k, ...]."""
-    if seed is None:
-        seed = secrets.randbelow(2**31)
-    base = [seed + i * k for i in range(n)] if isinstance(seed, int) else _broadcast(_items(seed, "seed"), n, "seed")
-    for s in base:
-        if not isinstance(s, (int, np.integer)) or isinstance(s, bool) or not 0 <= s <= MAX_SEED - k:
-            raise ValueError(f"seed {s!r} must be an int in [0, 2**63 - 1 - num_images_per_prompt]")
-    return [int(s) + j for s in base for j in range(k)]
-
-
-def _repeat(values: list, k: int) -> list:
-    return [v for v in values for _ in range(k)]
-
-
-def _check_strength(s) -> float:
-    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 < s <= 1.0:
-        raise ValueError(f"strength {s!r} must be a number in (0, 1]")
-    return float(s)
-
-
-def _groups(strengths: list[float]) -> dict[float, list[int]]:
-    """Item indices per distinct strength, in order of first appearance."""
-    out: dict[float, list[int]] = {}
-    for i, s in enumerate(strengths):
-        out.setdefault(s, []).append(i)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------- pipeline
@@ -150,6 +99,7 @@ class Pipeline:
         # Image sides are padded to this: the VAE's 8x, times the latent multiple a backend may need (exported
         # ONNX/TensorRT UNets: 2^(levels-1) latent cells; our torch UNet takes any latent size).
         self._multiple = backend.config.vae.downsample_factor * getattr(backend, "latent_multiple", 1)
+        self._width = backend.config.unet.cross_attention_dim  # of the text context: prompt_embeds' last dim
 
     @classmethod
     def from_pretrained(cls, path_or_name, device=None, dtype=None, backend: str = "torch") -> "Pipeline":
@@ -175,13 +125,13 @@ class Pipeline:
                  callback: Callable | None = None, interrupt: threading.Event | None = None) -> Output:
         """Text to image. height/width: default the model's native config.image_size; any positive size works
         (sampled at the next multiple of 8, then cropped). `callback(step, latents)` runs after every step."""
-        loop = _Loop(steps, sampler, eta, guidance_scale, guidance_rescale, progress, callback, interrupt)
+        loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, progress, callback, interrupt)
         size = self.config.image_size
         H, W = height or size, width or size
         if not (isinstance(H, int) and isinstance(W, int) and H > 0 and W > 0):
             raise ValueError(f"height and width must be positive ints, got {height!r} x {width!r}")
-        req = self._requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
-                             embeds=(prompt_embeds, negative_prompt_embeds))
+        req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
+                       embeds=(prompt_embeds, negative_prompt_embeds), width=self._width)
         B, f = len(req["prompts"]), self.config.vae.downsample_factor
         h, w = (d // f for d in M.fit_size(H, W, self._multiple))
         job = dict(req, strengths=[1.0] * B, x0=None, size=(H, W), c_concat=self._empty_concat(B, h, w))
@@ -194,14 +144,14 @@ class Pipeline:
                 callback: Callable | None = None, interrupt: threading.Event | None = None) -> Output:
         """Image to image: the image's latents noised to `strength` (1 = all noise), then int(steps * strength)
         steps, as diffusers' StableDiffusionImg2ImgPipeline. Output has the input's size."""
-        loop = _Loop(steps, sampler, eta, guidance_scale, guidance_rescale, progress, callback, interrupt)
-        images, n_strengths = _items(image, "image"), len(strength) if isinstance(strength, (list, tuple)) else 1
-        req = self._requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
-                             n=max(len(images), n_strengths), embeds=(prompt_embeds, negative_prompt_embeds))
+        loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, progress, callback, interrupt)
+        images, n_strengths = items(image, "image"), len(strength) if isinstance(strength, (list, tuple)) else 1
+        req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
+                       n=max(len(images), n_strengths), embeds=(prompt_embeds, negative_prompt_embeds),
+                       width=self._width)
         n, k = req["n"], req["k"]
-        img = M.image_to_uint8(_repeat(_broadcast(images, n, "image"), k))  # (B, H, W, 3)
-        strengths = _repeat([_check_strength(s) for s in _broadcast(_items(strength, "strength"), n,
-                                                                          "strength")], k)
+        img = M.image_to_uint8(repeat(broadcast(images, n, "image"), k))  # (B, H, W, 3)
+        strengths = item_strengths(strength, n, k)
         H, W = img.shape[1:3]
         x0 = self._encode_image(self._pad(M.image_to_tensor(img)))  # (B, 4, h, w)
         job = dict(req, strengths=strengths, x0=x0, size=(H, W),
@@ -231,24 +181,23 @@ class Pipeline:
                      (binarise at 0.5, nearest resize; reproduces StableDiffusionInpaintPipeline).
         An item whose mask has nothing to repaint is returned as the input (listed in Output.unchanged).
         """
-        loop = _Loop(steps, sampler, eta, guidance_scale, guidance_rescale, progress, callback, interrupt)
-        images = _items(image, "image")
+        loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, progress, callback, interrupt)
+        images = items(image, "image")
         kind, given = self._mask_kind(mask, product_mask, images[0])
-        masks = _items(given, kind) if kind != "image" else images
+        masks = items(given, kind) if kind != "image" else images
         n_strengths = len(strength) if isinstance(strength, (list, tuple)) else 1
-        req = self._requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
-                             n=max(len(images), len(masks), n_strengths),
-                             embeds=(prompt_embeds, negative_prompt_embeds))
+        req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
+                       n=max(len(images), len(masks), n_strengths),
+                       embeds=(prompt_embeds, negative_prompt_embeds), width=self._width)
         n, k = req["n"], req["k"]
-        images, masks = _broadcast(images, n, "image"), _broadcast(masks, n, kind)
-        strengths = _repeat([_check_strength(s) for s in _broadcast(_items(strength, "strength"), n,
-                                                                          "strength")], k)
+        images, masks = broadcast(images, n, "image"), broadcast(masks, n, kind)
+        strengths = item_strengths(strength, n, k)
         blur = M.default_mask_blur(kind) if mask_blur is None else float(mask_blur)
         whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
         if blur < 0 or not whole(mask_dilate) or not (crop_padding is None or whole(crop_padding)):
             raise ValueError(f"mask_blur ({mask_blur!r}) must be >= 0, mask_dilate ({mask_dilate!r}, in latent "
                              f"cells) and crop_padding ({crop_padding!r}, pixels, or None) ints >= 0")
-        img = M.image_to_uint8(_repeat(images, k))  # (B, H, W, 3): the pixels paste-back keeps
+        img = M.image_to_uint8(repeat(images, k))  # (B, H, W, 3): the pixels paste-back keeps
         H, W = img.shape[1:3]
         per_item = [self._repaint_mask(kind, m, i, (H, W)) for i, m in enumerate(masks)]
         todo = [i for i in range(n * k) if per_item[i // k] is not None]
@@ -308,7 +257,7 @@ class Pipeline:
             raise ValueError(msg) from None
 
     def _inpaint(self, img, mask, req, blur, dilate, crop_padding, paste_back, color_match, mask_mode,
-                 loop: _Loop, latents) -> Output:
+                 loop: Loop, latents) -> Output:
         cfg, f = self.config, self.config.vae.downsample_factor
         H, W = img.shape[1:3]
         model_mask = M.dilate(mask, f * dilate)  # grown for the model only; paste-back uses `mask`
@@ -348,42 +297,11 @@ class Pipeline:
 
     # -------------------------------------------------------------------------------------------- shared core
 
-    def _requests(self, prompt, negative_prompt, seed, k, output_type, n: int = 1, embeds=(None, None)) -> dict:
-        """n requests (the longest list among prompt, negative prompt, seed and the images) x k images each.
-        A prompt is a string, or a row (L, C) of `embeds` (prompt_embeds, negative_prompt_embeds) given instead."""
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"num_images_per_prompt must be an int >= 1, got {k!r}")
-        prompts, negatives = (self._prompts(t, e, name) for t, e, name in
-                              ((prompt, embeds[0], "prompt"), (negative_prompt, embeds[1], "negative_prompt")))
-        n = max(n, len(prompts), len(negatives), len(_items(seed, "seed")) if isinstance(seed, (list, tuple)) else 1)
-        return dict(n=n, k=k, output_type=output_type, seeds=_seeds(seed, n, k),
-                    prompts=_repeat(_broadcast(prompts, n, "prompt"), k),
-                    negatives=_repeat(_broadcast(negatives, n, "negative_prompt"), k))
-
     def encode_prompt(self, prompt) -> torch.Tensor:
         """Text embeddings (n, 77, C) float32 on the pipeline's device, for `prompt_embeds` /
         `negative_prompt_embeds`: encode a prompt once and reuse it across calls, or pass embeddings made otherwise
         (prompt weighting, longer contexts), as diffusers' prompt_embeds."""
-        return self._embed(self._prompts(prompt, None, "prompt"))
-
-    def _prompts(self, text, embeds, name: str) -> list:
-        """One request's prompt or a list: strings, or the rows (L, C) of `embeds` (n, L, C) / (L, C)."""
-        if embeds is None:
-            texts = _items("" if text is None else text, name)
-            if not all(isinstance(t, str) for t in texts):
-                raise ValueError(f"{name} must be a string or a list of strings")
-            return texts
-        if text not in (None, ""):
-            raise ValueError(f"give {name} or {name}_embeds, not both")
-        width = self.config.unet.cross_attention_dim
-        if not (isinstance(embeds, torch.Tensor) and embeds.is_floating_point() and embeds.ndim in (2, 3)
-                and embeds.shape[-1] == width and embeds.shape[-2] > 0):
-            got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
-            raise ValueError(f"{name}_embeds must be a float tensor (n, L, {width}) or (L, {width}) (this UNet's "
-                             f"cross_attention_dim), got {got}")
-        return list(embeds[None] if embeds.ndim == 2 else embeds)
+        return self._embed(prompts(prompt, None, "prompt", self._width))
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
         """(U, 77, C) in one encode_text call; a text over CLIP's 77 tokens is cut there, with a warning."""
@@ -436,7 +354,7 @@ class Pipeline:
         grey = self._encode_image(torch.zeros(1, 3, h * f, w * f)).expand(b, -1, -1, -1)  # (B, 4, h, w)
         return torch.cat([torch.ones(b, 1, h, w, device=grey.device), grey], 1)  # (B, 5, h, w)
 
-    def _run(self, job: dict, hw, loop: _Loop, latents, start: str, decode: bool = True) -> Output:
+    def _run(self, job: dict, hw, loop: Loop, latents, start: str, decode: bool = True) -> Output:
         """Noise, one sampler loop per distinct strength, then decode. start: "noise" (txt2img), "image"
         (img2img: x0 noised to the strength) or "inpaint" (pure noise at strength 1, else as img2img)."""
         full = build_schedule(loop.sampler, loop.steps, self.config.scheduler)
@@ -453,7 +371,7 @@ class Pipeline:
         guided, interrupt = loop.guidance_scale > 1, loop.interrupt
         ctx, uctx = self._encode_text(job["prompts"], job["negatives"], guided)
         result = torch.empty(shape, device=dev)
-        for strength, idx in _groups(job["strengths"]).items():
+        for strength, idx in groups(job["strengths"]).items():
             if interrupt is not None and interrupt.is_set():
                 raise SamplingInterrupted(0)
             sched = full if start == "noise" else full.img2img(strength)
@@ -489,26 +407,6 @@ class Pipeline:
         if output_type == "pil":
             return Output(M.to_pil((images * 255).round().astype(np.uint8)), seeds, unchanged or [])
         return Output(images.astype(np.float32), seeds, unchanged or [])
-
-
-@dataclass(frozen=True)
-class _Loop:
-    """One call's sampling settings, as the public methods take them; passed through to _run unchanged."""
-    steps: int
-    sampler: str
-    eta: float
-    guidance_scale: float
-    guidance_rescale: float
-    progress: bool
-    callback: Callable | None
-    interrupt: threading.Event | None
-
-    def __post_init__(self):
-        for name, hi, want in (("guidance_scale", math.inf, ">= 0"), ("guidance_rescale", 1.0, "in [0, 1]")):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= hi or math.isinf(v):
-                raise ValueError(f"{name} must be a finite number {want}, got {v!r}")
-        check_eta(self.eta, self.sampler)
 
 
 def _step_callback(blend, user) -> Callable | None:
