@@ -16,7 +16,7 @@ The inpaint path of the pipeline, front to back (`grow` in latent cells, (h, w) 
     latents_mask = latent_mask(m);  masked = masked_image(x, m)      # the 9-channel UNet's extra inputs
     ... sample, vae_decode -> y (B, 3, h', w') in [-1, 1] ...
     gen    = tensor_to_uint8(crop_to(y, (H, W)))   or, cropped:  tensor_to_uint8(y)
-    out    = C.composite(img, gen, mask, boxes=boxes, mask_blur=4, match_color=True)
+    out    = C.composite(img, gen, mask, boxes=boxes, mask_blur=default_mask_blur("product_mask"), match_color=True)
     out[mask == 0] is bit-identical to img[mask == 0], whatever the options.
 """
 from __future__ import annotations
