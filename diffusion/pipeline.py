@@ -261,15 +261,17 @@ class Pipeline:
         cfg, f = self.config, self.config.vae.downsample_factor
         H, W = img.shape[1:3]
         model_mask = M.dilate(mask, f * dilate)  # grown for the model only; paste-back uses `mask`
-        boxes = None
+        boxes, conditioned = None, cfg.vae.mask_conditioned
         if crop_padding is None:
             x = self._pad(M.image_to_tensor(img))  # (B, 3, H', W')
             m = self._pad(model_mask)  # (B, 1, H', W')
+            known = self._pad(mask) if conditioned else None
         else:
             size = M.fit_size(H, W, self._multiple, side=cfg.image_size)
             boxes = C.crop_box(model_mask, size, crop_padding)
             x = M.image_to_tensor(C.crop_images(img, boxes, size))  # (B, 3, h*f, w*f)
             m = C.crop_masks(model_mask, boxes, size)  # (B, 1, h*f, w*f)
+            known = C.crop_masks(mask, boxes, size) if conditioned else None
         lat_mask = M.latent_mask(m, mode=mask_mode, factor=f).to(self.backend.device)  # (B, 1, h, w)
         nine = cfg.unet.in_channels == 9
         if not nine and cfg.unet.in_channels != cfg.vae.latent_channels:
@@ -281,7 +283,10 @@ class Pipeline:
         out = self._run(job, tuple(lat_mask.shape[-2:]), loop, latents, start="inpaint", decode=False)
         if req["output_type"] == "latent":
             return out
-        y = self.backend.vae_decode(out.images / cfg.scaling_factor).cpu()  # (B, 3, h*f, w*f) in [-1, 1]
+        # A mask-conditioned VAE decodes with the known pixels too: the user's mask, not the one grown for the UNet
+        # (the pixels the paste-back keeps are exactly the ones the decoder is told about)
+        cond = dict(image=x, mask=M.binarize(known)) if conditioned else {}
+        y = self.backend.vae_decode(out.images / cfg.scaling_factor, **cond).cpu()  # (B, 3, h*f, w*f) in [-1, 1]
         if boxes is None:
             y = M.crop_to(y, (H, W))
             if not (paste_back or color_match):  # the VAE's own float output, as diffusers' "np"

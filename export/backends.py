@@ -6,7 +6,12 @@ calls, so torch, ONNX Runtime and TensorRT are interchangeable:
     encode_text(input_ids (B, 77) int64)          -> context (B, 77, C)
     unet(latents (B, Cin, h, w), t (B,), context) -> eps or v (B, 4, h, w)   (Cin = 9 for inpainting UNets)
     vae_encode(images in [-1, 1] (B, 3, H, W))    -> latents (B, 4, H/8, W/8), the unscaled posterior mean
-    vae_decode(latents (B, 4, h, w))              -> images in [-1, 1] (B, 3, 8h, 8w)
+    vae_decode(latents (B, 4, h, w), image=None, mask=None)
+                                                  -> images in [-1, 1] (B, 3, 8h, 8w)
+
+vae_decode's image (B, 3, 8h, 8w) in [-1, 1] and repaint mask (B, 1, 8h, 8w) (1 = repaint) are the inpainting
+condition of a mask-conditioned VAE (config.vae.mask_conditioned, diffusers' AsymmetricAutoencoderKL); the
+Pipeline passes them only to such a model, and without them it decodes as a plain VAE.
 
 Inputs may come in any float dtype; a backend computes in its own dtype and returns float32, so the sampler's
 arithmetic is always float32 whatever the weights are.
@@ -37,7 +42,8 @@ class Backend(Protocol):
 
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor: ...
 
-    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+    def vae_decode(self, latents: torch.Tensor, image: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class TorchBackend:
@@ -67,8 +73,10 @@ class TorchBackend:
         return self.model.vae.encode(images.to(self.device, self.dtype)).float()
 
     @torch.inference_mode()
-    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.model.vae.decode(latents.to(self.device, self.dtype)).float()
+    def vae_decode(self, latents: torch.Tensor, image: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+        cond = [None if t is None else t.to(self.device, self.dtype) for t in (image, mask)]
+        return self.model.vae.decode(latents.to(self.device, self.dtype), *cond).float()
 
 
 def make_backend(kind: str, model_or_path, device=None, dtype=None, **options) -> Backend:

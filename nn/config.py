@@ -151,19 +151,59 @@ class VAEConfig:
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215       # latents * scaling_factor ~ unit variance (LDM paper, SD1/SD2)
     sample_size: int = 512
+    # Asymmetric VQGAN (Zhu et al. 2023; diffusers' AsymmetricAutoencoderKL): the decoder also sees the known
+    # pixels of an inpainting task (a condition encoder over the masked image), and may be wider/deeper than the
+    # encoder. None: the decoder has the encoder's widths / resnets a level (AutoencoderKL).
+    mask_conditioned: bool = False
+    decoder_block_out_channels: tuple[int, ...] | None = None
+    decoder_layers_per_block: int | None = None
 
     def __post_init__(self):
-        for c in self.block_out_channels:
+        for c in self.block_out_channels + (self.decoder_block_out_channels or ()):
             _check(c % self.norm_num_groups == 0, "VAEConfig",
                    f"channels {c} not divisible by norm_num_groups {self.norm_num_groups}")
         _check(self.scaling_factor > 0, "VAEConfig", "scaling_factor must be positive")
+        if self.decoder_block_out_channels is not None:
+            _check(len(self.decoder_block_out_channels) == len(self.block_out_channels), "VAEConfig",
+                   f"decoder_block_out_channels {self.decoder_block_out_channels} must have one entry per encoder "
+                   f"level ({len(self.block_out_channels)}): both sides scale by the same factor")
+        _check(self.mask_conditioned or (self.decoder_block_out_channels is None
+                                         and self.decoder_layers_per_block is None), "VAEConfig",
+               "a decoder shaped unlike the encoder is an AsymmetricAutoencoderKL: set mask_conditioned=True")
 
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
 
+    @property
+    def decoder_channels(self) -> tuple[int, ...]:
+        return self.decoder_block_out_channels or self.block_out_channels
+
+    @property
+    def decoder_layers(self) -> int:  # resnets a decoder level has, less one (diffusers' layers_per_block)
+        return self.decoder_layers_per_block or self.layers_per_block
+
     def to_diffusers(self) -> dict:
         n = len(self.block_out_channels)
+        if self.mask_conditioned:
+            return {
+                "_class_name": "AsymmetricAutoencoderKL",
+                "in_channels": self.in_channels,
+                "out_channels": self.out_channels,
+                "latent_channels": self.latent_channels,
+                "down_block_types": ["DownEncoderBlock2D"] * n,
+                "down_block_out_channels": list(self.block_out_channels),
+                "layers_per_down_block": self.layers_per_block,
+                "up_block_types": ["UpDecoderBlock2D"] * n,
+                "up_block_out_channels": list(self.decoder_channels),
+                "layers_per_up_block": self.decoder_layers,
+                "block_out_channels": list(self.decoder_channels),  # what diffusers' __init__ registers too
+                "norm_num_groups": self.norm_num_groups,
+                "act_fn": "silu",
+                "force_upcast": False,
+                "scaling_factor": self.scaling_factor,
+                "sample_size": self.sample_size,
+            }
         return {
             "_class_name": "AutoencoderKL",
             "in_channels": self.in_channels,
@@ -185,6 +225,26 @@ class VAEConfig:
                           "mid_block_add_attention": True, "shift_factor": None}.items():
             if cfg.get(key, want) != want:
                 raise ValueError(f"{source}: {key}={cfg[key]!r} is not supported (Backdrop implements {want!r})")
+        if cfg.get("_class_name") == "AsymmetricAutoencoderKL":
+            for key in ("down_block_types", "up_block_types"):
+                want = "DownEncoderBlock2D" if key.startswith("down") else "UpDecoderBlock2D"
+                if any(t != want for t in cfg.get(key, (want,))):
+                    raise ValueError(f"{source}: {key}={cfg[key]!r} is not supported (Backdrop implements {want})")
+            enc, dec = tuple(cfg.get("down_block_out_channels", (64,))), tuple(cfg.get("up_block_out_channels", (64,)))
+            layers, dec_layers = cfg.get("layers_per_down_block", 1), cfg.get("layers_per_up_block", 1)
+            return cls(
+                in_channels=cfg.get("in_channels", 3),
+                out_channels=cfg.get("out_channels", 3),
+                latent_channels=cfg.get("latent_channels", 4),
+                block_out_channels=enc,
+                layers_per_block=layers,
+                decoder_block_out_channels=None if dec == enc else dec,  # None: as the encoder
+                decoder_layers_per_block=None if dec_layers == layers else dec_layers,
+                mask_conditioned=True,
+                norm_num_groups=cfg.get("norm_num_groups", 32),
+                scaling_factor=cfg.get("scaling_factor", 0.18215),
+                sample_size=cfg.get("sample_size", 32),
+            )
         return cls(
             in_channels=cfg.get("in_channels", 3),
             out_channels=cfg.get("out_channels", 3),

@@ -176,6 +176,9 @@ def from_ldm(t: torch.Tensor, src: Src) -> torch.Tensor:
 
 def to_ldm(cfg: ModelConfig, tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """{component: our state dict} -> one LDM state dict (SD1 text keys with the `text_model.` level)."""
+    if cfg.vae.mask_conditioned:
+        raise CheckpointError("a mask-conditioned VAE (AsymmetricAutoencoderKL) has no layout in LDM single files; "
+                              "save the model as a diffusers folder")
     names = ldm_names(cfg, {c: sd.keys() for c, sd in tensors.items()})
     out, fused = {}, {}
     for c, sd in tensors.items():
@@ -341,15 +344,16 @@ def diffusers_configs(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> d
     dtype = str(dtype).removeprefix("torch.")
     version = {"_diffusers_version": DIFFUSERS_VERSION}
     pipeline = "StableDiffusionInpaintPipeline" if cfg.unet.is_inpaint else "StableDiffusionPipeline"
+    vae = cfg.vae.to_diffusers()  # AutoencoderKL, or AsymmetricAutoencoderKL when mask-conditioned
     return {
         "model_index.json": {
             "_class_name": pipeline, **version, "feature_extractor": [None, None], "image_encoder": [None, None],
             "requires_safety_checker": False, "safety_checker": [None, None],
             "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"]},
+            "vae": ["diffusers", vae["_class_name"]]},
         "unet/config.json": {**version, **_UNET_FIXED, **cfg.unet.to_diffusers()},
-        "vae/config.json": {**version, **_VAE_FIXED, **cfg.vae.to_diffusers()},
+        "vae/config.json": {**version, **({} if cfg.vae.mask_conditioned else _VAE_FIXED), **vae},
         "text_encoder/config.json": {**cfg.text.to_transformers(), "dtype": dtype,
                                      "transformers_version": TRANSFORMERS_VERSION},
         # SD's PNDM setup as published (skip_prk_steps: the PLMS variant SD samples with)

@@ -2,18 +2,21 @@
 Diffusion Models", sec. 3.1): images in [-1, 1] <-> latents 8x smaller with 4 channels.
 
 Module paths mirror diffusers' AutoencoderKL (diffusers/models/autoencoders/{autoencoder_kl,vae}.py), so a
-diffusers `vae/` folder loads with a strict load_state_dict. Latents here are UNSCALED: the pipeline multiplies
+diffusers `vae/` folder loads with a strict load_state_dict; with `mask_conditioned` they mirror its
+AsymmetricAutoencoderKL (Zhu et al. 2023, "Designing a Better Asymmetric VQGAN for StableDiffusion"), whose decoder
+also reads the known pixels of an inpainting task (and may be wider than the encoder). Latents here are UNSCALED: the pipeline multiplies
 by `cfg.scaling_factor` after `encode` and divides before `decode`.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
 from .layers import Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, maybe_checkpoint
 
-__all__ = ["VAE", "DiagonalGaussian"]
+__all__ = ["VAE", "DiagonalGaussian", "ConditionEncoder"]
 
 # LDM's VAE normalises with eps 1e-6 everywhere (taming-transformers' Normalize), unlike the UNet's 1e-5.
 _EPS = 1e-6
@@ -121,12 +124,41 @@ class Encoder(nn.Module):
         return self.conv_out(self.conv_norm_out(x))
 
 
+class ConditionEncoder(nn.Module):
+    """The asymmetric decoder's view of the known pixels (diffusers' MaskConditionEncoder): five convs over the
+    masked image, 3x3 at full resolution twice, then three 4x4 stride-2 ones, with widths
+    min(c0 * 2^k, cL) for k = 0..3, then cL (c0, cL: the decoder's first and last widths). Returns each conv's
+    output before its ReLU, keyed by (channels, downscale); a later conv of the same key wins, as in diffusers."""
+
+    def __init__(self, in_channels: int, c0: int, c_last: int):
+        super().__init__()
+        widths = [min(c0 * 2 ** k, c_last) for k in range(4)] + [c_last]
+        ins = [in_channels] + widths[:-1]
+        self.layers = nn.Sequential(*[nn.Conv2d(i, o, 3, 1, 1) if k < 2 else nn.Conv2d(i, o, 4, 2, 1)
+                                      for k, (i, o) in enumerate(zip(ins, widths))])
+        self.keys = [(o, 2 ** max(k - 1, 0)) for k, o in enumerate(widths)]  # (channels, downscale) per conv
+
+    def forward(self, masked_image: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
+        out = {}
+        x = masked_image  # (B, 3, H, W)
+        for key, conv in zip(self.keys, self.layers):
+            x = conv(x)  # (B, C, H / s, W / s)
+            out[key] = x
+            x = torch.relu(x)
+        return out
+
+
 class Decoder(nn.Module):
-    """(B, latent, h, w) -> (B, 3, 8h, 8w). Each level has layers_per_block + 1 resnets, as LDM."""
+    """(B, latent, h, w) -> (B, 3, 8h, 8w). Each level has layers_per_block + 1 resnets, as LDM.
+
+    Mask-conditioned (cfg.mask_conditioned, diffusers' MaskConditionDecoder): given the image and the repaint mask
+    (SD's convention: 1 = repaint), the input of every level and the last features take the condition encoder's
+    features of the masked image wherever the mask (nearest-downsampled) is 0, so the known pixels and the edges
+    next to them are decoded from the pixels themselves, not only from 4 latent numbers per 8x8 cell."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        ch, g, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
+        ch, g, n = cfg.decoder_channels, cfg.norm_num_groups, len(cfg.decoder_channels)
         rev = tuple(reversed(ch))
         self.conv_in = nn.Conv2d(cfg.latent_channels, rev[0], 3, padding=1)
         self.mid_block = MidBlock(rev[0], g)
@@ -134,16 +166,35 @@ class Decoder(nn.Module):
         for i in range(n):
             c_in = rev[max(i - 1, 0)]
             resnets = [ResnetBlock2D(c_in if j == 0 else rev[i], rev[i], None, g, _EPS)
-                       for j in range(cfg.layers_per_block + 1)]
+                       for j in range(cfg.decoder_layers + 1)]
             up = Upsample2D(rev[i]) if i < n - 1 else None
             self.up_blocks.append(_Level(resnets, up=up))
+        self.condition_encoder = None
+        if cfg.mask_conditioned:
+            self.condition_encoder = ConditionEncoder(cfg.out_channels, ch[0], ch[-1])
+            # the features each level's input and the output take: (channels, downscale from the image)
+            self._cond_keys = [(rev[max(i - 1, 0)], 2 ** (n - 1 - i)) for i in range(n)] + [(ch[0], 1)]
+            missing = [k for k in self._cond_keys if k not in self.condition_encoder.keys]
+            if missing:
+                raise ValueError(f"VAEConfig: a mask-conditioned decoder with widths {ch} needs condition features "
+                                 f"(channels, downscale) {missing}, which its condition encoder "
+                                 f"{self.condition_encoder.keys} does not make")
         self.conv_norm_out = GroupNorm(g, ch[0], _EPS, silu=True)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
-    def forward(self, z: torch.Tensor, ckpt: bool = False) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, ckpt: bool = False, image: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z), ckpt)
-        for block in self.up_blocks:
-            x = block(x, ckpt)
+        if image is None:
+            for block in self.up_blocks:
+                x = block(x, ckpt)
+            return self.conv_out(self.conv_norm_out(x))
+        mask = mask.to(x.dtype)  # (B, 1, H, W), 1 = repaint
+        cond = maybe_checkpoint(ckpt, self.condition_encoder, (1 - mask) * image.to(x.dtype))
+        for block, key in zip(self.up_blocks, self._cond_keys):
+            m = F.interpolate(mask, size=x.shape[-2:], mode="nearest")  # (B, 1, h', w')
+            x = block(x * m + cond[key] * (1 - m), ckpt)
+        x = x * mask + cond[self._cond_keys[-1]] * (1 - mask)
         return self.conv_out(self.conv_norm_out(x))
 
 
@@ -177,15 +228,33 @@ class VAE(nn.Module):
         """images (B, 3, H, W) in [-1, 1] -> posterior mean (B, 4, H/8, W/8), unscaled."""
         return self.encode_posterior(images).mean
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Unscaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), roughly [-1, 1] but not clamped."""
-        self._check(latents, self.cfg.latent_channels, "decode", "latents")
-        ckpt = self.gradient_checkpointing and self.training
-        return self.decoder(self.post_quant_conv(latents), ckpt)
+    def decode(self, latents: torch.Tensor, image: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Unscaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), roughly [-1, 1] but not clamped.
 
-    def forward(self, images: torch.Tensor, sample_posterior: bool = True,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
-        """Reconstruct for training: (reconstruction, posterior); decodes a posterior sample or its mean."""
+        A mask-conditioned VAE (cfg.mask_conditioned) also takes the inpainting task's image (B, 3, 8h, 8w) in
+        [-1, 1] and repaint mask (B, 1, 8h, 8w), 1 = repaint, 0 = keep (diffusers' AsymmetricAutoencoderKL
+        arguments); without them it decodes as a plain VAE."""
+        self._check(latents, self.cfg.latent_channels, "decode", "latents")
+        if (image is None) != (mask is None):
+            raise ValueError("VAE.decode: give both image and mask (the inpainting condition) or neither")
+        if image is not None:
+            if not self.cfg.mask_conditioned:
+                raise ValueError("VAE.decode: image/mask condition only a mask-conditioned VAE "
+                                 "(AsymmetricAutoencoderKL); this one is a plain AutoencoderKL")
+            B, _, h, w = latents.shape
+            f = self.cfg.downsample_factor
+            for name, t, c in (("image", image, self.cfg.out_channels), ("mask", mask, 1)):
+                if tuple(t.shape) != (B, c, h * f, w * f):
+                    raise ValueError(f"VAE.decode: {name} must be {(B, c, h * f, w * f)} for latents "
+                                     f"{tuple(latents.shape)}, got {tuple(t.shape)}")
+        ckpt = self.gradient_checkpointing and self.training
+        return self.decoder(self.post_quant_conv(latents), ckpt, image, mask)
+
+    def forward(self, images: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """Reconstruct for training: (reconstruction, posterior); decodes a posterior sample or its mean, with
+        `images` and `mask` as the decoder's condition when a mask is given (mask-conditioned VAEs)."""
         posterior = self.encode_posterior(images)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        return self.decode(z), posterior
+        return self.decode(z, None if mask is None else images, mask), posterior

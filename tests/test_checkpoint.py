@@ -434,3 +434,24 @@ def test_bad_folders_say_what_was_expected(saved, tmp_path):
     assert_same_tensors(load_model(pickled, allow_pickle=True), saved[0])
     (te / "pytorch_model.bin").unlink()
     assert "no weights: expected model.safetensors" in _error(pickled)
+
+
+def test_mask_conditioned_vae_folder(tmp_path):
+    """A mask-conditioned VAE saves as diffusers' AsymmetricAutoencoderKL (class in model_index.json and
+    vae/config.json), which diffusers opens with the same weights and we load back strictly; LDM single files have
+    no layout for it, so saving one is refused with a clear error."""
+    diffusers = pytest.importorskip("diffusers")
+    cfg = PRESETS["tiny-inpaint"]
+    cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, mask_conditioned=True))
+    model = init_model(cfg, seed=2)
+    folder = save_model(model, tmp_path / "m")
+    assert json.loads((folder / "model_index.json").read_text())["vae"] == ["diffusers", "AsymmetricAutoencoderKL"]
+    loaded = load_model(folder)
+    assert loaded.config == model.config
+    ref = diffusers.AsymmetricAutoencoderKL.from_pretrained(folder / "vae").eval()
+    sd = model.vae.state_dict()
+    assert set(ref.state_dict()) == set(sd) and any(k.startswith("decoder.condition_encoder.") for k in sd)
+    for k, v in loaded.vae.state_dict().items():
+        assert torch.equal(v, sd[k]) and torch.equal(ref.state_dict()[k], sd[k]), k
+    with pytest.raises(CheckpointError, match="diffusers folder"):
+        save_model(model, tmp_path / "m.safetensors", layout="ldm")

@@ -545,3 +545,29 @@ def test_builtin_model_opens_by_name_and_keeps_the_example_product():
     assert got.shape == np.asarray(image).shape and product.any()
     assert (got[product] == np.asarray(image)[product]).all()  # the product, bit-identical
     assert np.abs(got[~product].astype(int) - np.asarray(image)[~product]).mean() > 10  # the backdrop, repainted
+
+
+def test_inpaint_decodes_with_the_known_pixels_on_a_mask_conditioned_vae(tmp_path, one_thread):
+    """A mask-conditioned VAE (AsymmetricAutoencoderKL) gets the image and the user's binarized repaint mask (not
+    the one grown by mask_dilate for the UNet) at decode, as diffusers' inpaint pipeline passes them; the kept
+    pixels are still pasted back exactly."""
+    cfg = PRESETS["tiny-inpaint"]
+    cfg = replace(cfg, vae=replace(cfg.vae, mask_conditioned=True))
+    pipe = Pipeline.from_pretrained(save_model(init_model(cfg, seed=3), tmp_path / "m"), device="cpu",
+                                    dtype=torch.float32)
+    img, mask = images(2, seed=4), rect_masks(2, seed=5)
+    kw = dict(prompt=PROMPTS, seed=[1, 2], steps=3, mask_dilate=1, progress=False)
+    lat = pipe.inpaint(img, mask, output_type="latent", **kw).images
+    got = pipe.inpaint(img, mask, output_type="np", paste_back=False, **kw).images
+    x = M.image_to_tensor(img)  # (2, 3, 64, 64) in [-1, 1]
+    m = torch.stack([torch.from_numpy(np.asarray(k) / 255.0).float()[None] for k in mask]) >= 0.5
+    with torch.no_grad():
+        y = pipe.backend.vae_decode(lat / cfg.vae.scaling_factor, image=x, mask=m.float())
+        plain = pipe.backend.vae_decode(lat / cfg.vae.scaling_factor)
+    want = (y * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs((plain * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() - want).max() > 1e-2
+    kept = np.stack([np.asarray(k) == 0 for k in mask])  # (2, 64, 64)
+    out = pipe.inpaint(img, mask, output_type="np", mask_blur=0, **kw).images  # pasted back: kept pixels exact
+    np.testing.assert_array_equal((out * 255).round().astype(np.uint8)[kept],
+                                  np.stack([np.asarray(i) for i in img])[kept])

@@ -334,6 +334,35 @@ def test_vae_decoder_only_keeps_the_latent_space(tmp_path):
         VAEStage(tiny(), decoder_only=True, calibration=batch["image"])
 
 
+def test_vae_mask_conditioned_decoder(tmp_path):
+    """--mask-conditioned: the converted VAE decodes as before without a condition (the new condition encoder
+    is only read with one), trains its decoder with per-item repaint masks (product masks where the data has
+    them), and saves as an AsymmetricAutoencoderKL folder that loads back conditioned."""
+    model = tiny()
+    randomize_(model.vae)
+    data = make_dataset("synthetic:8", 32)
+    batch = collate([data[i] for i in range(8)])
+    stage = VAEStage(model, decoder_only=True, mask_conditioned=True, product_prob=1.0)
+    vae = stage.model.vae
+    assert vae.cfg.mask_conditioned and not model.config.vae.mask_conditioned
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(z), model.vae.decode(z), rtol=0, atol=0)
+    masks = stage._repaint_masks(batch, torch.Generator().manual_seed(0), "cpu")
+    torch.testing.assert_close(masks, 1 - batch["mask"])  # product_prob 1: keep each product
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    l1_before = fixed_loss(stage, stage.trainable(), batch, metric="l1")
+    trainer = fit(stage, data, tmp_path / "run", steps=20, lr=2e-3)
+    assert fixed_loss(stage, trainer.module, batch, metric="l1") < 0.9 * l1_before
+    loaded = load_model(trainer.save_final())
+    assert loaded.config.vae.mask_conditioned
+    changed = {k for k, v in loaded.vae.state_dict().items() if not torch.equal(v, before[k])}
+    assert any(k.startswith("decoder.condition_encoder.") for k in changed)
+    assert all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed), sorted(changed)
+    with pytest.raises(ValueError, match="decoder-only"):
+        VAEStage(tiny(), mask_conditioned=True)
+
+
 def test_ssim():
     """On an 11x11 image SSIM is one window: Wang et al. eq. 13 with Gaussian-weighted (sigma 1.5) statistics,
     written out here in float64 without the separable blur."""

@@ -148,3 +148,55 @@ def test_full_size_sd_vae():
         assert rel_err(got.mean, want.mean) < 1e-4 and rel_err(got.logvar, want.logvar) < 1e-4
         z = want.mean
         assert rel_err(ours.decode(z), ref.decode(z).sample) < 1e-4
+
+
+# ------------------------------------------------------------------------ mask-conditioned (asymmetric) VAEs
+ASYM = [  # the tiny shape (the condition encoder's first and last widths feed two levels each), and a decoder
+    # wider and deeper than its encoder (as the released asymmetric-autoencoder-kl-x-1-5 / x-2 are)
+    VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=64,
+              mask_conditioned=True),
+    VAEConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=64,
+              mask_conditioned=True, decoder_block_out_channels=(48, 96, 96, 96), decoder_layers_per_block=2),
+]
+
+
+def asym_pair(cfg: VAEConfig, seed: int = 0):
+    ref = diffusers.AsymmetricAutoencoderKL.from_config(cfg.to_diffusers()).eval()
+    randomize_(ref, seed)
+    ours = VAE(cfg).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours, ref
+
+
+@pytest.mark.parametrize("cfg", ASYM, ids=["tiny", "wide-decoder"])
+def test_mask_conditioned_decode_matches_diffusers(cfg):
+    """diffusers' AsymmetricAutoencoderKL with the same weights: decode with the inpainting condition (a mask
+    with both values, so both sides of every level's blend count) and without; the config round-trips."""
+    ours, ref = asym_pair(cfg, seed=7)
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(2, 4, 5, 7, generator=g)
+    image = images(2, 40, 56, seed=9)
+    mask = (torch.rand(2, 1, 40, 56, generator=g) < 0.5).float()
+    with torch.no_grad():
+        got, want = ours.decode(z, image, mask), ref.decode(z, image=image, mask=mask).sample
+        plain, plain_want = ours.decode(z), ref.decode(z).sample
+        assert rel_err(got, want) < 1e-4 and rel_err(plain, plain_want) < 1e-4
+        assert rel_err(got, plain) > 1e-2  # the condition changes the output
+        # an all-repaint mask is plain decoding, whatever the image (what exported graphs feed for txt2img)
+        torch.testing.assert_close(ours.decode(z, image, torch.ones_like(mask)), plain, rtol=0, atol=1e-6)
+        rec, _ = ours(image, sample_posterior=False, mask=mask)  # forward: the image is its own condition
+        torch.testing.assert_close(rec, ref(image, mask=mask).sample, rtol=1e-4, atol=1e-4)
+    assert VAEConfig.from_diffusers(dict(ref.config)) == cfg
+
+
+def test_mask_conditioned_decode_checks_its_condition():
+    ours, plain = VAE(ASYM[0]), VAE(TINY)
+    z, image, mask = torch.zeros(1, 4, 4, 4), torch.zeros(1, 3, 32, 32), torch.ones(1, 1, 32, 32)
+    with pytest.raises(ValueError, match="both image and mask"):
+        ours.decode(z, image)
+    with pytest.raises(ValueError, match=r"mask must be \(1, 1, 32, 32\)"):
+        ours.decode(z, image, torch.ones(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="plain AutoencoderKL"):
+        plain.decode(z, image, mask)
+    with pytest.raises(ValueError, match="mask_conditioned=True"):
+        VAEConfig(decoder_block_out_channels=(128, 256, 512, 512))

@@ -133,6 +133,13 @@ def add_parser(subparsers) -> None:
     vae.add_argument("--decoder-only", action="store_true",
                      help="fine-tune only the decoder of --init's VAE: its latents and scaling factor stay, so a UNet "
                           "trained on them keeps working (as Stability's sd-vae-ft-mse)")
+    vae.add_argument("--mask-conditioned", action="store_true",
+                     help="with --decoder-only: give the decoder a view of the known pixels of an inpainting task "
+                          "(Asymmetric VQGAN, diffusers' AsymmetricAutoencoderKL); sharper edges next to a kept "
+                          "product. An --init VAE that already is one is trained so without this flag")
+    vae.add_argument("--product-prob", type=float, default=0.5, metavar="P",
+                     help="mask-conditioned: the share of product masks where the data has them, the rest random "
+                          "(default: %(default)s)")
 
     stages.add_parser("pretrain", parents=[data, training, diffusion], help="text-to-image diffusion (UNet)",
                       description="Train the UNet for text-to-image on the frozen text encoder and VAE.")
@@ -255,7 +262,10 @@ def _stage(args, name: str, model, data, size: int, device):
             raise CLIError("--decoder-only fine-tunes a trained VAE's decoder; give it with --init")
         n = min(CALIBRATION_IMAGES, len(data))
         calibration = None if args.decoder_only else torch.stack([data[i]["image"] for i in range(n)])  # (n, 3, H, W)
-        return VAEStage(model, device, args.init, args.ssim_weight, args.kl_weight, calibration, args.decoder_only)
+        if (args.mask_conditioned or model.config.vae.mask_conditioned) and not args.decoder_only:
+            raise CLIError("a mask-conditioned VAE trains its decoder only: add --decoder-only")
+        return VAEStage(model, device, args.init, args.ssim_weight, args.kl_weight, calibration, args.decoder_only,
+                        args.mask_conditioned, args.product_prob)
     options = DiffusionOptions(args.prediction, args.snr_gamma, args.noise_offset, args.input_perturbation,
                                args.zero_terminal_snr, args.caption_dropout)
     if name == "pretrain":

@@ -15,6 +15,14 @@ At the end the latent scaling factor is re-measured as 1 / std(latents) over a c
 `decoder_only` (`--decoder-only`) fine-tunes the decoder (and post_quant_conv) of a trained VAE with its encoder
 frozen, as Stability did for sd-vae-ft-mse: the latent space and scaling factor stay those of --init, so a UNet
 already trained on them keeps working and only the pixels it decodes to get sharper. The KL term is then constant.
+
+`mask_conditioned` (`--mask-conditioned`, with `--decoder-only`) turns the decoder into an asymmetric one (Zhu et
+al. 2023; diffusers' AsymmetricAutoencoderKL, nn/vae.py): the decoder keeps its weights and gains a condition encoder
+over the masked image, and is trained to reconstruct each image given it and a repaint mask per item (data.py's
+inpaint_mask: the product kept `product_prob` of the time where the data has product masks, else random masks,
+a quarter of which repaint everything and so train plain decoding too). At inference the inpaint pipeline hands the
+decoder the known pixels, so the product's edge is decoded from the pixels, not only from 4 latent numbers per
+8x8 cell. The encoder, its latent space and the UNet stay as they are.
 """
 from __future__ import annotations
 
@@ -26,10 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...diffusion.samplers import host_to_device
 from ...nn.checkpoint import Model
+from ...nn.vae import VAE
+from ..data import inpaint_mask
 from .common import posterior_moments, sample_posterior, write_model
 
-__all__ = ["VAEStage", "Autoencoder", "ssim", "measure_scaling_factor"]
+__all__ = ["VAEStage", "Autoencoder", "ssim", "measure_scaling_factor", "to_mask_conditioned"]
 
 SSIM_WEIGHT = 0.84  # Zhao et al. 2017, sec. III-D
 KL_WEIGHT = 1e-6    # LDM kl-f8 autoencoder config, `kl_weight`
@@ -80,31 +91,56 @@ def measure_scaling_factor(vae: nn.Module, images: torch.Tensor, batch_size: int
     return float(f"{1.0 / std:.5g}")
 
 
+def to_mask_conditioned(model: Model) -> Model:
+    """The model with a mask-conditioned VAE: every weight kept, a new condition encoder (torch's default init).
+    A model whose VAE already is one is returned as is."""
+    if model.config.vae.mask_conditioned:
+        return model
+    cfg = dataclasses.replace(model.config, vae=dataclasses.replace(model.config.vae, mask_conditioned=True))
+    p = next(model.vae.parameters())
+    vae = VAE(cfg.vae).to(p.device, p.dtype)
+    missing, unexpected = vae.load_state_dict(model.vae.state_dict(), strict=False)
+    new = [k for k in missing if not k.startswith("decoder.condition_encoder.")]
+    if new or unexpected:
+        raise RuntimeError(f"to_mask_conditioned: unmatched VAE keys {sorted(new + unexpected)[:5]}")
+    vae.gradient_checkpointing = model.vae.gradient_checkpointing
+    return dataclasses.replace(model, vae=vae.train(model.vae.training), config=cfg)
+
+
 class Autoencoder(nn.Module):
     """What the stage trains: the VAE, run encode -> posterior sample -> decode in one forward, so that under DDP
-    the whole graph goes through the wrapper's forward. The sample's noise comes from the CPU generator."""
+    the whole graph goes through the wrapper's forward. The sample's noise comes from the CPU generator; `mask`
+    (B, 1, H, W), 1 = repaint, conditions a mask-conditioned decoder on the rest of `images`."""
 
     def __init__(self, vae: nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator):
+    def forward(self, images: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None):
         posterior = self.vae.encode_posterior(images)
         z = sample_posterior(torch.cat([posterior.mean, posterior.logvar], dim=1), generator)  # (B, C, h, w)
-        return self.vae.decode(z), posterior
+        return self.vae.decode(z, None if mask is None else images, mask), posterior
 
 
 class VAEStage:
     """Trains `model.vae` as an autoencoder: reconstruct the posterior sample, keep the posterior near N(0, I)."""
 
     def __init__(self, model: Model, device="cpu", init=None, ssim_weight: float = SSIM_WEIGHT,
-                 kl_weight: float = KL_WEIGHT, calibration: torch.Tensor | None = None, decoder_only: bool = False):
+                 kl_weight: float = KL_WEIGHT, calibration: torch.Tensor | None = None, decoder_only: bool = False,
+                 mask_conditioned: bool = False, product_prob: float = 0.5):
         if not 0.0 <= ssim_weight <= 1.0 or kl_weight < 0:
             raise ValueError(f"VAEStage: ssim_weight must be in [0, 1] and kl_weight >= 0, got {ssim_weight}, "
                              f"{kl_weight}")
         if decoder_only and calibration is not None:
             raise ValueError("VAEStage: decoder_only keeps the encoder's latent space and its scaling factor; "
                              "pass no calibration images")
+        if (mask_conditioned or model.config.vae.mask_conditioned) and not decoder_only:
+            raise ValueError("VAEStage: a mask-conditioned VAE is trained decoder-only (its decoder sees the known "
+                             "pixels, so training the encoder with it would let the latents drop them)")
+        if not 0.0 <= product_prob <= 1.0:
+            raise ValueError(f"VAEStage: product_prob must be in [0, 1], got {product_prob}")
+        model = to_mask_conditioned(model) if mask_conditioned else model
+        self.conditioned, self.product_prob = model.config.vae.mask_conditioned, product_prob
         self.model, self.device, self.init = model, torch.device(device), init
         self.ssim_weight, self.kl_weight = ssim_weight, kl_weight
         self.calibration = calibration  # (N, 3, H, W) images for the scaling factor; None keeps the model's
@@ -122,12 +158,21 @@ class VAEStage:
             raise ValueError("the vae stage trains on images; a latent cache holds the outputs of the VAE it would "
                              "train (pass --data synthetic:N or an image folder)")
         x = batch["image"]  # (B, 3, H, W) in [-1, 1]
-        recon, posterior = model(x, generator)  # (B, 3, H, W)
+        recon, posterior = model(x, generator, self._repaint_masks(batch, generator, x.device))  # (B, 3, H, W)
         l1 = (recon.float() - x.float()).abs().mean()
         s = ssim(recon, x).mean()
         kl = posterior.kl().float().mean() / x[0].numel()  # per-image sum / 3HW (see the module docstring)
         loss = (1 - self.ssim_weight) * l1 + self.ssim_weight * (1 - s) + self.kl_weight * kl
         return loss, {"l1": l1.detach(), "ssim": s.detach(), "kl": kl.detach()}
+
+    def _repaint_masks(self, batch: dict, generator: torch.Generator, device) -> torch.Tensor | None:
+        """(B, 1, H, W), 1 = repaint, one per item (data.inpaint_mask), for a mask-conditioned decoder; else None."""
+        if not self.conditioned:
+            return None
+        H, W = batch["image"].shape[-2:]
+        product = batch["mask"].cpu() if "mask" in batch else [None] * len(batch["image"])  # (B, 1, H, W)
+        masks = torch.stack([inpaint_mask(H, W, generator, p, self.product_prob) for p in product])
+        return host_to_device(masks, device)
 
     def save_final(self, module: nn.Module, out_dir: Path) -> None:
         vae, cfg = module.vae, self.model.config
