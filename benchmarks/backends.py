@@ -82,8 +82,8 @@ class Timed:
     def vae_encode(self, x):
         return self._timed("vae_encode", x)
 
-    def vae_decode(self, z):
-        return self._timed("vae_decode", z)
+    def vae_decode(self, z, image=None, mask=None):  # image, mask: a mask-conditioned VAE's inpainting condition
+        return self._timed("vae_decode", z, image, mask)
 
 
 def request(size: int, batch: int, steps: int) -> dict:

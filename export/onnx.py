@@ -24,7 +24,8 @@ How one graph is made (`export_component`):
   3. fp16 (optional): ONNX Runtime's float16 converter on the checked fp32 graph, inputs and outputs kept fp32.
   4. Check: ONNX Runtime (CPU) against the torch module on random inputs at batches other than the traced one
      (and another spatial size when h/w are dynamic). A graph over TOLERANCES[dtype] raises ExportError naming
-     the component and the measured error, and nothing is written.
+     the component and the measured error, and nothing is written. A mask-conditioned VAE's decoder graph takes
+     image and mask too (graph_specs), checked with random binary masks (both sides of its blend).
 A weight map (name of each ONNX initializer -> the torch state_dict keys it equals, maybe transposed) is saved
 next to each graph: TensorRT's refitter names weights by ONNX initializer, LoRA patches by torch key.
 """
@@ -100,8 +101,9 @@ class _VAEDecoder(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, latent_sample):
-        return self.vae.decode(latent_sample)  # (B, 3, 8h, 8w)
+    def forward(self, latent_sample, image=None, mask=None):
+        # image (B, 3, 8h, 8w), mask (B, 1, 8h, 8w): a mask-conditioned VAE's graph inputs (graph_specs)
+        return self.vae.decode(latent_sample, image, mask)  # (B, 3, 8h, 8w)
 
 
 def graph_modules(model: Model) -> dict[str, nn.Module]:
@@ -113,7 +115,8 @@ def graph_modules(model: Model) -> dict[str, nn.Module]:
 def sample_inputs(spec: GraphSpec, cfg: ModelConfig, batch: int, latent_hw: tuple[int, int],
                   seed: int = 0) -> dict[str, torch.Tensor]:
     """Random inputs for `spec` in the ranges each graph sees in use (ids in the vocabulary, images in [-1, 1],
-    timesteps in [0, num_train_timesteps), unit-variance latents and context). Static dims win over latent_hw."""
+    binary masks, timesteps in [0, num_train_timesteps), unit-variance latents and context). Static dims win over
+    latent_hw. A mask is random 0/1 per pixel, so a check covers both sides of the conditioned decoder's blend."""
     g = torch.Generator().manual_seed(seed)
     f = cfg.vae.downsample_factor
     size = {"batch": batch, "latent_height": latent_hw[0], "latent_width": latent_hw[1],
@@ -125,7 +128,9 @@ def sample_inputs(spec: GraphSpec, cfg: ModelConfig, batch: int, latent_hw: tupl
             out[name] = torch.randint(0, cfg.text.vocab_size, shape, generator=g)
         elif name == "timestep":
             out[name] = torch.rand(shape, generator=g) * (cfg.scheduler.num_train_timesteps - 1)
-        elif spec.name == "vae_encoder":
+        elif name == "mask":
+            out[name] = torch.randint(0, 2, shape, generator=g).float()
+        elif spec.in_pixels(name):
             out[name] = torch.rand(shape, generator=g) * 2 - 1
         else:
             out[name] = torch.randn(shape, generator=g)
@@ -363,7 +368,7 @@ def _static_latent_hw(spec: GraphSpec, f: int) -> tuple[int, int] | None:
     """The latent (h, w) a graph with static spatial dims was exported at, else None."""
     for name, dims in spec.inputs:
         if len(dims) == 4 and not isinstance(dims[2], str):
-            return (dims[2] // f, dims[3] // f) if spec.name == "vae_encoder" else (dims[2], dims[3])
+            return (dims[2] // f, dims[3] // f) if spec.in_pixels(name) else (dims[2], dims[3])
     return None
 
 

@@ -10,16 +10,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from backdrop.nn.checkpoint import config_from_dict
 from backdrop.nn.config import ModelConfig, SchedulerConfig
 from backdrop.nn.tokenizer import Tokenizer
 
-__all__ = ["COMPONENTS", "MANIFEST", "FORMAT", "GraphSpec", "graph_specs", "digest", "OnnxExport", "load_export"]
+__all__ = ["COMPONENTS", "MANIFEST", "FORMAT", "GraphSpec", "graph_specs", "vae_decoder_inputs", "digest",
+           "OnnxExport", "load_export"]
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 MANIFEST = "backdrop_export.json"
 FORMAT = 1                # bump when the folder layout changes
+# the inputs whose spatial dims are pixels (images, masks); every other (B, C, h, w) input is in latents
+PIXEL_INPUTS = {"vae_encoder": ("sample",), "vae_decoder": ("image", "mask")}
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,10 @@ class GraphSpec:
     outputs: tuple[tuple[str, tuple[int | str, ...]], ...]
     multiple: int = 1
     scale: int = 8
+
+    def in_pixels(self, name: str) -> bool:
+        """Whether input `name`'s spatial dims are pixels (an image or mask), not latents."""
+        return name in PIXEL_INPUTS.get(self.name, ())
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {n: {i: d for i, d in enumerate(dims) if isinstance(d, str)} for n, dims in self.inputs + self.outputs}
@@ -60,6 +68,11 @@ class GraphSpec:
                     raise ValueError(f"{self.name}: input {name} {shape}: {d} {n} is not a multiple of "
                                      f"{self.multiple}; this export runs latent sides that are multiples of "
                                      f"{self.multiple} (images multiples of {self.scale * self.multiple} px)")
+        for small, big in (("latent_height", "height"), ("latent_width", "width")):  # both: the decoder's condition
+            if small in sizes and big in sizes and sizes[big] != self.scale * sizes[small]:
+                got = ", ".join(f"{n} {tuple(s)}" for n, s in inputs.items())
+                raise ValueError(f"{self.name}: {got}: {big} must be {self.scale} x {small} "
+                                 f"= {self.scale * sizes[small]}, got {sizes[big]}")
 
 
 def graph_specs(cfg: ModelConfig, static_hw: tuple[int, int] | None = None) -> dict[str, GraphSpec]:
@@ -67,13 +80,17 @@ def graph_specs(cfg: ModelConfig, static_hw: tuple[int, int] | None = None) -> d
 
     A dynamic UNet runs latent sides that are multiples of 2^(levels-1) (8 for SD: images multiples of 64 px),
     as diffusers' and optimum's ONNX/TensorRT exports do: the tracer bakes the up path's upsampling in as a
-    constant 2x, which lands on the skip connections only when no stride-2 conv rounded an odd side up."""
+    constant 2x, which lands on the skip connections only when no stride-2 conv rounded an odd side up.
+    A mask-conditioned VAE's decoder also takes the inpainting condition, image and mask, at the image's size."""
     f, L, C = cfg.vae.downsample_factor, cfg.text.max_position_embeddings, cfg.text.hidden_size
     if static_hw is not None and (static_hw[0] % f or static_hw[1] % f):
         raise ValueError(f"static size {static_hw[0]}x{static_hw[1]} must be a multiple of {f} (the VAE's factor)")
     H, W = static_hw or ("height", "width")
     h, w = (H // f, W // f) if static_hw else ("latent_height", "latent_width")
     lat, cin = cfg.vae.latent_channels, cfg.unet.in_channels
+    decoder_in = (("latent_sample", ("batch", lat, h, w)),)
+    if cfg.vae.mask_conditioned:  # the known image in [-1, 1] and the repaint mask (1 = repaint)
+        decoder_in += (("image", ("batch", cfg.vae.out_channels, H, W)), ("mask", ("batch", 1, H, W)))
     return {
         "text_encoder": GraphSpec("text_encoder", (("input_ids", ("batch", L)),),
                                   (("last_hidden_state", ("batch", L, C)),), 1, f),
@@ -83,9 +100,33 @@ def graph_specs(cfg: ModelConfig, static_hw: tuple[int, int] | None = None) -> d
                           1 if static_hw else 2 ** (len(cfg.unet.block_out_channels) - 1), f),
         "vae_encoder": GraphSpec("vae_encoder", (("sample", ("batch", cfg.vae.in_channels, H, W)),),
                                  (("latent_mean", ("batch", lat, h, w)),), 1, f),
-        "vae_decoder": GraphSpec("vae_decoder", (("latent_sample", ("batch", lat, h, w)),),
+        "vae_decoder": GraphSpec("vae_decoder", decoder_in,
                                  (("sample", ("batch", cfg.vae.out_channels, H, W)),), 1, f),
     }
+
+
+def vae_decoder_inputs(spec: GraphSpec, latents: torch.Tensor, image: torch.Tensor | None = None,
+                       mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The vae_decoder graph's inputs (float32) for the Backend call vae_decode(latents, image, mask).
+
+    A mask-conditioned decoder's graph always takes image and mask: without a condition (text-to-image, img2img)
+    it gets a zero image and an all-ones mask, which decode exactly as a plain VAE (the condition's features are
+    multiplied by 1 - mask = 0 everywhere). A condition for a plain decoder is refused as VAE.decode refuses it."""
+    if (image is None) != (mask is None):
+        raise ValueError(f"{spec.name}: give both image and mask (the inpainting condition) or neither")
+    inputs = {"latent_sample": latents.float()}
+    dims = dict(spec.inputs)
+    if "mask" not in dims:
+        if image is not None:
+            raise ValueError(f"{spec.name}: image/mask condition only a mask-conditioned VAE "
+                             "(AsymmetricAutoencoderKL); this one is a plain AutoencoderKL")
+        return inputs
+    if image is None:
+        B, _, h, w = latents.shape
+        H, W = h * spec.scale, w * spec.scale
+        image = latents.new_zeros(B, dims["image"][1], H, W)  # (B, 3, H, W)
+        mask = latents.new_ones(B, 1, H, W)                    # repaint everything: the plain decoding
+    return inputs | {"image": image.float(), "mask": mask.float()}
 
 
 def digest(a: np.ndarray) -> str:

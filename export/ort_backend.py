@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from backdrop.export.onnx_folder import COMPONENTS, OnnxExport, load_export
+from backdrop.export.onnx_folder import COMPONENTS, OnnxExport, load_export, vae_decoder_inputs
 from backdrop.export.trt_plan import refit_arrays
 from backdrop.nn.config import ModelConfig
 
@@ -126,8 +126,11 @@ class OnnxRuntimeBackend:
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
         return self._run("vae_encoder", sample=images.float())
 
-    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._run("vae_decoder", latent_sample=latents.float())
+    def vae_decode(self, latents: torch.Tensor, image: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+        # a mask-conditioned decoder given no condition decodes a zero image under an all-ones mask: plain decoding
+        spec = self.export.specs["vae_decoder"]
+        return self._run("vae_decoder", **vae_decoder_inputs(spec, latents, image, mask))
 
     # ------------------------------------------------------------------------------------------------- running
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backdrop.export.onnx_folder import COMPONENTS, GraphSpec, load_export
+from backdrop.export.onnx_folder import COMPONENTS, GraphSpec, load_export, vae_decoder_inputs
 from backdrop.export.trt_plan import (BuildError, Profile, Range, RefitError, ShapeBucket, ShapeError,
                                       default_buckets, parse_bucket, precision_plan, profiles_for, refit_arrays,
                                       select_profile)
@@ -278,8 +278,11 @@ class TensorRTBackend:
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
         return self._run("vae_encoder", sample=images.float())
 
-    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._run("vae_decoder", latent_sample=latents.float())
+    def vae_decode(self, latents: torch.Tensor, image: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+        # a mask-conditioned decoder given no condition decodes a zero image under an all-ones mask: plain decoding
+        # (its engine's profiles hold image and mask, so every call binds them)
+        return self._run("vae_decoder", **vae_decoder_inputs(self.specs["vae_decoder"], latents, image, mask))
 
     def refit(self, component: str = "unet", weights: dict[str, torch.Tensor] | None = None) -> None:
         """Load new weights (e.g. a LoRA-merged UNet's state_dict) into the engine; weights=None restores the

@@ -6,9 +6,10 @@ borrows `refit_arrays` for its own refit.
 Shapes. A ShapeBucket names the requests an engine serves: images of height x width pixels, 1..N per batch.
 Each bucket becomes one optimization profile per graph with the graph's batch range derived from it (classifier-
 free guidance doubles the UNet's batch, and a batch's prompts and negative prompts go through the text encoder
-together). A request is matched to the tightest profile that holds every input's shape; one that fits none is
-refused with a ShapeError naming the buckets built, before TensorRT sees it. A bucket whose batch range is a
-single value is static: its first run captures a CUDA graph that later runs replay.
+together), over every input: images and masks (the VAE encoder's input, a mask-conditioned decoder's condition) at
+the bucket's pixel size, the rest at its latent size. A request is matched to the tightest profile that holds every
+input's shape; one that fits none is refused with a ShapeError naming the buckets built, before TensorRT sees it.
+A bucket whose batch range is a single value is static: its first run captures a CUDA graph that later runs replay.
 
 Precision. TensorRT 10 can lower an fp32 graph to fp16 or bf16 by builder flag ("weak typing"); TensorRT 11
 removed those flags and only builds strongly typed networks, in the graph's own precision. `precision_plan`
@@ -163,7 +164,7 @@ def profiles_for(spec: GraphSpec, cfg: ModelConfig, buckets: list[ShapeBucket]) 
         shapes = []
         for name, dims in spec.inputs:
             spatial = dims[2:] if len(dims) == 4 else ()  # (B, C, H, W) inputs only
-            for d, want in zip(spatial, (h, w) if spec.name != "vae_encoder" else (bucket.height, bucket.width)):
+            for d, want in zip(spatial, (bucket.height, bucket.width) if spec.in_pixels(name) else (h, w)):
                 if isinstance(d, int) and d != want:
                     raise ValueError(f"bucket {bucket.name}: {spec.name} was exported at a static size "
                                      f"({name} {dims}); build for that size or export with dynamic sizes")

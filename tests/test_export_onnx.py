@@ -1,4 +1,5 @@
-"""ONNX export and the onnxruntime backend, on tiny random models in SD1 (inpainting) and SD2 shapes.
+"""ONNX export and the onnxruntime backend, on tiny random models in SD1 (inpainting) and SD2 shapes (the SD2 one
+with a mask-conditioned, asymmetric VAE: its decoder graph takes the inpainting image and mask too).
 
 Parity: each exported graph equals its torch module on fresh random inputs (batches and sizes other than the
 traced ones); the onnxruntime Pipeline equals the torch Pipeline (same seeds) at batch 1 and 3 from one export
@@ -7,7 +8,9 @@ UNet's outputs and then the base's again, exactly. Refusals: a graph checked aga
 tolerance no graph meets, and an op ONNX cannot express raise ExportError and write nothing; shapes the graphs
 cannot run are ValueErrors naming the graph and the dim. Also: an fp16 graph runs in ONNX Runtime on the CPU;
 the >2 GB path (weights held out of onnxslim, external data) works at tiny size; BACKDROP_KERNELS=triton in the
-environment does not reach the trace; the CLI writes a folder and reports errors in one line.
+environment does not reach the trace; the CLI writes a folder and reports errors in one line. The mask-conditioned
+decoder equals torch's with a condition and without one (a zero image under an all-ones mask), and a condition for
+a plain VAE's export is refused as VAE.decode refuses it.
 """
 import copy
 import dataclasses
@@ -39,11 +42,14 @@ TOL_NP = 2e-3  # max abs on [0, 1] "np" images: float32 reordering between runti
 
 def _sd2_tiny():
     """SD2's shapes at tiny size: OpenCLIP-style text (gelu, pad "!" = 0), Linear proj_in/out, per-level head
-    counts, v-prediction, and a plain 4-channel UNet (the SD1 model is the 9-channel inpainting one)."""
+    counts, v-prediction, and a plain 4-channel UNet (the SD1 model is the 9-channel inpainting one); its VAE is a
+    mask-conditioned one (AsymmetricAutoencoderKL) with a wider, deeper decoder than its encoder."""
     t = PRESETS["tiny"]
+    vae = dataclasses.replace(t.vae, mask_conditioned=True, decoder_block_out_channels=(32, 64, 64, 64),
+                              decoder_layers_per_block=2)
     return dataclasses.replace(t, text=dataclasses.replace(t.text, hidden_act="gelu", pad_token_id=0),
                                unet=dataclasses.replace(t.unet, use_linear_projection=True, num_heads=(1, 2, 4, 4)),
-                               prediction_type="v_prediction")
+                               vae=vae, prediction_type="v_prediction")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -145,6 +151,57 @@ def test_backend_contract_and_shape_errors(exported):
         ort_b.unet(torch.randn(3, 9, 8, 8), torch.tensor([1.0, 2.0, 3.0]), ctx)
     with pytest.raises(TypeError, match="runs an export folder"):
         make_backend("onnxruntime", model)
+
+
+def _condition(batch: int, latent_hw: tuple[int, int], seed: int) -> tuple[torch.Tensor, ...]:
+    """Latents (B, 4, h, w), an image (B, 3, 8h, 8w) in [-1, 1] and a rectangular repaint mask (B, 1, 8h, 8w)."""
+    g, (h, w) = torch.Generator().manual_seed(seed), latent_hw
+    z, image = torch.randn(batch, 4, h, w, generator=g), torch.rand(batch, 3, 8 * h, 8 * w, generator=g) * 2 - 1
+    mask = torch.zeros(batch, 1, 8 * h, 8 * w)
+    mask[..., 8 * h // 4: 8 * h * 3 // 4 + 3, 8 * w // 3 + 5:] = 1  # edges off the 8-px grid: mixed cells too
+    return z, image, mask
+
+
+def test_mask_conditioned_decoder_equals_torch(exported):
+    """The mask-conditioned export's decoder takes (latent_sample, image, mask); the onnxruntime backend's
+    vae_decode equals the torch backend's with a condition, and without one, where it feeds a zero image under
+    an all-ones mask: the plain decoding. Plain VAEs' decoder graphs keep their one input."""
+    model, folder = exported["sd2"]
+    ort_b, ref = OnnxRuntimeBackend(folder), TorchBackend(model, device="cpu", dtype=torch.float32)
+    spec = ort_b.export.specs["vae_decoder"]
+    assert spec.inputs == (("latent_sample", ("batch", 4, "latent_height", "latent_width")),
+                           ("image", ("batch", 3, "height", "width")), ("mask", ("batch", 1, "height", "width")))
+    assert [i.name for i in onnx.load(str(ort_b.export.files["vae_decoder"])).graph.input] == \
+        ["latent_sample", "image", "mask"]
+    assert E.load_export(exported["sd1"][1]).specs["vae_decoder"].inputs == \
+        (("latent_sample", ("batch", 4, "latent_height", "latent_width")),)
+    z, image, mask = _condition(2, (8, 12), seed=8)
+    cond, plain = ort_b.vae_decode(z, image, mask), ort_b.vae_decode(z)
+    assert cond.dtype == torch.float32 and cond.shape == (2, 3, 64, 96)
+    for got, want in ((cond, ref.vae_decode(z, image, mask)), (plain, ref.vae_decode(z))):
+        rel, psnr = _errors(got.numpy(), want)
+        assert rel <= 1e-3 and psnr >= 40, f"rel {rel:.2e}, PSNR {psnr:.1f} dB"
+    assert (cond - plain).abs().max() > 1e-2  # the condition matters
+    z, image = z.half(), image.half()  # other dtypes (a bool mask too) are converted as the latents are
+    half = ort_b.vae_decode(z, image, mask.bool())
+    assert half.dtype == torch.float32 and _errors(half.numpy(), ref.vae_decode(z, image, mask))[0] <= 1e-3
+    with pytest.raises(ValueError, match="vae_decoder: give both image and mask"):
+        ort_b.vae_decode(z, image)
+    with pytest.raises(ValueError, match=r"vae_decoder: input mask must be \(batch, 1, height, width\)"):
+        ort_b.vae_decode(z, image, mask[:, :, :32])
+    with pytest.raises(ValueError, match="height must be 8 x latent_height = 64, got 32"):  # image and mask agree
+        ort_b.vae_decode(z, image[:, :, :32], mask[:, :, :32])
+
+
+def test_a_condition_for_a_plain_vae_export_is_refused(exported):
+    """image/mask passed to a plain VAE's export: the ValueError VAE.decode (the torch backend) raises."""
+    model, folder = exported["sd1"]
+    z, image, mask = _condition(1, (8, 8), seed=9)
+    why = "image/mask condition only a mask-conditioned VAE"
+    for backend in (OnnxRuntimeBackend(folder), TorchBackend(model, device="cpu", dtype=torch.float32)):
+        with pytest.raises(ValueError, match=why):
+            backend.vae_decode(z, image, mask)
+        assert backend.vae_decode(z).shape == (1, 3, 64, 64)
 
 
 def test_refit_loads_a_lora_and_restores_the_base_exactly(exported):

@@ -1,8 +1,11 @@
 """The TensorRT path's plain-Python logic, on any machine: shape buckets -> optimization profiles, picking a
 profile per request and refusing what fits none, the precision rules of TensorRT 10 vs 11, and the refit arrays
-built from an export's weight map. The engine build and run themselves need an NVIDIA GPU and TensorRT and are
-not exercised here.
+built from an export's weight map; a mask-conditioned VAE's decoder (image and mask inputs at the pixel size) in
+the profiles and in the inputs the backend binds. The engine build and run themselves need an NVIDIA GPU and
+TensorRT and are not exercised here.
 """
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -11,12 +14,14 @@ from onnx import numpy_helper
 from torch import nn
 
 from backdrop.export import onnx as E
+from backdrop.export.onnx_folder import vae_decoder_inputs
 from backdrop.export.tensorrt import (Profile, Range, RefitError, ShapeBucket, ShapeError, TensorRTBackend,
                                       build_engines, default_buckets, parse_bucket, precision_plan, profiles_for,
                                       refit_arrays, select_profile)
 from backdrop.nn.config import PRESETS
 
 SD15 = PRESETS["sd15-inpaint"]
+SD15_ASYM = dataclasses.replace(SD15, vae=dataclasses.replace(SD15.vae, mask_conditioned=True))
 
 
 def test_ranges_and_buckets():
@@ -78,6 +83,80 @@ def test_select_profile_prefers_static_then_tightest_and_refuses_the_rest():
             select_profile("unet", profiles, bad)
     with pytest.raises(ShapeError):  # a missing input is no fit either
         select_profile("unet", profiles, {"sample": (2, 9, 64, 64)})
+
+
+def test_profiles_of_a_mask_conditioned_decoder():
+    """The decoder's image and mask get the bucket's pixel size (static exports too), its latents the latent size."""
+    buckets = [parse_bucket("512:1-4@2"), parse_bucket("512x768:2")]
+    dec = profiles_for(E.graph_specs(SD15_ASYM)["vae_decoder"], SD15_ASYM, buckets)
+    assert dec[0].shapes == (("latent_sample", (1, 4, 64, 64), (2, 4, 64, 64), (4, 4, 64, 64)),
+                             ("image", (1, 3, 512, 512), (2, 3, 512, 512), (4, 3, 512, 512)),
+                             ("mask", (1, 1, 512, 512), (2, 1, 512, 512), (4, 1, 512, 512)))
+    assert dec[1].static and dec[1].shapes[2] == ("mask", (2, 1, 512, 768), (2, 1, 512, 768), (2, 1, 512, 768))
+    assert [n for n, *_ in profiles_for(E.graph_specs(SD15)["vae_decoder"], SD15, buckets)[0].shapes] == \
+        ["latent_sample"]  # a plain VAE's decoder: as before
+    static = E.graph_specs(SD15_ASYM, static_hw=(512, 768))["vae_decoder"]
+    assert static.inputs[1] == ("image", ("batch", 3, 512, 768))
+    (p,) = profiles_for(static, SD15_ASYM, [parse_bucket("512x768:1-2")])
+    assert [s[3] for s in p.shapes] == [(2, 4, 64, 96), (2, 3, 512, 768), (2, 1, 512, 768)]
+    with pytest.raises(ValueError, match="bucket 512x512 batch 1-4: vae_decoder was exported at a static size"):
+        profiles_for(static, SD15_ASYM, [parse_bucket("512x768:1-2"), parse_bucket("512")])
+    # a request binds all three inputs, with or without a condition; the latents alone are no fit
+    z = torch.zeros(2, 4, 64, 96)
+    for feed in (vae_decoder_inputs(static, z), vae_decoder_inputs(static, z, torch.zeros(2, 3, 512, 768),
+                                                                     torch.ones(2, 1, 512, 768))):
+        assert select_profile("vae_decoder", [p], {k: tuple(v.shape) for k, v in feed.items()}) == 0
+    with pytest.raises(ShapeError, match=r"vae_decoder: latent_sample \(2, 4, 64, 96\) fits none"):
+        select_profile("vae_decoder", [p], {"latent_sample": (2, 4, 64, 96)})
+
+
+def test_decoder_inputs_fill_in_or_refuse_the_condition():
+    """What both backends feed the decoder graph: float32 inputs; a zero image under an all-ones mask when a
+    mask-conditioned decoder gets no condition (the plain decoding); a condition for a plain one is refused."""
+    asym, plain = (E.graph_specs(c)["vae_decoder"] for c in (SD15_ASYM, SD15))
+    z = torch.randn(2, 4, 8, 12, dtype=torch.float16)
+    filled = vae_decoder_inputs(asym, z)
+    assert list(filled) == ["latent_sample", "image", "mask"] and all(v.dtype == torch.float32 for v in filled.values())
+    assert torch.equal(filled["latent_sample"], z.float())
+    assert torch.equal(filled["image"], torch.zeros(2, 3, 64, 96))
+    assert torch.equal(filled["mask"], torch.ones(2, 1, 64, 96))
+    image, mask = torch.rand(2, 3, 64, 96, dtype=torch.float16), torch.rand(2, 1, 64, 96) > 0.5
+    given = vae_decoder_inputs(asym, z, image, mask)
+    assert torch.equal(given["image"], image.float()) and torch.equal(given["mask"], mask.float())
+    assert given["mask"].dtype == torch.float32
+    assert list(vae_decoder_inputs(plain, z)) == ["latent_sample"]
+    with pytest.raises(ValueError, match="vae_decoder: image/mask condition only a mask-conditioned VAE"):
+        vae_decoder_inputs(plain, z, image, mask)
+    with pytest.raises(ValueError, match="give both image and mask"):
+        vae_decoder_inputs(asym, z, mask=mask)
+
+
+def test_tensorrt_backend_binds_the_decoder_condition():
+    """TensorRTBackend.vae_decode on a stand-in engine (TensorRT cannot run here): every call hands the engine the
+    three inputs its profiles name, and a shape no profile holds is refused before the engine runs."""
+    spec = E.graph_specs(SD15_ASYM)["vae_decoder"]
+    profiles = profiles_for(spec, SD15_ASYM, [parse_bucket("64:1-2")])
+    calls = []
+
+    def engine(inputs):  # as Engine.__call__: pick the profile, then run
+        select_profile("vae_decoder", profiles, {k: tuple(v.shape) for k, v in inputs.items()})
+        calls.append(inputs)
+        return torch.zeros(1)
+
+    backend = object.__new__(TensorRTBackend)
+    backend.specs, backend.engines = {"vae_decoder": spec}, {"vae_decoder": engine}
+    z, mask = torch.randn(1, 4, 8, 8), torch.zeros(1, 1, 64, 64)
+    backend.vae_decode(z)
+    backend.vae_decode(z, torch.rand(1, 3, 64, 64).half(), mask)
+    assert [{k: (tuple(v.shape), v.dtype) for k, v in c.items()} for c in calls] == 2 * [
+        {"latent_sample": ((1, 4, 8, 8), torch.float32), "image": ((1, 3, 64, 64), torch.float32),
+         "mask": ((1, 1, 64, 64), torch.float32)}]
+    assert torch.equal(calls[0]["mask"], torch.ones(1, 1, 64, 64)) and torch.equal(calls[1]["mask"], mask)
+    with pytest.raises(ShapeError, match="fits none"):
+        backend.vae_decode(torch.randn(3, 4, 8, 8))
+    backend.specs = {"vae_decoder": E.graph_specs(SD15)["vae_decoder"]}
+    with pytest.raises(ValueError, match="image/mask condition only a mask-conditioned VAE"):
+        backend.vae_decode(z, torch.rand(1, 3, 64, 64), mask)
 
 
 def test_precision_rules_of_tensorrt_10_and_11():
