@@ -38,7 +38,9 @@ Inpainting follows masks.py's walk-through. 9-channel (inpainting) UNets get the
 of the masked image as extra input channels; plain 4-channel UNets get the known region blended back after every
 step (samplers.blend_known_region), as diffusers' StableDiffusionInpaintPipeline does for both. The VAE encodes with
 the posterior mean (deterministic; diffusers draws a posterior sample from the generator instead, so the parity
-tests hand diffusers our latents). With paste_back every kept pixel of the output is bit-identical to the input.
+tests hand diffusers our latents). A mask-conditioned VAE (AsymmetricAutoencoderKL) decodes with the image and the
+user's binarized repaint mask as its condition, as diffusers' pipeline passes them. With paste_back every kept pixel
+of the output is bit-identical to the input.
 
 Output: output_type "pil" (list of PIL images), "np" (float32 (B, H, W, 3) in [0, 1]: the VAE's output itself, as
 diffusers' "np", or uint8 / 255 when paste-back made it) or "latent" (the final latents (B, 4, h, w) diffusers
@@ -265,13 +267,13 @@ class Pipeline:
         if crop_padding is None:
             x = self._pad(M.image_to_tensor(img))  # (B, 3, H', W')
             m = self._pad(model_mask)  # (B, 1, H', W')
-            known = self._pad(mask) if conditioned else None
+            dec_mask = self._pad(mask) if conditioned else None
         else:
             size = M.fit_size(H, W, self._multiple, side=cfg.image_size)
             boxes = C.crop_box(model_mask, size, crop_padding)
             x = M.image_to_tensor(C.crop_images(img, boxes, size))  # (B, 3, h*f, w*f)
             m = C.crop_masks(model_mask, boxes, size)  # (B, 1, h*f, w*f)
-            known = C.crop_masks(mask, boxes, size) if conditioned else None
+            dec_mask = C.crop_masks(mask, boxes, size) if conditioned else None
         lat_mask = M.latent_mask(m, mode=mask_mode, factor=f).to(self.backend.device)  # (B, 1, h, w)
         nine = cfg.unet.in_channels == 9
         if not nine and cfg.unet.in_channels != cfg.vae.latent_channels:
@@ -285,7 +287,7 @@ class Pipeline:
             return out
         # A mask-conditioned VAE decodes with the known pixels too: the user's mask, not the one grown for the UNet
         # (the pixels the paste-back keeps are exactly the ones the decoder is told about)
-        cond = dict(image=x, mask=M.binarize(known)) if conditioned else {}
+        cond = dict(image=x, mask=M.binarize(dec_mask)) if conditioned else {}
         y = self.backend.vae_decode(out.images / cfg.scaling_factor, **cond).cpu()  # (B, 3, h*f, w*f) in [-1, 1]
         if boxes is None:
             y = M.crop_to(y, (H, W))
