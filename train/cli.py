@@ -262,8 +262,6 @@ def _stage(args, name: str, model, data, size: int, device):
             raise CLIError("--decoder-only fine-tunes a trained VAE's decoder; give it with --init")
         n = min(CALIBRATION_IMAGES, len(data))
         calibration = None if args.decoder_only else torch.stack([data[i]["image"] for i in range(n)])  # (n, 3, H, W)
-        if (args.mask_conditioned or model.config.vae.mask_conditioned) and not args.decoder_only:
-            raise CLIError("a mask-conditioned VAE trains its decoder only: add --decoder-only")
         return VAEStage(model, device, args.init, args.ssim_weight, args.kl_weight, calibration, args.decoder_only,
                         args.mask_conditioned, args.product_prob)
     options = DiffusionOptions(args.prediction, args.snr_gamma, args.noise_offset, args.input_perturbation,

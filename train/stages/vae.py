@@ -135,8 +135,8 @@ class VAEStage:
             raise ValueError("VAEStage: decoder_only keeps the encoder's latent space and its scaling factor; "
                              "pass no calibration images")
         if (mask_conditioned or model.config.vae.mask_conditioned) and not decoder_only:
-            raise ValueError("VAEStage: a mask-conditioned VAE is trained decoder-only (its decoder sees the known "
-                             "pixels, so training the encoder with it would let the latents drop them)")
+            raise ValueError("VAEStage: a mask-conditioned VAE is trained decoder-only (--decoder-only): its decoder "
+                             "sees the known pixels, so training the encoder with it would let the latents drop them")
         if not 0.0 <= product_prob <= 1.0:
             raise ValueError(f"VAEStage: product_prob must be in [0, 1], got {product_prob}")
         model = to_mask_conditioned(model) if mask_conditioned else model
