@@ -61,6 +61,7 @@ def _common_options() -> argparse.ArgumentParser:
 def _image_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("image", metavar="IMAGE", help="the input picture (PNG, JPEG, WebP, ...)")
+    # one parser per subcommand: a shared --strength action would carry the last set_defaults to both
     p.add_argument("--strength", type=float, metavar="S",
                    help="how much to change: 1 starts from pure noise, 0.3 keeps most of the input "
                         "(default: %(default)s)")
@@ -68,7 +69,7 @@ def _image_options() -> argparse.ArgumentParser:
 
 
 def add_parser(subparsers) -> None:
-    common, image = _common_options(), _image_options()
+    common = _common_options()
 
     gen = subparsers.add_parser("generate", parents=[common],
                                 help="make pictures from a text prompt",
@@ -79,12 +80,14 @@ def add_parser(subparsers) -> None:
                      help="pixels (default: the model's native size)")
     gen.set_defaults(func=_run, kind="generate")
 
-    i2i = subparsers.add_parser("img2img", parents=[common, image], help="redraw a picture to follow a prompt",
+    i2i = subparsers.add_parser("img2img", parents=[common, _image_options()],
+                                help="redraw a picture to follow a prompt",
                                 description="Redraw IMAGE to follow the prompt; the output has IMAGE's size.")
     i2i.set_defaults(func=_run, kind="img2img", strength=0.75)
 
     inp = subparsers.add_parser(
-        "inpaint", parents=[common, image], help="paint a new scene around a product (or into a masked region)",
+        "inpaint", parents=[common, _image_options()],
+        help="paint a new scene around a product (or into a masked region)",
         description="Repaint part of IMAGE. Mark what to repaint with --mask (white = repaint), or what to keep "
                     "with --product-mask (white = the product); an RGBA IMAGE without either repaints its "
                     "transparent pixels. Pixels that are kept come out exactly as they went in.",
@@ -157,8 +160,11 @@ def _open(path: str, what: str):
         im.load()
     except FileNotFoundError:
         raise CLIError(f"{what} {path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise CLIError(f"{what} {path}: cannot read it as an image ({_one_line(e)})") from None
+    if im.mode.startswith("I"):  # 16-bit PNGs open as I;16 / I: scale to 8 bits (convert() would clip to white)
+        import numpy as np
+        im = Image.fromarray((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
     if im.mode not in ("L", "1", "RGB", "RGBA", "LA", "P"):
         im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
     return im

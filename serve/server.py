@@ -178,7 +178,7 @@ class _Handlers:
     def _size(self, value) -> tuple[int, int] | None:
         if value is None or value == "auto":
             return None
-        if value not in self.buckets:
+        if not isinstance(value, str) or value not in self.buckets:
             raise APIError(400, f"size {value!r} is not served by this model; use auto or one of "
                            f"{', '.join(self.buckets)}", param="size", code="invalid_size")
         return self.buckets[value]
@@ -216,7 +216,7 @@ class _Handlers:
             raise APIError(413, str(e), code="request_too_large") from None
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise APIError(400, "the body is not valid JSON", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "the body must be a JSON object", code="invalid_json")
@@ -347,6 +347,9 @@ class _Handlers:
         seed = self._seed(f.get("seed"), n)
         strength = number(f.get("strength"), "strength", 1e-3, 1.0, 1.0)
         steps = number(f.get("steps"), "steps", 1, MAX_STEPS, self.config.steps, int)
+        if int(steps * strength) < 1:  # checked here, not in the batch: one bad item must not fail its batch
+            raise APIError(400, f"strength {strength} with {steps} steps leaves no step to run (int(steps * strength)"
+                           " = 0); raise strength or steps", param="strength", code="invalid_value")
         sampler = choice(f.get("sampler"), "sampler", tuple(RECIPES), self.config.sampler)
         eta = number(f.get("eta"), "eta", 0.0, 1.0, 0.0)
         try:

@@ -79,6 +79,23 @@ def test_img2img_keeps_the_input_size(files, capsys, tmp_path):
     assert Image.open(paths[0]).size == (67, 45)
 
 
+def test_img2img_and_inpaint_keep_their_own_default_strength():
+    from backdrop.cli import build_parser  # both share one option definition; each must keep its own default
+
+    parser = build_parser()
+    assert parser.parse_args(["img2img", "x.png", "--prompt", "a"]).strength == 0.75
+    assert parser.parse_args(["inpaint", "x.png", "--mask", "m.png", "--prompt", "a"]).strength == 1.0
+
+
+def test_a_16_bit_image_is_scaled_not_clipped(files, tmp_path):
+    from backdrop.diffusion.cli import _open
+
+    grey = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "grey16.png")  # opens as I;16 / I
+    im = _open(str(tmp_path / "grey16.png"), "image")
+    assert np.array_equal(np.asarray(im.convert("L")), (grey >> 8).astype(np.uint8))
+
+
 def test_inpaint_keeps_the_product_pixels(files, capsys, tmp_path):
     code, paths, _ = run(capsys, "inpaint", files["root"] / "product.png", "--product-mask",
                          files["root"] / "product-mask.png", *fast(files, tmp_path), "--n", "2", "--seed", "5",

@@ -263,6 +263,9 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server):
         ("edits as JSON", post("/v1/images/edits", {"prompt": "x"}), 400, None),
         ("generations: not JSON", post("/v1/images/generations", b"{nope"), 400, None),
         ("generations: unknown size", post("/v1/images/generations", {"prompt": "x", "size": "64x65"}), 400, "size"),
+        ("generations: size not a string", post("/v1/images/generations", {"prompt": "x", "size": [64, 64]}), 400,
+         "size"),
+        ("generations: nested too deep", post("/v1/images/generations", b"[" * 100000 + b"]" * 100000), 400, None),
         ("generations: n = 11", post("/v1/images/generations", {"prompt": "x", "n": 11}), 400, "n"),
         ("generations: no prompt", post("/v1/images/generations", {"n": 1}), 400, "prompt"),
         ("generations: stream", post("/v1/images/generations", {"prompt": "x", "stream": True}), 400, "stream"),
@@ -270,6 +273,8 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server):
         ("inpaint: mask and product_mask", post("/v1/inpaint", json.loads(inpaint_body(
             product(1), mask="AAAA", product_mask="AAAA"))), 400, "product_mask"),
         ("inpaint: steps 0", post("/v1/inpaint", inpaint_body(product(1), steps=0)), 400, "steps"),
+        ("inpaint: strength x steps < 1", post("/v1/inpaint", inpaint_body(product(1), steps=4, strength=0.2)),
+         400, "strength"),
         ("inpaint: strength 1.5", post("/v1/inpaint", inpaint_body(product(1), strength=1.5)), 400, "strength"),
         ("inpaint: NaN guidance", post("/v1/inpaint", inpaint_body(product(1)).replace(
             b'"prompt"', b'"guidance_scale": NaN, "prompt"')), 400, "guidance_scale"),
