@@ -155,6 +155,8 @@ def _one_line(e: Exception) -> str:
 def _open(path: str, what: str):
     from PIL import Image, UnidentifiedImageError
 
+    from backdrop.diffusion import masks as M
+
     try:
         im = Image.open(path)
         im.load()
@@ -162,12 +164,7 @@ def _open(path: str, what: str):
         raise CLIError(f"{what} {path}: no such file") from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise CLIError(f"{what} {path}: cannot read it as an image ({_one_line(e)})") from None
-    if im.mode.startswith("I"):  # 16-bit PNGs open as I;16 / I: scale to 8 bits (convert() would clip to white)
-        import numpy as np
-        im = Image.fromarray((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
-    if im.mode not in ("L", "1", "RGB", "RGBA", "LA", "P"):
-        im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
-    return im
+    return M.to_supported_mode(im)
 
 
 def _fit_mask(mask, image, path: str):

@@ -76,9 +76,7 @@ def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
     except Exception as e:  # truncated or corrupt pixel data
         raise APIError(400, f"{param}: the image data is corrupt or truncated ({type(e).__name__})", param=param,
                        code="invalid_image") from None
-    if im.mode not in M.PIL_MODES:  # 16-bit, CMYK, ...: to what masks.py reads
-        im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
-    return im
+    return M.to_supported_mode(im)  # 16-bit, CMYK, ...: to what masks.py reads
 
 
 def repaint_mask(kind: str, value: Image.Image, size: tuple[int, int], param: str) -> Image.Image:
@@ -127,6 +125,11 @@ def text(value, name: str, required: bool = False) -> str:
     if len(value) > MAX_PROMPT_CHARS:
         raise APIError(400, f"{name} is {len(value)} characters; at most {MAX_PROMPT_CHARS}", param=name,
                        code="invalid_value")
+    try:
+        value.encode("utf-8")  # JSON may carry lone surrogates ("\ud800"); the tokenizer would fail the whole batch
+    except UnicodeEncodeError:
+        raise APIError(400, f"{name} is not valid Unicode text (a lone surrogate)", param=name,
+                       code="invalid_value") from None
     return value
 
 

@@ -266,6 +266,7 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server):
         ("generations: size not a string", post("/v1/images/generations", {"prompt": "x", "size": [64, 64]}), 400,
          "size"),
         ("generations: nested too deep", post("/v1/images/generations", b"[" * 100000 + b"]" * 100000), 400, None),
+        ("generations: lone surrogate", post("/v1/images/generations", b'{"prompt": "a \\ud800"}'), 400, "prompt"),
         ("generations: n = 11", post("/v1/images/generations", {"prompt": "x", "n": 11}), 400, "n"),
         ("generations: no prompt", post("/v1/images/generations", {"n": 1}), 400, "prompt"),
         ("generations: stream", post("/v1/images/generations", {"prompt": "x", "stream": True}), 400, "stream"),
