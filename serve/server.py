@@ -48,7 +48,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -205,6 +205,8 @@ class _Handlers:
             return await request.form(max_files=4, max_fields=64, max_part_size=2**20)
         except BodyTooLarge as e:
             raise APIError(413, str(e), code="request_too_large") from None
+        except ClientDisconnect:
+            raise
         except Exception as e:
             raise APIError(400, f"could not parse the multipart body: {getattr(e, 'detail', e)}",
                            code="invalid_body") from None
@@ -416,7 +418,7 @@ class _Handlers:
                 response = await handler(request)
             except APIError as e:
                 response = e.response()
-            except ClientGone:
+            except (ClientGone, ClientDisconnect):  # left while queued, or while still sending its body
                 response = Response(status_code=499)  # nginx's "client closed request"; nobody reads it
             except Exception:
                 log.exception("%s failed", name)

@@ -301,6 +301,16 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server):
     status, body = raw_http(server, b"POST /v1/inpaint HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                             b"Transfer-Encoding: chunked\r\n\r\n", (b"10000\r\n" + chunk + b"\r\n") * 24)
     assert status == 413 and body["error"]["code"] == "request_too_large"
+    # clients that hang up while still sending their body: 499, not a 500 (JSON) or a 400 (multipart)
+    for route, kind, start in (("inpaint", b"application/json", b'{"prompt": "'),
+                               ("images/edits", b"multipart/form-data; boundary=b",
+                                b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n')):
+        raw_http(server, b"POST /v1/" + route.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: " + kind +
+                 b"\r\nContent-Length: 100000\r\n\r\n", start + b"x" * 1000, read=False)
+    deadline = time.time() + 10
+    while metrics(server).count('code="499"') < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    assert metrics(server).count('code="499"') == 2
 
     assert httpx.get(f"{url}/healthz").status_code == 200
     text = metrics(server)
