@@ -94,9 +94,13 @@ def _serve(args: argparse.Namespace) -> int:
     engine = _load(args, engine_config)
     from backdrop.serve.server import create_app, run
 
+    try:
+        app = create_app(engine, server_config)
+    except ValueError as e:  # --sampler / --steps this model's scheduler cannot run (DDIM at 1000 steps)
+        raise CLIError(f"--sampler {args.sampler} --steps {args.steps}: {e}") from None
     print(f"serving {args.model} on http://{args.host}:{args.port} (OpenAI base_url: "
           f"http://{args.host}:{args.port}/v1)", flush=True)
-    run(create_app(engine, server_config), host=args.host, port=args.port, log_level=args.log_level)
+    run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

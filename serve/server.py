@@ -54,7 +54,7 @@ from starlette.routing import Route
 
 from backdrop.diffusion.masks import default_mask_blur
 from backdrop.diffusion.samplers import check_eta
-from backdrop.diffusion.schedule import RECIPES
+from backdrop.diffusion.schedule import RECIPES, build_schedule
 from backdrop.serve.batcher import QueueFull, ShuttingDown
 from backdrop.serve.engine import Engine, Item, ServeKey
 from backdrop.serve.inputs import (MAX_SEED, MAX_STEPS, MIN_SIDE, APIError, b64decode, boolean, check_fields, choice,
@@ -168,6 +168,7 @@ class FileStore:
 
 class _Handlers:
     def __init__(self, engine: Engine, config: ServerConfig):
+        build_schedule(config.sampler, config.steps, engine.pipe.config.scheduler)  # ValueError: a bad server setup
         self.engine, self.config, self.metrics = engine, config, engine.metrics
         native = engine.native_size
         self.buckets = size_buckets(native)
@@ -175,6 +176,14 @@ class _Handlers:
         self.files = FileStore(config.file_ttl, config.max_files)
 
     # ---------------------------------------------------------------------------------- shared steps
+    def _schedule(self, sampler: str, steps: int) -> None:
+        """Refuse a sampler/steps pair this model's scheduler cannot run (DDIM's leading spacing at 1000 steps
+        would pass timestep 1000) before it is queued: in a batch it would fail every request beside it."""
+        try:
+            build_schedule(sampler, steps, self.engine.pipe.config.scheduler)
+        except ValueError as e:
+            raise APIError(400, str(e), param="steps", code="invalid_value") from None
+
     def _size(self, value) -> tuple[int, int] | None:
         if value is None or value == "auto":
             return None
@@ -353,6 +362,7 @@ class _Handlers:
             raise APIError(400, f"strength {strength} with {steps} steps leaves no step to run (int(steps * strength)"
                            " = 0); raise strength or steps", param="strength", code="invalid_value")
         sampler = choice(f.get("sampler"), "sampler", tuple(RECIPES), self.config.sampler)
+        self._schedule(sampler, steps)
         eta = number(f.get("eta"), "eta", 0.0, 1.0, 0.0)
         try:
             check_eta(eta, sampler)

@@ -276,6 +276,8 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server):
         ("inpaint: steps 0", post("/v1/inpaint", inpaint_body(product(1), steps=0)), 400, "steps"),
         ("inpaint: strength x steps < 1", post("/v1/inpaint", inpaint_body(product(1), steps=4, strength=0.2)),
          400, "strength"),
+        ("inpaint: ddim at 1000 steps", post("/v1/inpaint", inpaint_body(product(1), sampler="ddim", steps=1000)),
+         400, "steps"),
         ("inpaint: strength 1.5", post("/v1/inpaint", inpaint_body(product(1), strength=1.5)), 400, "strength"),
         ("inpaint: NaN guidance", post("/v1/inpaint", inpaint_body(product(1)).replace(
             b'"prompt"', b'"guidance_scale": NaN, "prompt"')), 400, "guidance_scale"),
@@ -414,7 +416,9 @@ def test_cli_serve_drains_in_flight_work_on_sigterm(model_dir):
             proc.wait()
 
 
-def test_cli_errors_are_one_line(capsys, tmp_path):
+def test_cli_errors_are_one_line(capsys, tmp_path, model_dir):
+    assert cli_main(["serve", str(model_dir), "--sampler", "ddim", "--steps", "1000"]) == 2  # refused before serving
+    assert "--steps 1000" in capsys.readouterr().err
     assert cli_main(["serve", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
     assert cli_main(["serve", str(tmp_path), "--max-queue", "0"]) == 2
