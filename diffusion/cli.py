@@ -164,7 +164,7 @@ def _open(path: str, what: str):
         raise CLIError(f"{what} {path}: no such file") from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise CLIError(f"{what} {path}: cannot read it as an image ({_one_line(e)})") from None
-    return M.to_supported_mode(im)
+    return M.from_file(im)
 
 
 def _fit_mask(mask, image, path: str):

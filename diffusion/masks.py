@@ -26,22 +26,25 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from backdrop.diffusion.batching import items
 
 __all__ = [
     "to_repaint_mask", "invert", "binarize", "image_to_tensor", "image_to_uint8", "tensor_to_uint8", "to_pil",
     "fit_size", "pad_to_multiple", "crop_to", "dilate", "latent_mask", "masked_image", "gaussian_blur", "feather",
-    "default_mask_blur", "to_supported_mode",
+    "default_mask_blur", "from_file",
 ]
 
 PIL_MODES = ("L", "1", "RGB", "RGBA", "LA", "P")
 
 
-def to_supported_mode(im: Image.Image) -> Image.Image:
-    """A decoded file in one of PIL_MODES: 16-bit PNGs (I;16 / I) scaled to 8 bits (PIL's convert would clip every
-    value over 255 to white), CMYK, YCbCr, ... converted to RGB(A). For the CLI and the server, which open files."""
+def from_file(im: Image.Image) -> Image.Image:
+    """A just-decoded file as the pipeline reads it (for the CLI and the server, which open files): upright (its EXIF
+    orientation applied, as diffusers' load_image does: a phone photo is stored sideways), and in one of PIL_MODES:
+    16-bit PNGs (I;16 / I) scaled to 8 bits (PIL's convert would clip every value over 255 to white), CMYK, YCbCr,
+    ... converted to RGB(A)."""
+    im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I"):
         im = Image.fromarray((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
     if im.mode not in PIL_MODES:

@@ -76,7 +76,7 @@ def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
     except Exception as e:  # truncated or corrupt pixel data
         raise APIError(400, f"{param}: the image data is corrupt or truncated ({type(e).__name__})", param=param,
                        code="invalid_image") from None
-    return M.to_supported_mode(im)  # 16-bit, CMYK, ...: to what masks.py reads
+    return M.from_file(im)  # upright; 16-bit, CMYK, ...: to what masks.py reads
 
 
 def repaint_mask(kind: str, value: Image.Image, size: tuple[int, int], param: str) -> Image.Image:

@@ -96,6 +96,16 @@ def test_a_16_bit_image_is_scaled_not_clipped(files, tmp_path):
     assert np.array_equal(np.asarray(im.convert("L")), (grey >> 8).astype(np.uint8))
 
 
+def test_an_exif_rotated_photo_is_read_upright(tmp_path):
+    from backdrop.diffusion.cli import _open
+
+    stored = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)  # HxW 48x64 on disk
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display, as phones store portraits
+    Image.fromarray(stored).save(tmp_path / "phone.png", exif=exif)
+    assert np.array_equal(np.asarray(_open(str(tmp_path / "phone.png"), "image")), np.rot90(stored, -1))
+
+
 def test_inpaint_keeps_the_product_pixels(files, capsys, tmp_path):
     code, paths, _ = run(capsys, "inpaint", files["root"] / "product.png", "--product-mask",
                          files["root"] / "product-mask.png", *fast(files, tmp_path), "--n", "2", "--seed", "5",
