@@ -206,8 +206,12 @@ class _Handlers:
         return ServeKey(kind, hw[0], hw[1], steps, sampler, self.engine.config.model_name,
                         options=tuple(sorted(options.items())))
 
+    @staticmethod
+    def _media_type(request: Request) -> str:
+        return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
     async def _form(self, request: Request):
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        if self._media_type(request) != "multipart/form-data":
             raise APIError(400, "expected a multipart/form-data body, as OpenAI's images/edits",
                            code="invalid_content_type")
         try:
@@ -221,6 +225,10 @@ class _Handlers:
                            code="invalid_body") from None
 
     async def _json(self, request: Request) -> dict:
+        # required, not sniffed: a web page can make a browser POST text/plain to a localhost server without asking
+        if self._media_type(request) != "application/json":
+            raise APIError(400, "expected a JSON body with Content-Type: application/json",
+                           code="invalid_content_type")
         try:
             body = await request.body()
         except BodyTooLarge as e:
@@ -298,7 +306,7 @@ class _Handlers:
                 raise APIError(400, "mask must be a file (a PNG with alpha)", param="mask", code="invalid_mask")
             prompt, negative = text(fields.get("prompt"), "prompt", True), text(fields.get("negative_prompt"),
                                                                                    "negative_prompt")
-            n, size = self._n(fields.get("n")), self._size(fields.get("size"))
+            n, size = self._n(fields.get("n")), fields.get("size")
             seed = self._seed(fields.get("seed"), n)
             fmt = choice(fields.get("response_format"), "response_format", ("b64_json", "url"), "b64_json")
             image_bytes, mask_bytes = await uploads[0].read(), (await mask.read() if mask is not None else None)
@@ -306,8 +314,8 @@ class _Handlers:
             await form.close()
         image, repaint = await run_in_threadpool(self._edit_inputs, image_bytes, mask_bytes)
         hw = (image.height, image.width)
-        if size is not None and size != hw:
-            raise APIError(400, f"size {fields['size']} differs from the image's {hw[1]}x{hw[0]}; edits keep the "
+        if size not in (None, "auto", f"{hw[1]}x{hw[0]}"):  # any image size is served; size may only repeat it
+            raise APIError(400, f"size {str(size)[:40]!r} differs from the image's {hw[1]}x{hw[0]}; edits keep the "
                            "image's size (send size=auto or leave it out)", param="size", code="invalid_size")
         cfg = self.config
         key = self._key("inpaint", hw, cfg.steps, cfg.sampler, guidance_scale=cfg.guidance_scale, mask_blur=0.0)

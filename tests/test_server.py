@@ -150,6 +150,9 @@ def raw_http(srv, head: bytes, body: bytes = b"", read=True) -> tuple[int, dict]
     return status, json.loads(data.split(b"\r\n\r\n", 1)[1])
 
 
+JSON = {"content-type": "application/json"}  # the JSON endpoints require it
+
+
 def inpaint_body(rgba, **fields) -> bytes:
     return json.dumps({"image": base64.b64encode(png(rgba)).decode(), "prompt": "a table", **fields}).encode()
 
@@ -166,6 +169,9 @@ def test_openai_client_edit_and_generate(server, pipe):
     assert outs[0].shape == (SIZE, SIZE, 3) and not np.array_equal(outs[0], outs[1])  # two seeds, two backdrops
     for out in outs:
         assert_kept_exact(out, rgba)
+    odd = product(4, size=(48, 80))  # any image size is served; `size` may repeat it even when not a preset
+    r = c.images.edit(image=("odd.png", png(odd), "image/png"), prompt=PROMPTS[0], size="80x48")
+    assert_kept_exact(decode(r.data[0].b64_json), odd)
 
     r = c.images.generate(prompt=PROMPTS[1], size="128x64", response_format="url", extra_body={"seed": 3})
     assert r.data[0].url.startswith(server.url + "/v1/files/")
@@ -204,7 +210,7 @@ def test_inpaint_endpoint_passes_every_option_to_the_pipeline(server, pipe):
     image, mask = Image.fromarray(rgba[..., :3]), Image.fromarray(rgba[..., 3])  # product_mask: white = keep
     options = dict(seed=5, strength=0.9, steps=3, sampler="ddim", eta=0.5, guidance_scale=3.0, guidance_rescale=0.3,
                    mask_dilate=0, mask_blur=1.0, crop_padding=4, color_match=True, negative_prompt="blurry")
-    r = httpx.post(f"{server.url}/v1/inpaint", timeout=120, content=json.dumps(dict(
+    r = httpx.post(f"{server.url}/v1/inpaint", timeout=120, headers=JSON, content=json.dumps(dict(
         options, image=base64.b64encode(png(image)).decode(), product_mask=base64.b64encode(png(mask)).decode(),
         prompt=PROMPTS[3], n=2)))
     assert r.status_code == 200, r.text[:300]
@@ -216,7 +222,7 @@ def test_inpaint_endpoint_passes_every_option_to_the_pipeline(server, pipe):
         assert np.abs(out.astype(int) - np.asarray(want).astype(int)).max() <= 2
     plain = pipe.inpaint(image, product_mask=mask, prompt=PROMPTS[3], seed=5, steps=3, progress=False).images[0]
     assert np.abs(outs[0].astype(int) - np.asarray(plain).astype(int)).max() > 10  # the options did something
-    r = httpx.post(f"{server.url}/v1/inpaint", timeout=120, content=inpaint_body(rgba, eta=0.5))
+    r = httpx.post(f"{server.url}/v1/inpaint", timeout=120, headers=JSON, content=inpaint_body(rgba, eta=0.5))
     assert r.status_code == 400 and r.json()["error"]["param"] == "eta"  # eta with the server's sampler (dpmpp-2m)
     assert "sampler='ddim' only" in r.json()["error"]["message"]
 
@@ -240,7 +246,7 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server):
 
     def post(path, body):
         return httpx.post(f"{url}{path}", content=body if isinstance(body, bytes) else json.dumps(body).encode(),
-                          headers={"content-type": "application/json"}, timeout=60)
+                          headers=JSON, timeout=60)
 
     truncated = png(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))[:300]
     cases = [  # (what, response, status, param)
@@ -262,6 +268,8 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server):
         ("bad response_format", edit(response_format="jpeg"), 400, "response_format"),
         ("edits as JSON", post("/v1/images/edits", {"prompt": "x"}), 400, None),
         ("generations: not JSON", post("/v1/images/generations", b"{nope"), 400, None),
+        ("generations: text/plain", httpx.post(f"{url}/v1/images/generations", content=b'{"prompt": "x"}',
+                                               headers={"content-type": "text/plain"}), 400, None),
         ("generations: unknown size", post("/v1/images/generations", {"prompt": "x", "size": "64x65"}), 400, "size"),
         ("generations: size not a string", post("/v1/images/generations", {"prompt": "x", "size": [64, 64]}), 400,
          "size"),
@@ -330,7 +338,7 @@ def test_queue_full_429_retry_deadline_504_and_disconnect(pipe):
         results = {}
 
         def background(name, body):
-            results[name] = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=60)
+            results[name] = httpx.post(url, content=body, headers=JSON, timeout=60)
             return results[name]
 
         def hold_worker(timeout):
@@ -396,7 +404,7 @@ def test_cli_serve_drains_in_flight_work_on_sigterm(model_dir):
         _wait(ready, 120, "the server to be ready")
         result = {}
         t = threading.Thread(target=lambda: result.update(r=httpx.post(
-            f"{url}/v1/inpaint", content=inpaint_body(product(6), steps=40, seed=1), timeout=120)))
+            f"{url}/v1/inpaint", content=inpaint_body(product(6), steps=40, seed=1), headers=JSON, timeout=120)))
         t.start()
         _wait(lambda: scalar(httpx.get(f"{url}/metrics").text, "backdrop_requests_in_flight") == 1, 30, "in flight")
         proc.send_signal(signal.SIGTERM)
