@@ -117,10 +117,14 @@ def add_parser(subparsers) -> None:
 
 # ------------------------------------------------------------------------------------------------------ running
 
+MAX_N = 1000  # images per run: they go through the UNet as one batch
+
+
 def _check(args) -> None:
     """Range checks argparse cannot express, as one-line errors."""
-    rules = [("--n", args.n, args.n >= 1, "at least 1"), ("--steps", args.steps, args.steps >= 1, "at least 1"),
-             ("--guidance-scale", args.guidance_scale, args.guidance_scale >= 0, ">= 0"),
+    rules = [("--n", args.n, 1 <= args.n <= MAX_N, f"in [1, {MAX_N}]"),
+             ("--steps", args.steps, args.steps >= 1, "at least 1"),
+             ("--guidance-scale", args.guidance_scale, 0 <= args.guidance_scale < float("inf"), "finite and >= 0"),
              ("--guidance-rescale", args.guidance_rescale, 0 <= args.guidance_rescale <= 1, "in [0, 1]")]
     if args.seed is not None:
         rules.append(("--seed", args.seed, 0 <= args.seed < 2**63 - args.n, "in [0, 2**63 - N)"))
@@ -216,6 +220,11 @@ def _run(args) -> int:
             out = getattr(pipe, args.kind)(**inputs, **common)
     except ValueError as e:  # a value the pipeline refuses (e.g. strength x steps leaves no step)
         raise CLIError(_one_line(e)) from None
+    except (MemoryError, RuntimeError) as e:  # torch's CPU allocator and CUDA's OutOfMemoryError are RuntimeErrors
+        if not isinstance(e, MemoryError) and "allocate" not in str(e) and "out of memory" not in str(e):
+            raise
+        raise CLIError(f"out of memory making {args.n} image(s) at once at this size: lower --n"
+                       f"{'' if args.kind != 'generate' else ' or --height/--width'}") from None
     if out.unchanged:
         print("note: the mask has nothing to repaint; wrote the input unchanged", file=sys.stderr)
     folder = Path(args.out)

@@ -139,7 +139,9 @@ def test_inpaint_all_black_mask_writes_the_input(files, capsys, tmp_path):
     (["inpaint", "{root}/product.png"], "has no transparency: give --mask"),
     (["img2img", "{root}/product.png", "--strength", "1.5"], "--strength 1.5 must be in (0, 1]"),
     (["generate", "--steps", "0"], "--steps 0 must be at least 1"),
-    (["generate", "--n", "0"], "--n 0 must be at least 1"),
+    (["generate", "--n", "0"], "--n 0 must be in [1, 1000]"),
+    (["generate", "--n", "100000000000"], "--n 100000000000 must be in [1, 1000]"),
+    (["generate", "--guidance-scale", "inf"], "--guidance-scale inf must be finite and >= 0"),
     (["generate", "--eta", "0.5"], "applies to sampler='ddim' only, not 'dpmpp-2m'"),
     (["generate", "--guidance-rescale", "2"], "--guidance-rescale 2.0 must be in [0, 1]"),
     (["inpaint", "{root}/product.png", "--mask", "{root}/black.png", "--mask-dilate", "-1"],
@@ -156,6 +158,18 @@ def test_bad_inputs_exit_2_with_one_line(files, capsys, tmp_path, args, message)
     code, _, err = run(capsys, *argv)
     assert code == 2
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+def test_out_of_memory_is_one_line(files, capsys, tmp_path, monkeypatch):
+    from backdrop.diffusion.pipeline import Pipeline
+
+    def allocate(self, **kwargs):  # what torch's CPU allocator raises when a batch does not fit
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(Pipeline, "generate", allocate)
+    code, _, err = run(capsys, "generate", *fast(files, tmp_path), "--n", "8")
+    assert code == 2 and err == "backdrop generate: error: out of memory making 8 image(s) at once at this size: " \
+        "lower --n or --height/--width"
 
 
 @pytest.mark.parametrize("command", ["generate", "img2img", "inpaint"])
