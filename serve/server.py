@@ -176,13 +176,15 @@ class _Handlers:
         self.files = FileStore(config.file_ttl, config.max_files)
 
     # ---------------------------------------------------------------------------------- shared steps
-    def _schedule(self, sampler: str, steps: int) -> None:
-        """Refuse a sampler/steps pair this model's scheduler cannot run (DDIM's leading spacing at 1000 steps
-        would pass timestep 1000) before it is queued: in a batch it would fail every request beside it."""
+    def _schedule(self, sampler: str, steps: int, strength: float) -> None:
+        """Refuse what this model's scheduler cannot run (DDIM's leading spacing at 1000 steps would pass timestep
+        1000; int(steps * strength) = 0 leaves no step) before it is queued: in a batch it would fail every request
+        beside it."""
         try:
-            build_schedule(sampler, steps, self.engine.pipe.config.scheduler)
+            build_schedule(sampler, steps, self.engine.pipe.config.scheduler).img2img(strength)
         except ValueError as e:
-            raise APIError(400, str(e), param="steps", code="invalid_value") from None
+            raise APIError(400, str(e), param="strength" if "strength" in str(e) else "steps",
+                           code="invalid_value") from None
 
     def _size(self, value) -> tuple[int, int] | None:
         if value is None or value == "auto":
@@ -366,11 +368,8 @@ class _Handlers:
         seed = self._seed(f.get("seed"), n)
         strength = number(f.get("strength"), "strength", 1e-3, 1.0, 1.0)
         steps = number(f.get("steps"), "steps", 1, MAX_STEPS, self.config.steps, int)
-        if int(steps * strength) < 1:  # checked here, not in the batch: one bad item must not fail its batch
-            raise APIError(400, f"strength {strength} with {steps} steps leaves no step to run (int(steps * strength)"
-                           " = 0); raise strength or steps", param="strength", code="invalid_value")
         sampler = choice(f.get("sampler"), "sampler", tuple(RECIPES), self.config.sampler)
-        self._schedule(sampler, steps)
+        self._schedule(sampler, steps, strength)
         eta = number(f.get("eta"), "eta", 0.0, 1.0, 0.0)
         try:
             check_eta(eta, sampler)
