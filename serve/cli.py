@@ -92,7 +92,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--{field.replace('_', '-')}: {str(e).split(' = ', 1)[1]}") from None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = _load(args, engine_config)
-    from backdrop.serve.server import create_app, run
+    from backdrop.serve.running import run
+    from backdrop.serve.server import create_app
 
     try:
         app = create_app(engine, server_config)

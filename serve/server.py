@@ -36,7 +36,6 @@ import logging
 import math
 import os
 import secrets
-import socket
 import threading
 import time
 from collections import OrderedDict
@@ -61,7 +60,7 @@ from backdrop.serve.inputs import (MAX_SEED, MAX_STEPS, MIN_SIDE, APIError, b64d
                                    decode_image, number, repaint_mask, size_buckets, text)
 from backdrop.serve.metrics import CONTENT_TYPE
 
-__all__ = ["ServerConfig", "create_app", "ServerThread", "run"]
+__all__ = ["ServerConfig", "create_app"]
 
 log = logging.getLogger("backdrop.serve")
 
@@ -472,46 +471,3 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()):
               Route("/metrics", h.metrics_text, methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     return BodyLimit(app, config.max_body_bytes)
-
-
-# ------------------------------------------------------------------------------------------------- running
-
-def run(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve until SIGINT/SIGTERM. uvicorn then stops accepting connections, waits for the in-flight requests
-    (the worker keeps serving them), and runs the lifespan shutdown, which drains the queue."""
-    import uvicorn
-
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")).run()
-
-
-class ServerThread:
-    """uvicorn in a background thread on an already bound socket (port 0: a free one). For tests, benchmarks
-    and notebooks; signals stay with the main thread."""
-
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 60.0) -> "ServerThread":
-        self.thread.start()
-        end = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > end:
-                raise RuntimeError(f"the server on {self.url} did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self, timeout: float = 60.0) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout)
-        self.sock.close()

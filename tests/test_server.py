@@ -33,7 +33,8 @@ from backdrop.nn.config import PRESETS
 from backdrop.serve.cuda_graphs import CUDAGraphUNet
 from backdrop.serve.engine import Engine, EngineConfig
 from backdrop.serve.metrics import Histogram, parse_histogram
-from backdrop.serve.server import ServerConfig, ServerThread, create_app
+from backdrop.serve.running import ServerThread
+from backdrop.serve.server import ServerConfig, create_app
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
