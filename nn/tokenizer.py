@@ -269,12 +269,17 @@ class Tokenizer:
 
 def _check_texts(texts) -> list[str]:
     if isinstance(texts, str):
-        return [texts]
+        texts = [texts]
     if not isinstance(texts, (list, tuple)):
         raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+        try:
+            t.encode("utf-8")  # lone surrogates: JSON "\ud800", or bytes a terminal's argv could not decode
+        except UnicodeEncodeError as e:
+            raise ValueError(f"prompt {t[:40]!r} is not valid Unicode text (a lone surrogate at character "
+                             f"{e.start})") from None
     return list(texts)
 
 

@@ -142,6 +142,7 @@ def test_inpaint_all_black_mask_writes_the_input(files, capsys, tmp_path):
     (["generate", "--n", "0"], "--n 0 must be in [1, 1000]"),
     (["generate", "--n", "100000000000"], "--n 100000000000 must be in [1, 1000]"),
     (["generate", "--guidance-scale", "inf"], "--guidance-scale inf must be finite and >= 0"),
+    (["generate", "--prompt", "a \udcff lamp"], "not valid Unicode text"),  # argv bytes that are not UTF-8
     (["generate", "--eta", "0.5"], "applies to sampler='ddim' only, not 'dpmpp-2m'"),
     (["generate", "--guidance-rescale", "2"], "--guidance-rescale 2.0 must be in [0, 1]"),
     (["inpaint", "{root}/product.png", "--mask", "{root}/black.png", "--mask-dilate", "-1"],
