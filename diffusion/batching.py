@@ -6,7 +6,10 @@ num_images_per_prompt times: every list here has n * k items, request i's first.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import numbers
 import secrets
 import threading
 from dataclasses import dataclass
@@ -17,11 +20,40 @@ import torch
 
 from backdrop.diffusion.samplers import check_eta
 
-__all__ = ["OUTPUT_TYPES", "MAX_SEED", "Loop", "items", "broadcast", "repeat", "seeds", "item_strengths", "groups",
-           "prompts", "requests"]
+__all__ = ["OUTPUT_TYPES", "MAX_SEED", "DIFFUSERS_NAMES", "diffusers_names", "as_number", "Loop", "items",
+           "broadcast", "repeat", "seeds", "item_strengths", "groups", "prompts", "requests"]
 
-OUTPUT_TYPES = ("pil", "np", "latent")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64 - 1; we keep seed + item inside int64
+# diffusers' argument names -> ours, taken as aliases wherever the function has our name
+DIFFUSERS_NAMES = {"num_inference_steps": "steps", "mask_image": "mask", "padding_mask_crop": "crop_padding",
+                   "torch_dtype": "dtype"}
+
+
+def diffusers_names(fn: Callable) -> Callable:
+    """Let `fn` also take diffusers' names for its arguments (num_inference_steps= for steps=, ...), so code written
+    for a diffusers pipeline runs unchanged; giving both names is a TypeError."""
+    aliases = {theirs: ours for theirs, ours in DIFFUSERS_NAMES.items() if ours in inspect.signature(fn).parameters}
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        for theirs in aliases.keys() & kwargs.keys():
+            ours = aliases[theirs]
+            if ours in kwargs:
+                raise TypeError(f"{fn.__name__}() got {ours}= and {theirs}= (diffusers' name for it); give one")
+            kwargs[ours] = kwargs.pop(theirs)
+        return fn(*args, **kwargs)
+    return call
+
+
+def as_number(value, name: str, want: str, ok: Callable = lambda v: True, integer: bool = False):
+    """`value` as a Python int (integer=True) or float: numpy scalars are taken, bools, strings and non-finite
+    numbers are not; ValueError naming `name` and `want` unless ok(value)."""
+    good = isinstance(value, numbers.Integral if integer else numbers.Real) and \
+        not isinstance(value, (bool, np.bool_)) and (integer or math.isfinite(value)) and ok(value)
+    if not good:
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    return int(value) if integer else float(value)
 
 
 @dataclass(frozen=True)
@@ -36,11 +68,12 @@ class Loop:
     callback: Callable | None
     interrupt: threading.Event | None
 
-    def __post_init__(self):
-        for name, hi, want in (("guidance_scale", math.inf, ">= 0"), ("guidance_rescale", 1.0, "in [0, 1]")):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= hi or math.isinf(v):
-                raise ValueError(f"{name} must be a finite number {want}, got {v!r}")
+    def __post_init__(self):  # numbers checked and made Python ints/floats (numpy scalars welcome)
+        for name, want, ok, integer in (("steps", "an int >= 1", lambda v: v >= 1, True),
+                                        ("guidance_scale", "a finite number >= 0", lambda v: v >= 0, False),
+                                        ("guidance_rescale", "a finite number in [0, 1]", lambda v: 0 <= v <= 1, False),
+                                        ("eta", "a number >= 0", lambda v: v >= 0, False)):
+            object.__setattr__(self, name, as_number(getattr(self, name), name, want, ok, integer))
         check_eta(self.eta, self.sampler)
 
 
@@ -81,12 +114,8 @@ def seeds(seed, n: int, k: int) -> list[int]:
 
 def item_strengths(strength, n: int, k: int) -> list[float]:
     """One strength or one per request -> one per output item, each a number in (0, 1]."""
-    out = []
-    for s in broadcast(items(strength, "strength"), n, "strength"):
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 < s <= 1.0:
-            raise ValueError(f"strength {s!r} must be a number in (0, 1]")
-        out.append(float(s))
-    return repeat(out, k)
+    return repeat([as_number(s, "strength", "a number in (0, 1]", lambda v: 0 < v <= 1)
+                   for s in broadcast(items(strength, "strength"), n, "strength")], k)
 
 
 def groups(strengths: list[float]) -> dict[float, list[int]]:
@@ -116,16 +145,42 @@ def prompts(text, embeds, name: str, width: int) -> list:
 
 
 def requests(prompt, negative_prompt, seed, k, output_type, n: int = 1, embeds=(None, None), *,
-             width: int) -> dict:
+             width: int, generator=None) -> dict:
     """n requests (the longest list among prompt, negative prompt, seed and the images) x k images each.
-    A prompt is a string, or a row (L, C) of `embeds` (prompt_embeds, negative_prompt_embeds) given instead."""
+    A prompt is a string, or a row (L, C) of `embeds` (prompt_embeds, negative_prompt_embeds) given instead.
+    `generator` (diffusers' argument, instead of `seed`): one torch.Generator for the whole batch or one per
+    output item; "generators" is then it, and "seeds" their initial seeds."""
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"num_images_per_prompt must be an int >= 1, got {k!r}")
+    k = int(k)
     texts, negatives = (prompts(t, e, name, width) for t, e, name in
                         ((prompt, embeds[0], "prompt"), (negative_prompt, embeds[1], "negative_prompt")))
     n = max(n, len(texts), len(negatives), len(items(seed, "seed")) if isinstance(seed, (list, tuple)) else 1)
-    return dict(n=n, k=k, output_type=output_type, seeds=seeds(seed, n, k),
+    gens = _generators(generator, seed, n * k)
+    return dict(n=n, k=k, output_type=output_type, generators=gens,
+                seeds=seeds(seed, n, k) if gens is None else [g.initial_seed() for g in _each(gens, n * k)],
                 prompts=repeat(broadcast(texts, n, "prompt"), k),
                 negatives=repeat(broadcast(negatives, n, "negative_prompt"), k))
+
+
+def _generators(generator, seed, b: int):
+    """None, one torch.Generator (draws the whole batch, as in diffusers), or a list of b (one per item)."""
+    if generator is None:
+        return None
+    if seed is not None:
+        raise ValueError("give seed= or generator= (diffusers' argument), not both")
+    gens = [generator] if isinstance(generator, torch.Generator) else items(generator, "generator")
+    if not all(isinstance(g, torch.Generator) for g in gens):
+        raise ValueError(f"generator must be a torch.Generator or a list of them, got {generator!r:.80}")
+    if isinstance(generator, torch.Generator):
+        return generator
+    if len(gens) != b:
+        raise ValueError(f"generator: {len(gens)} generators for {b} images (requests x num_images_per_prompt); "
+                         "give one, or one per image")
+    return gens
+
+
+def _each(gens, b: int) -> list:
+    return [gens] * b if isinstance(gens, torch.Generator) else list(gens)

@@ -13,7 +13,10 @@ images, masks, seeds and strengths:
     seeds [s, s + k, s + 2k, ...], i.e. output item m gets s + m; None picks a random base. Output.seeds reports
     every item's seed, so any image can be reproduced alone. The first draw of each generator is the initial
     noise (unless `latents` gives it), the later draws feed stochastic samplers, as diffusers with a list of
-    generators.
+    generators. `generator` (diffusers' argument, instead of seed) takes the caller's torch.Generator(s): one for
+    the whole batch or one per output item, drawing exactly what diffusers' pipelines draw from them.
+  * diffusers' names work too: num_inference_steps (steps), mask_image (mask), padding_mask_crop (crop_padding),
+    torch_dtype (from_pretrained's dtype), output_type "pt"; see batching.DIFFUSERS_NAMES.
   * `latents` (B, 4, h, w) is unit-variance initial noise, as in diffusers (it is scaled by the schedule).
   * `eta` is DDIM's noise (0 = deterministic, 1 = as DDPM), diffusers' `eta`: for sampler "ddim" only (diffusers
     ignores it elsewhere; we refuse it there rather than silently drop it).
@@ -43,8 +46,9 @@ user's binarized repaint mask as its condition, as diffusers' pipeline passes th
 of the output is bit-identical to the input.
 
 Output: output_type "pil" (list of PIL images), "np" (float32 (B, H, W, 3) in [0, 1]: the VAE's output itself, as
-diffusers' "np", or uint8 / 255 when paste-back made it) or "latent" (the final latents (B, 4, h, w) diffusers
-would decode after dividing by the scaling factor, at the padded or cropped processing size).
+diffusers' "np", or uint8 / 255 when paste-back made it), "pt" (the same as a torch (B, 3, H, W)) or
+"latent" (the final latents (B, 4, h, w) diffusers would decode after dividing by the scaling factor, at the padded
+or cropped processing size).
 
 Which model, device and precision `from_pretrained` picks by default: nn/resolve.py.
 """
@@ -61,8 +65,8 @@ from PIL import Image
 
 from backdrop.diffusion import crop_paste as C
 from backdrop.diffusion import masks as M
-from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, broadcast, groups, item_strengths, items, prompts,
-                                        repeat, requests)
+from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, as_number, broadcast, diffusers_names, groups,
+                                        item_strengths, items, prompts, repeat, requests)
 from backdrop.diffusion.guidance import CFGDenoiser
 from backdrop.diffusion.samplers import (SamplingInterrupted, blend_known_region, default_noise_sampler,
                                          initial_latents, noised_latents, output_latents, per_item_randn, sample)
@@ -78,8 +82,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Output:
-    """images: list of PIL images, a float32 array (B, H, W, 3) in [0, 1], or latents (B, 4, h, w).
-    seeds: each item's seed (pass it back alone to reproduce that image).
+    """images: list of PIL images, a float32 array (B, H, W, 3) or tensor (B, 3, H, W) in [0, 1], or latents
+    (B, 4, h, w).
+    seeds: each item's seed (pass it back alone to reproduce that image; with `generator`, its initial_seed()).
     unchanged: indices of inpaint items returned as the input because their mask had nothing to repaint."""
     images: list | np.ndarray | torch.Tensor
     seeds: list[int]
@@ -104,6 +109,7 @@ class Pipeline:
         self._width = backend.config.unet.cross_attention_dim  # of the text context: prompt_embeds' last dim
 
     @classmethod
+    @diffusers_names
     def from_pretrained(cls, path_or_name, device=None, dtype=None, backend: str = "torch") -> "Pipeline":
         """A model folder, one .safetensors file, or a built-in model's name (backend "torch"), or an export
         folder (backend "onnxruntime" / "tensorrt", see export/). device: default CUDA if present; dtype
@@ -120,37 +126,40 @@ class Pipeline:
 
     # -------------------------------------------------------------------------------------------- public API
 
+    @diffusers_names
     def generate(self, prompt=None, negative_prompt="", height: int | None = None, width: int | None = None,
                  steps: int = 30, guidance_scale: float = 7.5, sampler: str = "dpmpp-2m", seed=None, latents=None,
                  num_images_per_prompt: int = 1, output_type: str = "pil", guidance_rescale: float = 0.0,
-                 eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None, progress: bool = True,
-                 callback: Callable | None = None, interrupt: threading.Event | None = None) -> Output:
+                 eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None, generator=None,
+                 progress: bool = True, callback: Callable | None = None,
+                 interrupt: threading.Event | None = None) -> Output:
         """Text to image. height/width: default the model's native config.image_size; any positive size works
         (sampled at the next multiple of 8, then cropped). `callback(step, latents)` runs after every step."""
         loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, progress, callback, interrupt)
-        size = self.config.image_size
-        H, W = height or size, width or size
-        if not (isinstance(H, int) and isinstance(W, int) and H > 0 and W > 0):
-            raise ValueError(f"height and width must be positive ints, got {height!r} x {width!r}")
+        H, W = (self.config.image_size if v is None else as_number(v, name, "an int >= 1 (pixels) or None",
+                                                                   lambda v: v >= 1, integer=True)
+                for v, name in ((height, "height"), (width, "width")))
         req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
-                       embeds=(prompt_embeds, negative_prompt_embeds), width=self._width)
+                       embeds=(prompt_embeds, negative_prompt_embeds), width=self._width, generator=generator)
         B, f = len(req["prompts"]), self.config.vae.downsample_factor
         h, w = (d // f for d in M.fit_size(H, W, self._multiple))
         job = dict(req, strengths=[1.0] * B, x0=None, size=(H, W), c_concat=self._empty_concat(B, h, w))
         return self._run(job, (h, w), loop, latents, start="noise")
 
+    @diffusers_names
     def img2img(self, image, prompt=None, strength=0.75, negative_prompt="", steps: int = 30,
                 guidance_scale: float = 7.5, sampler: str = "dpmpp-2m", seed=None, latents=None,
                 num_images_per_prompt: int = 1, output_type: str = "pil", guidance_rescale: float = 0.0,
-                eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None, progress: bool = True,
-                callback: Callable | None = None, interrupt: threading.Event | None = None) -> Output:
+                eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None, generator=None,
+                progress: bool = True, callback: Callable | None = None,
+                interrupt: threading.Event | None = None) -> Output:
         """Image to image: the image's latents noised to `strength` (1 = all noise), then int(steps * strength)
         steps, as diffusers' StableDiffusionImg2ImgPipeline. Output has the input's size."""
         loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, progress, callback, interrupt)
         images, n_strengths = items(image, "image"), len(strength) if isinstance(strength, (list, tuple)) else 1
         req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
                        n=max(len(images), n_strengths), embeds=(prompt_embeds, negative_prompt_embeds),
-                       width=self._width)
+                       width=self._width, generator=generator)
         n, k = req["n"], req["k"]
         img = M.image_to_uint8(repeat(broadcast(images, n, "image"), k))  # (B, H, W, 3)
         strengths = item_strengths(strength, n, k)
@@ -160,13 +169,15 @@ class Pipeline:
                    c_concat=self._empty_concat(len(img), *x0.shape[-2:]))
         return self._run(job, tuple(x0.shape[-2:]), loop, latents, start="image")
 
+    @diffusers_names
     def inpaint(self, image, mask=None, prompt=None, product_mask=None, strength=1.0, mask_blur: float | None = None,
                 mask_dilate: int = 1, crop_padding: int | None = None, paste_back: bool = True,
                 color_match: bool = False, negative_prompt="", steps: int = 30, guidance_scale: float = 7.5,
                 sampler: str = "dpmpp-2m", seed=None, latents=None, num_images_per_prompt: int = 1,
                 output_type: str = "pil", guidance_rescale: float = 0.0, eta: float = 0.0, mask_mode: str = "max",
-                prompt_embeds=None, negative_prompt_embeds=None, progress: bool = True,
-                callback: Callable | None = None, interrupt: threading.Event | None = None) -> Output:
+                mask_threshold: float | None = None, prompt_embeds=None, negative_prompt_embeds=None,
+                generator=None, progress: bool = True, callback: Callable | None = None,
+                interrupt: threading.Event | None = None) -> Output:
         """Repaint the masked region. Give `mask` (white = repaint), `product_mask` (white = keep the product), or
         neither with RGBA images (OpenAI's convention: alpha 0 = repaint).
 
@@ -181,6 +192,9 @@ class Pipeline:
         color_match  remove the generated image's colour cast, measured on the kept region, before pasting.
         mask_mode    "max" (ours: a latent cell is repainted if any of its pixels is) or "diffusers"
                      (binarise at 0.5, nearest resize; reproduces StableDiffusionInpaintPipeline).
+        mask_threshold  None: the mask as given (grey = partly repainted); t in (0, 1]: binarised, >= t repaints
+                     (for noisy masks, e.g. a JPEG product mask whose compression noise would otherwise mark
+                     stray pixels for repainting; 0.5 is diffusers' binarisation).
         An item whose mask has nothing to repaint is returned as the input (listed in Output.unchanged).
         """
         loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, progress, callback, interrupt)
@@ -190,18 +204,24 @@ class Pipeline:
         n_strengths = len(strength) if isinstance(strength, (list, tuple)) else 1
         req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
                        n=max(len(images), len(masks), n_strengths),
-                       embeds=(prompt_embeds, negative_prompt_embeds), width=self._width)
+                       embeds=(prompt_embeds, negative_prompt_embeds), width=self._width, generator=generator)
         n, k = req["n"], req["k"]
         images, masks = broadcast(images, n, "image"), broadcast(masks, n, kind)
         strengths = item_strengths(strength, n, k)
-        blur = M.default_mask_blur(kind) if mask_blur is None else float(mask_blur)
-        whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
-        if blur < 0 or not whole(mask_dilate) or not (crop_padding is None or whole(crop_padding)):
-            raise ValueError(f"mask_blur ({mask_blur!r}) must be >= 0, mask_dilate ({mask_dilate!r}, in latent "
-                             f"cells) and crop_padding ({crop_padding!r}, pixels, or None) ints >= 0")
+        blur = M.default_mask_blur(kind) if mask_blur is None else \
+            as_number(mask_blur, "mask_blur", "a number >= 0 (pixels) or None", lambda v: v >= 0)
+        mask_dilate = as_number(mask_dilate, "mask_dilate", "an int >= 0 (latent cells)", lambda v: v >= 0, True)
+        if crop_padding is not None:
+            crop_padding = as_number(crop_padding, "crop_padding", "an int >= 0 (pixels) or None", lambda v: v >= 0,
+                                     True)
+        if mask_threshold is not None:
+            mask_threshold = as_number(mask_threshold, "mask_threshold", "a number in (0, 1] or None",
+                                       lambda v: 0 < v <= 1)
+        if mask_mode not in ("max", "diffusers"):
+            raise ValueError(f"mask_mode must be 'max' or 'diffusers', got {mask_mode!r}")
         img = M.image_to_uint8(repeat(images, k))  # (B, H, W, 3): the pixels paste-back keeps
         H, W = img.shape[1:3]
-        per_item = [self._repaint_mask(kind, m, i, (H, W)) for i, m in enumerate(masks)]
+        per_item = [self._repaint_mask(kind, m, i, (H, W), mask_threshold) for i, m in enumerate(masks)]
         todo = [i for i in range(n * k) if per_item[i // k] is not None]
         unchanged = [i for i in range(n * k) if per_item[i // k] is None]
         if unchanged and output_type == "latent":
@@ -211,14 +231,16 @@ class Pipeline:
             return self._format(img.astype(np.float32) / 255, req["seeds"], output_type, unchanged)
         pick = lambda v: [v[i] for i in todo]  # noqa: E731 - the items that have something to repaint
         mask_t = torch.cat([per_item[i // k] for i in todo])  # (B', 1, H, W), 1 = repaint
+        gens = req["generators"]
         out = self._inpaint(img[todo], mask_t, dict(req, prompts=pick(req["prompts"]),
-                            negatives=pick(req["negatives"]), seeds=pick(req["seeds"]), strengths=pick(strengths)),
+                            negatives=pick(req["negatives"]), seeds=pick(req["seeds"]), strengths=pick(strengths),
+                            generators=gens if gens is None or isinstance(gens, torch.Generator) else pick(gens)),
                             blur, mask_dilate, crop_padding, paste_back, color_match, mask_mode, loop,
                             latents if latents is None or not unchanged else latents[todo])
         if not unchanged:
             return out
         full = img.astype(np.float32) / 255  # (B, H, W, 3)
-        full[todo] = out.images if output_type == "np" else np.stack([np.asarray(p) for p in out.images]) / 255
+        full[todo] = _hwc(out.images)
         return self._format(full, req["seeds"], output_type, unchanged)
 
     # ---------------------------------------------------------------------------------------------- inpainting
@@ -244,10 +266,10 @@ class Pipeline:
         return "image", None
 
     @staticmethod
-    def _repaint_mask(kind: str, value, i: int, size) -> torch.Tensor | None:
+    def _repaint_mask(kind: str, value, i: int, size, threshold: float | None) -> torch.Tensor | None:
         """(1, 1, H, W) float repaint mask of request i, or None when it has nothing to repaint."""
         try:
-            return M.to_repaint_mask(**{kind: value}, size=size)
+            return M.to_repaint_mask(**{kind: value}, size=size, threshold=threshold)
         except ValueError as e:
             msg = str(e)
             if "nothing to repaint" in msg:  # masks.to_repaint_mask's message for an empty mask
@@ -366,14 +388,20 @@ class Pipeline:
         (img2img: x0 noised to the strength) or "inpaint" (pure noise at strength 1, else as img2img)."""
         full = build_schedule(loop.sampler, loop.steps, self.config.scheduler)
         B, C, dev = len(job["prompts"]), self.config.vae.latent_channels, self.backend.device
-        gens = [torch.Generator().manual_seed(s) for s in job["seeds"]]  # CPU: the same noise on any device
+        gens = job.get("generators") or [torch.Generator().manual_seed(s) for s in job["seeds"]]  # CPU: same noise
+        # on any device; one generator given by the caller draws for the whole batch (diffusers' single generator)
         shape = (B, C, *hw)
         if latents is None:
             noise = per_item_randn(shape, gens, device=dev)  # the first draw of every item's generator
         else:
-            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
-                raise ValueError(f"latents must be a tensor of shape {shape} (unit-variance noise), got "
-                                 f"{tuple(getattr(latents, 'shape', ())) or type(latents).__name__}")
+            if isinstance(latents, np.ndarray):
+                latents = torch.from_numpy(latents)
+            if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+                raise ValueError(f"latents must be a float tensor or array (unit-variance noise), got "
+                                 f"{type(latents).__name__} {getattr(latents, 'dtype', '')}")
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape} (batch, latent channels, height / 8, width / 8)"
+                                 f", got {tuple(latents.shape)}")
             noise = latents.to(dev, torch.float32)
         guided, interrupt = loop.guidance_scale > 1, loop.interrupt
         ctx, uctx = self._encode_text(job["prompts"], job["negatives"], guided)
@@ -394,7 +422,8 @@ class Pipeline:
                 args["c_concat"] = job["c_concat"][idx]
             x = sample(CFGDenoiser(self.backend.unet, sched, self.config.prediction_type), x, sched,
                        extra_args=args, callback=_step_callback(blend, loop.callback),
-                       noise_sampler=default_noise_sampler(x, [gens[i] for i in idx]), disable=not loop.progress,
+                       noise_sampler=default_noise_sampler(x, gens if isinstance(gens, torch.Generator)
+                                                           else [gens[i] for i in idx]), disable=not loop.progress,
                        interrupt=interrupt, **({"eta": loop.eta} if loop.eta else {}))
             result[idx] = output_latents(x, sched)
         if interrupt is not None and interrupt.is_set():
@@ -406,14 +435,26 @@ class Pipeline:
 
     @staticmethod
     def _format(images, seeds: list[int], output_type: str, unchanged: list[int] | None = None) -> Output:
-        """VAE output (B, 3, H, W) in [-1, 1] or float (B, H, W, 3) in [0, 1] from uint8 -> the asked type."""
+        """VAE output (B, 3, H, W) in [-1, 1] or float (B, H, W, 3) in [0, 1] from uint8 -> the asked type
+        ("pt": float32 (B, 3, H, W) in [0, 1], as diffusers' "pt")."""
         if isinstance(images, torch.Tensor):  # diffusers' postprocess: (x / 2 + 0.5).clamp(0, 1), float32
             if output_type == "pil":
                 return Output(M.to_pil(images), seeds, unchanged or [])
             images = (images.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
         if output_type == "pil":
             return Output(M.to_pil((images * 255).round().astype(np.uint8)), seeds, unchanged or [])
-        return Output(images.astype(np.float32), seeds, unchanged or [])
+        images = images.astype(np.float32)
+        return Output(torch.from_numpy(images).permute(0, 3, 1, 2) if output_type == "pt" else images, seeds,
+                      unchanged or [])
+
+
+def _hwc(images) -> np.ndarray:
+    """An Output's images (PIL list, float (B, H, W, 3) or "pt" (B, 3, H, W)) as float32 (B, H, W, 3) in [0, 1]."""
+    if isinstance(images, torch.Tensor):
+        return images.permute(0, 2, 3, 1).numpy()
+    if isinstance(images, np.ndarray):
+        return images
+    return np.stack([np.asarray(p) for p in images]).astype(np.float32) / 255
 
 
 def _step_callback(blend, user) -> Callable | None:

@@ -261,6 +261,63 @@ def test_img2img_equals_diffusers(models, ref):
     assert max_diff(ours.images, theirs) <= TOL
 
 
+@pytest.mark.parametrize("sampler", ["euler-a", "dpmpp-2m"])
+def test_diffusers_argument_names_and_generators_equal_diffusers(models, ref, sampler):
+    """Code written for diffusers runs unchanged: num_inference_steps, generator (one for the batch, or one per
+    image; euler-a draws from it at every step too) and output_type "pt" give diffusers' own images."""
+    pipe = models["sd1"].pipe
+    for gen in (lambda: torch.Generator().manual_seed(3), lambda: generators([3, 4])):
+        ours = pipe.generate(PROMPTS, num_inference_steps=4, sampler=sampler, generator=gen(), output_type="pt",
+                             progress=False)
+        theirs = ref("sd1", "txt2img", sampler)(PROMPTS, num_inference_steps=4, generator=gen(), output_type="pt",
+                                                height=64, width=64).images
+        assert isinstance(ours.images, torch.Tensor) and ours.images.shape == theirs.shape == (2, 3, 64, 64)
+        assert theirs.std() > 0.05 and max_diff(ours.images, theirs) <= TOL
+    assert ours.seeds == [3, 4]  # the generators' initial seeds
+    with pytest.raises(ValueError, match="seed= or generator="):
+        pipe.generate("a", seed=1, generator=torch.Generator())
+    with pytest.raises(ValueError, match="generator: 1 generators for 2 images"):
+        pipe.generate("a", num_images_per_prompt=2, generator=[torch.Generator()])
+    with pytest.raises(TypeError, match="steps= and num_inference_steps="):
+        pipe.generate("a", steps=2, num_inference_steps=2)
+
+
+def test_diffusers_inpaint_names_equal_ours(models):
+    """mask_image= is mask=, padding_mask_crop= is crop_padding=, torch_dtype= is dtype=; output_type "pt" is
+    "np" as (B, 3, H, W) also when an item is returned unchanged."""
+    pipe = models["sd1-inpaint"].pipe
+    img, mask = images(1)[0], rect_masks(1)[0]
+    ours = pipe.inpaint(img, mask, prompt="x", steps=2, seed=1, crop_padding=4, output_type="np", progress=False)
+    theirs = pipe.inpaint(image=img, mask_image=mask, prompt="x", num_inference_steps=2, seed=1,
+                          padding_mask_crop=4, output_type="pt", progress=False)
+    assert np.array_equal(ours.images, theirs.images.permute(0, 2, 3, 1).numpy())
+    empty = Image.new("L", (64, 64), 0)
+    mixed = pipe.inpaint([img, img], [mask, empty], prompt="x", steps=2, seed=1, crop_padding=4, output_type="pt",
+                         progress=False)
+    assert mixed.unchanged == [1] and np.array_equal(mixed.images[0], theirs.images[0])
+    assert np.array_equal(mixed.images[1].permute(1, 2, 0).numpy() * 255, np.asarray(img, np.float32))
+    p32 = Pipeline.from_pretrained(models["sd1"].folder, device="cpu", torch_dtype=torch.float32)
+    assert next(p32.backend.model.unet.parameters()).dtype == torch.float32
+
+
+def test_mask_threshold_keeps_a_noisy_product_mask_exact(models):
+    """A JPEG-saved product mask is 252..255 on the product: unthresholded, those pixels are partly repainted
+    (grey = soft mask); mask_threshold=0.5 binarises the mask first, so the whole product stays bit-identical."""
+    pipe = models["sd1-inpaint"].pipe
+    img = images(1)[0]
+    product = np.zeros((64, 64), np.uint8)
+    product[16:48, 16:48] = 255
+    product[20:44, 20:44] -= np.random.default_rng(0).integers(0, 4, (24, 24)).astype(np.uint8)  # JPEG-ish noise
+    keep = product > 0
+    run = dict(prompt="x", steps=2, seed=1, progress=False, mask_dilate=0)
+    soft = u8(pipe.inpaint(img, product_mask=Image.fromarray(product), **run).images[0])
+    exact = u8(pipe.inpaint(img, product_mask=Image.fromarray(product), mask_threshold=0.5, **run).images[0])
+    assert np.array_equal(exact[keep], u8(img)[keep])
+    assert not np.array_equal(soft[keep], u8(img)[keep])
+    with pytest.raises(ValueError, match=r"mask_threshold must be a number in \(0, 1\] or None, got 0"):
+        pipe.inpaint(img, product_mask=Image.fromarray(product), mask_threshold=0, **run)
+
+
 # -------------------------------------------------------------------------------------------------- properties
 
 def test_mixed_strengths_equal_separate_calls(models):
@@ -510,11 +567,13 @@ def test_bad_inputs_are_named(models):
         pipe.inpaint(img, small, prompt="x", steps=2, progress=False)
     with pytest.raises(ValueError, match="not both"):
         pipe.inpaint(img, small, product_mask=small, prompt="x", progress=False)
-    with pytest.raises(ValueError, match="output_type 'jpg' is not one of pil, np, latent"):
+    with pytest.raises(ValueError, match="output_type 'jpg' is not one of pil, np, pt, latent"):
         pipe.generate("x", output_type="jpg")
-    with pytest.raises(ValueError, match=r"latents must be a tensor of shape \(2, 4, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"latents must have shape \(2, 4, 8, 8\) .*, got \(1, 4, 8, 8\)"):
         pipe.generate(["a", "b"], latents=torch.zeros(1, 4, 8, 8), steps=1, progress=False)
-    with pytest.raises(ValueError, match=r"strength 1.5 must be a number in \(0, 1\]"):
+    with pytest.raises(ValueError, match="latents must be a float tensor or array"):
+        pipe.generate("a", latents=torch.zeros(1, 4, 8, 8, dtype=torch.int64), steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"strength must be a number in \(0, 1\], got 1.5"):
         pipe.img2img(img, "x", strength=1.5)
     with pytest.raises(ValueError, match="seed -1 must be an int"):
         pipe.generate("x", seed=-1)
@@ -522,9 +581,21 @@ def test_bad_inputs_are_named(models):
         pipe.img2img([img, img], ["a", "b", "c"])
     with pytest.raises(ValueError, match="unknown sampler 'plms'"):
         pipe.generate("x", sampler="plms", progress=False)
-    for bad in (dict(mask_blur=-1), dict(mask_dilate=1.5), dict(crop_padding=-4), dict(crop_padding=2.5)):
-        with pytest.raises(ValueError, match=f"{next(iter(bad))} \\({next(iter(bad.values()))}"):
-            pipe.inpaint(img, rect_masks(1)[0], prompt="x", steps=1, progress=False, **bad)
+    for bad in (dict(mask_blur=-1), dict(mask_dilate=1.5), dict(mask_dilate=1.0), dict(crop_padding=-4),
+                dict(crop_padding=2.5), dict(mask_mode="min"), dict(steps=True), dict(steps="2")):
+        (name, value), = bad.items()
+        with pytest.raises(ValueError, match=f"^{name} must be .*, got {value!r}$"):  # only the culprit is named
+            pipe.inpaint(img, rect_masks(1)[0], prompt="x", progress=False, **{"steps": 1, **bad})
+    for bad in (dict(height=0), dict(width=-8), dict(height=64.0)):
+        (name, value), = bad.items()
+        with pytest.raises(ValueError, match=f"^{name} must be an int >= 1 \\(pixels\\) or None, got {value!r}$"):
+            pipe.generate("x", steps=1, progress=False, **bad)
+    # numpy scalars and arrays are numbers and latents like any other
+    out = pipe.generate("x", steps=np.int64(1), height=np.int64(64), guidance_scale=np.float32(7.5), seed=0,
+                        latents=np.zeros((1, 4, 8, 8), np.float32), progress=False, output_type="latent")
+    assert out.images.shape == (1, 4, 8, 8)
+    pipe.inpaint(img, rect_masks(1)[0], prompt="x", steps=1, progress=False, mask_dilate=np.int64(1),
+                 mask_blur=np.float64(2))
 
 
 def test_builtin_model_opens_by_name_and_keeps_the_example_product():
