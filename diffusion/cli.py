@@ -3,11 +3,15 @@
 Options the three share are defined once, in parent parsers (`_common_options`, `_image_options`). Every user
 error (unreadable file, bad option value, unknown model) is one line on stderr and exit status 2 (backdrop.cli.
 CLIError); a mask whose size differs from the image is resized with a warning, and an all-black mask writes the
-input unchanged with a note. Images are written to OUT/<kind>-<seed>.png and their paths printed, one per line.
+input unchanged with a note. Images are written to OUT/<kind>-<seed>.png and their paths printed, one per line, as
+each batch of --batch-size images finishes (image i has seed SEED + i whatever the batch size).
 """
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -37,6 +41,9 @@ def _common_options() -> argparse.ArgumentParser:
     s.add_argument("--negative-prompt", default="", metavar="TEXT",
                    help="what it should not show, e.g. 'blurry, text'")
     s.add_argument("--n", type=int, default=1, metavar="N", help="how many images to make (default: 1)")
+    s.add_argument("--batch-size", type=int, default=4, metavar="B",
+                   help="images made at once: larger is faster on a GPU until memory runs out (default: "
+                        "%(default)s)")
     s.add_argument("--seed", type=int, default=None,
                    help="random seed; image i uses SEED + i, so any image can be remade alone (default: random)")
     s.add_argument("--steps", type=int, default=30, metavar="N", help="denoising steps: more is slower, often finer "
@@ -108,6 +115,9 @@ def add_parser(subparsers) -> None:
     opts.add_argument("--crop-padding", type=int, default=None, metavar="PX",
                       help="work only on the box around the mask grown by PX pixels, at the model's native "
                            "resolution: faster and more detailed for small regions (default: whole image)")
+    opts.add_argument("--mask-threshold", type=float, default=None, metavar="T",
+                      help="binarise the mask at T (0-1): pixels repainted at least T are repainted, the rest kept "
+                           "exactly; cleans up noisy (e.g. JPEG) masks (default: grey levels repaint partly)")
     opts.add_argument("--color-match", action="store_true",
                       help="correct the colour cast of the new pixels to match the kept ones")
     opts.add_argument("--no-paste-back", dest="paste_back", action="store_false",
@@ -117,15 +127,17 @@ def add_parser(subparsers) -> None:
 
 # ------------------------------------------------------------------------------------------------------ running
 
-MAX_N = 1000  # images per run: they go through the UNet as one batch
+MAX_N = 1000  # images per run (written as each batch of --batch-size finishes)
 
 
 def _check(args) -> None:
     """Range checks argparse cannot express, as one-line errors."""
     rules = [("--n", args.n, 1 <= args.n <= MAX_N, f"in [1, {MAX_N}]"),
+             ("--batch-size", args.batch_size, args.batch_size >= 1, "at least 1"),
              ("--steps", args.steps, args.steps >= 1, "at least 1"),
-             ("--guidance-scale", args.guidance_scale, 0 <= args.guidance_scale < float("inf"), "finite and >= 0"),
-             ("--guidance-rescale", args.guidance_rescale, 0 <= args.guidance_rescale <= 1, "in [0, 1]")]
+             ("--guidance-scale", args.guidance_scale, 0 <= args.guidance_scale < math.inf, "finite and >= 0"),
+             ("--guidance-rescale", args.guidance_rescale, 0 <= args.guidance_rescale <= 1, "in [0, 1]"),
+             ("--eta", args.eta, 0 <= args.eta < math.inf, "finite and >= 0")]
     if args.seed is not None:
         rules.append(("--seed", args.seed, 0 <= args.seed < 2**63 - args.n, "in [0, 2**63 - N)"))
     if args.kind == "generate":
@@ -137,10 +149,15 @@ def _check(args) -> None:
         rules += [("--mask-blur", args.mask_blur, args.mask_blur is None or args.mask_blur >= 0, ">= 0"),
                   ("--mask-dilate", args.mask_dilate, args.mask_dilate >= 0, ">= 0"),
                   ("--crop-padding", args.crop_padding, args.crop_padding is None or args.crop_padding >= 0,
-                   ">= 0")]
+                   ">= 0"),
+                  ("--mask-threshold", args.mask_threshold,
+                   args.mask_threshold is None or 0 < args.mask_threshold <= 1, "in (0, 1]")]
     for flag, value, ok, want in rules:
         if not ok:
             raise CLIError(f"{flag} {value} must be {want}")
+    if args.eta and args.sampler != "ddim":
+        raise CLIError(f"--eta is DDIM's noise: it applies to --sampler ddim only, not {args.sampler} (the "
+                       "stochastic samplers are euler-a, ddpm and dpmpp-2m-sde)")
     if args.device is not None:
         import torch
 
@@ -183,21 +200,41 @@ def _fit_mask(mask, image, path: str):
     return mask.resize(image.size, Image.BILINEAR)
 
 
+def _out_folder(path: str) -> Path:
+    """The --out folder, created and checked before any work is done."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"--out {folder}: cannot create the folder ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {folder}: the folder is not writable")
+    return folder
+
+
 def _pipeline(args):
     from backdrop.diffusion.pipeline import Pipeline
+    from backdrop.diffusion.schedule import build_schedule
 
     try:
-        return Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+        pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     except (OSError, ValueError, RuntimeError, ImportError) as e:  # missing files, CheckpointError, OOM, no ORT/TRT
         raise CLIError(f"cannot load model {args.model}: {_one_line(e)}") from None
+    try:  # the model's scheduler decides which steps/sampler/strength it can run: say so before any work
+        schedule = build_schedule(args.sampler, args.steps, pipe.config.scheduler)
+        if args.kind != "generate":
+            schedule.img2img(args.strength)
+    except ValueError as e:
+        strength = "" if args.kind == "generate" else f" --strength {args.strength}"
+        raise CLIError(f"--steps {args.steps} --sampler {args.sampler}{strength}: {_one_line(e)}") from None
+    return pipe
 
 
 def _run(args) -> int:
     _check(args)
     common = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                   sampler=args.sampler, guidance_scale=args.guidance_scale,
-                  guidance_rescale=args.guidance_rescale, eta=args.eta, seed=args.seed,
-                  num_images_per_prompt=args.n, progress=not args.quiet)
+                  guidance_rescale=args.guidance_rescale, eta=args.eta, progress=not args.quiet)
     inputs = {}
     if args.kind != "generate":
         inputs["image"] = _open(args.image, "image")
@@ -211,29 +248,38 @@ def _run(args) -> int:
             raise CLIError(f"{args.image} has no transparency: give --mask (white = repaint) or --product-mask "
                            "(white = the product to keep)")
         inputs.update(mask_blur=args.mask_blur, mask_dilate=args.mask_dilate, crop_padding=args.crop_padding,
-                      color_match=args.color_match, paste_back=args.paste_back)
+                      mask_threshold=args.mask_threshold, color_match=args.color_match, paste_back=args.paste_back)
+    if args.kind == "generate":
+        inputs.update(height=args.height, width=args.width)
+    folder = _out_folder(args.out)
     pipe = _pipeline(args)
+    seed = secrets.randbelow(2**31) if args.seed is None else args.seed
+    unchanged = False
+    for start in range(0, args.n, args.batch_size):  # image i: seed + i, in any batch
+        count = min(args.batch_size, args.n - start)
+        out = _call(getattr(pipe, args.kind), args, dict(inputs, **common, seed=seed + start,
+                                                         num_images_per_prompt=count))
+        unchanged |= bool(out.unchanged)
+        try:
+            for im, s in zip(out.images, out.seeds):
+                path = folder / f"{args.kind}-{s}.png"
+                im.save(path)
+                print(path, flush=True)
+        except OSError as e:
+            raise CLIError(f"cannot write to {folder}: {e}") from None
+    if unchanged:
+        print("note: the mask has nothing to repaint; wrote the input unchanged", file=sys.stderr)
+    return 0
+
+
+def _call(method, args, kwargs: dict):
+    """One Pipeline call, its refusals and running out of memory as one-line errors."""
     try:
-        if args.kind == "generate":
-            out = pipe.generate(height=args.height, width=args.width, **common)
-        else:
-            out = getattr(pipe, args.kind)(**inputs, **common)
-    except ValueError as e:  # a value the pipeline refuses (e.g. strength x steps leaves no step)
+        return method(**kwargs)
+    except ValueError as e:  # a value the pipeline refuses
         raise CLIError(_one_line(e)) from None
     except (MemoryError, RuntimeError) as e:  # torch's CPU allocator and CUDA's OutOfMemoryError are RuntimeErrors
         if not isinstance(e, MemoryError) and "allocate" not in str(e) and "out of memory" not in str(e):
             raise
-        raise CLIError(f"out of memory making {args.n} image(s) at once at this size: lower --n"
-                       f"{'' if args.kind != 'generate' else ' or --height/--width'}") from None
-    if out.unchanged:
-        print("note: the mask has nothing to repaint; wrote the input unchanged", file=sys.stderr)
-    folder = Path(args.out)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        for im, seed in zip(out.images, out.seeds):
-            path = folder / f"{args.kind}-{seed}.png"
-            im.save(path)
-            print(path)
-    except OSError as e:
-        raise CLIError(f"cannot write to {folder}: {e}") from None
-    return 0
+        raise CLIError(f"out of memory making {kwargs['num_images_per_prompt']} image(s) at once at this size: "
+                       f"lower --batch-size{'' if args.kind != 'generate' else ' or --height/--width'}") from None

@@ -143,7 +143,12 @@ def test_inpaint_all_black_mask_writes_the_input(files, capsys, tmp_path):
     (["generate", "--n", "100000000000"], "--n 100000000000 must be in [1, 1000]"),
     (["generate", "--guidance-scale", "inf"], "--guidance-scale inf must be finite and >= 0"),
     (["generate", "--prompt", "a \udcff lamp"], "not valid Unicode text"),  # argv bytes that are not UTF-8
-    (["generate", "--eta", "0.5"], "applies to sampler='ddim' only, not 'dpmpp-2m'"),
+    (["generate", "--eta", "0.5"], "--eta is DDIM's noise: it applies to --sampler ddim only, not dpmpp-2m"),
+    (["generate", "--steps", "5000"], "--steps 5000 --sampler dpmpp-2m: steps must be an int in [1, "),
+    (["generate", "--batch-size", "0"], "--batch-size 0 must be at least 1"),
+    (["generate", "--out", "{root}/product.png"], "product.png: cannot create the folder"),
+    (["inpaint", "{root}/product.png", "--mask", "{root}/black.png", "--mask-threshold", "0"],
+     "--mask-threshold 0.0 must be in (0, 1]"),
     (["generate", "--guidance-rescale", "2"], "--guidance-rescale 2.0 must be in [0, 1]"),
     (["inpaint", "{root}/product.png", "--mask", "{root}/black.png", "--mask-dilate", "-1"],
      "--mask-dilate -1 must be >= 0"),
@@ -153,12 +158,39 @@ def test_inpaint_all_black_mask_writes_the_input(files, capsys, tmp_path):
 ])
 def test_bad_inputs_exit_2_with_one_line(files, capsys, tmp_path, args, message):
     argv = [a.format(root=files["root"]) for a in args]
-    argv[1:1] = fast(files, tmp_path)
+    argv[1:1] = fast(files, tmp_path / "out")  # a later --out or --steps wins
     if "--model" in args:  # the test's own --model comes last and wins
         argv += ["--model", "no-such-model"]
     code, _, err = run(capsys, *argv)
     assert code == 2
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+    assert not list(tmp_path.glob("out/*.png"))
+
+
+def test_n_runs_in_batches_with_the_same_seeds(files, capsys, tmp_path):
+    """--n 3 --batch-size 2 is two Pipeline calls (seeds 7, 8 then 9) whose images are those of one call."""
+    code, paths, _ = run(capsys, "generate", *fast(files, tmp_path / "a"), "--n", "3", "--batch-size", "2",
+                         "--seed", "7")
+    assert code == 0 and [p.rsplit("/", 1)[1] for p in paths] == ["generate-7.png", "generate-8.png",
+                                                                   "generate-9.png"]
+    _, together, _ = run(capsys, "generate", *fast(files, tmp_path / "b"), "--n", "3", "--batch-size", "3",
+                         "--seed", "7")
+    for a, b in zip(paths, together):
+        assert np.abs(np.asarray(Image.open(a), int) - np.asarray(Image.open(b), int)).max() <= 2  # 2/255
+
+
+def test_mask_threshold_keeps_a_noisy_product_mask_exact(files, capsys, tmp_path):
+    """A product mask saved as JPEG is 252..255 on the product; --mask-threshold 0.5 keeps all of it exact."""
+    noisy = files["product"].copy()
+    noisy[15:30, 25:40] -= np.random.default_rng(0).integers(0, 4, (15, 15)).astype(np.uint8)
+    Image.fromarray(noisy).save(tmp_path / "noisy.png")
+    argv = ["inpaint", files["root"] / "product.png", "--product-mask", tmp_path / "noisy.png", "--seed", "5",
+            "--mask-dilate", "0"]
+    keep = noisy > 0
+    _, [soft], _ = run(capsys, *argv, *fast(files, tmp_path / "soft"))
+    _, [exact], _ = run(capsys, *argv, *fast(files, tmp_path / "exact"), "--mask-threshold", "0.5")
+    assert np.array_equal(np.asarray(Image.open(exact))[keep], files["image"][keep])
+    assert not np.array_equal(np.asarray(Image.open(soft))[keep], files["image"][keep])
 
 
 def test_out_of_memory_is_one_line(files, capsys, tmp_path, monkeypatch):
@@ -169,8 +201,8 @@ def test_out_of_memory_is_one_line(files, capsys, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Pipeline, "generate", allocate)
     code, _, err = run(capsys, "generate", *fast(files, tmp_path), "--n", "8")
-    assert code == 2 and err == "backdrop generate: error: out of memory making 8 image(s) at once at this size: " \
-        "lower --n or --height/--width"
+    assert code == 2 and err == "backdrop generate: error: out of memory making 4 image(s) at once at this size: " \
+        "lower --batch-size or --height/--width"
 
 
 @pytest.mark.parametrize("command", ["generate", "img2img", "inpaint"])
