@@ -152,15 +152,14 @@ def requests(prompt, negative_prompt, seed, k, output_type, n: int = 1, embeds=(
     output item; "generators" is then it, and "seeds" their initial seeds."""
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"num_images_per_prompt must be an int >= 1, got {k!r}")
-    k = int(k)
+    k = as_number(k, "num_images_per_prompt", "an int >= 1", lambda v: v >= 1, integer=True)
     texts, negatives = (prompts(t, e, name, width) for t, e, name in
                         ((prompt, embeds[0], "prompt"), (negative_prompt, embeds[1], "negative_prompt")))
     n = max(n, len(texts), len(negatives), len(items(seed, "seed")) if isinstance(seed, (list, tuple)) else 1)
     gens = _generators(generator, seed, n * k)
     return dict(n=n, k=k, output_type=output_type, generators=gens,
-                seeds=seeds(seed, n, k) if gens is None else [g.initial_seed() for g in _each(gens, n * k)],
+                seeds=seeds(seed, n, k) if gens is None else
+                [g.initial_seed() for g in (gens if isinstance(gens, list) else [gens] * (n * k))],
                 prompts=repeat(broadcast(texts, n, "prompt"), k),
                 negatives=repeat(broadcast(negatives, n, "negative_prompt"), k))
 
@@ -181,6 +180,3 @@ def _generators(generator, seed, b: int):
                          "give one, or one per image")
     return gens
 
-
-def _each(gens, b: int) -> list:
-    return [gens] * b if isinstance(gens, torch.Generator) else list(gens)
