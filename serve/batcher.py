@@ -262,17 +262,22 @@ class Batcher:
                 self._cond.wait(wait)
 
     # ------------------------------------------------------------------ completion
-    def complete(self, batch: Batch, outputs: list[Any]) -> None:
-        """Hand each item its output; a request finishes when all its items have. Late or cancelled ones are
+    def complete(self, batch: Batch, outputs: list[Any], failed: dict[Request, BaseException] | None = None) -> None:
+        """Hand each item its output; a request finishes when all its items have. The requests in `failed` fail
+        with their error instead (their items queued for later batches are dropped). Late or cancelled ones are
         discarded (their request already finished as timeout/cancelled)."""
         if len(outputs) != len(batch):
             raise ValueError(f"batch of {len(batch)} items got {len(outputs)} outputs")
+        failed = failed or {}
         with self._cond:
             self._account(batch)
             now = self.clock()
             for e, out in zip(batch.entries, outputs):
                 req = e.request
                 if req.finished:
+                    continue
+                if req in failed:
+                    self._drop(req, "failed", failed[req])
                     continue
                 if req.deadline is not None and now >= req.deadline:
                     req._finish("timeout")
@@ -284,12 +289,8 @@ class Batcher:
             self._cond.notify_all()
 
     def fail(self, batch: Batch, error: BaseException) -> None:
-        with self._cond:
-            self._account(batch)
-            for e in batch.entries:
-                if not e.request.finished:
-                    self._drop(e.request, "failed", error)
-            self._cond.notify_all()
+        """Fail every request of the batch with `error`."""
+        self.complete(batch, [None] * len(batch), {e.request: error for e in batch.entries})
 
     def _account(self, batch: Batch) -> None:
         self._running.discard(batch.number)

@@ -10,6 +10,8 @@ Callers (the async HTTP handlers) wait without blocking their event loop: `submi
 callback the worker calls (from its thread) when the request finishes, whether done, failed or expired.
 A request whose client went away or whose deadline passed is `abandon`ed: dropped from the queue, its results
 discarded, and if every request of the running batch is gone the batch is interrupted between two steps.
+If a batch's call fails, each of its requests is run again alone, so that only a request that fails on its own
+(an input that trips a bug, say) gets the error and the other clients of its batch get their images.
 """
 from __future__ import annotations
 
@@ -195,28 +197,61 @@ class Engine:
         self._current = (batch, interrupt)  # first, so an abandon() from now on can interrupt this batch
         live = [i for i, e in enumerate(batch.entries) if not e.request.finished]  # cancelled after formation
         outputs: list[Any] = [None] * len(batch)
-        t0 = time.perf_counter()
+        failed: dict[Request, BaseException] = {}
         try:
-            if live:
-                images = self._call(batch.key, [batch.payloads[i] for i in live], interrupt)
-                for i, image in zip(live, images):
-                    outputs[i] = image
-                self.metrics.batch_size.observe(len(live))
-                self.metrics.batch_seconds.observe(time.perf_counter() - t0)
-            self.batcher.complete(batch, outputs)
-        except SamplingInterrupted:  # every request of the batch was abandoned: nothing to deliver
-            self.batcher.complete(batch, outputs)
-        except Exception as e:  # a model failure: fail this batch, keep serving the next ones
-            log.exception("batch of %d failed", len(live))
-            self.batcher.fail(batch, e)
+            try:
+                self._call_into(batch, live, outputs, interrupt)
+            except SamplingInterrupted:  # every request of the batch was abandoned: nothing to deliver
+                pass
+            except Exception as e:  # a model failure: find whose, keep serving the next batches
+                failed = self._run_alone(batch, live, outputs, interrupt, e)
+            self.batcher.complete(batch, outputs, failed)
         finally:
             self._current = None
             for req in {e.request for e in batch.entries}:
                 if req.finished:
                     self._notify(req)
 
+    def _run_alone(self, batch: Batch, live: list[int], outputs: list[Any], interrupt: threading.Event,
+                   error: Exception) -> dict[Request, BaseException]:
+        """The batch's call failed: run each of its requests alone, so that only a request that also fails on its
+        own gets the failure, not the other clients' requests beside it. Returns the failed requests and their
+        errors. A batch of one request is not retried (it would fail the same way, at the cost of a second run)."""
+        entries: dict[Request, list[int]] = {}
+        for i in live:
+            entries.setdefault(batch.entries[i].request, []).append(i)
+        if len(entries) == 1:
+            log.error("batch of %d failed", len(live), exc_info=error)
+            return dict.fromkeys(entries, error)
+        log.warning("batch of %d images from %d requests failed (%s: %s); running each request alone", len(live),
+                    len(entries), type(error).__name__, error)
+        failed: dict[Request, BaseException] = {}
+        for req, indices in entries.items():
+            if req.finished:  # abandoned meanwhile
+                continue
+            try:
+                self._call_into(batch, indices, outputs, interrupt)
+            except SamplingInterrupted:  # every request of the batch is gone now
+                break
+            except Exception as e:
+                log.exception("a request of %d image(s) failed alone", len(indices))
+                failed[req] = e
+        return failed
+
+    def _call_into(self, batch: Batch, indices: list[int], outputs: list[Any], interrupt: threading.Event) -> None:
+        """One Pipeline call for the batch's items at `indices`; their images go to the same places in `outputs`."""
+        if not indices:
+            return
+        t0 = time.perf_counter()
+        payloads = batch.payloads
+        images = self._call(batch.key, [payloads[i] for i in indices], interrupt)
+        for i, image in zip(indices, images):
+            outputs[i] = image
+        self.metrics.batch_size.observe(len(indices))
+        self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+
     def _call(self, key: ServeKey, items: list[Item], interrupt: threading.Event) -> list[Image.Image]:
-        """One Pipeline call for the whole batch: every per-item value as a list, one seed per item."""
+        """One Pipeline call for `items`: every per-item value as a list, one seed per item."""
         args = dict(prompt=[it.prompt for it in items], negative_prompt=[it.negative_prompt for it in items],
                     seed=[it.seed for it in items], steps=key.steps, sampler=key.sampler, progress=False,
                     interrupt=interrupt, **dict(key.options))

@@ -4,7 +4,9 @@ Everything here is pure (no HTTP, no model), so each rule is a plain function th
 before anything is queued. Every failure is an APIError naming the field (`param`) at fault, which the server
 turns into OpenAI's {"error": {"message", "type", "param", "code"}} body. Images are checked from their header
 before any pixel is decoded: a 100-byte PNG may claim 10000 x 10000 pixels, and PIL's own decompression-bomb
-guard only warns below 2 x 89 M pixels, so our own limit (far lower) is what protects the server.
+guard only warns below 2 x 89 M pixels, so our own limit (far lower) is what protects the server. Numbers in JSON
+must be JSON numbers; multipart fields, strings by nature, hold decimal digits. Messages quote a client's value only
+as its first ECHO_CHARS characters (`shown`).
 """
 from __future__ import annotations
 
@@ -19,16 +21,33 @@ from starlette.responses import JSONResponse
 
 from backdrop.diffusion import masks as M
 
-__all__ = ["APIError", "size_buckets", "decode_image", "repaint_mask", "number", "boolean", "text", "choice",
-           "check_fields", "b64decode", "IMAGE_FORMATS", "MIN_SIDE", "MAX_PROMPT_CHARS", "MAX_STEPS", "MAX_SEED"]
+__all__ = ["APIError", "size_buckets", "decode_image", "repaint_mask", "number", "form_int", "seconds", "boolean",
+           "text", "choice", "check_fields", "b64decode", "shown", "clip", "IMAGE_FORMATS", "MIN_SIDE",
+           "MAX_PROMPT_CHARS", "MAX_STEPS", "MAX_SEED"]
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")   # what OpenAI's edits accept; anything else PIL reads is refused
 MIN_SIDE = 16               # smaller images cannot be reflect-padded to the VAE's multiple of 8 (masks.py)
 MAX_PROMPT_CHARS = 4000     # CLIP reads 77 tokens anyway; this only bounds the tokenizer's work
 MAX_STEPS = 1000            # the training schedule's timesteps
 MAX_SEED = 2**63 - 1
-OPENAI_IGNORED = ("model", "user", "quality", "style", "moderation", "safety_identifier", "input_fidelity",
-                  "background")  # accepted for client compatibility; one model, one quality here
+# accepted for client compatibility and ignored: one model, one quality here
+OPENAI_IGNORED = ("model", "user", "quality", "style", "moderation", "safety_identifier", "input_fidelity")
+OPENAI_CHECKED = ("background",)  # accepted by every endpoint when it asks for what we do anyway (check_fields)
+ECHO_CHARS = 60             # error messages quote at most this much of a client's value (a prompt may be 1 MB)
+B64_SPACE = b" \t\n\r\v\f"  # base64 tools and MIME wrap lines (at 76 columns); the breaks are not data
+
+
+def clip(s: str) -> str:
+    """`s` cut to ECHO_CHARS characters, "…" marking the cut."""
+    return s if len(s) <= ECHO_CHARS else s[:ECHO_CHARS - 1] + "…"
+
+
+def shown(value) -> str:
+    """repr(value) for an error message, at most about ECHO_CHARS characters long, "…" marking a cut (a long
+    string is cut before its repr is built)."""
+    if isinstance(value, str):
+        return repr(value if len(value) <= ECHO_CHARS else value[:ECHO_CHARS - 1] + "…")
+    return clip(repr(value))
 
 
 class APIError(Exception):
@@ -92,17 +111,48 @@ def repaint_mask(kind: str, value: Image.Image, size: tuple[int, int], param: st
 
 
 def number(value, name: str, lo, hi, default, kind=float):
+    """A JSON number in [lo, hi] (an integer for kind=int), or `default` if absent. Strings are refused, "2" as
+    much as "1_0" (int("1_0") is 10): JSON has numbers for numbers."""
     if value is None:
         return default
+    x = _numeric(value, name, kind)
+    if not lo <= x <= hi or x in (math.inf, -math.inf):  # NaN fails the first; math.isfinite(10**400) overflows
+        raise APIError(400, f"{name} must be in [{lo}, {hi}], got {shown(value)}", param=name, code="invalid_value")
+    return x
+
+
+def _numeric(value, name: str, kind):
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+        raise APIError(400, f"{name} must be {'an integer' if kind is int else 'a number'}, got {shown(value)}",
+                       param=name, code="invalid_value")
     try:
-        if isinstance(value, bool) or (kind is int and isinstance(value, float)):
-            raise ValueError
-        x = kind(value)
-    except (TypeError, ValueError, OverflowError):
-        raise APIError(400, f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}",
-                       param=name, code="invalid_value") from None
-    if not (math.isfinite(x) and lo <= x <= hi):
-        raise APIError(400, f"{name} must be in [{lo}, {hi}], got {value!r}", param=name, code="invalid_value")
+        return kind(value)
+    except OverflowError:  # an integer past float's range
+        return math.inf
+
+
+def form_int(value, name: str) -> int | None:
+    """A multipart form field holding an integer (OpenAI clients send n="2"): decimal digits only, no sign, space
+    or underscore. None if absent; range checks are number()'s."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        try:
+            return int(value)
+        except ValueError:  # more digits than int() takes (4300): out of any range anyway
+            pass
+    raise APIError(400, f"{name} must be an integer (decimal digits), got {shown(value)}", param=name,
+                   code="invalid_value")
+
+
+def seconds(value, name: str) -> float | None:
+    """A duration: a JSON number, more than 0 and finite; None if absent."""
+    if value is None:
+        return None
+    x = _numeric(value, name, float)
+    if not 0 < x < math.inf:  # NaN fails too
+        raise APIError(400, f"{name} must be more than 0 seconds and finite, got {shown(value)}", param=name,
+                       code="invalid_value")
     return x
 
 
@@ -113,7 +163,7 @@ def boolean(value, name: str, default: bool) -> bool:
         return value
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
-    raise APIError(400, f"{name} must be true or false, got {value!r}", param=name, code="invalid_value")
+    raise APIError(400, f"{name} must be true or false, got {shown(value)}", param=name, code="invalid_value")
 
 
 def text(value, name: str, required: bool = False) -> str:
@@ -137,27 +187,31 @@ def choice(value, name: str, choices, default):
     if value is None:
         return default
     if value not in choices:
-        raise APIError(400, f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}", param=name,
+        raise APIError(400, f"{name} must be one of {', '.join(map(str, choices))}; got {shown(value)}", param=name,
                        code="invalid_value")
     return value
 
 
 def check_fields(fields: dict, allowed) -> None:
     for name in fields:
-        if name not in allowed and name not in OPENAI_IGNORED:
-            raise APIError(400, f"unknown parameter {name!r}", param=name, code="unknown_parameter")
+        if name not in allowed and name not in OPENAI_IGNORED + OPENAI_CHECKED:
+            raise APIError(400, f"unknown parameter {shown(name)}", param=clip(name), code="unknown_parameter")
     choice(fields.get("output_format"), "output_format", ("png",), "png")
     if boolean(fields.get("stream"), "stream", False):
         raise APIError(400, "stream: streaming partial images is not supported", param="stream")
+    if choice(fields.get("background"), "background", ("auto", "opaque", "transparent"), "auto") == "transparent":
+        raise APIError(400, "background: transparent is not supported; images come back as opaque PNGs (send "
+                       "auto or opaque, or leave it out)", param="background", code="invalid_value")
 
 
 def b64decode(value, name: str) -> bytes:
-    """base64 (optionally a data: URL) -> bytes."""
+    """base64 (optionally a data: URL) -> bytes. Line breaks and spaces are skipped; any other character outside
+    the base64 alphabet is refused."""
     if not isinstance(value, str):
         raise APIError(400, f"{name} must be a base64 string", param=name, code="invalid_image")
     if value.startswith("data:"):
         value = value.partition(",")[2]
     try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
+        return base64.b64decode(value.encode("ascii").translate(None, B64_SPACE), validate=True)
+    except (binascii.Error, ValueError):  # UnicodeEncodeError is a ValueError
         raise APIError(400, f"{name} is not valid base64", param=name, code="invalid_image") from None

@@ -20,7 +20,9 @@ Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 
 too small or too large images or mismatched masks; 413 for bodies over the limit (Content-Length checked before
 reading, streamed bodies counted and cut); 429 + Retry-After when the queue is full; 504 past the deadline; 499
 (logged only) when the client left, which drops its request from the queue and its batch. Bad input never reaches
-the model: everything a batch needs is validated before it is queued, so one request cannot fail another's batch.
+the model: everything a batch needs is validated before it is queued, so one request cannot fail another's batch
+(and should the model fail all the same, the engine runs the batch's requests again one by one: engine.py).
+/metrics counts the image and file endpoints' responses, and every routing error and body-limit refusal.
 Why Starlette and not FastAPI: we parse every body ourselves (limits, OpenAI error shapes instead of 422s), so
 FastAPI's validation layer would be unused weight; Starlette is the ASGI toolkit FastAPI itself runs on. Measured
 on the 2-core dev box under uvicorn: a JSON /healthz round trip 410-630 req/s vs FastAPI's 310-510 (3 alternating
@@ -41,6 +43,7 @@ import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 from PIL import Image
 from starlette.applications import Starlette
@@ -49,7 +52,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from backdrop.diffusion.masks import default_mask_blur
 from backdrop.diffusion.samplers import check_eta
@@ -57,7 +60,8 @@ from backdrop.diffusion.schedule import RECIPES, build_schedule
 from backdrop.serve.batcher import QueueFull, ShuttingDown
 from backdrop.serve.engine import Engine, Item, ServeKey
 from backdrop.serve.inputs import (MAX_SEED, MAX_STEPS, MIN_SIDE, APIError, b64decode, boolean, check_fields, choice,
-                                   decode_image, number, repaint_mask, size_buckets, text)
+                                   clip, decode_image, form_int, number, repaint_mask, seconds, shown, size_buckets,
+                                   text)
 from backdrop.serve.metrics import CONTENT_TYPE
 
 __all__ = ["ServerConfig", "create_app"]
@@ -100,10 +104,15 @@ class ClientGone(Exception):
 
 class BodyLimit:
     """ASGI wrapper: 413 before reading when Content-Length is over the limit; a streamed (chunked) body is
-    counted as it arrives and reading stops with BodyTooLarge once it passes the limit."""
+    counted as it arrives and reading stops with BodyTooLarge once it passes the limit. `count(scope, status)`
+    is told of each response it gives itself (the app's endpoints never see those requests)."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, count: Callable[[dict, int], None]):
+        self.app, self.max_bytes, self.count = app, max_bytes, count
+
+    async def _refuse(self, error: APIError, scope, receive, send):
+        self.count(scope, error.status)
+        await error.response()(scope, receive, send)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -115,11 +124,11 @@ class BodyLimit:
             except ValueError:
                 declared = -1
             if declared < 0:
-                return await APIError(400, "Content-Length is not a number", code="bad_content_length"
-                                      ).response()(scope, receive, send)
+                return await self._refuse(APIError(400, "Content-Length is not a number", code="bad_content_length"),
+                                          scope, receive, send)
             if declared > self.max_bytes:
-                return await APIError(413, f"the body is {declared} bytes; this server takes at most "
-                                      f"{self.max_bytes}", code="request_too_large").response()(scope, receive, send)
+                return await self._refuse(APIError(413, f"the body is {declared} bytes; this server takes at most "
+                                                   f"{self.max_bytes}", code="request_too_large"), scope, receive, send)
         seen = 0
 
         async def limited():
@@ -189,7 +198,7 @@ class _Handlers:
         if value is None or value == "auto":
             return None
         if not isinstance(value, str) or value not in self.buckets:
-            raise APIError(400, f"size {value!r} is not served by this model; use auto or one of "
+            raise APIError(400, f"size {shown(value)} is not served by this model; use auto or one of "
                            f"{', '.join(self.buckets)}", param="size", code="invalid_size")
         return self.buckets[value]
 
@@ -222,7 +231,7 @@ class _Handlers:
         except ClientDisconnect:
             raise
         except Exception as e:
-            raise APIError(400, f"could not parse the multipart body: {getattr(e, 'detail', e)}",
+            raise APIError(400, f"could not parse the multipart body: {clip(str(getattr(e, 'detail', e)))}",
                            code="invalid_body") from None
 
     async def _json(self, request: Request) -> dict:
@@ -276,7 +285,7 @@ class _Handlers:
         if req.status == "done":
             return req.results
         if req.status == "failed":
-            raise APIError(500, f"the model failed on this batch: {req.error}", code="model_error")
+            raise APIError(500, f"the model failed on this request: {req.error}", code="model_error")
         self.engine.abandon(req)  # its deadline passed, queued or running
         raise APIError(504, "no result before the deadline (the server's --request-timeout"
                        f"{' or the request timeout' if timeout else ''}); retry later", code="timeout")
@@ -307,8 +316,8 @@ class _Handlers:
                 raise APIError(400, "mask must be a file (a PNG with alpha)", param="mask", code="invalid_mask")
             prompt, negative = text(fields.get("prompt"), "prompt", True), text(fields.get("negative_prompt"),
                                                                                    "negative_prompt")
-            n, size = self._n(fields.get("n")), fields.get("size")
-            seed = self._seed(fields.get("seed"), n)
+            n, size = self._n(form_int(fields.get("n"), "n")), fields.get("size")
+            seed = self._seed(form_int(fields.get("seed"), "seed"), n)
             fmt = choice(fields.get("response_format"), "response_format", ("b64_json", "url"), "b64_json")
             image_bytes, mask_bytes = await uploads[0].read(), (await mask.read() if mask is not None else None)
         finally:
@@ -316,7 +325,7 @@ class _Handlers:
         image, repaint = await run_in_threadpool(self._edit_inputs, image_bytes, mask_bytes)
         hw = (image.height, image.width)
         if size not in (None, "auto", f"{hw[1]}x{hw[0]}"):  # any image size is served; size may only repeat it
-            raise APIError(400, f"size {str(size)[:40]!r} differs from the image's {hw[1]}x{hw[0]}; edits keep the "
+            raise APIError(400, f"size {shown(size)} differs from the image's {hw[1]}x{hw[0]}; edits keep the "
                            "image's size (send size=auto or leave it out)", param="size", code="invalid_size")
         cfg = self.config
         key = self._key("inpaint", hw, cfg.steps, cfg.sampler, guidance_scale=cfg.guidance_scale, mask_blur=0.0)
@@ -355,7 +364,7 @@ class _Handlers:
         check_fields(f, ("image", "mask", "product_mask", "prompt", "negative_prompt", "n", "seed", "strength",
                           "steps", "sampler", "eta", "guidance_scale", "guidance_rescale", "mask_dilate",
                           "mask_blur", "crop_padding", "color_match", "paste_back", "mask_mode", "response_format",
-                          "timeout"))
+                          "timeout", "mask_threshold"))
         if "image" not in f:
             raise APIError(400, "image is required (base64 PNG, JPEG or WebP)", param="image", code="invalid_image")
         if f.get("mask") is not None and f.get("product_mask") is not None:
@@ -384,9 +393,10 @@ class _Handlers:
             crop_padding=None if crop is None else number(crop, "crop_padding", 0, 2**16, None, int),
             color_match=boolean(f.get("color_match"), "color_match", False),
             paste_back=boolean(f.get("paste_back"), "paste_back", True),
-            mask_mode=choice(f.get("mask_mode"), "mask_mode", ("max", "diffusers"), "max"))
+            mask_mode=choice(f.get("mask_mode"), "mask_mode", ("max", "diffusers"), "max"),
+            mask_threshold=number(f.get("mask_threshold"), "mask_threshold", 1e-3, 1.0, None))
         fmt = choice(f.get("response_format"), "response_format", ("b64_json", "url"), "b64_json")
-        timeout = number(f.get("timeout"), "timeout", 0.0, math.inf, None)
+        timeout = seconds(f.get("timeout"), "timeout")
         image_bytes, mask_bytes = b64decode(f["image"], "image"), (b64decode(f[kind], kind) if kind else None)
 
         def decode():
@@ -406,7 +416,8 @@ class _Handlers:
         name = request.path_params["name"].removesuffix(".png")
         data = self.files.get(name)
         if data is None:
-            raise APIError(404, f"no file {name!r} (files are kept {self.config.file_ttl:.0f} s)", code="not_found")
+            raise APIError(404, f"no file {shown(name)} (files are kept {self.config.file_ttl:.0f} s)",
+                           code="not_found")
         return Response(data, media_type="image/png")
 
     async def models(self, request: Request) -> Response:
@@ -443,6 +454,7 @@ class _Handlers:
             self.metrics.requests.inc(endpoint=name, code=str(response.status_code))
             self.metrics.latency.observe(time.perf_counter() - t0, endpoint=name)
             return response
+        handle.__name__ = name  # its Route's name, which labels the metrics of responses given before it runs
         return handle
 
 
@@ -457,9 +469,16 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()):
         yield
         await asyncio.to_thread(engine.close)  # the server already waited for in-flight requests: drain, join
 
+    def count(scope, status: int) -> None:
+        """Count a response no endpoint() saw (routing errors, body limits), labelled by the route its path names
+        or "other": a fixed set of labels, whatever paths clients send."""
+        name = next((r.name for r in routes if r.matches(scope)[0] is not Match.NONE), "other")
+        h.metrics.requests.inc(endpoint=name, code=str(status))
+
     async def http_error(request, exc: HTTPException):  # 404 / 405 from routing, in OpenAI's shape
-        return APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None
-                        ).response()
+        count(request.scope, exc.status_code)
+        return APIError(exc.status_code, str(exc.detail), headers=exc.headers,  # 405: Allow
+                        code={404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)).response()
 
     routes = [Route("/v1/images/edits", h.endpoint("edits", h.edits), methods=["POST"]),
               Route("/v1/images/generations", h.endpoint("generations", h.generations), methods=["POST"]),
@@ -470,4 +489,4 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()):
               Route("/readyz", h.readyz, methods=["GET"]),
               Route("/metrics", h.metrics_text, methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
-    return BodyLimit(app, config.max_body_bytes)
+    return BodyLimit(app, config.max_body_bytes, count)

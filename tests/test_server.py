@@ -7,6 +7,7 @@ give 504; a client that disconnects leaves the queue; bad input of every kind ge
 serving; `backdrop serve` drains in-flight work on SIGTERM, then exits. The CUDA-graph wrapper's bucketing runs
 eagerly on the CPU here; its capture test needs a GPU.
 """
+import asyncio
 import base64
 import io
 import json
@@ -31,7 +32,7 @@ from backdrop.diffusion.pipeline import Pipeline
 from backdrop.nn.checkpoint import init_model, save_model
 from backdrop.nn.config import PRESETS
 from backdrop.serve.cuda_graphs import CUDAGraphUNet
-from backdrop.serve.engine import Engine, EngineConfig
+from backdrop.serve.engine import Engine, EngineConfig, Item, ServeKey
 from backdrop.serve.metrics import Histogram, parse_histogram
 from backdrop.serve.running import ServerThread
 from backdrop.serve.server import ServerConfig, create_app
@@ -210,7 +211,8 @@ def test_inpaint_endpoint_passes_every_option_to_the_pipeline(server, pipe):
     rgba = product(20, size=(48, 80))  # not the native size: exercises the crop and the paste
     image, mask = Image.fromarray(rgba[..., :3]), Image.fromarray(rgba[..., 3])  # product_mask: white = keep
     options = dict(seed=5, strength=0.9, steps=3, sampler="ddim", eta=0.5, guidance_scale=3.0, guidance_rescale=0.3,
-                   mask_dilate=0, mask_blur=1.0, crop_padding=4, color_match=True, negative_prompt="blurry")
+                   mask_dilate=0, mask_blur=1.0, crop_padding=4, color_match=True, negative_prompt="blurry",
+                   mask_threshold=0.5)
     r = httpx.post(f"{server.url}/v1/inpaint", timeout=120, headers=JSON, content=json.dumps(dict(
         options, image=base64.b64encode(png(image)).decode(), product_mask=base64.b64encode(png(mask)).decode(),
         prompt=PROMPTS[3], n=2)))
@@ -261,6 +263,9 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server):
         ("n = 0", edit(n="0"), 400, "n"),
         ("n = 11", edit(n="11"), 400, "n"),
         ("n not a number", edit(n="two"), 400, "n"),
+        ("n = '1_0'", edit(n="1_0"), 400, "n"),  # form fields: digits only, though int() takes "1_0", " 2 ", "+2"
+        ("n = ' 2 '", edit(n=" 2 "), 400, "n"),
+        ("seed = '+2'", edit(seed="+2"), 400, "seed"),
         ("unknown size", edit(size="100x100"), 400, "size"),
         ("size not the image's", edit(size="128x128"), 400, "size"),
         ("empty prompt", edit(prompt=""), 400, "prompt"),
@@ -279,7 +284,22 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server):
         ("generations: n = 11", post("/v1/images/generations", {"prompt": "x", "n": 11}), 400, "n"),
         ("generations: no prompt", post("/v1/images/generations", {"n": 1}), 400, "prompt"),
         ("generations: stream", post("/v1/images/generations", {"prompt": "x", "stream": True}), 400, "stream"),
+        ("generations: seed 10**400", post("/v1/images/generations", {"prompt": "x", "seed": 10**400}), 400,
+         "seed"),  # was a 500: math.isfinite(10**400) overflows
+        ("generations: n as a string", post("/v1/images/generations", {"prompt": "x", "n": "2"}), 400, "n"),
+        ("generations: transparent background", post("/v1/images/generations", {
+            "prompt": "x", "background": "transparent"}), 400, "background"),
         ("inpaint: bad base64", post("/v1/inpaint", {"image": "***", "prompt": "x"}), 400, "image"),
+        ("inpaint: base64 with a tab and a *", post("/v1/inpaint", {"image": "iVBO\tRw0*", "prompt": "x"}), 400,
+         "image"),
+        ("inpaint: steps '1_0'", post("/v1/inpaint", inpaint_body(product(1), steps="1_0")), 400, "steps"),
+        ("inpaint: strength as a string", post("/v1/inpaint", inpaint_body(product(1), strength="0.5")), 400,
+         "strength"),
+        ("inpaint: seed true", post("/v1/inpaint", inpaint_body(product(1), seed=True)), 400, "seed"),
+        ("inpaint: timeout 0", post("/v1/inpaint", inpaint_body(product(1), timeout=0)), 400, "timeout"),
+        ("inpaint: mask_threshold 0", post("/v1/inpaint", inpaint_body(product(1), mask_threshold=0)), 400,
+         "mask_threshold"),
+        ("inpaint: timeout -1", post("/v1/inpaint", inpaint_body(product(1), timeout=-1)), 400, "timeout"),
         ("inpaint: mask and product_mask", post("/v1/inpaint", json.loads(inpaint_body(
             product(1), mask="AAAA", product_mask="AAAA"))), 400, "product_mask"),
         ("inpaint: steps 0", post("/v1/inpaint", inpaint_body(product(1), steps=0)), 400, "steps"),
@@ -328,6 +348,101 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server):
     assert 'code="5' not in text, "bad input produced a 5xx"
     r = post("/v1/images/generations", {"prompt": "still serving", "seed": 1})
     assert r.status_code == 200 and decode(r.json()["data"][0]["b64_json"]).shape == (SIZE, SIZE, 3)
+
+
+def test_wrapped_base64_opaque_background_and_short_error_echoes(server):
+    rgba = product(7)
+    wrapped = base64.encodebytes(png(rgba)).decode()  # 76-column lines, as the `base64` tool and MIME write them
+    assert "\n" in wrapped
+    r = httpx.post(f"{server.url}/v1/inpaint", headers=JSON, timeout=120, content=json.dumps(
+        {"image": wrapped, "prompt": "a table", "background": "opaque", "seed": 1}))
+    assert r.status_code == 200, r.text[:300]
+    assert_kept_exact(decode(r.json()["data"][0]["b64_json"]), rgba)
+    huge = "x" * 100_000  # an error quotes the first few dozen characters of a value, not the value
+    for body in ({"prompt": "x", "size": huge}, {"prompt": "x", "response_format": huge}, {"prompt": "x", "n": huge},
+                 {"prompt": "x", huge: 1}):
+        r = httpx.post(f"{server.url}/v1/images/generations", headers=JSON, content=json.dumps(body))
+        err = r.json()["error"]
+        assert r.status_code == 400 and len(r.text) < 400 and "xxx…" in err["message"], r.text[:500]
+    assert err["param"] == "x" * 59 + "…"  # the unknown parameter's name, cut the same way
+
+
+class FailsOn:
+    """The module's Pipeline, except that a call whose prompts include `bad` raises: the failure injection (an
+    input that trips a bug in the model), the real Pipeline otherwise."""
+
+    def __init__(self, pipe, bad: str):
+        self.pipe, self.bad, self.calls = pipe, bad, []
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def generate(self, prompt, **kwargs):
+        self.calls.append(list(prompt))
+        if self.bad in prompt:
+            raise RuntimeError("injected failure")
+        return self.pipe.generate(prompt, **kwargs)
+
+
+def test_a_request_that_fails_the_model_fails_alone_not_its_batch(pipe, caplog):
+    failing = FailsOn(pipe, "bad")
+    engine = Engine(failing, EngineConfig(max_batch_size=4, max_queue_delay_ms=0), warmup=False)
+    key = ServeKey("generate", SIZE, SIZE, 1, "dpmpp-2m", "backdrop")
+    prompts = [["good a", "good b"], ["bad"], ["good c"]]
+    reqs = [engine.submit(key, [Item(p, seed) for seed, p in enumerate(ps)], lambda: None) for ps in prompts]
+    engine.start()  # after the submissions, so that all four images make one batch
+    try:
+        assert all(r.wait(60) for r in reqs)
+    finally:
+        engine.close(60)
+    assert failing.calls == [["good a", "good b", "bad", "good c"], ["good a", "good b"], ["bad"], ["good c"]]
+    assert [r.status for r in reqs] == ["done", "failed", "done"] and str(reqs[1].error) == "injected failure"
+    assert [len(r.results) for r in reqs] == [2, 1, 1]
+    solo = pipe.generate(["good c"], seed=[0], steps=1, progress=False).images[0]
+    np.testing.assert_array_equal(np.asarray(reqs[2].results[0]), np.asarray(solo))
+    assert "running each request alone" in caplog.text
+
+
+def asgi_status(app, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> int:
+    """Call an ASGI app in this process, with no HTTP server in front of it; the response's status."""
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "headers": headers,
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"]
+
+
+def test_refusals_before_any_endpoint_are_counted_in_metrics(server, pipe):
+    """The 413 for a declared Content-Length and routing's 404 and 405 never reach an endpoint's handler; /metrics
+    counts them all the same, labelled by the route their path names, or "other" (never the raw path)."""
+    series = [("inpaint", "413"), ("other", "404"), ("inpaint", "405")]
+
+    def counts():
+        text = metrics(server)
+        return [scalar(text, f'backdrop_requests_total{{endpoint="{e}",code="{c}"}}') for e, c in series]
+    before = counts()
+    status, body = raw_http(server, b"POST /v1/inpaint HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: 2147483648\r\n\r\n")
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    assert httpx.get(f"{server.url}/v1/nope/1234").status_code == 404
+    r = httpx.get(f"{server.url}/v1/inpaint")
+    assert r.status_code == 405 and r.headers["allow"] == "POST", r.headers  # as Starlette's own 405
+    assert r.json()["error"]["code"] == "method_not_allowed"
+    assert [b - a for a, b in zip(before, counts())] == [1, 1, 1]
+    assert "nope" not in metrics(server)
+    # an unreadable Content-Length: uvicorn answers it itself (400, plain text) before the app sees the request;
+    # other ASGI servers may pass it on, so the app's own 400 is checked by calling the app directly
+    engine = Engine(pipe, EngineConfig(), warmup=False)
+    app = create_app(engine, ServerConfig(steps=STEPS))
+    assert asgi_status(app, "POST", "/v1/inpaint", [(b"content-length", b"12a")]) == 400
+    assert engine.metrics.requests.value(endpoint="inpaint", code="400") == 1
 
 
 def test_queue_full_429_retry_deadline_504_and_disconnect(pipe):
