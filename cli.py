@@ -21,6 +21,24 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2, no traceback."""
 
 
+def parse_device(text: str | None, flag: str = "--device"):
+    """The torch.device a --device option names (None stays None: the command's default), checked against this
+    machine, or a CLIError naming the option."""
+    if text is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise CLIError(f"{flag} {text!r} is not a device name (try cpu, cuda or cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"{flag} {text}: no CUDA GPU is available here; use {flag} cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise CLIError(f"{flag} {text}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="backdrop",

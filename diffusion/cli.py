@@ -15,7 +15,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from backdrop.cli import CLIError
+from backdrop.cli import CLIError, parse_device
 from backdrop.diffusion.schedule import RECIPES
 
 __all__ = ["add_parser"]
@@ -158,15 +158,7 @@ def _check(args) -> None:
     if args.eta and args.sampler != "ddim":
         raise CLIError(f"--eta is DDIM's noise: it applies to --sampler ddim only, not {args.sampler} (the "
                        "stochastic samplers are euler-a, ddpm and dpmpp-2m-sde)")
-    if args.device is not None:
-        import torch
-
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise CLIError(f"--device {args.device!r} is not a device name (try cpu, cuda or cuda:1)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise CLIError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+    parse_device(args.device)
 
 
 def _one_line(e: Exception) -> str:

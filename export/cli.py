@@ -10,8 +10,9 @@ User errors (a missing model, a bad bucket, a graph that fails its check) are on
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from backdrop.cli import CLIError
+from backdrop.cli import CLIError, parse_device
 
 __all__ = ["add_parser"]
 
@@ -19,7 +20,9 @@ __all__ = ["add_parser"]
 def _output_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--out", required=True, metavar="DIR",
-                   help="folder to write; replaced whole only once everything in it has been built and checked")
+                   help="the folder to write: a new or empty one, or an earlier output of the same command, "
+                        "which is replaced whole once everything in it has been built and checked (any other "
+                        "folder is refused)")
     return p
 
 
@@ -79,25 +82,47 @@ def _size(text: str | None) -> tuple[int, int] | None:
         return None
     try:
         h, _, w = text.lower().partition("x")
-        return int(h), int(w or h)
+        hw = int(h), int(w or h)
     except ValueError:
         raise CLIError(f"--size {text!r}: expected HEIGHTxWIDTH in pixels, e.g. 512x768") from None
+    if min(hw) < 8:
+        raise CLIError(f"--size {text}: sides must be at least 8 px (multiples of the VAE's 8)")
+    return hw
+
+
+def _check_out(out: str, manifest: str, what: str, components) -> None:
+    from backdrop.export.onnx_folder import check_replaceable
+
+    try:
+        check_replaceable(Path(out), manifest, what, components)
+    except (ValueError, OSError) as e:
+        raise CLIError(f"--out {e}") from None
+
+
+def _components(names: list[str] | None) -> tuple[str, ...]:
+    from backdrop.export.onnx import COMPONENTS
+
+    unknown = [c for c in names or () if c not in COMPONENTS]
+    if unknown:
+        raise CLIError(f"--components {' '.join(unknown)}: choose from {' '.join(COMPONENTS)}")
+    return tuple(names or COMPONENTS)
 
 
 def _onnx(args) -> int:
     import torch
 
-    from backdrop.nn.resolve import resolve_model
-    from backdrop.export.onnx import COMPONENTS, ExportError, export_onnx
+    from backdrop.export.onnx import MANIFEST, ExportError, export_onnx
     from backdrop.nn.checkpoint import load_model
+    from backdrop.nn.resolve import resolve_model
 
+    static_hw, components, device = _size(args.size), _components(args.components), parse_device(args.device)
+    _check_out(args.out, MANIFEST, "a Backdrop ONNX export", components)  # before minutes of loading and export
     try:
-        model = load_model(resolve_model(args.model), dtype=torch.float32, device=args.device)
-    except (OSError, ValueError, RuntimeError) as e:  # missing files, CheckpointError, a bad --device
+        model = load_model(resolve_model(args.model), dtype=torch.float32, device=device)
+    except (OSError, ValueError, RuntimeError) as e:  # missing files, CheckpointError
         raise CLIError(f"cannot load model {args.model}: {e}") from None
     try:
-        path = export_onnx(model, args.out, dtype=args.dtype, static_hw=_size(args.size),
-                           components=tuple(args.components or COMPONENTS),
+        path = export_onnx(model, args.out, dtype=args.dtype, static_hw=static_hw, components=components,
                            external_data=True if args.external_data else None, progress=not args.quiet)
     except (ExportError, ValueError, OSError) as e:
         raise CLIError(str(e)) from None
@@ -106,8 +131,12 @@ def _onnx(args) -> int:
 
 
 def _tensorrt(args) -> int:
-    from backdrop.export.tensorrt import BuildError, build_engines, parse_bucket
+    from backdrop.export.onnx_folder import COMPONENTS
+    from backdrop.export.tensorrt import TRT_MANIFEST, BuildError, build_engines, parse_bucket
 
+    if not args.workspace_gb > 0:
+        raise CLIError(f"--workspace-gb {args.workspace_gb}: must be > 0")
+    _check_out(args.out, TRT_MANIFEST, "a Backdrop TensorRT folder", COMPONENTS)
     try:
         buckets = [parse_bucket(b) for b in args.bucket] if args.bucket else None
         path = build_engines(args.onnx_dir, args.out, buckets=buckets, precision=args.precision,

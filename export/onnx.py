@@ -48,7 +48,7 @@ from torch import nn
 
 # The folder's format lives in onnx_folder.py (its readers need no exporter); the public names stay importable here.
 from backdrop.export.onnx_folder import (COMPONENTS, FORMAT, MANIFEST, GraphSpec, OnnxExport,  # noqa: F401
-                                         digest, graph_specs, load_export, write_json)
+                                         check_replaceable, digest, graph_specs, load_export, write_json)
 from backdrop.nn.checkpoint import Model, config_to_dict, diffusers_configs
 from backdrop.nn.config import ModelConfig
 
@@ -393,8 +393,7 @@ def export_onnx(model: Model, out, *, dtype: str = "fp32", static_hw: tuple[int,
     if unknown or not components:
         raise ValueError(f"components {list(components)}: choose from {', '.join(COMPONENTS)}")
     out = Path(out)
-    if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out}: exists and is not a Backdrop ONNX export; refusing to replace it")
+    check_replaceable(out, MANIFEST, "a Backdrop ONNX export", components)
     cfg, specs, modules = model.config, graph_specs(model.config, static_hw), graph_modules(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

@@ -17,7 +17,7 @@ from backdrop.nn.config import ModelConfig, SchedulerConfig
 from backdrop.nn.tokenizer import Tokenizer
 
 __all__ = ["COMPONENTS", "MANIFEST", "FORMAT", "GraphSpec", "graph_specs", "vae_decoder_inputs", "digest",
-           "OnnxExport", "load_export"]
+           "OnnxExport", "load_export", "check_replaceable"]
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 MANIFEST = "backdrop_export.json"
@@ -145,6 +145,20 @@ def read_json(path: Path) -> dict:
         raise FileNotFoundError(f"{path}: missing from the export folder") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def check_replaceable(out: Path, manifest: str, what: str, components) -> None:
+    """Refuse to replace `out` unless it is missing, empty, or an earlier folder of the same kind (it holds
+    `manifest`) whose components are all being written again: never another folder's files (a model, the ONNX
+    export an engine is built from, the working folder), never a graph the new folder would not have."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not (out / manifest).is_file():
+        raise ValueError(f"{out}: exists and is not {what}; refusing to replace it")
+    dropped = [c for c in read_json(out / manifest).get("components", {}) if c not in components]
+    if dropped:
+        raise ValueError(f"{out}: holds {what} with {', '.join(dropped)} too, which writing only "
+                         f"{', '.join(components)} would delete; write those as well, or choose another folder")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backdrop.export.onnx_folder import COMPONENTS, GraphSpec, load_export, vae_decoder_inputs
+from backdrop.export.onnx_folder import COMPONENTS, GraphSpec, check_replaceable, load_export, vae_decoder_inputs
 from backdrop.export.trt_plan import (BuildError, Profile, Range, RefitError, ShapeBucket, ShapeError,
                                       default_buckets, parse_bucket, precision_plan, profiles_for, refit_arrays,
                                       select_profile)
@@ -91,11 +91,12 @@ def build_engines(onnx_dir, out, buckets: list[ShapeBucket] | None = None, preci
     export = load_export(onnx_dir, require=components)
     buckets = buckets or default_buckets(export.config)
     profiles = {c: profiles_for(export.specs[c], export.config, buckets) for c in components}  # fail before building
+    out = Path(out)
+    check_replaceable(out, TRT_MANIFEST, "a Backdrop TensorRT folder", components)  # e.g. not ONNX_DIR itself
     trt = _trt()
     major = int(trt.__version__.split(".")[0])
     cc = torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
     typed, flags = precision_plan(precision, export.dtype, major, strongly_typed, bf16_supported=cc >= (8, 0))
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from backdrop.cli import CLIError
+from backdrop.cli import CLIError, parse_device
 from backdrop.diffusion.schedule import RECIPES
 
 __all__ = ["add_parser"]
@@ -113,7 +113,8 @@ def _load(args, engine_config):
     from backdrop.serve.engine import Engine
 
     try:
-        pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+        pipe = Pipeline.from_pretrained(args.model, device=parse_device(args.device), dtype=args.dtype,
+                                        backend=args.backend)
     except (FileNotFoundError, ValueError, OSError) as e:  # CheckpointError is a ValueError naming file and key
         raise CLIError(str(e)) from None
     device = torch.device(pipe.backend.device)

@@ -370,6 +370,42 @@ def test_cli_exports_and_reports_errors(exported, tmp_path, capsys):
         OnnxRuntimeBackend(tmp_path / "onnx")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--size", "0x0"], "--size 0x0: sides must be at least 8 px"),      # was a deep trace error minutes later
+    (["--size", "-64"], "--size -64: sides must be at least 8 px"),      # was a traceback
+    (["--components", "unet", "vae"], "--components vae: choose from"),
+    (["--out", "FILE"], "exists and is not a Backdrop ONNX export"),
+])
+def test_cli_bad_options_are_one_line_before_any_work(args, message, tmp_path, capsys):
+    from backdrop.cli import main
+
+    (tmp_path / "FILE").write_text("x")
+    args = [str(tmp_path / a) if a == "FILE" else a for a in args]
+    # a model that does not exist: every refusal here comes before loading it
+    assert main(["export", "onnx", str(tmp_path / "no-model"), "--out", str(tmp_path / "onnx"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_a_smaller_export_does_not_drop_graphs_of_an_earlier_one(tmp_path, capsys):
+    from backdrop.cli import main
+
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / E.MANIFEST).write_text('{"format": 1, "components": {"text_encoder": {}, "unet": {}}}')
+    assert main(["export", "onnx", "backdrop-tiny", "--out", str(out), "--components", "text_encoder"]) == 2
+    assert "with unet too, which writing only text_encoder would delete" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == [E.MANIFEST]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cli_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    from backdrop.cli import main
+
+    assert main(["export", "onnx", "backdrop-tiny", "--out", str(tmp_path / "o"), "--device", "cuda"]) == 2
+    assert "--device cuda: no CUDA GPU is available here" in capsys.readouterr().err  # was an AssertionError
+
+
 def test_inpaint_cli_runs_an_onnx_export(exported, tmp_path, capsys):
     """`backdrop inpaint --backend onnxruntime --model EXPORT` writes the same PNG as the torch backend."""
     from backdrop.cli import main

@@ -548,6 +548,8 @@ def test_cli_errors_are_one_line(capsys, tmp_path, model_dir):
     assert cli_main(["serve", str(tmp_path), "--max-queue", "0"]) == 2
     assert "--max-queue" in capsys.readouterr().err
     assert cli_main(["serve", str(tmp_path), "--port", "70000"]) == 2
+    assert cli_main(["serve", str(model_dir), "--device", "gpu"]) == 2
+    assert "--device 'gpu' is not a device name" in capsys.readouterr().err
 
 
 def test_warm_up_covers_every_graph_bucket_on_cuda_only():

@@ -247,3 +247,23 @@ def test_folders_that_are_not_exports_are_named(tmp_path):
         TensorRTBackend(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a Backdrop ONNX export"):
         build_engines(tmp_path, tmp_path / "trt")
+
+
+def test_build_never_replaces_a_folder_that_is_not_an_engine_folder(tmp_path, capsys):
+    """`--out` used to be deleted whatever it was (rmtree after the build): the ONNX export itself, the working
+    folder. Refused before TensorRT is needed, so this runs on any machine."""
+    from backdrop.cli import main
+    from backdrop.nn.checkpoint import init_model
+
+    onnx_dir = E.export_onnx(init_model("tiny", seed=0), tmp_path / "onnx", components=("text_encoder",),
+                             progress=False)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("keep me")
+    before = sorted(p.name for p in onnx_dir.rglob("*"))
+    for out in (onnx_dir, tmp_path / "work"):
+        with pytest.raises(ValueError, match="not a Backdrop TensorRT folder; refusing to replace it"):
+            build_engines(onnx_dir, out, components=("text_encoder",))
+        assert main(["export", "tensorrt", str(onnx_dir), "--out", str(out)]) == 2
+        assert f"--out {out}: exists and is not a Backdrop TensorRT folder" in capsys.readouterr().err
+    assert sorted(p.name for p in onnx_dir.rglob("*")) == before
+    assert (tmp_path / "work" / "notes.txt").read_text() == "keep me"

@@ -51,6 +51,24 @@ def test_help(capsys):
         assert all(o in out for o in options), (stage, out)
 
 
+def test_diffusers_and_accelerate_option_names_are_aliases():
+    from backdrop.cli import build_parser
+
+    ours = build_parser().parse_args(
+        ["train", "pretrain", "--data", "d", "--out", "o", "--init", "m", "--size", "32", "--batch-size", "2",
+         "--num-workers", "1", "--steps", "5", "--lr", "0.1", "--warmup", "1", "--weight-decay", "0.5",
+         "--grad-clip", "2", "--grad-accum", "3", "--precision", "bf16", "--save-every", "4", "--keep-last", "1",
+         "--resume", "latest", "--prediction", "v_prediction", "--caption-dropout", "0.2"])
+    theirs = build_parser().parse_args(
+        ["train", "pretrain", "--train-data-dir", "d", "--output-dir", "o", "--pretrained-model-name-or-path", "m",
+         "--resolution", "32", "--train-batch-size", "2", "--dataloader-num-workers", "1", "--max-train-steps", "5",
+         "--learning-rate", "0.1", "--lr-warmup-steps", "1", "--adam-weight-decay", "0.5", "--max-grad-norm", "2",
+         "--gradient-accumulation-steps", "3", "--mixed-precision", "bf16", "--checkpointing-steps", "4",
+         "--checkpoints-total-limit", "1", "--resume-from-checkpoint", "latest", "--prediction-type",
+         "v_prediction", "--proportion-empty-prompts", "0.2"])
+    assert vars(ours) == vars(theirs)
+
+
 def test_bad_data_spec_exits_2_with_one_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "backdrop", "train", "pretrain", "--data", "synthetic:lots",
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
@@ -60,17 +78,113 @@ def test_bad_data_spec_exits_2_with_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["vae", "--data", "/nonexistent/images"], "/nonexistent/images"),
-    (["pretrain", "--data", "synthetic:4", "--init", "/nonexistent/model"], "/nonexistent/model"),
+    (["vae", "--data", "/nonexistent/images"], "--data /nonexistent/images"),
+    (["pretrain", "--data", "synthetic:4", "--init", "/nonexistent/model"], "--init /nonexistent/model"),
     (["pretrain", "--data", "synthetic:4", "--zero-terminal-snr"], "v-prediction"),
     (["pretrain", "--data", "synthetic:4", "--preset", "huge"], "unknown preset"),
     (["clip", "--data", "synthetic:4", "--size", "30"], "--size 30"),
     (["vae", "--data", "synthetic:4", "--decoder-only"], "--init"),
+    # values that used to crash with a traceback (log-every, num-workers, size -8) or be taken silently
+    (["pretrain", "--data", "synthetic:4", "--log-every", "0"], "--log-every 0: must be >= 1"),
+    (["pretrain", "--data", "synthetic:4", "--num-workers", "-1"], "--num-workers -1"),
+    (["pretrain", "--data", "synthetic:4", "--size", "-8"], "--size -8"),
+    (["pretrain", "--data", "synthetic:4", "--size", "0"], "--size 0"),
+    (["pretrain", "--data", "synthetic:4", "--ema-decay", "1.5"], "--ema-decay 1.5"),
+    (["pretrain", "--data", "synthetic:4", "--keep-last", "-1"], "--keep-last -1"),
+    (["pretrain", "--data", "synthetic:4", "--warmup", "-2"], "--warmup -2"),
+    (["pretrain", "--data", "synthetic:4", "--caption-dropout", "2"], "--caption-dropout 2.0"),
+    (["pretrain", "--data", "synthetic:4", "--device", "gpu7"], "--device 'gpu7'"),
+    (["cache", "--data", "synthetic:4", "--size", "30"], "--size 30"),  # a cache no stage could train on
+    (["clip", "--data", "synthetic:4", "--vision-width", "0"], "--vision-width 0: must be >= 1"),
+    (["clip", "--data", "synthetic:4", "--size", "32", "--vision-patch", "5"], "--vision-patch 5 at --size 32"),
 ])
 def test_user_errors_are_one_line(args, message, tmp_path, capsys):
     assert run(*args, "--out", tmp_path / "o", "--quiet") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()  # a refused run leaves nothing behind
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    for stage in ("pretrain", "cache"):
+        assert run(stage, "--data", "synthetic:4", "--out", tmp_path / stage, "--device", "cuda", "--quiet") == 2
+        assert "--device cuda: no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two finished one-step runs, pretrain/ and vae/; tests copy them before changing anything."""
+    d = tmp_path_factory.mktemp("runs")
+    torch.set_num_threads(1)
+    assert run("pretrain", "--data", "synthetic:4", "--out", d / "pretrain", "--steps", 1, *FAST) == 0
+    assert run("vae", "--data", "synthetic:4", "--out", d / "vae", "--steps", 1, *FAST) == 0
+    return d
+
+
+def _copy(runs, name, tmp_path):
+    return shutil.copytree(runs / name, tmp_path / name)
+
+
+def _snapshot(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_out_holding_another_run_is_refused_and_left_alone(runs, tmp_path, capsys):
+    pre, vae = _copy(runs, "pretrain", tmp_path), _copy(runs, "vae", tmp_path)
+    before = _snapshot(vae)
+    args = ("--data", "synthetic:4", "--steps", 2, *FAST)
+    # resuming pretrain into the vae run's folder used to overwrite its final/ and prune its checkpoints
+    assert run("pretrain", "--out", vae, "--resume", pre, *args) == 2
+    assert "holds another run" in capsys.readouterr().err
+    shutil.rmtree(vae / "checkpoints")  # a finished run whose checkpoints were deleted to save space
+    before = _snapshot(vae)
+    assert run("vae", "--out", vae, *args) == 2
+    assert "already holds a run (final, log.jsonl)" in capsys.readouterr().err
+    assert _snapshot(vae) == before
+    (tmp_path / "file").write_text("x")
+    assert run("vae", "--out", tmp_path / "file", *args) == 2  # used to be a FileExistsError traceback
+    assert "--out" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_stage_and_names_changed_options(runs, tmp_path, capsys):
+    pre, vae = _copy(runs, "pretrain", tmp_path), _copy(runs, "vae", tmp_path)
+    capsys.readouterr()
+    # a vae checkpoint in the inpaint stage used to end in load_state_dict's traceback listing every key
+    assert run("inpaint", "--out", vae, "--resume", vae, "--data", "synthetic:4", "--steps", 2, *FAST) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a checkpoint of `backdrop train vae`" in err[0], err
+    assert run("pretrain", "--out", pre, "--resume", "latest", "--data", "synthetic:4", "--steps", 2, "--lr", 0.01,
+               *FAST) == 0
+    warning = capsys.readouterr().err
+    assert "--lr 0.01 (was 0.0001)" in warning and "--steps 2 (was 1)" in warning, warning
+    assert run("pretrain", "--out", pre, "--resume", pre, "--data", "synthetic:4", "--steps", 1, *FAST) == 2
+    assert "past this run's last step 1" in capsys.readouterr().err
+    assert run("pretrain", "--out", tmp_path / "x", "--init", pre / "checkpoints/step-00000002",
+               "--data", "synthetic:4", *FAST) == 2
+    assert "is a training checkpoint" in capsys.readouterr().err
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_earlier_ones(tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    from backdrop.train import checkpointing
+
+    real, calls = checkpointing.save_file, []
+
+    def full_disk(tensors, path, *a, **k):
+        calls.append(path)
+        if len(calls) > 1:
+            real(tensors, path, *a, **k)  # a partial file, then the error safetensors gives on ENOSPC
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(checkpointing, "save_file", full_disk)
+    out = tmp_path / "o"
+    assert run("pretrain", "--out", out, "--data", "synthetic:4", "--steps", 2, "--save-every", 1, *FAST) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and f"--resume {out}" in err[0], err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]  # and no half-written one
 
 
 def test_chain_through_the_cli(tmp_path):
@@ -133,6 +247,8 @@ def test_resume_through_the_cli_equals_a_straight_run(tmp_path, capsys):
     a = load_file(tmp_path / "a/final/unet/diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "b/final/unet/diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the stopped run had logged steps 3 and 4: the resumed one logged them again, once
+    assert [json.loads(x)["step"] for x in (tmp_path / "b/log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_torchrun_two_processes(tmp_path):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from backdrop.train import checkpointing as ckpt
-from backdrop.train.core import EMA, TrainConfig, Trainer, lr_at
+from backdrop.train.core import EMA, ConfigError, TrainConfig, Trainer, lr_at
 
 
 class Regression:
@@ -210,3 +210,43 @@ def test_bad_config_is_refused():
         TrainConfig(precision="fp8")
     with pytest.raises(ValueError, match="grad_accum"):
         TrainConfig(grad_accum=0)
+    # each of these used to be accepted: a ZeroDivisionError at the first log, an EMA frozen or diverging, ...
+    for field, value in {"log_every": 0, "ema_decay": 1.0, "keep_last": -1, "warmup_steps": -1, "grad_clip": -1.0,
+                         "lr": 0.0, "weight_decay": float("nan")}.items():
+        with pytest.raises(ConfigError) as e:
+            TrainConfig(**{field: value})
+        assert e.value.field == field and field in str(e.value)
+
+
+class Wider(Regression):
+    """The same stage with a wider first layer: a checkpoint of one is not a checkpoint of the other."""
+
+    def __init__(self):
+        self.net = nn.Sequential(nn.Linear(8, 48), nn.SiLU(), nn.LayerNorm(48), nn.Linear(48, 4))
+
+
+def test_resume_refuses_other_weights_and_steps_already_past(tmp_path):
+    Trainer(Regression(), Loader(2), TrainConfig(steps=3, batch_size=2), tmp_path, progress=False).fit()
+    tensors, meta = ckpt.load_checkpoint(tmp_path)
+    other = Trainer(Wider(), Loader(2), TrainConfig(steps=3, batch_size=2), tmp_path / "w", progress=False)
+    with pytest.raises(ValueError, match=r"checkpoint's 0.weight is \(32, 8\), this run's model has \(48, 8\)"):
+        other.load_state(tensors, meta)  # was load_state_dict's RuntimeError listing every mismatch
+    dropped = {k: v for k, v in tensors.items() if not k.startswith("model.3.")}
+    with pytest.raises(ValueError, match=r"2 missing, e.g. \['3.bias', '3.weight'\]"):
+        Trainer(Regression(), Loader(2), TrainConfig(steps=3, batch_size=2), tmp_path / "d",
+                progress=False).load_state(dropped, meta)
+    with pytest.raises(ValueError, match="at step 3, past this run's last step 2"):
+        Trainer(Regression(), Loader(2), TrainConfig(steps=2, batch_size=2), tmp_path / "s",
+                progress=False).load_state(tensors, meta)
+
+
+def test_resume_forgets_logged_steps_after_the_checkpoint(tmp_path):
+    cfg = TrainConfig(steps=4, batch_size=2, save_every=2, keep_last=0, log_every=1)
+    Trainer(Regression(), Loader(2), cfg, tmp_path, progress=False).fit()
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # torn by the stop
+    resumed = Trainer(Regression(), Loader(2), cfg, tmp_path, progress=False)
+    resumed.resume(tmp_path / "checkpoints" / "step-00000002")
+    assert [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+    resumed.fit()
+    assert [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]

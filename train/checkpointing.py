@@ -14,9 +14,14 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 PREFIX = "step-"
+
+
+class SaveError(OSError):
+    """A checkpoint could not be written (disk full, no permission): the older complete ones are untouched."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -42,12 +47,16 @@ def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, torch
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
     # safetensors refuses shared or non-contiguous storage: give it plain contiguous copies where needed
     plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _write_synced(tmp / "state.safetensors", lambda p: save_file(plain, str(p)))
-    _write_synced(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta)))
-    _fsync_dir(tmp)
+    try:
+        tmp.mkdir()
+        _write_synced(tmp / "state.safetensors", lambda p: save_file(plain, str(p)))
+        _write_synced(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta)))
+        _fsync_dir(tmp)
+    except (OSError, SafetensorError) as e:  # safetensors reports I/O errors (a full disk) as SafetensorError
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back at once
+        raise SaveError(f"{final}: cannot write the checkpoint ({' '.join(str(e).split())})") from None
     if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
         shutil.rmtree(final)
     os.replace(tmp, final)

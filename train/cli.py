@@ -7,16 +7,23 @@ folder), which the next stage takes as its --init. Progress goes to tqdm and OUT
 OUT/checkpoints/ (resume with --resume OUT). Under torchrun every process trains on its own shard of the data
 (gloo on CPU, nccl on GPU); --batch-size is per process.
 
-User errors (bad --data, unreadable model, mismatched cache, bad option values) are one line and exit status 2.
+Option names are short, with the names of diffusers' training scripts (train_text_to_image.py) and accelerate as
+aliases where they exist: --steps / --max-train-steps, --lr / --learning-rate, --out / --output-dir, ...
+
+User errors (bad --data, unreadable model, mismatched cache, bad option values, an --out that holds another run, a
+--resume checkpoint of another stage or model) are one line and exit status 2. Resuming with options other than
+the checkpoint's is allowed (e.g. more --steps, a lower --lr) and listed in a warning.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 
-from backdrop.cli import CLIError
+from backdrop.cli import CLIError, parse_device
 
 __all__ = ["add_parser"]
 
@@ -30,30 +37,44 @@ CHAIN = """the chain, each stage from the last one's OUT/final:
   backdrop train cache    --data synthetic:20000 --out cache/tiny --init runs/vae/final
   backdrop train pretrain --data cache/tiny --out runs/pretrain --init runs/vae/final
   backdrop train inpaint  --data cache/tiny --out runs/inpaint --init runs/pretrain/final
-  backdrop train inpaint  --data cache/tiny --out runs/product --init runs/inpaint/final --masks product"""
+  backdrop train inpaint  --data cache/tiny --out runs/product --init runs/inpaint/final --masks product
+  backdrop train vae      --data synthetic:20000 --out runs/decoder --init runs/product/final --decoder-only
+  backdrop train vae      --data synthetic:20000 --out runs/asym --init runs/decoder/final --decoder-only \\
+                          --mask-conditioned
+a stopped run continues with its command plus --resume OUT (or --resume latest)"""
 
 
 def _data_options() -> argparse.ArgumentParser:
+    from backdrop.nn.config import PRESETS
+
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("data and model")
-    g.add_argument("--data", required=True, metavar="SPEC",
-                   help="'synthetic:N' (N images of the built-in procedural product world), a folder of images "
-                        "with captions (see train/data.py), a metadata .jsonl, or a latent cache folder made by "
-                        "`backdrop train cache` (pretrain and inpaint only)")
-    g.add_argument("--out", required=True, metavar="DIR", help="where the run writes log.jsonl, checkpoints/ and "
-                                                               "final/ (the cache command: the cache folder)")
-    g.add_argument("--init", metavar="MODEL", help="start from this model folder or .safetensors file (usually "
-                                                   "the previous stage's OUT/final); default: random weights")
+    g.add_argument("--data", "--train-data-dir", required=True, metavar="SPEC",
+                   help="'synthetic:N' (N images of the built-in procedural product world); a folder of images "
+                        "captioned by a metadata.jsonl ({\"file_name\": ..., \"text\": ...} a line, optional "
+                        "\"mask_file_name\") or by a NAME.txt beside each image (optional NAME.mask.png: white = "
+                        "product); such a .jsonl file itself; or a latent cache folder made by `backdrop train "
+                        "cache` (pretrain and inpaint only)")
+    g.add_argument("--out", "--output-dir", required=True, metavar="DIR",
+                   help="a new or empty folder: the run writes log.jsonl, checkpoints/ and final/ there; a folder "
+                        "that holds a run is refused unless --resume continues that run (the cache command: the "
+                        "cache folder)")
+    g.add_argument("--init", "--pretrained-model-name-or-path", metavar="MODEL",
+                   help="start from this model folder or .safetensors file (usually the previous stage's "
+                        "OUT/final; to continue a stopped run use --resume); default: random weights")
     g.add_argument("--preset", default="tiny", metavar="NAME",
-                   help="model shape for random weights when there is no --init (default: %(default)s)")
-    g.add_argument("--size", type=int, metavar="PX", help="training images are PX x PX (default: the model's "
-                                                          "native size, 64 for tiny)")
-    g.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per step and process "
-                                                                          "(default: %(default)s)")
+                   help="model shape for random weights when there is no --init: " + ", ".join(PRESETS)
+                        + " (default: %(default)s)")
+    g.add_argument("--size", "--resolution", type=int, metavar="PX",
+                   help="training images are PX x PX, a multiple of 8 (default: the model's native size, 64 for "
+                        "tiny)")
+    g.add_argument("--batch-size", "--train-batch-size", type=int, default=8, metavar="B",
+                   help="images per step and process (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seeds the data order, the random draws and random "
                                                        "weights (default: %(default)s)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
-    g.add_argument("--num-workers", type=int, default=0, metavar="N", help="data loading processes (default: 0)")
+    g.add_argument("--num-workers", "--dataloader-num-workers", type=int, default=0, metavar="N",
+                   help="data loading processes; 0 loads in the training process (default: 0)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -61,35 +82,41 @@ def _data_options() -> argparse.ArgumentParser:
 def _training_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=1000, metavar="N", help="optimizer steps (default: %(default)s)")
-    g.add_argument("--lr", type=float, metavar="LR", help="peak learning rate, AdamW with cosine decay (default: "
-                   + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    g.add_argument("--warmup", type=int, default=0, metavar="N", help="linear warm-up steps (default: 0)")
-    g.add_argument("--weight-decay", type=float, default=1e-2, metavar="W", help="AdamW weight decay (default: "
-                                                                                 "%(default)s)")
-    g.add_argument("--grad-clip", type=float, default=1.0, metavar="NORM", help="clip the gradient norm; 0 turns "
-                                                                                "it off (default: %(default)s)")
-    g.add_argument("--grad-accum", type=int, default=1, metavar="K", help="accumulate K batches per step "
-                                                                          "(default: 1)")
-    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    g.add_argument("--steps", "--max-train-steps", type=int, default=1000, metavar="N",
+                   help="optimizer steps (default: %(default)s)")
+    g.add_argument("--lr", "--learning-rate", type=float, metavar="LR",
+                   help="peak learning rate of AdamW, reached after --warmup, then cosine decay to a tenth of it "
+                        "at the last step (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    g.add_argument("--warmup", "--lr-warmup-steps", type=int, default=0, metavar="N",
+                   help="linear warm-up steps (default: 0)")
+    g.add_argument("--weight-decay", "--adam-weight-decay", type=float, default=1e-2, metavar="W",
+                   help="AdamW weight decay, not applied to norms and biases (default: %(default)s)")
+    g.add_argument("--grad-clip", "--max-grad-norm", type=float, default=1.0, metavar="NORM",
+                   help="clip the gradient norm; 0 turns it off (default: %(default)s)")
+    g.add_argument("--grad-accum", "--gradient-accumulation-steps", type=int, default=1, metavar="K",
+                   help="accumulate K batches per step (default: 1)")
+    g.add_argument("--precision", "--mixed-precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="autocast precision; weights stay fp32 (default: %(default)s)")
     g.add_argument("--ema-decay", type=float, default=0.0, metavar="D", help="keep an EMA of the weights and ship "
                                                                              "it, e.g. 0.999; 0: off (default)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, ~30%% slower")
-    g.add_argument("--save-every", type=int, default=0, metavar="K", help="checkpoint every K steps (default: "
-                                                                          "only at the end)")
-    g.add_argument("--keep-last", type=int, default=2, metavar="N", help="checkpoints to keep (default: 2)")
+    g.add_argument("--save-every", "--checkpointing-steps", type=int, default=0, metavar="K",
+                   help="checkpoint every K steps (default: only at the end)")
+    g.add_argument("--keep-last", "--checkpoints-total-limit", type=int, default=2, metavar="N",
+                   help="checkpoints to keep; 0 keeps all (default: 2)")
     g.add_argument("--log-every", type=int, default=10, metavar="K", help="log every K steps (default: 10)")
-    g.add_argument("--resume", metavar="DIR", help="continue a run from its OUT (the newest checkpoint) or from "
-                                                   "one OUT/checkpoints/step-N; give the same options as before")
+    g.add_argument("--resume", "--resume-from-checkpoint", metavar="DIR",
+                   help="continue a stopped run: its OUT (the newest checkpoint), one OUT/checkpoints/step-N, or "
+                        "'latest' (the newest in --out). Options that differ from the checkpoint's are listed in a "
+                        "warning; a checkpoint of another stage or model shape is refused")
     return p
 
 
 def _diffusion_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("diffusion loss")
-    g.add_argument("--prediction", choices=("epsilon", "v_prediction"),
+    g.add_argument("--prediction", "--prediction-type", choices=("epsilon", "v_prediction"),
                    help="what the UNet predicts (default: the model's own, epsilon for SD1/tiny)")
     g.add_argument("--snr-gamma", type=float, default=0.0, metavar="G",
                    help="min-SNR-γ loss weighting (Hang et al. 2023); 5 is the recommended value; 0: off")
@@ -100,7 +127,7 @@ def _diffusion_options() -> argparse.ArgumentParser:
     g.add_argument("--zero-terminal-snr", action="store_true",
                    help="rescale the noise schedule to reach pure noise (Lin et al. 2023); needs --prediction "
                         "v_prediction")
-    g.add_argument("--caption-dropout", type=float, default=0.1, metavar="P",
+    g.add_argument("--caption-dropout", "--proportion-empty-prompts", type=float, default=0.1, metavar="P",
                    help="train on the empty prompt with probability P, for classifier-free guidance "
                         "(default: %(default)s)")
     return p
@@ -176,15 +203,71 @@ def add_parser(subparsers) -> None:
 
 # ------------------------------------------------------------------------------------------------ running
 
+FLAG_OF_FIELD = {"warmup_steps": "--warmup", "prediction_type": "--prediction"}  # config fields named otherwise
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _named(flag: str, value, e: BaseException) -> CLIError:
+    """`flag value: message`, without saying the value twice when the message starts with it (a path)."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return CLIError(f"{flag} {msg}" if msg.startswith(str(value)) else f"{flag} {value}: {msg}")
+
+
+@contextlib.contextmanager
+def _options_named():
+    """A config field out of range (train/core.py ConfigError) becomes an error naming the option."""
+    from backdrop.train.core import ConfigError
+
+    try:
+        yield
+    except ConfigError as e:
+        flag = FLAG_OF_FIELD.get(e.field, "--" + e.field.replace("_", "-"))
+        raise CLIError(f"{flag} {e.value}: must be {e.want}") from None
+
+
+def _check_options(args) -> None:
+    """Options no config class sees (TrainConfig and DiffusionOptions check theirs: see _configs)."""
+    rules = [("--num-workers", args.num_workers, args.num_workers >= 0, ">= 0"),
+             ("--size", args.size, args.size is None or args.size >= 8, "at least 8")]
+    if args.stage == "cache":  # the cache has no TrainConfig
+        rules += [("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+                  ("--shard-size", args.shard_size, args.shard_size >= 1, ">= 1")]
+    if args.stage == "clip":
+        vision = {k: getattr(args, f"vision_{k}") for k in ("width", "layers", "heads", "patch")}
+        rules += [(f"--vision-{k}", v, v is None or v >= 1, ">= 1") for k, v in vision.items()]
+    for flag, value, ok, want in rules:
+        if not ok:
+            raise CLIError(f"{flag} {value}: must be {want}")
+
+
+def _configs(args, name: str):
+    """(TrainConfig, DiffusionOptions or None), built before anything is loaded, so a bad value fails at once."""
+    from backdrop.train.core import TrainConfig
+    from backdrop.train.stages.common import DiffusionOptions
+
+    with _options_named():
+        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                          lr=args.lr if args.lr is not None else DEFAULT_LR[name], weight_decay=args.weight_decay,
+                          warmup_steps=args.warmup, grad_clip=args.grad_clip, precision=args.precision,
+                          ema_decay=args.ema_decay, gradient_checkpointing=args.gradient_checkpointing,
+                          save_every=args.save_every, keep_last=args.keep_last, log_every=args.log_every,
+                          seed=args.seed)
+        options = None
+        if name in ("pretrain", "inpaint"):
+            options = DiffusionOptions(args.prediction, args.snr_gamma, args.noise_offset, args.input_perturbation,
+                                       args.zero_terminal_snr, args.caption_dropout)
+    return cfg, options
+
+
 def _device(args):
     import torch
 
-    if args.device:
-        try:
-            return torch.device(args.device)
-        except RuntimeError as e:
-            raise CLIError(f"--device {args.device!r}: {e}") from None
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not args.device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return parse_device(args.device)
 
 
 def _distributed(args) -> tuple[int, int, object]:
@@ -212,12 +295,27 @@ def _distributed(args) -> tuple[int, int, object]:
 def _model(args):
     from backdrop.nn.checkpoint import init_model, load_model
 
-    if args.init:
-        init = Path(args.init)
-        if not (init / "model_index.json").is_file() and (init / "final" / "model_index.json").is_file():
-            raise CLIError(f"--init {init} is a training run's folder; its model is {init / 'final'}")
+    if not args.init:
+        return init_model(args.preset, seed=args.seed)
+    init = Path(args.init)
+    if not (init / "model_index.json").is_file() and (init / "final" / "model_index.json").is_file():
+        raise CLIError(f"--init {init} is a training run's folder; its model is {init / 'final'}")
+    if (init / "meta.json").is_file() and (init / "state.safetensors").is_file():
+        raise CLIError(f"--init {init} is a training checkpoint, not a model: continue its run with --resume, or "
+                       "start from the run's final/")
+    try:
         return load_model(init)
-    return init_model(args.preset, seed=args.seed)
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        raise _named("--init", init, e) from None
+
+
+def _image_size(args, model) -> int:
+    """--size, or the model's native size; a positive multiple of the VAE's downsampling factor."""
+    size = args.size if args.size is not None else model.config.image_size
+    f = model.config.vae.downsample_factor
+    if size < f or size % f:
+        raise CLIError(f"--size {size}: must be a multiple of {f}, the VAE's downsampling factor")
+    return size
 
 
 def _dataset(args, stage: str, size: int, model):
@@ -234,16 +332,16 @@ def _dataset(args, stage: str, size: int, model):
             raise CLIError(f"--data {args.data}: cache built with --no-images; inpaint encodes masked images, "
                            "so it needs them")
     else:
-        # Synthetic data is World(0), the world the evaluator holds its seeds out from; --seed orders the data.
-        data = make_dataset(args.data, size, seed=0)
+        try:  # Synthetic data is World(0), the world the evaluator holds its seeds out from; --seed orders the data.
+            data = make_dataset(args.data, size, seed=0)
+        except (ValueError, OSError) as e:
+            raise _named("--data", args.data, e) from None
     if stage == "inpaint" and args.masks == "product" and not data.has_masks:
         raise CLIError(f"--data {args.data} has no product masks, which --masks product needs")
     return data
 
 
-def _stage(args, name: str, model, data, size: int, device):
-    from backdrop.train.stages.common import DiffusionOptions
-
+def _stage(args, name: str, model, data, size: int, device, options):
     if name == "clip":
         from backdrop.train.stages.clip import IMAGE_ENCODER, ClipStage, vision_config
 
@@ -251,7 +349,11 @@ def _stage(args, name: str, model, data, size: int, device):
         vision = None
         if any(x is not None for x in given) or not (args.init and (Path(args.init) / IMAGE_ENCODER).is_dir()):
             w, layers, heads, patch = (x if x is not None else d for x, d in zip(given, (128, 4, 4, 8)))
-            vision = vision_config(size, model.config.text.projection_dim, w, layers, heads, patch)
+            try:
+                vision = vision_config(size, model.config.text.projection_dim, w, layers, heads, patch)
+            except ValueError as e:  # width not a multiple of heads, size not of patch
+                raise CLIError(f"--vision-width {w} --vision-heads {heads} --vision-patch {patch} at --size {size}: "
+                               f"{e}") from None
         return ClipStage(model, vision, device, args.init)
     if name == "vae":
         import torch
@@ -264,8 +366,6 @@ def _stage(args, name: str, model, data, size: int, device):
         calibration = None if args.decoder_only else torch.stack([data[i]["image"] for i in range(n)])  # (n, 3, H, W)
         return VAEStage(model, device, args.init, args.ssim_weight, args.kl_weight, calibration, args.decoder_only,
                         args.mask_conditioned, args.product_prob)
-    options = DiffusionOptions(args.prediction, args.snr_gamma, args.noise_offset, args.input_perturbation,
-                               args.zero_terminal_snr, args.caption_dropout)
     if name == "pretrain":
         from backdrop.train.stages.pretrain import PretrainStage
 
@@ -275,45 +375,60 @@ def _stage(args, name: str, model, data, size: int, device):
     return InpaintStage(model, options, device, args.init, args.masks, args.product_prob, args.latent_mask)
 
 
-def _run_stage(args) -> int:
-    import torch.distributed as dist
-
-    from backdrop.train import checkpointing
-    from backdrop.train.core import TrainConfig, Trainer
+def _trainer(args, name: str, out: Path, cfg, options, resume: Path | None, rank: int, world: int, device):
+    """Model, data, stage and Trainer of the run; from the checkpoint `resume` when given."""
+    from backdrop.train import checkpointing, run_folder
+    from backdrop.train.core import Trainer
     from backdrop.train.data import DataStream
 
+    model = _model(args)
+    size = _image_size(args, model)
+    data = _dataset(args, name, size, model)
+    stage = _stage(args, name, model, data, size, device, options)
+    loader = DataStream(data, args.batch_size, seed=args.seed, rank=rank, world_size=world,
+                        num_workers=args.num_workers)
+    run = run_folder.run_record(args, lr=cfg.lr, size=size)
+    trainer = Trainer(stage, loader, cfg, out, device=device, progress=not args.quiet, run=run)
+    if resume is not None:
+        try:
+            tensors, meta = checkpointing.load_checkpoint(resume)
+            changed = run_folder.changed_options(meta.get("run"), run, resume)
+            if changed and rank == 0:  # before load_state, whose refusal the change may explain
+                print(f"warning: resuming {resume} with options other than its run's: {'; '.join(changed)}",
+                      file=sys.stderr)
+            trainer.load_state(tensors, meta)
+        except (ValueError, KeyError) as e:  # KeyError: a meta.json without a field every checkpoint has
+            raise _named("--resume", resume, e) from None
+    return trainer
+
+
+def _run_stage(args) -> int:
+    import torch.distributed as dist
+    from safetensors import SafetensorError
+
+    from backdrop.train import run_folder
+
     name, out = args.stage, Path(args.out)
-    if not args.resume and checkpointing.list_checkpoints(out / "checkpoints"):
-        raise CLIError(f"--out {out} already holds checkpoints of a run; pass --resume {out} to continue it, or "
-                       "choose another --out")
+    _check_options(args)
+    cfg, options = _configs(args, name)
+    resume = run_folder.resume_checkpoint(args.resume, args.out)
+    run_folder.check_out(out, resume)
     try:
         rank, world, device = _distributed(args)
         try:
-            model = _model(args)
-            size = args.size or model.config.image_size
-            if size % model.config.vae.downsample_factor:
-                raise CLIError(f"--size {size} is not a multiple of the VAE's {model.config.vae.downsample_factor}")
-            data = _dataset(args, name, size, model)
-            stage = _stage(args, name, model, data, size, device)
-            cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                              lr=args.lr if args.lr is not None else DEFAULT_LR[name], weight_decay=args.weight_decay,
-                              warmup_steps=args.warmup, grad_clip=args.grad_clip, precision=args.precision,
-                              ema_decay=args.ema_decay, gradient_checkpointing=args.gradient_checkpointing,
-                              save_every=args.save_every, keep_last=args.keep_last, log_every=args.log_every,
-                              seed=args.seed)
-            loader = DataStream(data, args.batch_size, seed=args.seed, rank=rank, world_size=world,
-                                num_workers=args.num_workers)
-            trainer = Trainer(stage, loader, cfg, out, device=device, progress=not args.quiet)
-            if args.resume:
-                trainer.resume(args.resume)
-        except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+            trainer = _trainer(args, name, out, cfg, options, resume, rank, world, device)
+        except (ValueError, FileNotFoundError) as e:
             raise CLIError(str(e).splitlines()[0]) from None
+        run_folder.make_out(out)
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
             record = {k: v for k, v in vars(args).items() if k != "func"} | {"world_size": world}
             (out / "args.json").write_text(json.dumps(record, indent=2) + "\n")
-        trainer.fit()
-        final = trainer.save_final()
+        try:
+            trainer.fit()
+            final = trainer.save_final()
+        except (OSError, SafetensorError) as e:  # a full disk, a folder gone read-only
+            raise CLIError(f"{_one_line(e)}; the checkpoints written before are intact: free space and --resume "
+                           f"{out}") from None
         if world > 1:
             dist.barrier()
         if rank == 0:
@@ -325,21 +440,27 @@ def _run_stage(args) -> int:
 
 
 def _run_cache(args) -> int:
+    from safetensors import SafetensorError
+
     from backdrop.train.cache import build_cache, is_cache
-    from backdrop.train.data import make_dataset
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CLIError("the cache command runs in one process; start it without torchrun")
+    _check_options(args)
     if is_cache(args.data):
         raise CLIError(f"--data {args.data} is already a latent cache; give the images it should encode")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CLIError(f"--out {args.out} is a file; give the folder the cache should be written to")
+    device = _device(args)
+    model = _model(args)
+    data = _dataset(args, "cache", _image_size(args, model), model)
     try:
-        model = _model(args)
-        size = args.size or model.config.image_size
-        data = make_dataset(args.data, size, seed=0)
         out = build_cache(model, data, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
-                          images=not args.no_images, dtype=args.dtype, device=_device(args), source=args.data,
+                          images=not args.no_images, dtype=args.dtype, device=device, source=args.data,
                           progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as e:
-        raise CLIError(str(e).splitlines()[0]) from None
+    except ValueError as e:
+        raise _named("--out", args.out, e) from None
+    except (OSError, SafetensorError) as e:  # a full disk: build_cache removes what it had written
+        raise CLIError(f"--out {args.out}: cannot write the cache ({_one_line(e)})") from None
     print(out)
     return 0

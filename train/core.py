@@ -29,7 +29,15 @@ from torch import nn
 from ..diffusion.samplers import host_to_device
 from . import checkpointing as ckpt
 
-__all__ = ["TrainConfig", "Stage", "Trainer", "EMA", "lr_at"]
+__all__ = ["TrainConfig", "ConfigError", "Stage", "Trainer", "EMA", "lr_at"]
+
+
+class ConfigError(ValueError):
+    """A config field out of range; `field`, `value` and `want` let the command line name its own option."""
+
+    def __init__(self, owner: str, field: str, value, want: str):
+        super().__init__(f"{owner}: {field} must be {want}, got {value!r}")
+        self.field, self.value, self.want = field, value, want
 
 
 @dataclass(frozen=True)
@@ -55,13 +63,20 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"TrainConfig: precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"TrainConfig: lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
+        rules = [("precision", self.precision in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
+                 ("lr_schedule", self.lr_schedule in ("cosine", "constant"), "cosine or constant"),
+                 *((name, getattr(self, name) >= 1, ">= 1")
+                   for name in ("steps", "batch_size", "grad_accum", "log_every")),
+                 *((name, getattr(self, name) >= 0, ">= 0")
+                   for name in ("weight_decay", "warmup_steps", "grad_clip", "save_every", "keep_last",
+                                "ema_start_step")),
+                 ("lr", 0 < self.lr < math.inf, "> 0"),
+                 ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+                 # decay 1 would freeze the EMA at the initial weights; above 1 it diverges
+                 ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0: off)")]
+        for name, ok, want in rules:
+            if not ok:
+                raise ConfigError("TrainConfig", name, getattr(self, name), want)
 
 
 class Stage(Protocol):
@@ -113,6 +128,20 @@ class EMA:
                                 for k, v in state.items()})
 
 
+def _check_weights(saved: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """Strict loading with errors that name a key: a checkpoint of another stage or model shape is refused here,
+    not by load_state_dict's wall of every key."""
+    missing, unexpected = sorted(want.keys() - saved.keys()), sorted(saved.keys() - want.keys())
+    if missing or unexpected:
+        raise ValueError(f"the checkpoint holds other weights than this run trains ({len(missing)} missing, e.g. "
+                         f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}): a checkpoint of "
+                         "another stage or model?")
+    for k, v in want.items():  # in the module's order: the first mismatch is the one nearest the input
+        if saved[k].shape != v.shape:
+            raise ValueError(f"the checkpoint's {k} is {tuple(saved[k].shape)}, this run's model has "
+                             f"{tuple(v.shape)}: a checkpoint of another model shape?")
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
@@ -158,11 +187,13 @@ class Trainer:
 
     `loader` is an iterator of batches with `state_dict()` / `load_state_dict()` (its position), already sharded for
     this process's rank. Under torchrun, call `torch.distributed.init_process_group` before creating the Trainer.
+    `run` (JSON-able) is written into each checkpoint's meta.json as "run", for whoever resumes it to compare.
     """
 
     def __init__(self, stage: Stage, loader: Iterator, cfg: TrainConfig, out: str | os.PathLike,
-                 device: str | torch.device = "cpu", progress: bool = True):
+                 device: str | torch.device = "cpu", progress: bool = True, run: dict | None = None):
         self.stage, self.loader, self.cfg, self.out = stage, loader, cfg, Path(out)
+        self.run = run  # JSON-able description of the run (the CLI's stage and options), kept in every checkpoint
         self.device = torch.device(device)
         self.progress = progress
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -212,13 +243,17 @@ class Trainer:
         for r, ((rng_tensors, _), _) in enumerate(per_rank):
             tensors |= {f"rng.{r}.{k}": v for k, v in rng_tensors.items()}
         meta = {"step": self.step, "config": asdict(self.cfg), "optimizer": opt_meta, "world_size": self.world,
-                "rng": [m for (_, m), _ in per_rank], "data": [d for _, d in per_rank]}
+                "rng": [m for (_, m), _ in per_rank], "data": [d for _, d in per_rank], "run": self.run}
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         if meta.get("world_size", 1) != self.world:
             raise ValueError(f"checkpoint was written by {meta['world_size']} processes, resuming with {self.world}")
+        if int(meta["step"]) > self.cfg.steps:
+            raise ValueError(f"the checkpoint is at step {meta['step']}, past this run's last step {self.cfg.steps}; "
+                             "train to at least that many steps")
         sub = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+        _check_weights(sub("model."), self.module.state_dict())
         self.module.load_state_dict(sub("model."), strict=True)
         if self.ema is not None:
             ema = sub("ema.")
@@ -231,6 +266,24 @@ class Trainer:
         _set_rng_state(sub(f"rng.{self.rank}."), meta["rng"][self.rank], self.generator)
         self.loader.load_state_dict(meta["data"][self.rank])
         self.step = int(meta["step"])
+        if self.rank == 0:
+            self._forget_logged_steps_after(self.step)
+
+    def _forget_logged_steps_after(self, step: int) -> None:
+        """Drop log.jsonl records of the steps after the checkpoint (a run stopped between saves logged them): they
+        are trained again, and a log with two records of one step plots as a zigzag (TensorBoard's purge_step)."""
+        if not self.log_path.is_file():
+            return
+        kept = []
+        for line in self.log_path.read_text().splitlines(keepends=True):
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):  # a line torn by the stop
+                continue
+        tmp = self.log_path.with_name(f".{self.log_path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.log_path)
 
     def save(self) -> Path | None:
         tensors, meta = self.state()  # every rank takes part in the gather

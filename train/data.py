@@ -66,12 +66,13 @@ class ImageFolder(torch.utils.data.Dataset):
                  seed: int = 0):
         self.root, self.size, self.random_crop, self.flip, self.seed = Path(root), size, random_crop, flip, seed
         if not self.root.is_dir():
-            raise ValueError(f"ImageFolder: {self.root} is not a directory")
+            raise ValueError(f"{self.root}: not a folder of images")
         meta = Path(metadata) if metadata is not None else self.root / "metadata.jsonl"
         entries = self._read_metadata(meta) if meta.is_file() else self._scan_folder()
         self.entries = [e for e in entries if self._readable(e)]  # (image path, caption, mask path or None)
         if not self.entries:
-            raise ValueError(f"ImageFolder: no readable images in {self.root}")
+            raise ValueError(f"{self.root}: no readable images in this folder ({', '.join(IMAGE_EXTS)}; "
+                             "unreadable ones are logged above)")
         with_mask = [e for e in self.entries if e[2] is not None]
         if with_mask and len(with_mask) != len(self.entries):
             missing = [str(e[0]) for e in self.entries if e[2] is None][:3]
@@ -195,16 +196,15 @@ def make_dataset(spec: str, size: int, seed: int = 0, **folder_options) -> torch
     if spec.startswith("synthetic:"):
         n = spec.split(":", 1)[1]
         if not (n.isdigit() and int(n) > 0):
-            raise ValueError(f"dataset spec {spec!r}: N in 'synthetic:N' must be a positive integer, e.g. "
-                             "'synthetic:10000'")
+            raise ValueError(f"{spec}: N in 'synthetic:N' must be a positive integer, e.g. 'synthetic:10000'")
         return SyntheticDataset(int(n), size, seed)
     path = Path(spec)
     if path.is_dir():
         return ImageFolder(path, size, seed=seed, **folder_options)
     if path.is_file() and path.suffix == ".jsonl":
         return ImageFolder(path.parent, size, metadata=path, seed=seed, **folder_options)
-    raise ValueError(f"dataset spec {spec!r}: expected 'synthetic:N', a folder of images or a metadata .jsonl "
-                     f"file, and {spec!r} is {'not a .jsonl file' if path.is_file() else 'not there'}")
+    raise ValueError(f"{spec}: {'not a .jsonl file' if path.is_file() else 'not there'}; expected 'synthetic:N', a "
+                     "folder of images or a metadata .jsonl file")
 
 
 def collate(items: list[dict]) -> dict:

@@ -20,6 +20,7 @@ batch from the latent cache (train/cache.py) gives the loss the images would.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from ...diffusion.samplers import host_to_device
 from ...diffusion.schedule import alphas_cumprod
 from ...nn.checkpoint import Model, save_model
 from ...nn.config import PREDICTION_TYPES, ModelConfig
+from ..core import ConfigError
 
 __all__ = ["DiffusionOptions", "NoiseSchedule", "DiffusionStage", "posterior_moments", "sample_posterior",
            "write_model", "EXTRA_FOLDERS"]
@@ -51,14 +53,14 @@ class DiffusionOptions:
     caption_dropout: float = 0.0         # 0.1 is common (SD 1.5 used 10% text-conditioning dropout)
 
     def __post_init__(self):
-        if self.prediction_type not in (None, *PREDICTION_TYPES):
-            raise ValueError(f"DiffusionOptions: prediction_type must be one of {PREDICTION_TYPES}, "
-                             f"got {self.prediction_type!r}")
-        for name in ("snr_gamma", "noise_offset", "input_perturbation"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"DiffusionOptions: {name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(f"DiffusionOptions: caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        rules = [("prediction_type", self.prediction_type in (None, *PREDICTION_TYPES),
+                  f"one of {', '.join(PREDICTION_TYPES)}"),
+                 *((name, 0 <= getattr(self, name) < math.inf, ">= 0")
+                   for name in ("snr_gamma", "noise_offset", "input_perturbation")),
+                 ("caption_dropout", 0.0 <= self.caption_dropout <= 1.0, "in [0, 1]")]
+        for name, ok, want in rules:
+            if not ok:
+                raise ConfigError("DiffusionOptions", name, getattr(self, name), want)
 
     def apply(self, cfg: ModelConfig) -> ModelConfig:
         """The model config this training writes: its prediction type and (zero-SNR) schedule."""

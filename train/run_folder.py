@@ -1,0 +1,94 @@
+"""What `backdrop train` checks before a run writes into its --out folder or continues a checkpoint.
+
+A run folder holds log.jsonl, checkpoints/step-N/ and final/ (train/core.py writes them). A new run starts only in
+a folder that holds none of those, so it never overwrites another run's model or prunes its checkpoints; a resumed
+run continues in its checkpoint's own folder, or in a fresh one. Every checkpoint records the run it belongs to
+(`run_record`: the stage and the options that decide what is trained), so a resume from another stage is refused,
+and options that differ from the checkpoint's are named, never changed silently.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from backdrop.cli import CLIError
+
+from . import checkpointing as ckpt
+
+__all__ = ["RUN_FILES", "held_run_files", "resume_checkpoint", "check_out", "make_out", "run_record", "changed_options"]
+
+RUN_FILES = ("checkpoints", "final", "log.jsonl")
+# Options that do not change what is trained (where the run goes, how it reports, how it uses the machine): they
+# may differ on resume without a word. Everything else is recorded and compared.
+BOOKKEEPING = frozenset({"func", "command", "stage", "resume", "out", "quiet", "device", "num_workers", "log_every",
+                         "save_every", "keep_last", "gradient_checkpointing"})
+PATH_OPTIONS = ("data", "init")  # recorded as absolute paths, so a resume from another working folder matches
+
+
+def held_run_files(out: Path) -> list[str]:
+    """Which of RUN_FILES the folder `out` holds (checkpoints/ counts only with a complete checkpoint in it)."""
+    held = {"checkpoints": bool(ckpt.list_checkpoints(out / "checkpoints")), "final": (out / "final").exists(),
+            "log.jsonl": (out / "log.jsonl").is_file()}
+    return [name for name in RUN_FILES if held[name]]
+
+
+def resume_checkpoint(resume: str | None, out: str) -> Path | None:
+    """The checkpoint folder --resume names ('latest': the newest one in --out), or None without --resume."""
+    if not resume:
+        return None
+    try:
+        return ckpt.resolve(out if resume == "latest" else resume)
+    except FileNotFoundError as e:
+        raise CLIError(f"--resume {e}") from None
+
+
+def check_out(out: Path, resume: Path | None) -> None:
+    """Refuse an --out that is a file, holds another run, or cannot be created; nothing is created yet (a run
+    that fails its other checks leaves no folder behind): make_out does that."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; give the folder the run should write to")
+    held = held_run_files(out)
+    continues_it = resume is not None and resume.parent.resolve() == (out / "checkpoints").resolve()
+    if held and resume is None:
+        raise CLIError(f"--out {out} already holds a run ({', '.join(held)}); pass --resume {out} to continue it, "
+                       "or choose another --out")
+    if held and not continues_it:
+        raise CLIError(f"--out {out} holds another run ({', '.join(held)}) than the checkpoint --resume {resume} "
+                       "continues; resume into that run's own folder or into a new --out")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {out}: cannot write to {existing}")
+
+
+def make_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+
+
+def _normalised(name: str, value):
+    if name in PATH_OPTIONS and value is not None and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
+
+
+def run_record(args, **resolved) -> dict:
+    """What a checkpoint records of its run: the stage and every option that decides what is trained, with the
+    values in effect (`resolved` replaces defaults the command fills in, e.g. lr and size)."""
+    options = {k: _normalised(k, v) for k, v in vars(args).items() if k not in BOOKKEEPING} | resolved
+    return {"stage": args.stage, "options": options}
+
+
+def changed_options(saved: dict | None, run: dict, source: Path) -> list[str]:
+    """'--lr 0.01 (was 0.0001)' for each option of `run` that differs from the checkpoint's `saved` run record;
+    a checkpoint of another stage is refused. A checkpoint written before runs were recorded (None) is compared
+    only by its weights (train/core.py checks every key and shape)."""
+    if saved is None:
+        return []
+    if saved.get("stage") != run["stage"]:
+        raise CLIError(f"--resume {source}: a checkpoint of `backdrop train {saved.get('stage')}`, not of "
+                       f"`backdrop train {run['stage']}`")
+    before, now = saved.get("options", {}), run["options"]
+    return [f"--{k.replace('_', '-')} {now.get(k)} (was {before.get(k)})"
+            for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
