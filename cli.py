@@ -39,8 +39,16 @@ def parse_device(text: str | None, flag: str = "--device"):
     return device
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error is one line (with where to find help), like every other user error,
+    instead of the usage block; subcommands' parsers are of this class too (add_subparsers takes the parent's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="backdrop",
         description="Backdrop: paint new scenes around products (inpainting), text-to-image and image-to-image.",
     )

@@ -205,6 +205,16 @@ def test_out_of_memory_is_one_line(files, capsys, tmp_path, monkeypatch):
         "lower --batch-size or --height/--width"
 
 
+@pytest.mark.parametrize("argv", [["generate", "--prompt", "x", "--sampler", "foo"], ["inpaint", "--prompt", "x"],
+                                  ["train", "vae", "--steps", "x"], ["frob"]])
+def test_usage_errors_are_one_line(capsys, argv):
+    """argparse's own refusals too: one line saying where help is, not the usage block."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.endswith("--help)"), err
+
+
 @pytest.mark.parametrize("command", ["generate", "img2img", "inpaint"])
 def test_help(capsys, command):
     with pytest.raises(SystemExit) as e:
