@@ -103,8 +103,11 @@ def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None  # little-endian u64 header length
-        if n is None or 8 + n > size:
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file: {size} bytes, too short for the 8-byte "
+                                  "header length")
+        n = struct.unpack("<Q", head)[0]  # little-endian u64 header length
+        if 8 + n > size:
             raise CheckpointError(f"{path}: not a safetensors file, or truncated: {size} bytes cannot hold "
                                   f"the {n}-byte header it announces")
         try:

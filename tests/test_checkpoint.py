@@ -403,7 +403,7 @@ def test_bad_single_files_name_file_key_and_shapes(saved, tmp_path):
     assert "corrupt safetensors header" in _error(garbage)
     tiny = tmp_path / "tiny.safetensors"
     tiny.write_bytes(b"\x01\x02")
-    assert "not a safetensors file" in _error(tiny)
+    assert "not a safetensors file: 2 bytes, too short" in _error(tiny)  # not "the None-byte header"
     assert "no such file" in _error(tmp_path / "absent.safetensors")
 
 
