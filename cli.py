@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 
 # Each module's `add_parser(subparsers)` adds its subcommands, each with `set_defaults(func=...)`.
@@ -37,6 +38,42 @@ def parse_device(text: str | None, flag: str = "--device"):
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise CLIError(f"{flag} {text}: this machine has {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+def one_line(e: Exception) -> str:
+    """An exception's message on one line, for a CLIError."""
+    return " ".join(str(e).split())
+
+
+def lora_spec(text: str) -> tuple[str, float]:
+    """--lora PATH[:SCALE] -> (path, scale); a suffix that is not a number is part of the path (default scale 1)."""
+    path, sep, scale = text.rpartition(":")
+    try:
+        value = float(scale) if sep and path else None
+    except ValueError:
+        value = None
+    if value is None:
+        return text, 1.0
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"SCALE {scale!r} in {text!r} must be a finite number")
+    return path, value
+
+
+def add_lora_option(group) -> None:
+    """--lora, shared by the commands that load a model (generate, img2img, inpaint, serve)."""
+    group.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="PATH[:SCALE]",
+                       help="merge a LoRA .safetensors file (diffusers/PEFT or kohya-ss format) into the model's "
+                            "weights, scaled by SCALE (default 1; lower is milder); repeat to stack several "
+                            "(--backend torch only)")
+
+
+def load_loras(pipe, loras: list[tuple[str, float]]) -> None:
+    """Merge each --lora into the pipeline's weights; a bad file or key is a one-line CLIError."""
+    for path, scale in loras:
+        try:
+            pipe.load_lora_weights(path, lora_scale=scale)
+        except (OSError, ValueError) as e:  # CheckpointError (a ValueError) names the file and the keys
+            raise CLIError(f"--lora: {one_line(e)}") from None
 
 
 class _Parser(argparse.ArgumentParser):

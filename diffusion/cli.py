@@ -15,7 +15,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from backdrop.cli import CLIError, parse_device
+from backdrop.cli import CLIError, add_lora_option, load_loras, one_line, parse_device
 from backdrop.diffusion.schedule import RECIPES
 
 __all__ = ["add_parser"]
@@ -35,6 +35,7 @@ def _common_options() -> argparse.ArgumentParser:
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
     model.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                        help="weight precision (default: fp16 on GPUs, bf16 on CPUs with native bf16, else fp32)")
+    add_lora_option(model)
     s = p.add_argument_group("sampling")
     s.add_argument("--prompt", required=True, metavar="TEXT",
                    help="what the picture should show, e.g. 'a bottle on wet rocks'")
@@ -161,10 +162,6 @@ def _check(args) -> None:
     parse_device(args.device)
 
 
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())
-
-
 def _open(path: str, what: str):
     from PIL import Image, UnidentifiedImageError
 
@@ -176,7 +173,7 @@ def _open(path: str, what: str):
     except FileNotFoundError:
         raise CLIError(f"{what} {path}: no such file") from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise CLIError(f"{what} {path}: cannot read it as an image ({_one_line(e)})") from None
+        raise CLIError(f"{what} {path}: cannot read it as an image ({one_line(e)})") from None
     return M.from_file(im)
 
 
@@ -211,14 +208,15 @@ def _pipeline(args):
     try:
         pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     except (OSError, ValueError, RuntimeError, ImportError) as e:  # missing files, CheckpointError, OOM, no ORT/TRT
-        raise CLIError(f"cannot load model {args.model}: {_one_line(e)}") from None
+        raise CLIError(f"cannot load model {args.model}: {one_line(e)}") from None
+    load_loras(pipe, args.lora)
     try:  # the model's scheduler decides which steps/sampler/strength it can run: say so before any work
         schedule = build_schedule(args.sampler, args.steps, pipe.config.scheduler)
         if args.kind != "generate":
             schedule.img2img(args.strength)
     except ValueError as e:
         strength = "" if args.kind == "generate" else f" --strength {args.strength}"
-        raise CLIError(f"--steps {args.steps} --sampler {args.sampler}{strength}: {_one_line(e)}") from None
+        raise CLIError(f"--steps {args.steps} --sampler {args.sampler}{strength}: {one_line(e)}") from None
     return pipe
 
 
@@ -269,7 +267,7 @@ def _call(method, args, kwargs: dict):
     try:
         return method(**kwargs)
     except ValueError as e:  # a value the pipeline refuses
-        raise CLIError(_one_line(e)) from None
+        raise CLIError(one_line(e)) from None
     except (MemoryError, RuntimeError) as e:  # torch's CPU allocator and CUDA's OutOfMemoryError are RuntimeErrors
         if not isinstance(e, MemoryError) and "allocate" not in str(e) and "out of memory" not in str(e):
             raise

@@ -107,6 +107,7 @@ class Pipeline:
         # ONNX/TensorRT UNets: 2^(levels-1) latent cells; our torch UNet takes any latent size).
         self._multiple = backend.config.vae.downsample_factor * getattr(backend, "latent_multiple", 1)
         self._width = backend.config.unet.cross_attention_dim  # of the text context: prompt_embeds' last dim
+        self._loras: list = []  # nn.lora.FusedLora of each load_lora_weights, oldest first
 
     @classmethod
     @diffusers_names
@@ -123,6 +124,18 @@ class Pipeline:
             return cls(make_backend(backend, path, device=device, dtype=parse_dtype(dtype)))
         dtype = parse_dtype(dtype) or default_dtype(device, unet_width(path))
         return cls(make_backend("torch", load_model(path, dtype=dtype, device=device), device=device, dtype=dtype))
+
+    def load_lora_weights(self, path, lora_scale: float = 1.0) -> None:
+        """Merge a LoRA .safetensors file (diffusers/PEFT or kohya-ss; see nn/lora.py) into the torch backend's UNet
+        and text encoder now, at lora_scale: diffusers' load_lora_weights + fuse_lora(lora_scale). Several stack."""
+        from backdrop.nn.lora import fuse_lora, torch_model
+        self._loras.append(fuse_lora(torch_model(self.backend), path, lora_scale))
+
+    def unload_lora_weights(self) -> None:
+        """Undo every load_lora_weights: the weights are bit-identical to the ones before the first."""
+        from backdrop.nn.lora import unfuse_lora
+        while self._loras:
+            unfuse_lora(self._loras.pop())
 
     # -------------------------------------------------------------------------------------------- public API
 

@@ -129,14 +129,16 @@ def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict]:
     return shapes, metadata
 
 
-def _pickle_refusal(path: Path) -> CheckpointError:
+def _pickle_refusal(path: Path, option: bool = True) -> CheckpointError:
+    """option: mention load_model's allow_pickle (LoRA files, nn/lora.py, have no such option)."""
     out = path.with_suffix(".safetensors")
     return CheckpointError(
         f"{path}: pickle checkpoints can run arbitrary code when loaded, so Backdrop reads .safetensors. Convert "
         f"it once, where you trust the file:\n  python -c \"import torch, safetensors.torch as st; "
         f"sd = torch.load('{path}', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
         f"st.save_file({{k: v.contiguous().clone() for k, v in sd.items() if isinstance(v, torch.Tensor)}}, "
-        f"'{out}')\"\nor pass allow_pickle=True (which loads it with torch.load(weights_only=True)).")
+        f"'{out}')\"" + ("\nor pass allow_pickle=True (which loads it with torch.load(weights_only=True))."
+                         if option else ""))
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from backdrop.cli import CLIError, parse_device
+from backdrop.cli import CLIError, add_lora_option, load_loras, parse_device
 from backdrop.diffusion.schedule import RECIPES
 
 __all__ = ["add_parser"]
@@ -42,6 +42,7 @@ def add_parser(subparsers) -> None:
     m.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
     m.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="weight precision (default: fp16 on GPUs, bf16 on CPUs with native bf16, else fp32)")
+    add_lora_option(m)
     m.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on CUDA with the torch backend, run the UNet eagerly instead of replaying CUDA graphs")
     b = p.add_argument_group("batching")
@@ -117,6 +118,7 @@ def _load(args, engine_config):
                                         backend=args.backend)
     except (FileNotFoundError, ValueError, OSError) as e:  # CheckpointError is a ValueError naming file and key
         raise CLIError(str(e)) from None
+    load_loras(pipe, args.lora)  # merged before any CUDA graph is captured (in-place merges would keep them valid)
     device = torch.device(pipe.backend.device)
     if args.cuda_graphs and args.backend == "torch" and device.type == "cuda":
         pipe = Pipeline(GraphedBackend(pipe.backend))

@@ -1,9 +1,20 @@
 """Session-wide test setup."""
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     # Triton's interpreter runs our kernels on the CPU. It must be chosen before the first `import triton` anywhere
     # in the session (backdrop.kernels imports triton), so it is set here rather than in the kernel tests.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box a descheduled worker thread makes
+    every op ~20x slower (measured). Modules opt in with pytest.mark.usefixtures("one_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -22,19 +22,12 @@ from backdrop.nn.config import PRESETS, ModelConfig, TextConfig, UNetConfig, VAE
 from backdrop.nn.testing import rel_err
 from backdrop.nn.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 # Tiny, but in the real layouts: 4 UNet levels, 2 resnets a level, attention on 3 levels; SD1 = 8 heads a level
 # and 1x1-conv proj_in, SD2 = 64-wide heads and Linear proj_in. 32 GroupNorm groups and 64-wide text heads, as SD
 # (both are read from the family, not from shapes).
 CASES = [("sd1", 4), ("sd1", 9), ("sd2", 4), ("sd2", 9)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread as on two, and one thread cannot spin-wait on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(family: str, in_channels: int) -> ModelConfig:

@@ -34,8 +34,9 @@ from backdrop.export.tensorrt import RefitError
 from backdrop.nn.checkpoint import init_model, save_model
 from backdrop.nn.config import PRESETS
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
-                                        "ignore::UserWarning")
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # conftest.py
+              pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
+                                         "ignore::UserWarning")]
 
 TOL_NP = 2e-3  # max abs on [0, 1] "np" images: float32 reordering between runtimes, well under 1/255
 
@@ -50,16 +51,6 @@ def _sd2_tiny():
     return dataclasses.replace(t, text=dataclasses.replace(t.text, hidden_act="gelu", pad_token_id=0),
                                unet=dataclasses.replace(t.unet, use_linear_projection=True, num_heads=(1, 2, 4, 4)),
                                vae=vae, prediction_type="v_prediction")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny graphs gain nothing from intra-op threads, and on a busy 2-core box a descheduled worker makes every
-    op many times slower (tests/test_pipeline.py measured ~20x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

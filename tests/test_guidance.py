@@ -9,19 +9,10 @@ from backdrop.diffusion.samplers import (blend_known_region, default_noise_sampl
                                          output_latents, per_item_randn, sample)
 from backdrop.diffusion.schedule import RECIPES, build_schedule
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # conftest.py
+              pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")]
 
 B, L, C = 4, 7, 16  # batch, context tokens, context width
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core CI box waiting for a descheduled
-    worker thread makes each op ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def context_unet(calls=None):

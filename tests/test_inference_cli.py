@@ -6,21 +6,13 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from backdrop.cli import main
 from backdrop.nn.checkpoint import init_model, save_model
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; a busy 2-core box makes intra-op threads ~20x slower
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # conftest.py
+              pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")]
 
 
 @pytest.fixture(scope="module")

@@ -23,21 +23,12 @@ from backdrop.nn.checkpoint import init_model, save_model
 from backdrop.nn.config import PRESETS, SchedulerConfig
 from backdrop.nn.resolve import builtin_models, default_dtype, parse_dtype, resolve_model, unet_width
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
-                                        "ignore::UserWarning")
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # conftest.py
+              pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
+                                         "ignore::UserWarning")]
 
 PROMPTS = ["a red bottle on a marble table", "a cat"]
 TOL = 2e-3  # max abs on [0, 1] "np" outputs: a diffusers-vs-ours float32 rounding budget, well under 1/255
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box a descheduled worker thread
-    makes every op ~20x slower (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @dataclass

@@ -11,22 +11,14 @@ from backdrop.diffusion.samplers import (SAMPLERS, SamplingInterrupted, default_
                                          noised_latents, output_latents, per_item_randn, sample, sample_euler)
 from backdrop.diffusion.schedule import RECIPES, alphas_cumprod, build_schedule
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' numpy-2 __array__ notices
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 SHAPE = (2, 4, 6, 5)  # batch of 2, odd latent sizes
 SEEDS = (11, 12)
 TOL = 1e-4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core CI box waiting for a descheduled
-    worker thread makes each op ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def sched_config(**kw):

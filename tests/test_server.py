@@ -38,22 +38,14 @@ from backdrop.serve.running import ServerThread
 from backdrop.serve.server import ServerConfig, create_app
 
 openai = pytest.importorskip("openai")
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
-                                        "ignore::UserWarning", "ignore::PIL.Image.DecompressionBombWarning")
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # conftest.py
+              pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
+                                         "ignore::UserWarning", "ignore::PIL.Image.DecompressionBombWarning")]
 
 STEPS = 2          # denoising steps of every served request: enough to exercise the sampler, cheap on a CPU
 SIZE = 64          # the tiny model's native size
 PROMPTS = ["a bottle on marble", "a bottle on wet rocks", "studio backdrop, soft light", "a wooden table",
            "a beach at dusk", "moss and ferns", "brushed concrete", "a kitchen counter"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box they make every op much slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -19,17 +19,9 @@ from backdrop.train.stages.inpaint import InpaintStage, to_inpaint_unet
 from backdrop.train.stages.pretrain import PretrainStage
 from backdrop.train.stages.vae import VAEStage, ssim
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 diffusers = pytest.importorskip("diffusers")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain little from intra-op threads, and on a shared, busy CPU two OpenMP threads spin-wait on
-    each other (we measured 10x slower steps); one thread keeps these tests' runtime predictable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(seed=0, **changes):

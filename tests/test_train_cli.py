@@ -14,19 +14,11 @@ from safetensors.torch import load_file
 from backdrop.cli import main
 from backdrop.nn.checkpoint import load_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 # the CPU on any machine: the resume test wants bit-identical weights (cuDNN's weight gradients may use atomics),
 # and two torchrun processes on a one-GPU machine would both need cuda:0 and cuda:1
 FAST = ["--size", "32", "--batch-size", "4", "--quiet", "--log-every", "1", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny models gain little from two, and on a busy shared CPU two spin-wait (see
-    test_stages.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run(*args) -> int:

@@ -1,0 +1,288 @@
+"""LoRA: merge the low-rank weight deltas of a `.safetensors` file into a Model's UNet and text encoder, and undo it.
+
+A LoRA (Hu et al. 2021, arXiv:2106.09685) holds, for some Linear or Conv2d weights W (out, in[, kh, kw]), a pair
+down (rank, in[, kh, kw]) and up (out, rank[, 1, 1]) and optionally an alpha. Merging it at `scale` is
+
+    W += scale * alpha / rank * up @ down        (no alpha: alpha = rank, a factor of 1)
+
+as diffusers' `load_lora_weights(path)` + `fuse_lora(lora_scale=scale)` compute it (PEFT's LoraLayer: scaling =
+lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora). A 3x3 conv's LoRA (LoCon) has a 3x3 down and a 1x1 up,
+so up @ down is one matmul over the flattened kernel. The file formats people have:
+
+  diffusers / PEFT   unet.<module>.lora_A.weight (down) and .lora_B.weight (up), text_encoder.<module>.lora_A/_B;
+                     alphas as `<component>.<module>.alpha` tensors (diffusers' network_alphas), or PEFT's LoraConfig
+                     (lora_alpha, alpha_pattern, use_rslora) in the `lora_adapter_metadata` header that diffusers'
+                     save_lora_weights writes
+  diffusers < 0.27   <module>.lora_linear_layer.{down,up}.weight and <module>.lora.{down,up}.weight (what
+                     convert_state_dict_to_diffusers still writes for text encoders), and the attention processors'
+                     <attention>[.processor].to_{q,k,v,out}_lora.{down,up}.weight (LoRAAttnProcessor; the oldest
+                     files name the UNet's without the `unet.` prefix)
+  kohya-ss           lora_unet_<module, "_" for ".">.lora_down.weight / .lora_up.weight / .alpha and lora_te_<module>
+                     (sd-scripts' networks/lora.py; what A1111 and ComfyUI read)
+
+Module names are diffusers' UNet2DConditionModel's and transformers' CLIPTextModel's, which are ours, resolved with
+nn/ldm_keys.folder_key exactly as a diffusers folder's keys are (transformers >= 5 drops `text_model.`). Loading is
+as strict as nn/checkpoint.py's: every tensor of the file must belong to a complete down/up pair for a Linear or
+Conv2d weight of the model, with shapes that fit, or one CheckpointError names the file and the keys and nothing is
+merged; the whole file is checked (from its header, plus the alpha scalars) before any weight changes. The merge runs
+in float32, cast back to the weight's dtype, in place (CUDA graphs captured over the weights stay valid). The weights
+it touches are copied to the CPU first (no accelerator memory spent), so `unfuse_lora` restores them bit-exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import PICKLE_SUFFIXES, CheckpointError, Model, _pickle_refusal, _Problems, _Reader
+from .ldm_keys import folder_key
+
+__all__ = ["FusedLora", "fuse_lora", "unfuse_lora", "torch_model", "COMPONENTS"]
+
+COMPONENTS = ("unet", "text_encoder")  # what SD 1.x / 2.x LoRAs patch; never the VAE
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the file diffusers' save_lora_weights(folder) writes
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY: {"unet.lora_alpha": 8, ...}
+
+# (suffix, role) of the tensors of each format; "down" is PEFT's A (rank, in), "up" its B (out, rank)
+_DIFFUSERS_ROLES = ((".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+                    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+                    (".lora_A.weight", "down"), (".lora_B.weight", "up"), (".alpha", "alpha"))
+_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
+_KOHYA_ROLES = ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha"))
+# diffusers' LoRAAttnProcessor named an attention's four projections its own way (diffusers' DIFFUSERS_OLD_TO_PEFT)
+_PROCESSOR = re.compile(r"(?P<attn>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)"
+                        r"\.weight")
+_PROJ = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
+         "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
+# Adapters that are not a plain low-rank pair: LyCORIS LoHa / LoKr / Tucker (lora_mid), DoRA, embedding and bias LoRA
+_UNSUPPORTED = re.compile(r".*(hada_|lokr_|lora_mid|dora_scale|lora_magnitude_vector|lora_embedding_|lora_B\.bias).*")
+
+
+@dataclass(frozen=True)
+class _Key:
+    """What one tensor of a LoRA file is: the down/up/alpha of a module of a component."""
+    component: str  # "unet" or "text_encoder"
+    module: str     # as the file names it: dotted, or kohya's flat name with "_" for "."
+    role: str       # "down", "up" or "alpha"
+    kohya: bool = False
+
+
+def _with_role(component: str, rest: str, roles, kohya: bool) -> _Key | None:
+    for suffix, role in roles:
+        if rest.endswith(suffix) and len(rest) > len(suffix):
+            return _Key(component, rest[:-len(suffix)], role, kohya)
+    return None
+
+
+def _parse(key: str) -> _Key | None:
+    """The module and role a file key names, or None when it is not a LoRA key of a format we read."""
+    for prefix, component in _KOHYA_PREFIXES.items():
+        if key.startswith(prefix):
+            return _with_role(component, key[len(prefix):], _KOHYA_ROLES, kohya=True)
+    component, _, rest = key.partition(".")
+    bare = component not in COMPONENTS
+    if bare:  # the oldest diffusers files: the UNet's attention processors without a prefix
+        component, rest = "unet", key
+    if m := _PROCESSOR.fullmatch(rest):
+        return _Key(component, f"{m['attn']}.{_PROJ[component][m['proj']]}", m["role"])
+    return None if bare else _with_role(component, rest, _DIFFUSERS_ROLES, kohya=False)
+
+
+@dataclass(frozen=True)
+class _PeftConfig:
+    """The fields of a component's PEFT LoraConfig (in diffusers' metadata header) that set a module's alpha."""
+    lora_alpha: float | None = None
+    alpha_pattern: tuple[tuple[re.Pattern, float], ...] = ()  # PEFT's get_pattern_key: a dotted suffix of the name
+    use_rslora: bool = False  # rank-stabilised LoRA (Kalajdzievski 2023): alpha / sqrt(rank)
+
+    def factor(self, module: str, rank: int, alpha: float | None) -> float:
+        """alpha / rank for `module` (the file's name); `alpha` from the file's own .alpha tensor wins."""
+        if alpha is None:
+            alpha = next((a for pattern, a in self.alpha_pattern if pattern.match(module)), self.lora_alpha)
+        alpha = rank if alpha is None else alpha
+        return alpha / (math.sqrt(rank) if self.use_rslora else rank)
+
+
+def _peft_config(meta: dict, c: str) -> _PeftConfig:
+    alpha, patterns = meta.get(f"{c}.lora_alpha"), meta.get(f"{c}.alpha_pattern") or {}
+    return _PeftConfig(None if alpha is None else float(alpha),
+                       tuple((re.compile(rf"(.*\.)?({p})$"), float(a)) for p, a in patterns.items()),
+                       bool(meta.get(f"{c}.use_rslora")))
+
+
+def _peft_configs(reader: _Reader) -> dict[str, _PeftConfig]:
+    """{component: its LoraConfig's alphas} from the metadata header diffusers' save_lora_weights writes."""
+    raw = reader.metadata.get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+        configs = {c: _peft_config(meta, c) for c in COMPONENTS}
+    except (ValueError, TypeError, AttributeError, re.error) as e:
+        raise CheckpointError(f"{reader.label}: unreadable {METADATA_KEY} header ({e})") from None
+    if dora := [c for c in COMPONENTS if meta.get(f"{c}.use_dora")]:
+        raise CheckpointError(f"{reader.label}: a DoRA adapter ({dora[0]}.use_dora in its {METADATA_KEY}); only "
+                              "plain LoRA is supported")
+    return configs
+
+
+# --------------------------------------------------------------------------------------------------- checking
+
+@dataclass(frozen=True)
+class _Pair:
+    """One weight's LoRA, checked against the model."""
+    component: str
+    target: str    # our parameter, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    down: str      # file keys
+    up: str
+    factor: float  # alpha / rank
+
+
+def _kernel(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A conv's (kh, kw), or () for a Linear and a 1x1 conv (the same map on each pixel's channels)."""
+    return tuple(shape[2:]) if any(d != 1 for d in shape[2:]) else ()
+
+
+def _fits(down: tuple[int, ...], up: tuple[int, ...], weight: tuple[int, ...]) -> bool:
+    """down (rank, in[, kh, kw]) and up (out, rank[, 1, 1]) merge into weight (out, in[, kh, kw])."""
+    return (len(down) in (2, 4) and len(up) in (2, 4) and up[0] == weight[0] and up[1] == down[0]
+            and down[1] == weight[1] and _kernel(up) == () and _kernel(down) == _kernel(weight))
+
+
+def _alpha(reader: _Reader, key: str | None, problems: _Problems) -> float | None:
+    if key is None:
+        return None
+    t = reader.get(key)
+    if t.numel() != 1 or not math.isfinite(value := t.float().item()):
+        problems.shapes.append(f"{key}: an alpha is one finite number, got {tuple(t.shape)} {t.flatten()[:4]}")
+        return None
+    return value
+
+
+def _groups(reader: _Reader, problems: _Problems) -> dict[tuple[str, str, bool], dict[str, str]]:
+    """{(component, module, kohya): {role: file key}}; keys of no format we read go to `problems`."""
+    parsed = {k: _parse(k) for k in reader.shapes}
+    if not any(parsed.values()):
+        example = f", e.g. {next(iter(parsed))!r}" if parsed else ""
+        raise CheckpointError(f"{reader.label}: not a LoRA file: none of its {len(parsed)} tensors is named as a "
+                              f"LoRA weight (diffusers/PEFT lora_A/lora_B, kohya-ss lora_down/lora_up){example}")
+    groups = {}
+    for key, p in parsed.items():
+        if p is None:
+            why = ("not a plain LoRA (LoHa, LoKr, DoRA, ...)" if _UNSUPPORTED.fullmatch(key) else
+                   "not a LoRA key for an SD 1.x/2.x UNet or text encoder")
+            problems.unexpected.append(f"{key} ({why})")
+            continue
+        roles = groups.setdefault((p.component, p.module, p.kohya), {})
+        if p.role in roles:
+            problems.unexpected.append(f"{key} (a second {p.role} tensor for the module of {roles[p.role]})")
+            continue
+        roles[p.role] = key
+    return groups
+
+
+def _plan(model: Model, reader: _Reader) -> list[_Pair]:
+    """Every down/up pair of the file, matched to the model's weights; one CheckpointError lists all faults."""
+    problems = _Problems()
+    groups = _groups(reader, problems)
+    params = {c: dict(getattr(model, c).named_parameters()) for c in COMPONENTS}
+    flat = {c: {n.removesuffix(".weight").replace(".", "_"): n for n in params[c] if n.endswith(".weight")}
+            for c in COMPONENTS}  # kohya's module names: ours with "_" for "."
+    configs, pairs, seen = _peft_configs(reader), [], {}
+    for (c, module, kohya), roles in groups.items():
+        if "down" not in roles or "up" not in roles:
+            problems.missing.append(f"the {'up' if 'down' in roles else 'down'} tensor for {min(roles.values())}")
+            continue
+        target = flat[c].get(module, "") if kohya else folder_key(c, module + ".weight")
+        weight = params[c].get(target)
+        if weight is None or weight.dim() not in (2, 4):
+            problems.unexpected.append(f"{roles['down']} (the {c} has no Linear or Conv2d weight {module})")
+            continue
+        if (c, target) in seen:
+            problems.unexpected.append(f"{roles['down']} (a second LoRA for {c}.{target}, after {seen[c, target]})")
+            continue
+        seen[c, target] = roles["down"]
+        down, up = reader.shapes[roles["down"]], reader.shapes[roles["up"]]
+        if not _fits(down, up, tuple(weight.shape)):
+            problems.shapes.append(f"{roles['down']} {down} and {roles['up']} {up}: file vs model {c}.{target} "
+                                   f"{tuple(weight.shape)}")
+            continue
+        factor = configs.get(c, _PeftConfig()).factor(module, down[0], _alpha(reader, roles.get("alpha"), problems))
+        pairs.append(_Pair(c, target, roles["down"], roles["up"], factor))
+    problems.raise_if_any(reader.label, "this model's UNet and text encoder")
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------------- merging
+
+@dataclass(frozen=True)
+class FusedLora:
+    """A LoRA merged into a model: what unfuse_lora needs to put the weights it changed back, bit-exactly."""
+    path: Path
+    scale: float
+    targets: tuple[str, ...]                                 # "unet.<param>" / "text_encoder.<param>", merge order
+    saved: tuple[tuple[nn.Parameter, torch.Tensor], ...]     # (the live weight, its values before, on the CPU)
+
+
+def _lora_file(path: Path) -> Path:
+    if path.is_dir():  # diffusers' save_lora_weights(folder) / a Hub download of one
+        if not (path / DIFFUSERS_FILE).is_file():
+            raise CheckpointError(f"{path}: a folder without {DIFFUSERS_FILE}; give the LoRA's .safetensors file")
+        path = path / DIFFUSERS_FILE
+    elif not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix in PICKLE_SUFFIXES:
+        raise _pickle_refusal(path, option=False)
+    return path
+
+
+@torch.no_grad()
+def _restore(saved) -> None:
+    for weight, before in reversed(saved):
+        weight.copy_(before)
+
+
+@torch.no_grad()
+def fuse_lora(model: Model, path, scale: float = 1.0) -> FusedLora:
+    """Merge the LoRA file (or diffusers' LoRA folder) at `path` into model's UNet and text encoder, in place:
+    W += scale * alpha / rank * up @ down, as diffusers' load_lora_weights + fuse_lora(lora_scale=scale).
+    Fuse several to stack them; unfuse_lora in the reverse order restores the weights bit-exactly."""
+    if not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"lora_scale must be a finite number, got {scale!r}")
+    file = _lora_file(Path(path))
+    reader = _Reader([file])
+    pairs, saved = _plan(model, reader), []
+    try:
+        for p in pairs:
+            weight = getattr(model, p.component).get_parameter(p.target)
+            saved.append((weight, weight.detach().to("cpu", copy=True)))
+            down = reader.get(p.down).to(weight.device, torch.float32).flatten(1)  # (rank, in * kh * kw)
+            up = reader.get(p.up).to(weight.device, torch.float32).flatten(1)  # (out, rank)
+            delta = (up @ down).view(weight.shape)  # (out, in[, kh, kw])
+            weight.copy_((weight.float() + delta * (scale * p.factor)).to(weight.dtype))
+    except BaseException:  # an unreadable tensor, out of memory, Ctrl-C: leave the model as it was
+        _restore(saved)
+        raise
+    return FusedLora(file, float(scale), tuple(f"{p.component}.{p.target}" for p in pairs), tuple(saved))
+
+
+def unfuse_lora(fused: FusedLora) -> None:
+    """Put back the weights `fused` changed, as they were before it (undo stacked LoRAs newest first)."""
+    _restore(fused.saved)
+
+
+def torch_model(backend) -> Model:
+    """The Model a torch backend runs, whose weights a LoRA merges into; a ValueError for an export's backend."""
+    model = getattr(backend, "model", None)
+    if not isinstance(model, Model):
+        raise ValueError(f"LoRAs are merged into PyTorch weights, so they need the torch backend, not "
+                         f"{getattr(backend, 'name', type(backend).__name__)}: an export holds fixed weights. Merge "
+                         "the LoRA first (backdrop.nn.lora.fuse_lora on backdrop.load_model(...), then save_model) "
+                         "and export that model")
+    return model
