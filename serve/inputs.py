@@ -4,9 +4,9 @@ Everything here is pure (no HTTP, no model), so each rule is a plain function th
 before anything is queued. Every failure is an APIError naming the field (`param`) at fault, which the server
 turns into OpenAI's {"error": {"message", "type", "param", "code"}} body. Images are checked from their header
 before any pixel is decoded: a 100-byte PNG may claim 10000 x 10000 pixels, and PIL's own decompression-bomb
-guard only warns below 2 x 89 M pixels, so our own limit (far lower) is what protects the server. Numbers in JSON
-must be JSON numbers; multipart fields, strings by nature, hold decimal digits. Messages quote a client's value only
-as its first ECHO_CHARS characters (`shown`).
+guard only warns below 2 x 89 M pixels, so our own limit (far lower) is what protects the server. Numbers and
+booleans in JSON must be JSON ones; multipart fields, strings by nature, hold decimal digits. Messages quote a
+client's value only as its first ECHO_CHARS characters (`shown`).
 """
 from __future__ import annotations
 
@@ -157,12 +157,12 @@ def seconds(value, name: str) -> float | None:
 
 
 def boolean(value, name: str, default: bool) -> bool:
+    """A JSON true or false, or `default` if absent; the strings "true" / "false" are refused like numbers as
+    strings (JSON has booleans for booleans)."""
     if value is None:
         return default
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
     raise APIError(400, f"{name} must be true or false, got {shown(value)}", param=name, code="invalid_value")
 
 

@@ -288,6 +288,8 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server):
         ("inpaint: strength as a string", post("/v1/inpaint", inpaint_body(product(1), strength="0.5")), 400,
          "strength"),
         ("inpaint: seed true", post("/v1/inpaint", inpaint_body(product(1), seed=True)), 400, "seed"),
+        ("inpaint: paste_back 'false'", post("/v1/inpaint", inpaint_body(product(1), paste_back="false")), 400,
+         "paste_back"),
         ("inpaint: timeout 0", post("/v1/inpaint", inpaint_body(product(1), timeout=0)), 400, "timeout"),
         ("inpaint: mask_threshold 0", post("/v1/inpaint", inpaint_body(product(1), mask_threshold=0)), 400,
          "mask_threshold"),
