@@ -235,6 +235,11 @@ def _check_options(args) -> None:
     if args.stage == "cache":  # the cache has no TrainConfig
         rules += [("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
                   ("--shard-size", args.shard_size, args.shard_size >= 1, ">= 1")]
+    if args.stage in ("vae", "inpaint"):
+        rules.append(("--product-prob", args.product_prob, 0 <= args.product_prob <= 1, "in [0, 1]"))
+    if args.stage == "vae":
+        rules += [("--ssim-weight", args.ssim_weight, 0 <= args.ssim_weight <= 1, "in [0, 1]"),
+                  ("--kl-weight", args.kl_weight, args.kl_weight >= 0, ">= 0")]
     if args.stage == "clip":
         vision = {k: getattr(args, f"vision_{k}") for k in ("width", "layers", "heads", "patch")}
         rules += [(f"--vision-{k}", v, v is None or v >= 1, ">= 1") for k, v in vision.items()]
