@@ -11,29 +11,14 @@ from backdrop.diffusion.samplers import (SAMPLERS, SamplingInterrupted, default_
                                          noised_latents, output_latents, per_item_randn, sample, sample_euler)
 from backdrop.diffusion.schedule import RECIPES, alphas_cumprod, build_schedule
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+from scheduler_refs import diffusers_scheduler, sched_config
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' numpy-2 __array__ notices
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # conftest.py
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # diffusers' numpy-2 __array__ notices
 
-SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 SHAPE = (2, 4, 6, 5)  # batch of 2, odd latent sizes
 SEEDS = (11, 12)
 TOL = 1e-4
-
-
-def sched_config(**kw):
-    from backdrop.nn.config import SchedulerConfig
-    return SchedulerConfig(**(SD | kw))
-
-
-def diffusers_scheduler(name, cfg, prediction_type="epsilon"):
-    import diffusers
-
-    kw = {}
-    if name.startswith("dpmpp"):
-        kw = dict(algorithm_type="sde-dpmsolver++" if "sde" in name else "dpmsolver++", solver_order=2,
-                  use_karras_sigmas=name.endswith("karras"))
-    return getattr(diffusers, RECIPES[name].scheduler).from_config(cfg.to_diffusers(prediction_type), **kw)
 
 
 def make_unet(calls=None):

@@ -12,25 +12,10 @@ import torch
 from backdrop.diffusion.samplers import SAMPLERS
 from backdrop.diffusion.schedule import RECIPES, alphas_cumprod, betas, build_schedule, karras_sigmas
 
-SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)  # SD1.x/2.x config
+from scheduler_refs import diffusers_scheduler, sched_config
+
 STEPS = (1, 2, 3, 7, 10, 25, 50)  # 3 and 7 do not divide 1000: trailing/leading rounding and DDIM's t - T // N
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' numpy-2 __array__ notices
-
-
-def sched_config(**kw):
-    from backdrop.nn.config import SchedulerConfig
-    return SchedulerConfig(**(SD | kw))
-
-
-def diffusers_scheduler(name, cfg, prediction_type="epsilon"):
-    """The diffusers scheduler a pipeline would build for `name` from this scheduler_config.json (from_config)."""
-    import diffusers
-
-    kw = {}
-    if name.startswith("dpmpp"):
-        kw = dict(algorithm_type="sde-dpmsolver++" if "sde" in name else "dpmsolver++", solver_order=2,
-                  use_karras_sigmas=name.endswith("karras"))
-    return getattr(diffusers, RECIPES[name].scheduler).from_config(cfg.to_diffusers(prediction_type), **kw)
 
 
 def one_per_step(name, seq):

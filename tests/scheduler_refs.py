@@ -1,0 +1,21 @@
+"""What the schedule and sampler tests share: SD's scheduler config and the diffusers scheduler (the oracle) that a
+pipeline would build for one of our samplers from it."""
+from backdrop.diffusion.schedule import RECIPES
+from backdrop.nn.config import SchedulerConfig
+
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)  # SD1.x/2.x config
+
+
+def sched_config(**kw) -> SchedulerConfig:
+    return SchedulerConfig(**(SD | kw))
+
+
+def diffusers_scheduler(name: str, cfg: SchedulerConfig, prediction_type: str = "epsilon"):
+    """The diffusers scheduler a pipeline would build for sampler `name` from this scheduler_config.json."""
+    import diffusers
+
+    kw = {}
+    if name.startswith("dpmpp"):
+        kw = dict(algorithm_type="sde-dpmsolver++" if "sde" in name else "dpmsolver++", solver_order=2,
+                  use_karras_sigmas=name.endswith("karras"))
+    return getattr(diffusers, RECIPES[name].scheduler).from_config(cfg.to_diffusers(prediction_type), **kw)
