@@ -243,6 +243,9 @@ def test_resume_through_the_cli_equals_a_straight_run(tmp_path, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the stopped run had logged steps 3 and 4: the resumed one logged them again, once
     assert [json.loads(x)["step"] for x in (tmp_path / "b/log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    # the run's command stays in args.json, the resume's goes beside it
+    assert json.loads((tmp_path / "b/args.json").read_text())["resume"] is None
+    assert json.loads((tmp_path / "b/args-resume-2.json").read_text())["resume"] == str(tmp_path / "b")
 
 
 def test_torchrun_two_processes(tmp_path):

@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from backdrop.cli import CLIError, parse_device
+from backdrop.cli import CLIError, one_line, parse_device
 
 __all__ = ["add_parser"]
 
@@ -204,10 +204,6 @@ def add_parser(subparsers) -> None:
 # ------------------------------------------------------------------------------------------------ running
 
 FLAG_OF_FIELD = {"warmup_steps": "--warmup", "prediction_type": "--prediction"}  # config fields named otherwise
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
 
 
 def _named(flag: str, value, e: BaseException) -> CLIError:
@@ -425,14 +421,15 @@ def _run_stage(args) -> int:
         except (ValueError, FileNotFoundError) as e:
             raise CLIError(str(e).splitlines()[0]) from None
         run_folder.make_out(out)
-        if rank == 0:
+        if rank == 0:  # the command of the run; a resume's own beside it, so that neither is lost
             record = {k: v for k, v in vars(args).items() if k != "func"} | {"world_size": world}
-            (out / "args.json").write_text(json.dumps(record, indent=2) + "\n")
+            file = "args.json" if resume is None else f"args-resume-{trainer.step}.json"
+            (out / file).write_text(json.dumps(record, indent=2) + "\n")
         try:
             trainer.fit()
             final = trainer.save_final()
         except (OSError, SafetensorError) as e:  # a full disk, a folder gone read-only
-            raise CLIError(f"{_one_line(e)}; the checkpoints written before are intact: free space and --resume "
+            raise CLIError(f"{one_line(e)}; the checkpoints written before are intact: free space and --resume "
                            f"{out}") from None
         if world > 1:
             dist.barrier()
@@ -466,6 +463,6 @@ def _run_cache(args) -> int:
     except ValueError as e:
         raise _named("--out", args.out, e) from None
     except (OSError, SafetensorError) as e:  # a full disk: build_cache removes what it had written
-        raise CLIError(f"--out {args.out}: cannot write the cache ({_one_line(e)})") from None
+        raise CLIError(f"--out {args.out}: cannot write the cache ({one_line(e)})") from None
     print(out)
     return 0
