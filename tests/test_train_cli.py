@@ -66,7 +66,8 @@ def test_bad_data_spec_exits_2_with_one_line(tmp_path):
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("backdrop train: error:") and "synthetic:lots" in lines[0], p.stderr
+    assert len(lines) == 1 and lines[0].startswith("backdrop train pretrain: error:"), p.stderr
+    assert "synthetic:lots" in lines[0]
 
 
 @pytest.mark.parametrize("args, message", [
