@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import sys
 
 # Each module's `add_parser(subparsers)` adds its subcommands, each with `set_defaults(func=...)`.
@@ -46,13 +47,16 @@ def one_line(e: Exception) -> str:
 
 
 def lora_spec(text: str) -> tuple[str, float]:
-    """--lora PATH[:SCALE] -> (path, scale); a suffix that is not a number is part of the path (default scale 1)."""
+    """--lora PATH[:SCALE] -> (path, scale); a suffix that is not a number is part of the path (default scale 1),
+    and so is one of an existing file's name (`style:2`)."""
     path, sep, scale = text.rpartition(":")
+    if not (sep and path) or os.path.exists(text):
+        return text, 1.0
+    if not scale.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} ends in ':' without a SCALE; give PATH or PATH:SCALE")
     try:
-        value = float(scale) if sep and path else None
-    except ValueError:
-        value = None
-    if value is None:
+        value = float(scale)
+    except ValueError:  # C:/x.safetensors, dir:with:colons/x.safetensors
         return text, 1.0
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"SCALE {scale!r} in {text!r} must be a finite number")
@@ -81,7 +85,18 @@ class _Parser(argparse.ArgumentParser):
     instead of the usage block; subcommands' parsers are of this class too (add_subparsers takes the parent's)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self._fail(self.prog, message)
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an option the subcommand does not know is blamed on the subcommand (`backdrop
+        generate: error: ... (see backdrop generate --help)`), not on `backdrop`."""
+        known, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self._fail(getattr(known, "prog", self.prog), f"unrecognized arguments: {' '.join(extra)}")
+        return known
+
+    def _fail(self, prog: str, message: str):
+        self.exit(2, f"{prog}: error: {message} (see {prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

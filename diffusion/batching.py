@@ -20,23 +20,54 @@ import torch
 
 from backdrop.diffusion.samplers import check_eta
 
-__all__ = ["OUTPUT_TYPES", "MAX_SEED", "DIFFUSERS_NAMES", "diffusers_names", "as_number", "Loop", "items",
-           "broadcast", "repeat", "seeds", "item_strengths", "groups", "prompts", "requests"]
+__all__ = ["OUTPUT_TYPES", "MAX_SEED", "DIFFUSERS_NAMES", "DIFFUSERS_INSTEAD", "diffusers_names", "as_number", "Loop",
+           "check_callback", "items", "image_items", "broadcast", "repeat", "seeds", "item_strengths", "groups",
+           "prompts", "requests", "given_latents"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64 - 1; we keep seed + item inside int64
 # diffusers' argument names -> ours, taken as aliases wherever the function has our name
 DIFFUSERS_NAMES = {"num_inference_steps": "steps", "mask_image": "mask", "padding_mask_crop": "crop_padding",
                    "torch_dtype": "dtype"}
+_SAME_SIZE = "the output has the input image's size: resize the image (and mask) first"
+_NO_SCHEDULE = "custom schedules are not supported: choose sampler= and steps="
+_NO_IP_ADAPTER = "IP-Adapters are not supported"
+_NO_SAFETY_CHECKER = "there is no safety checker here: drop the argument"
+# diffusers' arguments we do not take -> what to do instead; a TypeError says it where the function lacks the name
+DIFFUSERS_INSTEAD = {
+    "callback_on_step_end": "pass callback=fn(step, latents), run after every step (to stop early: "
+                            "interrupt=threading.Event(), set from another thread)",
+    "callback_on_step_end_tensor_inputs": "callback=fn(step, latents) is given the latents",
+    "callback_steps": "callback=fn(step, latents) runs after every step: skip steps inside it",
+    "cross_attention_kwargs": "a LoRA's scale is set when it is merged: load_lora_weights(path, lora_scale=...); "
+                              "other attention arguments are not supported",
+    "strength": "strength is img2img's and inpaint's (they start from an image); generate starts from pure noise",
+    "height": _SAME_SIZE, "width": _SAME_SIZE,
+    "return_dict": "the result is an Output: take its .images",
+    "timesteps": _NO_SCHEDULE, "sigmas": _NO_SCHEDULE,
+    "clip_skip": "not supported (the text encoder's last layer is used)",
+    "masked_image_latents": "give image= and mask=; the masked image is encoded here",
+    "ip_adapter_image": _NO_IP_ADAPTER, "ip_adapter_image_embeds": _NO_IP_ADAPTER,
+    "safety_checker": _NO_SAFETY_CHECKER, "requires_safety_checker": _NO_SAFETY_CHECKER,
+    "variant": "give the folder or .safetensors file to load", "use_safetensors": "only .safetensors are read",
+    "adapter_name": "LoRAs are merged into the weights, not kept as named adapters; unload_lora_weights() undoes "
+                    "them all",
+    "weight_name": "give the LoRA file's own path: load_lora_weights(folder / weight_name)",
+}
 
 
 def diffusers_names(fn: Callable) -> Callable:
     """Let `fn` also take diffusers' names for its arguments (num_inference_steps= for steps=, ...), so code written
-    for a diffusers pipeline runs unchanged; giving both names is a TypeError."""
-    aliases = {theirs: ours for theirs, ours in DIFFUSERS_NAMES.items() if ours in inspect.signature(fn).parameters}
+    for a diffusers pipeline runs unchanged; giving both names is a TypeError, and so is a diffusers argument `fn`
+    does not take (DIFFUSERS_INSTEAD: the error says what to do instead)."""
+    params = inspect.signature(fn).parameters
+    aliases = {theirs: ours for theirs, ours in DIFFUSERS_NAMES.items() if ours in params}
+    instead = {theirs: hint for theirs, hint in DIFFUSERS_INSTEAD.items() if theirs not in params}
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
+        if refused := sorted(instead.keys() & kwargs.keys()):
+            raise TypeError(f"{fn.__name__}() does not take diffusers' {refused[0]}=: {instead[refused[0]]}")
         for theirs in aliases.keys() & kwargs.keys():
             ours = aliases[theirs]
             if ours in kwargs:
@@ -75,6 +106,22 @@ class Loop:
                                         ("eta", "a number >= 0", lambda v: v >= 0, False)):
             object.__setattr__(self, name, as_number(getattr(self, name), name, want, ok, integer))
         check_eta(self.eta, self.sampler)
+        if self.callback is not None:
+            check_callback(self.callback)
+
+
+def check_callback(callback) -> None:
+    """A TypeError now, not after the first step, unless callback(step, latents) can be called."""
+    want = "callback must be callable as callback(step, latents), run after every step"
+    if not callable(callback):
+        raise TypeError(f"{want}; got {callback!r:.80}")
+    try:
+        inspect.signature(callback).bind(0, None)
+    except ValueError:  # no signature to read (some builtins): left to the call
+        return
+    except TypeError:
+        raise TypeError(f"{want}; {callback!r:.80} does not take those two arguments (diffusers' deprecated callback "
+                        "took (step, timestep, latents))") from None
 
 
 def items(value, name: str) -> list:
@@ -87,6 +134,17 @@ def items(value, name: str) -> list:
     if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 4:
         return list(value)
     return [value]
+
+
+def image_items(image, method: str) -> list:
+    """items(image) of img2img / inpaint, which take the image first where diffusers' pipelines take the prompt
+    first: a string in its place is named as that mix-up."""
+    images = items(image, "image")
+    if isinstance(images[0], str):
+        raise TypeError(f"{method}() takes the image first, {method}(image, ...), and got the string "
+                        f"{images[0]!r:.40} for it; diffusers' pipelines take the prompt first: pass prompt= and "
+                        "image= by name")
+    return images
 
 
 def broadcast(values: list, n: int, name: str) -> list:
@@ -102,12 +160,14 @@ def repeat(values: list, k: int) -> list:
 
 
 def seeds(seed, n: int, k: int) -> list[int]:
-    """Per output item (n requests x k images): request i image j gets seeds[i] + j; an int s is [s, s+k, ...]."""
+    """Per output item (n requests x k images): request i image j gets seeds[i] + j; an int s (numpy's too) is
+    [s, s+k, ...]."""
     if seed is None:
         seed = secrets.randbelow(2**31)
-    base = [seed + i * k for i in range(n)] if isinstance(seed, int) else broadcast(items(seed, "seed"), n, "seed")
+    one = isinstance(seed, numbers.Integral) and not isinstance(seed, (bool, np.bool_))
+    base = [int(seed) + i * k for i in range(n)] if one else broadcast(items(seed, "seed"), n, "seed")
     for s in base:
-        if not isinstance(s, (int, np.integer)) or isinstance(s, bool) or not 0 <= s <= MAX_SEED - k:
+        if not isinstance(s, numbers.Integral) or isinstance(s, (bool, np.bool_)) or not 0 <= s <= MAX_SEED - k:
             raise ValueError(f"seed {s!r} must be an int in [0, 2**63 - 1 - num_images_per_prompt]")
     return [int(s) + j for s in base for j in range(k)]
 
@@ -180,3 +240,17 @@ def _generators(generator, seed, b: int):
                          "give one, or one per image")
     return gens
 
+
+def given_latents(latents, shape: tuple, rows: list[int] | None = None) -> torch.Tensor:
+    """The caller's `latents` (unit-variance initial noise: a float tensor or array) checked against `shape`
+    (B, C, h, w), B every output item of the call; rows: the items sampled (inpaint skips those with nothing to
+    repaint), None for all."""
+    if isinstance(latents, np.ndarray):
+        latents = torch.from_numpy(latents)
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+        raise ValueError(f"latents must be a float tensor or array (unit-variance noise), got "
+                         f"{type(latents).__name__} {getattr(latents, 'dtype', '')}")
+    if tuple(latents.shape) != tuple(shape):
+        raise ValueError(f"latents must have shape {tuple(shape)} (batch, latent channels, height / 8, width / 8)"
+                         f", got {tuple(latents.shape)}")
+    return latents if rows is None else latents[rows]

@@ -191,6 +191,8 @@ def _fit_mask(mask, image, path: str):
 
 def _out_folder(path: str) -> Path:
     """The --out folder, created and checked before any work is done."""
+    if not path.strip():  # an unset shell variable: Path("") would be the current folder
+        raise CLIError("--out is empty: give a folder")
     folder = Path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,13 @@ images, masks, seeds and strengths:
     every item's seed, so any image can be reproduced alone. The first draw of each generator is the initial
     noise (unless `latents` gives it), the later draws feed stochastic samplers, as diffusers with a list of
     generators. `generator` (diffusers' argument, instead of seed) takes the caller's torch.Generator(s): one for
-    the whole batch or one per output item, drawing exactly what diffusers' pipelines draw from them.
+    the whole batch or one per output item. generate draws from them exactly what diffusers' StableDiffusionPipeline
+    draws; img2img and inpaint draw the initial noise first, where diffusers' pipelines first draw a VAE posterior
+    sample (we encode with the posterior mean), so their images differ from diffusers' for the same generator.
   * diffusers' names work too: num_inference_steps (steps), mask_image (mask), padding_mask_crop (crop_padding),
-    torch_dtype (from_pretrained's dtype), output_type "pt"; see batching.DIFFUSERS_NAMES.
+    torch_dtype (from_pretrained's dtype), output_type "pt"; see batching.DIFFUSERS_NAMES. diffusers' arguments
+    we lack are a TypeError that says what to use instead (batching.DIFFUSERS_INSTEAD). img2img and inpaint take
+    the image first (diffusers' pipelines: the prompt): pass diffusers' arguments by name.
   * `latents` (B, 4, h, w) is unit-variance initial noise, as in diffusers (it is scaled by the schedule).
   * `eta` is DDIM's noise (0 = deterministic, 1 = as DDPM), diffusers' `eta`: for sampler "ddim" only (diffusers
     ignores it elsewhere; we refuse it there rather than silently drop it).
@@ -65,8 +69,8 @@ from PIL import Image
 
 from backdrop.diffusion import crop_paste as C
 from backdrop.diffusion import masks as M
-from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, as_number, broadcast, diffusers_names, groups,
-                                        item_strengths, items, prompts, repeat, requests)
+from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, as_number, broadcast, diffusers_names, given_latents,
+                                        groups, image_items, item_strengths, items, prompts, repeat, requests)
 from backdrop.diffusion.guidance import CFGDenoiser
 from backdrop.diffusion.samplers import (SamplingInterrupted, blend_known_region, default_noise_sampler,
                                          initial_latents, noised_latents, output_latents, per_item_randn, sample)
@@ -84,7 +88,9 @@ log = logging.getLogger(__name__)
 class Output:
     """images: list of PIL images, a float32 array (B, H, W, 3) or tensor (B, 3, H, W) in [0, 1], or latents
     (B, 4, h, w).
-    seeds: each item's seed (pass it back alone to reproduce that image; with `generator`, its initial_seed()).
+    seeds: each item's seed (pass it back alone to reproduce that image); with `generator`, the initial_seed() of
+    the generator that drew the item (one generator for a batch: the same seed for every item, reproducing them
+    only as that batch).
     unchanged: indices of inpaint items returned as the input because their mask had nothing to repaint."""
     images: list | np.ndarray | torch.Tensor
     seeds: list[int]
@@ -125,6 +131,7 @@ class Pipeline:
         dtype = parse_dtype(dtype) or default_dtype(device, unet_width(path))
         return cls(make_backend("torch", load_model(path, dtype=dtype, device=device), device=device, dtype=dtype))
 
+    @diffusers_names
     def load_lora_weights(self, path, lora_scale: float = 1.0) -> None:
         """Merge a LoRA .safetensors file (diffusers/PEFT or kohya-ss; see nn/lora.py) into the torch backend's UNet
         and text encoder now, at lora_scale: diffusers' load_lora_weights + fuse_lora(lora_scale). Several stack."""
@@ -169,7 +176,8 @@ class Pipeline:
         """Image to image: the image's latents noised to `strength` (1 = all noise), then int(steps * strength)
         steps, as diffusers' StableDiffusionImg2ImgPipeline. Output has the input's size."""
         loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, progress, callback, interrupt)
-        images, n_strengths = items(image, "image"), len(strength) if isinstance(strength, (list, tuple)) else 1
+        images = image_items(image, "img2img")
+        n_strengths = len(strength) if isinstance(strength, (list, tuple)) else 1
         req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
                        n=max(len(images), n_strengths), embeds=(prompt_embeds, negative_prompt_embeds),
                        width=self._width, generator=generator)
@@ -211,7 +219,7 @@ class Pipeline:
         An item whose mask has nothing to repaint is returned as the input (listed in Output.unchanged).
         """
         loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, progress, callback, interrupt)
-        images = items(image, "image")
+        images = image_items(image, "inpaint")
         kind, given = self._mask_kind(mask, product_mask, images[0])
         masks = items(given, kind) if kind != "image" else images
         n_strengths = len(strength) if isinstance(strength, (list, tuple)) else 1
@@ -247,9 +255,9 @@ class Pipeline:
         gens = req["generators"]
         out = self._inpaint(img[todo], mask_t, dict(req, prompts=pick(req["prompts"]),
                             negatives=pick(req["negatives"]), seeds=pick(req["seeds"]), strengths=pick(strengths),
-                            generators=gens if gens is None or isinstance(gens, torch.Generator) else pick(gens)),
-                            blur, mask_dilate, crop_padding, paste_back, color_match, mask_mode, loop,
-                            latents if latents is None or not unchanged else latents[todo])
+                            generators=gens if gens is None or isinstance(gens, torch.Generator) else pick(gens),
+                            rows=todo), blur, mask_dilate, crop_padding, paste_back, color_match, mask_mode, loop,
+                            latents)
         if not unchanged:
             return out
         full = img.astype(np.float32) / 255  # (B, H, W, 3)
@@ -406,16 +414,8 @@ class Pipeline:
         shape = (B, C, *hw)
         if latents is None:
             noise = per_item_randn(shape, gens, device=dev)  # the first draw of every item's generator
-        else:
-            if isinstance(latents, np.ndarray):
-                latents = torch.from_numpy(latents)
-            if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
-                raise ValueError(f"latents must be a float tensor or array (unit-variance noise), got "
-                                 f"{type(latents).__name__} {getattr(latents, 'dtype', '')}")
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents must have shape {shape} (batch, latent channels, height / 8, width / 8)"
-                                 f", got {tuple(latents.shape)}")
-            noise = latents.to(dev, torch.float32)
+        else:  # checked against every item of the call; "rows": the ones sampled (inpaint: with a mask)
+            noise = given_latents(latents, (job["n"] * job["k"], C, *hw), job.get("rows")).to(dev, torch.float32)
         guided, interrupt = loop.guidance_scale > 1, loop.interrupt
         ctx, uctx = self._encode_text(job["prompts"], job["negatives"], guided)
         result = torch.empty(shape, device=dev)

@@ -215,7 +215,9 @@ def _plan(model: Model, reader: _Reader) -> list[_Pair]:
             continue
         factor = configs.get(c, _PeftConfig()).factor(module, down[0], _alpha(reader, roles.get("alpha"), problems))
         pairs.append(_Pair(c, target, roles["down"], roles["up"], factor))
-    problems.raise_if_any(reader.label, "this model's UNet and text encoder")
+    # weights of other shapes: most often a LoRA trained for another base model (SD 1.x's text width is 768, 2.x's 1024)
+    problems.raise_if_any(reader.label, "this model's UNet and text encoder" + (
+        " (a LoRA for another base model? SD 1.x and 2.x LoRAs do not fit each other)" if problems.shapes else ""))
     return pairs
 
 
@@ -253,7 +255,7 @@ def fuse_lora(model: Model, path, scale: float = 1.0) -> FusedLora:
     """Merge the LoRA file (or diffusers' LoRA folder) at `path` into model's UNet and text encoder, in place:
     W += scale * alpha / rank * up @ down, as diffusers' load_lora_weights + fuse_lora(lora_scale=scale).
     Fuse several to stack them; unfuse_lora in the reverse order restores the weights bit-exactly."""
-    if not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"lora_scale must be a finite number, got {scale!r}")
     file = _lora_file(Path(path))
     reader = _Reader([file])

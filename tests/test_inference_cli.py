@@ -139,6 +139,7 @@ def test_inpaint_all_black_mask_writes_the_input(files, capsys, tmp_path):
     (["generate", "--steps", "5000"], "--steps 5000 --sampler dpmpp-2m: steps must be an int in [1, "),
     (["generate", "--batch-size", "0"], "--batch-size 0 must be at least 1"),
     (["generate", "--out", "{root}/product.png"], "product.png: cannot create the folder"),
+    (["generate", "--out", ""], "--out is empty: give a folder"),  # an unset shell variable, not the cwd
     (["inpaint", "{root}/product.png", "--mask", "{root}/black.png", "--mask-threshold", "0"],
      "--mask-threshold 0.0 must be in (0, 1]"),
     (["generate", "--guidance-rescale", "2"], "--guidance-rescale 2.0 must be in [0, 1]"),
@@ -205,6 +206,17 @@ def test_usage_errors_are_one_line(capsys, argv):
         main(argv)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and err.endswith("--help)"), err
+
+
+@pytest.mark.parametrize("argv,command,unknown", [
+    (["generate", "--prompt", "x", "--strength", "0.5"], "backdrop generate", "--strength 0.5"),
+    (["img2img", "a.png", "--prompt", "x", "--mask-threshold", "0.5"], "backdrop img2img", "--mask-threshold 0.5"),
+    (["train", "vae", "--data", "d", "--out", "o", "--frob"], "backdrop train vae", "--frob")])
+def test_an_unknown_option_is_blamed_on_its_subcommand(capsys, argv, command, unknown):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == f"{command}: error: unrecognized arguments: {unknown} (see {command} --help)"
 
 
 @pytest.mark.parametrize("command", ["generate", "img2img", "inpaint"])

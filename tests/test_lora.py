@@ -8,9 +8,10 @@ fuse_lora(lora_scale=0.7)) and by us; merged weights, UNet / text-encoder output
 The older diffusers layouts give bit-identical weights to the PEFT one; unload restores bit-exactly; bad files are
 refused naming file and key with the model untouched; the CLI takes --lora PATH[:SCALE].
 """
+import argparse
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from backdrop.cli import main
+from backdrop.cli import lora_spec, main
 from backdrop.diffusion.pipeline import Pipeline
 from backdrop.nn.checkpoint import CheckpointError, init_model, load_model, save_model
 from backdrop.nn.ldm_keys import folder_key
@@ -340,8 +341,24 @@ def test_bad_files_name_file_and_key_and_change_nothing(files, tmp_path):
             path.write_bytes(b"\x80\x04")
         with pytest.raises(CheckpointError, match=phrase):
             fuse_lora(model, path)
-    with pytest.raises(ValueError, match="lora_scale"):
-        fuse_lora(model, files.peft, float("nan"))
+    for scale in (float("nan"), True):
+        with pytest.raises(ValueError, match="lora_scale"):
+            fuse_lora(model, files.peft, scale)
+    assert_same(state(model), before)
+
+
+def test_a_lora_for_another_base_model_says_so(files, tmp_path):
+    """An SD 2.x LoRA on an SD 1.x model: its text-encoder and cross-attention weights are wider (1024 vs 768); the
+    refusal says it is probably made for another base model."""
+    cfg = load_model(files.folder).config
+    wide = replace(cfg, text=replace(cfg.text, hidden_size=2 * cfg.text.hidden_size),
+                   unet=replace(cfg.unet, cross_attention_dim=2 * cfg.unet.cross_attention_dim))
+    path = kohya_file(random_lora(init_model(wide, seed=1)), tmp_path / "sd2.safetensors")
+    model = load_model(files.folder)
+    before = state(model)
+    with pytest.raises(CheckpointError, match=r"sd2.safetensors: does not match this model's UNet and text encoder "
+                                              r"\(a LoRA for another base model\?.*with the wrong shape"):
+        fuse_lora(model, path)
     assert_same(state(model), before)
 
 
@@ -366,6 +383,26 @@ def test_cli_lora_option(files, capsys, tmp_path):
     pipe.load_lora_weights(files.kohya)
     want = pipe.generate("a lamp", steps=2, seed=3, progress=False).images[0]
     assert np.array_equal(np.asarray(Image.open(path)), np.asarray(want))
+
+
+def test_diffusers_lora_arguments_say_what_to_use_instead(files):
+    pipe = Pipeline.from_pretrained(files.folder, device="cpu", dtype=torch.float32)
+    with pytest.raises(TypeError, match=r"load_lora_weights\(\) does not take diffusers' adapter_name=: LoRAs are "
+                                        "merged into the weights"):
+        pipe.load_lora_weights(files.peft, adapter_name="style")
+    with pytest.raises(TypeError, match=r"weight_name=: give the LoRA file's own path"):
+        pipe.load_lora_weights(files.root, weight_name=files.peft.name)
+
+
+def test_lora_spec_splits_a_scale_off_paths_with_colons(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "style:2").write_bytes(b"")  # an existing file's whole name is a path, whatever it ends in
+    assert [lora_spec(t) for t in ("C:/x.safetensors", "dir:with:colons/x.safetensors:0.5", "a/b:-1", "style:2",
+                                   "other:2")] == [("C:/x.safetensors", 1.0), ("dir:with:colons/x.safetensors", 0.5),
+                                                   ("a/b", -1.0), ("style:2", 1.0), ("other", 2.0)]
+    for text, message in (("x.safetensors:", "ends in ':' without a SCALE"), ("x:inf", "must be a finite number")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            lora_spec(text)
 
 
 @pytest.mark.parametrize("command", ["generate", "serve"])

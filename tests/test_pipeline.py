@@ -309,6 +309,60 @@ def test_mask_threshold_keeps_a_noisy_product_mask_exact(models):
         pipe.inpaint(img, product_mask=Image.fromarray(product), mask_threshold=0, **run)
 
 
+def test_diffusers_arguments_we_lack_say_what_to_use_instead(models):
+    """Code written for diffusers fails before any work, naming the argument and our way to do it: diffusers'
+    arguments we lack, its prompt-first order, its (step, timestep, latents) callback."""
+    pipe = models["sd1"].pipe
+    img, mask = images(1)[0], rect_masks(1)[0]
+    refused = [(lambda: pipe.generate("x", callback_on_step_end=lambda *a: {}), r"generate\(\) does not take "
+                r"diffusers' callback_on_step_end=: pass callback=fn\(step, latents\)"),
+               (lambda: pipe.generate("x", cross_attention_kwargs={"scale": 0.5}), r"lora_scale="),
+               (lambda: pipe.generate("x", strength=0.5), r"strength=: strength is img2img's and inpaint's"),
+               (lambda: pipe.inpaint(img, mask, "x", height=64), r"inpaint\(\) does not take diffusers' height=: "
+                r"the output has the input image's size"),
+               (lambda: Pipeline.from_pretrained(models["sd1"].folder, safety_checker=None), r"no safety checker"),
+               (lambda: pipe.img2img("a cat", img), r"img2img\(\) takes the image first.*'a cat'.*prompt= and "
+                r"image= by name"),
+               (lambda: pipe.inpaint(["a cat"], img, mask), r"inpaint\(\) takes the image first"),
+               (lambda: pipe.generate("x", callback=lambda step, t, latents: None), r"callback must be callable as "
+                r"callback\(step, latents\).*diffusers' deprecated callback took \(step, timestep, latents\)"),
+               (lambda: pipe.generate("x", callback=True), r"callback must be callable .*; got True")]
+    for call, message in refused:
+        with pytest.raises(TypeError, match=message):
+            call()
+    steps = []  # callables that take (step, latents) in any way are fine: extra defaults, *args, builtins
+    pipe.generate("x", steps=2, progress=False, output_type="latent", callback=lambda *a, extra=0: steps.append(a[0]))
+    assert steps == [0, 1]
+
+
+def test_a_numpy_int_seed_counts_up_like_an_int(models):
+    """seed=np.int64(s) (from an array of seeds, numpy's RNG) gives item m seed s + m, as seed=s does, not the same
+    seed to every request."""
+    from backdrop.diffusion.batching import seeds
+
+    assert seeds(np.int64(3), 2, 2) == seeds(3, 2, 2) == [3, 4, 5, 6]
+    out = models["sd1"].pipe.generate(["a", "a"], seed=np.int64(3), steps=1, progress=False, output_type="latent")
+    assert out.seeds == [3, 4] and not torch.equal(out.images[0], out.images[1])
+    with pytest.raises(ValueError, match="seed True must be an int"):
+        seeds(True, 1, 1)
+
+
+def test_inpaint_latents_are_checked_against_every_item(models):
+    """latents hold one row per output item, also for items with nothing to repaint (returned as the input): a
+    wrong batch is refused, not sliced, and the rows of the repainted items are the ones used."""
+    pipe = models["sd1-inpaint"].pipe
+    img, mask, empty = images(1)[0], rect_masks(1)[0], Image.new("L", (64, 64), 0)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    run = dict(prompt="x", steps=2, progress=False, output_type="np")
+    both = pipe.inpaint([empty.convert("RGB"), img], [empty, mask], latents=noise, **run)
+    alone = pipe.inpaint(img, mask, latents=noise[1:], **run)
+    assert both.unchanged == [0] and np.array_equal(both.images[1], alone.images[0])
+    for bad, message in ((torch.randn(3, 4, 8, 8), r"latents must have shape \(2, 4, 8, 8\) .*, got \(3, 4, 8, 8\)"),
+                         ([noise], "latents must be a float tensor or array")):
+        with pytest.raises(ValueError, match=message):
+            pipe.inpaint([img, img], [empty, mask], latents=bad, **run)
+
+
 # -------------------------------------------------------------------------------------------------- properties
 
 def test_mixed_strengths_equal_separate_calls(models):
