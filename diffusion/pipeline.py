@@ -75,7 +75,7 @@ from backdrop.diffusion.guidance import CFGDenoiser
 from backdrop.diffusion.samplers import (SamplingInterrupted, blend_known_region, default_noise_sampler,
                                          initial_latents, noised_latents, output_latents, per_item_randn, sample)
 from backdrop.diffusion.schedule import build_schedule
-from backdrop.nn.resolve import (default_device, default_dtype, parse_dtype, resolve_model,
+from backdrop.nn.resolve import (DTYPES, default_device, default_dtype, parse_dtype, resolve_model,
                                  unet_width)
 from backdrop.nn.tokenizer import CONTEXT_LENGTH
 
@@ -130,6 +130,19 @@ class Pipeline:
             return cls(make_backend(backend, path, device=device, dtype=parse_dtype(dtype)))
         dtype = parse_dtype(dtype) or default_dtype(device, unet_width(path))
         return cls(make_backend("torch", load_model(path, dtype=dtype, device=device), device=device, dtype=dtype))
+
+    def to(self, device=None, dtype=None) -> "Pipeline":
+        """Move the weights to `device` and/or cast them to `dtype` (torch.dtype or "fp16", ...), in place, as
+        diffusers' pipe.to("cuda") / pipe.to(torch.float16); returns the pipeline. Torch backend only."""
+        if isinstance(device, torch.dtype) or (dtype is None and str(device) in DTYPES):  # pipe.to(torch.float16)
+            device, dtype = None, device
+        from backdrop.export.backends import TorchBackend
+        if type(self.backend) is not TorchBackend:  # an export, or a wrapper (CUDA graphs) built for one device
+            raise ValueError(f"to() moves the torch backend's weights; this {getattr(self.backend, 'name', '')} "
+                             "backend was built for its device and precision: open it with from_pretrained(device=, "
+                             "dtype=)")
+        self.backend = self.backend.to(device, parse_dtype(dtype))
+        return self
 
     @diffusers_names
     def load_lora_weights(self, path, lora_scale: float = 1.0) -> None:

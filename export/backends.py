@@ -59,6 +59,11 @@ class TorchBackend:
         self.config: ModelConfig = model.config
         self.tokenizer = model.tokenizer
 
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "TorchBackend":
+        """This backend's model moved to `device` and/or cast to `dtype`, in place (the Parameters stay the same
+        objects, so merged LoRAs can still be undone); None keeps the current one."""
+        return TorchBackend(self.model, device=self.device if device is None else device, dtype=dtype or self.dtype)
+
     @torch.inference_mode()
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.text_encoder(input_ids.to(self.device)).float()

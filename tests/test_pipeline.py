@@ -582,6 +582,19 @@ def test_a_backends_latent_multiple_is_honoured(models):
     hole[5:12, 3:9] = 255
     small = pipe.inpaint(images(1, 20, 13)[0], Image.fromarray(hole), prompt="x", steps=1, progress=False)
     assert small.images[0].size == (13, 20)
+    with pytest.raises(ValueError, match=r"to\(\) moves the torch backend's weights"):
+        pipe.to("cpu")  # a backend built otherwise (an export, CUDA graphs) is not silently replaced
+
+
+def test_to_casts_in_place_like_loading_in_that_dtype(models):
+    """diffusers' pipe.to(torch.bfloat16) / pipe.to("cpu", "fp32"): the same pipeline, its weights cast in place,
+    sampling as one loaded in that precision."""
+    folder, run = models["sd1"].folder, dict(steps=2, seed=3, progress=False, output_type="np")
+    pipe = Pipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    assert pipe.to(torch.bfloat16) is pipe and pipe.backend.dtype == torch.bfloat16
+    bf16 = Pipeline.from_pretrained(folder, device="cpu", dtype="bf16")
+    assert np.array_equal(pipe.generate("a", **run).images, bf16.generate("a", **run).images)
+    assert pipe.to("cpu", "fp32").backend.dtype == next(pipe.backend.model.unet.parameters()).dtype == torch.float32
 
 
 def test_loading_single_file_names_and_defaults(models, tmp_path):
