@@ -18,3 +18,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, one_thread):
+    """Tiny SD1, SD1-inpainting and SD2-shaped models and their Pipelines (tests/pipeline_helpers.py)."""
+    from pipeline_helpers import tiny_models
+    return tiny_models(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ref(models):
+    """ref(model, kind, sampler): the diffusers pipeline over the same folder (tests/pipeline_helpers.py)."""
+    from pipeline_helpers import diffusers_ref
+    return diffusers_ref(models)

@@ -1,0 +1,229 @@
+"""The Pipeline's API as users call it: diffusers' argument names and generators (equal to diffusers' images),
+mask_threshold, callbacks, progress and interrupts, long prompts, to(), loading by name, and errors that name the
+argument at fault (or say what to use instead of a diffusers argument we do not take)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backdrop.diffusion.pipeline import Pipeline, SamplingInterrupted
+from backdrop.nn.checkpoint import save_model
+from backdrop.nn.resolve import default_dtype, parse_dtype, resolve_model, unet_width
+
+from pipeline_helpers import PROMPTS, TOL, generators, images, max_diff, rect_masks, u8
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # conftest.py
+              pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
+                                         "ignore::UserWarning")]
+
+
+@pytest.mark.parametrize("sampler", ["euler-a", "dpmpp-2m"])
+def test_diffusers_argument_names_and_generators_equal_diffusers(models, ref, sampler):
+    """Code written for diffusers runs unchanged: num_inference_steps, generator (one for the batch, or one per
+    image; euler-a draws from it at every step too) and output_type "pt" give diffusers' own images."""
+    pipe = models["sd1"].pipe
+    for gen in (lambda: torch.Generator().manual_seed(3), lambda: generators([3, 4])):
+        ours = pipe.generate(PROMPTS, num_inference_steps=4, sampler=sampler, generator=gen(), output_type="pt",
+                             progress=False)
+        theirs = ref("sd1", "txt2img", sampler)(PROMPTS, num_inference_steps=4, generator=gen(), output_type="pt",
+                                                height=64, width=64).images
+        assert isinstance(ours.images, torch.Tensor) and ours.images.shape == theirs.shape == (2, 3, 64, 64)
+        assert theirs.std() > 0.05 and max_diff(ours.images, theirs) <= TOL
+    assert ours.seeds == [3, 4]  # the generators' initial seeds
+    with pytest.raises(ValueError, match="seed= or generator="):
+        pipe.generate("a", seed=1, generator=torch.Generator())
+    with pytest.raises(ValueError, match="generator: 1 generators for 2 images"):
+        pipe.generate("a", num_images_per_prompt=2, generator=[torch.Generator()])
+    with pytest.raises(TypeError, match="steps= and num_inference_steps="):
+        pipe.generate("a", steps=2, num_inference_steps=2)
+
+
+def test_diffusers_inpaint_names_equal_ours(models):
+    """mask_image= is mask=, padding_mask_crop= is crop_padding=, torch_dtype= is dtype=; output_type "pt" is
+    "np" as (B, 3, H, W) also when an item is returned unchanged."""
+    pipe = models["sd1-inpaint"].pipe
+    img, mask = images(1)[0], rect_masks(1)[0]
+    ours = pipe.inpaint(img, mask, prompt="x", steps=2, seed=1, crop_padding=4, output_type="np", progress=False)
+    theirs = pipe.inpaint(image=img, mask_image=mask, prompt="x", num_inference_steps=2, seed=1,
+                          padding_mask_crop=4, output_type="pt", progress=False)
+    assert np.array_equal(ours.images, theirs.images.permute(0, 2, 3, 1).numpy())
+    empty = Image.new("L", (64, 64), 0)
+    mixed = pipe.inpaint([img, img], [mask, empty], prompt="x", steps=2, seed=1, crop_padding=4, output_type="pt",
+                         progress=False)
+    assert mixed.unchanged == [1] and np.array_equal(mixed.images[0], theirs.images[0])
+    assert np.array_equal(mixed.images[1].permute(1, 2, 0).numpy() * 255, np.asarray(img, np.float32))
+    p32 = Pipeline.from_pretrained(models["sd1"].folder, device="cpu", torch_dtype=torch.float32)
+    assert next(p32.backend.model.unet.parameters()).dtype == torch.float32
+
+
+def test_mask_threshold_keeps_a_noisy_product_mask_exact(models):
+    """A JPEG-saved product mask is 252..255 on the product: unthresholded, those pixels are partly repainted
+    (grey = soft mask); mask_threshold=0.5 binarises the mask first, so the whole product stays bit-identical."""
+    pipe = models["sd1-inpaint"].pipe
+    img = images(1)[0]
+    product = np.zeros((64, 64), np.uint8)
+    product[16:48, 16:48] = 255
+    product[20:44, 20:44] -= np.random.default_rng(0).integers(0, 4, (24, 24)).astype(np.uint8)  # JPEG-ish noise
+    keep = product > 0
+    run = dict(prompt="x", steps=2, seed=1, progress=False, mask_dilate=0)
+    soft = u8(pipe.inpaint(img, product_mask=Image.fromarray(product), **run).images[0])
+    exact = u8(pipe.inpaint(img, product_mask=Image.fromarray(product), mask_threshold=0.5, **run).images[0])
+    assert np.array_equal(exact[keep], u8(img)[keep])
+    assert not np.array_equal(soft[keep], u8(img)[keep])
+    with pytest.raises(ValueError, match=r"mask_threshold must be a number in \(0, 1\] or None, got 0"):
+        pipe.inpaint(img, product_mask=Image.fromarray(product), mask_threshold=0, **run)
+
+
+def test_diffusers_arguments_we_lack_say_what_to_use_instead(models):
+    """Code written for diffusers fails before any work, naming the argument and our way to do it: diffusers'
+    arguments we lack, its prompt-first order, its (step, timestep, latents) callback."""
+    pipe = models["sd1"].pipe
+    img, mask = images(1)[0], rect_masks(1)[0]
+    refused = [(lambda: pipe.generate("x", callback_on_step_end=lambda *a: {}), r"generate\(\) does not take "
+                r"diffusers' callback_on_step_end=: pass callback=fn\(step, latents\)"),
+               (lambda: pipe.generate("x", cross_attention_kwargs={"scale": 0.5}), r"lora_scale="),
+               (lambda: pipe.generate("x", strength=0.5), r"strength=: strength is img2img's and inpaint's"),
+               (lambda: pipe.inpaint(img, mask, "x", height=64), r"inpaint\(\) does not take diffusers' height=: "
+                r"the output has the input image's size"),
+               (lambda: Pipeline.from_pretrained(models["sd1"].folder, safety_checker=None), r"no safety checker"),
+               (lambda: pipe.img2img("a cat", img), r"img2img\(\) takes the image first.*'a cat'.*prompt= and "
+                r"image= by name"),
+               (lambda: pipe.inpaint(["a cat"], img, mask), r"inpaint\(\) takes the image first"),
+               (lambda: pipe.generate("x", callback=lambda step, t, latents: None), r"callback must be callable as "
+                r"callback\(step, latents\).*diffusers' deprecated callback took \(step, timestep, latents\)"),
+               (lambda: pipe.generate("x", callback=True), r"callback must be callable .*; got True")]
+    for call, message in refused:
+        with pytest.raises(TypeError, match=message):
+            call()
+    steps = []  # callables that take (step, latents) in any way are fine: extra defaults, *args, builtins
+    pipe.generate("x", steps=2, progress=False, output_type="latent", callback=lambda *a, extra=0: steps.append(a[0]))
+    assert steps == [0, 1]
+
+
+def test_a_numpy_int_seed_counts_up_like_an_int(models):
+    """seed=np.int64(s) (from an array of seeds, numpy's RNG) gives item m seed s + m, as seed=s does, not the same
+    seed to every request."""
+    from backdrop.diffusion.batching import seeds
+
+    assert seeds(np.int64(3), 2, 2) == seeds(3, 2, 2) == [3, 4, 5, 6]
+    out = models["sd1"].pipe.generate(["a", "a"], seed=np.int64(3), steps=1, progress=False, output_type="latent")
+    assert out.seeds == [3, 4] and not torch.equal(out.images[0], out.images[1])
+    with pytest.raises(ValueError, match="seed True must be an int"):
+        seeds(True, 1, 1)
+
+
+def test_inpaint_latents_are_checked_against_every_item(models):
+    """latents hold one row per output item, also for items with nothing to repaint (returned as the input): a
+    wrong batch is refused, not sliced, and the rows of the repainted items are the ones used."""
+    pipe = models["sd1-inpaint"].pipe
+    img, mask, empty = images(1)[0], rect_masks(1)[0], Image.new("L", (64, 64), 0)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    run = dict(prompt="x", steps=2, progress=False, output_type="np")
+    both = pipe.inpaint([empty.convert("RGB"), img], [empty, mask], latents=noise, **run)
+    alone = pipe.inpaint(img, mask, latents=noise[1:], **run)
+    assert both.unchanged == [0] and np.array_equal(both.images[1], alone.images[0])
+    for bad, message in ((torch.randn(3, 4, 8, 8), r"latents must have shape \(2, 4, 8, 8\) .*, got \(3, 4, 8, 8\)"),
+                         ([noise], "latents must be a float tensor or array")):
+        with pytest.raises(ValueError, match=message):
+            pipe.inpaint([img, img], [empty, mask], latents=bad, **run)
+
+
+def test_callback_progress_and_interrupt(models, capsys):
+    import threading
+
+    pipe = models["sd1"].pipe
+    steps_seen = []
+    pipe.generate("x", steps=4, seed=0, progress=False, output_type="latent",
+                  callback=lambda i, x: steps_seen.append((i, tuple(x.shape))))
+    assert steps_seen == [(i, (1, 4, 8, 8)) for i in range(4)]
+    assert capsys.readouterr().err == ""
+    pipe.generate("x", steps=2, seed=0, progress=True, output_type="latent")
+    assert "0/2" in capsys.readouterr().err  # tqdm's bar on stderr (later refreshes are rate-limited)
+    stop = threading.Event()
+    with pytest.raises(SamplingInterrupted, match="before step 2"):
+        pipe.generate("x", steps=5, seed=0, progress=False, interrupt=stop,
+                      callback=lambda i, x: stop.set() if i == 1 else None)
+
+
+def test_prompts_over_77_tokens_are_cut_with_a_warning(models, caplog):
+    pipe = models["sd1"].pipe
+    long = " ".join(["red"] * 75 + ["ceramic", "mug"])  # BOS + 77 words + EOS: the last two do not fit
+    with caplog.at_level("WARNING", logger="backdrop.diffusion.pipeline"):
+        a = pipe.generate([long, "short"], steps=1, seed=0, progress=False, output_type="latent").images
+    [record] = caplog.records  # one warning, for the long prompt only
+    assert "'ceramic mug'" in record.getMessage()
+    cut = pipe.generate([" ".join(["red"] * 75), "short"], steps=1, seed=0, progress=False,
+                        output_type="latent").images
+    assert torch.equal(a, cut)  # what is kept is exactly the first 75 tokens
+
+
+def test_to_casts_in_place_like_loading_in_that_dtype(models):
+    """diffusers' pipe.to(torch.bfloat16) / pipe.to("cpu", "fp32"): the same pipeline, its weights cast in place,
+    sampling as one loaded in that precision."""
+    folder, run = models["sd1"].folder, dict(steps=2, seed=3, progress=False, output_type="np")
+    pipe = Pipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    assert pipe.to(torch.bfloat16) is pipe and pipe.backend.dtype == torch.bfloat16
+    bf16 = Pipeline.from_pretrained(folder, device="cpu", dtype="bf16")
+    assert np.array_equal(pipe.generate("a", **run).images, bf16.generate("a", **run).images)
+    assert pipe.to("cpu", "fp32").backend.dtype == next(pipe.backend.model.unet.parameters()).dtype == torch.float32
+
+
+def test_loading_single_file_names_and_defaults(models, tmp_path):
+    sd1 = models["sd1"]
+    single = save_model(sd1.pipe.backend.model, tmp_path / "tiny.safetensors", layout="ldm")
+    a = Pipeline.from_pretrained(single, device="cpu", dtype="fp32").generate("x", steps=2, seed=1,
+                                                                            progress=False, output_type="np")
+    b = sd1.pipe.generate("x", steps=2, seed=1, progress=False, output_type="np")
+    assert max_diff(a.images, b.images) <= 1e-5  # same weights; the LDM layout's reshaped tensors round alike
+    with pytest.raises(FileNotFoundError, match=r"'no-such-model'.*not a built-in model \(built-in: "):
+        resolve_model("no-such-model")
+    with pytest.raises(TypeError, match="is not a Backend"):
+        Pipeline(object())
+    assert default_dtype("cuda") == torch.float16
+    assert default_dtype("cpu") in (torch.float32, torch.bfloat16)  # bf16 where the CPU has avx512_bf16/AMX
+    assert unet_width(Path(sd1.folder)) == unet_width(single) == 64  # read from config.json / file metadata
+    assert default_dtype("cpu", 64) == torch.float32  # tiny models are overhead-bound: bf16 does not pay
+    assert parse_dtype("bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype 'int8' is not one of"):
+        parse_dtype("int8")
+
+
+def test_bad_inputs_are_named(models):
+    pipe = models["sd1-inpaint"].pipe
+    img = images(1)[0]
+    small = Image.new("L", (32, 32), 255)
+    with pytest.raises(ValueError, match=r"mask is 32x32 \(HxW\) but the image is 64x64"):
+        pipe.inpaint(img, small, prompt="x", steps=2, progress=False)
+    with pytest.raises(ValueError, match="not both"):
+        pipe.inpaint(img, small, product_mask=small, prompt="x", progress=False)
+    with pytest.raises(ValueError, match="output_type 'jpg' is not one of pil, np, pt, latent"):
+        pipe.generate("x", output_type="jpg")
+    with pytest.raises(ValueError, match=r"latents must have shape \(2, 4, 8, 8\) .*, got \(1, 4, 8, 8\)"):
+        pipe.generate(["a", "b"], latents=torch.zeros(1, 4, 8, 8), steps=1, progress=False)
+    with pytest.raises(ValueError, match="latents must be a float tensor or array"):
+        pipe.generate("a", latents=torch.zeros(1, 4, 8, 8, dtype=torch.int64), steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"strength must be a number in \(0, 1\], got 1.5"):
+        pipe.img2img(img, "x", strength=1.5)
+    with pytest.raises(ValueError, match="seed -1 must be an int"):
+        pipe.generate("x", seed=-1)
+    with pytest.raises(ValueError, match="image: 2 values for 3 requests"):
+        pipe.img2img([img, img], ["a", "b", "c"])
+    with pytest.raises(ValueError, match="unknown sampler 'plms'"):
+        pipe.generate("x", sampler="plms", progress=False)
+    for bad in (dict(mask_blur=-1), dict(mask_dilate=1.5), dict(mask_dilate=1.0), dict(crop_padding=-4),
+                dict(crop_padding=2.5), dict(mask_mode="min"), dict(steps=True), dict(steps="2")):
+        (name, value), = bad.items()
+        with pytest.raises(ValueError, match=f"^{name} must be .*, got {value!r}$"):  # only the culprit is named
+            pipe.inpaint(img, rect_masks(1)[0], prompt="x", progress=False, **{"steps": 1, **bad})
+    for bad in (dict(height=0), dict(width=-8), dict(height=64.0)):
+        (name, value), = bad.items()
+        with pytest.raises(ValueError, match=f"^{name} must be an int >= 1 \\(pixels\\) or None, got {value!r}$"):
+            pipe.generate("x", steps=1, progress=False, **bad)
+    # numpy scalars and arrays are numbers and latents like any other
+    out = pipe.generate("x", steps=np.int64(1), height=np.int64(64), guidance_scale=np.float32(7.5), seed=0,
+                        latents=np.zeros((1, 4, 8, 8), np.float32), progress=False, output_type="latent")
+    assert out.images.shape == (1, 4, 8, 8)
+    pipe.inpaint(img, rect_masks(1)[0], prompt="x", steps=1, progress=False, mask_dilate=np.int64(1),
+                 mask_blur=np.float64(2))
