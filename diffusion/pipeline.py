@@ -49,10 +49,7 @@ tests hand diffusers our latents). A mask-conditioned VAE (AsymmetricAutoencoder
 user's binarized repaint mask as its condition, as diffusers' pipeline passes them. With paste_back every kept pixel
 of the output is bit-identical to the input.
 
-Output: output_type "pil" (list of PIL images), "np" (float32 (B, H, W, 3) in [0, 1]: the VAE's output itself, as
-diffusers' "np", or uint8 / 255 when paste-back made it), "pt" (the same as a torch (B, 3, H, W)) or
-"latent" (the final latents (B, 4, h, w) diffusers would decode after dividing by the scaling factor, at the padded
-or cropped processing size).
+Output and output_type ("pil", "np", "pt", "latent"): output.py.
 
 Which model, device and precision `from_pretrained` picks by default: nn/resolve.py.
 """
@@ -60,7 +57,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -72,6 +68,7 @@ from backdrop.diffusion import masks as M
 from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, as_number, broadcast, diffusers_names, given_latents,
                                         groups, image_items, item_strengths, items, prompts, repeat, requests)
 from backdrop.diffusion.guidance import CFGDenoiser
+from backdrop.diffusion.output import Output, as_hwc, format_output
 from backdrop.diffusion.samplers import (SamplingInterrupted, blend_known_region, default_noise_sampler,
                                          initial_latents, noised_latents, output_latents, per_item_randn, sample)
 from backdrop.diffusion.schedule import build_schedule
@@ -82,19 +79,6 @@ from backdrop.nn.tokenizer import CONTEXT_LENGTH
 __all__ = ["Pipeline", "Output", "SamplingInterrupted", "OUTPUT_TYPES"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Output:
-    """images: list of PIL images, a float32 array (B, H, W, 3) or tensor (B, 3, H, W) in [0, 1], or latents
-    (B, 4, h, w).
-    seeds: each item's seed (pass it back alone to reproduce that image); with `generator`, the initial_seed() of
-    the generator that drew the item (one generator for a batch: the same seed for every item, reproducing them
-    only as that batch).
-    unchanged: indices of inpaint items returned as the input because their mask had nothing to repaint."""
-    images: list | np.ndarray | torch.Tensor
-    seeds: list[int]
-    unchanged: list[int] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------------- pipeline
@@ -262,7 +246,7 @@ class Pipeline:
             raise ValueError(f"inpaint items {unchanged} have nothing to repaint; output_type='latent' has no "
                              "latents to return for them")
         if not todo:
-            return self._format(img.astype(np.float32) / 255, req["seeds"], output_type, unchanged)
+            return format_output(img.astype(np.float32) / 255, req["seeds"], output_type, unchanged)
         pick = lambda v: [v[i] for i in todo]  # noqa: E731 - the items that have something to repaint
         mask_t = torch.cat([per_item[i // k] for i in todo])  # (B', 1, H, W), 1 = repaint
         gens = req["generators"]
@@ -274,8 +258,8 @@ class Pipeline:
         if not unchanged:
             return out
         full = img.astype(np.float32) / 255  # (B, H, W, 3)
-        full[todo] = _hwc(out.images)
-        return self._format(full, req["seeds"], output_type, unchanged)
+        full[todo] = as_hwc(out.images)
+        return format_output(full, req["seeds"], output_type, unchanged)
 
     # ---------------------------------------------------------------------------------------------- inpainting
 
@@ -348,7 +332,7 @@ class Pipeline:
         if boxes is None:
             y = M.crop_to(y, (H, W))
             if not (paste_back or color_match):  # the VAE's own float output, as diffusers' "np"
-                return self._format(y, out.seeds, req["output_type"])
+                return format_output(y, out.seeds, req["output_type"])
         gen = M.tensor_to_uint8(y)  # (B, H, W, 3), or the crops (B, h*f, w*f, 3)
         if paste_back:
             done = C.composite(img, gen, mask, boxes=boxes, mask_blur=blur, match_color=color_match)
@@ -356,7 +340,7 @@ class Pipeline:
             done = gen if boxes is None else C.uncrop(img, gen, boxes)  # (B, H, W, 3)
             if color_match:
                 done = C.color_match(done, img, mask, boxes)
-        return self._format(done.astype(np.float32) / 255, out.seeds, req["output_type"])
+        return format_output(done.astype(np.float32) / 255, out.seeds, req["output_type"])
 
     # -------------------------------------------------------------------------------------------- shared core
 
@@ -457,30 +441,7 @@ class Pipeline:
         if not decode or job["output_type"] == "latent":
             return Output(result, job["seeds"])
         y = self.backend.vae_decode(result / self.config.scaling_factor).cpu()  # (B, 3, h*f, w*f) in [-1, 1]
-        return self._format(M.crop_to(y, job["size"]), job["seeds"], job["output_type"])
-
-    @staticmethod
-    def _format(images, seeds: list[int], output_type: str, unchanged: list[int] | None = None) -> Output:
-        """VAE output (B, 3, H, W) in [-1, 1] or float (B, H, W, 3) in [0, 1] from uint8 -> the asked type
-        ("pt": float32 (B, 3, H, W) in [0, 1], as diffusers' "pt")."""
-        if isinstance(images, torch.Tensor):  # diffusers' postprocess: (x / 2 + 0.5).clamp(0, 1), float32
-            if output_type == "pil":
-                return Output(M.to_pil(images), seeds, unchanged or [])
-            images = (images.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
-        if output_type == "pil":
-            return Output(M.to_pil((images * 255).round().astype(np.uint8)), seeds, unchanged or [])
-        images = images.astype(np.float32)
-        return Output(torch.from_numpy(images).permute(0, 3, 1, 2) if output_type == "pt" else images, seeds,
-                      unchanged or [])
-
-
-def _hwc(images) -> np.ndarray:
-    """An Output's images (PIL list, float (B, H, W, 3) or "pt" (B, 3, H, W)) as float32 (B, H, W, 3) in [0, 1]."""
-    if isinstance(images, torch.Tensor):
-        return images.permute(0, 2, 3, 1).numpy()
-    if isinstance(images, np.ndarray):
-        return images
-    return np.stack([np.asarray(p) for p in images]).astype(np.float32) / 255
+        return format_output(M.crop_to(y, job["size"]), job["seeds"], job["output_type"])
 
 
 def _step_callback(blend, user) -> Callable | None:

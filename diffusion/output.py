@@ -1,0 +1,52 @@
+"""What a Pipeline call returns: Output, and the conversion of its images to the asked output_type.
+
+output_type "pil" (list of PIL images), "np" (float32 (B, H, W, 3) in [0, 1]: the VAE's output itself, as diffusers'
+"np", or uint8 / 255 when paste-back made it), "pt" (the same as a torch (B, 3, H, W)) or "latent" (the final latents
+(B, 4, h, w) diffusers would decode after dividing by the scaling factor, at the padded or cropped processing size).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from backdrop.diffusion import masks as M
+
+__all__ = ["Output", "format_output", "as_hwc"]
+
+
+@dataclass
+class Output:
+    """images: list of PIL images, a float32 array (B, H, W, 3) or tensor (B, 3, H, W) in [0, 1], or latents
+    (B, 4, h, w).
+    seeds: each item's seed (pass it back alone to reproduce that image); with `generator`, the initial_seed() of
+    the generator that drew the item (one generator for a batch: the same seed for every item, reproducing them
+    only as that batch).
+    unchanged: indices of inpaint items returned as the input because their mask had nothing to repaint."""
+    images: list | np.ndarray | torch.Tensor
+    seeds: list[int]
+    unchanged: list[int] = field(default_factory=list)
+
+
+def format_output(images, seeds: list[int], output_type: str, unchanged: list[int] | None = None) -> Output:
+    """VAE output (B, 3, H, W) in [-1, 1] or float (B, H, W, 3) in [0, 1] from uint8 -> the asked type
+    ("pt": float32 (B, 3, H, W) in [0, 1], as diffusers' "pt")."""
+    if isinstance(images, torch.Tensor):  # diffusers' postprocess: (x / 2 + 0.5).clamp(0, 1), float32
+        if output_type == "pil":
+            return Output(M.to_pil(images), seeds, unchanged or [])
+        images = (images.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
+    if output_type == "pil":
+        return Output(M.to_pil((images * 255).round().astype(np.uint8)), seeds, unchanged or [])
+    images = images.astype(np.float32)
+    return Output(torch.from_numpy(images).permute(0, 3, 1, 2) if output_type == "pt" else images, seeds,
+                  unchanged or [])
+
+
+def as_hwc(images) -> np.ndarray:
+    """An Output's images (PIL list, float (B, H, W, 3) or "pt" (B, 3, H, W)) as float32 (B, H, W, 3) in [0, 1]."""
+    if isinstance(images, torch.Tensor):
+        return images.permute(0, 2, 3, 1).numpy()
+    if isinstance(images, np.ndarray):
+        return images
+    return np.stack([np.asarray(p) for p in images]).astype(np.float32) / 255
