@@ -5,6 +5,11 @@ error (unreadable file, bad option value, unknown model) is one line on stderr a
 CLIError); a mask whose size differs from the image is resized with a warning, and an all-black mask writes the
 input unchanged with a note. Images are written to OUT/<kind>-<seed>.png and their paths printed, one per line, as
 each batch of --batch-size images finishes (image i has seed SEED + i whatever the batch size).
+
+img2img and inpaint take several IMAGEs (a catalogue: `backdrop inpaint products/*.png --product-mask masks/`):
+a mask option may then name a folder holding one mask per image, by file name; images of one size share UNet
+batches; every image gets the seeds SEED .. SEED + N - 1 (the same scene for every product) and its files are named
+OUT/<kind>-<image name>-<seed>.png.
 """
 from __future__ import annotations
 
@@ -68,7 +73,9 @@ def _common_options() -> argparse.ArgumentParser:
 
 def _image_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("image", metavar="IMAGE", help="the input picture (PNG, JPEG, WebP, ...)")
+    p.add_argument("image", metavar="IMAGE", nargs="+",
+                   help="the input picture (PNG, JPEG, WebP, ...); several for a batch job, each written as "
+                        "<command>-<name>-<seed>.png")
     # one parser per subcommand: a shared --strength action would carry the last set_defaults to both
     p.add_argument("--strength", type=float, metavar="S",
                    help="how much to change: 1 starts from pure noise, 0.3 keeps most of the input "
@@ -102,9 +109,10 @@ def add_parser(subparsers) -> None:
         epilog="example: backdrop inpaint bottle.png --product-mask bottle-mask.png "
                "--prompt 'on a marble table, soft light' --n 4 --seed 7")
     which = inp.add_argument_group("mask").add_mutually_exclusive_group()
-    which.add_argument("--mask", metavar="M", help="mask image: white = repaint, black = keep")
+    which.add_argument("--mask", metavar="M", help="mask image: white = repaint, black = keep; or a folder "
+                                                   "with one mask per IMAGE, of the same name (any extension)")
     which.add_argument("--product-mask", metavar="M", help="mask image: white = the product to keep, black = "
-                                                           "the background to repaint")
+                                                           "the background to repaint; or a folder as for --mask")
     opts = inp.add_argument_group("inpainting")
     opts.add_argument("--mask-blur", type=float, default=None, metavar="PX",
                       help="soften the seam by this many pixels, inside the repainted region only "
@@ -189,6 +197,46 @@ def _fit_mask(mask, image, path: str):
     return mask.resize(image.size, Image.BILINEAR)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _mask_file(spec: str, flag: str, image_path: str) -> str:
+    """--mask / --product-mask for one image: the file itself, or from a folder the mask named as the image."""
+    folder = Path(spec)
+    if not folder.is_dir():
+        return spec
+    stem = Path(image_path).stem
+    found = sorted(p for p in folder.iterdir() if p.stem == stem and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        raise CLIError(f"{flag} {spec}: no mask for {image_path} (looked for {stem}.png, .jpg, ... there)")
+    return str(found[0])
+
+
+def _jobs(args) -> list[dict]:
+    """One dict per input image: its Pipeline arguments and the name its files carry ("" for a single image)."""
+    if args.kind == "generate":
+        return [dict(name="")]
+    paths = args.image
+    names = [Path(p).stem if len(paths) > 1 else "" for p in paths]
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise CLIError(f"two IMAGEs are named {twice!r}: their output files would collide; rename one")
+    jobs = [dict(name=n, image=_open(p, "image")) for p, n in zip(paths, names)]
+    if args.kind != "inpaint":
+        return jobs
+    key = "mask" if args.mask else "product_mask" if args.product_mask else None
+    for path, job in zip(paths, jobs):
+        image = job["image"]
+        if key is not None:
+            flag = f"--{key.replace('_', '-')}"
+            file = _mask_file(getattr(args, key), flag, path)
+            job[key] = _fit_mask(_open(file, key.replace("_", " ")), image, file)
+        elif image.mode not in ("RGBA", "LA") and "transparency" not in image.info:
+            raise CLIError(f"{path} has no transparency: give --mask (white = repaint) or --product-mask "
+                           "(white = the product to keep)")
+    return jobs
+
+
 def _out_folder(path: str) -> Path:
     """The --out folder, created and checked before any work is done."""
     if not path.strip():  # an unset shell variable: Path("") would be the current folder
@@ -227,41 +275,42 @@ def _run(args) -> int:
     common = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                   sampler=args.sampler, guidance_scale=args.guidance_scale,
                   guidance_rescale=args.guidance_rescale, eta=args.eta, progress=not args.quiet)
-    inputs = {}
-    if args.kind != "generate":
-        inputs["image"] = _open(args.image, "image")
-        inputs["strength"] = args.strength
-    if args.kind == "inpaint":
-        image = inputs["image"]
-        if args.mask or args.product_mask:
-            key, path = ("mask", args.mask) if args.mask else ("product_mask", args.product_mask)
-            inputs[key] = _fit_mask(_open(path, key.replace("_", " ")), image, path)
-        elif image.mode not in ("RGBA", "LA") and "transparency" not in image.info:
-            raise CLIError(f"{args.image} has no transparency: give --mask (white = repaint) or --product-mask "
-                           "(white = the product to keep)")
-        inputs.update(mask_blur=args.mask_blur, mask_dilate=args.mask_dilate, crop_padding=args.crop_padding,
-                      mask_threshold=args.mask_threshold, color_match=args.color_match, paste_back=args.paste_back)
     if args.kind == "generate":
-        inputs.update(height=args.height, width=args.width)
+        common.update(height=args.height, width=args.width)
+    elif args.kind == "img2img":
+        common.update(strength=args.strength)
+    else:
+        common.update(strength=args.strength, mask_blur=args.mask_blur, mask_dilate=args.mask_dilate,
+                      crop_padding=args.crop_padding, mask_threshold=args.mask_threshold,
+                      color_match=args.color_match, paste_back=args.paste_back)
+    jobs = _jobs(args)
     folder = _out_folder(args.out)
     pipe = _pipeline(args)
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed
-    unchanged = False
-    for start in range(0, args.n, args.batch_size):  # image i: seed + i, in any batch
-        count = min(args.batch_size, args.n - start)
-        out = _call(getattr(pipe, args.kind), args, dict(inputs, **common, seed=seed + start,
-                                                         num_images_per_prompt=count))
-        unchanged |= bool(out.unchanged)
+    unchanged = []
+    for batch in _batches(jobs, args.n, args.batch_size):  # (job, copy j: seed + j), one image size per batch
+        per_item = {k: [job[k] for job, _ in batch] for k in batch[0][0] if k != "name"}
+        out = _call(getattr(pipe, args.kind), args, dict(common, **per_item, seed=[seed + j for _, j in batch]))
+        unchanged += [batch[i][0]["name"] for i in out.unchanged]
         try:
-            for im, s in zip(out.images, out.seeds):
-                path = folder / f"{args.kind}-{s}.png"
+            for im, s, (job, _) in zip(out.images, out.seeds, batch):
+                path = folder / f"{args.kind}-{job['name'] + '-' if job['name'] else ''}{s}.png"
                 im.save(path)
                 print(path, flush=True)
         except OSError as e:
             raise CLIError(f"cannot write to {folder}: {e}") from None
     if unchanged:
-        print("note: the mask has nothing to repaint; wrote the input unchanged", file=sys.stderr)
+        which = f" of {', '.join(sorted(set(unchanged)))}" if any(unchanged) else ""
+        print(f"note: the mask{which} has nothing to repaint; wrote the input unchanged", file=sys.stderr)
     return 0
+
+
+def _batches(jobs: list[dict], n: int, size: int) -> list[list[tuple[dict, int]]]:
+    """Every (job, copy) pair in batches of at most `size`, a batch's images all of one size (one UNet batch)."""
+    by_size: dict = {}
+    for job in jobs:
+        by_size.setdefault(getattr(job.get("image"), "size", None), []).extend((job, j) for j in range(n))
+    return [items[i:i + size] for items in by_size.values() for i in range(0, len(items), size)]
 
 
 def _call(method, args, kwargs: dict):
@@ -273,5 +322,5 @@ def _call(method, args, kwargs: dict):
     except (MemoryError, RuntimeError) as e:  # torch's CPU allocator and CUDA's OutOfMemoryError are RuntimeErrors
         if not isinstance(e, MemoryError) and "allocate" not in str(e) and "out of memory" not in str(e):
             raise
-        raise CLIError(f"out of memory making {kwargs['num_images_per_prompt']} image(s) at once at this size: "
+        raise CLIError(f"out of memory making {len(kwargs['seed'])} image(s) at once at this size: "
                        f"lower --batch-size{'' if args.kind != 'generate' else ' or --height/--width'}") from None

@@ -111,6 +111,44 @@ def test_inpaint_keeps_the_product_pixels(files, capsys, tmp_path):
         assert np.abs(out[~keep].astype(int) - files["image"][~keep]).mean() > 5
 
 
+def test_a_catalogue_of_products_with_a_mask_folder(files, capsys, tmp_path):
+    """Several IMAGEs and --product-mask naming a folder of masks by file name (any image extension): every product
+    kept exactly, each with the seeds SEED.. (files <kind>-<name>-<seed>.png), images of one size batched together,
+    and each image as a run of it alone."""
+    products, masks = tmp_path / "products", tmp_path / "masks"
+    products.mkdir()
+    masks.mkdir()
+    rng = np.random.default_rng(1)
+    small = np.zeros((40, 56), np.uint8)
+    small[8:30, 10:40] = 255
+    inputs = {"a": (files["image"], files["product"]), "b": (255 - files["image"], files["product"]),
+              "c": (rng.integers(0, 256, (40, 56, 3), dtype=np.uint8), small)}
+    for name, (image, mask) in inputs.items():
+        Image.fromarray(image).save(products / f"{name}.png")
+        Image.fromarray(mask).save(masks / f"{name}{'.bmp' if name == 'c' else '.png'}")
+    code, paths, _ = run(capsys, "inpaint", *sorted(products.iterdir()), "--product-mask", masks,
+                         *fast(files, tmp_path / "out"), "--n", "2", "--seed", "5", "--batch-size", "3")
+    assert code == 0 and sorted(p.rsplit("/", 1)[1] for p in paths) == [
+        f"inpaint-{n}-{s}.png" for n in "abc" for s in (5, 6)]
+    for name, (image, mask) in inputs.items():
+        for s in (5, 6):
+            out = np.asarray(Image.open(tmp_path / f"out/inpaint-{name}-{s}.png"))
+            assert out.shape == image.shape and np.array_equal(out[mask == 255], image[mask == 255])
+    _, [alone], _ = run(capsys, "inpaint", products / "c.png", "--product-mask", masks / "c.bmp",
+                        *fast(files, tmp_path / "alone"), "--seed", "5")
+    together = np.asarray(Image.open(tmp_path / "out/inpaint-c-5.png"), int)
+    assert np.abs(together - np.asarray(Image.open(alone), int)).max() <= 2  # 2/255
+    (masks / "b.png").unlink()
+    code, _, err = run(capsys, "inpaint", products / "a.png", products / "b.png", "--product-mask", masks,
+                       *fast(files, tmp_path / "err"))
+    assert code == 2 and f"no mask for {products / 'b.png'}" in err
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again/a.png").write_bytes((products / "a.png").read_bytes())
+    code, _, err = run(capsys, "inpaint", products / "a.png", tmp_path / "again/a.png", "--product-mask", masks,
+                       *fast(files, tmp_path / "err"))
+    assert code == 2 and "two IMAGEs are named 'a'" in err
+
+
 def test_inpaint_resizes_a_mismatched_mask_with_a_warning(files, capsys, tmp_path):
     code, paths, err = run(capsys, "inpaint", files["root"] / "product.png", "--product-mask",
                            files["root"] / "big-mask.png", *fast(files, tmp_path), "--seed", "1")
