@@ -6,6 +6,7 @@ import importlib
 import math
 import os
 import sys
+from pathlib import Path
 
 # Each module's `add_parser(subparsers)` adds its subcommands, each with `set_defaults(func=...)`.
 SUBCOMMAND_MODULES = [
@@ -39,6 +40,16 @@ def parse_device(text: str | None, flag: str = "--device"):
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise CLIError(f"{flag} {text}: this machine has {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+def make_folder(path, flag: str = "--out") -> Path:
+    """The folder an option names, created with its parents, or a CLIError naming the option."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"{flag} {folder}: cannot create the folder ({e.strerror or e})") from None
+    return folder
 
 
 def one_line(e: Exception) -> str:

@@ -20,7 +20,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from backdrop.cli import CLIError, add_lora_option, load_loras, one_line, parse_device
+from backdrop.cli import CLIError, add_lora_option, load_loras, make_folder, one_line, parse_device
 from backdrop.diffusion.schedule import RECIPES
 
 __all__ = ["add_parser"]
@@ -241,11 +241,7 @@ def _out_folder(path: str) -> Path:
     """The --out folder, created and checked before any work is done."""
     if not path.strip():  # an unset shell variable: Path("") would be the current folder
         raise CLIError("--out is empty: give a folder")
-    folder = Path(path)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CLIError(f"--out {folder}: cannot create the folder ({e.strerror or e})") from None
+    folder = make_folder(path)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CLIError(f"--out {folder}: the folder is not writable")
     return folder

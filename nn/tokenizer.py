@@ -43,7 +43,7 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 
-__all__ = ["Tokenizer", "CONTEXT_LENGTH", "BOS_TOKEN", "EOS_TOKEN"]
+__all__ = ["Tokenizer", "CONTEXT_LENGTH", "BOS_TOKEN", "EOS_TOKEN", "check_texts"]
 
 CONTEXT_LENGTH = 77          # CLIP's text context: 77 positions = BOS + 75 tokens + EOS
 BOS_TOKEN = "<|startoftext|>"
@@ -216,7 +216,7 @@ class Tokenizer:
 
     def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
         """(B, 77) int64: BOS, tokens, EOS, then pad. A prompt over 75 tokens keeps its first 75 and its EOS."""
-        texts = _check_texts(texts)
+        texts = check_texts(texts)
         ids = torch.full((len(texts), CONTEXT_LENGTH), self.pad_token_id, dtype=torch.long)  # (B, 77)
         # encode_batch runs normalization, pre-tokenization and BPE in Rust (in parallel); only the per-prompt
         # copy into the tensor is Python. Truncating after the post-processor equals transformers' truncation
@@ -231,7 +231,7 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """All ids of one prompt, BOS and EOS included, neither truncated nor padded: more than 77 means the
         prompt will be cut (for warnings and tests)."""
-        (text,) = _check_texts(text)
+        (text,) = check_texts(text)
         return self._backend.encode(text, add_special_tokens=True).ids
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
@@ -267,7 +267,9 @@ class Tokenizer:
 
 
 
-def _check_texts(texts) -> list[str]:
+def check_texts(texts) -> list[str]:
+    """`texts` (a str or a list of them) as a list; TypeError for a non-str, ValueError for text that is not valid
+    Unicode (a lone surrogate), which the tokenizer cannot encode."""
     if isinstance(texts, str):
         texts = [texts]
     if not isinstance(texts, (list, tuple)):

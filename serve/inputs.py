@@ -20,6 +20,7 @@ from PIL import Image
 from starlette.responses import JSONResponse
 
 from backdrop.diffusion import masks as M
+from backdrop.nn.tokenizer import check_texts
 
 __all__ = ["APIError", "size_buckets", "decode_image", "repaint_mask", "number", "form_int", "seconds", "boolean",
            "text", "choice", "check_fields", "b64decode", "shown", "clip", "IMAGE_FORMATS", "MIN_SIDE",
@@ -176,10 +177,9 @@ def text(value, name: str, required: bool = False) -> str:
         raise APIError(400, f"{name} is {len(value)} characters; at most {MAX_PROMPT_CHARS}", param=name,
                        code="invalid_value")
     try:
-        value.encode("utf-8")  # JSON may carry lone surrogates ("\ud800"); the tokenizer would fail the whole batch
-    except UnicodeEncodeError:
-        raise APIError(400, f"{name} is not valid Unicode text (a lone surrogate)", param=name,
-                       code="invalid_value") from None
+        check_texts(value)  # the tokenizer's own rule, before queueing: JSON may carry lone surrogates ("\ud800")
+    except ValueError as e:
+        raise APIError(400, f"{name}: {e}", param=name, code="invalid_value") from None
     return value
 
 

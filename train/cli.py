@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from backdrop.cli import CLIError, one_line, parse_device
+from backdrop.cli import CLIError, make_folder, one_line, parse_device
 
 __all__ = ["add_parser"]
 
@@ -420,7 +420,7 @@ def _run_stage(args) -> int:
             trainer = _trainer(args, name, out, cfg, options, resume, rank, world, device)
         except (ValueError, FileNotFoundError) as e:
             raise CLIError(str(e).splitlines()[0]) from None
-        run_folder.make_out(out)
+        make_folder(out)
         if rank == 0:  # the command of the run; a resume's own beside it, so that neither is lost
             record = {k: v for k, v in vars(args).items() if k != "func"} | {"world_size": world}
             file = "args.json" if resume is None else f"args-resume-{trainer.step}.json"

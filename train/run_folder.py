@@ -15,7 +15,7 @@ from backdrop.cli import CLIError
 
 from . import checkpointing as ckpt
 
-__all__ = ["RUN_FILES", "held_run_files", "resume_checkpoint", "check_out", "make_out", "run_record", "changed_options"]
+__all__ = ["RUN_FILES", "held_run_files", "resume_checkpoint", "check_out", "run_record", "changed_options"]
 
 RUN_FILES = ("checkpoints", "final", "log.jsonl")
 # Options that do not change what is trained (where the run goes, how it reports, how it uses the machine): they
@@ -44,7 +44,7 @@ def resume_checkpoint(resume: str | None, out: str) -> Path | None:
 
 def check_out(out: Path, resume: Path | None) -> None:
     """Refuse an --out that is a file, holds another run, or cannot be created; nothing is created yet (a run
-    that fails its other checks leaves no folder behind): make_out does that."""
+    that fails its other checks leaves no folder behind): backdrop.cli.make_folder does that."""
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is a file; give the folder the run should write to")
     held = held_run_files(out)
@@ -58,13 +58,6 @@ def check_out(out: Path, resume: Path | None) -> None:
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise CLIError(f"--out {out}: cannot write to {existing}")
-
-
-def make_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CLIError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
 
 
 def _normalised(name: str, value):
