@@ -34,7 +34,7 @@ def add_parser(subparsers) -> None:
 
     onnx = sub.add_parser(
         "onnx", parents=[out], help="write the four ONNX graphs of a model, each checked against PyTorch",
-        description="Export the text encoder, UNet, VAE encoder and VAE decoder of MODEL to ONNX (opset 17), with "
+        description="Export the text encoder, UNet, VAE encoder and VAE decoder of MODEL to ONNX, with "
                     "the tokenizer and configs, into one folder that `--backend onnxruntime` runs on its own. "
                     "Every graph is run on random inputs and compared with the PyTorch model; one that disagrees "
                     "is not written.",
@@ -48,6 +48,9 @@ def add_parser(subparsers) -> None:
                            "are multiples of 64 px)")
     onnx.add_argument("--components", nargs="+", metavar="NAME", default=None,
                       help="export only these: text_encoder unet vae_encoder vae_decoder (default: all four)")
+    onnx.add_argument("--opset", type=int, default=17, metavar="N",
+                      help="ONNX opset, 17 to 20 (default: %(default)s, which TensorRT 10 and ONNX Runtime 1.14+ "
+                           "read)")
     onnx.add_argument("--external-data", action="store_true",
                       help="always keep weights in model.onnx.data next to each graph (automatic above 2 GB)")
     onnx.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -111,11 +114,13 @@ def _components(names: list[str] | None) -> tuple[str, ...]:
 def _onnx(args) -> int:
     import torch
 
-    from backdrop.export.onnx import MANIFEST, ExportError, export_onnx
+    from backdrop.export.onnx import MANIFEST, OPSETS, ExportError, export_onnx
     from backdrop.nn.checkpoint import load_model
     from backdrop.nn.resolve import resolve_model
 
     static_hw, components, device = _size(args.size), _components(args.components), parse_device(args.device)
+    if args.opset not in OPSETS:
+        raise CLIError(f"--opset {args.opset}: choose {OPSETS[0]} to {OPSETS[-1]}")
     _check_out(args.out, MANIFEST, "a Backdrop ONNX export", components)  # before minutes of loading and export
     try:
         model = load_model(resolve_model(args.model), dtype=torch.float32, device=device)
@@ -123,7 +128,8 @@ def _onnx(args) -> int:
         raise CLIError(f"cannot load model {args.model}: {e}") from None
     try:
         path = export_onnx(model, args.out, dtype=args.dtype, static_hw=static_hw, components=components,
-                           external_data=True if args.external_data else None, progress=not args.quiet)
+                           opset=args.opset, external_data=True if args.external_data else None,
+                           progress=not args.quiet)
     except (ExportError, ValueError, OSError) as e:
         raise CLIError(str(e)) from None
     print(path)

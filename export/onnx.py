@@ -5,13 +5,13 @@
     backdrop_export.json (the manifest: opset, dtype, every graph's inputs/outputs and its measured parity).
 
 How one graph is made (`export_component`):
-  1. torch.onnx.export with the TorchScript tracer (dynamo=False), opset 17, constant folding on, dynamic batch
-     (and optionally dynamic height/width). We chose the tracer over torch.export (dynamo=True) after timing
-     both on the tiny UNet (2 loaded cores): torch.export alone took 35 s and would not keep height/width
-     dynamic until they were declared multiples of 8; the tracer took 5 s for the whole export. Its one limit,
-     the same as diffusers' and optimum's exports: the UNet's up path is traced as a fixed 2x upsampling, so a
-     dynamic UNet runs latent sides that are multiples of 8 (graph_specs; the backends refuse other sizes by
-     name). Attention and GroupNorm are traced through backdrop.kernels' torch reference
+  1. torch.onnx.export with the TorchScript tracer (dynamo=False), opset 17 (or up to 20: `opset=`), constant
+     folding on, dynamic batch (and optionally dynamic height/width). We chose the tracer over torch.export
+     (dynamo=True) after timing both on the tiny UNet (2 loaded cores): torch.export alone took 35 s and would
+     not keep height/width dynamic until they were declared multiples of 8; the tracer took 5 s for the whole
+     export. Its one limit, the same as diffusers' and optimum's exports: the UNet's up path is traced as a fixed
+     2x upsampling, so a dynamic UNet runs latent sides that are multiples of 8 (graph_specs; the backends refuse
+     other sizes by name). Attention and GroupNorm are traced through backdrop.kernels' torch reference
      (F.scaled_dot_product_attention, F.group_norm): we set BACKDROP_KERNELS=torch for the export, so a model
      on CUDA never puts a Triton call into the graph.
   2. onnxslim: constant folding (its vendored onnx-graphsurgeon fold), dead-node removal, pattern cleanup of the
@@ -53,9 +53,11 @@ from backdrop.nn.checkpoint import Model, config_to_dict, diffusers_configs
 from backdrop.nn.config import ModelConfig
 
 __all__ = ["export_onnx", "export_component", "load_export", "graph_specs", "sample_inputs", "measure",
-           "ExportError", "Tolerance", "TOLERANCES", "GraphSpec", "OnnxExport", "COMPONENTS", "OPSET", "MANIFEST"]
+           "ExportError", "Tolerance", "TOLERANCES", "GraphSpec", "OnnxExport", "COMPONENTS", "OPSET", "OPSETS",
+           "MANIFEST"]
 
 OPSET = 17                # LayerNormalization is native from 17; TensorRT 10 and ORT >= 1.14 read it
+OPSETS = range(17, 21)    # 17 .. 20, the TorchScript exporter's highest
 EXTERNAL_DATA_BYTES = 2**31 - 2**27  # protobuf's 2 GiB limit, less room for the graph itself
 _WEIGHT_MIN_NUMEL = 1024  # float initializers this big are weights: kept out of onnxslim (see step 2)
 _TRACE_BATCH = 2          # the traced batch; checks run at others to prove the batch axis is dynamic
@@ -389,6 +391,9 @@ def export_onnx(model: Model, out, *, dtype: str = "fp32", static_hw: tuple[int,
     if model.dtype != torch.float32:
         raise ValueError(f"export needs float32 weights (fp16 graphs are converted from the checked fp32 one); "
                          f"the model is {model.dtype}: load it with load_model(path, dtype=torch.float32)")
+    if opset not in OPSETS:
+        raise ValueError(f"opset {opset}: choose {OPSETS[0]} to {OPSETS[-1]} ({OPSETS[0]} is the lowest with "
+                         f"LayerNormalization, {OPSETS[-1]} the highest torch's exporter writes)")
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown or not components:
         raise ValueError(f"components {list(components)}: choose from {', '.join(COMPONENTS)}")

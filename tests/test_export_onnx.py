@@ -346,9 +346,12 @@ def test_cli_exports_and_reports_errors(exported, tmp_path, capsys):
 
     folder = save_model(init_model("tiny", seed=5), tmp_path / "model")
     assert main(["export", "onnx", str(folder), "--out", str(tmp_path / "onnx"), "--components", "text_encoder",
-                 "--quiet"]) == 0
+                 "--opset", "20", "--quiet"]) == 0
     assert Path(capsys.readouterr().out.strip()) == tmp_path / "onnx"
-    assert list(E.load_export(tmp_path / "onnx", require=("text_encoder",)).files) == ["text_encoder"]
+    export = E.load_export(tmp_path / "onnx", require=("text_encoder",))
+    assert list(export.files) == ["text_encoder"] and export.manifest["opset"] == 20
+    proto = onnx.load(str(export.files["text_encoder"]))
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 20
     assert main(["export", "onnx", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "cannot load model" in capsys.readouterr().err
     trt = ["export", "tensorrt", "--out", str(tmp_path / "trt")]
@@ -365,6 +368,7 @@ def test_cli_exports_and_reports_errors(exported, tmp_path, capsys):
     (["--size", "0x0"], "--size 0x0: sides must be at least 8 px"),      # was a deep trace error minutes later
     (["--size", "-64"], "--size -64: sides must be at least 8 px"),      # was a traceback
     (["--components", "unet", "vae"], "--components vae: choose from"),
+    (["--opset", "13"], "--opset 13: choose 17 to 20"),
     (["--out", "FILE"], "exists and is not a Backdrop ONNX export"),
 ])
 def test_cli_bad_options_are_one_line_before_any_work(args, message, tmp_path, capsys):
