@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from backdrop.cli import main
@@ -83,6 +84,7 @@ def test_bad_data_spec_exits_2_with_one_line(tmp_path):
     (["pretrain", "--data", "synthetic:4", "--size", "-8"], "--size -8"),
     (["pretrain", "--data", "synthetic:4", "--size", "0"], "--size 0"),
     (["pretrain", "--data", "synthetic:4", "--ema-decay", "1.5"], "--ema-decay 1.5"),
+    (["pretrain", "--data", "synthetic:4", "--ema-decay", "0", "--use-ema"], "--use-ema with --ema-decay 0"),
     (["pretrain", "--data", "synthetic:4", "--keep-last", "-1"], "--keep-last -1"),
     (["pretrain", "--data", "synthetic:4", "--warmup", "-2"], "--warmup -2"),
     (["pretrain", "--data", "synthetic:4", "--caption-dropout", "2"], "--caption-dropout 2.0"),
@@ -112,7 +114,9 @@ def runs(tmp_path_factory):
     """Two finished one-step runs, pretrain/ and vae/; tests copy them before changing anything."""
     d = tmp_path_factory.mktemp("runs")
     torch.set_num_threads(1)
-    assert run("pretrain", "--data", "synthetic:4", "--out", d / "pretrain", "--steps", 1, *FAST) == 0
+    # pretrain with diffusers' and accelerate's spellings of EMA on and fp32
+    assert run("pretrain", "--data", "synthetic:4", "--out", d / "pretrain", "--steps", 1, "--use-ema",
+               "--mixed-precision", "no", *FAST) == 0
     assert run("vae", "--data", "synthetic:4", "--out", d / "vae", "--steps", 1, *FAST) == 0
     return d
 
@@ -149,10 +153,15 @@ def test_resume_refuses_another_stage_and_names_changed_options(runs, tmp_path, 
     assert run("inpaint", "--out", vae, "--resume", vae, "--data", "synthetic:4", "--steps", 2, *FAST) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "a checkpoint of `backdrop train vae`" in err[0], err
+    args = json.loads((pre / "args.json").read_text())  # --use-ema --mixed-precision no, recorded as ours
+    assert (args["ema_decay"], args["precision"], "use_ema" in args) == (0.9999, "fp32", False), args
+    assert any(k.startswith("ema.") for k in safe_open(next((pre / "checkpoints").iterdir()) / "state.safetensors",
+                                                        "pt").keys())
     assert run("pretrain", "--out", pre, "--resume", "latest", "--data", "synthetic:4", "--steps", 2, "--lr", 0.01,
-               *FAST) == 0
+               "--ema-decay", 0.9999, *FAST) == 0  # the same run as --use-ema --mixed-precision no: no warning
     warning = capsys.readouterr().err
     assert "--lr 0.01 (was 0.0001)" in warning and "--steps 2 (was 1)" in warning, warning
+    assert "ema" not in warning and "precision" not in warning, warning
     assert run("pretrain", "--out", pre, "--resume", pre, "--data", "synthetic:4", "--steps", 1, *FAST) == 2
     assert "past this run's last step 1" in capsys.readouterr().err
     assert run("pretrain", "--out", tmp_path / "x", "--init", pre / "checkpoints/step-00000002",

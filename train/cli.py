@@ -29,6 +29,7 @@ __all__ = ["add_parser"]
 
 STAGES = ("clip", "vae", "pretrain", "inpaint")
 DEFAULT_LR = {"clip": 5e-4, "vae": 1e-4, "pretrain": 1e-4, "inpaint": 5e-5}
+EMA_DECAY = 0.9999  # --use-ema: diffusers' EMAModel default
 CALIBRATION_IMAGES = 64  # images the vae stage measures the latent scaling factor on
 
 CHAIN = """the chain, each stage from the last one's OUT/final:
@@ -95,10 +96,13 @@ def _training_options() -> argparse.ArgumentParser:
                    help="clip the gradient norm; 0 turns it off (default: %(default)s)")
     g.add_argument("--grad-accum", "--gradient-accumulation-steps", type=int, default=1, metavar="K",
                    help="accumulate K batches per step (default: 1)")
-    g.add_argument("--precision", "--mixed-precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="autocast precision; weights stay fp32 (default: %(default)s)")
-    g.add_argument("--ema-decay", type=float, default=0.0, metavar="D", help="keep an EMA of the weights and ship "
-                                                                             "it, e.g. 0.999; 0: off (default)")
+    g.add_argument("--precision", "--mixed-precision", choices=("fp32", "bf16", "fp16", "no"), default="fp32",
+                   help="autocast precision; weights stay fp32; 'no' (accelerate's name) is fp32 (default: "
+                        "%(default)s)")
+    g.add_argument("--ema-decay", type=float, metavar="D", help="keep an EMA of the weights and ship it, e.g. "
+                                                                "0.999; 0: off (default: 0, or 0.9999 with --use-ema)")
+    g.add_argument("--use-ema", action="store_true", help="EMA with diffusers' decay, 0.9999 (a long run's: "
+                                                          "short runs want --ema-decay 0.999)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, ~30%% slower")
     g.add_argument("--save-every", "--checkpointing-steps", type=int, default=0, metavar="K",
@@ -222,6 +226,17 @@ def _options_named():
     except ConfigError as e:
         flag = FLAG_OF_FIELD.get(e.field, "--" + e.field.replace("_", "-"))
         raise CLIError(f"{flag} {e.value}: must be {e.want}") from None
+
+
+def _resolve_aliases(args) -> None:
+    """diffusers' and accelerate's spellings of a value (--mixed-precision no, --use-ema) as ours, so that a run's
+    record and a resume compare the value, not how it was asked for."""
+    args.precision = "fp32" if args.precision == "no" else args.precision
+    if args.ema_decay is None:
+        args.ema_decay = EMA_DECAY if args.use_ema else 0.0
+    elif args.use_ema and args.ema_decay == 0:
+        raise CLIError("--use-ema with --ema-decay 0: the EMA is off at decay 0; drop one of them")
+    del args.use_ema
 
 
 def _check_options(args) -> None:
@@ -410,6 +425,7 @@ def _run_stage(args) -> int:
     from backdrop.train import run_folder
 
     name, out = args.stage, Path(args.out)
+    _resolve_aliases(args)
     _check_options(args)
     cfg, options = _configs(args, name)
     resume = run_folder.resume_checkpoint(args.resume, args.out)
