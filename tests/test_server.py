@@ -2,21 +2,15 @@
 
 The official `openai` client runs images.edit / images.generate against it; concurrent edits share batches (read
 back from /metrics) and each equals the same request run alone through the Pipeline with the same seed, with the
-product's pixels returned bit-identical; a full queue gives 429 and the client's own retry succeeds; deadlines
-give 504; a client that disconnects leaves the queue; bad input of every kind gets its 4xx and the server keeps
-serving; `backdrop serve` drains in-flight work on SIGTERM, then exits. The CUDA-graph wrapper's bucketing runs
-eagerly on the CPU here; its capture test needs a GPU.
+product's pixels returned bit-identical; /v1/inpaint passes every option through; bad input of every kind gets its
+4xx and the server keeps serving; refusals made before any endpoint are counted in /metrics. The engine under
+failure and load, the serve CLI and the CUDA-graph wrapper: test_serve_engine.py.
 """
 import asyncio
 import base64
 import io
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -27,30 +21,24 @@ import pytest
 import torch
 from PIL import Image
 
-from backdrop.cli import main as cli_main
 from backdrop.diffusion.pipeline import Pipeline
-from backdrop.nn.checkpoint import init_model, save_model
-from backdrop.nn.config import PRESETS
-from backdrop.serve.cuda_graphs import CUDAGraphUNet
-from backdrop.serve.engine import Engine, EngineConfig, Item, ServeKey
-from backdrop.serve.metrics import Histogram, parse_histogram
-from backdrop.serve.running import ServerThread
+from backdrop.serve.engine import Engine, EngineConfig
+from backdrop.serve.metrics import parse_histogram
 from backdrop.serve.server import ServerConfig, create_app
 
 openai = pytest.importorskip("openai")
+from serve_helpers import (JSON, PROMPTS, SIZE, STEPS, assert_kept_exact, client, decode,  # noqa: E402
+                           inpaint_body, metrics, png, product, raw_http, save_tiny_inpaint_model, scalar,
+                           start_server)
+
 pytestmark = [pytest.mark.usefixtures("one_thread"),  # conftest.py
               pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
                                          "ignore::UserWarning", "ignore::PIL.Image.DecompressionBombWarning")]
 
-STEPS = 2          # denoising steps of every served request: enough to exercise the sampler, cheap on a CPU
-SIZE = 64          # the tiny model's native size
-PROMPTS = ["a bottle on marble", "a bottle on wet rocks", "studio backdrop, soft light", "a wooden table",
-           "a beach at dusk", "moss and ferns", "brushed concrete", "a kitchen counter"]
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return save_model(init_model(PRESETS["tiny-inpaint"], seed=1), tmp_path_factory.mktemp("serve") / "model")
+    return save_tiny_inpaint_model(tmp_path_factory.mktemp("serve") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -58,97 +46,12 @@ def pipe(model_dir):
     return Pipeline.from_pretrained(model_dir, device="cpu", dtype=torch.float32)
 
 
-def _start(pipe, engine_config: EngineConfig, server_config: ServerConfig) -> ServerThread:
-    srv = ServerThread(create_app(Engine(pipe, engine_config), server_config)).start()
-    _wait(lambda: httpx.get(f"{srv.url}/readyz").status_code == 200, 60, "readyz")
-    return srv
-
-
 @pytest.fixture(scope="module")
 def server(pipe):
-    srv = _start(pipe, EngineConfig(max_batch_size=8, max_queue_delay_ms=500, max_queue=32, request_timeout=120),
-                 ServerConfig(steps=STEPS, max_body_bytes=2**20))
+    srv = start_server(pipe, EngineConfig(max_batch_size=8, max_queue_delay_ms=500, max_queue=32,
+                                          request_timeout=120), ServerConfig(steps=STEPS, max_body_bytes=2**20))
     yield srv
     srv.stop()
-
-
-# ------------------------------------------------------------------------------------------------- helpers
-
-def _wait(cond, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def product(seed: int, size=(SIZE, SIZE)) -> np.ndarray:
-    """An RGBA cut-out (H, W, 4): a noisy background at alpha 0, an opaque disc (the product) with a soft rim."""
-    rng = np.random.default_rng(seed)
-    h, w = size
-    rgba = np.zeros((h, w, 4), np.uint8)
-    rgba[..., :3] = rng.integers(0, 256, (h, w, 3))
-    yy, xx = np.mgrid[:h, :w]
-    r = np.hypot(yy - h * rng.uniform(0.35, 0.65), xx - w * rng.uniform(0.35, 0.65))
-    rgba[..., 3] = np.clip((h * 0.3 - r) * 128, 0, 255).astype(np.uint8)  # 255 inside, a 2-px ramp, 0 outside
-    return rgba
-
-
-def png(array_or_image, mode=None) -> bytes:
-    im = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image, mode)
-    buf = io.BytesIO()
-    im.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def decode(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
-
-
-def metrics(srv) -> str:
-    return httpx.get(f"{srv.url}/metrics").text
-
-
-def scalar(text: str, series: str) -> float:
-    """The value of one exposition line, e.g. 'backdrop_queue_depth' or 'backdrop_requests_total{...}'; 0 if absent."""
-    for line in text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-def client(srv, retries=0):
-    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=retries, timeout=120)
-
-
-def assert_kept_exact(out: np.ndarray, rgba: np.ndarray):
-    kept = rgba[..., 3] == 255
-    assert kept.sum() > 100
-    np.testing.assert_array_equal(out[kept], rgba[..., :3][kept])
-
-
-def raw_http(srv, head: bytes, body: bytes = b"", read=True) -> tuple[int, dict]:
-    """Send bytes on a plain socket; return (status, JSON body) of the response."""
-    with socket.create_connection((srv.host, srv.port), timeout=30) as s:
-        s.sendall(head + body)
-        if not read:
-            return 0, {}
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-            if b"\r\n\r\n" in data and len(data.split(b"\r\n\r\n", 1)[1]) >= int(
-                    dict(line.split(b": ", 1) for line in data.split(b"\r\n\r\n")[0].split(b"\r\n")[1:]).get(
-                        b"content-length", b"0")):
-                break
-    status = int(data.split(b" ", 2)[1])
-    return status, json.loads(data.split(b"\r\n\r\n", 1)[1])
-
-
-JSON = {"content-type": "application/json"}  # the JSON endpoints require it
-
-
-def inpaint_body(rgba, **fields) -> bytes:
-    return json.dumps({"image": base64.b64encode(png(rgba)).decode(), "prompt": "a table", **fields}).encode()
 
 
 # ------------------------------------------------------------------------------------------------- tests
@@ -361,42 +264,6 @@ def test_wrapped_base64_opaque_background_and_short_error_echoes(server):
     assert err["param"] == "x" * 59 + "…"  # the unknown parameter's name, cut the same way
 
 
-class FailsOn:
-    """The module's Pipeline, except that a call whose prompts include `bad` raises: the failure injection (an
-    input that trips a bug in the model), the real Pipeline otherwise."""
-
-    def __init__(self, pipe, bad: str):
-        self.pipe, self.bad, self.calls = pipe, bad, []
-
-    def __getattr__(self, name):
-        return getattr(self.pipe, name)
-
-    def generate(self, prompt, **kwargs):
-        self.calls.append(list(prompt))
-        if self.bad in prompt:
-            raise RuntimeError("injected failure")
-        return self.pipe.generate(prompt, **kwargs)
-
-
-def test_a_request_that_fails_the_model_fails_alone_not_its_batch(pipe, caplog):
-    failing = FailsOn(pipe, "bad")
-    engine = Engine(failing, EngineConfig(max_batch_size=4, max_queue_delay_ms=0), warmup=False)
-    key = ServeKey("generate", SIZE, SIZE, 1, "dpmpp-2m", "backdrop")
-    prompts = [["good a", "good b"], ["bad"], ["good c"]]
-    reqs = [engine.submit(key, [Item(p, seed) for seed, p in enumerate(ps)], lambda: None) for ps in prompts]
-    engine.start()  # after the submissions, so that all four images make one batch
-    try:
-        assert all(r.wait(60) for r in reqs)
-    finally:
-        engine.close(60)
-    assert failing.calls == [["good a", "good b", "bad", "good c"], ["good a", "good b"], ["bad"], ["good c"]]
-    assert [r.status for r in reqs] == ["done", "failed", "done"] and str(reqs[1].error) == "injected failure"
-    assert [len(r.results) for r in reqs] == [2, 1, 1]
-    solo = pipe.generate(["good c"], seed=[0], steps=1, progress=False).images[0]
-    np.testing.assert_array_equal(np.asarray(reqs[2].results[0]), np.asarray(solo))
-    assert "running each request alone" in caplog.text
-
-
 def asgi_status(app, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> int:
     """Call an ASGI app in this process, with no HTTP server in front of it; the response's status."""
     sent = []
@@ -437,158 +304,3 @@ def test_refusals_before_any_endpoint_are_counted_in_metrics(server, pipe):
     app = create_app(engine, ServerConfig(steps=STEPS))
     assert asgi_status(app, "POST", "/v1/inpaint", [(b"content-length", b"12a")]) == 400
     assert engine.metrics.requests.value(endpoint="inpaint", code="400") == 1
-
-
-def test_queue_full_429_retry_deadline_504_and_disconnect(pipe):
-    """One image at a time, one queued at most. A 1000-step request with a short `timeout` holds the worker."""
-    srv = _start(pipe, EngineConfig(max_batch_size=1, max_queue_delay_ms=0, max_queue=1, request_timeout=60),
-                 ServerConfig(steps=1))
-    try:
-        url = f"{srv.url}/v1/inpaint"
-        results = {}
-
-        def background(name, body):
-            results[name] = httpx.post(url, content=body, headers=JSON, timeout=60)
-            return results[name]
-
-        def hold_worker(timeout):
-            t = threading.Thread(target=background, args=("blocker", inpaint_body(product(2), steps=1000,
-                                                                                  timeout=timeout)))
-            t.start()
-            _wait(lambda: scalar(m := metrics(srv), "backdrop_requests_in_flight") == 1
-                  and scalar(m, "backdrop_queue_depth") == 0, 30, "the worker to take the blocker")
-            return t
-
-        # a client that disconnects while queued is dropped from the queue (and never run)
-        blocker = hold_worker(timeout=4)
-        body = inpaint_body(product(3))
-        with socket.create_connection((srv.host, srv.port)) as s:
-            s.sendall(b"POST /v1/inpaint HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
-                      + str(len(body)).encode() + b"\r\n\r\n" + body)
-            _wait(lambda: scalar(metrics(srv), "backdrop_queue_depth") == 1, 30, "the request to be queued")
-        _wait(lambda: scalar(m := metrics(srv), "backdrop_queue_depth") == 0 and scalar(
-            m, 'backdrop_requests_total{endpoint="inpaint",code="499"}') == 1, 10, "the disconnect to be noticed")
-        assert blocker.is_alive(), "the blocker finished before the cancelled request left the queue"
-        blocker.join()
-        r = results["blocker"]  # past its deadline while running: 504, and the batch is interrupted
-        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
-
-        # a full queue answers 429 + Retry-After; the openai client waits that long and its retry succeeds
-        blocker = hold_worker(timeout=2)
-        queued = threading.Thread(target=background, args=("queued", inpaint_body(product(4))))
-        queued.start()
-        _wait(lambda: scalar(metrics(srv), "backdrop_queue_depth") == 1, 30, "the queue to fill")
-        edit = {"image": ("p.png", png(product(5)), "image/png")}
-        r = httpx.post(f"{srv.url}/v1/images/edits", files=edit, data={"prompt": "x"})
-        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, r.text
-        assert r.json()["error"]["type"] == "rate_limit_error"
-        out = client(srv, retries=3).images.edit(image=edit["image"], prompt="x", extra_body={"seed": 5})
-        assert_kept_exact(decode(out.data[0].b64_json), product(5))
-        text = metrics(srv)
-        assert scalar(text, 'backdrop_requests_total{endpoint="edits",code="429"}') >= 2  # ours and the client's
-        assert scalar(text, 'backdrop_requests_total{endpoint="edits",code="200"}') == 1
-        blocker.join()
-        queued.join()
-        assert results["blocker"].status_code == 504 and results["queued"].status_code == 200
-        assert httpx.get(f"{srv.url}/healthz").status_code == 200
-    finally:
-        srv.stop()
-
-
-def test_cli_serve_drains_in_flight_work_on_sigterm(model_dir):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "backdrop", "serve", str(model_dir), "--port", str(port),
-                             "--steps", "2", "--device", "cpu", "--dtype", "fp32", "--log-level", "warning"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def ready():
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                return httpx.get(f"{url}/readyz").status_code == 200
-            except httpx.TransportError:
-                return False
-        _wait(ready, 120, "the server to be ready")
-        result = {}
-        t = threading.Thread(target=lambda: result.update(r=httpx.post(
-            f"{url}/v1/inpaint", content=inpaint_body(product(6), steps=40, seed=1), headers=JSON, timeout=120)))
-        t.start()
-        _wait(lambda: scalar(httpx.get(f"{url}/metrics").text, "backdrop_requests_in_flight") == 1, 30, "in flight")
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        with pytest.raises(httpx.TransportError):  # no new connections while draining
-            httpx.get(f"{url}/healthz")
-        t.join(120)
-        assert result["r"].status_code == 200, result["r"].text
-        assert_kept_exact(decode(result["r"].json()["data"][0]["b64_json"]), product(6))
-        # uvicorn re-raises the signal once the drain is done, so the exit status is SIGTERM's (143 in a shell),
-        # not a crash (1) or a kill after a timeout
-        assert proc.wait(60) == -signal.SIGTERM
-        assert "Traceback" not in proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def test_cli_errors_are_one_line(capsys, tmp_path, model_dir):
-    assert cli_main(["serve", str(model_dir), "--sampler", "ddim", "--steps", "1000"]) == 2  # refused before serving
-    assert "--steps 1000" in capsys.readouterr().err
-    assert cli_main(["serve", str(tmp_path / "missing")]) == 2
-    assert "missing" in capsys.readouterr().err
-    assert cli_main(["serve", str(tmp_path), "--max-queue", "0"]) == 2
-    assert "--max-queue" in capsys.readouterr().err
-    assert cli_main(["serve", str(tmp_path), "--port", "70000"]) == 2
-    assert cli_main(["serve", str(model_dir), "--device", "gpu"]) == 2
-    assert "--device 'gpu' is not a device name" in capsys.readouterr().err
-
-
-def test_warm_up_covers_every_graph_bucket_on_cuda_only():
-    from backdrop.serve.engine import warm_up_batches
-
-    assert warm_up_batches("cpu", 8) == [1]
-    assert warm_up_batches("cuda", 8) == [1, 2, 4, 8]
-    assert warm_up_batches("cuda", 6) == [1, 2, 4, 6]   # 6 images pad to the 8-image graph, captured by its own call
-    assert warm_up_batches("cuda", 1) == [1]
-
-
-def test_cuda_graph_unet_buckets_pad_and_slice(pipe):
-    """On the CPU the wrapper pads to its batch bucket and runs eagerly: rows must equal the direct call's,
-    whatever stale rows the static buffers hold from earlier calls."""
-    unet = pipe.backend.unet
-    wrapped = CUDAGraphUNet(unet, "cpu")
-    assert not wrapped.graphs and wrapped.bucket(3) == 4 and wrapped.bucket(65) is None
-    g = torch.Generator().manual_seed(0)
-    for b in (3, 2, 3, 1):
-        x = torch.randn(b, 9, 8, 8, generator=g)
-        t = torch.randint(0, 1000, (b,), generator=g).float()
-        ctx = torch.randn(b, 77, 64, generator=g)
-        torch.testing.assert_close(wrapped(x, t, ctx), unet(x, t, ctx), atol=1e-5, rtol=1e-4)
-    assert sorted(k[0] for k in wrapped.captured) == [1, 2, 4]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graph_replay_matches_eager(model_dir):
-    gpu = Pipeline.from_pretrained(model_dir, device="cuda", dtype=torch.float16)
-    unet = gpu.backend.unet
-    wrapped = CUDAGraphUNet(unet, "cuda")
-    g = torch.Generator().manual_seed(0)
-    for b in (3, 2, 3, 8):
-        x = torch.randn(b, 9, 8, 8, generator=g).cuda()
-        t = torch.randint(0, 1000, (b,), generator=g).float().cuda()
-        ctx = torch.randn(b, 77, 64, generator=g).cuda()
-        torch.testing.assert_close(wrapped(x, t, ctx), unet(x, t, ctx), atol=2e-3, rtol=2e-3)
-    assert all(v.graph is not None for v in wrapped._cache.values())
-
-
-def test_metrics_histogram_round_trip():
-    h = Histogram("x_seconds", "help", (1, 2, 4), labelnames=("endpoint",))
-    for v in (0.5, 1, 3, 9):
-        h.observe(v, endpoint='a"b')
-    parsed = parse_histogram("\n".join(h.render()), "x_seconds", endpoint='a\\"b')
-    assert parsed == {"buckets": {1.0: 2, 2.0: 2, 4.0: 3, float("inf"): 4}, "sum": 13.5, "count": 4}
-    with pytest.raises(ValueError):
-        h.observe(1.0, other="x")
