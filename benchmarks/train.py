@@ -1,18 +1,21 @@
 """Training throughput of the pretrain and inpaint stages: Backdrop's Trainer + stage vs the same loop written on
 diffusers' UNet2DConditionModel (and AutoencoderKL for inpaint's masked image), identical weights and batch.
 
-    .venv/bin/python benchmarks/train.py [--cases tiny-64,sd15-256] [--stages pretrain,inpaint] [--threads N]
-                                         [--repeats 2] [--precision fp32|bf16] [--weights fp32|bf16]
+    .venv/bin/python benchmarks/train.py [--cases tiny-64,sd15-256] [--stages pretrain,inpaint,inpaint-product]
+                                         [--threads N] [--repeats 2] [--precision fp32|bf16] [--weights fp32|bf16]
 
 Ours: `Trainer.train_step()` (fused AdamW) on PretrainStage / InpaintStage with a cached batch (VAE posterior
 moments and text embeddings precomputed, as `backdrop train cache` gives them; inpaint still encodes a freshly
-masked image every step, as it must). Peer: the diffusers train_text_to_image loop on the same batch: posterior
+masked image every step for random masks, as it must). Peer: the diffusers train_text_to_image loop on the same batch: posterior
 sample, noise, random timesteps, DDPMScheduler.add_noise, UNet2DConditionModel, MSE to eps, backward,
 clip_grad_norm_(1.0), torch.optim.AdamW (its default, foreach) with the same parameter groups, the same autocast
 precision; inpaint builds the same random masks and encodes image * (mask < 0.5) with diffusers' AutoencoderKL
 (ours encodes the all-grey image of the 25% fully masked items once and reuses it; the peer encodes every item, as
 diffusers' examples do). Both draw every random number from one generator in the same order, so their first losses
-agree (printed: a check that the work is the same).
+agree (printed: a check that the work is the same). inpaint-product is `inpaint --masks product`'s step (the
+Canvas recipe's second half): the product kept, so ours takes the masked image's latents from the cache
+(product_latents, as `backdrop train cache` stores them) and runs no VAE; the peer encodes image * product every
+step, as a diffusers loop does.
 
 Each measurement is its own process (clean memory; SD1.5 training needs ~16 GiB), ours and peer alternate
 `--repeats` times; a process's figure is its median step on the CPU, its mean step between two syncs on a GPU
@@ -72,17 +75,20 @@ class FixedBatch:
 
 def _batch(model, size: int, n: int, device) -> dict:
     """n synthetic images with their cached posterior moments and text embeddings (what a cache row holds)."""
-    from backdrop.train.data import collate, make_dataset
+    from backdrop.diffusion.masks import masked_image
+    from backdrop.train.data import collate, make_dataset, product_repaint_mask
     from backdrop.train.stages.common import posterior_moments
 
     data = make_dataset(f"synthetic:{n}", size)
     items = collate([data[i] for i in range(n)])
+    image, mask = items["image"].to(device), items["mask"].to(device)  # (n, 3, H, W), (n, 1, H, W) 1 = product
     with torch.no_grad():
         vae, text = model.vae.to(device).eval(), model.text_encoder.to(device).eval()
-        moments = posterior_moments(vae, items["image"].to(device))
+        moments = posterior_moments(vae, image)
         context = text(model.tokenizer(items["caption"]).to(device)).float()
-    return {"moments": moments, "context": context, "image": items["image"].to(device),
-            "index": items["index"], "mask": items["mask"].to(device)}
+        product_latents = vae.encode(masked_image(image, product_repaint_mask(mask))).float()  # as the cache
+    return {"moments": moments, "context": context, "image": image, "index": items["index"], "mask": mask,
+            "product_latents": product_latents}
 
 
 def _ours(job: dict, model, batch, device) -> tuple[list[float], list[tuple[float, float]], float]:
@@ -92,7 +98,10 @@ def _ours(job: dict, model, batch, device) -> tuple[list[float], list[tuple[floa
     from backdrop.train.stages.pretrain import PretrainStage
 
     opts = DiffusionOptions(caption_dropout=0.1)
-    stage = (InpaintStage(model, opts, device) if job["stage"] == "inpaint" else PretrainStage(model, opts, device))
+    if job["stage"] == "pretrain":
+        stage = PretrainStage(model, opts, device)
+    else:  # inpaint: random masks; inpaint-product: the product kept, its masked-image latents from the batch
+        stage = InpaintStage(model, opts, device, masks="random" if job["stage"] == "inpaint" else "product")
     cfg = TrainConfig(steps=10 ** 6, batch_size=job["batch"], lr=1e-5, precision=job["precision"], seed=0)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(stage, FixedBatch(batch), cfg, out, device=device, progress=False)
@@ -108,7 +117,7 @@ def _peer(job: dict, model, batch, device) -> tuple[list[float], list[tuple[floa
     from backdrop.train.data import random_mask
     from backdrop.train.stages.inpaint import to_inpaint_model
 
-    if job["stage"] == "inpaint":
+    if job["stage"] != "pretrain":
         model = to_inpaint_model(model)
     cfg = model.config
     with torch.device("meta"):  # take our tensors as they are: identical weights, no second copy in memory
@@ -141,8 +150,12 @@ def _peer(job: dict, model, batch, device) -> tuple[list[float], list[tuple[floa
             eps = h2d(torch.randn(posterior.mean.shape, generator=g))
             latents = (posterior.mean + posterior.std * eps) * cfg.scaling_factor
             concat = None
-            if job["stage"] == "inpaint":
-                mask = h2d(torch.stack([random_mask(*batch["image"].shape[-2:], g) for _ in range(n)]))
+            if job["stage"] != "pretrain":
+                if job["stage"] == "inpaint":
+                    mask = h2d(torch.stack([random_mask(*batch["image"].shape[-2:], g) for _ in range(n)]))
+                else:  # the product kept: data.inpaint_mask draws its coin per item, then 1 - the product mask
+                    [torch.rand(1, generator=g) for _ in range(n)]
+                    mask = 1 - batch["mask"]
                 with torch.no_grad():
                     masked = vae.encode(batch["image"] * (mask < 0.5)).latent_dist.mean * cfg.scaling_factor
                 lat_mask = F.interpolate((mask >= 0.5).float(), size=latents.shape[-2:])
@@ -228,7 +241,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="sd15-256,sd15-512" if cuda else "tiny-64,sd15-256",
                     help=f"comma-separated, from {', '.join(CASES)}")
-    ap.add_argument("--stages", default="pretrain,inpaint")
+    ap.add_argument("--stages", default="pretrain,inpaint,inpaint-product")
     ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16" if cuda else "fp32")
     ap.add_argument("--weights", choices=("fp32", "bf16"), default="fp32",
                     help="dtype of the trained UNet's weights and AdamW state on both sides; bf16 halves the memory "

@@ -433,6 +433,28 @@ def test_cache_gives_the_on_the_fly_loss(stage_cls, tmp_path):
         assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
 
 
+def test_product_latents_cache_trains_inpaint_without_images_or_the_vae(tmp_path):
+    """A cache of a dataset with product masks holds each item's product-kept masked-image latents: inpaint
+    --masks product --product-prob 1 then needs neither the pixels (a --no-images cache) nor the VAE encoder, and
+    its loss equals on-the-fly encoding's. Random masks still need the pixels: a clear error without them."""
+    model = tiny()
+    randomize_(model.vae, 1)
+    data = make_dataset("synthetic:6", 64)
+    cache = LatentCache(build_cache(model, data, tmp_path / "cache", batch_size=4, images=False, progress=False))
+    assert cache.has_product_latents and not cache.has_images and "image" not in cache[0]
+    stage = InpaintStage(model, DiffusionOptions(caption_dropout=0.5), masks="product", product_prob=1.0)
+    calls = []
+    stage.model.vae.encoder.register_forward_hook(lambda *a: calls.append(1))
+    a, b = next(DataStream(data, 6, seed=3)), next(DataStream(cache, 6, seed=3))
+    lb = fixed_loss(stage, stage.model.unet, b, seed=11)
+    assert calls == []  # no VAE encoder call for the cached batch
+    la = fixed_loss(stage, stage.model.unet, a, seed=11)
+    assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
+    mixed = InpaintStage(model, masks="product", product_prob=0.5)
+    with pytest.raises(ValueError, match="random masks, and this latent cache was built with --no-images"):
+        fixed_loss(mixed, mixed.model.unet, b, seed=11)
+
+
 def test_cache_refuses_other_encoders_and_sizes(tmp_path):
     model = tiny()
     cache = LatentCache(build_cache(model, make_dataset("synthetic:2", 64), tmp_path / "c", progress=False))

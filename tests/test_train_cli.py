@@ -208,6 +208,13 @@ def test_chain_through_the_cli(tmp_path):
                *FAST) == 0
     assert run("inpaint", "--data", "synthetic:8", "--out", d / "prod", "--init", d / "inp/final", "--steps", 2,
                "--masks", "product", *FAST) == 0
+    # a cache without the pixels: random masks need them; keeping the product takes the cached product latents
+    assert run("cache", "--data", "synthetic:8", "--out", d / "lean", "--init", d / "vae/final", "--size", 32,
+               "--no-images", "--quiet") == 0
+    assert run("inpaint", "--data", d / "lean", "--out", d / "x", "--init", d / "inp/final", "--steps", 1,
+               *FAST) == 2
+    assert run("inpaint", "--data", d / "lean", "--out", d / "lean-prod", "--init", d / "inp/final", "--steps", 1,
+               "--masks", "product", *FAST) == 0
 
     clip, vae, pre, prod = (load_model(d / s / "final") for s in ("clip", "vae", "pre", "prod"))
     # each stage replaced its component and kept the others

@@ -6,13 +6,18 @@ cache, used automatically. Layout of CACHE/:
 
     cache.json                 manifest: format, item count, image size, shapes, fingerprints, shard list
     shard-00000.safetensors    rows [0, shard_size): moments (n, 2C, h, w), context (n, 77, C),
-    shard-00001.safetensors    image (n, 3, H, W) uint8 (unless --no-images), mask (n, 1, H, W) uint8 (if masks)
+    shard-00001.safetensors    image (n, 3, H, W) uint8 (unless --no-images), and with product masks: mask
+                               (n, 1, H, W) uint8 and product_latents (n, C, h, w), the posterior mean of the
+                               image with the product kept and the rest grey (what `inpaint --masks product`
+                               feeds the UNet for an item that keeps its product)
     empty.safetensors          context (1, 77, C) of the empty prompt (caption dropout)
 
 Row i is dataset item i, so a DataStream over the cache walks the same order as over the images. `moments` is the
 posterior (mean, clamped log-variance), not a sample: the stage draws the sample from its generator exactly as
 on-the-fly encoding does, so a run gives the same losses either way. The images are kept (as the uint8 they were
-decoded from, so they come back bit-identical) because the inpaint stage encodes a freshly masked image each step.
+decoded from, so they come back bit-identical) because the inpaint stage encodes a freshly masked image each step
+for random masks; an item that keeps its product takes its cached product_latents instead, so `inpaint --masks
+product --product-prob 1` runs no VAE at all and trains from a --no-images cache.
 Flips: Backdrop trains without random flips (product shots carry text and logos, which a mirror garbles), so one
 entry per image is enough. The fingerprints of the weights that made the cache, the VAE's encoding half (encoder
 and quant_conv) and the text encoder, are checked when training starts: a cache made by other encoders is refused
@@ -33,7 +38,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..nn.checkpoint import Model
-from .data import collate
+from ..diffusion.masks import masked_image
+from .data import collate, product_repaint_mask
 from .stages.common import posterior_moments
 
 __all__ = ["MANIFEST", "is_cache", "fingerprint", "vae_encoder_fingerprint", "build_cache", "LatentCache"]
@@ -111,6 +117,8 @@ def build_cache(model: Model, dataset, out: str | os.PathLike, *, batch_size: in
             has_masks = "mask" in batch
             if has_masks:
                 row["mask"] = (batch["mask"] > 0.5).to(torch.uint8)  # (B, 1, H, W)
+                repaint = product_repaint_mask(row["mask"].float()).to(device)  # (B, 1, H, W)
+                row["product_latents"] = vae.encode(masked_image(x, repaint)).float().cpu().to(store)  # (B, C, h, w)
             for i in range(x.shape[0]):  # split at shard boundaries
                 rows.append({k: v[i:i + 1] for k, v in row.items()})
                 if len(rows) == shard_size:
@@ -119,7 +127,8 @@ def build_cache(model: Model, dataset, out: str | os.PathLike, *, batch_size: in
             flush()
         manifest = {
             "format": FORMAT, "rows": n, "size": size, "shard_size": shard_size, "shards": shards,
-            "dtype": dtype, "has_images": images, "has_masks": bool(has_masks), "source": source,
+            "dtype": dtype, "has_images": images, "has_masks": bool(has_masks),
+            "has_product_latents": bool(has_masks), "source": source,
             "latent_channels": model.config.vae.latent_channels,
             "fingerprint": {"vae_encoder": vae_encoder_fingerprint(model.vae),
                             "text_encoder": fingerprint(model.text_encoder)},
@@ -156,6 +165,7 @@ class LatentCache(torch.utils.data.Dataset):
             raise ValueError(f"{self.path / MANIFEST}: the shards hold {sum(s['rows'] for s in m['shards'])} rows, "
                              f"the manifest says {m['rows']}")
         self.size, self.has_masks, self.has_images = m["size"], m["has_masks"], m["has_images"]
+        self.has_product_latents = m.get("has_product_latents", False)  # caches made before them have none
         self.empty_context = load_file(str(self.path / "empty.safetensors"))["context"].float()  # (1, 77, C)
         self._handles: dict[int, object] = {}
 
@@ -197,4 +207,6 @@ class LatentCache(torch.utils.data.Dataset):
             item["image"] = get("image").float() / 127.5 - 1  # (3, H, W), as data._image_tensor makes it
         if self.has_masks:
             item["mask"] = get("mask").float()  # (1, H, W)
+        if self.has_product_latents:
+            item["product_latents"] = get("product_latents").float()  # (C, h, w)
         return item

@@ -200,8 +200,9 @@ def add_parser(subparsers) -> None:
                                                                                 "(default: %(default)s)")
     cache.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                        help="storage precision of latents and embeddings (default: %(default)s)")
-    cache.add_argument("--no-images", action="store_true", help="do not keep the pixels (smaller; pretrain only: "
-                                                                "inpaint needs them)")
+    cache.add_argument("--no-images", action="store_true",
+                       help="do not keep the pixels (much smaller): for pretrain, and for inpaint --masks product "
+                            "--product-prob 1 (random masks need the pixels)")
     cache.set_defaults(func=_run_cache)
 
 
@@ -344,9 +345,11 @@ def _dataset(args, stage: str, size: int, model):
                            "stands in for, so give it images (synthetic:N or an image folder)")
         data = LatentCache(args.data)
         data.check(model, size)
-        if stage == "inpaint" and not data.has_images:
+        if stage == "inpaint" and not data.has_images and not (
+                args.masks == "product" and args.product_prob == 1 and data.has_product_latents):
             raise CLIError(f"--data {args.data}: cache built with --no-images; inpaint encodes masked images, "
-                           "so it needs them")
+                           "so it needs them (only --masks product --product-prob 1 trains without: the cache "
+                           "holds the product latents)")
     else:
         try:  # Synthetic data is World(0), the world the evaluator holds its seeds out from; --seed orders the data.
             data = make_dataset(args.data, size, seed=0)

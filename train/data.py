@@ -33,7 +33,8 @@ from PIL import Image, ImageOps
 from .synthetic import World
 
 __all__ = ["ImageFolder", "SyntheticDataset", "make_dataset", "collate", "ShardedSampler", "DataStream",
-           "MASK_KINDS", "random_mask", "random_mask_with_kind", "product_repaint_mask", "inpaint_mask"]
+           "MASK_KINDS", "random_mask", "random_mask_with_kind", "product_repaint_mask", "inpaint_mask",
+           "inpaint_mask_with_kind"]
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -370,13 +371,20 @@ def product_repaint_mask(product_mask: torch.Tensor) -> torch.Tensor:
     return 1 - product_mask
 
 
-def inpaint_mask(h: int, w: int, generator: torch.Generator, product_mask: torch.Tensor | None = None,
-                 product_prob: float = 0.5) -> torch.Tensor:
+def inpaint_mask_with_kind(h: int, w: int, generator: torch.Generator, product_mask: torch.Tensor | None = None,
+                           product_prob: float = 0.5) -> tuple[torch.Tensor, str]:
     """The fine-tuning mask for one item: with a product mask, `product_prob` of the time keep the product (the
-    job the model ships for); otherwise a random mask. (1, h, w), 1 = repaint."""
+    job the model ships for); otherwise a random mask. (1, h, w), 1 = repaint, and its kind: "product" or the
+    random mask's (MASK_KINDS)."""
     u = torch.rand(1, generator=generator).item()  # drawn always, so the stream of draws does not depend on masks
     if product_mask is not None and u < product_prob:
         if product_mask.shape[-2:] != (h, w):
             raise ValueError(f"inpaint_mask: product mask is {tuple(product_mask.shape)}, expected (1, {h}, {w})")
-        return product_repaint_mask(product_mask)
-    return random_mask(h, w, generator)
+        return product_repaint_mask(product_mask), "product"
+    return random_mask_with_kind(h, w, generator)
+
+
+def inpaint_mask(h: int, w: int, generator: torch.Generator, product_mask: torch.Tensor | None = None,
+                 product_prob: float = 0.5) -> torch.Tensor:
+    """inpaint_mask_with_kind's mask alone."""
+    return inpaint_mask_with_kind(h, w, generator, product_mask, product_prob)[0]

@@ -23,7 +23,7 @@ from ...diffusion import masks as M
 from ...diffusion.samplers import host_to_device
 from ...nn.checkpoint import Model
 from ...nn.unet import UNet
-from ..data import inpaint_mask, random_mask
+from ..data import inpaint_mask_with_kind, random_mask
 from .common import DiffusionOptions, DiffusionStage
 
 __all__ = ["InpaintStage", "to_inpaint_unet", "to_inpaint_model", "MASK_MODES"]
@@ -74,44 +74,69 @@ class InpaintStage(DiffusionStage):
         self.masks, self.product_prob, self.latent_mask_mode = masks, product_prob, latent_mask
         self._grey: dict[tuple, torch.Tensor] = {}  # latents of the all-grey image, per (H, W, device)
 
-    def _repaint_masks(self, batch: dict, generator: torch.Generator, hw: tuple[int, int]) -> torch.Tensor:
-        """(B, 1, H, W) float in {0, 1}, 1 = repaint, one per item from the generator."""
+    def _repaint_masks(self, batch: dict, generator: torch.Generator,
+                       hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1, H, W) float in {0, 1}, 1 = repaint, one per item from the generator; and (B,) bool on the host:
+        which items keep their product (their mask is the inverted product mask)."""
         n = len(batch["index"])
         if self.masks == "random":
-            return torch.stack([random_mask(*hw, generator) for _ in range(n)])
+            return torch.stack([random_mask(*hw, generator) for _ in range(n)]), torch.zeros(n, dtype=torch.bool)
         if "mask" not in batch:
             raise ValueError("inpaint --masks product needs product masks, and this data has none (give every "
                              "image a mask: see train/data.py for the folder layout)")
         product = batch["mask"].cpu()  # (B, 1, H, W), 1 = product
-        return torch.stack([inpaint_mask(*hw, generator, product[i], self.product_prob) for i in range(n)])
+        drawn = [inpaint_mask_with_kind(*hw, generator, product[i], self.product_prob) for i in range(n)]
+        return torch.stack([m for m, _ in drawn]), torch.tensor([kind == "product" for _, kind in drawn])
 
-    def _masked_latents(self, image: torch.Tensor, mask: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-        """Scaled posterior means of image * (mask < 0.5). A fully masked item's masked image is all grey (zeros),
-        the same every time: its latents are encoded once and reused (the 25% "full" random masks). `full` (B,)
-        bool says which items those are, on the host: reading it from the device mask would wait for the GPU."""
+    def _masked_latents(self, image: torch.Tensor | None, mask: torch.Tensor, full: torch.Tensor,
+                        known: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Scaled posterior means of image * (mask < 0.5), (B, 4, h, w), encoded here except for two kinds of item:
+        a fully masked item's masked image is all grey (zeros), the same every time, so its latents are encoded
+        once and reused (the 25% "full" random masks); and the items `known` = (rows (B,) bool, unscaled latents
+        (B, 4, h, w)) names take those (the product kept: the latent cache's product_latents). `full` and the rows
+        are on the host: reading them from the device would wait for the GPU. `image` may be None when no item
+        needs encoding."""
         vae, sf = self.model.vae, self.config.scaling_factor
-        if not bool(full.any()):
+        rows, latents = known if known is not None else (torch.zeros_like(full), None)
+        encode = ~full & ~rows  # (B,)
+        if bool(encode.all()):
             return vae.encode(M.masked_image(image, mask)).float() * sf
-        key = (*image.shape[-2:], image.device)
-        if key not in self._grey:
-            self._grey[key] = vae.encode(torch.zeros_like(image[:1])).float() * sf  # (1, 4, h, w)
-        out = self._grey[key].expand(image.shape[0], -1, -1, -1).clone()  # (B, 4, h, w)
-        if not bool(full.all()):
-            rest = host_to_device((~full).nonzero().squeeze(1), image.device)  # host indices: no device nonzero
-            out[rest] = vae.encode(M.masked_image(image[rest], mask[rest])).float() * sf
+        if bool(encode.any()) and image is None:
+            raise ValueError("inpaint needs the pixels to encode the masked image of items with random masks, and "
+                             "this latent cache was built with --no-images; rebuild it without --no-images, or "
+                             "train with --masks product --product-prob 1 (the product latents are cached)")
+        out = None
+        for which, make in ((full, lambda idx: self._grey_latents(mask).expand(len(idx), -1, -1, -1)),
+                            (rows, lambda idx: latents[idx].float() * sf),
+                            (encode, lambda idx: vae.encode(M.masked_image(image[idx], mask[idx])).float() * sf)):
+            if bool(which.any()):
+                idx = host_to_device(which.nonzero().squeeze(1), mask.device)  # host indices: no device nonzero
+                part = make(idx)  # (k, 4, h, w)
+                out = part.new_empty(mask.shape[0], *part.shape[1:]) if out is None else out  # (B, 4, h, w)
+                out[idx] = part
         return out
 
+    def _grey_latents(self, mask: torch.Tensor) -> torch.Tensor:
+        """(1, 4, h, w): the scaled latents of the all-grey image at the mask's size, encoded once per size."""
+        key = (*mask.shape[-2:], mask.device)
+        if key not in self._grey:
+            grey = torch.zeros(1, 3, *mask.shape[-2:], device=mask.device)  # (1, 3, H, W)
+            self._grey[key] = self.model.vae.encode(grey).float() * self.config.scaling_factor
+        return self._grey[key]
+
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        if "moments" in batch and "image" not in batch:
+        image = batch.get("image")  # (B, 3, H, W) in [-1, 1]; a latent cache built with --no-images has none
+        if image is None and not (self.masks == "product" and "product_latents" in batch):
             raise ValueError("inpaint needs the pixels to encode the masked image, and this latent cache was "
                              "built with --no-images; rebuild it without --no-images or pass the images")
         x0, context = self.condition(batch, generator)  # (B, 4, h, w), (B, 77, C)
-        image = batch["image"]  # (B, 3, H, W) in [-1, 1]
-        mask = self._repaint_masks(batch, generator, tuple(image.shape[-2:]))  # (B, 1, H, W) on the host
+        hw = tuple((image if image is not None else batch["mask"]).shape[-2:])
+        mask, kept = self._repaint_masks(batch, generator, hw)  # (B, 1, H, W), (B,) on the host
         full = (mask >= 0.5).flatten(1).all(dim=1)  # (B,) items repainted entirely
-        mask = host_to_device(mask, image.device)
+        mask = host_to_device(mask, x0.device)
+        known = (kept & ~full, batch["product_latents"]) if "product_latents" in batch else None
         with torch.no_grad():
-            masked_latents = self._masked_latents(image, mask, full)  # (B, 4, h, w)
+            masked_latents = self._masked_latents(image, mask, full, known)  # (B, 4, h, w)
             lat_mask = M.latent_mask(mask, size=tuple(x0.shape[-2:]), mode=self.latent_mask_mode)  # (B, 1, h, w)
         concat = torch.cat([lat_mask.to(x0.dtype), masked_latents], dim=1)  # (B, 5, h, w)
         loss, metrics = self.diffusion_loss(model, x0, context, generator, concat)
