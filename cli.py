@@ -91,6 +91,35 @@ def load_loras(pipe, loras: list[tuple[str, float]]) -> None:
             raise CLIError(f"--lora: {one_line(e)}") from None
 
 
+def textual_inversion_spec(text: str) -> tuple[str, str | None]:
+    """--textual-inversion PATH[:TOKEN] -> (path, token; None: the file's own); the whole text is the path when it
+    names an existing file, or when what follows the last colon holds a slash (`C:/x.safetensors`)."""
+    path, sep, token = text.rpartition(":")
+    if not (sep and path) or os.path.exists(text) or "/" in token or "\\" in token:
+        return text, None
+    if not token.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} ends in ':' without a TOKEN; give PATH or PATH:TOKEN")
+    return path, token
+
+
+def add_textual_inversion_option(group) -> None:
+    """--textual-inversion, for the commands that load a model."""
+    group.add_argument("--textual-inversion", action="append", default=[], type=textual_inversion_spec,
+                       metavar="PATH[:TOKEN]",
+                       help="add a learned word (a textual inversion embedding: diffusers' learned_embeds or "
+                            "A1111's .safetensors) for prompts to use as TOKEN (default: the one the file names; "
+                            "A1111's: the file's name); repeat for several (--backend torch only)")
+
+
+def load_textual_inversions(pipe, specs: list[tuple[str, str | None]]) -> None:
+    """Load each --textual-inversion into the pipeline; a bad file, key or token is a one-line CLIError."""
+    for path, token in specs:
+        try:
+            pipe.load_textual_inversion(path, token=token)
+        except (OSError, ValueError) as e:  # CheckpointError (a ValueError) names the file and the key
+            raise CLIError(f"--textual-inversion: {one_line(e)}") from None
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, except that a usage error is one line (with where to find help), like every other user error,
     instead of the usage block; subcommands' parsers are of this class too (add_subparsers takes the parent's)."""

@@ -45,7 +45,6 @@ DIFFUSERS_INSTEAD = {
     "height": _SAME_SIZE, "width": _SAME_SIZE,
     "return_dict": "the result is an Output: take its .images",
     "timesteps": _NO_SCHEDULE, "sigmas": _NO_SCHEDULE,
-    "clip_skip": "not supported (the text encoder's last layer is used)",
     "masked_image_latents": "give image= and mask=; the masked image is encoded here",
     "ip_adapter_image": _NO_IP_ADAPTER, "ip_adapter_image_embeds": _NO_IP_ADAPTER,
     "safety_checker": _NO_SAFETY_CHECKER, "requires_safety_checker": _NO_SAFETY_CHECKER,

@@ -20,7 +20,8 @@ import secrets
 import sys
 from pathlib import Path
 
-from backdrop.cli import CLIError, add_lora_option, load_loras, make_folder, one_line, parse_device
+from backdrop.cli import (CLIError, add_lora_option, add_textual_inversion_option, load_loras,
+                          load_textual_inversions, make_folder, one_line, parse_device)
 from backdrop.diffusion.schedule import RECIPES
 
 __all__ = ["add_parser"]
@@ -41,6 +42,7 @@ def _common_options() -> argparse.ArgumentParser:
     model.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                        help="weight precision (default: fp16 on GPUs, bf16 on CPUs with native bf16, else fp32)")
     add_lora_option(model)
+    add_textual_inversion_option(model)
     s = p.add_argument_group("sampling")
     s.add_argument("--prompt", required=True, metavar="TEXT",
                    help="what the picture should show, e.g. 'a bottle on wet rocks'")
@@ -61,6 +63,10 @@ def _common_options() -> argparse.ArgumentParser:
     s.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
                    help="rescale the guided prediction toward the prompt-only one's spread (Lin et al. 2023), "
                         "0-1: counters washed-out or over-exposed images at high guidance (default: %(default)s)")
+    s.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                   help="condition on the text encoder's output N layers before its last (diffusers' clip_skip; "
+                        "A1111's 'CLIP skip' is N + 1): 1 for models trained that way, e.g. many anime SD1.5 "
+                        "fine-tunes (default: 0, the last layer; --backend torch only)")
     s.add_argument("--eta", type=float, default=0.0,
                    help="with --sampler ddim: fresh noise each step, 0 = none (deterministic), 1 = as DDPM "
                         "(default: %(default)s)")
@@ -146,7 +152,8 @@ def _check(args) -> None:
              ("--steps", args.steps, args.steps >= 1, "at least 1"),
              ("--guidance-scale", args.guidance_scale, 0 <= args.guidance_scale < math.inf, "finite and >= 0"),
              ("--guidance-rescale", args.guidance_rescale, 0 <= args.guidance_rescale <= 1, "in [0, 1]"),
-             ("--eta", args.eta, 0 <= args.eta < math.inf, "finite and >= 0")]
+             ("--eta", args.eta, 0 <= args.eta < math.inf, "finite and >= 0"),
+             ("--clip-skip", args.clip_skip, args.clip_skip is None or args.clip_skip >= 0, ">= 0")]
     if args.seed is not None:
         rules.append(("--seed", args.seed, 0 <= args.seed < 2**63 - args.n, "in [0, 2**63 - N)"))
     if args.kind == "generate":
@@ -250,12 +257,18 @@ def _out_folder(path: str) -> Path:
 def _pipeline(args):
     from backdrop.diffusion.pipeline import Pipeline
     from backdrop.diffusion.schedule import build_schedule
+    from backdrop.diffusion.text import check_clip_skip
 
     try:
         pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     except (OSError, ValueError, RuntimeError, ImportError) as e:  # missing files, CheckpointError, OOM, no ORT/TRT
         raise CLIError(f"cannot load model {args.model}: {one_line(e)}") from None
     load_loras(pipe, args.lora)
+    load_textual_inversions(pipe, args.textual_inversion)
+    try:  # the upper bound is the model's number of text encoder layers
+        check_clip_skip(args.clip_skip, pipe.backend)
+    except ValueError as e:
+        raise CLIError(f"--clip-skip {args.clip_skip}: {one_line(e)}") from None
     try:  # the model's scheduler decides which steps/sampler/strength it can run: say so before any work
         schedule = build_schedule(args.sampler, args.steps, pipe.config.scheduler)
         if args.kind != "generate":
@@ -270,7 +283,8 @@ def _run(args) -> int:
     _check(args)
     common = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                   sampler=args.sampler, guidance_scale=args.guidance_scale,
-                  guidance_rescale=args.guidance_rescale, eta=args.eta, progress=not args.quiet)
+                  guidance_rescale=args.guidance_rescale, eta=args.eta, clip_skip=args.clip_skip,
+                  progress=not args.quiet)
     if args.kind == "generate":
         common.update(height=args.height, width=args.width)
     elif args.kind == "img2img":

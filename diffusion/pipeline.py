@@ -1,9 +1,9 @@
 """Pipeline: text-to-image, image-to-image and inpainting over any Backend (export/backends.py).
 
 Thin on purpose: the math lives in schedule.py / samplers.py / guidance.py and every image and mask operation in
-masks.py, and how one call's arguments become per-item lists in batching.py; this file only follows their recipes
-(the module docstrings of samplers.py and masks.py) and runs the models. One call may hold different prompts,
-images, masks, seeds and strengths:
+masks.py, how one call's arguments become per-item lists in batching.py, and how prompts become the UNet's context
+in text.py; this file only follows their recipes (the module docstrings of samplers.py and masks.py) and runs the
+models. One call may hold different prompts, images, masks, seeds and strengths:
 
   * Broadcasting. `prompt`, `negative_prompt`, `image`, `mask`/`product_mask`, `seed` and `strength` may each be
     one value or a list of n (the n requests); a single value applies to all. num_images_per_prompt = k then
@@ -26,10 +26,15 @@ images, masks, seeds and strengths:
     ignores it elsewhere; we refuse it there rather than silently drop it).
   * Strengths. Samplers take one sigma per step for the whole batch, so items with different strengths run as
     separate sampler loops (one per distinct strength) in one call; outputs keep the input order.
-  * Text is encoded once per distinct prompt and negative prompt, in one encode_text call. A text over CLIP's 77
+  * Text is encoded once per distinct prompt and negative prompt, in one text encoder call. A text over CLIP's 77
     tokens is cut there (as diffusers does), with a logged warning that names the dropped words. Instead of text,
     `prompt_embeds` / `negative_prompt_embeds` (n, L, C) give the embeddings (diffusers' arguments; encode_prompt
     makes them from text, to encode once and reuse). With neither, the prompt is "" (unconditional).
+  * clip_skip (diffusers' argument; None or 0 = the last layer): the context from the text encoder's output that
+    many layers before the last, for the prompts and, unlike diffusers, the negative prompts too (text.py says
+    why). Torch backend only: an exported text encoder ends at its last layer, so the others refuse it by name.
+  * load_textual_inversion adds learned words (diffusers' or A1111's .safetensors; nn/textual_inversion.py) to
+    the torch backend's tokenizer and text encoder, as diffusers' method; unload_textual_inversion removes them.
   * Sizes need not be multiples of 8: images are reflect-padded (masks.pad_to_multiple) and outputs cropped back,
     so the output has the input's size. generate's height/width default to the model's native image_size, the
     resolution it was trained at (512 for SD1.5, 768 for SD2-v, 64 for the tiny model): anything else is slower
@@ -55,7 +60,6 @@ Which model, device and precision `from_pretrained` picks by default: nn/resolve
 """
 from __future__ import annotations
 
-import logging
 import threading
 from typing import Callable
 
@@ -72,13 +76,14 @@ from backdrop.diffusion.output import Output, as_hwc, format_output
 from backdrop.diffusion.samplers import (SamplingInterrupted, blend_known_region, default_noise_sampler,
                                          initial_latents, noised_latents, output_latents, per_item_randn, sample)
 from backdrop.diffusion.schedule import build_schedule
+from backdrop.diffusion.text import check_clip_skip, contexts, embed, torch_model
 from backdrop.nn.resolve import (DTYPES, default_device, default_dtype, parse_dtype, resolve_model,
                                  unet_width)
-from backdrop.nn.tokenizer import CONTEXT_LENGTH
 
 __all__ = ["Pipeline", "Output", "SamplingInterrupted", "OUTPUT_TYPES"]
 
-log = logging.getLogger(__name__)
+_TI_INSTEAD = ("an exported text encoder's vocabulary is fixed. Encode the prompts with a torch pipeline that "
+               "loaded the embedding (encode_prompt) and pass prompt_embeds= and negative_prompt_embeds=")
 
 
 # ----------------------------------------------------------------------------------------------------- pipeline
@@ -141,6 +146,20 @@ class Pipeline:
         while self._loras:
             unfuse_lora(self._loras.pop())
 
+    def load_textual_inversion(self, pretrained_model_name_or_path, token=None) -> None:
+        """Add textual inversion embeddings to the torch backend's tokenizer and text encoder, as diffusers'
+        load_textual_inversion: a .safetensors file in diffusers' or A1111's format, a folder holding diffusers'
+        learned_embeds.safetensors, a state dict or a tensor, or a list of them; `token` (or one per embedding)
+        names the word prompts use. Several loads stack. Formats and errors: nn/textual_inversion.py."""
+        from backdrop.nn.textual_inversion import load_textual_inversion
+        load_textual_inversion(torch_model(self.backend, "textual inversion", _TI_INSTEAD),
+                               pretrained_model_name_or_path, token)
+
+    def unload_textual_inversion(self) -> None:
+        """Remove every loaded embedding: the tokenizer and the text encoder are bit-identical to before the first."""
+        from backdrop.nn.textual_inversion import unload_textual_inversion
+        unload_textual_inversion(torch_model(self.backend, "textual inversion", _TI_INSTEAD))
+
     # -------------------------------------------------------------------------------------------- public API
 
     @diffusers_names
@@ -148,7 +167,7 @@ class Pipeline:
                  steps: int = 30, guidance_scale: float = 7.5, sampler: str = "dpmpp-2m", seed=None, latents=None,
                  num_images_per_prompt: int = 1, output_type: str = "pil", guidance_rescale: float = 0.0,
                  eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None, generator=None,
-                 progress: bool = True, callback: Callable | None = None,
+                 clip_skip: int | None = None, progress: bool = True, callback: Callable | None = None,
                  interrupt: threading.Event | None = None) -> Output:
         """Text to image. height/width: default the model's native config.image_size; any positive size works
         (sampled at the next multiple of 8, then cropped). `callback(step, latents)` runs after every step."""
@@ -158,6 +177,7 @@ class Pipeline:
                 for v, name in ((height, "height"), (width, "width")))
         req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
                        embeds=(prompt_embeds, negative_prompt_embeds), width=self._width, generator=generator)
+        req["clip_skip"] = check_clip_skip(clip_skip, self.backend)
         B, f = len(req["prompts"]), self.config.vae.downsample_factor
         h, w = (d // f for d in M.fit_size(H, W, self._multiple))
         job = dict(req, strengths=[1.0] * B, x0=None, size=(H, W), c_concat=self._empty_concat(B, h, w))
@@ -168,7 +188,7 @@ class Pipeline:
                 guidance_scale: float = 7.5, sampler: str = "dpmpp-2m", seed=None, latents=None,
                 num_images_per_prompt: int = 1, output_type: str = "pil", guidance_rescale: float = 0.0,
                 eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None, generator=None,
-                progress: bool = True, callback: Callable | None = None,
+                clip_skip: int | None = None, progress: bool = True, callback: Callable | None = None,
                 interrupt: threading.Event | None = None) -> Output:
         """Image to image: the image's latents noised to `strength` (1 = all noise), then int(steps * strength)
         steps, as diffusers' StableDiffusionImg2ImgPipeline. Output has the input's size."""
@@ -178,6 +198,7 @@ class Pipeline:
         req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
                        n=max(len(images), n_strengths), embeds=(prompt_embeds, negative_prompt_embeds),
                        width=self._width, generator=generator)
+        req["clip_skip"] = check_clip_skip(clip_skip, self.backend)
         n, k = req["n"], req["k"]
         img = M.image_to_uint8(repeat(broadcast(images, n, "image"), k))  # (B, H, W, 3)
         strengths = item_strengths(strength, n, k)
@@ -194,8 +215,8 @@ class Pipeline:
                 sampler: str = "dpmpp-2m", seed=None, latents=None, num_images_per_prompt: int = 1,
                 output_type: str = "pil", guidance_rescale: float = 0.0, eta: float = 0.0, mask_mode: str = "max",
                 mask_threshold: float | None = None, prompt_embeds=None, negative_prompt_embeds=None,
-                generator=None, progress: bool = True, callback: Callable | None = None,
-                interrupt: threading.Event | None = None) -> Output:
+                generator=None, clip_skip: int | None = None, progress: bool = True,
+                callback: Callable | None = None, interrupt: threading.Event | None = None) -> Output:
         """Repaint the masked region. Give `mask` (white = repaint), `product_mask` (white = keep the product), or
         neither with RGBA images (OpenAI's convention: alpha 0 = repaint).
 
@@ -223,6 +244,7 @@ class Pipeline:
         req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
                        n=max(len(images), len(masks), n_strengths),
                        embeds=(prompt_embeds, negative_prompt_embeds), width=self._width, generator=generator)
+        req["clip_skip"] = check_clip_skip(clip_skip, self.backend)
         n, k = req["n"], req["k"]
         images, masks = broadcast(images, n, "image"), broadcast(masks, n, kind)
         strengths = item_strengths(strength, n, k)
@@ -344,38 +366,12 @@ class Pipeline:
 
     # -------------------------------------------------------------------------------------------- shared core
 
-    def encode_prompt(self, prompt) -> torch.Tensor:
+    def encode_prompt(self, prompt, clip_skip: int | None = None) -> torch.Tensor:
         """Text embeddings (n, 77, C) float32 on the pipeline's device, for `prompt_embeds` /
         `negative_prompt_embeds`: encode a prompt once and reuse it across calls, or pass embeddings made otherwise
-        (prompt weighting, longer contexts), as diffusers' prompt_embeds."""
-        return self._embed(prompts(prompt, None, "prompt", self._width))
-
-    def _embed(self, texts: list[str]) -> torch.Tensor:
-        """(U, 77, C) in one encode_text call; a text over CLIP's 77 tokens is cut there, with a warning."""
-        tok = self.backend.tokenizer
-        for t in texts:
-            ids = tok.encode(t)  # BOS ... EOS, uncut
-            if len(ids) > CONTEXT_LENGTH:
-                log.warning("prompt cut to CLIP's %d tokens; dropped: %r", CONTEXT_LENGTH,
-                            tok.decode(ids[CONTEXT_LENGTH - 1:-1]))
-        return self.backend.encode_text(tok(texts)).float()
-
-    def _encode_text(self, prompts: list, negatives: list, guided: bool):
-        """-> (context, uncond_context or None), (B, L, C): each distinct text encoded once, in one call;
-        embedding rows taken as they are."""
-        items = prompts + (negatives if guided else [])
-        texts = list(dict.fromkeys(p for p in items if isinstance(p, str)))
-        emb = self._embed(texts) if texts else None  # (U, 77, C)
-        row = {t: i for i, t in enumerate(texts)}
-        shapes = sorted({tuple(emb.shape[1:]) if isinstance(p, str) else tuple(p.shape) for p in items})
-        if len(shapes) > 1:
-            raise ValueError(f"the prompts' and negative prompts' embeddings of one call need one shape (L, C), got "
-                             f"{shapes} (a text prompt encodes to ({CONTEXT_LENGTH}, C))")
-        dev = self.backend.device
-
-        def stack(values: list) -> torch.Tensor:
-            return torch.stack([emb[row[v]] if isinstance(v, str) else v.to(dev, torch.float32) for v in values])
-        return stack(prompts), (stack(negatives) if guided else None)
+        (prompt weighting, longer contexts), as diffusers' prompt_embeds. clip_skip: as generate's."""
+        return embed(self.backend, prompts(prompt, None, "prompt", self._width),
+                     check_clip_skip(clip_skip, self.backend))
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) padded right/bottom to the processing multiple: reflect (continues texture), or replicate
@@ -414,7 +410,7 @@ class Pipeline:
         else:  # checked against every item of the call; "rows": the ones sampled (inpaint: with a mask)
             noise = given_latents(latents, (job["n"] * job["k"], C, *hw), job.get("rows")).to(dev, torch.float32)
         guided, interrupt = loop.guidance_scale > 1, loop.interrupt
-        ctx, uctx = self._encode_text(job["prompts"], job["negatives"], guided)
+        ctx, uctx = contexts(self.backend, job["prompts"], job["negatives"], guided, job["clip_skip"])
         result = torch.empty(shape, device=dev)
         for strength, idx in groups(job["strengths"]).items():
             if interrupt is not None and interrupt.is_set():

@@ -427,6 +427,11 @@ def save_model(model: Model, path, layout: str = "diffusers") -> Path:
     if layout == "diffusers" and path.exists() and not (
             path.is_dir() and ((path / "model_index.json").is_file() or not any(path.iterdir()))):
         raise ValueError(f"{path}: exists and is not a model folder; refusing to replace it")
+    rows = model.text_encoder.text_model.embeddings.token_embedding.num_embeddings
+    if rows != model.config.text.vocab_size:  # the saved config and weights would disagree
+        extra = rows - model.config.text.vocab_size
+        raise ValueError(f"{path}: the model has textual inversion embeddings loaded ({extra} added tokens), which "
+                         "a model folder cannot record; unload_textual_inversion() first")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -150,9 +150,10 @@ class TextTransformer(nn.Module):
         if input_ids.shape[1] > cfg.max_position_embeddings:
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens; the text encoder has "
                              f"max_position_embeddings={cfg.max_position_embeddings}")
-        if _eager() and input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size):
+        vocab = self.embeddings.token_embedding.num_embeddings  # cfg.vocab_size plus any textual inversion tokens
+        if _eager() and input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
             raise ValueError(f"input_ids hold values in [{int(input_ids.min())}, {int(input_ids.max())}], "
-                             f"outside the vocabulary [0, {cfg.vocab_size})")
+                             f"outside the vocabulary [0, {vocab})")
 
     def forward(self, input_ids: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
         """input_ids (B, L) -> final_layer_norm(output of layer -1-clip_skip)  (B, L, C).

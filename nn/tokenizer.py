@@ -130,7 +130,7 @@ class Tokenizer:
         for what, content in [*specials.items(), *(("added token", t.content) for t in added)]:
             if content not in vocab:
                 raise ValueError(f"{source}: {what} {content!r} is not in the vocabulary (tokens beyond it, e.g. "
-                                 "from textual inversion, are not supported)")
+                                 "from textual inversion, are added later with add_tokens)")
         self._vocab = dict(vocab)
         self._merges = [tuple(m) for m in merges]
         self._specials = {k: specials[k] for k in SPECIAL_KEYS if k in specials}
@@ -138,6 +138,8 @@ class Tokenizer:
         for content in self._specials.values():
             self._added.setdefault(content, _Added(content))
         self.vocab_size = len(vocab)
+        self._built_size = len(vocab)  # ids from here on came from add_tokens
+        self._expand: dict[int, tuple[int, ...]] = {}  # a multi-vector token's id -> its ids (add_tokens)
         self.bos_token_id = vocab[specials["bos_token"]]
         self.eos_token_id = vocab[specials["eos_token"]]
         self.pad_token_id = vocab[specials["pad_token"]]
@@ -165,6 +167,47 @@ class Tokenizer:
         backend.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A {eos}", special_tokens=[(bos, self.bos_token_id), (eos, self.eos_token_id)])
         return backend
+
+    def add_tokens(self, groups: Sequence[tuple[str, int]]) -> list[int]:
+        """Append textual inversion's tokens to the vocabulary (nn/textual_inversion.py) and return their ids.
+
+        groups: (token, n) pairs; token, token_1, ..., token_{n-1} get the next ids, and `token` in a text stands
+        for all n (diffusers' maybe_convert_prompt writes them out in the text; we do it on the ids, so "<Tok>"
+        expands too). Registered as transformers' add_tokens registers a string: not special (decode keeps it),
+        matched after the normalizer (so case-insensitively). remove_added_tokens() undoes every call."""
+        names = [name for token, n in groups for name in [token, *(f"{token}_{i}" for i in range(1, n))]]
+        taken = next((t for i, t in enumerate(names) if t in self._vocab or t in names[:i]), None)
+        if taken is not None:
+            raise ValueError(f"token {taken!r} is already in the vocabulary")
+        ids = list(range(len(self._vocab), len(self._vocab) + len(names)))
+        for name, i in zip(names, ids):
+            self._vocab[name] = i
+            self._added[name] = _Added(name, normalized=True, special=False)
+        for token, n in groups:
+            if n > 1:
+                self._expand[self._vocab[token]] = tuple(range(self._vocab[token], self._vocab[token] + n))
+        self.vocab_size = len(self._vocab)
+        self._backend = self._build_backend()
+        return ids
+
+    def remove_added_tokens(self) -> int:
+        """Drop every token add_tokens added, so the tokenizer is again as built; returns how many there were."""
+        extra = [t for t, i in self._vocab.items() if i >= self._built_size]
+        for t in extra:
+            del self._vocab[t], self._added[t]
+        self._expand.clear()
+        self.vocab_size = len(self._vocab)
+        if extra:
+            self._backend = self._build_backend()
+        return len(extra)
+
+    def __contains__(self, token: str) -> bool:
+        """Whether `token` (a vocabulary entry: "cat</w>" ends a word, "cat" starts one) has an id."""
+        return token in self._vocab
+
+    def _expanded(self, ids: list[int]) -> list[int]:
+        """ids with every multi-vector token written out as its n ids (add_tokens)."""
+        return [j for i in ids for j in self._expand.get(i, (i,))] if self._expand else ids
 
     # ------------------------------------------------------------------ constructors
 
@@ -222,7 +265,7 @@ class Tokenizer:
         # copy into the tensor is Python. Truncating after the post-processor equals transformers' truncation
         # (75 tokens, then BOS/EOS added): the first 76 ids are the same either way, and EOS closes the row.
         for row, enc in enumerate(self._backend.encode_batch(texts, add_special_tokens=True)):
-            seq = enc.ids
+            seq = self._expanded(enc.ids)
             if len(seq) > CONTEXT_LENGTH:
                 seq = seq[:CONTEXT_LENGTH - 1] + [self.eos_token_id]
             ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
@@ -232,7 +275,7 @@ class Tokenizer:
         """All ids of one prompt, BOS and EOS included, neither truncated nor padded: more than 77 means the
         prompt will be cut (for warnings and tests)."""
         (text,) = check_texts(text)
-        return self._backend.encode(text, add_special_tokens=True).ids
+        return self._expanded(self._backend.encode(text, add_special_tokens=True).ids)
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text back from ids, special tokens (and so padding) skipped; "</w>" ends a word."""

@@ -64,6 +64,21 @@ def test_sampling_options_reach_the_pipeline(files, capsys, tmp_path):
     assert not np.array_equal(np.asarray(plain), np.asarray(want))  # the options changed the image
 
 
+@pytest.mark.parametrize("kind", ["generate", "img2img"])
+def test_clip_skip_reaches_the_pipeline(files, capsys, tmp_path, kind):
+    from backdrop.diffusion.pipeline import Pipeline
+
+    image = [files["root"] / "product.png"] if kind == "img2img" else []
+    code, [path], _ = run(capsys, kind, *image, *fast(files, tmp_path), "--seed", "4", "--clip-skip", "1")
+    pipe = Pipeline.from_pretrained(files["model"], device="cpu")
+    call = getattr(pipe, kind)
+    args = [Image.fromarray(files["image"])] if kind == "img2img" else []
+    want = call(*args, prompt="on a marble table", steps=2, seed=4, clip_skip=1, progress=False).images[0]
+    assert code == 0 and np.array_equal(np.asarray(Image.open(path)), np.asarray(want))
+    plain = call(*args, prompt="on a marble table", steps=2, seed=4, progress=False).images[0]
+    assert not np.array_equal(np.asarray(plain), np.asarray(want))  # --clip-skip changed the image
+
+
 def test_img2img_keeps_the_input_size(files, capsys, tmp_path):
     code, paths, _ = run(capsys, "img2img", files["root"] / "product.png", *fast(files, tmp_path), "--seed", "3",
                          "--strength", "0.5", "--sampler", "euler-a")
@@ -186,9 +201,14 @@ def test_inpaint_all_black_mask_writes_the_input(files, capsys, tmp_path):
     (["generate", "--model", "no-such-model"], "not a built-in model (built-in:"),
     (["generate", "--device", "gpu"], "--device 'gpu' is not a device name"),
     (["img2img", "{root}/product.png", "--strength", "0.1", "--steps", "5"], "leaves no step to run"),
+    (["generate", "--clip-skip", "-1"], "--clip-skip -1 must be >= 0"),
+    (["inpaint", "{root}/product.png", "--mask", "{root}/black.png", "--clip-skip", "3"],
+     "--clip-skip 3: clip_skip must be None or an int in [0, 2] (layers of this 2-layer text encoder to skip)"),
+    (["generate", "--textual-inversion", "{root}/missing.safetensors:<x>"],
+     "--textual-inversion: {root}/missing.safetensors: no such file"),
 ])
 def test_bad_inputs_exit_2_with_one_line(files, capsys, tmp_path, args, message):
-    argv = [a.format(root=files["root"]) for a in args]
+    argv, message = [a.format(root=files["root"]) for a in args], message.format(root=files["root"])
     argv[1:1] = fast(files, tmp_path / "out")  # a later --out or --steps wins
     if "--model" in args:  # the test's own --model comes last and wins
         argv += ["--model", "no-such-model"]

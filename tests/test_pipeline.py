@@ -1,14 +1,16 @@
 """Pipeline end to end on tiny random models saved in the diffusers layout and loaded by both sides.
 
-Parity: generate / img2img / inpaint (9- and 4-channel UNets) equal diffusers' StableDiffusion{,Img2Img,Inpaint}
-Pipeline on the same folder, the same initial noise (per-item generators) and, where diffusers would draw a VAE
-posterior sample, the same image latents (we use the posterior mean and hand it over). Properties: kept pixels are
-bit-identical after paste-back at odd sizes and with crops, seeds give the same image alone or in a batch, mixed
-strengths equal separate calls, and the 4-channel loop keeps the known latents. The API as users call it (diffusers'
-names, errors): test_pipeline_api.py; shared models and helpers: pipeline_helpers.py and conftest.py.
+Parity: generate (with clip_skip too) / img2img / inpaint (9- and 4-channel UNets) equal diffusers'
+StableDiffusion{,Img2Img,Inpaint}Pipeline on the same folder, the same initial noise (per-item generators) and, where
+diffusers would draw a VAE posterior sample, the same image latents (we use the posterior mean and hand it over).
+Properties: kept pixels are bit-identical after paste-back at odd sizes and with crops, seeds give the same image
+alone or in a batch, mixed strengths equal separate calls, and the 4-channel loop keeps the known latents. The API
+as users call it (diffusers' names, errors): test_pipeline_api.py; shared models and helpers: pipeline_helpers.py
+and conftest.py.
 """
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -60,6 +62,34 @@ def test_generate_equals_diffusers(models, ref, model, sampler):
     assert ours.images.shape == theirs.shape == (2, 64, 64, 3) and ours.images.dtype == np.float32
     assert theirs.std() > 0.05  # a real picture, not a clamped constant
     assert max_diff(ours.images, theirs) <= TOL
+
+
+def _diffusers_clip_skip_on_transformers_5(text_encoder) -> None:
+    """diffusers 0.42's clip_skip path calls text_encoder.text_model.final_layer_norm, which transformers 5's
+    CLIPTextModel no longer has (its modules moved up a level): point that name at the same LayerNorm, unregistered
+    (no module cycle), so the oracle runs its own code unchanged."""
+    if not hasattr(text_encoder, "text_model"):
+        object.__setattr__(text_encoder, "text_model", SimpleNamespace(final_layer_norm=text_encoder.final_layer_norm))
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])  # 2: the tiny text encoder's 2 layers skipped, its embeddings
+def test_clip_skip_equals_diffusers(models, ref, clip_skip):
+    """clip_skip=k conditions on the text encoder's output k layers before the last, as diffusers' clip_skip=k,
+    for the negative prompt too: diffusers 0.42 encodes that at the last layer (diffusion/text.py says why we do
+    not), so it gets its own clip_skip=k encoding of the negative prompt as negative_prompt_embeds."""
+    pipe, d = models["sd1"].pipe, ref("sd1", "txt2img", "euler")
+    _diffusers_clip_skip_on_transformers_5(d.text_encoder)
+    with torch.no_grad():
+        cond, uncond = (d.encode_prompt(p, "cpu", 1, False, clip_skip=clip_skip)[0] for p in (PROMPTS, ["blurry"] * 2))
+    assert torch.allclose(pipe.encode_prompt(PROMPTS, clip_skip=clip_skip), cond, atol=1e-5)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    run = dict(negative_prompt="blurry", steps=5, sampler="euler", guidance_scale=7.5, latents=noise,
+               output_type="np", progress=False)
+    ours = pipe.generate(PROMPTS, clip_skip=clip_skip, **run).images
+    theirs = d(PROMPTS, negative_prompt_embeds=uncond, num_inference_steps=5, guidance_scale=7.5,
+               latents=noise.clone(), output_type="np", height=64, width=64, clip_skip=clip_skip).images
+    assert theirs.std() > 0.05 and max_diff(ours, theirs) <= TOL
+    assert max_diff(ours, pipe.generate(PROMPTS, **run).images) > 0.05  # skipping layers changed the image
 
 
 def test_ddim_eta_equals_diffusers_and_bad_settings_are_named(models, ref):

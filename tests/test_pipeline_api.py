@@ -150,7 +150,7 @@ def test_callback_progress_and_interrupt(models, capsys):
 def test_prompts_over_77_tokens_are_cut_with_a_warning(models, caplog):
     pipe = models["sd1"].pipe
     long = " ".join(["red"] * 75 + ["ceramic", "mug"])  # BOS + 77 words + EOS: the last two do not fit
-    with caplog.at_level("WARNING", logger="backdrop.diffusion.pipeline"):
+    with caplog.at_level("WARNING", logger="backdrop.diffusion.text"):
         a = pipe.generate([long, "short"], steps=1, seed=0, progress=False, output_type="latent").images
     [record] = caplog.records  # one warning, for the long prompt only
     assert "'ceramic mug'" in record.getMessage()
@@ -227,3 +227,21 @@ def test_bad_inputs_are_named(models):
     assert out.images.shape == (1, 4, 8, 8)
     pipe.inpaint(img, rect_masks(1)[0], prompt="x", steps=1, progress=False, mask_dilate=np.int64(1),
                  mask_blur=np.float64(2))
+
+
+def test_clip_skip_out_of_range_is_named(models):
+    """clip_skip is checked before any work, in every method, against this text encoder's 2 layers; None and 0
+    are both the last layer (diffusers' default)."""
+    pipe = models["sd1-inpaint"].pipe
+    img, mask = images(1)[0], rect_masks(1)[0]
+    calls = [lambda v: pipe.generate("x", steps=1, progress=False, clip_skip=v),
+             lambda v: pipe.img2img(img, "x", steps=1, progress=False, clip_skip=v),
+             lambda v: pipe.inpaint(img, mask, "x", steps=1, progress=False, clip_skip=v),
+             lambda v: pipe.encode_prompt("x", clip_skip=v)]
+    for call in calls:
+        for bad in (-1, 3, 1.5, True, "1"):
+            with pytest.raises(ValueError, match=rf"^clip_skip must be None or an int in \[0, 2\] \(layers of this "
+                                                 rf"2-layer text encoder to skip\), got {bad!r}$"):
+                call(bad)
+    assert torch.equal(pipe.encode_prompt("x", clip_skip=0), pipe.encode_prompt("x", clip_skip=None))
+    assert not torch.equal(pipe.encode_prompt("x", clip_skip=1), pipe.encode_prompt("x"))

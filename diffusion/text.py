@@ -1,0 +1,83 @@
+"""Prompts to the UNet's context (B, 77, C): the distinct texts of one call tokenized and encoded together, once
+each, at the text encoder layer `clip_skip` asks for (pipeline.py's module docstring says what the user sees).
+
+clip_skip is diffusers' StableDiffusionPipeline argument: the context is the final LayerNorm of the output
+clip_skip layers before the last (nn/clip.py, TextTransformer.forward); A1111's "CLIP skip" setting is clip_skip + 1.
+diffusers 0.42 applies it to the prompt only and encodes the negative prompt at the last layer; we apply it to
+both, as A1111 and ComfyUI do: guidance extrapolates from one context to the other, so both should come from the
+same layer (diffusers PRs #13796 and #13973 raise the same asymmetry for SDXL). Only the torch backend can do it:
+an exported (ONNX / TensorRT) text encoder ends at its last layer.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from backdrop.diffusion.batching import as_number
+from backdrop.nn.tokenizer import CONTEXT_LENGTH
+
+__all__ = ["torch_model", "check_clip_skip", "embed", "contexts"]
+
+log = logging.getLogger(__name__)
+
+_SKIP_INSTEAD = ("an exported text encoder gives its last layer's output only. Encode the prompts with a torch "
+                 "pipeline, encode_prompt(text, clip_skip=...), and pass prompt_embeds= and negative_prompt_embeds=")
+
+
+def torch_model(backend, feature: str, instead: str):
+    """The torch Model `backend` runs (a TorchBackend, or a wrapper of one such as serve's CUDA graphs), or a
+    ValueError saying that `feature` needs one, naming the backend, and what to do `instead`."""
+    from backdrop.nn.checkpoint import Model  # here: importing the torch modules (and Triton) costs seconds
+
+    model = getattr(backend, "model", None)
+    if not isinstance(model, Model):
+        name = getattr(backend, "name", type(backend).__name__)
+        raise ValueError(f"{feature} needs the torch backend, not {name}: {instead}")
+    return model
+
+
+def check_clip_skip(clip_skip, backend) -> int:
+    """clip_skip as an int: None is 0 (the last layer); else an int in [0, num_layers] that `backend` can run."""
+    if clip_skip is None:
+        return 0
+    n = backend.config.text.num_layers
+    skip = as_number(clip_skip, "clip_skip", f"None or an int in [0, {n}] (layers of this {n}-layer text encoder "
+                     "to skip)", lambda v: 0 <= v <= n, integer=True)
+    if skip:
+        torch_model(backend, f"clip_skip={skip}", _SKIP_INSTEAD)
+    return skip
+
+
+def embed(backend, texts: list[str], clip_skip: int = 0) -> torch.Tensor:
+    """(U, 77, C) float32 in one text encoder call; a text over CLIP's 77 tokens is cut there, with a warning.
+    clip_skip: checked by check_clip_skip."""
+    tok = backend.tokenizer
+    for t in texts:
+        ids = tok.encode(t)  # BOS ... EOS, uncut
+        if len(ids) > CONTEXT_LENGTH:
+            log.warning("prompt cut to CLIP's %d tokens; dropped: %r", CONTEXT_LENGTH,
+                        tok.decode(ids[CONTEXT_LENGTH - 1:-1]))
+    ids = tok(texts)  # (U, 77)
+    if not clip_skip:
+        return backend.encode_text(ids).float()
+    with torch.inference_mode():  # the Backend contract has no clip_skip: run the torch text encoder directly
+        return backend.model.text_encoder(ids.to(backend.device), clip_skip=clip_skip).float()
+
+
+def contexts(backend, prompts: list, negatives: list, guided: bool, clip_skip: int = 0):
+    """-> (context, uncond_context or None), (B, L, C): each distinct text encoded once, in one call; embedding
+    rows (L, C) taken as they are."""
+    items = prompts + (negatives if guided else [])
+    texts = list(dict.fromkeys(p for p in items if isinstance(p, str)))
+    emb = embed(backend, texts, clip_skip) if texts else None  # (U, 77, C)
+    row = {t: i for i, t in enumerate(texts)}
+    shapes = sorted({tuple(emb.shape[1:]) if isinstance(p, str) else tuple(p.shape) for p in items})
+    if len(shapes) > 1:
+        raise ValueError(f"the prompts' and negative prompts' embeddings of one call need one shape (L, C), got "
+                         f"{shapes} (a text prompt encodes to ({CONTEXT_LENGTH}, C))")
+    dev = backend.device
+
+    def stack(values: list) -> torch.Tensor:
+        return torch.stack([emb[row[v]] if isinstance(v, str) else v.to(dev, torch.float32) for v in values])
+    return stack(prompts), (stack(negatives) if guided else None)
