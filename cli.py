@@ -120,6 +120,18 @@ def load_textual_inversions(pipe, specs: list[tuple[str, str | None]]) -> None:
             raise CLIError(f"--textual-inversion: {one_line(e)}") from None
 
 
+def _dashed(args: list[str]) -> list[str]:
+    """Each --long_option (or --long_option=value) as --long-option; values, and anything after `--`, as given."""
+    out = list(args)
+    for i, a in enumerate(out):
+        if a == "--":
+            break
+        name, eq, value = a.partition("=")
+        if a.startswith("--") and "_" in name:
+            out[i] = name.replace("_", "-") + eq + value
+    return out
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, except that a usage error is one line (with where to find help), like every other user error,
     instead of the usage block; subcommands' parsers are of this class too (add_subparsers takes the parent's)."""
@@ -129,8 +141,9 @@ class _Parser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         """As argparse's, but an option the subcommand does not know is blamed on the subcommand (`backdrop
-        generate: error: ... (see backdrop generate --help)`), not on `backdrop`."""
-        known, extra = self.parse_known_args(args, namespace)
+        generate: error: ... (see backdrop generate --help)`), not on `backdrop`; and options may be spelled as
+        diffusers' scripts spell them (--max_train_steps for --max-train-steps): no option here has a '_'."""
+        known, extra = self.parse_known_args(_dashed(sys.argv[1:] if args is None else args), namespace)
         if extra:
             self._fail(getattr(known, "prog", self.prog), f"unrecognized arguments: {' '.join(extra)}")
         return known

@@ -60,6 +60,27 @@ def test_diffusers_and_accelerate_option_names_are_aliases():
          "--checkpoints-total-limit", "1", "--resume-from-checkpoint", "latest", "--prediction-type",
          "v_prediction", "--proportion-empty-prompts", "0.2"])
     assert vars(ours) == vars(theirs)
+    # as diffusers' scripts spell them, with underscores and =; --center_crop is what we always do
+    spelled = build_parser().parse_args(
+        ["train", "pretrain", "--train_data_dir=d", "--output_dir", "o", "--pretrained_model_name_or_path=m",
+         "--resolution=32", "--train_batch_size=2", "--dataloader_num_workers=1", "--max_train_steps=5",
+         "--learning_rate=0.1", "--lr_warmup_steps=1", "--adam_weight_decay=0.5", "--max_grad_norm=2",
+         "--gradient_accumulation_steps=3", "--mixed_precision=bf16", "--checkpointing_steps=4",
+         "--checkpoints_total_limit=1", "--resume_from_checkpoint=latest", "--prediction_type=v_prediction",
+         "--proportion_empty_prompts=0.2", "--center_crop"])
+    assert vars(spelled) == vars(ours)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["pretrain", "--lr_scheduler", "constant"], "--lr-scheduler (diffusers' option) is not taken: the schedule is "
+                                                 "linear warm-up (--warmup) then cosine"),
+    (["inpaint", "--random_flip"], "--random-flip (diffusers' option) is not taken: training never flips"),
+])
+def test_diffusers_options_we_lack_say_what_instead(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", *args, "--data", "synthetic:4", "--out", "o"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0], err
 
 
 def test_bad_data_spec_exits_2_with_one_line(tmp_path):

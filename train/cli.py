@@ -8,7 +8,9 @@ OUT/checkpoints/ (resume with --resume OUT). Under torchrun every process trains
 (gloo on CPU, nccl on GPU); --batch-size is per process.
 
 Option names are short, with the names of diffusers' training scripts (train_text_to_image.py) and accelerate as
-aliases where they exist: --steps / --max-train-steps, --lr / --learning-rate, --out / --output-dir, ...
+aliases where they exist: --steps / --max-train-steps, --lr / --learning-rate, --out / --output-dir, ... (also with
+underscores, as those scripts spell them: backdrop/cli.py); their options we lack are refused with what to do
+instead (DIFFUSERS_INSTEAD).
 
 User errors (bad --data, unreadable model, mismatched cache, bad option values, an --out that holds another run, a
 --resume checkpoint of another stage or model) are one line and exit status 2. Resuming with options other than
@@ -24,12 +26,12 @@ import sys
 from pathlib import Path
 
 from backdrop.cli import CLIError, make_folder, one_line, parse_device
+from backdrop.train.diffusers_options import DIFFUSERS_INSTEAD, AlwaysSo, Instead, resolve_aliases
 
 __all__ = ["add_parser"]
 
 STAGES = ("clip", "vae", "pretrain", "inpaint")
 DEFAULT_LR = {"clip": 5e-4, "vae": 1e-4, "pretrain": 1e-4, "inpaint": 5e-5}
-EMA_DECAY = 0.9999  # --use-ema: diffusers' EMAModel default
 CALIBRATION_IMAGES = 64  # images the vae stage measures the latent scaling factor on
 
 CHAIN = """the chain, each stage from the last one's OUT/final:
@@ -77,6 +79,7 @@ def _data_options() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", "--dataloader-num-workers", type=int, default=0, metavar="N",
                    help="data loading processes; 0 loads in the training process (default: 0)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--center-crop", action=AlwaysSo)  # images are resized, then centre-cropped to --size
     return p
 
 
@@ -114,6 +117,8 @@ def _training_options() -> argparse.ArgumentParser:
                    help="continue a stopped run: its OUT (the newest checkpoint), one OUT/checkpoints/step-N, or "
                         "'latest' (the newest in --out). Options that differ from the checkpoint's are listed in a "
                         "warning; a checkpoint of another stage or model shape is refused")
+    for option in DIFFUSERS_INSTEAD:
+        g.add_argument(option, action=Instead)
     return p
 
 
@@ -227,17 +232,6 @@ def _options_named():
     except ConfigError as e:
         flag = FLAG_OF_FIELD.get(e.field, "--" + e.field.replace("_", "-"))
         raise CLIError(f"{flag} {e.value}: must be {e.want}") from None
-
-
-def _resolve_aliases(args) -> None:
-    """diffusers' and accelerate's spellings of a value (--mixed-precision no, --use-ema) as ours, so that a run's
-    record and a resume compare the value, not how it was asked for."""
-    args.precision = "fp32" if args.precision == "no" else args.precision
-    if args.ema_decay is None:
-        args.ema_decay = EMA_DECAY if args.use_ema else 0.0
-    elif args.use_ema and args.ema_decay == 0:
-        raise CLIError("--use-ema with --ema-decay 0: the EMA is off at decay 0; drop one of them")
-    del args.use_ema
 
 
 def _check_options(args) -> None:
@@ -428,7 +422,7 @@ def _run_stage(args) -> int:
     from backdrop.train import run_folder
 
     name, out = args.stage, Path(args.out)
-    _resolve_aliases(args)
+    resolve_aliases(args)
     _check_options(args)
     cfg, options = _configs(args, name)
     resume = run_folder.resume_checkpoint(args.resume, args.out)

@@ -1,0 +1,56 @@
+"""diffusers' and accelerate's ways of asking `backdrop train` for things (train/cli.py takes their option names as
+aliases): their options Backdrop lacks, a flag for what it always does, and their spellings of a value resolved to
+ours, so that a run's record and a resume compare values, not spellings."""
+from __future__ import annotations
+
+import argparse
+
+from backdrop.cli import CLIError
+
+__all__ = ["DIFFUSERS_INSTEAD", "EMA_DECAY", "Instead", "AlwaysSo", "resolve_aliases"]
+
+EMA_DECAY = 0.9999  # --use-ema: diffusers' EMAModel default
+
+# Options of diffusers' train_text_to_image.py with no counterpart here -> why, and what to do instead
+DIFFUSERS_INSTEAD = {
+    "--lr-scheduler": "the schedule is linear warm-up (--warmup) then cosine decay to a tenth of --lr",
+    "--random-flip": "training never flips images (mirrored logos and text)",
+    "--dataset-name": "there are no hub downloads: give --data an image folder with a metadata.jsonl",
+    "--report-to": "progress goes to the progress bar and OUT/log.jsonl",
+    "--validation-prompts": "sample OUT/final (or a checkpoint's model) with `backdrop generate`",
+    "--use-8bit-adam": "AdamW keeps fp32 state (fused on GPUs)",
+    "--enable-xformers-memory-efficient-attention": "attention is always memory-efficient here (flash attention)",
+}
+
+
+class Instead(argparse.Action):
+    """A diffusers option we do not take (DIFFUSERS_INSTEAD): a one-line error, not argparse's 'unrecognized'."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, argparse.SUPPRESS, nargs="?", default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} (diffusers' option) is not taken: {DIFFUSERS_INSTEAD[option_string]}")
+
+
+class AlwaysSo(argparse.Action):
+    """A diffusers flag for what Backdrop always does (--center-crop): taken, and nothing to record."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        pass
+
+
+def resolve_aliases(args) -> None:
+    """diffusers' and accelerate's spellings of a value (--mixed-precision no, --use-ema) as ours, so that a run's
+    record and a resume compare the value, not how it was asked for."""
+    args.precision = "fp32" if args.precision == "no" else args.precision
+    if args.ema_decay is None:
+        args.ema_decay = EMA_DECAY if args.use_ema else 0.0
+    elif args.use_ema and args.ema_decay == 0:
+        raise CLIError("--use-ema with --ema-decay 0: the EMA is off at decay 0; drop one of them")
+    del args.use_ema
