@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from backdrop.cli import CLIError, add_lora_option, load_loras, parse_device
+from backdrop.cli import (CLIError, add_lora_option, add_textual_inversion_option, load_loras,
+                          load_textual_inversions, parse_device)
 from backdrop.diffusion.schedule import RECIPES
 
 __all__ = ["add_parser"]
@@ -43,6 +44,7 @@ def add_parser(subparsers) -> None:
     m.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="weight precision (default: fp16 on GPUs, bf16 on CPUs with native bf16, else fp32)")
     add_lora_option(m)
+    add_textual_inversion_option(m)
     m.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on CUDA with the torch backend, run the UNet eagerly instead of replaying CUDA graphs")
     b = p.add_argument_group("batching")
@@ -63,6 +65,8 @@ def add_parser(subparsers) -> None:
     s.add_argument("--sampler", choices=list(RECIPES), default="dpmpp-2m", metavar="NAME",
                    help=f"one of: {', '.join(RECIPES)} (default: %(default)s)")
     s.add_argument("--guidance-scale", type=float, default=7.5, metavar="SCALE", help="(default: %(default)s)")
+    s.add_argument("--clip-skip", type=int, default=0, metavar="N",
+                   help="text encoder layers to skip, diffusers' clip_skip (default: 0; --backend torch only)")
     m.add_argument("--cpu-cache-mb", type=float, default=1024, metavar="MB",
                    help="on the CPU, freed memory kept for reuse above the warmed-up footprint: faster (no page "
                         "faults for every large activation), handed back to the OS past this budget; 0 leaves "
@@ -87,7 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
                                      args.request_timeout, model_name=str(args.model),
                                      cpu_cache_mb=args.cpu_cache_mb, adaptive_delay=args.adaptive_delay)
         server_config = ServerConfig(steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
-                                     max_body_bytes=int(args.max_body_mb * 2**20))
+                                     clip_skip=args.clip_skip, max_body_bytes=int(args.max_body_mb * 2**20))
     except ValueError as e:  # "EngineConfig.max_queue = 0 is out of range" -> the flag's name
         field = str(e).split(".", 1)[1].split(" ", 1)[0]
         raise CLIError(f"--{field.replace('_', '-')}: {str(e).split(' = ', 1)[1]}") from None
@@ -110,6 +114,7 @@ def _load(args, engine_config):
     import torch
 
     from backdrop.diffusion.pipeline import Pipeline
+    from backdrop.diffusion.text import check_clip_skip
     from backdrop.serve.cuda_graphs import GraphedBackend
     from backdrop.serve.engine import Engine
 
@@ -119,6 +124,11 @@ def _load(args, engine_config):
     except (FileNotFoundError, ValueError, OSError) as e:  # CheckpointError is a ValueError naming file and key
         raise CLIError(str(e)) from None
     load_loras(pipe, args.lora)  # merged before any CUDA graph is captured (in-place merges would keep them valid)
+    load_textual_inversions(pipe, args.textual_inversion)
+    try:
+        check_clip_skip(args.clip_skip, pipe.backend)
+    except ValueError as e:
+        raise CLIError(f"--clip-skip {args.clip_skip}: {e}") from None
     device = torch.device(pipe.backend.device)
     if args.cuda_graphs and args.backend == "torch" and device.type == "cuda":
         pipe = Pipeline(GraphedBackend(pipe.backend))

@@ -43,7 +43,6 @@ import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Callable
 
 from PIL import Image
 from starlette.applications import Starlette
@@ -57,7 +56,9 @@ from starlette.routing import Match, Route
 from backdrop.diffusion.masks import default_mask_blur
 from backdrop.diffusion.samplers import check_eta
 from backdrop.diffusion.schedule import RECIPES, build_schedule
+from backdrop.diffusion.text import check_clip_skip
 from backdrop.serve.batcher import QueueFull, ShuttingDown
+from backdrop.serve.body_limit import BodyLimit, BodyTooLarge
 from backdrop.serve.engine import Engine, Item, ServeKey
 from backdrop.serve.inputs import (MAX_SEED, MAX_STEPS, MIN_SIDE, APIError, b64decode, boolean, check_fields, choice,
                                    clip, decode_image, form_int, number, repaint_mask, seconds, shown, size_buckets,
@@ -76,6 +77,7 @@ class ServerConfig:
     steps: int = 30                      # denoising steps of OpenAI-endpoint requests (/v1/inpaint may choose)
     sampler: str = "dpmpp-2m"
     guidance_scale: float = 7.5
+    clip_skip: int = 0                   # text encoder layers to skip (diffusers' clip_skip; /v1/inpaint may choose)
     max_body_bytes: int = 32 * 2**20     # request bodies; OpenAI's own limit per image is 50 MB
     max_image_pixels: int | None = None  # None: (4 x native)^2, e.g. 2048 x 2048 for SD1.5
     max_n: int = 10                      # OpenAI's limit on n
@@ -94,52 +96,8 @@ class ServerConfig:
 
 # ------------------------------------------------------------------------------------------------- errors
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class ClientGone(Exception):
     pass
-
-
-class BodyLimit:
-    """ASGI wrapper: 413 before reading when Content-Length is over the limit; a streamed (chunked) body is
-    counted as it arrives and reading stops with BodyTooLarge once it passes the limit. `count(scope, status)`
-    is told of each response it gives itself (the app's endpoints never see those requests)."""
-
-    def __init__(self, app, max_bytes: int, count: Callable[[dict, int], None]):
-        self.app, self.max_bytes, self.count = app, max_bytes, count
-
-    async def _refuse(self, error: APIError, scope, receive, send):
-        self.count(scope, error.status)
-        await error.response()(scope, receive, send)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None:
-            try:
-                declared = int(length)
-            except ValueError:
-                declared = -1
-            if declared < 0:
-                return await self._refuse(APIError(400, "Content-Length is not a number", code="bad_content_length"),
-                                          scope, receive, send)
-            if declared > self.max_bytes:
-                return await self._refuse(APIError(413, f"the body is {declared} bytes; this server takes at most "
-                                                   f"{self.max_bytes}", code="request_too_large"), scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise BodyTooLarge(f"the body passed {self.max_bytes} bytes, this server's limit")
-            return message
-
-        await self.app(scope, limited, send)
 
 
 # ------------------------------------------------------------------------------------------------- input checks
@@ -177,6 +135,7 @@ class FileStore:
 class _Handlers:
     def __init__(self, engine: Engine, config: ServerConfig):
         build_schedule(config.sampler, config.steps, engine.pipe.config.scheduler)  # ValueError: a bad server setup
+        check_clip_skip(config.clip_skip, engine.pipe.backend)
         self.engine, self.config, self.metrics = engine, config, engine.metrics
         native = engine.native_size
         self.buckets = size_buckets(native)
@@ -212,7 +171,14 @@ class _Handlers:
     def _seed(self, value, n: int) -> int:
         return number(value, "seed", 0, MAX_SEED - n, None, int) if value is not None else secrets.randbelow(2**31)
 
+    def _clip_skip(self, value) -> int:
+        try:
+            return check_clip_skip(self.config.clip_skip if value is None else value, self.engine.pipe.backend)
+        except ValueError as e:
+            raise APIError(400, str(e), param="clip_skip", code="invalid_value") from None
+
     def _key(self, kind: str, hw: tuple[int, int], steps: int, sampler: str, **options) -> ServeKey:
+        options.setdefault("clip_skip", self.config.clip_skip)
         return ServeKey(kind, hw[0], hw[1], steps, sampler, self.engine.config.model_name,
                         options=tuple(sorted(options.items())))
 
@@ -364,7 +330,7 @@ class _Handlers:
         check_fields(f, ("image", "mask", "product_mask", "prompt", "negative_prompt", "n", "seed", "strength",
                           "steps", "sampler", "eta", "guidance_scale", "guidance_rescale", "mask_dilate",
                           "mask_blur", "crop_padding", "color_match", "paste_back", "mask_mode", "response_format",
-                          "timeout", "mask_threshold"))
+                          "timeout", "mask_threshold", "clip_skip"))
         if "image" not in f:
             raise APIError(400, "image is required (base64 PNG, JPEG or WebP)", param="image", code="invalid_image")
         if f.get("mask") is not None and f.get("product_mask") is not None:
@@ -394,7 +360,8 @@ class _Handlers:
             color_match=boolean(f.get("color_match"), "color_match", False),
             paste_back=boolean(f.get("paste_back"), "paste_back", True),
             mask_mode=choice(f.get("mask_mode"), "mask_mode", ("max", "diffusers"), "max"),
-            mask_threshold=number(f.get("mask_threshold"), "mask_threshold", 1e-3, 1.0, None))
+            mask_threshold=number(f.get("mask_threshold"), "mask_threshold", 1e-3, 1.0, None),
+            clip_skip=self._clip_skip(f.get("clip_skip")))
         fmt = choice(f.get("response_format"), "response_format", ("b64_json", "url"), "b64_json")
         timeout = seconds(f.get("timeout"), "timeout")
         image_bytes, mask_bytes = b64decode(f["image"], "image"), (b64decode(f[kind], kind) if kind else None)

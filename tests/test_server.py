@@ -107,7 +107,7 @@ def test_inpaint_endpoint_passes_every_option_to_the_pipeline(server, pipe):
     image, mask = Image.fromarray(rgba[..., :3]), Image.fromarray(rgba[..., 3])  # product_mask: white = keep
     options = dict(seed=5, strength=0.9, steps=3, sampler="ddim", eta=0.5, guidance_scale=3.0, guidance_rescale=0.3,
                    mask_dilate=0, mask_blur=1.0, crop_padding=4, color_match=True, negative_prompt="blurry",
-                   mask_threshold=0.5)
+                   mask_threshold=0.5, clip_skip=1)
     r = httpx.post(f"{server.url}/v1/inpaint", timeout=120, headers=JSON, content=json.dumps(dict(
         options, image=base64.b64encode(png(image)).decode(), product_mask=base64.b64encode(png(mask)).decode(),
         prompt=PROMPTS[3], n=2)))
@@ -123,6 +123,9 @@ def test_inpaint_endpoint_passes_every_option_to_the_pipeline(server, pipe):
     r = httpx.post(f"{server.url}/v1/inpaint", timeout=120, headers=JSON, content=inpaint_body(rgba, eta=0.5))
     assert r.status_code == 400 and r.json()["error"]["param"] == "eta"  # eta with the server's sampler (dpmpp-2m)
     assert "sampler='ddim' only" in r.json()["error"]["message"]
+    for bad in (99, "1", True):
+        r = httpx.post(f"{server.url}/v1/inpaint", timeout=120, headers=JSON, content=inpaint_body(rgba, clip_skip=bad))
+        assert r.status_code == 400 and r.json()["error"]["param"] == "clip_skip", r.text
 
 
 def _png_claiming(width: int, height: int) -> bytes:

@@ -1,0 +1,53 @@
+"""The request body limit, as ASGI middleware around the app (serve/server.py): a declared Content-Length over the
+limit is answered 413 before the body is read, and a streamed one is cut off as it passes the limit."""
+from __future__ import annotations
+
+from typing import Callable
+
+from backdrop.serve.inputs import APIError
+
+__all__ = ["BodyLimit", "BodyTooLarge"]
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI wrapper: 413 before reading when Content-Length is over the limit; a streamed (chunked) body is
+    counted as it arrives and reading stops with BodyTooLarge once it passes the limit. `count(scope, status)`
+    is told of each response it gives itself (the app's endpoints never see those requests)."""
+
+    def __init__(self, app, max_bytes: int, count: Callable[[dict, int], None]):
+        self.app, self.max_bytes, self.count = app, max_bytes, count
+
+    async def _refuse(self, error: APIError, scope, receive, send):
+        self.count(scope, error.status)
+        await error.response()(scope, receive, send)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                declared = -1
+            if declared < 0:
+                return await self._refuse(APIError(400, "Content-Length is not a number", code="bad_content_length"),
+                                          scope, receive, send)
+            if declared > self.max_bytes:
+                return await self._refuse(APIError(413, f"the body is {declared} bytes; this server takes at most "
+                                                   f"{self.max_bytes}", code="request_too_large"), scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise BodyTooLarge(f"the body passed {self.max_bytes} bytes, this server's limit")
+            return message
+
+        await self.app(scope, limited, send)
