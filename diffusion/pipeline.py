@@ -76,7 +76,7 @@ from backdrop.diffusion.output import Output, as_hwc, format_output
 from backdrop.diffusion.samplers import (SamplingInterrupted, blend_known_region, default_noise_sampler,
                                          initial_latents, noised_latents, output_latents, per_item_randn, sample)
 from backdrop.diffusion.schedule import build_schedule
-from backdrop.diffusion.text import check_clip_skip, contexts, embed, torch_model
+from backdrop.diffusion.text import check_clip_skip, contexts, embed
 from backdrop.nn.resolve import (DTYPES, default_device, default_dtype, parse_dtype, resolve_model,
                                  unet_width)
 
@@ -137,8 +137,9 @@ class Pipeline:
     def load_lora_weights(self, path, lora_scale: float = 1.0) -> None:
         """Merge a LoRA .safetensors file (diffusers/PEFT or kohya-ss; see nn/lora.py) into the torch backend's UNet
         and text encoder now, at lora_scale: diffusers' load_lora_weights + fuse_lora(lora_scale). Several stack."""
-        from backdrop.nn.lora import fuse_lora, torch_model
-        self._loras.append(fuse_lora(torch_model(self.backend), path, lora_scale))
+        from backdrop.nn.checkpoint import torch_model
+        from backdrop.nn.lora import LORA_INSTEAD, fuse_lora
+        self._loras.append(fuse_lora(torch_model(self.backend, "a LoRA", LORA_INSTEAD), path, lora_scale))
 
     def unload_lora_weights(self) -> None:
         """Undo every load_lora_weights: the weights are bit-identical to the ones before the first."""
@@ -151,12 +152,14 @@ class Pipeline:
         load_textual_inversion: a .safetensors file in diffusers' or A1111's format, a folder holding diffusers'
         learned_embeds.safetensors, a state dict or a tensor, or a list of them; `token` (or one per embedding)
         names the word prompts use. Several loads stack. Formats and errors: nn/textual_inversion.py."""
+        from backdrop.nn.checkpoint import torch_model
         from backdrop.nn.textual_inversion import load_textual_inversion
         load_textual_inversion(torch_model(self.backend, "textual inversion", _TI_INSTEAD),
                                pretrained_model_name_or_path, token)
 
     def unload_textual_inversion(self) -> None:
         """Remove every loaded embedding: the tokenizer and the text encoder are bit-identical to before the first."""
+        from backdrop.nn.checkpoint import torch_model
         from backdrop.nn.textual_inversion import unload_textual_inversion
         unload_textual_inversion(torch_model(self.backend, "textual inversion", _TI_INSTEAD))
 

@@ -17,24 +17,12 @@ import torch
 from backdrop.diffusion.batching import as_number
 from backdrop.nn.tokenizer import CONTEXT_LENGTH
 
-__all__ = ["torch_model", "check_clip_skip", "embed", "contexts"]
+__all__ = ["check_clip_skip", "embed", "contexts"]
 
 log = logging.getLogger(__name__)
 
 _SKIP_INSTEAD = ("an exported text encoder gives its last layer's output only. Encode the prompts with a torch "
                  "pipeline, encode_prompt(text, clip_skip=...), and pass prompt_embeds= and negative_prompt_embeds=")
-
-
-def torch_model(backend, feature: str, instead: str):
-    """The torch Model `backend` runs (a TorchBackend, or a wrapper of one such as serve's CUDA graphs), or a
-    ValueError saying that `feature` needs one, naming the backend, and what to do `instead`."""
-    from backdrop.nn.checkpoint import Model  # here: importing the torch modules (and Triton) costs seconds
-
-    model = getattr(backend, "model", None)
-    if not isinstance(model, Model):
-        name = getattr(backend, "name", type(backend).__name__)
-        raise ValueError(f"{feature} needs the torch backend, not {name}: {instead}")
-    return model
 
 
 def check_clip_skip(clip_skip, backend) -> int:
@@ -45,6 +33,7 @@ def check_clip_skip(clip_skip, backend) -> int:
     skip = as_number(clip_skip, "clip_skip", f"None or an int in [0, {n}] (layers of this {n}-layer text encoder "
                      "to skip)", lambda v: 0 <= v <= n, integer=True)
     if skip:
+        from backdrop.nn.checkpoint import torch_model  # here: importing the torch modules costs seconds
         torch_model(backend, f"clip_skip={skip}", _SKIP_INSTEAD)
     return skip
 

@@ -412,6 +412,16 @@ def _write_folder(model: Model, folder: Path) -> None:
         _fsync(f)
 
 
+def torch_model(backend, feature: str, instead: str) -> Model:
+    """The torch Model `backend` runs (a TorchBackend, or a wrapper of one such as serve's CUDA graphs), or a
+    ValueError saying that `feature` needs one, naming the backend, and what to do `instead`."""
+    model = getattr(backend, "model", None)
+    if not isinstance(model, Model):
+        name = getattr(backend, "name", type(backend).__name__)
+        raise ValueError(f"{feature} needs the torch backend, not {name}: {instead}")
+    return model
+
+
 def save_model(model: Model, path, layout: str = "diffusers") -> Path:
     """Write `model` as a diffusers folder (layout="diffusers"; diffusers' from_pretrained opens it) or as one LDM
     .safetensors file (layout="ldm", with the ModelConfig in its metadata).

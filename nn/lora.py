@@ -43,7 +43,7 @@ from torch import nn
 from .checkpoint import PICKLE_SUFFIXES, CheckpointError, Model, _pickle_refusal, _Problems, _Reader
 from .ldm_keys import folder_key
 
-__all__ = ["FusedLora", "fuse_lora", "unfuse_lora", "torch_model", "COMPONENTS"]
+__all__ = ["FusedLora", "fuse_lora", "unfuse_lora", "LORA_INSTEAD", "COMPONENTS"]
 
 COMPONENTS = ("unet", "text_encoder")  # what SD 1.x / 2.x LoRAs patch; never the VAE
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the file diffusers' save_lora_weights(folder) writes
@@ -279,12 +279,5 @@ def unfuse_lora(fused: FusedLora) -> None:
     _restore(fused.saved)
 
 
-def torch_model(backend) -> Model:
-    """The Model a torch backend runs, whose weights a LoRA merges into; a ValueError for an export's backend."""
-    model = getattr(backend, "model", None)
-    if not isinstance(model, Model):
-        raise ValueError(f"LoRAs are merged into PyTorch weights, so they need the torch backend, not "
-                         f"{getattr(backend, 'name', type(backend).__name__)}: an export holds fixed weights. Merge "
-                         "the LoRA first (backdrop.nn.lora.fuse_lora on backdrop.load_model(...), then save_model) "
-                         "and export that model")
-    return model
+LORA_INSTEAD = ("LoRAs are merged into PyTorch weights and an export holds fixed weights. Merge the LoRA first "
+                "(backdrop.nn.lora.fuse_lora on backdrop.load_model(...), then save_model) and export that model")
