@@ -17,6 +17,8 @@ models. One call may hold different prompts, images, masks, seeds and strengths:
     the whole batch or one per output item. generate draws from them exactly what diffusers' StableDiffusionPipeline
     draws; img2img and inpaint draw the initial noise first, where diffusers' pipelines first draw a VAE posterior
     sample (we encode with the posterior mean), so their images differ from diffusers' for the same generator.
+  * pipe(prompt, image=, mask_image=, ...) is diffusers' call: inpaint with a mask, img2img with an image alone,
+    generate otherwise.
   * diffusers' names work too: num_inference_steps (steps), mask_image (mask), padding_mask_crop (crop_padding),
     torch_dtype (from_pretrained's dtype), output_type "pt"; see batching.DIFFUSERS_NAMES. diffusers' arguments
     we lack are a TypeError that says what to use instead (batching.DIFFUSERS_INSTEAD). img2img and inpaint take
@@ -164,6 +166,19 @@ class Pipeline:
         unload_textual_inversion(torch_model(self.backend, "textual inversion", _TI_INSTEAD))
 
     # -------------------------------------------------------------------------------------------- public API
+
+    def __call__(self, prompt=None, image=None, mask_image=None, **kwargs) -> Output:
+        """diffusers' pipe(prompt, image=, mask_image=, ...): inpaint when a mask is given (mask_image=, mask= or
+        product_mask=), img2img when only an image is, generate otherwise; other arguments as that method takes
+        them. An RGBA cut-out alone is img2img here, as in diffusers: call inpaint for OpenAI's alpha convention."""
+        if mask_image is not None or any(kwargs.get(k) is not None for k in ("mask", "product_mask")):
+            if image is None:
+                raise TypeError("a mask without image=: inpainting needs the image the mask belongs to")
+            masks = {} if mask_image is None else {"mask_image": mask_image}
+            return self.inpaint(image, prompt=prompt, **masks, **kwargs)
+        if image is not None:
+            return self.img2img(image, prompt=prompt, **kwargs)
+        return self.generate(prompt, **kwargs)
 
     @diffusers_names
     def generate(self, prompt=None, negative_prompt="", height: int | None = None, width: int | None = None,

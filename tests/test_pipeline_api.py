@@ -58,6 +58,21 @@ def test_diffusers_inpaint_names_equal_ours(models):
     assert next(p32.backend.model.unet.parameters()).dtype == torch.float32
 
 
+def test_calling_the_pipeline_picks_the_method_as_diffusers_pipelines_do(models):
+    """pipe(prompt, image=, mask_image=) as code written for diffusers' pipelines calls them."""
+    pipe = models["sd1-inpaint"].pipe
+    img, mask = images(1)[0], rect_masks(1)[0]
+    common = dict(num_inference_steps=2, seed=1, output_type="np", progress=False)
+    same = lambda a, b: np.array_equal(a.images, b.images)  # noqa: E731
+    assert same(pipe("x", image=img, mask_image=mask, **common), pipe.inpaint(img, mask, prompt="x", **common))
+    assert same(pipe(prompt="x", image=img, product_mask=mask, **common),
+                pipe.inpaint(img, product_mask=mask, prompt="x", **common))
+    assert same(pipe("x", image=img, strength=0.5, **common), pipe.img2img(img, "x", strength=0.5, **common))
+    assert same(pipe("x", height=32, **common), pipe.generate("x", height=32, **common))
+    with pytest.raises(TypeError, match="a mask without image="):
+        pipe("x", mask_image=mask)
+
+
 def test_mask_threshold_keeps_a_noisy_product_mask_exact(models):
     """A JPEG-saved product mask is 252..255 on the product: unthresholded, those pixels are partly repainted
     (grey = soft mask); mask_threshold=0.5 binarises the mask first, so the whole product stays bit-identical."""
