@@ -141,6 +141,21 @@ def _pickle_refusal(path: Path, option: bool = True) -> CheckpointError:
                          if option else ""))
 
 
+def adapter_file(path: Path, file_name: str, what: str, refusal=_pickle_refusal) -> Path:
+    """The .safetensors file of an add-on (a LoRA, an embedding) that `path` names: the file itself, or `file_name`
+    inside a folder (diffusers' save folders, Hub downloads). A missing one, or a pickle file (`refusal(path)` says
+    how to convert it), is a CheckpointError naming the path."""
+    if path.is_dir():
+        if not (path / file_name).is_file():
+            raise CheckpointError(f"{path}: a folder without {file_name}; give the {what}'s .safetensors file")
+        path = path / file_name
+    elif not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix in PICKLE_SUFFIXES:
+        raise refusal(path)
+    return path
+
+
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         try:  # the zip format maps lazily; the legacy format cannot be mapped

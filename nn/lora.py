@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import PICKLE_SUFFIXES, CheckpointError, Model, _pickle_refusal, _Problems, _Reader
+from .checkpoint import CheckpointError, Model, _pickle_refusal, _Problems, _Reader, adapter_file
 from .ldm_keys import folder_key
 
 __all__ = ["FusedLora", "fuse_lora", "unfuse_lora", "LORA_INSTEAD", "COMPONENTS"]
@@ -232,18 +232,6 @@ class FusedLora:
     saved: tuple[tuple[nn.Parameter, torch.Tensor], ...]     # (the live weight, its values before, on the CPU)
 
 
-def _lora_file(path: Path) -> Path:
-    if path.is_dir():  # diffusers' save_lora_weights(folder) / a Hub download of one
-        if not (path / DIFFUSERS_FILE).is_file():
-            raise CheckpointError(f"{path}: a folder without {DIFFUSERS_FILE}; give the LoRA's .safetensors file")
-        path = path / DIFFUSERS_FILE
-    elif not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    if path.suffix in PICKLE_SUFFIXES:
-        raise _pickle_refusal(path, option=False)
-    return path
-
-
 @torch.no_grad()
 def _restore(saved) -> None:
     for weight, before in reversed(saved):
@@ -257,7 +245,7 @@ def fuse_lora(model: Model, path, scale: float = 1.0) -> FusedLora:
     Fuse several to stack them; unfuse_lora in the reverse order restores the weights bit-exactly."""
     if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"lora_scale must be a finite number, got {scale!r}")
-    file = _lora_file(Path(path))
+    file = adapter_file(Path(path), DIFFUSERS_FILE, "LoRA", lambda p: _pickle_refusal(p, option=False))
     reader = _Reader([file])
     pairs, saved = _plan(model, reader), []
     try:

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint import PICKLE_SUFFIXES, CheckpointError, Model, _Reader
+from .checkpoint import CheckpointError, Model, _Reader, adapter_file
 
 __all__ = ["Embedding", "read_embeddings", "load_textual_inversion", "unload_textual_inversion"]
 
@@ -65,18 +65,6 @@ def _pickle_refusal(path: Path) -> CheckpointError:
         f"st.save_file({{k: v.contiguous() for k, v in d.items()}}, '{out}')\"")
 
 
-def _embedding_file(path: Path) -> Path:
-    if path.is_dir():  # diffusers' save folder / a Hub download of one
-        if not (path / DIFFUSERS_FILE).is_file():
-            raise CheckpointError(f"{path}: a folder without {DIFFUSERS_FILE}; give the embedding's .safetensors file")
-        path = path / DIFFUSERS_FILE
-    elif not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    if path.suffix in PICKLE_SUFFIXES:
-        raise _pickle_refusal(path)
-    return path
-
-
 def _tensors(source) -> tuple[str, str, dict[str, tuple[int, ...]], Callable[[str], torch.Tensor]]:
     """(label for errors, the file's name, {key: shape}, get(key)) of a file, a folder or a state dict; a file's
     tensors are read only when asked for (a model checkpoint given by mistake is refused from its header)."""
@@ -88,7 +76,7 @@ def _tensors(source) -> tuple[str, str, dict[str, tuple[int, ...]], Callable[[st
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"an embedding is a file or folder path, a state dict or a tensor, got "
                         f"{type(source).__name__}")
-    file = _embedding_file(Path(source))
+    file = adapter_file(Path(source), DIFFUSERS_FILE, "embedding", _pickle_refusal)
     reader = _Reader([file])
     return str(file), file.stem, reader.shapes, reader.get
 
