@@ -5,6 +5,7 @@ import argparse
 import importlib
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -120,14 +121,18 @@ def load_textual_inversions(pipe, specs: list[tuple[str, str | None]]) -> None:
             raise CLIError(f"--textual-inversion: {one_line(e)}") from None
 
 
+_OPTION = re.compile(r"--[A-Za-z0-9][A-Za-z0-9_-]*")  # an option's name; a value may look like one, with spaces
+
+
 def _dashed(args: list[str]) -> list[str]:
-    """Each --long_option (or --long_option=value) as --long-option; values, and anything after `--`, as given."""
+    """Each --long_option (or --long_option=value) as --long-option; values (a prompt "--no_text please"), and
+    anything after `--`, as given."""
     out = list(args)
     for i, a in enumerate(out):
         if a == "--":
             break
         name, eq, value = a.partition("=")
-        if a.startswith("--") and "_" in name:
+        if "_" in name and _OPTION.fullmatch(name):
             out[i] = name.replace("_", "-") + eq + value
     return out
 

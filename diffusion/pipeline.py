@@ -171,10 +171,14 @@ class Pipeline:
         """diffusers' pipe(prompt, image=, mask_image=, ...): inpaint when a mask is given (mask_image=, mask= or
         product_mask=), img2img when only an image is, generate otherwise; other arguments as that method takes
         them. An RGBA cut-out alone is img2img here, as in diffusers: call inpaint for OpenAI's alpha convention."""
-        if mask_image is not None or any(kwargs.get(k) is not None for k in ("mask", "product_mask")):
+        if image is None and prompt is not None and not isinstance(prompt, (str, list, tuple)):
+            raise TypeError(f"pipe() takes the prompt first, as diffusers' pipelines; got a {type(prompt).__name__} "
+                            "there: pass the image as image=")
+        masks = {k: v for k, v in (("mask_image", mask_image), ("mask", kwargs.pop("mask", None)),
+                                   ("product_mask", kwargs.pop("product_mask", None))) if v is not None}
+        if masks:
             if image is None:
                 raise TypeError("a mask without image=: inpainting needs the image the mask belongs to")
-            masks = {} if mask_image is None else {"mask_image": mask_image}
             return self.inpaint(image, prompt=prompt, **masks, **kwargs)
         if image is not None:
             return self.img2img(image, prompt=prompt, **kwargs)

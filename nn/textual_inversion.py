@@ -125,6 +125,8 @@ def _read(source, token: str | None, width: int) -> Embedding:
         tensor = get(key)
     if not tensor.is_floating_point():
         raise CheckpointError(f"{where} is {tensor.dtype}; an embedding is floating point")
+    if not bool(torch.isfinite(tensor).all()):  # one NaN row would turn every image with the word black
+        raise CheckpointError(f"{where} holds NaN or infinite values")
     vectors = tensor.detach().reshape(-1, width)  # (C,) -> (1, C); (n, C) stays
     return Embedding(token, vectors, label)
 
@@ -171,13 +173,14 @@ def load_textual_inversion(model: Model, pretrained_model_name_or_path, token: s
     seen: dict[str, str] = {}
     for e in embeddings:
         for t in e.tokens:
-            if t in tok:
-                raise ValueError(f"{e.source}: token {t!r} is already in the vocabulary (a word of it, or an "
-                                 "embedding loaded before); give another with token=, or unload_textual_inversion()")
-            if t in seen:
-                raise ValueError(f"{e.source}: token {t!r} is given twice (also by {seen[t]}); give another with "
-                                 "token=")
-            seen[t] = e.source
+            if (taken := tok.taken_by(t)) is not None:  # prompts match tokens case-insensitively
+                raise ValueError(f"{e.source}: token {t!r} would take the vocabulary's {taken!r} (a word of it, or "
+                                 "an embedding loaded before; case does not matter); give another with token=, or "
+                                 "unload_textual_inversion()")
+            if (key := t.lower()) in seen:
+                raise ValueError(f"{e.source}: token {t!r} is given twice (also by {seen[key]}; case does not "
+                                 "matter); give another with token=")
+            seen[key] = e.source
     rows = torch.cat([e.vectors for e in embeddings]).to(emb.weight)  # (sum of n, C), the embedding's dtype
     weight = torch.cat([emb.weight.detach(), rows])  # (V + sum of n, C): may run out of memory, nothing changed yet
     tok.add_tokens([(e.token, len(e.vectors)) for e in embeddings])  # ids V, V + 1, ...: the new rows

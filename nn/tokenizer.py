@@ -205,6 +205,17 @@ class Tokenizer:
         """Whether `token` (a vocabulary entry: "cat</w>" ends a word, "cat" starts one) has an id."""
         return token in self._vocab
 
+    def taken_by(self, token: str) -> str | None:
+        """The entry a new add_tokens token would shadow, or None. Added tokens are matched after the normalizer
+        (case-insensitively), so "Cat" would take every "cat" of a prompt: an entry is shadowed when it equals
+        the token's normalized form as a word or word start ("cat</w>", "cat") or as an added token ("CAT")."""
+        def norm(t: str) -> str:
+            return self._backend.normalizer.normalize_str(t)
+        key = norm(token)
+        added = (t for t, i in self._vocab.items() if i >= self._built_size)
+        return next((t for t in (key + "</w>", key) if t in self._vocab and self._vocab[t] < self._built_size),
+                    next((t for t in added if norm(t) == key), None))
+
     def _expanded(self, ids: list[int]) -> list[int]:
         """ids with every multi-vector token written out as its n ids (add_tokens)."""
         return [j for i in ids for j in self._expand.get(i, (i,))] if self._expand else ids

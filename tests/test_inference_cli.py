@@ -277,6 +277,17 @@ def test_an_unknown_option_is_blamed_on_its_subcommand(capsys, argv, command, un
     assert e.value.code == 2 and err == f"{command}: error: unrecognized arguments: {unknown} (see {command} --help)"
 
 
+def test_options_as_diffusers_spells_them_and_values_untouched():
+    """--guidance_scale is --guidance-scale (diffusers' scripts' spelling); a value that only looks like an option
+    (a prompt with a space, after --) keeps its underscores."""
+    from backdrop.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "--prompt", "a_b", "--guidance_scale=3", "--negative-prompt",
+                                      "--ugly_hands --bad_anatomy", "--out", "/tmp/o_1"])
+    assert (args.prompt, args.guidance_scale, args.negative_prompt, args.out) == \
+        ("a_b", 3.0, "--ugly_hands --bad_anatomy", "/tmp/o_1")
+
+
 @pytest.mark.parametrize("command", ["generate", "img2img", "inpaint"])
 def test_help(capsys, command):
     with pytest.raises(SystemExit) as e:

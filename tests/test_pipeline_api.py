@@ -69,8 +69,14 @@ def test_calling_the_pipeline_picks_the_method_as_diffusers_pipelines_do(models)
                 pipe.inpaint(img, product_mask=mask, prompt="x", **common))
     assert same(pipe("x", image=img, strength=0.5, **common), pipe.img2img(img, "x", strength=0.5, **common))
     assert same(pipe("x", height=32, **common), pipe.generate("x", height=32, **common))
+    # wrapper code passes None for what it does not use
+    assert same(pipe("x", image=img, mask=None, product_mask=None, strength=0.5, **common),
+                pipe.img2img(img, "x", strength=0.5, **common))
+    assert same(pipe("x", image=img, mask_image=mask, mask=None, **common), pipe.inpaint(img, mask, "x", **common))
     with pytest.raises(TypeError, match="a mask without image="):
         pipe("x", mask_image=mask)
+    with pytest.raises(TypeError, match="takes the prompt first.*got a Image there: pass the image as image="):
+        pipe(img, mask_image=mask)
 
 
 def test_mask_threshold_keeps_a_noisy_product_mask_exact(models):

@@ -150,8 +150,15 @@ def test_an_a1111_file_is_named_after_itself(pipe, files):
 
 @pytest.mark.parametrize("load,match", [
     (lambda f: [(f["cat-toy"], None), (f["cat-toy"], None)],
-     r"cat-toy.safetensors: token '<cat-toy>' is already in the vocabulary \(a word of it, or an embedding loaded"),
-    (lambda f: [(f["cat-toy"], "cat")], r"cat-toy.safetensors: token 'cat' is already in the vocabulary"),
+     r"cat-toy.safetensors: token '<cat-toy>' would take the vocabulary's '<cat-toy>' \(a word of it, or an "
+     r"embedding loaded before"),
+    (lambda f: [(f["cat-toy"], "cat")], r"cat-toy.safetensors: token 'cat' would take the vocabulary's 'cat</w>'"),
+    # prompts match added tokens case-insensitively: "Background" would take every "background"
+    (lambda f: [(f["cat-toy"], "Background")], r"token 'Background' would take the vocabulary's 'background</w>'"),
+    (lambda f: [(f["cat-toy"], "<Toy>"), (f["multi"], "<TOY>")], r"token '<TOY>' would take the vocabulary's "
+                                                                  r"'<Toy>'"),
+    (lambda f: [([f["cat-toy"], f["multi"]], ["<x>", "<X>"])], r"token '<X>' is given twice"),
+    (lambda f: [({"<nan>": torch.full((C,), float("nan"))}, None)], r"the state dict: tensor '<nan>' holds NaN"),
     (lambda f: [(f["wide"], None)], r"wide.safetensors: tensor '<wide>' has shape \(1, 1024\): vectors 1024 wide, "
                                     r"but this text encoder's token embeddings are 64 wide"),
     (lambda f: [(f["two"], None)], r"two.safetensors: holds 2 tensors \('<a>', '<b>'\), where an embedding file "
@@ -168,7 +175,7 @@ def test_an_a1111_file_is_named_after_itself(pipe, files):
     (lambda f: [(vectors(C), "")], r"token must be a non-empty string"),
     (lambda f: [([f["cat-toy"], f["multi"]], ["<x>"])], r"2 embeddings and 1 tokens"),
     (lambda f: [([f["cat-toy"], f["multi"]], ["<x>", "<x>"])], r"multi.safetensors: token '<x>' is given twice "
-                                                                r"\(also by .*cat-toy.safetensors\)"),
+                                                                r"\(also by .*cat-toy.safetensors;"),
     (lambda f: [([f["multi"], vectors(C)], ["<m>", "<m>_2"])], r"the tensor: token '<m>_2' is given twice"),
     (lambda f: [([f["cat-toy"], f["wide"]], None)], r"wide.safetensors: tensor '<wide>' has shape"),  # 2nd of a list
 ])

@@ -67,7 +67,7 @@ def test_diffusers_and_accelerate_option_names_are_aliases():
          "--learning_rate=0.1", "--lr_warmup_steps=1", "--adam_weight_decay=0.5", "--max_grad_norm=2",
          "--gradient_accumulation_steps=3", "--mixed_precision=bf16", "--checkpointing_steps=4",
          "--checkpoints_total_limit=1", "--resume_from_checkpoint=latest", "--prediction_type=v_prediction",
-         "--proportion_empty_prompts=0.2", "--center_crop"])
+         "--proportion_empty_prompts=0.2", "--center_crop=True", "--enable_xformers_memory_efficient_attention"])
     assert vars(spelled) == vars(ours)
 
 
@@ -94,7 +94,8 @@ def test_bad_data_spec_exits_2_with_one_line(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["vae", "--data", "/nonexistent/images"], "--data /nonexistent/images"),
-    (["pretrain", "--data", "synthetic:4", "--init", "/nonexistent/model"], "--init /nonexistent/model"),
+    (["pretrain", "--data", "synthetic:4", "--init", "/nonexistent/model"], "--init /nonexistent/model: model "
+                                                                           "'/nonexistent/model': no such file"),
     (["pretrain", "--data", "synthetic:4", "--zero-terminal-snr"], "v-prediction"),
     (["pretrain", "--data", "synthetic:4", "--preset", "huge"], "unknown preset"),
     (["clip", "--data", "synthetic:4", "--size", "30"], "--size 30"),
@@ -210,6 +211,13 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_earlier_ones(tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0] and f"--resume {out}" in err[0], err
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]  # and no half-written one
+
+
+def test_init_takes_a_built_in_models_name(tmp_path):
+    """--init backdrop-tiny, as generate/serve/export take the name: fine-tune the built-in model."""
+    assert run("inpaint", "--data", "synthetic:4", "--out", tmp_path / "o", "--init", "backdrop-tiny", "--steps", 1,
+               "--masks", "product", *FAST) == 0
+    assert load_model(tmp_path / "o/final").config.unet.in_channels == 9
 
 
 def test_chain_through_the_cli(tmp_path):

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from backdrop.cli import CLIError, make_folder, one_line, parse_device
-from backdrop.train.diffusers_options import DIFFUSERS_INSTEAD, AlwaysSo, Instead, resolve_aliases
+from backdrop.train.diffusers_options import ALWAYS_SO, DIFFUSERS_INSTEAD, AlwaysSo, Instead, resolve_aliases
 
 __all__ = ["add_parser"]
 
@@ -79,7 +79,8 @@ def _data_options() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", "--dataloader-num-workers", type=int, default=0, metavar="N",
                    help="data loading processes; 0 loads in the training process (default: 0)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--center-crop", action=AlwaysSo)  # images are resized, then centre-cropped to --size
+    for option in ALWAYS_SO:
+        g.add_argument(option, action=AlwaysSo)
     return p
 
 
@@ -305,10 +306,14 @@ def _distributed(args) -> tuple[int, int, object]:
 
 def _model(args):
     from backdrop.nn.checkpoint import init_model, load_model
+    from backdrop.nn.resolve import resolve_model
 
     if not args.init:
         return init_model(args.preset, seed=args.seed)
-    init = Path(args.init)
+    try:  # a built-in model's name too ("backdrop-tiny"), as the other commands take
+        init = resolve_model(args.init)
+    except FileNotFoundError as e:
+        raise _named("--init", args.init, e) from None
     if not (init / "model_index.json").is_file() and (init / "final" / "model_index.json").is_file():
         raise CLIError(f"--init {init} is a training run's folder; its model is {init / 'final'}")
     if (init / "meta.json").is_file() and (init / "state.safetensors").is_file():
@@ -341,9 +346,10 @@ def _dataset(args, stage: str, size: int, model):
         data.check(model, size)
         if stage == "inpaint" and not data.has_images and not (
                 args.masks == "product" and args.product_prob == 1 and data.has_product_latents):
-            raise CLIError(f"--data {args.data}: cache built with --no-images; inpaint encodes masked images, "
-                           "so it needs them (only --masks product --product-prob 1 trains without: the cache "
-                           "holds the product latents)")
+            raise CLIError(f"--data {args.data}: cache built with --no-images, " + (
+                "so random masks cannot be encoded; only --masks product --product-prob 1 trains without the "
+                "pixels" if data.has_product_latents else "and without product latents (its data had no product "
+                "masks, or the cache predates them); rebuild it without --no-images"))
     else:
         try:  # Synthetic data is World(0), the world the evaluator holds its seeds out from; --seed orders the data.
             data = make_dataset(args.data, size, seed=0)

@@ -7,7 +7,7 @@ import argparse
 
 from backdrop.cli import CLIError
 
-__all__ = ["DIFFUSERS_INSTEAD", "EMA_DECAY", "Instead", "AlwaysSo", "resolve_aliases"]
+__all__ = ["DIFFUSERS_INSTEAD", "ALWAYS_SO", "EMA_DECAY", "Instead", "AlwaysSo", "resolve_aliases"]
 
 EMA_DECAY = 0.9999  # --use-ema: diffusers' EMAModel default
 
@@ -19,8 +19,13 @@ DIFFUSERS_INSTEAD = {
     "--report-to": "progress goes to the progress bar and OUT/log.jsonl",
     "--validation-prompts": "sample OUT/final (or a checkpoint's model) with `backdrop generate`",
     "--use-8bit-adam": "AdamW keeps fp32 state (fused on GPUs)",
-    "--enable-xformers-memory-efficient-attention": "attention is always memory-efficient here (flash attention)",
+    "--num-train-epochs": "a run's length is --steps (optimizer steps), whatever the dataset's size",
+    "--scale-lr": "give the --lr to use; it is not scaled by batch size or processes",
+    "--validation-epochs": "sample OUT/final (or a checkpoint's model) with `backdrop generate`",
 }
+# diffusers flags for what Backdrop always does: taken, and nothing recorded
+ALWAYS_SO = ("--center-crop",  # images are resized, then centre-cropped to --size
+             "--enable-xformers-memory-efficient-attention")  # attention is memory-efficient (flash attention)
 
 
 class Instead(argparse.Action):
@@ -35,10 +40,11 @@ class Instead(argparse.Action):
 
 
 class AlwaysSo(argparse.Action):
-    """A diffusers flag for what Backdrop always does (--center-crop): taken, and nothing to record."""
+    """A diffusers flag for what Backdrop always does (ALWAYS_SO): taken, with or without a value (diffusers' own
+    scripts are called with --center_crop=True too), and nothing to record."""
 
     def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, default=argparse.SUPPRESS,
+        super().__init__(option_strings, argparse.SUPPRESS, nargs="?", default=argparse.SUPPRESS,
                          help=argparse.SUPPRESS)
 
     def __call__(self, parser, namespace, values, option_string=None):
