@@ -116,9 +116,11 @@ def load_textual_inversions(pipe, specs: list[tuple[str, str | None]]) -> None:
     """Load each --textual-inversion into the pipeline; a bad file, key or token is a one-line CLIError."""
     for path, token in specs:
         try:
-            pipe.load_textual_inversion(path, token=token)
+            (word,) = pipe.load_textual_inversion(path, token=token)
         except (OSError, ValueError) as e:  # CheckpointError (a ValueError) names the file and the key
             raise CLIError(f"--textual-inversion: {one_line(e)}") from None
+        if token is None:  # the file named it (A1111's: after the file): say which word prompts use
+            print(f"--textual-inversion {path}: prompts use {word!r}", file=sys.stderr)
 
 
 _OPTION = re.compile(r"--[A-Za-z0-9][A-Za-z0-9_-]*")  # an option's name; a value may look like one, with spaces

@@ -149,15 +149,16 @@ class Pipeline:
         while self._loras:
             unfuse_lora(self._loras.pop())
 
-    def load_textual_inversion(self, pretrained_model_name_or_path, token=None) -> None:
+    def load_textual_inversion(self, pretrained_model_name_or_path, token=None) -> list[str]:
         """Add textual inversion embeddings to the torch backend's tokenizer and text encoder, as diffusers'
         load_textual_inversion: a .safetensors file in diffusers' or A1111's format, a folder holding diffusers'
         learned_embeds.safetensors, a state dict or a tensor, or a list of them; `token` (or one per embedding)
-        names the word prompts use. Several loads stack. Formats and errors: nn/textual_inversion.py."""
+        names the word prompts use. Several loads stack. Returns the words prompts use, one per embedding.
+        Formats and errors: nn/textual_inversion.py."""
         from backdrop.nn.checkpoint import torch_model
         from backdrop.nn.textual_inversion import load_textual_inversion
-        load_textual_inversion(torch_model(self.backend, "textual inversion", _TI_INSTEAD),
-                               pretrained_model_name_or_path, token)
+        return load_textual_inversion(torch_model(self.backend, "textual inversion", _TI_INSTEAD),
+                                      pretrained_model_name_or_path, token)
 
     def unload_textual_inversion(self) -> None:
         """Remove every loaded embedding: the tokenizer and the text encoder are bit-identical to before the first."""

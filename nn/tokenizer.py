@@ -291,7 +291,18 @@ class Tokenizer:
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text back from ids, special tokens (and so padding) skipped; "</w>" ends a word."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-        return self._backend.decode(ids, skip_special_tokens=True).replace("</w>", " ").strip()
+        if self.vocab_size == self._built_size:
+            return self._backend.decode(ids, skip_special_tokens=True).replace("</w>", " ").strip()
+        words, run = [], []  # add_tokens' tokens are words of their own: decoded apart from the BPE runs
+        names = {i: t for t, i in self._vocab.items() if i >= self._built_size}
+        for i in [*ids, None]:
+            if i is None or i in names:
+                words += [self._backend.decode(run, skip_special_tokens=True).replace("</w>", " ").strip()] + \
+                    ([names[i]] if i is not None else [])
+                run = []
+            else:
+                run.append(i)
+        return " ".join(w for w in words if w)
 
     def save(self, folder: str | os.PathLike) -> None:
         """Write vocab.json, merges.txt, special_tokens_map.json and tokenizer_config.json: a diffusers tokenizer/

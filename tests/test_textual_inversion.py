@@ -228,13 +228,18 @@ def test_cli_textual_inversion_option(pipe, models, files, capsys, tmp_path):
             "--prompt", "<multi> and <toy>", "--textual-inversion", files["multi"], "--textual-inversion",
             f"{files['cat-toy']}:<toy>"]
     assert main(argv + ["--out", str(tmp_path)]) == 0
-    [path] = capsys.readouterr().out.split()
-    pipe.load_textual_inversion([files["multi"], files["cat-toy"]], token=[None, "<toy>"])
+    out = capsys.readouterr()
+    [path] = out.out.split()
+    assert f"--textual-inversion {files['multi']}: prompts use '<multi>'" in out.err  # the file named the word
+    assert pipe.load_textual_inversion([files["multi"], files["cat-toy"]], token=[None, "<toy>"]) == \
+        ["<multi>", "<toy>"]
+    assert pipe.backend.tokenizer.decode(pipe.backend.tokenizer(["<multi> and <toy>"])[0]) == \
+        "<multi> <multi>_1 <multi>_2 and <toy>"  # added tokens decode as words (the truncation warning's text)
     want = pipe.generate("<multi> and <toy>", steps=2, seed=3, progress=False).images[0]
     assert np.array_equal(np.asarray(Image.open(path)), np.asarray(want))
     assert main(argv[:-1] + [files["old"], "--out", str(tmp_path / "bad")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--textual-inversion: " in err and "old.pt: a pickle file" in err
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the line naming <multi>'s word
+    assert err.startswith("backdrop generate: error: --textual-inversion: ") and "old.pt: a pickle file" in err
     assert not list(tmp_path.glob("bad/*.png"))
 
 
