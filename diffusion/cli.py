@@ -10,6 +10,9 @@ img2img and inpaint take several IMAGEs (a catalogue: `backdrop inpaint products
 a mask option may then name a folder holding one mask per image, by file name; images of one size share UNet
 batches; every image gets the seeds SEED .. SEED + N - 1 (the same scene for every product) and its files are named
 OUT/<kind>-<image name>-<seed>.png.
+
+diffusers' argument names are aliases (--num-inference-steps, --num-images-per-prompt, --mask-image), also spelt
+with underscores (--num_inference_steps: backdrop/cli.py).
 """
 from __future__ import annotations
 
@@ -48,13 +51,13 @@ def _common_options() -> argparse.ArgumentParser:
                    help="what the picture should show, e.g. 'a bottle on wet rocks'")
     s.add_argument("--negative-prompt", default="", metavar="TEXT",
                    help="what it should not show, e.g. 'blurry, text'")
-    s.add_argument("--n", type=int, default=1, metavar="N", help="how many images to make (default: 1)")
+    s.add_argument("--n", "--num-images-per-prompt", type=int, default=1, metavar="N", help="how many images to make (default: 1)")
     s.add_argument("--batch-size", type=int, default=4, metavar="B",
                    help="images made at once: larger is faster on a GPU until memory runs out (default: "
                         "%(default)s)")
     s.add_argument("--seed", type=int, default=None,
                    help="random seed; image i uses SEED + i, so any image can be remade alone (default: random)")
-    s.add_argument("--steps", type=int, default=30, metavar="N", help="denoising steps: more is slower, often finer "
+    s.add_argument("--steps", "--num-inference-steps", type=int, default=30, metavar="N", help="denoising steps: more is slower, often finer "
                                                          "(default: %(default)s)")
     s.add_argument("--sampler", choices=list(RECIPES), default="dpmpp-2m", metavar="NAME",
                    help=f"one of: {', '.join(RECIPES)} (default: %(default)s)")
@@ -115,7 +118,7 @@ def add_parser(subparsers) -> None:
         epilog="example: backdrop inpaint bottle.png --product-mask bottle-mask.png "
                "--prompt 'on a marble table, soft light' --n 4 --seed 7")
     which = inp.add_argument_group("mask").add_mutually_exclusive_group()
-    which.add_argument("--mask", metavar="M", help="mask image: white = repaint, black = keep; or a folder "
+    which.add_argument("--mask", "--mask-image", metavar="M", help="mask image: white = repaint, black = keep; or a folder "
                                                    "with one mask per IMAGE, of the same name (any extension)")
     which.add_argument("--product-mask", metavar="M", help="mask image: white = the product to keep, black = "
                                                            "the background to repaint; or a folder as for --mask")

@@ -283,9 +283,12 @@ def test_options_as_diffusers_spells_them_and_values_untouched():
     from backdrop.cli import build_parser
 
     args = build_parser().parse_args(["generate", "--prompt", "a_b", "--guidance_scale=3", "--negative-prompt",
-                                      "--ugly_hands --bad_anatomy", "--out", "/tmp/o_1"])
-    assert (args.prompt, args.guidance_scale, args.negative_prompt, args.out) == \
-        ("a_b", 3.0, "--ugly_hands --bad_anatomy", "/tmp/o_1")
+                                      "--ugly_hands --bad_anatomy", "--out", "/tmp/o_1", "--num_inference_steps=7",
+                                      "--num_images_per_prompt", "2"])
+    assert (args.prompt, args.guidance_scale, args.negative_prompt, args.out, args.steps, args.n) == \
+        ("a_b", 3.0, "--ugly_hands --bad_anatomy", "/tmp/o_1", 7, 2)
+    args = build_parser().parse_args(["inpaint", "p.png", "--prompt", "x", "--mask_image", "m.png"])
+    assert args.mask == "m.png"
 
 
 @pytest.mark.parametrize("command", ["generate", "img2img", "inpaint"])
