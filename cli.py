@@ -139,6 +139,22 @@ def _dashed(args: list[str]) -> list[str]:
     return out
 
 
+def apply_model_options(pipe, args) -> None:
+    """The model options of the commands that load one (generate, img2img, inpaint, serve), in order: merge
+    --lora, add --textual-inversion words, check --clip-skip against the model (its text encoder's layers; an
+    exported backend cannot skip). Each error is a one-line CLIError naming its option."""
+    from backdrop.diffusion.text import check_clip_skip
+
+    load_loras(pipe, args.lora)
+    load_textual_inversions(pipe, args.textual_inversion)
+    try:
+        check_clip_skip(args.clip_skip, pipe.backend)
+    except ValueError as e:
+        layers, n = pipe.config.text.num_layers, args.clip_skip
+        why = one_line(e) if 0 <= n <= layers else f"give 0 to {layers} (this model's text encoder has {layers} layers)"
+        raise CLIError(f"--clip-skip {n}: {why}") from None
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, except that a usage error is one line (with where to find help), like every other user error,
     instead of the usage block; subcommands' parsers are of this class too (add_subparsers takes the parent's)."""

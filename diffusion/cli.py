@@ -23,8 +23,8 @@ import secrets
 import sys
 from pathlib import Path
 
-from backdrop.cli import (CLIError, add_lora_option, add_textual_inversion_option, load_loras,
-                          load_textual_inversions, make_folder, one_line, parse_device)
+from backdrop.cli import (CLIError, add_lora_option, add_textual_inversion_option, apply_model_options,
+                          make_folder, one_line, parse_device)
 from backdrop.diffusion.schedule import RECIPES
 
 __all__ = ["add_parser"]
@@ -51,14 +51,15 @@ def _common_options() -> argparse.ArgumentParser:
                    help="what the picture should show, e.g. 'a bottle on wet rocks'")
     s.add_argument("--negative-prompt", default="", metavar="TEXT",
                    help="what it should not show, e.g. 'blurry, text'")
-    s.add_argument("--n", "--num-images-per-prompt", type=int, default=1, metavar="N", help="how many images to make (default: 1)")
+    s.add_argument("--n", "--num-images-per-prompt", type=int, default=1, metavar="N",
+                   help="how many images to make (default: 1)")
     s.add_argument("--batch-size", type=int, default=4, metavar="B",
                    help="images made at once: larger is faster on a GPU until memory runs out (default: "
                         "%(default)s)")
     s.add_argument("--seed", type=int, default=None,
                    help="random seed; image i uses SEED + i, so any image can be remade alone (default: random)")
-    s.add_argument("--steps", "--num-inference-steps", type=int, default=30, metavar="N", help="denoising steps: more is slower, often finer "
-                                                         "(default: %(default)s)")
+    s.add_argument("--steps", "--num-inference-steps", type=int, default=30, metavar="N",
+                   help="denoising steps: more is slower, often finer (default: %(default)s)")
     s.add_argument("--sampler", choices=list(RECIPES), default="dpmpp-2m", metavar="NAME",
                    help=f"one of: {', '.join(RECIPES)} (default: %(default)s)")
     s.add_argument("--guidance-scale", type=float, default=7.5, metavar="SCALE",
@@ -118,8 +119,9 @@ def add_parser(subparsers) -> None:
         epilog="example: backdrop inpaint bottle.png --product-mask bottle-mask.png "
                "--prompt 'on a marble table, soft light' --n 4 --seed 7")
     which = inp.add_argument_group("mask").add_mutually_exclusive_group()
-    which.add_argument("--mask", "--mask-image", metavar="M", help="mask image: white = repaint, black = keep; or a folder "
-                                                   "with one mask per IMAGE, of the same name (any extension)")
+    which.add_argument("--mask", "--mask-image", metavar="M",
+                       help="mask image: white = repaint, black = keep; or a folder with one mask per IMAGE, of the "
+                            "same name (any extension)")
     which.add_argument("--product-mask", metavar="M", help="mask image: white = the product to keep, black = "
                                                            "the background to repaint; or a folder as for --mask")
     opts = inp.add_argument_group("inpainting")
@@ -260,18 +262,12 @@ def _out_folder(path: str) -> Path:
 def _pipeline(args):
     from backdrop.diffusion.pipeline import Pipeline
     from backdrop.diffusion.schedule import build_schedule
-    from backdrop.diffusion.text import check_clip_skip
 
     try:
         pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     except (OSError, ValueError, RuntimeError, ImportError) as e:  # missing files, CheckpointError, OOM, no ORT/TRT
         raise CLIError(f"cannot load model {args.model}: {one_line(e)}") from None
-    load_loras(pipe, args.lora)
-    load_textual_inversions(pipe, args.textual_inversion)
-    try:  # the upper bound is the model's number of text encoder layers
-        check_clip_skip(args.clip_skip, pipe.backend)
-    except ValueError as e:
-        raise CLIError(f"--clip-skip {args.clip_skip}: {one_line(e)}") from None
+    apply_model_options(pipe, args)
     try:  # the model's scheduler decides which steps/sampler/strength it can run: say so before any work
         schedule = build_schedule(args.sampler, args.steps, pipe.config.scheduler)
         if args.kind != "generate":

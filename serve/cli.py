@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from backdrop.cli import (CLIError, add_lora_option, add_textual_inversion_option, load_loras,
-                          load_textual_inversions, parse_device)
+from backdrop.cli import CLIError, add_lora_option, add_textual_inversion_option, apply_model_options, parse_device
 from backdrop.diffusion.schedule import RECIPES
 
 __all__ = ["add_parser"]
@@ -114,7 +113,6 @@ def _load(args, engine_config):
     import torch
 
     from backdrop.diffusion.pipeline import Pipeline
-    from backdrop.diffusion.text import check_clip_skip
     from backdrop.serve.cuda_graphs import GraphedBackend
     from backdrop.serve.engine import Engine
 
@@ -123,12 +121,7 @@ def _load(args, engine_config):
                                         backend=args.backend)
     except (FileNotFoundError, ValueError, OSError) as e:  # CheckpointError is a ValueError naming file and key
         raise CLIError(str(e)) from None
-    load_loras(pipe, args.lora)  # merged before any CUDA graph is captured (in-place merges would keep them valid)
-    load_textual_inversions(pipe, args.textual_inversion)
-    try:
-        check_clip_skip(args.clip_skip, pipe.backend)
-    except ValueError as e:
-        raise CLIError(f"--clip-skip {args.clip_skip}: {e}") from None
+    apply_model_options(pipe, args)  # LoRAs merged before any CUDA graph is captured
     device = torch.device(pipe.backend.device)
     if args.cuda_graphs and args.backend == "torch" and device.type == "cuda":
         pipe = Pipeline(GraphedBackend(pipe.backend))

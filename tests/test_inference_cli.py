@@ -203,7 +203,7 @@ def test_inpaint_all_black_mask_writes_the_input(files, capsys, tmp_path):
     (["img2img", "{root}/product.png", "--strength", "0.1", "--steps", "5"], "leaves no step to run"),
     (["generate", "--clip-skip", "-1"], "--clip-skip -1 must be >= 0"),
     (["inpaint", "{root}/product.png", "--mask", "{root}/black.png", "--clip-skip", "3"],
-     "--clip-skip 3: clip_skip must be None or an int in [0, 2] (layers of this 2-layer text encoder to skip)"),
+     "--clip-skip 3: give 0 to 2 (this model's text encoder has 2 layers)"),
     (["generate", "--textual-inversion", "{root}/missing.safetensors:<x>"],
      "--textual-inversion: {root}/missing.safetensors: no such file"),
 ])

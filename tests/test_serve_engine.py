@@ -187,7 +187,7 @@ def test_cli_errors_are_one_line(capsys, tmp_path, model_dir):
     assert cli_main(["serve", str(model_dir), "--device", "gpu"]) == 2
     assert "--device 'gpu' is not a device name" in capsys.readouterr().err
     assert cli_main(["serve", str(model_dir), "--clip-skip", "9"]) == 2  # the tiny text encoder has 2 layers
-    assert "--clip-skip 9: clip_skip must be None or an int in [0, 2]" in capsys.readouterr().err
+    assert "--clip-skip 9: give 0 to 2 (this model's text encoder has 2 layers)" in capsys.readouterr().err
     assert cli_main(["serve", str(model_dir), "--textual-inversion", str(tmp_path / "none.safetensors")]) == 2
     assert "--textual-inversion: " in capsys.readouterr().err
 
