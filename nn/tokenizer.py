@@ -139,6 +139,7 @@ class Tokenizer:
             self._added.setdefault(content, _Added(content))
         self.vocab_size = len(vocab)
         self._built_size = len(vocab)  # ids from here on came from add_tokens
+        self._extra: list[str] = []  # add_tokens' tokens, in id order (id = _built_size + position)
         self._expand: dict[int, tuple[int, ...]] = {}  # a multi-vector token's id -> its ids (add_tokens)
         self.bos_token_id = vocab[specials["bos_token"]]
         self.eos_token_id = vocab[specials["eos_token"]]
@@ -183,6 +184,7 @@ class Tokenizer:
         for name, i in zip(names, ids):
             self._vocab[name] = i
             self._added[name] = _Added(name, normalized=True, special=False)
+        self._extra += names
         for token, n in groups:
             if n > 1:
                 self._expand[self._vocab[token]] = tuple(range(self._vocab[token], self._vocab[token] + n))
@@ -192,7 +194,7 @@ class Tokenizer:
 
     def remove_added_tokens(self) -> int:
         """Drop every token add_tokens added, so the tokenizer is again as built; returns how many there were."""
-        extra = [t for t, i in self._vocab.items() if i >= self._built_size]
+        extra, self._extra = self._extra, []
         for t in extra:
             del self._vocab[t], self._added[t]
         self._expand.clear()
@@ -212,9 +214,8 @@ class Tokenizer:
         def norm(t: str) -> str:
             return self._backend.normalizer.normalize_str(t)
         key = norm(token)
-        added = (t for t, i in self._vocab.items() if i >= self._built_size)
         return next((t for t in (key + "</w>", key) if t in self._vocab and self._vocab[t] < self._built_size),
-                    next((t for t in added if norm(t) == key), None))
+                    next((t for t in self._extra if norm(t) == key), None))
 
     def _expanded(self, ids: list[int]) -> list[int]:
         """ids with every multi-vector token written out as its n ids (add_tokens)."""
@@ -291,14 +292,14 @@ class Tokenizer:
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text back from ids, special tokens (and so padding) skipped; "</w>" ends a word."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-        if self.vocab_size == self._built_size:
-            return self._backend.decode(ids, skip_special_tokens=True).replace("</w>", " ").strip()
+        def bpe(run: list[int]) -> str:
+            return self._backend.decode(run, skip_special_tokens=True).replace("</w>", " ").strip()
+        if not self._extra:
+            return bpe(ids)
         words, run = [], []  # add_tokens' tokens are words of their own: decoded apart from the BPE runs
-        names = {i: t for t, i in self._vocab.items() if i >= self._built_size}
         for i in [*ids, None]:
-            if i is None or i in names:
-                words += [self._backend.decode(run, skip_special_tokens=True).replace("</w>", " ").strip()] + \
-                    ([names[i]] if i is not None else [])
+            if i is None or i >= self._built_size:
+                words += [bpe(run)] + ([self._extra[i - self._built_size]] if i is not None else [])
                 run = []
             else:
                 run.append(i)
