@@ -46,9 +46,7 @@ def clip(s: str) -> str:
 def shown(value) -> str:
     """repr(value) for an error message, at most about ECHO_CHARS characters long, "…" marking a cut (a long
     string is cut before its repr is built)."""
-    if isinstance(value, str):
-        return repr(value if len(value) <= ECHO_CHARS else value[:ECHO_CHARS - 1] + "…")
-    return clip(repr(value))
+    return repr(clip(value)) if isinstance(value, str) else clip(repr(value))
 
 
 class APIError(Exception):
