@@ -25,8 +25,9 @@ _SKIP_INSTEAD = ("an exported text encoder gives its last layer's output only. E
                  "pipeline, encode_prompt(text, clip_skip=...), and pass prompt_embeds= and negative_prompt_embeds=")
 
 
-def check_clip_skip(clip_skip, backend) -> int:
-    """clip_skip as an int: None is 0 (the last layer); else an int in [0, num_layers] that `backend` can run."""
+def check_clip_skip(clip_skip, backend, instead: str = _SKIP_INSTEAD) -> int:
+    """clip_skip as an int: None is 0 (the last layer); else an int in [0, num_layers] that `backend` can run
+    (`instead`: what the error tells a caller whose backend cannot)."""
     if clip_skip is None:
         return 0
     n = backend.config.text.num_layers
@@ -34,7 +35,7 @@ def check_clip_skip(clip_skip, backend) -> int:
                      "to skip)", lambda v: 0 <= v <= n, integer=True)
     if skip:
         from backdrop.nn.checkpoint import torch_model  # here: importing the torch modules costs seconds
-        torch_model(backend, f"clip_skip={skip}", _SKIP_INSTEAD)
+        torch_model(backend, f"clip_skip={skip}", instead)
     return skip
 
 

@@ -170,8 +170,11 @@ def _groups(reader: _Reader, problems: _Problems) -> dict[tuple[str, str, bool],
     parsed = {k: _parse(k) for k in reader.shapes}
     if not any(parsed.values()):
         example = f", e.g. {next(iter(parsed))!r}" if parsed else ""
+        embedding = len(parsed) <= 2 and all(len(s) <= 2 for s in reader.shapes.values())  # (C,) or (n, C) each
+        hint = ("; it looks like a textual-inversion embedding: load it with Pipeline.load_textual_inversion "
+                "(the CLI's --textual-inversion)") if parsed and embedding else ""
         raise CheckpointError(f"{reader.label}: not a LoRA file: none of its {len(parsed)} tensors is named as a "
-                              f"LoRA weight (diffusers/PEFT lora_A/lora_B, kohya-ss lora_down/lora_up){example}")
+                              f"LoRA weight (diffusers/PEFT lora_A/lora_B, kohya-ss lora_down/lora_up){example}{hint}")
     groups = {}
     for key, p in parsed.items():
         if p is None:

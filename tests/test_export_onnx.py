@@ -421,3 +421,32 @@ def test_inpaint_cli_runs_an_onnx_export(exported, tmp_path, capsys):
     assert (a[16:48, 24:40] == np.asarray(Image.open(tmp_path / "img.png"))[16:48, 24:40]).all()  # product kept
     assert main(args + ["--model", str(tmp_path / "nope"), "--backend", "onnxruntime"]) == 2
     assert "cannot load model" in capsys.readouterr().err
+
+
+def test_a_server_on_an_export_words_clip_skip_for_its_users(exported):
+    """An exported text encoder ends at its last layer: `serve --clip-skip` on an export is refused at startup
+    with a serve option to change, and a request's clip_skip gets a 400 saying what an HTTP client can send (not
+    the Python arguments a Pipeline caller would use)."""
+    import asyncio
+
+    import httpx
+    from serve_helpers import JSON, inpaint_body, product
+
+    from backdrop.serve.engine import Engine
+    from backdrop.serve.server import ServerConfig, create_app
+
+    pipe = Pipeline(make_backend("onnxruntime", exported["sd1"][1], device="cpu"))
+    with pytest.raises(ValueError, match="needs the torch backend, not onnxruntime: .*serve with --backend torch, "
+                                         "or without --clip-skip"):
+        create_app(Engine(pipe, warmup=False), ServerConfig(clip_skip=1))
+    app = create_app(Engine(pipe, warmup=False))
+
+    async def post(body: bytes) -> httpx.Response:  # refused before the queue: the engine need not run
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://backdrop") as c:
+            return await c.post("/v1/inpaint", headers=JSON, content=body)
+
+    r = asyncio.run(post(inpaint_body(product(1), clip_skip=1)))
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "clip_skip", r.text
+    assert "send clip_skip 0 or none, or use a server started with --backend torch" in error["message"]
+    assert "prompt_embeds" not in error["message"]

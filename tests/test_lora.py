@@ -322,6 +322,8 @@ def bad_files(files, root) -> dict:
         "LoHa": (root / "loha.safetensors", {**good, "lora_unet_conv_in.hada_w1_a": torch.zeros(4, 4)},
                  "lora_unet_conv_in.hada_w1_a (not a plain LoRA"),
         "not a LoRA": (files.folder / "unet" / "diffusion_pytorch_model.safetensors", None, "not a LoRA file"),
+        "an embedding": (root / "learned_embeds.safetensors", {"<cat-toy>": torch.zeros(64)},
+                         "looks like a textual-inversion embedding: load it with Pipeline.load_textual_inversion"),
     }
 
 

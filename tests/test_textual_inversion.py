@@ -41,6 +41,8 @@ def files(tmp_path_factory):
         "two": {"<a>": vectors(C, seed=4), "<b>": vectors(C, seed=5)},
         "wide": {"<wide>": vectors(1, 1024, seed=6)},  # an SD2 embedding
         "sdxl": {"clip_l": vectors(1, 768), "clip_g": vectors(1, 1280)},
+        "lora": {"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": vectors(4, C),
+                 "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": vectors(C, 4)},
         "ints": {"<int>": torch.ones(1, C, dtype=torch.int64)},
         "cube": {"<cube>": vectors(1, 2, C)},
         "empty": {},
@@ -165,6 +167,8 @@ def test_an_a1111_file_is_named_after_itself(pipe, files):
                                    r"holds one; give token= naming the one to load"),
     (lambda f: [(f["two"], "<c>")], r"two.safetensors: holds 2 tensors .*none is named '<c>'"),
     (lambda f: [(f["sdxl"], None)], r"sdxl.safetensors: .*clip_l and clip_g make an SDXL embedding"),
+    (lambda f: [(f["lora"], None)], r"lora.safetensors: a LoRA file \('lora_unet_mid.*not a textual-inversion "
+                                    r"embedding; load it with Pipeline.load_lora_weights \(the CLI's --lora\)"),
     (lambda f: [(f["old"], None)], r"old.pt: a pickle file, which Backdrop does not load: unpickling can run "
                                    r"arbitrary code"),
     (lambda f: [(f["old"] + "x", None)], r"old.ptx: no such file"),

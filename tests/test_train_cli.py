@@ -113,7 +113,9 @@ def test_bad_data_spec_exits_2_with_one_line(tmp_path):
     (["pretrain", "--data", "synthetic:4", "--device", "gpu7"], "--device 'gpu7'"),
     (["cache", "--data", "synthetic:4", "--size", "30"], "--size 30"),  # a cache no stage could train on
     (["clip", "--data", "synthetic:4", "--vision-width", "0"], "--vision-width 0: must be >= 1"),
-    (["inpaint", "--data", "synthetic:4", "--product-prob", "1.5"], "--product-prob 1.5: must be in [0, 1]"),
+    (["inpaint", "--data", "synthetic:4", "--masks", "product", "--product-prob", "1.5"],
+     "--product-prob 1.5: must be in [0, 1]"),
+    (["inpaint", "--data", "synthetic:4", "--product-prob", "0.5"], "applies with --masks product only"),
     (["vae", "--data", "synthetic:4", "--kl-weight", "-1"], "--kl-weight -1.0: must be >= 0"),
     (["clip", "--data", "synthetic:4", "--size", "32", "--vision-patch", "5"], "--vision-patch 5 at --size 32"),
 ])

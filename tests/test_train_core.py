@@ -110,6 +110,19 @@ def test_resume_equals_straight_run(tmp_path, precision):
     assert all(torch.equal(straight.ema.shadow[k], resumed.ema.shadow[k]) for k in a)
 
 
+@pytest.mark.parametrize("saved, resumed, match", [(0.9, 0.0, "would drop; resume with --ema-decay 0.9"),
+                                                     (0.0, 0.9, "has no EMA")])
+def test_resume_refuses_to_drop_or_invent_an_ema(tmp_path, saved, resumed, match):
+    cut = Trainer(Regression(), Loader(2), TrainConfig(steps=4, batch_size=2, ema_decay=saved), tmp_path,
+                  progress=False)
+    cut.train_step()
+    cut.save()
+    again = Trainer(Regression(), Loader(2), TrainConfig(steps=4, batch_size=2, ema_decay=resumed), tmp_path,
+                    progress=False)
+    with pytest.raises(ValueError, match=match):
+        again.resume(tmp_path)
+
+
 def test_keep_last_and_resolve(tmp_path):
     cfg = TrainConfig(steps=6, batch_size=2, save_every=1, keep_last=2)
     Trainer(Regression(), Loader(2), cfg, tmp_path, progress=False).fit()

@@ -188,7 +188,7 @@ def add_parser(subparsers) -> None:
     inpaint.add_argument("--masks", choices=("random", "product"), default="random",
                          help="random: boxes, ellipses, brush strokes, 25%% whole-image; product: repaint "
                               "everything but the product (needs masks in the data) (default: %(default)s)")
-    inpaint.add_argument("--product-prob", type=float, default=1.0, metavar="P",
+    inpaint.add_argument("--product-prob", type=float, metavar="P",
                          help="with --masks product: the share of product masks, the rest random (default: 1)")
     inpaint.add_argument("--latent-mask", choices=("diffusers", "max"), default="diffusers",
                          help="mask to latent size as diffusers' pipeline does (nearest) or as Backdrop's "
@@ -242,6 +242,11 @@ def _check_options(args) -> None:
     if args.stage == "cache":  # the cache has no TrainConfig
         rules += [("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
                   ("--shard-size", args.shard_size, args.shard_size >= 1, ">= 1")]
+    if args.stage == "inpaint":
+        if args.product_prob is not None and args.masks != "product":
+            raise CLIError(f"--product-prob {args.product_prob}: applies with --masks product only (the share of "
+                           "product masks, the rest random); --masks random uses random masks throughout")
+        args.product_prob = 1.0 if args.product_prob is None else args.product_prob
     if args.stage in ("vae", "inpaint"):
         rules.append(("--product-prob", args.product_prob, 0 <= args.product_prob <= 1, "in [0, 1]"))
     if args.stage == "vae":

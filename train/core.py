@@ -255,10 +255,17 @@ class Trainer:
         sub = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         _check_weights(sub("model."), self.module.state_dict())
         self.module.load_state_dict(sub("model."), strict=True)
+        ema, decay = sub("ema."), meta.get("config", {}).get("ema_decay")
+        if ema and self.ema is None:  # resuming without EMA would lose the average kept so far
+            raise ValueError(f"the checkpoint keeps an EMA of the weights (decay {decay}) that this run, without "
+                             f"EMA, would drop; resume with --ema-decay {decay} to keep it")
         if self.ema is not None:
-            ema = sub("ema.")
+            if not ema:
+                raise ValueError(f"the checkpoint has no EMA of the weights, and an EMA started at its step would "
+                                 f"not be the average this run's decay {self.cfg.ema_decay} means; resume without "
+                                 "EMA (--ema-decay 0) or train from the start with it")
             if set(ema) != set(self.ema.shadow):
-                raise ValueError("the checkpoint's EMA weights do not match this run's (is EMA on in both?)")
+                raise ValueError("the checkpoint's EMA weights do not match this run's model")
             self.ema.shadow = {k: v.float().clone() for k, v in ema.items()}
         self.optimizer.load_state_dict(ckpt.unflatten_optimizer(sub("optim."), meta["optimizer"]))
         if self.scaler.is_enabled() and "scaler.scale" in tensors:
