@@ -61,7 +61,8 @@ def _common_options() -> argparse.ArgumentParser:
     s.add_argument("--steps", "--num-inference-steps", type=int, default=30, metavar="N",
                    help="denoising steps: more is slower, often finer (default: %(default)s)")
     s.add_argument("--sampler", choices=list(RECIPES), default="dpmpp-2m", metavar="NAME",
-                   help=f"one of: {', '.join(RECIPES)} (default: %(default)s)")
+                   help=f"one of: {', '.join(RECIPES)}; lcm is for LCM-distilled weights (an LCM-LoRA via "
+                        "--lora), with --steps 4 --guidance-scale 1 (default: %(default)s)")
     s.add_argument("--guidance-scale", type=float, default=7.5, metavar="SCALE",
                    help="how strongly to follow the prompt; 1 turns guidance off (default: %(default)s)")
     s.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",

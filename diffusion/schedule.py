@@ -22,7 +22,7 @@ import torch
 
 from backdrop.nn.config import SchedulerConfig
 
-__all__ = ["Recipe", "RECIPES", "Schedule", "build_schedule", "betas", "alphas_cumprod", "rescale_zero_terminal_snr",
+__all__ = ["Recipe", "RECIPES", "LCM_ORIGINAL_STEPS", "Schedule", "build_schedule", "betas", "alphas_cumprod", "rescale_zero_terminal_snr",
            "karras_sigmas", "sigma_to_t"]
 
 # diffusers' EulerDiscrete/EulerAncestral/DPMSolverMultistep schedulers replace a zero terminal alphas_cumprod by
@@ -36,7 +36,7 @@ class Recipe:
     scheduler: str            # the diffusers class reproduced (tests compare against it)
     spacing: str              # that class's default timestep_spacing in diffusers 0.42
     order: int                # its `order`: img2img's get_timesteps slices timesteps[t_start * order:]
-    family: str               # "ddim" | "ddpm" | "k" (Euler/Heun: fractional timesteps) | "dpm"
+    family: str               # "ddim" | "ddpm" | "k" (Euler/Heun: fractional timesteps) | "dpm" | "lcm"
     karras: bool = False      # use_karras_sigmas (rho = 7)
     zero_snr: bool = True     # whether the class supports rescale_betas_zero_snr
     clip_sample: bool = False  # whether the class has a clip_sample option (which we refuse: see build_schedule)
@@ -52,7 +52,11 @@ RECIPES: dict[str, Recipe] = {
     "dpmpp-2m-karras": Recipe("DPMSolverMultistepScheduler", "linspace", 1, "dpm", karras=True),
     "dpmpp-2m-sde": Recipe("DPMSolverMultistepScheduler", "linspace", 1, "dpm"),
     "dpmpp-2m-sde-karras": Recipe("DPMSolverMultistepScheduler", "linspace", 1, "dpm", karras=True),
+    "lcm": Recipe("LCMScheduler", "leading", 1, "lcm", clip_sample=True),  # ignores timestep_spacing
 }
+# LCMScheduler's original_inference_steps: consistency distillation (Luo et al. 2023) trains on 50 evenly spaced
+# timesteps, 19, 39, ..., 999; LCM sampling takes its steps from among them, so it runs at most 50.
+LCM_ORIGINAL_STEPS = 50
 
 
 # ---------------------------------------------------------------------------------------------- training schedule
@@ -186,6 +190,9 @@ def _spaced(spacing: str, n: int, cfg: SchedulerConfig, family: str) -> np.ndarr
     """The timesteps of `set_timesteps(n)` in diffusers' DDIM/DDPM ("ddim"/"ddpm"), Euler/Heun ("k") and
     DPMSolverMultistep ("dpm") schedulers. Table 2 of Lin et al. 2023 compares the three spacings."""
     big_t = cfg.num_train_timesteps
+    if family == "lcm":  # n of the distillation's timesteps, evenly spaced by index (spacing does not apply)
+        origin = (np.arange(1, LCM_ORIGINAL_STEPS + 1) * (big_t // LCM_ORIGINAL_STEPS) - 1)[::-1]
+        return origin[np.floor(np.linspace(0, LCM_ORIGINAL_STEPS, n, endpoint=False)).astype(np.int64)]
     if family == "dpm":  # lays out n + 1 points and drops the last (lambda_min_clipped = -inf: last_timestep = T)
         if spacing == "linspace":
             return np.linspace(0, big_t - 1, n + 1).round()[::-1][:-1].astype(np.int64)
@@ -218,6 +225,9 @@ def build_schedule(sampler: str, steps: int, config: SchedulerConfig | None = No
     if cfg.clip_sample and r.clip_sample:
         raise ValueError(f"SchedulerConfig.clip_sample=True is not supported ({sampler!r}): latent diffusion does "
                          "not clip x0 to [-1, 1]; set clip_sample to false")
+    if r.family == "lcm" and steps > LCM_ORIGINAL_STEPS:
+        raise ValueError(f"lcm takes its steps from the {LCM_ORIGINAL_STEPS} timesteps of consistency distillation, "
+                         f"so at most {LCM_ORIGINAL_STEPS}, got {steps} (LCM-LoRAs are made for 2 to 8)")
     spacing = cfg.timestep_spacing or r.spacing
     if r.family == "ddim" and spacing == "leading" and (steps - 1) * (big_t // steps) + cfg.steps_offset >= big_t:
         raise ValueError(f"DDIM with leading spacing, steps_offset {cfg.steps_offset} and {steps} steps would use "
@@ -228,14 +238,15 @@ def build_schedule(sampler: str, steps: int, config: SchedulerConfig | None = No
     # len(ts) may exceed steps by one: trailing spacing with a step count that does not divide T (as diffusers)
     ts = _spaced(spacing, steps, cfg, r.family)
 
-    if r.family in ("ddim", "ddpm"):
+    if r.family in ("ddim", "ddpm", "lcm"):
         sig = train_sigmas[ts].astype(np.float64)
         if r.family == "ddim":  # DDIMScheduler.step: prev_timestep = t - T // N; below 0 -> final_alpha_cumprod
             final = 0.0 if cfg.set_alpha_to_one else float(train_sigmas[0])
             prev = ts - big_t // steps
             to = np.where(prev >= 0, train_sigmas[np.maximum(prev, 0)], final)
             sig = np.append(sig, to[-1])
-        else:  # DDPMScheduler.previous_timestep: the next timestep in the list, then alpha_prod = 1 (sigma 0)
+        else:  # DDPM's previous_timestep: the next timestep in the list, then alpha_prod = 1 (sigma 0); LCM's
+            # last step returns its estimate of x0 (sigma 0)
             sig = np.append(sig, 0.0)
             to = sig[1:]
         init = float(np.sqrt(1.0 + sig[0] ** 2))  # diffusers starts from unit-variance VP latents

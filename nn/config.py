@@ -108,7 +108,9 @@ class UNetConfig:
             if isinstance(got, list) and len(set(map(str, got))) == 1:
                 got = got[0]
             if got != want and not (key == "only_cross_attention" and got in (False, [False])):
-                raise ValueError(f"{source}: {key}={got!r} is not supported (Backdrop implements {want!r})")
+                hint = ("; an LCM-distilled UNet (its guidance embedding): use the base model with its LCM-LoRA "
+                        "and sampler lcm instead") if key == "time_cond_proj_dim" else ""
+                raise ValueError(f"{source}: {key}={got!r} is not supported (Backdrop implements {want!r}){hint}")
         down = cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
         up = cfg.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
         for t in down:

@@ -52,3 +52,5 @@ def test_bad_configs_name_the_field():
         get_preset("sd3")
     with pytest.raises(ValueError, match="class_embed_type"):
         UNetConfig.from_diffusers({**PRESETS["sd15"].unet.to_diffusers(), "class_embed_type": "timestep"})
+    with pytest.raises(ValueError, match="time_cond_proj_dim=256 is not supported .*an LCM-distilled UNet .*LCM-LoRA"):
+        UNetConfig.from_diffusers({**PRESETS["sd15"].unet.to_diffusers(), "time_cond_proj_dim": 256})

@@ -19,10 +19,10 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),  # conftest.py
                                          "ignore::UserWarning")]
 
 
-@pytest.mark.parametrize("sampler", ["euler-a", "dpmpp-2m"])
+@pytest.mark.parametrize("sampler", ["euler-a", "dpmpp-2m", "lcm"])
 def test_diffusers_argument_names_and_generators_equal_diffusers(models, ref, sampler):
     """Code written for diffusers runs unchanged: num_inference_steps, generator (one for the batch, or one per
-    image; euler-a draws from it at every step too) and output_type "pt" give diffusers' own images."""
+    image; euler-a and lcm draw from it at every step too) and output_type "pt" give diffusers' own images."""
     pipe = models["sd1"].pipe
     for gen in (lambda: torch.Generator().manual_seed(3), lambda: generators([3, 4])):
         ours = pipe.generate(PROMPTS, num_inference_steps=4, sampler=sampler, generator=gen(), output_type="pt",

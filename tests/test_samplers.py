@@ -130,6 +130,20 @@ def test_seed_gives_the_same_item_alone_or_in_a_batch(name):
     assert not torch.allclose(batch[0], batch[1], atol=1e-2)  # different seeds differ
 
 
+def test_lcm_boundary_condition_equals_diffusers():
+    """c_skip and c_out, which the loop tests barely see (c_skip < 1e-5 from LCM's timestep 19 up), at t = 0 (the
+    sample itself), small t and LCM's first timestep."""
+    from diffusers import LCMScheduler
+
+    from backdrop.diffusion.samplers import _lcm_scalings
+
+    sch = LCMScheduler()
+    for t in (0, 1, 3, 19, 259, 999):
+        want = [float(v) for v in sch.get_scalings_for_boundary_condition_discrete(torch.tensor(t))]
+        assert _lcm_scalings(float(t)) == pytest.approx(want, rel=1e-6, abs=0), t
+    assert _lcm_scalings(0.0) == (1.0, 0.0)
+
+
 def test_per_item_noise_equals_diffusers_randn_tensor():
     from diffusers.utils.torch_utils import randn_tensor
 
