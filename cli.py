@@ -139,6 +139,19 @@ def _dashed(args: list[str]) -> list[str]:
     return out
 
 
+def _as_typed(message: str, names: dict[str, str], argv: list[str]) -> str:
+    """`message` with each option named as the user typed it: errors name an option by its first name (--steps),
+    the user may have given an alias (--num-inference-steps) or diffusers' spelling (--num_inference_steps)."""
+    for arg in argv:
+        if arg == "--":
+            break
+        typed = arg.partition("=")[0]
+        ours = names.get(typed.replace("_", "-")) if _OPTION.fullmatch(typed) else None
+        if ours is not None and ours != typed:
+            message = re.sub(re.escape(ours) + r"(?![\w-])", typed, message)
+    return message
+
+
 def apply_model_options(pipe, args) -> None:
     """The model options of the commands that load one (generate, img2img, inpaint, serve), in order: merge
     --lora, add --textual-inversion words, check --clip-skip against the model (its text encoder's layers; an
@@ -195,8 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _name_commands(parser: argparse.ArgumentParser) -> None:
-    """Each (sub)command's parser records its own name ("backdrop train vae") in the namespace, for its errors."""
-    parser.set_defaults(prog=parser.prog)
+    """Each (sub)command's parser records its own name ("backdrop train vae") in the namespace, for its errors, and
+    the name errors use for each of its long options (--num-inference-steps: --steps), for _as_typed."""
+    names = {o: a.option_strings[0] for a in parser._actions for o in a.option_strings if o.startswith("--")}
+    parser.set_defaults(prog=parser.prog, option_names=names)
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
@@ -227,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CLIError as e:
-        print(f"{args.prog}: error: {e}", file=sys.stderr)
+        typed = sys.argv[1:] if argv is None else argv
+        print(f"{args.prog}: error: {_as_typed(str(e), args.option_names, typed)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -191,6 +191,9 @@ def test_inpaint_all_black_mask_writes_the_input(files, capsys, tmp_path):
     (["generate", "--eta", "0.5"], "--eta is DDIM's noise: it applies to --sampler ddim only, not dpmpp-2m"),
     (["generate", "--steps", "5000"], "--steps 5000 --sampler dpmpp-2m: steps must be an int in [1, "),
     (["generate", "--batch-size", "0"], "--batch-size 0 must be at least 1"),
+    # named as typed: an alias (--num-images-per-prompt for --n), diffusers' spelling
+    (["generate", "--num-images-per-prompt=0"], "--num-images-per-prompt 0 must be in [1, "),
+    (["generate", "--num_inference_steps", "5000"], "--num_inference_steps 5000 --sampler dpmpp-2m: steps must be"),
     (["generate", "--out", "{root}/product.png"], "product.png: cannot create the folder"),
     (["generate", "--out", ""], "--out is empty: give a folder"),  # an unset shell variable, not the cwd
     (["inpaint", "{root}/product.png", "--mask", "{root}/black.png", "--mask-threshold", "0"],

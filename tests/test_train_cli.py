@@ -109,6 +109,7 @@ def test_bad_data_spec_exits_2_with_one_line(tmp_path):
     (["pretrain", "--data", "synthetic:4", "--ema-decay", "0", "--use-ema"], "--use-ema with --ema-decay 0"),
     (["pretrain", "--data", "synthetic:4", "--keep-last", "-1"], "--keep-last -1"),
     (["pretrain", "--data", "synthetic:4", "--warmup", "-2"], "--warmup -2"),
+    (["pretrain", "--data", "synthetic:4", "--learning_rate", "-1"], "--learning_rate -1.0: must be > 0"),
     (["pretrain", "--data", "synthetic:4", "--caption-dropout", "2"], "--caption-dropout 2.0"),
     (["pretrain", "--data", "synthetic:4", "--device", "gpu7"], "--device 'gpu7'"),
     (["cache", "--data", "synthetic:4", "--size", "30"], "--size 30"),  # a cache no stage could train on

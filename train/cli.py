@@ -446,7 +446,7 @@ def _run_stage(args) -> int:
             raise CLIError(str(e).splitlines()[0]) from None
         make_folder(out)
         if rank == 0:  # the command of the run; a resume's own beside it, so that neither is lost
-            record = {k: v for k, v in vars(args).items() if k != "func"} | {"world_size": world}
+            record = {k: v for k, v in vars(args).items() if k not in ("func", "option_names")} | {"world_size": world}
             file = "args.json" if resume is None else f"args-resume-{trainer.step}.json"
             (out / file).write_text(json.dumps(record, indent=2) + "\n")
         try:

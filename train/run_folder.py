@@ -20,8 +20,8 @@ __all__ = ["RUN_FILES", "held_run_files", "resume_checkpoint", "check_out", "run
 RUN_FILES = ("checkpoints", "final", "log.jsonl")
 # Options that do not change what is trained (where the run goes, how it reports, how it uses the machine): they
 # may differ on resume without a word. Everything else is recorded and compared.
-BOOKKEEPING = frozenset({"func", "prog", "command", "stage", "resume", "out", "quiet", "device", "num_workers",
-                         "log_every", "save_every", "keep_last", "gradient_checkpointing"})
+BOOKKEEPING = frozenset({"func", "prog", "option_names", "command", "stage", "resume", "out", "quiet", "device",
+                         "num_workers", "log_every", "save_every", "keep_last", "gradient_checkpointing"})
 PATH_OPTIONS = ("data", "init")  # recorded as absolute paths, so a resume from another working folder matches
 
 
