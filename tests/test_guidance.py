@@ -193,7 +193,7 @@ def our_unet(unet):
     return call
 
 
-E2E = [("euler-a", "epsilon"), ("ddim", "v_prediction"), ("dpmpp-2m-karras", "v_prediction"),
+E2E = [("euler-a", "epsilon"), ("ddim", "v_prediction"), ("dpmpp-2m-karras", "v_prediction"), ("lcm", "epsilon"),
        ("dpmpp-2m-sde", "epsilon"), ("heun", "v_prediction")]
 
 
@@ -222,7 +222,7 @@ def test_txt2img_equals_diffusers_pipeline(tiny, request_tensors, name, pred):
     assert (output_latents(x, schedule) - ref).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("name,pred", E2E[:3])
+@pytest.mark.parametrize("name,pred", E2E[:4])
 def test_img2img_equals_diffusers_pipeline(tiny, request_tensors, name, pred):
     r = request_tensors
     ref = run_pipeline("img2img", name, tiny, pred, 10, prompt_embeds=r["ctx"], negative_prompt_embeds=r["neg"],
@@ -236,7 +236,7 @@ def test_img2img_equals_diffusers_pipeline(tiny, request_tensors, name, pred):
     assert (output_latents(x, schedule) - ref).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("name,pred", E2E[:3])
+@pytest.mark.parametrize("name,pred", E2E[:4])
 @pytest.mark.parametrize("channels", [9, 4])
 def test_inpaint_equals_diffusers_pipeline(tiny, request_tensors, name, pred, channels):
     """9 channels: mask + masked-image latents ride along as c_concat. 4 channels: the known region is blended
