@@ -12,8 +12,9 @@ its name (tests/test_samplers.py runs both loops on the same model and noise):
   heun         HeunDiscreteScheduler (Euler on the last step to sigma 0)     Karras et al. 2022, Alg. 1
   dpmpp-2m     DPMSolverMultistepScheduler dpmsolver++, order 2, midpoint    Lu et al. 2022, arXiv:2211.01095
   dpmpp-2m-sde DPMSolverMultistepScheduler sde-dpmsolver++, order 2, midpoint (the SDE variant, eta 1)
+  unipc        UniPCMultistepScheduler bh2, order 2, with the UniC corrector  Zhao et al. 2023, arXiv:2302.04867
   ...-karras   the same with use_karras_sigmas (rho 7)
-  lcm          LCMScheduler: for LCM-distilled weights (an LCM-LoRA), 2-8 steps  Luo et al. 2023, arXiv:2310.04378
+  lcm          LCMScheduler, for LCM-distilled weights (an LCM-LoRA)         Luo et al. 2023, arXiv:2310.04378
 
 Randomness only comes from `noise_sampler(sigma, sigma_next) -> tensor like x`; `default_noise_sampler(x, gens)`
 draws each item from its own torch.Generator, as diffusers' randn_tensor does with a list of generators, so seed s
@@ -46,7 +47,7 @@ from backdrop.diffusion.schedule import RECIPES, Recipe, Schedule
 
 __all__ = [
     "SAMPLERS", "SamplerSpec", "SamplingInterrupted", "sample", "sample_ddim", "sample_ddpm", "sample_euler",
-    "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_lcm",
+    "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_unipc", "sample_lcm",
     "default_noise_sampler",
     "per_item_randn", "host_to_device", "initial_latents", "noised_latents", "output_latents", "blend_known_region",
     "check_eta",
@@ -287,6 +288,64 @@ def sample_dpmpp_2m_sde(model, x, sigmas, *, extra_args=None, callback=None, noi
     return x
 
 
+def _unipc_rhos(rks: list[float], hh: float, order: int) -> list[float]:
+    """UniC's weights (Zhao et al. Alg. 2, B(h) = e^hh - 1 "bh2"): order 1 takes 1/2; else R rhos = b, R[i] = rks^i and
+    b[i] = i! phi_{i+1}(hh) hh / B(h) (the phi recursion of diffusers' multistep_uni_c_bh_update)."""
+    if order == 1:
+        return [0.5]
+    b_h, h_phi_k, fact = math.expm1(hh), math.expm1(hh) / hh - 1, 1
+    rows, b = [], []
+    for i in range(1, order + 1):
+        rows.append([r ** (i - 1) for r in rks])
+        b.append(h_phi_k * fact / b_h)
+        fact *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / fact
+    return np.linalg.solve(np.array(rows), np.array(b)).tolist()
+
+
+@torch.no_grad()
+def sample_unipc(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, disable=None,
+                 interrupt=None):
+    """UniPC (Zhao et al. 2023): the 2nd-order multistep predictor UniP and, before each step but the first, the
+    corrector UniC that reuses this step's model output (no extra call). diffusers' UniPCMultistepScheduler defaults:
+    x0 prediction, bh2, solver_order 2, first order on the first and last steps. Worked in VP form (x_vp = a x with
+    a = 1 / sqrt(1 + sigma²), lambda = -log sigma), as diffusers does."""
+    extra_args = extra_args or {}
+    sig = sigmas.tolist()
+    n = len(sig) - 1
+    lam = [-math.log(s) if s > 0 else math.inf for s in sig]
+    vp = [1 / math.sqrt(1 + s * s) for s in sig]  # alpha_t of each level
+    outs, last, last_order = [], None, 1  # x0 of the steps so far; the previous step's start (VP) and order
+    for i in _progress(n, disable, interrupt):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = model(x, s, **extra_args)
+        x_vp = x * vp[i]
+        if last is not None:  # UniC: correct x_i with the model's output there
+            h = lam[i] - lam[i - 1]
+            rks = [(lam[i - 2] - lam[i - 1]) / h, 1.0] if last_order == 2 else [1.0]
+            rhos = _unipc_rhos(rks, -h, last_order)
+            m0 = outs[-1]
+            res = rhos[-1] * (denoised - m0)
+            if last_order == 2:
+                res = res + rhos[0] * (outs[-2] - m0) / rks[0]
+            x_vp = (sig[i] / sig[i - 1]) * (vp[i] / vp[i - 1]) * last - vp[i] * math.expm1(-h) * m0 \
+                - vp[i] * math.expm1(-h) * res
+        outs = (outs + [denoised])[-2:]
+        order = min(2, n - i, i + 1)  # lower order on the first step and (lower_order_final) the last
+        last, last_order = x_vp, order
+        if s_next == 0:
+            x_new = denoised  # first order to sigma 0: x0
+        else:
+            h = lam[i + 1] - lam[i]
+            x_new_vp = (s_next / s) * (vp[i + 1] / vp[i]) * x_vp - vp[i + 1] * math.expm1(-h) * denoised
+            if order == 2:  # UniP-2, rho 1/2
+                rk = (lam[i - 1] - lam[i]) / h
+                x_new_vp = x_new_vp - vp[i + 1] * math.expm1(-h) * 0.5 * (outs[-2] - denoised) / rk
+            x_new = x_new_vp / vp[i + 1]
+        x = _after_step(callback, i, x_new, s, s_next, denoised)
+    return x
+
+
 def _lcm_scalings(t: float) -> tuple[float, float]:
     """(c_skip, c_out) of the consistency model's boundary condition at timestep t (Luo et al. eq. 8, Song et al.
     2023's sigma_data 0.5, t scaled by 10), in float32 as diffusers computes them: c_skip -> 1 and c_out -> 0 as
@@ -348,6 +407,8 @@ SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
     SamplerSpec("dpmpp-2m-karras", sample_dpmpp_2m, False),
     SamplerSpec("dpmpp-2m-sde", sample_dpmpp_2m_sde, True),
     SamplerSpec("dpmpp-2m-sde-karras", sample_dpmpp_2m_sde, True),
+    SamplerSpec("unipc", sample_unipc, False),
+    SamplerSpec("unipc-karras", sample_unipc, False),
     SamplerSpec("lcm", sample_lcm, True),
 )}
 

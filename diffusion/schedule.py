@@ -22,11 +22,11 @@ import torch
 
 from backdrop.nn.config import SchedulerConfig
 
-__all__ = ["Recipe", "RECIPES", "LCM_ORIGINAL_STEPS", "Schedule", "build_schedule", "betas", "alphas_cumprod", "rescale_zero_terminal_snr",
-           "karras_sigmas", "sigma_to_t"]
+__all__ = ["Recipe", "RECIPES", "LCM_ORIGINAL_STEPS", "Schedule", "build_schedule", "betas", "alphas_cumprod",
+           "rescale_zero_terminal_snr", "karras_sigmas", "sigma_to_t"]
 
-# diffusers' EulerDiscrete/EulerAncestral/DPMSolverMultistep schedulers replace a zero terminal alphas_cumprod by
-# 2**-24 (sigma_max ~ 4096) so that the VE sigma stays finite; DDIM and DDPM keep the exact 0 (sigma = inf).
+# diffusers' EulerDiscrete/EulerAncestral/DPMSolverMultistep/UniPC schedulers replace a zero terminal alphas_cumprod
+# by 2**-24 (sigma_max ~ 4096) so that the VE sigma stays finite; DDIM, DDPM and LCM keep the exact 0 (sigma = inf).
 ZERO_SNR_PATCH = 2.0**-24
 
 
@@ -52,6 +52,8 @@ RECIPES: dict[str, Recipe] = {
     "dpmpp-2m-karras": Recipe("DPMSolverMultistepScheduler", "linspace", 1, "dpm", karras=True),
     "dpmpp-2m-sde": Recipe("DPMSolverMultistepScheduler", "linspace", 1, "dpm"),
     "dpmpp-2m-sde-karras": Recipe("DPMSolverMultistepScheduler", "linspace", 1, "dpm", karras=True),
+    "unipc": Recipe("UniPCMultistepScheduler", "linspace", 1, "dpm"),
+    "unipc-karras": Recipe("UniPCMultistepScheduler", "linspace", 1, "dpm", karras=True),
     "lcm": Recipe("LCMScheduler", "leading", 1, "lcm", clip_sample=True),  # ignores timestep_spacing
 }
 # LCMScheduler's original_inference_steps: consistency distillation (Luo et al. 2023) trains on 50 evenly spaced
@@ -193,7 +195,8 @@ def _spaced(spacing: str, n: int, cfg: SchedulerConfig, family: str) -> np.ndarr
     if family == "lcm":  # n of the distillation's timesteps, evenly spaced by index (spacing does not apply)
         origin = (np.arange(1, LCM_ORIGINAL_STEPS + 1) * (big_t // LCM_ORIGINAL_STEPS) - 1)[::-1]
         return origin[np.floor(np.linspace(0, LCM_ORIGINAL_STEPS, n, endpoint=False)).astype(np.int64)]
-    if family == "dpm":  # lays out n + 1 points and drops the last (lambda_min_clipped = -inf: last_timestep = T)
+    if family == "dpm":  # DPMSolverMultistep and UniPC lay out n + 1 points and drop the last
+        # (DPM's lambda_min_clipped = -inf: last_timestep = T)
         if spacing == "linspace":
             return np.linspace(0, big_t - 1, n + 1).round()[::-1][:-1].astype(np.int64)
         if spacing == "leading":
@@ -220,8 +223,9 @@ def build_schedule(sampler: str, steps: int, config: SchedulerConfig | None = No
     if not isinstance(steps, int) or not 1 <= steps <= big_t:
         raise ValueError(f"steps must be an int in [1, num_train_timesteps={big_t}], got {steps!r}")
     if cfg.rescale_betas_zero_snr and not r.zero_snr:
+        able = ", ".join(n for n, o in RECIPES.items() if o.zero_snr)
         raise ValueError(f"SchedulerConfig.rescale_betas_zero_snr: diffusers' {r.scheduler} ({sampler!r}) does not "
-                         "support zero terminal SNR; use ddim, ddpm, euler, euler-a or a dpmpp sampler")
+                         f"support zero terminal SNR; use one of {able}")
     if cfg.clip_sample and r.clip_sample:
         raise ValueError(f"SchedulerConfig.clip_sample=True is not supported ({sampler!r}): latent diffusion does "
                          "not clip x0 to [-1, 1]; set clip_sample to false")
@@ -251,7 +255,7 @@ def build_schedule(sampler: str, steps: int, config: SchedulerConfig | None = No
             to = sig[1:]
         init = float(np.sqrt(1.0 + sig[0] ** 2))  # diffusers starts from unit-variance VP latents
     else:
-        if r.karras:  # DPMSolverMultistep: Karras over the whole training range, timesteps rounded
+        if r.karras:  # DPMSolverMultistep, UniPC: Karras over the whole training range, timesteps rounded
             sig = karras_sigmas(float(train_sigmas[0]), float(train_sigmas[-1]), steps)
             ts = sigma_to_t(sig, np.log(train_sigmas))
             if cfg.beta_schedule != "squaredcos_cap_v2":

@@ -8,9 +8,10 @@ from PIL import Image
 
 from backdrop.diffusion import masks as M
 from backdrop.diffusion.pipeline import Pipeline
-from backdrop.diffusion.schedule import RECIPES
 from backdrop.nn.checkpoint import init_model, save_model
 from backdrop.nn.config import PRESETS, SchedulerConfig
+
+from scheduler_refs import diffusers_scheduler
 
 PROMPTS = ["a red bottle on a marble table", "a cat"]
 TOL = 2e-3  # max abs on [0, 1] "np" outputs: a diffusers-vs-ours float32 rounding budget, well under 1/255
@@ -58,8 +59,7 @@ def diffusers_ref(models: dict[str, Tiny]):
         cls = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
                "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]
         pipe = cls(**parts)
-        extra = {"use_karras_sigmas": sampler.endswith("karras")} if sampler.startswith("dpmpp") else {}
-        pipe.scheduler = getattr(diffusers, RECIPES[sampler].scheduler).from_config(pipe.scheduler.config, **extra)
+        pipe.scheduler = diffusers_scheduler(sampler, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         return pipe
     return get

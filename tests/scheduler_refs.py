@@ -10,12 +10,18 @@ def sched_config(**kw) -> SchedulerConfig:
     return SchedulerConfig(**(SD | kw))
 
 
-def diffusers_scheduler(name: str, cfg: SchedulerConfig, prediction_type: str = "epsilon"):
-    """The diffusers scheduler a pipeline would build for sampler `name` from this scheduler_config.json."""
+def scheduler_options(name: str) -> dict:
+    """The from_config options that make diffusers' scheduler class for sampler `name` run as that sampler."""
+    kw = {"use_karras_sigmas": True} if name.endswith("karras") else {}
+    if name.startswith("dpmpp"):
+        kw |= dict(algorithm_type="sde-dpmsolver++" if "sde" in name else "dpmsolver++", solver_order=2)
+    return kw
+
+
+def diffusers_scheduler(name: str, cfg: SchedulerConfig | dict, prediction_type: str = "epsilon"):
+    """The diffusers scheduler a pipeline would build for sampler `name` from this scheduler_config.json (our
+    SchedulerConfig, or a diffusers scheduler's config as it is)."""
     import diffusers
 
-    kw = {}
-    if name.startswith("dpmpp"):
-        kw = dict(algorithm_type="sde-dpmsolver++" if "sde" in name else "dpmsolver++", solver_order=2,
-                  use_karras_sigmas=name.endswith("karras"))
-    return getattr(diffusers, RECIPES[name].scheduler).from_config(cfg.to_diffusers(prediction_type), **kw)
+    config = cfg.to_diffusers(prediction_type) if isinstance(cfg, SchedulerConfig) else cfg
+    return getattr(diffusers, RECIPES[name].scheduler).from_config(config, **scheduler_options(name))

@@ -9,6 +9,8 @@ from backdrop.diffusion.samplers import (blend_known_region, default_noise_sampl
                                          output_latents, per_item_randn, sample)
 from backdrop.diffusion.schedule import RECIPES, build_schedule
 
+from scheduler_refs import diffusers_scheduler
+
 pytestmark = [pytest.mark.usefixtures("one_thread"),  # conftest.py
               pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")]
 
@@ -175,11 +177,7 @@ def run_pipeline(kind, name, tiny, pred, steps, **kw):
     cls = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
            "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]
     unet = unets[9 if kw.pop("nine", False) else 4]
-    extra = {}  # the scheduler a pipeline builds for `name` from SD's scheduler_config.json
-    if name.startswith("dpmpp"):
-        extra = dict(algorithm_type="sde-dpmsolver++" if "sde" in name else "dpmsolver++",
-                     use_karras_sigmas=name.endswith("karras"))
-    scheduler = getattr(diffusers, RECIPES[name].scheduler).from_config(SchedulerConfig().to_diffusers(pred), **extra)
+    scheduler = diffusers_scheduler(name, SchedulerConfig(), pred)  # what a pipeline builds from SD's config
     pipe = cls(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler, safety_checker=None,
                feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -194,7 +192,7 @@ def our_unet(unet):
 
 
 E2E = [("euler-a", "epsilon"), ("ddim", "v_prediction"), ("dpmpp-2m-karras", "v_prediction"), ("lcm", "epsilon"),
-       ("dpmpp-2m-sde", "epsilon"), ("heun", "v_prediction")]
+       ("unipc", "v_prediction"), ("dpmpp-2m-sde", "epsilon"), ("heun", "v_prediction")]
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +220,7 @@ def test_txt2img_equals_diffusers_pipeline(tiny, request_tensors, name, pred):
     assert (output_latents(x, schedule) - ref).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("name,pred", E2E[:4])
+@pytest.mark.parametrize("name,pred", E2E[:5])
 def test_img2img_equals_diffusers_pipeline(tiny, request_tensors, name, pred):
     r = request_tensors
     ref = run_pipeline("img2img", name, tiny, pred, 10, prompt_embeds=r["ctx"], negative_prompt_embeds=r["neg"],
@@ -236,7 +234,7 @@ def test_img2img_equals_diffusers_pipeline(tiny, request_tensors, name, pred):
     assert (output_latents(x, schedule) - ref).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("name,pred", E2E[:4])
+@pytest.mark.parametrize("name,pred", E2E[:5])
 @pytest.mark.parametrize("channels", [9, 4])
 def test_inpaint_equals_diffusers_pipeline(tiny, request_tensors, name, pred, channels):
     """9 channels: mask + masked-image latents ride along as c_concat. 4 channels: the known region is blended

@@ -48,7 +48,7 @@ def test_diffusers_reads_our_text_encoder_folder(models, ref):
 
 
 @pytest.mark.parametrize("model,sampler", [("sd1", "ddim"), ("sd1", "euler"), ("sd1", "dpmpp-2m"),
-                                           ("sd2", "euler"), ("sd2", "ddim")])
+                                           ("sd1", "unipc"), ("sd2", "euler"), ("sd2", "ddim"), ("sd2", "unipc")])
 def test_generate_equals_diffusers(models, ref, model, sampler):
     """A batch of two prompts, guidance 7.5, the same initial latents; sd2 also checks v-prediction and that the
     folder's scheduler config (zero SNR, trailing spacing) is honoured as diffusers honours it."""
