@@ -340,7 +340,8 @@ def test_text_is_encoded_once_per_distinct_prompt(models):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a host sync only exists with a GPU")
 @pytest.mark.parametrize("model,sampler,eta", [("sd1-inpaint", "dpmpp-2m", 0.0), ("sd1-inpaint", "euler-a", 0.0),
-                                               ("sd1", "ddim", 0.5), ("sd1", "heun", 0.0)])
+                                               ("sd1", "ddim", 0.5), ("sd1", "heun", 0.0), ("sd1", "unipc", 0.0),
+                                               ("sd1-inpaint", "lcm", 0.0)])
 def test_cuda_sampling_steps_never_wait_for_the_gpu(models, model, sampler, eta):
     """From the end of the first step to the last, the sampling loop on CUDA only queues work (9-channel and
     4-channel inpainting with its per-step blend, deterministic and stochastic samplers, guidance): torch's sync
