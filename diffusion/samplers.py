@@ -306,42 +306,38 @@ def _unipc_rhos(rks: list[float], hh: float, order: int) -> list[float]:
 @torch.no_grad()
 def sample_unipc(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, disable=None,
                  interrupt=None):
-    """UniPC (Zhao et al. 2023): the 2nd-order multistep predictor UniP and, before each step but the first, the
-    corrector UniC that reuses this step's model output (no extra call). diffusers' UniPCMultistepScheduler defaults:
-    x0 prediction, bh2, solver_order 2, first order on the first and last steps. Worked in VP form (x_vp = a x with
-    a = 1 / sqrt(1 + sigma²), lambda = -log sigma), as diffusers does."""
+    """UniPC (Zhao et al. 2023) as diffusers' UniPCMultistepScheduler defaults to (x0 prediction, bh2, order 2,
+    first order on the first and last steps): the multistep predictor UniP, and before each step but the first the
+    corrector UniC, which reuses that step's model output (no extra call). In VE form, lambda = -log(sigma), both
+    are steps x' = (s'/s) x - expm1(-h) D with D a mix of x0 predictions. UniP-2 with bh2's rho = 1/2 is
+    DPM-Solver++(2M)'s step, D = D0 + (D0 - D_prev) h / (2 h_prev); UniC then redoes the step that led to x_i
+    from the x it started at, with D = D_{i-1} + rho_c-weighted differences that include the new D_i."""
     extra_args = extra_args or {}
     sig = sigmas.tolist()
     n = len(sig) - 1
     lam = [-math.log(s) if s > 0 else math.inf for s in sig]
-    vp = [1 / math.sqrt(1 + s * s) for s in sig]  # alpha_t of each level
-    outs, last, last_order = [], None, 1  # x0 of the steps so far; the previous step's start (VP) and order
+    outs, last, last_order = [], None, 1  # x0 of the last two steps; the previous step's start and order
     for i in _progress(n, disable, interrupt):
         s, s_next = sig[i], sig[i + 1]
         denoised = model(x, s, **extra_args)
-        x_vp = x * vp[i]
         if last is not None:  # UniC: correct x_i with the model's output there
             h = lam[i] - lam[i - 1]
             rks = [(lam[i - 2] - lam[i - 1]) / h, 1.0] if last_order == 2 else [1.0]
             rhos = _unipc_rhos(rks, -h, last_order)
             m0 = outs[-1]
-            res = rhos[-1] * (denoised - m0)
+            d = m0 + rhos[-1] * (denoised - m0)
             if last_order == 2:
-                res = res + rhos[0] * (outs[-2] - m0) / rks[0]
-            x_vp = (sig[i] / sig[i - 1]) * (vp[i] / vp[i - 1]) * last - vp[i] * math.expm1(-h) * m0 \
-                - vp[i] * math.expm1(-h) * res
+                d = d + rhos[0] * (outs[-2] - m0) / rks[0]
+            x = (s / sig[i - 1]) * last - math.expm1(-h) * d
         outs = (outs + [denoised])[-2:]
         order = min(2, n - i, i + 1)  # lower order on the first step and (lower_order_final) the last
-        last, last_order = x_vp, order
+        last, last_order = x, order
         if s_next == 0:
             x_new = denoised  # first order to sigma 0: x0
         else:
             h = lam[i + 1] - lam[i]
-            x_new_vp = (s_next / s) * (vp[i + 1] / vp[i]) * x_vp - vp[i + 1] * math.expm1(-h) * denoised
-            if order == 2:  # UniP-2, rho 1/2
-                rk = (lam[i - 1] - lam[i]) / h
-                x_new_vp = x_new_vp - vp[i + 1] * math.expm1(-h) * 0.5 * (outs[-2] - denoised) / rk
-            x_new = x_new_vp / vp[i + 1]
+            d = denoised if order == 1 else denoised + (outs[-2] - denoised) * (0.5 * h / (lam[i - 1] - lam[i]))
+            x_new = (s_next / s) * x - math.expm1(-h) * d
         x = _after_step(callback, i, x_new, s, s_next, denoised)
     return x
 
