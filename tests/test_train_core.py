@@ -211,6 +211,43 @@ def test_ddp_two_gloo_processes_match_one_process_with_double_batch(tmp_path):
     assert meta["world_size"] == 2 and [d["pos"] for d in meta["data"]] == [8, 8]
 
 
+SAVE_FAILS_WORKER = """
+import os, sys, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from test_train_core import Loader, NoNoise
+from backdrop.train.core import TrainConfig, Trainer
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+cfg = TrainConfig(steps=6, batch_size=2, save_every=2)
+trainer = Trainer(NoNoise(), Loader(cfg.batch_size, rank, world), cfg, {out!r}, progress=False)
+try:
+    trainer.fit()
+except OSError as e:
+    with open(os.path.join({report!r}, f"rank-{{rank}}.txt"), "w") as f:
+        f.write(f"stopped at step {{trainer.step}}: {{e}}")
+    sys.exit(3)
+"""
+
+
+def test_a_failed_save_under_ddp_stops_every_rank(tmp_path):
+    """Rank 0 cannot write its checkpoint (here: a file where the checkpoints folder goes): every rank stops at
+    that step with an OSError, instead of the others training on into an all-reduce with a peer that is gone."""
+    out = tmp_path / "ddp"
+    out.mkdir()
+    (out / "checkpoints").write_text("not a folder")
+    script = tmp_path / "worker.py"
+    script.write_text(SAVE_FAILS_WORKER.format(tests=os.path.dirname(__file__), out=str(out), report=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode != 0
+    reports = [tmp_path / f"rank-{r}.txt" for r in (0, 1)]
+    assert all(f.exists() for f in reports), run.stderr[-3000:]
+    zero, one = (f.read_text() for f in reports)
+    assert zero.startswith("stopped at step 2: ") and "checkpoints" in zero
+    assert one.startswith("stopped at step 2: rank 0 could not write the checkpoint of step 2 (FileExistsError")
+
+
 def test_ema_decay_warmup_and_start():
     net = nn.Linear(2, 2)
     ema = EMA(net, decay=0.999, start_step=3)

@@ -455,9 +455,7 @@ def _run_stage(args) -> int:
         except (OSError, SafetensorError) as e:  # a full disk, a folder gone read-only
             raise CLIError(f"{one_line(e)}; the checkpoints written before are intact: free space and --resume "
                            f"{out}") from None
-        if world > 1:
-            dist.barrier()
-        if rank == 0:
+        if rank == 0:  # save_final returns on every rank once rank 0 has written
             print(final)
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -19,7 +19,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -294,9 +294,27 @@ class Trainer:
 
     def save(self) -> Path | None:
         tensors, meta = self.state()  # every rank takes part in the gather
-        if self.rank != 0:
-            return None
-        return ckpt.save_checkpoint(self.out / "checkpoints", self.step, tensors, meta, keep_last=self.cfg.keep_last)
+        return self._on_rank0(lambda: ckpt.save_checkpoint(self.out / "checkpoints", self.step, tensors, meta,
+                                                           keep_last=self.cfg.keep_last), "the checkpoint")
+
+    def _on_rank0(self, write: Callable[[], Path], what: str) -> Path | None:
+        """write() on rank 0 (the others get None). Under DDP every rank then learns whether it worked: a failed
+        write (a full disk) stops every rank with an OSError, rather than rank 0 alone while the others train on
+        into an all-reduce, or wait at a barrier, for a peer that has gone."""
+        path, error = None, None
+        if self.rank == 0:
+            try:
+                path = write()
+            except Exception as e:  # noqa: BLE001 - re-raised below, once the other ranks are told
+                error = e
+        if self.world > 1:
+            told = [None if error is None else f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(told, src=0)  # also: no rank goes on before rank 0 has written
+            if told[0] is not None and self.rank != 0:
+                raise OSError(f"rank 0 could not write {what} of step {self.step} ({told[0]})")
+        if error is not None:
+            raise error
+        return path
 
     def resume(self, path: str | os.PathLike) -> None:
         """Resume from a checkpoint directory, or from the newest complete one under a run's out/ directory."""
@@ -381,8 +399,7 @@ class Trainer:
 
     def save_final(self) -> Path:
         path = self.out / "final"
-        if self.rank == 0:
-            self.stage.save_final(self.final_module(), path)
+        self._on_rank0(lambda: self.stage.save_final(self.final_module(), path), "the final model")
         return path
 
 
