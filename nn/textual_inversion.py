@@ -23,6 +23,7 @@ before anything changes; unload_textual_inversion puts the tokenizer and the emb
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -92,7 +93,7 @@ def _pick(label: str, name: str, shapes: dict[str, tuple[int, ...]], token: str 
         listed = ", ".join(map(repr, keys[:6])) + (", ..." if len(keys) > 6 else "")
         sdxl = "; clip_l and clip_g make an SDXL embedding, for SDXL's two text encoders" \
             if {"clip_l", "clip_g"} <= set(keys) else ""
-        if any("lora" in k.lower() for k in keys):  # lora_down/lora_up (kohya), lora_A/lora_B (peft)
+        if any(re.search(r"\.lora(_linear_layer)?[._](down|up|A|B)\b", k) for k in keys):  # kohya, PEFT, old diffusers
             raise CheckpointError(f"{label}: a LoRA file ({listed}), not a textual-inversion embedding; load it "
                                   "with Pipeline.load_lora_weights (the CLI's --lora)")
         which = "give token= naming the one to load" if token is None else f"none is named {token!r}"

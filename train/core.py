@@ -297,7 +297,7 @@ class Trainer:
         return self._on_rank0(lambda: ckpt.save_checkpoint(self.out / "checkpoints", self.step, tensors, meta,
                                                            keep_last=self.cfg.keep_last), "the checkpoint")
 
-    def _on_rank0(self, write: Callable[[], Path], what: str) -> Path | None:
+    def _on_rank0(self, write: Callable[[], Any], what: str) -> Any:
         """write() on rank 0 (the others get None). Under DDP every rank then learns whether it worked: a failed
         write (a full disk) stops every rank with an OSError, rather than rank 0 alone while the others train on
         into an all-reduce, or wait at a barrier, for a peer that has gone."""
