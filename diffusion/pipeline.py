@@ -44,7 +44,7 @@ models. One call may hold different prompts, images, masks, seeds and strengths:
   * callback(step, latents) runs after every sampler step with the current latents (B, 4, h, w) in the sampler's
     variance-exploding form x0 + sigma * noise (4-channel inpainting: after the known region is blended back);
     with mixed strengths it runs per strength group, with that group's items. Its return value is ignored.
-    progress=False hides the tqdm bar over the steps.
+    progress=False hides the tqdm bar over the steps (set_progress_bar_config(disable=True): every call's default).
   * interrupt (threading.Event): set it from another thread and the call raises samplers.SamplingInterrupted
     before the next step (nothing half-done is returned; partial latents are not worth decoding).
 
@@ -73,6 +73,7 @@ from backdrop.diffusion import crop_paste as C
 from backdrop.diffusion import masks as M
 from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, as_number, broadcast, diffusers_names, given_latents,
                                         groups, image_items, item_strengths, items, prompts, repeat, requests)
+from backdrop.diffusion.diffusers_api import DiffusersAPI
 from backdrop.diffusion.guidance import CFGDenoiser
 from backdrop.diffusion.output import Output, as_hwc, format_output
 from backdrop.diffusion.samplers import (SamplingInterrupted, blend_known_region, default_noise_sampler,
@@ -84,14 +85,11 @@ from backdrop.nn.resolve import (DTYPES, default_device, default_dtype, parse_dt
 
 __all__ = ["Pipeline", "Output", "SamplingInterrupted", "OUTPUT_TYPES"]
 
-_TI_INSTEAD = ("an exported text encoder's vocabulary is fixed. Encode the prompts with a torch pipeline that "
-               "loaded the embedding (encode_prompt) and pass prompt_embeds= and negative_prompt_embeds=")
-
-
 # ----------------------------------------------------------------------------------------------------- pipeline
 
-class Pipeline:
-    """generate / img2img / inpaint over a Backend (encode_text, unet, vae_encode, vae_decode)."""
+class Pipeline(DiffusersAPI):
+    """generate / img2img / inpaint over a Backend (encode_text, unet, vae_encode, vae_decode); LoRA / textual
+    inversion loading and diffusers' switches (set_progress_bar_config, ...) come from diffusers_api.py."""
 
     def __init__(self, backend):
         for attr in ("config", "tokenizer", "device", "encode_text", "unet", "vae_encode", "vae_decode"):
@@ -105,6 +103,7 @@ class Pipeline:
         self._multiple = backend.config.vae.downsample_factor * getattr(backend, "latent_multiple", 1)
         self._width = backend.config.unet.cross_attention_dim  # of the text context: prompt_embeds' last dim
         self._loras: list = []  # nn.lora.FusedLora of each load_lora_weights, oldest first
+        self._progress = True  # the default of each call's progress= (set_progress_bar_config)
 
     @classmethod
     @diffusers_names
@@ -135,38 +134,11 @@ class Pipeline:
         self.backend = self.backend.to(device, parse_dtype(dtype))
         return self
 
-    @diffusers_names
-    def load_lora_weights(self, path, lora_scale: float = 1.0) -> None:
-        """Merge a LoRA .safetensors file (diffusers/PEFT or kohya-ss; see nn/lora.py) into the torch backend's UNet
-        and text encoder now, at lora_scale: diffusers' load_lora_weights + fuse_lora(lora_scale). Several stack."""
-        from backdrop.nn.checkpoint import torch_model
-        from backdrop.nn.lora import LORA_INSTEAD, fuse_lora
-        self._loras.append(fuse_lora(torch_model(self.backend, "a LoRA", LORA_INSTEAD), path, lora_scale))
-
-    def unload_lora_weights(self) -> None:
-        """Undo every load_lora_weights: the weights are bit-identical to the ones before the first."""
-        from backdrop.nn.lora import unfuse_lora
-        while self._loras:
-            unfuse_lora(self._loras.pop())
-
-    def load_textual_inversion(self, pretrained_model_name_or_path, token=None) -> list[str]:
-        """Add textual inversion embeddings to the torch backend's tokenizer and text encoder, as diffusers'
-        load_textual_inversion: a .safetensors file in diffusers' or A1111's format, a folder holding diffusers'
-        learned_embeds.safetensors, a state dict or a tensor, or a list of them; `token` (or one per embedding)
-        names the word prompts use. Several loads stack. Returns the words prompts use, one per embedding.
-        Formats and errors: nn/textual_inversion.py."""
-        from backdrop.nn.checkpoint import torch_model
-        from backdrop.nn.textual_inversion import load_textual_inversion
-        return load_textual_inversion(torch_model(self.backend, "textual inversion", _TI_INSTEAD),
-                                      pretrained_model_name_or_path, token)
-
-    def unload_textual_inversion(self) -> None:
-        """Remove every loaded embedding: the tokenizer and the text encoder are bit-identical to before the first."""
-        from backdrop.nn.checkpoint import torch_model
-        from backdrop.nn.textual_inversion import unload_textual_inversion
-        unload_textual_inversion(torch_model(self.backend, "textual inversion", _TI_INSTEAD))
-
     # -------------------------------------------------------------------------------------------- public API
+
+    def _shows(self, progress: bool | None) -> bool:
+        """Whether a call shows its tqdm bar: its own progress=, else the set_progress_bar_config default."""
+        return self._progress if progress is None else bool(progress)
 
     def __call__(self, prompt=None, image=None, mask_image=None, **kwargs) -> Output:
         """diffusers' pipe(prompt, image=, mask_image=, ...): inpaint when a mask is given (mask_image=, mask= or
@@ -190,11 +162,12 @@ class Pipeline:
                  steps: int = 30, guidance_scale: float = 7.5, sampler: str = "dpmpp-2m", seed=None, latents=None,
                  num_images_per_prompt: int = 1, output_type: str = "pil", guidance_rescale: float = 0.0,
                  eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None, generator=None,
-                 clip_skip: int | None = None, progress: bool = True, callback: Callable | None = None,
+                 clip_skip: int | None = None, progress: bool | None = None, callback: Callable | None = None,
                  interrupt: threading.Event | None = None) -> Output:
         """Text to image. height/width: default the model's native config.image_size; any positive size works
         (sampled at the next multiple of 8, then cropped). `callback(step, latents)` runs after every step."""
-        loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, progress, callback, interrupt)
+        loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, self._shows(progress), callback,
+                    interrupt)
         H, W = (self.config.image_size if v is None else as_number(v, name, "an int >= 1 (pixels) or None",
                                                                    lambda v: v >= 1, integer=True)
                 for v, name in ((height, "height"), (width, "width")))
@@ -211,11 +184,12 @@ class Pipeline:
                 guidance_scale: float = 7.5, sampler: str = "dpmpp-2m", seed=None, latents=None,
                 num_images_per_prompt: int = 1, output_type: str = "pil", guidance_rescale: float = 0.0,
                 eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None, generator=None,
-                clip_skip: int | None = None, progress: bool = True, callback: Callable | None = None,
+                clip_skip: int | None = None, progress: bool | None = None, callback: Callable | None = None,
                 interrupt: threading.Event | None = None) -> Output:
         """Image to image: the image's latents noised to `strength` (1 = all noise), then int(steps * strength)
         steps, as diffusers' StableDiffusionImg2ImgPipeline. Output has the input's size."""
-        loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, progress, callback, interrupt)
+        loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, self._shows(progress), callback,
+                    interrupt)
         images = image_items(image, "img2img")
         n_strengths = len(strength) if isinstance(strength, (list, tuple)) else 1
         req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
@@ -238,7 +212,7 @@ class Pipeline:
                 sampler: str = "dpmpp-2m", seed=None, latents=None, num_images_per_prompt: int = 1,
                 output_type: str = "pil", guidance_rescale: float = 0.0, eta: float = 0.0, mask_mode: str = "max",
                 mask_threshold: float | None = None, prompt_embeds=None, negative_prompt_embeds=None,
-                generator=None, clip_skip: int | None = None, progress: bool = True,
+                generator=None, clip_skip: int | None = None, progress: bool | None = None,
                 callback: Callable | None = None, interrupt: threading.Event | None = None) -> Output:
         """Repaint the masked region. Give `mask` (white = repaint), `product_mask` (white = keep the product), or
         neither with RGBA images (OpenAI's convention: alpha 0 = repaint).
@@ -259,7 +233,8 @@ class Pipeline:
                      stray pixels for repainting; 0.5 is diffusers' binarisation).
         An item whose mask has nothing to repaint is returned as the input (listed in Output.unchanged).
         """
-        loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, progress, callback, interrupt)
+        loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, self._shows(progress), callback,
+                    interrupt)
         images = image_items(image, "inpaint")
         kind, given = self._mask_kind(mask, product_mask, images[0])
         masks = items(given, kind) if kind != "image" else images

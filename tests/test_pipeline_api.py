@@ -168,6 +168,38 @@ def test_callback_progress_and_interrupt(models, capsys):
                       callback=lambda i, x: stop.set() if i == 1 else None)
 
 
+def test_diffusers_pipeline_switches(models, capsys):
+    """The switches diffusers code calls on a pipeline: set_progress_bar_config(disable=True) sets every call's
+    default (a call's own progress= still wins); the attention switches are no-ops (attention is always
+    memory-efficient) and change no image; what we lack is an AttributeError saying what to do instead."""
+    pipe = Pipeline.from_pretrained(models["sd1"].folder, device="cpu", dtype="fp32")  # its own: switches stick
+    run = dict(prompt="x", steps=2, seed=0, output_type="np")
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe.generate(**run).images
+    assert capsys.readouterr().err == ""
+    pipe.generate(**run, progress=True)
+    assert "0/2" in capsys.readouterr().err
+    pipe.set_progress_bar_config(disable=False)
+    pipe.generate(**run)
+    assert "0/2" in capsys.readouterr().err
+    for switch in (pipe.enable_xformers_memory_efficient_attention, pipe.enable_attention_slicing,
+                   pipe.disable_attention_slicing, pipe.disable_xformers_memory_efficient_attention):
+        switch()
+    assert np.array_equal(pipe.generate(**run, progress=False).images, plain)
+    with pytest.raises(TypeError, match="takes disable= only, not leave"):
+        pipe.set_progress_bar_config(leave=False)
+    with pytest.raises(AttributeError, match="no scheduler to replace .*sampler= one of .*unipc"):
+        pipe.scheduler = object()
+    lacking = {"scheduler": "sampler= one of", "unet": r"pipe.backend.model.unet", "fuse_lora": "load_lora_weights",
+               "enable_model_cpu_offload": "one device", "enable_vae_tiling": "crop_padding"}
+    for name, hint in lacking.items():
+        with pytest.raises(AttributeError, match=rf"Pipeline has no {name} \(diffusers' pipelines do\): .*{hint}"):
+            getattr(pipe, name)
+    with pytest.raises(AttributeError, match="'Pipeline' object has no attribute 'frobnicate'"):
+        pipe.frobnicate
+    assert not hasattr(pipe, "enable_freeu")
+
+
 def test_prompts_over_77_tokens_are_cut_with_a_warning(models, caplog):
     pipe = models["sd1"].pipe
     long = " ".join(["red"] * 75 + ["ceramic", "mug"])  # BOS + 77 words + EOS: the last two do not fit

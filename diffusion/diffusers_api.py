@@ -1,0 +1,116 @@
+"""What Pipeline offers diffusers' users besides sampling: LoRA and textual-inversion loading, and diffusers'
+pipeline switches.
+
+diffusers code calls a handful of switches on every pipeline it builds. Here each one does what it says, is a
+documented no-op where Backdrop already does it, or is an AttributeError that says what to do instead, rather than
+a bare "no attribute":
+
+  enable_xformers_memory_efficient_attention, enable_attention_slicing (and their disable_)
+      no-ops: the UNet's attention is always memory-efficient (kernels/: our Triton flash attention on CUDA, torch's
+      scaled_dot_product_attention elsewhere), so it never holds a whole (Sq, Sk) score matrix to slice
+  set_progress_bar_config(disable=True)
+      the default of every call's `progress` (a call's own progress= still wins)
+  pipe.scheduler = ...
+      refused: the sampler is chosen per call (sampler="unipc", ...); see DIFFUSERS_ATTRIBUTES for the rest
+"""
+from __future__ import annotations
+
+from backdrop.diffusion.batching import diffusers_names
+from backdrop.diffusion.schedule import RECIPES
+
+__all__ = ["DiffusersAPI", "DIFFUSERS_ATTRIBUTES"]
+
+_TI_INSTEAD = ("an exported text encoder's vocabulary is fixed. Encode the prompts with a torch pipeline that "
+               "loaded the embedding (encode_prompt) and pass prompt_embeds= and negative_prompt_embeds=")
+_SAMPLER = ("the sampler is chosen per call: sampler= one of " + ", ".join(RECIPES) + " (each equal to the "
+            "diffusers scheduler of that name, e.g. unipc = UniPCMultistepScheduler; see diffusion/samplers.py)")
+_LORA = ("a LoRA is merged when it is loaded: load_lora_weights(path, lora_scale=...) (call it again to stack "
+         "several), unload_lora_weights() undoes them all")
+_MODEL = ("the torch modules are pipe.backend.model.unet, .vae, .text_encoder and .tokenizer (torch backend; an "
+          "export has no torch modules)")
+_ONE_DEVICE = "not supported: the whole model lives on one device (pipe.to(device), or from_pretrained(device=))"
+# diffusers pipeline attributes Backdrop does not have -> what to do instead (an AttributeError says it)
+DIFFUSERS_ATTRIBUTES = {
+    "scheduler": _SAMPLER,
+    "unet": _MODEL, "vae": _MODEL, "text_encoder": _MODEL, "tokenizer": _MODEL,
+    "fuse_lora": _LORA, "unfuse_lora": _LORA, "set_adapters": _LORA, "delete_adapters": _LORA,
+    "enable_lora": _LORA, "disable_lora": _LORA,
+    "enable_model_cpu_offload": _ONE_DEVICE, "enable_sequential_cpu_offload": _ONE_DEVICE,
+    "enable_vae_tiling": "not supported: images are made at their own size; for a large product photo use "
+                         "inpaint(crop_padding=N), which works at the model's native size and pastes back",
+    "enable_vae_slicing": "not supported: the VAE decodes a call's images together; for less memory make fewer "
+                          "images per call",
+    "enable_freeu": "FreeU is not supported",
+    "progress_bar": "set_progress_bar_config(disable=True), or progress=False in a call",
+}
+
+
+class DiffusersAPI:
+    """Mixed into Pipeline: needs self.backend, self._loras (a list) and self._progress (a bool)."""
+
+    # ---------------------------------------------------------------------------------------- adapters
+    @diffusers_names
+    def load_lora_weights(self, path, lora_scale: float = 1.0) -> None:
+        """Merge a LoRA .safetensors file (diffusers/PEFT or kohya-ss; see nn/lora.py) into the torch backend's UNet
+        and text encoder now, at lora_scale: diffusers' load_lora_weights + fuse_lora(lora_scale). Several stack."""
+        from backdrop.nn.checkpoint import torch_model
+        from backdrop.nn.lora import LORA_INSTEAD, fuse_lora
+        self._loras.append(fuse_lora(torch_model(self.backend, "a LoRA", LORA_INSTEAD), path, lora_scale))
+
+    def unload_lora_weights(self) -> None:
+        """Undo every load_lora_weights: the weights are bit-identical to the ones before the first."""
+        from backdrop.nn.lora import unfuse_lora
+        while self._loras:
+            unfuse_lora(self._loras.pop())
+
+    def load_textual_inversion(self, pretrained_model_name_or_path, token=None) -> list[str]:
+        """Add textual inversion embeddings to the torch backend's tokenizer and text encoder, as diffusers'
+        load_textual_inversion: a .safetensors file in diffusers' or A1111's format, a folder holding diffusers'
+        learned_embeds.safetensors, a state dict or a tensor, or a list of them; `token` (or one per embedding)
+        names the word prompts use. Several loads stack. Returns the words prompts use, one per embedding.
+        Formats and errors: nn/textual_inversion.py."""
+        from backdrop.nn.checkpoint import torch_model
+        from backdrop.nn.textual_inversion import load_textual_inversion
+        return load_textual_inversion(torch_model(self.backend, "textual inversion", _TI_INSTEAD),
+                                      pretrained_model_name_or_path, token)
+
+    def unload_textual_inversion(self) -> None:
+        """Remove every loaded embedding: the tokenizer and the text encoder are bit-identical to before the first."""
+        from backdrop.nn.checkpoint import torch_model
+        from backdrop.nn.textual_inversion import unload_textual_inversion
+        unload_textual_inversion(torch_model(self.backend, "textual inversion", _TI_INSTEAD))
+
+    # ---------------------------------------------------------------------------------------- switches
+    def set_progress_bar_config(self, disable: bool = False, **tqdm_options) -> None:
+        """disable=True hides the tqdm bar of every later call (the default of its progress=); diffusers passes
+        other tqdm options on, which Backdrop does not take."""
+        if tqdm_options:
+            raise TypeError(f"set_progress_bar_config takes disable= only, not {', '.join(sorted(tqdm_options))}")
+        if not isinstance(disable, bool):
+            raise TypeError(f"set_progress_bar_config(disable=) must be True or False, got {disable!r}")
+        self._progress = not disable
+
+    def enable_xformers_memory_efficient_attention(self, attention_op=None) -> None:
+        """A no-op: attention is always memory-efficient here (see the module docstring)."""
+
+    def disable_xformers_memory_efficient_attention(self) -> None:
+        """A no-op, as enable_xformers_memory_efficient_attention."""
+
+    def enable_attention_slicing(self, slice_size="auto") -> None:
+        """A no-op: flash attention never holds the score matrix that slicing would cut up."""
+
+    def disable_attention_slicing(self) -> None:
+        """A no-op, as enable_attention_slicing."""
+
+    @property
+    def scheduler(self):  # a property only for its setter: reading it ends in __getattr__'s message
+        raise AttributeError("scheduler")
+
+    @scheduler.setter
+    def scheduler(self, value):
+        raise AttributeError(f"Pipeline has no scheduler to replace (diffusers' pipelines do): {_SAMPLER}")
+
+    def __getattr__(self, name: str):  # only for names the class and the instance lack
+        if name in DIFFUSERS_ATTRIBUTES:
+            raise AttributeError(f"Pipeline has no {name} (diffusers' pipelines do): {DIFFUSERS_ATTRIBUTES[name]}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
