@@ -10,10 +10,14 @@ a bare "no attribute":
       scaled_dot_product_attention elsewhere), so it never holds a whole (Sq, Sk) score matrix to slice
   set_progress_bar_config(disable=True)
       the default of every call's `progress` (a call's own progress= still wins)
+  Pipeline.from_single_file(path)
+      from_pretrained of one original (LDM) .safetensors file
   pipe.scheduler = ...
       refused: the sampler is chosen per call (sampler="unipc", ...); see DIFFUSERS_ATTRIBUTES for the rest
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 from backdrop.diffusion.batching import diffusers_names
 from backdrop.diffusion.schedule import RECIPES
@@ -47,6 +51,16 @@ DIFFUSERS_ATTRIBUTES = {
 
 class DiffusersAPI:
     """Mixed into Pipeline: needs self.backend, self._loras (a list) and self._progress (a bool)."""
+
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path, **kwargs):
+        """diffusers' from_single_file: one original (LDM) .safetensors checkpoint, opened by from_pretrained with
+        the same keyword arguments (device=, dtype= or torch_dtype=)."""
+        path = Path(pretrained_model_link_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"from_single_file: {path} is not a file (a model folder or a built-in model's "
+                                    "name opens with from_pretrained)")
+        return cls.from_pretrained(path, **kwargs)
 
     # ---------------------------------------------------------------------------------------- adapters
     @diffusers_names

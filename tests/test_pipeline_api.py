@@ -230,6 +230,10 @@ def test_loading_single_file_names_and_defaults(models, tmp_path):
                                                                             progress=False, output_type="np")
     b = sd1.pipe.generate("x", steps=2, seed=1, progress=False, output_type="np")
     assert max_diff(a.images, b.images) <= 1e-5  # same weights; the LDM layout's reshaped tensors round alike
+    c = Pipeline.from_single_file(single, device="cpu", torch_dtype=torch.float32)  # diffusers' spelling
+    assert np.array_equal(c.generate("x", steps=2, seed=1, progress=False, output_type="np").images, a.images)
+    with pytest.raises(FileNotFoundError, match="is not a file .*from_pretrained"):
+        Pipeline.from_single_file(sd1.folder)
     with pytest.raises(FileNotFoundError, match=r"'no-such-model'.*not a built-in model \(built-in: "):
         resolve_model("no-such-model")
     with pytest.raises(TypeError, match="is not a Backend"):
