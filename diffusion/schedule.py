@@ -258,9 +258,9 @@ def build_schedule(sampler: str, steps: int, config: SchedulerConfig | None = No
         if r.karras:  # DPMSolverMultistep, UniPC: Karras over the whole training range, timesteps rounded
             sig = karras_sigmas(float(train_sigmas[0]), float(train_sigmas[-1]), steps)
             ts = sigma_to_t(sig, np.log(train_sigmas))
-            if cfg.beta_schedule != "squaredcos_cap_v2":
-                ts = ts.round()
-            ts = ts.astype(np.int64)  # diffusers stores DPM timesteps as int64: cosine's fractional ones truncate
+            if cfg.beta_schedule != "squaredcos_cap_v2" or r.scheduler != "DPMSolverMultistepScheduler":
+                ts = ts.round()  # DPM leaves cosine's fractional ones unrounded, and int64 truncates them
+            ts = ts.astype(np.int64)
         else:
             sig = np.interp(ts, np.arange(0, big_t), train_sigmas)
         sig = np.concatenate([sig, [0.0]]).astype(np.float32)

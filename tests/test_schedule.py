@@ -58,16 +58,17 @@ def test_defaults_are_the_diffusers_class_defaults(name):
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_sigmas_and_timesteps_equal_diffusers(name):
     """Bit-identical timesteps (what the UNet sees) and sigmas, for every spacing, step count and zero-SNR."""
-    cases = [(sp, False) for sp in (None, "leading", "trailing", "linspace")]
+    cases = [(sp, False, "scaled_linear") for sp in (None, "leading", "trailing", "linspace")]
     if RECIPES[name].zero_snr:
-        cases.append(("trailing", True))
-    for spacing, zero_snr in cases:
-        cfg = sched_config(timestep_spacing=spacing, rescale_betas_zero_snr=zero_snr)
+        cases.append(("trailing", True, "scaled_linear"))
+    cases.append((None, False, "squaredcos_cap_v2"))  # DPM's Karras timesteps are not rounded there; UniPC's are
+    for spacing, zero_snr, beta_schedule in cases:
+        cfg = sched_config(timestep_spacing=spacing, rescale_betas_zero_snr=zero_snr, beta_schedule=beta_schedule)
         for n in STEPS:
             ours = build_schedule(name, n, cfg)
             ref = diffusers_scheduler(name, cfg)
             ref.set_timesteps(n)
-            where = f"{name} spacing={spacing} zero_snr={zero_snr} steps={n}"
+            where = f"{name} {beta_schedule} spacing={spacing} zero_snr={zero_snr} steps={n}"
             assert torch.equal(ours.timesteps, one_per_step(name, ref.timesteps).float()), where
             assert ours.num_steps == len(ours.timesteps) == len(ours.sigmas) - 1, where
             family = RECIPES[name].family
