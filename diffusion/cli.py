@@ -178,8 +178,9 @@ def _check(args) -> None:
         if not ok:
             raise CLIError(f"{flag} {value} must be {want}")
     if args.eta and args.sampler != "ddim":
+        from backdrop.diffusion.samplers import stochastic_samplers
         raise CLIError(f"--eta is DDIM's noise: it applies to --sampler ddim only, not {args.sampler} (the "
-                       "stochastic samplers are euler-a, ddpm and dpmpp-2m-sde)")
+                       f"stochastic samplers are {stochastic_samplers()})")
     parse_device(args.device)
 
 

@@ -49,7 +49,7 @@ class Denoiser:
     """`denoised = Denoiser(unet, schedule, prediction_type)(x, sigma, context=None, c_concat=None)`.
 
     sigma is a float (every item at the same level: what the samplers pass) or a (B,) tensor (per-item levels).
-    At sigma = inf (zero terminal SNR with DDIM/DDPM) x holds the VP latents themselves (x / sqrt(1 + sigma²) in the
+    At sigma = inf (zero terminal SNR with DDIM/DDPM/LCM) x holds the VP latents themselves (x / sqrt(1 + sigma²) in the
     limit), so c_in = 1; only v-prediction is defined there (x0 = -v), as in diffusers.
     """
 
@@ -57,8 +57,8 @@ class Denoiser:
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         if prediction_type == "epsilon" and math.isinf(float(schedule.sigmas[0])):
-            raise ValueError("zero terminal SNR (rescale_betas_zero_snr) with DDIM/DDPM starts at sigma = inf, where "
-                             "an epsilon-prediction model cannot predict x0; use a v_prediction model")
+            raise ValueError(f"zero terminal SNR (rescale_betas_zero_snr) with {schedule.sampler} starts at sigma = "
+                             "inf, where an epsilon-prediction model cannot predict x0; use a v_prediction model")
         self.unet, self.schedule, self.prediction_type = unet, schedule, prediction_type
 
     # ------------------------------------------------------------------------------------------------ scalings

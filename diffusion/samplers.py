@@ -50,7 +50,7 @@ __all__ = [
     "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_unipc", "sample_lcm",
     "default_noise_sampler",
     "per_item_randn", "host_to_device", "initial_latents", "noised_latents", "output_latents", "blend_known_region",
-    "check_eta",
+    "check_eta", "stochastic_samplers",
 ]
 
 
@@ -409,6 +409,11 @@ SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
 )}
 
 
+def stochastic_samplers() -> str:
+    """'ddpm, euler-a, ...': the samplers that draw fresh noise at every step (for messages)."""
+    return ", ".join(name for name, spec in SAMPLERS.items() if spec.stochastic)
+
+
 def check_eta(eta, sampler: str) -> None:
     """ValueError unless `eta` (DDIM's noise, diffusers' `eta`) is a number >= 0, and 0 for samplers other than
     ddim: diffusers ignores it there; we refuse rather than silently drop it."""
@@ -416,7 +421,7 @@ def check_eta(eta, sampler: str) -> None:
         raise ValueError(f"eta must be a number >= 0, got {eta!r}")
     if eta and sampler != "ddim":
         raise ValueError(f"eta ({eta}) is DDIM's noise and applies to sampler='ddim' only, not {sampler!r}; the "
-                         "stochastic samplers are euler-a, ddpm and dpmpp-2m-sde")
+                         f"stochastic samplers are {stochastic_samplers()}")
 
 
 def sample(model, x: torch.Tensor, schedule: Schedule, *, extra_args=None, callback=None, noise_sampler=None,
