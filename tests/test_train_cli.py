@@ -308,3 +308,15 @@ def test_torchrun_two_processes(tmp_path):
     log = [json.loads(x) for x in (tmp_path / "ddp/log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
     assert load_model(tmp_path / "ddp/final").config.unet.in_channels == 4
+
+
+def test_a_failed_write_says_what_the_run_can_go_on_from(tmp_path):
+    """A run stopped by a write it could not make (a full disk) points at its newest checkpoint, or says there is
+    none: --resume on a run without one would only fail."""
+    from backdrop.train import checkpointing
+    from backdrop.train.cli import _what_is_kept
+
+    assert _what_is_kept(tmp_path) == "no checkpoint was written before it: run the command again once that is fixed"
+    for step in (2, 4):
+        checkpointing.save_checkpoint(tmp_path / "checkpoints", step, {"w": torch.ones(1)}, {"step": step})
+    assert _what_is_kept(tmp_path).endswith(f"--resume {tmp_path} goes on from step-00000004")

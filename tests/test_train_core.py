@@ -248,6 +248,16 @@ def test_a_failed_save_under_ddp_stops_every_rank(tmp_path):
     assert one.startswith("stopped at step 2: rank 0 could not write the checkpoint of step 2 (FileExistsError")
 
 
+def test_a_log_line_that_cannot_be_written_is_reported_once_and_training_goes_on(tmp_path, capsys):
+    (tmp_path / "log.jsonl").mkdir()  # appending to it fails, as on a full disk
+    trainer = Trainer(Regression(), Loader(2), TrainConfig(steps=3, batch_size=2, log_every=1), tmp_path,
+                      progress=False)
+    trainer.fit()
+    assert trainer.step == 3 and len(ckpt.list_checkpoints(tmp_path / "checkpoints")) == 1
+    err = capsys.readouterr().err
+    assert err.count("cannot append") == 1 and "training goes on without these log lines" in err
+
+
 def test_ema_decay_warmup_and_start():
     net = nn.Linear(2, 2)
     ema = EMA(net, decay=0.999, start_step=3)

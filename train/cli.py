@@ -426,6 +426,16 @@ def _trainer(args, name: str, out: Path, cfg, options, resume: Path | None, rank
     return trainer
 
 
+def _what_is_kept(out: Path) -> str:
+    """What a run stopped by a failed write can go on from: its newest checkpoint, or nothing."""
+    from backdrop.train import checkpointing
+
+    saved = checkpointing.list_checkpoints(out / "checkpoints")
+    if not saved:
+        return "no checkpoint was written before it: run the command again once that is fixed"
+    return f"the checkpoints written before are intact: --resume {out} goes on from {saved[-1].name}"
+
+
 def _run_stage(args) -> int:
     import torch.distributed as dist
     from safetensors import SafetensorError
@@ -445,16 +455,15 @@ def _run_stage(args) -> int:
         except (ValueError, FileNotFoundError) as e:
             raise CLIError(str(e).splitlines()[0]) from None
         make_folder(out)
-        if rank == 0:  # the command of the run; a resume's own beside it, so that neither is lost
-            record = {k: v for k, v in vars(args).items() if k not in ("func", "option_names")} | {"world_size": world}
-            file = "args.json" if resume is None else f"args-resume-{trainer.step}.json"
-            (out / file).write_text(json.dumps(record, indent=2) + "\n")
+        # the command of the run; a resume's own beside it, so that neither is lost
+        record = {k: v for k, v in vars(args).items() if k not in ("func", "option_names")} | {"world_size": world}
+        file = "args.json" if resume is None else f"args-resume-{trainer.step}.json"
         try:
+            trainer.on_rank0(lambda: (out / file).write_text(json.dumps(record, indent=2) + "\n"), file)
             trainer.fit()
             final = trainer.save_final()
         except (OSError, SafetensorError) as e:  # a full disk, a folder gone read-only
-            raise CLIError(f"{one_line(e)}; the checkpoints written before are intact: free space and --resume "
-                           f"{out}") from None
+            raise CLIError(f"{one_line(e)}; {_what_is_kept(out)}") from None
         if rank == 0:  # save_final returns on every rank once rank 0 has written
             print(final)
     finally:

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -223,6 +224,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.log_path = self.out / "log.jsonl"
+        self._log_failed = False  # a log line could not be written (warned once)
 
     # ---------------------------------------------------------------- checkpoints
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -294,10 +296,10 @@ class Trainer:
 
     def save(self) -> Path | None:
         tensors, meta = self.state()  # every rank takes part in the gather
-        return self._on_rank0(lambda: ckpt.save_checkpoint(self.out / "checkpoints", self.step, tensors, meta,
+        return self.on_rank0(lambda: ckpt.save_checkpoint(self.out / "checkpoints", self.step, tensors, meta,
                                                            keep_last=self.cfg.keep_last), "the checkpoint")
 
-    def _on_rank0(self, write: Callable[[], Any], what: str) -> Any:
+    def on_rank0(self, write: Callable[[], Any], what: str) -> Any:
         """write() on rank 0 (the others get None). Under DDP every rank then learns whether it worked: a failed
         write (a full disk) stops every rank with an OSError, rather than rank 0 alone while the others train on
         into an all-reduce, or wait at a barrier, for a peer that has gone."""
@@ -378,14 +380,26 @@ class Trainer:
                 record |= {"step": self.step, "lr": lr_at(self.step - 1, cfg), "step_time": dt,
                            "images_per_s": images / dt}
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", ips=f"{images / dt:.1f}")
-                with open(self.log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                self._log(record)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                 self.save()
                 since, t_since = self.step, time.perf_counter()  # a save is not a training step
         bar.close()
         self.save()
         return self.module
+
+    def _log(self, record: dict) -> None:
+        """Append a record to log.jsonl. A line that cannot be written (a full disk) is reported once and training
+        goes on: the log is a report, and the next checkpoint, which must be written, stops every rank if the disk
+        is still full (on_rank0), where a failed log line on rank 0 alone would strand the other ranks."""
+        try:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            if not self._log_failed:
+                print(f"warning: {self.log_path}: cannot append ({e.strerror or e}); training goes on without "
+                      "these log lines", file=sys.stderr)
+            self._log_failed = True
 
     def final_module(self) -> nn.Module:
         """The module to ship: the EMA weights when EMA is on, else the raw weights."""
@@ -399,7 +413,7 @@ class Trainer:
 
     def save_final(self) -> Path:
         path = self.out / "final"
-        self._on_rank0(lambda: self.stage.save_final(self.final_module(), path), "the final model")
+        self.on_rank0(lambda: self.stage.save_final(self.final_module(), path), "the final model")
         return path
 
 
