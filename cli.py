@@ -161,7 +161,8 @@ def apply_model_options(pipe, args) -> None:
     load_loras(pipe, args.lora)
     load_textual_inversions(pipe, args.textual_inversion)
     try:
-        check_clip_skip(args.clip_skip, pipe.backend)
+        check_clip_skip(args.clip_skip, pipe.backend, "an exported text encoder gives its last layer's output only; "
+                        "run the model folder with --backend torch, or leave out --clip-skip")
     except ValueError as e:
         layers, n = pipe.config.text.num_layers, args.clip_skip
         why = one_line(e) if 0 <= n <= layers else f"give 0 to {layers} (this model's text encoder has {layers} layers)"

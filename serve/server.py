@@ -173,8 +173,10 @@ class _Handlers:
         return number(value, "seed", 0, MAX_SEED - n, None, int) if value is not None else secrets.randbelow(2**31)
 
     def _clip_skip(self, value) -> int:
+        layers = self.engine.pipe.config.text.num_layers
+        value = number(value, "clip_skip", 0, layers, self.config.clip_skip, int)  # JSON's wording, null = default
         try:
-            return check_clip_skip(self.config.clip_skip if value is None else value, self.engine.pipe.backend,
+            return check_clip_skip(value, self.engine.pipe.backend,
                                    "this server's exported text encoder gives its last layer's output only; send "
                                    "clip_skip 0 or none, or use a server started with --backend torch")
         except ValueError as e:

@@ -421,6 +421,11 @@ def test_inpaint_cli_runs_an_onnx_export(exported, tmp_path, capsys):
     assert (a[16:48, 24:40] == np.asarray(Image.open(tmp_path / "img.png"))[16:48, 24:40]).all()  # product kept
     assert main(args + ["--model", str(tmp_path / "nope"), "--backend", "onnxruntime"]) == 2
     assert "cannot load model" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(args + ["--model", str(folder), "--backend", "onnxruntime", "--clip-skip", "1"]) == 2
+    err = capsys.readouterr().err  # a CLI user can follow it: no Python arguments
+    assert "--clip-skip 1: clip_skip=1 needs the torch backend, not onnxruntime: " in err
+    assert "run the model folder with --backend torch, or leave out --clip-skip" in err and "prompt_embeds" not in err
 
 
 def test_a_server_on_an_export_words_clip_skip_for_its_users(exported):

@@ -126,6 +126,7 @@ def test_inpaint_endpoint_passes_every_option_to_the_pipeline(server, pipe):
     for bad in (99, "1", True):
         r = httpx.post(f"{server.url}/v1/inpaint", timeout=120, headers=JSON, content=inpaint_body(rgba, clip_skip=bad))
         assert r.status_code == 400 and r.json()["error"]["param"] == "clip_skip", r.text
+        assert "None" not in r.json()["error"]["message"]  # JSON's null, not Python's None
 
 
 def _png_claiming(width: int, height: int) -> bytes:
