@@ -141,15 +141,29 @@ def _dashed(args: list[str]) -> list[str]:
 
 def _as_typed(message: str, names: dict[str, str], argv: list[str]) -> str:
     """`message` with each option named as the user typed it: errors name an option by its first name (--steps),
-    the user may have given an alias (--num-inference-steps) or diffusers' spelling (--num_inference_steps)."""
+    the user may have given an alias (--num-inference-steps), diffusers' spelling (--num_inference_steps) or an
+    abbreviation argparse took (--num-inf). Given twice, the last spelling names it, as its value is the last."""
+    typed: dict[str, str] = {}  # our name -> the user's last spelling of it
     for arg in argv:
         if arg == "--":
             break
-        typed = arg.partition("=")[0]
-        ours = names.get(typed.replace("_", "-")) if _OPTION.fullmatch(typed) else None
-        if ours is not None and ours != typed:
-            message = re.sub(re.escape(ours) + r"(?![\w-])", typed, message)
+        spelled = arg.partition("=")[0]
+        if not _OPTION.fullmatch(spelled):
+            continue
+        dashed = spelled.replace("_", "-")
+        ours = names.get(dashed) or _abbreviated(dashed, names)
+        if ours is not None:
+            typed[ours] = spelled
+    for ours, spelled in typed.items():
+        if spelled != ours:
+            message = re.sub(re.escape(ours) + r"(?![\w-])", spelled, message)
     return message
+
+
+def _abbreviated(prefix: str, names: dict[str, str]) -> str | None:
+    """The option a unique prefix stands for (argparse's allow_abbrev), else None."""
+    meant = {ours for name, ours in names.items() if name.startswith(prefix)}
+    return meant.pop() if len(meant) == 1 else None
 
 
 def apply_model_options(pipe, args) -> None:

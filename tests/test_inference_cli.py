@@ -194,6 +194,8 @@ def test_inpaint_all_black_mask_writes_the_input(files, capsys, tmp_path):
     # named as typed: an alias (--num-images-per-prompt for --n), diffusers' spelling
     (["generate", "--num-images-per-prompt=0"], "--num-images-per-prompt 0 must be in [1, "),
     (["generate", "--num_inference_steps", "5000"], "--num_inference_steps 5000 --sampler dpmpp-2m: steps must be"),
+    (["generate", "--num_inference_steps", "5", "--steps", "0"], "--steps 0 must be at least 1"),  # the last wins
+    (["generate", "--num-inf", "0"], "--num-inf 0 must be at least 1"),  # an abbreviation argparse took
     (["generate", "--out", "{root}/product.png"], "product.png: cannot create the folder"),
     (["generate", "--out", ""], "--out is empty: give a folder"),  # an unset shell variable, not the cwd
     (["inpaint", "{root}/product.png", "--mask", "{root}/black.png", "--mask-threshold", "0"],
