@@ -20,8 +20,8 @@ import torch
 
 from backdrop.diffusion.samplers import check_eta
 
-__all__ = ["OUTPUT_TYPES", "MAX_SEED", "DIFFUSERS_NAMES", "DIFFUSERS_INSTEAD", "diffusers_names", "as_number", "Loop",
-           "check_callback", "items", "image_items", "broadcast", "repeat", "seeds", "item_strengths", "groups",
+__all__ = ["OUTPUT_TYPES", "MAX_SEED", "DIFFUSERS_NAMES", "DIFFUSERS_INSTEAD", "DIFFUSERS_OFF", "diffusers_names",
+           "as_number", "Loop", "check_callback", "items", "image_items", "broadcast", "repeat", "seeds", "item_strengths", "groups",
            "prompts", "requests", "given_latents"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -32,7 +32,7 @@ DIFFUSERS_NAMES = {"num_inference_steps": "steps", "mask_image": "mask", "paddin
 _SAME_SIZE = "the output has the input image's size: resize the image (and mask) first"
 _NO_SCHEDULE = "custom schedules are not supported: choose sampler= and steps="
 _NO_IP_ADAPTER = "IP-Adapters are not supported"
-_NO_SAFETY_CHECKER = "there is no safety checker here: drop the argument"
+_NO_SAFETY_CHECKER = "there is no safety checker here (None / False, which ask for none, are taken)"
 # diffusers' arguments we do not take -> what to do instead; a TypeError says it where the function lacks the name
 DIFFUSERS_INSTEAD = {
     "callback_on_step_end": "pass callback=fn(step, latents), run after every step (to stop early: "
@@ -48,11 +48,16 @@ DIFFUSERS_INSTEAD = {
     "masked_image_latents": "give image= and mask=; the masked image is encoded here",
     "ip_adapter_image": _NO_IP_ADAPTER, "ip_adapter_image_embeds": _NO_IP_ADAPTER,
     "safety_checker": _NO_SAFETY_CHECKER, "requires_safety_checker": _NO_SAFETY_CHECKER,
+    "feature_extractor": _NO_SAFETY_CHECKER,
     "variant": "give the folder or .safetensors file to load", "use_safetensors": "only .safetensors are read",
     "adapter_name": "LoRAs are merged into the weights, not kept as named adapters; unload_lora_weights() undoes "
                     "them all",
     "weight_name": "give the LoRA file's own path: load_lora_weights(folder / weight_name)",
 }
+
+
+# diffusers' arguments whose "off" value asks for what Backdrop does anyway: taken with that value, refused with another
+DIFFUSERS_OFF = {"safety_checker": None, "requires_safety_checker": False, "feature_extractor": None}
 
 
 def diffusers_names(fn: Callable) -> Callable:
@@ -65,6 +70,9 @@ def diffusers_names(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
+        for name in DIFFUSERS_OFF.keys() & kwargs.keys() & instead.keys():
+            if kwargs[name] is DIFFUSERS_OFF[name]:
+                del kwargs[name]
         if refused := sorted(instead.keys() & kwargs.keys()):
             raise TypeError(f"{fn.__name__}() does not take diffusers' {refused[0]}=: {instead[refused[0]]}")
         for theirs in aliases.keys() & kwargs.keys():
@@ -94,7 +102,7 @@ class Loop:
     eta: float
     guidance_scale: float
     guidance_rescale: float
-    progress: bool
+    progress: bool | None  # None: shown on a terminal only (tqdm's disable=None)
     callback: Callable | None
     interrupt: threading.Event | None
 

@@ -10,6 +10,8 @@ a bare "no attribute":
       scaled_dot_product_attention elsewhere), so it never holds a whole (Sq, Sk) score matrix to slice
   set_progress_bar_config(disable=True)
       the default of every call's `progress` (a call's own progress= still wins)
+  pipe.device, pipe.dtype
+      the backend's
   Pipeline.from_single_file(path)
       from_pretrained of one original (LDM) .safetensors file
   pipe.scheduler = ...
@@ -17,12 +19,15 @@ a bare "no attribute":
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from backdrop.diffusion.batching import diffusers_names
 from backdrop.diffusion.schedule import RECIPES
 
 __all__ = ["DiffusersAPI", "DIFFUSERS_ATTRIBUTES"]
+
+log = logging.getLogger(__name__)
 
 _TI_INSTEAD = ("an exported text encoder's vocabulary is fixed. Encode the prompts with a torch pipeline that "
                "loaded the embedding (encode_prompt) and pass prompt_embeds= and negative_prompt_embeds=")
@@ -46,6 +51,9 @@ DIFFUSERS_ATTRIBUTES = {
                           "images per call",
     "enable_freeu": "FreeU is not supported",
     "progress_bar": "set_progress_bar_config(disable=True), or progress=False in a call",
+    "components": _MODEL,
+    "save_pretrained": "save the torch model with backdrop.nn.checkpoint.save_model(pipe.backend.model, folder) (a "
+                       "diffusers folder that diffusers opens too)",
 }
 
 
@@ -56,11 +64,14 @@ class DiffusersAPI:
     def from_single_file(cls, pretrained_model_link_or_path, **kwargs):
         """diffusers' from_single_file: one original (LDM) .safetensors checkpoint, opened by from_pretrained with
         the same keyword arguments (device=, dtype= or torch_dtype=)."""
-        path = Path(pretrained_model_link_or_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"from_single_file: {path} is not a file (a model folder or a built-in model's "
+        given = str(pretrained_model_link_or_path)
+        if "://" in given:
+            raise ValueError(f"from_single_file: {given} is a link; Backdrop does not download: fetch the "
+                             ".safetensors file and give its path")
+        if not Path(given).is_file():
+            raise FileNotFoundError(f"from_single_file: {given} is not a file (a model folder or a built-in model's "
                                     "name opens with from_pretrained)")
-        return cls.from_pretrained(path, **kwargs)
+        return cls.from_pretrained(Path(given), **kwargs)
 
     # ---------------------------------------------------------------------------------------- adapters
     @diffusers_names
@@ -95,14 +106,16 @@ class DiffusersAPI:
         unload_textual_inversion(torch_model(self.backend, "textual inversion", _TI_INSTEAD))
 
     # ---------------------------------------------------------------------------------------- switches
-    def set_progress_bar_config(self, disable: bool = False, **tqdm_options) -> None:
-        """disable=True hides the tqdm bar of every later call (the default of its progress=); diffusers passes
-        other tqdm options on, which Backdrop does not take."""
+    def set_progress_bar_config(self, disable: bool | None = False, **tqdm_options) -> None:
+        """disable=True hides the tqdm bar of every later call, False shows it, None shows it on a terminal only
+        (tqdm's meaning): the default of each call's progress=. diffusers hands other options (desc, leave, ...) to
+        tqdm; here they change nothing, and a log line says so."""
+        if disable is not None and not isinstance(disable, bool):
+            raise TypeError(f"set_progress_bar_config(disable=) must be True, False or None, got {disable!r}")
         if tqdm_options:
-            raise TypeError(f"set_progress_bar_config takes disable= only, not {', '.join(sorted(tqdm_options))}")
-        if not isinstance(disable, bool):
-            raise TypeError(f"set_progress_bar_config(disable=) must be True or False, got {disable!r}")
-        self._progress = not disable
+            log.info("set_progress_bar_config: %s not used (Backdrop's bar takes disable= only)",
+                     ", ".join(sorted(tqdm_options)))
+        self._progress = None if disable is None else not disable
 
     def enable_xformers_memory_efficient_attention(self, attention_op=None) -> None:
         """A no-op: attention is always memory-efficient here (see the module docstring)."""
@@ -117,14 +130,36 @@ class DiffusersAPI:
         """A no-op, as enable_attention_slicing."""
 
     @property
-    def scheduler(self):  # a property only for its setter: reading it ends in __getattr__'s message
-        raise AttributeError("scheduler")
+    def device(self):
+        """The device the pipeline runs on (diffusers' pipe.device, e.g. for torch.Generator(pipe.device))."""
+        return self.backend.device
+
+    @property
+    def dtype(self):
+        """The precision the model computes in (diffusers' pipe.dtype)."""
+        return self.backend.dtype
+
+    @property
+    def scheduler(self):  # a property for its setter; reading it is refused as the other DIFFUSERS_ATTRIBUTES
+        raise AttributeError(_lacking_message("scheduler"))
 
     @scheduler.setter
     def scheduler(self, value):
         raise AttributeError(f"Pipeline has no scheduler to replace (diffusers' pipelines do): {_SAMPLER}")
 
-    def __getattr__(self, name: str):  # only for names the class and the instance lack
-        if name in DIFFUSERS_ATTRIBUTES:
-            raise AttributeError(f"Pipeline has no {name} (diffusers' pipelines do): {DIFFUSERS_ATTRIBUTES[name]}")
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+def _lacking_message(name: str) -> str:
+    return f"Pipeline has no {name} (diffusers' pipelines do): {DIFFUSERS_ATTRIBUTES[name]}"
+
+
+def _lacking(name: str) -> property:
+    """A property that refuses with what to do instead. Properties, not a __getattr__ hook: that would also answer
+    for an AttributeError raised inside any other property, hiding where it came from."""
+    def refuse(self):
+        raise AttributeError(_lacking_message(name))
+    return property(refuse, doc=f"diffusers' {name}: not here; {DIFFUSERS_ATTRIBUTES[name]}")
+
+
+for _name in DIFFUSERS_ATTRIBUTES.keys() - {"scheduler"}:
+    setattr(DiffusersAPI, _name, _lacking(_name))
+del _name

@@ -49,8 +49,8 @@ class Denoiser:
     """`denoised = Denoiser(unet, schedule, prediction_type)(x, sigma, context=None, c_concat=None)`.
 
     sigma is a float (every item at the same level: what the samplers pass) or a (B,) tensor (per-item levels).
-    At sigma = inf (zero terminal SNR with DDIM/DDPM/LCM) x holds the VP latents themselves (x / sqrt(1 + sigma²) in the
-    limit), so c_in = 1; only v-prediction is defined there (x0 = -v), as in diffusers.
+    At sigma = inf (zero terminal SNR with DDIM/DDPM/LCM) x holds the VP latents themselves (x / sqrt(1 + sigma²)
+    in the limit), so c_in = 1; only v-prediction is defined there (x0 = -v), as in diffusers.
     """
 
     def __init__(self, unet: Callable, schedule: Schedule, prediction_type: str = "epsilon"):

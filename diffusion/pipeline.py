@@ -85,6 +85,11 @@ from backdrop.nn.resolve import (DTYPES, default_device, default_dtype, parse_dt
 
 __all__ = ["Pipeline", "Output", "SamplingInterrupted", "OUTPUT_TYPES"]
 
+def _hidden(progress: bool | None) -> bool | None:
+    """tqdm's disable= for a call's progress (None stays None: shown on a terminal only)."""
+    return None if progress is None else not progress
+
+
 # ----------------------------------------------------------------------------------------------------- pipeline
 
 class Pipeline(DiffusersAPI):
@@ -136,8 +141,9 @@ class Pipeline(DiffusersAPI):
 
     # -------------------------------------------------------------------------------------------- public API
 
-    def _shows(self, progress: bool | None) -> bool:
-        """Whether a call shows its tqdm bar: its own progress=, else the set_progress_bar_config default."""
+    def _shows(self, progress: bool | None) -> bool | None:
+        """Whether a call shows its tqdm bar (None: on a terminal only): its own progress=, else the
+        set_progress_bar_config default."""
         return self._progress if progress is None else bool(progress)
 
     def __call__(self, prompt=None, image=None, mask_image=None, **kwargs) -> Output:
@@ -427,7 +433,7 @@ class Pipeline(DiffusersAPI):
             x = sample(CFGDenoiser(self.backend.unet, sched, self.config.prediction_type), x, sched,
                        extra_args=args, callback=_step_callback(blend, loop.callback),
                        noise_sampler=default_noise_sampler(x, gens if isinstance(gens, torch.Generator)
-                                                           else [gens[i] for i in idx]), disable=not loop.progress,
+                                                           else [gens[i] for i in idx]), disable=_hidden(loop.progress),
                        interrupt=interrupt, **({"eta": loop.eta} if loop.eta else {}))
             result[idx] = output_latents(x, sched)
         if interrupt is not None and interrupt.is_set():

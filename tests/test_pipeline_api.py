@@ -108,7 +108,7 @@ def test_diffusers_arguments_we_lack_say_what_to_use_instead(models):
                (lambda: pipe.generate("x", strength=0.5), r"strength=: strength is img2img's and inpaint's"),
                (lambda: pipe.inpaint(img, mask, "x", height=64), r"inpaint\(\) does not take diffusers' height=: "
                 r"the output has the input image's size"),
-               (lambda: Pipeline.from_pretrained(models["sd1"].folder, safety_checker=None), r"no safety checker"),
+               (lambda: Pipeline.from_pretrained(models["sd1"].folder, safety_checker=object()), r"no safety checker"),
                (lambda: pipe.img2img("a cat", img), r"img2img\(\) takes the image first.*'a cat'.*prompt= and "
                 r"image= by name"),
                (lambda: pipe.inpaint(["a cat"], img, mask), r"inpaint\(\) takes the image first"),
@@ -168,11 +168,13 @@ def test_callback_progress_and_interrupt(models, capsys):
                       callback=lambda i, x: stop.set() if i == 1 else None)
 
 
-def test_diffusers_pipeline_switches(models, capsys):
+def test_diffusers_pipeline_switches(models, capsys, caplog):
     """The switches diffusers code calls on a pipeline: set_progress_bar_config(disable=True) sets every call's
     default (a call's own progress= still wins); the attention switches are no-ops (attention is always
-    memory-efficient) and change no image; what we lack is an AttributeError saying what to do instead."""
-    pipe = Pipeline.from_pretrained(models["sd1"].folder, device="cpu", dtype="fp32")  # its own: switches stick
+    memory-efficient) and change no image; safety_checker=None asks for what we do; pipe.device / pipe.dtype are
+    the backend's; what we lack is an AttributeError saying what to do instead."""
+    pipe = Pipeline.from_pretrained(models["sd1"].folder, device="cpu", dtype="fp32", safety_checker=None,
+                                    requires_safety_checker=False)  # its own pipeline: the switches stick
     run = dict(prompt="x", steps=2, seed=0, output_type="np")
     pipe.set_progress_bar_config(disable=True)
     plain = pipe.generate(**run).images
@@ -182,22 +184,37 @@ def test_diffusers_pipeline_switches(models, capsys):
     pipe.set_progress_bar_config(disable=False)
     pipe.generate(**run)
     assert "0/2" in capsys.readouterr().err
+    with caplog.at_level("INFO", logger="backdrop.diffusion.diffusers_api"):
+        pipe.set_progress_bar_config(disable=None, leave=False, desc="x")  # None: tqdm's "on a terminal only"
+    assert "desc, leave not used" in caplog.text
+    pipe.generate(**run)
+    assert capsys.readouterr().err == ""  # pytest's captured stderr is no terminal
     for switch in (pipe.enable_xformers_memory_efficient_attention, pipe.enable_attention_slicing,
                    pipe.disable_attention_slicing, pipe.disable_xformers_memory_efficient_attention):
         switch()
     assert np.array_equal(pipe.generate(**run, progress=False).images, plain)
-    with pytest.raises(TypeError, match="takes disable= only, not leave"):
-        pipe.set_progress_bar_config(leave=False)
+    with pytest.raises(TypeError, match=r"disable=\) must be True, False or None"):
+        pipe.set_progress_bar_config(disable="yes")
+    assert (pipe.device, pipe.dtype) == (torch.device("cpu"), torch.float32)
+    torch.Generator(pipe.device).manual_seed(0)  # the diffusers docs' idiom
     with pytest.raises(AttributeError, match="no scheduler to replace .*sampler= one of .*unipc"):
         pipe.scheduler = object()
     lacking = {"scheduler": "sampler= one of", "unet": r"pipe.backend.model.unet", "fuse_lora": "load_lora_weights",
-               "enable_model_cpu_offload": "one device", "enable_vae_tiling": "crop_padding"}
+               "enable_model_cpu_offload": "one device", "enable_vae_tiling": "crop_padding",
+               "save_pretrained": "save_model"}
     for name, hint in lacking.items():
         with pytest.raises(AttributeError, match=rf"Pipeline has no {name} \(diffusers' pipelines do\): .*{hint}"):
             getattr(pipe, name)
-    with pytest.raises(AttributeError, match="'Pipeline' object has no attribute 'frobnicate'"):
-        pipe.frobnicate
-    assert not hasattr(pipe, "enable_freeu")
+        assert not hasattr(pipe, name)
+
+    class Mine(Pipeline):  # an AttributeError inside a subclass's property keeps its own message
+        @property
+        def broken(self):
+            return self.backend.no_such_thing
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        Mine(pipe.backend).broken
+    with pytest.raises(ValueError, match="is a link; Backdrop does not download"):
+        Pipeline.from_single_file("https://huggingface.co/x/y.safetensors")
 
 
 def test_prompts_over_77_tokens_are_cut_with_a_warning(models, caplog):
