@@ -437,7 +437,7 @@ class Pipeline(DiffusersAPI):
                        interrupt=interrupt, **({"eta": loop.eta} if loop.eta else {}))
             result[idx] = output_latents(x, sched)
         if interrupt is not None and interrupt.is_set():
-            raise SamplingInterrupted(loop.steps)
+            raise SamplingInterrupted(loop.steps, "interrupted after the last step, before decoding")
         if not decode or job["output_type"] == "latent":
             return Output(result, job["seeds"])
         y = self.backend.vae_decode(result / self.config.scaling_factor).cpu()  # (B, 3, h*f, w*f) in [-1, 1]

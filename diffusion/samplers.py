@@ -57,8 +57,8 @@ __all__ = [
 class SamplingInterrupted(Exception):
     """Raised by a sampler when its `interrupt` event is set (or by a callback that wants to stop)."""
 
-    def __init__(self, step: int):
-        super().__init__(f"sampling interrupted before step {step}")
+    def __init__(self, step: int, message: str | None = None):
+        super().__init__(message or f"sampling interrupted before step {step}")
         self.step = step
 
 

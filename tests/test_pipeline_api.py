@@ -166,6 +166,10 @@ def test_callback_progress_and_interrupt(models, capsys):
     with pytest.raises(SamplingInterrupted, match="before step 2"):
         pipe.generate("x", steps=5, seed=0, progress=False, interrupt=stop,
                       callback=lambda i, x: stop.set() if i == 1 else None)
+    stop.clear()  # set during the last step: nothing is decoded, and the message says where it stopped
+    with pytest.raises(SamplingInterrupted, match="after the last step, before decoding"):
+        pipe.generate("x", steps=3, seed=0, progress=False, interrupt=stop,
+                      callback=lambda i, x: stop.set() if i == 2 else None)
 
 
 def test_diffusers_pipeline_switches(models, capsys, caplog):
