@@ -185,7 +185,10 @@ def apply_model_options(pipe, args) -> None:
 
 class _Parser(argparse.ArgumentParser):
     """argparse, except that a usage error is one line (with where to find help), like every other user error,
-    instead of the usage block; subcommands' parsers are of this class too (add_subparsers takes the parent's)."""
+    instead of the usage block, naming options as typed; subcommands' parsers are of this class too
+    (add_subparsers takes the parent's)."""
+
+    typed: list[str] = []  # the command line as the user typed it, set by parse_args for the errors of every parser
 
     def error(self, message: str):
         self._fail(self.prog, message)
@@ -194,13 +197,26 @@ class _Parser(argparse.ArgumentParser):
         """As argparse's, but an option the subcommand does not know is blamed on the subcommand (`backdrop
         generate: error: ... (see backdrop generate --help)`), not on `backdrop`; and options may be spelled as
         diffusers' scripts spell them (--max_train_steps for --max-train-steps): no option here has a '_'."""
-        known, extra = self.parse_known_args(_dashed(sys.argv[1:] if args is None else args), namespace)
+        _Parser.typed = list(sys.argv[1:] if args is None else args)
+        dashed = _dashed(_Parser.typed)
+        known, extra = self.parse_known_args(dashed, namespace)
         if extra:
-            self._fail(getattr(known, "prog", self.prog), f"unrecognized arguments: {' '.join(extra)}")
+            as_typed = dict(zip(dashed, _Parser.typed))
+            self._fail(getattr(known, "prog", self.prog),
+                       f"unrecognized arguments: {' '.join(as_typed.get(a, a) for a in extra)}")
         return known
 
     def _fail(self, prog: str, message: str):
+        # argparse names an option by all its names ("argument --steps/--num-inference-steps: ..."): the first
+        # is enough, and _as_typed turns it into the user's spelling
+        message = re.sub(r"argument (--?[\w-]+)(?:/--?[\w-]+)+", r"argument \1", message)
+        message = _as_typed(message, _option_names(self), _Parser.typed)
         self.exit(2, f"{prog}: error: {message} (see {prog} --help)\n")
+
+
+def _option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each long option of `parser` -> the name errors use for it (its first: --num-inference-steps -> --steps)."""
+    return {o: a.option_strings[0] for a in parser._actions for o in a.option_strings if o.startswith("--")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,8 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _name_commands(parser: argparse.ArgumentParser) -> None:
     """Each (sub)command's parser records its own name ("backdrop train vae") in the namespace, for its errors, and
     the name errors use for each of its long options (--num-inference-steps: --steps), for _as_typed."""
-    names = {o: a.option_strings[0] for a in parser._actions for o in a.option_strings if o.startswith("--")}
-    parser.set_defaults(prog=parser.prog, option_names=names)
+    parser.set_defaults(prog=parser.prog, option_names=_option_names(parser))
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():

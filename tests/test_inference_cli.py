@@ -282,6 +282,18 @@ def test_an_unknown_option_is_blamed_on_its_subcommand(capsys, argv, command, un
     assert e.value.code == 2 and err == f"{command}: error: unrecognized arguments: {unknown} (see {command} --help)"
 
 
+@pytest.mark.parametrize("argv,said", [
+    (["generate", "--num_inference_steps", "abc"], "argument --num_inference_steps: invalid int value: 'abc'"),
+    (["generate", "--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+    (["generate", "--frob_x", "1"], "unrecognized arguments: --frob_x 1"),
+    (["train", "pretrain", "--data", "d", "--out", "o", "--lr_scheduler", "cosine"],
+     "--lr_scheduler (diffusers' option) is not taken")])
+def test_usage_errors_name_options_as_typed(capsys, argv, said):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and said in capsys.readouterr().err
+
+
 def test_options_as_diffusers_spells_them_and_values_untouched():
     """--guidance_scale is --guidance-scale (diffusers' scripts' spelling); a value that only looks like an option
     (a prompt with a space, after --) keeps its underscores."""
