@@ -285,7 +285,7 @@ def test_an_unknown_option_is_blamed_on_its_subcommand(capsys, argv, command, un
 @pytest.mark.parametrize("argv,said", [
     (["generate", "--num_inference_steps", "abc"], "argument --num_inference_steps: invalid int value: 'abc'"),
     (["generate", "--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
-    (["generate", "--frob_x", "1"], "unrecognized arguments: --frob_x 1"),
+    (["generate", "--prompt", "x", "--frob_x", "1"], "unrecognized arguments: --frob_x 1"),
     (["train", "pretrain", "--data", "d", "--out", "o", "--lr_scheduler", "cosine"],
      "--lr_scheduler (diffusers' option) is not taken")])
 def test_usage_errors_name_options_as_typed(capsys, argv, said):
