@@ -21,8 +21,8 @@ import torch
 from backdrop.diffusion.samplers import check_eta
 
 __all__ = ["OUTPUT_TYPES", "MAX_SEED", "DIFFUSERS_NAMES", "DIFFUSERS_INSTEAD", "DIFFUSERS_OFF", "diffusers_names",
-           "as_number", "Loop", "check_callback", "items", "image_items", "broadcast", "repeat", "seeds", "item_strengths", "groups",
-           "prompts", "requests", "given_latents"]
+           "as_number", "Loop", "check_callback", "items", "image_items", "broadcast", "repeat", "seeds",
+           "item_strengths", "groups", "prompts", "requests", "given_latents"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64 - 1; we keep seed + item inside int64

@@ -314,9 +314,9 @@ def test_a_failed_write_says_what_the_run_can_go_on_from(tmp_path):
     """A run stopped by a write it could not make (a full disk) points at its newest checkpoint, or says there is
     none: --resume on a run without one would only fail."""
     from backdrop.train import checkpointing
-    from backdrop.train.cli import _what_is_kept
+    from backdrop.train.run_folder import what_is_kept
 
-    assert _what_is_kept(tmp_path) == "no checkpoint was written before it: run the command again once that is fixed"
+    assert what_is_kept(tmp_path) == "no checkpoint was written before it: run the command again once that is fixed"
     for step in (2, 4):
         checkpointing.save_checkpoint(tmp_path / "checkpoints", step, {"w": torch.ones(1)}, {"step": step})
-    assert _what_is_kept(tmp_path).endswith(f"--resume {tmp_path} goes on from step-00000004")
+    assert what_is_kept(tmp_path).endswith(f"--resume {tmp_path} goes on from step-00000004")

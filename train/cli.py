@@ -426,16 +426,6 @@ def _trainer(args, name: str, out: Path, cfg, options, resume: Path | None, rank
     return trainer
 
 
-def _what_is_kept(out: Path) -> str:
-    """What a run stopped by a failed write can go on from: its newest checkpoint, or nothing."""
-    from backdrop.train import checkpointing
-
-    saved = checkpointing.list_checkpoints(out / "checkpoints")
-    if not saved:
-        return "no checkpoint was written before it: run the command again once that is fixed"
-    return f"the checkpoints written before are intact: --resume {out} goes on from {saved[-1].name}"
-
-
 def _run_stage(args) -> int:
     import torch.distributed as dist
     from safetensors import SafetensorError
@@ -463,7 +453,7 @@ def _run_stage(args) -> int:
             trainer.fit()
             final = trainer.save_final()
         except (OSError, SafetensorError) as e:  # a full disk, a folder gone read-only
-            raise CLIError(f"{one_line(e)}; {_what_is_kept(out)}") from None
+            raise CLIError(f"{one_line(e)}; {run_folder.what_is_kept(out)}") from None
         if rank == 0:  # save_final returns on every rank once rank 0 has written
             print(final)
     finally:

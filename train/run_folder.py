@@ -15,7 +15,8 @@ from backdrop.cli import CLIError
 
 from . import checkpointing as ckpt
 
-__all__ = ["RUN_FILES", "held_run_files", "resume_checkpoint", "check_out", "run_record", "changed_options"]
+__all__ = ["RUN_FILES", "held_run_files", "resume_checkpoint", "check_out", "run_record", "changed_options",
+           "what_is_kept"]
 
 RUN_FILES = ("checkpoints", "final", "log.jsonl")
 # Options that do not change what is trained (where the run goes, how it reports, how it uses the machine): they
@@ -85,3 +86,12 @@ def changed_options(saved: dict | None, run: dict, source: Path) -> list[str]:
     before, now = saved.get("options", {}), run["options"]
     return [f"--{k.replace('_', '-')} {now.get(k)} (was {before.get(k)})"
             for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
+
+
+def what_is_kept(out: Path) -> str:
+    """What a run stopped by a failed write (a full disk) can go on from: its newest checkpoint, or nothing (then
+    --resume would only fail)."""
+    saved = ckpt.list_checkpoints(out / "checkpoints")
+    if not saved:
+        return "no checkpoint was written before it: run the command again once that is fixed"
+    return f"the checkpoints written before are intact: --resume {out} goes on from {saved[-1].name}"
