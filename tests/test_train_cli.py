@@ -72,9 +72,9 @@ def test_diffusers_and_accelerate_option_names_are_aliases():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["pretrain", "--lr_scheduler", "constant"], "--lr-scheduler (diffusers' option) is not taken: the schedule is "
-                                                 "linear warm-up (--warmup) then cosine"),
-    (["inpaint", "--random_flip"], "--random-flip (diffusers' option) is not taken: training never flips"),
+    (["pretrain", "--lr_scheduler", "constant"], "--lr_scheduler (diffusers' option) is not taken: the schedule is "
+                                                 "linear warm-up (--warmup) then cosine"),  # named as typed
+    (["inpaint", "--random-flip"], "--random-flip (diffusers' option) is not taken: training never flips"),
 ])
 def test_diffusers_options_we_lack_say_what_instead(args, message, capsys):
     with pytest.raises(SystemExit) as e:
