@@ -58,17 +58,25 @@ def one_line(e: Exception) -> str:
     return " ".join(str(e).split())
 
 
+def _path_and_suffix(text: str, what: str) -> tuple[str, str | None]:
+    """PATH[:WHAT] -> (path, suffix or None). The whole text is the path when it names an existing file (`style:2`)
+    or when what follows the last colon holds a slash (`C:/x.safetensors`, `dir:with:colons/x.safetensors`)."""
+    path, sep, suffix = text.rpartition(":")
+    if not (sep and path) or os.path.exists(text) or "/" in suffix or "\\" in suffix:
+        return text, None
+    if not suffix.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} ends in ':' without a {what}; give PATH or PATH:{what}")
+    return path, suffix
+
+
 def lora_spec(text: str) -> tuple[str, float]:
-    """--lora PATH[:SCALE] -> (path, scale); a suffix that is not a number is part of the path (default scale 1),
-    and so is one of an existing file's name (`style:2`)."""
-    path, sep, scale = text.rpartition(":")
-    if not (sep and path) or os.path.exists(text):
+    """--lora PATH[:SCALE] -> (path, scale); a suffix that is not a number is part of the path (default scale 1)."""
+    path, scale = _path_and_suffix(text, "SCALE")
+    if scale is None:
         return text, 1.0
-    if not scale.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} ends in ':' without a SCALE; give PATH or PATH:SCALE")
     try:
         value = float(scale)
-    except ValueError:  # C:/x.safetensors, dir:with:colons/x.safetensors
+    except ValueError:
         return text, 1.0
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"SCALE {scale!r} in {text!r} must be a finite number")
@@ -93,14 +101,8 @@ def load_loras(pipe, loras: list[tuple[str, float]]) -> None:
 
 
 def textual_inversion_spec(text: str) -> tuple[str, str | None]:
-    """--textual-inversion PATH[:TOKEN] -> (path, token; None: the file's own); the whole text is the path when it
-    names an existing file, or when what follows the last colon holds a slash (`C:/x.safetensors`)."""
-    path, sep, token = text.rpartition(":")
-    if not (sep and path) or os.path.exists(text) or "/" in token or "\\" in token:
-        return text, None
-    if not token.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} ends in ':' without a TOKEN; give PATH or PATH:TOKEN")
-    return path, token
+    """--textual-inversion PATH[:TOKEN] -> (path, token; None: the file's own)."""
+    return _path_and_suffix(text, "TOKEN")
 
 
 def add_textual_inversion_option(group) -> None:
@@ -175,7 +177,7 @@ def apply_model_options(pipe, args) -> None:
     load_loras(pipe, args.lora)
     load_textual_inversions(pipe, args.textual_inversion)
     try:
-        check_clip_skip(args.clip_skip, pipe.backend, "an exported text encoder gives its last layer's output only; "
+        check_clip_skip(args.clip_skip, pipe.backend,
                         "run the model folder with --backend torch, or leave out --clip-skip")
     except ValueError as e:
         layers, n = pipe.config.text.num_layers, args.clip_skip
@@ -272,8 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CLIError as e:
-        typed = sys.argv[1:] if argv is None else argv
-        print(f"{args.prog}: error: {_as_typed(str(e), args.option_names, typed)}", file=sys.stderr)
+        print(f"{args.prog}: error: {_as_typed(str(e), args.option_names, _Parser.typed)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -21,13 +21,13 @@ __all__ = ["check_clip_skip", "embed", "contexts"]
 
 log = logging.getLogger(__name__)
 
-_SKIP_INSTEAD = ("an exported text encoder gives its last layer's output only. Encode the prompts with a torch "
-                 "pipeline, encode_prompt(text, clip_skip=...), and pass prompt_embeds= and negative_prompt_embeds=")
+_SKIP_INSTEAD = ("encode the prompts with a torch pipeline, encode_prompt(text, clip_skip=...), and pass "
+                 "prompt_embeds= and negative_prompt_embeds=")
 
 
 def check_clip_skip(clip_skip, backend, instead: str = _SKIP_INSTEAD) -> int:
-    """clip_skip as an int: None is 0 (the last layer); else an int in [0, num_layers] that `backend` can run
-    (`instead`: what the error tells a caller whose backend cannot)."""
+    """clip_skip as an int: None is 0 (the last layer); else an int in [0, num_layers] that `backend` can run.
+    `instead`: what to do when it cannot, in the caller's terms (Python, the CLI, HTTP); the reason is given here."""
     if clip_skip is None:
         return 0
     n = backend.config.text.num_layers
@@ -35,7 +35,8 @@ def check_clip_skip(clip_skip, backend, instead: str = _SKIP_INSTEAD) -> int:
                      "to skip)", lambda v: 0 <= v <= n, integer=True)
     if skip:
         from backdrop.nn.checkpoint import torch_model  # here: importing the torch modules costs seconds
-        torch_model(backend, f"clip_skip={skip}", instead)
+        torch_model(backend, f"clip_skip={skip}", f"an exported text encoder gives its last layer's output only; "
+                    f"{instead}")
     return skip
 
 

@@ -135,8 +135,7 @@ class FileStore:
 class _Handlers:
     def __init__(self, engine: Engine, config: ServerConfig):
         build_schedule(config.sampler, config.steps, engine.pipe.config.scheduler)  # ValueError: a bad server setup
-        check_clip_skip(config.clip_skip, engine.pipe.backend, "an exported text encoder gives its last layer's "
-                        "output only; serve with --backend torch, or without --clip-skip")
+        check_clip_skip(config.clip_skip, engine.pipe.backend, "serve with --backend torch, or without --clip-skip")
         self.engine, self.config, self.metrics = engine, config, engine.metrics
         native = engine.native_size
         self.buckets = size_buckets(native)
@@ -177,8 +176,7 @@ class _Handlers:
         value = number(value, "clip_skip", 0, layers, self.config.clip_skip, int)  # JSON's wording, null = default
         try:
             return check_clip_skip(value, self.engine.pipe.backend,
-                                   "this server's exported text encoder gives its last layer's output only; send "
-                                   "clip_skip 0 or none, or use a server started with --backend torch")
+                                   "send clip_skip 0 or none, or use a server started with --backend torch")
         except ValueError as e:
             raise APIError(400, str(e), param="clip_skip", code="invalid_value") from None
 

@@ -303,10 +303,10 @@ class Trainer:
         """write() on rank 0 (the others get None). Under DDP every rank then learns whether it worked: a failed
         write (a full disk) stops every rank with an OSError, rather than rank 0 alone while the others train on
         into an all-reduce, or wait at a barrier, for a peer that has gone."""
-        path, error = None, None
+        result, error = None, None
         if self.rank == 0:
             try:
-                path = write()
+                result = write()
             except Exception as e:  # noqa: BLE001 - re-raised below, once the other ranks are told
                 error = e
         if self.world > 1:
@@ -316,7 +316,7 @@ class Trainer:
                 raise OSError(f"rank 0 could not write {what} of step {self.step} ({told[0]})")
         if error is not None:
             raise error
-        return path
+        return result
 
     def resume(self, path: str | os.PathLike) -> None:
         """Resume from a checkpoint directory, or from the newest complete one under a run's out/ directory."""
