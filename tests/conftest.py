@@ -32,3 +32,17 @@ def ref(models):
     """ref(model, kind, sampler): the diffusers pipeline over the same folder (tests/pipeline_helpers.py)."""
     from pipeline_helpers import diffusers_ref
     return diffusers_ref(models)
+
+
+@pytest.fixture(scope="module")
+def serve_model_dir(tmp_path_factory):
+    """The tiny inpainting model folder the server tests serve (tests/serve_helpers.py)."""
+    from serve_helpers import save_tiny_inpaint_model
+    return save_tiny_inpaint_model(tmp_path_factory.mktemp("serve") / "model")
+
+
+@pytest.fixture(scope="module")
+def serve_pipe(serve_model_dir):
+    """Its float32 CPU Pipeline."""
+    from backdrop.diffusion.pipeline import Pipeline
+    return Pipeline.from_pretrained(serve_model_dir, device="cpu", dtype=torch.float32)

@@ -28,21 +28,11 @@ from backdrop.serve.server import ServerConfig
 
 openai = pytest.importorskip("openai")
 from serve_helpers import (JSON, SIZE, assert_kept_exact, client, decode, inpaint_body, metrics,  # noqa: E402
-                           png, product, save_tiny_inpaint_model, scalar, start_server, wait)
+                           png, product, scalar, start_server, wait)
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),  # conftest.py
               pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
                                          "ignore::UserWarning")]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_inpaint_model(tmp_path_factory.mktemp("serve") / "model")
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir):
-    return Pipeline.from_pretrained(model_dir, device="cpu", dtype=torch.float32)
 
 
 class FailsOn:
@@ -62,8 +52,8 @@ class FailsOn:
         return self.pipe.generate(prompt, **kwargs)
 
 
-def test_a_request_that_fails_the_model_fails_alone_not_its_batch(pipe, caplog):
-    failing = FailsOn(pipe, "bad")
+def test_a_request_that_fails_the_model_fails_alone_not_its_batch(serve_pipe, caplog):
+    failing = FailsOn(serve_pipe, "bad")
     engine = Engine(failing, EngineConfig(max_batch_size=4, max_queue_delay_ms=0), warmup=False)
     key = ServeKey("generate", SIZE, SIZE, 1, "dpmpp-2m", "backdrop")
     prompts = [["good a", "good b"], ["bad"], ["good c"]]
@@ -76,15 +66,16 @@ def test_a_request_that_fails_the_model_fails_alone_not_its_batch(pipe, caplog):
     assert failing.calls == [["good a", "good b", "bad", "good c"], ["good a", "good b"], ["bad"], ["good c"]]
     assert [r.status for r in reqs] == ["done", "failed", "done"] and str(reqs[1].error) == "injected failure"
     assert [len(r.results) for r in reqs] == [2, 1, 1]
-    solo = pipe.generate(["good c"], seed=[0], steps=1, progress=False).images[0]
+    solo = serve_pipe.generate(["good c"], seed=[0], steps=1, progress=False).images[0]
     np.testing.assert_array_equal(np.asarray(reqs[2].results[0]), np.asarray(solo))
     assert "running each request alone" in caplog.text
 
 
-def test_queue_full_429_retry_deadline_504_and_disconnect(pipe):
+def test_queue_full_429_retry_deadline_504_and_disconnect(serve_pipe):
     """One image at a time, one queued at most. A 1000-step request with a short `timeout` holds the worker."""
-    srv = start_server(pipe, EngineConfig(max_batch_size=1, max_queue_delay_ms=0, max_queue=1, request_timeout=60),
-                 ServerConfig(steps=1))
+    srv = start_server(serve_pipe,
+                       EngineConfig(max_batch_size=1, max_queue_delay_ms=0, max_queue=1, request_timeout=60),
+                       ServerConfig(steps=1))
     try:
         url = f"{srv.url}/v1/inpaint"
         results = {}
@@ -137,12 +128,12 @@ def test_queue_full_429_retry_deadline_504_and_disconnect(pipe):
         srv.stop()
 
 
-def test_cli_serve_drains_in_flight_work_on_sigterm(model_dir):
+def test_cli_serve_drains_in_flight_work_on_sigterm(serve_model_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "backdrop", "serve", str(model_dir), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "backdrop", "serve", str(serve_model_dir), "--port", str(port),
                              "--steps", "2", "--device", "cpu", "--dtype", "fp32", "--log-level", "warning"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -176,19 +167,20 @@ def test_cli_serve_drains_in_flight_work_on_sigterm(model_dir):
             proc.wait()
 
 
-def test_cli_errors_are_one_line(capsys, tmp_path, model_dir):
-    assert cli_main(["serve", str(model_dir), "--sampler", "ddim", "--steps", "1000"]) == 2  # refused before serving
+def test_cli_errors_are_one_line(capsys, tmp_path, serve_model_dir):
+    # refused before serving
+    assert cli_main(["serve", str(serve_model_dir), "--sampler", "ddim", "--steps", "1000"]) == 2
     assert "--steps 1000" in capsys.readouterr().err
     assert cli_main(["serve", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
     assert cli_main(["serve", str(tmp_path), "--max-queue", "0"]) == 2
     assert "--max-queue" in capsys.readouterr().err
     assert cli_main(["serve", str(tmp_path), "--port", "70000"]) == 2
-    assert cli_main(["serve", str(model_dir), "--device", "gpu"]) == 2
+    assert cli_main(["serve", str(serve_model_dir), "--device", "gpu"]) == 2
     assert "--device 'gpu' is not a device name" in capsys.readouterr().err
-    assert cli_main(["serve", str(model_dir), "--clip-skip", "9"]) == 2  # the tiny text encoder has 2 layers
+    assert cli_main(["serve", str(serve_model_dir), "--clip-skip", "9"]) == 2  # the tiny text encoder has 2 layers
     assert "--clip-skip 9: give 0 to 2 (this model's text encoder has 2 layers)" in capsys.readouterr().err
-    assert cli_main(["serve", str(model_dir), "--textual-inversion", str(tmp_path / "none.safetensors")]) == 2
+    assert cli_main(["serve", str(serve_model_dir), "--textual-inversion", str(tmp_path / "none.safetensors")]) == 2
     assert "--textual-inversion: " in capsys.readouterr().err
 
 
@@ -201,10 +193,10 @@ def test_warm_up_covers_every_graph_bucket_on_cuda_only():
     assert warm_up_batches("cuda", 1) == [1]
 
 
-def test_cuda_graph_unet_buckets_pad_and_slice(pipe):
+def test_cuda_graph_unet_buckets_pad_and_slice(serve_pipe):
     """On the CPU the wrapper pads to its batch bucket and runs eagerly: rows must equal the direct call's,
     whatever stale rows the static buffers hold from earlier calls."""
-    unet = pipe.backend.unet
+    unet = serve_pipe.backend.unet
     wrapped = CUDAGraphUNet(unet, "cpu")
     assert not wrapped.graphs and wrapped.bucket(3) == 4 and wrapped.bucket(65) is None
     g = torch.Generator().manual_seed(0)
@@ -217,8 +209,8 @@ def test_cuda_graph_unet_buckets_pad_and_slice(pipe):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graph_replay_matches_eager(model_dir):
-    gpu = Pipeline.from_pretrained(model_dir, device="cuda", dtype=torch.float16)
+def test_cuda_graph_replay_matches_eager(serve_model_dir):
+    gpu = Pipeline.from_pretrained(serve_model_dir, device="cuda", dtype=torch.float16)
     unet = gpu.backend.unet
     wrapped = CUDAGraphUNet(unet, "cuda")
     g = torch.Generator().manual_seed(0)

@@ -18,18 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from backdrop.diffusion.pipeline import Pipeline
 from backdrop.serve.engine import Engine, EngineConfig
 from backdrop.serve.metrics import parse_histogram
 from backdrop.serve.server import ServerConfig, create_app
 
 openai = pytest.importorskip("openai")
 from serve_helpers import (JSON, PROMPTS, SIZE, STEPS, assert_kept_exact, client, decode,  # noqa: E402
-                           inpaint_body, metrics, png, product, raw_http, save_tiny_inpaint_model, scalar,
-                           start_server)
+                           inpaint_body, metrics, png, product, raw_http, scalar, start_server)
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),  # conftest.py
               pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
@@ -37,18 +34,8 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),  # conftest.py
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_inpaint_model(tmp_path_factory.mktemp("serve") / "model")
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir):
-    return Pipeline.from_pretrained(model_dir, device="cpu", dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def server(pipe):
-    srv = start_server(pipe, EngineConfig(max_batch_size=8, max_queue_delay_ms=500, max_queue=32,
+def server(serve_pipe):
+    srv = start_server(serve_pipe, EngineConfig(max_batch_size=8, max_queue_delay_ms=500, max_queue=32,
                                           request_timeout=120), ServerConfig(steps=STEPS, max_body_bytes=2**20))
     yield srv
     srv.stop()
@@ -56,7 +43,7 @@ def server(pipe):
 
 # ------------------------------------------------------------------------------------------------- tests
 
-def test_openai_client_edit_and_generate(server, pipe):
+def test_openai_client_edit_and_generate(server, serve_pipe):
     rgba = product(0)
     c = client(server)
     r = c.images.edit(image=("product.png", png(rgba), "image/png"), prompt=PROMPTS[0], n=2, size="64x64",
@@ -73,13 +60,14 @@ def test_openai_client_edit_and_generate(server, pipe):
     r = c.images.generate(prompt=PROMPTS[1], size="128x64", response_format="url", extra_body={"seed": 3})
     assert r.data[0].url.startswith(server.url + "/v1/files/")
     got = np.asarray(Image.open(io.BytesIO(httpx.get(r.data[0].url).content)).convert("RGB")).astype(int)
-    want = np.asarray(pipe.generate(PROMPTS[1], height=64, width=128, seed=3, steps=STEPS, progress=False).images[0])
+    want = np.asarray(serve_pipe.generate(PROMPTS[1], height=64, width=128, seed=3, steps=STEPS,
+                                          progress=False).images[0])
     assert got.shape == (64, 128, 3)
     assert np.abs(got - want).max() <= 2
     assert [m.id for m in c.models.list().data] == ["backdrop"]
 
 
-def test_concurrent_edits_are_batched_and_each_matches_a_solo_run(server, pipe):
+def test_concurrent_edits_are_batched_and_each_matches_a_solo_run(server, serve_pipe):
     before = parse_histogram(metrics(server), "backdrop_batch_size")
     products = [product(10 + i) for i in range(8)]  # a different product and prompt per request
 
@@ -95,13 +83,13 @@ def test_concurrent_edits_are_batched_and_each_matches_a_solo_run(server, pipe):
     assert after["count"] - before["count"] < 8, "8 concurrent edits were not batched"
     assert 0 < scalar(metrics(server), "backdrop_batch_wait_seconds") <= 0.5  # learned, capped by the 500 ms
     for i, out in enumerate(outs):
-        solo = pipe.inpaint(Image.fromarray(products[i], "RGBA"), prompt=PROMPTS[i], seed=100 + i, steps=STEPS,
+        solo = serve_pipe.inpaint(Image.fromarray(products[i], "RGBA"), prompt=PROMPTS[i], seed=100 + i, steps=STEPS,
                             progress=False).images[0]
         assert np.abs(out.astype(int) - np.asarray(solo).astype(int)).max() <= 2, f"request {i}"
         assert_kept_exact(out, products[i])
 
 
-def test_inpaint_endpoint_passes_every_option_to_the_pipeline(server, pipe):
+def test_inpaint_endpoint_passes_every_option_to_the_pipeline(server, serve_pipe):
     """/v1/inpaint with a product mask and non-default options equals Pipeline.inpaint with the same arguments."""
     rgba = product(20, size=(48, 80))  # not the native size: exercises the crop and the paste
     image, mask = Image.fromarray(rgba[..., :3]), Image.fromarray(rgba[..., 3])  # product_mask: white = keep
@@ -113,12 +101,12 @@ def test_inpaint_endpoint_passes_every_option_to_the_pipeline(server, pipe):
         prompt=PROMPTS[3], n=2)))
     assert r.status_code == 200, r.text[:300]
     outs = [decode(d["b64_json"]) for d in r.json()["data"]]
-    solo = pipe.inpaint(image, product_mask=mask, prompt=PROMPTS[3], num_images_per_prompt=2, progress=False,
+    solo = serve_pipe.inpaint(image, product_mask=mask, prompt=PROMPTS[3], num_images_per_prompt=2, progress=False,
                         **options).images
     for out, want in zip(outs, solo):
         assert out.shape == (48, 80, 3)
         assert np.abs(out.astype(int) - np.asarray(want).astype(int)).max() <= 2
-    plain = pipe.inpaint(image, product_mask=mask, prompt=PROMPTS[3], seed=5, steps=3, progress=False).images[0]
+    plain = serve_pipe.inpaint(image, product_mask=mask, prompt=PROMPTS[3], seed=5, steps=3, progress=False).images[0]
     assert np.abs(outs[0].astype(int) - np.asarray(plain).astype(int)).max() > 10  # the options did something
     r = httpx.post(f"{server.url}/v1/inpaint", timeout=120, headers=JSON, content=inpaint_body(rgba, eta=0.5))
     assert r.status_code == 400 and r.json()["error"]["param"] == "eta"  # eta with the server's sampler (dpmpp-2m)
@@ -284,7 +272,7 @@ def asgi_status(app, method: str, path: str, headers: list[tuple[bytes, bytes]])
     return sent[0]["status"]
 
 
-def test_refusals_before_any_endpoint_are_counted_in_metrics(server, pipe):
+def test_refusals_before_any_endpoint_are_counted_in_metrics(server, serve_pipe):
     """The 413 for a declared Content-Length and routing's 404 and 405 never reach an endpoint's handler; /metrics
     counts them all the same, labelled by the route their path names, or "other" (never the raw path)."""
     series = [("inpaint", "413"), ("other", "404"), ("inpaint", "405")]
@@ -304,7 +292,7 @@ def test_refusals_before_any_endpoint_are_counted_in_metrics(server, pipe):
     assert "nope" not in metrics(server)
     # an unreadable Content-Length: uvicorn answers it itself (400, plain text) before the app sees the request;
     # other ASGI servers may pass it on, so the app's own 400 is checked by calling the app directly
-    engine = Engine(pipe, EngineConfig(), warmup=False)
+    engine = Engine(serve_pipe, EngineConfig(), warmup=False)
     app = create_app(engine, ServerConfig(steps=STEPS))
     assert asgi_status(app, "POST", "/v1/inpaint", [(b"content-length", b"12a")]) == 400
     assert engine.metrics.requests.value(endpoint="inpaint", code="400") == 1
