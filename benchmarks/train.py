@@ -113,7 +113,7 @@ def _peer(job: dict, model, batch, device) -> tuple[list[float], list[tuple[floa
     import torch.nn.functional as F
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    from backdrop.diffusion.samplers import host_to_device
+    from backdrop.diffusion.latents import host_to_device
     from backdrop.train.data import random_mask
     from backdrop.train.stages.inpaint import to_inpaint_model
 

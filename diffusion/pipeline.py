@@ -1,9 +1,9 @@
 """Pipeline: text-to-image, image-to-image and inpainting over any Backend (export/backends.py).
 
-Thin on purpose: the math lives in schedule.py / samplers.py / guidance.py and every image and mask operation in
-masks.py, how one call's arguments become per-item lists in batching.py, and how prompts become the UNet's context
-in text.py; this file only follows their recipes (the module docstrings of samplers.py and masks.py) and runs the
-models. One call may hold different prompts, images, masks, seeds and strengths:
+Thin on purpose: the math lives in schedule.py / samplers.py / latents.py / guidance.py and every image and mask
+operation in masks.py, how one call's arguments become per-item lists in batching.py, and how prompts become the
+UNet's context in text.py; this file only follows their recipes (the module docstrings of samplers.py and masks.py)
+and runs the models. One call may hold different prompts, images, masks, seeds and strengths:
 
   * Broadcasting. `prompt`, `negative_prompt`, `image`, `mask`/`product_mask`, `seed` and `strength` may each be
     one value or a list of n (the n requests); a single value applies to all. num_images_per_prompt = k then
@@ -50,7 +50,7 @@ models. One call may hold different prompts, images, masks, seeds and strengths:
 
 Inpainting follows masks.py's walk-through. 9-channel (inpainting) UNets get the latent mask and the VAE latents
 of the masked image as extra input channels; plain 4-channel UNets get the known region blended back after every
-step (samplers.blend_known_region), as diffusers' StableDiffusionInpaintPipeline does for both. The VAE encodes with
+step (latents.blend_known_region), as diffusers' StableDiffusionInpaintPipeline does for both. The VAE encodes with
 the posterior mean (deterministic; diffusers draws a posterior sample from the generator instead, so the parity
 tests hand diffusers our latents). A mask-conditioned VAE (AsymmetricAutoencoderKL) decodes with the image and the
 user's binarized repaint mask as its condition, as diffusers' pipeline passes them. With paste_back every kept pixel
@@ -76,8 +76,9 @@ from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, as_number, broadcas
 from backdrop.diffusion.diffusers_api import DiffusersAPI
 from backdrop.diffusion.guidance import CFGDenoiser
 from backdrop.diffusion.output import Output, as_hwc, format_output
-from backdrop.diffusion.samplers import (SamplingInterrupted, blend_known_region, default_noise_sampler,
-                                         initial_latents, noised_latents, output_latents, per_item_randn, sample)
+from backdrop.diffusion.latents import (blend_known_region, default_noise_sampler, initial_latents, noised_latents,
+                                        output_latents, per_item_randn)
+from backdrop.diffusion.samplers import SamplingInterrupted, sample
 from backdrop.diffusion.schedule import build_schedule
 from backdrop.diffusion.text import check_clip_skip, contexts, embed
 from backdrop.nn.resolve import (DTYPES, default_device, default_dtype, parse_dtype, resolve_model,

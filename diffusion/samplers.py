@@ -16,13 +16,14 @@ its name (tests/test_samplers.py runs both loops on the same model and noise):
   ...-karras   the same with use_karras_sigmas (rho 7)
   lcm          LCMScheduler, for LCM-distilled weights (an LCM-LoRA)         Luo et al. 2023, arXiv:2310.04378
 
-Randomness only comes from `noise_sampler(sigma, sigma_next) -> tensor like x`; `default_noise_sampler(x, gens)`
+Randomness only comes from `noise_sampler(sigma, sigma_next) -> tensor like x`; latents.default_noise_sampler(x, gens)
 draws each item from its own torch.Generator, as diffusers' randn_tensor does with a list of generators, so seed s
 gives the same image alone or in any batch. `callback(i, x, sigma, sigma_next, denoised)` runs after each step and
-may return a replacement x (4-channel inpainting blends the known region back; see blend_known_region). Setting
+may return a replacement x (4-channel inpainting blends the known region back; see latents.blend_known_region). Setting
 `interrupt` (a threading.Event) stops the loop before the next step by raising SamplingInterrupted.
 
-A pipeline on top (tests/test_guidance.py checks this recipe against diffusers' own pipelines):
+A pipeline on top, with latents.py for the noise and the latents in and out (tests/test_guidance.py checks this recipe
+against diffusers' own pipelines):
     schedule = build_schedule("dpmpp-2m-karras", 25, model_config.scheduler)   # .img2img(strength) for img2img
     model = CFGDenoiser(backend.unet, schedule, model_config.prediction_type)
     noise = per_item_randn((B, 4, h, w), generators, device)                   # first draw from each generator
@@ -37,7 +38,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -48,8 +49,6 @@ from backdrop.diffusion.schedule import RECIPES, Recipe, Schedule
 __all__ = [
     "SAMPLERS", "SamplerSpec", "SamplingInterrupted", "sample", "sample_ddim", "sample_ddpm", "sample_euler",
     "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_unipc", "sample_lcm",
-    "default_noise_sampler",
-    "per_item_randn", "host_to_device", "initial_latents", "noised_latents", "output_latents", "blend_known_region",
     "check_eta", "stochastic_samplers",
 ]
 
@@ -60,41 +59,6 @@ class SamplingInterrupted(Exception):
     def __init__(self, step: int, message: str | None = None):
         super().__init__(message or f"sampling interrupted before step {step}")
         self.step = step
-
-
-# --------------------------------------------------------------------------------------------------- noise
-
-def host_to_device(x: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
-    """A host tensor (noise from a CPU generator, a mask made on the host) on `device`, without waiting for the GPU.
-    torch follows a blocking host->CUDA copy with a stream synchronize, which drains every queued kernel first; a
-    copy from pinned memory with non_blocking=True is ordered on the stream instead (the pinned block is not reused
-    before the copy is done). Elsewhere a plain .to(device)."""
-    device = torch.device(device) if device is not None else x.device
-    if device.type == "cuda" and x.device.type == "cpu":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
-
-
-def per_item_randn(shape: Sequence[int], generators: Sequence[torch.Generator] | torch.Generator,
-                   device=None, dtype=torch.float32) -> torch.Tensor:
-    """Standard normal noise of `shape`, item i drawn from generators[i] (diffusers' randn_tensor with a list of
-    generators: each item (1, ...) on its generator's device, then moved to `device`). One generator draws the
-    whole batch at once, as diffusers does with a single generator."""
-    if isinstance(generators, torch.Generator):
-        return host_to_device(torch.randn(tuple(shape), generator=generators, device=generators.device,
-                                          dtype=dtype), device)
-    if len(generators) != shape[0]:
-        raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}: pass one per item")
-    item = (1, *shape[1:])
-    return host_to_device(torch.cat([torch.randn(item, generator=g, device=g.device, dtype=dtype)
-                                     for g in generators]), device)
-
-
-def default_noise_sampler(x: torch.Tensor, generators: Sequence[torch.Generator] | torch.Generator) -> Callable:
-    """noise_sampler(sigma, sigma_next) drawing noise shaped like x from per-item generators."""
-    def noise_sampler(sigma, sigma_next):
-        return per_item_randn(x.shape, generators, device=x.device, dtype=x.dtype)
-    return noise_sampler
 
 
 # --------------------------------------------------------------------------------------------------- shared parts
@@ -436,50 +400,3 @@ def sample(model, x: torch.Tensor, schedule: Schedule, *, extra_args=None, callb
         options["timesteps"] = schedule.timesteps
     return spec.fn(model, x, schedule.sigmas, extra_args=extra_args, callback=callback, noise_sampler=noise_sampler,
                    disable=disable, interrupt=interrupt, **options)
-
-
-# --------------------------------------------------------------------------------------------------- latents in/out
-
-def initial_latents(noise: torch.Tensor, schedule: Schedule) -> torch.Tensor:
-    """txt2img start: the VE x diffusers starts from, given unit noise (its `latents * init_noise_sigma`).
-
-    DDIM/DDPM/DPM start from VP latents = noise (x = noise * sqrt(1 + sigma0²)); Euler/Heun from
-    noise * sigma_max, or noise * sqrt(sigma_max² + 1) with leading spacing. At sigma0 = inf the state is the VP
-    latents themselves (see Denoiser)."""
-    if math.isinf(float(schedule.sigmas[0])):
-        return noise.clone()
-    return noise * schedule.init_noise_sigma
-
-
-def noised_latents(x0: torch.Tensor, noise: torch.Tensor, schedule: Schedule) -> torch.Tensor:
-    """img2img start: x0 + noise * sigmas[0] (diffusers' scheduler.add_noise at the sub-schedule's first timestep;
-    the VP form sqrt(a) x0 + sqrt(1 - a) noise of DDIM/DDPM/DPM is the same point). x0: unscaled-by-sigma latents,
-    i.e. vae posterior mean * scaling_factor."""
-    s = float(schedule.sigmas[0])
-    if math.isinf(s):
-        return noise.clone()
-    return x0 + noise * s
-
-
-def output_latents(x: torch.Tensor, schedule: Schedule) -> torch.Tensor:
-    """The latents diffusers hands to the VAE (before / scaling_factor): x_vp at the final level. That is x itself
-    for samplers ending at sigma 0; DDIM with set_alpha_to_one=False ends at sigma(alphas_cumprod[0]) and
-    diffusers decodes those (slightly noisy) VP latents, not x0."""
-    s = float(schedule.sigmas[-1])
-    return x if s == 0 else x / math.sqrt(1 + s * s)
-
-
-def blend_known_region(x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, schedule: Schedule) -> Callable:
-    """Callback for 4-channel-UNet inpainting, as diffusers' StableDiffusionInpaintPipeline: after each step keep
-    x where mask = 1 (repaint) and put back the known latents x0 noised to the new level with the initial `noise`
-    (clean x0 after the last step). mask: (B, 1, h, w) at latent size, 1 = repaint.
-    Heun differs slightly from diffusers, which also blends its intermediate (predictor) point."""
-    n = schedule.num_steps
-
-    def callback(i, x, sigma, sigma_next, denoised):
-        if i == n - 1:  # VP x0 at the final level (sigma 0 except DDIM's sigma(alphas_cumprod[0]))
-            known = x0 * math.sqrt(1 + sigma_next**2)
-        else:
-            known = x0 + noise * sigma_next
-        return (1 - mask) * known + mask * x
-    return callback

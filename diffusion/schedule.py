@@ -136,7 +136,7 @@ class Schedule:
     at: 0, or sigma(alphas_cumprod[0]) ~ 0.029 for DDIM with set_alpha_to_one=False.
 
     sigmas[0] may be inf (DDIM/DDPM with zero terminal SNR); the state at sigma = inf is held as VP latents (see
-    samplers.initial_latents). `init_noise_sigma` is the VE scale diffusers' txt2img gives unit noise.
+    latents.initial_latents). `init_noise_sigma` is the VE scale diffusers' txt2img gives unit noise.
     """
     sampler: str
     sigmas: torch.Tensor           # (N+1,) float32

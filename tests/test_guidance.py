@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from backdrop.diffusion.guidance import CFGDenoiser, Denoiser, rescale_noise_cfg
-from backdrop.diffusion.samplers import (blend_known_region, default_noise_sampler, initial_latents, noised_latents,
-                                         output_latents, per_item_randn, sample)
+from backdrop.diffusion.latents import (blend_known_region, default_noise_sampler, initial_latents, noised_latents,
+                                        output_latents, per_item_randn)
+from backdrop.diffusion.samplers import sample
 from backdrop.diffusion.schedule import RECIPES, build_schedule
 
 from scheduler_refs import diffusers_scheduler

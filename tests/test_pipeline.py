@@ -19,7 +19,7 @@ from PIL import Image
 
 from backdrop.diffusion import masks as M
 from backdrop.diffusion.pipeline import Output, Pipeline
-from backdrop.diffusion.samplers import per_item_randn
+from backdrop.diffusion.latents import per_item_randn
 from backdrop.diffusion.schedule import build_schedule
 from backdrop.export.backends import TorchBackend
 from backdrop.nn.checkpoint import init_model, save_model
@@ -245,7 +245,7 @@ def test_paste_back_keeps_kept_pixels_bit_identical(models, model, crop_padding,
 
 def test_four_channel_loop_keeps_the_known_region(models):
     """After every step the known latents (latent mask 0) are the image latents noised to the next level with the
-    item's own initial noise, and clean image latents at the end (samplers.blend_known_region)."""
+    item's own initial noise, and clean image latents at the end (latents.blend_known_region)."""
     pipe = models["sd1"].pipe
     img, mask, seed, steps = images(1, seed=5), rect_masks(1, seed=5, soft=False), 21, 5
     seen = []

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from backdrop.diffusion.guidance import Denoiser
-from backdrop.diffusion.samplers import (SAMPLERS, SamplingInterrupted, default_noise_sampler, initial_latents,
-                                         noised_latents, output_latents, per_item_randn, sample, sample_euler)
+from backdrop.diffusion.latents import (default_noise_sampler, initial_latents, noised_latents, output_latents,
+                                        per_item_randn)
+from backdrop.diffusion.samplers import SAMPLERS, SamplingInterrupted, sample, sample_euler
 from backdrop.diffusion.schedule import RECIPES, alphas_cumprod, build_schedule
 
 from scheduler_refs import diffusers_scheduler, sched_config

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..diffusion.samplers import host_to_device
+from ..diffusion.latents import host_to_device
 from . import checkpointing as ckpt
 
 __all__ = ["TrainConfig", "ConfigError", "Stage", "Trainer", "EMA", "lr_at"]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ...diffusion.samplers import host_to_device
+from ...diffusion.latents import host_to_device
 from ...nn.checkpoint import CheckpointError, Model, load_model
 from ...nn.clip import CLIP, clip_preprocess
 from ...nn.config import VisionConfig

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...diffusion.samplers import host_to_device
+from ...diffusion.latents import host_to_device
 from ...diffusion.schedule import alphas_cumprod
 from ...nn.checkpoint import Model, save_model
 from ...nn.config import PREDICTION_TYPES, ModelConfig

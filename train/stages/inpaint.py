@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ...diffusion import masks as M
-from ...diffusion.samplers import host_to_device
+from ...diffusion.latents import host_to_device
 from ...nn.checkpoint import Model
 from ...nn.unet import UNet
 from ..data import inpaint_mask_with_kind, random_mask

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...diffusion.samplers import host_to_device
+from ...diffusion.latents import host_to_device
 from ...nn.checkpoint import Model
 from ...nn.vae import VAE
 from ..data import inpaint_mask
