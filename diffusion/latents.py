@@ -84,7 +84,7 @@ def blend_known_region(x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor
     """Callback for 4-channel-UNet inpainting, as diffusers' StableDiffusionInpaintPipeline: after each step keep
     x where mask = 1 (repaint) and put back the known latents x0 noised to the new level with the initial `noise`
     (clean x0 after the last step). mask: (B, 1, h, w) at latent size, 1 = repaint.
-    Heun differs slightly from diffusers, which also blends its intermediate (predictor) point."""
+    Heun and PNDM differ slightly from diffusers, which also blends their intermediate (predictor) point."""
     n = schedule.num_steps
 
     def callback(i, x, sigma, sigma_next, denoised):

@@ -15,6 +15,7 @@ its name (tests/test_samplers.py runs both loops on the same model and noise):
   unipc        UniPCMultistepScheduler bh2, order 2, with the UniC corrector  Zhao et al. 2023, arXiv:2302.04867
   ...-karras   the same with use_karras_sigmas (rho 7)
   lcm          LCMScheduler, for LCM-distilled weights (an LCM-LoRA)         Luo et al. 2023, arXiv:2310.04378
+  pndm         PNDMScheduler with skip_prk_steps (PLMS; SD's own config)     Liu et al. 2022, arXiv:2202.09778
 
 Randomness only comes from `noise_sampler(sigma, sigma_next) -> tensor like x`; latents.default_noise_sampler(x, gens)
 draws each item from its own torch.Generator, as diffusers' randn_tensor does with a list of generators, so seed s
@@ -336,6 +337,53 @@ def sample_lcm(model, x, sigmas, *, timesteps, extra_args=None, callback=None, n
     return x
 
 
+# Adams-Bashforth weights of the last 1-4 model outputs, newest first (Liu et al. 2022 eq. 12 and its lower orders)
+_PLMS_WEIGHTS = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+
+
+@torch.no_grad()
+def sample_pndm(model, x, sigmas, *, sigmas_to, sigma_redo=None, prediction_type="epsilon", extra_args=None,
+                callback=None, noise_sampler=None, disable=None, interrupt=None):
+    """PLMS, the pseudo linear multistep method of Liu et al. 2022 (arXiv:2202.09778) that SD samples with: diffusers'
+    PNDMScheduler with skip_prk_steps=True. Each step is a DDIM step along an Adams-Bashforth mix of the model's
+    last outputs (up to 4). The first step is second order instead: a DDIM step, a model call where it lands, then
+    the step again from the start along the mean of the two outputs; so N steps make N + 1 model calls.
+
+    The outputs are mixed as the UNet gives them, eps or v (`prediction_type`), as diffusers does: a mix of v's is
+    not the mix of their eps's. Steps land on `sigmas_to` (t - T // N) as DDIM's do. `sigma_redo` is where the
+    first step's second pass starts (diffusers: the second timestep + T // N, the first one with leading spacing)."""
+    extra_args = extra_args or {}
+    sig, to = sigmas.tolist(), sigmas_to.tolist()
+    v = prediction_type == "v_prediction"
+
+    def output(x, s, denoised):  # the UNet's own output at level s, from the denoiser's x0
+        eps = (x - denoised) / s
+        return (eps - s * denoised) / math.sqrt(1 + s * s) if v else eps
+
+    def step(x, s, s_to, out):  # DDIM from s to s_to along `out` (x0 + s_to * eps in VE)
+        eps = out / math.sqrt(1 + s * s) + x * (s / (1 + s * s)) if v else out
+        return x + (s_to - s) * eps
+
+    def relabel(x, s_from, s):  # the same VP latents read at level s
+        return x * (math.sqrt(1 + s * s) / math.sqrt(1 + s_from * s_from))
+
+    outs = []
+    for i in _progress(len(sig) - 1, disable, interrupt):
+        s, s_to, s_next = sig[i], to[i], sig[i + 1]
+        denoised = model(x, s, **extra_args)
+        outs = [output(x, s, denoised)] + outs[:3]
+        mixed = sum(w * o for w, o in zip(_PLMS_WEIGHTS[len(outs) - 1], outs))
+        x_new = step(x, s, s_to, mixed)
+        if i == 0 and len(sig) > 2:  # second pass: mean of both outputs, from the start again, to sigmas[1]
+            x_new = relabel(x_new, s_to, s_next)
+            second = output(x_new, s_next, model(x_new, s_next, **extra_args))
+            x_new = step(relabel(x, s, sigma_redo), sigma_redo, s_next, (outs[0] + second) / 2)
+        elif s_to != s_next:
+            x_new = relabel(x_new, s_to, s_next)
+        x = _after_step(callback, i, x_new, s, s_next, denoised)
+    return x
+
+
 # --------------------------------------------------------------------------------------------------- registry
 
 @dataclass(frozen=True)
@@ -370,6 +418,7 @@ SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
     SamplerSpec("unipc", sample_unipc, False),
     SamplerSpec("unipc-karras", sample_unipc, False),
     SamplerSpec("lcm", sample_lcm, True),
+    SamplerSpec("pndm", sample_pndm, False),
 )}
 
 
@@ -398,5 +447,11 @@ def sample(model, x: torch.Tensor, schedule: Schedule, *, extra_args=None, callb
         options["sigmas_to"] = schedule.sigmas_to
     if schedule.sampler == "lcm":
         options["timesteps"] = schedule.timesteps
+    if schedule.sampler == "pndm":
+        if getattr(model, "prediction_type", None) is None:
+            raise ValueError("pndm mixes the UNet's own outputs, so the model must say its prediction_type (as "
+                             "guidance.Denoiser does)")
+        redo = (schedule.sigma_at(int(schedule.timesteps[1]) + schedule.stride) if schedule.num_steps > 1 else None)
+        options.update(sigmas_to=schedule.sigmas_to, sigma_redo=redo, prediction_type=model.prediction_type)
     return spec.fn(model, x, schedule.sigmas, extra_args=extra_args, callback=callback, noise_sampler=noise_sampler,
                    disable=disable, interrupt=interrupt, **options)

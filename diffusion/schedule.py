@@ -36,7 +36,7 @@ class Recipe:
     scheduler: str            # the diffusers class reproduced (tests compare against it)
     spacing: str              # that class's default timestep_spacing in diffusers 0.42
     order: int                # its `order`: img2img's get_timesteps slices timesteps[t_start * order:]
-    family: str               # "ddim" | "ddpm" | "k" (Euler/Heun: fractional timesteps) | "dpm" | "lcm"
+    family: str               # "ddim" (DDIM, PNDM) | "ddpm" | "k" (Euler/Heun: fractional timesteps) | "dpm" | "lcm"
     karras: bool = False      # use_karras_sigmas (rho = 7)
     zero_snr: bool = True     # whether the class supports rescale_betas_zero_snr
     clip_sample: bool = False  # whether the class has a clip_sample option (which we refuse: see build_schedule)
@@ -55,6 +55,9 @@ RECIPES: dict[str, Recipe] = {
     "unipc": Recipe("UniPCMultistepScheduler", "linspace", 1, "dpm"),
     "unipc-karras": Recipe("UniPCMultistepScheduler", "linspace", 1, "dpm", karras=True),
     "lcm": Recipe("LCMScheduler", "leading", 1, "lcm", clip_sample=True),  # ignores timestep_spacing
+    # skip_prk_steps=True, as SD's own scheduler_config.json; the scheduler's list repeats its second timestep (the
+    # first step's second model call), our Schedule lists it once: the pndm sampler makes that call itself
+    "pndm": Recipe("PNDMScheduler", "leading", 1, "ddim", zero_snr=False),
 }
 # LCMScheduler's original_inference_steps: consistency distillation (Luo et al. 2023) trains on 50 evenly spaced
 # timesteps, 19, 39, ..., 999; LCM sampling takes its steps from among them, so it runs at most 50.
@@ -145,6 +148,7 @@ class Schedule:
     init_noise_sigma: float        # txt2img: x = noise * init_noise_sigma (VE)
     alphas_cumprod: torch.Tensor   # (T,) float32 the timestep fallback interpolates over (patched as the class does)
     order: int                     # diffusers' scheduler.order (Heun: 2)
+    stride: int                    # T // N: how far diffusers' DDIM and PNDM steps go back (t -> t - stride)
     start: int = 0                 # index of sigmas[0] in the full schedule (img2img sub-schedules start later)
 
     def __post_init__(self):
@@ -164,6 +168,11 @@ class Schedule:
     @cached_property
     def _log_sigmas(self) -> np.ndarray:
         return np.log(((1 - self.alphas_cumprod) / self.alphas_cumprod).numpy() ** 0.5)
+
+    def sigma_at(self, t: int) -> float:
+        """The sigma of integral training timestep t, float32 as build_schedule computes them."""
+        a = self.alphas_cumprod[t]
+        return float(((1 - a) / a) ** 0.5)
 
     def timestep(self, sigma: float) -> float:
         """The UNet timestep for a sigma: the one diffusers pairs with it when the sigma is one of ours (exact,
@@ -185,7 +194,7 @@ class Schedule:
             raise ValueError(f"img2img strength {strength} with {n} steps leaves no step to run "
                              f"(int({n} * {strength}) = 0); raise the strength or the step count")
         return Schedule(self.sampler, self.sigmas[t_start:], self.timesteps[t_start:], self.sigmas_to[t_start:],
-                        self.init_noise_sigma, self.alphas_cumprod, self.order, start=t_start)
+                        self.init_noise_sigma, self.alphas_cumprod, self.order, self.stride, start=t_start)
 
 
 def _spaced(spacing: str, n: int, cfg: SchedulerConfig, family: str) -> np.ndarray:
@@ -234,7 +243,7 @@ def build_schedule(sampler: str, steps: int, config: SchedulerConfig | None = No
                          f"so at most {LCM_ORIGINAL_STEPS}, got {steps} (LCM-LoRAs are made for 2 to 8)")
     spacing = cfg.timestep_spacing or r.spacing
     if r.family == "ddim" and spacing == "leading" and (steps - 1) * (big_t // steps) + cfg.steps_offset >= big_t:
-        raise ValueError(f"DDIM with leading spacing, steps_offset {cfg.steps_offset} and {steps} steps would use "
+        raise ValueError(f"{sampler} with leading spacing, steps_offset {cfg.steps_offset} and {steps} steps would use "
                          f"timestep >= num_train_timesteps {big_t}; use fewer steps")
 
     ac = alphas_cumprod(cfg, patch_zero_snr=r.family in ("k", "dpm"))
@@ -244,7 +253,7 @@ def build_schedule(sampler: str, steps: int, config: SchedulerConfig | None = No
 
     if r.family in ("ddim", "ddpm", "lcm"):
         sig = train_sigmas[ts].astype(np.float64)
-        if r.family == "ddim":  # DDIMScheduler.step: prev_timestep = t - T // N; below 0 -> final_alpha_cumprod
+        if r.family == "ddim":  # DDIM's and PNDM's step: prev_timestep = t - T // N; below 0 -> final_alpha_cumprod
             final = 0.0 if cfg.set_alpha_to_one else float(train_sigmas[0])
             prev = ts - big_t // steps
             to = np.where(prev >= 0, train_sigmas[np.maximum(prev, 0)], final)
@@ -280,4 +289,5 @@ def build_schedule(sampler: str, steps: int, config: SchedulerConfig | None = No
         init_noise_sigma=init,
         alphas_cumprod=ac,
         order=r.order,
+        stride=big_t // steps,
     )

@@ -15,6 +15,8 @@ def scheduler_options(name: str) -> dict:
     kw = {"use_karras_sigmas": True} if name.endswith("karras") else {}
     if name.startswith("dpmpp"):
         kw |= dict(algorithm_type="sde-dpmsolver++" if "sde" in name else "dpmsolver++", solver_order=2)
+    if name == "pndm":
+        kw["skip_prk_steps"] = True  # PLMS, as SD's scheduler_config.json sets
     return kw
 
 

@@ -193,7 +193,7 @@ def our_unet(unet):
 
 
 E2E = [("euler-a", "epsilon"), ("ddim", "v_prediction"), ("dpmpp-2m-karras", "v_prediction"), ("lcm", "epsilon"),
-       ("unipc", "v_prediction"), ("dpmpp-2m-sde", "epsilon"), ("heun", "v_prediction")]
+       ("unipc", "v_prediction"), ("dpmpp-2m-sde", "epsilon"), ("heun", "v_prediction"), ("pndm", "v_prediction")]
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,8 @@ def test_diffusers_reads_our_text_encoder_folder(models, ref):
 
 
 @pytest.mark.parametrize("model,sampler", [("sd1", "ddim"), ("sd1", "euler"), ("sd1", "dpmpp-2m"),
-                                           ("sd1", "unipc"), ("sd2", "euler"), ("sd2", "ddim"), ("sd2", "unipc")])
+                                           ("sd1", "unipc"), ("sd1", "pndm"), ("sd2", "euler"), ("sd2", "ddim"),
+                                           ("sd2", "unipc")])
 def test_generate_equals_diffusers(models, ref, model, sampler):
     """A batch of two prompts, guidance 7.5, the same initial latents; sd2 also checks v-prediction and that the
     folder's scheduler config (zero SNR, trailing spacing) is honoured as diffusers honours it."""
@@ -341,7 +342,7 @@ def test_text_is_encoded_once_per_distinct_prompt(models):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a host sync only exists with a GPU")
 @pytest.mark.parametrize("model,sampler,eta", [("sd1-inpaint", "dpmpp-2m", 0.0), ("sd1-inpaint", "euler-a", 0.0),
                                                ("sd1", "ddim", 0.5), ("sd1", "heun", 0.0), ("sd1", "unipc", 0.0),
-                                               ("sd1-inpaint", "lcm", 0.0)])
+                                               ("sd1-inpaint", "lcm", 0.0), ("sd1", "pndm", 0.0)])
 def test_cuda_sampling_steps_never_wait_for_the_gpu(models, model, sampler, eta):
     """From the end of the first step to the last, the sampling loop on CUDA only queues work (9-channel and
     4-channel inpainting with its per-step blend, deterministic and stochastic samplers, guidance): torch's sync

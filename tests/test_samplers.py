@@ -56,7 +56,14 @@ def diffusers_loop(name, n, cfg, pred, eta=0.0, strength=None, x0=None):
         lat = noise * sch.init_noise_sigma
     else:  # StableDiffusionImg2ImgPipeline.get_timesteps + prepare_latents
         t_start = n - min(int(n * strength), n)
-        timesteps = timesteps[t_start * sch.order:]
+        if name == "pndm" and t_start > 0:
+            # diffusers slices PNDM's list, whose second timestep is repeated for the first step's second model
+            # call, as if it had one entry per step: the sub-run then labels every later step one step too low.
+            # Ours starts at the strength's step, as a full run would: the oracle is PNDM stepping over that list.
+            t = timesteps[t_start + 1:]
+            timesteps = torch.cat([t[:2], t[1:]])
+        else:
+            timesteps = timesteps[t_start * sch.order:]
         if hasattr(sch, "set_begin_index"):
             sch.set_begin_index(t_start * sch.order)
         lat = sch.add_noise(x0, noise, timesteps[:1])

@@ -19,7 +19,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffuse
 
 
 def one_per_step(name, seq):
-    """diffusers' Heun repeats every timestep/sigma after the first (predictor, corrector); ours has one per step."""
+    """diffusers' Heun repeats every timestep/sigma after the first (predictor, corrector), its PNDM the second
+    (the first step's second model call); ours has one per step."""
+    if name == "pndm":
+        return torch.cat([seq[:1], seq[2:]])
     return torch.cat([seq[:1], seq[1::2]]) if RECIPES[name].order == 2 else seq
 
 
@@ -75,11 +78,11 @@ def test_sigmas_and_timesteps_equal_diffusers(name):
             if family in ("k", "dpm"):
                 assert torch.equal(ours.sigmas, one_per_step(name, ref.sigmas).float()), where
                 assert torch.equal(ours.sigmas_to, ours.sigmas[1:]), where
-            else:  # DDIM/DDPM keep alphas_cumprod: sigma = sqrt((1 - a) / a) at each timestep
-                ac = ref.alphas_cumprod[ref.timesteps]
+            else:  # DDIM/DDPM/PNDM keep alphas_cumprod: sigma = sqrt((1 - a) / a) at each timestep
+                ac = ref.alphas_cumprod[one_per_step(name, ref.timesteps)]
                 assert torch.equal(ours.sigmas[:-1], ((1 - ac) / ac) ** 0.5), where
             if family == "ddim":  # lands on t - T // N; below 0 on final_alpha_cumprod (alphas_cumprod[0] for SD)
-                prev = ref.timesteps - 1000 // n
+                prev = one_per_step(name, ref.timesteps) - 1000 // n
                 a_prev = torch.where(prev >= 0, ref.alphas_cumprod[prev.clamp(min=0)], ref.final_alpha_cumprod)
                 assert torch.allclose(ours.sigmas_to, ((1 - a_prev) / a_prev) ** 0.5, rtol=1e-6), where
                 assert ours.sigmas[-1] == ours.sigmas_to[-1] > 0, where
@@ -130,7 +133,10 @@ def test_img2img_sub_schedule_equals_get_timesteps(name):
             ts, steps = StableDiffusionImg2ImgPipeline.get_timesteps(types.SimpleNamespace(scheduler=ref), n,
                                                                     strength, "cpu")
             sub = full.img2img(strength)
-            assert sub.num_steps == steps and torch.equal(sub.timesteps, one_per_step(name, ts).float())
+            # diffusers slices PNDM's list, whose 2nd entry repeats, one step early (see test_samplers); ours
+            # starts at the strength's step
+            want = one_per_step(name, ref.timesteps)[n - steps:] if name == "pndm" else one_per_step(name, ts)
+            assert sub.num_steps == steps and torch.equal(sub.timesteps, want.float())
             assert torch.equal(sub.sigmas, full.sigmas[sub.start:]) and sub.sigmas[-1] == full.sigmas[-1]
             if RECIPES[name].family in ("k", "dpm"):  # the sigma its add_noise/first step use (begin_index)
                 assert sub.sigmas[0] == ref.sigmas[ref.begin_index]
