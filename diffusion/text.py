@@ -17,7 +17,7 @@ import torch
 from backdrop.diffusion.batching import as_number
 from backdrop.nn.tokenizer import CONTEXT_LENGTH
 
-__all__ = ["check_clip_skip", "embed", "contexts"]
+__all__ = ["check_clip_skip", "clip_cut", "embed", "contexts"]
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +40,24 @@ def check_clip_skip(clip_skip, backend, instead: str = _SKIP_INSTEAD) -> int:
     return skip
 
 
+def clip_cut(tokenizer, text: str) -> tuple[str, str] | None:
+    """(kept, dropped) when `text` is over CLIP's 77 tokens (BOS and EOS included), else None: what the text encoder
+    reads and what it never sees, decoded from the tokens (so in the tokenizer's normal form: lower case, single
+    spaces)."""
+    ids = tokenizer.encode(text)  # BOS ... EOS, uncut
+    if len(ids) <= CONTEXT_LENGTH:
+        return None
+    return tokenizer.decode(ids[1:CONTEXT_LENGTH - 1]), tokenizer.decode(ids[CONTEXT_LENGTH - 1:-1])
+
+
 def embed(backend, texts: list[str], clip_skip: int = 0) -> torch.Tensor:
     """(U, 77, C) float32 in one text encoder call; a text over CLIP's 77 tokens is cut there, with a warning.
     clip_skip: checked by check_clip_skip."""
     tok = backend.tokenizer
     for t in texts:
-        ids = tok.encode(t)  # BOS ... EOS, uncut
-        if len(ids) > CONTEXT_LENGTH:
-            log.warning("prompt cut to CLIP's %d tokens; dropped: %r", CONTEXT_LENGTH,
-                        tok.decode(ids[CONTEXT_LENGTH - 1:-1]))
+        cut = clip_cut(tok, t)
+        if cut:
+            log.warning("prompt cut to CLIP's %d tokens; dropped: %r", CONTEXT_LENGTH, cut[1])
     ids = tok(texts)  # (U, 77)
     if not clip_skip:
         return backend.encode_text(ids).float()

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from backdrop.diffusion.pipeline import Pipeline, SamplingInterrupted
+from backdrop.diffusion.text import clip_cut
 from backdrop.nn.checkpoint import save_model
 from backdrop.nn.resolve import default_dtype, parse_dtype, resolve_model, unet_width
 
@@ -231,6 +232,12 @@ def test_prompts_over_77_tokens_are_cut_with_a_warning(models, caplog):
     cut = pipe.generate([" ".join(["red"] * 75), "short"], steps=1, seed=0, progress=False,
                         output_type="latent").images
     assert torch.equal(a, cut)  # what is kept is exactly the first 75 tokens
+    # clip_cut says what is kept (the server's revised_prompt) in the tokenizer's normal form
+    tok = pipe.backend.tokenizer
+    assert clip_cut(tok, "A  Red mug") is None and clip_cut(tok, " ".join(["red"] * 75)) is None
+    kept, dropped = clip_cut(tok, long.upper().replace(" ", "  "))
+    assert (kept, dropped) == (" ".join(["red"] * 75), "ceramic mug")
+    assert torch.equal(tok([kept]), tok([long]))
 
 
 def test_to_casts_in_place_like_loading_in_that_dtype(models):
