@@ -141,25 +141,44 @@ def _dashed(args: list[str]) -> list[str]:
     return out
 
 
+_NUMBER = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|inf|nan)"
+
+
 def _as_typed(message: str, names: dict[str, str], argv: list[str]) -> str:
     """`message` with each option named as the user typed it: errors name an option by its first name (--steps),
     the user may have given an alias (--num-inference-steps), diffusers' spelling (--num_inference_steps) or an
-    abbreviation argparse took (--num-inf). Given twice, the last spelling names it, as its value is the last."""
-    typed: dict[str, str] = {}  # our name -> the user's last spelling of it
-    for arg in argv:
+    abbreviation argparse took (--num-inf). Given twice, the last spelling names it, as its value is the last.
+    A number after the option's name is shown as typed too (`--strength -1`, not the parsed -1.0)."""
+    typed: dict[str, tuple[str, str | None]] = {}  # our name -> the user's last spelling of it, and its value
+    for i, arg in enumerate(argv):
         if arg == "--":
             break
-        spelled = arg.partition("=")[0]
+        spelled, eq, value = arg.partition("=")
         if not _OPTION.fullmatch(spelled):
             continue
         dashed = spelled.replace("_", "-")
         ours = names.get(dashed) or _abbreviated(dashed, names)
         if ours is not None:
-            typed[ours] = spelled
-    for ours, spelled in typed.items():
+            typed[ours] = spelled, (value if eq else argv[i + 1] if i + 1 < len(argv) else None)
+    for ours, (spelled, value) in typed.items():
+        if value is not None:
+            message = re.sub(re.escape(ours) + f" ({_NUMBER})(?![\\w.])",
+                             lambda m: f"{ours} {value}" if _same_number(m[1], value) else m[0], message)
         if spelled != ours:
             message = re.sub(re.escape(ours) + r"(?![\w-])", spelled, message)
     return message
+
+
+def as_typed(message: str, args: argparse.Namespace) -> str:
+    """`message` with the options of this command line (and the numbers after them) named as the user typed them."""
+    return _as_typed(message, args.option_names, _Parser.typed)
+
+
+def _same_number(shown: str, typed: str) -> bool:
+    try:
+        return float(shown) == float(typed)
+    except ValueError:
+        return False
 
 
 def _abbreviated(prefix: str, names: dict[str, str]) -> str | None:
@@ -274,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CLIError as e:
-        print(f"{args.prog}: error: {_as_typed(str(e), args.option_names, _Parser.typed)}", file=sys.stderr)
+        print(f"{args.prog}: error: {as_typed(str(e), args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

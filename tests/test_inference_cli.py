@@ -199,8 +199,10 @@ def test_inpaint_all_black_mask_writes_the_input(files, capsys, tmp_path):
     (["generate", "--out", "{root}/product.png"], "product.png: cannot create the folder"),
     (["generate", "--out", ""], "--out is empty: give a folder"),  # an unset shell variable, not the cwd
     (["inpaint", "{root}/product.png", "--mask", "{root}/black.png", "--mask-threshold", "0"],
-     "--mask-threshold 0.0 must be in (0, 1]"),
-    (["generate", "--guidance-rescale", "2"], "--guidance-rescale 2.0 must be in [0, 1]"),
+     "--mask-threshold 0 must be in (0, 1]"),  # numbers as typed, not as parsed (0.0)
+    (["generate", "--guidance-rescale", "2"], "--guidance-rescale 2 must be in [0, 1]"),
+    (["img2img", "{root}/product.png", "--strength=-1"], "--strength -1 must be in (0, 1]"),
+    (["generate", "--guidance_scale", "-2.50"], "--guidance_scale -2.50 must be finite and >= 0"),
     (["inpaint", "{root}/product.png", "--mask", "{root}/black.png", "--mask-dilate", "-1"],
      "--mask-dilate -1 must be >= 0"),
     (["generate", "--model", "no-such-model"], "not a built-in model (built-in:"),

@@ -109,15 +109,15 @@ def test_bad_data_spec_exits_2_with_one_line(tmp_path):
     (["pretrain", "--data", "synthetic:4", "--ema-decay", "0", "--use-ema"], "--use-ema with --ema-decay 0"),
     (["pretrain", "--data", "synthetic:4", "--keep-last", "-1"], "--keep-last -1"),
     (["pretrain", "--data", "synthetic:4", "--warmup", "-2"], "--warmup -2"),
-    (["pretrain", "--data", "synthetic:4", "--learning_rate", "-1"], "--learning_rate -1.0: must be > 0"),
-    (["pretrain", "--data", "synthetic:4", "--caption-dropout", "2"], "--caption-dropout 2.0"),
+    (["pretrain", "--data", "synthetic:4", "--learning_rate", "-1"], "--learning_rate -1: must be > 0"),
+    (["pretrain", "--data", "synthetic:4", "--caption-dropout", "2"], "--caption-dropout 2"),
     (["pretrain", "--data", "synthetic:4", "--device", "gpu7"], "--device 'gpu7'"),
     (["cache", "--data", "synthetic:4", "--size", "30"], "--size 30"),  # a cache no stage could train on
     (["clip", "--data", "synthetic:4", "--vision-width", "0"], "--vision-width 0: must be >= 1"),
     (["inpaint", "--data", "synthetic:4", "--masks", "product", "--product-prob", "1.5"],
      "--product-prob 1.5: must be in [0, 1]"),
     (["inpaint", "--data", "synthetic:4", "--product-prob", "0.5"], "applies with --masks product only"),
-    (["vae", "--data", "synthetic:4", "--kl-weight", "-1"], "--kl-weight -1.0: must be >= 0"),
+    (["vae", "--data", "synthetic:4", "--kl-weight", "-1"], "--kl-weight -1: must be >= 0"),
     (["clip", "--data", "synthetic:4", "--size", "32", "--vision-patch", "5"], "--vision-patch 5 at --size 32"),
 ])
 def test_user_errors_are_one_line(args, message, tmp_path, capsys):
@@ -182,10 +182,10 @@ def test_resume_refuses_another_stage_and_names_changed_options(runs, tmp_path, 
     assert (args["ema_decay"], args["precision"], "use_ema" in args) == (0.9999, "fp32", False), args
     assert any(k.startswith("ema.") for k in safe_open(next((pre / "checkpoints").iterdir()) / "state.safetensors",
                                                         "pt").keys())
-    assert run("pretrain", "--out", pre, "--resume", "latest", "--data", "synthetic:4", "--steps", 2, "--lr", 0.01,
-               "--ema-decay", 0.9999, *FAST) == 0  # the same run as --use-ema --mixed-precision no: no warning
-    warning = capsys.readouterr().err
-    assert "--lr 0.01 (was 0.0001)" in warning and "--steps 2 (was 1)" in warning, warning
+    assert run("pretrain", "--out", pre, "--resume", "latest", "--data", "synthetic:4", "--max_train_steps", 2,
+               "--learning-rate", "1e-2", "--ema-decay", 0.9999, *FAST) == 0  # the same run as --use-ema
+    warning = capsys.readouterr().err  # (--mixed-precision no): no warning about those; options named as typed
+    assert "--learning-rate 1e-2 (was 0.0001)" in warning and "--max_train_steps 2 (was 1)" in warning, warning
     assert "ema" not in warning and "precision" not in warning, warning
     assert run("pretrain", "--out", pre, "--resume", pre, "--data", "synthetic:4", "--steps", 1, *FAST) == 2
     assert "past this run's last step 1" in capsys.readouterr().err

@@ -25,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from backdrop.cli import CLIError, make_folder, one_line, parse_device
+from backdrop.cli import CLIError, as_typed, make_folder, one_line, parse_device
 from backdrop.train.diffusers_options import ALWAYS_SO, DIFFUSERS_INSTEAD, AlwaysSo, Instead, resolve_aliases
 
 __all__ = ["add_parser"]
@@ -418,8 +418,8 @@ def _trainer(args, name: str, out: Path, cfg, options, resume: Path | None, rank
             tensors, meta = checkpointing.load_checkpoint(resume)
             changed = run_folder.changed_options(meta.get("run"), run, resume)
             if changed and rank == 0:  # before load_state, whose refusal the change may explain
-                print(f"warning: resuming {resume} with options other than its run's: {'; '.join(changed)}",
-                      file=sys.stderr)
+                print(f"warning: resuming {resume} with options other than its run's: "
+                      f"{as_typed('; '.join(changed), args)}", file=sys.stderr)
             trainer.load_state(tensors, meta)
         except (ValueError, KeyError) as e:  # KeyError: a meta.json without a field every checkpoint has
             raise _named("--resume", resume, e) from None
