@@ -135,7 +135,7 @@ def _check_mask(mask, name: str = "mask") -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- conventions
 
 def to_repaint_mask(mask=None, product_mask=None, image=None, *, threshold: float | None = None,
-                    size: tuple[int, int] | None = None) -> torch.Tensor:
+                    size: tuple[int, int] | None = None, label: str | None = None) -> torch.Tensor:
     """Normalise any mask convention to float32 (B, 1, H, W) in [0, 1], 1 = repaint. Give exactly one of:
 
     mask          Stable Diffusion: white = repaint.
@@ -148,17 +148,19 @@ def to_repaint_mask(mask=None, product_mask=None, image=None, *, threshold: floa
     (H, W) / (C, H, W) / (B, C, H, W) tensor, uint8, bool or float in [0, 1], or a list of those; colour masks
     are read by their luma like diffusers. Inversion happens in the input's own domain (255 - v for uint8), so the
     three conventions give bit-identical masks. `threshold` binarises (>= threshold is repaint, as diffusers).
-    `size` (H, W) is checked against the mask size. A mask with nothing to repaint is an error.
+    `size` (H, W) is checked against the mask size. A mask with nothing to repaint is an error. Errors name the
+    argument given, or `label` (what the caller's user calls it, e.g. a server's form field).
     """
     given = [(k, v) for k, v in (("mask", mask), ("product_mask", product_mask), ("image", image)) if v is not None]
     if len(given) != 1:
         raise ValueError("to_repaint_mask: give exactly one of mask= (white = repaint), product_mask= (white ="
                          f" keep) or image= (alpha 0 = repaint); got {[k for k, _ in given] or 'none'}")
-    name, value = given[0]
+    kind, value = given[0]
+    name = label or kind
     arrays = []
     for i, item in enumerate(items(value, name)):
-        a = _mask_item(item, f"{name}[{i}]", alpha=name == "image")
-        if name != "mask":
+        a = _mask_item(item, f"{name}[{i}]", alpha=kind == "image")
+        if kind != "mask":
             a = 255 - a if a.dtype == np.uint8 else 1.0 - a
         arrays.append(a)
     _same_size([a.shape for a in arrays], name, size)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from backdrop.cli import CLIError, add_lora_option, add_textual_inversion_option, apply_model_options, parse_device
 from backdrop.diffusion.schedule import RECIPES
 
-__all__ = ["add_parser"]
+__all__ = ["add_parser", "model_id"]
 
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 
@@ -22,9 +23,11 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="serve a model over HTTP with OpenAI-compatible image endpoints",
         description="Serve MODEL over HTTP: POST /v1/images/edits and /v1/images/generations speak OpenAI's "
-                    "Images API (so the official openai client works against it), POST /v1/inpaint takes every "
-                    "inpainting option; /healthz, /readyz and /metrics (Prometheus) are for operators. Concurrent "
-                    "requests are grouped into batches on the accelerator (dynamic batching).",
+                    "Images API, so the official openai client's images.edit, images.generate and models.list / "
+                    "retrieve work against it (streaming, non-PNG output and transparent backgrounds are refused); "
+                    "POST /v1/inpaint takes every inpainting option; /healthz, /readyz and /metrics (Prometheus) "
+                    "are for operators. Concurrent requests are grouped into batches on the accelerator (dynamic "
+                    "batching).",
         epilog="example: backdrop serve ./my-model --port 8000 --max-batch-size 8; then "
                "OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='unused').images.edit(...)")
     p.add_argument("model", metavar="MODEL", help="a diffusers model folder, one .safetensors checkpoint, or a "
@@ -87,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--port {args.port} must be in [0, 65535]")
     try:
         engine_config = EngineConfig(args.max_batch_size, args.max_queue_delay_ms, args.max_queue,
-                                     args.request_timeout, model_name=str(args.model),
+                                     args.request_timeout, model_name=model_id(args.model),
                                      cpu_cache_mb=args.cpu_cache_mb, adaptive_delay=args.adaptive_delay)
         server_config = ServerConfig(steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
                                      clip_skip=args.clip_skip, max_body_bytes=int(args.max_body_mb * 2**20))
@@ -107,6 +110,16 @@ def _serve(args: argparse.Namespace) -> int:
           f"http://{args.host}:{args.port}/v1)", flush=True)
     run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def model_id(model: str) -> str:
+    """The model's id in /v1/models: a folder's name or a checkpoint file's stem, never the server's path; a
+    built-in model's name as given."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        return str(model)
+    path = path.resolve()  # "." and "./my-model/" have a name once resolved
+    return path.stem if path.is_file() else path.name
 
 
 def _load(args, engine_config):

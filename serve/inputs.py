@@ -5,8 +5,13 @@ before anything is queued. Every failure is an APIError naming the field (`param
 turns into OpenAI's {"error": {"message", "type", "param", "code"}} body. Images are checked from their header
 before any pixel is decoded: a 100-byte PNG may claim 10000 x 10000 pixels, and PIL's own decompression-bomb
 guard only warns below 2 x 89 M pixels, so our own limit (far lower) is what protects the server. Numbers and
-booleans in JSON must be JSON ones; multipart fields, strings by nature, hold decimal digits. Messages quote a
-client's value only as its first ECHO_CHARS characters (`shown`).
+booleans in JSON must be JSON ones; multipart fields, strings by nature, hold decimal digits (`form_int`) or
+true / false in any case (`form_bool`, as the openai client sends stream=false). Messages quote a client's value
+only as its first ECHO_CHARS characters (`shown`).
+
+OpenAI fields that change nothing here are accepted only with the values the openai client's types allow
+(EDIT_IGNORED, GENERATE_IGNORED: openai 3.54's image_edit_params.py / image_generate_params.py), and those that
+ask for what this server cannot do (streaming, JPEG, transparency) are refused with code UNSUPPORTED.
 """
 from __future__ import annotations
 
@@ -22,18 +27,30 @@ from starlette.responses import JSONResponse
 from backdrop.diffusion import masks as M
 from backdrop.nn.tokenizer import check_texts
 
-__all__ = ["APIError", "size_buckets", "decode_image", "repaint_mask", "number", "form_int", "seconds", "boolean",
-           "text", "choice", "check_fields", "b64decode", "shown", "clip", "IMAGE_FORMATS", "MIN_SIDE",
-           "MAX_PROMPT_CHARS", "MAX_STEPS", "MAX_SEED"]
+__all__ = ["APIError", "size_buckets", "decode_image", "repaint_mask", "require_edit_area", "number", "form_int",
+           "form_bool", "seconds", "boolean", "text", "choice", "check_fields", "b64decode", "shown", "clip",
+           "IMAGE_FORMATS", "MIN_SIDE", "MAX_PROMPT_CHARS", "MAX_STEPS", "MAX_SEED", "IDENTITY_IGNORED", "EDIT_IGNORED",
+           "GENERATE_IGNORED", "OPENAI_OUTPUT", "UNSUPPORTED"]
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")   # what OpenAI's edits accept; anything else PIL reads is refused
 MIN_SIDE = 16               # smaller images cannot be reflect-padded to the VAE's multiple of 8 (masks.py)
 MAX_PROMPT_CHARS = 4000     # CLIP reads 77 tokens anyway; this only bounds the tokenizer's work
 MAX_STEPS = 1000            # the training schedule's timesteps
 MAX_SEED = 2**63 - 1
-# accepted for client compatibility and ignored: one model, one quality here
-OPENAI_IGNORED = ("model", "user", "quality", "style", "moderation", "safety_identifier", "input_fidelity")
-OPENAI_CHECKED = ("background",)  # accepted by every endpoint when it asks for what we do anyway (check_fields)
+# OpenAI fields accepted and ignored -> the values allowed (None: any string). One model is served (model); users are
+# not tracked (user, safety_identifier); the server's --steps fixes the work per image (quality, complexity); the
+# model has no style or moderation setting; the product's pixels are always kept exactly (input_fidelity).
+IDENTITY_IGNORED = {"model": None, "user": None, "safety_identifier": None}
+COMPLEXITY = ("low", "medium", "high")
+EDIT_IGNORED = IDENTITY_IGNORED | {"quality": ("low", "medium", "high", "xhigh", "max", "auto", "standard"),
+                                   "input_fidelity": ("high", "low"), "complexity": COMPLEXITY}
+GENERATE_IGNORED = IDENTITY_IGNORED | {"quality": ("low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"),
+                                       "style": ("vivid", "natural"), "moderation": ("low", "auto"),
+                                       "complexity": COMPLEXITY}
+OPENAI_CHECKED = ("background", "output_format")  # every endpoint: accepted when asking for what we do anyway
+OPENAI_OUTPUT = ("output_compression", "stream", "partial_images")  # the OpenAI endpoints': checked the same way
+OPENAI_FORMATS = ("png", "webp", "jpeg", "gif", "svg")  # output_format's values in the openai client
+UNSUPPORTED = "unsupported_value"  # the code of a valid OpenAI value this server does not do
 ECHO_CHARS = 60             # error messages quote at most this much of a client's value (a prompt may be 1 MB)
 B64_SPACE = b" \t\n\r\v\f"  # base64 tools and MIME wrap lines (at 76 columns); the breaks are not data
 
@@ -99,14 +116,24 @@ def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
 
 def repaint_mask(kind: str, value: Image.Image, size: tuple[int, int], param: str) -> Image.Image:
     """Any mask convention (masks.to_repaint_mask) -> mode "L", white = repaint, the same pixels exactly
-    (the float mask holds uint8 / 255), so every request of a batch uses the Pipeline's `mask=` form."""
+    (the float mask holds uint8 / 255), so every request of a batch uses the Pipeline's `mask=` form. An empty mask
+    is all black: the Pipeline returns the input unchanged (/v1/inpaint); edits refuse it (require_edit_area)."""
     try:
-        m = M.to_repaint_mask(**{kind: value}, size=size)  # (1, 1, H, W)
+        m = M.to_repaint_mask(**{kind: value}, size=size, label=param)  # (1, 1, H, W)
     except ValueError as e:
-        if "nothing to repaint" in str(e):  # allowed: the Pipeline returns the input unchanged
+        if "nothing to repaint" in str(e):
             return Image.new("L", (size[1], size[0]), 0)
-        raise APIError(400, f"{param}: {e}", param=param, code="invalid_mask") from None
+        raise APIError(400, str(e), param=param, code="invalid_mask") from None
     return Image.fromarray((m[0, 0].numpy() * 255).round().astype(np.uint8), "L")
+
+
+def require_edit_area(repaint: Image.Image, param: str) -> None:
+    """OpenAI edits repaint the fully transparent pixels (alpha 0) of the mask, or of the image without one: a
+    `param` with none of them marks nothing to edit, and its edit would return the input unchanged."""
+    if repaint.getextrema()[1] < 255:  # white = alpha 0
+        raise APIError(400, f"{param} has no fully transparent pixel (alpha 0), so nothing marks what to edit: make "
+                       "the pixels to repaint transparent" + (", or send a mask" if param == "image" else ""),
+                       param=param, code="invalid_image" if param == "image" else "invalid_mask")
 
 
 def number(value, name: str, lo, hi, default, kind=float):
@@ -165,6 +192,16 @@ def boolean(value, name: str, default: bool) -> bool:
     raise APIError(400, f"{name} must be true or false, got {shown(value)}", param=name, code="invalid_value")
 
 
+def form_bool(value, name: str) -> bool | None:
+    """A multipart form field holding a boolean: true or false in any case (the openai client sends stream=false).
+    None if absent."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise APIError(400, f"{name} must be true or false, got {shown(value)}", param=name, code="invalid_value")
+
+
 def text(value, name: str, required: bool = False) -> str:
     if value is None and not required:
         return ""
@@ -190,16 +227,56 @@ def choice(value, name: str, choices, default):
     return value
 
 
-def check_fields(fields: dict, allowed) -> None:
+def check_fields(fields: dict, allowed, ignored: dict = IDENTITY_IGNORED, form: bool = False) -> None:
+    """Refuse unknown fields, ignored fields with values OpenAI's client would not send, and OpenAI values asking for
+    what this server cannot do. `form`: multipart fields (strings by nature)."""
     for name in fields:
-        if name not in allowed and name not in OPENAI_IGNORED + OPENAI_CHECKED:
+        if name not in allowed and name not in ignored and name not in OPENAI_CHECKED:
             raise APIError(400, f"unknown parameter {shown(name)}", param=clip(name), code="unknown_parameter")
-    choice(fields.get("output_format"), "output_format", ("png",), "png")
-    if boolean(fields.get("stream"), "stream", False):
-        raise APIError(400, "stream: streaming partial images is not supported", param="stream")
+    for name, values in ignored.items():
+        _ignored_value(fields.get(name), name, values)
+    _check_output(fields, form)
+    _check_streaming(fields, form)
+
+
+def _ignored_value(value, name: str, values) -> None:
+    if value is None:
+        return
+    if values is None and not isinstance(value, str):
+        raise APIError(400, f"{name} must be a string, got {shown(value)}", param=name, code="invalid_value")
+    if values is not None:
+        choice(value, name, values, None)
+
+
+def _check_output(fields: dict, form: bool) -> None:
+    """PNG, opaque: background auto / opaque, output_format png, output_compression 100 (PNG is lossless)."""
+    fmt = fields.get("output_format")
+    if fmt is not None and fmt != "png":
+        raise APIError(400, f"output_format {shown(fmt)} is not supported: this server returns PNG (send png or leave "
+                       "it out)", param="output_format", code=UNSUPPORTED if fmt in OPENAI_FORMATS else "invalid_value")
     if choice(fields.get("background"), "background", ("auto", "opaque", "transparent"), "auto") == "transparent":
         raise APIError(400, "background: transparent is not supported; images come back as opaque PNGs (send "
-                       "auto or opaque, or leave it out)", param="background", code="invalid_value")
+                       "auto or opaque, or leave it out)", param="background", code=UNSUPPORTED)
+    compression = _integer(fields.get("output_compression"), "output_compression", form)
+    if number(compression, "output_compression", 0, 100, 100, int) != 100:
+        raise APIError(400, "output_compression applies to jpeg and webp output; this server returns PNG, which is "
+                       "lossless (send 100 or leave it out)", param="output_compression", code=UNSUPPORTED)
+
+
+def _check_streaming(fields: dict, form: bool) -> None:
+    stream = fields.get("stream")
+    if boolean(form_bool(stream, "stream") if form else stream, "stream", False):
+        raise APIError(400, "streaming is not supported: send stream=false or leave it out", param="stream",
+                       code=UNSUPPORTED)
+    partial = _integer(fields.get("partial_images"), "partial_images", form)
+    if number(partial, "partial_images", 0, 3, 0, int):  # OpenAI's range; 0 is one image, as here
+        raise APIError(400, "streaming (partial_images) is not supported: send 0 or leave it out",
+                       param="partial_images", code=UNSUPPORTED)
+
+
+def _integer(value, name: str, form: bool):
+    """A form field's digits as an int (multipart); JSON values as they are, for number() to check."""
+    return form_int(value, name) if form else value
 
 
 def b64decode(value, name: str) -> bytes:

@@ -1,27 +1,34 @@
 """The HTTP server: OpenAI-compatible image endpoints over the batching Engine (serve/engine.py).
 
     POST /v1/images/edits         multipart, as OpenAI's Images API: image, optional mask, prompt, n, size,
-                                  response_format (b64_json | url), model and user accepted (one model is served)
-    POST /v1/images/generations   JSON, as OpenAI's Images API
+                                  response_format (b64_json | url); OpenAI's other fields are checked, then ignored
+                                  (inputs.EDIT_IGNORED) or refused when they ask for streaming, non-PNG output or
+                                  transparency
+    POST /v1/images/generations   JSON, as OpenAI's Images API (ignored: inputs.GENERATE_IGNORED)
     POST /v1/inpaint              JSON, every Pipeline.inpaint option; images as base64 PNG/JPEG/WebP
     GET  /v1/files/<id>.png       the images of `response_format: "url"` responses (kept in memory, see FileStore)
-    GET  /v1/models, /healthz (process up), /readyz (model loaded and warmed up), /metrics (Prometheus text)
+    GET  /v1/models, /v1/models/<id>   the one model served, as OpenAI's Model objects
+    GET  /healthz (process up), /readyz (model loaded and warmed up), /metrics (Prometheus text)
 
 Conventions. Edits follow OpenAI: alpha 0 in the mask PNG (or, without a mask, in the image itself) marks what
 to repaint, so an RGBA product cut-out gets a new backdrop and its opaque pixels come back bit-identical
 (diffusion/crop_paste.py). Extensions, ignored by OpenAI clients: `seed` (request field; item j gets seed + j) and
-`negative_prompt`; every returned image carries its `seed`. response_format defaults to b64_json (gpt-image's
-behaviour); "url" answers with http URLs served by this server for `FileStore.ttl` seconds.
+`negative_prompt`; every returned image carries its `seed`. An edit whose mask (or image) has no alpha-0 pixel is
+refused: it marks nothing to edit. response_format defaults to b64_json (gpt-image's behaviour); "url" answers with
+http URLs served by this server for `FileStore.ttl` seconds. Responses carry OpenAI's `created`, `size`,
+`background` ("opaque") and `output_format` ("png"); not `usage` (no tokens are counted) nor `quality`.
 Sizes: generations take a bucket "WxH" with W, H in {native, 2 x native} of the model (512x512, 1024x512, ... for
 SD1.5; 64x64 ... 128x128 for the tiny model) or "auto" (native); edits keep the input image's own size, so
 `size` may only repeat it.
 
 Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for bad fields and undecodable,
 too small or too large images or mismatched masks; 413 for bodies over the limit (Content-Length checked before
-reading, streamed bodies counted and cut); 429 + Retry-After when the queue is full; 504 past the deadline; 499
-(logged only) when the client left, which drops its request from the queue and its batch. Bad input never reaches
-the model: everything a batch needs is validated before it is queued, so one request cannot fail another's batch
-(and should the model fail all the same, the engine runs the batch's requests again one by one: engine.py).
+reading, streamed bodies counted and cut); 429 + Retry-After when the queue is full; 504 past the deadline and
+500 when the model fails on a request alone, both with `x-should-retry: false` (the openai client would otherwise
+queue the same work twice more); 499 (logged only) when the client left, which drops its request from the queue
+and its batch. Bad input never reaches the model: everything a batch needs is validated before it is queued, so
+one request cannot fail another's batch (and should the model fail all the same, the engine runs the batch's
+requests again one by one: engine.py).
 /metrics counts the image and file endpoints' responses, and every routing error and body-limit refusal.
 Why Starlette and not FastAPI: we parse every body ourselves (limits, OpenAI error shapes instead of 422s), so
 FastAPI's validation layer would be unused weight; Starlette is the ASGI toolkit FastAPI itself runs on. Measured
@@ -56,13 +63,13 @@ from starlette.routing import Match, Route
 from backdrop.diffusion.masks import default_mask_blur
 from backdrop.diffusion.samplers import check_eta
 from backdrop.diffusion.schedule import RECIPES, build_schedule
-from backdrop.diffusion.text import check_clip_skip
+from backdrop.diffusion.text import check_clip_skip, clip_cut
 from backdrop.serve.batcher import QueueFull, ShuttingDown
 from backdrop.serve.body_limit import BodyLimit, BodyTooLarge
 from backdrop.serve.engine import Engine, Item, ServeKey
-from backdrop.serve.inputs import (MAX_SEED, MAX_STEPS, MIN_SIDE, APIError, b64decode, boolean, check_fields, choice,
-                                   clip, decode_image, form_int, number, repaint_mask, seconds, shown, size_buckets,
-                                   text)
+from backdrop.serve.inputs import (EDIT_IGNORED, GENERATE_IGNORED, MAX_SEED, MAX_STEPS, MIN_SIDE, OPENAI_OUTPUT,
+                                   APIError, b64decode, boolean, check_fields, choice, clip, decode_image, form_int,
+                                   number, repaint_mask, require_edit_area, seconds, shown, size_buckets, text)
 from backdrop.serve.metrics import CONTENT_TYPE
 
 __all__ = ["ServerConfig", "create_app"]
@@ -70,6 +77,10 @@ __all__ = ["ServerConfig", "create_app"]
 log = logging.getLogger("backdrop.serve")
 
 POLL_SECONDS = 0.25         # how often a waiting handler checks whether its client is still connected
+MAX_FILE_PARTS = 17         # OpenAI's 16 images and a mask: more is the parser's error, fewer get ours (one image)
+NO_RETRY = {"x-should-retry": "false"}  # the openai client retries any 5xx twice unless told not to
+EDIT_FIELDS = ("mask", "prompt", "n", "size", "response_format", "seed", "negative_prompt") + OPENAI_OUTPUT
+GENERATE_FIELDS = ("prompt", "n", "size", "response_format", "seed", "negative_prompt") + OPENAI_OUTPUT
 
 
 @dataclass(frozen=True)
@@ -141,6 +152,7 @@ class _Handlers:
         self.buckets = size_buckets(native)
         self.max_pixels = config.max_image_pixels or (4 * native) ** 2
         self.files = FileStore(config.file_ttl, config.max_files)
+        self.created = int(time.time())  # the model's `created` in /v1/models: loaded just before the app is made
 
     # ---------------------------------------------------------------------------------- shared steps
     def _schedule(self, sampler: str, steps: int, strength: float) -> None:
@@ -194,7 +206,7 @@ class _Handlers:
             raise APIError(400, "expected a multipart/form-data body, as OpenAI's images/edits",
                            code="invalid_content_type")
         try:
-            return await request.form(max_files=4, max_fields=64, max_part_size=2**20)
+            return await request.form(max_files=MAX_FILE_PARTS, max_fields=64, max_part_size=2**20)
         except BodyTooLarge as e:
             raise APIError(413, str(e), code="request_too_large") from None
         except ClientDisconnect:
@@ -254,32 +266,36 @@ class _Handlers:
         if req.status == "done":
             return req.results
         if req.status == "failed":
-            raise APIError(500, f"the model failed on this request: {req.error}", code="model_error")
+            raise APIError(500, f"the model failed on this request: {req.error}", code="model_error", headers=NO_RETRY)
         self.engine.abandon(req)  # its deadline passed, queued or running
         raise APIError(504, "no result before the deadline (the server's --request-timeout"
-                       f"{' or the request timeout' if timeout else ''}); retry later", code="timeout")
+                       f"{' or the request timeout' if timeout else ''}); retry later", code="timeout",
+                       headers=NO_RETRY)
 
-    async def _respond(self, request: Request, images, seeds: list[int], response_format: str) -> JSONResponse:
+    async def _respond(self, request: Request, images, items: list[Item], response_format: str) -> JSONResponse:
+        """OpenAI's ImagesResponse; a prompt over CLIP's 77 tokens was cut there: `revised_prompt` says what the
+        model read (in the tokenizer's normal form: lower case, single spaces)."""
         pngs = await run_in_threadpool(lambda: [_png(im) for im in images])
         base = str(request.base_url).rstrip("/")
         data = [{"url": f"{base}/v1/files/{self.files.put(png)}.png"} if response_format == "url" else
                 {"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs]
-        for d, seed in zip(data, seeds):
-            d["seed"] = seed
+        cut = clip_cut(self.engine.pipe.backend.tokenizer, items[0].prompt)  # one prompt per request
+        for d, it in zip(data, items):
+            d["seed"] = it.seed
+            if cut:
+                d["revised_prompt"] = cut[0]
         self.metrics.images.inc(len(pngs))
-        return JSONResponse({"created": int(time.time()), "data": data, "output_format": "png"})
+        w, h = images[0].size
+        return JSONResponse({"created": int(time.time()), "data": data, "background": "opaque", "output_format": "png",
+                             "size": f"{w}x{h}"})
 
     # ---------------------------------------------------------------------------------- endpoints
     async def edits(self, request: Request) -> Response:
         form = await self._form(request)
         try:
             fields = {k: v for k, v in form.multi_items() if k not in ("image", "image[]")}
-            check_fields(fields, ("mask", "prompt", "n", "size", "response_format", "seed", "negative_prompt",
-                                   "output_format", "stream"))
-            uploads = form.getlist("image") + form.getlist("image[]")
-            if len(uploads) != 1 or not isinstance(uploads[0], UploadFile):
-                raise APIError(400, f"give exactly one image file; got {len(uploads)}", param="image",
-                               code="invalid_image")
+            check_fields(fields, EDIT_FIELDS, EDIT_IGNORED, form=True)
+            upload = self._one_image(form)
             mask = fields.get("mask")
             if mask is not None and not isinstance(mask, UploadFile):
                 raise APIError(400, "mask must be a file (a PNG with alpha)", param="mask", code="invalid_mask")
@@ -288,7 +304,7 @@ class _Handlers:
             n, size = self._n(form_int(fields.get("n"), "n")), fields.get("size")
             seed = self._seed(form_int(fields.get("seed"), "seed"), n)
             fmt = choice(fields.get("response_format"), "response_format", ("b64_json", "url"), "b64_json")
-            image_bytes, mask_bytes = await uploads[0].read(), (await mask.read() if mask is not None else None)
+            image_bytes, mask_bytes = await upload.read(), (await mask.read() if mask is not None else None)
         finally:
             await form.close()
         image, repaint = await run_in_threadpool(self._edit_inputs, image_bytes, mask_bytes)
@@ -300,24 +316,40 @@ class _Handlers:
         key = self._key("inpaint", hw, cfg.steps, cfg.sampler, guidance_scale=cfg.guidance_scale, mask_blur=0.0)
         items = [Item(prompt, seed + j, negative, 1.0, image, repaint) for j in range(n)]
         images = await self._run(request, key, items)
-        return await self._respond(request, images, [it.seed for it in items], fmt)
+        return await self._respond(request, images, items, fmt)
+
+    @staticmethod
+    def _one_image(form) -> UploadFile:
+        """The edit's image: one file part, named image, or image[] as the openai client names a list."""
+        uploads = form.getlist("image") + form.getlist("image[]")
+        if any(not isinstance(u, UploadFile) for u in uploads):
+            raise APIError(400, "image must be a file part, got a text field", param="image", code="invalid_image")
+        if not uploads:
+            raise APIError(400, "image is required: a PNG, JPEG or WebP file part", param="image",
+                           code="invalid_image")
+        if len(uploads) > 1:
+            raise APIError(400, f"one image file is accepted per edit, got {len(uploads)} (several input images are "
+                           "not supported)", param="image", code="invalid_image")
+        return uploads[0]
 
     def _edit_inputs(self, image_bytes: bytes, mask_bytes: bytes | None):
+        """(RGB image, repaint mask): the alpha-0 pixels of the mask, or of the image without one (OpenAI's rule)."""
         image = decode_image(image_bytes, "image", self.max_pixels)
-        hw = (image.height, image.width)
-        if mask_bytes is None:  # OpenAI: the image's own transparency is the mask
+        if mask_bytes is None:
             if not (image.mode in ("RGBA", "LA") or "transparency" in image.info):
                 raise APIError(400, "image has no transparency, so nothing marks what to edit: send an RGBA image "
                                "whose transparent pixels (alpha 0) are to be repainted, or a mask",
                                param="image", code="invalid_image")
-            return image.convert("RGB"), repaint_mask("image", image, hw, "image")
-        return image.convert("RGB"), repaint_mask("image", decode_image(mask_bytes, "mask", self.max_pixels),
-                                                   hw, "mask")
+            alpha, param = image, "image"
+        else:
+            alpha, param = decode_image(mask_bytes, "mask", self.max_pixels), "mask"
+        repaint = repaint_mask("image", alpha, (image.height, image.width), param)
+        require_edit_area(repaint, param)
+        return image.convert("RGB"), repaint
 
     async def generations(self, request: Request) -> Response:
         f = await self._json(request)
-        check_fields(f, ("prompt", "n", "size", "response_format", "seed", "negative_prompt", "output_format",
-                          "stream"))
+        check_fields(f, GENERATE_FIELDS, GENERATE_IGNORED)
         prompt, negative = text(f.get("prompt"), "prompt", True), text(f.get("negative_prompt"), "negative_prompt")
         n, hw = self._n(f.get("n")), self._size(f.get("size")) or (self.engine.native_size,) * 2
         seed = self._seed(f.get("seed"), n)
@@ -326,7 +358,7 @@ class _Handlers:
         items = [Item(prompt, seed + j, negative) for j in range(n)]
         images = await self._run(request, self._key("generate", hw, cfg.steps, cfg.sampler,
                                                     guidance_scale=cfg.guidance_scale), items)
-        return await self._respond(request, images, [it.seed for it in items], fmt)
+        return await self._respond(request, images, items, fmt)
 
     async def inpaint(self, request: Request) -> Response:
         f = await self._json(request)
@@ -380,7 +412,7 @@ class _Handlers:
         key = self._key("inpaint", (image.height, image.width), steps, sampler, **options)
         items = [Item(prompt, seed + j, negative, strength, image, repaint) for j in range(n)]
         images = await self._run(request, key, items, timeout)
-        return await self._respond(request, images, [it.seed for it in items], fmt)
+        return await self._respond(request, images, items, fmt)
 
     async def download(self, request: Request) -> Response:
         name = request.path_params["name"].removesuffix(".png")
@@ -390,9 +422,20 @@ class _Handlers:
                            code="not_found")
         return Response(data, media_type="image/png")
 
+    def _model(self) -> dict:
+        """OpenAI's Model object for the one model served."""
+        return {"id": self.engine.config.model_name, "object": "model", "created": self.created,
+                "owned_by": "backdrop"}
+
     async def models(self, request: Request) -> Response:
-        name = self.engine.config.model_name
-        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "backdrop"}]})
+        return JSONResponse({"object": "list", "data": [self._model()]})
+
+    async def model(self, request: Request) -> Response:
+        name, served = request.path_params["model"], self.engine.config.model_name
+        if name != served:
+            return APIError(404, f"model {shown(name)} is not served here; this server serves {served!r}",
+                            param="model", code="model_not_found").response()
+        return JSONResponse(self._model())
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "pid": os.getpid()})  # pid: which replica/process answered
@@ -455,6 +498,7 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()):
               Route("/v1/inpaint", h.endpoint("inpaint", h.inpaint), methods=["POST"]),
               Route("/v1/files/{name}", h.endpoint("files", h.download), methods=["GET"]),
               Route("/v1/models", h.models, methods=["GET"]),
+              Route("/v1/models/{model:path}", h.model, methods=["GET"]),
               Route("/healthz", h.healthz, methods=["GET"]),
               Route("/readyz", h.readyz, methods=["GET"]),
               Route("/metrics", h.metrics_text, methods=["GET"])]

@@ -6,6 +6,7 @@ the openai client's own retry succeeds; deadlines give 504; a client that discon
 serve` drains in-flight work on SIGTERM, then exits, and its bad options are one line. The CUDA-graph wrapper's
 bucketing runs eagerly on the CPU here; its capture test needs a GPU.
 """
+import asyncio
 import os
 import signal
 import socket
@@ -24,7 +25,7 @@ from backdrop.diffusion.pipeline import Pipeline
 from backdrop.serve.cuda_graphs import CUDAGraphUNet
 from backdrop.serve.engine import Engine, EngineConfig, Item, ServeKey
 from backdrop.serve.metrics import Histogram, parse_histogram
-from backdrop.serve.server import ServerConfig
+from backdrop.serve.server import ServerConfig, create_app
 
 openai = pytest.importorskip("openai")
 from serve_helpers import (JSON, SIZE, assert_kept_exact, client, decode, inpaint_body, metrics,  # noqa: E402
@@ -69,6 +70,27 @@ def test_a_request_that_fails_the_model_fails_alone_not_its_batch(serve_pipe, ca
     solo = serve_pipe.generate(["good c"], seed=[0], steps=1, progress=False).images[0]
     np.testing.assert_array_equal(np.asarray(reqs[2].results[0]), np.asarray(solo))
     assert "running each request alone" in caplog.text
+
+
+def test_a_model_failure_is_a_500_the_openai_client_does_not_retry(serve_pipe):
+    """500 model_error comes only from a request that failed run alone: running it again fails again, so it says
+    x-should-retry: false (the client would otherwise send the same work twice more)."""
+    failing = FailsOn(serve_pipe, "bad")
+    engine = Engine(failing, EngineConfig(max_queue_delay_ms=0), warmup=False)
+    engine.start()
+    try:
+        transport = httpx.ASGITransport(app=create_app(engine, ServerConfig(steps=1)))
+
+        async def post() -> httpx.Response:
+            async with httpx.AsyncClient(transport=transport, base_url="http://backdrop") as c:
+                return await c.post("/v1/images/generations", json={"prompt": "bad", "size": f"{SIZE}x{SIZE}"},
+                                    timeout=60)
+        r = asyncio.run(post())
+    finally:
+        engine.close(60)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "model_error", r.text
+    assert "injected failure" in r.json()["error"]["message"] and r.headers["x-should-retry"] == "false"
+    assert failing.calls == [["bad"]]  # one call: it was alone in its batch
 
 
 def test_queue_full_429_retry_deadline_504_and_disconnect(serve_pipe):

@@ -1,9 +1,11 @@
 """The HTTP server end to end on a random tiny inpainting model, on 127.0.0.1, CPU only.
 
-The official `openai` client runs images.edit / images.generate against it; concurrent edits share batches (read
-back from /metrics) and each equals the same request run alone through the Pipeline with the same seed, with the
-product's pixels returned bit-identical; /v1/inpaint passes every option through; bad input of every kind gets its
-4xx and the server keeps serving; refusals made before any endpoint are counted in /metrics. The engine under
+The official `openai` client runs images.edit / images.generate / models against it, with every OpenAI field this
+server accepts; concurrent edits share batches (read back from /metrics) and each equals the same request run alone
+through the Pipeline with the same seed, with the product's pixels returned bit-identical; /v1/inpaint passes every
+option through; bad input of every kind, and OpenAI values this server cannot honour, get their 4xx naming the field
+and the server keeps serving; refusals made before any endpoint are counted in /metrics; 504s tell the openai client
+not to retry, 429s let it. The engine under
 failure and load, the serve CLI and the CUDA-graph wrapper: test_serve_engine.py.
 """
 import asyncio
@@ -20,7 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backdrop.serve.engine import Engine, EngineConfig
+from backdrop.serve.cli import model_id
+from backdrop.serve.engine import Engine, EngineConfig, Item, ServeKey
 from backdrop.serve.metrics import parse_histogram
 from backdrop.serve.server import ServerConfig, create_app
 
@@ -43,12 +46,22 @@ def server(serve_pipe):
 
 # ------------------------------------------------------------------------------------------------- tests
 
+# every field the openai client may send that this server accepts without an effect, at values it allows
+EDIT_NO_EFFECT = dict(stream=False, partial_images=0, output_compression=100, output_format="png", background="opaque",
+                      quality="high", input_fidelity="low", complexity="low", model="gpt-image-1", user="u",
+                      safety_identifier="s")
+GENERATE_NO_EFFECT = dict(stream=False, partial_images=0, output_compression=100, output_format="png",
+                          background="auto", quality="hd", style="natural", moderation="low", complexity="high",
+                          model="dall-e-3", user="u", safety_identifier="s")
+
+
 def test_openai_client_edit_and_generate(server, serve_pipe):
     rgba = product(0)
     c = client(server)
     r = c.images.edit(image=("product.png", png(rgba), "image/png"), prompt=PROMPTS[0], n=2, size="64x64",
-                      extra_body={"seed": 7})
+                      extra_body={"seed": 7}, **EDIT_NO_EFFECT)  # multipart: stream=false, partial_images=0, ...
     assert [d.model_extra["seed"] for d in r.data] == [7, 8]
+    assert (r.size, r.background, r.output_format, r.usage) == ("64x64", "opaque", "png", None)
     outs = [decode(d.b64_json) for d in r.data]
     assert outs[0].shape == (SIZE, SIZE, 3) and not np.array_equal(outs[0], outs[1])  # two seeds, two backdrops
     for out in outs:
@@ -56,15 +69,37 @@ def test_openai_client_edit_and_generate(server, serve_pipe):
     odd = product(4, size=(48, 80))  # any image size is served; `size` may repeat it even when not a preset
     r = c.images.edit(image=("odd.png", png(odd), "image/png"), prompt=PROMPTS[0], size="80x48")
     assert_kept_exact(decode(r.data[0].b64_json), odd)
+    assert r.size == "80x48"  # W x H
 
-    r = c.images.generate(prompt=PROMPTS[1], size="128x64", response_format="url", extra_body={"seed": 3})
+    r = c.images.generate(prompt=PROMPTS[1], size="128x64", response_format="url", extra_body={"seed": 3},
+                          **GENERATE_NO_EFFECT)
     assert r.data[0].url.startswith(server.url + "/v1/files/")
+    assert (r.size, r.background, r.output_format, r.data[0].revised_prompt) == ("128x64", "opaque", "png", None)
     got = np.asarray(Image.open(io.BytesIO(httpx.get(r.data[0].url).content)).convert("RGB")).astype(int)
     want = np.asarray(serve_pipe.generate(PROMPTS[1], height=64, width=128, seed=3, steps=STEPS,
                                           progress=False).images[0])
     assert got.shape == (64, 128, 3)
     assert np.abs(got - want).max() <= 2
-    assert [m.id for m in c.models.list().data] == ["backdrop"]
+    # a prompt over CLIP's 77 tokens: revised_prompt says what the model read
+    r = c.images.generate(prompt="A glass bottle " * 40 + "on a red velvet sofa", n=2)
+    assert [d.revised_prompt for d in r.data] == [" ".join(["a glass bottle"] * 25)] * 2
+
+    models = c.models.list().data
+    assert [m.id for m in models] == ["backdrop"] and models[0].object == "model"
+    assert abs(models[0].created - time.time()) < 3600 and models[0].owned_by == "backdrop"
+    assert c.models.retrieve("backdrop") == models[0]
+    with pytest.raises(openai.NotFoundError) as e:
+        c.models.retrieve("gpt-image-1")
+    assert (e.value.code, e.value.param) == ("model_not_found", "model") and "gpt-image-1" in e.value.message
+
+
+def test_model_id_is_a_name_not_the_servers_path(tmp_path, monkeypatch, serve_model_dir):
+    assert model_id(str(serve_model_dir)) == serve_model_dir.name
+    monkeypatch.chdir(serve_model_dir)
+    assert model_id(".") == model_id("./") == serve_model_dir.name
+    (tmp_path / "sd15-inpaint.safetensors").write_bytes(b"")
+    assert model_id(str(tmp_path / "sd15-inpaint.safetensors")) == "sd15-inpaint"
+    assert model_id("backdrop-tiny") == "backdrop-tiny"  # a built-in model's name: no such path here
 
 
 def test_concurrent_edits_are_batched_and_each_matches_a_solo_run(server, serve_pipe):
@@ -239,14 +274,117 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server):
     assert r.status_code == 200 and decode(r.json()["data"][0]["b64_json"]).shape == (SIZE, SIZE, 3)
 
 
+def test_openai_values_this_server_cannot_honour_are_refused_naming_the_field(server):
+    """Streaming, non-PNG output, transparency and values the openai client would not send: 400s naming the field,
+    with their code and a message that says why; edits with nothing transparent; a mask's errors call it mask."""
+    url, good = server.url, png(product(1))
+    opaque = product(1)
+    opaque[..., 3] = 255  # RGBA, but no pixel transparent: nothing marks what to edit
+
+    def edit(files=None, **data):
+        files = files if files is not None else [("image", ("i.png", good, "image/png"))]
+        return httpx.post(f"{url}/v1/images/edits", files=files, data={"prompt": "x", **data}, timeout=60)
+
+    def with_mask(mask):
+        return edit([("image", ("i.png", good, "image/png")), ("mask", ("m.png", mask, "image/png"))])
+    only_mask = [("mask", ("m.png", good, "image/png"))]  # a file part, so that httpx sends multipart
+
+    def generate(**fields):
+        return httpx.post(f"{url}/v1/images/generations", headers=JSON, timeout=60,
+                          content=json.dumps({"prompt": "x", **fields}))
+
+    cases = [  # (what, response, param, code, words in the message)
+        ("edits: stream=true", edit(stream="true"), "stream", "unsupported_value", "streaming is not supported"),
+        ("edits: stream=TRUE", edit(stream="TRUE"), "stream", "unsupported_value", "streaming is not supported"),
+        ("edits: stream=yes", edit(stream="yes"), "stream", "invalid_value", "true or false"),
+        ("generations: stream", generate(stream=True), "stream", "unsupported_value", "streaming is not supported"),
+        ("generations: stream 'false'", generate(stream="false"), "stream", "invalid_value", "true or false"),
+        ("edits: partial_images=1", edit(partial_images="1"), "partial_images", "unsupported_value",
+         "streaming (partial_images) is not supported"),
+        ("generations: partial_images 3", generate(partial_images=3), "partial_images", "unsupported_value",
+         "streaming (partial_images) is not supported"),
+        ("generations: partial_images 0.5", generate(partial_images=0.5), "partial_images", "invalid_value",
+         "an integer"),
+        ("edits: output_compression=50", edit(output_compression="50"), "output_compression", "unsupported_value",
+         "applies to jpeg and webp"),
+        ("generations: output_compression 0", generate(output_compression=0), "output_compression",
+         "unsupported_value", "returns PNG"),
+        ("generations: output_compression 99.5", generate(output_compression=99.5), "output_compression",
+         "invalid_value", "an integer"),
+        ("generations: output_compression 101", generate(output_compression=101), "output_compression",
+         "invalid_value", "[0, 100]"),
+        ("edits: output_format=jpeg", edit(output_format="jpeg"), "output_format", "unsupported_value", "PNG"),
+        ("generations: output_format bmp", generate(output_format="bmp"), "output_format", "invalid_value", "PNG"),
+        ("generations: transparent background", generate(background="transparent"), "background",
+         "unsupported_value", "opaque"),
+        ("generations: quality bogus", generate(quality="bogus"), "quality", "invalid_value", "low, medium, high"),
+        ("edits: quality=hd (generations only)", edit(quality="hd"), "quality", "invalid_value", "standard"),
+        ("generations: style", generate(style="weird"), "style", "invalid_value", "vivid, natural"),
+        ("edits: style (generations only)", edit(style="vivid"), "style", "unknown_parameter", "unknown"),
+        ("generations: moderation", generate(moderation="none"), "moderation", "invalid_value", "low, auto"),
+        ("edits: input_fidelity", edit(input_fidelity="medium"), "input_fidelity", "invalid_value", "high, low"),
+        ("generations: input_fidelity (edits only)", generate(input_fidelity="high"), "input_fidelity",
+         "unknown_parameter", "unknown"),
+        ("edits: complexity", edit(complexity="extreme"), "complexity", "invalid_value", "low, medium, high"),
+        ("generations: model 123", generate(model=123), "model", "invalid_value", "must be a string"),
+        ("generations: user []", generate(user=[]), "user", "invalid_value", "must be a string"),
+        ("inpaint: quality (use steps)", httpx.post(f"{url}/v1/inpaint", headers=JSON, timeout=60, content=inpaint_body(
+            product(1), quality="high")), "quality", "unknown_parameter", "unknown"),
+        ("inpaint: output_format webp", httpx.post(f"{url}/v1/inpaint", headers=JSON, timeout=60, content=inpaint_body(
+            product(1), output_format="webp")), "output_format", "unsupported_value", "PNG"),
+        ("edits: RGBA image, nothing transparent", edit([("image", ("i.png", png(opaque), "image/png"))]), "image",
+         "invalid_image", "nothing marks what to edit"),
+        ("edits: mask, nothing transparent", with_mask(png(opaque)), "mask", "invalid_mask",
+         "nothing marks what to edit"),
+        ("edits: mask of another size", with_mask(png(np.zeros((32, 32, 4), np.uint8))), "mask", "invalid_mask",
+         "mask is 32x32 (HxW) but the image is 64x64"),
+        ("edits: mask without alpha", with_mask(png(np.zeros((64, 64, 3), np.uint8))), "mask", "invalid_mask",
+         "mask[0]: PIL mode 'RGB' has no alpha channel"),
+        ("edits: image as a text field", edit(only_mask, image="abc"), "image", "invalid_image",
+         "image must be a file part, got a text field"),
+        ("edits: no image", edit(only_mask), "image", "invalid_image", "image is required"),
+        ("edits: 5 images", edit([("image[]", (f"{i}.png", good, "image/png")) for i in range(5)]), "image",
+         "invalid_image", "one image file is accepted per edit, got 5"),
+    ]
+    for what, r, param, code, words in cases:
+        assert r.status_code == 400, f"{what}: {r.status_code} {r.text[:300]}"
+        err = r.json()["error"]
+        assert (err["param"], err["code"]) == (param, code) and words in err["message"], (what, err)
+        assert "image[0]" not in err["message"] and "mask: image" not in err["message"], (what, err)
+
+
+def test_timeouts_say_do_not_retry_and_full_queues_let_the_client_retry(serve_pipe):
+    """A 504 carries x-should-retry: false, or the openai client would queue the same work twice more; a 429 does
+    not: its Retry-After is the point. No worker is started, so what is queued stays queued until abandoned."""
+    engine = Engine(serve_pipe, EngineConfig(max_queue=1), warmup=False)
+    app = create_app(engine, ServerConfig(steps=STEPS))
+
+    async def post(body: bytes) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://backdrop") as c:
+            return await c.post("/v1/inpaint", content=body, headers=JSON, timeout=60)
+    held = engine.submit(ServeKey("generate", SIZE, SIZE, STEPS, "dpmpp-2m", "backdrop"), [Item("x", 0)],
+                         lambda: None)  # the queue's one place
+    full = asyncio.run(post(inpaint_body(product(1))))
+    assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1, full.text
+    assert "x-should-retry" not in full.headers
+    engine.abandon(held)
+    late = asyncio.run(post(inpaint_body(product(1), timeout=0.05)))
+    assert late.status_code == 504 and late.json()["error"]["code"] == "timeout", late.text
+    assert late.headers["x-should-retry"] == "false"
+
+
 def test_wrapped_base64_opaque_background_and_short_error_echoes(server):
     rgba = product(7)
     wrapped = base64.encodebytes(png(rgba)).decode()  # 76-column lines, as the `base64` tool and MIME write them
     assert "\n" in wrapped
     r = httpx.post(f"{server.url}/v1/inpaint", headers=JSON, timeout=120, content=json.dumps(
-        {"image": wrapped, "prompt": "a table", "background": "opaque", "seed": 1}))
+        {"image": wrapped, "prompt": "a table", "background": "opaque", "output_format": "png", "seed": 1}))
     assert r.status_code == 200, r.text[:300]
     assert_kept_exact(decode(r.json()["data"][0]["b64_json"]), rgba)
+    rgba[..., 3] = 255  # nothing to repaint: /v1/inpaint returns the image, as the Pipeline does (edits refuse it)
+    r = httpx.post(f"{server.url}/v1/inpaint", headers=JSON, timeout=120, content=inpaint_body(rgba))
+    assert r.status_code == 200, r.text[:300]
+    np.testing.assert_array_equal(decode(r.json()["data"][0]["b64_json"]), rgba[..., :3])
     huge = "x" * 100_000  # an error quotes the first few dozen characters of a value, not the value
     for body in ({"prompt": "x", "size": huge}, {"prompt": "x", "response_format": huge}, {"prompt": "x", "n": huge},
                  {"prompt": "x", huge: 1}):
