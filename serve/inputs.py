@@ -22,15 +22,16 @@ import math
 
 import numpy as np
 from PIL import Image
+from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse
 
 from backdrop.diffusion import masks as M
 from backdrop.nn.tokenizer import check_texts
 
-__all__ = ["APIError", "size_buckets", "decode_image", "repaint_mask", "require_edit_area", "number", "form_int",
-           "form_bool", "seconds", "boolean", "text", "choice", "check_fields", "b64decode", "shown", "clip",
-           "IMAGE_FORMATS", "MIN_SIDE", "MAX_PROMPT_CHARS", "MAX_STEPS", "MAX_SEED", "IDENTITY_IGNORED", "EDIT_IGNORED",
-           "GENERATE_IGNORED", "OPENAI_OUTPUT", "UNSUPPORTED"]
+__all__ = ["APIError", "size_buckets", "decode_image", "repaint_mask", "require_edit_area", "one_image",
+           "edit_inputs", "number", "form_int", "form_bool", "seconds", "boolean", "text", "choice", "check_fields",
+           "b64decode", "shown", "clip", "IMAGE_FORMATS", "MIN_SIDE", "MAX_PROMPT_CHARS", "MAX_STEPS", "MAX_SEED",
+           "IDENTITY_IGNORED", "EDIT_IGNORED", "GENERATE_IGNORED", "OPENAI_OUTPUT", "UNSUPPORTED"]
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")   # what OpenAI's edits accept; anything else PIL reads is refused
 MIN_SIDE = 16               # smaller images cannot be reflect-padded to the VAE's multiple of 8 (masks.py)
@@ -134,6 +135,36 @@ def require_edit_area(repaint: Image.Image, param: str) -> None:
         raise APIError(400, f"{param} has no fully transparent pixel (alpha 0), so nothing marks what to edit: make "
                        "the pixels to repaint transparent" + (", or send a mask" if param == "image" else ""),
                        param=param, code="invalid_image" if param == "image" else "invalid_mask")
+
+
+def one_image(form) -> UploadFile:
+    """The edit's image: one file part, named image, or image[] as the openai client names a list."""
+    uploads = form.getlist("image") + form.getlist("image[]")
+    if any(not isinstance(u, UploadFile) for u in uploads):
+        raise APIError(400, "image must be a file part, got a text field", param="image", code="invalid_image")
+    if not uploads:
+        raise APIError(400, "image is required: a PNG, JPEG or WebP file part", param="image",
+                       code="invalid_image")
+    if len(uploads) > 1:
+        raise APIError(400, f"one image file is accepted per edit, got {len(uploads)} (several input images are "
+                       "not supported)", param="image", code="invalid_image")
+    return uploads[0]
+
+
+def edit_inputs(image_bytes: bytes, mask_bytes: bytes | None, max_pixels: int):
+    """(RGB image, repaint mask): the alpha-0 pixels of the mask, or of the image without one (OpenAI's rule)."""
+    image = decode_image(image_bytes, "image", max_pixels)
+    if mask_bytes is None:
+        if not (image.mode in ("RGBA", "LA") or "transparency" in image.info):
+            raise APIError(400, "image has no transparency, so nothing marks what to edit: send an RGBA image "
+                           "whose transparent pixels (alpha 0) are to be repainted, or a mask",
+                           param="image", code="invalid_image")
+        alpha, param = image, "image"
+    else:
+        alpha, param = decode_image(mask_bytes, "mask", max_pixels), "mask"
+    repaint = repaint_mask("image", alpha, (image.height, image.width), param)
+    require_edit_area(repaint, param)
+    return image.convert("RGB"), repaint
 
 
 def number(value, name: str, lo, hi, default, kind=float):

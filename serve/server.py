@@ -68,8 +68,8 @@ from backdrop.serve.batcher import QueueFull, ShuttingDown
 from backdrop.serve.body_limit import BodyLimit, BodyTooLarge
 from backdrop.serve.engine import Engine, Item, ServeKey
 from backdrop.serve.inputs import (EDIT_IGNORED, GENERATE_IGNORED, MAX_SEED, MAX_STEPS, MIN_SIDE, OPENAI_OUTPUT,
-                                   APIError, b64decode, boolean, check_fields, choice, clip, decode_image, form_int,
-                                   number, repaint_mask, require_edit_area, seconds, shown, size_buckets, text)
+                                   APIError, b64decode, boolean, check_fields, choice, clip, decode_image, edit_inputs,
+                                   form_int, number, one_image, repaint_mask, seconds, shown, size_buckets, text)
 from backdrop.serve.metrics import CONTENT_TYPE
 
 __all__ = ["ServerConfig", "create_app"]
@@ -295,7 +295,7 @@ class _Handlers:
         try:
             fields = {k: v for k, v in form.multi_items() if k not in ("image", "image[]")}
             check_fields(fields, EDIT_FIELDS, EDIT_IGNORED, form=True)
-            upload = self._one_image(form)
+            upload = one_image(form)
             mask = fields.get("mask")
             if mask is not None and not isinstance(mask, UploadFile):
                 raise APIError(400, "mask must be a file (a PNG with alpha)", param="mask", code="invalid_mask")
@@ -307,7 +307,7 @@ class _Handlers:
             image_bytes, mask_bytes = await upload.read(), (await mask.read() if mask is not None else None)
         finally:
             await form.close()
-        image, repaint = await run_in_threadpool(self._edit_inputs, image_bytes, mask_bytes)
+        image, repaint = await run_in_threadpool(edit_inputs, image_bytes, mask_bytes, self.max_pixels)
         hw = (image.height, image.width)
         if size not in (None, "auto", f"{hw[1]}x{hw[0]}"):  # any image size is served; size may only repeat it
             raise APIError(400, f"size {shown(size)} differs from the image's {hw[1]}x{hw[0]}; edits keep the "
@@ -317,35 +317,6 @@ class _Handlers:
         items = [Item(prompt, seed + j, negative, 1.0, image, repaint) for j in range(n)]
         images = await self._run(request, key, items)
         return await self._respond(request, images, items, fmt)
-
-    @staticmethod
-    def _one_image(form) -> UploadFile:
-        """The edit's image: one file part, named image, or image[] as the openai client names a list."""
-        uploads = form.getlist("image") + form.getlist("image[]")
-        if any(not isinstance(u, UploadFile) for u in uploads):
-            raise APIError(400, "image must be a file part, got a text field", param="image", code="invalid_image")
-        if not uploads:
-            raise APIError(400, "image is required: a PNG, JPEG or WebP file part", param="image",
-                           code="invalid_image")
-        if len(uploads) > 1:
-            raise APIError(400, f"one image file is accepted per edit, got {len(uploads)} (several input images are "
-                           "not supported)", param="image", code="invalid_image")
-        return uploads[0]
-
-    def _edit_inputs(self, image_bytes: bytes, mask_bytes: bytes | None):
-        """(RGB image, repaint mask): the alpha-0 pixels of the mask, or of the image without one (OpenAI's rule)."""
-        image = decode_image(image_bytes, "image", self.max_pixels)
-        if mask_bytes is None:
-            if not (image.mode in ("RGBA", "LA") or "transparency" in image.info):
-                raise APIError(400, "image has no transparency, so nothing marks what to edit: send an RGBA image "
-                               "whose transparent pixels (alpha 0) are to be repainted, or a mask",
-                               param="image", code="invalid_image")
-            alpha, param = image, "image"
-        else:
-            alpha, param = decode_image(mask_bytes, "mask", self.max_pixels), "mask"
-        repaint = repaint_mask("image", alpha, (image.height, image.width), param)
-        require_edit_area(repaint, param)
-        return image.convert("RGB"), repaint
 
     async def generations(self, request: Request) -> Response:
         f = await self._json(request)
