@@ -43,7 +43,8 @@ def _common_options() -> argparse.ArgumentParser:
                             "`backdrop export` (default: %(default)s)")
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
     model.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                       help="weight precision (default: fp16 on GPUs, bf16 on CPUs with native bf16, else fp32)")
+                       help="weight precision of --backend torch (default: fp16 on GPUs, bf16 on CPUs with native "
+                            "bf16, else fp32); an export runs in the precision it was exported in")
     add_lora_option(model)
     add_textual_inversion_option(model)
     s = p.add_argument_group("sampling")

@@ -62,6 +62,7 @@ Which model, device and precision `from_pretrained` picks by default: nn/resolve
 """
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Callable
 
@@ -75,9 +76,9 @@ from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, as_number, broadcas
                                         groups, image_items, item_strengths, items, prompts, repeat, requests)
 from backdrop.diffusion.diffusers_api import DiffusersAPI
 from backdrop.diffusion.guidance import CFGDenoiser
-from backdrop.diffusion.output import Output, as_hwc, format_output
 from backdrop.diffusion.latents import (blend_known_region, default_noise_sampler, initial_latents, noised_latents,
                                         output_latents, per_item_randn)
+from backdrop.diffusion.output import Output, as_hwc, format_output
 from backdrop.diffusion.samplers import SamplingInterrupted, sample
 from backdrop.diffusion.schedule import build_schedule
 from backdrop.diffusion.text import check_clip_skip, contexts, embed
@@ -85,6 +86,8 @@ from backdrop.nn.resolve import (DTYPES, default_device, default_dtype, parse_dt
                                  unet_width)
 
 __all__ = ["Pipeline", "Output", "SamplingInterrupted", "OUTPUT_TYPES"]
+
+log = logging.getLogger(__name__)
 
 def _hidden(progress: bool | None) -> bool | None:
     """tqdm's disable= for a call's progress (None stays None: shown on a terminal only)."""
@@ -107,6 +110,8 @@ class Pipeline(DiffusersAPI):
         # Image sides are padded to this: the VAE's 8x, times the latent multiple a backend may need (exported
         # ONNX/TensorRT UNets: 2^(levels-1) latent cells; our torch UNet takes any latent size).
         self._multiple = backend.config.vae.downsample_factor * getattr(backend, "latent_multiple", 1)
+        self._static = getattr(backend, "static_hw", None)  # (H, W) px of an export made with a fixed --size
+        self._warned: set = set()  # processing sizes already warned about (processing_size)
         self._width = backend.config.unet.cross_attention_dim  # of the text context: prompt_embeds' last dim
         self._loras: list = []  # nn.lora.FusedLora of each load_lora_weights, oldest first
         self._progress = True  # the default of each call's progress= (set_progress_bar_config)
@@ -122,7 +127,7 @@ class Pipeline(DiffusersAPI):
 
         path = resolve_model(path_or_name)
         device = torch.device(device) if device is not None else default_device()
-        if backend != "torch":  # an export folder: its own precision unless one is asked for
+        if backend != "torch":  # an export folder runs in its own precision; the backend refuses another
             return cls(make_backend(backend, path, device=device, dtype=parse_dtype(dtype)))
         dtype = parse_dtype(dtype) or default_dtype(device, unet_width(path))
         return cls(make_backend("torch", load_model(path, dtype=dtype, device=device), device=device, dtype=dtype))
@@ -135,8 +140,8 @@ class Pipeline(DiffusersAPI):
         from backdrop.export.backends import TorchBackend
         if type(self.backend) is not TorchBackend:  # an export, or a wrapper (CUDA graphs) built for one device
             raise ValueError(f"to() moves the torch backend's weights; this {getattr(self.backend, 'name', '')} "
-                             "backend was built for its device and precision: open it with from_pretrained(device=, "
-                             "dtype=)")
+                             "backend was built for its device and precision: open it with from_pretrained(device=) "
+                             "for another device; an export's precision is fixed when it is made")
         self.backend = self.backend.to(device, parse_dtype(dtype))
         return self
 
@@ -171,18 +176,20 @@ class Pipeline(DiffusersAPI):
                  eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None, generator=None,
                  clip_skip: int | None = None, progress: bool | None = None, callback: Callable | None = None,
                  interrupt: threading.Event | None = None) -> Output:
-        """Text to image. height/width: default the model's native config.image_size; any positive size works
-        (sampled at the next multiple of 8, then cropped). `callback(step, latents)` runs after every step."""
+        """Text to image. height/width: default the model's native config.image_size (an export made with a fixed
+        --size: that size); any positive size works (sampled at the next multiple of 8, then cropped).
+        `callback(step, latents)` runs after every step."""
         loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, self._shows(progress), callback,
                     interrupt)
-        H, W = (self.config.image_size if v is None else as_number(v, name, "an int >= 1 (pixels) or None",
-                                                                   lambda v: v >= 1, integer=True)
-                for v, name in ((height, "height"), (width, "width")))
+        native = self._static or (self.config.image_size,) * 2
+        H, W = (default if v is None else as_number(v, name, "an int >= 1 (pixels) or None", lambda v: v >= 1,
+                                                    integer=True)
+                for v, name, default in ((height, "height", native[0]), (width, "width", native[1])))
         req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
                        embeds=(prompt_embeds, negative_prompt_embeds), width=self._width, generator=generator)
         req["clip_skip"] = check_clip_skip(clip_skip, self.backend)
         B, f = len(req["prompts"]), self.config.vae.downsample_factor
-        h, w = (d // f for d in M.fit_size(H, W, self._multiple))
+        h, w = (d // f for d in self.processing_size(H, W))
         job = dict(req, strengths=[1.0] * B, x0=None, size=(H, W), c_concat=self._empty_concat(B, h, w))
         return self._run(job, (h, w), loop, latents, start="noise")
 
@@ -336,7 +343,7 @@ class Pipeline(DiffusersAPI):
             m = self._pad(model_mask)  # (B, 1, H', W')
             dec_mask = self._pad(mask) if conditioned else None
         else:
-            size = M.fit_size(H, W, self._multiple, side=cfg.image_size)
+            size = self._static or M.fit_size(H, W, self._multiple, side=cfg.image_size)
             boxes = C.crop_box(model_mask, size, crop_padding)
             x = M.image_to_tensor(C.crop_images(img, boxes, size))  # (B, 3, h*f, w*f)
             m = C.crop_masks(model_mask, boxes, size)  # (B, 1, h*f, w*f)
@@ -382,9 +389,27 @@ class Pipeline(DiffusersAPI):
         """(B, C, H, W) padded right/bottom to the processing multiple: reflect (continues texture), or replicate
         where the pad is wider than the image (reflection cannot reach that far)."""
         H, W = x.shape[-2:]
-        Hp, Wp = M.fit_size(H, W, self._multiple)
+        Hp, Wp = self.processing_size(H, W)
         mode = "reflect" if Hp - H < H and Wp - W < W else "replicate"
         return M.pad_to_multiple(x, self._multiple, mode=mode)
+
+    def processing_size(self, H: int, W: int) -> tuple[int, int]:
+        """(H', W') px the models run for an H x W image: the next multiples of the processing multiple (8; an
+        export whose UNet needs more says so: older exports, 64). ValueError for a size this backend cannot run (an
+        export made with a fixed --size runs that size only)."""
+        size = M.fit_size(H, W, self._multiple)
+        if self._static and size != tuple(self._static):
+            sh, sw = self._static
+            raise ValueError(f"{H}x{W} (HxW) px: this export runs {sh}x{sw} images only (it was made with --size "
+                             f"{sh}x{sw}); give images of that size, or export again without --size for any size")
+        f = self.config.vae.downsample_factor
+        if size != M.fit_size(H, W, f) and size not in self._warned:
+            self._warned.add(size)
+            log.warning("%dx%d (HxW) px runs as %dx%d on this %s backend, whose UNet takes sides in multiples of %d "
+                        "px, and is cropped back: the image differs from the torch backend's for the same seed "
+                        "(an export made since takes any multiple of %d)", H, W, *size,
+                        getattr(self.backend, "name", ""), self._multiple, f)
+        return size
 
     def _encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, h, w): the posterior mean times the scaling

@@ -7,10 +7,11 @@
 
 The graphs compute in the precision they were exported in (backdrop_export.json "dtype"); inputs and outputs are
 float32 either way (export/onnx.py keeps fp16 graphs' interfaces in fp32), and every call returns float32 on
-`device`, as the contract says. A `dtype` argument is accepted for the contract's sake and does not convert
-anything: export again with --dtype to change precision. Shapes are checked against the export's interface
-before ONNX Runtime sees them, so a wrong channel count or a latent size the graph cannot run is a ValueError
-naming the graph and the dim, not an ORT stack trace.
+`device`, as the contract says. A `dtype` other than the export's is refused (nothing converts an export: export
+again with --dtype). An export made with a fixed --size runs that size only (`static_hw`). Shapes are checked
+against the export's interface before ONNX Runtime sees them, so a wrong channel count or a latent size the graph
+cannot run is a ValueError naming the graph and the dim, not an ORT stack trace; a graph file ONNX Runtime cannot
+load is a ValueError naming the file.
 
 On CPU, inputs go in and out as numpy arrays (zero-copy views of the torch tensors). On CUDA, an IOBinding binds
 torch's device buffers directly and ORT runs on torch's current stream (`user_compute_stream`), so nothing
@@ -82,6 +83,12 @@ class OnnxRuntimeBackend:
         self.tokenizer = self.export.tokenizer()
         self.device = torch.device(device or "cpu")
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16}[self.export.dtype]  # what the graphs compute in
+        if dtype is not None and dtype != self.dtype:
+            raise ValueError(f"{self.export.folder}: this export computes in {self.export.dtype}, not "
+                             f"{str(dtype).removeprefix('torch.')}; an export's precision is fixed when it is made "
+                             f"(backdrop export onnx --dtype), so leave the dtype out or export again")
+        # (height, width) in pixels of an export made with --size, else None (any size)
+        self.static_hw = tuple(self.export.manifest["static_hw"]) if self.export.manifest.get("static_hw") else None
         # latent sides must be multiples of this (8 for a dynamic-size SD UNet: export/onnx.py graph_specs)
         self.latent_multiple = self.export.specs["unet"].multiple
         # As many threads as torch uses, so that backends compare like for like (ORT's default is every core)
@@ -99,8 +106,18 @@ class OnnxRuntimeBackend:
         values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in (overrides or {}).items()}
         for name, value in values.items():
             so.add_initializer(name, value)  # replaces the graph's initializer of that name
+        if values:  # ORT_ENABLE_ALL drops the overrides of an fp16 graph on the CPU (onnxruntime 1.32: the output
+            # stays the graph's own); the level below it honours them
+            levels = ort.GraphOptimizationLevel
+            so.graph_optimization_level = getattr(levels, "ORT_ENABLE_LAYOUT", levels.ORT_ENABLE_EXTENDED)
         self._pinned[component] = values  # ORT uses override buffers in place: they must outlive the session
-        sess = ort.InferenceSession(str(self.export.files[component]), so, providers=self.providers)
+        path = self.export.files[component]
+        try:
+            sess = ort.InferenceSession(str(path), so, providers=self.providers)
+        except Exception as e:  # onnxruntime's pybind errors (InvalidProtobuf, Fail, ...) are not RuntimeErrors
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{path}: onnxruntime cannot load this graph ({why}); the file is damaged or incomplete "
+                             "(an interrupted copy, a missing model.onnx.data): export the model again") from None
         return attached(sess, self.providers, component)
 
     def refit(self, component: str = "unet", weights: dict[str, torch.Tensor] | None = None) -> None:

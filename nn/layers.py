@@ -135,7 +135,9 @@ class Upsample2D(nn.Module):
     """Nearest-neighbour 2x, then a 3x3 conv.
 
     `output_size` overrides the 2x: a UNet whose latent side is not a multiple of 2^(levels-1) has skip
-    connections of odd size, and the up path must land exactly on them (diffusers' `upsample_size`).
+    connections of odd size, and the up path must land exactly on them (diffusers' `upsample_size`). Traced for
+    ONNX, the size is always the skip's, read from the graph, so one export runs every latent size as torch does
+    (a traced 2x would be baked in, and land on the skips only at multiples of 2^(levels-1)).
     Exact 2x on CPU maps of at least `subpixel_min_pixels` runs as `upsample_conv_subpixel` (about 2x faster
     there; on smaller maps folding and re-laying the 16/9 larger weight costs more than the conv saves).
     """
@@ -148,14 +150,14 @@ class Upsample2D(nn.Module):
 
     def forward(self, x: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
         H, W = x.shape[-2:]
-        exact_2x = output_size is None or tuple(output_size) == (2 * H, 2 * W)
+        exact_2x = output_size is None or (tuple(output_size) == (2 * H, 2 * W) and not torch.jit.is_tracing())
         # CPU eager only: that is where it was measured; ONNX/TorchScript tracing keeps the plain graph.
         if exact_2x and H * W >= self.subpixel_min_pixels and x.device.type == "cpu" and not torch.jit.is_tracing():
             return upsample_conv_subpixel(x, self.conv.weight, self.conv.bias)
         if exact_2x:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:
-            x = F.interpolate(x, size=tuple(output_size), mode="nearest")
+            x = F.interpolate(x, size=output_size, mode="nearest")
         return self.conv(x)
 
 

@@ -44,7 +44,8 @@ def add_parser(subparsers) -> None:
                    help="what runs the model (default: %(default)s)")
     m.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
     m.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                   help="weight precision (default: fp16 on GPUs, bf16 on CPUs with native bf16, else fp32)")
+                   help="weight precision of --backend torch (default: fp16 on GPUs, bf16 on CPUs with native "
+                        "bf16, else fp32); an export runs in the precision it was exported in")
     add_lora_option(m)
     add_textual_inversion_option(m)
     m.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",

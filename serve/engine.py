@@ -105,6 +105,11 @@ class Engine:
     def native_size(self) -> int:
         return self.pipe.config.image_size
 
+    @property
+    def native_hw(self) -> tuple[int, int]:
+        """(H, W) px of a request that names no size: the model's native square, or an export's fixed --size."""
+        return tuple(getattr(self.pipe.backend, "static_hw", None) or (self.native_size,) * 2)
+
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         if self._thread is None:
@@ -144,16 +149,16 @@ class Engine:
 
     def _warm_up(self) -> None:
         """One-step calls through every component (text encoder, VAE encode/decode, UNet with guidance) at the
-        native size, so the first requests do not pay for lazy initialisation. On the CPU one image is enough; on
+        native size (an export's fixed size), so the first requests do not pay for lazy initialisation. On the CPU one image is enough; on
         CUDA every batch bucket up to max_batch_size runs once, capturing its UNet graph and compiling the Triton
         kernels for its batch size (the first full batch would otherwise pay several seconds for them)."""
-        n = self.native_size
+        h, w = self.native_hw
         t0 = time.perf_counter()
         sizes = warm_up_batches(torch.device(self.pipe.backend.device).type, self.config.max_batch_size)
         for b in sizes:
             if self.pipe.config.unet.in_channels == 9:
-                image = Image.new("RGB", (n, n), (128, 128, 128))
-                mask = Image.new("L", (n, n), 255)
+                image = Image.new("RGB", (w, h), (128, 128, 128))
+                mask = Image.new("L", (w, h), 255)
                 self.pipe.inpaint(image, mask=mask, prompt=["warm-up"] * b, seed=list(range(b)), steps=1,
                                   progress=False)
             else:

@@ -148,8 +148,8 @@ class _Handlers:
         build_schedule(config.sampler, config.steps, engine.pipe.config.scheduler)  # ValueError: a bad server setup
         check_clip_skip(config.clip_skip, engine.pipe.backend, "serve with --backend torch, or without --clip-skip")
         self.engine, self.config, self.metrics = engine, config, engine.metrics
-        native = engine.native_size
-        self.buckets = size_buckets(native)
+        native, static = engine.native_size, getattr(engine.pipe.backend, "static_hw", None)
+        self.buckets = size_buckets(native) if static is None else {f"{static[1]}x{static[0]}": tuple(static)}
         self.max_pixels = config.max_image_pixels or (4 * native) ** 2
         self.files = FileStore(config.file_ttl, config.max_files)
         self.created = int(time.time())  # the model's `created` in /v1/models: loaded just before the app is made
@@ -172,6 +172,14 @@ class _Handlers:
             raise APIError(400, f"size {shown(value)} is not served by this model; use auto or one of "
                            f"{', '.join(self.buckets)}", param="size", code="invalid_size")
         return self.buckets[value]
+
+    def _runs(self, hw: tuple[int, int]) -> None:
+        """The image's size is one the backend runs (an export made with a fixed --size runs that size only): else
+        the client's 400 here, not the batch's 500 later."""
+        try:
+            self.engine.pipe.processing_size(*hw)
+        except ValueError as e:
+            raise APIError(400, f"image: {e}", param="image", code="invalid_size") from None
 
     def _n(self, value) -> int:
         n = number(value, "n", 1, self.config.max_n, 1, int)
@@ -312,6 +320,7 @@ class _Handlers:
         if size not in (None, "auto", f"{hw[1]}x{hw[0]}"):  # any image size is served; size may only repeat it
             raise APIError(400, f"size {shown(size)} differs from the image's {hw[1]}x{hw[0]}; edits keep the "
                            "image's size (send size=auto or leave it out)", param="size", code="invalid_size")
+        self._runs(hw)
         cfg = self.config
         key = self._key("inpaint", hw, cfg.steps, cfg.sampler, guidance_scale=cfg.guidance_scale, mask_blur=0.0)
         items = [Item(prompt, seed + j, negative, 1.0, image, repaint) for j in range(n)]
@@ -322,7 +331,7 @@ class _Handlers:
         f = await self._json(request)
         check_fields(f, GENERATE_FIELDS, GENERATE_IGNORED)
         prompt, negative = text(f.get("prompt"), "prompt", True), text(f.get("negative_prompt"), "negative_prompt")
-        n, hw = self._n(f.get("n")), self._size(f.get("size")) or (self.engine.native_size,) * 2
+        n, hw = self._n(f.get("n")), self._size(f.get("size")) or self.engine.native_hw
         seed = self._seed(f.get("seed"), n)
         fmt = choice(f.get("response_format"), "response_format", ("b64_json", "url"), "b64_json")
         cfg = self.config
@@ -380,6 +389,8 @@ class _Handlers:
             return image.convert("RGB"), repaint_mask(kind, decode_image(mask_bytes, kind, self.max_pixels), hw,
                                                        kind)
         image, repaint = await run_in_threadpool(decode)
+        if options["crop_padding"] is None:  # a crop runs at the model's (or the export's) own size
+            self._runs((image.height, image.width))
         key = self._key("inpaint", (image.height, image.width), steps, sampler, **options)
         items = [Item(prompt, seed + j, negative, strength, image, repaint) for j in range(n)]
         images = await self._run(request, key, items, timeout)
