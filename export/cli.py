@@ -10,6 +10,7 @@ User errors (a missing model, a bad bucket, a graph that fails its check) are on
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 from backdrop.cli import CLIError, parse_device
@@ -22,7 +23,7 @@ def _output_options() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR",
                    help="the folder to write: a new or empty one, or an earlier output of the same command, "
                         "which is replaced whole once everything in it has been built and checked (any other "
-                        "folder is refused)")
+                        "folder, or one holding files the command did not write, is refused)")
     return p
 
 
@@ -44,10 +45,11 @@ def add_parser(subparsers) -> None:
     onnx.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
                       help="weight precision of the graphs; inputs and outputs stay fp32 (default: %(default)s)")
     onnx.add_argument("--size", metavar="HxW", default=None,
-                      help="fix the image size in pixels (e.g. 512x512); default: any size (images whose sides "
-                           "are multiples of 64 px)")
+                      help="fix the image size in pixels (e.g. 512x512); default: any size, as with torch")
     onnx.add_argument("--components", nargs="+", metavar="NAME", default=None,
-                      help="export only these: text_encoder unet vae_encoder vae_decoder (default: all four)")
+                      help="export only these: text_encoder unet vae_encoder vae_decoder (default: all four). "
+                           "Neither backend nor `export tensorrt` runs a folder without all four: it is for "
+                           "inspecting graphs, or for build_engines(components=) in Python")
     onnx.add_argument("--opset", type=int, default=17, metavar="N",
                       help="ONNX opset, 17 to 20 (default: %(default)s, which TensorRT 10 and ONNX Runtime 1.14+ "
                            "read)")
@@ -93,13 +95,33 @@ def _size(text: str | None) -> tuple[int, int] | None:
     return hw
 
 
-def _check_out(out: str, manifest: str, what: str, components) -> None:
+def _check_out(out: str, manifest: str, what: str, components, layout: dict) -> None:
+    """Refuse `--out` before minutes of work: a folder that may not be replaced, or a place nothing can be written."""
     from backdrop.export.onnx_folder import check_replaceable
 
     try:
-        check_replaceable(Path(out), manifest, what, components)
+        check_replaceable(Path(out), manifest, what, components, layout)
     except (ValueError, OSError) as e:
         raise CLIError(f"--out {e}") from None
+    _check_writable(out)
+
+
+def _check_writable(out: str) -> None:
+    """Make (and remove) a folder in the nearest existing folder above `out`, where the command will make its own
+    (the temporary one next to `out`, and any missing folders on the way)."""
+    parent = Path(out).resolve().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise CLIError(f"--out {out}: {existing} is a file, not a folder")
+    try:
+        Path(tempfile.mkdtemp(prefix=".backdrop-probe-", dir=existing)).rmdir()
+    except OSError as e:
+        raise CLIError(_out_error(out, e)) from None
+
+
+def _out_error(out: str, e: OSError) -> str:
+    """One line naming --out and the user's path (not a temporary folder's), for a filesystem error writing it."""
+    return f"--out {out}: cannot write there ({e.strerror or e})"
 
 
 def _components(names: list[str] | None) -> tuple[str, ...]:
@@ -114,14 +136,14 @@ def _components(names: list[str] | None) -> tuple[str, ...]:
 def _onnx(args) -> int:
     import torch
 
-    from backdrop.export.onnx import MANIFEST, OPSETS, ExportError, export_onnx
+    from backdrop.export.onnx import MANIFEST, OPSETS, ExportError, export_layout, export_onnx
     from backdrop.nn.checkpoint import load_model
     from backdrop.nn.resolve import resolve_model
 
     static_hw, components, device = _size(args.size), _components(args.components), parse_device(args.device)
     if args.opset not in OPSETS:
         raise CLIError(f"--opset {args.opset}: choose {OPSETS[0]} to {OPSETS[-1]}")
-    _check_out(args.out, MANIFEST, "a Backdrop ONNX export", components)  # before minutes of loading and export
+    _check_out(args.out, MANIFEST, "a Backdrop ONNX export", components, export_layout())  # before loading
     try:
         model = load_model(resolve_model(args.model), dtype=torch.float32, device=device)
     except (OSError, ValueError, RuntimeError) as e:  # missing files, CheckpointError
@@ -130,7 +152,9 @@ def _onnx(args) -> int:
         path = export_onnx(model, args.out, dtype=args.dtype, static_hw=static_hw, components=components,
                            opset=args.opset, external_data=True if args.external_data else None,
                            progress=not args.quiet)
-    except (ExportError, ValueError, OSError) as e:
+    except OSError as e:  # the model is loaded: writing --out failed (full disk, permissions changed)
+        raise CLIError(_out_error(args.out, e)) from None
+    except (ExportError, ValueError) as e:
         raise CLIError(str(e)) from None
     print(path)
     return 0
@@ -138,11 +162,11 @@ def _onnx(args) -> int:
 
 def _tensorrt(args) -> int:
     from backdrop.export.onnx_folder import COMPONENTS
-    from backdrop.export.tensorrt import TRT_MANIFEST, BuildError, build_engines, parse_bucket
+    from backdrop.export.tensorrt import TRT_MANIFEST, BuildError, build_engines, parse_bucket, trt_layout
 
     if not args.workspace_gb > 0:
         raise CLIError(f"--workspace-gb {args.workspace_gb}: must be > 0")
-    _check_out(args.out, TRT_MANIFEST, "a Backdrop TensorRT folder", COMPONENTS)
+    _check_out(args.out, TRT_MANIFEST, "a Backdrop TensorRT folder", COMPONENTS, trt_layout())
     try:
         buckets = [parse_bucket(b) for b in args.bucket] if args.bucket else None
         path = build_engines(args.onnx_dir, args.out, buckets=buckets, precision=args.precision,

@@ -48,7 +48,8 @@ from torch import nn
 
 # The folder's format lives in onnx_folder.py (its readers need no exporter); the public names stay importable here.
 from backdrop.export.onnx_folder import (COMPONENTS, FORMAT, MANIFEST, GraphSpec, OnnxExport,  # noqa: F401
-                                         check_replaceable, digest, graph_specs, load_export, write_json)
+                                         check_replaceable, digest, export_layout, graph_specs, load_export,
+                                         swap_in, write_json)
 from backdrop.nn.checkpoint import Model, config_to_dict, diffusers_configs
 from backdrop.nn.config import ModelConfig
 
@@ -112,6 +113,15 @@ def graph_modules(model: Model) -> dict[str, nn.Module]:
     """The torch module behind each graph; its forward takes the graph's inputs in order."""
     return {"text_encoder": _TextEncoder(model.text_encoder), "unet": model.unet,
             "vae_encoder": _VAEEncoder(model.vae), "vae_decoder": _VAEDecoder(model.vae)}
+
+
+def component_module(module: nn.Module) -> nn.Module:
+    """The model component behind a graph module (the text encoder or VAE a wrapper above holds, else the module
+    itself): weight maps use its state_dict keys, the ones a refit is given (model.text_encoder.state_dict())."""
+    if isinstance(module, (_TextEncoder, _VAEEncoder, _VAEDecoder)):
+        (inner,) = module.children()
+        return inner
+    return module
 
 
 def sample_inputs(spec: GraphSpec, cfg: ModelConfig, batch: int, latent_hw: tuple[int, int],
@@ -273,17 +283,19 @@ def weight_map(proto, module: nn.Module) -> dict:
     {"initializers": {name: {"keys": [state_dict keys], "transpose": bool, "shape": [...], "dtype": ...}},
      "folded": {key: digest}}: the float weights no initializer holds, with a digest of their export-time value.
     Matched by content (shape without its 1s + digest), because the tracer renames what it folds (a Linear
-    weight becomes "onnx::MatMul_123", transposed; a GroupNorm weight (C, 1, 1)). Keys with equal values share
-    one initializer (the exporter stores equal tensors once). A weight can vanish: onnxslim drops an Add of
-    zeros or a Mul by ones, which random inits are full of (never trained checkpoints)."""
+    weight becomes "onnx::MatMul_123", transposed; a GroupNorm weight (C, 1, 1); a 1x1 conv used as a Linear,
+    SD1's proj_in/proj_out (C, C, 1, 1), a transposed (C, C)). Keys with equal values share one initializer (the
+    exporter stores equal tensors once). A weight can vanish: the graph may not use it (the VAE decoder's graph
+    holds no encoder weight), or onnxslim drops an Add of zeros or a Mul by ones, which random inits are full of."""
     from onnx import numpy_helper
 
     table: dict[tuple, list[tuple[str, bool]]] = {}
     arrays = {k: t.detach().float().cpu().numpy() for k, t in module.state_dict().items() if t.is_floating_point()}
     for key, a in arrays.items():
         table.setdefault((a.squeeze().shape, digest(a)), []).append((key, False))
-        if a.ndim == 2:
-            table.setdefault((a.T.squeeze().shape, digest(a.T)), []).append((key, True))
+        if a.squeeze().ndim == 2:  # a Linear's (out, in), or a 1x1 conv's (out, in, 1, 1) used as one
+            t = a.squeeze().T
+            table.setdefault((t.shape, digest(t)), []).append((key, True))
     inits = {}
     for init in proto.graph.initializer:
         if init.data_type != 1:  # float32 only: the map is built on the fp32 graph
@@ -346,7 +358,7 @@ def export_component(spec: GraphSpec, module: nn.Module, cfg: ModelConfig, path,
         raw = Path(tmp) / "raw.onnx"
         _trace(spec.name, module, spec, sample_inputs(spec, cfg, _TRACE_BATCH, base, seed=1), raw, opset)
         proto = _slim(onnx.load(str(raw)))
-    weights = weight_map(proto, module)
+    weights = weight_map(proto, component_module(module))
     graphs = {"fp32": proto} | ({"fp16": _to_fp16(proto)} if dtype == "fp16" else {})
     for t in graphs[dtype].graph.initializer:  # the fp16 converter keeps initializer names
         if t.name in weights["initializers"]:
@@ -397,8 +409,8 @@ def export_onnx(model: Model, out, *, dtype: str = "fp32", static_hw: tuple[int,
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown or not components:
         raise ValueError(f"components {list(components)}: choose from {', '.join(COMPONENTS)}")
-    out = Path(out)
-    check_replaceable(out, MANIFEST, "a Backdrop ONNX export", components)
+    out = Path(out).resolve()  # "." and ".." have no name to build the temporary folders' names from
+    check_replaceable(out, MANIFEST, "a Backdrop ONNX export", components, export_layout())
     cfg, specs, modules = model.config, graph_specs(model.config, static_hw), graph_modules(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -416,13 +428,7 @@ def export_onnx(model: Model, out, *, dtype: str = "fp32", static_hw: tuple[int,
                                      "static_hw": list(static_hw) if static_hw else None,
                                      "versions": _versions(), "components": entries})
         _usual_permissions(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        swap_in(tmp, out, MANIFEST)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,11 +1,14 @@
 """The ONNX export folder's format, shared by the exporter (export/onnx.py) and its readers (the onnxruntime and
 TensorRT backends): the manifest's names, each graph's interface (GraphSpec, graph_specs), the fingerprint of
-folded weights in weights.json (digest), and reading a folder back (load_export)."""
+folded weights in weights.json (digest), reading a folder back (load_export, component_keys), and what a writer
+may replace (check_replaceable, export_layout, swap_in)."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from backdrop.nn.config import ModelConfig, SchedulerConfig
 from backdrop.nn.tokenizer import Tokenizer
 
 __all__ = ["COMPONENTS", "MANIFEST", "FORMAT", "GraphSpec", "graph_specs", "vae_decoder_inputs", "digest",
-           "OnnxExport", "load_export", "check_replaceable"]
+           "OnnxExport", "load_export", "check_replaceable", "export_layout", "component_keys", "swap_in"]
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 MANIFEST = "backdrop_export.json"
@@ -78,9 +81,10 @@ class GraphSpec:
 def graph_specs(cfg: ModelConfig, static_hw: tuple[int, int] | None = None) -> dict[str, GraphSpec]:
     """The four graphs' interfaces. static_hw: fixed (height, width) in pixels, else dynamic spatial dims.
 
-    A dynamic UNet runs latent sides that are multiples of 2^(levels-1) (8 for SD: images multiples of 64 px),
-    as diffusers' and optimum's ONNX/TensorRT exports do: the tracer bakes the up path's upsampling in as a
-    constant 2x, which lands on the skip connections only when no stride-2 conv rounded an odd side up.
+    A dynamic UNet runs every latent size, as the torch UNet does: traced, its up path upsamples to the skip
+    connection's size read from the graph (nn/layers.py Upsample2D), where diffusers' and optimum's exports bake in
+    a 2x that lands on the skips only at multiples of 2^(levels-1) (images multiples of 64 px for SD). Exports made
+    before say so in their manifest (`multiple` 8), and callers pad to it.
     A mask-conditioned VAE's decoder also takes the inpainting condition, image and mask, at the image's size."""
     f, L, C = cfg.vae.downsample_factor, cfg.text.max_position_embeddings, cfg.text.hidden_size
     if static_hw is not None and (static_hw[0] % f or static_hw[1] % f):
@@ -97,7 +101,7 @@ def graph_specs(cfg: ModelConfig, static_hw: tuple[int, int] | None = None) -> d
         "unet": GraphSpec("unet", (("sample", ("batch", cin, h, w)), ("timestep", ("batch",)),
                                    ("encoder_hidden_states", ("batch", L, C))),
                           (("out_sample", ("batch", cfg.unet.out_channels, h, w)),),
-                          1 if static_hw else 2 ** (len(cfg.unet.block_out_channels) - 1), f),
+                          1, f),
         "vae_encoder": GraphSpec("vae_encoder", (("sample", ("batch", cfg.vae.in_channels, H, W)),),
                                  (("latent_mean", ("batch", lat, h, w)),), 1, f),
         "vae_decoder": GraphSpec("vae_decoder", decoder_in,
@@ -147,10 +151,35 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def check_replaceable(out: Path, manifest: str, what: str, components) -> None:
+# A folder layout: {name: FILE, ANY (a folder whose contents are not checked) or a nested layout}
+FILE, ANY = "file", "any"
+
+
+def export_layout() -> dict:
+    """Every file and folder export_onnx writes (graphs' model.onnx.data only above 2 GB or when asked)."""
+    graph = {"model.onnx": FILE, "model.onnx.data": FILE, "weights.json": FILE}
+    return {MANIFEST: FILE, "model_config.json": FILE, "tokenizer": ANY,
+            "scheduler": {"scheduler_config.json": FILE}} | {c: graph for c in COMPONENTS}
+
+
+def foreign_entries(folder: Path, layout: dict) -> list[str]:
+    """What `folder` holds that `layout` does not name (links included: a writer makes none), relative to
+    `folder`, a folder's name ending in "/"."""
+    found = []
+    for path in sorted(folder.iterdir()):
+        want, is_dir = layout.get(path.name), path.is_dir() and not path.is_symlink()
+        if isinstance(want, dict) and is_dir:
+            found += [f"{path.name}/{name}" for name in foreign_entries(path, want)]
+        elif path.is_symlink() or want is None or (want == FILE) == is_dir:
+            found.append(path.name + ("/" if is_dir else ""))
+    return found
+
+
+def check_replaceable(out: Path, manifest: str, what: str, components, layout: dict) -> None:
     """Refuse to replace `out` unless it is missing, empty, or an earlier folder of the same kind (it holds
-    `manifest`) whose components are all being written again: never another folder's files (a model, the ONNX
-    export an engine is built from, the working folder), never a graph the new folder would not have."""
+    `manifest`) whose components are all being written again and which holds nothing but what such a writer
+    writes (`layout`): never another folder's files (a model, the ONNX export an engine is built from, the working
+    folder), never a graph the new folder would not have, never a file put there since (notes, engines)."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     if not (out / manifest).is_file():
@@ -159,6 +188,28 @@ def check_replaceable(out: Path, manifest: str, what: str, components) -> None:
     if dropped:
         raise ValueError(f"{out}: holds {what} with {', '.join(dropped)} too, which writing only "
                          f"{', '.join(components)} would delete; write those as well, or choose another folder")
+    foreign = foreign_entries(out, layout)
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise ValueError(f"{out}: holds {', '.join(foreign[:3])}{more} besides {what}; replacing the folder "
+                         f"would delete them: move them out, or choose another folder")
+
+
+def swap_in(tmp: Path, out: Path, manifest: str) -> None:
+    """Put the finished folder `tmp` (a sibling of `out`) at `out`. An earlier folder (check_replaceable) is swapped
+    out whole, then deleted; an empty one is filled in place, `manifest` last (it may be a shell's working folder:
+    `--out .`)."""
+    if out.is_dir() and not any(out.iterdir()):
+        for path in sorted(tmp.iterdir(), key=lambda p: p.name == manifest):
+            os.replace(path, out / path.name)
+        tmp.rmdir()
+    elif out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
 
 
 @dataclass(frozen=True)
@@ -175,24 +226,62 @@ class OnnxExport:
         return Tokenizer.from_folder(self.folder / "tokenizer")
 
     def weight_map(self, component: str) -> dict:
-        return read_json(self.files[component].parent / "weights.json")
+        return component_keys(component, read_json(self.files[component].parent / "weights.json"))
+
+
+# Exports made before weight maps held the component's own keys prefixed them with export_onnx's graph wrappers'
+# attribute names (text_encoder.text_model..., vae.decoder...).
+_OLD_PREFIXES = {"text_encoder": "text_encoder.", "vae_encoder": "vae.", "vae_decoder": "vae."}
+
+
+def component_keys(component: str, wmap: dict) -> dict:
+    """`wmap` (a weights.json) keyed by the component's own state_dict keys, as refits give them; an older
+    export's prefixed keys are stripped (no key of the text encoder or VAE itself starts with its prefix)."""
+    prefix = _OLD_PREFIXES.get(component)
+    keys = [k for e in wmap["initializers"].values() for k in e["keys"]] + list(wmap["folded"])
+    if prefix is None or not keys or not all(k.startswith(prefix) for k in keys):
+        return wmap
+    inits = {name: e | {"keys": [k[len(prefix):] for k in e["keys"]]} for name, e in wmap["initializers"].items()}
+    return wmap | {"initializers": inits, "folded": {k[len(prefix):]: d for k, d in wmap["folded"].items()}}
+
+
+def beside(folder: Path, suffix: str) -> Path:
+    """A new folder next to `folder`, named after it: models/sd15 -> models/sd15-onnx (. -> ../NAME-onnx)."""
+    folder = folder if folder.name else folder.resolve()
+    return folder.with_name(folder.name + suffix)
+
+
+def not_an_export(folder: Path) -> str:
+    """Why `folder` (no manifest) is not an export, and the command that makes one it can be given."""
+    if (folder / "model_index.json").is_file() and (folder / "unet" / "model.onnx").is_file():
+        return (f"an Optimum ONNX folder (ORTStableDiffusionPipeline), which Backdrop does not run; export the "
+                f"diffusers model it came from with `backdrop export onnx MODEL --out {beside(folder, '-backdrop')}`")
+    if (folder / "model_index.json").is_file() or folder.is_file():
+        return (f"a model, not a Backdrop ONNX export; export it with `backdrop export onnx {folder} --out "
+                f"{beside(folder.with_suffix('') if folder.is_file() else folder, '-onnx')}`")
+    out = beside(folder, "-onnx") if folder.exists() else folder
+    return f"not a Backdrop ONNX export (no {MANIFEST}); make one with `backdrop export onnx MODEL --out {out}`"
 
 
 def load_export(folder, require: tuple[str, ...] = COMPONENTS) -> OnnxExport:
     """Read an export folder written by export_onnx; every component in `require` must be there."""
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
-        raise FileNotFoundError(f"{folder}: not a Backdrop ONNX export (no {MANIFEST}); make one with "
-                                f"`backdrop export onnx MODEL --out {folder}`")
+        raise FileNotFoundError(f"{folder}: {not_an_export(folder)}")
     manifest = read_json(folder / MANIFEST)
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, this Backdrop reads format "
                          f"{FORMAT}; export the model again")
     entries = manifest.get("components", {})
-    missing = [c for c in require if c not in entries or not (folder / entries[c]["file"]).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{folder}: the export has no {', '.join(missing)} graph (it holds "
-                                f"{', '.join(entries) or 'none'}); export those components too")
+    absent = [c for c in require if c not in entries]
+    if absent:
+        raise FileNotFoundError(f"{folder}: the export has no {', '.join(absent)} graph (it holds "
+                                f"{', '.join(entries) or 'none'}: made with --components); export all four "
+                                f"components again, without --components")
+    lost = [folder / entries[c]["file"] for c in require if not (folder / entries[c]["file"]).is_file()]
+    if lost:
+        raise FileNotFoundError(f"{', '.join(map(str, lost))} {'is' if len(lost) == 1 else 'are'} missing; the "
+                                f"export is incomplete: export again")
     d = read_json(folder / "model_config.json")
     sched = read_json(folder / "scheduler" / "scheduler_config.json")
     try:

@@ -106,10 +106,9 @@ class OnnxRuntimeBackend:
         values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in (overrides or {}).items()}
         for name, value in values.items():
             so.add_initializer(name, value)  # replaces the graph's initializer of that name
-        if values:  # ORT_ENABLE_ALL drops the overrides of an fp16 graph on the CPU (onnxruntime 1.32: the output
-            # stays the graph's own); the level below it honours them
-            levels = ort.GraphOptimizationLevel
-            so.graph_optimization_level = getattr(levels, "ORT_ENABLE_LAYOUT", levels.ORT_ENABLE_EXTENDED)
+        if values:  # above ORT_ENABLE_EXTENDED the CPU provider keeps the graph's own Conv weights, and every
+            # weight of an fp16 graph, whatever the overrides say (onnxruntime 1.32): a refit would change nothing
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         self._pinned[component] = values  # ORT uses override buffers in place: they must outlive the session
         path = self.export.files[component]
         try:

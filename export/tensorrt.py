@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backdrop.export.onnx_folder import COMPONENTS, GraphSpec, check_replaceable, load_export, vae_decoder_inputs
+from backdrop.export.onnx_folder import (ANY, COMPONENTS, FILE, MANIFEST, GraphSpec, beside, check_replaceable,
+                                         component_keys, load_export, swap_in, vae_decoder_inputs)
 from backdrop.export.trt_plan import (BuildError, Profile, Range, RefitError, ShapeBucket, ShapeError,
                                       default_buckets, parse_bucket, precision_plan, profiles_for, refit_arrays,
                                       select_profile)
@@ -31,6 +32,14 @@ __all__ = ["Range", "ShapeBucket", "Profile", "ShapeError", "RefitError", "Build
 
 TRT_MANIFEST = "backdrop_tensorrt.json"
 REFITTABLE = ("text_encoder", "unet")  # what LoRAs patch; the VAE engines are built without the REFIT flag
+
+
+def trt_layout() -> dict:
+    """Every file and folder build_engines writes."""
+    refit = {"weights.json": FILE, "refit_base.safetensors": FILE}
+    return ({TRT_MANIFEST: FILE, "model_config.json": FILE, "timing.cache": FILE, "tokenizer": ANY,
+             "scheduler": {"scheduler_config.json": FILE}} | {f"{c}.plan": FILE for c in COMPONENTS}
+            | {c: refit for c in REFITTABLE})
 
 
 def _trt():
@@ -91,8 +100,8 @@ def build_engines(onnx_dir, out, buckets: list[ShapeBucket] | None = None, preci
     export = load_export(onnx_dir, require=components)
     buckets = buckets or default_buckets(export.config)
     profiles = {c: profiles_for(export.specs[c], export.config, buckets) for c in components}  # fail before building
-    out = Path(out)
-    check_replaceable(out, TRT_MANIFEST, "a Backdrop TensorRT folder", components)  # e.g. not ONNX_DIR itself
+    out = Path(out).resolve()  # "." has no name to build the temporary folder's name from
+    check_replaceable(out, TRT_MANIFEST, "a Backdrop TensorRT folder", components, trt_layout())  # not ONNX_DIR
     trt = _trt()
     major = int(trt.__version__.split(".")[0])
     cc = torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
@@ -122,9 +131,7 @@ def build_engines(onnx_dir, out, buckets: list[ShapeBucket] | None = None, preci
             "format": 1, "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(), "compute_capability": cc,
             "precision": precision, "strongly_typed": typed, "onnx_export": str(Path(onnx_dir).resolve()),
             "buckets": [asdict(b) for b in buckets], "components": entries}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        swap_in(tmp, out, TRT_MANIFEST)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -140,6 +147,15 @@ def _initializers(onnx_path: Path) -> dict[str, np.ndarray]:
     proto = onnx.load(str(onnx_path))  # external data included
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
     return {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if t.data_type in floats}
+
+
+def _build_hint(folder: Path) -> str:
+    """How to make a TensorRT folder for the backend given `folder`; engines never go into an ONNX export."""
+    if (folder / MANIFEST).is_file():
+        return (f"it is an ONNX export: run it with --backend onnxruntime, or build engines from it with "
+                f"`backdrop export tensorrt {folder} --out {beside(folder, '-trt')}`")
+    out = beside(folder, "-trt") if folder.exists() else folder
+    return f"build one with `backdrop export tensorrt ONNX_DIR --out {out}`"
 
 
 class Engine:
@@ -245,8 +261,8 @@ class TensorRTBackend:
 
         folder = Path(folder)
         if not (folder / TRT_MANIFEST).is_file():
-            raise FileNotFoundError(f"{folder}: not a Backdrop TensorRT folder (no {TRT_MANIFEST}); build one with "
-                                    f"`backdrop export tensorrt ONNX_DIR --out {folder}`")
+            raise FileNotFoundError(f"{folder}: not a Backdrop TensorRT folder (no {TRT_MANIFEST}); "
+                                    f"{_build_hint(folder)}")
         self.device = torch.device(device or "cuda")
         if self.device.type != "cuda":
             raise ValueError(f"the tensorrt backend runs on CUDA devices, not {self.device}")
@@ -295,6 +311,6 @@ class TensorRTBackend:
                              f"{', '.join(c for c, e in self.manifest['components'].items() if e['refittable'])})")
         if component not in self._base:
             self._base[component] = load_file(str(self.folder / component / "refit_base.safetensors"))
-        wmap = json.loads((self.folder / component / "weights.json").read_text())
+        wmap = component_keys(component, json.loads((self.folder / component / "weights.json").read_text()))
         arrays = self._base[component] if weights is None else refit_arrays(wmap, weights)
         self.engines[component].refit(arrays, self._base[component])

@@ -220,8 +220,9 @@ def refit_arrays(weight_map: dict, weights: dict[str, torch.Tensor]) -> dict[str
     unknown = [k for k in weights if k not in owner and k not in folded]
     changed = [k for k in weights if k in folded and digest(weights[k].detach().float().cpu().numpy()) != folded[k]]
     for keys, why in ((unknown, "are not weights of this component"),
-                      (changed, "were folded into constants at export (an Add of zeros or Mul by ones is dropped), "
-                                "so only their export-time values can be given; export the changed model instead")):
+                      (changed, "are not among this graph's weights (unused by it, e.g. the VAE encoder's in the "
+                                "decoder, or folded into constants at export, e.g. a zero bias), so only their "
+                                "export-time values can be given; export the changed model instead")):
         if keys:
             more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
             raise RefitError(f"{', '.join(keys[:5])}{more}: {why}")

@@ -14,10 +14,10 @@ from onnx import numpy_helper
 from torch import nn
 
 from backdrop.export import onnx as E
-from backdrop.export.onnx_folder import vae_decoder_inputs
-from backdrop.export.tensorrt import (Profile, Range, RefitError, ShapeBucket, ShapeError, TensorRTBackend,
-                                      build_engines, default_buckets, parse_bucket, precision_plan, profiles_for,
-                                      refit_arrays, select_profile)
+from backdrop.export.onnx_folder import component_keys, vae_decoder_inputs
+from backdrop.export.tensorrt import (TRT_MANIFEST, Profile, Range, RefitError, ShapeBucket, ShapeError,
+                                      TensorRTBackend, build_engines, default_buckets, parse_bucket, precision_plan,
+                                      profiles_for, refit_arrays, select_profile)
 from backdrop.nn.config import PRESETS
 
 SD15 = PRESETS["sd15-inpaint"]
@@ -55,8 +55,10 @@ def test_profiles_derive_each_graphs_batch_and_sizes():
     text = profiles_for(specs["text_encoder"], SD15, [parse_bucket("512"), parse_bucket("768")])
     assert len(text) == 1 and text[0].shapes == (("input_ids", (1, 77), (2, 77), (8, 77)),)  # merged: no h/w
     assert Profile.from_json(unet[1].to_json()) == unet[1]
-    with pytest.raises(ValueError, match="multiples of 64 px"):  # the dynamic UNet's 2x upsampling rule
-        profiles_for(specs["unet"], SD15, [parse_bucket("520")])
+    assert profiles_for(specs["unet"], SD15, [parse_bucket("520")])[0].shapes[0][1] == (1, 9, 65, 65)  # any size
+    older = dataclasses.replace(specs["unet"], multiple=8)  # an export whose UNet baked in a 2x upsampling
+    with pytest.raises(ValueError, match="multiples of 64 px"):
+        profiles_for(older, SD15, [parse_bucket("520")])
     with pytest.raises(ValueError, match="multiples of 8 px"):
         profiles_for(specs["vae_decoder"], SD15, [parse_bucket("516")])
     static = E.graph_specs(SD15, static_hw=(512, 512))
@@ -243,10 +245,32 @@ def test_refit_arrays_follow_new_weights_and_refuse_what_cannot_fit(exported_blo
 
 
 def test_folders_that_are_not_exports_are_named(tmp_path):
+    """The hints name a folder the command accepts: engines never go into the ONNX export (refused)."""
     with pytest.raises(FileNotFoundError, match="not a Backdrop TensorRT folder"):
         TensorRTBackend(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a Backdrop ONNX export"):
         build_engines(tmp_path, tmp_path / "trt")
+    onnx_dir = tmp_path / "sd-onnx"
+    onnx_dir.mkdir()
+    (onnx_dir / E.MANIFEST).write_text("{}")
+    with pytest.raises(FileNotFoundError) as e:
+        TensorRTBackend(onnx_dir)
+    assert str(e.value).endswith(f"it is an ONNX export: run it with --backend onnxruntime, or build engines from it "
+                                 f"with `backdrop export tensorrt {onnx_dir} --out {onnx_dir}-trt`")
+
+
+@pytest.mark.parametrize("component, prefix", [("text_encoder", "text_encoder."), ("vae_decoder", "vae."),
+                                               ("vae_encoder", "vae.")])
+def test_weight_maps_of_older_exports_take_the_components_own_keys(exported_block, component, prefix):
+    """Exports made before weights.json held a component's own keys prefixed them with the graph wrapper's
+    attribute; reading one (the ONNX Runtime and TensorRT refits) strips it, so refit_arrays takes the keys of
+    text_encoder.state_dict() / vae.state_dict() either way. Current maps and the UNet's are read as they are."""
+    block, _, wmap = exported_block
+    old = {"initializers": {n: e | {"keys": [prefix + k for k in e["keys"]]} for n, e in wmap["initializers"].items()},
+           "folded": {prefix + k: d for k, d in wmap["folded"].items()}}
+    assert component_keys(component, old) == wmap
+    assert component_keys(component, wmap) == wmap and component_keys("unet", old) == old
+    assert refit_arrays(component_keys(component, old), block.state_dict())
 
 
 def test_build_never_replaces_a_folder_that_is_not_an_engine_folder(tmp_path, capsys):
@@ -267,3 +291,11 @@ def test_build_never_replaces_a_folder_that_is_not_an_engine_folder(tmp_path, ca
         assert f"--out {out}: exists and is not a Backdrop TensorRT folder" in capsys.readouterr().err
     assert sorted(p.name for p in onnx_dir.rglob("*")) == before
     assert (tmp_path / "work" / "notes.txt").read_text() == "keep me"
+    # an earlier engine folder is replaced, but not with files in it the build did not write
+    trt = tmp_path / "trt"
+    (trt / "unet").mkdir(parents=True)
+    for name in (TRT_MANIFEST, "unet.plan", "unet/weights.json", "timing.cache", "notes.txt"):
+        (trt / name).write_text("{}")
+    assert main(["export", "tensorrt", str(onnx_dir), "--out", str(trt)]) == 2
+    assert f"--out {trt}: holds notes.txt besides a Backdrop TensorRT folder" in capsys.readouterr().err
+    assert (trt / "notes.txt").is_file()
