@@ -20,7 +20,8 @@ from backdrop.nn.config import ModelConfig, SchedulerConfig
 from backdrop.nn.tokenizer import Tokenizer
 
 __all__ = ["COMPONENTS", "MANIFEST", "FORMAT", "GraphSpec", "graph_specs", "vae_decoder_inputs", "digest",
-           "OnnxExport", "load_export", "check_replaceable", "export_layout", "component_keys", "swap_in"]
+           "OnnxExport", "load_export", "check_replaceable", "export_layout", "component_keys", "swap_in",
+           "check_dtype"]
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 MANIFEST = "backdrop_export.json"
@@ -243,6 +244,14 @@ def component_keys(component: str, wmap: dict) -> dict:
         return wmap
     inits = {name: e | {"keys": [k[len(prefix):] for k in e["keys"]]} for name, e in wmap["initializers"].items()}
     return wmap | {"initializers": inits, "folded": {k[len(prefix):]: d for k, d in wmap["folded"].items()}}
+
+
+def check_dtype(folder: Path, precision: str, own: torch.dtype, asked: torch.dtype | None, remake: str) -> None:
+    """An export's precision is fixed when it is made: a backend asked for another refuses (it would not convert)."""
+    if asked is not None and asked != own:
+        raise ValueError(f"{folder}: this export computes in {precision}, not {str(asked).removeprefix('torch.')}; "
+                         f"an export's precision is fixed when it is made ({remake}), so leave the dtype out or "
+                         "export again")
 
 
 def beside(folder: Path, suffix: str) -> Path:

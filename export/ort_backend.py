@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from backdrop.export.onnx_folder import COMPONENTS, OnnxExport, load_export, vae_decoder_inputs
+from backdrop.export.onnx_folder import COMPONENTS, OnnxExport, check_dtype, load_export, vae_decoder_inputs
 from backdrop.export.trt_plan import refit_arrays
 from backdrop.nn.config import ModelConfig
 
@@ -83,10 +83,7 @@ class OnnxRuntimeBackend:
         self.tokenizer = self.export.tokenizer()
         self.device = torch.device(device or "cpu")
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16}[self.export.dtype]  # what the graphs compute in
-        if dtype is not None and dtype != self.dtype:
-            raise ValueError(f"{self.export.folder}: this export computes in {self.export.dtype}, not "
-                             f"{str(dtype).removeprefix('torch.')}; an export's precision is fixed when it is made "
-                             f"(backdrop export onnx --dtype), so leave the dtype out or export again")
+        check_dtype(self.export.folder, self.export.dtype, self.dtype, dtype, "backdrop export onnx --dtype")
         # (height, width) in pixels of an export made with --size, else None (any size)
         self.static_hw = tuple(self.export.manifest["static_hw"]) if self.export.manifest.get("static_hw") else None
         # latent sides must be multiples of this (8 for a dynamic-size SD UNet: export/onnx.py graph_specs)

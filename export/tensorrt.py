@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backdrop.export.onnx_folder import (ANY, COMPONENTS, FILE, MANIFEST, GraphSpec, beside, check_replaceable,
-                                         component_keys, load_export, swap_in, vae_decoder_inputs)
+from backdrop.export.onnx_folder import (ANY, COMPONENTS, FILE, MANIFEST, GraphSpec, beside, check_dtype,
+                                         check_replaceable, component_keys, load_export, swap_in, vae_decoder_inputs)
 from backdrop.export.trt_plan import (BuildError, Profile, Range, RefitError, ShapeBucket, ShapeError,
                                       default_buckets, parse_bucket, precision_plan, profiles_for, refit_arrays,
                                       select_profile)
@@ -272,6 +272,7 @@ class TensorRTBackend:
         self.config: ModelConfig = config_from_dict(cfg | {"scheduler": asdict(SchedulerConfig.from_diffusers(sched))})
         self.tokenizer = Tokenizer.from_folder(folder / "tokenizer")
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.manifest["precision"]]
+        check_dtype(folder, self.manifest["precision"], self.dtype, dtype, "backdrop export tensorrt --precision")
         self.folder, self.specs, self.engines = folder, {}, {}
         for c, e in self.manifest["components"].items():
             self.specs[c] = GraphSpec.from_json(c, e["spec"])
