@@ -318,6 +318,11 @@ def _load_single_file(path: Path, dtype, device, prediction_type, allow_pickle) 
 
 def _load_folder(root: Path, dtype, device, prediction_type, allow_pickle) -> Model:
     if not (root / "model_index.json").is_file():
+        if (root / "final" / "model_index.json").is_file():  # `backdrop train`'s --out
+            raise CheckpointError(f"{root}: a training run's folder, not a model; its model is {root / 'final'}")
+        if (root / "backdrop_export.json").is_file():
+            raise CheckpointError(f"{root}: an ONNX export, not a model folder; run it with --backend onnxruntime "
+                                  "(Python: backend=\"onnxruntime\")")
         raise CheckpointError(f"{root}: not a model folder: expected a diffusers Stable Diffusion folder "
                               "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or an LDM "
                               "single .safetensors file")

@@ -404,6 +404,12 @@ def test_bad_folders_say_what_was_expected(saved, tmp_path):
     _, root = saved
     (tmp_path / "empty").mkdir()
     assert "not a model folder: expected a diffusers" in _error(tmp_path / "empty")
+    run = tmp_path / "run"  # `backdrop train`'s --out, given where its final/ is meant
+    shutil.copytree(root / "folder", run / "final")
+    assert f"a training run's folder, not a model; its model is {run / 'final'}" in _error(run)
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "backdrop_export.json").write_text("{}")
+    assert "an ONNX export, not a model folder; run it with --backend onnxruntime" in _error(tmp_path / "onnx")
     no_unet = tmp_path / "no_unet"
     shutil.copytree(root / "folder", no_unet)
     shutil.rmtree(no_unet / "unet")

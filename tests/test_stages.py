@@ -5,6 +5,7 @@ equals a straight run, and the latent cache gives the losses on-the-fly encoding
 import dataclasses
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -457,8 +458,14 @@ def test_product_latents_cache_trains_inpaint_without_images_or_the_vae(tmp_path
 
 def test_cache_refuses_other_encoders_and_sizes(tmp_path):
     model = tiny()
-    cache = LatentCache(build_cache(model, make_dataset("synthetic:2", 64), tmp_path / "c", progress=False))
-    with pytest.raises(ValueError, match="different vae encoder"):
+    killed = tmp_path / ".c.tmp-999999999"  # a build killed by SIGTERM / SIGKILL: no cleanup ran (no such pid)
+    killed.mkdir()
+    running = tmp_path / f".c.tmp-{os.getppid()}"  # another build's, still running: kept
+    running.mkdir()
+    cache = LatentCache(build_cache(model, make_dataset("synthetic:2", 64), tmp_path / "c", num_workers=1,
+                                    init="models/tiny", progress=False))
+    assert not killed.exists() and running.exists()
+    with pytest.raises(ValueError, match="different vae encoder .*; train with --init models/tiny, the model it"):
         cache.check(tiny(seed=1), 64)
     new_decoder = tiny()
     with torch.no_grad():

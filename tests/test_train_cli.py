@@ -67,7 +67,8 @@ def test_diffusers_and_accelerate_option_names_are_aliases():
          "--learning_rate=0.1", "--lr_warmup_steps=1", "--adam_weight_decay=0.5", "--max_grad_norm=2",
          "--gradient_accumulation_steps=3", "--mixed_precision=bf16", "--checkpointing_steps=4",
          "--checkpoints_total_limit=1", "--resume_from_checkpoint=latest", "--prediction_type=v_prediction",
-         "--proportion_empty_prompts=0.2", "--center_crop=True", "--enable_xformers_memory_efficient_attention"])
+         "--proportion_empty_prompts=0.2", "--center_crop=True", "--enable_xformers_memory_efficient_attention",
+         "--local_rank=0"])
     assert vars(spelled) == vars(ours)
 
 
@@ -75,6 +76,10 @@ def test_diffusers_and_accelerate_option_names_are_aliases():
     (["pretrain", "--lr_scheduler", "constant"], "--lr_scheduler (diffusers' option) is not taken: the schedule is "
                                                  "linear warm-up (--warmup) then cosine"),  # named as typed
     (["inpaint", "--random-flip"], "--random-flip (diffusers' option) is not taken: training never flips"),
+    (["pretrain", "--caption_column", "prompt"], "--caption_column (diffusers' option) is not taken: captions are "
+                                                 "the \"text\" of metadata.jsonl / metadata.csv"),
+    (["pretrain", "--push_to_hub"], "--push_to_hub (diffusers' option) is not taken: the trained model is OUT/final"),
+    (["pretrain", "--adam_beta2=0.99"], "AdamW uses betas (0.9, 0.999) and eps 1e-8"),
 ])
 def test_diffusers_options_we_lack_say_what_instead(args, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -169,6 +174,18 @@ def test_out_holding_another_run_is_refused_and_left_alone(runs, tmp_path, capsy
     (tmp_path / "file").write_text("x")
     assert run("vae", "--out", tmp_path / "file", *args) == 2  # used to be a FileExistsError traceback
     assert "--out" in capsys.readouterr().err
+    # a folder of other files (the photos themselves; a user's own args.json) is no run's --out: refused, untouched
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "args.json").write_text('{"my": "notes"}')
+    (photos / "0.png").write_bytes(b"png")
+    assert run("vae", "--out", photos, *args) == 2
+    assert "--out " + str(photos) + " holds 0.png, args.json, which a run did not write" in capsys.readouterr().err
+    # the args.json a refused run of ours left there does not block the same command again
+    leftover = tmp_path / "leftover"
+    leftover.mkdir()
+    shutil.copy(vae / "args.json", leftover / "args.json")
+    assert run("vae", "--out", leftover, "--steps", 1, "--data", "synthetic:4", *FAST) == 0
 
 
 def test_resume_refuses_another_stage_and_names_changed_options(runs, tmp_path, capsys):
@@ -189,6 +206,9 @@ def test_resume_refuses_another_stage_and_names_changed_options(runs, tmp_path, 
     assert "ema" not in warning and "precision" not in warning, warning
     assert run("pretrain", "--out", pre, "--resume", pre, "--data", "synthetic:4", "--steps", 1, *FAST) == 2
     assert "past this run's last step 1" in capsys.readouterr().err
+    # diffusers' --resume_from_checkpoint names a checkpoint of its --output_dir
+    assert run("pretrain", "--output_dir", pre, "--resume_from_checkpoint", "step-00000002", "--data", "synthetic:4",
+               "--steps", 3, "--ema-decay", 0.9999, *FAST) == 0
     assert run("pretrain", "--out", tmp_path / "x", "--init", pre / "checkpoints/step-00000002",
                "--data", "synthetic:4", *FAST) == 2
     assert "is a training checkpoint" in capsys.readouterr().err
@@ -216,11 +236,23 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_earlier_ones(tmp_pa
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]  # and no half-written one
 
 
-def test_init_takes_a_built_in_models_name(tmp_path):
-    """--init backdrop-tiny, as generate/serve/export take the name: fine-tune the built-in model."""
-    assert run("inpaint", "--data", "synthetic:4", "--out", tmp_path / "o", "--init", "backdrop-tiny", "--steps", 1,
-               "--masks", "product", *FAST) == 0
-    assert load_model(tmp_path / "o/final").config.unet.in_channels == 9
+def test_init_takes_a_built_in_models_name_and_a_resume_its_runs(tmp_path, capsys):
+    """--init backdrop-tiny, as generate/serve/export take the name: fine-tune the built-in model. A resume that
+    leaves --init out takes the run's (its checkpoint holds only the UNet): random text encoder and VAE weights
+    used to be trained against and shipped in final/."""
+    from backdrop.nn.resolve import resolve_model
+
+    out = tmp_path / "o"
+    args = ("--data", "synthetic:4", "--out", out, "--masks", "product", *FAST)
+    assert run("inpaint", "--init", "backdrop-tiny", "--steps", 1, *args) == 0
+    assert load_model(out / "final").config.unet.in_channels == 9
+    capsys.readouterr()
+    assert run("inpaint", "--resume", "latest", "--steps", 2, *args) == 0
+    assert "--init backdrop-tiny, its run's model" in capsys.readouterr().err
+    base, final = load_model(resolve_model("backdrop-tiny")), load_model(out / "final")
+    for part in ("text_encoder", "vae"):
+        want, got = getattr(base, part).state_dict(), getattr(final, part).state_dict()
+        assert all(torch.equal(want[k], got[k]) for k in want), part
 
 
 def test_chain_through_the_cli(tmp_path):

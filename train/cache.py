@@ -73,11 +73,32 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+def _remove_stale_builds(out: Path) -> None:
+    """The temporary folders of builds of `out` that were killed (SIGTERM, SIGKILL, the OOM killer: no cleanup ran),
+    named by their process: removed unless that process still runs."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*") if out.parent.is_dir() else ():
+        pid = tmp.name.rpartition("-")[2]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @torch.no_grad()
 def build_cache(model: Model, dataset, out: str | os.PathLike, *, batch_size: int = 16, shard_size: int = 512,
-                images: bool = True, dtype: str = "fp32", device="cpu", source: str = "",
-                progress: bool = True) -> Path:
-    """Encode every item of `dataset` with `model`'s VAE and text encoder into `out` (written atomically)."""
+                images: bool = True, dtype: str = "fp32", device="cpu", source: str = "", init: str | None = None,
+                num_workers: int = 0, progress: bool = True) -> Path:
+    """Encode every item of `dataset` with `model`'s VAE and text encoder into `out` (written atomically, in a
+    temporary folder beside it; those of killed builds are removed). num_workers: processes decoding images.
+    source, init: the --data and --init it was made from, recorded for messages (the fingerprints decide)."""
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -91,6 +112,7 @@ def build_cache(model: Model, dataset, out: str | os.PathLike, *, batch_size: in
     device = torch.device(device)
     vae, text = model.vae.to(device).eval(), model.text_encoder.to(device).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -98,7 +120,8 @@ def build_cache(model: Model, dataset, out: str | os.PathLike, *, batch_size: in
         empty = text(model.tokenizer([""]).to(device)).float().cpu()  # (1, 77, C)
         save_file({"context": empty.to(store)}, str(tmp / "empty.safetensors"))
         n, shards, rows, has_masks, size = len(dataset), [], [], None, None
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                                             num_workers=num_workers)
 
         def flush():
             name = f"shard-{len(shards):05d}.safetensors"
@@ -128,7 +151,7 @@ def build_cache(model: Model, dataset, out: str | os.PathLike, *, batch_size: in
         manifest = {
             "format": FORMAT, "rows": n, "size": size, "shard_size": shard_size, "shards": shards,
             "dtype": dtype, "has_images": images, "has_masks": bool(has_masks),
-            "has_product_latents": bool(has_masks), "source": source,
+            "has_product_latents": bool(has_masks), "source": source, "init": init,
             "latent_channels": model.config.vae.latent_channels,
             "fingerprint": {"vae_encoder": vae_encoder_fingerprint(model.vae),
                             "text_encoder": fingerprint(model.text_encoder)},
@@ -183,9 +206,10 @@ class LatentCache(torch.utils.data.Dataset):
             ("vae", fingerprint(model.vae))  # a cache from before the encoder-only rule
         for name, have in (vae, ("text_encoder", fingerprint(model.text_encoder))):
             if have != made[name]:
+                fix = (f"train with --init {m['init']}, the model it was made with, or rebuild it" if m.get("init")
+                       else "rebuild it with `backdrop train cache --init` the same model")
                 raise ValueError(f"{self.path}: made with a different {name.replace('_', ' ')} than the model being "
-                                 f"trained (fingerprint {made[name]} vs {have}); rebuild it with "
-                                 f"`backdrop train cache --init` the same model")
+                                 f"trained (fingerprint {made[name]} vs {have}); {fix}")
 
     def _handle(self, shard: int):
         if shard not in self._handles:  # opened lazily: DataLoader workers each open their own (mmap)

@@ -438,6 +438,8 @@ def _run_stage(args) -> int:
     cfg, options = _configs(args, name)
     resume = run_folder.resume_checkpoint(args.resume, args.out)
     run_folder.check_out(out, resume)
+    if resume is not None:
+        run_folder.resumed_init(args, resume)
     try:
         rank, world, device = _distributed(args)
         try:
@@ -465,6 +467,7 @@ def _run_stage(args) -> int:
 def _run_cache(args) -> int:
     from safetensors import SafetensorError
 
+    from backdrop.train import run_folder
     from backdrop.train.cache import build_cache, is_cache
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -480,6 +483,7 @@ def _run_cache(args) -> int:
     try:
         out = build_cache(model, data, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
                           images=not args.no_images, dtype=args.dtype, device=device, source=args.data,
+                          init=args.init and run_folder.normalised("init", args.init), num_workers=args.num_workers,
                           progress=not args.quiet)
     except ValueError as e:
         raise _named("--out", args.out, e) from None

@@ -8,15 +8,17 @@ and options that differ from the checkpoint's are named, never changed silently.
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 
 from backdrop.cli import CLIError
 
 from . import checkpointing as ckpt
 
-__all__ = ["RUN_FILES", "held_run_files", "resume_checkpoint", "check_out", "run_record", "changed_options",
-           "what_is_kept"]
+__all__ = ["RUN_FILES", "held_run_files", "resume_checkpoint", "resumed_init", "check_out", "normalised",
+           "run_record", "changed_options", "what_is_kept"]
 
 RUN_FILES = ("checkpoints", "final", "log.jsonl")
 # Options that do not change what is trained (where the run goes, how it reports, how it uses the machine): they
@@ -34,13 +36,35 @@ def held_run_files(out: Path) -> list[str]:
 
 
 def resume_checkpoint(resume: str | None, out: str) -> Path | None:
-    """The checkpoint folder --resume names ('latest': the newest one in --out), or None without --resume."""
+    """The checkpoint folder --resume names ('latest': the newest one in --out), or None without --resume. A name
+    that is no folder here is looked up in --out's checkpoints/, as diffusers' --resume_from_checkpoint step-N is
+    in its --output_dir."""
     if not resume:
         return None
+    path = Path(out if resume == "latest" else resume)
+    if not path.exists() and (Path(out) / "checkpoints" / resume).exists():
+        path = Path(out) / "checkpoints" / resume
     try:
-        return ckpt.resolve(out if resume == "latest" else resume)
+        return ckpt.resolve(path)
     except FileNotFoundError as e:
         raise CLIError(f"--resume {e}") from None
+
+
+def resumed_init(args, checkpoint: Path) -> None:
+    """--init of a resumed run. A checkpoint holds only the weights its stage trains; the rest of the model (a
+    diffusion stage's frozen text encoder and VAE) is built from --init again. Left out, --init is the run's own,
+    from the checkpoint's run record (said on stderr): a random model in its place would be trained against and
+    shipped in final/. Another --init is taken as asked, and named among the changed options."""
+    try:
+        saved = json.loads((checkpoint / "meta.json").read_text()).get("run") or {}
+    except (OSError, ValueError):  # load_checkpoint names an unreadable checkpoint
+        return
+    init = saved.get("options", {}).get("init")
+    if args.init is None and init is not None:
+        args.init = init
+        if os.environ.get("RANK", "0") == "0":
+            print(f"--resume {checkpoint}: --init {init}, its run's model (the checkpoint holds only the weights "
+                  "it trains)", file=sys.stderr)
 
 
 def check_out(out: Path, resume: Path | None) -> None:
@@ -56,12 +80,31 @@ def check_out(out: Path, resume: Path | None) -> None:
     if held and not continues_it:
         raise CLIError(f"--out {out} holds another run ({', '.join(held)}) than the checkpoint --resume {resume} "
                        "continues; resume into that run's own folder or into a new --out")
+    others = [p.name for p in sorted(out.iterdir()) if not _written_by_a_run(p)] if out.is_dir() else []
+    if others:
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        raise CLIError(f"--out {out} holds {', '.join(others[:3])}{more}, which a run did not write; give a new or "
+                       "empty folder")
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise CLIError(f"--out {out}: cannot write to {existing}")
 
 
-def _normalised(name: str, value):
+def _written_by_a_run(path: Path) -> bool:
+    """A run's own entry: RUN_FILES (an empty checkpoints/ too), or the args.json / args-resume-N.json of a run that
+    stopped early (a `backdrop train` record: a user's own args.json is not overwritten)."""
+    if path.name in RUN_FILES:
+        return True
+    if not (path.name == "args.json" or path.name.startswith("args-resume-")) or not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("command") == "train"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def normalised(name: str, value):
+    """An option's value as a run records it: --data and --init as absolute paths when they are ones."""
     if name in PATH_OPTIONS and value is not None and Path(value).exists():
         return str(Path(value).resolve())
     return value
@@ -70,7 +113,7 @@ def _normalised(name: str, value):
 def run_record(args, **resolved) -> dict:
     """What a checkpoint records of its run: the stage and every option that decides what is trained, with the
     values in effect (`resolved` replaces defaults the command fills in, e.g. lr and size)."""
-    options = {k: _normalised(k, v) for k, v in vars(args).items() if k not in BOOKKEEPING} | resolved
+    options = {k: normalised(k, v) for k, v in vars(args).items() if k not in BOOKKEEPING} | resolved
     return {"stage": args.stage, "options": options}
 
 
