@@ -247,6 +247,7 @@ def test_init_takes_a_built_in_models_name_and_a_resume_its_runs(tmp_path, capsy
     assert run("inpaint", "--init", "backdrop-tiny", "--steps", 1, *args) == 0
     assert load_model(out / "final").config.unet.in_channels == 9
     capsys.readouterr()
+    (out / "notes.txt").write_text("mine")  # a run's own folder may hold notes: its resume writes beside them
     assert run("inpaint", "--resume", "latest", "--steps", 2, *args) == 0
     assert "--init backdrop-tiny, its run's model" in capsys.readouterr().err
     base, final = load_model(resolve_model("backdrop-tiny")), load_model(out / "final")

@@ -68,8 +68,9 @@ def resumed_init(args, checkpoint: Path) -> None:
 
 
 def check_out(out: Path, resume: Path | None) -> None:
-    """Refuse an --out that is a file, holds another run, or cannot be created; nothing is created yet (a run
-    that fails its other checks leaves no folder behind): backdrop.cli.make_folder does that."""
+    """Refuse an --out that is a file, holds another run, holds files a run did not write (for a new run), or
+    cannot be created; nothing is created yet (a run that fails its other checks leaves no folder behind):
+    backdrop.cli.make_folder does that."""
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is a file; give the folder the run should write to")
     held = held_run_files(out)
@@ -80,7 +81,8 @@ def check_out(out: Path, resume: Path | None) -> None:
     if held and not continues_it:
         raise CLIError(f"--out {out} holds another run ({', '.join(held)}) than the checkpoint --resume {resume} "
                        "continues; resume into that run's own folder or into a new --out")
-    others = [p.name for p in sorted(out.iterdir()) if not _written_by_a_run(p)] if out.is_dir() else []
+    # a new run's folder (a resumed run's own may hold the user's notes: it writes only its own files there)
+    others = [p.name for p in sorted(out.iterdir()) if not _written_by_a_run(p)] if out.is_dir() and not held else []
     if others:
         more = f" and {len(others) - 3} more" if len(others) > 3 else ""
         raise CLIError(f"--out {out} holds {', '.join(others[:3])}{more}, which a run did not write; give a new or "
