@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from backdrop.train.data import (MASK_KINDS, DataStream, ImageFolder, ShardedSampler, SyntheticDataset, collate,
-                                 inpaint_mask, make_dataset, product_repaint_mask, random_mask,
+from backdrop.diffusion.masks import from_file
+from backdrop.train.data import (MASK_KINDS, DataFileError, DataStream, ImageFolder, ShardedSampler, SyntheticDataset,
+                                 collate, inpaint_mask, make_dataset, product_repaint_mask, random_mask,
                                  random_mask_with_kind)
 from backdrop.train.synthetic import World
 
@@ -47,6 +48,51 @@ def test_metadata_jsonl_captions_and_masks(tmp_path):
     assert [e[:2] for e in same.entries] == [e[:2] for e in ds.entries]
 
 
+def _metadata_folder(folder, rows, name="metadata.jsonl"):
+    """Pictures 0.png, 1.png, ... in folder, captioned in a metadata file of rows (dicts; CSV with a header)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(len(rows)):
+        _picture(16, 16, (2, 2, 8 + k, 8))[0].save(folder / f"{k}.png")
+    if name.endswith(".csv"):
+        text = ",".join(rows[0]) + "\n" + "".join(",".join(f'"{v}"' for v in r.values()) + "\n" for r in rows)
+        (folder / name).write_text(text, encoding="utf-8-sig")  # as Excel saves it, with a BOM
+    else:
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_metadata_csv_and_a_train_split_folder_are_read_as_hf_imagefolder_reads_them(tmp_path):
+    _metadata_folder(tmp_path / "split/train", [{"file_name": "0.png", "text": "a mug"},
+                                                {"file_name": "1.png", "text": "a vase"}])
+    ds = ImageFolder(tmp_path / "split", 8)  # HF's split layout: DIR/train/metadata.jsonl, paths relative to it
+    assert [(e[0].name, e[1]) for e in ds.entries] == [("0.png", "a mug"), ("1.png", "a vase")]
+    _picture(16, 16, (2, 2, 8, 8))[1].save(tmp_path / "m.png")
+    _metadata_folder(tmp_path / "csv", [{"file_name": "0.png", "text": "a mug, red", "mask_file_name": "../m.png"},
+                                        {"file_name": "1.png", "text": "a vase", "mask_file_name": "../m.png"}],
+                     "metadata.csv")
+    ds = ImageFolder(tmp_path / "csv", 8)
+    assert [e[1] for e in ds.entries] == ["a mug, red", "a vase"] and ds.has_masks
+    assert make_dataset(str(tmp_path / "csv/metadata.csv"), 8).entries == ds.entries  # a .csv spec too
+    (tmp_path / "csv/metadata.csv").write_text("file_name,caption\n0.png,a mug\n")
+    with pytest.raises(ValueError, match=r"metadata.csv: no 'text' column .*'caption'"):
+        ImageFolder(tmp_path / "csv", 8)
+
+
+def test_a_folder_of_only_empty_captions_is_refused_or_named(tmp_path, caplog):
+    _metadata_folder(tmp_path / "val", [{"file_name": "0.png", "text": "a mug"}])  # a split read for no training
+    _picture(16, 16, (2, 2, 8, 8))[0].save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match=r"none of its 2 images has a <name>.txt caption, but .*val/metadata.jsonl"):
+        ImageFolder(tmp_path, 8)
+    (tmp_path / "val/metadata.jsonl").unlink()
+    with caplog.at_level(logging.WARNING):
+        ImageFolder(tmp_path, 8)
+    assert "every caption in" in caplog.text and "unconditionally" in caplog.text
+    caplog.clear()
+    _metadata_folder(tmp_path / "meta", [{"file_name": "0.png", "text": ""}])
+    with caplog.at_level(logging.WARNING):
+        ImageFolder(tmp_path / "meta", 8)
+    assert "every caption in" in caplog.text and "meta/metadata.jsonl" in caplog.text
+
+
 def test_txt_captions_and_mask_png_beside_the_image(tmp_path, caplog):
     (tmp_path / "sub").mkdir()
     for name in ("a", "b", "sub/c"):
@@ -54,12 +100,44 @@ def test_txt_captions_and_mask_png_beside_the_image(tmp_path, caplog):
         img.save(tmp_path / f"{name}.png")
         mask.save(tmp_path / f"{name}.mask.png")
     (tmp_path / "a.txt").write_text("a red mug\n")
-    (tmp_path / "sub/c.txt").write_text("a teal vase")
+    (tmp_path / "sub/c.txt").write_text("a teal vase \u2615", encoding="utf-8-sig")  # a Windows editor's BOM
     with caplog.at_level(logging.WARNING):
         ds = ImageFolder(tmp_path, 16)
-    assert [ds[i]["caption"] for i in range(3)] == ["a red mug", "", "a teal vase"]  # b has no .txt
-    assert "1 of 3 images" in caplog.text
+    assert [ds[i]["caption"] for i in range(3)] == ["a red mug", "", "a teal vase \u2615"]  # b has no .txt
+    assert "1 of 3 images" in caplog.text and str(tmp_path / "b.png") in caplog.text  # the warning names it
     assert ds.has_masks and ds[2]["mask"].sum() > 0
+    (tmp_path / "a.txt").write_bytes("caf\xe9 cr\xe8me".encode("cp1252"))
+    with pytest.raises(ValueError, match=r"a\.txt: not UTF-8 text"):
+        ImageFolder(tmp_path, 16)
+
+
+def test_masks_named_in_other_conventions_are_masks_never_images(tmp_path, caplog):
+    for name in ("0", "1", "2"):
+        img, mask = _picture(16, 16, (2, 2, 6 + 2 * int(name), 8))
+        img.save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(f"caption {name}")
+        mask.save(tmp_path / {"0": "0_mask.png", "1": "1.mask.jpg", "2": "2.mask.png"}[name], quality=100)
+    _picture(16, 16, (2, 2, 8, 8))[1].save(tmp_path / "9_mask.png")  # a mask whose image is gone
+    with caplog.at_level(logging.WARNING):
+        ds = ImageFolder(tmp_path, 16)
+    assert [(e[0].name, e[2].name) for e in ds.entries] == [("0.png", "0_mask.png"), ("1.png", "1.mask.jpg"),
+                                                             ("2.png", "2.mask.png")]
+    assert [ds[i]["mask"].sum().item() for i in range(3)] == [24, 36, 48]  # each image with its own mask
+    assert str(tmp_path / "9_mask.png") in caplog.text and "empty caption" not in caplog.text
+    _picture(16, 16, (2, 2, 8, 8))[1].save(tmp_path / "2_mask.png")
+    with pytest.raises(ValueError, match=r"2.png has 2 masks"):
+        ImageFolder(tmp_path, 16)
+
+
+def test_tiff_images_are_read_and_captions_without_an_image_are_named(tmp_path, caplog):
+    _picture(16, 16, (2, 2, 8, 8))[0].save(tmp_path / "a.tif")
+    _picture(16, 16, (2, 2, 8, 8))[0].save(tmp_path / "b.gif")  # a format Backdrop does not train on
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text(f"caption {name}")
+    with caplog.at_level(logging.WARNING):
+        ds = ImageFolder(tmp_path, 8)
+    assert [(e[0].name, e[1]) for e in ds.entries] == [("a.tif", "caption a")]
+    assert "1 caption file(s)" in caplog.text and str(tmp_path / "b.txt") in caplog.text
 
 
 def test_unreadable_images_are_skipped_with_their_path(tmp_path, caplog):
@@ -73,13 +151,58 @@ def test_unreadable_images_are_skipped_with_their_path(tmp_path, caplog):
         ds = ImageFolder(tmp_path, 16)
     assert str(tmp_path / "bad.png") in caplog.text  # at scan time
     assert [e[0].name for e in ds.entries] == ["a.png", "b.png", "c.png"]
-    caplog.clear()
+    with pytest.raises(DataFileError, match=r"b\.png: cannot decode it"):  # at load time: named, no stand-in
+        ds[1]
+    assert [ds[i]["caption"] for i in (0, 2)] == ["a", "c"]
+
+
+def _rotated_jpeg(path, w, h):
+    """A w x h JPEG whose EXIF says to turn it a quarter (orientation 6): h x w once upright."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _picture(w, h, (2, 2, 8, 8))[0].save(path, exif=exif)
+
+
+def test_masks_of_another_size_are_dropped_at_scan_time(tmp_path, caplog):
+    for name in ("a", "b", "c"):
+        img, mask = _picture(32, 32, (4, 4, 12, 20))
+        img.save(tmp_path / f"{name}.png")
+        (mask.resize((16, 16)) if name == "b" else mask).save(tmp_path / f"{name}.mask.png")
+        (tmp_path / f"{name}.txt").write_text(name)
+    _rotated_jpeg(tmp_path / "d.jpg", 32, 16)  # stored 32x16, upright 16x32 like its mask
+    _picture(16, 32, (2, 2, 8, 8))[1].save(tmp_path / "d.mask.png")
+    (tmp_path / "d.txt").write_text("d")
     with caplog.at_level(logging.WARNING):
-        item = ds[1]  # at load time: reported, and the next readable image stands in
-    assert str(tmp_path / "b.png") in caplog.text
-    assert item["index"] == 2 and item["caption"] == "c"
-    batch = collate([ds[i] for i in range(3)])  # a whole pass never raises
-    assert batch["index"].tolist() == [0, 2, 2]
+        ds = ImageFolder(tmp_path, 16)
+    assert [e[0].name for e in ds.entries] == ["a.png", "c.png", "d.jpg"]
+    assert str(tmp_path / "b.mask.png") in caplog.text and "(16x16)" in caplog.text
+    assert [ds[i]["caption"] for i in range(3)] == ["a", "c", "d"]  # each item is itself, none stands in twice
+    for name in ("a", "c", "d"):
+        (tmp_path / f"{name}.mask.png").unlink()
+        _picture(8, 8, (2, 2, 4, 4))[1].save(tmp_path / f"{name}.mask.png")
+    with pytest.raises(ValueError, match=f"{tmp_path}: no usable images"):  # a ValueError: one line in the CLI
+        ImageFolder(tmp_path, 16)
+
+
+def test_files_are_read_as_inference_reads_them(tmp_path, caplog):
+    Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(tmp_path / "deep.png")  # 16-bit greyscale
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 2], rgba[..., 3], rgba[4:12, 4:12, 3] = 200, 255, 0  # blue, with a transparent hole
+    Image.fromarray(rgba).save(tmp_path / "hole.png")
+    rgba[..., 3] = 255
+    Image.fromarray(rgba).save(tmp_path / "opaque.png")  # an alpha channel, but no transparent pixel
+    for name in ("deep", "hole", "opaque"):
+        (tmp_path / f"{name}.txt").write_text(name)
+    with caplog.at_level(logging.WARNING):
+        ds = ImageFolder(tmp_path, 16)
+    deep = ds[0]["image"]
+    assert abs(deep.mean().item() - (128 / 127.5 - 1)) < 1e-6  # scaled to 8 bits, not clipped to white
+    with Image.open(tmp_path / "deep.png") as im:
+        assert torch.equal(deep, torch.from_numpy(np.array(from_file(im).convert("RGB"))).permute(2, 0, 1)
+                           .float() / 127.5 - 1)  # the very pixels inference reads
+    assert torch.equal(ds[1]["image"][2], torch.full((16, 16), 200 / 127.5 - 1))  # its RGB, the hole too
+    warnings = [r.getMessage() for r in caplog.records if "transparent" in r.getMessage()]
+    assert len(warnings) == 1 and str(tmp_path / "hole.png") in warnings[0] and "opaque" not in warnings[0]
 
 
 def test_image_and_mask_get_the_same_crop_and_flip(tmp_path):

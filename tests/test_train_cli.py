@@ -353,3 +353,26 @@ def test_a_failed_write_says_what_the_run_can_go_on_from(tmp_path):
     for step in (2, 4):
         checkpointing.save_checkpoint(tmp_path / "checkpoints", step, {"w": torch.ones(1)}, {"step": step})
     assert what_is_kept(tmp_path).endswith(f"--resume {tmp_path} goes on from step-00000004")
+
+
+def test_an_image_damaged_after_its_header_stops_the_cache_and_a_run_in_one_line(tmp_path, capsys):
+    """The scan reads headers only; a truncated body fails at load time, in a DataLoader worker, whose re-raised
+    error carries the worker's whole traceback: the command prints the error itself, naming the file."""
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "photos"
+    data.mkdir()
+    for i in range(4):
+        noise = np.random.default_rng(i).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("a mug on sand")
+    raw = (data / "2.png").read_bytes()
+    (data / "2.png").write_bytes(raw[:len(raw) // 2])
+    capsys.readouterr()
+    cache, train = FAST[:5], FAST  # the cache command has no --log-every
+    for args in (("cache", "--out", tmp_path / "cache", *cache), ("pretrain", "--out", tmp_path / "run", "--steps", 1,
+                                                                 *train)):
+        assert run(*args, "--data", data, "--num-workers", 1) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(data / "2.png") in err[0] and "Traceback" not in err[0], err

@@ -228,7 +228,7 @@ class LatentCache(torch.utils.data.Dataset):
         get = lambda name: f.get_slice(name)[row:row + 1][0]  # noqa: E731 - one row, read from the mmap
         item = {"moments": get("moments").float(), "context": get("context").float(), "index": index}
         if self.has_images:
-            item["image"] = get("image").float() / 127.5 - 1  # (3, H, W), as data._image_tensor makes it
+            item["image"] = get("image").float() / 127.5 - 1  # (3, H, W), as image_folder.image_tensor makes it
         if self.has_masks:
             item["mask"] = get("mask").float()  # (1, H, W)
         if self.has_product_latents:

@@ -54,10 +54,11 @@ def _data_options() -> argparse.ArgumentParser:
     g = p.add_argument_group("data and model")
     g.add_argument("--data", "--train-data-dir", required=True, metavar="SPEC",
                    help="'synthetic:N' (N images of the built-in procedural product world); a folder of images "
-                        "captioned by a metadata.jsonl ({\"file_name\": ..., \"text\": ...} a line, optional "
-                        "\"mask_file_name\") or by a NAME.txt beside each image (optional NAME.mask.png: white = "
-                        "product); such a .jsonl file itself; or a latent cache folder made by `backdrop train "
-                        "cache` (pretrain and inpaint only)")
+                        "(PNG, JPEG, WebP, BMP, TIFF) captioned by a metadata.jsonl or metadata.csv (file_name, "
+                        "text, optional mask_file_name; also in a train/ folder below, as Hugging Face's "
+                        "imagefolder) or by a NAME.txt beside each image (optional mask NAME.mask.png or "
+                        "NAME_mask.png: white = product); such a metadata file itself; or a latent cache folder "
+                        "made by `backdrop train cache` (pretrain and inpaint only)")
     g.add_argument("--out", "--output-dir", required=True, metavar="DIR",
                    help="a new or empty folder: the run writes log.jsonl, checkpoints/ and final/ there; a folder "
                         "that holds a run is refused unless --resume continues that run (the cache command: the "
@@ -217,6 +218,15 @@ def add_parser(subparsers) -> None:
 FLAG_OF_FIELD = {"warmup_steps": "--warmup", "prediction_type": "--prediction"}  # config fields named otherwise
 
 
+def _data_error(e: BaseException) -> str:
+    """A data file's error on one line; raised in a DataLoader worker, torch re-raises it with the worker's whole
+    traceback in the message, whose last line is the error itself."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and "Original Traceback" in lines[1]:
+        return lines[-1].split(": ", 1)[-1]
+    return one_line(e)
+
+
 def _named(flag: str, value, e: BaseException) -> CLIError:
     """`flag value: message`, without saying the value twice when the message starts with it (a path)."""
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -288,25 +298,13 @@ def _device(args):
 
 
 def _distributed(args) -> tuple[int, int, object]:
-    """(rank, world size, device); under torchrun (WORLD_SIZE > 1) it joins the process group."""
-    import torch
-    import torch.distributed as dist
+    """(rank, world size, device); under torchrun it joins the process group (train/core.py)."""
+    from backdrop.train.core import join_process_group
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = _device(args)
-    if world == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if local >= torch.cuda.device_count():
-            raise CLIError(f"process {local} of this machine needs cuda:{local}, and there are "
-                           f"{torch.cuda.device_count()} GPUs: run at most that many processes per node "
-                           "(--nproc_per_node), or --device cpu")
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, device
+    try:
+        return join_process_group(_device(args))
+    except ValueError as e:  # more processes on a node than GPUs
+        raise CLIError(f"{e} (--nproc_per_node), or --device cpu") from None
 
 
 def _model(args):
@@ -454,8 +452,8 @@ def _run_stage(args) -> int:
             trainer.on_rank0(lambda: (out / file).write_text(json.dumps(record, indent=2) + "\n"), file)
             trainer.fit()
             final = trainer.save_final()
-        except (OSError, SafetensorError) as e:  # a full disk, a folder gone read-only
-            raise CLIError(f"{one_line(e)}; {run_folder.what_is_kept(out)}") from None
+        except (OSError, SafetensorError) as e:  # a full disk, a folder gone read-only, a damaged data file
+            raise CLIError(f"{_data_error(e)}; {run_folder.what_is_kept(out)}") from None
         if rank == 0:  # save_final returns on every rank once rank 0 has written
             print(final)
     finally:
@@ -469,6 +467,7 @@ def _run_cache(args) -> int:
 
     from backdrop.train import run_folder
     from backdrop.train.cache import build_cache, is_cache
+    from backdrop.train.data import DataFileError
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CLIError("the cache command runs in one process; start it without torchrun")
@@ -487,6 +486,8 @@ def _run_cache(args) -> int:
                           progress=not args.quiet)
     except ValueError as e:
         raise _named("--out", args.out, e) from None
+    except DataFileError as e:  # an image damaged after its header
+        raise CLIError(f"--data {args.data}: {_data_error(e)}") from None
     except (OSError, SafetensorError) as e:  # a full disk: build_cache removes what it had written
         raise CLIError(f"--out {args.out}: cannot write the cache ({one_line(e)})") from None
     print(out)

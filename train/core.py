@@ -30,7 +30,7 @@ from torch import nn
 from ..diffusion.latents import host_to_device
 from . import checkpointing as ckpt
 
-__all__ = ["TrainConfig", "ConfigError", "Stage", "Trainer", "EMA", "lr_at"]
+__all__ = ["TrainConfig", "ConfigError", "Stage", "Trainer", "EMA", "lr_at", "join_process_group"]
 
 
 class ConfigError(ValueError):
@@ -425,3 +425,21 @@ def _to_device(batch, device: torch.device):
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
+
+
+def join_process_group(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process. Under torchrun (WORLD_SIZE > 1) it joins the process group (nccl
+    on GPUs, gloo on the CPU), each process on its node's GPU LOCAL_RANK; ValueError when the node has fewer GPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"process {local} of this machine needs cuda:{local}, and there are "
+                             f"{torch.cuda.device_count()} GPUs: run at most that many processes per node")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device

@@ -6,171 +6,25 @@ Every dataset returns items of one shape (and `collate` stacks them):
     mask     (1, H, W) float32 in {0, 1}, 1 = product; only when the dataset has masks (all items or none)
     index    int, the item actually returned
 
-Folder layout read by ImageFolder (the Hugging Face "imagefolder" convention, plus masks):
-    root/metadata.jsonl   one JSON object a line, paths relative to the jsonl's folder:
-                          {"file_name": "mug.png", "text": "a red mug on sand", "mask_file_name": "mug_mask.png"}
-                          ("mask" is accepted in place of "mask_file_name")
-    without metadata.jsonl, every image under root (recursively, sorted) with its caption in `<stem>.txt` and its
-    optional mask in `<stem>.mask.png` beside it.
-    A mask is a greyscale image of the same size, white (>= 128) = product. Either every image has one or none does.
-Unreadable images are logged (with their path) and skipped, at scan time and again at load time, so a long run
-never dies on one bad file.
+Folder layouts, and how files are read: train/image_folder.py.
 
 Determinism: the order is a seeded permutation per epoch, and random crops/flips are seeded by (seed, epoch, index),
 not by a global RNG, so the same position always gives the same batch whatever the workers did before.
 """
 from __future__ import annotations
 
-import json
-import logging
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
+from .image_folder import DataFileError, ImageFolder, find_metadata, image_tensor, item_key, mask_tensor
 from .synthetic import World
 
 __all__ = ["ImageFolder", "SyntheticDataset", "make_dataset", "collate", "ShardedSampler", "DataStream",
-           "MASK_KINDS", "random_mask", "random_mask_with_kind", "product_repaint_mask", "inpaint_mask",
-           "inpaint_mask_with_kind"]
-
-log = logging.getLogger(__name__)
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-_BAD_IMAGE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on broken files
-
-
-def _image_tensor(img: Image.Image) -> torch.Tensor:
-    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (H, W, 3)
-    return a.permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W) in [-1, 1]
-
-
-def _mask_tensor(mask: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]  # (1, H, W)
-
-
-def _key(key) -> tuple[int, int]:
-    """Items are addressed by an index or by (index, epoch) (what ShardedSampler yields)."""
-    return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), 0)
-
-
-class ImageFolder(torch.utils.data.Dataset):
-    """Images with captions (and optional product masks) from a folder; see the module docstring for the layout.
-
-    Each image is resized so its shorter side is `size`, then cropped to size x size (centred, or at a random
-    offset with `random_crop`), and mirrored half the time with `flip`; the mask goes through the same resize,
-    crop and flip.
-    """
-
-    def __init__(self, root, size: int, *, metadata=None, random_crop: bool = False, flip: bool = False,
-                 seed: int = 0):
-        self.root, self.size, self.random_crop, self.flip, self.seed = Path(root), size, random_crop, flip, seed
-        if not self.root.is_dir():
-            raise ValueError(f"{self.root}: not a folder of images")
-        meta = Path(metadata) if metadata is not None else self.root / "metadata.jsonl"
-        entries = self._read_metadata(meta) if meta.is_file() else self._scan_folder()
-        self.entries = [e for e in entries if self._readable(e)]  # (image path, caption, mask path or None)
-        if not self.entries:
-            raise ValueError(f"{self.root}: no readable images in this folder ({', '.join(IMAGE_EXTS)}; "
-                             "unreadable ones are logged above)")
-        with_mask = [e for e in self.entries if e[2] is not None]
-        if with_mask and len(with_mask) != len(self.entries):
-            missing = [str(e[0]) for e in self.entries if e[2] is None][:3]
-            raise ValueError(f"ImageFolder: {len(with_mask)} of {len(self.entries)} images in {self.root} have a "
-                             f"mask; give every image a mask or none (no mask for e.g. {missing})")
-        self.has_masks = bool(with_mask)
-        self._bad: set[int] = set()  # found unreadable at load time (per worker process)
-
-    def _read_metadata(self, path: Path) -> list:
-        entries = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("file_name"), str):
-                raise ValueError(f"{path}:{n}: needs a string 'file_name' (the image's path relative to {path.parent})")
-            if not isinstance(rec.get("text"), str):
-                raise ValueError(f"{path}:{n}: needs a string 'text' (the caption of {rec['file_name']})")
-            mask = rec.get("mask_file_name", rec.get("mask"))
-            entries.append((path.parent / rec["file_name"], rec["text"], path.parent / mask if mask else None))
-        return entries
-
-    def _scan_folder(self) -> list:
-        images = sorted(p for p in self.root.rglob("*")
-                        if p.suffix.lower() in IMAGE_EXTS and not p.name.lower().endswith(".mask.png"))
-        entries, uncaptioned = [], 0
-        for p in images:
-            txt, mask = p.with_suffix(".txt"), p.with_name(p.stem + ".mask.png")
-            uncaptioned += not txt.is_file()
-            caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
-            entries.append((p, caption, mask if mask.is_file() else None))
-        if uncaptioned:
-            log.warning("%d of %d images in %s have no <name>.txt caption; they train with an empty caption",
-                        uncaptioned, len(images), self.root)
-        return entries
-
-    @staticmethod
-    def _readable(entry) -> bool:
-        """Cheap scan-time check: the header parses (a full decode happens at load time)."""
-        for path in (entry[0], entry[2]):
-            if path is None:
-                continue
-            try:
-                with Image.open(path) as im:
-                    im.size  # noqa: B018 - reading the header is the check
-            except _BAD_IMAGE as e:
-                log.warning("skipping unreadable image %s: %s", path, e)
-                return False
-        return True
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, key) -> dict:
-        index, epoch = _key(key)
-        for k in range(len(self.entries)):  # a file that breaks now is skipped for the next readable one
-            i = (index + k) % len(self.entries)
-            if i in self._bad:
-                continue
-            try:
-                return self._load(i, epoch)
-            except _BAD_IMAGE as e:
-                self._bad.add(i)
-                log.warning("skipping unreadable image %s: %s", self.entries[i][0], e)
-        raise RuntimeError(f"ImageFolder: every image in {self.root} failed to load")
-
-    def _load(self, i: int, epoch: int) -> dict:
-        path, caption, mask_path = self.entries[i]
-        with Image.open(path) as im:
-            img = ImageOps.exif_transpose(im).convert("RGB")  # phone photos store their rotation in EXIF
-        mask = None
-        if mask_path is not None:
-            with Image.open(mask_path) as im:
-                mask = ImageOps.exif_transpose(im).convert("L")
-            if mask.size != img.size:
-                raise ValueError(f"mask {mask_path} is {mask.size[0]}x{mask.size[1]}, its image "
-                                 f"{img.size[0]}x{img.size[1]}")
-        # Every random choice comes from (seed, epoch, index), drawn in a fixed order.
-        rng = np.random.default_rng([self.seed, epoch, i])
-        rx, ry, rflip = rng.random(3)
-        w, h = img.size
-        scale = self.size / min(w, h)
-        nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-        left, top = ((int(rx * (nw - self.size + 1)), int(ry * (nh - self.size + 1))) if self.random_crop
-                     else ((nw - self.size) // 2, (nh - self.size) // 2))
-        box = (left, top, left + self.size, top + self.size)
-        flip = self.flip and rflip < 0.5
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=2.0).crop(box)
-        item = {"image": _image_tensor(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img),
-                "caption": caption, "index": i}
-        if mask is not None:  # same size, same crop box, same flip; bilinear then threshold keeps edges smooth
-            m = np.asarray(mask.resize((nw, nh), Image.Resampling.BILINEAR).crop(box)) >= 128  # (size, size)
-            item["mask"] = _mask_tensor(m[:, ::-1] if flip else m)
-        return item
+           "DataFileError", "find_metadata", "MASK_KINDS", "random_mask", "random_mask_with_kind",
+           "product_repaint_mask", "inpaint_mask", "inpaint_mask_with_kind"]
 
 
 class SyntheticDataset(torch.utils.data.Dataset):
@@ -185,15 +39,15 @@ class SyntheticDataset(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, key) -> dict:
-        index, _ = _key(key)  # the world is already random per index: no augmentation, epochs look the same
+        index, _ = item_key(key)  # the world is already random per index: no augmentation, epochs look the same
         if not 0 <= index < self.n:
             raise IndexError(f"SyntheticDataset: index {index} out of range for {self.n} samples")
         s = self.world.sample(index, self.size)
-        return {"image": _image_tensor(s.image), "caption": s.caption, "mask": _mask_tensor(s.mask), "index": index}
+        return {"image": image_tensor(s.image), "caption": s.caption, "mask": mask_tensor(s.mask), "index": index}
 
 
 def make_dataset(spec: str, size: int, seed: int = 0, **folder_options) -> torch.utils.data.Dataset:
-    """'synthetic:N' (N samples of the procedural world), a folder of images, or a metadata .jsonl file."""
+    """'synthetic:N' (N samples of the procedural world), a folder of images, or a metadata .jsonl / .csv file."""
     if spec.startswith("synthetic:"):
         n = spec.split(":", 1)[1]
         if not (n.isdigit() and int(n) > 0):
@@ -202,10 +56,10 @@ def make_dataset(spec: str, size: int, seed: int = 0, **folder_options) -> torch
     path = Path(spec)
     if path.is_dir():
         return ImageFolder(path, size, seed=seed, **folder_options)
-    if path.is_file() and path.suffix == ".jsonl":
+    if path.is_file() and path.suffix.lower() in (".jsonl", ".csv"):
         return ImageFolder(path.parent, size, metadata=path, seed=seed, **folder_options)
-    raise ValueError(f"{spec}: {'not a .jsonl file' if path.is_file() else 'not there'}; expected 'synthetic:N', a "
-                     "folder of images or a metadata .jsonl file")
+    raise ValueError(f"{spec}: {'not a .jsonl or .csv file' if path.is_file() else 'not there'}; expected "
+                     "'synthetic:N', a folder of images or a metadata .jsonl / .csv file")
 
 
 def collate(items: list[dict]) -> dict:

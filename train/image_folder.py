@@ -1,0 +1,355 @@
+"""Image folders for training: ImageFolder reads Hugging Face's "imagefolder" layouts, plus masks.
+
+    root/metadata.jsonl   one JSON object a line, paths relative to the metadata file's folder:
+                          {"file_name": "mug.png", "text": "a red mug on sand", "mask_file_name": "mug_mask.png"}
+                          ("mask" is accepted in place of "mask_file_name")
+    root/metadata.csv     the same as a CSV file with a header row: file_name,text[,mask_file_name]
+    root/train/metadata.jsonl (or .csv): HF's split layout, read when root has no metadata file of its own (the
+                          train split is what diffusers' scripts train on)
+    otherwise, every image under root (recursively, sorted) with its caption in `<stem>.txt` (UTF-8, a BOM is
+    fine) and its optional mask beside it as `<stem>.mask.<ext>` or `<stem>_mask.<ext>`; files named like masks
+    are never training images.
+    Images: IMAGE_EXTS. A mask is a greyscale image of the same size, white (>= 128) = product. Either every image
+    has one or none does. A folder whose captions are all empty is refused if a metadata file lies deeper in it.
+Every file is read as inference reads it (diffusion/masks.py from_file: EXIF rotation, 16-bit scaled to 8 bits,
+CMYK as RGB); an image's alpha channel is not used (one warning names a few images with transparent pixels).
+The scan reads headers only: unreadable images and masks of another size are logged (with their paths) and left out.
+A file that breaks after its header (a truncated body) stops a run with a DataFileError naming it at load time:
+no other item stands in for it, since that would train another image twice and shift a latent cache's rows.
+"""
+from __future__ import annotations
+
+import collections
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import ExifTags, Image
+
+from ..diffusion.masks import from_file
+
+__all__ = ["ImageFolder", "DataFileError", "find_metadata", "IMAGE_EXTS", "image_tensor", "mask_tensor", "item_key"]
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # the metadata files of HF's imagefolder
+TRAIN_SPLITS = ("train", "training")  # folder names HF's imagefolder reads as the train split
+MASK_SUFFIXES = (".mask", "_mask")  # NAME.mask.png, NAME_mask.jpg, ...: the mask of NAME.<ext>
+_QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_FEW = 3  # how many files a warning names
+_BAD_IMAGE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on broken files
+
+
+class DataFileError(OSError):
+    """A data file that passed the scan failed to load (damaged after its header): the run stops and names it.
+    An OSError, like the failed reads and writes a training run already reports in one line."""
+
+
+def image_tensor(img: Image.Image) -> torch.Tensor:
+    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (H, W, 3)
+    return a.permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W) in [-1, 1]
+
+
+def mask_tensor(mask: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]  # (1, H, W)
+
+
+def item_key(key) -> tuple[int, int]:
+    """Items are addressed by an index or by (index, epoch) (what ShardedSampler yields)."""
+    return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), 0)
+
+
+def _few(paths) -> str:
+    """A few paths for a message: 'a, b, c, ...'."""
+    paths = [str(p) for p in paths]
+    return ", ".join(paths[:_FEW]) + (", ..." if len(paths) > _FEW else "")
+
+
+# ---------------------------------------------------------------------- reading files
+
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file, with or without the byte-order mark some Windows editors write."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save it as "
+                         "UTF-8") from None
+
+
+def _open(path: Path) -> Image.Image:
+    """A file decoded as inference reads it (from_file: upright, 16-bit scaled to 8 bits, CMYK as RGB, ...)."""
+    try:
+        with Image.open(path) as im:
+            return from_file(im)
+    except _BAD_IMAGE as e:
+        raise DataFileError(f"{path}: cannot decode it ({e}), though its header read when the folder was "
+                            "scanned; replace the file, or remove it and start the run again") from e
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation from the header. PNG keeps a late eXIf chunk after the pixels, and PIL decodes the whole
+    file to look for it, so a PNG counts as upright unless its header holds EXIF (the load-time check catches the
+    rest)."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1
+    return im.getexif().get(ExifTags.Base.Orientation, 1)
+
+
+def _header(path: Path) -> tuple[tuple[int, int], bool]:
+    """(upright (width, height), whether it has an alpha channel or a transparent colour) from path's header."""
+    with Image.open(path) as im:
+        w, h = im.size
+        alpha = "A" in im.getbands() or "transparency" in im.info
+        return ((h, w) if _orientation(im) in _QUARTER_TURNS else (w, h)), alpha
+
+
+def _logged_header(path: Path, what: str):
+    """_header, or None with `what` (the file, named) logged as unreadable."""
+    try:
+        return _header(path)
+    except _BAD_IMAGE as e:
+        log.warning("skipping unreadable %s: %s", what, e)
+        return None
+
+
+def _has_transparent_pixels(path: Path) -> bool:
+    try:
+        im = _open(path)
+    except DataFileError:
+        return False  # reported when it is loaded
+    return im.convert("RGBA").getchannel("A").getextrema()[0] < 255
+
+
+# ---------------------------------------------------------------------- metadata files
+
+def find_metadata(root: Path) -> Path | None:
+    """The metadata file HF's imagefolder reads for root's train split: metadata.jsonl or metadata.csv at the top,
+    else in a train/ split folder (its file_name paths are relative to that folder)."""
+    for folder in (root, *(root / split for split in TRAIN_SPLITS)):
+        found = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
+        if len(found) > 1:
+            raise ValueError(f"{found[0]} and {found[1]}: two metadata files in one folder; keep one")
+        if found:
+            return found[0]
+    return None
+
+
+def _metadata_below(root: Path) -> Path | None:
+    """A metadata file anywhere under root (ones find_metadata does not read)."""
+    return next((p for p in sorted(root.rglob("metadata.*")) if p.name in METADATA_FILES), None)
+
+
+def _jsonl_records(path: Path, text: str):
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+
+
+def _csv_records(path: Path, text: str):
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    for column in ("file_name", "text"):
+        if column not in (reader.fieldnames or ()):
+            raise ValueError(f"{path}: no '{column}' column in its header row (columns: {reader.fieldnames})")
+    for rec in reader:
+        yield reader.line_num, rec
+
+
+def _entry(rec, where: str, folder: Path) -> tuple:
+    """One metadata record -> (image path, caption, mask path or None), paths relative to the metadata's folder."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("file_name"), str):
+        raise ValueError(f"{where}: needs a string 'file_name' (the image's path relative to {folder})")
+    if not isinstance(rec.get("text"), str):
+        raise ValueError(f"{where}: needs a string 'text' (the caption of {rec['file_name']})")
+    mask = rec.get("mask_file_name") or rec.get("mask")  # a CSV's empty cell is no mask
+    if mask is not None and not isinstance(mask, str):
+        raise ValueError(f"{where}: 'mask_file_name' must be a path relative to {folder}, got {mask!r}")
+    return folder / rec["file_name"], rec["text"], folder / mask if mask else None
+
+
+def _read_metadata(path: Path) -> list:
+    text = _read_text(path)
+    records = _csv_records(path, text) if path.suffix.lower() == ".csv" else _jsonl_records(path, text)
+    return [_entry(rec, f"{path}:{n}", path.parent) for n, rec in records]
+
+
+# ---------------------------------------------------------------------- the .txt layout
+
+def _mask_name(path: Path) -> str | None:
+    """NAME for a file named like the mask of NAME.<ext> (NAME.mask.png, NAME_mask.jpg), else None."""
+    for suffix in MASK_SUFFIXES:
+        if path.stem.lower().endswith(suffix) and len(path.stem) > len(suffix):
+            return path.stem[:-len(suffix)]
+    return None
+
+
+def _split_masks(files: list[Path]) -> tuple[list[Path], dict]:
+    """Image files -> (the training images, {image path without its suffix: the masks named after it})."""
+    images, masks = [], collections.defaultdict(list)
+    for p in files:
+        name = _mask_name(p)
+        if name is None:
+            images.append(p)
+        else:
+            masks[p.with_name(name)].append(p)
+    return images, masks
+
+
+def _mask_of(image: Path, masks: dict) -> Path | None:
+    found = masks.get(image.with_suffix(""), [])
+    if len(found) > 1:
+        raise ValueError(f"{image} has {len(found)} masks ({_few(found)}); keep one")
+    return found[0] if found else None
+
+
+def _warn_strays(root: Path, images: list[Path], masks: dict, captions: set[Path]) -> None:
+    """Name masks and captions with no image beside them (an image in a format Backdrop does not read)."""
+    stems = {p.with_suffix("") for p in images}
+    for what, strays in (("file(s) named like masks", [m for k, ms in masks.items() if k not in stems for m in ms]),
+                         ("caption file(s)", [t for t in sorted(captions) if t.with_suffix("") not in stems])):
+        if strays:
+            log.warning("not using %d %s in %s with no image beside them (images are %s), e.g. %s",
+                        len(strays), what, root, ", ".join(IMAGE_EXTS), _few(strays))
+
+
+def _scan_folder(root: Path) -> list:
+    """The .txt layout: every image under root with its `<stem>.txt` caption and its optional mask."""
+    files = sorted(root.rglob("*"))
+    captions = {p for p in files if p.suffix == ".txt"}
+    images, masks = _split_masks([p for p in files if p.suffix.lower() in IMAGE_EXTS])
+    _warn_strays(root, images, masks, captions)
+    return [(p, _read_text(p.with_suffix(".txt")).strip() if p.with_suffix(".txt") in captions else "",
+             _mask_of(p, masks)) for p in images]
+
+
+# ---------------------------------------------------------------------- the dataset
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Images with captions (and optional product masks) from a folder; see the module docstring for the layout.
+
+    Each image is resized so its shorter side is `size`, then cropped to size x size (centred, or at a random
+    offset with `random_crop`), and mirrored half the time with `flip`; the mask goes through the same resize,
+    crop and flip.
+    """
+
+    def __init__(self, root, size: int, *, metadata=None, random_crop: bool = False, flip: bool = False,
+                 seed: int = 0):
+        self.root, self.size, self.random_crop, self.flip, self.seed = Path(root), size, random_crop, flip, seed
+        if not self.root.is_dir():
+            raise ValueError(f"{self.root}: not a folder of images")
+        meta = Path(metadata) if metadata is not None else find_metadata(self.root)
+        entries = _read_metadata(meta) if meta is not None else _scan_folder(self.root)
+        self.entries, with_alpha = self._usable(entries)  # (image path, caption, mask path or None)
+        if not self.entries:
+            raise ValueError(f"{self.root}: no usable images in this folder ({', '.join(IMAGE_EXTS)}; unreadable "
+                             "ones and masks of another size are logged above)")
+        self._check_captions(meta)
+        self._check_masks()
+        self._warn_transparent(with_alpha)
+
+    def _usable(self, entries) -> tuple[list, list]:
+        """The entries whose image and mask headers read, with the mask the size of its image; and the images of
+        those with an alpha channel. What is left out is logged: unreadable files one by one, masks of another size
+        in one warning."""
+        usable, with_alpha, mismatched = [], [], []
+        for image, caption, mask in entries:
+            head = _logged_header(image, f"image {image}")
+            mask_head = _logged_header(mask, f"mask {mask} (and its image)") if mask is not None and head else head
+            if head is None or mask_head is None:
+                continue
+            (size, alpha), mask_size = head, mask_head[0]
+            if mask_size != size:
+                mismatched.append(f"{mask} ({mask_size[0]}x{mask_size[1]}) for {image} ({size[0]}x{size[1]})")
+                continue
+            usable.append((image, caption, mask))
+            if alpha:
+                with_alpha.append(image)
+        if mismatched:
+            log.warning("skipping %d of %d images in %s whose mask is another size than the image: %s",
+                        len(mismatched), len(entries), self.root, _few(mismatched))
+        return usable, with_alpha
+
+    def _check_captions(self, meta: Path | None) -> None:
+        """Warn about empty captions, naming a few; refuse a folder of uncaptioned images with metadata below."""
+        empty = [e[0] for e in self.entries if not e[1]]
+        source = f"its 'text' in {meta}" if meta is not None else "no <name>.txt beside it, or an empty one"
+        if len(empty) == len(self.entries):
+            below = None if meta is not None else _metadata_below(self.root)
+            if below is not None:
+                raise ValueError(f"{self.root}: none of its {len(empty)} images has a <name>.txt caption, but "
+                                 f"{below} holds captions; Backdrop reads a metadata file at the top of the folder "
+                                 f"or in {TRAIN_SPLITS[0]}/ only: give {below} as the data (its file_name paths are "
+                                 "relative to its folder)")
+            log.warning("every caption in %s is empty (%s): the model learns without text, unconditionally",
+                        self.root, source)
+        elif empty:
+            log.warning("%d of %d images in %s have an empty caption (%s), e.g. %s; they train with an empty caption",
+                        len(empty), len(self.entries), self.root, source, _few(empty))
+
+    def _check_masks(self) -> None:
+        with_mask = [e for e in self.entries if e[2] is not None]
+        if with_mask and len(with_mask) != len(self.entries):
+            missing = [str(e[0]) for e in self.entries if e[2] is None][:3]
+            raise ValueError(f"ImageFolder: {len(with_mask)} of {len(self.entries)} images in {self.root} have a "
+                             f"mask; give every image a mask or none (no mask for e.g. {missing})")
+        self.has_masks = bool(with_mask)
+
+    def _warn_transparent(self, with_alpha: list[Path]) -> None:
+        """One warning naming a few images whose alpha has transparent pixels, decoding only until it has them.
+
+        Training reads RGB only, as diffusers' scripts do: the transparent pixels train as the colour the file holds
+        there. Compositing on grey is no better: it teaches a grey backdrop as surely as black teaches black, while
+        the file's own colour is what its author saved and what inference reads from it."""
+        found = []
+        for path in with_alpha:
+            if len(found) > _FEW:
+                break
+            if _has_transparent_pixels(path):
+                found.append(path)
+        if found:
+            log.warning("images in %s have transparent pixels, e.g. %s: training reads their RGB only, so those "
+                        "pixels train as whatever colour they hold (often black); flatten them onto a backdrop "
+                        "first if the model should not learn that colour", self.root, _few(found))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, key) -> dict:
+        index, epoch = item_key(key)
+        if not 0 <= index < len(self.entries):
+            raise IndexError(f"ImageFolder: index {index} out of range for {len(self.entries)} images")
+        return self._load(index, epoch)
+
+    def _load(self, i: int, epoch: int) -> dict:
+        path, caption, mask_path = self.entries[i]
+        img = _open(path).convert("RGB")
+        mask = None
+        if mask_path is not None:
+            mask = _open(mask_path).convert("L")
+            if mask.size != img.size:  # checked at scan time from the headers; a PNG's late EXIF can still differ
+                raise DataFileError(f"mask {mask_path} is {mask.size[0]}x{mask.size[1]}, its image {path} "
+                                    f"{img.size[0]}x{img.size[1]} (once upright)")
+        # Every random choice comes from (seed, epoch, index), drawn in a fixed order.
+        rng = np.random.default_rng([self.seed, epoch, i])
+        rx, ry, rflip = rng.random(3)
+        w, h = img.size
+        scale = self.size / min(w, h)
+        nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
+        left, top = ((int(rx * (nw - self.size + 1)), int(ry * (nh - self.size + 1))) if self.random_crop
+                     else ((nw - self.size) // 2, (nh - self.size) // 2))
+        box = (left, top, left + self.size, top + self.size)
+        flip = self.flip and rflip < 0.5
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=2.0).crop(box)
+        item = {"image": image_tensor(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img),
+                "caption": caption, "index": i}
+        if mask is not None:  # same size, same crop box, same flip; bilinear then threshold keeps edges smooth
+            m = np.asarray(mask.resize((nw, nh), Image.Resampling.BILINEAR).crop(box)) >= 128  # (size, size)
+            item["mask"] = mask_tensor(m[:, ::-1] if flip else m)
+        return item
