@@ -22,7 +22,7 @@ from backdrop.diffusion.samplers import check_eta
 
 __all__ = ["OUTPUT_TYPES", "MAX_SEED", "DIFFUSERS_NAMES", "DIFFUSERS_INSTEAD", "DIFFUSERS_OFF", "diffusers_names",
            "as_number", "Loop", "check_callback", "items", "image_items", "broadcast", "repeat", "seeds",
-           "item_strengths", "groups", "prompts", "requests", "given_latents"]
+           "item_strengths", "groups", "prompts", "batch_size", "requests", "given_latents"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64 - 1; we keep seed + item inside int64
@@ -211,9 +211,22 @@ def prompts(text, embeds, name: str, width: int) -> list:
     return list(embeds[None] if embeds.ndim == 2 else embeds)
 
 
-def requests(prompt, negative_prompt, seed, k, output_type, n: int = 1, embeds=(None, None), *,
-             width: int, generator=None) -> dict:
-    """n requests (the longest list among prompt, negative prompt, seed and the images) x k images each.
+def batch_size(lengths: dict[str, int]) -> int:
+    """n requests, from the lengths of a call's lists by argument name: each must be 1 (broadcast) or n, else a
+    ValueError naming two that disagree."""
+    many = {name: m for name, m in lengths.items() if m != 1}
+    if len(set(many.values())) > 1:
+        longest = max(many, key=many.get)
+        other = next(name for name, m in many.items() if m != many[longest])
+        raise ValueError(f"{longest} has {many[longest]} values and {other} {many[other]}: the lists of one call "
+                         "need one length (a value per request), or one value for all")
+    return max(many.values(), default=1)
+
+
+def requests(prompt, negative_prompt, seed, k, output_type, lengths: dict[str, int] | None = None,
+             embeds=(None, None), *, width: int, generator=None) -> dict:
+    """n requests (batch_size over prompt, negative prompt, seed and the caller's `lengths`: image, mask,
+    strength) x k images each.
     A prompt is a string, or a row (L, C) of `embeds` (prompt_embeds, negative_prompt_embeds) given instead.
     `generator` (diffusers' argument, instead of `seed`): one torch.Generator for the whole batch or one per
     output item; "generators" is then it, and "seeds" their initial seeds."""
@@ -222,7 +235,8 @@ def requests(prompt, negative_prompt, seed, k, output_type, n: int = 1, embeds=(
     k = as_number(k, "num_images_per_prompt", "an int >= 1", lambda v: v >= 1, integer=True)
     texts, negatives = (prompts(t, e, name, width) for t, e, name in
                         ((prompt, embeds[0], "prompt"), (negative_prompt, embeds[1], "negative_prompt")))
-    n = max(n, len(texts), len(negatives), len(items(seed, "seed")) if isinstance(seed, (list, tuple)) else 1)
+    n = batch_size({"prompt": len(texts), "negative_prompt": len(negatives),
+                    "seed": len(items(seed, "seed")) if isinstance(seed, (list, tuple)) else 1, **(lengths or {})})
     gens = _generators(generator, seed, n * k)
     return dict(n=n, k=k, output_type=output_type, generators=gens,
                 seeds=seeds(seed, n, k) if gens is None else

@@ -120,7 +120,8 @@ def _to_float(a: np.ndarray) -> torch.Tensor:
 def _same_size(sizes: list[tuple[int, int]], name: str, size: tuple[int, int] | None = None) -> None:
     for i, s in enumerate(sizes):
         if s != sizes[0]:
-            raise ValueError(f"{name}: item {i} is {s[0]}x{s[1]} (HxW) but item 0 is {sizes[0][0]}x{sizes[0][1]}")
+            raise ValueError(f"{name}: item {i} is {s[0]}x{s[1]} (HxW) but item 0 is {sizes[0][0]}x{sizes[0][1]}; "
+                             "the items of one call share a size (one batch): make a call per size")
     if size is not None and tuple(sizes[0]) != tuple(size):
         raise ValueError(f"{name} is {sizes[0][0]}x{sizes[0][1]} (HxW) but the image is {size[0]}x{size[1]}")
 

@@ -3,7 +3,7 @@
 Thin on purpose: the math lives in schedule.py / samplers.py / latents.py / guidance.py and every image and mask
 operation in masks.py, how one call's arguments become per-item lists in batching.py, and how prompts become the
 UNet's context in text.py; this file only follows their recipes (the module docstrings of samplers.py and masks.py)
-and runs the models. One call may hold different prompts, images, masks, seeds and strengths:
+and runs the models. One call may hold different prompts, images (of one size), masks, seeds and strengths:
 
   * Broadcasting. `prompt`, `negative_prompt`, `image`, `mask`/`product_mask`, `seed` and `strength` may each be
     one value or a list of n (the n requests); a single value applies to all. num_images_per_prompt = k then
@@ -207,7 +207,7 @@ class Pipeline(DiffusersAPI):
         images = image_items(image, "img2img")
         n_strengths = len(strength) if isinstance(strength, (list, tuple)) else 1
         req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
-                       n=max(len(images), n_strengths), embeds=(prompt_embeds, negative_prompt_embeds),
+                       {"image": len(images), "strength": n_strengths}, embeds=(prompt_embeds, negative_prompt_embeds),
                        width=self._width, generator=generator)
         req["clip_skip"] = check_clip_skip(clip_skip, self.backend)
         n, k = req["n"], req["k"]
@@ -254,7 +254,7 @@ class Pipeline(DiffusersAPI):
         masks = items(given, kind) if kind != "image" else images
         n_strengths = len(strength) if isinstance(strength, (list, tuple)) else 1
         req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
-                       n=max(len(images), len(masks), n_strengths),
+                       {"image": len(images), kind: len(masks), "strength": n_strengths},
                        embeds=(prompt_embeds, negative_prompt_embeds), width=self._width, generator=generator)
         req["clip_skip"] = check_clip_skip(clip_skip, self.backend)
         n, k = req["n"], req["k"]

@@ -293,8 +293,14 @@ def test_bad_inputs_are_named(models):
         pipe.img2img(img, "x", strength=1.5)
     with pytest.raises(ValueError, match="seed -1 must be an int"):
         pipe.generate("x", seed=-1)
-    with pytest.raises(ValueError, match="image: 2 values for 3 requests"):
+    with pytest.raises(ValueError, match="prompt has 3 values and image 2: the lists of one call need one length"):
         pipe.img2img([img, img], ["a", "b", "c"])
+    with pytest.raises(ValueError, match="seed has 3 values and image 2"):  # was blamed on image
+        pipe.inpaint([img, img], mask=Image.new("L", img.size, 255), prompt="x", seed=[1, 2, 3])
+    with pytest.raises(ValueError, match="strength has 3 values and image 2"):
+        pipe.img2img([img, img], "x", strength=[1.0, 0.5, 0.5])
+    with pytest.raises(ValueError, match=r"image: item 1 is 40x48 \(HxW\) .*; the items of one call share a size"):
+        pipe.img2img([img, img.resize((48, 40))], "x")
     with pytest.raises(ValueError, match="unknown sampler 'plms'"):
         pipe.generate("x", sampler="plms", progress=False)
     for bad in (dict(mask_blur=-1), dict(mask_dilate=1.5), dict(mask_dilate=1.0), dict(crop_padding=-4),
