@@ -118,17 +118,23 @@ class Pipeline(DiffusersAPI):
 
     @classmethod
     @diffusers_names
-    def from_pretrained(cls, path_or_name, device=None, dtype=None, backend: str = "torch") -> "Pipeline":
+    def from_pretrained(cls, path_or_name, device=None, dtype=None, backend: str = "torch",
+                        **backend_options) -> "Pipeline":
         """A model folder, one .safetensors file, or a built-in model's name (backend "torch"), or an export
         folder (backend "onnxruntime" / "tensorrt", see export/). device: default CUDA if present; dtype
-        (torch.dtype or "fp32"/"bf16"/"fp16"): default `default_dtype(device, unet_width(path))` for torch."""
+        (torch.dtype or "fp32"/"bf16"/"fp16"): default `default_dtype(device, unet_width(path))` for torch.
+        backend_options: an export backend's own (onnxruntime: providers=("tensorrt", "cuda"), threads=,
+        trt_cache=; tensorrt: cuda_graphs=), as Optimum's ORT pipelines take provider= and session options."""
         from backdrop.export.backends import make_backend
         from backdrop.nn.checkpoint import load_model
 
         path = resolve_model(path_or_name)
         device = torch.device(device) if device is not None else default_device()
         if backend != "torch":  # an export folder runs in its own precision; the backend refuses another
-            return cls(make_backend(backend, path, device=device, dtype=parse_dtype(dtype)))
+            return cls(make_backend(backend, path, device=device, dtype=parse_dtype(dtype), **backend_options))
+        if backend_options:
+            raise TypeError(f"from_pretrained: the torch backend takes no backend options, got "
+                            f"{sorted(backend_options)} (they are the onnxruntime and tensorrt backends')")
         dtype = parse_dtype(dtype) or default_dtype(device, unet_width(path))
         return cls(make_backend("torch", load_model(path, dtype=dtype, device=device), device=device, dtype=dtype))
 

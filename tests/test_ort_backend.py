@@ -133,3 +133,13 @@ def test_any_image_size_runs_as_with_torch_and_older_exports_pad_with_a_warning(
             assert pipe.generate(**kw).images.shape == (1, 72, 72, 3)
     [record] = caplog.records  # once per size
     assert "72x72 (HxW) px runs as 128x128 on this onnxruntime backend" in record.getMessage()
+
+
+def test_from_pretrained_passes_an_export_backends_own_options(exports):
+    """Optimum's ORT pipelines take provider= and session options at from_pretrained; ours take the backend's."""
+    pipe = Pipeline.from_pretrained(exports[1]["fp32"], backend="onnxruntime", providers=("cpu",), threads=1)
+    assert pipe.backend.threads == 1 and pipe.backend.providers == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match=r"providers \['cuda'\] need a CUDA device"):
+        Pipeline.from_pretrained(exports[1]["fp32"], backend="onnxruntime", device="cpu", providers=("cuda",))
+    with pytest.raises(TypeError, match=r"the torch backend takes no backend options, got \['threads'\]"):
+        Pipeline.from_pretrained("backdrop-tiny", threads=1)
