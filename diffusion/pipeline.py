@@ -110,7 +110,7 @@ class Pipeline(DiffusersAPI):
         # Image sides are padded to this: the VAE's 8x, times the latent multiple a backend may need (exported
         # ONNX/TensorRT UNets: 2^(levels-1) latent cells; our torch UNet takes any latent size).
         self._multiple = backend.config.vae.downsample_factor * getattr(backend, "latent_multiple", 1)
-        self._static = getattr(backend, "static_hw", None)  # (H, W) px of an export made with a fixed --size
+        self.fixed_size = getattr(backend, "static_hw", None)  # (H, W) px of an export made with --size, else None
         self._warned: set = set()  # processing sizes already warned about (processing_size)
         self._width = backend.config.unet.cross_attention_dim  # of the text context: prompt_embeds' last dim
         self._loras: list = []  # nn.lora.FusedLora of each load_lora_weights, oldest first
@@ -187,7 +187,7 @@ class Pipeline(DiffusersAPI):
         `callback(step, latents)` runs after every step."""
         loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, self._shows(progress), callback,
                     interrupt)
-        native = self._static or (self.config.image_size,) * 2
+        native = self.fixed_size or (self.config.image_size,) * 2
         H, W = (default if v is None else as_number(v, name, "an int >= 1 (pixels) or None", lambda v: v >= 1,
                                                     integer=True)
                 for v, name, default in ((height, "height", native[0]), (width, "width", native[1])))
@@ -349,7 +349,7 @@ class Pipeline(DiffusersAPI):
             m = self._pad(model_mask)  # (B, 1, H', W')
             dec_mask = self._pad(mask) if conditioned else None
         else:
-            size = self._static or M.fit_size(H, W, self._multiple, side=cfg.image_size)
+            size = self.fixed_size or M.fit_size(H, W, self._multiple, side=cfg.image_size)
             boxes = C.crop_box(model_mask, size, crop_padding)
             x = M.image_to_tensor(C.crop_images(img, boxes, size))  # (B, 3, h*f, w*f)
             m = C.crop_masks(model_mask, boxes, size)  # (B, 1, h*f, w*f)
@@ -404,8 +404,8 @@ class Pipeline(DiffusersAPI):
         export whose UNet needs more says so: older exports, 64). ValueError for a size this backend cannot run (an
         export made with a fixed --size runs that size only)."""
         size = M.fit_size(H, W, self._multiple)
-        if self._static and size != tuple(self._static):
-            sh, sw = self._static
+        if self.fixed_size and size != tuple(self.fixed_size):
+            sh, sw = self.fixed_size
             raise ValueError(f"{H}x{W} (HxW) px: this export runs {sh}x{sw} images only (it was made with --size "
                              f"{sh}x{sw}); give images of that size, or export again without --size for any size")
         f = self.config.vae.downsample_factor

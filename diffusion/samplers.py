@@ -113,6 +113,12 @@ def _eps(x: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
     return x if math.isinf(sigma) else (x - denoised) / sigma
 
 
+def _relabel(x: torch.Tensor, sigma_from: float, sigma: float) -> torch.Tensor:
+    """The same VP latents read at level `sigma`: diffusers' DDIM and PNDM land on t - T // N, which need not be the
+    next step's timestep, and pass the VP sample on unchanged."""
+    return x * (math.sqrt(1 + sigma**2) / math.sqrt(1 + sigma_from**2))
+
+
 # --------------------------------------------------------------------------------------------------- samplers
 
 @torch.no_grad()
@@ -133,8 +139,8 @@ def sample_ddim(model, x, sigmas, *, eta=0.0, sigmas_to=None, extra_args=None, c
         x = denoised + _eps(x, denoised, s) * down  # Song et al. eq. 12 in VE form
         if up > 0:
             x = x + noise_sampler(s, s_to) * up
-        if s_to != s_next:  # same VP latents, read at the next step's level
-            x = x * (math.sqrt(1 + s_next**2) / math.sqrt(1 + s_to**2))
+        if s_to != s_next:
+            x = _relabel(x, s_to, s_next)
         x = _after_step(callback, i, x, s, s_next, denoised)
     return x
 
@@ -357,15 +363,12 @@ def sample_pndm(model, x, sigmas, *, sigmas_to, sigma_redo=None, prediction_type
     v = prediction_type == "v_prediction"
 
     def output(x, s, denoised):  # the UNet's own output at level s, from the denoiser's x0
-        eps = (x - denoised) / s
+        eps = _eps(x, denoised, s)
         return (eps - s * denoised) / math.sqrt(1 + s * s) if v else eps
 
     def step(x, s, s_to, out):  # DDIM from s to s_to along `out` (x0 + s_to * eps in VE)
         eps = out / math.sqrt(1 + s * s) + x * (s / (1 + s * s)) if v else out
         return x + (s_to - s) * eps
-
-    def relabel(x, s_from, s):  # the same VP latents read at level s
-        return x * (math.sqrt(1 + s * s) / math.sqrt(1 + s_from * s_from))
 
     outs = []
     for i in _progress(len(sig) - 1, disable, interrupt):
@@ -375,11 +378,11 @@ def sample_pndm(model, x, sigmas, *, sigmas_to, sigma_redo=None, prediction_type
         mixed = sum(w * o for w, o in zip(_PLMS_WEIGHTS[len(outs) - 1], outs))
         x_new = step(x, s, s_to, mixed)
         if i == 0 and len(sig) > 2:  # second pass: mean of both outputs, from the start again, to sigmas[1]
-            x_new = relabel(x_new, s_to, s_next)
+            x_new = _relabel(x_new, s_to, s_next)
             second = output(x_new, s_next, model(x_new, s_next, **extra_args))
-            x_new = step(relabel(x, s, sigma_redo), sigma_redo, s_next, (outs[0] + second) / 2)
+            x_new = step(_relabel(x, s, sigma_redo), sigma_redo, s_next, (outs[0] + second) / 2)
         elif s_to != s_next:
-            x_new = relabel(x_new, s_to, s_next)
+            x_new = _relabel(x_new, s_to, s_next)
         x = _after_step(callback, i, x_new, s, s_next, denoised)
     return x
 

@@ -108,7 +108,7 @@ class Engine:
     @property
     def native_hw(self) -> tuple[int, int]:
         """(H, W) px of a request that names no size: the model's native square, or an export's fixed --size."""
-        return tuple(getattr(self.pipe.backend, "static_hw", None) or (self.native_size,) * 2)
+        return tuple(self.pipe.fixed_size or (self.native_size,) * 2)
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -149,9 +149,10 @@ class Engine:
 
     def _warm_up(self) -> None:
         """One-step calls through every component (text encoder, VAE encode/decode, UNet with guidance) at the
-        native size (an export's fixed size), so the first requests do not pay for lazy initialisation. On the CPU one image is enough; on
-        CUDA every batch bucket up to max_batch_size runs once, capturing its UNet graph and compiling the Triton
-        kernels for its batch size (the first full batch would otherwise pay several seconds for them)."""
+        native size (an export's fixed size), so the first requests do not pay for lazy initialisation. On the CPU
+        one image is enough; on CUDA every batch bucket up to max_batch_size runs once, capturing its UNet graph and
+        compiling the Triton kernels for its batch size (the first full batch would otherwise pay several seconds
+        for them)."""
         h, w = self.native_hw
         t0 = time.perf_counter()
         sizes = warm_up_batches(torch.device(self.pipe.backend.device).type, self.config.max_batch_size)

@@ -148,7 +148,7 @@ class _Handlers:
         build_schedule(config.sampler, config.steps, engine.pipe.config.scheduler)  # ValueError: a bad server setup
         check_clip_skip(config.clip_skip, engine.pipe.backend, "serve with --backend torch, or without --clip-skip")
         self.engine, self.config, self.metrics = engine, config, engine.metrics
-        native, static = engine.native_size, getattr(engine.pipe.backend, "static_hw", None)
+        native, static = engine.native_size, engine.pipe.fixed_size
         self.buckets = size_buckets(native) if static is None else {f"{static[1]}x{static[0]}": tuple(static)}
         self.max_pixels = config.max_image_pixels or (4 * native) ** 2
         self.files = FileStore(config.file_ttl, config.max_files)
