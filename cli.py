@@ -83,6 +83,15 @@ def lora_spec(text: str) -> tuple[str, float]:
     return path, value
 
 
+def add_dtype_option(group) -> None:
+    """--dtype, shared by the commands that run a model (generate, img2img, inpaint, serve)."""
+    from backdrop.nn.resolve import DTYPE_CHOICES
+    group.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                       help="weight precision of --backend torch (default: fp16 on GPUs, bf16 on CPUs with native "
+                            "bf16, else fp32; auto: as the model's weights are stored); an export runs in the "
+                            "precision it was exported in")
+
+
 def add_lora_option(group) -> None:
     """--lora, shared by the commands that load a model (generate, img2img, inpaint, serve)."""
     group.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="PATH[:SCALE]",

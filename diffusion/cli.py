@@ -23,13 +23,12 @@ import secrets
 import sys
 from pathlib import Path
 
-from backdrop.cli import (CLIError, add_lora_option, add_textual_inversion_option, apply_model_options,
-                          make_folder, one_line, parse_device)
+from backdrop.cli import (CLIError, add_dtype_option, add_lora_option, add_textual_inversion_option,
+                          apply_model_options, make_folder, one_line, parse_device)
 from backdrop.diffusion.schedule import RECIPES
 
 __all__ = ["add_parser"]
 
-DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -42,9 +41,7 @@ def _common_options() -> argparse.ArgumentParser:
                        help="torch runs --model directly; onnxruntime/tensorrt run an export folder written by "
                             "`backdrop export` (default: %(default)s)")
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
-    model.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                       help="weight precision of --backend torch (default: fp16 on GPUs, bf16 on CPUs with native "
-                            "bf16, else fp32); an export runs in the precision it was exported in")
+    add_dtype_option(model)
     add_lora_option(model)
     add_textual_inversion_option(model)
     s = p.add_argument_group("sampling")

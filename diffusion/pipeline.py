@@ -122,14 +122,17 @@ class Pipeline(DiffusersAPI):
                         **backend_options) -> "Pipeline":
         """A model folder, one .safetensors file, or a built-in model's name (backend "torch"), or an export
         folder (backend "onnxruntime" / "tensorrt", see export/). device: default CUDA if present; dtype
-        (torch.dtype or "fp32"/"bf16"/"fp16"): default `default_dtype(device, unet_width(path))` for torch.
+        (torch.dtype or "fp32"/"bf16"/"fp16", or "auto": as the UNet's weights are stored, diffusers'
+        torch_dtype="auto"): default `default_dtype(device, unet_width(path))` for torch.
         backend_options: an export backend's own (onnxruntime: providers=("tensorrt", "cuda"), threads=,
         trt_cache=; tensorrt: cuda_graphs=), as Optimum's ORT pipelines take provider= and session options."""
         from backdrop.export.backends import make_backend
-        from backdrop.nn.checkpoint import load_model
+        from backdrop.nn.checkpoint import load_model, stored_dtype
 
         path = resolve_model(path_or_name)
         device = torch.device(device) if device is not None else default_device()
+        if dtype == "auto":  # an export's backend runs in its own precision: None takes it
+            dtype = stored_dtype(path) if backend == "torch" else None
         if backend != "torch":  # an export folder runs in its own precision; the backend refuses another
             return cls(make_backend(backend, path, device=device, dtype=parse_dtype(dtype), **backend_options))
         if backend_options:

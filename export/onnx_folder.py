@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from backdrop.messages import some
 from backdrop.nn.checkpoint import config_from_dict
 from backdrop.nn.config import ModelConfig, SchedulerConfig
 from backdrop.nn.tokenizer import Tokenizer
@@ -191,8 +192,7 @@ def check_replaceable(out: Path, manifest: str, what: str, components, layout: d
                          f"{', '.join(components)} would delete; write those as well, or choose another folder")
     foreign = foreign_entries(out, layout)
     if foreign:
-        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-        raise ValueError(f"{out}: holds {', '.join(foreign[:3])}{more} besides {what}; replacing the folder "
+        raise ValueError(f"{out}: holds {some(foreign, 3)} besides {what}; replacing the folder "
                          f"would delete them: move them out, or choose another folder")
 
 

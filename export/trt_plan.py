@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from backdrop.export.onnx_folder import GraphSpec, digest
+from backdrop.messages import some
 from backdrop.nn.config import ModelConfig
 
 __all__ = ["Range", "ShapeBucket", "Profile", "ShapeError", "RefitError", "BuildError", "parse_bucket",
@@ -224,8 +225,7 @@ def refit_arrays(weight_map: dict, weights: dict[str, torch.Tensor]) -> dict[str
                                 "decoder, or folded into constants at export, e.g. a zero bias), so only their "
                                 "export-time values can be given; export the changed model instead")):
         if keys:
-            more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
-            raise RefitError(f"{', '.join(keys[:5])}{more}: {why}")
+            raise RefitError(f"{some(keys)}: {why}")
     out = {}
     for name in dict.fromkeys(owner[k] for k in weights if k in owner):
         entry = inits[name]

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..messages import some
 from .clip import TextEncoder
 from .config import (PREDICTION_TYPES, ModelConfig, SchedulerConfig, TextConfig, UNetConfig, VAEConfig,
                      get_preset)
@@ -232,6 +233,22 @@ def _weight_files(folder: Path, stem: str, allow_pickle: bool) -> list[Path]:
                           f"{stem}.safetensors.index.json, or the {stem}.fp16.safetensors variant)")
 
 
+_STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_dtype(path) -> torch.dtype | None:
+    """The precision a model's UNet weights are stored in (fp32/fp16/bf16), for diffusers' torch_dtype="auto";
+    None where it cannot be read without loading (pickle weights, an unreadable file: load_model says why)."""
+    path = Path(path)
+    try:
+        file = _weight_files(path / "unet", "diffusion_pytorch_model", True)[0] if path.is_dir() else path
+        with safe_open(str(file), framework="pt") as f:
+            key = next(k for k in f.keys() if path.is_dir() or k.startswith("model.diffusion_model."))
+            return _STORED_DTYPES.get(f.get_slice(key).get_dtype())
+    except (OSError, CheckpointError, SafetensorError, StopIteration):
+        return None
+
+
 # ------------------------------------------------------------------------------------------------- loading
 
 class _Problems:
@@ -250,10 +267,7 @@ class _Problems:
                 self.shapes.append(f"{src.key}: file {got} vs model {want}")
 
     def raise_if_any(self, label: str, what: str) -> None:
-        def listed(items: list[str], kind: str) -> str:
-            more = f", ... and {len(items) - 5} more" if len(items) > 5 else ""
-            return f"{len(items)} {kind}: {', '.join(items[:5])}{more}"
-        parts = [listed(items, kind) for items, kind in ((self.missing, "missing"), (self.unexpected, "unexpected"),
+        parts = [f"{len(items)} {kind}: {some(items)}" for items, kind in ((self.missing, "missing"), (self.unexpected, "unexpected"),
                                                          (self.shapes, "with the wrong shape")) if items]
         if parts:
             raise CheckpointError(f"{label}: does not match {what}: " + "; ".join(parts))

@@ -11,12 +11,12 @@ import argparse
 import logging
 from pathlib import Path
 
-from backdrop.cli import CLIError, add_lora_option, add_textual_inversion_option, apply_model_options, parse_device
+from backdrop.cli import (CLIError, add_dtype_option, add_lora_option, add_textual_inversion_option,
+                          apply_model_options, parse_device)
 from backdrop.diffusion.schedule import RECIPES
 
 __all__ = ["add_parser", "model_id"]
 
-DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 
 
 def add_parser(subparsers) -> None:
@@ -43,9 +43,7 @@ def add_parser(subparsers) -> None:
     m.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
                    help="what runs the model (default: %(default)s)")
     m.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
-    m.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                   help="weight precision of --backend torch (default: fp16 on GPUs, bf16 on CPUs with native "
-                        "bf16, else fp32); an export runs in the precision it was exported in")
+    add_dtype_option(m)
     add_lora_option(m)
     add_textual_inversion_option(m)
     m.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",

@@ -251,6 +251,19 @@ def test_to_casts_in_place_like_loading_in_that_dtype(models):
     assert pipe.to("cpu", "fp32").backend.dtype == next(pipe.backend.model.unet.parameters()).dtype == torch.float32
 
 
+def test_torch_dtype_auto_loads_as_stored(models, tmp_path):
+    """diffusers' torch_dtype="auto": the precision the weights are stored in, for a folder and a single file (the
+    built-in model ships fp16 weights); --dtype auto on the commands."""
+    from backdrop.nn.checkpoint import load_model, stored_dtype
+    half = load_model(models["sd1"].folder, dtype=torch.float16)
+    for layout in ("diffusers", "ldm"):
+        saved = save_model(half, tmp_path / ("half" if layout == "diffusers" else "half.safetensors"), layout=layout)
+        pipe = Pipeline.from_pretrained(saved, device="cpu", torch_dtype="auto")
+        assert pipe.dtype == next(pipe.backend.model.unet.parameters()).dtype == torch.float16
+    assert stored_dtype(models["sd1"].folder) == torch.float32 and stored_dtype("backdrop-tiny") is None
+    assert stored_dtype(resolve_model("backdrop-tiny")) == torch.float16
+
+
 def test_loading_single_file_names_and_defaults(models, tmp_path):
     sd1 = models["sd1"]
     single = save_model(sd1.pipe.backend.model, tmp_path / "tiny.safetensors", layout="ldm")

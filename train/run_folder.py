@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from backdrop.cli import CLIError
+from backdrop.messages import some
 
 from . import checkpointing as ckpt
 
@@ -84,8 +85,7 @@ def check_out(out: Path, resume: Path | None) -> None:
     # a new run's folder (a resumed run's own may hold the user's notes: it writes only its own files there)
     others = [p.name for p in sorted(out.iterdir()) if not _written_by_a_run(p)] if out.is_dir() and not held else []
     if others:
-        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
-        raise CLIError(f"--out {out} holds {', '.join(others[:3])}{more}, which a run did not write; give a new or "
+        raise CLIError(f"--out {out} holds {some(others, 3)}, which a run did not write; give a new or "
                        "empty folder")
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
