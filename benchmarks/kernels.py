@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -39,6 +40,18 @@ COLUMNS = ["gpu", "commit", "op", "shape", "dtype", "pass", "unit", "ours", "pee
 HBM_GBPS = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800,
             "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+OPS = ("attention", "group_norm")
+
+
+def names_of(choices):
+    """argparse type: a comma-separated list, each name one of `choices` (checked before anything runs)."""
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        bad = [n for n in names if n not in choices]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"{', '.join(bad) or repr(text)}: choose from {', '.join(choices)}")
+        return names
+    return parse
 
 
 def attention_shapes(quick: bool) -> list[tuple[str, tuple[int, int, int, int, int, bool]]]:
@@ -174,9 +187,13 @@ def row(op, shape, dtype, pass_, unit, work, ours, peer_name, peer) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ops", default="attention,group_norm", help="comma-separated: attention, group_norm")
-    ap.add_argument("--dtypes", default="fp16,bf16", help="comma-separated: fp16, bf16")
-    ap.add_argument("--quick", action="store_true", help="only the largest shape of each family (a smoke run)")
+    ap.add_argument("--ops", default="attention,group_norm", type=names_of(OPS),
+                    help="comma-separated: attention, group_norm (default: %(default)s)")
+    ap.add_argument("--dtypes", default="fp16,bf16", type=names_of(DTYPES),
+                    help="comma-separated: fp16, bf16 (default: %(default)s)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: attention at 512² (UNet level 0) and the text encoder's, GroupNorm at the "
+                         "UNets' level 0")
     ap.add_argument("--out", type=Path, default=None, help="CSV path (default benchmarks/results/kernels-<gpu>.csv)")
     ap.add_argument("--cudagraph", action="store_true",
                     help="time forward passes as CUDA-graph replays: the kernels without Python dispatch, which is "
@@ -196,12 +213,13 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}, commit {meta['commit']}")
     out = args.out or RESULTS / f"kernels-{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.stem + ".partial.csv")  # rows so far; replaces `out` only when the run completes
     rows = []
-    with open(out, "w", newline="") as f:
+    with open(partial, "w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()
-        for name in args.dtypes.split(","):
-            dtype = DTYPES[name.strip()]
+        for name in args.dtypes:
+            dtype = DTYPES[name]
             gens = []
             if "attention" in args.ops:
                 gens.append(attention_rows(dtype, args.quick))
@@ -216,6 +234,7 @@ def main(argv=None) -> int:
                     print(f"{r['op']:16} {r['dtype']:9} {r['pass']:8} {r['shape'][:70]:70} {r['peer_name']:20} "
                           f"{r['peer']!s:>9} ours {r['ours']!s:>9} {r['unit']:8} x{r['ratio']!s:6} "
                           f"{r['copy_pct'] and r['copy_pct'] + '% of copy'} {r['error']}", flush=True)
+    os.replace(partial, out)
     print(f"{len(rows)} rows -> {out}")
     return 0
 

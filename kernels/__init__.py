@@ -49,8 +49,9 @@ def _choose(impl: str, x: torch.Tensor, supported) -> str:
         raise ValueError(f"{source}='triton': Triton is not installed here (it ships for Linux); use impl='torch'")
     if impl == "triton" and not x.is_cuda:
         if os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"Triton kernels on a {x.device.type} tensor need TRITON_INTERPRET=1 (set before "
-                             f"importing backdrop); use impl='torch' or CUDA tensors")
+            instead = "unset BACKDROP_KERNELS" if source == "BACKDROP_KERNELS" else "use impl='torch'"
+            raise ValueError(f"{source}='triton': Triton kernels on a {x.device.type} tensor need TRITON_INTERPRET=1 "
+                             f"(set before importing backdrop); {instead} or use CUDA tensors")
         if not _interpreted():
             raise ValueError("TRITON_INTERPRET=1 was set after Triton was imported, so its kernels were set up for "
                              "the GPU; set it before the first import of triton / backdrop.kernels")
@@ -69,20 +70,21 @@ def _interpreted() -> bool:
     return interpreted(tl.zeros) and interpreted(_attention_mod._attn_fwd) and interpreted(_group_norm_mod._gn_fwd)
 
 
-def attention(q, k, v, causal: bool = False, scale: float | None = None, impl: str = "auto"):
-    """softmax(q kᵀ · scale) v.  q (B, H, Sq, D), k/v (B, H, Sk, D) -> (B, H, Sq, D).
+def attention(q, k, v, *, causal: bool = False, scale: float | None = None, impl: str = "auto"):
+    """softmax(q kᵀ · scale) v.  q (B, H, Sq, D), k/v (B, H, Sk, D) -> (B, H, Sq, D). No attention mask or dropout.
 
     scale defaults to 1/sqrt(D); causal is top-left aligned (query i sees keys j <= i), as in SDPA."""
     def supported():
         return (q.dtype in _KERNEL_DTYPES and q.shape[-1] <= _attention_mod.MAX_HEAD_DIM
-                and all(t.stride(-1) == 1 for t in (q, k, v)))
+                and all(t.stride(-1) == 1 for t in (q, k, v)) and (scale is None or scale > 0))
     if _choose(impl, q, supported) == "triton":
         with _on_device_of(q):
             return _attention_mod.attention(q, k, v, causal=causal, scale=scale)
     return attention_ref(q, k, v, causal=causal, scale=scale)
 
 
-def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, silu: bool = False, impl: str = "auto"):
+def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, *, silu: bool = False,
+               impl: str = "auto"):
     """GroupNorm over x (B, C, *spatial), optionally followed by SiLU."""
     def supported():
         return x.dtype in _KERNEL_DTYPES and _group_norm_mod._strides_bcl(x) is not None

@@ -13,7 +13,7 @@ import triton
 from .attention_kernels import (
     LOG2E, MAX_HEAD_DIM, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd, _head_dim_split, _interpreting,
 )
-from .reference import attention_ref  # noqa: F401  (re-exported: the tests compare against it)
+from .reference import attention_math, differentiable_grads
 
 
 def _check_qkv(q, k, v, scale) -> None:
@@ -47,8 +47,12 @@ def _check_qkv(q, k, v, scale) -> None:
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"attention: head dim D={D} (q shape {tuple(q.shape)}) is outside the kernel's "
                          f"1..{MAX_HEAD_DIM}; use impl='torch'")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"attention: scale must be a finite number or None, got {scale!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"attention: scale must be a positive finite number or None, got {scale!r} (the kernels "
+                         "mask and take each row's running maximum of the scores before scaling; use impl='torch')")
+    if q.dtype == torch.bfloat16 and _interpreting():
+        raise ValueError("attention: bfloat16 needs CUDA: Triton's interpreter computes bf16 dots wrongly "
+                         "(triton-lang/triton#11584); use float16/float32 or impl='torch' on the CPU")
 
 
 def _alloc_like(t: torch.Tensor, poison: bool) -> torch.Tensor:
@@ -147,15 +151,20 @@ class _FlashAttention(torch.autograd.Function):
         return o
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True (a gradient penalty): gradients autograd can differentiate
+            grads = differentiable_grads(lambda q, k, v: attention_math(q, k, v, ctx.causal, ctx.scale), (q, k, v),
+                                         ctx.needs_input_grad[:3], do)
+            return (*grads, None, None)
         dq, dk, dv = _attention_bwd(q, k, v, o, lse, do, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, scale: float | None = None):
-    """softmax(q kᵀ · scale) v with the Triton kernels, differentiable.  q (B, H, Sq, D), k/v (B, H, Sk, D).
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              scale: float | None = None):
+    """softmax(q kᵀ · scale) v with the Triton kernels, differentiable (twice: a backward under create_graph=True
+    runs the torch reference's).  q (B, H, Sq, D), k/v (B, H, Sk, D).
 
-    scale defaults to 1/sqrt(D); causal is top-left aligned (query i sees keys j <= i), as in SDPA."""
+    scale (> 0) defaults to 1/sqrt(D); causal is top-left aligned (query i sees keys j <= i), as in SDPA."""
     return _FlashAttention.apply(q, k, v, causal, scale)

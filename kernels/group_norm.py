@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import torch
 import triton
@@ -32,7 +33,7 @@ import triton.language as tl
 
 from .autotune import autotune
 from .autotune import interpreting as _interpreting
-from .reference import group_norm_ref  # noqa: F401  (re-exported: the tests compare against it)
+from .reference import differentiable_grads, group_norm_ref
 
 # Elements per tile held in registers (fp32): 4096 across 4-16 warps is 8-32 registers a thread.
 TILE = 4096
@@ -445,19 +446,27 @@ class _GroupNorm(torch.autograd.Function):
     def forward(ctx, x, num_groups, weight, bias, eps, silu):
         y, mean, rstd = _group_norm_fwd(x, num_groups, weight, bias, eps, silu)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.num_groups, ctx.silu = num_groups, silu
+        ctx.num_groups, ctx.eps, ctx.silu = num_groups, eps, silu
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True (a gradient penalty): gradients autograd can differentiate
+            needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:4])
+            dx, dw, db = differentiable_grads(
+                lambda x, w, b: group_norm_ref(x, ctx.num_groups, w, b, ctx.eps, ctx.silu), (x, weight, bias),
+                needs, dy)
+            return dx, None, dw, db, None, None
         dx, dw, db = _group_norm_bwd(x, dy, weight, bias, mean, rstd, ctx.num_groups, ctx.silu)
         return dx, None, dw, db, None, None
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight=None, bias=None, eps: float = 1e-5, silu: bool = False):
-    """GroupNorm over x (B, C, *spatial), optionally followed by SiLU, with the Triton kernels; differentiable.
+    """GroupNorm over x (B, C, *spatial), optionally followed by SiLU, with the Triton kernels; differentiable
+    (twice: a backward under create_graph=True runs the torch reference's).
 
     The output keeps x's memory format (channels_last in, channels_last out)."""
+    if hasattr(type(num_groups), "__index__") and not isinstance(num_groups, bool):  # numpy / 0-d tensor ints
+        num_groups = operator.index(num_groups)
     return _GroupNorm.apply(x, num_groups, weight, bias, eps, silu)

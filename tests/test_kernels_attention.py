@@ -12,7 +12,8 @@ import torch
 
 # TRITON_INTERPRET=1 (no GPU) is set by tests/conftest.py before anything imports triton.
 from backdrop import kernels
-from backdrop.kernels.attention import _attention_bwd, _attention_fwd, attention_ref
+from backdrop.kernels.attention import _attention_bwd, _attention_fwd
+from backdrop.kernels.reference import attention_ref
 from backdrop.kernels.attention_kernels import _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd, _head_dim_split, _prune
 from triton_h100 import compile_for_h100  # tests/ is on sys.path (pyproject pythonpath)
 
@@ -173,6 +174,48 @@ def test_launcher_rejects_what_it_cannot_do(bad, match):
         _attention_fwd(q, k, v)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.125])
+def test_a_scale_the_kernels_cannot_take_is_refused_or_runs_in_torch(scale):
+    """The kernels mask and take each row's running maximum before scaling, which needs scale > 0: explicit triton
+    refuses it, auto runs torch (whose result it then is), rather than NaN where a block is masked."""
+    q, k, v = _qkv(Sq=20, Sk=13)
+    with pytest.raises(ValueError, match="scale must be a positive"):
+        kernels.attention(q, k, v, scale=scale, impl="triton")
+    out = kernels.attention(q, k, v, scale=scale, impl="auto")  # 13 keys: a masked tail in a 32-key block
+    assert torch.equal(out, kernels.attention_ref(q, k, v, scale=scale)) and out.isfinite().all()
+
+
+def test_options_are_keywords_so_an_sdpa_mask_is_not_read_as_causal():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="positional"):
+        kernels.attention(q, k, v, torch.zeros(1, 1, 1, 1), impl="triton")  # SDPA's attn_mask position
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's limit")
+def test_bf16_in_the_interpreter_is_refused():
+    """Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton#11584): an error, not garbage."""
+    with pytest.raises(ValueError, match="bfloat16 needs CUDA"):
+        kernels.attention(*_qkv(dtype=torch.bfloat16), impl="triton")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_double_backward_is_right(causal):
+    """A gradient penalty (create_graph=True) differentiates the backward again; with a loss linear in the output
+    the incoming gradient carries no graph, which once_differentiable let through as a silent zero. The second
+    order now runs the math reference; its result is the float64 math one's."""
+    def penalty(fn, x):
+        x = x.detach().requires_grad_()
+        q, k, v = x[:, :, :6], x[:, :, 6:], 0.5 * x[:, :, 6:] + 1
+        w = torch.linspace(-1, 1, q.numel(), dtype=x.dtype, device=x.device).view(q.shape)
+        g, = torch.autograd.grad((fn(q, k, v, causal=causal, scale=0.4) * w).sum(), x, create_graph=True)
+        (g.square().sum() + x.sum()).backward()
+        return x.grad
+    x = torch.randn(1, 2, 15, 16, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(3))
+    ours = penalty(lambda *a, **kw: kernels.attention(*a, **kw, impl="triton"), x)
+    ref = penalty(kernels.reference.attention_math, x.double())
+    assert _err(ours, ref) < TOL[torch.float32]["bwd"] and (ours - 1).abs().max() > 0.1  # not only the x.sum() term
+
+
 def test_dispatch_env_and_impl(monkeypatch):
     q, k, v = (t.requires_grad_() for t in _qkv(Sq=20, Sk=12))
     name = lambda out: type(out.grad_fn).__name__  # noqa: E731  (which implementation built this output)
@@ -188,6 +231,11 @@ def test_dispatch_env_and_impl(monkeypatch):
     assert name(kernels.attention(q, k, v, impl="torch")) == name(theirs)  # impl= beats the env var
     monkeypatch.setenv("BACKDROP_KERNELS", "torch")
     assert name(kernels.attention(q, k, v)) == name(theirs)
+    if DEVICE == "cpu":  # the variable a model user set, named with what to do
+        monkeypatch.setenv("BACKDROP_KERNELS", "triton")
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(ValueError, match="BACKDROP_KERNELS='triton'.*unset BACKDROP_KERNELS"):
+            kernels.attention(q, k, v)
     monkeypatch.setenv("BACKDROP_KERNELS", "cuda")
     with pytest.raises(ValueError, match="BACKDROP_KERNELS='cuda'"):
         kernels.attention(q, k, v)

@@ -3,6 +3,7 @@
 Without a GPU the Triton kernels run in Triton's interpreter on the CPU (TRITON_INTERPRET=1). Small `tile` /
 `single_max` arguments force the split schedule (several chunks of several tiles per group) on tiny tensors.
 """
+import numpy as np
 import pytest
 import torch
 
@@ -140,6 +141,24 @@ def test_autograd_through_dispatch_channels_last():
     assert _err(y.detach(), ref[0]) < TOL[torch.float32]["fwd"]
     for t, r in zip((x, w, b), ref[1:]):
         assert _err(t.grad, r) < TOL[torch.float32]["bwd"]
+
+
+def test_double_backward_is_right_and_numpy_groups_are_taken():
+    """A gradient penalty through group_norm (create_graph=True, a loss linear in the output): the second order
+    runs F.group_norm's, which once_differentiable used to drop silently. num_groups may be a numpy int."""
+    def penalty(impl, x, w, groups):
+        x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+        y = kernels.group_norm(x, groups, w, None, silu=True, impl=impl)
+        gx, gw = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view(y.shape)).sum(),
+                                     (x, w), create_graph=True)
+        (gx.square().sum() + gw.square().sum() + x.sum()).backward()
+        return x.grad, w.grad
+    x, w, _, _ = _make((2, 6, 3, 4), 3, False, True, torch.float32)
+    ours = penalty("triton", x, w, np.int64(3))
+    ref = penalty("torch", x.double(), w.double(), 3)
+    for a, r in zip(ours, ref):
+        assert _err(a, r) < TOL[torch.float32]["bwd"]
+    assert (ours[0] - 1).abs().max() > 0.1  # not only the x.sum() term
 
 
 @pytest.mark.parametrize("make, match", [
