@@ -92,6 +92,25 @@ def add_dtype_option(group) -> None:
                             "precision it was exported in")
 
 
+def add_checkpoint_options(group) -> None:
+    """How a model file is read, shared by the commands that load one (generate, img2img, inpaint, serve, export):
+    load_model's prediction_type, vae and allow_pickle."""
+    group.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                       help="what the model's UNet predicts, for a single file that does not say: SD 2.x 768-v files "
+                            "are v_prediction (default: the folder's scheduler config; for a file its .yaml beside "
+                            "it, else epsilon, guessed with a warning for SD 2.x text-to-image files)")
+    group.add_argument("--vae", default=None, metavar="PATH",
+                       help="run this VAE instead of the model's own: a .safetensors file (e.g. "
+                            "vae-ft-mse-840000-ema-pruned.safetensors) or a diffusers VAE or model folder")
+    group.add_argument("--allow-pickle", action="store_true",
+                       help="read pickle .ckpt/.bin files with torch.load(weights_only=True); only files you trust")
+
+
+def checkpoint_options(args) -> dict:
+    """add_checkpoint_options' values as load_model's / Pipeline.from_pretrained's keyword arguments."""
+    return dict(prediction_type=args.prediction_type, vae=args.vae, allow_pickle=args.allow_pickle)
+
+
 def add_lora_option(group) -> None:
     """--lora, shared by the commands that load a model (generate, img2img, inpaint, serve)."""
     group.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="PATH[:SCALE]",

@@ -53,11 +53,23 @@ DIFFUSERS_INSTEAD = {
     "adapter_name": "LoRAs are merged into the weights, not kept as named adapters; unload_lora_weights() undoes "
                     "them all",
     "weight_name": "give the LoRA file's own path: load_lora_weights(folder / weight_name)",
+    # from_single_file's: the configuration is read from the file's tensor shapes
+    "config": "a file's configuration is read from its tensor shapes; for a v-prediction file pass "
+              "prediction_type=\"v_prediction\" (or original_config= its .yaml)",
+    "text_encoder": "the text encoder is the checkpoint's own (vae= replaces the VAE)",
+    "unet": "the UNet is the checkpoint's own (vae= replaces the VAE)",
+    "tokenizer": "the tokenizer is CLIP's, from the checkpoint or the built-in vocabulary",
+    "scheduler": "choose sampler= per call; the noise schedule is the model's",
+    "extract_ema": "the UNet's regular weights are read (diffusers' default); convert the file to read its EMA ones",
+    "upcast_attention": "attention always accumulates in fp32 here",
+    "load_safety_checker": _NO_SAFETY_CHECKER,
+    "local_files_only": "Backdrop reads local files only (True is taken)",
 }
 
 
 # diffusers' arguments whose "off" value asks for what Backdrop does anyway: taken with that value, refused with another
-DIFFUSERS_OFF = {"safety_checker": None, "requires_safety_checker": False, "feature_extractor": None}
+DIFFUSERS_OFF = {"safety_checker": None, "requires_safety_checker": False, "feature_extractor": None,
+                 "load_safety_checker": False, "local_files_only": True}
 
 
 def diffusers_names(fn: Callable) -> Callable:

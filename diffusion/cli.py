@@ -23,8 +23,9 @@ import secrets
 import sys
 from pathlib import Path
 
-from backdrop.cli import (CLIError, add_dtype_option, add_lora_option, add_textual_inversion_option,
-                          apply_model_options, make_folder, one_line, parse_device)
+from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, add_lora_option,
+                          add_textual_inversion_option, apply_model_options, checkpoint_options, make_folder,
+                          one_line, parse_device)
 from backdrop.diffusion.schedule import RECIPES
 
 __all__ = ["add_parser"]
@@ -42,6 +43,7 @@ def _common_options() -> argparse.ArgumentParser:
                             "`backdrop export` (default: %(default)s)")
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
     add_dtype_option(model)
+    add_checkpoint_options(model)
     add_lora_option(model)
     add_textual_inversion_option(model)
     s = p.add_argument_group("sampling")
@@ -264,7 +266,8 @@ def _pipeline(args):
     from backdrop.diffusion.schedule import build_schedule
 
     try:
-        pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+        pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                                        **checkpoint_options(args))
     except (OSError, ValueError, RuntimeError, ImportError) as e:  # missing files, CheckpointError, OOM, no ORT/TRT
         raise CLIError(f"cannot load model {args.model}: {one_line(e)}") from None
     apply_model_options(pipe, args)

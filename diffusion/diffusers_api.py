@@ -61,9 +61,24 @@ class DiffusersAPI:
     """Mixed into Pipeline: needs self.backend, self._loras (a list) and self._progress (a bool)."""
 
     @classmethod
-    def from_single_file(cls, pretrained_model_link_or_path, **kwargs):
+    def from_single_file(cls, pretrained_model_link_or_path, original_config=None, **kwargs):
         """diffusers' from_single_file: one original (LDM) .safetensors checkpoint, opened by from_pretrained with
-        the same keyword arguments (device=, dtype= or torch_dtype=)."""
+        the same keyword arguments (device=, dtype= or torch_dtype=, prediction_type=, vae=, allow_pickle=).
+        original_config: the file's original LDM .yaml (v2-inference-v.yaml, ...), read for its parameterization
+        (its prediction type); a `<name>.yaml` beside the file is read without asking, as A1111 does."""
+        if original_config is not None:
+            from backdrop.nn.ldm_keys import prediction_type_of_ldm_config
+            if "://" in str(original_config):
+                raise ValueError(f"from_single_file: original_config={original_config} is a link; Backdrop does "
+                                 "not download: give the .yaml file's path")
+            try:
+                text = Path(original_config).read_text(errors="replace")
+            except OSError as e:
+                raise FileNotFoundError(f"from_single_file: original_config={original_config}: {e.strerror}") from None
+            found = prediction_type_of_ldm_config(text, str(original_config))
+            if kwargs.setdefault("prediction_type", found) != found:
+                raise ValueError(f"from_single_file: prediction_type={kwargs['prediction_type']!r}, but "
+                                 f"original_config={original_config} says {found!r}; give one")
         given = str(pretrained_model_link_or_path)
         if "://" in given:
             raise ValueError(f"from_single_file: {given} is a link; Backdrop does not download: fetch the "

@@ -63,6 +63,7 @@ Which model, device and precision `from_pretrained` picks by default: nn/resolve
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Callable
 
@@ -119,11 +120,14 @@ class Pipeline(DiffusersAPI):
     @classmethod
     @diffusers_names
     def from_pretrained(cls, path_or_name, device=None, dtype=None, backend: str = "torch",
+                        prediction_type: str | None = None, vae=None, allow_pickle: bool = False,
                         **backend_options) -> "Pipeline":
         """A model folder, one .safetensors file, or a built-in model's name (backend "torch"), or an export
         folder (backend "onnxruntime" / "tensorrt", see export/). device: default CUDA if present; dtype
         (torch.dtype or "fp32"/"bf16"/"fp16", or "auto": as the UNet's weights are stored, diffusers'
         torch_dtype="auto"): default `default_dtype(device, unet_width(path))` for torch.
+        prediction_type ("epsilon" / "v_prediction": what a single file's UNet predicts, which the file does not
+        say), vae (a VAE file or folder to run instead of the model's) and allow_pickle: load_model's.
         backend_options: an export backend's own (onnxruntime: providers=("tensorrt", "cuda"), threads=,
         trt_cache=; tensorrt: cuda_graphs=), as Optimum's ORT pipelines take provider= and session options."""
         from backdrop.export.backends import make_backend
@@ -134,12 +138,22 @@ class Pipeline(DiffusersAPI):
         if dtype == "auto":  # an export's backend runs in its own precision: None takes it
             dtype = stored_dtype(path) if backend == "torch" else None
         if backend != "torch":  # an export folder runs in its own precision; the backend refuses another
+            loading = [n for n, v in (("prediction_type", prediction_type), ("vae", vae),
+                                      ("allow_pickle", allow_pickle)) if v]
+            if loading:
+                raise ValueError(f"from_pretrained: {loading[0]}= is for loading a model; an export holds the model "
+                                "as it was exported (give it to `backdrop export` instead)")
             return cls(make_backend(backend, path, device=device, dtype=parse_dtype(dtype), **backend_options))
         if backend_options:
             raise TypeError(f"from_pretrained: the torch backend takes no backend options, got "
                             f"{sorted(backend_options)} (they are the onnxruntime and tensorrt backends')")
         dtype = parse_dtype(dtype) or default_dtype(device, unet_width(path))
-        return cls(make_backend("torch", load_model(path, dtype=dtype, device=device), device=device, dtype=dtype))
+        if vae is not None and not isinstance(vae, (str, os.PathLike)):
+            raise TypeError(f"from_pretrained: vae= takes the path of a VAE (.safetensors file or folder), got a "
+                            f"{type(vae).__name__}")
+        model = load_model(path, dtype=dtype, device=device, prediction_type=prediction_type, vae=vae,
+                           allow_pickle=allow_pickle)
+        return cls(make_backend("torch", model, device=device, dtype=dtype))
 
     def to(self, device=None, dtype=None) -> "Pipeline":
         """Move the weights to `device` and/or cast them to `dtype` (torch.dtype or "fp16", ...), in place, as

@@ -13,7 +13,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from backdrop.cli import CLIError, parse_device
+from backdrop.cli import CLIError, add_checkpoint_options, checkpoint_options, parse_device
 
 __all__ = ["add_parser"]
 
@@ -55,6 +55,7 @@ def add_parser(subparsers) -> None:
                            "read)")
     onnx.add_argument("--external-data", action="store_true",
                       help="always keep weights in model.onnx.data next to each graph (automatic above 2 GB)")
+    add_checkpoint_options(onnx)
     onnx.add_argument("--quiet", action="store_true", help="no progress bar")
     onnx.add_argument("--device", default="cpu",
                       help="where to trace and check the model: cpu, cuda, ... (default: %(default)s)")
@@ -145,7 +146,8 @@ def _onnx(args) -> int:
         raise CLIError(f"--opset {args.opset}: choose {OPSETS[0]} to {OPSETS[-1]}")
     _check_out(args.out, MANIFEST, "a Backdrop ONNX export", components, export_layout())  # before loading
     try:
-        model = load_model(resolve_model(args.model), dtype=torch.float32, device=device)
+        model = load_model(resolve_model(args.model), dtype=torch.float32, device=device,
+                           **checkpoint_options(args))
     except (OSError, ValueError, RuntimeError) as e:  # missing files, CheckpointError
         raise CLIError(f"cannot load model {args.model}: {e}") from None
     try:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -28,14 +30,18 @@ from ..messages import some
 from .clip import TextEncoder
 from .config import (PREDICTION_TYPES, ModelConfig, SchedulerConfig, TextConfig, UNetConfig, VAEConfig,
                      get_preset)
-from .ldm_keys import (FOLDER_EXTRAS, CheckpointError, Src, clip_prefix, detect_config, diffusers_configs,
-                       folder_key, from_ldm, known_extras, ldm_names, ldm_shape, to_ldm)
+from .ldm_keys import VAE as VAE_PREFIX
+from .ldm_keys import (FOLDER_EXTRAS, UNET, CheckpointError, Src, clip_prefix, detect_config, diffusers_configs,
+                       folder_key, from_ldm, known_extras, ldm_names, ldm_shape, prediction_type_of_ldm_config,
+                       to_ldm, vae_config, vae_names)
 from .tokenizer import Tokenizer
 from .unet import UNet
 from .vae import VAE
 
-__all__ = ["Model", "CheckpointError", "load_model", "save_model", "init_model", "config_to_dict",
-           "config_from_dict", "diffusers_configs"]
+__all__ = ["Model", "CheckpointError", "load_model", "load_vae", "stored_dtype", "save_model", "init_model",
+           "config_to_dict", "config_from_dict", "diffusers_configs"]
+
+log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 METADATA_KEY = "backdrop_config"  # our LDM files carry their ModelConfig here, for what shapes cannot tell
@@ -138,7 +144,8 @@ def _pickle_refusal(path: Path, option: bool = True) -> CheckpointError:
         f"it once, where you trust the file:\n  python -c \"import torch, safetensors.torch as st; "
         f"sd = torch.load('{path}', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
         f"st.save_file({{k: v.contiguous().clone() for k, v in sd.items() if isinstance(v, torch.Tensor)}}, "
-        f"'{out}')\"" + ("\nor pass allow_pickle=True (which loads it with torch.load(weights_only=True))."
+        f"'{out}')\"" + ("\nor pass allow_pickle=True (--allow-pickle; it loads the file with "
+                         "torch.load(weights_only=True))."
                          if option else ""))
 
 
@@ -306,31 +313,80 @@ def _meta_modules(cfg: ModelConfig) -> dict[str, nn.Module]:
         return {"unet": UNet(cfg.unet), "vae": VAE(cfg.vae), "text_encoder": TextEncoder(cfg.text)}
 
 
-def _load_single_file(path: Path, dtype, device, prediction_type, allow_pickle) -> Model:
+def _load_single_file(path: Path, dtype, device, prediction_type, allow_pickle, vae: VAE | None) -> Model:
     reader = _Reader([path], allow_pickle)
     if METADATA_KEY in reader.metadata:  # written by save_model: the exact config, heads and groups included
         try:
             cfg = config_from_dict(json.loads(reader.metadata[METADATA_KEY]))
         except (ValueError, TypeError, KeyError) as e:
             raise CheckpointError(f"{path}: unreadable {METADATA_KEY} metadata: {e!r}") from None
-        if prediction_type:
-            cfg = dataclasses.replace(cfg, prediction_type=prediction_type)
+        cfg = dataclasses.replace(cfg, prediction_type=prediction_type or cfg.prediction_type,
+                                  vae=vae.cfg if vae is not None else cfg.vae)
     else:
-        cfg = detect_config(reader.shapes, str(path), prediction_type)
+        given = vae.cfg if vae is not None else None
+        cfg = detect_config(reader.shapes, str(path), prediction_type or _sidecar_prediction_type(path), given)
+        if prediction_type is None and (guess := _guess_prediction_type(path, reader, cfg)) != cfg.prediction_type:
+            cfg = detect_config(reader.shapes, str(path), guess, given)
     modules = _meta_modules(cfg)
     names = ldm_names(cfg, {c: m.state_dict().keys() for c, m in modules.items()}, clip=clip_prefix(reader.shapes))
+    if vae is not None:  # the file's own VAE, if any, is not read
+        del modules["vae"], names["vae"]
     problems = _Problems()
     for c, m in modules.items():
         problems.check(m, names[c], reader)
     used, extras = {s.key for n in names.values() for s in n.values()}, known_extras(cfg)
-    problems.unexpected = [k for k in reader.shapes if k not in used and not extras.fullmatch(k)]
+    problems.unexpected = [k for k in reader.shapes if k not in used and not extras.fullmatch(k)
+                           and not (vae is not None and k.startswith(VAE_PREFIX))]
     problems.raise_if_any(reader.label, f"the {cfg.family.upper()} model it describes")
     for c, m in modules.items():
         _fill(m, names[c], reader, dtype, device)
+    if vae is not None:
+        modules["vae"] = vae
     return Model(**modules, tokenizer=Tokenizer.from_assets(cfg.text.pad_token_id), config=cfg)
 
 
-def _load_folder(root: Path, dtype, device, prediction_type, allow_pickle) -> Model:
+def _sidecar_prediction_type(path: Path) -> str | None:
+    """A1111's convention: `<file stem>.yaml` beside a checkpoint is its original LDM config, whose
+    model.params.parameterization is "v" for a v-prediction model."""
+    yaml = path.with_suffix(".yaml")
+    return prediction_type_of_ldm_config(yaml.read_text(errors="replace"), str(yaml)) if yaml.is_file() else None
+
+
+def _guess_prediction_type(path: Path, reader: _Reader, cfg: ModelConfig) -> str:
+    """What an SD 2.x text-to-image file's UNet predicts, which the file does not say: the 768-v models
+    (v_prediction) and the 512-base ones (epsilon) have the same shapes. ComfyUI's test (its SD20 model_type):
+    the spread of the last attention block's first LayerNorm bias, above 0.09 in the v models. Said in a warning
+    naming the option, because a wrong guess makes noise. Other files: epsilon (SD1, SD2 inpainting)."""
+    if cfg.family != "sd2" or cfg.unet.in_channels != 4 or cfg.prediction_type != "epsilon":
+        return cfg.prediction_type
+    blocks = [int(m[1]) for k in reader.shapes if (m := re.fullmatch(
+        re.escape(UNET) + r"output_blocks\.(\d+)\.1\.transformer_blocks\.0\.norm1\.bias", k))]
+    if not blocks:
+        return cfg.prediction_type
+    spread = reader.get(f"{UNET}output_blocks.{max(blocks)}.1.transformer_blocks.0.norm1.bias").float().std(
+        unbiased=False).item()
+    guess = "v_prediction" if spread > 0.09 else "epsilon"
+    log.warning("%s: an SD 2.x file does not say what its UNet predicts; guessed %s (%s) from its weights, as "
+                "ComfyUI does. If images come out as noise, pass prediction_type= / --prediction-type, or put "
+                "its original .yaml config beside it", path, guess,
+                "a 768-v model" if guess == "v_prediction" else "a 512-base model")
+    return guess
+
+
+def _component_plan(folder: Path, c: str, m: nn.Module, allow_pickle: bool) -> tuple:
+    """(module, names, reader) of one diffusers component folder, checked strictly (CheckpointError naming it)."""
+    stem = "model" if c == "text_encoder" else "diffusion_pytorch_model"
+    reader = _Reader(_weight_files(folder, stem, allow_pickle), allow_pickle)
+    ours = {folder_key(c, k): k for k in reader.shapes}  # our key -> file key
+    names = {k: Src(ours.get(k, k)) for k in m.state_dict()}
+    problems = _Problems()
+    problems.check(m, names, reader)
+    problems.unexpected = [f for k, f in ours.items() if k not in names and not FOLDER_EXTRAS.fullmatch(f)]
+    problems.raise_if_any(reader.label, f"the {c} its {folder.name}/config.json describes")
+    return m, names, reader
+
+
+def _load_folder(root: Path, dtype, device, prediction_type, allow_pickle, vae: VAE | None) -> Model:
     if not (root / "model_index.json").is_file():
         if (root / "final" / "model_index.json").is_file():  # `backdrop train`'s --out
             raise CheckpointError(f"{root}: a training run's folder, not a model; its model is {root / 'final'}")
@@ -341,7 +397,7 @@ def _load_folder(root: Path, dtype, device, prediction_type, allow_pickle) -> Mo
                               "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or an LDM "
                               "single .safetensors file")
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        if not (root / sub).is_dir():
+        if not (root / sub).is_dir() and not (sub == "vae" and vae is not None):
             raise CheckpointError(f"{root}: model folder has no {sub}/ (a diffusers Stable Diffusion folder has "
                                   "unet/, vae/, text_encoder/, tokenizer/ and scheduler/)")
     try:
@@ -351,54 +407,87 @@ def _load_folder(root: Path, dtype, device, prediction_type, allow_pickle) -> Mo
     sched = _json(root / "scheduler" / "scheduler_config.json")
     try:
         unet = UNetConfig.from_diffusers(_json(root / "unet" / "config.json"), str(root / "unet" / "config.json"))
-        vae = VAEConfig.from_diffusers(_json(root / "vae" / "config.json"), str(root / "vae" / "config.json"))
+        vae_cfg = vae.cfg if vae is not None else VAEConfig.from_diffusers(_json(root / "vae" / "config.json"),
+                                                                           str(root / "vae" / "config.json"))
         text = TextConfig.from_transformers(_json(root / "text_encoder" / "config.json"),
                                             str(root / "text_encoder" / "config.json"), tokenizer.pad_token_id)
-        cfg = ModelConfig(unet=unet, vae=vae, text=text, scheduler=SchedulerConfig.from_diffusers(sched),
+        cfg = ModelConfig(unet=unet, vae=vae_cfg, text=text, scheduler=SchedulerConfig.from_diffusers(sched),
                           prediction_type=prediction_type or sched.get("prediction_type", "epsilon"),
-                          image_size=unet.sample_size * vae.downsample_factor)
+                          image_size=unet.sample_size * vae_cfg.downsample_factor)
     except CheckpointError:
         raise
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{root}: {e}") from None
     modules = _meta_modules(cfg)
-    plans = []
-    for c, m in modules.items():
-        stem = "model" if c == "text_encoder" else "diffusion_pytorch_model"
-        reader = _Reader(_weight_files(root / c, stem, allow_pickle), allow_pickle)
-        ours = {folder_key(c, k): k for k in reader.shapes}  # our key -> file key
-        names = {k: Src(ours.get(k, k)) for k in m.state_dict()}
-        problems = _Problems()
-        problems.check(m, names, reader)
-        problems.unexpected = [f for k, f in ours.items() if k not in names and not FOLDER_EXTRAS.fullmatch(f)]
-        problems.raise_if_any(reader.label, f"the {c} its {c}/config.json describes")
-        plans.append((m, names, reader))
+    if vae is not None:
+        modules["vae"] = vae
+    plans = [_component_plan(root / c, c, m, allow_pickle) for c, m in modules.items() if m is not vae]
     for m, names, reader in plans:
         _fill(m, names, reader, dtype, device)
     return Model(**modules, tokenizer=tokenizer, config=cfg)
 
 
+def load_vae(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pickle: bool = False) -> VAE:
+    """A VAE on its own, to run in place of a model's (A1111's "SD VAE", diffusers' vae=): a diffusers VAE folder
+    (config.json + weights), a model folder (its vae/), or an LDM file: a VAE-only one such as
+    vae-ft-mse-840000-ema-pruned.safetensors (keys encoder.*, decoder.*, ...) or a whole checkpoint's
+    first_stage_model.*. Strict, as load_model."""
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "vae" if (path / "model_index.json").is_file() else path
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"{path}: not a VAE: expected a diffusers VAE folder (config.json and "
+                                  "diffusion_pytorch_model.safetensors), a model folder, or a .safetensors file")
+        try:
+            cfg = VAEConfig.from_diffusers(_json(folder / "config.json"), str(folder / "config.json"))
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+        with torch.device("meta"), _SkipInit():
+            vae = VAE(cfg)
+        _fill(*_component_plan(folder, "vae", vae, allow_pickle), dtype, device)
+        return vae
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file or folder (the VAE)")
+    reader = _Reader([path], allow_pickle)
+    prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in reader.shapes) else ""
+    cfg = vae_config(reader.shapes, reader.label, prefix)
+    with torch.device("meta"), _SkipInit():
+        vae = VAE(cfg)
+    names = vae_names(cfg, vae.state_dict().keys(), prefix)
+    problems = _Problems()
+    problems.check(vae, names, reader)
+    used = {s.key for s in names.values()}
+    problems.unexpected = [k for k in reader.shapes if k.startswith(prefix) and k not in used
+                           and not (prefix == "" and k.startswith(("loss.", "model_ema.")))]  # training leftovers
+    problems.raise_if_any(reader.label, "the VAE it describes")
+    _fill(vae, names, reader, dtype, device)
+    return vae
+
+
 def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", prediction_type: str | None = None,
-               allow_pickle: bool = False) -> Model:
+               allow_pickle: bool = False, vae=None) -> Model:
     """Load a Stable Diffusion 1.x/2.x model (eval mode) from a diffusers folder or an LDM single file.
 
     path: a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), or one
         original `.safetensors` file; the LDM file's configuration is read from its tensor shapes.
-    prediction_type: "epsilon" or "v_prediction"; overrides the folder's scheduler config. A single file cannot
-        say what its UNet predicts: files default to epsilon, which is right for SD 1.x, SD2-base and the
-        inpainting models; pass "v_prediction" for SD 2.0/2.1-768 ("768-v") files, or the images come out as
-        grey noise.
+    prediction_type: "epsilon" or "v_prediction"; overrides the folder's scheduler config. A single file does not
+        say what its UNet predicts: its A1111-style `<name>.yaml` beside it is read if present (parameterization);
+        else SD 1.x and inpainting files are epsilon, and for an SD 2.x text-to-image file (768-v or 512-base,
+        alike in shape) it is guessed from the weights with a logged warning; pass it when the guess is wrong.
     allow_pickle: read .ckpt/.bin/.pt/.pth with torch.load(weights_only=True); only for files you trust.
+    vae: a VAE to run instead of the model's own (a file or folder, see load_vae), e.g. for a checkpoint
+        shipped without one.
     Any missing, unexpected or mis-shaped tensor raises CheckpointError naming the file and the keys.
     """
     if prediction_type not in (None, *PREDICTION_TYPES):
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    given = load_vae(vae, dtype, device, allow_pickle) if vae is not None else None
     if path.is_dir():
-        return _load_folder(path, dtype, device, prediction_type, allow_pickle)
-    if path.is_file():
-        return _load_single_file(path, dtype, device, prediction_type, allow_pickle)
-    raise CheckpointError(f"{path}: no such file or folder")
+        return _load_folder(path, dtype, device, prediction_type, allow_pickle, given)
+    return _load_single_file(path, dtype, device, prediction_type, allow_pickle, given)
 
 
 def init_model(preset_or_config: str | ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,

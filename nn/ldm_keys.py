@@ -25,8 +25,8 @@ DIFFUSERS_VERSION = "0.30.0"     # the oldest diffusers whose folder layout and 
 TRANSFORMERS_VERSION = "4.40.0"  # likewise for transformers' CLIPTextModel config
 
 __all__ = ["CheckpointError", "Src", "UNET", "VAE", "CLIP", "OPENCLIP", "ldm_names", "ldm_shape", "to_ldm",
-           "from_ldm", "known_extras", "clip_prefix", "detect_config", "folder_key", "FOLDER_EXTRAS",
-           "diffusers_configs"]
+           "from_ldm", "known_extras", "clip_prefix", "detect_config", "vae_config", "vae_names", "what_file",
+           "prediction_type_of_ldm_config", "folder_key", "FOLDER_EXTRAS", "diffusers_configs"]
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP, OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
@@ -81,9 +81,10 @@ def _unet_table(cfg: UNetConfig) -> dict[str, Src]:
     return {k: Src(UNET + v) for k, v in t.items()}
 
 
-def _vae_table(cfg: VAEConfig) -> dict[str, Src]:
+def _vae_table(cfg: VAEConfig, prefix: str = VAE) -> dict[str, Src]:
     """taming-transformers' Encoder/Decoder: `down.i.block.j`, `mid.block_1/attn_1/block_2`; the decoder's
-    `up` list is indexed from the lowest resolution upwards in LDM but from the top in diffusers."""
+    `up` list is indexed from the lowest resolution upwards in LDM but from the top in diffusers. prefix: the
+    VAE's in this file (a VAE-only file, e.g. vae-ft-mse-840000-ema-pruned.safetensors, has none)."""
     same = ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in", "decoder.conv_out", "quant_conv",
             "post_quant_conv")
     t = {k: k for k in same} | {f"{p}.conv_norm_out": f"{p}.norm_out" for p in ("encoder", "decoder")}
@@ -108,11 +109,19 @@ def _vae_table(cfg: VAEConfig) -> dict[str, Src]:
     for ours, ldm in resnets.items():
         t[ours] = ldm
         t[f"{ours}.conv_shortcut"] = f"{ldm}.nin_shortcut"
-    table = {k: Src(VAE + v) for k, v in t.items()}
+    table = {k: Src(prefix + v) for k, v in t.items()}
     for p in ("encoder", "decoder"):  # LDM's AttnBlock projects with 1x1 convs; diffusers' Attention with Linear
         for ours, ldm in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
-            table[f"{p}.mid_block.attentions.0.{ours}.weight"] = Src(f"{VAE}{p}.mid.attn_1.{ldm}.weight", conv=True)
+            table[f"{p}.mid_block.attentions.0.{ours}.weight"] = Src(f"{prefix}{p}.mid.attn_1.{ldm}.weight",
+                                                                     conv=True)
     return table
+
+
+def vae_names(cfg: VAEConfig, keys: Iterable[str], prefix: str = VAE) -> dict[str, Src]:
+    """{our VAE key: Src} for a VAE stored under `prefix` ("" in a VAE-only file)."""
+    table = _vae_table(cfg, prefix)
+    return {k: _resolve(table, k) for k in keys}
+
 
 
 def clip_prefix(keys: Iterable[str]) -> str:
@@ -221,14 +230,62 @@ def _blocks(shapes: Mapping, prefix: str) -> list[int]:
     return sorted({int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))})
 
 
+def what_file(shapes: Mapping) -> str | None:
+    """What a file that is not an SD 1.x/2.x checkpoint holds, said so that its user knows where it goes (None: it
+    looks like one)."""
+    keys = list(shapes)
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        return "an SDXL checkpoint; Backdrop runs Stable Diffusion 1.x/2.x"
+    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k for k in keys):
+        return "a LoRA, not a model: load a model and merge it with --lora / pipe.load_lora_weights"
+    if keys and all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", VAE)) for k in keys):
+        return "a VAE alone, not a model: give it beside a model with --vae / vae="
+    has = {what: any(k.startswith(p) for k in keys) for what, p in (("UNet", UNET), ("VAE", VAE))}
+    if has["UNet"] and not any(k.startswith(("cond_stage_model.", CLIP, OPENCLIP)) for k in keys):
+        return "a UNet" + (" and VAE" if has["VAE"] else "") + " without the text encoder a model needs"
+    return None
+
+
+def prediction_type_of_ldm_config(text: str, source: str) -> str:
+    """The prediction type an original LDM .yaml config (v2-inference-v.yaml, ...) gives its model: its
+    model.params.parameterization, "eps" (LDM's default when absent) or "v". Read without a YAML parser: it is
+    one `parameterization: "v"` line."""
+    m = re.search(r"^\s*parameterization:\s*[\"']?(\w+)", text, re.MULTILINE)
+    value = m[1] if m else "eps"
+    if value not in ("eps", "v"):
+        raise CheckpointError(f"{source}: parameterization {value!r}; Backdrop runs \"eps\" and \"v\" models")
+    return "v_prediction" if value == "v" else "epsilon"
+
+
+def vae_config(shapes: Mapping, source: str, prefix: str = VAE) -> VAEConfig:
+    """An LDM VAE's config from the shapes of its tensors under `prefix`."""
+    def shape(key: str) -> tuple[int, ...]:
+        if prefix + key not in shapes:
+            raise CheckpointError(f"{source}: has no VAE ({prefix + key!r} is missing): pass one with --vae / "
+                                  "vae= (e.g. vae-ft-mse-840000-ema-pruned.safetensors, or a model folder's vae/)")
+        return tuple(shapes[prefix + key])
+    levels = _blocks(shapes, prefix + "encoder.down.")
+    try:
+        return VAEConfig(in_channels=shape("encoder.conv_in.weight")[1],
+                         out_channels=shape("decoder.conv_out.weight")[0],
+                         latent_channels=shape("post_quant_conv.weight")[0],
+                         block_out_channels=tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in levels),
+                         layers_per_block=len(_blocks(shapes, prefix + "encoder.down.0.block.")))
+    except ValueError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{source}: the VAE's tensor shapes do not give a valid VAE: {e}") from None
+
+
 def detect_config(shapes: Mapping[str, tuple[int, ...]], source: str,
-                  prediction_type: str | None = None) -> ModelConfig:
+                  prediction_type: str | None = None, vae: VAEConfig | None = None) -> ModelConfig:
     """The ModelConfig of an LDM file, from tensor shapes alone.
 
     What shapes cannot say comes from the family, told by the text encoder: SD1 (CLIP ViT-L/14) uses 8 heads at
     every UNet level, SD2 (OpenCLIP ViT-H/14) 64-wide heads; CLIP text heads are 64 wide in both; GroupNorm uses
     32 groups; SD's VAE scaling factor and scheduler. `prediction_type` defaults to epsilon; SD2 with
-    v_prediction is the 768-v model (768 px, 96-latent sample size), the only official SD2 v-model.
+    v_prediction is the 768-v model (768 px, 96-latent sample size), the only official SD2 v-model. vae: the
+    config of a VAE given beside the file (its own, if any, is then not read).
     """
     def shape(key: str) -> tuple[int, ...]:
         if key not in shapes:
@@ -236,14 +293,14 @@ def detect_config(shapes: Mapping[str, tuple[int, ...]], source: str,
         return tuple(shapes[key])
 
     try:
-        return _detect(shapes, shape, source, prediction_type)
+        return _detect(shapes, shape, source, prediction_type, vae)
     except CheckpointError:
         raise
     except ValueError as e:  # a config's own validation (e.g. channels not divisible by 32 groups)
         raise CheckpointError(f"{source}: the tensor shapes do not give a valid model: {e}") from None
 
 
-def _detect(shapes: Mapping, shape, source: str, prediction_type: str | None) -> ModelConfig:
+def _detect(shapes: Mapping, shape, source: str, prediction_type: str | None, vae: VAEConfig | None) -> ModelConfig:
     if any(k.startswith(OPENCLIP) for k in shapes):
         family, p = "sd2", OPENCLIP
         vocab, width = shape(p + "token_embedding.weight")
@@ -265,6 +322,8 @@ def _detect(shapes: Mapping, shape, source: str, prediction_type: str | None) ->
                           intermediate_size=shape(p + "encoder.layers.0.mlp.fc1.weight")[0],
                           num_layers=len(_blocks(shapes, p + "encoder.layers.")), num_heads=width // 64,
                           hidden_act="quick_gelu", projection_dim=width, pad_token_id=49407)
+    elif (what := what_file(shapes)) is not None:
+        raise CheckpointError(f"{source}: {what}")
     else:
         raise CheckpointError(f"{source}: no text encoder found: expected keys under {CLIP!r} (SD1) or "
                               f"{OPENCLIP!r} (SD2); is this a Stable Diffusion 1.x/2.x checkpoint?")
@@ -294,13 +353,7 @@ def _detect(shapes: Mapping, shape, source: str, prediction_type: str | None) ->
                       layers_per_block=layers, use_linear_projection=linear,
                       cross_attention_dim=shape(UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
                       sample_size=96 if v else 64)
-
-    levels = _blocks(shapes, VAE + "encoder.down.")
-    vae = VAEConfig(in_channels=shape(VAE + "encoder.conv_in.weight")[1],
-                    out_channels=shape(VAE + "decoder.conv_out.weight")[0],
-                    latent_channels=shape(VAE + "post_quant_conv.weight")[0],
-                    block_out_channels=tuple(shape(VAE + f"encoder.down.{i}.block.0.conv1.weight")[0] for i in levels),
-                    layers_per_block=len(_blocks(shapes, VAE + "encoder.down.0.block.")))
+    vae = vae or vae_config(shapes, source)
     return ModelConfig(unet=unet, vae=vae, text=text, scheduler=SchedulerConfig(),
                        prediction_type=prediction_type or "epsilon", image_size=768 if v else 512)
 
@@ -333,7 +386,7 @@ _UNET_FIXED = {
     "projection_class_embeddings_input_dim": None, "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False,
     "resnet_time_scale_shift": "default", "reverse_transformer_layers_per_block": None, "time_cond_proj_dim": None,
     "time_embedding_act_fn": None, "time_embedding_dim": None, "time_embedding_type": "positional",
-    "timestep_post_act": None, "transformer_layers_per_block": 1, "upcast_attention": False,
+    "timestep_post_act": None, "transformer_layers_per_block": 1, "upcast_attention": False,  # SD2: True below
 }
 _VAE_FIXED = {"force_upcast": True, "latents_mean": None, "latents_std": None, "mid_block_add_attention": True,
               "shift_factor": None, "use_post_quant_conv": True, "use_quant_conv": True}
@@ -352,7 +405,10 @@ def diffusers_configs(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> d
             "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", vae["_class_name"]]},
-        "unet/config.json": {**version, **_UNET_FIXED, **cfg.unet.to_diffusers()},
+        # upcast_attention: SD 2.1's own folder sets it (diffusers' fp16 attention overflows without); ours always
+        # accumulates in fp32, so it only tells diffusers
+        "unet/config.json": {**version, **_UNET_FIXED, **cfg.unet.to_diffusers(),
+                             "upcast_attention": cfg.family == "sd2"},
         "vae/config.json": {**version, **({} if cfg.vae.mask_conditioned else _VAE_FIXED), **vae},
         "text_encoder/config.json": {**cfg.text.to_transformers(), "dtype": dtype,
                                      "transformers_version": TRANSFORMERS_VERSION},

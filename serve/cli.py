@@ -11,8 +11,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from backdrop.cli import (CLIError, add_dtype_option, add_lora_option, add_textual_inversion_option,
-                          apply_model_options, parse_device)
+from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, add_lora_option,
+                          add_textual_inversion_option, apply_model_options, checkpoint_options, parse_device)
 from backdrop.diffusion.schedule import RECIPES
 
 __all__ = ["add_parser", "model_id"]
@@ -44,6 +44,7 @@ def add_parser(subparsers) -> None:
                    help="what runs the model (default: %(default)s)")
     m.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
     add_dtype_option(m)
+    add_checkpoint_options(m)
     add_lora_option(m)
     add_textual_inversion_option(m)
     m.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -130,7 +131,7 @@ def _load(args, engine_config):
 
     try:
         pipe = Pipeline.from_pretrained(args.model, device=parse_device(args.device), dtype=args.dtype,
-                                        backend=args.backend)
+                                        backend=args.backend, **checkpoint_options(args))
     except (FileNotFoundError, ValueError, OSError) as e:  # CheckpointError is a ValueError naming file and key
         raise CLIError(str(e)) from None
     apply_model_options(pipe, args)  # LoRAs merged before any CUDA graph is captured

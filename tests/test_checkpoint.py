@@ -237,7 +237,9 @@ def test_saved_folder_opens_in_diffusers(tmp_path):
     assert_matches_reference(model, (pipe.unet, pipe.vae, pipe.text_encoder), cfg)
     assert pipe.tokenizer(["a red chair"], padding="max_length", max_length=77, return_tensors="pt").input_ids.equal(
         model.tokenizer(["a red chair"]))
-    UNet2DConditionModel.from_config(cfg.unet.to_diffusers()).save_config(tmp_path / "ref_unet")
+    # SD2: upcast_attention, as SD 2.1's own folder (diffusers' fp16 attention needs it; ours accumulates in fp32)
+    UNet2DConditionModel.from_config({**cfg.unet.to_diffusers(), "upcast_attention": True}).save_config(
+        tmp_path / "ref_unet")
     AutoencoderKL.from_config(cfg.vae.to_diffusers()).save_config(tmp_path / "ref_vae")
     CLIPTextConfig(**cfg.text.to_transformers()).save_pretrained(tmp_path / "ref_text")
     version = {"_diffusers_version", "transformers_version"}
