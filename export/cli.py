@@ -153,7 +153,7 @@ def _onnx(args) -> int:
     try:
         path = export_onnx(model, args.out, dtype=args.dtype, static_hw=static_hw, components=components,
                            opset=args.opset, external_data=True if args.external_data else None,
-                           progress=not args.quiet)
+                           progress=False if args.quiet else None)  # a bar on a terminal only
     except OSError as e:  # the model is loaded: writing --out failed (full disk, permissions changed)
         raise CLIError(_out_error(args.out, e)) from None
     except (ExportError, ValueError) as e:

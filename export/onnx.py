@@ -390,7 +390,7 @@ def _static_latent_hw(spec: GraphSpec, f: int) -> tuple[int, int] | None:
 
 def export_onnx(model: Model, out, *, dtype: str = "fp32", static_hw: tuple[int, int] | None = None,
                 components: tuple[str, ...] = COMPONENTS, opset: int = OPSET, external_data: bool | None = None,
-                progress: bool = True) -> Path:
+                progress: bool | None = True) -> Path:
     """Export `model` (float32 weights, any device) into the folder `out`, each graph checked against torch.
 
     dtype: "fp32" or "fp16" (weights and arithmetic; inputs/outputs stay float32). static_hw: (height, width)
@@ -416,7 +416,8 @@ def export_onnx(model: Model, out, *, dtype: str = "fp32", static_hw: tuple[int,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         entries = {}
-        for name in tqdm(components, desc="export onnx", disable=not progress):
+        # progress None: a bar on a terminal only (tqdm's disable=None)
+        for name in tqdm(components, desc="export onnx", disable=None if progress is None else not progress):
             entries[name] = export_component(specs[name], modules[name], cfg, tmp / name / "model.onnx",
                                              dtype=dtype, opset=opset, external_data=external_data)
         model.tokenizer.save(tmp / "tokenizer")

@@ -258,6 +258,13 @@ def test_a_log_line_that_cannot_be_written_is_reported_once_and_training_goes_on
     assert err.count("cannot append") == 1 and "training goes on without these log lines" in err
 
 
+def test_progress_off_a_terminal_is_one_plain_line_a_log_record(tmp_path, capsys):
+    """nohup / cron / a scheduler's log file: no tqdm frames (\r, no newline), a line per --log-every instead."""
+    Trainer(Regression(), Loader(2), TrainConfig(steps=4, batch_size=2, log_every=2), tmp_path, progress=True).fit()
+    err = capsys.readouterr().err  # capsys's stderr is no terminal
+    assert "\r" not in err and [line.split(":")[0] for line in err.splitlines()] == ["step 2/4", "step 4/4"]
+
+
 def test_ema_decay_warmup_and_start():
     net = nn.Linear(2, 2)
     ema = EMA(net, decay=0.999, start_step=3)

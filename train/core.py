@@ -365,8 +365,11 @@ class Trainer:
 
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress or self.rank != 0,
-                   desc="train", dynamic_ncols=True)
+        # a bar on a terminal; elsewhere (nohup, cron, a job scheduler's log) one plain line a log record, as \r
+        # frames would pile up on one line of the log file
+        shown = self.progress and self.rank == 0
+        lines = shown and not sys.stderr.isatty()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not shown or lines, desc="train", dynamic_ncols=True)
         images = cfg.batch_size * cfg.grad_accum * self.world
         since, t_since = self.step, time.perf_counter()  # the last log: step_time is the mean step since then
         while self.step < cfg.steps:
@@ -380,6 +383,9 @@ class Trainer:
                 record |= {"step": self.step, "lr": lr_at(self.step - 1, cfg), "step_time": dt,
                            "images_per_s": images / dt}
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", ips=f"{images / dt:.1f}")
+                if lines:
+                    print(f"step {self.step}/{cfg.steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+                          f"{images / dt:.1f} images/s", file=sys.stderr, flush=True)
                 self._log(record)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                 self.save()
