@@ -101,7 +101,8 @@ def _ours(job: dict, model, batch, device) -> tuple[list[float], list[tuple[floa
     if job["stage"] == "pretrain":
         stage = PretrainStage(model, opts, device)
     else:  # inpaint: random masks; inpaint-product: the product kept, its masked-image latents from the batch
-        stage = InpaintStage(model, opts, device, masks="random" if job["stage"] == "inpaint" else "product")
+        stage = InpaintStage(model, opts, device, masks="random" if job["stage"] == "inpaint" else "product",
+                             latent_mask="diffusers")  # the mask rule of the diffusers loop it is timed against
     cfg = TrainConfig(steps=10 ** 6, batch_size=job["batch"], lr=1e-5, precision=job["precision"], seed=0)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(stage, FixedBatch(batch), cfg, out, device=device, progress=False)

@@ -237,6 +237,8 @@ def test_bad_folders_and_specs_are_refused_clearly(tmp_path):
     _picture(16, 16, (2, 2, 8, 8))[1].save(tmp_path / "a.mask.png")
     with pytest.raises(ValueError, match="1 of 2 images .* have a mask"):
         ImageFolder(tmp_path, 8)
+    some_masks = ImageFolder(tmp_path, 8, masks=False)  # what a stage that reads no masks opens
+    assert not some_masks.has_masks and len(some_masks) == 2 and "mask" not in some_masks[0]
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n{"file_name": "b.png"\n')
     with pytest.raises(ValueError, match=r"metadata.jsonl:2: not valid JSON"):
         ImageFolder(tmp_path, 8)

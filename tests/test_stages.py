@@ -251,7 +251,7 @@ def test_inpaint_inputs_are_the_diffusers_pipelines(masks):
     of image * (mask < 0.5) from diffusers' AutoencoderKL holding the same weights (posterior mean, scaled)."""
     model = tiny()
     randomize_(model.vae)
-    stage = InpaintStage(model, masks=masks)
+    stage = InpaintStage(model, masks=masks, latent_mask="diffusers")
     seen = {}
 
     def unet(x, t, ctx):

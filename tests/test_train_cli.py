@@ -349,7 +349,8 @@ def test_a_failed_write_says_what_the_run_can_go_on_from(tmp_path):
     from backdrop.train import checkpointing
     from backdrop.train.run_folder import what_is_kept
 
-    assert what_is_kept(tmp_path) == "no checkpoint was written before it: run the command again once that is fixed"
+    assert what_is_kept(tmp_path) == ("no checkpoint was written before it (--save-every K writes them along the "
+                                      "way): run the command again to start over")
     for step in (2, 4):
         checkpointing.save_checkpoint(tmp_path / "checkpoints", step, {"w": torch.ones(1)}, {"step": step})
     assert what_is_kept(tmp_path).endswith(f"--resume {tmp_path} goes on from step-00000004")
@@ -376,3 +377,30 @@ def test_an_image_damaged_after_its_header_stops_the_cache_and_a_run_in_one_line
         assert run(*args, "--data", data, "--num-workers", 1) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(data / "2.png") in err[0] and "Traceback" not in err[0], err
+
+
+def test_a_run_interrupted_before_its_first_checkpoint_starts_over(tmp_path, capsys, monkeypatch):
+    """Ctrl-C before any checkpoint leaves args.json and log.jsonl: --resume says there is nothing to go on from
+    and how to start over, and the same command starts over (it used to refuse: 'already holds a run, --resume'),
+    as the interrupt's own message says."""
+    from backdrop.train.core import Trainer
+
+    out, real = tmp_path / "o", Trainer.train_step
+
+    def interrupted(self):
+        if self.step == 1:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    args = ("pretrain", "--out", out, "--data", "synthetic:4", "--steps", 3, *FAST)
+    assert run(*args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 1; no checkpoint was written" in err and "run the command again" in err
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "log.jsonl"]
+    assert run(*args, "--resume", out) == 2
+    assert "nothing to go on from; run the command without --resume" in capsys.readouterr().err
+    monkeypatch.setattr(Trainer, "train_step", real)
+    assert run(*args) == 0
+    assert "starting over" in capsys.readouterr().err
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]

@@ -38,9 +38,10 @@ CHAIN = """the chain, each stage from the last one's OUT/final:
   backdrop train clip     --data synthetic:20000 --out runs/clip --preset tiny
   backdrop train vae      --data synthetic:20000 --out runs/vae --init runs/clip/final
   backdrop train cache    --data synthetic:20000 --out cache/tiny --init runs/vae/final
-  backdrop train pretrain --data cache/tiny --out runs/pretrain --init runs/vae/final
-  backdrop train inpaint  --data cache/tiny --out runs/inpaint --init runs/pretrain/final
-  backdrop train inpaint  --data cache/tiny --out runs/product --init runs/inpaint/final --masks product
+  backdrop train pretrain --data cache/tiny --out runs/pretrain --init runs/vae/final --snr-gamma 5
+  backdrop train inpaint  --data cache/tiny --out runs/inpaint --init runs/pretrain/final --snr-gamma 5
+  backdrop train inpaint  --data cache/tiny --out runs/product --init runs/inpaint/final --snr-gamma 5 \
+                          --masks product
   backdrop train vae      --data synthetic:20000 --out runs/decoder --init runs/product/final --decoder-only
   backdrop train vae      --data synthetic:20000 --out runs/asym --init runs/decoder/final --decoder-only \\
                           --mask-conditioned
@@ -110,8 +111,9 @@ def _training_options() -> argparse.ArgumentParser:
                                                           "short runs want --ema-decay 0.999)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, ~30%% slower")
-    g.add_argument("--save-every", "--checkpointing-steps", type=int, default=0, metavar="K",
-                   help="checkpoint every K steps (default: only at the end)")
+    g.add_argument("--save-every", "--checkpointing-steps", type=int, default=500, metavar="K",
+                   help="checkpoint every K steps, and at the end; 0: only at the end (default: %(default)s, as "
+                        "diffusers' --checkpointing_steps)")
     g.add_argument("--keep-last", "--checkpoints-total-limit", type=int, default=2, metavar="N",
                    help="checkpoints to keep; 0 keeps all (default: 2)")
     g.add_argument("--log-every", type=int, default=10, metavar="K", help="log every K steps (default: 10)")
@@ -130,7 +132,8 @@ def _diffusion_options() -> argparse.ArgumentParser:
     g.add_argument("--prediction", "--prediction-type", choices=("epsilon", "v_prediction"),
                    help="what the UNet predicts (default: the model's own, epsilon for SD1/tiny)")
     g.add_argument("--snr-gamma", type=float, default=0.0, metavar="G",
-                   help="min-SNR-γ loss weighting (Hang et al. 2023); 5 is the recommended value; 0: off")
+                   help="min-SNR-γ loss weighting (Hang et al. 2023); 5 is the recommended value, which the built-in "
+                        "model was trained with (default: 0, off, as diffusers')")
     g.add_argument("--noise-offset", type=float, default=0.0, metavar="S",
                    help="offset noise scale, e.g. 0.05: lets the model make very dark or bright images; 0: off")
     g.add_argument("--input-perturbation", type=float, default=0.0, metavar="S",
@@ -191,9 +194,10 @@ def add_parser(subparsers) -> None:
                               "everything but the product (needs masks in the data) (default: %(default)s)")
     inpaint.add_argument("--product-prob", type=float, metavar="P",
                          help="with --masks product: the share of product masks, the rest random (default: 1)")
-    inpaint.add_argument("--latent-mask", choices=("diffusers", "max"), default="diffusers",
-                         help="mask to latent size as diffusers' pipeline does (nearest) or as Backdrop's "
-                              "pipeline default does (max) (default: %(default)s)")
+    inpaint.add_argument("--latent-mask", choices=("diffusers", "max"), default="max",
+                         help="mask to latent size as Backdrop's pipeline samples (max: a latent pixel touching the "
+                              "repainted region is repainted), or as diffusers' pipeline does (nearest), for a model "
+                              "to run there (default: %(default)s)")
 
     for sub in (clip, vae, stages.choices["pretrain"], inpaint):
         sub.set_defaults(func=_run_stage)
@@ -354,8 +358,11 @@ def _dataset(args, stage: str, size: int, model):
                 "pixels" if data.has_product_latents else "and without product latents (its data had no product "
                 "masks, or the cache predates them); rebuild it without --no-images"))
     else:
+        # Only the stages that read product masks load (and check) a folder's: its masks are all or none there.
+        masks = stage == "cache" or (stage == "inpaint" and args.masks == "product") or (
+            stage == "vae" and (args.mask_conditioned or model.config.vae.mask_conditioned))
         try:  # Synthetic data is World(0), the world the evaluator holds its seeds out from; --seed orders the data.
-            data = make_dataset(args.data, size, seed=0)
+            data = make_dataset(args.data, size, seed=0, masks=masks)
         except (ValueError, OSError) as e:
             raise _named("--data", args.data, e) from None
     if stage == "inpaint" and args.masks == "product" and not data.has_masks:
@@ -445,12 +452,21 @@ def _run_stage(args) -> int:
         except (ValueError, FileNotFoundError) as e:
             raise CLIError(str(e).splitlines()[0]) from None
         make_folder(out)
+        if resume is None and run_folder.stopped_before_a_checkpoint(out) and rank == 0:
+            print(f"--out {out}: its run stopped before its first checkpoint; starting over (its log.jsonl is "
+                  "replaced)", file=sys.stderr)
+            (out / "log.jsonl").unlink()
         # the command of the run; a resume's own beside it, so that neither is lost
         record = {k: v for k, v in vars(args).items() if k not in ("func", "option_names")} | {"world_size": world}
         file = "args.json" if resume is None else f"args-resume-{trainer.step}.json"
         try:
             trainer.on_rank0(lambda: (out / file).write_text(json.dumps(record, indent=2) + "\n"), file)
-            trainer.fit()
+            try:
+                trainer.fit()
+            except KeyboardInterrupt:
+                if rank == 0:
+                    print(f"interrupted at step {trainer.step}; {run_folder.what_is_kept(out)}", file=sys.stderr)
+                return 130
             final = trainer.save_final()
         except (OSError, SafetensorError) as e:  # a full disk, a folder gone read-only, a damaged data file
             raise CLIError(f"{_data_error(e)}; {run_folder.what_is_kept(out)}") from None

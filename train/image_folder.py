@@ -236,16 +236,19 @@ class ImageFolder(torch.utils.data.Dataset):
 
     Each image is resized so its shorter side is `size`, then cropped to size x size (centred, or at a random
     offset with `random_crop`), and mirrored half the time with `flip`; the mask goes through the same resize,
-    crop and flip.
+    crop and flip. masks=False ignores the folder's masks (for a stage that reads none); with masks, every image
+    needs one, of its own size (an image whose mask is another size is left out, with a warning).
     """
 
     def __init__(self, root, size: int, *, metadata=None, random_crop: bool = False, flip: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, masks: bool = True):
         self.root, self.size, self.random_crop, self.flip, self.seed = Path(root), size, random_crop, flip, seed
         if not self.root.is_dir():
             raise ValueError(f"{self.root}: not a folder of images")
         meta = Path(metadata) if metadata is not None else find_metadata(self.root)
         entries = _read_metadata(meta) if meta is not None else _scan_folder(self.root)
+        if not masks:  # a stage that reads no masks: the folder's are neither checked nor loaded
+            entries = [(image, caption, None) for image, caption, _ in entries]
         self.entries, with_alpha = self._usable(entries)  # (image path, caption, mask path or None)
         if not self.entries:
             raise ValueError(f"{self.root}: no usable images in this folder ({', '.join(IMAGE_EXTS)}; unreadable "

@@ -30,10 +30,16 @@ PATH_OPTIONS = ("data", "init")  # recorded as absolute paths, so a resume from 
 
 
 def held_run_files(out: Path) -> list[str]:
-    """Which of RUN_FILES the folder `out` holds (checkpoints/ counts only with a complete checkpoint in it)."""
-    held = {"checkpoints": bool(ckpt.list_checkpoints(out / "checkpoints")), "final": (out / "final").exists(),
-            "log.jsonl": (out / "log.jsonl").is_file()}
+    """Which of RUN_FILES the folder `out` holds (checkpoints/ counts only with a complete checkpoint in it; a log
+    alone is a run stopped before its first checkpoint, which holds nothing to go on from: a new run replaces it)."""
+    held = {"checkpoints": bool(ckpt.list_checkpoints(out / "checkpoints")), "final": (out / "final").exists()}
+    held["log.jsonl"] = (out / "log.jsonl").is_file() and any(held.values())
     return [name for name in RUN_FILES if held[name]]
+
+
+def stopped_before_a_checkpoint(out: Path) -> bool:
+    """A run folder whose run logged steps but saved no checkpoint nor model (stopped early)."""
+    return (out / "log.jsonl").is_file() and not held_run_files(out)
 
 
 def resume_checkpoint(resume: str | None, out: str) -> Path | None:
@@ -48,6 +54,9 @@ def resume_checkpoint(resume: str | None, out: str) -> Path | None:
     try:
         return ckpt.resolve(path)
     except FileNotFoundError as e:
+        if stopped_before_a_checkpoint(path):
+            raise CLIError(f"--resume {resume}: its run stopped before writing a checkpoint, so there is nothing to "
+                           f"go on from; run the command without --resume to start it over") from None
         raise CLIError(f"--resume {e}") from None
 
 
@@ -138,5 +147,6 @@ def what_is_kept(out: Path) -> str:
     --resume would only fail)."""
     saved = ckpt.list_checkpoints(out / "checkpoints")
     if not saved:
-        return "no checkpoint was written before it: run the command again once that is fixed"
+        return "no checkpoint was written before it (--save-every K writes them along the way): run the command " \
+               "again to start over"
     return f"the checkpoints written before are intact: --resume {out} goes on from {saved[-1].name}"

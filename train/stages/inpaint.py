@@ -8,8 +8,8 @@ zero-initialised so that before training it computes exactly what the text-to-im
                    mixed with random masks at --product-prob.
 Inputs are exactly what diffusers' StableDiffusionInpaintPipeline feeds the UNet at inference:
   cat[noisy latents (4), mask at latent size (1), latents of image * (mask < 0.5) (4)]   (B, 9, h, w)
-with the mask taken to latent size by diffusers' rule (binarise at 0.5, nearest resize) or ours ("max": a cell is
-repainted if any of its pixels is; --latent-mask max), and the masked image encoded to its posterior mean scaled
+with the mask taken to latent size by our pipeline's rule ("max", the default: a cell is repainted if any of its
+pixels is) or diffusers' (--latent-mask diffusers: binarise at 0.5, nearest resize), and the masked image encoded to its posterior mean scaled
 by the scaling factor, as our Pipeline does (diffusers samples the posterior there; the VAE's std is ~1e-3).
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ class InpaintStage(DiffusionStage):
     """Fine-tunes a 9-channel UNet on (image, caption[, product mask]) with repaint masks drawn per item."""
 
     def __init__(self, model: Model, options: DiffusionOptions = DiffusionOptions(), device="cpu", init=None,
-                 masks: str = "random", product_prob: float = 1.0, latent_mask: str = "diffusers"):
+                 masks: str = "random", product_prob: float = 1.0, latent_mask: str = "max"):
         if masks not in MASK_MODES:
             raise ValueError(f"InpaintStage: masks must be one of {MASK_MODES}, got {masks!r}")
         if not 0.0 <= product_prob <= 1.0:
