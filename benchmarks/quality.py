@@ -50,7 +50,9 @@ def main() -> None:
     pipe = Pipeline.from_pretrained(args.model)
     blur = default_mask_blur("product_mask") if args.mask_blur is None else args.mask_blur  # recorded as used
     pairs = [(sampler, int(steps)) for sampler in args.sampler.split(",") for steps in args.steps.split(",")]
-    name = Path(str(args.model)).name.removesuffix(".safetensors")
+    model = Path(str(args.model))  # a training run's OUT/final (or a checkpoint) is named after its run
+    name = (model.parent.name if model.name == "final" or model.name.startswith("step-") else model.name
+            ).removesuffix(".safetensors")
     rows = []
     for sampler, steps in pairs:
         generating = [0.0]  # seconds inside the pipeline (the judging is not the sampler's)
@@ -81,7 +83,7 @@ def main() -> None:
             return
         rows.append(_summary(report))
         print(f"{sampler} {steps} steps: whole backdrop {rows[-1]['whole_backdrop']:.1%}, expansion (3 px, "
-              f"corrected) {rows[-1]['expansion_3px']:+.1%} ({seconds:.0f} s)", flush=True)
+              f"corrected) {100 * rows[-1]['expansion_3px']:+.1f} pts ({seconds:.0f} s)", flush=True)
     path = Path(args.out) if args.out else RESULTS / f"quality-samplers-{name}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
@@ -92,7 +94,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['sampler']} | {r['steps']} | {r['whole_backdrop']:.1%} | {r['floor']:.1%} | "
-              f"{r['wall_colour']:.1%} | {r['expansion_3px']:+.1%} | {r['seconds_per_image']:.3f} |")
+              f"{r['wall_colour']:.1%} | {100 * r['expansion_3px']:+.1f} pts | {r['seconds_per_image']:.3f} |")
     print(f"wrote {path}")
 
 

@@ -247,6 +247,9 @@ def test_bleeding_product_raises_expansion_and_unpasted_products_are_caught(clas
     r = ev.evaluate_inpainting(bleeding, n=64, classifier=classifier, expansion=expansion)
     [e] = r["expansion"]
     assert e["corrected"] >= 0.5 and e["raw"] >= 0.6, e
+    # the texture reference (products pasted on other scenes' true backdrops: no growth) stays near 0, far below
+    assert abs(e["texture_reference"]) <= 0.1 and e["corrected"] - e["texture_reference"] >= 0.4, e
+    assert "| texture reference |" in ev.format_report(r)
     assert r["product_preserved"] == 1.0
     r = ev.evaluate_inpainting(truth_fn(16, paste=False), n=16, classifier=classifier, expansion=expansion)
     assert r["product_preserved"] < 0.95  # the edge pixels blend with the *target* backdrop: not the input's
