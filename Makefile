@@ -24,7 +24,7 @@ test: $(VENV)/.installed
 DEMO_PROMPT ?= a yellow striped mug on a marble counter in front of a sunset sky
 demo: $(VENV)/.installed
 	$(VENV)/bin/backdrop inpaint assets/example-product.png --product-mask assets/example-mask.png \
-	  --prompt "$(DEMO_PROMPT)" --n 4 --seed 0 --steps 25 --guidance-scale 2 --out outputs/demo
+	  --prompt "$(DEMO_PROMPT)" --n 4 --seed 0 --steps 25 --guidance-scale 2 --out outputs/demo --overwrite
 
 clean:
 	rm -rf $(VENV) *.egg-info

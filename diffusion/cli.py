@@ -1,15 +1,16 @@
 """`backdrop generate`, `backdrop img2img` and `backdrop inpaint`: the Pipeline from the command line.
 
 Options the three share are defined once, in parent parsers (`_common_options`, `_image_options`). Every user
-error (unreadable file, bad option value, unknown model) is one line on stderr and exit status 2 (backdrop.cli.
-CLIError); a mask whose size differs from the image is resized with a warning, and an all-black mask writes the
-input unchanged with a note. Images are written to OUT/<kind>-<seed>.png and their paths printed, one per line, as
-each batch of --batch-size images finishes (image i has seed SEED + i whatever the batch size).
+error (unreadable file, bad option value, unknown model, a mask of another size than its image) is one line on
+stderr and exit status 2 (backdrop.cli.CLIError); an all-black mask writes the input unchanged with a note. Images
+are written to OUT/<kind>-<image name>-<seed>.png (generate: OUT/generate-<seed>.png) and their paths printed, one
+per line, as each batch of --batch-size images finishes (image i has seed SEED + i whatever the batch size). The
+files are named before any work, so existing ones are refused up front unless --overwrite or --skip-existing
+(cli_files.py, which also reads and checks the inputs and writes each PNG atomically with its `parameters`).
 
 img2img and inpaint take several IMAGEs (a catalogue: `backdrop inpaint products/*.png --product-mask masks/`):
 a mask option may then name a folder holding one mask per image, by file name; images of one size share UNet
-batches; every image gets the seeds SEED .. SEED + N - 1 (the same scene for every product) and its files are named
-OUT/<kind>-<image name>-<seed>.png.
+batches; every image gets the seeds SEED .. SEED + N - 1 (the same scene for every product).
 
 diffusers' argument names are aliases (--num-inference-steps, --num-images-per-prompt, --mask-image), also spelt
 with underscores (--num_inference_steps: backdrop/cli.py).
@@ -26,7 +27,9 @@ from pathlib import Path
 from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, add_lora_option,
                           add_textual_inversion_option, apply_model_options, checkpoint_options, make_folder,
                           one_line, parse_device)
+from backdrop.diffusion.cli_files import Task, parameters, plan, read_jobs, write
 from backdrop.diffusion.schedule import RECIPES
+from backdrop.messages import some
 
 __all__ = ["add_parser"]
 
@@ -57,7 +60,9 @@ def _common_options() -> argparse.ArgumentParser:
                    help="images made at once: larger is faster on a GPU until memory runs out (default: "
                         "%(default)s)")
     s.add_argument("--seed", type=int, default=None,
-                   help="random seed; image i uses SEED + i, so any image can be remade alone (default: random)")
+                   help="random seed; image i uses SEED + i, so any image can be remade alone: bit-exactly if it "
+                        "was made with --batch-size 1, else to within 1 level on a few pixels (the same command on "
+                        "the same machine is always bit-exact) (default: random)")
     s.add_argument("--steps", "--num-inference-steps", type=int, default=30, metavar="N",
                    help="denoising steps: more is slower, often finer (default: %(default)s)")
     s.add_argument("--sampler", choices=list(RECIPES), default="dpmpp-2m", metavar="NAME",
@@ -77,16 +82,26 @@ def _common_options() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     out = p.add_argument_group("output")
     out.add_argument("--out", default="outputs", metavar="DIR",
-                     help="folder for the PNG files <command>-<seed>.png (default: %(default)s)")
-    out.add_argument("--quiet", action="store_true", help="no progress bar")
+                     help="folder for the PNG files: <command>-<image name>-<seed>.png, generate-<seed>.png "
+                          "without an IMAGE; each records how it was made in A1111's 'parameters' text "
+                          "(default: %(default)s)")
+    existing = out.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true",
+                          help="replace output files that exist already (without this or --skip-existing, the run "
+                               "stops before any work if one does)")
+    existing.add_argument("--skip-existing", action="store_true",
+                          help="make only the images whose files do not exist yet: rerun a job after a crash, or "
+                               "after adding products, without redoing the rest")
+    out.add_argument("--quiet", action="store_true",
+                     help="no progress bar (it is shown only when stderr is a terminal)")
     return p
 
 
 def _image_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("image", metavar="IMAGE", nargs="+",
-                   help="the input picture (PNG, JPEG, WebP, ...); several for a batch job, each written as "
-                        "<command>-<name>-<seed>.png")
+                   help="the input picture (PNG, JPEG, WebP, ...), written as <command>-<name>-<seed>.png; "
+                        "several for a batch job")
     # one parser per subcommand: a shared --strength action would carry the last set_defaults to both
     p.add_argument("--strength", type=float, metavar="S",
                    help="how much to change: 1 starts from pure noise, 0.3 keeps most of the input "
@@ -116,13 +131,15 @@ def add_parser(subparsers) -> None:
         help="paint a new scene around a product (or into a masked region)",
         description="Repaint part of IMAGE. Mark what to repaint with --mask (white = repaint), or what to keep "
                     "with --product-mask (white = the product); an RGBA IMAGE without either repaints its "
-                    "transparent pixels. Pixels that are kept come out exactly as they went in.",
+                    "transparent pixels. Pixels that are kept come out exactly as they went in: the decoded "
+                    "8-bit pixels after EXIF rotation (16-bit inputs are reduced to 8 bits, CMYK is converted "
+                    "to RGB without colour management; an RGB ICC profile is carried over).",
         epilog="example: backdrop inpaint bottle.png --product-mask bottle-mask.png "
                "--prompt 'on a marble table, soft light' --n 4 --seed 7")
     which = inp.add_argument_group("mask").add_mutually_exclusive_group()
     which.add_argument("--mask", "--mask-image", metavar="M",
-                       help="mask image: white = repaint, black = keep; or a folder with one mask per IMAGE, of the "
-                            "same name (any extension)")
+                       help="mask image of IMAGE's size: white = repaint, black = keep; or a folder with one mask "
+                            "per IMAGE, named NAME.* or NAME_mask.* (any image extension)")
     which.add_argument("--product-mask", metavar="M", help="mask image: white = the product to keep, black = "
                                                            "the background to repaint; or a folder as for --mask")
     opts = inp.add_argument_group("inpainting")
@@ -184,73 +201,6 @@ def _check(args) -> None:
     parse_device(args.device)
 
 
-def _open(path: str, what: str):
-    from PIL import Image, UnidentifiedImageError
-
-    from backdrop.diffusion import masks as M
-
-    try:
-        im = Image.open(path)
-        im.load()
-    except FileNotFoundError:
-        raise CLIError(f"{what} {path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise CLIError(f"{what} {path}: cannot read it as an image ({one_line(e)})") from None
-    return M.from_file(im)
-
-
-def _fit_mask(mask, image, path: str):
-    """Resize a mask to the image's size (with a warning): the API refuses mismatched sizes, the CLI helps."""
-    from PIL import Image
-
-    if mask.size == image.size:
-        return mask
-    print(f"warning: mask {path} is {mask.size[0]}x{mask.size[1]} but the image is {image.size[0]}x"
-          f"{image.size[1]} (WxH); resizing the mask to match", file=sys.stderr)
-    mask = mask.convert("LA" if mask.mode in ("RGBA", "LA") else "L")
-    return mask.resize(image.size, Image.BILINEAR)
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
-
-def _mask_file(spec: str, flag: str, image_path: str) -> str:
-    """--mask / --product-mask for one image: the file itself, or from a folder the mask named as the image."""
-    folder = Path(spec)
-    if not folder.is_dir():
-        return spec
-    stem = Path(image_path).stem
-    found = sorted(p for p in folder.iterdir() if p.stem == stem and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not found:
-        raise CLIError(f"{flag} {spec}: no mask for {image_path} (looked for {stem}.png, .jpg, ... there)")
-    return str(found[0])
-
-
-def _jobs(args) -> list[dict]:
-    """One dict per input image: its Pipeline arguments and the name its files carry ("" for a single image)."""
-    if args.kind == "generate":
-        return [dict(name="")]
-    paths = args.image
-    names = [Path(p).stem if len(paths) > 1 else "" for p in paths]
-    if len(set(names)) < len(names):
-        twice = next(n for n in names if names.count(n) > 1)
-        raise CLIError(f"two IMAGEs are named {twice!r}: their output files would collide; rename one")
-    jobs = [dict(name=n, image=_open(p, "image")) for p, n in zip(paths, names)]
-    if args.kind != "inpaint":
-        return jobs
-    key = "mask" if args.mask else "product_mask" if args.product_mask else None
-    for path, job in zip(paths, jobs):
-        image = job["image"]
-        if key is not None:
-            flag = f"--{key.replace('_', '-')}"
-            file = _mask_file(getattr(args, key), flag, path)
-            job[key] = _fit_mask(_open(file, key.replace("_", " ")), image, file)
-        elif image.mode not in ("RGBA", "LA") and "transparency" not in image.info:
-            raise CLIError(f"{path} has no transparency: give --mask (white = repaint) or --product-mask "
-                           "(white = the product to keep)")
-    return jobs
-
-
 def _out_folder(path: str) -> Path:
     """The --out folder, created and checked before any work is done."""
     if not path.strip():  # an unset shell variable: Path("") would be the current folder
@@ -271,6 +221,8 @@ def _pipeline(args):
     except (OSError, ValueError, RuntimeError, ImportError) as e:  # missing files, CheckpointError, OOM, no ORT/TRT
         raise CLIError(f"cannot load model {args.model}: {one_line(e)}") from None
     apply_model_options(pipe, args)
+    # a call's progress=None falls back to this default, which is True (a bar even in a cron log) until set
+    pipe.set_progress_bar_config(disable=None)
     try:  # the model's scheduler decides which steps/sampler/strength it can run: say so before any work
         schedule = build_schedule(args.sampler, args.steps, pipe.config.scheduler)
         if args.kind != "generate":
@@ -281,12 +233,12 @@ def _pipeline(args):
     return pipe
 
 
-def _run(args) -> int:
-    _check(args)
+def _sampling(args) -> dict:
+    """The Pipeline arguments every image of the run shares."""
     common = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                   sampler=args.sampler, guidance_scale=args.guidance_scale,
                   guidance_rescale=args.guidance_rescale, eta=args.eta, clip_skip=args.clip_skip,
-                  progress=not args.quiet)
+                  progress=False if args.quiet else None)  # None: tqdm's disable=None, a bar on a terminal only
     if args.kind == "generate":
         common.update(height=args.height, width=args.width)
     elif args.kind == "img2img":
@@ -295,33 +247,38 @@ def _run(args) -> int:
         common.update(strength=args.strength, mask_blur=args.mask_blur, mask_dilate=args.mask_dilate,
                       crop_padding=args.crop_padding, mask_threshold=args.mask_threshold,
                       color_match=args.color_match, paste_back=args.paste_back)
-    jobs = _jobs(args)
+    return common
+
+
+def _run(args) -> int:
+    _check(args)
+    jobs = read_jobs(args)
     folder = _out_folder(args.out)
+    seed = secrets.randbelow(2**31) if args.seed is None else args.seed  # drawn up front: it names the files
+    tasks = plan(args, jobs, folder, seed)
+    if not tasks:  # --skip-existing and every file is there
+        return 0
     pipe = _pipeline(args)
-    seed = secrets.randbelow(2**31) if args.seed is None else args.seed
+    common = _sampling(args)
     unchanged = []
-    for batch in _batches(jobs, args.n, args.batch_size):  # (job, copy j: seed + j), one image size per batch
-        per_item = {k: [job[k] for job, _ in batch] for k in batch[0][0] if k != "name"}
-        out = _call(getattr(pipe, args.kind), args, dict(common, **per_item, seed=[seed + j for _, j in batch]))
-        unchanged += [batch[i][0]["name"] for i in out.unchanged]
-        try:
-            for im, s, (job, _) in zip(out.images, out.seeds, batch):
-                path = folder / f"{args.kind}-{job['name'] + '-' if job['name'] else ''}{s}.png"
-                im.save(path)
-                print(path, flush=True)
-        except OSError as e:
-            raise CLIError(f"cannot write to {folder}: {e}") from None
-    if unchanged:
-        which = f" of {', '.join(sorted(set(unchanged)))}" if any(unchanged) else ""
-        print(f"note: the mask{which} has nothing to repaint; wrote the input unchanged", file=sys.stderr)
+    for batch in _batches(tasks, args.batch_size):
+        per_item = {k: [t.job.inputs[k] for t in batch] for k in batch[0].job.inputs}
+        out = _call(getattr(pipe, args.kind), args, dict(common, **per_item, seed=[t.seed for t in batch]))
+        unchanged += [batch[i].job.name for i in out.unchanged]
+        for im, task in zip(out.images, batch):
+            write(im, task, parameters(args, task, im.size))
+            print(task.path, flush=True)
+    if unchanged:  # inpaint only, where every job has a name
+        print(f"note: the mask of {some(sorted(set(unchanged)))} has nothing to repaint; wrote the input unchanged",
+              file=sys.stderr)
     return 0
 
 
-def _batches(jobs: list[dict], n: int, size: int) -> list[list[tuple[dict, int]]]:
-    """Every (job, copy) pair in batches of at most `size`, a batch's images all of one size (one UNet batch)."""
+def _batches(tasks: list[Task], size: int) -> list[list[Task]]:
+    """The tasks in batches of at most `size`, a batch's images all of one size (one UNet batch)."""
     by_size: dict = {}
-    for job in jobs:
-        by_size.setdefault(getattr(job.get("image"), "size", None), []).extend((job, j) for j in range(n))
+    for task in tasks:
+        by_size.setdefault(getattr(task.job.inputs.get("image"), "size", None), []).append(task)
     return [items[i:i + size] for items in by_size.values() for i in range(0, len(items), size)]
 
 

@@ -33,10 +33,12 @@ from backdrop.diffusion.batching import items
 __all__ = [
     "to_repaint_mask", "invert", "binarize", "image_to_tensor", "image_to_uint8", "tensor_to_uint8", "to_pil",
     "fit_size", "pad_to_multiple", "crop_to", "dilate", "latent_mask", "masked_image", "gaussian_blur", "feather",
-    "default_mask_blur", "from_file",
+    "default_mask_blur", "from_file", "IMAGE_EXTS", "MASK_SUFFIXES",
 ]
 
 PIL_MODES = ("L", "1", "RGB", "RGBA", "LA", "P")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # image files the commands read
+MASK_SUFFIXES = (".mask", "_mask")  # NAME.mask.png, NAME_mask.jpg, ...: the mask of NAME.<ext> beside it
 
 
 def from_file(im: Image.Image) -> Image.Image:

@@ -444,7 +444,7 @@ def test_inpaint_cli_runs_an_onnx_export(exported, tmp_path, capsys):
             "a red bottle", "--steps", "3", "--seed", "4", "--quiet", "--dtype", "fp32"]
     assert main(args + ["--model", str(folder), "--backend", "onnxruntime", "--out", str(tmp_path / "ort")]) == 0
     assert main(args + ["--model", str(torch_folder), "--out", str(tmp_path / "torch")]) == 0
-    a, b = (np.asarray(Image.open(tmp_path / d / "inpaint-4.png"), np.int16) for d in ("ort", "torch"))
+    a, b = (np.asarray(Image.open(tmp_path / d / "inpaint-img-4.png"), np.int16) for d in ("ort", "torch"))
     assert np.abs(a - b).max() <= 2  # uint8 rounding of float outputs that agree to ~1e-4
     assert (a[16:48, 24:40] == np.asarray(Image.open(tmp_path / "img.png"))[16:48, 24:40]).all()  # product kept
     assert main(args + ["--model", str(tmp_path / "nope"), "--backend", "onnxruntime"]) == 2

@@ -1,6 +1,7 @@
-"""`backdrop generate | img2img | inpaint`: each writes OUT/<kind>-<seed>.png and prints the paths; user errors
-are one line on stderr with exit status 2 (no traceback); mismatched masks are resized with a warning; an
-all-black mask writes the input with a note; --help works."""
+"""`backdrop generate | img2img | inpaint`: each writes OUT/<kind>[-<image name>]-<seed>.png and prints the paths;
+user errors (a mask of another size too) are one line on stderr with exit status 2 (no traceback); an all-black
+mask writes the input with a note; --help works. Output files, input checks and metadata:
+test_inference_cli_files.py."""
 import subprocess
 import sys
 
@@ -82,7 +83,7 @@ def test_clip_skip_reaches_the_pipeline(files, capsys, tmp_path, kind):
 def test_img2img_keeps_the_input_size(files, capsys, tmp_path):
     code, paths, _ = run(capsys, "img2img", files["root"] / "product.png", *fast(files, tmp_path), "--seed", "3",
                          "--strength", "0.5", "--sampler", "euler-a")
-    assert code == 0 and paths == [str(tmp_path / "img2img-3.png")]
+    assert code == 0 and paths == [str(tmp_path / "img2img-product-3.png")]
     assert Image.open(paths[0]).size == (67, 45)
 
 
@@ -95,7 +96,7 @@ def test_img2img_and_inpaint_keep_their_own_default_strength():
 
 
 def test_a_16_bit_image_is_scaled_not_clipped(files, tmp_path):
-    from backdrop.diffusion.cli import _open
+    from backdrop.diffusion.cli_files import _open
 
     grey = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
     Image.fromarray(grey).save(tmp_path / "grey16.png")  # opens as I;16 / I
@@ -104,7 +105,7 @@ def test_a_16_bit_image_is_scaled_not_clipped(files, tmp_path):
 
 
 def test_an_exif_rotated_photo_is_read_upright(tmp_path):
-    from backdrop.diffusion.cli import _open
+    from backdrop.diffusion.cli_files import _open
 
     stored = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)  # HxW 48x64 on disk
     exif = Image.Exif()
@@ -117,7 +118,7 @@ def test_inpaint_keeps_the_product_pixels(files, capsys, tmp_path):
     code, paths, _ = run(capsys, "inpaint", files["root"] / "product.png", "--product-mask",
                          files["root"] / "product-mask.png", *fast(files, tmp_path), "--n", "2", "--seed", "5",
                          "--crop-padding", "4", "--color-match")
-    assert code == 0 and paths == [str(tmp_path / "inpaint-5.png"), str(tmp_path / "inpaint-6.png")]
+    assert code == 0 and paths == [str(tmp_path / "inpaint-product-5.png"), str(tmp_path / "inpaint-product-6.png")]
     keep = files["product"] == 255
     for p in paths:
         out = np.asarray(Image.open(p))
@@ -164,11 +165,12 @@ def test_a_catalogue_of_products_with_a_mask_folder(files, capsys, tmp_path):
     assert code == 2 and "two IMAGEs are named 'a'" in err
 
 
-def test_inpaint_resizes_a_mismatched_mask_with_a_warning(files, capsys, tmp_path):
-    code, paths, err = run(capsys, "inpaint", files["root"] / "product.png", "--product-mask",
-                           files["root"] / "big-mask.png", *fast(files, tmp_path), "--seed", "1")
-    assert code == 0 and len(paths) == 1
-    assert err.startswith("warning: mask") and "is 134x90 but the image is 67x45" in err
+def test_a_mask_of_another_size_is_an_error_naming_both_files(files, capsys, tmp_path):
+    """Most likely another photo's mask: resized, it would move the product's edge and change its pixels."""
+    image, mask = files["root"] / "product.png", files["root"] / "big-mask.png"
+    code, paths, err = run(capsys, "inpaint", image, "--product-mask", mask, *fast(files, tmp_path), "--seed", "1")
+    assert code == 2 and paths == [] and not list(tmp_path.iterdir())
+    assert f"--product-mask {mask} is 134x90 but image {image} is 67x45 (WxH)" in err
 
 
 def test_inpaint_all_black_mask_writes_the_input(files, capsys, tmp_path):

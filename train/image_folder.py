@@ -30,15 +30,13 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image
 
-from ..diffusion.masks import from_file
+from ..diffusion.masks import IMAGE_EXTS, MASK_SUFFIXES, from_file
 
 __all__ = ["ImageFolder", "DataFileError", "find_metadata", "IMAGE_EXTS", "image_tensor", "mask_tensor", "item_key"]
 
 log = logging.getLogger(__name__)
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # the metadata files of HF's imagefolder
 TRAIN_SPLITS = ("train", "training")  # folder names HF's imagefolder reads as the train split
-MASK_SUFFIXES = (".mask", "_mask")  # NAME.mask.png, NAME_mask.jpg, ...: the mask of NAME.<ext>
 _QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _FEW = 3  # how many files a warning names
 _BAD_IMAGE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on broken files

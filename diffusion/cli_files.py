@@ -1,0 +1,249 @@
+"""The files of `backdrop generate | img2img | inpaint` (diffusion/cli.py): the inputs read and the outputs written.
+
+Inputs: every IMAGE and mask is read and checked before any work, and every problem (an unreadable image, a missing,
+ambiguous or unreadable mask, a mask of another size) is named in one error, so a nightly catalogue job is mended in
+one go rather than one failed run per bad file.
+
+Outputs: one file per (image, seed), named up front (`<command>-<image stem>-<seed>.png`, `generate-<seed>.png`).
+Existing files are never replaced silently: the run refuses before the model loads, unless --overwrite (replace
+them) or --skip-existing (make only the missing ones) says what to do. Each PNG is written to a temporary name in
+its folder and then renamed, so a killed run never leaves a truncated PNG under a final name (which
+--skip-existing would then keep), and it records how it was made in A1111's `parameters` text chunk.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backdrop.cli import CLIError, one_line
+from backdrop.messages import some
+
+__all__ = ["Job", "Task", "read_jobs", "plan", "parameters", "write"]
+
+
+@dataclass
+class Job:
+    """One input image (none for `generate`): the Pipeline's per-item arguments and what its files record."""
+    name: str = ""  # the IMAGE's stem, part of its file names ("" for generate)
+    source: str | None = None  # the IMAGE as given on the command line
+    inputs: dict = field(default_factory=dict)  # the Pipeline's image=, and mask= or product_mask=
+    mask_file: str | None = None  # the --mask / --product-mask file this image uses
+    icc: bytes | None = None  # the input's RGB ICC profile, carried over to its outputs
+
+
+@dataclass(frozen=True)
+class Task:
+    """One image to make: a job, one seed, and the file it goes to."""
+    job: Job
+    seed: int
+    path: Path
+
+
+# ------------------------------------------------------------------------------------------------------ inputs
+
+def _open(path: str, what: str):
+    """The file as the Pipeline reads it (masks.from_file: upright, 8 bits, RGB(A) or L), keeping its ICC profile
+    in .info (from_file's 16-bit path makes a new image without it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from backdrop.diffusion import masks as M
+
+    try:
+        im = Image.open(path)
+        im.load()
+    except FileNotFoundError:
+        raise CLIError(f"{what} {path}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise CLIError(f"{what} {path}: cannot read it as an image ({one_line(e)})") from None
+    icc = im.info.get("icc_profile")
+    im = M.from_file(im)
+    if icc:
+        im.info["icc_profile"] = icc
+    return im
+
+
+def _rgb_icc(image) -> bytes | None:
+    """The image's ICC profile if it describes RGB (header bytes 16-19, ICC.1:2010 7.2.6): the outputs are RGB, and
+    a CMYK or grey profile attached to them would tell viewers to misread every pixel, so those are dropped."""
+    icc = image.info.get("icc_profile")
+    return icc if icc and icc[16:20] == b"RGB " else None
+
+
+def _mask_file(spec: str, flag: str, image_path: str) -> str:
+    """--mask / --product-mask for one image: the file itself, or from a folder the one mask named after the image:
+    NAME.*, NAME_mask.* or NAME.mask.* (the names `backdrop train --data` reads), never the image itself (masks
+    kept beside their images), and never a guess between several (a stale sku000.jpg beside sku000.png)."""
+    from backdrop.diffusion.masks import IMAGE_EXTS, MASK_SUFFIXES  # the names train --data reads too
+
+    folder = Path(spec)
+    if not folder.is_dir():
+        return spec
+    stem, image = Path(image_path).stem, Path(image_path).resolve()
+    names = {stem, *(stem + s for s in MASK_SUFFIXES)}
+    found = sorted(str(p) for p in folder.iterdir()
+                   if p.stem in names and p.suffix.lower() in IMAGE_EXTS and p.resolve() != image)
+    if not found:
+        raise CLIError(f"{flag} {spec}: no mask for {image_path} (looked for {stem}.png, {stem}_mask.png, .jpg, "
+                       "... there)")
+    if len(found) > 1:
+        raise CLIError(f"{flag} {spec}: {len(found)} masks for {image_path} ({some(found)}); keep one")
+    return found[0]
+
+
+def _attempt(problems: list[str], fn, *args):
+    """fn(*args), or None with its CLIError's message added to `problems`."""
+    try:
+        return fn(*args)
+    except CLIError as e:
+        problems.append(str(e))
+        return None
+
+
+def _mask_option(args) -> str | None:
+    """"mask" or "product_mask": the mask option given (img2img has neither; inpaint without one uses alpha)."""
+    return "mask" if getattr(args, "mask", None) else "product_mask" if getattr(args, "product_mask", None) else None
+
+
+def _read_job(args, path: str, problems: list[str]) -> Job | None:
+    """One IMAGE and its mask, or None with what is wrong added to `problems` (the image and its mask both checked,
+    so a run names an unreadable image and its missing mask at once)."""
+    job, key, mask = Job(Path(path).stem, path), _mask_option(args), None
+    image = _attempt(problems, _open, path, "image")
+    if key is not None:
+        flag = f"--{key.replace('_', '-')}"
+        job.mask_file = _attempt(problems, _mask_file, getattr(args, key), flag, path)
+        mask = job.mask_file and _attempt(problems, _open, job.mask_file, key.replace("_", " "))
+        if image is None or mask is None:
+            return None
+        if mask.size != image.size:  # most likely another photo's mask: resizing it would move the product's edge
+            (w, h), (mw, mh) = image.size, mask.size
+            problems.append(f"{flag} {job.mask_file} is {mw}x{mh} but image {path} is {w}x{h} (WxH): a mask must "
+                            "have its image's size")
+            return None
+    if image is None:
+        return None
+    if args.kind == "inpaint" and key is None and image.mode not in ("RGBA", "LA") \
+            and "transparency" not in image.info:
+        problems.append(f"{path} has no transparency: give --mask (white = repaint) or --product-mask "
+                        "(white = the product to keep)")
+        return None
+    job.inputs = dict(image=image) if key is None else {"image": image, key: mask}
+    job.icc = _rgb_icc(image)
+    return job
+
+
+def _warn_if_nothing_kept(args, job: Job) -> None:
+    """A product mask or alpha channel that keeps no pixel repaints the product too: in a catalogue, a failed
+    cut-out. Say so (a mask with nothing to repaint gets its own note when the input is written unchanged)."""
+    from backdrop.diffusion import masks as M
+
+    kind = _mask_option(args) or "image"  # "image": its alpha channel
+    if args.kind != "inpaint" or kind == "mask":
+        return
+    try:
+        repaint = M.to_repaint_mask(**{kind: job.inputs[kind]}, threshold=args.mask_threshold)
+    except ValueError:  # nothing to repaint
+        return
+    if repaint.amin() == 1:
+        what = f"--product-mask {job.mask_file}" if kind == "product_mask" else "the alpha channel"
+        print(f"warning: {what} keeps no pixel of {job.source}: the whole image is repainted, product and all",
+              file=sys.stderr)
+
+
+def read_jobs(args) -> list[Job]:
+    """One Job per IMAGE (one empty Job for generate), every input checked before any work; all the problems in one
+    CLIError."""
+    if args.kind == "generate":
+        return [Job()]
+    names = [Path(p).stem for p in args.image]
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise CLIError(f"two IMAGEs are named {twice!r}: their output files would collide; rename one")
+    problems: list[str] = []
+    jobs = [_read_job(args, path, problems) for path in args.image]
+    if problems:
+        head = "" if len(problems) == 1 else f"{len(problems)} problems with the inputs: "
+        raise CLIError(head + "; ".join(problems))
+    for job in jobs:
+        _warn_if_nothing_kept(args, job)
+    return jobs
+
+
+# ----------------------------------------------------------------------------------------------------- outputs
+
+def plan(args, jobs: list[Job], folder: Path, seed: int) -> list[Task]:
+    """Every image to make, job by job with seeds SEED.., and its file: the names are known before any work, so
+    existing files are refused here, before the model loads, unless --overwrite or --skip-existing."""
+    tasks = [Task(job, seed + j, folder / f"{args.kind}-{job.name + '-' if job.name else ''}{seed + j}.png")
+             for job in jobs for j in range(args.n)]
+    todo = [t for t in tasks if not os.path.lexists(t.path)]
+    if len(todo) == len(tasks) or args.overwrite:
+        return tasks
+    existing = [t.path.name for t in tasks if os.path.lexists(t.path)]
+    if not args.skip_existing:
+        raise CLIError(f"--out {folder}: {some(existing)} already exist{'s' if len(existing) == 1 else ''}: give "
+                       "--overwrite to replace existing files or --skip-existing to make only the missing ones")
+    print(f"note: --skip-existing: {len(existing)} of {len(tasks)} files exist in {folder}"
+          f"{'; nothing to do' if not todo else ', making the rest'}", file=sys.stderr)
+    return todo
+
+
+def _quote(value) -> str:
+    """A value as A1111 writes it in `parameters` (modules/generation_parameters_copypaste.py quote()): in JSON
+    quotes when it holds a comma, colon or newline, which would otherwise end it."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def _mask_fields(args, job: Job) -> dict:
+    from backdrop.diffusion.masks import default_mask_blur
+
+    kind = _mask_option(args) or "image"
+    return {"Mask": job.mask_file if kind == "mask" else "alpha" if kind == "image" else None,
+            "Product mask": job.mask_file if kind == "product_mask" else None,
+            "Mask blur": default_mask_blur(kind) if args.mask_blur is None else args.mask_blur,
+            "Mask dilate": args.mask_dilate, "Crop padding": args.crop_padding,
+            "Mask threshold": args.mask_threshold, "Color match": args.color_match, "Paste back": args.paste_back}
+
+
+def parameters(args, task: Task, size: tuple[int, int]) -> str:
+    """How one image was made, as A1111 records it (its PNG Info tab and image sites read this): the prompt, the
+    negative prompt's line, then `Key: value` pairs, A1111's keys first, Backdrop's own after; options left unset
+    are left out."""
+    from backdrop import __version__
+
+    fields = {"Steps": args.steps, "Sampler": args.sampler, "CFG scale": args.guidance_scale, "Seed": task.seed,
+              "Size": f"{size[0]}x{size[1]}", "Model": args.model,
+              "Denoising strength": None if args.kind == "generate" else args.strength,
+              "Clip skip": None if not args.clip_skip else args.clip_skip + 1,  # A1111 counts the last layer as 1
+              "Guidance rescale": args.guidance_rescale, "Eta": args.eta, "Batch size": args.batch_size}
+    if args.kind == "inpaint":
+        fields.update(_mask_fields(args, task.job))
+    fields.update({"LoRA": ", ".join(f"{path}:{scale:g}" for path, scale in args.lora) or None,
+                   "Textual inversion": ", ".join(p if t is None else f"{p}:{t}" for p, t in args.textual_inversion)
+                   or None,
+                   "Input": task.job.source, "Backdrop": __version__})
+    negative = f"\nNegative prompt: {args.negative_prompt}" if args.negative_prompt else ""  # as A1111: if any
+    return f"{args.prompt}{negative}\n" + ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
+
+
+def write(image, task: Task, text: str) -> None:
+    """Save one PNG with its `parameters` text and the input's ICC profile: to a temporary name in the same folder,
+    then renamed over the final one (os.replace is atomic), so a kill mid-save leaves at most a hidden .tmp file."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", text)  # tEXt, or iTXt for text Latin-1 cannot hold
+    tmp = task.path.with_name(f".{task.path.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info, **({"icc_profile": task.job.icc} if task.job.icc else {}))
+        os.replace(tmp, task.path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CLIError(f"cannot write {task.path}: {one_line(e)}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
