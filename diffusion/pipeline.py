@@ -131,7 +131,8 @@ class Pipeline(DiffusersAPI):
         backend_options: an export backend's own (onnxruntime: providers=("tensorrt", "cuda"), threads=,
         trt_cache=; tensorrt: cuda_graphs=), as Optimum's ORT pipelines take provider= and session options."""
         from backdrop.export.backends import make_backend
-        from backdrop.nn.checkpoint import load_model, stored_dtype
+        from backdrop.nn.checkpoint import load_model
+        from backdrop.nn.weight_files import stored_dtype
 
         path = resolve_model(path_or_name)
         device = torch.device(device) if device is not None else default_device()

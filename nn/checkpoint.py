@@ -11,17 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
 import shutil
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -35,15 +32,15 @@ from .ldm_keys import (FOLDER_EXTRAS, UNET, CheckpointError, Src, clip_prefix, d
                        folder_key, from_ldm, known_extras, ldm_names, ldm_shape, prediction_type_of_ldm_config,
                        to_ldm, vae_config, vae_names)
 from .tokenizer import Tokenizer
+from .weight_files import _json, _Reader, _weight_files
 from .unet import UNet
 from .vae import VAE
 
-__all__ = ["Model", "CheckpointError", "load_model", "load_vae", "stored_dtype", "save_model", "init_model",
+__all__ = ["Model", "CheckpointError", "load_model", "load_vae", "save_model", "init_model",
            "config_to_dict", "config_from_dict", "diffusers_configs"]
 
 log = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 METADATA_KEY = "backdrop_config"  # our LDM files carry their ModelConfig here, for what shapes cannot tell
 
 
@@ -87,173 +84,6 @@ def config_from_dict(d: dict) -> ModelConfig:
     return ModelConfig(unet=make(UNetConfig, d["unet"]), vae=make(VAEConfig, d["vae"]),
                        text=make(TextConfig, d["text"]), scheduler=make(SchedulerConfig, d["scheduler"]),
                        prediction_type=d["prediction_type"], image_size=d["image_size"])
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-
-
-# --------------------------------------------------------------------------------------------- reading files
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-
-
-def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict]:
-    """({key: shape}, metadata) of a safetensors file, checked against the file size so that a truncated or
-    corrupt file fails here, naming itself, rather than deep inside the mmap reader."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file: {size} bytes, too short for the 8-byte "
-                                  "header length")
-        n = struct.unpack("<Q", head)[0]  # little-endian u64 header length
-        if 8 + n > size:
-            raise CheckpointError(f"{path}: not a safetensors file, or truncated: {size} bytes cannot hold "
-                                  f"the {n}-byte header it announces")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    metadata, data, shapes = header.pop("__metadata__", None) or {}, size - 8 - n, {}
-    for key, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}: {info!r}") from None
-        if end > data:
-            raise CheckpointError(f"{path}: truncated: tensor {key!r} ends at byte {end} of the data, but the "
-                                  f"file holds only {data} bytes of data (an interrupted download or copy?)")
-        if dtype in _DTYPE_BYTES and end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
-            raise CheckpointError(f"{path}: corrupt: tensor {key!r} {dtype} {shape} spans {end - begin} bytes")
-        shapes[key] = shape
-    return shapes, metadata
-
-
-def _pickle_refusal(path: Path, option: bool = True) -> CheckpointError:
-    """option: mention load_model's allow_pickle (LoRA files, nn/lora.py, have no such option)."""
-    out = path.with_suffix(".safetensors")
-    return CheckpointError(
-        f"{path}: pickle checkpoints can run arbitrary code when loaded, so Backdrop reads .safetensors. Convert "
-        f"it once, where you trust the file:\n  python -c \"import torch, safetensors.torch as st; "
-        f"sd = torch.load('{path}', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
-        f"st.save_file({{k: v.contiguous().clone() for k, v in sd.items() if isinstance(v, torch.Tensor)}}, "
-        f"'{out}')\"" + ("\nor pass allow_pickle=True (--allow-pickle; it loads the file with "
-                         "torch.load(weights_only=True))."
-                         if option else ""))
-
-
-def adapter_file(path: Path, file_name: str, what: str, refusal=_pickle_refusal) -> Path:
-    """The .safetensors file of an add-on (a LoRA, an embedding) that `path` names: the file itself, or `file_name`
-    inside a folder (diffusers' save folders, Hub downloads). A missing one, or a pickle file (`refusal(path)` says
-    how to convert it), is a CheckpointError naming the path."""
-    if path.is_dir():
-        if not (path / file_name).is_file():
-            raise CheckpointError(f"{path}: a folder without {file_name}; give the {what}'s .safetensors file")
-        path = path / file_name
-    elif not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    if path.suffix in PICKLE_SUFFIXES:
-        raise refusal(path)
-    return path
-
-
-def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        try:  # the zip format maps lazily; the legacy format cannot be mapped
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types; all mean "cannot read"
-        raise CheckpointError(f"{path}: torch.load(weights_only=True) failed: {e}") from None
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # Lightning / LDM training checkpoints
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict")
-    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-
-
-class _Reader:
-    """The tensors of one checkpoint (a safetensors file, its shards, or a pickle), fetched by key on demand."""
-
-    def __init__(self, files: list[Path], allow_pickle: bool = False):
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.where: dict[str, Path] = {}
-        self.metadata: dict = {}
-        self._handles: dict[Path, object] = {}
-        self._pickled: dict[str, torch.Tensor] = {}
-        for f in files:
-            if f.suffix in PICKLE_SUFFIXES:
-                if not allow_pickle:
-                    raise _pickle_refusal(f)
-                self._pickled |= _load_pickle(f)
-                shapes = {k: tuple(v.shape) for k, v in self._pickled.items()}
-            else:
-                shapes, meta = _header(f)
-                self.metadata |= meta
-            self.shapes |= shapes
-            self.where |= dict.fromkeys(shapes, f)
-        self.label = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} shards)"
-
-    def get(self, key: str) -> torch.Tensor:
-        if key in self._pickled:
-            return self._pickled[key]
-        f = self.where[key]
-        try:
-            if f not in self._handles:
-                self._handles[f] = safe_open(str(f), framework="pt")  # mmap: pages are read on first touch
-            return self._handles[f].get_tensor(key)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{f}: cannot read tensor {key!r}: {e}") from None
-
-
-def _shards(index: Path) -> list[Path]:
-    """The files a `*.safetensors.index*.json` (transformers/diffusers sharding) names, all present."""
-    weight_map = _json(index).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index}: no weight_map")
-    files = [index.parent / name for name in sorted(set(weight_map.values()))]
-    for f in files:
-        if not f.is_file():
-            raise CheckpointError(f"{index}: names shard {f.name}, which is missing")
-    return files
-
-
-def _weight_files(folder: Path, stem: str, allow_pickle: bool) -> list[Path]:
-    """A component folder's weights: `stem`.safetensors, else sharded, else the .fp16 variant (diffusers naming)."""
-    for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{stem}.fp16.safetensors",
-                 f"{stem}.safetensors.index.fp16.json"):
-        if (folder / name).is_file():
-            return _shards(folder / name) if name.endswith(".json") else [folder / name]
-    for name in (f"{stem}.bin", f"pytorch_{stem}.bin", f"{stem}.fp16.bin", f"pytorch_{stem}.fp16.bin"):
-        if (folder / name).is_file():
-            if not allow_pickle:
-                raise _pickle_refusal(folder / name)
-            return [folder / name]
-    raise CheckpointError(f"{folder}: no weights: expected {stem}.safetensors (or sharded "
-                          f"{stem}.safetensors.index.json, or the {stem}.fp16.safetensors variant)")
-
-
-_STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def stored_dtype(path) -> torch.dtype | None:
-    """The precision a model's UNet weights are stored in (fp32/fp16/bf16), for diffusers' torch_dtype="auto";
-    None where it cannot be read without loading (pickle weights, an unreadable file: load_model says why)."""
-    path = Path(path)
-    try:
-        file = _weight_files(path / "unet", "diffusion_pytorch_model", True)[0] if path.is_dir() else path
-        with safe_open(str(file), framework="pt") as f:
-            key = next(k for k in f.keys() if path.is_dir() or k.startswith("model.diffusion_model."))
-            return _STORED_DTYPES.get(f.get_slice(key).get_dtype())
-    except (OSError, CheckpointError, SafetensorError, StopIteration):
-        return None
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -323,9 +153,9 @@ def _load_single_file(path: Path, dtype, device, prediction_type, allow_pickle, 
         cfg = dataclasses.replace(cfg, prediction_type=prediction_type or cfg.prediction_type,
                                   vae=vae.cfg if vae is not None else cfg.vae)
     else:
-        given = vae.cfg if vae is not None else None
-        cfg = detect_config(reader.shapes, str(path), prediction_type or _sidecar_prediction_type(path), given)
-        if prediction_type is None and (guess := _guess_prediction_type(path, reader, cfg)) != cfg.prediction_type:
+        given, said = vae.cfg if vae is not None else None, prediction_type or _sidecar_prediction_type(path)
+        cfg = detect_config(reader.shapes, str(path), said, given)
+        if said is None and (guess := _guess_prediction_type(path, reader, cfg)) != cfg.prediction_type:
             cfg = detect_config(reader.shapes, str(path), guess, given)
     modules = _meta_modules(cfg)
     names = ldm_names(cfg, {c: m.state_dict().keys() for c, m in modules.items()}, clip=clip_prefix(reader.shapes))

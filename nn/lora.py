@@ -40,7 +40,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, Model, _pickle_refusal, _Problems, _Reader, adapter_file
+from .checkpoint import CheckpointError, Model, _Problems
+from .weight_files import _pickle_refusal, _Reader, adapter_file
 from .ldm_keys import folder_key
 
 __all__ = ["FusedLora", "fuse_lora", "unfuse_lora", "LORA_INSTEAD", "COMPONENTS"]

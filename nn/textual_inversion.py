@@ -31,7 +31,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, Model, _Reader, adapter_file
+from .checkpoint import CheckpointError, Model
+from .weight_files import _Reader, adapter_file
 
 __all__ = ["Embedding", "read_embeddings", "load_textual_inversion", "unload_textual_inversion"]
 

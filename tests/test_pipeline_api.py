@@ -254,7 +254,8 @@ def test_to_casts_in_place_like_loading_in_that_dtype(models):
 def test_torch_dtype_auto_loads_as_stored(models, tmp_path):
     """diffusers' torch_dtype="auto": the precision the weights are stored in, for a folder and a single file (the
     built-in model ships fp16 weights); --dtype auto on the commands."""
-    from backdrop.nn.checkpoint import load_model, stored_dtype
+    from backdrop.nn.checkpoint import load_model
+    from backdrop.nn.weight_files import stored_dtype
     half = load_model(models["sd1"].folder, dtype=torch.float16)
     for layout in ("diffusers", "ldm"):
         saved = save_model(half, tmp_path / ("half" if layout == "diffusers" else "half.safetensors"), layout=layout)

@@ -69,6 +69,11 @@ def test_original_config_yaml_beside_the_file_or_given(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="backdrop.nn.checkpoint"):
         assert load_model(path).config.prediction_type == "v_prediction"
     assert caplog.text == ""
+    v_path = write(tmp_path, "v-weights.safetensors", with_spread(sd, 0.2))  # weights that would guess v
+    (tmp_path / "v-weights.yaml").write_text("model:\n  params:\n    parameterization: eps\n")
+    with caplog.at_level(logging.WARNING, logger="backdrop.nn.checkpoint"):  # the yaml decides, not the guess
+        assert load_model(v_path).config.prediction_type == "epsilon"
+    assert caplog.text == ""
     (tmp_path / "768-v-ema.yaml").unlink()
     (tmp_path / "elsewhere.yaml").write_text(v_yaml)
     pipe = Pipeline.from_single_file(path, device="cpu", dtype="fp32", original_config=tmp_path / "elsewhere.yaml")
