@@ -145,7 +145,7 @@ def _warn_if_nothing_kept(args, job: Job) -> None:
         return
     try:
         repaint = M.to_repaint_mask(**{kind: job.inputs[kind]}, threshold=args.mask_threshold)
-    except ValueError:  # nothing to repaint
+    except ValueError:  # nothing to repaint (M.EmptyMask), or a mask the Pipeline call will name
         return
     if repaint.amin() == 1:
         what = f"--product-mask {job.mask_file}" if kind == "product_mask" else "the alpha channel"

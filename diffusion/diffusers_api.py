@@ -58,7 +58,8 @@ DIFFUSERS_ATTRIBUTES = {
 
 
 class DiffusersAPI:
-    """Mixed into Pipeline: needs self.backend, self._loras (a list) and self._progress (a bool)."""
+    """Mixed into Pipeline: needs self.backend, self._loras (a list) and self._progress (bool, or None: on a
+    terminal only)."""
 
     @classmethod
     def from_single_file(cls, pretrained_model_link_or_path, original_config=None, **kwargs):

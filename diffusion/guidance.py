@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from backdrop.diffusion.schedule import Schedule
+from backdrop.nn.config import PREDICTION_TYPES
 
 __all__ = ["Denoiser", "CFGDenoiser", "rescale_noise_cfg"]
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def rescale_noise_cfg(guided: torch.Tensor, cond: torch.Tensor, guidance_rescale) -> torch.Tensor:

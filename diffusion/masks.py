@@ -33,7 +33,7 @@ from backdrop.diffusion.batching import items
 __all__ = [
     "to_repaint_mask", "invert", "binarize", "image_to_tensor", "image_to_uint8", "tensor_to_uint8", "to_pil",
     "fit_size", "pad_to_multiple", "crop_to", "dilate", "latent_mask", "masked_image", "gaussian_blur", "feather",
-    "default_mask_blur", "from_file", "IMAGE_EXTS", "MASK_SUFFIXES",
+    "default_mask_blur", "from_file", "has_alpha", "EmptyMask", "IMAGE_EXTS", "MASK_SUFFIXES",
 ]
 
 PIL_MODES = ("L", "1", "RGB", "RGBA", "LA", "P")
@@ -85,6 +85,21 @@ def _pil(x: Image.Image, name: str) -> Image.Image:
     if x.mode not in PIL_MODES:
         raise ValueError(f"{name}: PIL mode {x.mode!r} is not supported (use one of {', '.join(PIL_MODES)})")
     return x
+
+
+class EmptyMask(ValueError):
+    """A mask with nothing to repaint (every pixel would be kept): an error here; the Pipeline returns such an item
+    as its input, the server and the CLI say so."""
+
+
+def has_alpha(x) -> bool:
+    """Whether an image carries an alpha channel: PIL RGBA / LA or a transparent colour key; numpy (H, W, C) or torch
+    (C, H, W) with 2 (LA) or 4 (RGBA) channels."""
+    if isinstance(x, Image.Image):
+        return x.mode in ("RGBA", "LA") or "transparency" in x.info
+    shape = tuple(getattr(x, "shape", ()))
+    channels = shape[-1] if isinstance(x, np.ndarray) else (shape[0] if shape else 0)
+    return len(shape) == 3 and channels in (2, 4)
 
 
 def _mask_item(x, name: str, alpha: bool) -> np.ndarray:
@@ -171,7 +186,7 @@ def to_repaint_mask(mask=None, product_mask=None, image=None, *, threshold: floa
     if threshold is not None:
         m = binarize(m, threshold)
     for i in torch.nonzero(m.flatten(1).amax(1) == 0).flatten().tolist():
-        raise ValueError(f"{name}[{i}]: the mask is empty, nothing to repaint (every pixel would be kept)")
+        raise EmptyMask(f"{name}[{i}]: the mask is empty, nothing to repaint (every pixel would be kept)")
     return m
 
 

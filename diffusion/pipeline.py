@@ -1,9 +1,9 @@
 """Pipeline: text-to-image, image-to-image and inpainting over any Backend (export/backends.py).
 
-Thin on purpose: the math lives in schedule.py / samplers.py / latents.py / guidance.py and every image and mask
-operation in masks.py, how one call's arguments become per-item lists in batching.py, and how prompts become the
-UNet's context in text.py; this file only follows their recipes (the module docstrings of samplers.py and masks.py)
-and runs the models. One call may hold different prompts, images (of one size), masks, seeds and strengths:
+Thin on purpose: the math lives in schedule.py / samplers.py / latents.py / guidance.py, every image and mask
+operation in masks.py and crop_paste.py (crop around the mask, paste-back), how one call's arguments become
+per-item lists in batching.py, and how prompts become the UNet's context in text.py; this file only follows their
+recipes (the module docstrings of samplers.py and masks.py) and runs the models. One call may hold different prompts, images (of one size), masks, seeds and strengths:
 
   * Broadcasting. `prompt`, `negative_prompt`, `image`, `mask`/`product_mask`, `seed` and `strength` may each be
     one value or a list of n (the n requests); a single value applies to all. num_images_per_prompt = k then
@@ -69,7 +69,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
 from backdrop.diffusion import crop_paste as C
 from backdrop.diffusion import masks as M
@@ -330,13 +329,7 @@ class Pipeline(DiffusersAPI):
             return "mask", mask
         if product_mask is not None:
             return "product_mask", product_mask
-        if isinstance(first_image, Image.Image):
-            alpha = first_image.mode in ("RGBA", "LA") or "transparency" in first_image.info
-        else:  # numpy (H, W, C) or torch (C, H, W): 2 (LA) or 4 (RGBA) channels carry alpha
-            shape = tuple(getattr(first_image, "shape", ()))
-            channels = shape[-1] if isinstance(first_image, np.ndarray) else (shape[0] if shape else 0)
-            alpha = len(shape) == 3 and channels in (2, 4)
-        if not alpha:
+        if not M.has_alpha(first_image):
             raise ValueError("inpaint: no mask: give mask= (white = repaint), product_mask= (white = the product "
                              "to keep), or an RGBA image whose transparent pixels (alpha 0) mark what to repaint")
         return "image", None
@@ -346,10 +339,10 @@ class Pipeline(DiffusersAPI):
         """(1, 1, H, W) float repaint mask of request i, or None when it has nothing to repaint."""
         try:
             return M.to_repaint_mask(**{kind: value}, size=size, threshold=threshold)
+        except M.EmptyMask:
+            return None
         except ValueError as e:
             msg = str(e)
-            if "nothing to repaint" in msg:  # masks.to_repaint_mask's message for an empty mask
-                return None
             if msg.startswith(f"{kind}[0]"):  # masks.py saw one item; name the request's index
                 msg = f"{kind}[{i}]" + msg[len(kind) + 3:]
             elif i > 0:

@@ -45,11 +45,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from backdrop.diffusion.schedule import RECIPES, Recipe, Schedule
+from backdrop.diffusion.schedule import Schedule
 
 __all__ = [
     "SAMPLERS", "SamplerSpec", "SamplingInterrupted", "sample", "sample_ddim", "sample_ddpm", "sample_euler",
     "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_unipc", "sample_lcm",
+    "sample_pndm",
     "check_eta", "stochastic_samplers",
 ]
 
@@ -394,18 +395,6 @@ class SamplerSpec:
     name: str
     fn: Callable
     stochastic: bool          # needs a noise_sampler
-
-    @property
-    def recipe(self) -> Recipe:
-        return RECIPES[self.name]
-
-    @property
-    def spacing(self) -> str:  # diffusers' default timestep_spacing for this scheduler
-        return self.recipe.spacing
-
-    @property
-    def order(self) -> int:  # diffusers' scheduler.order
-        return self.recipe.order
 
 
 SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (

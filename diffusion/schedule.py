@@ -133,7 +133,7 @@ class Schedule:
     """What one sampler walks for one request: N steps over N+1 sigmas (float32, CPU, descending).
 
     Step i calls the model at sigmas[i] with the UNet timestep timesteps[i] and lands on sigmas_to[i]. sigmas_to is
-    sigmas[1:] for every sampler but DDIM, whose diffusers step lands on t - T // N whatever the spacing (with
+    sigmas[1:] for every sampler but DDIM and PNDM (family "ddim"), whose diffusers step lands on t - T // N whatever the spacing (with
     linspace or trailing spacing that can differ from the next step's timestep; the DDIM sampler then keeps the VP
     latents and re-reads them at the next sigma, as diffusers does). sigmas[N] is the level the final latents sit
     at: 0, or sigma(alphas_cumprod[0]) ~ 0.029 for DDIM with set_alpha_to_one=False.
@@ -198,8 +198,8 @@ class Schedule:
 
 
 def _spaced(spacing: str, n: int, cfg: SchedulerConfig, family: str) -> np.ndarray:
-    """The timesteps of `set_timesteps(n)` in diffusers' DDIM/DDPM ("ddim"/"ddpm"), Euler/Heun ("k") and
-    DPMSolverMultistep ("dpm") schedulers. Table 2 of Lin et al. 2023 compares the three spacings."""
+    """The timesteps of `set_timesteps(n)` in diffusers' DDIM/PNDM/DDPM ("ddim"/"ddpm"), Euler/Heun ("k"),
+    DPMSolverMultistep ("dpm") and LCM ("lcm") schedulers. Table 2 of Lin et al. 2023 compares the three spacings."""
     big_t = cfg.num_train_timesteps
     if family == "lcm":  # n of the distillation's timesteps, evenly spaced by index (spacing does not apply)
         origin = (np.arange(1, LCM_ORIGINAL_STEPS + 1) * (big_t // LCM_ORIGINAL_STEPS) - 1)[::-1]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 __all__ = [
     "UNetConfig", "VAEConfig", "TextConfig", "VisionConfig", "SchedulerConfig", "ModelConfig",
-    "PRESETS", "get_preset", "replace",
+    "PRESETS", "get_preset",
 ]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -51,7 +51,7 @@ class UNetConfig:
             _check(not attn or c % h == 0, "UNetConfig", f"channels {c} not divisible by num_heads {h}")
         _check(self.block_out_channels[-1] % self.num_heads[-1] == 0, "UNetConfig",
                "the mid block's channels must divide by the last level's num_heads")
-        _check(self.in_channels in (4, 9) or self.in_channels > 0, "UNetConfig", "in_channels must be positive")
+        _check(self.in_channels > 0, "UNetConfig", "in_channels must be positive")
 
     @property
     def is_inpaint(self) -> bool:
@@ -261,7 +261,8 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """CLIP text transformer. The UNet's context is final_layer_norm(output of the last *built* layer).
+    """CLIP text transformer. The UNet's context is final_layer_norm(output of the last *built* layer, or of the
+    layer `clip_skip` before it).
 
     SD1 (CLIP ViT-L/14): 12 layers, quick_gelu, pad with <|endoftext|> (49407).
     SD2 (OpenCLIP ViT-H/14): the penultimate of 24 layers then the final LayerNorm, so we build 23 layers

@@ -121,9 +121,9 @@ def upsample_conv_subpixel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     B, _, H, W = x.shape
     O = weight.shape[0]
     rows = _fold_taps(weight, 2)  # (O, I, 2, 3) for a = 0, 1
-    kernels = torch.cat([k for r in rows for k in _fold_taps(r, 3)])  # (4*O, I, 2, 2), phases 00, 01, 10, 11
+    taps = torch.cat([k for r in rows for k in _fold_taps(r, 3)])  # (4*O, I, 2, 2), phases 00, 01, 10, 11
     # With padding 1 a 2x2 conv gives (H+1, W+1) outputs; phase (a, c) is the window starting at (a, c).
-    y = F.conv2d(x, kernels, None if bias is None else bias.repeat(4), padding=1)  # (B, 4*O, H+1, W+1)
+    y = F.conv2d(x, taps, None if bias is None else bias.repeat(4), padding=1)  # (B, 4*O, H+1, W+1)
     out = y.new_empty(B, O, H, 2, W, 2)  # (B, O, H, a, W, c) -> pixel (2i + a, 2j + c)
     for p in range(4):
         a, c = divmod(p, 2)

@@ -149,7 +149,8 @@ class ConditionEncoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, latent, h, w) -> (B, 3, 8h, 8w). Each level has layers_per_block + 1 resnets, as LDM.
+    """(B, latent, h, w) -> (B, 3, 8h, 8w). Each level has decoder_layers + 1 resnets (layers_per_block + 1, as
+    LDM, unless the decoder is an asymmetric one).
 
     Mask-conditioned (cfg.mask_conditioned, diffusers' MaskConditionDecoder): given the image and the repaint mask
     (SD's convention: 1 = repaint), the input of every level and the last features take the condition encoder's

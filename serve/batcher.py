@@ -3,7 +3,8 @@
 Like nano-vllm's Scheduler, this knows nothing about models or HTTP, so every rule is testable with a fake clock:
 
 - A request carries `n` items (one per image). Items that share a `BatchKey` (model, kind, size bucket, steps,
-  sampler) can ride in one UNet batch; each keeps its own prompt, image, mask, seed, strength and guidance.
+  sampler) can ride in one UNet batch; each keeps its own prompt, image, mask, seed and strength (guidance is one
+  value a call: part of the engine's key options).
 - Batches are formed around the *oldest* queued item: its key is served first, with the compatible items behind it
   in arrival order, up to `max_batch_size`. So no request waits behind an unbounded stream of newer ones
   (head-of-line fairness), whatever their keys.
@@ -52,7 +53,7 @@ class ShuttingDown(Exception):
 @dataclass(frozen=True)
 class BatchKey:
     """What must be equal for items to share one UNet batch."""
-    kind: str            # "generate" | "img2img" | "inpaint"
+    kind: str            # "generate" | "inpaint"
     height: int
     width: int
     steps: int
@@ -287,10 +288,6 @@ class Batcher:
                 if req._remaining == 0:
                     req._finish("done")
             self._cond.notify_all()
-
-    def fail(self, batch: Batch, error: BaseException) -> None:
-        """Fail every request of the batch with `error`."""
-        self.complete(batch, [None] * len(batch), {e.request: error for e in batch.entries})
 
     def _account(self, batch: Batch) -> None:
         self._running.discard(batch.number)

@@ -148,11 +148,11 @@ class Engine:
                 self.memory_trims += 1
 
     def _warm_up(self) -> None:
-        """One-step calls through every component (text encoder, VAE encode/decode, UNet with guidance) at the
-        native size (an export's fixed size), so the first requests do not pay for lazy initialisation. On the CPU
-        one image is enough; on CUDA every batch bucket up to max_batch_size runs once, capturing its UNet graph and
-        compiling the Triton kernels for its batch size (the first full batch would otherwise pay several seconds
-        for them)."""
+        """One-step calls through every component (text encoder, VAE decode and, for inpainting models, encode; UNet
+        with guidance) at the native size (an export's fixed size), so the first requests do not pay for lazy
+        initialisation. On the CPU one image is enough; on CUDA every batch bucket up to max_batch_size runs once,
+        capturing its UNet graph and compiling the Triton kernels for its batch size (the first full batch would
+        otherwise pay several seconds for them)."""
         h, w = self.native_hw
         t0 = time.perf_counter()
         sizes = warm_up_batches(torch.device(self.pipe.backend.device).type, self.config.max_batch_size)

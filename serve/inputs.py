@@ -121,9 +121,9 @@ def repaint_mask(kind: str, value: Image.Image, size: tuple[int, int], param: st
     is all black: the Pipeline returns the input unchanged (/v1/inpaint); edits refuse it (require_edit_area)."""
     try:
         m = M.to_repaint_mask(**{kind: value}, size=size, label=param)  # (1, 1, H, W)
+    except M.EmptyMask:
+        return Image.new("L", (size[1], size[0]), 0)
     except ValueError as e:
-        if "nothing to repaint" in str(e):
-            return Image.new("L", (size[1], size[0]), 0)
         raise APIError(400, str(e), param=param, code="invalid_mask") from None
     return Image.fromarray((m[0, 0].numpy() * 255).round().astype(np.uint8), "L")
 

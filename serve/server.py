@@ -105,13 +105,11 @@ class ServerConfig:
                 raise ValueError(f"ServerConfig.{name} = {getattr(self, name)!r} is out of range")
 
 
-# ------------------------------------------------------------------------------------------------- errors
-
 class ClientGone(Exception):
     pass
 
 
-# ------------------------------------------------------------------------------------------------- input checks
+# ------------------------------------------------------------------------------------------------- outputs
 
 def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()

@@ -209,7 +209,7 @@ def test_failure_finishes_every_request_in_the_batch_with_the_error():
     b, clock = make(max_batch=2)
     r1, r2 = b.submit(req(name="a")), b.submit(req(n=2, name="b"))
     batch = b.poll()
-    b.fail(batch, RuntimeError("boom"))
+    b.complete(batch, [None] * len(batch), {e.request: RuntimeError("boom") for e in batch.entries})
     assert r1.status == r2.status == "failed" and str(r2.error) == "boom" and b.depth == 0
 
 

@@ -6,11 +6,12 @@ the up path, head splitting, both projection orders, odd latent sides (13x10) th
 the skip sizes, 4- and 9-channel inputs, fractional timesteps. One test runs the full sd15-inpaint size.
 """
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 
-from backdrop.nn.config import PRESETS, UNetConfig, replace
+from backdrop.nn.config import PRESETS, UNetConfig
 from backdrop.nn.testing import randomize_, rel_err
 from backdrop.nn.unet import UNet
 
