@@ -33,7 +33,7 @@ from backdrop.diffusion.batching import items
 __all__ = [
     "to_repaint_mask", "invert", "binarize", "image_to_tensor", "image_to_uint8", "tensor_to_uint8", "to_pil",
     "fit_size", "pad_to_multiple", "crop_to", "dilate", "latent_mask", "masked_image", "gaussian_blur", "feather",
-    "default_mask_blur", "from_file", "has_alpha", "EmptyMask", "IMAGE_EXTS", "MASK_SUFFIXES",
+    "default_mask_blur", "from_file", "has_alpha", "convention", "EmptyMask", "IMAGE_EXTS", "MASK_SUFFIXES",
 ]
 
 PIL_MODES = ("L", "1", "RGB", "RGBA", "LA", "P")
@@ -100,6 +100,21 @@ def has_alpha(x) -> bool:
     shape = tuple(getattr(x, "shape", ()))
     channels = shape[-1] if isinstance(x, np.ndarray) else (shape[0] if shape else 0)
     return len(shape) == 3 and channels in (2, 4)
+
+
+def convention(mask, product_mask, first_image) -> tuple[str, object]:
+    """Which convention an inpaint call uses, and its masks: "mask", "product_mask" or "image" (the image's own
+    alpha; None)."""
+    if mask is not None and product_mask is not None:
+        raise ValueError("inpaint: give mask= (white = repaint) or product_mask= (white = keep), not both")
+    if mask is not None:
+        return "mask", mask
+    if product_mask is not None:
+        return "product_mask", product_mask
+    if not has_alpha(first_image):
+        raise ValueError("inpaint: no mask: give mask= (white = repaint), product_mask= (white = the product "
+                         "to keep), or an RGBA image whose transparent pixels (alpha 0) mark what to repaint")
+    return "image", None
 
 
 def _mask_item(x, name: str, alpha: bool) -> np.ndarray:

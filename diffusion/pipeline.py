@@ -273,7 +273,7 @@ class Pipeline(DiffusersAPI):
         loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, self._shows(progress), callback,
                     interrupt)
         images = image_items(image, "inpaint")
-        kind, given = self._mask_kind(mask, product_mask, images[0])
+        kind, given = M.convention(mask, product_mask, images[0])
         masks = items(given, kind) if kind != "image" else images
         n_strengths = len(strength) if isinstance(strength, (list, tuple)) else 1
         req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
@@ -319,20 +319,6 @@ class Pipeline(DiffusersAPI):
         return format_output(full, req["seeds"], output_type, unchanged)
 
     # ---------------------------------------------------------------------------------------------- inpainting
-
-    @staticmethod
-    def _mask_kind(mask, product_mask, first_image) -> tuple[str, object]:
-        """Which convention the call uses: "mask", "product_mask" or "image" (the image's own alpha)."""
-        if mask is not None and product_mask is not None:
-            raise ValueError("inpaint: give mask= (white = repaint) or product_mask= (white = keep), not both")
-        if mask is not None:
-            return "mask", mask
-        if product_mask is not None:
-            return "product_mask", product_mask
-        if not M.has_alpha(first_image):
-            raise ValueError("inpaint: no mask: give mask= (white = repaint), product_mask= (white = the product "
-                             "to keep), or an RGBA image whose transparent pixels (alpha 0) mark what to repaint")
-        return "image", None
 
     @staticmethod
     def _repaint_mask(kind: str, value, i: int, size, threshold: float | None) -> torch.Tensor | None:
