@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import io
 import json
 import logging
@@ -61,6 +62,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
 from backdrop.diffusion.masks import default_mask_blur
+from backdrop.diffusion.pipeline import Pipeline
 from backdrop.diffusion.samplers import check_eta
 from backdrop.diffusion.schedule import RECIPES, build_schedule
 from backdrop.diffusion.text import check_clip_skip, clip_cut
@@ -83,11 +85,15 @@ EDIT_FIELDS = ("mask", "prompt", "n", "size", "response_format", "seed", "negati
 GENERATE_FIELDS = ("prompt", "n", "size", "response_format", "seed", "negative_prompt") + OPENAI_OUTPUT
 
 
+# Pipeline.inpaint's defaults: what a request that leaves an option out gets, defined in one place
+DEFAULT = {k: p.default for k, p in inspect.signature(Pipeline.inpaint).parameters.items() if p.default is not p.empty}
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    steps: int = 30                      # denoising steps of OpenAI-endpoint requests (/v1/inpaint may choose)
-    sampler: str = "dpmpp-2m"
-    guidance_scale: float = 7.5
+    steps: int = DEFAULT["steps"]        # denoising steps of OpenAI-endpoint requests (/v1/inpaint may choose)
+    sampler: str = DEFAULT["sampler"]
+    guidance_scale: float = DEFAULT["guidance_scale"]
     clip_skip: int = 0                   # text encoder layers to skip (diffusers' clip_skip; /v1/inpaint may choose)
     max_body_bytes: int = 32 * 2**20     # request bodies; OpenAI's own limit per image is 50 MB
     max_image_pixels: int | None = None  # None: (4 x native)^2, e.g. 2048 x 2048 for SD1.5
@@ -320,8 +326,9 @@ class _Handlers:
                            "image's size (send size=auto or leave it out)", param="size", code="invalid_size")
         self._runs(hw)
         cfg = self.config
-        key = self._key("inpaint", hw, cfg.steps, cfg.sampler, guidance_scale=cfg.guidance_scale, mask_blur=0.0)
-        items = [Item(prompt, seed + j, negative, 1.0, image, repaint) for j in range(n)]
+        key = self._key("inpaint", hw, cfg.steps, cfg.sampler, guidance_scale=cfg.guidance_scale,
+                        mask_blur=default_mask_blur("image"))  # the alpha convention's
+        items = [Item(prompt, seed + j, negative, DEFAULT["strength"], image, repaint) for j in range(n)]
         images = await self._run(request, key, items)
         return await self._respond(request, images, items, fmt)
 
@@ -353,11 +360,11 @@ class _Handlers:
         prompt, negative = text(f.get("prompt"), "prompt", True), text(f.get("negative_prompt"), "negative_prompt")
         n = self._n(f.get("n"))
         seed = self._seed(f.get("seed"), n)
-        strength = number(f.get("strength"), "strength", 1e-3, 1.0, 1.0)
+        strength = number(f.get("strength"), "strength", 1e-3, 1.0, DEFAULT["strength"])
         steps = number(f.get("steps"), "steps", 1, MAX_STEPS, self.config.steps, int)
         sampler = choice(f.get("sampler"), "sampler", tuple(RECIPES), self.config.sampler)
         self._schedule(sampler, steps, strength)
-        eta = number(f.get("eta"), "eta", 0.0, 1.0, 0.0)
+        eta = number(f.get("eta"), "eta", 0.0, 1.0, DEFAULT["eta"])
         try:
             check_eta(eta, sampler)
         except ValueError as e:
@@ -366,13 +373,14 @@ class _Handlers:
         options = dict(
             eta=eta,
             guidance_scale=number(f.get("guidance_scale"), "guidance_scale", 0.0, 50.0, self.config.guidance_scale),
-            guidance_rescale=number(f.get("guidance_rescale"), "guidance_rescale", 0.0, 1.0, 0.0),
-            mask_dilate=number(f.get("mask_dilate"), "mask_dilate", 0, 64, 1, int),
+            guidance_rescale=number(f.get("guidance_rescale"), "guidance_rescale", 0.0, 1.0,
+                                    DEFAULT["guidance_rescale"]),
+            mask_dilate=number(f.get("mask_dilate"), "mask_dilate", 0, 64, DEFAULT["mask_dilate"], int),
             mask_blur=number(f.get("mask_blur"), "mask_blur", 0.0, 256.0, default_mask_blur(kind or "image")),
             crop_padding=None if crop is None else number(crop, "crop_padding", 0, 2**16, None, int),
-            color_match=boolean(f.get("color_match"), "color_match", False),
-            paste_back=boolean(f.get("paste_back"), "paste_back", True),
-            mask_mode=choice(f.get("mask_mode"), "mask_mode", ("max", "diffusers"), "max"),
+            color_match=boolean(f.get("color_match"), "color_match", DEFAULT["color_match"]),
+            paste_back=boolean(f.get("paste_back"), "paste_back", DEFAULT["paste_back"]),
+            mask_mode=choice(f.get("mask_mode"), "mask_mode", ("max", "diffusers"), DEFAULT["mask_mode"]),
             mask_threshold=number(f.get("mask_threshold"), "mask_threshold", 1e-3, 1.0, None),
             clip_skip=self._clip_skip(f.get("clip_skip")))
         fmt = choice(f.get("response_format"), "response_format", ("b64_json", "url"), "b64_json")
