@@ -16,8 +16,9 @@ backend is wrapped in a timer, so the stages are measured inside the real reques
 request, UNet = one call at the guided batch (2B) per sampler step (mean), VAE encode / decode = their calls per
 request; images/s = B / wall time of the request.
 
-Baseline (speedup_vs_torch, max_abs_diff_vs_torch, named in the "baseline" column): on the CPU "torch", fp32
-eager, which is what runs there. On CUDA "torch-fp16", the Pipeline's default there and the precision of the
+Baseline (speedup_vs_torch, max_abs_diff_vs_torch, named in the "baseline" column): the torch backend in the
+Pipeline's default precision for the preset on this device: on CPUs with native bf16 "torch-bf16" for full-size
+models, else "torch" (fp32 eager). On CUDA "torch-fp16", the Pipeline's default there and the precision of the
 TensorRT engines (fp32 torch, which nobody deploys on a GPU, is still measured); the CUDA default backends are
 torch-fp16,torch,onnxruntime,tensorrt. Where the baseline was not run, fp32 torch is the base if it was.
 Results: printed with the machine, and --out (default benchmarks/results/backends-<device>.csv), rewritten after
@@ -44,6 +45,7 @@ from backdrop.export.backends import make_backend
 from backdrop.export.onnx import MANIFEST, export_onnx, load_export
 from backdrop.nn.checkpoint import init_model
 from backdrop.nn.config import get_preset
+from backdrop.nn.resolve import default_dtype
 
 from common import commit, machine
 
@@ -142,15 +144,21 @@ def build(name: str, args, model, onnx_dir: Path, trt_dir: Path):
         return None
 
 
-def baseline(runs: dict, device: torch.device) -> str:
+def default_torch(device: torch.device, preset: str) -> str:
+    """The torch backend in the Pipeline's default precision for the preset here (nn/resolve.default_dtype)."""
+    dtype = default_dtype(device, max(get_preset(preset).unet.block_out_channels))
+    return next(name for name in ("torch-fp16", "torch-bf16", "torch") if DTYPES[name] == dtype)
+
+
+def baseline(runs: dict, device: torch.device, preset: str) -> str:
     """The backend the others are compared with (see the module docstring), "" if none of them ran."""
     measured = {name for name, _ in runs}
-    return next((b for b in (("torch-fp16", "torch") if device.type == "cuda" else ("torch",)) if b in measured), "")
+    return next((b for b in (default_torch(device, preset), "torch") if b in measured), "")
 
 
 def summary(runs: dict, images: dict, args, meta: dict) -> list[dict]:
     """One row per (backend, batch) measured so far: the medians of its rounds, against the baseline's."""
-    base_name, rows = baseline(runs, args.device), []
+    base_name, rows = baseline(runs, args.device, args.preset), []
     for (name, batch), done in runs.items():
         row = {k: round(statistics.median(r[k] for r in done), 4) for k in done[0]}
         base = runs.get((base_name, batch))
@@ -182,8 +190,9 @@ def main() -> None:
     p.add_argument("--batches", default="1,4")
     p.add_argument("--backends", default=None,
                    help="comma-separated: torch (fp32), onnxruntime (the fp32 export), tensorrt (fp16 engines), "
-                        "torch-bf16, torch-fp16 (default: torch,onnxruntime,tensorrt; on CUDA torch-fp16 first)")
-    p.add_argument("--rounds", type=int, default=2,
+                        "torch-bf16, torch-fp16 (default: torch, the default precision's torch backend, onnxruntime, "
+                        "tensorrt)")
+    p.add_argument("--rounds", type=int, default=3,
                    help="times each backend is measured, the backends taking turns: on a shared machine the load "
                         "drifts, and alternating spreads it over all of them (medians reported)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for torch and ORT alike")
@@ -193,8 +202,8 @@ def main() -> None:
                    help="CSV to write (default: benchmarks/results/backends-<device>.csv)")
     args = p.parse_args()
     args.device, args.batch_list = torch.device(args.device), [int(b) for b in args.batches.split(",")]
-    default = "torch-fp16,torch,onnxruntime,tensorrt" if args.device.type == "cuda" else "torch,onnxruntime,tensorrt"
-    names = (args.backends or default).split(",")
+    default = [default_torch(args.device, args.preset), "torch", "onnxruntime", "tensorrt"]
+    names = args.backends.split(",") if args.backends else list(dict.fromkeys(default))
     if unknown := [n for n in names if n not in DTYPES]:
         raise SystemExit(f"unknown backend {', '.join(map(repr, unknown))}; choose from {', '.join(DTYPES)}")
     out = args.out or RESULTS / f"backends-{args.device.type}.csv"

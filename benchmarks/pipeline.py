@@ -121,8 +121,9 @@ def _diffusers(folder, dtype, device):
         if task == "txt2img":
             return pipe(**common).images
         image, product = product_inputs(size)
-        return pipe(image=[image] * batch, mask_image=[ImageOps.invert(product)] * batch, strength=1.0,
-                    **common).images
+        # one image and mask for the batch: a list of `batch` copies beside per-item generators makes diffusers run
+        # the VAE encoder once per item, where ours (and diffusers given one image) encodes it once
+        return pipe(image=image, mask_image=ImageOps.invert(product), strength=1.0, **common).images
     return call, str(DTYPES.get(dtype, torch.float32)).removeprefix("torch.")  # diffusers' default: fp32
 
 
