@@ -250,6 +250,9 @@ def build_schedule(sampler: str, steps: int, config: SchedulerConfig | None = No
     train_sigmas = (((1 - ac) / ac) ** 0.5).numpy()  # (T,) float32, ascending in t; inf at a zero terminal SNR
     # len(ts) may exceed steps by one: trailing spacing with a step count that does not divide T (as diffusers)
     ts = _spaced(spacing, steps, cfg, r.family)
+    if r.family in ("ddpm", "lcm") and int(np.max(ts)) >= big_t:  # leading spacing, steps_offset, N = T
+        raise ValueError(f"{sampler} with {spacing} spacing and {steps} steps would use timestep {int(np.max(ts))} >= "
+                         f"num_train_timesteps {big_t}; use fewer steps")
 
     if r.family in ("ddim", "ddpm", "lcm"):
         sig = train_sigmas[ts].astype(np.float64)
@@ -281,9 +284,14 @@ def build_schedule(sampler: str, steps: int, config: SchedulerConfig | None = No
             init = float(s_max)
         else:  # ... or, with leading spacing, sqrt(sigma_max² + 1) (diffusers' choice, float32 as there)
             init = float((s_max**2 + 1) ** 0.5)
+    levels = np.asarray(sig, dtype=np.float32)
+    if r.family == "dpm" and (np.diff(levels[levels > 0]) >= 0).any():  # the multistep solvers divide by the
+        # log-sigma step, 0 where linspace spacing at N = T rounds two timesteps to one
+        raise ValueError(f"{sampler} with {spacing} spacing and {steps} steps lands two steps on one noise level; "
+                         "use fewer steps")
     return Schedule(
         sampler=sampler,
-        sigmas=torch.tensor(np.asarray(sig, dtype=np.float32)),
+        sigmas=torch.tensor(levels),
         timesteps=torch.tensor(np.asarray(ts, dtype=np.float32)),
         sigmas_to=torch.tensor(np.asarray(to, dtype=np.float32)),
         init_noise_sigma=init,

@@ -1,15 +1,21 @@
 """The request body limit, as ASGI middleware around the app (serve/server.py): a declared Content-Length over the
-limit is answered 413 before the body is read, and a streamed one is cut off as it passes the limit."""
+limit is answered 413 before the body is read, and a streamed one is cut off as it passes the limit; a body that
+stops arriving (a stalled upload, a slowloris client) is given up after `timeout` seconds without a byte."""
 from __future__ import annotations
 
+import asyncio
 from typing import Callable
 
 from backdrop.serve.inputs import APIError
 
-__all__ = ["BodyLimit", "BodyTooLarge"]
+__all__ = ["BodyLimit", "BodyTooLarge", "BodyTimeout"]
 
 
 class BodyTooLarge(Exception):
+    pass
+
+
+class BodyTimeout(Exception):
     pass
 
 
@@ -18,8 +24,8 @@ class BodyLimit:
     counted as it arrives and reading stops with BodyTooLarge once it passes the limit. `count(scope, status)`
     is told of each response it gives itself (the app's endpoints never see those requests)."""
 
-    def __init__(self, app, max_bytes: int, count: Callable[[dict, int], None]):
-        self.app, self.max_bytes, self.count = app, max_bytes, count
+    def __init__(self, app, max_bytes: int, count: Callable[[dict, int], None], timeout: float | None = None):
+        self.app, self.max_bytes, self.count, self.timeout = app, max_bytes, count, timeout
 
     async def _refuse(self, error: APIError, scope, receive, send):
         self.count(scope, error.status)
@@ -44,7 +50,11 @@ class BodyLimit:
 
         async def limited():
             nonlocal seen
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(f"the body stopped arriving: nothing for {self.timeout:g} s after {seen} bytes "
+                                  "(the server's --body-timeout)") from None
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
                 raise BodyTooLarge(f"the body passed {self.max_bytes} bytes, this server's limit")

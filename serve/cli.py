@@ -39,6 +39,16 @@ def add_parser(subparsers) -> None:
     net.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     net.add_argument("--max-body-mb", type=float, default=32, metavar="MB",
                      help="larger request bodies get 413 (default: %(default)s)")
+    net.add_argument("--body-timeout", type=float, default=60, metavar="S",
+                     help="a request body that sends nothing for this long gets 408 and its connection is freed "
+                          "(stalled uploads) (default: %(default)s)")
+    net.add_argument("--keep-alive", type=float, default=75, metavar="S",
+                     help="seconds an idle connection stays open; keep it above the load balancer's idle timeout "
+                          "(AWS ALB: 60) (default: %(default)s)")
+    net.add_argument("--drain-timeout", type=float, default=None, metavar="S",
+                     help="on SIGTERM, the longest to wait for in-flight requests before exiting; set it below "
+                          "Kubernetes' terminationGracePeriodSeconds (default: as long as they take, at most "
+                          "--request-timeout)")
     m = p.add_argument_group("model")
     m.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
                    help="what runs the model (default: %(default)s)")
@@ -64,6 +74,9 @@ def add_parser(subparsers) -> None:
                    help="seconds from arrival to answer, queueing included; later gets 504 (default: %(default)s)")
     s = p.add_argument_group("defaults of the OpenAI endpoints (/v1/inpaint may set its own)")
     s.add_argument("--steps", type=int, default=30, metavar="N", help="denoising steps (default: %(default)s)")
+    s.add_argument("--max-steps", type=int, default=150, metavar="N",
+                   help="the most steps a /v1/inpaint request may ask for: one request's cost, which every other "
+                        "client in its batch waits for, stays bounded (default: %(default)s)")
     s.add_argument("--sampler", choices=list(RECIPES), default="dpmpp-2m", metavar="NAME",
                    help=f"one of: {', '.join(RECIPES)} (default: %(default)s)")
     s.add_argument("--guidance-scale", type=float, default=7.5, metavar="SCALE", help="(default: %(default)s)")
@@ -88,12 +101,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port < 65536:
         raise CLIError(f"--port {args.port} must be in [0, 65535]")
+    for flag, value in (("--keep-alive", args.keep_alive), ("--drain-timeout", args.drain_timeout)):
+        if value is not None and not value > 0:
+            raise CLIError(f"{flag} {value:g} must be more than 0 seconds")
     try:
         engine_config = EngineConfig(args.max_batch_size, args.max_queue_delay_ms, args.max_queue,
                                      args.request_timeout, model_name=model_id(args.model),
                                      cpu_cache_mb=args.cpu_cache_mb, adaptive_delay=args.adaptive_delay)
         server_config = ServerConfig(steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
-                                     clip_skip=args.clip_skip, max_body_bytes=int(args.max_body_mb * 2**20))
+                                     clip_skip=args.clip_skip, max_body_bytes=int(args.max_body_mb * 2**20),
+                                     max_steps=args.max_steps, body_timeout=args.body_timeout)
     except ValueError as e:  # "EngineConfig.max_queue = 0 is out of range" -> the flag's name
         field = str(e).split(".", 1)[1].split(" ", 1)[0]
         raise CLIError(f"--{field.replace('_', '-')}: {str(e).split(' = ', 1)[1]}") from None
@@ -108,7 +125,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--sampler {args.sampler} --steps {args.steps}: {e}") from None
     print(f"serving {args.model} on http://{args.host}:{args.port} (OpenAI base_url: "
           f"http://{args.host}:{args.port}/v1)", flush=True)
-    run(app, host=args.host, port=args.port, log_level=args.log_level)
+    run(app, host=args.host, port=args.port, log_level=args.log_level, keep_alive=args.keep_alive,
+        drain_timeout=args.drain_timeout)
     return 0
 
 

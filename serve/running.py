@@ -9,12 +9,16 @@ import time
 __all__ = ["run", "ServerThread"]
 
 
-def run(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def run(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", keep_alive: float = 5,
+        drain_timeout: float | None = None) -> None:
     """Serve until SIGINT/SIGTERM. uvicorn then stops accepting connections, waits for the in-flight requests
-    (the worker keeps serving them), and runs the lifespan shutdown, which drains the queue."""
+    (the worker keeps serving them) at most `drain_timeout` seconds (None: as long as they take), and runs the
+    lifespan shutdown, which drains the queue. keep_alive: seconds an idle connection is kept (a load balancer's
+    idle timeout must be shorter: AWS ALB's is 60 s)."""
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")).run()
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                                  timeout_keep_alive=keep_alive, timeout_graceful_shutdown=drain_timeout)).run()
 
 
 class ServerThread:

@@ -67,7 +67,7 @@ from backdrop.diffusion.samplers import check_eta
 from backdrop.diffusion.schedule import RECIPES, build_schedule
 from backdrop.diffusion.text import check_clip_skip, clip_cut
 from backdrop.serve.batcher import QueueFull, ShuttingDown
-from backdrop.serve.body_limit import BodyLimit, BodyTooLarge
+from backdrop.serve.body_limit import BodyLimit, BodyTimeout, BodyTooLarge
 from backdrop.serve.engine import Engine, Item, ServeKey
 from backdrop.serve.inputs import (EDIT_IGNORED, GENERATE_IGNORED, MAX_SEED, MAX_STEPS, MIN_SIDE, OPENAI_OUTPUT,
                                    APIError, b64decode, boolean, check_fields, choice, clip, decode_image, edit_inputs,
@@ -95,6 +95,8 @@ class ServerConfig:
     sampler: str = DEFAULT["sampler"]
     guidance_scale: float = DEFAULT["guidance_scale"]
     clip_skip: int = 0                   # text encoder layers to skip (diffusers' clip_skip; /v1/inpaint may choose)
+    max_steps: int = 150                 # the most steps a /v1/inpaint request may ask: one request's cost is bounded
+    body_timeout: float = 60.0           # seconds a request body may take to arrive; then 408 (stalled uploads)
     max_body_bytes: int = 32 * 2**20     # request bodies; OpenAI's own limit per image is 50 MB
     max_image_pixels: int | None = None  # None: (4 x native)^2, e.g. 2048 x 2048 for SD1.5
     max_n: int = 10                      # OpenAI's limit on n
@@ -102,13 +104,15 @@ class ServerConfig:
     max_files: int = 256                 # images kept for "url" responses (oldest dropped first)
 
     def __post_init__(self):
-        checks = (("steps", 1 <= self.steps <= MAX_STEPS), ("sampler", self.sampler in RECIPES),
+        checks = (("max_steps", 1 <= self.max_steps <= MAX_STEPS), ("steps", 1 <= self.steps <= self.max_steps),
+                  ("sampler", self.sampler in RECIPES), ("body_timeout", self.body_timeout > 0),
                   ("guidance_scale", self.guidance_scale >= 0), ("max_body_bytes", self.max_body_bytes > 0),
                   ("max_image_pixels", self.max_image_pixels is None or self.max_image_pixels >= MIN_SIDE**2),
                   ("max_n", self.max_n >= 1), ("file_ttl", self.file_ttl > 0), ("max_files", self.max_files >= 1))
         for name, ok in checks:
             if not ok:
-                raise ValueError(f"ServerConfig.{name} = {getattr(self, name)!r} is out of range")
+                above = " (above max_steps, --max-steps)" if name == "steps" and self.steps > self.max_steps else ""
+                raise ValueError(f"ServerConfig.{name} = {getattr(self, name)!r} is out of range{above}")
 
 
 class ClientGone(Exception):
@@ -221,6 +225,8 @@ class _Handlers:
             return await request.form(max_files=MAX_FILE_PARTS, max_fields=64, max_part_size=2**20)
         except BodyTooLarge as e:
             raise APIError(413, str(e), code="request_too_large") from None
+        except BodyTimeout as e:
+            raise APIError(408, str(e), code="request_timeout") from None
         except ClientDisconnect:
             raise
         except Exception as e:
@@ -236,6 +242,8 @@ class _Handlers:
             body = await request.body()
         except BodyTooLarge as e:
             raise APIError(413, str(e), code="request_too_large") from None
+        except BodyTimeout as e:
+            raise APIError(408, str(e), code="request_timeout") from None
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError):
@@ -361,7 +369,7 @@ class _Handlers:
         n = self._n(f.get("n"))
         seed = self._seed(f.get("seed"), n)
         strength = number(f.get("strength"), "strength", 1e-3, 1.0, DEFAULT["strength"])
-        steps = number(f.get("steps"), "steps", 1, MAX_STEPS, self.config.steps, int)
+        steps = number(f.get("steps"), "steps", 1, self.config.max_steps, self.config.steps, int)
         sampler = choice(f.get("sampler"), "sampler", tuple(RECIPES), self.config.sampler)
         self._schedule(sampler, steps, strength)
         eta = number(f.get("eta"), "eta", 0.0, 1.0, DEFAULT["eta"])
@@ -491,4 +499,4 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()):
               Route("/readyz", h.readyz, methods=["GET"]),
               Route("/metrics", h.metrics_text, methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
-    return BodyLimit(app, config.max_body_bytes, count)
+    return BodyLimit(app, config.max_body_bytes, count, config.body_timeout)

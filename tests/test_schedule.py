@@ -158,3 +158,22 @@ def test_bad_input_is_named():
         full.img2img(1.5)
     with pytest.raises(ValueError, match="already a sub-schedule"):
         full.img2img(0.5).img2img(0.5)
+
+
+@pytest.mark.parametrize("spacing", [None, "leading", "linspace", "trailing"])
+def test_every_step_count_either_builds_a_runnable_schedule_or_says_why(spacing):
+    """Up to num_train_timesteps steps: a ValueError (the server's 400, the CLI's one line) where a schedule cannot
+    run, never an IndexError (DDPM at N = T used to index timestep 1000) nor a schedule whose multistep solver then
+    divides by a zero log-sigma step (dpmpp-2m at N = T used to fail after running every step)."""
+    from backdrop.nn.config import SchedulerConfig
+
+    cfg = SchedulerConfig(timestep_spacing=spacing)
+    for name in RECIPES:
+        for steps in (1, 2, 999, 1000):
+            try:
+                s = build_schedule(name, steps, cfg)
+            except ValueError as e:
+                assert "steps" in str(e)
+                continue
+            levels = s.sigmas[s.sigmas > 0]
+            assert RECIPES[name].family != "dpm" or bool((levels[1:] < levels[:-1]).all()), (name, steps)

@@ -94,10 +94,11 @@ def test_a_model_failure_is_a_500_the_openai_client_does_not_retry(serve_pipe):
 
 
 def test_queue_full_429_retry_deadline_504_and_disconnect(serve_pipe):
-    """One image at a time, one queued at most. A 1000-step request with a short `timeout` holds the worker."""
+    """One image at a time, one queued at most. A 999-step request with a short `timeout` holds the worker (dpmpp-2m
+    at 1000 steps would land two steps on one noise level, a 400)."""
     srv = start_server(serve_pipe,
                        EngineConfig(max_batch_size=1, max_queue_delay_ms=0, max_queue=1, request_timeout=60),
-                       ServerConfig(steps=1))
+                       ServerConfig(steps=1, max_steps=1000))
     try:
         url = f"{srv.url}/v1/inpaint"
         results = {}
@@ -107,7 +108,7 @@ def test_queue_full_429_retry_deadline_504_and_disconnect(serve_pipe):
             return results[name]
 
         def hold_worker(timeout):
-            t = threading.Thread(target=background, args=("blocker", inpaint_body(product(2), steps=1000,
+            t = threading.Thread(target=background, args=("blocker", inpaint_body(product(2), steps=999,
                                                                                   timeout=timeout)))
             t.start()
             wait(lambda: scalar(m := metrics(srv), "backdrop_requests_in_flight") == 1
@@ -191,7 +192,7 @@ def test_cli_serve_drains_in_flight_work_on_sigterm(serve_model_dir):
 
 def test_cli_errors_are_one_line(capsys, tmp_path, serve_model_dir):
     # refused before serving
-    assert cli_main(["serve", str(serve_model_dir), "--sampler", "ddim", "--steps", "1000"]) == 2
+    assert cli_main(["serve", str(serve_model_dir), "--sampler", "ddim", "--steps", "1000", "--max-steps", "1000"]) == 2
     assert "--steps 1000" in capsys.readouterr().err
     assert cli_main(["serve", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err

@@ -434,3 +434,29 @@ def test_refusals_before_any_endpoint_are_counted_in_metrics(server, serve_pipe)
     app = create_app(engine, ServerConfig(steps=STEPS))
     assert asgi_status(app, "POST", "/v1/inpaint", [(b"content-length", b"12a")]) == 400
     assert engine.metrics.requests.value(endpoint="inpaint", code="400") == 1
+
+
+def test_a_stalled_body_gets_408_and_steps_have_an_operators_cap(server, serve_pipe):
+    """A client that sends its headers and then nothing (a stalled upload, slowloris) held its connection and file
+    descriptor forever: after --body-timeout it gets 408. A /v1/inpaint request may not ask more than --max-steps
+    (one request's cost holds back every client batched with it)."""
+    engine = Engine(serve_pipe, EngineConfig(), warmup=False)
+    app = create_app(engine, ServerConfig(steps=STEPS, body_timeout=0.2))
+    sent = []
+
+    async def stalled():
+        await asyncio.Event().wait()  # never a byte
+
+    async def send(message):
+        sent.append(message)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/inpaint", "raw_path": b"/v1/inpaint", "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"100000")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(asyncio.wait_for(app(scope, stalled, send), 10))
+    assert sent[0]["status"] == 408 and b"--body-timeout" in sent[1]["body"]
+    r = httpx.post(f"{server.url}/v1/inpaint", content=inpaint_body(np.zeros((SIZE, SIZE, 4), np.uint8), steps=151),
+                   headers=JSON)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "steps", r.text
+    with pytest.raises(ValueError, match="ServerConfig.steps"):
+        ServerConfig(steps=200)  # above the default max_steps
