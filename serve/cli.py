@@ -11,12 +11,14 @@ import argparse
 import logging
 from pathlib import Path
 
+from backdrop import __version__
 from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, add_lora_option,
                           add_textual_inversion_option, apply_model_options, checkpoint_options, parse_device)
 from backdrop.diffusion.schedule import RECIPES
 
 __all__ = ["add_parser", "model_id"]
 
+log = logging.getLogger("backdrop.serve")
 
 
 def add_parser(subparsers) -> None:
@@ -45,6 +47,13 @@ def add_parser(subparsers) -> None:
     net.add_argument("--keep-alive", type=float, default=75, metavar="S",
                      help="seconds an idle connection stays open; keep it above the load balancer's idle timeout "
                           "(AWS ALB: 60) (default: %(default)s)")
+    net.add_argument("--forwarded-allow-ips", default=None, metavar="IPS",
+                     help="proxies whose X-Forwarded-Proto/For headers are trusted, comma-separated or '*' (the "
+                          "scheme of url responses behind a TLS-terminating load balancer) (default: 127.0.0.1)")
+    net.add_argument("--max-files", type=int, default=256, metavar="N",
+                     help="images kept for response_format=url, the oldest dropped first (default: %(default)s)")
+    net.add_argument("--file-ttl", type=float, default=3600, metavar="S",
+                     help="seconds a url image stays downloadable (default: %(default)s)")
     net.add_argument("--drain-timeout", type=float, default=None, metavar="S",
                      help="on SIGTERM, the longest to wait for in-flight requests before exiting; set it below "
                           "Kubernetes' terminationGracePeriodSeconds (default: as long as they take, at most "
@@ -110,14 +119,32 @@ def _serve(args: argparse.Namespace) -> int:
                                      cpu_cache_mb=args.cpu_cache_mb, adaptive_delay=args.adaptive_delay)
         server_config = ServerConfig(steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
                                      clip_skip=args.clip_skip, max_body_bytes=int(args.max_body_mb * 2**20),
-                                     max_steps=args.max_steps, body_timeout=args.body_timeout)
+                                     max_steps=args.max_steps, body_timeout=args.body_timeout,
+                                     max_files=args.max_files, file_ttl=args.file_ttl)
     except ValueError as e:  # "EngineConfig.max_queue = 0 is out of range" -> the flag's name
         field = str(e).split(".", 1)[1].split(" ", 1)[0]
         raise CLIError(f"--{field.replace('_', '-')}: {str(e).split(' = ', 1)[1]}") from None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = _load(args, engine_config)
-    from backdrop.serve.running import run
+    from backdrop.serve.running import bind, run
     from backdrop.serve.server import create_app
+
+    try:  # before the model loads: a port in use is said at once
+        sock = bind(args.host, args.port)
+    except OSError as e:
+        raise CLIError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})") from None
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: reachable from the network, and this server has no authentication of its "
+                    "own; put it behind your gateway", args.host)
+    try:
+        engine = _load(args, engine_config)
+    except BaseException:
+        sock.close()
+        raise
+    log.info("backdrop %s serving %s: %s backend on %s in %s; batches up to %d, queue %d, request timeout %g s; "
+             "defaults: %d steps (at most %d), %s, guidance %g", __version__, args.model, args.backend,
+             engine.pipe.backend.device, str(engine.pipe.backend.dtype).removeprefix("torch."),
+             engine_config.max_batch_size, engine_config.max_queue, engine_config.request_timeout, args.steps,
+             args.max_steps, args.sampler, args.guidance_scale)
 
     try:
         app = create_app(engine, server_config)
@@ -125,8 +152,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--sampler {args.sampler} --steps {args.steps}: {e}") from None
     print(f"serving {args.model} on http://{args.host}:{args.port} (OpenAI base_url: "
           f"http://{args.host}:{args.port}/v1)", flush=True)
-    run(app, host=args.host, port=args.port, log_level=args.log_level, keep_alive=args.keep_alive,
-        drain_timeout=args.drain_timeout)
+    run(app, sock, log_level=args.log_level, keep_alive=args.keep_alive, drain_timeout=args.drain_timeout,
+        forwarded_allow_ips=args.forwarded_allow_ips)
     return 0
 
 

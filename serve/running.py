@@ -6,19 +6,34 @@ import socket
 import threading
 import time
 
-__all__ = ["run", "ServerThread"]
+__all__ = ["bind", "run", "ServerThread"]
 
 
-def run(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", keep_alive: float = 5,
-        drain_timeout: float | None = None) -> None:
-    """Serve until SIGINT/SIGTERM. uvicorn then stops accepting connections, waits for the in-flight requests
-    (the worker keeps serving them) at most `drain_timeout` seconds (None: as long as they take), and runs the
-    lifespan shutdown, which drains the queue. keep_alive: seconds an idle connection is kept (a load balancer's
-    idle timeout must be shorter: AWS ALB's is 60 s)."""
+def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A socket bound to host:port (port 0: a free one). `backdrop serve` binds before it loads the model, so that a
+    port in use is said at once, not after the load and warm-up; OSError if it cannot be bound."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def run(app, sock: socket.socket, log_level: str = "info", keep_alive: float = 5,
+        drain_timeout: float | None = None, forwarded_allow_ips: str | None = None) -> None:
+    """Serve on the bound `sock` until SIGINT/SIGTERM. uvicorn then stops accepting connections, waits for the
+    in-flight requests (the worker keeps serving them) at most `drain_timeout` seconds (None: as long as they
+    take), and runs the lifespan shutdown, which drains the queue. keep_alive: seconds an idle connection is kept
+    (a load balancer's idle timeout must be shorter: AWS ALB's is 60 s). forwarded_allow_ips: the proxies whose
+    X-Forwarded-Proto/For are trusted (uvicorn's; default 127.0.0.1), for the scheme of "url" responses."""
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                                  timeout_keep_alive=keep_alive, timeout_graceful_shutdown=drain_timeout)).run()
+    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_keep_alive=keep_alive,
+                            timeout_graceful_shutdown=drain_timeout, forwarded_allow_ips=forwarded_allow_ips)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 class ServerThread:
@@ -28,9 +43,7 @@ class ServerThread:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
         import uvicorn
 
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
+        self.sock = bind(host, port)
         self.host, self.port = host, self.sock.getsockname()[1]
         self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)

@@ -414,7 +414,8 @@ class _Handlers:
         name = request.path_params["name"].removesuffix(".png")
         data = self.files.get(name)
         if data is None:
-            raise APIError(404, f"no file {shown(name)} (files are kept {self.config.file_ttl:.0f} s)",
+            raise APIError(404, f"no file {shown(name)} (files are kept {self.config.file_ttl:.0f} s, the last "
+                                f"{self.config.max_files} at most)",
                            code="not_found")
         return Response(data, media_type="image/png")
 

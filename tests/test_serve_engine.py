@@ -192,18 +192,20 @@ def test_cli_serve_drains_in_flight_work_on_sigterm(serve_model_dir):
 
 def test_cli_errors_are_one_line(capsys, tmp_path, serve_model_dir):
     # refused before serving
-    assert cli_main(["serve", str(serve_model_dir), "--sampler", "ddim", "--steps", "1000", "--max-steps", "1000"]) == 2
+    assert cli_main(["serve", str(serve_model_dir), "--sampler", "ddim", "--steps", "1000", "--max-steps", "1000",
+                     "--port", "0"]) == 2
     assert "--steps 1000" in capsys.readouterr().err
-    assert cli_main(["serve", str(tmp_path / "missing")]) == 2
+    assert cli_main(["serve", str(tmp_path / "missing"), "--port", "0"]) == 2
     assert "missing" in capsys.readouterr().err
     assert cli_main(["serve", str(tmp_path), "--max-queue", "0"]) == 2
     assert "--max-queue" in capsys.readouterr().err
     assert cli_main(["serve", str(tmp_path), "--port", "70000"]) == 2
-    assert cli_main(["serve", str(serve_model_dir), "--device", "gpu"]) == 2
+    assert cli_main(["serve", str(serve_model_dir), "--device", "gpu", "--port", "0"]) == 2
     assert "--device 'gpu' is not a device name" in capsys.readouterr().err
-    assert cli_main(["serve", str(serve_model_dir), "--clip-skip", "9"]) == 2  # the tiny text encoder has 2 layers
+    assert cli_main(["serve", str(serve_model_dir), "--clip-skip", "9", "--port", "0"]) == 2  # 2 text layers
     assert "--clip-skip 9: give 0 to 2 (this model's text encoder has 2 layers)" in capsys.readouterr().err
-    assert cli_main(["serve", str(serve_model_dir), "--textual-inversion", str(tmp_path / "none.safetensors")]) == 2
+    assert cli_main(["serve", str(serve_model_dir), "--port", "0", "--textual-inversion",
+                     str(tmp_path / "none.safetensors")]) == 2
     assert "--textual-inversion: " in capsys.readouterr().err
 
 
@@ -253,3 +255,17 @@ def test_metrics_histogram_round_trip():
     assert parsed == {"buckets": {1.0: 2, 2.0: 2, 4.0: 3, float("inf"): 4}, "sum": 13.5, "count": 4}
     with pytest.raises(ValueError):
         h.observe(1.0, other="x")
+
+
+def test_a_port_in_use_is_said_before_the_model_loads(capsys, serve_model_dir, monkeypatch):
+    from backdrop.diffusion.pipeline import Pipeline
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(Pipeline, "from_pretrained", load)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli_main(["serve", str(serve_model_dir), "--port", str(port)]) == 2
+    assert f"--port {port}: cannot listen there" in capsys.readouterr().err
