@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 __all__ = ["machine", "commit", "random_model"]
@@ -47,6 +48,9 @@ def commit() -> str:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
                              check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True).stdout
+        if dirty.strip():
+            print(f"warning: uncommitted changes: these results are labelled {sha}-dirty (commit first, results "
+                  "files included, for rows that name their code)", file=sys.stderr)
         return sha + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

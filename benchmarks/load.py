@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed loads per loader and dtype (default 5)")
     parser.add_argument("--dir", default=None, help="where to write the ~2 GB temporary file (default: $TMPDIR)")
     parser.add_argument("--dtypes", default="float32,float16", help="comma-separated torch dtypes to load into")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="CSV to write (default: %(default)s)")
     parser.add_argument("--cold", nargs=4, metavar=("LOADER", "FILE", "CONFIG", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cold:  # one load in this fresh process, timed by the parent
@@ -154,12 +155,12 @@ def main() -> None:
         print(f"{r['dtype']:8} {r['measure']:12} {r['peer_median_s']:10.2f}s {r['ours_median_s']:10.2f}s "
               f"{r['speedup_median']:5.1f}x   {r['peer_min_s']:7.2f}s {r['ours_min_s']:7.2f}s {r['speedup_min']:5.1f}x")
     print(f"peer: {rows[0]['peer']}\nmachine: {rows[0]['machine']}; commit {rows[0]['commit']}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "w", newline="") as f:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -187,6 +187,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads in every worker (default: "
                                                              "torch's, one per core)")
+    ap.add_argument("--out", type=Path, default=None, help="CSV merged into and rewritten (default: "
+                                                          "benchmarks/results/pipeline-<device>.csv)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -202,7 +204,8 @@ def main() -> None:
     impls = args.impls or ("diffusers:fp32,diffusers:fp16,ours:fp32,ours:fp16,ours:graphs" if cuda else
                            "diffusers:fp32,diffusers:bf16,ours:fp32,ours:default")
     impls = [tuple(s.split(":")) for s in impls.split(",")]
-    cache, rows, old = Path(args.cache), [], read(device)
+    path = args.out or RESULTS / f"pipeline-{device.type}.csv"
+    cache, rows, old = Path(args.cache), [], read(path)
     merged = old
     desc, sha = machine(str(device)), commit()  # the CPU's line carries its bf16 support and the load average
     print(f"machine: {desc}; commit {sha}", flush=True)
@@ -237,7 +240,7 @@ def main() -> None:
                             g["psnr_vs_ours_fp32_db"] = round(psnr(g["images"], ref["images"]), 1)
                     rows += [{k: v for k, v in g.items() if k != "images"}
                              | dict(machine=desc, commit=sha, date=str(date.today())) for g in group]
-                    merged = write(old, rows, device)  # after every group: a run cut short keeps what it measured
+                    merged = write(old, rows, path)  # after every group: a run cut short keeps what it measured
     report(merged)
 
 
@@ -288,9 +291,8 @@ def ratios(rows: list[dict]) -> None:
                                                    2)
 
 
-def read(device: torch.device) -> list[dict]:
-    """The rows of benchmarks/results/pipeline-<device>.csv from earlier runs."""
-    path = RESULTS / f"pipeline-{device.type}.csv"
+def read(path: Path) -> list[dict]:
+    """The rows of the results file (benchmarks/results/pipeline-<device>.csv) from earlier runs."""
     if not path.is_file():
         return []
     with open(path, newline="") as f:
@@ -301,12 +303,11 @@ def read(device: torch.device) -> list[dict]:
     return old
 
 
-def write(old: list[dict], rows: list[dict], device: torch.device) -> list[dict]:
+def write(old: list[dict], rows: list[dict], path: Path) -> list[dict]:
     """Merge this run's rows into the earlier ones (best of all runs; see `merge`), recompute the ratios and write
     benchmarks/results/pipeline-<device>.csv, so rerunning on a noisy machine (or only `--models tiny`) improves
     the file instead of replacing it."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"pipeline-{device.type}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
     merged = merge([dict(r) for r in old], rows)
     ratios(merged)
     # the union of all rows' columns, in this run's order first (so a column older files lack, such as commit,

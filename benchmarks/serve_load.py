@@ -151,6 +151,8 @@ def main() -> None:
                         help="requests per concurrency level at least (a level of ~1 s is noise on a quiet CPU)")
     parser.add_argument("--max-seconds", type=float, default=90, help="per concurrency level")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each level on each server; the median")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="CSV to write (default: benchmarks/results/serve-<device>.csv)")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     model, size = prepare(args.model, Path(args.cache), args.size)
@@ -191,8 +193,8 @@ def main() -> None:
                      f"{size}x{size} edits", "steps": args.steps,
             "sampler": "dpmpp-2m", "max_queue_delay_ms": args.max_queue_delay_ms, "device": args.device,
             "machine": machine(args.device, args.threads), "commit": commit(), "date": date.today().isoformat()}
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"serve-{args.device}.csv"
+    out = args.out or RESULTS / f"serve-{args.device}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*rows[0], *meta])
         writer.writeheader()

@@ -246,6 +246,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default="sd15-256,sd15-512" if cuda else "tiny-64,sd15-256",
                     help=f"comma-separated, from {', '.join(CASES)}")
     ap.add_argument("--stages", default="pretrain,inpaint,inpaint-product")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="CSV to update, its rows of the same case replaced (default: "
+                         "benchmarks/results/train-<device>.csv)")
     ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16" if cuda else "fp32")
     ap.add_argument("--weights", choices=("fp32", "bf16"), default="fp32",
                     help="dtype of the trained UNet's weights and AdamW state on both sides; bf16 halves the memory "
@@ -306,7 +309,8 @@ def main(argv=None) -> int:
                          "ours_first_loss": results["ours"][0]["first_loss"], "load_average": round(load, 1),
                          **{f"{w}_peak_gib": round(max(r.get("peak_gib", 0.0) for r in rs), 2)
                             for w, rs in results.items()}})
-            _write(RESULTS / f"train-{device}.csv", rows)  # after every row: a run cut short keeps what it measured
+            # after every row: a run cut short keeps what it measured
+            _write(args.out or RESULTS / f"train-{device}.csv", rows)
     return 0
 
 

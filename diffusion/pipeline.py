@@ -3,7 +3,8 @@
 Thin on purpose: the math lives in schedule.py / samplers.py / latents.py / guidance.py, every image and mask
 operation in masks.py and crop_paste.py (crop around the mask, paste-back), how one call's arguments become
 per-item lists in batching.py, and how prompts become the UNet's context in text.py; this file only follows their
-recipes (the module docstrings of samplers.py and masks.py) and runs the models. One call may hold different prompts, images (of one size), masks, seeds and strengths:
+recipes (the module docstrings of samplers.py and masks.py) and runs the models. One call may hold different
+prompts, images (of one size), masks, seeds and strengths:
 
   * Broadcasting. `prompt`, `negative_prompt`, `image`, `mask`/`product_mask`, `seed` and `strength` may each be
     one value or a list of n (the n requests); a single value applies to all. num_images_per_prompt = k then

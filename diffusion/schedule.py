@@ -133,10 +133,10 @@ class Schedule:
     """What one sampler walks for one request: N steps over N+1 sigmas (float32, CPU, descending).
 
     Step i calls the model at sigmas[i] with the UNet timestep timesteps[i] and lands on sigmas_to[i]. sigmas_to is
-    sigmas[1:] for every sampler but DDIM and PNDM (family "ddim"), whose diffusers step lands on t - T // N whatever the spacing (with
-    linspace or trailing spacing that can differ from the next step's timestep; the DDIM sampler then keeps the VP
-    latents and re-reads them at the next sigma, as diffusers does). sigmas[N] is the level the final latents sit
-    at: 0, or sigma(alphas_cumprod[0]) ~ 0.029 for DDIM with set_alpha_to_one=False.
+    sigmas[1:] for every sampler but DDIM and PNDM (family "ddim"), whose diffusers step lands on t - T // N whatever
+    the spacing (with linspace or trailing spacing that can differ from the next step's timestep; the DDIM sampler then
+    keeps the VP latents and re-reads them at the next sigma, as diffusers does). sigmas[N] is the level the final
+    latents sit at: 0, or sigma(alphas_cumprod[0]) ~ 0.029 for DDIM with set_alpha_to_one=False.
 
     sigmas[0] may be inf (DDIM/DDPM with zero terminal SNR); the state at sigma = inf is held as VP latents (see
     latents.initial_latents). `init_noise_sigma` is the VE scale diffusers' txt2img gives unit noise.

@@ -104,8 +104,8 @@ class _Problems:
                 self.shapes.append(f"{src.key}: file {got} vs model {want}")
 
     def raise_if_any(self, label: str, what: str) -> None:
-        parts = [f"{len(items)} {kind}: {some(items)}" for items, kind in ((self.missing, "missing"), (self.unexpected, "unexpected"),
-                                                         (self.shapes, "with the wrong shape")) if items]
+        found = ((self.missing, "missing"), (self.unexpected, "unexpected"), (self.shapes, "with the wrong shape"))
+        parts = [f"{len(items)} {kind}: {some(items)}" for items, kind in found if items]
         if parts:
             raise CheckpointError(f"{label}: does not match {what}: " + "; ".join(parts))
 

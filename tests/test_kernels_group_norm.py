@@ -149,8 +149,8 @@ def test_double_backward_is_right_and_numpy_groups_are_taken():
     def penalty(impl, x, w, groups):
         x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
         y = kernels.group_norm(x, groups, w, None, silu=True, impl=impl)
-        gx, gw = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view(y.shape)).sum(),
-                                     (x, w), create_graph=True)
+        weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view(y.shape)
+        gx, gw = torch.autograd.grad((y * weights).sum(), (x, w), create_graph=True)
         (gx.square().sum() + gw.square().sum() + x.sum()).backward()
         return x.grad, w.grad
     x, w, _, _ = _make((2, 6, 3, 4), 3, False, True, torch.float32)

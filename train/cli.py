@@ -1,10 +1,10 @@
 """`backdrop train {clip,vae,pretrain,inpaint,cache}`: the training stages from the command line.
 
-Options (train/cli_options.py) every stage shares are defined once, in parent parsers; a stage adds only its own. Each stage starts from `--init MODEL` (a model folder or file)
-or from random weights of `--preset`, trains its component, and writes the whole model to OUT/final/ (a diffusers
-folder), which the next stage takes as its --init. Progress goes to tqdm and OUT/log.jsonl, checkpoints to
-OUT/checkpoints/ (resume with --resume OUT). Under torchrun every process trains on its own shard of the data
-(gloo on CPU, nccl on GPU); --batch-size is per process.
+Options (train/cli_options.py) every stage shares are defined once, in parent parsers; a stage adds only its own. Each
+stage starts from `--init MODEL` (a model folder or file) or from random weights of `--preset`, trains its component,
+and writes the whole model to OUT/final/ (a diffusers folder), which the next stage takes as its --init. Progress goes
+to tqdm and OUT/log.jsonl, checkpoints to OUT/checkpoints/ (resume with --resume OUT). Under torchrun every process
+trains on its own shard of the data (gloo on CPU, nccl on GPU); --batch-size is per process.
 
 Option names are short, with the names of diffusers' training scripts (train_text_to_image.py) and accelerate as
 aliases where they exist: --steps / --max-train-steps, --lr / --learning-rate, --out / --output-dir, ... (also with

@@ -1,14 +1,14 @@
 """Object expansion: does an inpainted product's silhouette grow into the backdrop? (One of the two judges of
 train/evaluate.py.)
 
-The ring is every pixel at Euclidean distance 1..`ring` px outside the product mask. A ring pixel "is product"
-when its colour is closer to a product pixel near it (within ring + 2 px, inside the mask eroded by 1 px so the antialiased edge does not count) than to
-a backdrop pixel near it (beyond 2 * ring px from the mask, within 2 * ring + 2 px of the pixel): a
-nearest-neighbour classifier whose labelled pixels are the image's own, exactly masked. No fitted threshold,
-so it stays sane on images unlike the renders (a noise backdrop matches the noise next to it, not the product).
-raw = the mean over images of the fraction of ring pixels that are product. Real renders score above zero
-too (a white mug on a white wall), so corrected = raw - the same rate on the true renders of the same scenes.
-The harness reports two rings, 3 and 6 px at 64x64: growth right at the edge, and a halo a little further out.
+The ring is every pixel at Euclidean distance 1..`ring` px outside the product mask. A ring pixel "is product" when its
+colour is closer to a product pixel near it (within ring + 2 px, inside the mask eroded by 1 px so the antialiased edge
+does not count) than to a backdrop pixel near it (beyond 2 * ring px from the mask, within 2 * ring + 2 px of the
+pixel): a nearest-neighbour classifier whose labelled pixels are the image's own, exactly masked. No fitted threshold,
+so it stays sane on images unlike the renders (a noise backdrop matches the noise next to it, not the product). raw =
+the mean over images of the fraction of ring pixels that are product. Real renders score above zero too (a white mug on
+a white wall), so corrected = raw - the same rate on the true renders of the same scenes. The harness reports two rings,
+3 and 6 px at 64x64: growth right at the edge, and a halo a little further out.
 
 How far from 0 a model with no growth at all lands depends on its backdrops' texture (a noise backdrop scored +3
 points, a flat grey one -6): the harness also scores each product pasted, unchanged, on another scene's true

@@ -8,9 +8,10 @@ zero-initialised so that before training it computes exactly what the text-to-im
                    mixed with random masks at --product-prob.
 Inputs are exactly what diffusers' StableDiffusionInpaintPipeline feeds the UNet at inference:
   cat[noisy latents (4), mask at latent size (1), latents of image * (mask < 0.5) (4)]   (B, 9, h, w)
-with the mask taken to latent size by our pipeline's rule ("max", the default: a cell is repainted if any of its
-pixels is) or diffusers' (--latent-mask diffusers: binarise at 0.5, nearest resize), and the masked image encoded to its posterior mean scaled
-by the scaling factor, as our Pipeline does (diffusers samples the posterior there; the VAE's std is ~1e-3).
+with the mask taken to latent size by our pipeline's rule ("max", the default: a cell is repainted if any of its pixels
+is) or diffusers' (--latent-mask diffusers: binarise at 0.5, nearest resize), and the masked image encoded to its
+posterior mean scaled by the scaling factor, as our Pipeline does (diffusers samples the posterior there; the VAE's std
+is ~1e-3).
 """
 from __future__ import annotations
 
