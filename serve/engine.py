@@ -250,11 +250,13 @@ class Engine:
             return
         t0 = time.perf_counter()
         payloads = batch.payloads
-        images = self._call(batch.key, [payloads[i] for i in indices], interrupt)
+        try:
+            images = self._call(batch.key, [payloads[i] for i in indices], interrupt)
+        finally:  # interrupted and failed batches used the accelerator too: utilisation counts them
+            self.metrics.batch_size.observe(len(indices))
+            self.metrics.batch_seconds.observe(time.perf_counter() - t0)
         for i, image in zip(indices, images):
             outputs[i] = image
-        self.metrics.batch_size.observe(len(indices))
-        self.metrics.batch_seconds.observe(time.perf_counter() - t0)
 
     def _call(self, key: ServeKey, items: list[Item], interrupt: threading.Event) -> list[Image.Image]:
         """One Pipeline call for `items`: every per-item value as a list, one seed per item."""

@@ -31,7 +31,9 @@ def run(app, sock: socket.socket, log_level: str = "info", keep_alive: float = 5
     X-Forwarded-Proto/For are trusted (uvicorn's; default 127.0.0.1), for the scheme of "url" responses."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_keep_alive=keep_alive,
+    # access_log off: the app logs one line per API request itself (request id, latency, why it failed), and
+    # none per health probe or metrics scrape
+    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_keep_alive=keep_alive, access_log=False,
                             timeout_graceful_shutdown=drain_timeout, forwarded_allow_ips=forwarded_allow_ips)
     uvicorn.Server(config).run(sockets=[sock])
 

@@ -448,21 +448,26 @@ class _Handlers:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     def endpoint(self, name: str, handler):
-        """APIError -> its response; anything unexpected -> 500 (logged); status and latency into metrics."""
+        """APIError -> its response; anything unexpected -> 500 (logged); status and latency into metrics; one
+        access line a request (its X-Request-ID, taken or made, echoed in the response), with why it failed."""
         async def handle(request: Request) -> Response:
-            t0 = time.perf_counter()
+            t0, rid, why = time.perf_counter(), request.headers.get("x-request-id") or secrets.token_hex(8), ""
             try:
                 response = await handler(request)
             except APIError as e:
-                response = e.response()
-            except (ClientGone, ClientDisconnect):  # left while queued, or while still sending its body
-                response = Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+                response, why = e.response(), f": {e.code or e.status} {clip(e.message)}"
+            except (ClientGone, ClientDisconnect):  # left while queued, or while still sending its body: nginx's
+                response, why = Response(status_code=499), ": the client went away"  # 499, which nobody reads
             except Exception:
-                log.exception("%s failed", name)
+                log.exception("%s %s failed", rid, name)
                 response = APIError(500, "internal server error (see the server log)", code="internal_error"
                                     ).response()
+            seconds = time.perf_counter() - t0
+            response.headers["x-request-id"] = rid
+            log.info("%s %s %s %d %.0f ms%s", rid, request.method, request.url.path, response.status_code,
+                     1000 * seconds, why)
             self.metrics.requests.inc(endpoint=name, code=str(response.status_code))
-            self.metrics.latency.observe(time.perf_counter() - t0, endpoint=name)
+            self.metrics.latency.observe(seconds, endpoint=name)
             return response
         handle.__name__ = name  # its Route's name, which labels the metrics of responses given before it runs
         return handle
@@ -494,8 +499,8 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()):
               Route("/v1/images/generations", h.endpoint("generations", h.generations), methods=["POST"]),
               Route("/v1/inpaint", h.endpoint("inpaint", h.inpaint), methods=["POST"]),
               Route("/v1/files/{name}", h.endpoint("files", h.download), methods=["GET"]),
-              Route("/v1/models", h.models, methods=["GET"]),
-              Route("/v1/models/{model:path}", h.model, methods=["GET"]),
+              Route("/v1/models", h.endpoint("models", h.models), methods=["GET"]),
+              Route("/v1/models/{model:path}", h.endpoint("models", h.model), methods=["GET"]),
               Route("/healthz", h.healthz, methods=["GET"]),
               Route("/readyz", h.readyz, methods=["GET"]),
               Route("/metrics", h.metrics_text, methods=["GET"])]
