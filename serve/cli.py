@@ -54,6 +54,10 @@ def add_parser(subparsers) -> None:
                      help="images kept for response_format=url, the oldest dropped first (default: %(default)s)")
     net.add_argument("--file-ttl", type=float, default=3600, metavar="S",
                      help="seconds a url image stays downloadable (default: %(default)s)")
+    net.add_argument("--shutdown-delay", type=float, default=0, metavar="S",
+                     help="on SIGTERM, first answer /readyz and new work with 503 for this long while still "
+                          "listening, so that the load balancer stops sending work before connections are refused "
+                          "(Kubernetes: a few seconds) (default: %(default)s)")
     net.add_argument("--drain-timeout", type=float, default=None, metavar="S",
                      help="on SIGTERM, the longest to wait for in-flight requests before exiting; set it below "
                           "Kubernetes' terminationGracePeriodSeconds (default: as long as they take, at most "
@@ -113,6 +117,8 @@ def _serve(args: argparse.Namespace) -> int:
     for flag, value in (("--keep-alive", args.keep_alive), ("--drain-timeout", args.drain_timeout)):
         if value is not None and not value > 0:
             raise CLIError(f"{flag} {value:g} must be more than 0 seconds")
+    if not args.shutdown_delay >= 0:
+        raise CLIError(f"--shutdown-delay {args.shutdown_delay:g} must be 0 or more seconds")
     try:
         engine_config = EngineConfig(args.max_batch_size, args.max_queue_delay_ms, args.max_queue,
                                      args.request_timeout, model_name=model_id(args.model),
@@ -153,7 +159,8 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"serving {args.model} on http://{args.host}:{args.port} (OpenAI base_url: "
           f"http://{args.host}:{args.port}/v1)", flush=True)
     run(app, sock, log_level=args.log_level, keep_alive=args.keep_alive, drain_timeout=args.drain_timeout,
-        forwarded_allow_ips=args.forwarded_allow_ips)
+        forwarded_allow_ips=args.forwarded_allow_ips, shutdown_delay=args.shutdown_delay,
+        on_shutdown=engine.begin_shutdown)
     return 0
 
 

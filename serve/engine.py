@@ -91,6 +91,7 @@ class Engine:
         self.metrics = ServerMetrics(queue_depth=lambda: self.batcher.depth, batch_wait=lambda: (
             self.batcher.max_queue_delay if self._last_key is None else self.batcher.delay(self._last_key)))
         self.ready = threading.Event()
+        self.draining = threading.Event()  # shutting down: /readyz says 503, new work gets 503 shutting_down
         self.error: BaseException | None = None       # what went wrong in warm-up, shown by /readyz
         self._warmup = warmup
         self._callbacks: dict[Request, Callable[[], None]] = {}
@@ -115,6 +116,12 @@ class Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="backdrop-batch-worker", daemon=True)
             self._thread.start()
+
+    def begin_shutdown(self) -> None:
+        """Stop admitting new work (503, retryable) and say not ready, while what is admitted still runs: the first
+        step of a graceful shutdown, before the listener closes (serve/running.py's --shutdown-delay)."""
+        self.draining.set()
+        self.batcher.close()
 
     def close(self, timeout: float | None = None) -> None:
         """Stop admissions; the worker serves what is queued (drain), then exits."""

@@ -6,7 +6,9 @@ import socket
 import threading
 import time
 
-__all__ = ["bind", "run", "ServerThread"]
+import uvicorn
+
+__all__ = ["bind", "run", "ServerThread", "DelayedExit"]
 
 
 def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -23,19 +25,41 @@ def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
 
 
 def run(app, sock: socket.socket, log_level: str = "info", keep_alive: float = 5,
-        drain_timeout: float | None = None, forwarded_allow_ips: str | None = None) -> None:
+        drain_timeout: float | None = None, forwarded_allow_ips: str | None = None, shutdown_delay: float = 0,
+        on_shutdown=None) -> None:
     """Serve on the bound `sock` until SIGINT/SIGTERM. uvicorn then stops accepting connections, waits for the
     in-flight requests (the worker keeps serving them) at most `drain_timeout` seconds (None: as long as they
     take), and runs the lifespan shutdown, which drains the queue. keep_alive: seconds an idle connection is kept
     (a load balancer's idle timeout must be shorter: AWS ALB's is 60 s). forwarded_allow_ips: the proxies whose
-    X-Forwarded-Proto/For are trusted (uvicorn's; default 127.0.0.1), for the scheme of "url" responses."""
-    import uvicorn
-
+    X-Forwarded-Proto/For are trusted (uvicorn's; default 127.0.0.1), for the scheme of "url" responses.
+    on_shutdown() runs at the first SIGTERM/SIGINT (the engine stops admitting work and /readyz turns 503); the
+    listener keeps answering for `shutdown_delay` seconds more, so that a load balancer sees the pod unready and
+    stops sending it connections before they would be refused (Kubernetes removes it from the Service's endpoints
+    while the signal is already on its way)."""
     # access_log off: the app logs one line per API request itself (request id, latency, why it failed), and
     # none per health probe or metrics scrape
     config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_keep_alive=keep_alive, access_log=False,
                             timeout_graceful_shutdown=drain_timeout, forwarded_allow_ips=forwarded_allow_ips)
-    uvicorn.Server(config).run(sockets=[sock])
+    DelayedExit(config, shutdown_delay, on_shutdown).run(sockets=[sock])
+
+
+class DelayedExit(uvicorn.Server):
+    """uvicorn's server, whose first exit signal calls on_shutdown() and exits `delay` seconds later; a second
+    signal goes uvicorn's own way at once."""
+
+    def __init__(self, config, delay: float = 0, on_shutdown=None):
+        super().__init__(config)
+        self.delay, self.on_shutdown, self._signalled = delay, on_shutdown, False
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._signalled or not (self.delay or self.on_shutdown):
+            return super().handle_exit(sig, frame)
+        self._signalled = True
+        if self.on_shutdown is not None:
+            self.on_shutdown()
+        timer = threading.Timer(self.delay, super().handle_exit, (sig, frame))
+        timer.daemon = True
+        timer.start()
 
 
 class ServerThread:
@@ -43,8 +67,6 @@ class ServerThread:
     and notebooks; signals stay with the main thread."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import uvicorn
-
         self.sock = bind(host, port)
         self.host, self.port = host, self.sock.getsockname()[1]
         self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))

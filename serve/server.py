@@ -438,6 +438,8 @@ class _Handlers:
         return JSONResponse({"status": "ok", "pid": os.getpid()})  # pid: which replica/process answered
 
     async def readyz(self, request: Request) -> Response:
+        if self.engine.draining.is_set():
+            return JSONResponse({"status": "shutting down"}, status_code=503)
         if self.engine.ready.is_set():
             return JSONResponse({"status": "ready", "model": self.engine.config.model_name})
         if self.engine.error is not None:

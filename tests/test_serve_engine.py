@@ -269,3 +269,29 @@ def test_a_port_in_use_is_said_before_the_model_loads(capsys, serve_model_dir, m
         port = taken.getsockname()[1]
         assert cli_main(["serve", str(serve_model_dir), "--port", str(port)]) == 2
     assert f"--port {port}: cannot listen there" in capsys.readouterr().err
+
+
+def test_shutdown_first_turns_unready_then_exits_after_the_delay(serve_pipe):
+    """SIGTERM on Kubernetes races the pod's removal from the Service: with --shutdown-delay the first signal makes
+    /readyz and new work answer 503 (retryable) while the listener stays up, and the exit starts after the delay;
+    work admitted before still finishes. A second signal goes uvicorn's way at once."""
+    from backdrop.serve.running import DelayedExit, ServerThread
+
+    engine = Engine(serve_pipe, EngineConfig(max_batch_size=1))
+    srv = ServerThread(create_app(engine, ServerConfig(steps=1))).start()
+    try:
+        wait(lambda: httpx.get(f"{srv.url}/readyz").status_code == 200, 60, "readyz")
+        exiting = DelayedExit(srv.server.config, delay=0.3, on_shutdown=engine.begin_shutdown)
+        exiting.handle_exit(signal.SIGTERM, None)
+        assert not exiting.should_exit  # still serving during the delay
+        r = httpx.get(f"{srv.url}/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "shutting down"
+        r = httpx.post(f"{srv.url}/v1/inpaint", content=inpaint_body(product(2)), headers=JSON)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        wait(lambda: exiting.should_exit, 5, "the exit after the delay")
+        now = DelayedExit(srv.server.config, delay=30, on_shutdown=lambda: None)
+        now.handle_exit(signal.SIGTERM, None)
+        now.handle_exit(signal.SIGTERM, None)
+        assert now.should_exit  # the second signal does not wait
+    finally:
+        srv.stop()
