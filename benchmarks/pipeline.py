@@ -27,8 +27,8 @@ default, fp32. Quality: PSNR of each output against ours in fp32 on the same see
 pipelines compute the same image (same per-item noise), so diffusers' PSNR there is a parity check; for inpainting
 they do not (ours dilates the mask and pastes the product back, diffusers samples the masked-image latents from the
 VAE posterior), so there it is only informative; the exact parity tests are tests/test_pipeline.py. Results:
-printed, and merged into benchmarks/results/pipeline-<device>.csv, keeping the best of all runs per configuration
-(rerun when the machine was busy: a run can only be slowed down by other work)."""
+printed, and written into benchmarks/results/pipeline-<device>.csv (--out), this run's rows replacing the earlier ones
+of their configuration; a ratio divides rows of one invocation only (the `run` column)."""
 from __future__ import annotations
 
 import argparse
@@ -206,7 +206,7 @@ def main() -> None:
     impls = [tuple(s.split(":")) for s in impls.split(",")]
     path = args.out or RESULTS / f"pipeline-{device.type}.csv"
     cache, rows, old = Path(args.cache), [], read(path)
-    merged = old
+    merged, run = old, time.strftime("%Y-%m-%dT%H:%M:%S")  # the invocation: ratios only within one
     desc, sha = machine(str(device)), commit()  # the CPU's line carries its bf16 support and the load average
     print(f"machine: {desc}; commit {sha}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,7 +239,7 @@ def main() -> None:
                         if ref is not None and g is not ref:
                             g["psnr_vs_ours_fp32_db"] = round(psnr(g["images"], ref["images"]), 1)
                     rows += [{k: v for k, v in g.items() if k != "images"}
-                             | dict(machine=desc, commit=sha, date=str(date.today())) for g in group]
+                             | dict(machine=desc, commit=sha, date=str(date.today()), run=run) for g in group]
                     merged = write(old, rows, path)  # after every group: a run cut short keeps what it measured
     report(merged)
 
@@ -248,30 +248,18 @@ KEY = ("benchmark", "steps", "batch", "threads", "impl", "setting")
 
 
 def merge(old: list[dict], new: list[dict]) -> list[dict]:
-    """Best of all runs per configuration (a shared machine only ever slows a run down): highest images/s with
-    the load average and commit of that run ("" for rows of files older than the commit column), lowest
-    CPU-seconds, highest peak memory; `runs` counts them."""
+    """This run's rows replace the earlier rows of their configuration; the others are kept as they were. (Files
+    written before the `run` column kept the best of several runs per configuration, a bias toward whichever side
+    was rerun more: their ratios may divide runs of different days.)"""
     rows = {tuple(str(r[k]) for k in KEY): r for r in old}
-    for r in new:
-        k = tuple(str(r[f]) for f in KEY)
-        if k not in rows:
-            rows[k] = dict(r, runs=1)
-            continue
-        o = rows[k]
-        best = r if r["images_per_s"] > float(o["images_per_s"]) else o
-        psnr_db = r.get("psnr_vs_ours_fp32_db") or o.get("psnr_vs_ours_fp32_db", "")  # a run without fp32 has none
-        rows[k] = dict(r, images_per_s=best["images_per_s"], steps_per_s=best.get("steps_per_s", ""),
-                       load_avg=best["load_avg"],
-                       commit=best.get("commit", ""), psnr_vs_ours_fp32_db=psnr_db,
-                       cpu_s_per_image=min(r["cpu_s_per_image"], float(o["cpu_s_per_image"])),
-                       peak_mb=max(r["peak_mb"], float(o["peak_mb"])), runs=int(o.get("runs") or 1) + 1)
+    rows |= {tuple(str(r[f]) for f in KEY): r for r in new}
     return list(rows.values())
 
 
 def ratios(rows: list[dict]) -> None:
     """Ours vs diffusers at the same dtype, and ours at our default settings vs diffusers at its default (fp32)."""
-    def find(r, impl, dtype):
-        return next((p for p in rows if p["impl"] == impl and p["dtype"] == dtype
+    def find(r, impl, dtype):  # the peer row of the same configuration and the same invocation
+        return next((p for p in rows if p["impl"] == impl and p["dtype"] == dtype and p.get("run") == r.get("run")
                      and all(str(p[k]) == str(r[k]) for k in KEY[:4])), None)
     for r in rows:
         for k in ("speedup_same_precision", "cpu_speedup_same_precision", "speedup_vs_diffusers_default",
@@ -304,9 +292,8 @@ def read(path: Path) -> list[dict]:
 
 
 def write(old: list[dict], rows: list[dict], path: Path) -> list[dict]:
-    """Merge this run's rows into the earlier ones (best of all runs; see `merge`), recompute the ratios and write
-    benchmarks/results/pipeline-<device>.csv, so rerunning on a noisy machine (or only `--models tiny`) improves
-    the file instead of replacing it."""
+    """Merge this run's rows into the earlier ones (see `merge`), recompute the ratios and write
+    the file: rerunning one model or configuration updates its rows and keeps the others."""
     path.parent.mkdir(parents=True, exist_ok=True)
     merged = merge([dict(r) for r in old], rows)
     ratios(merged)
