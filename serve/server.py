@@ -6,7 +6,7 @@
                                   transparency
     POST /v1/images/generations   JSON, as OpenAI's Images API (ignored: inputs.GENERATE_IGNORED)
     POST /v1/inpaint              JSON, every Pipeline.inpaint option; images as base64 PNG/JPEG/WebP
-    GET  /v1/files/<id>.png       the images of `response_format: "url"` responses (kept in memory, see FileStore)
+    GET  /v1/files/<id>.png       the images of `response_format: "url"` responses (kept in memory, see serve/files.py)
     GET  /v1/models, /v1/models/<id>   the one model served, as OpenAI's Model objects
     GET  /healthz (process up), /readyz (model loaded and warmed up), /metrics (Prometheus text)
 
@@ -40,19 +40,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import inspect
-import io
 import json
 import logging
 import math
 import os
 import secrets
-import threading
 import time
-from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from PIL import Image
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -69,6 +65,7 @@ from backdrop.diffusion.text import check_clip_skip, clip_cut
 from backdrop.serve.batcher import QueueFull, ShuttingDown
 from backdrop.serve.body_limit import BodyLimit, BodyTimeout, BodyTooLarge
 from backdrop.serve.engine import Engine, Item, ServeKey
+from backdrop.serve.files import FileStore, png_bytes
 from backdrop.serve.inputs import (EDIT_IGNORED, GENERATE_IGNORED, MAX_SEED, MAX_STEPS, MIN_SIDE, OPENAI_OUTPUT,
                                    APIError, b64decode, boolean, check_fields, choice, clip, decode_image, edit_inputs,
                                    form_int, number, one_image, repaint_mask, seconds, shown, size_buckets, text)
@@ -117,36 +114,6 @@ class ServerConfig:
 
 class ClientGone(Exception):
     pass
-
-
-# ------------------------------------------------------------------------------------------------- outputs
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "PNG", compress_level=3)  # level 3: ~3x faster than the default 6, ~5% bigger files
-    return buf.getvalue()
-
-
-class FileStore:
-    """The PNGs behind "url" responses: in memory, unguessable ids, dropped after `ttl` s or when full."""
-
-    def __init__(self, ttl: float, max_files: int):
-        self.ttl, self.max_files = ttl, max_files
-        self._files: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def put(self, data: bytes) -> str:
-        name, now = secrets.token_urlsafe(16), time.monotonic()
-        with self._lock:
-            while self._files and (len(self._files) >= self.max_files or next(iter(self._files.values()))[0] < now):
-                self._files.popitem(last=False)
-            self._files[name] = (now + self.ttl, data)
-        return name
-
-    def get(self, name: str) -> bytes | None:
-        with self._lock:
-            expires, data = self._files.get(name, (0.0, None))
-        return data if expires >= time.monotonic() else None
 
 
 # ------------------------------------------------------------------------------------------------- the app
@@ -295,7 +262,7 @@ class _Handlers:
     async def _respond(self, request: Request, images, items: list[Item], response_format: str) -> JSONResponse:
         """OpenAI's ImagesResponse; a prompt over CLIP's 77 tokens was cut there: `revised_prompt` says what the
         model read (in the tokenizer's normal form: lower case, single spaces)."""
-        pngs = await run_in_threadpool(lambda: [_png(im) for im in images])
+        pngs = await run_in_threadpool(lambda: [png_bytes(im) for im in images])
         base = str(request.base_url).rstrip("/")
         data = [{"url": f"{base}/v1/files/{self.files.put(png)}.png"} if response_format == "url" else
                 {"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs]
