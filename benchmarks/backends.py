@@ -247,7 +247,7 @@ def main() -> None:
         raise SystemExit("no backend could run here; nothing written")
     print(f"\nmedians of {args.rounds} rounds\n{'backend':12} {'batch':>5} {'text ms':>8} {'UNet/step ms':>12} "
           f"{'VAE enc ms':>10} {'VAE dec ms':>10} {'images/s':>9} {'vs base':>8} {'load':>5}  (base: "
-          f"{baseline(runs, args.device) or 'none'})")
+          f"{baseline(runs, args.device, args.preset) or 'none'})")
     for r in rows:
         print(f"{r['backend']:12} {r['batch']:5} {r['text_ms']:8.0f} {r['unet_step_ms']:12.0f} "
               f"{r['vae_encode_ms']:10.0f} {r['vae_decode_ms']:10.0f} {r['images_per_s']:9.4f} "
