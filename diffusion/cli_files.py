@@ -110,6 +110,8 @@ def _mask_option(args) -> str | None:
 def _read_job(args, path: str, problems: list[str]) -> Job | None:
     """One IMAGE and its mask, or None with what is wrong added to `problems` (the image and its mask both checked,
     so a run names an unreadable image and its missing mask at once)."""
+    from backdrop.diffusion import masks as M
+
     job, key, mask = Job(Path(path).stem, path), _mask_option(args), None
     image = _attempt(problems, _open, path, "image")
     if key is not None:
@@ -125,8 +127,7 @@ def _read_job(args, path: str, problems: list[str]) -> Job | None:
             return None
     if image is None:
         return None
-    if args.kind == "inpaint" and key is None and image.mode not in ("RGBA", "LA") \
-            and "transparency" not in image.info:
+    if args.kind == "inpaint" and key is None and not M.has_alpha(image):
         problems.append(f"{path} has no transparency: give --mask (white = repaint) or --product-mask "
                         "(white = the product to keep)")
         return None

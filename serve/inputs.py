@@ -155,7 +155,7 @@ def edit_inputs(image_bytes: bytes, mask_bytes: bytes | None, max_pixels: int):
     """(RGB image, repaint mask): the alpha-0 pixels of the mask, or of the image without one (OpenAI's rule)."""
     image = decode_image(image_bytes, "image", max_pixels)
     if mask_bytes is None:
-        if not (image.mode in ("RGBA", "LA") or "transparency" in image.info):
+        if not M.has_alpha(image):
             raise APIError(400, "image has no transparency, so nothing marks what to edit: send an RGBA image "
                            "whose transparent pixels (alpha 0) are to be repainted, or a mask",
                            param="image", code="invalid_image")
