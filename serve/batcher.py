@@ -68,6 +68,7 @@ class Request:
     deadline: float | None = None         # absolute time on the batcher's clock; None: no deadline
     id: str = ""
     arrival: float = 0.0                  # set by submit()
+    started: float | None = None          # when the first batch holding one of its items began (Engine)
     status: str = "queued"                # queued | running | done | failed | timeout | cancelled
     error: BaseException | None = None
     results: list[Any] = field(default_factory=list)

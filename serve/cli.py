@@ -50,6 +50,9 @@ def add_parser(subparsers) -> None:
     net.add_argument("--forwarded-allow-ips", default=None, metavar="IPS",
                      help="proxies whose X-Forwarded-Proto/For headers are trusted, comma-separated or '*' (the "
                           "scheme of url responses behind a TLS-terminating load balancer) (default: 127.0.0.1)")
+    net.add_argument("--max-connections", type=int, default=None, metavar="N",
+                     help="open connections at most; a new one past it is answered 503 at once, so that slow or "
+                          "idle clients cannot take every file descriptor (default: no limit)")
     net.add_argument("--max-files", type=int, default=256, metavar="N",
                      help="images kept for response_format=url, the oldest dropped first (default: %(default)s)")
     net.add_argument("--file-ttl", type=float, default=3600, metavar="S",
@@ -100,6 +103,9 @@ def add_parser(subparsers) -> None:
                         "faults for every large activation), handed back to the OS past this budget; 0 leaves "
                         "malloc alone (default: %(default)s)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="text: timestamped lines; json: one JSON object a line with the request id, status and "
+                        "latency as fields, for log shippers; both on stderr (default: %(default)s)")
     p.set_defaults(func=_serve)
 
 
@@ -117,6 +123,8 @@ def _serve(args: argparse.Namespace) -> int:
     for flag, value in (("--keep-alive", args.keep_alive), ("--drain-timeout", args.drain_timeout)):
         if value is not None and not value > 0:
             raise CLIError(f"{flag} {value:g} must be more than 0 seconds")
+    if args.max_connections is not None and args.max_connections < 1:
+        raise CLIError(f"--max-connections {args.max_connections} must be 1 or more")
     if not args.shutdown_delay >= 0:
         raise CLIError(f"--shutdown-delay {args.shutdown_delay:g} must be 0 or more seconds")
     try:
@@ -130,8 +138,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:  # "EngineConfig.max_queue = 0 is out of range" -> the flag's name
         field = str(e).split(".", 1)[1].split(" ", 1)[0]
         raise CLIError(f"--{field.replace('_', '-')}: {str(e).split(' = ', 1)[1]}") from None
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from backdrop.serve.running import bind, run
+    from backdrop.serve.running import bind, configure_logging, run
+
+    configure_logging(args.log_level, args.log_format)
     from backdrop.serve.server import create_app
 
     try:  # before the model loads: a port in use is said at once
@@ -160,7 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
           f"http://{args.host}:{args.port}/v1)", flush=True)
     run(app, sock, log_level=args.log_level, keep_alive=args.keep_alive, drain_timeout=args.drain_timeout,
         forwarded_allow_ips=args.forwarded_allow_ips, shutdown_delay=args.shutdown_delay,
-        on_shutdown=engine.begin_shutdown)
+        on_shutdown=engine.begin_shutdown, max_connections=args.max_connections)
     return 0
 
 

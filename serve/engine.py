@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from backdrop import runtime
+from backdrop import __version__, runtime
 from backdrop.diffusion.pipeline import Pipeline, SamplingInterrupted
 from backdrop.serve.batcher import Batch, BatchKey, Batcher, Request
 from backdrop.serve.cuda_graphs import BATCH_BUCKETS
@@ -88,8 +88,12 @@ class Engine:
                                adaptive=config.adaptive_delay)
         self.batcher.on_expire = self._notify
         self._last_key: BatchKey | None = None   # the key of the last batch run, for the batch-wait gauge
+        backend = pipeline.backend
         self.metrics = ServerMetrics(queue_depth=lambda: self.batcher.depth, batch_wait=lambda: (
-            self.batcher.max_queue_delay if self._last_key is None else self.batcher.delay(self._last_key)))
+            self.batcher.max_queue_delay if self._last_key is None else self.batcher.delay(self._last_key)),
+            info=dict(version=__version__, torch=torch.__version__, backend=getattr(backend, "name", "torch"),
+                      device=str(backend.device), dtype=str(backend.dtype).removeprefix("torch."),
+                      model=config.model_name))
         self.ready = threading.Event()
         self.draining = threading.Event()  # shutting down: /readyz says 503, new work gets 503 shutting_down
         self.error: BaseException | None = None       # what went wrong in warm-up, shown by /readyz
@@ -211,6 +215,11 @@ class Engine:
         live = [i for i, e in enumerate(batch.entries) if not e.request.finished]  # cancelled after formation
         outputs: list[Any] = [None] * len(batch)
         failed: dict[Request, BaseException] = {}
+        now = self.batcher.clock()
+        for req in {batch.entries[i].request for i in live}:
+            if req.started is None:  # its first batch: the time it queued
+                req.started = now
+                self.metrics.queue_seconds.observe(now - req.arrival)
         try:
             try:
                 self._call_into(batch, live, outputs, interrupt)

@@ -18,10 +18,13 @@ Every method is thread-safe: the HTTP handlers and the batch worker thread updat
 from __future__ import annotations
 
 import math
+import os
 import threading
+import time
 from typing import Callable, Iterable
 
-__all__ = ["Counter", "Gauge", "Histogram", "ServerMetrics", "parse_histogram", "CONTENT_TYPE"]
+__all__ = ["Counter", "Gauge", "Histogram", "Sampled", "ServerMetrics", "process_metrics", "parse_histogram",
+           "CONTENT_TYPE"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -112,6 +115,66 @@ class Gauge(_Metric):
         return self._header() + [f"{self.name} {_num(self.value())}"]
 
 
+class Sampled(_Metric):
+    """One value read at scrape time from `fn`, with constant labels; a counter or a gauge. No sample line when fn
+    returns None (a figure this platform does not have)."""
+
+    def __init__(self, name, help, fn: Callable[[], float | None], type: str = "gauge", labels: dict | None = None):
+        super().__init__(name, help)
+        self.type, self._fn, self._labels = type, fn, tuple((k, str(v)) for k, v in (labels or {}).items())
+
+    def render(self) -> list[str]:
+        value = self._fn()
+        return self._header() + ([] if value is None else [f"{self.name}{_labels(self._labels)} {_num(value)}"])
+
+
+def _proc(read: Callable[[], float]) -> Callable[[], float | None]:
+    def fn():
+        try:
+            return read()
+        except (OSError, ValueError, IndexError):  # not Linux (no /proc), or an unexpected format
+            return None
+    return fn
+
+
+def _start_time() -> float:
+    """The process's start, seconds since the epoch: /proc/self/stat's starttime (clock ticks after boot, the
+    22nd field, counted after the parenthesised command name) plus the boot time from /proc/stat."""
+    with open("/proc/self/stat") as f:
+        ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/stat") as f:
+        boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _statm(field: int) -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[field]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _max_fds() -> float:
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def process_metrics() -> list[Sampled]:
+    """The standard process_* families of Prometheus' client libraries (same names, units and types), read from
+    /proc on Linux; elsewhere only the CPU time."""
+    start = _proc(_start_time)()  # read once: it does not change
+    return [
+        Sampled("process_cpu_seconds_total", "Total user and system CPU time spent in seconds.", time.process_time,
+                type="counter"),
+        Sampled("process_resident_memory_bytes", "Resident memory size in bytes.", _proc(lambda: _statm(1))),
+        Sampled("process_virtual_memory_bytes", "Virtual memory size in bytes.", _proc(lambda: _statm(0))),
+        Sampled("process_open_fds", "Number of open file descriptors.",
+                _proc(lambda: len(os.listdir("/proc/self/fd")))),
+        Sampled("process_max_fds", "Maximum number of open file descriptors.", _proc(_max_fds)),
+        Sampled("process_start_time_seconds", "Start time of the process since unix epoch in seconds.",
+                lambda: start),
+    ]
+
+
 class Histogram(_Metric):
     """Cumulative buckets (`le` = less than or equal), plus _sum and _count, per label set."""
     type = "histogram"
@@ -142,13 +205,18 @@ class Histogram(_Metric):
 
 
 class ServerMetrics:
-    """The server's metrics. `queue_depth` and `batch_wait` are read from the batcher at scrape time."""
+    """The server's metrics. `queue_depth` and `batch_wait` are read from the batcher at scrape time; `info` labels
+    backdrop_build_info (version, backend, device, ...)."""
 
-    def __init__(self, queue_depth: Callable[[], float] = lambda: 0.0, batch_wait: Callable[[], float] = lambda: 0.0):
+    def __init__(self, queue_depth: Callable[[], float] = lambda: 0.0, batch_wait: Callable[[], float] = lambda: 0.0,
+                 info: dict[str, str] | None = None):
         self.batch_size = Histogram("backdrop_batch_size", "Items (images) per Pipeline call, i.e. per UNet batch "
                                     "before classifier-free guidance doubles it.", (1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
         self.batch_seconds = Histogram("backdrop_batch_duration_seconds", "Wall time of one Pipeline call.",
                                        (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.queue_seconds = Histogram("backdrop_request_queue_duration_seconds", "Time from a request's "
+                                       "admission to the start of the first batch that runs it.",
+                                       (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
         self.latency = Histogram("backdrop_request_duration_seconds", "Request latency from the body read to the "
                                  "response, by endpoint.", (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
                                  labelnames=("endpoint",))
@@ -161,10 +229,13 @@ class ServerMetrics:
                                 fn=batch_wait)
         self.in_flight = Gauge("backdrop_requests_in_flight", "Image requests admitted and not yet answered.")
         self.ready = Gauge("backdrop_ready", "1 once the model is loaded and warmed up.")
+        self.build_info = Sampled("backdrop_build_info", "Always 1; the labels say what is serving.", lambda: 1,
+                                  labels=info)
+        self.process = process_metrics()
 
     def render(self) -> str:
-        metrics = (self.batch_size, self.batch_seconds, self.latency, self.requests, self.images, self.queue_depth,
-                   self.batch_wait, self.in_flight, self.ready)
+        metrics = (self.batch_size, self.batch_seconds, self.queue_seconds, self.latency, self.requests, self.images,
+                   self.queue_depth, self.batch_wait, self.in_flight, self.ready, self.build_info, *self.process)
         return "\n".join(line for m in metrics for line in m.render()) + "\n"
 
 

@@ -2,13 +2,42 @@
 `ServerThread` in a background thread on an already bound socket. Nothing here knows the app's routes."""
 from __future__ import annotations
 
+import json
+import logging
 import socket
+import sys
 import threading
 import time
 
 import uvicorn
 
-__all__ = ["bind", "run", "ServerThread", "DelayedExit"]
+__all__ = ["bind", "run", "uvicorn_config", "configure_logging", "JsonFormatter", "ServerThread", "DelayedExit"]
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line (log shippers' format): time (ISO 8601, UTC), level, logger, message, the access
+    line's fields when it is one (request_id, method, path, status, ms, error), and the traceback if any."""
+    FIELDS = ("request_id", "method", "path", "status", "ms", "error")
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{record.msecs:03.0f}Z",
+               "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        out.update({k: getattr(record, k) for k in self.FIELDS if getattr(record, k, None) is not None})
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def configure_logging(level: str = "info", fmt: str = "text") -> None:
+    """Every line of the process, backdrop's and uvicorn's, to stderr in one format: "text" (timestamped lines) or
+    "json" (one object a line). `run` then leaves uvicorn's loggers to propagate here."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
 
 
 def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -24,23 +53,31 @@ def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     return sock
 
 
-def run(app, sock: socket.socket, log_level: str = "info", keep_alive: float = 5,
-        drain_timeout: float | None = None, forwarded_allow_ips: str | None = None, shutdown_delay: float = 0,
-        on_shutdown=None) -> None:
-    """Serve on the bound `sock` until SIGINT/SIGTERM. uvicorn then stops accepting connections, waits for the
-    in-flight requests (the worker keeps serving them) at most `drain_timeout` seconds (None: as long as they
-    take), and runs the lifespan shutdown, which drains the queue. keep_alive: seconds an idle connection is kept
-    (a load balancer's idle timeout must be shorter: AWS ALB's is 60 s). forwarded_allow_ips: the proxies whose
-    X-Forwarded-Proto/For are trusted (uvicorn's; default 127.0.0.1), for the scheme of "url" responses.
-    on_shutdown() runs at the first SIGTERM/SIGINT (the engine stops admitting work and /readyz turns 503); the
-    listener keeps answering for `shutdown_delay` seconds more, so that a load balancer sees the pod unready and
-    stops sending it connections before they would be refused (Kubernetes removes it from the Service's endpoints
-    while the signal is already on its way)."""
-    # access_log off: the app logs one line per API request itself (request id, latency, why it failed), and
-    # none per health probe or metrics scrape
-    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_keep_alive=keep_alive, access_log=False,
-                            timeout_graceful_shutdown=drain_timeout, forwarded_allow_ips=forwarded_allow_ips)
+def run(app, sock: socket.socket, shutdown_delay: float = 0, on_shutdown=None, **options) -> None:
+    """Serve on the bound `sock` until SIGINT/SIGTERM (`options`: uvicorn_config's). uvicorn then stops accepting
+    connections, waits for the in-flight requests (the worker keeps serving them) at most `drain_timeout` seconds,
+    and runs the lifespan shutdown, which drains the queue. on_shutdown() runs at the first SIGTERM/SIGINT (the
+    engine stops admitting work and /readyz turns 503); the listener keeps answering for `shutdown_delay` seconds
+    more, so that a load balancer sees the pod unready and stops sending it connections before they would be
+    refused (Kubernetes removes it from the Service's endpoints while the signal is already on its way)."""
+    config = uvicorn_config(app, **options)
     DelayedExit(config, shutdown_delay, on_shutdown).run(sockets=[sock])
+
+
+def uvicorn_config(app, log_level: str = "info", keep_alive: float = 5, drain_timeout: float | None = None,
+                   forwarded_allow_ips: str | None = None, max_connections: int | None = None) -> uvicorn.Config:
+    """`backdrop serve`'s uvicorn settings. keep_alive: seconds an idle connection is kept (a load balancer's idle
+    timeout must be shorter: AWS ALB's is 60 s); drain_timeout: the longest wait for in-flight requests at shutdown
+    (None: as long as they take); forwarded_allow_ips: the proxies whose X-Forwarded-Proto/For are trusted
+    (uvicorn's; default 127.0.0.1), for the scheme of "url" responses; max_connections: open connections at most,
+    more are answered 503 at once (uvicorn's limit_concurrency counts the connection it decides on among the open
+    ones: N + 1 serves N)."""
+    # access_log off: the app logs one line per API request itself (request id, latency, why it failed), and none
+    # per health probe or metrics scrape; log_config None: uvicorn's own lines go through the root logger's handler
+    # (configure_logging), in our format
+    return uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_keep_alive=keep_alive, access_log=False,
+                          timeout_graceful_shutdown=drain_timeout, forwarded_allow_ips=forwarded_allow_ips,
+                          limit_concurrency=None if max_connections is None else max_connections + 1, log_config=None)
 
 
 class DelayedExit(uvicorn.Server):
@@ -64,12 +101,12 @@ class DelayedExit(uvicorn.Server):
 
 class ServerThread:
     """uvicorn in a background thread on an already bound socket (port 0: a free one). For tests, benchmarks
-    and notebooks; signals stay with the main thread."""
+    and notebooks; signals stay with the main thread. `uvicorn_options` go to uvicorn.Config."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", **uvicorn_options):
         self.sock = bind(host, port)
         self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", **uvicorn_options))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     @property

@@ -434,7 +434,9 @@ class _Handlers:
             seconds = time.perf_counter() - t0
             response.headers["x-request-id"] = rid
             log.info("%s %s %s %d %.0f ms%s", rid, request.method, request.url.path, response.status_code,
-                     1000 * seconds, why)
+                     1000 * seconds, why, extra=dict(request_id=rid, method=request.method, path=request.url.path,
+                                                     status=response.status_code, ms=round(1000 * seconds, 1),
+                                                     error=why.removeprefix(": ") or None))
             self.metrics.requests.inc(endpoint=name, code=str(response.status_code))
             self.metrics.latency.observe(seconds, endpoint=name)
             return response

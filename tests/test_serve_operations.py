@@ -1,0 +1,106 @@
+"""What an operator reads and sets, on a random tiny inpainting model on 127.0.0.1: one access line per API request
+with its id and why it failed, the same in JSON for log shippers; /metrics with the queue time, the build info and
+the process_* families Prometheus' client libraries export; --max-connections answering 503 past its cap."""
+import json
+import logging
+import socket
+import sys
+import time
+
+import httpx
+import pytest
+
+from backdrop.cli import main as cli_main
+from backdrop.serve.engine import Engine, EngineConfig
+from backdrop.serve.metrics import parse_histogram
+from backdrop.serve.running import JsonFormatter, ServerThread, uvicorn_config
+from backdrop.serve.server import ServerConfig, create_app
+
+from serve_helpers import JSON, STEPS, inpaint_body, metrics, product, scalar, start_server, wait
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # conftest.py
+              pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")]
+
+
+@pytest.fixture(scope="module")
+def server(serve_pipe):
+    srv = start_server(serve_pipe, EngineConfig(max_batch_size=4, max_queue_delay_ms=10, request_timeout=120),
+                       ServerConfig(steps=STEPS))
+    wait(lambda: httpx.get(f"{srv.url}/readyz").status_code == 200, 60, "readyz")
+    yield srv
+    srv.stop()
+
+
+def test_each_request_has_an_id_and_one_access_line_with_why_it_failed(server, caplog):
+    """X-Request-ID is taken (or made) and echoed; the log has one line per API request with its status, latency and
+    the reason of an error, which only the client saw before; /v1/models is counted in the metrics too."""
+    with caplog.at_level("INFO", logger="backdrop.serve"):
+        r = httpx.post(f"{server.url}/v1/inpaint", content=inpaint_body(product(1), steps=0), headers={
+            **JSON, "x-request-id": "abc-123"})
+        made = httpx.get(f"{server.url}/v1/models")
+    assert r.status_code == 400 and r.headers["x-request-id"] == "abc-123"
+    assert len(made.headers["x-request-id"]) == 16
+    lines = [rec for rec in caplog.records if rec.getMessage().startswith("abc-123 ")]
+    assert len(lines) == 1 and "POST /v1/inpaint 400" in lines[0].getMessage() and "steps" in lines[0].getMessage()
+    # --log-format json: the same line as one object, its fields separate
+    line = json.loads(JsonFormatter().format(lines[0]))
+    assert line["request_id"] == "abc-123" and line["status"] == 400 and line["path"] == "/v1/inpaint", line
+    assert line["method"] == "POST" and line["ms"] >= 0 and "steps" in line["error"] and line["level"] == "info"
+    assert line["time"].endswith("Z") and line["logger"] == "backdrop.serve"
+    assert scalar(metrics(server), 'backdrop_requests_total{endpoint="models",code="200"}') >= 1
+
+
+def test_json_log_lines_are_one_object_each_with_the_traceback():
+    try:
+        raise RuntimeError("boom\nsecond line")
+    except RuntimeError:
+        record = logging.LogRecord("backdrop.serve", logging.ERROR, __file__, 1, "batch of %d failed", (3,),
+                                   sys.exc_info())
+    text = JsonFormatter().format(record)
+    assert "\n" not in text  # one line, whatever the message and traceback hold
+    line = json.loads(text)
+    assert line["message"] == "batch of 3 failed" and line["level"] == "error"
+    assert "RuntimeError: boom" in line["exception"] and "request_id" not in line
+
+
+def test_metrics_have_queue_time_build_info_and_process_families(server):
+    before = parse_histogram(metrics(server), "backdrop_request_queue_duration_seconds")["count"] \
+        if "backdrop_request_queue_duration_seconds_count" in metrics(server) else 0
+    r = httpx.post(f"{server.url}/v1/inpaint", content=inpaint_body(product(2), n=2), headers=JSON)
+    assert r.status_code == 200, r.text
+    text = metrics(server)
+    queued = parse_histogram(text, "backdrop_request_queue_duration_seconds")
+    assert queued["count"] == before + 1 and 0 <= queued["sum"] < 120  # once a request, not once an image
+    info = next(line for line in text.splitlines() if line.startswith("backdrop_build_info{"))
+    assert info.endswith(" 1") and 'backend="torch"' in info and 'device="cpu"' in info and 'version="' in info
+    assert scalar(text, "process_cpu_seconds_total") > 0
+    if sys.platform == "linux":
+        assert scalar(text, "process_resident_memory_bytes") > 50 * 2**20
+        assert 0 < scalar(text, "process_open_fds") <= scalar(text, "process_max_fds")
+        assert time.time() - 3600 < scalar(text, "process_start_time_seconds") < time.time()
+    for line in text.splitlines():  # the exposition format: "# HELP|TYPE ..." or "name{labels} number"
+        if not line.startswith("#"):
+            float(line.rsplit(" ", 1)[1])
+
+
+def test_max_connections_answers_503_past_the_cap(serve_pipe):
+    """--max-connections, uvicorn's limit_concurrency: an idle keep-alive connection holds a place, so slow or idle
+    clients cannot take every file descriptor; the next connection gets 503 at once, and a freed place is reused."""
+    engine = Engine(serve_pipe, EngineConfig(), warmup=False)
+    app = create_app(engine, ServerConfig(steps=STEPS))
+    limit = uvicorn_config(app, max_connections=1).limit_concurrency
+    srv = ServerThread(app, limit_concurrency=limit).start()
+    try:
+        held = socket.create_connection((srv.host, srv.port))
+        held.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert held.recv(4096).startswith(b"HTTP/1.1 200")  # and the connection stays open (keep-alive)
+        assert httpx.get(f"{srv.url}/healthz").status_code == 503
+        held.close()
+        wait(lambda: httpx.get(f"{srv.url}/healthz").status_code == 200, 10, "a freed place")
+    finally:
+        srv.stop()
+
+
+def test_serve_cli_refuses_a_connection_cap_below_one(capsys):
+    assert cli_main(["serve", "backdrop-tiny", "--max-connections", "0"]) == 2
+    assert "--max-connections 0 must be 1 or more" in capsys.readouterr().err
