@@ -175,8 +175,9 @@ class Batcher:
             self._cond.notify_all()
 
     def delay(self, key: BatchKey) -> float:
-        """How long a partial batch of `key` waits for company once the engine is free (seconds)."""
-        return self._delay.get(key, self.max_queue_delay)
+        """How long a partial batch of `key` waits for company once the engine is free (seconds); none when batches
+        hold one item (a batch is never partial)."""
+        return 0.0 if self.max_batch_size == 1 else self._delay.get(key, self.max_queue_delay)
 
     @property
     def depth(self) -> int:

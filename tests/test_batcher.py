@@ -144,6 +144,14 @@ def test_a_fixed_wait_does_not_learn():
     assert b.delay(A) == 0.05
 
 
+def test_batches_of_one_never_wait():
+    """--max-batch-size 1 (batching off): a batch is full as it forms, and the wait (the metric's gauge) says 0."""
+    b, clock = make(max_batch=1, delay=0.5)
+    assert b.delay(A) == 0.0
+    b.submit(req(A))
+    assert len(b.poll()) == 1  # at once, the clock not moved
+
+
 def test_learned_waits_are_kept_for_a_bounded_number_of_keys():
     b, clock = make(max_batch=8, delay=0.05, max_queue=64)
     for i in range(KEYS_REMEMBERED + 50):        # (the server's keys carry /v1/inpaint's options: unbounded)
