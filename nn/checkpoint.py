@@ -111,14 +111,18 @@ class _Problems:
 
 
 def _fill(module: nn.Module, names: dict[str, Src], reader: _Reader, dtype: torch.dtype, device) -> None:
-    """Give the meta-device `module` its tensors from `reader`, cast as they are read."""
-    tensors = {}
+    """Give the meta-device `module` its tensors from `reader`, cast as they are read: a tensor used as stored is
+    mapped from the file, one cast or moved is read into the reader's staging memory and converted from there."""
+    tensors, on_cpu = {}, torch.device(device).type == "cpu"
     for key in module.state_dict():
         src = names[key]
-        t = from_ldm(reader.get(src.key), src)
-        # q/k/v thirds of one fused tensor would share its storage (safetensors refuses to save that): copy them
+        stored = reader.dtype(src.key)
+        converted = not on_cpu or (stored is not None and stored.is_floating_point and stored != dtype)
+        t = from_ldm(reader.get(src.key, staged=converted), src)
+        # a staged tensor is overwritten by the next read, and q/k/v thirds of one fused tensor would share its
+        # storage (safetensors refuses to save that): copy both
         tensors[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else None,
-                            copy=src.part is not None)
+                            copy=converted or src.part is not None)
     module.load_state_dict(tensors, strict=True, assign=True)
     left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:  # a non-persistent buffer the loader cannot know how to fill: a modelling bug, not bad input

@@ -31,9 +31,9 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
-def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict]:
-    """({key: shape}, metadata) of a safetensors file, checked against the file size so that a truncated or
-    corrupt file fails here, naming itself, rather than deep inside the mmap reader."""
+def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict, dict[str, tuple[str, int, int]]]:
+    """({key: shape}, metadata, {key: (dtype, first byte, end byte in the file)}) of a safetensors file, checked
+    against the file size so that a truncated or corrupt file fails here, naming itself, not deep inside a reader."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -48,7 +48,7 @@ def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    metadata, data, shapes = header.pop("__metadata__", None) or {}, size - 8 - n, {}
+    metadata, data, shapes, where = header.pop("__metadata__", None) or {}, size - 8 - n, {}, {}
     for key, info in header.items():
         try:
             dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
@@ -59,8 +59,8 @@ def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict]:
                                   f"file holds only {data} bytes of data (an interrupted download or copy?)")
         if dtype in _DTYPE_BYTES and end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
             raise CheckpointError(f"{path}: corrupt: tensor {key!r} {dtype} {shape} spans {end - begin} bytes")
-        shapes[key] = shape
-    return shapes, metadata
+        shapes[key], where[key] = shape, (dtype, 8 + n + begin, 8 + n + end)
+    return shapes, metadata, where
 
 
 def _pickle_refusal(path: Path, option: bool = True) -> CheckpointError:
@@ -107,14 +107,18 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 
 class _Reader:
-    """The tensors of one checkpoint (a safetensors file, its shards, or a pickle), fetched by key on demand."""
+    """The tensors of one checkpoint (a safetensors file, its shards, or a pickle), fetched by key on demand: mapped
+    from the file (no copy) when they are used as stored, or read into memory of their own when they are cast or
+    moved, so that the file's pages never add to the process's memory beside the converted copy."""
 
     def __init__(self, files: list[Path], allow_pickle: bool = False):
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.where: dict[str, Path] = {}
         self.metadata: dict = {}
+        self._spans: dict[str, tuple[str, int, int]] = {}  # key -> safetensors dtype, byte span in its file
         self._handles: dict[Path, object] = {}
         self._pickled: dict[str, torch.Tensor] = {}
+        self._staging = torch.empty(0, dtype=torch.uint8)  # get(copy=True)'s memory, grown to the largest tensor
         for f in files:
             if f.suffix in PICKLE_SUFFIXES:
                 if not allow_pickle:
@@ -122,16 +126,37 @@ class _Reader:
                 self._pickled |= _load_pickle(f)
                 shapes = {k: tuple(v.shape) for k, v in self._pickled.items()}
             else:
-                shapes, meta = _header(f)
+                shapes, meta, spans = _header(f)
                 self.metadata |= meta
+                self._spans |= spans
             self.shapes |= shapes
             self.where |= dict.fromkeys(shapes, f)
         self.label = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} shards)"
 
-    def get(self, key: str) -> torch.Tensor:
+    def dtype(self, key: str) -> torch.dtype | None:
+        """The stored dtype of `key` (None for one torch cannot hold)."""
+        if key in self._pickled:
+            return self._pickled[key].dtype
+        return _TORCH_DTYPES.get(self._spans[key][0])
+
+    def get(self, key: str, staged: bool = False) -> torch.Tensor:
+        """The tensor `key` as stored, mapped from the file. staged: read instead into the reader's staging memory,
+        which the next staged get() overwrites: for a caller that converts (casts or moves) each tensor at once, so
+        that the file's pages, which a mapping keeps resident, never add to the process's memory."""
         if key in self._pickled:
             return self._pickled[key]
         f = self.where[key]
+        if staged and self.dtype(key) is not None:
+            _, begin, end = self._spans[key]
+            if self._staging.numel() < end - begin:
+                self._staging = torch.empty(end - begin, dtype=torch.uint8)
+            buffer = self._staging[: end - begin]
+            with open(f, "rb") as fh:
+                fh.seek(begin)
+                got = fh.readinto(buffer.numpy())
+            if got != end - begin:
+                raise CheckpointError(f"{f}: cannot read tensor {key!r}: {got} of its {end - begin} bytes")
+            return buffer.view(self.dtype(key)).view(self.shapes[key])
         try:
             if f not in self._handles:
                 self._handles[f] = safe_open(str(f), framework="pt")  # mmap: pages are read on first touch
@@ -168,6 +193,8 @@ def _weight_files(folder: Path, stem: str, allow_pickle: bool) -> list[Path]:
 
 
 _STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_TORCH_DTYPES = {**_STORED_DTYPES, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                 "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def stored_dtype(path) -> torch.dtype | None:

@@ -411,7 +411,7 @@ def test_lora_spec_splits_a_scale_off_paths_with_colons(tmp_path, monkeypatch):
 def test_cli_bad_lora_exits_2_with_one_line(files, capsys, tmp_path, command):
     if command == "serve":
         pytest.importorskip("uvicorn")
-        argv = ["serve", files.folder, "--lora", tmp_path / "missing.safetensors"]
+        argv = ["serve", files.folder, "--port", "0", "--lora", tmp_path / "missing.safetensors"]
     else:
         argv = ["generate", "--model", files.folder, "--prompt", "x", "--out", tmp_path, "--lora",
                 tmp_path / "missing.safetensors"]

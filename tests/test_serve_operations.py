@@ -102,5 +102,5 @@ def test_max_connections_answers_503_past_the_cap(serve_pipe):
 
 
 def test_serve_cli_refuses_a_connection_cap_below_one(capsys):
-    assert cli_main(["serve", "backdrop-tiny", "--max-connections", "0"]) == 2
+    assert cli_main(["serve", "backdrop-tiny", "--port", "0", "--max-connections", "0"]) == 2
     assert "--max-connections 0 must be 1 or more" in capsys.readouterr().err
