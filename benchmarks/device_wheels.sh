@@ -10,13 +10,16 @@ set -eu
 cd "$(dirname "$0")/.."
 # The device image (Python 3.12, x86-64) already has torch, triton, transformers, tokenizers, safetensors,
 # huggingface-hub, numpy, pillow, tqdm, regex, requests, filelock, httpx, anyio, h11, click, onnx, onnxruntime,
-# sympy, packaging and colorama: see /work/.library/device/KINDS.md.
+# sympy, packaging and colorama: see /work/.library/device/KINDS.md. setuptools is carried for pyproject's PEP 639
+# licence fields (77 or later), which the image's may predate (device_setup.sh installs the checkout without
+# build isolation).
 PACKAGES="
 diffusers==0.42.1 importlib_metadata==10.2.0 accelerate==1.15.0
 starlette==1.10.0 uvicorn==0.54.0 python-multipart==0.0.34
 openai==3.54.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 jiter==0.19.0 sniffio==1.3.1
 pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
 onnxslim==0.1.98 ml_dtypes==0.6.0
+setuptools==80.9.0
 "
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from backdrop.cli import CLIError, add_checkpoint_options, checkpoint_options, parse_device
+from backdrop.messages import require
 
 __all__ = ["add_parser"]
 
@@ -136,6 +137,11 @@ def _components(names: list[str] | None) -> tuple[str, ...]:
 
 def _onnx(args) -> int:
     import torch
+
+    try:  # before minutes of loading and tracing
+        require("backdrop export onnx", "export", "onnx", "onnxslim")
+    except ModuleNotFoundError as e:
+        raise CLIError(str(e)) from None
 
     from backdrop.export.onnx import MANIFEST, OPSETS, ExportError, export_layout, export_onnx
     from backdrop.nn.checkpoint import load_model

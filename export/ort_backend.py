@@ -24,6 +24,7 @@ import torch
 
 from backdrop.export.onnx_folder import COMPONENTS, OnnxExport, check_dtype, load_export, vae_decoder_inputs
 from backdrop.export.trt_plan import refit_arrays
+from backdrop.messages import require
 from backdrop.nn.config import ModelConfig
 
 __all__ = ["OnnxRuntimeBackend", "PROVIDERS", "session_providers", "attached"]
@@ -75,6 +76,7 @@ class OnnxRuntimeBackend:
     def __init__(self, folder, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  providers: tuple[str, ...] | None = None, threads: int | None = None,
                  trt_cache: str | None = None):
+        require("the onnxruntime backend", "export", "onnxruntime")
         if not isinstance(folder, (str, bytes)) and not hasattr(folder, "__fspath__"):
             raise TypeError(f"the onnxruntime backend runs an export folder, not a {type(folder).__name__}; "
                             "make one with `backdrop export onnx MODEL --out DIR` (or export.onnx.export_onnx)")

@@ -46,8 +46,8 @@ def _trt():
     try:
         import tensorrt as trt
     except ImportError:
-        raise ImportError("the tensorrt backend needs NVIDIA TensorRT: pip install tensorrt (10.x), on a machine "
-                          "with an NVIDIA GPU") from None
+        raise ImportError("the tensorrt backend needs NVIDIA TensorRT: pip install 'backdrop-diffusion[tensorrt]' "
+                          "(tensorrt 10.x), on a machine with an NVIDIA GPU") from None
     return trt
 
 

@@ -15,6 +15,7 @@ from backdrop import __version__
 from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, add_lora_option,
                           add_textual_inversion_option, apply_model_options, checkpoint_options, parse_device)
 from backdrop.diffusion.schedule import RECIPES
+from backdrop.messages import require
 
 __all__ = ["add_parser", "model_id"]
 
@@ -110,11 +111,10 @@ def add_parser(subparsers) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    try:  # the serve extra: starlette, uvicorn, python-multipart
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
+    try:  # python-multipart installs python_multipart (before 0.0.13: multipart), which starlette takes for forms
+        require("serving", "serve", "starlette", "uvicorn", "python_multipart|multipart")
     except ModuleNotFoundError as e:
-        raise CLIError(f"serving needs {e.name}: pip install 'backdrop[serve]'") from None
+        raise CLIError(str(e)) from None
     from backdrop.serve.engine import EngineConfig
     from backdrop.serve.server import ServerConfig
 
