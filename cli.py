@@ -85,8 +85,7 @@ def lora_spec(text: str) -> tuple[str, float]:
 
 def add_dtype_option(group) -> None:
     """--dtype, shared by the commands that run a model (generate, img2img, inpaint, serve)."""
-    from backdrop.nn.resolve import DTYPE_CHOICES
-    group.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+    group.add_argument("--dtype", choices=("fp32", "bf16", "fp16", "auto"), default=None,  # nn.resolve.parse_dtype
                        help="weight precision of --backend torch (default: fp16 on GPUs, bf16 on CPUs with native "
                             "bf16, else fp32; auto: as the model's weights are stored); an export runs in the "
                             "precision it was exported in")

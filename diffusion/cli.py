@@ -28,7 +28,7 @@ from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, ad
                           add_textual_inversion_option, apply_model_options, checkpoint_options, make_folder,
                           one_line, parse_device)
 from backdrop.diffusion.cli_files import Task, parameters, plan, read_jobs, write
-from backdrop.diffusion.schedule import RECIPES
+from backdrop.diffusion.recipes import RECIPES
 from backdrop.messages import some
 
 __all__ = ["add_parser"]

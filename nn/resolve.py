@@ -18,11 +18,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 __all__ = ["builtin_models", "resolve_model", "default_device", "default_dtype", "unet_width", "parse_dtype",
-           "DTYPES", "DTYPE_CHOICES", "SMALL_UNET_WIDTH"]
+           "DTYPES", "SMALL_UNET_WIDTH"]
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
-DTYPE_CHOICES = ("fp32", "bf16", "fp16", "auto")  # the commands' --dtype; auto: as the weights are stored
 SMALL_UNET_WIDTH = 320  # SD1/SD2 UNets are 320-1280 channels wide; narrower ones are overhead-bound on CPUs
 
 

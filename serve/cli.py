@@ -14,7 +14,7 @@ from pathlib import Path
 from backdrop import __version__
 from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, add_lora_option,
                           add_textual_inversion_option, apply_model_options, checkpoint_options, parse_device)
-from backdrop.diffusion.schedule import RECIPES
+from backdrop.diffusion.recipes import RECIPES
 from backdrop.messages import require
 
 __all__ = ["add_parser", "model_id"]
