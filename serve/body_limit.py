@@ -1,6 +1,7 @@
 """The request body limit, as ASGI middleware around the app (serve/server.py): a declared Content-Length over the
-limit is answered 413 before the body is read, and a streamed one is cut off as it passes the limit; a body that
-stops arriving (a stalled upload, a slowloris client) is given up after `timeout` seconds without a byte."""
+limit is answered 413 before the body is read, and a streamed one is cut off as it passes the limit; a body not
+complete `timeout` seconds after the app starts reading it (a stalled upload, a slowloris client trickling a byte
+at a time) is given up. The request head has its own deadline (serve/running.py's HeadDeadline)."""
 from __future__ import annotations
 
 import asyncio
@@ -46,18 +47,24 @@ class BodyLimit:
             if declared > self.max_bytes:
                 return await self._refuse(APIError(413, f"the body is {declared} bytes; this server takes at most "
                                                    f"{self.max_bytes}", code="request_too_large"), scope, receive, send)
-        seen = 0
+        seen, deadline, complete = 0, None, False
+        loop = asyncio.get_running_loop()
 
         async def limited():
-            nonlocal seen
-            try:
-                message = await asyncio.wait_for(receive(), self.timeout)
-            except asyncio.TimeoutError:
-                raise BodyTimeout(f"the body stopped arriving: nothing for {self.timeout:g} s after {seen} bytes "
-                                  "(the server's --body-timeout)") from None
+            nonlocal seen, deadline, complete
+            if complete or self.timeout is None:  # after the body: the app listening for a disconnect
+                message = await receive()
+            else:
+                deadline = deadline or loop.time() + self.timeout  # a deadline for the whole body, not per chunk
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+                except asyncio.TimeoutError:
+                    raise BodyTimeout(f"the body did not arrive within {self.timeout:g} s ({seen} bytes came; the "
+                                      "server's --body-timeout)") from None
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
                 raise BodyTooLarge(f"the body passed {self.max_bytes} bytes, this server's limit")
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
         await self.app(scope, limited, send)

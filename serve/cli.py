@@ -43,8 +43,11 @@ def add_parser(subparsers) -> None:
     net.add_argument("--max-body-mb", type=float, default=32, metavar="MB",
                      help="larger request bodies get 413 (default: %(default)s)")
     net.add_argument("--body-timeout", type=float, default=60, metavar="S",
-                     help="a request body that sends nothing for this long gets 408 and its connection is freed "
-                          "(stalled uploads) (default: %(default)s)")
+                     help="a request body not complete this long after it began gets 408 and its connection is "
+                          "freed (stalled or trickling uploads) (default: %(default)s)")
+    net.add_argument("--header-timeout", type=float, default=60, metavar="S",
+                     help="a connection whose request head is not complete this long after it opened or began is "
+                          "closed (slowloris; heads over 16 KiB are refused) (default: %(default)s)")
     net.add_argument("--keep-alive", type=float, default=75, metavar="S",
                      help="seconds an idle connection stays open; keep it above the load balancer's idle timeout "
                           "(AWS ALB: 60) (default: %(default)s)")
@@ -120,7 +123,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port < 65536:
         raise CLIError(f"--port {args.port} must be in [0, 65535]")
-    for flag, value in (("--keep-alive", args.keep_alive), ("--drain-timeout", args.drain_timeout)):
+    for flag, value in (("--keep-alive", args.keep_alive), ("--drain-timeout", args.drain_timeout),
+                        ("--header-timeout", args.header_timeout)):
         if value is not None and not value > 0:
             raise CLIError(f"{flag} {value:g} must be more than 0 seconds")
     if args.max_connections is not None and args.max_connections < 1:
@@ -169,7 +173,7 @@ def _serve(args: argparse.Namespace) -> int:
           f"http://{args.host}:{args.port}/v1)", flush=True)
     run(app, sock, log_level=args.log_level, keep_alive=args.keep_alive, drain_timeout=args.drain_timeout,
         forwarded_allow_ips=args.forwarded_allow_ips, shutdown_delay=args.shutdown_delay,
-        on_shutdown=engine.begin_shutdown, max_connections=args.max_connections)
+        on_shutdown=engine.begin_shutdown, max_connections=args.max_connections, head_timeout=args.header_timeout)
     return 0
 
 

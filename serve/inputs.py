@@ -19,6 +19,7 @@ import base64
 import binascii
 import io
 import math
+import reprlib
 
 import numpy as np
 from PIL import Image
@@ -61,10 +62,20 @@ def clip(s: str) -> str:
     return s if len(s) <= ECHO_CHARS else s[:ECHO_CHARS - 1] + "…"
 
 
+def _short_repr() -> reprlib.Repr:
+    r = reprlib.Repr()  # Python 3.12 takes these as keywords; 3.10 and 3.11 as attributes
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict = 2, 4, 4, 4
+    r.maxstring = r.maxother = r.maxlong = ECHO_CHARS
+    return r
+
+
+_SHORT_REPR = _short_repr()
+
+
 def shown(value) -> str:
-    """repr(value) for an error message, at most about ECHO_CHARS characters long, "…" marking a cut (a long
-    string is cut before its repr is built)."""
-    return repr(clip(value)) if isinstance(value, str) else clip(repr(value))
+    """repr(value) for an error message, at most about ECHO_CHARS characters long, "…" marking a cut (a long string
+    is cut before its repr is built; a big list or dict shows its first items only, never a repr of it all)."""
+    return repr(clip(value)) if isinstance(value, str) else clip(_SHORT_REPR.repr(value))
 
 
 class APIError(Exception):

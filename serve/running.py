@@ -9,9 +9,11 @@ import sys
 import threading
 import time
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["bind", "run", "uvicorn_config", "configure_logging", "JsonFormatter", "ServerThread", "DelayedExit"]
+__all__ = ["bind", "run", "uvicorn_config", "head_deadline", "configure_logging", "JsonFormatter", "ServerThread", "DelayedExit"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -65,19 +67,61 @@ def run(app, sock: socket.socket, shutdown_delay: float = 0, on_shutdown=None, *
 
 
 def uvicorn_config(app, log_level: str = "info", keep_alive: float = 5, drain_timeout: float | None = None,
-                   forwarded_allow_ips: str | None = None, max_connections: int | None = None) -> uvicorn.Config:
+                   forwarded_allow_ips: str | None = None, max_connections: int | None = None,
+                   head_timeout: float = 60) -> uvicorn.Config:
     """`backdrop serve`'s uvicorn settings. keep_alive: seconds an idle connection is kept (a load balancer's idle
     timeout must be shorter: AWS ALB's is 60 s); drain_timeout: the longest wait for in-flight requests at shutdown
     (None: as long as they take); forwarded_allow_ips: the proxies whose X-Forwarded-Proto/For are trusted
     (uvicorn's; default 127.0.0.1), for the scheme of "url" responses; max_connections: open connections at most,
     more are answered 503 at once (uvicorn's limit_concurrency counts the connection it decides on among the open
-    ones: N + 1 serves N)."""
+    ones: N + 1 serves N); head_timeout: seconds a request head may take (HeadDeadline; heads are bounded too)."""
     # access_log off: the app logs one line per API request itself (request id, latency, why it failed), and none
     # per health probe or metrics scrape; log_config None: uvicorn's own lines go through the root logger's handler
     # (configure_logging), in our format
     return uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_keep_alive=keep_alive, access_log=False,
                           timeout_graceful_shutdown=drain_timeout, forwarded_allow_ips=forwarded_allow_ips,
-                          limit_concurrency=None if max_connections is None else max_connections + 1, log_config=None)
+                          limit_concurrency=None if max_connections is None else max_connections + 1, log_config=None,
+                          http=head_deadline(head_timeout))
+
+
+class HeadDeadline(H11Protocol):
+    """uvicorn's h11 protocol (whose parser answers 400 to a request head still incomplete past 16 KiB, so a head
+    is at most that plus one read; its httptools one, the default where installed, takes heads of any size), closing a connection whose request head is not complete
+    `seconds` after the connection opened or the head's first byte came: uvicorn has no such deadline, so a client
+    that sends half a head and waits (slowloris) held its connection forever. Idle keep-alive connections are
+    uvicorn's (timeout_keep_alive); bodies are BodyLimit's (serve/body_limit.py)."""
+    seconds = 60.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(self.seconds, self._head_late)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()  # a head begun, not done
+        if waiting and self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.seconds, self._head_late)
+        elif not waiting:
+            self._cancel_head_timer()
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
+def head_deadline(seconds: float) -> type[HeadDeadline]:
+    """HeadDeadline with its deadline, for uvicorn.Config(http=...), which makes the protocol itself."""
+    return type("HeadDeadline", (HeadDeadline,), {"seconds": seconds})
 
 
 class DelayedExit(uvicorn.Server):
@@ -101,12 +145,12 @@ class DelayedExit(uvicorn.Server):
 
 class ServerThread:
     """uvicorn in a background thread on an already bound socket (port 0: a free one). For tests, benchmarks
-    and notebooks; signals stay with the main thread. `uvicorn_options` go to uvicorn.Config."""
+    and notebooks; signals stay with the main thread. `options`: uvicorn_config's (`backdrop serve`'s settings)."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", **uvicorn_options):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", **options):
         self.sock = bind(host, port)
         self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", **uvicorn_options))
+        self.server = uvicorn.Server(uvicorn_config(app, log_level=log_level, **options))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     @property

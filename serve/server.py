@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -76,6 +77,8 @@ __all__ = ["ServerConfig", "create_app"]
 log = logging.getLogger("backdrop.serve")
 
 POLL_SECONDS = 0.25         # how often a waiting handler checks whether its client is still connected
+MAX_JSON_CONTAINERS = 1000  # objects and arrays a JSON body may hold (a request has a few dozen)
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")  # an X-Request-ID taken as sent; any other gets our own
 MAX_FILE_PARTS = 17         # OpenAI's 16 images and a mask: more is the parser's error, fewer get ours (one image)
 NO_RETRY = {"x-should-retry": "false"}  # the openai client retries any 5xx twice unless told not to
 EDIT_FIELDS = ("mask", "prompt", "n", "size", "response_format", "seed", "negative_prompt") + OPENAI_OUTPUT
@@ -93,7 +96,7 @@ class ServerConfig:
     guidance_scale: float = DEFAULT["guidance_scale"]
     clip_skip: int = 0                   # text encoder layers to skip (diffusers' clip_skip; /v1/inpaint may choose)
     max_steps: int = 150                 # the most steps a /v1/inpaint request may ask: one request's cost is bounded
-    body_timeout: float = 60.0           # seconds a request body may take to arrive; then 408 (stalled uploads)
+    body_timeout: float = 60.0           # seconds a request body may take to arrive, in all; then 408
     max_body_bytes: int = 32 * 2**20     # request bodies; OpenAI's own limit per image is 50 MB
     max_image_pixels: int | None = None  # None: (4 x native)^2, e.g. 2048 x 2048 for SD1.5
     max_n: int = 10                      # OpenAI's limit on n
@@ -211,8 +214,13 @@ class _Handlers:
             raise APIError(413, str(e), code="request_too_large") from None
         except BodyTimeout as e:
             raise APIError(408, str(e), code="request_timeout") from None
+        # a request has a few dozen objects and arrays; millions of them ("[{}, {}, ...]") would cost ~30x the body
+        # in memory to parse: refused by a byte count first, and parsing runs off the event loop
+        if body.count(b"{") + body.count(b"[") > MAX_JSON_CONTAINERS:
+            raise APIError(400, f"the body holds more than {MAX_JSON_CONTAINERS} JSON objects and arrays",
+                           code="invalid_json")
         try:
-            data = json.loads(body)
+            data = await asyncio.to_thread(json.loads, body)
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise APIError(400, "the body is not valid JSON", code="invalid_json") from None
         if not isinstance(data, dict):
@@ -420,11 +428,13 @@ class _Handlers:
         """APIError -> its response; anything unexpected -> 500 (logged); status and latency into metrics; one
         access line a request (its X-Request-ID, taken or made, echoed in the response), with why it failed."""
         async def handle(request: Request) -> Response:
-            t0, rid, why = time.perf_counter(), request.headers.get("x-request-id") or secrets.token_hex(8), ""
+            t0, rid, why = time.perf_counter(), request.headers.get("x-request-id", ""), ""
+            if not REQUEST_ID.fullmatch(rid):  # logged and echoed: no control characters, no megabytes
+                rid = secrets.token_hex(8)
             try:
                 response = await handler(request)
             except APIError as e:
-                response, why = e.response(), f": {e.code or e.status} {clip(e.message)}"
+                response, why = e.response(), f": {e.code or e.status} {loggable(clip(e.message))}"
             except (ClientGone, ClientDisconnect):  # left while queued, or while still sending its body: nginx's
                 response, why = Response(status_code=499), ": the client went away"  # 499, which nobody reads
             except Exception:
@@ -433,8 +443,9 @@ class _Handlers:
                                     ).response()
             seconds = time.perf_counter() - t0
             response.headers["x-request-id"] = rid
-            log.info("%s %s %s %d %.0f ms%s", rid, request.method, request.url.path, response.status_code,
-                     1000 * seconds, why, extra=dict(request_id=rid, method=request.method, path=request.url.path,
+            path = loggable(request.url.path)
+            log.info("%s %s %s %d %.0f ms%s", rid, request.method, path, response.status_code,
+                     1000 * seconds, why, extra=dict(request_id=rid, method=request.method, path=path,
                                                      status=response.status_code, ms=round(1000 * seconds, 1),
                                                      error=why.removeprefix(": ") or None))
             self.metrics.requests.inc(endpoint=name, code=str(response.status_code))
@@ -442,6 +453,13 @@ class _Handlers:
             return response
         handle.__name__ = name  # its Route's name, which labels the metrics of responses given before it runs
         return handle
+
+
+def loggable(text: str, limit: int = 200) -> str:
+    """A client's text for a log line: control characters (terminal escapes, and the VT/FF/NEL/U+2028 that log
+    shippers split lines at) escaped, at most `limit` characters."""
+    text = text if len(text) <= limit else text[:limit - 1] + "…"
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def create_app(engine: Engine, config: ServerConfig = ServerConfig()):

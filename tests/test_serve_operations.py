@@ -13,7 +13,7 @@ import pytest
 from backdrop.cli import main as cli_main
 from backdrop.serve.engine import Engine, EngineConfig
 from backdrop.serve.metrics import parse_histogram
-from backdrop.serve.running import JsonFormatter, ServerThread, uvicorn_config
+from backdrop.serve.running import JsonFormatter, ServerThread
 from backdrop.serve.server import ServerConfig, create_app
 
 from serve_helpers import JSON, STEPS, inpaint_body, metrics, product, scalar, start_server, wait
@@ -87,9 +87,7 @@ def test_max_connections_answers_503_past_the_cap(serve_pipe):
     """--max-connections, uvicorn's limit_concurrency: an idle keep-alive connection holds a place, so slow or idle
     clients cannot take every file descriptor; the next connection gets 503 at once, and a freed place is reused."""
     engine = Engine(serve_pipe, EngineConfig(), warmup=False)
-    app = create_app(engine, ServerConfig(steps=STEPS))
-    limit = uvicorn_config(app, max_connections=1).limit_concurrency
-    srv = ServerThread(app, limit_concurrency=limit).start()
+    srv = ServerThread(create_app(engine, ServerConfig(steps=STEPS)), max_connections=1).start()
     try:
         held = socket.create_connection((srv.host, srv.port))
         held.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -104,3 +102,83 @@ def test_max_connections_answers_503_past_the_cap(serve_pipe):
 def test_serve_cli_refuses_a_connection_cap_below_one(capsys):
     assert cli_main(["serve", "backdrop-tiny", "--port", "0", "--max-connections", "0"]) == 2
     assert "--max-connections 0 must be 1 or more" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- hostile clients (security audit)
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes `sock` within `seconds` (reads until EOF; False if it is still open then)."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_request_heads_have_a_deadline_and_a_size_limit(serve_pipe):
+    """uvicorn held a half-sent request head (slowloris) or a silent new connection forever, and took heads of any
+    size (a 200 MiB header cost 1.15 GiB): --header-timeout closes all three, and a head still incomplete past 16 KiB
+    gets 400 (one that arrives whole in one read of up to 64 KiB is parsed)."""
+    engine = Engine(serve_pipe, EngineConfig(), warmup=False)
+    srv = ServerThread(create_app(engine, ServerConfig(steps=STEPS)), head_timeout=0.5).start()
+    try:
+        silent = socket.create_connection((srv.host, srv.port))
+        half = socket.create_connection((srv.host, srv.port))
+        half.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        later = socket.create_connection((srv.host, srv.port))  # a full request, then half of the next one
+        later.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert later.recv(4096).startswith(b"HTTP/1.1 200")
+        later.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+        assert all(closed_within(s, 5) for s in (silent, half, later))
+        big = socket.create_connection((srv.host, srv.port))
+        big.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        for _ in range(4):  # just past 16 KiB of head, in reads of their own (more would meet a closed socket)
+            big.sendall(b"a" * 4096)
+            time.sleep(0.02)
+        assert big.recv(4096).startswith(b"HTTP/1.1 400")
+        assert httpx.get(f"{srv.url}/healthz").status_code == 200  # and a normal request still works
+    finally:
+        srv.stop()
+
+
+def test_a_trickled_body_gets_408_at_its_deadline(serve_pipe):
+    """--body-timeout bounds the whole body: a byte now and then no longer keeps a request (and its buffered
+    body) alive forever."""
+    import asyncio
+
+    engine = Engine(serve_pipe, EngineConfig(), warmup=False)
+    app = create_app(engine, ServerConfig(steps=STEPS, body_timeout=0.3))
+    sent = []
+
+    async def trickle():
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b" ", "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/inpaint", "raw_path": b"/v1/inpaint", "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80)}
+    t0 = time.perf_counter()
+    asyncio.run(asyncio.wait_for(app(scope, trickle, send), 10))
+    assert sent[0]["status"] == 408 and b"within 0.3 s" in sent[1]["body"] and time.perf_counter() - t0 < 2
+
+
+def test_hostile_ids_paths_and_json_stay_small(server, caplog):
+    """An X-Request-ID that is long or odd is replaced, not logged or echoed; control characters in a path are
+    escaped in the log; a JSON body of a million objects is refused before it is parsed (~30x its size)."""
+    with caplog.at_level("INFO", logger="backdrop.serve"):
+        r = httpx.get(f"{server.url}/v1/models", headers={"x-request-id": "a" * 129})
+        odd = httpx.get(f"{server.url}/v1/models", headers={"x-request-id": "id with spaces"})
+        path = httpx.get(f"{server.url}/v1/models/x%1b%5b2J%0bFAKE%c2%85NEL")
+        big = httpx.post(f"{server.url}/v1/images/generations", content=b'{"prompt": "x", "n": [' +
+                         b"{}, " * 200_000 + b"{}]}", headers=JSON)
+    assert len(r.headers["x-request-id"]) == 16 and len(odd.headers["x-request-id"]) == 16
+    assert path.status_code == 404 and big.status_code == 400 and "1000 JSON objects" in big.json()["error"]["message"]
+    messages = [rec.getMessage() for rec in caplog.records]
+    assert not any("aaaa" in m for m in messages)
+    line = next(m for m in messages if "/v1/models/x" in m)
+    assert "\\x1b[2J\\x0bFAKE\\x85NEL" in line and line.isprintable(), line
