@@ -7,6 +7,7 @@ so ours is `num_heads`, one entry per UNet level.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, replace
 
 __all__ = [
@@ -21,6 +22,39 @@ ACTIVATIONS = ("quick_gelu", "gelu")
 def _check(cond: bool, cls: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"{cls}: {msg}")
+
+
+MAX_INT = 1 << 16   # the largest int a config field holds unless its class says otherwise (channels, sizes, ids)
+MAX_LEVELS = 8      # entries of a per-level tuple (SD: 4)
+
+
+def _check_fields(config, limits: dict[str, int] | None = None) -> None:
+    """Every field of the type its annotation names (an int not a bool or a string, a finite float, a tuple of
+    1..MAX_LEVELS entries) and every int in [0, limits.get(name, MAX_INT)]: generous for any real model, and small
+    enough that a config.json beside third-party weights cannot make the loader build millions of layers or a
+    pipeline allocate terabytes before a single weight is checked."""
+    cls, limits = type(config).__name__, limits or {}
+
+    def check(name: str, kind: str, value) -> None:
+        if kind.endswith(" | None"):
+            if value is not None:
+                check(name, kind.removesuffix(" | None"), value)
+        elif kind.startswith("tuple["):
+            _check(isinstance(value, tuple) and 1 <= len(value) <= MAX_LEVELS, cls,
+                   f"{name} must be a list of 1 to {MAX_LEVELS} entries, got {value!r:.80}")
+            for v in value:
+                check(name, kind[len("tuple["):-len(", ...]")], v)
+        elif kind == "int":
+            _check(type(value) is int and 0 <= value <= limits.get(name, MAX_INT), cls,
+                   f"{name} = {value!r:.80} is not an integer in [0, {limits.get(name, MAX_INT)}]")
+        elif kind == "float":
+            _check(type(value) in (int, float) and math.isfinite(value), cls,
+                   f"{name} = {value!r:.80} is not a finite number")
+        elif kind in ("bool", "str"):
+            _check(type(value) is {"bool": bool, "str": str}[kind], cls, f"{name} = {value!r:.80} is not a {kind}")
+
+    for f in dataclasses.fields(config):
+        check(f.name, f.type, getattr(config, f.name))
 
 
 @dataclass(frozen=True)
@@ -39,6 +73,8 @@ class UNetConfig:
     sample_size: int = 64                 # default latent size (image size / 8)
 
     def __post_init__(self):
+        _check_fields(self, {"layers_per_block": 64, "num_heads": 1024, "sample_size": 1024,
+                             "time_embed_dim_mult": 16})  # sample_size in latent px: 8192 px images
         n = len(self.block_out_channels)
         _check(n >= 1, "UNetConfig", "block_out_channels must not be empty")
         _check(len(self.attention_levels) == n, "UNetConfig",
@@ -161,6 +197,7 @@ class VAEConfig:
     decoder_layers_per_block: int | None = None
 
     def __post_init__(self):
+        _check_fields(self, {"layers_per_block": 64, "decoder_layers_per_block": 64, "sample_size": 8192})
         for c in self.block_out_channels + (self.decoder_block_out_channels or ()):
             _check(c % self.norm_num_groups == 0, "VAEConfig",
                    f"channels {c} not divisible by norm_num_groups {self.norm_num_groups}")
@@ -282,6 +319,8 @@ class TextConfig:
     eos_token_id: int = 49407
 
     def __post_init__(self):
+        _check_fields(self, {"num_layers": 256, "num_heads": 1024, "vocab_size": 1 << 20, "pad_token_id": 1 << 20,
+                             "bos_token_id": 1 << 20, "eos_token_id": 1 << 20})
         _check(self.hidden_size % self.num_heads == 0, "TextConfig",
                f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
         _check(self.hidden_act in ACTIVATIONS, "TextConfig", f"hidden_act must be one of {ACTIVATIONS}")
@@ -349,6 +388,7 @@ class VisionConfig:
     projection_dim: int = 768
 
     def __post_init__(self):
+        _check_fields(self, {"num_layers": 256, "num_heads": 1024})
         _check(self.image_size % self.patch_size == 0, "VisionConfig", "image_size must divide by patch_size")
         _check(self.hidden_size % self.num_heads == 0, "VisionConfig", "hidden_size must divide by num_heads")
         _check(self.hidden_act in ACTIVATIONS, "VisionConfig", f"hidden_act must be one of {ACTIVATIONS}")
@@ -368,6 +408,7 @@ class SchedulerConfig:
     set_alpha_to_one: bool = False
 
     def __post_init__(self):
+        _check_fields(self, {"num_train_timesteps": 10000})
         _check(self.beta_schedule in ("scaled_linear", "linear", "squaredcos_cap_v2"), "SchedulerConfig",
                f"beta_schedule {self.beta_schedule!r} is not one of scaled_linear, linear, squaredcos_cap_v2")
         _check(self.timestep_spacing in (None, "leading", "trailing", "linspace"), "SchedulerConfig",
@@ -397,6 +438,7 @@ class ModelConfig:
     image_size: int = 512                 # native resolution in pixels
 
     def __post_init__(self):
+        _check_fields(self, {"image_size": 8192})
         _check(self.prediction_type in PREDICTION_TYPES, "ModelConfig",
                f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         _check(self.unet.cross_attention_dim == self.text.hidden_size, "ModelConfig",
