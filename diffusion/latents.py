@@ -11,7 +11,7 @@ import torch
 from backdrop.diffusion.schedule import Schedule
 
 __all__ = ["host_to_device", "per_item_randn", "default_noise_sampler", "initial_latents", "noised_latents",
-           "output_latents", "blend_known_region"]
+           "output_latents", "blend_known_region", "known_region"]
 
 
 # --------------------------------------------------------------------------------------------------- noise
@@ -80,17 +80,24 @@ def output_latents(x: torch.Tensor, schedule: Schedule) -> torch.Tensor:
     return x if s == 0 else x / math.sqrt(1 + s * s)
 
 
+def known_region(x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor) -> Callable:
+    """blend(x, sigma): x where mask = 1 (repaint), the known latents x0 noised to level sigma with the initial
+    `noise` elsewhere (VE: x0 + sigma * noise). mask: (B, 1, h, w) at latent size, 1 = repaint. Heun and PNDM call
+    it at their intermediate point too (before the extra model call), as diffusers blends after every scheduler
+    step call, those included."""
+    def blend(x, sigma):
+        return (1 - mask) * (x0 + noise * sigma) + mask * x
+    return blend
+
+
 def blend_known_region(x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, schedule: Schedule) -> Callable:
     """Callback for 4-channel-UNet inpainting, as diffusers' StableDiffusionInpaintPipeline: after each step keep
     x where mask = 1 (repaint) and put back the known latents x0 noised to the new level with the initial `noise`
-    (clean x0 after the last step). mask: (B, 1, h, w) at latent size, 1 = repaint.
-    Heun and PNDM differ slightly from diffusers, which also blends their intermediate (predictor) point."""
-    n = schedule.num_steps
+    (clean x0 after the last step). mask: (B, 1, h, w) at latent size, 1 = repaint."""
+    n, blend = schedule.num_steps, known_region(x0, noise, mask)
 
     def callback(i, x, sigma, sigma_next, denoised):
         if i == n - 1:  # VP x0 at the final level (sigma 0 except DDIM's sigma(alphas_cumprod[0]))
-            known = x0 * math.sqrt(1 + sigma_next**2)
-        else:
-            known = x0 + noise * sigma_next
-        return (1 - mask) * known + mask * x
+            return (1 - mask) * x0 * math.sqrt(1 + sigma_next**2) + mask * x
+        return blend(x, sigma_next)
     return callback

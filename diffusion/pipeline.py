@@ -77,8 +77,8 @@ from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, as_number, broadcas
                                         groups, image_items, item_strengths, items, prompts, repeat, requests)
 from backdrop.diffusion.diffusers_api import DiffusersAPI
 from backdrop.diffusion.guidance import CFGDenoiser
-from backdrop.diffusion.latents import (blend_known_region, default_noise_sampler, initial_latents, noised_latents,
-                                        output_latents, per_item_randn)
+from backdrop.diffusion.latents import (blend_known_region, default_noise_sampler, initial_latents, known_region,
+                                        noised_latents, output_latents, per_item_randn)
 from backdrop.diffusion.output import Output, as_hwc, format_output
 from backdrop.diffusion.samplers import SamplingInterrupted, sample
 from backdrop.diffusion.schedule import build_schedule
@@ -455,7 +455,8 @@ class Pipeline(DiffusersAPI):
                 x = initial_latents(eps, sched)
             else:
                 x = noised_latents(x0, eps, sched)
-            blend = None if job.get("mask") is None else blend_known_region(x0, eps, job["mask"][idx], sched)
+            mask = job.get("mask")
+            blend = None if mask is None else blend_known_region(x0, eps, mask[idx], sched)
             args = dict(context=ctx[idx], uncond_context=None if uctx is None else uctx[idx],
                         guidance_scale=loop.guidance_scale, guidance_rescale=loop.guidance_rescale)
             if job["c_concat"] is not None:
@@ -464,7 +465,8 @@ class Pipeline(DiffusersAPI):
                        extra_args=args, callback=_step_callback(blend, loop.callback),
                        noise_sampler=default_noise_sampler(x, gens if isinstance(gens, torch.Generator)
                                                            else [gens[i] for i in idx]), disable=_hidden(loop.progress),
-                       interrupt=interrupt, **({"eta": loop.eta} if loop.eta else {}))
+                       interrupt=interrupt, blend=None if mask is None else known_region(x0, eps, mask[idx]),
+                       **({"eta": loop.eta} if loop.eta else {}))
             result[idx] = output_latents(x, sched)
         if interrupt is not None and interrupt.is_set():
             raise SamplingInterrupted(loop.steps, "interrupted after the last step, before decoding")

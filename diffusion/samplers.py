@@ -191,9 +191,10 @@ def sample_euler_ancestral(model, x, sigmas, *, eta=1.0, extra_args=None, callba
 
 @torch.no_grad()
 def sample_heun(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, disable=None,
-                interrupt=None):
+                interrupt=None, blend=None):
     """Heun's 2nd-order method (Karras et al. Algorithm 1, no churn); the last step to sigma 0 is Euler.
-    2N - 1 model calls; the corrector's call uses sigma_next's own timestep."""
+    2N - 1 model calls; the corrector's call uses sigma_next's own timestep, on the predictor's point passed
+    through `blend(x, sigma)` if given (4-channel inpainting's known region, see sample())."""
     extra_args = extra_args or {}
     sig = sigmas.tolist()
     for i in _progress(len(sig) - 1, disable, interrupt):
@@ -205,6 +206,8 @@ def sample_heun(model, x, sigmas, *, extra_args=None, callback=None, noise_sampl
             x_new = x + d * dt
         else:
             x_2 = x + d * dt
+            if blend is not None:
+                x_2 = blend(x_2, s_next)
             d_2 = (x_2 - model(x_2, s_next, **extra_args)) / s_next
             x_new = x + (d + d_2) / 2 * dt
         x = _after_step(callback, i, x_new, s, s_next, denoised)
@@ -350,7 +353,7 @@ _PLMS_WEIGHTS = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24,
 
 @torch.no_grad()
 def sample_pndm(model, x, sigmas, *, sigmas_to, sigma_redo=None, prediction_type="epsilon", extra_args=None,
-                callback=None, noise_sampler=None, disable=None, interrupt=None):
+                callback=None, noise_sampler=None, disable=None, interrupt=None, blend=None):
     """PLMS, the pseudo linear multistep method of Liu et al. 2022 (arXiv:2202.09778) that SD samples with: diffusers'
     PNDMScheduler with skip_prk_steps=True. Each step is a DDIM step along an Adams-Bashforth mix of the model's
     last outputs (up to 4). The first step is second order instead: a DDIM step, a model call where it lands, then
@@ -358,7 +361,9 @@ def sample_pndm(model, x, sigmas, *, sigmas_to, sigma_redo=None, prediction_type
 
     The outputs are mixed as the UNet gives them, eps or v (`prediction_type`), as diffusers does: a mix of v's is
     not the mix of their eps's. Steps land on `sigmas_to` (t - T // N) as DDIM's do. `sigma_redo` is where the
-    first step's second pass starts (diffusers: the second timestep + T // N, the first one with leading spacing)."""
+    first step's second pass starts (diffusers: the second timestep + T // N, the first one with leading spacing).
+    `blend(x, sigma)`, if given, is applied where the first pass lands, before the second model call (4-channel
+    inpainting's known region, see sample())."""
     extra_args = extra_args or {}
     sig, to = sigmas.tolist(), sigmas_to.tolist()
     v = prediction_type == "v_prediction"
@@ -380,6 +385,8 @@ def sample_pndm(model, x, sigmas, *, sigmas_to, sigma_redo=None, prediction_type
         x_new = step(x, s, s_to, mixed)
         if i == 0 and len(sig) > 2:  # second pass: mean of both outputs, from the start again, to sigmas[1]
             x_new = _relabel(x_new, s_to, s_next)
+            if blend is not None:
+                x_new = blend(x_new, s_next)
             second = output(x_new, s_next, model(x_new, s_next, **extra_args))
             x_new = step(_relabel(x, s, sigma_redo), sigma_redo, s_next, (outs[0] + second) / 2)
         elif s_to != s_next:
@@ -430,9 +437,14 @@ def check_eta(eta, sampler: str) -> None:
 
 
 def sample(model, x: torch.Tensor, schedule: Schedule, *, extra_args=None, callback=None, noise_sampler=None,
-           disable=None, interrupt=None, **options) -> torch.Tensor:
-    """Run the sampler the schedule was built for. `options` go to the sampler (e.g. eta for ddim)."""
+           disable=None, interrupt=None, blend=None, **options) -> torch.Tensor:
+    """Run the sampler the schedule was built for. `options` go to the sampler (e.g. eta for ddim). blend(x, sigma):
+    what 4-channel inpainting does to x at a level sigma (latents.known_region); the samplers with a model call
+    between steps (heun, pndm) apply it there, as diffusers' pipeline blends after each scheduler step call; the
+    end of each step is the callback's."""
     spec = SAMPLERS[schedule.sampler]
+    if blend is not None and schedule.sampler in ("heun", "pndm"):
+        options["blend"] = blend
     if spec.stochastic:
         _need_noise(noise_sampler, schedule.sampler)
     if schedule.sampler == "ddim":
