@@ -224,7 +224,8 @@ def build_schedule(sampler: str, steps: int, config: SchedulerConfig | None = No
     if r.family in ("ddim", "ddpm", "lcm"):
         sig = train_sigmas[ts].astype(np.float64)
         if r.family == "ddim":  # DDIM's and PNDM's step: prev_timestep = t - T // N; below 0 -> final_alpha_cumprod
-            final = 0.0 if cfg.set_alpha_to_one else float(train_sigmas[0])
+            to_one = sampler == "ddim" if cfg.set_alpha_to_one is None else cfg.set_alpha_to_one  # diffusers' defaults
+            final = 0.0 if to_one else float(train_sigmas[0])
             prev = ts - big_t // steps
             to = np.where(prev >= 0, train_sigmas[np.maximum(prev, 0)], final)
             sig = np.append(sig, to[-1])

@@ -405,7 +405,8 @@ class SchedulerConfig:
     timestep_spacing: str | None = None   # None: each sampler takes diffusers' default for that scheduler
     rescale_betas_zero_snr: bool = False
     clip_sample: bool = False
-    set_alpha_to_one: bool = False
+    set_alpha_to_one: bool | None = False  # None (a scheduler_config.json without it): diffusers' default for the
+    #                                        sampler's class: DDIM true (its last step lands on x0), PNDM false
 
     def __post_init__(self):
         _check_fields(self, {"num_train_timesteps": 10000})
@@ -417,14 +418,18 @@ class SchedulerConfig:
     def to_diffusers(self, prediction_type: str = "epsilon") -> dict:
         d = {"_class_name": "PNDMScheduler", "prediction_type": prediction_type}
         d |= {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if d["timestep_spacing"] is None:
-            del d["timestep_spacing"]
+        for name in ("timestep_spacing", "set_alpha_to_one"):
+            if d[name] is None:
+                del d[name]
         return d
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> "SchedulerConfig":
+        if cfg.get("trained_betas") is not None:  # diffusers' schedulers then ignore beta_schedule
+            raise ValueError("scheduler_config.json lists trained_betas, which Backdrop does not take (it would "
+                             "silently sample another noise schedule); its beta_schedule must describe the betas")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in cfg.items() if k in names})
+        return cls(**{"set_alpha_to_one": None} | {k: v for k, v in cfg.items() if k in names})
 
 
 @dataclass(frozen=True)

@@ -177,3 +177,22 @@ def test_every_step_count_either_builds_a_runnable_schedule_or_says_why(spacing)
                 continue
             levels = s.sigmas[s.sigmas > 0]
             assert RECIPES[name].family != "dpm" or bool((levels[1:] < levels[:-1]).all()), (name, steps)
+
+
+def test_a_config_without_set_alpha_to_one_takes_each_classes_default_and_trained_betas_are_refused():
+    """A scheduler_config.json saved by a class without set_alpha_to_one (Euler, DPM-Solver, ...): diffusers' DDIM
+    then defaults it to true (its last step lands on x0, sigma 0), its PNDM to false; SD's own file says false."""
+    from backdrop.nn.config import SchedulerConfig
+
+    saved = {"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear", "steps_offset": 1}
+    fresh = SchedulerConfig.from_diffusers(saved)
+    assert fresh.set_alpha_to_one is None and "set_alpha_to_one" not in fresh.to_diffusers()
+    for name, to_one in (("ddim", True), ("pndm", False)):
+        assert (float(diffusers_scheduler(name, saved).final_alpha_cumprod) == 1.0) is to_one
+        final = build_schedule(name, 10, fresh).sigmas[-1].item()
+        assert (final == 0.0) is to_one, (name, final)
+    said = SchedulerConfig.from_diffusers({"set_alpha_to_one": False})
+    assert build_schedule("ddim", 10, said).sigmas[-1].item() > 0
+    with pytest.raises(ValueError, match="trained_betas"):
+        SchedulerConfig.from_diffusers({"trained_betas": [0.001] * 1000})
+    assert SchedulerConfig.from_diffusers({"trained_betas": None}) == SchedulerConfig(set_alpha_to_one=None)
