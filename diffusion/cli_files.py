@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from backdrop.cli import CLIError, one_line
@@ -238,13 +240,26 @@ def write(image, task: Task, text: str) -> None:
 
     info = PngInfo()
     info.add_text("parameters", text)  # tEXt, or iTXt for text Latin-1 cannot hold
-    tmp = task.path.with_name(f".{task.path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG", pnginfo=info, **({"icc_profile": task.job.icc} if task.job.icc else {}))
+    tmp = None
+    try:  # mkstemp: a new file of an unguessable name (O_EXCL), so a symlink planted in a shared --out is not followed
+        fd, name = tempfile.mkstemp(prefix=f".{task.path.name}.", suffix=".tmp", dir=task.path.parent)
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info, **({"icc_profile": task.job.icc} if task.job.icc else {}))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; an output gets the usual permissions
         os.replace(tmp, task.path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise CLIError(f"cannot write {task.path}: {one_line(e)}") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
+
+
+@lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it back at once
+    os.umask(mask)
+    return mask

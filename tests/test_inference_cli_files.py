@@ -2,6 +2,7 @@
 seed, never replaced silently (--overwrite, --skip-existing), written atomically with A1111's `parameters` text and
 the input's ICC profile; every bad input named in one error; mask folders; the progress bar on a terminal only."""
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def test_a_single_image_is_named_by_its_stem(files, capsys, tmp_path):
         code, paths, _ = run(capsys, "img2img", files["root"] / f"{name}.png", *fast(files, tmp_path), "--seed", "7")
         assert code == 0 and paths == [str(tmp_path / f"img2img-{name}-7.png")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img2img-sku1-7.png", "img2img-sku2-7.png"]  # no .tmp
+    umask = os.umask(0)
+    os.umask(umask)  # written through a private temporary file (mkstemp, 0600), then given the usual permissions
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in tmp_path.iterdir())
 
 
 def test_existing_outputs_are_refused_before_the_model_loads(files, capsys, tmp_path, no_model):
