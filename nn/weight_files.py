@@ -170,7 +170,11 @@ def _shards(index: Path) -> list[Path]:
     weight_map = _json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: no weight_map")
-    files = [index.parent / name for name in sorted(set(weight_map.values()))]
+    names = set(weight_map.values())
+    for name in names:  # shards sit beside their index: no path may lead out of the model's folder
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") or "\\" in name:
+            raise CheckpointError(f"{index}: weight_map names {name!r:.100}, not a file name beside the index")
+    files = [index.parent / name for name in sorted(names)]
     for f in files:
         if not f.is_file():
             raise CheckpointError(f"{index}: names shard {f.name}, which is missing")

@@ -311,6 +311,11 @@ def test_folder_variants_sharded_fp16_legacy_names(saved, tmp_path):
     save_file({re.sub(r"attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.", lambda m: f"attentions.0.{legacy[m[1]]}.", k): v
                for k, v in vae.items()}, folder / "vae" / "diffusion_pytorch_model.safetensors")
     assert_same_tensors(load_model(folder), model)
+    index = folder / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    for outside in ("../../outside.safetensors", str(tmp_path / "outside.safetensors"), 7):
+        index.write_text(json.dumps({"weight_map": {keys[0]: outside}}))  # a third-party index may point anywhere
+        with pytest.raises(CheckpointError, match="not a file name beside the index"):
+            load_model(folder)
 
 
 def test_sd1_file_without_text_model_level(saved, tmp_path):
