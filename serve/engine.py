@@ -121,6 +121,18 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name="backdrop-batch-worker", daemon=True)
             self._thread.start()
 
+    def problem(self) -> str | None:
+        """Why this engine cannot serve, or None: its warm-up failed, or its batch worker thread is gone though it was
+        not closed (an exception outside a batch's handling: a bug, a wedged device), so every request would wait for
+        its 504. For health checks: /readyz, and Ray Serve's check_health (serve/ray_serve.py) that replaces such a
+        replica."""
+        if self.error is not None:
+            return f"warm-up failed: {self.error}"
+        thread = self._thread
+        if thread is not None and not thread.is_alive() and not self._closing:
+            return "the batch worker thread has stopped"
+        return None
+
     def begin_shutdown(self) -> None:
         """Stop admitting new work (503, retryable) and say not ready, while what is admitted still runs: the first
         step of a graceful shutdown, before the listener closes (serve/running.py's --shutdown-delay)."""

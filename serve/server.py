@@ -10,26 +10,25 @@
     GET  /v1/models, /v1/models/<id>   the one model served, as OpenAI's Model objects
     GET  /healthz (process up), /readyz (model loaded and warmed up), /metrics (Prometheus text)
 
-Conventions. Edits follow OpenAI: alpha 0 in the mask PNG (or, without a mask, in the image itself) marks what
-to repaint, so an RGBA product cut-out gets a new backdrop and its opaque pixels come back bit-identical
+Conventions. Edits follow OpenAI: alpha 0 in the mask PNG (or, without a mask, in the image itself) marks what to
+repaint, so an RGBA product cut-out gets a new backdrop and its opaque pixels come back bit-identical
 (diffusion/crop_paste.py). Extensions, ignored by OpenAI clients: `seed` (request field; item j gets seed + j) and
 `negative_prompt`; every returned image carries its `seed`. An edit whose mask (or image) has no alpha-0 pixel is
 refused: it marks nothing to edit. response_format defaults to b64_json (gpt-image's behaviour); "url" answers with
-http URLs served by this server for `FileStore.ttl` seconds. Responses carry OpenAI's `created`, `size`,
-`background` ("opaque") and `output_format` ("png"); not `usage` (no tokens are counted) nor `quality`.
-Sizes: generations take a bucket "WxH" with W, H in {native, 2 x native} of the model (512x512, 1024x512, ... for
-SD1.5; 64x64 ... 128x128 for the tiny model) or "auto" (native); edits keep the input image's own size, so
-`size` may only repeat it.
+http URLs served by this server for `FileStore.ttl` seconds (refused when max_files is 0, as behind several Ray Serve
+replicas). Responses carry OpenAI's `created`, `size`, `background` ("opaque") and `output_format` ("png"); not
+`usage` (no tokens are counted) nor `quality`. Sizes: generations take a bucket "WxH" with W, H in {native, 2 x
+native} of the model (512x512, 1024x512, ... for SD1.5; 64x64 ... 128x128 for the tiny model) or "auto" (native);
+edits keep the input image's own size, so `size` may only repeat it.
 
-Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for bad fields and undecodable,
-too small or too large images or mismatched masks; 413 for bodies over the limit (Content-Length checked before
-reading, streamed bodies counted and cut); 429 + Retry-After when the queue is full; 504 past the deadline and
-500 when the model fails on a request alone, both with `x-should-retry: false` (the openai client would otherwise
-queue the same work twice more); 499 (logged only) when the client left, which drops its request from the queue
-and its batch. Bad input never reaches the model: everything a batch needs is validated before it is queued, so
-one request cannot fail another's batch (and should the model fail all the same, the engine runs the batch's
-requests again one by one: engine.py).
-/metrics counts the image and file endpoints' responses, and every routing error and body-limit refusal.
+Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for bad fields and undecodable, too
+small or too large images or mismatched masks; 413 for bodies over the limit (Content-Length checked before reading,
+streamed bodies counted and cut); 429 + Retry-After when the queue is full; 504 past the deadline and 500 when the
+model fails on a request alone, both with `x-should-retry: false` (the openai client would otherwise queue the same
+work twice more); 499 (logged only) when the client left, which drops its request from the queue and its batch. Bad
+input never reaches the model: everything a batch needs is validated before it is queued, so one request cannot fail
+another's batch (and should the model fail all the same, the engine runs the batch's requests again one by one:
+engine.py). /metrics counts the image and file endpoints' responses, and every routing error and body-limit refusal.
 Why Starlette and not FastAPI: we parse every body ourselves (limits, OpenAI error shapes instead of 422s), so
 FastAPI's validation layer would be unused weight; Starlette is the ASGI toolkit FastAPI itself runs on. Measured
 on the 2-core dev box under uvicorn: a JSON /healthz round trip 410-630 req/s vs FastAPI's 310-510 (3 alternating
@@ -101,14 +100,15 @@ class ServerConfig:
     max_image_pixels: int | None = None  # None: (4 x native)^2, e.g. 2048 x 2048 for SD1.5
     max_n: int = 10                      # OpenAI's limit on n
     file_ttl: float = 3600.0             # seconds a "url" image stays downloadable
-    max_files: int = 256                 # images kept for "url" responses (oldest dropped first)
+    max_files: int = 256                 # images kept for "url" responses (oldest dropped first); 0: url refused
+    echo_request_id: bool = True         # X-Request-ID in responses; off behind a proxy that sets it (Ray Serve's)
 
     def __post_init__(self):
         checks = (("max_steps", 1 <= self.max_steps <= MAX_STEPS), ("steps", 1 <= self.steps <= self.max_steps),
                   ("sampler", self.sampler in RECIPES), ("body_timeout", self.body_timeout > 0),
                   ("guidance_scale", self.guidance_scale >= 0), ("max_body_bytes", self.max_body_bytes > 0),
                   ("max_image_pixels", self.max_image_pixels is None or self.max_image_pixels >= MIN_SIDE**2),
-                  ("max_n", self.max_n >= 1), ("file_ttl", self.file_ttl > 0), ("max_files", self.max_files >= 1))
+                  ("max_n", self.max_n >= 1), ("file_ttl", self.file_ttl > 0), ("max_files", self.max_files >= 0))
         for name, ok in checks:
             if not ok:
                 above = " (above max_steps, --max-steps)" if name == "steps" and self.steps > self.max_steps else ""
@@ -130,6 +130,7 @@ class _Handlers:
         self.buckets = size_buckets(native) if static is None else {f"{static[1]}x{static[0]}": tuple(static)}
         self.max_pixels = config.max_image_pixels or (4 * native) ** 2
         self.files = FileStore(config.file_ttl, config.max_files)
+        self.formats = ("b64_json", "url") if config.max_files else ("b64_json",)  # no files kept: url gets a 400
         self.created = int(time.time())  # the model's `created` in /v1/models: loaded just before the app is made
 
     # ---------------------------------------------------------------------------------- shared steps
@@ -298,7 +299,7 @@ class _Handlers:
                                                                                    "negative_prompt")
             n, size = self._n(form_int(fields.get("n"), "n")), fields.get("size")
             seed = self._seed(form_int(fields.get("seed"), "seed"), n)
-            fmt = choice(fields.get("response_format"), "response_format", ("b64_json", "url"), "b64_json")
+            fmt = choice(fields.get("response_format"), "response_format", self.formats, "b64_json")
             image_bytes, mask_bytes = await upload.read(), (await mask.read() if mask is not None else None)
         finally:
             await form.close()
@@ -321,7 +322,7 @@ class _Handlers:
         prompt, negative = text(f.get("prompt"), "prompt", True), text(f.get("negative_prompt"), "negative_prompt")
         n, hw = self._n(f.get("n")), self._size(f.get("size")) or self.engine.native_hw
         seed = self._seed(f.get("seed"), n)
-        fmt = choice(f.get("response_format"), "response_format", ("b64_json", "url"), "b64_json")
+        fmt = choice(f.get("response_format"), "response_format", self.formats, "b64_json")
         cfg = self.config
         items = [Item(prompt, seed + j, negative) for j in range(n)]
         images = await self._run(request, self._key("generate", hw, cfg.steps, cfg.sampler,
@@ -366,7 +367,7 @@ class _Handlers:
             mask_mode=choice(f.get("mask_mode"), "mask_mode", ("max", "diffusers"), DEFAULT["mask_mode"]),
             mask_threshold=number(f.get("mask_threshold"), "mask_threshold", 1e-3, 1.0, None),
             clip_skip=self._clip_skip(f.get("clip_skip")))
-        fmt = choice(f.get("response_format"), "response_format", ("b64_json", "url"), "b64_json")
+        fmt = choice(f.get("response_format"), "response_format", self.formats, "b64_json")
         timeout = seconds(f.get("timeout"), "timeout")
         image_bytes, mask_bytes = b64decode(f["image"], "image"), (b64decode(f[kind], kind) if kind else None)
 
@@ -415,10 +416,10 @@ class _Handlers:
     async def readyz(self, request: Request) -> Response:
         if self.engine.draining.is_set():
             return JSONResponse({"status": "shutting down"}, status_code=503)
+        if (problem := self.engine.problem()) is not None:  # warm-up failed, or the batch worker died
+            return JSONResponse({"status": "error", "error": problem}, status_code=503)
         if self.engine.ready.is_set():
             return JSONResponse({"status": "ready", "model": self.engine.config.model_name})
-        if self.engine.error is not None:
-            return JSONResponse({"status": "error", "error": str(self.engine.error)}, status_code=503)
         return JSONResponse({"status": "warming up"}, status_code=503)
 
     async def metrics_text(self, request: Request) -> Response:
@@ -442,7 +443,8 @@ class _Handlers:
                 response = APIError(500, "internal server error (see the server log)", code="internal_error"
                                     ).response()
             seconds = time.perf_counter() - t0
-            response.headers["x-request-id"] = rid
+            if self.config.echo_request_id:
+                response.headers["x-request-id"] = rid
             path = loggable(request.url.path)
             log.info("%s %s %s %d %.0f ms%s", rid, request.method, path, response.status_code,
                      1000 * seconds, why, extra=dict(request_id=rid, method=request.method, path=path,

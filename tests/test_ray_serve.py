@@ -1,11 +1,19 @@
-"""Scale-out: the server as a Ray Serve deployment with two replicas of a random tiny model, on a local Ray instance
-started on this CPU (kept small: 2 CPUs, half a CPU per replica, one denoising step).
+"""Scale-out: the server as a Ray Serve deployment. Through Ray: two replicas of a random tiny model on a private local
+Ray instance on this CPU (kept small: 2 CPUs, half a CPU per replica, one denoising step), deployed through
+app_builder with strings, as `serve run ... key=value` does. Without Ray: app_builder's parsing, the deployment options
+and the replica's health logic.
 
-Proves the deployment path works end to end: both replicas come up and answer (their pids differ), and the
-official openai client's edit and generate calls go through Ray's HTTP proxy to our batcher inside a replica.
+Proves the deployment path works end to end: both replicas come up warm and answer (their pids differ), the official
+openai client's edit and generate calls go through Ray's HTTP proxy to our batcher inside a replica, our 429 with
+Retry-After reaches the client (Ray does not hold the overflow in its router), "url" is refused behind two replicas,
+X-Request-ID comes back once, and the access line reaches the replica's Ray log. A dead batch worker or a failed
+warm-up fails the replica's health check, its start, and /readyz.
 """
+import asyncio
 import base64
+import glob
 import io
+import os
 import socket
 import time
 
@@ -14,14 +22,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backdrop.nn.checkpoint import init_model, save_model
-from backdrop.nn.config import PRESETS
-from backdrop.serve.engine import EngineConfig
-from backdrop.serve.server import ServerConfig
+from backdrop.serve.engine import Engine, EngineConfig, Item, ServeKey
+from backdrop.serve.ray_serve import (BackdropReplica, builder_args, replica_server_config, serve_options,
+                                      wait_warm)
+from backdrop.serve.running import ServerThread
+from backdrop.serve.server import ServerConfig, create_app
 
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
-openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
                                         "ignore::UserWarning")
 
@@ -32,44 +38,57 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ray_url(tmp_path_factory):
-    from backdrop.serve.ray_serve import build_app
+def _png(rgba: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, "PNG")
+    return buf.getvalue()
 
-    folder = save_model(init_model(PRESETS["tiny-inpaint"], seed=1), tmp_path_factory.mktemp("ray") / "model")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False,
-             configure_logging=False)
+
+def _product() -> np.ndarray:
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., :3] = np.random.default_rng(0).integers(0, 256, (64, 64, 3))
+    rgba[16:48, 16:48, 3] = 255  # the product: opaque square; alpha 0 elsewhere is repainted
+    return rgba
+
+
+# ------------------------------------------------------------------------------------------------- through Ray
+
+@pytest.fixture(scope="module")
+def ray_app(serve_model_dir):
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    from backdrop.serve.ray_serve import app_builder
+
+    # address="local": a private instance, even where a Ray cluster already runs on this machine
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20,
+                       log_to_driver=False, configure_logging=False)
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_app(str(folder), EngineConfig(max_batch_size=4, max_queue_delay_ms=50, max_queue=16),
-                        ServerConfig(steps=1), num_replicas=2, ray_actor_options={"num_cpus": 0.5},
-                        device="cpu", dtype="fp32", torch_threads=1)
+        app = app_builder({"model": str(serve_model_dir), "num_replicas": "2", "num_cpus": "0.5", "device": "cpu",
+                           "dtype": "fp32", "torch_threads": "1", "max_batch_size": "2", "max_queue": "4",
+                           "max_queue_delay_ms": "50", "steps": "1", "max_steps": "400", "request_timeout": "20",
+                           "body_timeout": "10"})
         serve.run(app, name="backdrop", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", serve, context.address_info["session_dir"]
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def test_two_replicas_serve_the_openai_endpoints(ray_url):
-    end = time.monotonic() + 120
-    while httpx.get(f"{ray_url}/readyz", timeout=30).status_code != 200:  # warm-up runs after the replica starts
-        assert time.monotonic() < end, "no replica became ready"
-        time.sleep(0.2)
+def test_two_replicas_serve_the_openai_endpoints(ray_app):
+    openai = pytest.importorskip("openai")
+    url, serve, session = ray_app
     assert serve.status().applications["backdrop"].deployments["backdrop"].replica_states.get("RUNNING") == 2
-    # Ray's router picks between two idle replicas at random: 40 tries all landing on one is ~1e-12
-    pids = {httpx.get(f"{ray_url}/healthz", timeout=30).json()["pid"] for _ in range(40)}
+    # a replica is RUNNING only once warm; Ray's router picks between two idle replicas at random: 40 tries all
+    # landing on one is ~1e-12
+    assert {httpx.get(f"{url}/readyz", timeout=30).status_code for _ in range(20)} == {200}
+    pids = {httpx.get(f"{url}/healthz", timeout=30).json()["pid"] for _ in range(40)}
     assert len(pids) == 2
 
-    rgba = np.zeros((64, 64, 4), np.uint8)
-    rgba[..., :3] = np.random.default_rng(0).integers(0, 256, (64, 64, 3))
-    rgba[16:48, 16:48, 3] = 255  # the product: opaque square; alpha 0 elsewhere is repainted
-    buf = io.BytesIO()
-    Image.fromarray(rgba, "RGBA").save(buf, "PNG")
-    client = openai.OpenAI(base_url=f"{ray_url}/v1", api_key="x", max_retries=0, timeout=120)
-    r = client.images.edit(image=("p.png", buf.getvalue(), "image/png"), prompt="a table", n=2,
-                           extra_body={"seed": 3})
+    rgba = _product()
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+    r = client.images.edit(image=("p.png", _png(rgba), "image/png"), prompt="a table", n=2, extra_body={"seed": 3})
     assert [d.model_extra["seed"] for d in r.data] == [3, 4]
     out = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).convert("RGB"))
     np.testing.assert_array_equal(out[16:48, 16:48], rgba[16:48, 16:48, :3])  # kept pixels exact through Ray
@@ -78,3 +97,163 @@ def test_two_replicas_serve_the_openai_endpoints(ray_url):
     # errors keep OpenAI's shape through the proxy
     with pytest.raises(openai.BadRequestError):
         client.images.generate(prompt="a table", size="100x100")
+    # behind two replicas a url file would live in one of them: refused, saying what to use
+    with pytest.raises(openai.BadRequestError, match="b64_json"):
+        client.images.generate(prompt="a table", size="64x64", response_format="url")
+
+    # X-Request-ID once (Ray's proxy sets it; the app no longer adds it again), and logged in the replica's Ray log
+    r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a shelf", "size": "64x64"},
+                   headers={"x-request-id": "ray-test-7"}, timeout=60)
+    assert r.status_code == 200 and r.headers.get_list("x-request-id") == ["ray-test-7"]
+    line = "ray-test-7 POST /v1/images/generations 200"
+
+    def logged() -> bool:
+        for path in glob.glob(os.path.join(session, "logs", "serve", "replica_backdrop_backdrop_*.log")):
+            with open(path, errors="replace") as f:
+                if line in f.read():
+                    return True
+        return False
+    end = time.monotonic() + 10
+    while not logged():
+        assert time.monotonic() < end, "the access line is in no replica log"
+        time.sleep(0.2)
+
+
+def test_the_replicas_429_passes_through_ray(ray_app):
+    """Queues of 4 images, batches of 2. Two long requests of 4 images each fill both replicas' queues (2 running, 2
+    queued), or the second meets a full queue; a third of 3 images then finds no room: some request gets our 429
+    with Retry-After from a replica, none is held in Ray's router until it times out."""
+    url = ray_app[0]
+    body = {"image": base64.b64encode(_png(_product())).decode(), "prompt": "a table", "timeout": 15}
+
+    async def go():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            long = [asyncio.create_task(c.post("/v1/inpaint", json=dict(body, n=4, steps=400))) for _ in range(2)]
+            await asyncio.sleep(1.0)  # both admitted; their first batches of 2 x 400 steps take several seconds
+            t0 = time.monotonic()
+            late = await c.post("/v1/inpaint", json=dict(body, n=3))
+            seconds = time.monotonic() - t0
+            answered = [t.result() for t in long if t.done()]
+            for t in long:  # the client goes away: Ray cancels the handler, the engine drops the work
+                t.cancel()
+            await asyncio.gather(*long, return_exceptions=True)
+        return answered + [late], seconds
+    responses, seconds = asyncio.run(go())
+    refused = [r for r in responses if r.status_code == 429]
+    assert refused, [(r.status_code, r.text[:200]) for r in responses]
+    for r in refused:
+        assert r.json()["error"]["code"] == "queue_full" and int(r.headers["retry-after"]) >= 1
+    assert seconds < 5  # answered at once, by a replica
+
+
+# ------------------------------------------------------------------------------------------------- without Ray
+
+class Breaks:
+    """The module's Pipeline, except that its warm-up fails (as a CUDA OOM during graph capture would) or that a
+    prompt "kill-worker" ends the batch worker thread (an exception outside a batch's handling)."""
+
+    def __init__(self, pipe, warm_up_fails: bool = False):
+        self.pipe, self.warm_up_fails = pipe, warm_up_fails
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def _check(self, prompt):
+        if self.warm_up_fails:
+            raise RuntimeError("CUDA out of memory (injected)")
+        if "kill-worker" in prompt:
+            raise SystemExit("the worker dies (injected)")
+
+    def generate(self, prompt, **kwargs):
+        self._check(prompt)
+        return self.pipe.generate(prompt, **kwargs)
+
+    def inpaint(self, image, prompt, **kwargs):
+        self._check(prompt)
+        return self.pipe.inpaint(image, prompt=prompt, **kwargs)
+
+
+def test_a_dead_batch_worker_fails_check_health_and_readyz(serve_pipe):
+    engine = Engine(Breaks(serve_pipe), EngineConfig(request_timeout=30), warmup=False)
+    replica = object.__new__(BackdropReplica)  # its health logic, without loading a model in __init__
+    replica.engine = engine
+    srv = ServerThread(create_app(engine, ServerConfig(steps=1))).start()
+    try:
+        end = time.monotonic() + 30
+        while httpx.get(f"{srv.url}/readyz").status_code != 200:  # the worker starts with the app's lifespan
+            assert time.monotonic() < end, "not ready"
+            time.sleep(0.05)
+        replica.check_health()
+        engine.submit(ServeKey("generate", 64, 64, 1, "dpmpp-2m", "backdrop"), [Item("kill-worker", 0)], lambda: None)
+        end = time.monotonic() + 30
+        while engine.problem() is None:
+            assert time.monotonic() < end, "the worker did not stop"
+            time.sleep(0.05)
+        with pytest.raises(RuntimeError, match="batch worker thread has stopped"):
+            replica.check_health()
+        r = httpx.get(f"{srv.url}/readyz")
+        assert r.status_code == 503 and r.json() == {"status": "error", "error": "the batch worker thread has stopped"}
+    finally:
+        srv.stop()
+    assert engine.problem() is None  # closed on purpose: no longer a fault
+
+
+def test_a_replica_starts_only_warm_and_a_failed_warm_up_fails_it(serve_pipe):
+    engine = Engine(Breaks(serve_pipe, warm_up_fails=True), EngineConfig())
+    with pytest.raises(RuntimeError, match="warm-up failed: CUDA out of memory"):
+        wait_warm(engine, poll=0.05)
+    replica = object.__new__(BackdropReplica)
+    replica.engine = engine
+    with pytest.raises(RuntimeError, match="warm-up failed"):
+        replica.check_health()
+    engine.close(10)
+    engine = Engine(serve_pipe, EngineConfig())
+    wait_warm(engine, poll=0.05)
+    assert engine.ready.is_set() and engine.problem() is None
+    engine.close(10)
+
+
+def test_app_builder_arguments():
+    """`serve run` passes strings, a config file YAML-typed values: both become build_app's arguments."""
+    got = builder_args({"model": "/m", "num_replicas": "auto", "max_replicas": "4", "min_replicas": 1,
+                        "num_gpus": "0.5", "max_batch_size": "4", "max_queue": 16, "steps": "20",
+                        "adaptive_delay": "false", "url_responses": "yes", "max_queued_requests": "10",
+                        "graceful_shutdown_timeout_s": "120", "torch_threads": "2", "dtype": "fp16",
+                        "cuda_graphs": False})
+    assert got == dict(model="/m", num_replicas="auto", ray_actor_options={"num_gpus": 0.5},
+                       deployment_options={"max_queued_requests": 10, "graceful_shutdown_timeout_s": 120.0,
+                                           "autoscaling_config": {"min_replicas": 1, "max_replicas": 4}},
+                       engine_config=EngineConfig(max_batch_size=4, max_queue=16, adaptive_delay=False),
+                       server_config=ServerConfig(steps=20), url_responses=True, torch_threads=2, dtype="fp16",
+                       cuda_graphs=False)
+    assert builder_args({"model": "m", "num_replicas": "3"})["num_replicas"] == 3
+    for args, message in (({"num_replicas": "2"}, "give model=PATH"), ({"model": "m", "lora": "x.safetensors"},
+                          r"unknown arguments \['lora'\]"), ({"model": "m", "adaptive_delay": "ture"}, "true or false"),
+                          ({"model": "m", "max_queue": "0"}, "max_queue = 0 is out of range")):
+        with pytest.raises(ValueError, match=message):
+            builder_args(args)
+
+
+def test_deployment_options_follow_the_engine():
+    engine = EngineConfig(max_batch_size=8, max_queue=64, request_timeout=300)
+    server = ServerConfig(body_timeout=60)
+    one = serve_options(engine, server)
+    assert one == dict(num_replicas=1, ray_actor_options={}, max_ongoing_requests=64 + 8 + 8, max_queued_requests=80,
+                       graceful_shutdown_timeout_s=300 + 60 + 10)
+    auto = serve_options(engine, server, "auto", {"num_gpus": 1}, {"autoscaling_config": {"max_replicas": 4},
+                                                                   "max_queued_requests": 100})
+    assert auto["autoscaling_config"] == {"target_ongoing_requests": 8, "max_replicas": 4}
+    assert auto["num_replicas"] == "auto" and auto["max_queued_requests"] == 100
+    implied = serve_options(engine, server, None, None, {"autoscaling_config": {"target_ongoing_requests": 3}})
+    assert implied["num_replicas"] == "auto" and implied["autoscaling_config"] == {"target_ongoing_requests": 3}
+    with pytest.raises(ValueError, match="give one of them"):
+        serve_options(engine, server, 2, None, {"autoscaling_config": {"max_replicas": 4}})
+
+    # url responses only where one replica serves them all; X-Request-ID left to Ray's proxy
+    assert replica_server_config(server, one) == ServerConfig(body_timeout=60, echo_request_id=False)
+    assert replica_server_config(server, serve_options(engine, server, 2)).max_files == 0
+    assert replica_server_config(server, auto).max_files == 0
+    assert replica_server_config(server, serve_options(engine, server, 2), url_responses=True).max_files == 256
+    capped = serve_options(engine, server, "auto", None, {"autoscaling_config": {"max_replicas": 1}})
+    assert replica_server_config(server, capped).max_files == 256
+    assert replica_server_config(server, one, url_responses=False).max_files == 0
