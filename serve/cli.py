@@ -57,8 +57,14 @@ def add_parser(subparsers) -> None:
     net.add_argument("--max-connections", type=int, default=None, metavar="N",
                      help="open connections at most; a new one past it is answered 503 at once, so that slow or "
                           "idle clients cannot take every file descriptor (default: no limit)")
+    net.add_argument("--allowed-origins", default="", metavar="ORIGINS",
+                     help="web pages (origins, e.g. https://tool.example.com, comma-separated, or '*') whose "
+                          "browsers may call the server; requests with any other Origin header get 403, so that a "
+                          "page a user visits cannot drive this unauthenticated server (default: none; API clients "
+                          "send no Origin)")
     net.add_argument("--max-files", type=int, default=256, metavar="N",
-                     help="images kept for response_format=url, the oldest dropped first (default: %(default)s)")
+                     help="images kept for response_format=url, the oldest dropped first; 0 turns url responses "
+                          "off (default: %(default)s)")
     net.add_argument("--file-ttl", type=float, default=3600, metavar="S",
                      help="seconds a url image stays downloadable (default: %(default)s)")
     net.add_argument("--shutdown-delay", type=float, default=0, metavar="S",
@@ -138,7 +144,9 @@ def _serve(args: argparse.Namespace) -> int:
         server_config = ServerConfig(steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
                                      clip_skip=args.clip_skip, max_body_bytes=int(args.max_body_mb * 2**20),
                                      max_steps=args.max_steps, body_timeout=args.body_timeout,
-                                     max_files=args.max_files, file_ttl=args.file_ttl)
+                                     max_files=args.max_files, file_ttl=args.file_ttl,
+                                     allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",")
+                                                           if o.strip()))
     except ValueError as e:  # "EngineConfig.max_queue = 0 is out of range" -> the flag's name
         field = str(e).split(".", 1)[1].split(" ", 1)[0]
         raise CLIError(f"--{field.replace('_', '-')}: {str(e).split(' = ', 1)[1]}") from None

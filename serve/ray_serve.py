@@ -246,6 +246,8 @@ def builder_args(args: dict) -> dict:
     def cast(default, text):  # to the field's type
         if isinstance(default, bool):
             return _flag(text)
+        if isinstance(default, tuple):  # allowed_origins: a YAML list, or "a,b" on the command line
+            return tuple(text) if isinstance(text, (list, tuple)) else tuple(t.strip() for t in str(text).split(","))
         return int(text) if default is None else type(default)(text)
 
     def config(cls):

@@ -13,15 +13,16 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["bind", "run", "uvicorn_config", "head_deadline", "configure_logging", "JsonFormatter", "ServerThread", "DelayedExit"]
+__all__ = ["bind", "run", "uvicorn_config", "head_deadline", "configure_logging", "JsonFormatter", "ServerThread",
+           "DelayedExit"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object a line (log shippers' format): time (ISO 8601, UTC), level, logger, message, the access
-    line's fields when it is one (request_id, method, path, status, ms, error), and the traceback if any."""
-    FIELDS = ("request_id", "method", "path", "status", "ms", "error")
+    line's fields when it is one (request_id, client, method, path, status, ms, error), and the traceback if any."""
+    FIELDS = ("request_id", "client", "method", "path", "status", "ms", "error")
 
     def format(self, record: logging.LogRecord) -> str:
         out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{record.msecs:03.0f}Z",
@@ -86,9 +87,10 @@ def uvicorn_config(app, log_level: str = "info", keep_alive: float = 5, drain_ti
 
 class HeadDeadline(H11Protocol):
     """uvicorn's h11 protocol (whose parser answers 400 to a request head still incomplete past 16 KiB, so a head
-    is at most that plus one read; its httptools one, the default where installed, takes heads of any size), closing a connection whose request head is not complete
-    `seconds` after the connection opened or the head's first byte came: uvicorn has no such deadline, so a client
-    that sends half a head and waits (slowloris) held its connection forever. Idle keep-alive connections are
+    is at most that plus one read; its httptools one, the default where installed, takes heads of any size), closing
+    a connection whose request head is not complete `seconds` after the connection opened or the head's first byte
+    came: uvicorn has no such deadline, so a client that sends half a head and waits (slowloris) held its
+    connection forever. Idle keep-alive connections are
     uvicorn's (timeout_keep_alive); bodies are BodyLimit's (serve/body_limit.py)."""
     seconds = 60.0
 

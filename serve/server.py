@@ -43,7 +43,6 @@ import json
 import logging
 import math
 import os
-import re
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -62,6 +61,7 @@ from backdrop.diffusion.pipeline import Pipeline
 from backdrop.diffusion.samplers import check_eta
 from backdrop.diffusion.schedule import RECIPES, build_schedule
 from backdrop.diffusion.text import check_clip_skip, clip_cut
+from backdrop.serve.access import BrowserGuard, ClientGone, endpoint
 from backdrop.serve.batcher import QueueFull, ShuttingDown
 from backdrop.serve.body_limit import BodyLimit, BodyTimeout, BodyTooLarge
 from backdrop.serve.engine import Engine, Item, ServeKey
@@ -77,7 +77,6 @@ log = logging.getLogger("backdrop.serve")
 
 POLL_SECONDS = 0.25         # how often a waiting handler checks whether its client is still connected
 MAX_JSON_CONTAINERS = 1000  # objects and arrays a JSON body may hold (a request has a few dozen)
-REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")  # an X-Request-ID taken as sent; any other gets our own
 MAX_FILE_PARTS = 17         # OpenAI's 16 images and a mask: more is the parser's error, fewer get ours (one image)
 NO_RETRY = {"x-should-retry": "false"}  # the openai client retries any 5xx twice unless told not to
 EDIT_FIELDS = ("mask", "prompt", "n", "size", "response_format", "seed", "negative_prompt") + OPENAI_OUTPUT
@@ -102,6 +101,7 @@ class ServerConfig:
     file_ttl: float = 3600.0             # seconds a "url" image stays downloadable
     max_files: int = 256                 # images kept for "url" responses (oldest dropped first); 0: url refused
     echo_request_id: bool = True         # X-Request-ID in responses; off behind a proxy that sets it (Ray Serve's)
+    allowed_origins: tuple[str, ...] = ()  # browser origins served ("*": any); other requests with an Origin: 403
 
     def __post_init__(self):
         checks = (("max_steps", 1 <= self.max_steps <= MAX_STEPS), ("steps", 1 <= self.steps <= self.max_steps),
@@ -113,10 +113,6 @@ class ServerConfig:
             if not ok:
                 above = " (above max_steps, --max-steps)" if name == "steps" and self.steps > self.max_steps else ""
                 raise ValueError(f"ServerConfig.{name} = {getattr(self, name)!r} is out of range{above}")
-
-
-class ClientGone(Exception):
-    pass
 
 
 # ------------------------------------------------------------------------------------------------- the app
@@ -183,6 +179,13 @@ class _Handlers:
         options.setdefault("clip_skip", self.config.clip_skip)
         return ServeKey(kind, hw[0], hw[1], steps, sampler, self.engine.config.model_name,
                         options=tuple(sorted(options.items())))
+
+    def _format(self, value) -> str:
+        if value == "url" and "url" not in self.formats:
+            raise APIError(400, "response_format url is off on this server (no images are kept: max_files 0, as "
+                                "behind several Ray Serve replicas, where the download could reach another one); use "
+                                "b64_json", param="response_format", code="invalid_value")
+        return choice(value, "response_format", self.formats, "b64_json")
 
     @staticmethod
     def _media_type(request: Request) -> str:
@@ -299,7 +302,7 @@ class _Handlers:
                                                                                    "negative_prompt")
             n, size = self._n(form_int(fields.get("n"), "n")), fields.get("size")
             seed = self._seed(form_int(fields.get("seed"), "seed"), n)
-            fmt = choice(fields.get("response_format"), "response_format", self.formats, "b64_json")
+            fmt = self._format(fields.get("response_format"))
             image_bytes, mask_bytes = await upload.read(), (await mask.read() if mask is not None else None)
         finally:
             await form.close()
@@ -322,7 +325,7 @@ class _Handlers:
         prompt, negative = text(f.get("prompt"), "prompt", True), text(f.get("negative_prompt"), "negative_prompt")
         n, hw = self._n(f.get("n")), self._size(f.get("size")) or self.engine.native_hw
         seed = self._seed(f.get("seed"), n)
-        fmt = choice(f.get("response_format"), "response_format", self.formats, "b64_json")
+        fmt = self._format(f.get("response_format"))
         cfg = self.config
         items = [Item(prompt, seed + j, negative) for j in range(n)]
         images = await self._run(request, self._key("generate", hw, cfg.steps, cfg.sampler,
@@ -367,7 +370,7 @@ class _Handlers:
             mask_mode=choice(f.get("mask_mode"), "mask_mode", ("max", "diffusers"), DEFAULT["mask_mode"]),
             mask_threshold=number(f.get("mask_threshold"), "mask_threshold", 1e-3, 1.0, None),
             clip_skip=self._clip_skip(f.get("clip_skip")))
-        fmt = choice(f.get("response_format"), "response_format", self.formats, "b64_json")
+        fmt = self._format(f.get("response_format"))
         timeout = seconds(f.get("timeout"), "timeout")
         image_bytes, mask_bytes = b64decode(f["image"], "image"), (b64decode(f[kind], kind) if kind else None)
 
@@ -425,48 +428,10 @@ class _Handlers:
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
-    def endpoint(self, name: str, handler):
-        """APIError -> its response; anything unexpected -> 500 (logged); status and latency into metrics; one
-        access line a request (its X-Request-ID, taken or made, echoed in the response), with why it failed."""
-        async def handle(request: Request) -> Response:
-            t0, rid, why = time.perf_counter(), request.headers.get("x-request-id", ""), ""
-            if not REQUEST_ID.fullmatch(rid):  # logged and echoed: no control characters, no megabytes
-                rid = secrets.token_hex(8)
-            try:
-                response = await handler(request)
-            except APIError as e:
-                response, why = e.response(), f": {e.code or e.status} {loggable(clip(e.message))}"
-            except (ClientGone, ClientDisconnect):  # left while queued, or while still sending its body: nginx's
-                response, why = Response(status_code=499), ": the client went away"  # 499, which nobody reads
-            except Exception:
-                log.exception("%s %s failed", rid, name)
-                response = APIError(500, "internal server error (see the server log)", code="internal_error"
-                                    ).response()
-            seconds = time.perf_counter() - t0
-            if self.config.echo_request_id:
-                response.headers["x-request-id"] = rid
-            path = loggable(request.url.path)
-            log.info("%s %s %s %d %.0f ms%s", rid, request.method, path, response.status_code,
-                     1000 * seconds, why, extra=dict(request_id=rid, method=request.method, path=path,
-                                                     status=response.status_code, ms=round(1000 * seconds, 1),
-                                                     error=why.removeprefix(": ") or None))
-            self.metrics.requests.inc(endpoint=name, code=str(response.status_code))
-            self.metrics.latency.observe(seconds, endpoint=name)
-            return response
-        handle.__name__ = name  # its Route's name, which labels the metrics of responses given before it runs
-        return handle
-
-
-def loggable(text: str, limit: int = 200) -> str:
-    """A client's text for a log line: control characters (terminal escapes, and the VT/FF/NEL/U+2028 that log
-    shippers split lines at) escaped, at most `limit` characters."""
-    text = text if len(text) <= limit else text[:limit - 1] + "…"
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
 
 def create_app(engine: Engine, config: ServerConfig = ServerConfig()):
     """The ASGI app. Its lifespan starts the engine's worker (warm-up, then batches) and, at shutdown, drains
-    the queue. Returns the app wrapped in the body-size limit."""
+    the queue. Returns the app wrapped in the body-size limit and the browser guard (serve/access.py)."""
     h = _Handlers(engine, config)
 
     @asynccontextmanager
@@ -486,14 +451,17 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()):
         return APIError(exc.status_code, str(exc.detail), headers=exc.headers,  # 405: Allow
                         code={404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)).response()
 
-    routes = [Route("/v1/images/edits", h.endpoint("edits", h.edits), methods=["POST"]),
-              Route("/v1/images/generations", h.endpoint("generations", h.generations), methods=["POST"]),
-              Route("/v1/inpaint", h.endpoint("inpaint", h.inpaint), methods=["POST"]),
-              Route("/v1/files/{name}", h.endpoint("files", h.download), methods=["GET"]),
-              Route("/v1/models", h.endpoint("models", h.models), methods=["GET"]),
-              Route("/v1/models/{model:path}", h.endpoint("models", h.model), methods=["GET"]),
+    def api(name, handler):
+        return endpoint(name, handler, h.metrics, config.echo_request_id)
+    routes = [Route("/v1/images/edits", api("edits", h.edits), methods=["POST"]),
+              Route("/v1/images/generations", api("generations", h.generations), methods=["POST"]),
+              Route("/v1/inpaint", api("inpaint", h.inpaint), methods=["POST"]),
+              Route("/v1/files/{name}", api("files", h.download), methods=["GET"]),
+              Route("/v1/models", api("models", h.models), methods=["GET"]),
+              Route("/v1/models/{model:path}", api("models", h.model), methods=["GET"]),
               Route("/healthz", h.healthz, methods=["GET"]),
               Route("/readyz", h.readyz, methods=["GET"]),
               Route("/metrics", h.metrics_text, methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
-    return BodyLimit(app, config.max_body_bytes, count, config.body_timeout)
+    return BrowserGuard(BodyLimit(app, config.max_body_bytes, count, config.body_timeout), config.allowed_origins,
+                        count)

@@ -105,12 +105,10 @@ def test_two_replicas_serve_the_openai_endpoints(ray_app):
     r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a shelf", "size": "64x64"},
                    headers={"x-request-id": "ray-test-7"}, timeout=60)
     assert r.status_code == 200 and r.headers.get_list("x-request-id") == ["ray-test-7"]
-    line = "ray-test-7 POST /v1/images/generations 200"
-
-    def logged() -> bool:
+    def logged() -> bool:  # "ray-test-7 <client> POST /v1/images/generations 200 ..."
         for path in glob.glob(os.path.join(session, "logs", "serve", "replica_backdrop_backdrop_*.log")):
             with open(path, errors="replace") as f:
-                if line in f.read():
+                if any("ray-test-7 " in ln and "POST /v1/images/generations 200" in ln for ln in f):
                     return True
         return False
     end = time.monotonic() + 10
@@ -227,6 +225,9 @@ def test_app_builder_arguments():
                        server_config=ServerConfig(steps=20), url_responses=True, torch_threads=2, dtype="fp16",
                        cuda_graphs=False)
     assert builder_args({"model": "m", "num_replicas": "3"})["num_replicas"] == 3
+    for origins in ("https://a.example, https://b.example", ["https://a.example", "https://b.example"]):
+        assert builder_args({"model": "m", "allowed_origins": origins})["server_config"].allowed_origins == (
+            "https://a.example", "https://b.example")
     for args, message in (({"num_replicas": "2"}, "give model=PATH"), ({"model": "m", "lora": "x.safetensors"},
                           r"unknown arguments \['lora'\]"), ({"model": "m", "adaptive_delay": "ture"}, "true or false"),
                           ({"model": "m", "max_queue": "0"}, "max_queue = 0 is out of range")):

@@ -182,3 +182,21 @@ def test_hostile_ids_paths_and_json_stay_small(server, caplog):
     assert not any("aaaa" in m for m in messages)
     line = next(m for m in messages if "/v1/models/x" in m)
     assert "\\x1b[2J\\x0bFAKE\\x85NEL" in line and line.isprintable(), line
+
+
+def test_browsers_are_refused_unless_their_origin_is_allowed(serve_pipe):
+    """A web page could make a visitor's browser POST to this unauthenticated server (a multipart edit needs no CORS
+    preflight): a request with an Origin header gets 403 unless --allowed-origins lists it; API clients send none."""
+    engine = Engine(serve_pipe, EngineConfig(), warmup=False)
+    for allowed, origin, status in (((), "http://evil.example", 403), (("https://tool.example",), "https://tool.example",
+                                    200), (("https://tool.example",), "http://evil.example", 403), ((), None, 200),
+                                    (("*",), "http://any.example", 200)):
+        srv = ServerThread(create_app(engine, ServerConfig(steps=STEPS, allowed_origins=allowed))).start()
+        try:
+            r = httpx.get(f"{srv.url}/v1/models", headers={"origin": origin} if origin else {})
+            assert r.status_code == status, (allowed, origin, r.text)
+            if status == 403:
+                assert r.json()["error"]["code"] == "origin_not_allowed" and "--allowed-origins" in r.text
+                assert 'endpoint="models",code="403"' in metrics(srv)
+        finally:
+            srv.stop()
