@@ -90,8 +90,8 @@ class HeadDeadline(H11Protocol):
     is at most that plus one read; its httptools one, the default where installed, takes heads of any size), closing
     a connection whose request head is not complete `seconds` after the connection opened or the head's first byte
     came: uvicorn has no such deadline, so a client that sends half a head and waits (slowloris) held its
-    connection forever. Idle keep-alive connections are
-    uvicorn's (timeout_keep_alive); bodies are BodyLimit's (serve/body_limit.py)."""
+    connection forever. Idle keep-alive connections are uvicorn's (timeout_keep_alive); bodies are BodyLimit's
+    (serve/body_limit.py)."""
     seconds = 60.0
 
     def connection_made(self, transport) -> None:
