@@ -1,7 +1,7 @@
 """Prometheus metrics for the server, written by hand in the text exposition format (version 0.0.4).
 
-Why not prometheus-client: we need four metric types' worth of text and nothing of its process collectors,
-multiprocess mode or global default registry (a module-level registry would be shared state between the test's
+Why not prometheus-client: we need four metric types' worth of text and six /proc reads (its process collector's
+families, process_metrics below), not its multiprocess mode or global default registry (a module-level registry would be shared state between the test's
 servers). The format is small and stable: https://prometheus.io/docs/instrumenting/exposition_formats/
 
     # HELP backdrop_batch_size Items per UNet batch.
@@ -132,7 +132,7 @@ def _proc(read: Callable[[], float]) -> Callable[[], float | None]:
     def fn():
         try:
             return read()
-        except (OSError, ValueError, IndexError):  # not Linux (no /proc), or an unexpected format
+        except (OSError, ValueError, IndexError, StopIteration):  # not Linux (no /proc), or an unexpected format
             return None
     return fn
 
