@@ -17,10 +17,10 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 from backdrop.cli import CLIError, one_line
+from backdrop.fsio import usual_permissions
 from backdrop.messages import some
 
 __all__ = ["Job", "Task", "read_jobs", "plan", "parameters", "write"]
@@ -246,7 +246,7 @@ def write(image, task: Task, text: str) -> None:
         tmp = Path(name)
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info, **({"icc_profile": task.job.icc} if task.job.icc else {}))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; an output gets the usual permissions
+        usual_permissions(tmp)  # mkstemp makes it 0600
         os.replace(tmp, task.path)
     except OSError as e:
         if tmp is not None:
@@ -257,9 +257,3 @@ def write(image, task: Task, text: str) -> None:
             tmp.unlink(missing_ok=True)
         raise
 
-
-@lru_cache(maxsize=1)
-def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it: put it back at once
-    os.umask(mask)
-    return mask

@@ -50,6 +50,7 @@ from torch import nn
 from backdrop.export.onnx_folder import (COMPONENTS, FORMAT, MANIFEST, GraphSpec, OnnxExport,  # noqa: F401
                                          check_replaceable, digest, export_layout, graph_specs, load_export,
                                          swap_in, write_json)
+from backdrop.fsio import usual_permissions
 from backdrop.nn.checkpoint import Model, config_to_dict, diffusers_configs
 from backdrop.nn.config import ModelConfig
 
@@ -428,21 +429,12 @@ def export_onnx(model: Model, out, *, dtype: str = "fp32", static_hw: tuple[int,
         write_json(tmp / MANIFEST, {"format": FORMAT, "opset": opset, "dtype": dtype,
                                      "static_hw": list(static_hw) if static_hw else None,
                                      "versions": _versions(), "components": entries})
-        _usual_permissions(tmp)
+        usual_permissions(tmp)
         swap_in(tmp, out, MANIFEST)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _usual_permissions(root: Path) -> None:
-    """mkdtemp makes 0700 folders and onnx writes its .data files 0600; give the export the modes a plain
-    mkdir/open would (umask applied), so that a server running as another user can read it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [root, *root.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _versions() -> dict:

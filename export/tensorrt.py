@@ -24,6 +24,7 @@ from backdrop.export.onnx_folder import (ANY, COMPONENTS, FILE, MANIFEST, GraphS
 from backdrop.export.trt_plan import (BuildError, Profile, Range, RefitError, ShapeBucket, ShapeError,
                                       default_buckets, parse_bucket, precision_plan, profiles_for, refit_arrays,
                                       select_profile)
+from backdrop.fsio import usual_permissions
 from backdrop.nn.config import ModelConfig
 
 __all__ = ["Range", "ShapeBucket", "Profile", "ShapeError", "RefitError", "BuildError", "parse_bucket",
@@ -131,6 +132,7 @@ def build_engines(onnx_dir, out, buckets: list[ShapeBucket] | None = None, preci
             "format": 1, "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(), "compute_capability": cc,
             "precision": precision, "strongly_typed": typed, "onnx_export": str(Path(onnx_dir).resolve()),
             "buckets": [asdict(b) for b in buckets], "components": entries}, indent=1))
+        usual_permissions(tmp)
         swap_in(tmp, out, TRT_MANIFEST)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

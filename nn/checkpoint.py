@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..fsio import usual_permissions
 from ..messages import some
 from .clip import TextEncoder
 from .config import (PREDICTION_TYPES, ModelConfig, SchedulerConfig, TextConfig, UNetConfig, VAEConfig,
@@ -406,9 +407,11 @@ def save_model(model: Model, path, layout: str = "diffusers") -> Path:
         if layout == "ldm":
             tensors = to_ldm(model.config, {c: m.state_dict() for c, m in model.modules().items()})
             _safetensors(tensors, tmp / path.name, {METADATA_KEY: json.dumps(config_to_dict(model.config))})
+            usual_permissions(tmp / path.name)
             os.replace(tmp / path.name, path)
         else:  # a folder cannot be renamed over a folder: move the old one aside for the instant of the swap
             _write_folder(model, tmp)
+            usual_permissions(tmp)
             if path.exists():
                 os.replace(path, old)
             os.replace(tmp, path)

@@ -8,6 +8,7 @@
 """
 import dataclasses
 import json
+import os
 import re
 import shutil
 import struct
@@ -461,3 +462,18 @@ def test_mask_conditioned_vae_folder(tmp_path):
         assert torch.equal(v, sd[k]) and torch.equal(ref.state_dict()[k], sd[k]), k
     with pytest.raises(CheckpointError, match="diffusers folder"):
         save_model(model, tmp_path / "m.safetensors", layout="ldm")
+
+
+def test_saved_models_and_checkpoints_have_the_usual_permissions(saved, tmp_path):
+    """safetensors writes 0600 files and mkdtemp makes 0700 folders: a model, an LDM file or a training checkpoint
+    a colleague on the machine could not read. They get 0666 / 0777 less the umask, as open / mkdir give."""
+    from backdrop.train.checkpointing import save_checkpoint
+
+    model, _ = saved
+    umask = os.umask(0)
+    os.umask(umask)
+    made = [save_model(model, tmp_path / "folder"), save_model(model, tmp_path / "m.safetensors", layout="ldm"),
+            save_checkpoint(tmp_path / "ckpt", 3, {"w": torch.zeros(2)}, {"step": 3})]
+    for root in made:
+        for p in [root, *root.rglob("*")] if root.is_dir() else [root]:
+            assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~umask, p

@@ -386,7 +386,11 @@ def test_clip_overfits_and_writes_image_encoder(tmp_path):
     model = tiny()
     data = make_dataset("synthetic:8", 64)
     batch = collate([data[i] for i in range(8)])
-    stage = ClipStage(model, vision_config(64, 64, width=64, layers=2, heads=2, patch_size=16))
+    vision = vision_config(64, 64, width=64, layers=2, heads=2, patch_size=16)
+    stage = ClipStage(model, vision)
+    for seed, same in ((0, True), (1, False)):  # --seed decides the new vision tower (it drew from the global RNG)
+        other = ClipStage(model, vision, seed=seed).clip.state_dict()
+        assert all(torch.equal(v, other[k]) for k, v in stage.clip.state_dict().items()) is same
     before = fixed_loss(stage, stage.trainable(), batch)
     trainer = fit(stage, data, tmp_path / "run", steps=30, lr=2e-3)
     after = fixed_loss(stage, trainer.module, batch)

@@ -37,6 +37,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..fsio import usual_permissions
 from ..nn.checkpoint import Model
 from ..diffusion.masks import masked_image
 from .data import collate, product_repaint_mask
@@ -157,6 +158,7 @@ def build_cache(model: Model, dataset, out: str | os.PathLike, *, batch_size: in
                             "text_encoder": fingerprint(model.text_encoder)},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        usual_permissions(tmp)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)

@@ -17,6 +17,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..fsio import usual_permissions
+
 PREFIX = "step-"
 
 
@@ -53,6 +55,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, torch
         tmp.mkdir()
         _write_synced(tmp / "state.safetensors", lambda p: save_file(plain, str(p)))
         _write_synced(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta)))
+        usual_permissions(tmp)
         _fsync_dir(tmp)
     except (OSError, SafetensorError) as e:  # safetensors reports I/O errors (a full disk) as SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)  # give the space back at once

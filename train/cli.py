@@ -204,7 +204,7 @@ def _stage(args, name: str, model, data, size: int, device, options):
             except ValueError as e:  # width not a multiple of heads, size not of patch
                 raise CLIError(f"--vision-width {w} --vision-heads {heads} --vision-patch {patch} at --size {size}: "
                                f"{e}") from None
-        return ClipStage(model, vision, device, args.init)
+        return ClipStage(model, vision, device, args.init, seed=args.seed)
     if name == "vae":
         import torch
 

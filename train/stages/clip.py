@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ...diffusion.latents import host_to_device
+from ...fsio import usual_permissions
 from ...nn.checkpoint import CheckpointError, Model, load_model
 from ...nn.clip import CLIP, clip_preprocess
 from ...nn.config import VisionConfig
@@ -82,6 +83,7 @@ def save_image_encoder(clip: CLIP, model_dir: str | os.PathLike) -> Path:
                   str(tmp / "text_projection.safetensors"), metadata={"format": "pt"})
         cfg = _vision_to_transformers(clip.vision_model.cfg)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        usual_permissions(tmp)
         final = model_dir / IMAGE_ENCODER
         if final.exists():
             shutil.rmtree(final)
@@ -105,9 +107,13 @@ def _read_image_encoder(model_dir: Path) -> tuple[VisionConfig, dict[str, torch.
     return cfg, state
 
 
-def _build_clip(model: Model, vision: VisionConfig, state: dict[str, torch.Tensor] | None, source: str) -> CLIP:
-    """CLIP with the model's text tower and, when given, the saved vision tower and projections."""
-    clip = CLIP(model.config.text, vision)
+def _build_clip(model: Model, vision: VisionConfig, state: dict[str, torch.Tensor] | None, source: str,
+                seed: int = 0) -> CLIP:
+    """CLIP with the model's text tower and, when given, the saved vision tower and projections; else a random
+    vision tower, the same for the same seed (drawn without touching the caller's global RNG)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip = CLIP(model.config.text, vision)
     full = clip.state_dict()  # random vision tower, projections and temperature to start with
     full |= {f"text_model.{k}": v for k, v in model.text_encoder.text_model.state_dict().items()}
     if state is not None:
@@ -147,7 +153,7 @@ class ClipStage:
     """Trains a CLIP whose text tower is `model.text_encoder`'s; the vision tower is new (built from `vision`)
     unless `init` is a folder holding an image_encoder/ from an earlier clip run, which continues it."""
 
-    def __init__(self, model: Model, vision: VisionConfig | None = None, device="cpu", init=None):
+    def __init__(self, model: Model, vision: VisionConfig | None = None, device="cpu", init=None, seed: int = 0):
         self.model, self.device, self.init = model, torch.device(device), init
         saved = init is not None and (Path(init) / IMAGE_ENCODER).is_dir()
         if saved:
@@ -158,7 +164,7 @@ class ClipStage:
             vision = vision_saved
         elif vision is None:
             raise ValueError("ClipStage: give a VisionConfig (no image_encoder/ to continue from in --init)")
-        self.clip = _build_clip(model, vision, state if saved else None, str(Path(init or "") / IMAGE_ENCODER))
+        self.clip = _build_clip(model, vision, state if saved else None, str(Path(init or "") / IMAGE_ENCODER), seed)
 
     def trainable(self) -> nn.Module:
         return self.clip
