@@ -373,7 +373,8 @@ def test_an_image_damaged_after_its_header_stops_the_cache_and_a_run_in_one_line
     capsys.readouterr()
     cache, train = FAST[:5], FAST  # the cache command has no --log-every
     for args in (("cache", "--out", tmp_path / "cache", *cache), ("pretrain", "--out", tmp_path / "run", "--steps", 1,
-                                                                 *train)):
+                                                                 *train),
+                 ("vae", "--out", tmp_path / "vae", "--steps", 1, *train)):  # vae reads images to calibrate first
         assert run(*args, "--data", data, "--num-workers", 1) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(data / "2.png") in err[0] and "Traceback" not in err[0], err
@@ -404,3 +405,26 @@ def test_a_run_interrupted_before_its_first_checkpoint_starts_over(tmp_path, cap
     assert run(*args) == 0
     assert "starting over" in capsys.readouterr().err
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
+    """SIGTERM is how schedulers preempt (SLURM, Kubernetes): it killed the run with no word. Now it stops as
+    Ctrl-C does, with exit status 143 and the message saying how to resume; the checkpoints written stay."""
+    import signal
+    import time
+
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "backdrop", "train", "pretrain", "--out", str(out), "--data", "synthetic:8",
+           "--steps", "100000", "--save-every", "1", *FAST]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        end = time.monotonic() + 300
+        while not (out / "checkpoints").is_dir() or not list((out / "checkpoints").glob("step-*")):
+            assert p.poll() is None and time.monotonic() < end, "no checkpoint appeared"
+            time.sleep(0.2)
+        p.send_signal(signal.SIGTERM)
+        err = p.communicate(timeout=60)[1]
+    finally:
+        p.kill()
+    assert p.returncode == 143, err
+    assert "terminated at step" in err and f"--resume {out}" in err, err

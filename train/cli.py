@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -252,11 +253,32 @@ def _trainer(args, name: str, out: Path, cfg, options, resume: Path | None, rank
     return trainer
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a scheduler's preemption, `kill`, Kubernetes) stops the run as Ctrl-C does: the checkpoints written
+    stay, the message says how to resume. Yields a list that holds "terminated" once SIGTERM came."""
+    signalled: list[str] = []
+
+    def on_term(signum, frame):
+        signalled.append("terminated")
+        raise KeyboardInterrupt
+    try:
+        old = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: signals stay as they are
+        yield signalled
+        return
+    try:
+        yield signalled
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def _run_stage(args) -> int:
     import torch.distributed as dist
     from safetensors import SafetensorError
 
     from backdrop.train import run_folder
+    from backdrop.train.data import DataFileError
 
     name, out = args.stage, Path(args.out)
     resolve_aliases(args)
@@ -270,6 +292,8 @@ def _run_stage(args) -> int:
         rank, world, device = _distributed(args)
         try:
             trainer = _trainer(args, name, out, cfg, options, resume, rank, world, device)
+        except DataFileError as e:  # an image damaged after its header, read while the stage is set up (vae)
+            raise CLIError(f"--data {args.data}: {_data_error(e)}") from None
         except (ValueError, FileNotFoundError) as e:
             raise CLIError(str(e).splitlines()[0]) from None
         make_folder(out)
@@ -283,11 +307,13 @@ def _run_stage(args) -> int:
         try:
             trainer.on_rank0(lambda: (out / file).write_text(json.dumps(record, indent=2) + "\n"), file)
             try:
-                trainer.fit()
+                with _terminate_as_interrupt() as signalled:
+                    trainer.fit()
             except KeyboardInterrupt:
                 if rank == 0:
-                    print(f"interrupted at step {trainer.step}; {run_folder.what_is_kept(out)}", file=sys.stderr)
-                return 130
+                    print(f"{signalled[0] if signalled else 'interrupted'} at step {trainer.step}; "
+                          f"{run_folder.what_is_kept(out)}", file=sys.stderr)
+                return 143 if signalled else 130
             final = trainer.save_final()
         except (OSError, SafetensorError) as e:  # a full disk, a folder gone read-only, a damaged data file
             raise CLIError(f"{_data_error(e)}; {run_folder.what_is_kept(out)}") from None
