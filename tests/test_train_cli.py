@@ -428,3 +428,22 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
         p.kill()
     assert p.returncode == 143, err
     assert "terminated at step" in err and f"--resume {out}" in err, err
+
+
+def test_a_folder_a_run_is_writing_is_refused_to_a_second_one(tmp_path, capsys):
+    """A requeued job beside a still-running one (or a --resume of a live run) interleaved their logs and pruned each
+    other's checkpoints: OUT/.lock, held by the running process, refuses the second, naming the first."""
+    from backdrop.train.run_folder import LOCK, RunLock
+
+    out = tmp_path / "o"
+    assert run("pretrain", "--out", out, "--data", "synthetic:4", "--steps", 1, "--save-every", 1, *FAST) == 0
+    assert not (out / LOCK).exists()  # released and removed at the end
+    capsys.readouterr()
+    held = RunLock(out)  # as a run still going would hold it
+    try:
+        assert run("pretrain", "--out", out, "--data", "synthetic:4", "--steps", 2, "--resume", out, *FAST) == 2
+        err = capsys.readouterr().err
+        assert "is in use by a run still going (pid" in err and str(os.getpid()) in err, err
+    finally:
+        held.release()
+    assert run("pretrain", "--out", out, "--data", "synthetic:4", "--steps", 2, "--resume", out, *FAST) == 0

@@ -253,6 +253,30 @@ def _trainer(args, name: str, out: Path, cfg, options, resume: Path | None, rank
     return trainer
 
 
+def _lock(out: Path, rank: int, world: int, device):
+    """Rank 0's RunLock on `out`; every rank stops with a CLIError if it cannot be had (under torchrun the ranks
+    agree first: one rank stopping alone would leave the others waiting in a collective)."""
+    from backdrop.train import run_folder
+
+    lock = error = None
+    if rank == 0:
+        try:
+            lock = run_folder.RunLock(out)
+        except CLIError as e:
+            error = e
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+
+        agreed = torch.tensor([0 if error else 1], device=device)  # nccl reduces CUDA tensors only
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        if not agreed.item() and error is None:
+            error = CLIError(f"--out {out} is in use by another run (rank 0 says which)")
+    if error is not None:
+        raise error
+    return lock
+
+
 @contextlib.contextmanager
 def _terminate_as_interrupt():
     """SIGTERM (a scheduler's preemption, `kill`, Kubernetes) stops the run as Ctrl-C does: the checkpoints written
@@ -288,8 +312,11 @@ def _run_stage(args) -> int:
     run_folder.check_out(out, resume)
     if resume is not None:
         run_folder.resumed_init(args, resume)
+    lock = None
     try:
         rank, world, device = _distributed(args)
+        if out.is_dir():  # before the trainer, which reads (and may cut) the run's log
+            lock = _lock(out, rank, world, device)
         try:
             trainer = _trainer(args, name, out, cfg, options, resume, rank, world, device)
         except DataFileError as e:  # an image damaged after its header, read while the stage is set up (vae)
@@ -297,6 +324,8 @@ def _run_stage(args) -> int:
         except (ValueError, FileNotFoundError) as e:
             raise CLIError(str(e).splitlines()[0]) from None
         make_folder(out)
+        if lock is None:
+            lock = _lock(out, rank, world, device)
         if resume is None and run_folder.stopped_before_a_checkpoint(out) and rank == 0:
             print(f"--out {out}: its run stopped before its first checkpoint; starting over (its log.jsonl is "
                   "replaced)", file=sys.stderr)
@@ -320,6 +349,8 @@ def _run_stage(args) -> int:
         if rank == 0:  # save_final returns on every rank once rank 0 has written
             print(final)
     finally:
+        if lock is not None:
+            lock.release()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -18,10 +19,11 @@ from backdrop.messages import some
 
 from . import checkpointing as ckpt
 
-__all__ = ["RUN_FILES", "held_run_files", "resume_checkpoint", "resumed_init", "check_out", "normalised",
+__all__ = ["RUN_FILES", "LOCK", "RunLock", "held_run_files", "resume_checkpoint", "resumed_init", "check_out", "normalised",
            "run_record", "changed_options", "what_is_kept"]
 
 RUN_FILES = ("checkpoints", "final", "log.jsonl")
+LOCK = ".lock"  # held by the running process (rank 0): a second run in the same folder is refused
 # Options that do not change what is trained (where the run goes, how it reports, how it uses the machine): they
 # may differ on resume without a word. Everything else is recorded and compared.
 BOOKKEEPING = frozenset({"func", "prog", "option_names", "command", "stage", "resume", "out", "quiet", "device",
@@ -104,7 +106,7 @@ def check_out(out: Path, resume: Path | None) -> None:
 def _written_by_a_run(path: Path) -> bool:
     """A run's own entry: RUN_FILES (an empty checkpoints/ too), or the args.json / args-resume-N.json of a run that
     stopped early (a `backdrop train` record: a user's own args.json is not overwritten)."""
-    if path.name in RUN_FILES:
+    if path.name in RUN_FILES or path.name == LOCK:
         return True
     if not (path.name == "args.json" or path.name.startswith("args-resume-")) or not path.is_file():
         return False
@@ -150,3 +152,32 @@ def what_is_kept(out: Path) -> str:
         return "no checkpoint was written before it (--save-every K writes them along the way): run the command " \
                "again to start over"
     return f"the checkpoints written before are intact: --resume {out} goes on from {saved[-1].name}"
+
+
+class RunLock:
+    """An exclusive lock on OUT/.lock (fcntl.flock) for as long as a run writes there, so that a second run in the
+    same folder (a requeued job beside a still-running one, a --resume of a live run) is refused instead of
+    interleaving its log and pruning the other's checkpoints. Released, and the file removed, by release()."""
+
+    def __init__(self, out: Path):
+        import fcntl
+
+        self.path = out / LOCK
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise CLIError(f"--out {out} is in use by a run still going ({holder}); wait for it to end, or stop it "
+                           "first") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self.path.unlink(missing_ok=True)  # while still held: nobody else can be between unlink and unlock
+            self._file.close()
