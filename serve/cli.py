@@ -150,9 +150,16 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:  # "EngineConfig.max_queue = 0 is out of range" -> the flag's name
         field = str(e).split(".", 1)[1].split(" ", 1)[0]
         raise CLIError(f"--{field.replace('_', '-')}: {str(e).split(' = ', 1)[1]}") from None
-    from backdrop.serve.running import bind, configure_logging, run
+    from backdrop.serve.running import stderr_logging
 
-    configure_logging(args.log_level, args.log_format)
+    with stderr_logging(args.log_level, args.log_format):
+        _run_server(args, engine_config, server_config)
+    return 0
+
+
+def _run_server(args, engine_config, server_config) -> None:
+    """Bind, load, warm up and serve until a signal (`_serve` has checked the options)."""
+    from backdrop.serve.running import bind, run
     from backdrop.serve.server import create_app
 
     try:  # before the model loads: a port in use is said at once
@@ -182,7 +189,6 @@ def _serve(args: argparse.Namespace) -> int:
     run(app, sock, log_level=args.log_level, keep_alive=args.keep_alive, drain_timeout=args.drain_timeout,
         forwarded_allow_ips=args.forwarded_allow_ips, shutdown_delay=args.shutdown_delay,
         on_shutdown=engine.begin_shutdown, max_connections=args.max_connections, head_timeout=args.header_timeout)
-    return 0
 
 
 def model_id(model: str) -> str:

@@ -2,6 +2,7 @@
 `ServerThread` in a background thread on an already bound socket. Nothing here knows the app's routes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -13,7 +14,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["bind", "run", "uvicorn_config", "head_deadline", "configure_logging", "JsonFormatter", "ServerThread",
+__all__ = ["bind", "run", "uvicorn_config", "head_deadline", "stderr_logging", "JsonFormatter", "ServerThread",
            "DelayedExit"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -33,14 +34,37 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
-def configure_logging(level: str = "info", fmt: str = "text") -> None:
-    """Every line of the process, backdrop's and uvicorn's, to stderr in one format: "text" (timestamped lines) or
-    "json" (one object a line). `run` then leaves uvicorn's loggers to propagate here."""
-    handler = logging.StreamHandler(sys.stderr)
+class _Stderr(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stderr is when it writes (not the stream of when it was made)."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def stderr_logging(level: str = "info", fmt: str = "text"):
+    """While inside: every line of the process, backdrop's and uvicorn's, to stderr in one format, "text"
+    (timestamped lines) or "json" (one object a line); `run` leaves uvicorn's loggers to propagate here. The root
+    logger's handlers and level are put back on the way out (the command may run inside a host process: tests)."""
+    handler = _Stderr()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
+    saved = root.handlers[:], root.level
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    try:
+        yield
+    finally:
+        root.handlers[:], level_before = saved
+        root.setLevel(level_before)
 
 
 def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -78,7 +102,7 @@ def uvicorn_config(app, log_level: str = "info", keep_alive: float = 5, drain_ti
     ones: N + 1 serves N); head_timeout: seconds a request head may take (HeadDeadline; heads are bounded too)."""
     # access_log off: the app logs one line per API request itself (request id, latency, why it failed), and none
     # per health probe or metrics scrape; log_config None: uvicorn's own lines go through the root logger's handler
-    # (configure_logging), in our format
+    # (stderr_logging), in our format
     return uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_keep_alive=keep_alive, access_log=False,
                           timeout_graceful_shutdown=drain_timeout, forwarded_allow_ips=forwarded_allow_ips,
                           limit_concurrency=None if max_connections is None else max_connections + 1, log_config=None,

@@ -186,6 +186,7 @@ trainer = Trainer(NoNoise(), Loader(cfg.batch_size, rank, world), cfg, {out!r}, 
 trainer.fit()
 if rank == 0:
     torch.save(trainer.module.state_dict(), os.path.join({out!r}, "w.pt"))
+dist.barrier()  # both ranks leave together: a rank tearing gloo down while its peer still works can abort (CI once)
 dist.destroy_process_group()
 """
 
