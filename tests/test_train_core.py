@@ -207,6 +207,11 @@ def test_ddp_two_gloo_processes_match_one_process_with_double_batch(tmp_path):
     ref = single.module.state_dict()
     for k in ref:
         torch.testing.assert_close(ddp[k], ref[k], rtol=1e-5, atol=1e-6)
+    # the logged loss is the whole global batch's (each rank's mean, averaged over the ranks), as one process logs it
+    def logged(run):
+        return [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged("ddp")] == [r["step"] for r in logged("one")] == [4]
+    assert logged("ddp")[0]["loss"] == pytest.approx(logged("one")[0]["loss"], rel=1e-5)
     # and the DDP run's checkpoint holds both ranks' RNG and data positions
     _, meta = ckpt.load_checkpoint(tmp_path / "ddp")
     assert meta["world_size"] == 2 and [d["pos"] for d in meta["data"]] == [8, 8]

@@ -375,7 +375,10 @@ class Trainer:
         while self.step < cfg.steps:
             metrics = self.train_step()
             bar.update(1)
-            if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+            logs = self.step % cfg.log_every == 0 or self.step == cfg.steps  # the same steps on every rank
+            if logs and self.world > 1:
+                metrics = self._mean_over_ranks(metrics)
+            if self.rank == 0 and logs:
                 record = {k: float(v) for k, v in metrics.items()}  # waits for the GPU (no other wait in bf16/fp32)
                 now = time.perf_counter()
                 dt = (now - t_since) / (self.step - since)
@@ -393,6 +396,16 @@ class Trainer:
         bar.close()
         self.save()
         return self.module
+
+    def _mean_over_ranks(self, metrics: dict) -> dict:
+        """The metrics of the whole global batch: each rank's (a mean over its equal share) averaged over the ranks,
+        as accelerate's gather or Lightning's sync_dist log them; grad_norm is already global (after the all-reduce
+        of the gradients). One all-reduce of a few numbers, on the steps that log."""
+        keys = [k for k in metrics if k != "grad_norm"]
+        values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=self.device).reshape(())
+                              for k in keys])
+        dist.all_reduce(values)
+        return metrics | dict(zip(keys, values / self.world))
 
     def _log(self, record: dict) -> None:
         """Append a record to log.jsonl. A line that cannot be written (a full disk) is reported once and training
