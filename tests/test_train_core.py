@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from backdrop.train import checkpointing as ckpt
-from backdrop.train.core import EMA, ConfigError, TrainConfig, Trainer, lr_at
+from backdrop.train.core import EMA, ConfigError, StopRequested, TrainConfig, Trainer, lr_at
 
 
 class Regression:
@@ -108,6 +108,32 @@ def test_resume_equals_straight_run(tmp_path, precision):
     a, b = _weights(straight.module), _weights(resumed.module)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the straight run"
     assert all(torch.equal(straight.ema.shadow[k], resumed.ema.shadow[k]) for k in a)
+
+
+def test_a_stop_request_saves_the_step_it_ends_and_resumes_exactly(tmp_path):
+    """request_stop() (the CLI's SIGTERM handler) mid-step: the step finishes, is saved although no periodic save
+    is due, fit raises StopRequested, and a resume from there ends as the straight run does."""
+    cfg = TrainConfig(steps=9, batch_size=4, lr=1e-2, warmup_steps=2, ema_decay=0.9, save_every=100)
+    straight = Trainer(Regression(), Loader(4), cfg, tmp_path / "a", progress=False)
+    straight.fit()
+
+    class StopAtStep4(Regression):
+        trainer = None
+
+        def loss(self, model, batch, generator):
+            if self.trainer.step == 3:  # during the 4th step, as a signal would come
+                self.trainer.request_stop()
+            return super().loss(model, batch, generator)
+    stage = StopAtStep4()
+    cut = stage.trainer = Trainer(stage, Loader(4), cfg, tmp_path / "b", progress=False)
+    with pytest.raises(StopRequested, match="step 4"):
+        cut.fit()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step-00000004"]
+    resumed = Trainer(Regression(seed=7), Loader(4), cfg, tmp_path / "b", progress=False)
+    resumed.resume(tmp_path / "b")
+    resumed.fit()
+    a, b = _weights(straight.module), _weights(resumed.module)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("saved, resumed, match", [(0.9, 0.0, "would drop; resume with --ema-decay 0.9"),
@@ -252,6 +278,45 @@ def test_a_failed_save_under_ddp_stops_every_rank(tmp_path):
     zero, one = (f.read_text() for f in reports)
     assert zero.startswith("stopped at step 2: ") and "checkpoints" in zero
     assert one.startswith("stopped at step 2: rank 0 could not write the checkpoint of step 2 (FileExistsError")
+
+
+STOP_WORKER = """
+import os, sys, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from test_train_core import Loader, NoNoise
+from backdrop.train.core import StopRequested, TrainConfig, Trainer
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+cfg = TrainConfig(steps=20, batch_size=2, log_every=3, save_every=100)
+trainer = Trainer(NoNoise(), Loader(cfg.batch_size, rank, world), cfg, {out!r}, progress=False)
+real = trainer.train_step
+def step():
+    if rank == 1 and trainer.step == 4:  # a signal that reaches rank 1 alone, during step 5
+        trainer.request_stop()
+    return real()
+trainer.train_step = step
+try:
+    trainer.fit()
+except StopRequested as e:
+    with open(os.path.join({report!r}, f"rank-{{rank}}.txt"), "w") as f:
+        f.write(str(e.step))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_a_stop_request_under_ddp_stops_every_rank_at_the_same_logged_step(tmp_path):
+    """SIGTERM reaches torchrun's ranks at different steps: they agree at the next step that logs (6, with
+    log_every 3, for a request during step 5 on rank 1 only) and all stop there, with one checkpoint of it."""
+    script = tmp_path / "worker.py"
+    script.write_text(STOP_WORKER.format(tests=os.path.dirname(__file__), out=str(tmp_path / "ddp"),
+                                         report=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [(tmp_path / f"rank-{r}.txt").read_text() for r in (0, 1)] == ["6", "6"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "ddp" / "checkpoints")] == ["step-00000006"]
 
 
 def test_a_log_line_that_cannot_be_written_is_reported_once_and_training_goes_on(tmp_path, capsys):

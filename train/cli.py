@@ -278,14 +278,17 @@ def _lock(out: Path, rank: int, world: int, device):
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt():
-    """SIGTERM (a scheduler's preemption, `kill`, Kubernetes) stops the run as Ctrl-C does: the checkpoints written
-    stay, the message says how to resume. Yields a list that holds "terminated" once SIGTERM came."""
+def _terminate_as_interrupt(trainer):
+    """SIGTERM (a scheduler's preemption, `kill`, Kubernetes) stops the run after the current step, with a
+    checkpoint of it (under torchrun: at the next step that logs), as schedulers expect within their grace period;
+    a second SIGTERM stops at once, as Ctrl-C does. Yields a list that holds "terminated" once SIGTERM came."""
     signalled: list[str] = []
 
     def on_term(signum, frame):
+        if signalled:
+            raise KeyboardInterrupt
         signalled.append("terminated")
-        raise KeyboardInterrupt
+        trainer.request_stop()
     try:
         old = signal.signal(signal.SIGTERM, on_term)
     except ValueError:  # not the main thread: signals stay as they are
@@ -302,6 +305,7 @@ def _run_stage(args) -> int:
     from safetensors import SafetensorError
 
     from backdrop.train import run_folder
+    from backdrop.train.core import StopRequested
     from backdrop.train.data import DataFileError
 
     name, out = args.stage, Path(args.out)
@@ -336,9 +340,9 @@ def _run_stage(args) -> int:
         try:
             trainer.on_rank0(lambda: (out / file).write_text(json.dumps(record, indent=2) + "\n"), file)
             try:
-                with _terminate_as_interrupt() as signalled:
+                with _terminate_as_interrupt(trainer) as signalled:
                     trainer.fit()
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, StopRequested):
                 if rank == 0:
                     print(f"{signalled[0] if signalled else 'interrupted'} at step {trainer.step}; "
                           f"{run_folder.what_is_kept(out)}", file=sys.stderr)

@@ -30,7 +30,7 @@ from torch import nn
 from ..diffusion.latents import host_to_device
 from . import checkpointing as ckpt
 
-__all__ = ["TrainConfig", "ConfigError", "Stage", "Trainer", "EMA", "lr_at", "join_process_group"]
+__all__ = ["TrainConfig", "ConfigError", "Stage", "Trainer", "StopRequested", "EMA", "lr_at", "join_process_group"]
 
 
 class ConfigError(ValueError):
@@ -183,6 +183,14 @@ def _listify_to_tuple(x):
     return tuple(_listify_to_tuple(v) for v in x) if isinstance(x, list) else x
 
 
+class StopRequested(Exception):
+    """fit() stopped early on request (Trainer.request_stop), after saving a checkpoint of `step`."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped at step {step} on request, with a checkpoint of it")
+        self.step = step
+
+
 class Trainer:
     """Runs `cfg.steps` optimizer steps of `stage` over `loader` and writes checkpoints under `out/`.
 
@@ -200,6 +208,7 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.step = 0
+        self.stop_requested = False  # request_stop(): save at the end of the current step, then StopRequested
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + self.rank)
 
         module = stage.trainable().to(self.device)
@@ -390,12 +399,35 @@ class Trainer:
                     print(f"step {self.step}/{cfg.steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
                           f"{images / dt:.1f} images/s", file=sys.stderr, flush=True)
                 self._log(record)
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+            saved = bool(cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps)
+            if saved:
                 self.save()
                 since, t_since = self.step, time.perf_counter()  # a save is not a training step
+            if self.step < cfg.steps and self._stopping(logs):
+                bar.close()
+                if not saved:
+                    self.save()
+                raise StopRequested(self.step)
         bar.close()
         self.save()
         return self.module
+
+    def request_stop(self) -> None:
+        """Stop after the current step with a checkpoint of it (fit raises StopRequested): for a preemption signal,
+        which a scheduler follows with SIGKILL after a grace period. Safe to call from a signal handler."""
+        self.stop_requested = True
+
+    def _stopping(self, logs: bool) -> bool:
+        """Whether to stop now. Alone: after any step asked. Under torchrun the ranks get the signal at different
+        steps, so they agree (an all-reduce of one number) and stop together; only on the steps that log, which
+        wait for the device anyway (an agreement every step would stall the GPU's overlap with the host)."""
+        if self.world == 1:
+            return self.stop_requested
+        if not logs:
+            return False
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _mean_over_ranks(self, metrics: dict) -> dict:
         """The metrics of the whole global batch: each rank's (a mean over its equal share) averaged over the ranks,
