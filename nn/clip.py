@@ -303,14 +303,19 @@ class CLIP(nn.Module):
         """pixel_values (B, 3, S, S), CLIP-normalised -> unit-norm image embeddings (B, projection_dim)."""
         return F.normalize(self.visual_projection(self.vision_model(pixel_values)[1]), dim=-1)
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (logits_per_image (B_img, B_txt), logits_per_text (B_txt, B_img)): scaled cosine similarities.
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, embeddings: bool = False) -> tuple:
+        """-> (logits_per_image (B_img, B_txt), logits_per_text (B_txt, B_img)): scaled cosine similarities;
+        embeddings=True: (text (B, P), image (B, P), scale) instead, for a loss over embeddings gathered from
+        several processes (train/stages/clip.py).
 
         The scale exp(logit_scale) is capped at 100 (CLIP paper sec. 2.5) here rather than by clamping the
         parameter after each step; below the cap this is exactly transformers' CLIPModel.
         """
         text, image = self.encode_text(input_ids), self.encode_image(pixel_values)
-        logits_per_text = self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX) * text @ image.t()  # (B_txt, B_img)
+        scale = self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX)
+        if embeddings:
+            return text, image, scale
+        logits_per_text = scale * text @ image.t()  # (B_txt, B_img)
         return logits_per_text.t(), logits_per_text
 
     def contrastive_loss(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -176,9 +177,13 @@ class ClipStage:
         images = batch["image"]  # (B, 3, H, W) in [-1, 1]
         ids = host_to_device(self.model.tokenizer(batch["caption"]), images.device)  # (B, 77)
         pixels = clip_preprocess(images, self.clip.vision_model.cfg.image_size)  # (B, 3, S, S)
-        logits_per_image, logits_per_text = model(ids, pixels)  # (B, B) each; through the DDP wrapper
-        labels = torch.arange(ids.shape[0], device=images.device)
-        # symmetric InfoNCE, as CLIP.contrastive_loss, but on logits that came through the (DDP) forward
+        text, image, scale = model(ids, pixels, embeddings=True)  # (B, P) each; through the DDP wrapper
+        all_text, all_image, first = _gathered(text), _gathered(image), _rank() * ids.shape[0]
+        logits_per_text = scale * text @ all_image.t()  # (B, B * world): this rank's captions vs every image
+        logits_per_image = scale * image @ all_text.t()
+        labels = first + torch.arange(ids.shape[0], device=images.device)
+        # symmetric InfoNCE, as CLIP.contrastive_loss, against the whole global batch as open_clip does under DDP:
+        # each rank's rows, every rank's columns (gathered with their gradients), so 2 ranks x 4 pairs train as 8
         loss = (F.cross_entropy(logits_per_text.float(), labels)
                 + F.cross_entropy(logits_per_image.float(), labels)) / 2
         accuracy = (logits_per_text.argmax(dim=1) == labels).float().mean()  # caption -> its image, in-batch
@@ -189,6 +194,20 @@ class ClipStage:
         self.model.text_encoder.text_model.load_state_dict(text, strict=True)
         write_model(self.model, out_dir)  # no carry-over from --init: image_encoder/ is rewritten next
         save_image_encoder(module, out_dir)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _gathered(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's x, concatenated in rank order, differentiable (torch.distributed.nn's all_gather sends each rank
+    the gradient of its own rows back); x itself alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x))
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
