@@ -442,7 +442,9 @@ def test_a_folder_a_run_is_writing_is_refused_to_a_second_one(tmp_path, capsys):
     assert run("pretrain", "--out", out, "--data", "synthetic:4", "--steps", 1, "--save-every", 1, *FAST) == 0
     assert not (out / LOCK).exists()  # released and removed at the end
     capsys.readouterr()
+    (out / ".final.x1y2.tmp").mkdir()  # a final model a killed run was writing: the next run removes it
     held = RunLock(out)  # as a run still going would hold it
+    assert not (out / ".final.x1y2.tmp").exists()
     try:
         assert run("pretrain", "--out", out, "--data", "synthetic:4", "--steps", 2, "--resume", out, *FAST) == 2
         err = capsys.readouterr().err

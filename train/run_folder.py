@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -176,6 +177,8 @@ class RunLock:
         self._file.truncate()
         self._file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         self._file.flush()
+        for stale in out.glob(".final.*.tmp"):  # a final model half-written by a killed run: no run uses it now
+            shutil.rmtree(stale, ignore_errors=True)
 
     def release(self) -> None:
         if not self._file.closed:
