@@ -385,8 +385,9 @@ class Trainer:
             metrics = self.train_step()
             bar.update(1)
             logs = self.step % cfg.log_every == 0 or self.step == cfg.steps  # the same steps on every rank
+            stop = self.stop_requested if self.world == 1 else False
             if logs and self.world > 1:
-                metrics = self._mean_over_ranks(metrics)
+                metrics, stop = self._over_ranks(metrics)
             if self.rank == 0 and logs:
                 record = {k: float(v) for k, v in metrics.items()}  # waits for the GPU (no other wait in bf16/fp32)
                 now = time.perf_counter()
@@ -403,7 +404,7 @@ class Trainer:
             if saved:
                 self.save()
                 since, t_since = self.step, time.perf_counter()  # a save is not a training step
-            if self.step < cfg.steps and self._stopping(logs):
+            if self.step < cfg.steps and stop:
                 bar.close()
                 if not saved:
                     self.save()
@@ -417,27 +418,17 @@ class Trainer:
         which a scheduler follows with SIGKILL after a grace period. Safe to call from a signal handler."""
         self.stop_requested = True
 
-    def _stopping(self, logs: bool) -> bool:
-        """Whether to stop now. Alone: after any step asked. Under torchrun the ranks get the signal at different
-        steps, so they agree (an all-reduce of one number) and stop together; only on the steps that log, which
-        wait for the device anyway (an agreement every step would stall the GPU's overlap with the host)."""
-        if self.world == 1:
-            return self.stop_requested
-        if not logs:
-            return False
-        flag = torch.tensor([float(self.stop_requested)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def _mean_over_ranks(self, metrics: dict) -> dict:
-        """The metrics of the whole global batch: each rank's (a mean over its equal share) averaged over the ranks,
-        as accelerate's gather or Lightning's sync_dist log them; grad_norm is already global (after the all-reduce
-        of the gradients). One all-reduce of a few numbers, on the steps that log."""
+    def _over_ranks(self, metrics: dict) -> tuple[dict, bool]:
+        """Under torchrun, on the steps that log (which wait for the device anyway; doing it every step would stall
+        the GPU's overlap with the host), one all-reduce of a few numbers gives: the metrics of the whole global
+        batch, each rank's (a mean over its equal share) averaged over the ranks, as accelerate's gather or
+        Lightning's sync_dist log them (grad_norm is already global, taken after the gradients' all-reduce); and
+        whether any rank was asked to stop, as the ranks get a signal at different steps and must stop together."""
         keys = [k for k in metrics if k != "grad_norm"]
-        values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=self.device).reshape(())
-                              for k in keys])
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device).reshape(())
+                              for v in [*(metrics[k] for k in keys), float(self.stop_requested)]])
         dist.all_reduce(values)
-        return metrics | dict(zip(keys, values / self.world))
+        return metrics | dict(zip(keys, values[:-1] / self.world)), bool(values[-1].item())
 
     def _log(self, record: dict) -> None:
         """Append a record to log.jsonl. A line that cannot be written (a full disk) is reported once and training
