@@ -202,10 +202,8 @@ def model_id(model: str) -> str:
 
 
 def _load(args, engine_config):
-    import torch
-
     from backdrop.diffusion.pipeline import Pipeline
-    from backdrop.serve.cuda_graphs import GraphedBackend
+    from backdrop.serve.cuda_graphs import with_cuda_graphs
     from backdrop.serve.engine import Engine
 
     try:
@@ -214,7 +212,4 @@ def _load(args, engine_config):
     except (FileNotFoundError, ValueError, OSError) as e:  # CheckpointError is a ValueError naming file and key
         raise CLIError(str(e)) from None
     apply_model_options(pipe, args)  # LoRAs merged before any CUDA graph is captured
-    device = torch.device(pipe.backend.device)
-    if args.cuda_graphs and args.backend == "torch" and device.type == "cuda":
-        pipe = Pipeline(GraphedBackend(pipe.backend))
-    return Engine(pipe, engine_config)
+    return Engine(with_cuda_graphs(pipe) if args.cuda_graphs else pipe, engine_config)

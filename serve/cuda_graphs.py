@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["CUDAGraphUNet", "GraphedBackend", "BATCH_BUCKETS"]
+__all__ = ["CUDAGraphUNet", "GraphedBackend", "with_cuda_graphs", "BATCH_BUCKETS"]
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -118,3 +118,14 @@ class GraphedBackend:
 
     def __getattr__(self, name):  # config, tokenizer, device, encode_text, vae_encode, vae_decode, ...
         return getattr(self._backend, name)
+
+
+def with_cuda_graphs(pipe):
+    """`pipe` with its UNet replayed from CUDA graphs when it runs the torch backend on a CUDA device, as `backdrop
+    serve` and its Ray Serve replicas run it; otherwise `pipe` itself (the CPU, ONNX Runtime, TensorRT)."""
+    from backdrop.diffusion.pipeline import Pipeline
+
+    backend = pipe.backend
+    if getattr(backend, "name", None) != "torch" or torch.device(backend.device).type != "cuda":
+        return pipe
+    return Pipeline(GraphedBackend(backend))

@@ -172,15 +172,13 @@ class BackdropReplica:
         import torch
 
         from backdrop.diffusion.pipeline import Pipeline
-        from backdrop.serve.cuda_graphs import GraphedBackend
+        from backdrop.serve.cuda_graphs import with_cuda_graphs
 
         log_to_ray()
         if torch_threads:
             torch.set_num_threads(torch_threads)
         pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, backend=backend)
-        if cuda_graphs and backend == "torch" and torch.device(pipe.backend.device).type == "cuda":
-            pipe = Pipeline(GraphedBackend(pipe.backend))
-        self.engine = Engine(pipe, engine_config)
+        self.engine = Engine(with_cuda_graphs(pipe) if cuda_graphs else pipe, engine_config)
         self.server_config = server_config
         wait_warm(self.engine)
 

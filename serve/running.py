@@ -37,9 +37,6 @@ class JsonFormatter(logging.Formatter):
 class _Stderr(logging.StreamHandler):
     """A StreamHandler on whatever sys.stderr is when it writes (not the stream of when it was made)."""
 
-    def __init__(self):
-        super().__init__()
-
     @property
     def stream(self):
         return sys.stderr
