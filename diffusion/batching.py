@@ -129,6 +129,30 @@ class Loop:
             check_callback(self.callback)
 
 
+@dataclass(frozen=True)
+class MaskOptions:
+    """One inpaint call's mask handling, as Pipeline.inpaint takes it (its docstring says what each does)."""
+    blur: float                   # paste-back feather sigma, px (None given: masks.default_mask_blur)
+    dilate: int                   # latent cells the model's repaint region grows by
+    crop_padding: int | None      # None: the whole image; N: the mask's box grown by N px
+    threshold: float | None       # None: the mask as given; t: binarised, >= t repaints
+    mode: str                     # "max" | "diffusers": how the mask shrinks to latent cells
+    paste_back: bool
+    color_match: bool
+
+    def __post_init__(self):  # numbers checked and made Python ints/floats, as Loop's; named as inpaint's arguments
+        for field, name, want, ok, integer in (
+                ("blur", "mask_blur", "a number >= 0 (pixels) or None", lambda v: v >= 0, False),
+                ("dilate", "mask_dilate", "an int >= 0 (latent cells)", lambda v: v >= 0, True),
+                ("crop_padding", "crop_padding", "an int >= 0 (pixels) or None", lambda v: v >= 0, True),
+                ("threshold", "mask_threshold", "a number in (0, 1] or None", lambda v: 0 < v <= 1, False)):
+            value = getattr(self, field)
+            if value is not None or field == "dilate":  # blur is never None here: inpaint resolves its default
+                object.__setattr__(self, field, as_number(value, name, want, ok, integer))
+        if self.mode not in ("max", "diffusers"):
+            raise ValueError(f"mask_mode must be 'max' or 'diffusers', got {self.mode!r}")
+
+
 def check_callback(callback) -> None:
     """A TypeError now, not after the first step, unless callback(step, latents) can be called."""
     want = "callback must be callable as callback(step, latents), run after every step"

@@ -73,8 +73,9 @@ import torch
 
 from backdrop.diffusion import crop_paste as C
 from backdrop.diffusion import masks as M
-from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, as_number, broadcast, diffusers_names, given_latents,
-                                        groups, image_items, item_strengths, items, prompts, repeat, requests)
+from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, MaskOptions, as_number, broadcast, diffusers_names,
+                                        given_latents, groups, image_items, item_strengths, items, prompts, repeat,
+                                        requests)
 from backdrop.diffusion.diffusers_api import DiffusersAPI
 from backdrop.diffusion.guidance import CFGDenoiser
 from backdrop.diffusion.latents import (blend_known_region, default_noise_sampler, initial_latents, known_region,
@@ -284,20 +285,11 @@ class Pipeline(DiffusersAPI):
         n, k = req["n"], req["k"]
         images, masks = broadcast(images, n, "image"), broadcast(masks, n, kind)
         strengths = item_strengths(strength, n, k)
-        blur = M.default_mask_blur(kind) if mask_blur is None else \
-            as_number(mask_blur, "mask_blur", "a number >= 0 (pixels) or None", lambda v: v >= 0)
-        mask_dilate = as_number(mask_dilate, "mask_dilate", "an int >= 0 (latent cells)", lambda v: v >= 0, True)
-        if crop_padding is not None:
-            crop_padding = as_number(crop_padding, "crop_padding", "an int >= 0 (pixels) or None", lambda v: v >= 0,
-                                     True)
-        if mask_threshold is not None:
-            mask_threshold = as_number(mask_threshold, "mask_threshold", "a number in (0, 1] or None",
-                                       lambda v: 0 < v <= 1)
-        if mask_mode not in ("max", "diffusers"):
-            raise ValueError(f"mask_mode must be 'max' or 'diffusers', got {mask_mode!r}")
+        opts = MaskOptions(M.default_mask_blur(kind) if mask_blur is None else mask_blur, mask_dilate, crop_padding,
+                           mask_threshold, mask_mode, paste_back, color_match)
         img = M.image_to_uint8(repeat(images, k))  # (B, H, W, 3): the pixels paste-back keeps
         H, W = img.shape[1:3]
-        per_item = [self._repaint_mask(kind, m, i, (H, W), mask_threshold) for i, m in enumerate(masks)]
+        per_item = [self._repaint_mask(kind, m, i, (H, W), opts.threshold) for i, m in enumerate(masks)]
         todo = [i for i in range(n * k) if per_item[i // k] is not None]
         unchanged = [i for i in range(n * k) if per_item[i // k] is None]
         if unchanged and output_type == "latent":
@@ -311,8 +303,7 @@ class Pipeline(DiffusersAPI):
         out = self._inpaint(img[todo], mask_t, dict(req, prompts=pick(req["prompts"]),
                             negatives=pick(req["negatives"]), seeds=pick(req["seeds"]), strengths=pick(strengths),
                             generators=gens if gens is None or isinstance(gens, torch.Generator) else pick(gens),
-                            rows=todo), blur, mask_dilate, crop_padding, paste_back, color_match, mask_mode, loop,
-                            latents)
+                            rows=todo), opts, loop, latents)
         if not unchanged:
             return out
         full = img.astype(np.float32) / 255  # (B, H, W, 3)
@@ -336,23 +327,22 @@ class Pipeline(DiffusersAPI):
                 msg = f"{kind}[{i}]: {msg}"
             raise ValueError(msg) from None
 
-    def _inpaint(self, img, mask, req, blur, dilate, crop_padding, paste_back, color_match, mask_mode,
-                 loop: Loop, latents) -> Output:
+    def _inpaint(self, img, mask, req, opts: MaskOptions, loop: Loop, latents) -> Output:
         cfg, f = self.config, self.config.vae.downsample_factor
         H, W = img.shape[1:3]
-        model_mask = M.dilate(mask, f * dilate)  # grown for the model only; paste-back uses `mask`
+        model_mask = M.dilate(mask, f * opts.dilate)  # grown for the model only; paste-back uses `mask`
         boxes, conditioned = None, cfg.vae.mask_conditioned
-        if crop_padding is None:
+        if opts.crop_padding is None:
             x = self._pad(M.image_to_tensor(img))  # (B, 3, H', W')
             m = self._pad(model_mask)  # (B, 1, H', W')
             dec_mask = self._pad(mask) if conditioned else None
         else:
             size = self.fixed_size or M.fit_size(H, W, self._multiple, side=cfg.image_size)
-            boxes = C.crop_box(model_mask, size, crop_padding)
+            boxes = C.crop_box(model_mask, size, opts.crop_padding)
             x = M.image_to_tensor(C.crop_images(img, boxes, size))  # (B, 3, h*f, w*f)
             m = C.crop_masks(model_mask, boxes, size)  # (B, 1, h*f, w*f)
             dec_mask = C.crop_masks(mask, boxes, size) if conditioned else None
-        lat_mask = M.latent_mask(m, mode=mask_mode, factor=f).to(self.backend.device)  # (B, 1, h, w)
+        lat_mask = M.latent_mask(m, mode=opts.mode, factor=f).to(self.backend.device)  # (B, 1, h, w)
         nine = cfg.unet.in_channels == 9
         if not nine and cfg.unet.in_channels != cfg.vae.latent_channels:
             raise ValueError(f"inpaint needs a 9-channel inpainting UNet or a plain {cfg.vae.latent_channels}-channel"
@@ -369,14 +359,14 @@ class Pipeline(DiffusersAPI):
         y = self.backend.vae_decode(out.images / cfg.scaling_factor, **cond).cpu()  # (B, 3, h*f, w*f) in [-1, 1]
         if boxes is None:
             y = M.crop_to(y, (H, W))
-            if not (paste_back or color_match):  # the VAE's own float output, as diffusers' "np"
+            if not (opts.paste_back or opts.color_match):  # the VAE's own float output, as diffusers' "np"
                 return format_output(y, out.seeds, req["output_type"])
         gen = M.tensor_to_uint8(y)  # (B, H, W, 3), or the crops (B, h*f, w*f, 3)
-        if paste_back:
-            done = C.composite(img, gen, mask, boxes=boxes, mask_blur=blur, match_color=color_match)
+        if opts.paste_back:
+            done = C.composite(img, gen, mask, boxes=boxes, mask_blur=opts.blur, match_color=opts.color_match)
         else:
             done = gen if boxes is None else C.uncrop(img, gen, boxes)  # (B, H, W, 3)
-            if color_match:
+            if opts.color_match:
                 done = C.color_match(done, img, mask, boxes)
         return format_output(done.astype(np.float32) / 255, out.seeds, req["output_type"])
 
