@@ -311,6 +311,41 @@ def test_resumed_stream_continues_exactly(workers):
         DataStream(ds, 4, seed=9, rank=0, world_size=2).load_state_dict(state)
 
 
+@pytest.mark.parametrize("n,origin,start", [(10, 0, 7), (10, 13, 0), (10, 13, 2), (10, 13, 9), (11, 25, 30)])
+def test_a_sampler_from_an_origin_skips_whole_epochs_as_one_that_ran_there(n, origin, start):
+    for rank in range(3):
+        endless = iter(ShardedSampler(n, seed=4, rank=rank, world_size=3, origin=origin))
+        keys = [next(endless) for _ in range(start + 12)]
+        later = iter(ShardedSampler(n, seed=4, rank=rank, world_size=3, origin=origin, start=start))
+        assert [next(later) for _ in range(12)] == keys[start:]
+        # the first epoch starts at position origin % n of its order, the next ones at 0
+        epoch, offset = divmod(origin, n)
+        order = np.random.default_rng([4, epoch]).permutation(n)
+        assert keys[0] == (int(order[offset + rank]), epoch)
+
+
+@pytest.mark.parametrize("n,old,new", [(12, 2, 3), (20, 4, 1), (30, 3, 2)])
+def test_a_stream_goes_on_with_another_number_of_ranks_without_repeating_or_skipping(n, old, new):
+    """A checkpoint of `old` ranks resumed by `new`: over the epoch they share, every item is taken exactly once
+    (exact when `old` divides n), and the next epoch is whole again."""
+    ds = SyntheticDataset(n, 8, seed=0)
+    before = [DataStream(ds, 2, seed=5, rank=r, world_size=old) for r in range(old)]
+    taken = [next(s)["index"].tolist() for s in before for _ in range(2)]  # two batches a rank, mid-epoch
+    states = json.loads(json.dumps([s.state_dict() for s in before]))
+    after = [DataStream(ds, 1, seed=5, rank=r, world_size=new) for r in range(new)]
+    assert {s.continue_from(states) for s in after} == {4 * old}
+    left = n - 4 * old
+    rest = [next(after[r])["index"].tolist() for r in range(new) for _ in range(len(range(r, left, new)))]
+    assert sorted(sum(taken + rest, [])) == list(range(n))
+    next_epoch = [next(after[r])["index"].tolist() for r in range(new) for _ in range(len(range(r, n, new)))]
+    assert sorted(sum(next_epoch, [])) == list(range(n))
+    resumed = DataStream(ds, 1, seed=5, rank=0, world_size=new)  # its own checkpoints resume as usual
+    resumed.load_state_dict(json.loads(json.dumps(after[0].state_dict())))
+    assert _same(next(resumed), next(after[0]))
+    with pytest.raises(ValueError, match="seed=6"):
+        DataStream(ds, 1, seed=6, rank=0, world_size=new).continue_from(states)
+
+
 def test_ranks_of_a_stream_see_disjoint_items():
     ds = SyntheticDataset(12, 8, seed=0)
     streams = [DataStream(ds, 3, seed=5, rank=r, world_size=2) for r in range(2)]

@@ -330,16 +330,25 @@ def test_resume_through_the_cli_equals_a_straight_run(tmp_path, capsys):
     assert json.loads((tmp_path / "b/args-resume-2.json").read_text())["resume"] == str(tmp_path / "b")
 
 
-def test_torchrun_two_processes(tmp_path):
+def test_torchrun_two_processes_then_a_resume_with_one(tmp_path, capsys):
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["pretrain", "--data", "synthetic:24", "--out", str(tmp_path / "ddp"), "--save-every", "2", *map(str, FAST)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "backdrop", "train", "pretrain", "--data", "synthetic:8", "--out", str(tmp_path / "ddp"),
-           "--steps", "2", *map(str, FAST)]
+           "-m", "backdrop", "train", *args, "--steps", "2"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((tmp_path / "ddp/args.json").read_text())["world_size"] == 2
     log = [json.loads(x) for x in (tmp_path / "ddp/log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
+    assert load_model(tmp_path / "ddp/final").config.unet.in_channels == 4
+    # the job goes on with one process: the 16 items the two ranks took are not taken again
+    shutil.rmtree(tmp_path / "ddp/final")
+    capsys.readouterr()
+    assert run(*args, "--steps", 3, "--resume", tmp_path / "ddp") == 0
+    err = capsys.readouterr().err
+    assert "written by 2 processes, this run has 1: the data goes on from item 16 of its stream (epoch 0)" in err
+    assert "a step trains on 4 images (was 8); --grad-accum 2 keeps 8" in err
+    assert [json.loads(x)["step"] for x in (tmp_path / "ddp/log.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert load_model(tmp_path / "ddp/final").config.unet.in_channels == 4
 
 

@@ -195,7 +195,7 @@ class Trainer:
     """Runs `cfg.steps` optimizer steps of `stage` over `loader` and writes checkpoints under `out/`.
 
     `loader` is an iterator of batches with `state_dict()` / `load_state_dict()` (its position), already sharded for
-    this process's rank. Under torchrun, call `torch.distributed.init_process_group` before creating the Trainer.
+    this process's rank; with `continue_from(states)` too, it resumes checkpoints of another number of processes. Under torchrun, call `torch.distributed.init_process_group` before creating the Trainer.
     `run` (JSON-able) is written into each checkpoint's meta.json as "run", for whoever resumes it to compare.
     """
 
@@ -258,8 +258,9 @@ class Trainer:
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        if meta.get("world_size", 1) != self.world:
-            raise ValueError(f"checkpoint was written by {meta['world_size']} processes, resuming with {self.world}")
+        before = int(meta.get("world_size", 1))
+        if before != self.world and not hasattr(self.loader, "continue_from"):
+            raise ValueError(f"checkpoint was written by {before} processes, resuming with {self.world}")
         if int(meta["step"]) > self.cfg.steps:
             raise ValueError(f"the checkpoint is at step {meta['step']}, past this run's last step {self.cfg.steps}; "
                              "train to at least that many steps")
@@ -281,11 +282,35 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt.unflatten_optimizer(sub("optim."), meta["optimizer"]))
         if self.scaler.is_enabled() and "scaler.scale" in tensors:
             self.scaler.update(float(tensors["scaler.scale"]))
-        _set_rng_state(sub(f"rng.{self.rank}."), meta["rng"][self.rank], self.generator)
-        self.loader.load_state_dict(meta["data"][self.rank])
         self.step = int(meta["step"])
+        if before == self.world:
+            _set_rng_state(sub(f"rng.{self.rank}."), meta["rng"][self.rank], self.generator)
+            self.loader.load_state_dict(meta["data"][self.rank])
+        else:
+            self._take_over(before, meta)
         if self.rank == 0:
             self._forget_logged_steps_after(self.step)
+
+    def _take_over(self, before: int, meta: dict) -> None:
+        """Go on from a checkpoint written by `before` processes with this run's number (torchrun elastic, a job
+        requeued on fewer GPUs): the data stream continues from the items they had taken together, and each rank's
+        random numbers are seeded anew from (seed, step, rank), since the old ranks' streams do not map onto the
+        new ones."""
+        item = self.loader.continue_from(meta["data"])
+        seed = int(np.random.SeedSequence([self.cfg.seed, self.step, self.rank]).generate_state(1)[0])
+        torch.manual_seed(seed)  # (and every CUDA device's)
+        self.generator.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        if self.rank == 0:
+            old = meta["config"]["batch_size"] * meta["config"]["grad_accum"] * before
+            new = self.cfg.batch_size * self.cfg.grad_accum * self.world
+            keep, exact = divmod(old, self.cfg.batch_size * self.world)
+            hint = f"; --grad-accum {keep} keeps {old}" if new != old and keep and not exact else ""
+            print(f"warning: the checkpoint was written by {before} processes, this run has {self.world}: the data "
+                  f"goes on from item {item} of its stream (epoch {item // meta['data'][0]['n']}), each process's "
+                  f"random numbers are seeded anew, and a step trains on {new} images (was {old}){hint}",
+                  file=sys.stderr)
 
     def _forget_logged_steps_after(self, step: int) -> None:
         """Drop log.jsonl records of the steps after the checkpoint (a run stopped between saves logged them): they

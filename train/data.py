@@ -88,28 +88,36 @@ class ShardedSampler(torch.utils.data.Sampler):
     r + world_size, ... (DistributedSampler's striding, without padding), so the ranks' shards of an epoch are
     disjoint and cover every index exactly once. Yields (index, epoch), which the datasets use to seed augmentation.
     `start` counts the items this rank has already taken; each rank runs through its own shards, epoch after epoch.
+    `origin` is where in the endless stream (epoch origin // n, position origin % n) this world's striding began: 0,
+    or the items a run with another number of processes had taken (DataStream.continue_from).
     """
 
     def __init__(self, n: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 start: int = 0):
+                 start: int = 0, origin: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"ShardedSampler: rank {rank} is not in [0, world_size={world_size})")
         if n < world_size:
             raise ValueError(f"ShardedSampler: {n} items cannot be shared by {world_size} ranks")
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
-        self.shuffle, self.start = shuffle, start
-        self.epoch_length = len(range(rank, n, world_size))  # this rank's items per epoch
+        self.shuffle, self.start, self.origin = shuffle, start, origin
+        self.epoch_length = len(range(rank, n, world_size))  # this rank's items per whole epoch
 
-    def shard(self, epoch: int) -> np.ndarray:
+    def shard(self, epoch: int, offset: int = 0) -> np.ndarray:
+        """This rank's items of epoch `epoch`, from position `offset` of its order on."""
         order = np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
-        return order[self.rank::self.world_size]
+        return order[offset + self.rank::self.world_size]
 
     def __iter__(self):
-        epoch, pos = divmod(self.start, self.epoch_length)
+        epoch, offset = divmod(self.origin, self.n)
+        skip = self.start
+        first = len(range(offset + self.rank, self.n, self.world_size))  # this rank's items of the first epoch
+        if skip >= first:
+            whole, skip = divmod(skip - first, self.epoch_length)
+            epoch, offset = epoch + 1 + whole, 0
         while True:
-            for i in self.shard(epoch)[pos:]:
+            for i in self.shard(epoch, offset)[skip:]:
                 yield int(i), epoch
-            epoch, pos = epoch + 1, 0
+            epoch, offset, skip = epoch + 1, 0, 0
 
 
 class DataStream:
@@ -125,12 +133,12 @@ class DataStream:
             raise ValueError(f"DataStream: batch_size must be positive, got {batch_size}")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size, self.shuffle, self.num_workers = rank, world_size, shuffle, num_workers
-        self.consumed, self._it = 0, None
+        self.consumed, self.origin, self._it = 0, 0, None  # origin: see ShardedSampler
         ShardedSampler(len(dataset), rank=rank, world_size=world_size)  # validate now, not at the first batch
 
     def _loader(self) -> torch.utils.data.DataLoader:
         sampler = ShardedSampler(len(self.dataset), seed=self.seed, rank=self.rank, world_size=self.world_size,
-                                 shuffle=self.shuffle, start=self.consumed)
+                                 shuffle=self.shuffle, start=self.consumed, origin=self.origin)
         # An explicit generator: otherwise DataLoader draws its worker base seed from the global torch RNG.
         return torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler,
                                            collate_fn=collate, num_workers=self.num_workers,
@@ -146,21 +154,33 @@ class DataStream:
         self.consumed += self.batch_size
         return batch
 
-    @property
-    def epoch(self) -> float:
-        return self.consumed / len(range(self.rank, len(self.dataset), self.world_size))
-
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "seed": self.seed, "n": len(self.dataset), "rank": self.rank,
-                "world_size": self.world_size, "shuffle": self.shuffle}
+        return {"consumed": self.consumed, "origin": self.origin, "seed": self.seed, "n": len(self.dataset),
+                "rank": self.rank, "world_size": self.world_size, "shuffle": self.shuffle}
 
     def load_state_dict(self, state: dict) -> None:
+        self._check(state, ("seed", "n", "rank", "world_size", "shuffle"))
+        self.consumed, self.origin = int(state["consumed"]), int(state.get("origin", 0))
+        self._it = None  # dropping the iterator shuts its workers down
+
+    def continue_from(self, states: list[dict]) -> int:
+        """Take up the stream where a run with another number of processes left it: `states` holds the state_dict
+        of each of its ranks. This world's striding starts at the item the old ranks had taken together, which is
+        where they were, exactly, when the old process count divides the dataset's size; otherwise each old rank
+        ran through its epochs at its own pace, and up to an epoch's items are seen twice or skipped. Returns that
+        item's index in the endless stream (epoch = index // n)."""
+        for state in states:
+            self._check(state, ("seed", "n", "shuffle"))
+        self.origin = int(states[0].get("origin", 0)) + sum(int(s["consumed"]) for s in states)
+        self.consumed, self._it = 0, None
+        return self.origin
+
+    def _check(self, state: dict, fields: tuple[str, ...]) -> None:
         mine = self.state_dict()
-        for field in ("seed", "n", "rank", "world_size", "shuffle"):
+        for field in fields:
             if state.get(field) != mine[field]:
                 raise ValueError(f"DataStream: the saved data position is for {field}={state.get(field)!r}, this "
                                  f"stream has {field}={mine[field]!r}; resuming would not continue the same order")
-        self.consumed, self._it = int(state["consumed"]), None  # dropping the iterator shuts its workers down
 
 
 # ---------------------------------------------------------------------- inpainting masks
