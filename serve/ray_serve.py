@@ -40,17 +40,20 @@ Then point OpenAI clients at http://<any node>:8000/v1. How it maps onto Ray Ser
     the app logs the same id without adding the header a second time.
   * A client that disconnects cancels its request in the replica (the handler is cancelled; it calls
     Engine.abandon), as under uvicorn.
-Options: model, device, dtype, backend, torch_threads, cuda_graphs and every EngineConfig and ServerConfig field.
-Not here: LoRAs, textual inversions, --vae and the other checkpoint options, the ONNX Runtime / TensorRT backend
-options, and `backdrop serve`'s network and shutdown flags (Ray's http_options and the deployment options above
-take their place). Each replica holds its own copy of the model and of its CUDA graphs.
+Options: model, device, dtype, backend, torch_threads, cuda_graphs, `backdrop serve`'s model options (lora,
+textual_inversion, vae, prediction_type, allow_pickle) and every EngineConfig and ServerConfig field. Not here:
+`backdrop serve`'s network and shutdown flags (Ray's http_options and the deployment options above take their place).
+Each replica holds its own copy of the model and of its CUDA graphs.
 Tested (tests/test_ray_serve.py) on one CPU machine: a private local Ray instance, two replicas of the tiny model.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import asdict, replace
+from types import SimpleNamespace
 
+from backdrop.cli import lora_spec, textual_inversion_spec
 from backdrop.serve.engine import Engine, EngineConfig
 from backdrop.serve.server import ServerConfig
 
@@ -77,8 +80,22 @@ AUTOSCALING = {"min_replicas": int, "max_replicas": int, "initial_replicas": int
                "upscale_delay_s": float, "downscale_delay_s": float}
 DEPLOYMENT = {"max_ongoing_requests": int, "max_queued_requests": int, "graceful_shutdown_timeout_s": float,
               "health_check_period_s": float, "health_check_timeout_s": float}
+def _specs(parse):
+    """A list of `--lora` / `--textual-inversion` specs from a YAML list or a comma-separated string."""
+    def specs(value) -> list:
+        texts = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        try:
+            return [parse(str(t).strip()) for t in texts if str(t).strip()]
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(str(e)) from None
+    return specs
+
+
 PICKED = {"device": str, "dtype": str, "backend": str, "torch_threads": int, "url_responses": _flag,
           "cuda_graphs": _flag}
+# Pipeline.from_pretrained's and `backdrop serve`'s model options, for every replica
+MODEL = {"lora": _specs(lora_spec), "textual_inversion": _specs(textual_inversion_spec), "vae": str,
+         "prediction_type": str, "allow_pickle": _flag}
 
 
 def serve_options(engine_config: EngineConfig = EngineConfig(), server_config: ServerConfig = ServerConfig(),
@@ -168,16 +185,21 @@ class BackdropReplica:
 
     def __init__(self, model: str, engine_config: EngineConfig, server_config: ServerConfig, device: str | None = None,
                  dtype: str | None = None, backend: str = "torch", torch_threads: int | None = None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, model_options: dict | None = None):
         import torch
 
+        from backdrop.cli import apply_model_options
         from backdrop.diffusion.pipeline import Pipeline
         from backdrop.serve.cuda_graphs import with_cuda_graphs
 
         log_to_ray()
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, backend=backend)
+        options = dict(model_options or {})
+        specs = {k: options.pop(k, ()) for k in ("lora", "textual_inversion")}
+        pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, backend=backend, **options)
+        # as `backdrop serve`: LoRAs merged before any CUDA graph is captured, the errors naming the option
+        apply_model_options(pipe, SimpleNamespace(**specs, clip_skip=server_config.clip_skip))
         self.engine = Engine(with_cuda_graphs(pipe) if cuda_graphs else pipe, engine_config)
         self.server_config = server_config
         wait_warm(self.engine)
@@ -207,22 +229,27 @@ def build_app(model: str, engine_config: EngineConfig = EngineConfig(), server_c
               num_replicas: int | str | None = None, ray_actor_options: dict | None = None, device: str | None = None,
               dtype: str | None = None, backend: str = "torch", torch_threads: int | None = None,
               name: str = "backdrop", deployment_options: dict | None = None, url_responses: bool | None = None,
-              cuda_graphs: bool = True):
+              cuda_graphs: bool = True, lora=(), textual_inversion=(), vae: str | None = None,
+              prediction_type: str | None = None, allow_pickle: bool = False):
     """A Ray Serve application (pass it to `serve.run`): `num_replicas` copies of the server for `model`.
     ray_actor_options: resources per replica, e.g. {"num_gpus": 1} (one GPU each), {"num_gpus": 0.5} (two replicas
     on a GPU: each holds its own model and CUDA graphs) or {"num_cpus": 4}. num_replicas: 1 by default; "auto" lets
     Ray autoscale. deployment_options: Deployment.options() over serve_options' defaults (autoscaling_config, which
     implies "auto"; max_queued_requests, graceful_shutdown_timeout_s, health_check_period_s, ...). url_responses:
     None = only with one replica (replica_server_config). torch_threads: intra-op threads per replica (CPU serving).
-    cuda_graphs: replay the UNet from CUDA graphs on CUDA with the torch backend (`backdrop serve`'s default)."""
+    cuda_graphs: replay the UNet from CUDA graphs on CUDA with the torch backend (`backdrop serve`'s default).
+    lora: (path, scale) pairs merged into every replica's weights; textual_inversion: (path, token or None) pairs;
+    vae, prediction_type, allow_pickle: as Pipeline.from_pretrained's. Paths must be readable on every node."""
     from ray import serve
 
     options = serve_options(engine_config, server_config, num_replicas, ray_actor_options, deployment_options)
     server_config = replica_server_config(server_config, options, url_responses)
     # serve.ingress() with no app: the ASGI app is built per replica, after __init__, by __serve_build_asgi_app__
     deployment = serve.deployment(name=name)(serve.ingress()(BackdropReplica))
+    model_options = dict(lora=[(str(p), float(w)) for p, w in lora], vae=vae, prediction_type=prediction_type,
+                         textual_inversion=[(str(p), t) for p, t in textual_inversion], allow_pickle=allow_pickle)
     return deployment.options(**options).bind(str(model), engine_config, server_config, device, dtype, backend,
-                                              torch_threads, cuda_graphs)
+                                              torch_threads, cuda_graphs, model_options)
 
 
 def builder_args(args: dict) -> dict:
@@ -239,7 +266,7 @@ def builder_args(args: dict) -> dict:
     options = {k: kind(args.pop(k)) for k, kind in DEPLOYMENT.items() if k in args}
     if scaling:
         options["autoscaling_config"] = scaling
-    out.update({k: kind(args.pop(k)) for k, kind in PICKED.items() if k in args})
+    out.update({k: kind(args.pop(k)) for k, kind in (PICKED | MODEL).items() if k in args})
 
     def cast(default, text):  # to the field's type
         if isinstance(default, bool):
@@ -260,8 +287,10 @@ def app_builder(args: dict):
     """For `serve run backdrop.serve.ray_serve:app_builder model=PATH [num_replicas=N|auto] [num_gpus=G]
     [num_cpus=C] [device=cuda] [dtype=fp16] [max_batch_size=8] [steps=30] ...`, and Serve config files'
     `import_path` + `args`: every EngineConfig and ServerConfig field by name, build_app's device, dtype, backend,
-    torch_threads, url_responses and cuda_graphs, autoscaling (min_replicas, max_replicas, initial_replicas,
-    target_ongoing_requests, upscale_delay_s, downscale_delay_s: they imply num_replicas=auto) and the deployment's
+    torch_threads, url_responses and cuda_graphs, the model options (lora=a.safetensors:0.8,b.safetensors and
+    textual_inversion=x.safetensors:<tok>, comma-separated or YAML lists; vae, prediction_type, allow_pickle),
+    autoscaling (min_replicas, max_replicas, initial_replicas, target_ongoing_requests, upscale_delay_s,
+    downscale_delay_s: they imply num_replicas=auto) and the deployment's
     max_ongoing_requests, max_queued_requests, graceful_shutdown_timeout_s, health_check_period_s and
     health_check_timeout_s."""
     return build_app(**builder_args(args))

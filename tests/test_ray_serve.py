@@ -20,8 +20,11 @@ import time
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from backdrop.cli import CLIError
+from backdrop.diffusion.pipeline import Pipeline
 from backdrop.serve.engine import Engine, EngineConfig, Item, ServeKey
 from backdrop.serve.ray_serve import (BackdropReplica, builder_args, replica_server_config, serve_options,
                                       wait_warm)
@@ -228,11 +231,41 @@ def test_app_builder_arguments():
     for origins in ("https://a.example, https://b.example", ["https://a.example", "https://b.example"]):
         assert builder_args({"model": "m", "allowed_origins": origins})["server_config"].allowed_origins == (
             "https://a.example", "https://b.example")
-    for args, message in (({"num_replicas": "2"}, "give model=PATH"), ({"model": "m", "lora": "x.safetensors"},
-                          r"unknown arguments \['lora'\]"), ({"model": "m", "adaptive_delay": "ture"}, "true or false"),
-                          ({"model": "m", "max_queue": "0"}, "max_queue = 0 is out of range")):
+    models = builder_args({"model": "m", "lora": "a.safetensors:0.5, b.safetensors", "vae": "v.safetensors",
+                           "textual_inversion": ["t.safetensors:<cat>"], "allow_pickle": "no"})
+    assert {k: models[k] for k in ("lora", "textual_inversion", "vae", "allow_pickle")} == dict(
+        lora=[("a.safetensors", 0.5), ("b.safetensors", 1.0)], textual_inversion=[("t.safetensors", "<cat>")],
+        vae="v.safetensors", allow_pickle=False)
+    for args, message in (({"num_replicas": "2"}, "give model=PATH"), ({"model": "m", "loras": "x.safetensors"},
+                          r"unknown arguments \['loras'\]"), ({"model": "m", "adaptive_delay": "ture"}, "true or false"),
+                          ({"model": "m", "max_queue": "0"}, "max_queue = 0 is out of range"),
+                          ({"model": "m", "lora": "x.safetensors:inf"}, "finite")):
         with pytest.raises(ValueError, match=message):
             builder_args(args)
+
+
+def test_a_replica_merges_its_loras_as_backdrop_serve_does(serve_model_dir, tmp_path):
+    """build_app's lora (and the other model options) reach every replica's Pipeline; a bad file stops the replica
+    with the option's one-line error."""
+    from backdrop.nn.checkpoint import load_model
+    from test_lora import assert_same, peft_file, random_lora, state
+
+    base = load_model(serve_model_dir)
+    path = peft_file(random_lora(base, seed=3), tmp_path / "style.safetensors")
+    expected = Pipeline.from_pretrained(serve_model_dir, device="cpu", dtype=torch.float32)
+    expected.load_lora_weights(path, lora_scale=0.5)
+    replica = BackdropReplica(str(serve_model_dir), EngineConfig(max_batch_size=1), ServerConfig(steps=1),
+                              device="cpu", dtype="fp32", cuda_graphs=False,
+                              model_options=dict(lora=[(str(path), 0.5)], textual_inversion=[], vae=None))
+    try:
+        ours, theirs, base = state(replica.engine.pipe.backend.model), state(expected.backend.model), state(base)
+        assert_same(ours, theirs)
+        assert sum(not torch.equal(ours[k], base[k]) for k in base) > 10  # the LoRA's modules changed
+    finally:
+        replica.__del__()
+    with pytest.raises(CLIError, match="--lora: .*missing.safetensors"):
+        BackdropReplica(str(serve_model_dir), EngineConfig(), ServerConfig(), device="cpu", dtype="fp32",
+                        model_options=dict(lora=[(str(tmp_path / "missing.safetensors"), 1.0)]))
 
 
 def test_deployment_options_follow_the_engine():
