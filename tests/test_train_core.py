@@ -1,5 +1,6 @@
 """The training loop's mechanics on a small regression problem: loss falls, resume == straight run, atomic
 checkpoints survive SIGKILL, DDP (2 gloo processes) == 1 process with the doubled batch, EMA."""
+import errno
 import json
 import os
 import signal
@@ -388,3 +389,26 @@ def test_resume_forgets_logged_steps_after_the_checkpoint(tmp_path):
     assert [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
     resumed.fit()
     assert [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_a_log_line_cut_short_by_a_full_disk_leaves_no_torn_line(tmp_path):
+    """The append that fails part-way (here a file-size limit, as a full disk) is undone, so the next record starts
+    on a line of its own; a torn '{"step": 2, "lo' would have made it '{"step": 2, "lo{"step": 3}'."""
+    script = textwrap.dedent("""
+        import resource, signal, sys
+        from backdrop.fsio import append_line
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+        append_line(sys.argv[1], '{"step": 1}')  # 12 bytes
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20, resource.RLIM_INFINITY))  # 8 more bytes fit, not a line
+        try:
+            append_line(sys.argv[1], '{"step": 2, "loss": 0.125}')
+        except OSError as e:
+            print(e.errno)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        append_line(sys.argv[1], '{"step": 3}')
+    """)
+    log = tmp_path / "log.jsonl"
+    p = subprocess.run([sys.executable, "-c", script, str(log)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == [str(errno.EFBIG)]
+    assert [json.loads(x) for x in log.read_text().splitlines()] == [{"step": 1}, {"step": 3}]

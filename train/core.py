@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..diffusion.latents import host_to_device
+from ..fsio import append_line
 from . import checkpointing as ckpt
 
 __all__ = ["TrainConfig", "ConfigError", "Stage", "Trainer", "StopRequested", "EMA", "lr_at", "join_process_group"]
@@ -460,8 +461,7 @@ class Trainer:
         goes on: the log is a report, and the next checkpoint, which must be written, stops every rank if the disk
         is still full (on_rank0), where a failed log line on rank 0 alone would strand the other ranks."""
         try:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.log_path, json.dumps(record))
         except OSError as e:
             if not self._log_failed:
                 print(f"warning: {self.log_path}: cannot append ({e.strerror or e}); training goes on without "
