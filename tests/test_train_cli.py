@@ -365,6 +365,21 @@ def test_a_failed_write_says_what_the_run_can_go_on_from(tmp_path):
     assert what_is_kept(tmp_path).endswith(f"--resume {tmp_path} goes on from step-00000004")
 
 
+def test_a_damaged_newest_checkpoint_names_the_one_before_it(tmp_path):
+    from backdrop.train import checkpointing
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        checkpointing.save_checkpoint(root, step, {"w": torch.ones(1)}, {"step": step})
+    (root / "step-00000004/state.safetensors").write_bytes(b"\0" * 5)  # torn by a crashed copy
+    with pytest.raises(ValueError, match=f"step-00000004: unreadable checkpoint .*the one before it can be: "
+                                         f"--resume {root / 'step-00000002'}$"):
+        checkpointing.load_checkpoint(tmp_path)
+    (root / "step-00000002/state.safetensors").write_bytes(b"\0" * 5)
+    with pytest.raises(ValueError, match=r"step-00000002: unreadable checkpoint \([^;]*\)$"):  # none before it
+        checkpointing.load_checkpoint(root / "step-00000002")
+
+
 def test_an_image_damaged_after_its_header_stops_the_cache_and_a_run_in_one_line(tmp_path, capsys):
     """The scan reads headers only; a truncated body fails at load time, in a DataLoader worker, whose re-raised
     error carries the worker's whole traceback: the command prints the error itself, naming the file."""

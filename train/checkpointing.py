@@ -98,8 +98,11 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     try:
         meta = json.loads((ck / "meta.json").read_text())
         tensors = load_file(str(ck / "state.safetensors"))
-    except Exception as e:  # corrupt or truncated: say which file
-        raise ValueError(f"{ck}: unreadable checkpoint ({type(e).__name__}: {e})") from e
+    except Exception as e:  # corrupt or truncated: say which file, and what can be resumed instead
+        saved = list_checkpoints(ck.parent)
+        older = saved[:saved.index(ck)] if ck in saved else []
+        hint = f"; the one before it can be: --resume {older[-1]}" if older else ""
+        raise ValueError(f"{ck}: unreadable checkpoint ({type(e).__name__}: {e}){hint}") from e
     return tensors, meta
 
 
