@@ -236,8 +236,9 @@ def test_app_builder_arguments():
     assert {k: models[k] for k in ("lora", "textual_inversion", "vae", "allow_pickle")} == dict(
         lora=[("a.safetensors", 0.5), ("b.safetensors", 1.0)], textual_inversion=[("t.safetensors", "<cat>")],
         vae="v.safetensors", allow_pickle=False)
-    for args, message in (({"num_replicas": "2"}, "give model=PATH"), ({"model": "m", "loras": "x.safetensors"},
-                          r"unknown arguments \['loras'\]"), ({"model": "m", "adaptive_delay": "ture"}, "true or false"),
+    for args, message in (({"num_replicas": "2"}, "give model=PATH"),
+                          ({"model": "m", "loras": "x.safetensors"}, r"unknown arguments \['loras'\]"),
+                          ({"model": "m", "adaptive_delay": "ture"}, "true or false"),
                           ({"model": "m", "max_queue": "0"}, "max_queue = 0 is out of range"),
                           ({"model": "m", "lora": "x.safetensors:inf"}, "finite")):
         with pytest.raises(ValueError, match=message):

@@ -416,6 +416,16 @@ def test_clip_overfits_and_writes_image_encoder(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(again.clip.state_dict().values(), clip.state_dict().values()))
 
 
+def test_cache_progress_off_a_terminal_is_plain_lines(tmp_path, capsys):
+    """A job's log gets a line at every tenth of the items, not tqdm's \\r frames."""
+    build_cache(tiny(), make_dataset("synthetic:20", 32), tmp_path / "c", batch_size=3, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    counts = [line.split(" items")[0] for line in err.splitlines()]
+    assert counts == [f"cache: {k}/20" for k in (3, 6, 9, 12, 15, 18, 20)]  # batches of 3 reach a tenth each
+
+
+
 # ------------------------------------------------------------------------------ the latent cache
 
 @pytest.mark.parametrize("stage_cls", [PretrainStage, InpaintStage])

@@ -31,6 +31,8 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -131,8 +133,15 @@ def build_cache(model: Model, dataset, out: str | os.PathLike, *, batch_size: in
             shards.append({"file": name, "rows": int(tensors["context"].shape[0])})
             rows.clear()
 
-        for batch in tqdm(loader, desc="cache", disable=not progress, dynamic_ncols=True):
+        # a bar on a terminal; elsewhere (a job's log file, where \r frames pile up on one line) a plain line at
+        # every tenth of the items, as `backdrop train` logs off a terminal
+        lines, done, t0 = progress and not sys.stderr.isatty(), 0, time.perf_counter()
+        for batch in tqdm(loader, desc="cache", disable=not progress or lines, dynamic_ncols=True):
             x = batch["image"].to(device)  # (B, 3, H, W)
+            done += x.shape[0]
+            if lines and done * 10 // n > (done - x.shape[0]) * 10 // n:  # a tenth (the last: all) reached
+                print(f"cache: {done}/{n} items, {done / (time.perf_counter() - t0):.1f} items/s", file=sys.stderr,
+                      flush=True)
             size = int(x.shape[-1])
             row = {"moments": posterior_moments(vae, x).cpu().to(store),  # (B, 2C, h, w)
                    "context": text(model.tokenizer(batch["caption"]).to(device)).float().cpu().to(store)}
