@@ -49,6 +49,8 @@ def _num(x: float) -> str:
 
 class _Metric:
     type = ""
+    # another registry's metric of the same name, kind and labels, updated with this one (Ray's: ray_serve.py)
+    mirror = None
 
     def __init__(self, name: str, help: str, labelnames: Iterable[str] = ()):
         self.name, self.help, self.labelnames = name, help, tuple(labelnames)
@@ -76,6 +78,8 @@ class Counter(_Metric):
         key = self._key(labels)
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
+        if self.mirror is not None:
+            self.mirror.inc(amount, tags=labels or None)
 
     def value(self, **labels) -> float:
         with self._lock:
@@ -96,11 +100,15 @@ class Gauge(_Metric):
 
     def set(self, value: float) -> None:
         with self._lock:
-            self._value = float(value)
+            self._value = value = float(value)
+        if self.mirror is not None:
+            self.mirror.set(value)
 
     def inc(self, amount: float = 1.0) -> None:
         with self._lock:
-            self._value += amount
+            self._value = value = self._value + amount
+        if self.mirror is not None:
+            self.mirror.set(value)
 
     def dec(self, amount: float = 1.0) -> None:
         self.inc(-amount)
@@ -191,6 +199,8 @@ class Histogram(_Metric):
             counts[next(i for i, b in enumerate(self.buckets) if value <= b)] += 1
             d[1] += value
             d[2] += 1
+        if self.mirror is not None:
+            self.mirror.observe(value, tags=labels or None)
 
     def render(self) -> list[str]:
         lines = self._header()
@@ -233,9 +243,14 @@ class ServerMetrics:
                                   labels=info)
         self.process = process_metrics()
 
+    def served(self) -> tuple:
+        """The metrics of the serving itself (not build_info and the process_* ones): those a scale-out platform
+        exports for each replica (serve/ray_serve.py mirrors them into Ray's)."""
+        return (self.batch_size, self.batch_seconds, self.queue_seconds, self.latency, self.requests, self.images,
+                self.queue_depth, self.batch_wait, self.in_flight, self.ready)
+
     def render(self) -> str:
-        metrics = (self.batch_size, self.batch_seconds, self.queue_seconds, self.latency, self.requests, self.images,
-                   self.queue_depth, self.batch_wait, self.in_flight, self.ready, self.build_info, *self.process)
+        metrics = (*self.served(), self.build_info, *self.process)
         return "\n".join(line for m in metrics for line in m.render()) + "\n"
 
 

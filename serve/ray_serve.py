@@ -31,8 +31,9 @@ Then point OpenAI clients at http://<any node>:8000/v1. How it maps onto Ray Ser
   * "url" responses are off (a 400 that says to use b64_json) when more than one replica may run: the file lives in
     the memory of the replica that made it, and Ray's proxy sends the download to any replica.
   * /metrics through the proxy is one replica's, whichever the router picked, with no label saying which: do not
-    scrape it. Replicas have no address of their own; for totals use Ray's metrics (ray_serve_deployment_*, per
-    replica). The batch-size, queue-depth and batch-wait metrics are not exported to Ray's metrics.
+    scrape it. Replicas have no address of their own: scrape Ray's metrics endpoint on each node instead, where each
+    replica's serving metrics appear as ray_backdrop_* (batch size, queue depth, latency, status counts, ...) tagged
+    with its deployment, replica and application (metrics_to_ray), beside Ray's own ray_serve_deployment_*.
   * HTTP only: the deployment answers through Ray's HTTP proxy; there is no DeploymentHandle method to call.
   * Ray's own errors are plain text, not OpenAI's shape: 503 "Request dropped due to backpressure" (no
     Retry-After) past max_queued_requests, and 500 for a replica that died mid-request.
@@ -50,15 +51,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 from dataclasses import asdict, replace
 from types import SimpleNamespace
 
 from backdrop.cli import lora_spec, textual_inversion_spec
 from backdrop.serve.engine import Engine, EngineConfig
+from backdrop.serve.metrics import Counter, Histogram, ServerMetrics
 from backdrop.serve.server import ServerConfig
 
 __all__ = ["build_app", "app_builder", "serve_options", "replica_server_config", "builder_args", "BackdropReplica",
-           "wait_warm", "log_to_ray"]
+           "wait_warm", "log_to_ray", "metrics_to_ray"]
 
 # ongoing requests a replica takes beyond a full queue and a running batch: bodies still arriving, requests being
 # answered 429 (which is what lets the 429 happen at all), health probes
@@ -161,6 +164,34 @@ def log_to_ray() -> None:
             ours.setLevel(logging.INFO)
 
 
+def metrics_to_ray(metrics: ServerMetrics, stop: threading.Event, period: float = 5.0) -> threading.Thread:
+    """Mirror the replica's serving metrics into Ray's (ray.serve.metrics, which tag each series with its
+    deployment, replica and application): each update of ours updates Ray's too, and Ray's Prometheus endpoint on
+    every node has them as ray_backdrop_* per replica. The gauges read at scrape time (queue depth, batch wait) are
+    sampled every `period` s by a thread, which ends when `stop` is set."""
+    from ray.serve import metrics as ray_metrics
+
+    sampled = []
+    for m in metrics.served():
+        tags = m.labelnames or None
+        if isinstance(m, Histogram):
+            m.mirror = ray_metrics.Histogram(m.name, m.help, boundaries=list(m.buckets[:-1]), tag_keys=tags)
+        elif isinstance(m, Counter):
+            m.mirror = ray_metrics.Counter(m.name, m.help, tag_keys=tags)
+        else:
+            m.mirror = ray_metrics.Gauge(m.name, m.help)
+            m.mirror.set(m.value())  # (ready may be set already)
+            sampled += [m] if m._fn is not None else []
+
+    def sample():
+        while not stop.wait(period):
+            for g in sampled:
+                g.mirror.set(g.value())
+    thread = threading.Thread(target=sample, name="backdrop-ray-metrics", daemon=True)
+    thread.start()
+    return thread
+
+
 class _ToRayServe(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         ray_log = logging.getLogger("ray.serve")
@@ -202,6 +233,8 @@ class BackdropReplica:
         apply_model_options(pipe, SimpleNamespace(**specs, clip_skip=server_config.clip_skip))
         self.engine = Engine(with_cuda_graphs(pipe) if cuda_graphs else pipe, engine_config)
         self.server_config = server_config
+        self._stop_metrics = threading.Event()
+        metrics_to_ray(self.engine.metrics, self._stop_metrics)
         wait_warm(self.engine)
 
     def __serve_build_asgi_app__(self):
@@ -219,6 +252,8 @@ class BackdropReplica:
         """Ray Serve's stop hook. By now Ray has waited (up to graceful_shutdown_timeout_s) for the requests this
         replica took, and the ASGI lifespan's shutdown has drained and closed the engine; this stops the worker of a
         replica that never got that far (its __init__ failed after the engine started)."""
+        if hasattr(self, "_stop_metrics"):
+            self._stop_metrics.set()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.begin_shutdown()

@@ -14,6 +14,7 @@ import base64
 import glob
 import io
 import os
+import re
 import socket
 import time
 
@@ -63,8 +64,9 @@ def ray_app(serve_model_dir):
     from backdrop.serve.ray_serve import app_builder
 
     # address="local": a private instance, even where a Ray cluster already runs on this machine
+    metrics_port = _free_port()
     context = ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20,
-                       log_to_driver=False, configure_logging=False)
+                       log_to_driver=False, configure_logging=False, _metrics_export_port=metrics_port)
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -73,7 +75,7 @@ def ray_app(serve_model_dir):
                            "max_queue_delay_ms": "50", "steps": "1", "max_steps": "400", "request_timeout": "20",
                            "body_timeout": "10"})
         serve.run(app, name="backdrop", route_prefix="/")
-        yield f"http://127.0.0.1:{port}", serve, context.address_info["session_dir"]
+        yield f"http://127.0.0.1:{port}", serve, context.address_info["session_dir"], metrics_port
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -81,7 +83,7 @@ def ray_app(serve_model_dir):
 
 def test_two_replicas_serve_the_openai_endpoints(ray_app):
     openai = pytest.importorskip("openai")
-    url, serve, session = ray_app
+    url, serve, session, _ = ray_app
     assert serve.status().applications["backdrop"].deployments["backdrop"].replica_states.get("RUNNING") == 2
     # a replica is RUNNING only once warm; Ray's router picks between two idle replicas at random: 40 tries all
     # landing on one is ~1e-12
@@ -118,6 +120,27 @@ def test_two_replicas_serve_the_openai_endpoints(ray_app):
     while not logged():
         assert time.monotonic() < end, "the access line is in no replica log"
         time.sleep(0.2)
+
+
+def test_each_replicas_serving_metrics_reach_rays_metrics(ray_app):
+    """Our /metrics through the proxy is one replica's; Ray's endpoint has every replica's, tagged with it."""
+    url, metrics_port = ray_app[0], ray_app[3]
+    for _ in range(4):
+        assert httpx.post(f"{url}/v1/images/generations", json={"prompt": "a shelf", "size": "64x64"},
+                          timeout=60).status_code == 200
+    end, text = time.monotonic() + 60, ""
+    while "ray_backdrop_batch_size_count" not in text or "ray_backdrop_queue_depth" not in text:
+        assert time.monotonic() < end, f"no ray_backdrop_* metrics at Ray's endpoint: {text[-2000:]}"
+        time.sleep(1)
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    ours = [line for line in text.splitlines() if line.startswith("ray_backdrop_")]
+    requests = [line for line in ours if line.startswith("ray_backdrop_requests_total")]
+    assert any('code="200"' in line and 'endpoint="generations"' in line and 'deployment="backdrop"' in line
+               for line in requests), requests
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in ours if line.startswith("ray_backdrop_images_total")) >= 4
+    replicas = {m for line in ours if line.startswith("ray_backdrop_ready") for m in re.findall(r'replica="([^"]+)"',
+                                                                                                     line)}
+    assert len(replicas) == 2  # one series per replica
 
 
 def test_the_replicas_429_passes_through_ray(ray_app):
