@@ -203,8 +203,15 @@ def _check(args) -> None:
 
 def _out_folder(path: str) -> Path:
     """The --out folder, created and checked before any work is done."""
+    from backdrop.diffusion.masks import IMAGE_EXTS
+
     if not path.strip():  # an unset shell variable: Path("") would be the current folder
         raise CLIError("--out is empty: give a folder")
+    if Path(path).exists() and not Path(path).is_dir():
+        raise CLIError(f"--out {path} is a file: give a folder, where the PNGs are named after their inputs and seeds")
+    if not Path(path).exists() and Path(path).suffix.lower() in IMAGE_EXTS:
+        raise CLIError(f"--out {path} looks like a file name: --out is a folder, where the PNGs are named after "
+                       "their inputs and seeds (always PNG: a lossy format would change the product's pixels)")
     folder = make_folder(path)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CLIError(f"--out {folder}: the folder is not writable")
@@ -291,5 +298,8 @@ def _call(method, args, kwargs: dict):
     except (MemoryError, RuntimeError) as e:  # torch's CPU allocator and CUDA's OutOfMemoryError are RuntimeErrors
         if not isinstance(e, MemoryError) and "allocate" not in str(e) and "out of memory" not in str(e):
             raise
-        raise CLIError(f"out of memory making {len(kwargs['seed'])} image(s) at once at this size: "
-                       f"lower --batch-size{'' if args.kind != 'generate' else ' or --height/--width'}") from None
+        n = len(kwargs["seed"])
+        smaller = {"generate": "--height/--width", "img2img": "a smaller image",
+                   "inpaint": "--crop-padding N (only the mask's surroundings, at the model's size)"}[args.kind]
+        raise CLIError(f"out of memory making {n} image(s) at once at this size: " +
+                       (f"lower --batch-size or use {smaller}" if n > 1 else f"use {smaller}")) from None

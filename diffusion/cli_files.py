@@ -47,31 +47,37 @@ class Task:
 # ------------------------------------------------------------------------------------------------------ inputs
 
 def _open(path: str, what: str):
-    """The file as the Pipeline reads it (masks.from_file: upright, 8 bits, RGB(A) or L), keeping its ICC profile
-    in .info (from_file's 16-bit path makes a new image without it)."""
-    from PIL import Image, UnidentifiedImageError
+    """The file as the Pipeline reads it (image_io.from_file: upright, 8 bits, RGB(A) or L, its RGB ICC profile
+    kept), saying on stderr what the reading changed (16 bits to 8, CMYK to RGB, ...). Its EXIF orientation is kept
+    in .info["orientation"] for the mask check. Images over Pillow's limit for untrusted files (89 Mpx) are refused,
+    a decoder's warnings are notes."""
+    import warnings
 
-    from backdrop.diffusion import masks as M
+    from PIL import Image
+
+    from backdrop.diffusion.image_io import from_file, notes, orientation
 
     try:
-        im = Image.open(path)
-        im.load()
+        with warnings.catch_warnings(record=True) as caught:  # a decoder's warnings, said below as notes
+            warnings.simplefilter("always")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+            im.load()
     except FileNotFoundError:
         raise CLIError(f"{what} {path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise CLIError(f"{what} {path}: cannot read it as an image ({one_line(e)})") from None
-    icc = im.info.get("icc_profile")
-    im = M.from_file(im)
-    if icc:
-        im.info["icc_profile"] = icc
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise CLIError(f"{what} {path}: too large to decode safely ({one_line(e)}); scale it down first") from None
+    except Exception as e:  # whatever a decoder raises (OSError, ValueError, RuntimeError, SyntaxError, ...)
+        raise CLIError(f"{what} {path}: cannot read it as an image ({type(e).__name__}: {one_line(e)})") from None
+    for note in [one_line(w.message) for w in caught] + notes(im):
+        print(f"note: {what} {path}: {note}", file=sys.stderr)
+    turned = orientation(im)
+    try:
+        im = from_file(im)
+    except ValueError as e:
+        raise CLIError(f"{what} {path}: {one_line(e)}") from None
+    im.info["orientation"] = turned
     return im
-
-
-def _rgb_icc(image) -> bytes | None:
-    """The image's ICC profile if it describes RGB (header bytes 16-19, ICC.1:2010 7.2.6): the outputs are RGB, and
-    a CMYK or grey profile attached to them would tell viewers to misread every pixel, so those are dropped."""
-    icc = image.info.get("icc_profile")
-    return icc if icc and icc[16:20] == b"RGB " else None
 
 
 def _mask_file(spec: str, flag: str, image_path: str) -> str:
@@ -88,8 +94,8 @@ def _mask_file(spec: str, flag: str, image_path: str) -> str:
     found = sorted(str(p) for p in folder.iterdir()
                    if p.stem in names and p.suffix.lower() in IMAGE_EXTS and p.resolve() != image)
     if not found:
-        raise CLIError(f"{flag} {spec}: no mask for {image_path} (looked for {stem}.png, {stem}_mask.png, .jpg, "
-                       "... there)")
+        raise CLIError(f"{flag} {spec}: no mask for {image_path} (looked there for {stem}, {stem}_mask or "
+                       f"{stem}.mask with the extension {', '.join(e.lstrip('.') for e in IMAGE_EXTS)})")
     if len(found) > 1:
         raise CLIError(f"{flag} {spec}: {len(found)} masks for {image_path} ({some(found)}); keep one")
     return found[0]
@@ -113,6 +119,7 @@ def _read_job(args, path: str, problems: list[str]) -> Job | None:
     """One IMAGE and its mask, or None with what is wrong added to `problems` (the image and its mask both checked,
     so a run names an unreadable image and its missing mask at once)."""
     from backdrop.diffusion import masks as M
+    from backdrop.diffusion.image_io import rgb_icc
 
     job, key, mask = Job(Path(path).stem, path), _mask_option(args), None
     image = _attempt(problems, _open, path, "image")
@@ -122,20 +129,38 @@ def _read_job(args, path: str, problems: list[str]) -> Job | None:
         mask = job.mask_file and _attempt(problems, _open, job.mask_file, key.replace("_", " "))
         if image is None or mask is None:
             return None
+        turned = _turned(image, mask, path, job.mask_file)
         if mask.size != image.size:  # most likely another photo's mask: resizing it would move the product's edge
             (w, h), (mw, mh) = image.size, mask.size
             problems.append(f"{flag} {job.mask_file} is {mw}x{mh} but image {path} is {w}x{h} (WxH): a mask must "
-                            "have its image's size")
+                            f"have its image's size{turned}")
             return None
+        if turned:
+            print(f"warning: {flag} {job.mask_file}: {turned.lstrip('; ')}", file=sys.stderr)
+        if mask.format == "JPEG" and args.mask_threshold is None:
+            print(f"note: {flag} {job.mask_file} is a JPEG: its compression noise makes some pixels grey, which are "
+                  "then partly repainted; --mask-threshold 0.5 makes it black and white", file=sys.stderr)
     if image is None:
         return None
-    if args.kind == "inpaint" and key is None and not M.has_alpha(image):
-        problems.append(f"{path} has no transparency: give --mask (white = repaint) or --product-mask "
-                        "(white = the product to keep)")
+    if args.kind == "inpaint" and key is None and not M.has_transparency(image):
+        problems.append(f"{path} has no transparent pixel" + (" (its alpha channel is opaque everywhere)" if
+                        M.has_alpha(image) else "") + ": give --mask (white = repaint) or --product-mask (white = "
+                        "the product to keep), or an image whose transparent pixels are to be repainted")
         return None
     job.inputs = dict(image=image) if key is None else {"image": image, key: mask}
-    job.icc = _rgb_icc(image)
+    job.icc = rgb_icc(image)
     return job
+
+
+def _turned(image, mask, path: str, mask_path: str) -> str:
+    """'; ...' naming the EXIF orientations when the image and its mask were stored turned differently (both are
+    read upright, so a mask drawn on the other's stored pixels lands rotated), else ''."""
+    a, b = image.info.get("orientation", 1), mask.info.get("orientation", 1)
+    if a == b:
+        return ""
+    return (f"; {path} is stored turned (EXIF orientation {a}) and {mask_path} " +
+            ("is not" if b == 1 else f"otherwise ({b})") + ": both are read upright, so a mask drawn on the "
+            "stored pixels of the other would land rotated")
 
 
 def _warn_if_nothing_kept(args, job: Job) -> None:

@@ -26,32 +26,19 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
 from backdrop.diffusion.batching import items
+from backdrop.diffusion.image_io import from_file
 
 __all__ = [
     "to_repaint_mask", "invert", "binarize", "image_to_tensor", "image_to_uint8", "tensor_to_uint8", "to_pil",
     "fit_size", "pad_to_multiple", "crop_to", "dilate", "latent_mask", "masked_image", "gaussian_blur", "feather",
-    "default_mask_blur", "from_file", "has_alpha", "convention", "EmptyMask", "IMAGE_EXTS", "MASK_SUFFIXES",
+    "default_mask_blur", "has_alpha", "has_transparency", "convention", "EmptyMask", "IMAGE_EXTS", "MASK_SUFFIXES",
 ]
 
-PIL_MODES = ("L", "1", "RGB", "RGBA", "LA", "P")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # image files the commands read
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif")  # files the commands read
 MASK_SUFFIXES = (".mask", "_mask")  # NAME.mask.png, NAME_mask.jpg, ...: the mask of NAME.<ext> beside it
-
-
-def from_file(im: Image.Image) -> Image.Image:
-    """A just-decoded file as the pipeline reads it (for the CLI and the server, which open files): upright (its EXIF
-    orientation applied, as diffusers' load_image does: a phone photo is stored sideways), and in one of PIL_MODES:
-    16-bit PNGs (I;16 / I) scaled to 8 bits (PIL's convert would clip every value over 255 to white), CMYK, YCbCr,
-    ... converted to RGB(A)."""
-    im = ImageOps.exif_transpose(im)
-    if im.mode.startswith("I"):
-        im = Image.fromarray((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
-    if im.mode not in PIL_MODES:
-        im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
-    return im
 
 
 # ----------------------------------------------------------------------------------------------- reading inputs
@@ -82,9 +69,11 @@ def _array(x, name: str) -> np.ndarray:
 
 
 def _pil(x: Image.Image, name: str) -> Image.Image:
-    if x.mode not in PIL_MODES:
-        raise ValueError(f"{name}: PIL mode {x.mode!r} is not supported (use one of {', '.join(PIL_MODES)})")
-    return x
+    """A PIL input as a file of it is read (image_io.from_file): upright by its EXIF orientation, 8 bits, RGB(A)."""
+    try:
+        return from_file(x)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 class EmptyMask(ValueError):
@@ -102,6 +91,15 @@ def has_alpha(x) -> bool:
     return len(shape) == 3 and channels in (2, 4)
 
 
+def has_transparency(x) -> bool:
+    """Whether an image with an alpha channel has a pixel that is not fully opaque (an exporter's RGBA PNG is
+    often opaque everywhere: then its alpha marks nothing)."""
+    if not has_alpha(x):
+        return False
+    a = _mask_item(x, "image", "image")
+    return bool((a < (255 if a.dtype == np.uint8 else 1.0)).any())
+
+
 def convention(mask, product_mask, first_image) -> tuple[str, object]:
     """Which convention an inpaint call uses, and its masks: "mask", "product_mask" or "image" (the image's own
     alpha; None)."""
@@ -117,31 +115,59 @@ def convention(mask, product_mask, first_image) -> tuple[str, object]:
     return "image", None
 
 
-def _mask_item(x, name: str, alpha: bool) -> np.ndarray:
-    """(H, W) mask values in the input's own domain (uint8 or float): luma, or the alpha channel if `alpha`."""
+def _mask_item(x, name: str, kind: str) -> np.ndarray:
+    """(H, W) mask values in the input's own domain (uint8 or float): for kind "image" the alpha channel; for "mask"
+    and "product_mask" the luma (ITU-R 601-2, as diffusers' convert("L")), unless the mask has transparent pixels:
+    then _transparent reads it."""
     if isinstance(x, Image.Image):
         x = _pil(x, name)
-        if alpha:
-            if "transparency" in x.info:  # P / L / RGB with a transparent colour key
-                x = x.convert("RGBA")
-            if x.mode not in ("RGBA", "LA"):
-                raise ValueError(f"{name}: PIL mode {x.mode!r} has no alpha channel (the alpha convention needs"
-                                 " RGBA, LA or P with transparency)")
-            return np.asarray(x.getchannel("A"))
-        return np.asarray(x.convert("L"))  # ITU-R 601-2 luma, what diffusers' do_convert_grayscale does
+        if "transparency" in x.info:  # P / L / RGB with a transparent colour key
+            x = x.convert("RGBA")
+        if kind == "image" and x.mode not in ("RGBA", "LA"):
+            raise ValueError(f"{name}: PIL mode {x.mode!r} has no alpha channel (the alpha convention needs"
+                             " RGBA, LA or P with transparency)")
+        x = np.asarray(x if x.mode in ("RGBA", "LA") else x.convert("L"))
     a = _array(x, name)
     c = a.shape[-1]
-    if alpha:
+    if kind == "image":
         if c not in (2, 4):
             raise ValueError(f"{name}: {c} channels have no alpha (the alpha convention needs 2 (LA) or 4 (RGBA))")
         return a[..., -1]
-    if c == 1:
+    if c not in (1, 2, 3, 4):
+        raise ValueError(f"{name}: a mask needs 1 to 4 channels, got {c} (shape {a.shape})")
+    luma = _luma(a[..., :3] if c >= 3 else a[..., :1])
+    if c in (2, 4) and (a[..., -1] < (255 if a.dtype == np.uint8 else 1.0)).any():
+        return _transparent(luma, a[..., -1], name, kind)
+    return luma
+
+
+def _luma(a: np.ndarray) -> np.ndarray:
+    """(H, W, 1 or 3) -> (H, W): grey as it is; colour by ITU-R 601-2, bit-exact with PIL's convert("L") for uint8."""
+    if a.shape[-1] == 1:
         return a[..., 0]
-    if c in (3, 4):  # a colour mask: its luma, bit-exact with PIL's convert("L") for uint8; alpha is ignored
-        if a.dtype == np.uint8:
-            return np.asarray(Image.fromarray(np.ascontiguousarray(a[..., :3])).convert("L"))
-        return a[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=a.dtype)
-    raise ValueError(f"{name}: a mask needs 1, 3 or 4 channels, got {c} (shape {a.shape})")
+    if a.dtype == np.uint8:
+        return np.asarray(Image.fromarray(np.ascontiguousarray(a)).convert("L"))
+    return a @ np.array([0.299, 0.587, 0.114], dtype=a.dtype)
+
+
+def _transparent(luma: np.ndarray, alpha: np.ndarray, name: str, kind: str) -> np.ndarray:
+    """A mask with transparent pixels. Painted on a transparent layer (its opaque pixels black and white, edges
+    aside): flattened over black, as an editor exports it, so white = the convention's white and transparent =
+    black. A picture with transparency (a cut-out, OpenAI's edit mask): a product_mask is its alpha (opaque = the
+    product); a repaint mask is refused, since in OpenAI's convention its transparent pixels are the ones to repaint,
+    the opposite of flattening it."""
+    full = 255 if luma.dtype == np.uint8 else 1.0
+    opaque = alpha >= full / 2
+    grey = (luma > 0.1 * full) & (luma < 0.9 * full)
+    if opaque.any() and grey[opaque].mean() > 0.05:  # more than anti-aliased edges: a picture
+        if kind == "product_mask":
+            return alpha
+        raise ValueError(f"{name}: a mask with transparent pixels whose opaque ones are a picture, not black and "
+                         "white (OpenAI's edit mask: transparent = repaint?): give it as the product mask (opaque = "
+                         "kept), or give no mask and an RGBA image whose transparent pixels are to be repainted")
+    if luma.dtype == np.uint8:
+        return ((luma.astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)
+    return luma * alpha
 
 
 def _to_float(a: np.ndarray) -> torch.Tensor:
@@ -192,7 +218,7 @@ def to_repaint_mask(mask=None, product_mask=None, image=None, *, threshold: floa
     name = label or kind
     arrays = []
     for i, item in enumerate(items(value, name)):
-        a = _mask_item(item, f"{name}[{i}]", alpha=kind == "image")
+        a = _mask_item(item, f"{name}[{i}]", kind)
         if kind != "mask":
             a = 255 - a if a.dtype == np.uint8 else 1.0 - a
         arrays.append(a)

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from backdrop.diffusion import masks as M
+from backdrop.diffusion.image_io import rgb_icc
 
-__all__ = ["Output", "format_output", "as_hwc"]
+__all__ = ["Output", "format_output", "as_hwc", "with_profiles"]
 
 
 @dataclass
@@ -50,3 +51,14 @@ def as_hwc(images) -> np.ndarray:
     if isinstance(images, np.ndarray):
         return images
     return np.stack([np.asarray(p) for p in images]).astype(np.float32) / 255
+
+
+def with_profiles(out: Output, sources: list, k: int) -> Output:
+    """PIL outputs tagged with the RGB ICC profile of the input image each was made from (`sources`: the call's
+    inputs, k outputs each), as the CLI's files are: the kept product pixels are exact, and with their profile they
+    also look the same in a colour-managed viewer (`save` writes .info's profile)."""
+    if isinstance(out.images, list):
+        for j, im in enumerate(out.images):
+            if icc := rgb_icc(sources[j // k]):
+                im.info["icc_profile"] = icc
+    return out

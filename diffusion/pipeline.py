@@ -80,7 +80,7 @@ from backdrop.diffusion.diffusers_api import DiffusersAPI
 from backdrop.diffusion.guidance import CFGDenoiser
 from backdrop.diffusion.latents import (blend_known_region, default_noise_sampler, initial_latents, known_region,
                                         noised_latents, output_latents, per_item_randn)
-from backdrop.diffusion.output import Output, as_hwc, format_output
+from backdrop.diffusion.output import Output, as_hwc, format_output, with_profiles
 from backdrop.diffusion.samplers import SamplingInterrupted, sample
 from backdrop.diffusion.schedule import build_schedule
 from backdrop.diffusion.text import check_clip_skip, contexts, embed
@@ -236,13 +236,14 @@ class Pipeline(DiffusersAPI):
                        width=self._width, generator=generator)
         req["clip_skip"] = check_clip_skip(clip_skip, self.backend)
         n, k = req["n"], req["k"]
-        img = M.image_to_uint8(repeat(broadcast(images, n, "image"), k))  # (B, H, W, 3)
+        images = broadcast(images, n, "image")
+        img = M.image_to_uint8(repeat(images, k))  # (B, H, W, 3)
         strengths = item_strengths(strength, n, k)
         H, W = img.shape[1:3]
         x0 = self._encode_image(self._pad(M.image_to_tensor(img)))  # (B, 4, h, w)
         job = dict(req, strengths=strengths, x0=x0, size=(H, W),
                    c_concat=self._empty_concat(len(img), *x0.shape[-2:]))
-        return self._run(job, tuple(x0.shape[-2:]), loop, latents, start="image")
+        return with_profiles(self._run(job, tuple(x0.shape[-2:]), loop, latents, start="image"), images, k)
 
     @diffusers_names
     def inpaint(self, image, mask=None, prompt=None, product_mask=None, strength=1.0, mask_blur: float | None = None,
@@ -296,7 +297,8 @@ class Pipeline(DiffusersAPI):
             raise ValueError(f"inpaint items {unchanged} have nothing to repaint; output_type='latent' has no "
                              "latents to return for them")
         if not todo:
-            return format_output(img.astype(np.float32) / 255, req["seeds"], output_type, unchanged)
+            return with_profiles(format_output(img.astype(np.float32) / 255, req["seeds"], output_type, unchanged),
+                                 images, k)
         pick = lambda v: [v[i] for i in todo]  # noqa: E731 - the items that have something to repaint
         mask_t = torch.cat([per_item[i // k] for i in todo])  # (B', 1, H, W), 1 = repaint
         gens = req["generators"]
@@ -304,11 +306,11 @@ class Pipeline(DiffusersAPI):
                             negatives=pick(req["negatives"]), seeds=pick(req["seeds"]), strengths=pick(strengths),
                             generators=gens if gens is None or isinstance(gens, torch.Generator) else pick(gens),
                             rows=todo), opts, loop, latents)
-        if not unchanged:
-            return out
-        full = img.astype(np.float32) / 255  # (B, H, W, 3)
-        full[todo] = as_hwc(out.images)
-        return format_output(full, req["seeds"], output_type, unchanged)
+        if unchanged:
+            full = img.astype(np.float32) / 255  # (B, H, W, 3)
+            full[todo] = as_hwc(out.images)
+            out = format_output(full, req["seeds"], output_type, unchanged)
+        return with_profiles(out, images, k)
 
     # ---------------------------------------------------------------------------------------------- inpainting
 

@@ -27,11 +27,13 @@ from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse
 
 from backdrop.diffusion import masks as M
+from backdrop.diffusion.image_io import from_file
 from backdrop.nn.tokenizer import check_texts
 
-__all__ = ["APIError", "size_buckets", "decode_image", "repaint_mask", "require_edit_area", "one_image",
-           "edit_inputs", "number", "form_int", "form_bool", "seconds", "boolean", "text", "choice", "check_fields",
-           "b64decode", "shown", "clip", "IMAGE_FORMATS", "MIN_SIDE", "MAX_PROMPT_CHARS", "MAX_STEPS", "MAX_SEED",
+__all__ = ["APIError", "size_buckets", "decode_image", "repaint_mask", "require_edit_area", "require_transparency",
+           "one_image", "edit_inputs", "number", "form_int", "form_bool", "seconds", "boolean", "text", "choice",
+           "check_fields", "b64decode", "shown", "clip", "IMAGE_FORMATS", "MIN_SIDE", "MAX_PROMPT_CHARS", "MAX_STEPS",
+           "MAX_SEED",
            "IDENTITY_IGNORED", "EDIT_IGNORED", "GENERATE_IGNORED", "OPENAI_OUTPUT", "UNSUPPORTED"]
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")   # what OpenAI's edits accept; anything else PIL reads is refused
@@ -123,7 +125,7 @@ def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
     except Exception as e:  # truncated or corrupt pixel data
         raise APIError(400, f"{param}: the image data is corrupt or truncated ({type(e).__name__})", param=param,
                        code="invalid_image") from None
-    return M.from_file(im)  # upright; 16-bit, CMYK, ...: to what masks.py reads
+    return from_file(im)  # upright; 16-bit, CMYK, ...: to what masks.py reads; its RGB profile kept
 
 
 def repaint_mask(kind: str, value: Image.Image, size: tuple[int, int], param: str) -> Image.Image:
@@ -137,6 +139,15 @@ def repaint_mask(kind: str, value: Image.Image, size: tuple[int, int], param: st
     except ValueError as e:
         raise APIError(400, str(e), param=param, code="invalid_mask") from None
     return Image.fromarray((m[0, 0].numpy() * 255).round().astype(np.uint8), "L")
+
+
+def require_transparency(image: Image.Image) -> None:
+    """/v1/inpaint without a mask repaints the image's transparent pixels: an image without one (no alpha channel,
+    or an exporter's RGBA that is opaque everywhere) marks nothing."""
+    if not M.has_transparency(image):
+        raise APIError(400, "image has no transparent pixel, so nothing marks what to repaint: send an RGBA image "
+                       "whose transparent pixels are to be repainted, or a mask or product_mask", param="image",
+                       code="invalid_image")
 
 
 def require_edit_area(repaint: Image.Image, param: str) -> None:

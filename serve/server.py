@@ -68,7 +68,8 @@ from backdrop.serve.engine import Engine, Item, ServeKey
 from backdrop.serve.files import FileStore, png_bytes
 from backdrop.serve.inputs import (EDIT_IGNORED, GENERATE_IGNORED, MAX_SEED, MAX_STEPS, MIN_SIDE, OPENAI_OUTPUT,
                                    APIError, b64decode, boolean, check_fields, choice, clip, decode_image, edit_inputs,
-                                   form_int, number, one_image, repaint_mask, seconds, shown, size_buckets, text)
+                                   form_int, number, one_image, repaint_mask, require_transparency, seconds, shown,
+                                   size_buckets, text)
 from backdrop.serve.metrics import CONTENT_TYPE
 
 __all__ = ["ServerConfig", "create_app"]
@@ -271,9 +272,12 @@ class _Handlers:
                        f"{' or the request timeout' if timeout else ''}); retry later", code="timeout",
                        headers=NO_RETRY)
 
-    async def _respond(self, request: Request, images, items: list[Item], response_format: str) -> JSONResponse:
+    async def _respond(self, request: Request, images, items: list[Item], response_format: str,
+                       unchanged: bool = False) -> JSONResponse:
         """OpenAI's ImagesResponse; a prompt over CLIP's 77 tokens was cut there: `revised_prompt` says what the
-        model read (in the tokenizer's normal form: lower case, single spaces)."""
+        model read (in the tokenizer's normal form: lower case, single spaces). `unchanged`: /v1/inpaint's mask had
+        nothing to repaint, and each image is the input (said by "unchanged": true). Each PNG carries the input
+        image's RGB ICC profile (the Pipeline tags its outputs with it)."""
         pngs = await run_in_threadpool(lambda: [png_bytes(im) for im in images])
         base = str(request.base_url).rstrip("/")
         data = [{"url": f"{base}/v1/files/{self.files.put(png)}.png"} if response_format == "url" else
@@ -281,6 +285,8 @@ class _Handlers:
         cut = clip_cut(self.engine.pipe.backend.tokenizer, items[0].prompt)  # one prompt per request
         for d, it in zip(data, items):
             d["seed"] = it.seed
+            if unchanged:
+                d["unchanged"] = True
             if cut:
                 d["revised_prompt"] = cut[0]
         self.metrics.images.inc(len(pngs))
@@ -378,6 +384,7 @@ class _Handlers:
             image = decode_image(image_bytes, "image", self.max_pixels)
             hw = (image.height, image.width)
             if kind is None:
+                require_transparency(image)
                 return image.convert("RGB"), repaint_mask("image", image, hw, "image")
             return image.convert("RGB"), repaint_mask(kind, decode_image(mask_bytes, kind, self.max_pixels), hw,
                                                        kind)
@@ -387,7 +394,7 @@ class _Handlers:
         key = self._key("inpaint", (image.height, image.width), steps, sampler, **options)
         items = [Item(prompt, seed + j, negative, strength, image, repaint) for j in range(n)]
         images = await self._run(request, key, items, timeout)
-        return await self._respond(request, images, items, fmt)
+        return await self._respond(request, images, items, fmt, unchanged=repaint.getextrema()[1] == 0)
 
     async def download(self, request: Request) -> Response:
         name = request.path_params["name"].removesuffix(".png")

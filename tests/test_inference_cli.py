@@ -183,7 +183,7 @@ def test_inpaint_all_black_mask_writes_the_input(files, capsys, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["inpaint", "{root}/missing.png", "--mask", "{root}/black.png"], "missing.png: no such file"),
     (["inpaint", "{root}/not-an-image.png", "--mask", "{root}/black.png"], "cannot read it as an image"),
-    (["inpaint", "{root}/product.png"], "has no transparency: give --mask"),
+    (["inpaint", "{root}/product.png"], "has no transparent pixel: give --mask"),
     (["img2img", "{root}/product.png", "--strength", "1.5"], "--strength 1.5 must be in (0, 1]"),
     (["generate", "--steps", "0"], "--steps 0 must be at least 1"),
     (["generate", "--n", "0"], "--n 0 must be in [1, 1000]"),
@@ -198,7 +198,8 @@ def test_inpaint_all_black_mask_writes_the_input(files, capsys, tmp_path):
     (["generate", "--num_inference_steps", "5000"], "--num_inference_steps 5000 --sampler dpmpp-2m: steps must be"),
     (["generate", "--num_inference_steps", "5", "--steps", "0"], "--steps 0 must be at least 1"),  # the last wins
     (["generate", "--num-inf", "0"], "--num-inf 0 must be at least 1"),  # an abbreviation argparse took
-    (["generate", "--out", "{root}/product.png"], "product.png: cannot create the folder"),
+    (["generate", "--out", "{root}/product.png"], "product.png is a file: give a folder"),
+    (["generate", "--out", "{root}/scene.jpg"], "scene.jpg looks like a file name: --out is a folder"),
     (["generate", "--out", ""], "--out is empty: give a folder"),  # an unset shell variable, not the cwd
     (["inpaint", "{root}/product.png", "--mask", "{root}/black.png", "--mask-threshold", "0"],
      "--mask-threshold 0 must be in (0, 1]"),  # numbers as typed, not as parsed (0.0)
@@ -262,7 +263,9 @@ def test_out_of_memory_is_one_line(files, capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(Pipeline, "generate", allocate)
     code, _, err = run(capsys, "generate", *fast(files, tmp_path), "--n", "8")
     assert code == 2 and err == "backdrop generate: error: out of memory making 4 image(s) at once at this size: " \
-        "lower --batch-size or --height/--width"
+        "lower --batch-size or use --height/--width"
+    code, _, err = run(capsys, "generate", *fast(files, tmp_path), "--n", "1", "--overwrite")
+    assert err.endswith("making 1 image(s) at once at this size: use --height/--width")  # --batch-size 1 cannot help
 
 
 @pytest.mark.parametrize("argv", [["generate", "--prompt", "x", "--sampler", "foo"], ["inpaint", "--prompt", "x"],

@@ -120,7 +120,7 @@ def test_the_progress_bar_is_shown_on_a_terminal_only(files, tmp_path, monkeypat
 
 
 def test_each_png_records_how_it_was_made_and_keeps_an_rgb_icc_profile(files, capsys, tmp_path):
-    from backdrop.diffusion.cli_files import _rgb_icc
+    from backdrop.diffusion.image_io import rgb_icc
 
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     tagged, mask = tmp_path / "tagged.png", files["root"] / "mask.png"
@@ -138,7 +138,7 @@ def test_each_png_records_how_it_was_made_and_keeps_an_rgb_icc_profile(files, ca
         f"Input: {tagged}, Backdrop: {__version__}")
     cmyk = Image.new("RGB", (1, 1))
     cmyk.info["icc_profile"] = srgb[:16] + b"CMYK" + srgb[20:]  # a CMYK JPEG's: it cannot describe RGB output
-    assert _rgb_icc(cmyk) is None
+    assert rgb_icc(cmyk) is None
 
 
 def test_parameters_quote_values_as_a1111_does():

@@ -104,12 +104,21 @@ def test_batches_of_masks_and_images():
                                                   mask_blur=1.5, match_color=True)[0])
 
 
+def _openai_mask() -> Image.Image:
+    """OpenAI's edit mask: the photo itself, transparent (alpha 0) where it is to be repainted."""
+    rgba = np.random.default_rng(0).integers(0, 256, (16, 16, 4)).astype(np.uint8)
+    rgba[..., 3] = 255
+    rgba[:, :8, 3] = 0
+    return Image.fromarray(rgba, "RGBA")
+
+
 @pytest.mark.parametrize("call,words", [
     (lambda: M.to_repaint_mask(), ["exactly one", "none"]),
     (lambda: M.to_repaint_mask(mask=np.ones((4, 4), np.uint8), product_mask=np.ones((4, 4), np.uint8)),
      ["exactly one", "product_mask"]),
-    (lambda: M.to_repaint_mask(mask=Image.new("CMYK", (4, 4))), ["CMYK", "mask[0]"]),
-    (lambda: M.to_repaint_mask(mask=Image.new("F", (4, 4))), ["'F'"]),
+    (lambda: M.to_repaint_mask(mask=Image.fromarray(np.full((4, 4), 70000, np.int32))), ["70000", "16 bits",
+                                                                                         "mask[0]"]),
+    (lambda: M.to_repaint_mask(mask=_openai_mask()), ["transparent", "picture", "product mask", "mask[0]"]),
     (lambda: M.to_repaint_mask(mask=np.ones((4, 4), np.int32)), ["int32"]),
     (lambda: M.to_repaint_mask(mask=np.full((4, 4), 2.0)), ["[0, 1]", "2"]),
     (lambda: M.to_repaint_mask(mask=np.full((4, 4), np.nan)), ["[0, 1]"]),

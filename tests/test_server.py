@@ -381,10 +381,6 @@ def test_wrapped_base64_opaque_background_and_short_error_echoes(server):
         {"image": wrapped, "prompt": "a table", "background": "opaque", "output_format": "png", "seed": 1}))
     assert r.status_code == 200, r.text[:300]
     assert_kept_exact(decode(r.json()["data"][0]["b64_json"]), rgba)
-    rgba[..., 3] = 255  # nothing to repaint: /v1/inpaint returns the image, as the Pipeline does (edits refuse it)
-    r = httpx.post(f"{server.url}/v1/inpaint", headers=JSON, timeout=120, content=inpaint_body(rgba))
-    assert r.status_code == 200, r.text[:300]
-    np.testing.assert_array_equal(decode(r.json()["data"][0]["b64_json"]), rgba[..., :3])
     huge = "x" * 100_000  # an error quotes the first few dozen characters of a value, not the value
     for body in ({"prompt": "x", "size": huge}, {"prompt": "x", "response_format": huge}, {"prompt": "x", "n": huge},
                  {"prompt": "x", huge: 1}):
@@ -461,3 +457,32 @@ def test_a_stalled_body_gets_408_and_steps_have_an_operators_cap(server, serve_p
     with pytest.raises(ValueError, match="ServerConfig.steps"):
         ServerConfig(steps=200)  # above the default max_steps
 
+
+
+def test_inpaint_says_when_nothing_was_repainted_and_answers_carry_the_inputs_profile(server):
+    """An opaque RGBA image without a mask marks nothing (400, as edits answer); a mask with nothing to repaint
+    returns the input flagged "unchanged"; an input's RGB ICC profile comes back in every PNG, so the kept product
+    looks the same in a colour-managed viewer, not only its bytes."""
+    from PIL import ImageCms
+
+    rgba = product(31)
+    opaque = rgba.copy()
+    opaque[..., 3] = 255
+    r = httpx.post(f"{server.url}/v1/inpaint", timeout=120, headers=JSON, content=inpaint_body(opaque))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+    assert "no transparent pixel" in r.json()["error"]["message"]
+    black = base64.b64encode(png(np.zeros(rgba.shape[:2], np.uint8))).decode()
+    r = httpx.post(f"{server.url}/v1/inpaint", timeout=120, headers=JSON, content=json.dumps(dict(
+        image=base64.b64encode(png(rgba[..., :3])).decode(), mask=black, prompt=PROMPTS[0], n=2)))
+    assert r.status_code == 200 and [d["unchanged"] for d in r.json()["data"]] == [True, True]
+    assert np.array_equal(decode(r.json()["data"][0]["b64_json"]), rgba[..., :3])
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    tagged = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(tagged, "PNG", icc_profile=srgb)
+    r = httpx.post(f"{server.url}/v1/inpaint", timeout=120, headers=JSON, content=json.dumps(dict(
+        image=base64.b64encode(tagged.getvalue()).decode(), prompt=PROMPTS[0], seed=1)))
+    assert r.status_code == 200 and "unchanged" not in r.json()["data"][0]
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).info["icc_profile"] == srgb
+    c = client(server)
+    edit = c.images.edit(image=("p.png", tagged.getvalue(), "image/png"), prompt=PROMPTS[0])
+    assert Image.open(io.BytesIO(base64.b64decode(edit.data[0].b64_json))).info["icc_profile"] == srgb

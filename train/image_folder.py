@@ -11,7 +11,7 @@
     are never training images.
     Images: IMAGE_EXTS. A mask is a greyscale image of the same size, white (>= 128) = product. Either every image
     has one or none does. A folder whose captions are all empty is refused if a metadata file lies deeper in it.
-Every file is read as inference reads it (diffusion/masks.py from_file: EXIF rotation, 16-bit scaled to 8 bits,
+Every file is read as inference reads it (diffusion/image_io.py load_image: EXIF rotation, 16-bit scaled to 8 bits,
 CMYK as RGB); an image's alpha channel is not used (one warning names a few images with transparent pixels).
 The scan reads headers only: unreadable images and masks of another size are logged (with their paths) and left out.
 A file that breaks after its header (a truncated body) stops a run with a DataFileError naming it at load time:
@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image
 
-from ..diffusion.masks import IMAGE_EXTS, MASK_SUFFIXES, from_file
+from ..diffusion.image_io import load_image
+from ..diffusion.masks import IMAGE_EXTS, MASK_SUFFIXES
 
 __all__ = ["ImageFolder", "DataFileError", "find_metadata", "IMAGE_EXTS", "image_tensor", "mask_tensor", "item_key"]
 
@@ -80,10 +81,9 @@ def _read_text(path: Path) -> str:
 
 
 def _open(path: Path) -> Image.Image:
-    """A file decoded as inference reads it (from_file: upright, 16-bit scaled to 8 bits, CMYK as RGB, ...)."""
+    """A file decoded as inference reads it (load_image: upright, 16-bit scaled to 8 bits, CMYK as RGB, ...)."""
     try:
-        with Image.open(path) as im:
-            return from_file(im)
+        return load_image(path)
     except _BAD_IMAGE as e:
         raise DataFileError(f"{path}: cannot decode it ({e}), though its header read when the folder was "
                             "scanned; replace the file, or remove it and start the run again") from e
