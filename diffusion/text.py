@@ -57,7 +57,8 @@ def embed(backend, texts: list[str], clip_skip: int = 0) -> torch.Tensor:
     for t in texts:
         cut = clip_cut(tok, t)
         if cut:
-            log.warning("prompt cut to CLIP's %d tokens; dropped: %r", CONTEXT_LENGTH, cut[1])
+            dropped = cut[1] if len(cut[1]) <= 80 else f"{cut[1][:80]}... ({len(cut[1])} characters)"
+            log.warning("prompt cut to CLIP's %d tokens; dropped: %r", CONTEXT_LENGTH, dropped)  # a line, not a page
     ids = tok(texts)  # (U, 77)
     if not clip_skip:
         return backend.encode_text(ids).float()

@@ -12,6 +12,7 @@ multipart POST to /v1/images/edits needs no CORS preflight), and after a DNS reb
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -57,6 +58,12 @@ def endpoint(name: str, handler: Callable, metrics, echo_request_id: bool = True
             response, why = e.response(), f": {e.code or e.status} {loggable(clip(e.message))}"
         except (ClientGone, ClientDisconnect):  # left while queued, or while still sending its body: nginx's
             response, why = Response(status_code=499), ": the client went away"  # 499, which nobody reads
+        except asyncio.CancelledError:  # the server stopping past --drain-timeout (uvicorn cancels the handler), or
+            # Ray Serve cancelling it for a client that went away: OpenAI's 503, which clients retry (elsewhere),
+            # instead of the server's bare 500; the engine has dropped the work (_run)
+            response = APIError(503, "the server stopped before this request was done; retry",
+                                code="shutting_down").response()
+            why = ": cancelled (the server is stopping, or the client went away)"
         except Exception:
             log.exception("%s %s failed", rid, name)
             response = APIError(500, "internal server error (see the server log)", code="internal_error").response()
@@ -73,6 +80,18 @@ def endpoint(name: str, handler: Callable, metrics, echo_request_id: bool = True
         return response
     handle.__name__ = name  # its Route's name, which labels the metrics of responses given before it runs
     return handle
+
+
+def log_refusal(scope: dict, status: int) -> None:
+    """The access line of a request refused before any endpoint ran (routing's 404 / 405, the body limit's 413 /
+    408, the browser guard's 403), as endpoint() writes one for the rest: an abuse of the body limit shows in the
+    log, not only in the status counts."""
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+    rid, client = request_id(headers.get("x-request-id", "")), (scope.get("client") or ("-",))[0]
+    method, path = scope.get("method", "-"), loggable(scope.get("path", ""))
+    log.info("%s %s %s %s %d: refused before an endpoint", rid, client, method, path, status,
+             extra=dict(request_id=rid, client=client, method=method, path=path, status=status, ms=None,
+                        error="refused before an endpoint"))
 
 
 class BrowserGuard:

@@ -65,6 +65,8 @@ def add_parser(subparsers) -> None:
     net.add_argument("--max-files", type=int, default=256, metavar="N",
                      help="images kept for response_format=url, the oldest dropped first; 0 turns url responses "
                           "off (default: %(default)s)")
+    net.add_argument("--max-file-mb", type=float, default=256, metavar="MB",
+                     help="memory the url images may hold at most, the oldest dropped first (default: %(default)s)")
     net.add_argument("--file-ttl", type=float, default=3600, metavar="S",
                      help="seconds a url image stays downloadable (default: %(default)s)")
     net.add_argument("--shutdown-delay", type=float, default=0, metavar="S",
@@ -145,11 +147,14 @@ def _serve(args: argparse.Namespace) -> int:
                                      clip_skip=args.clip_skip, max_body_bytes=int(args.max_body_mb * 2**20),
                                      max_steps=args.max_steps, body_timeout=args.body_timeout,
                                      max_files=args.max_files, file_ttl=args.file_ttl,
+                                     max_file_bytes=int(args.max_file_mb * 2**20),
                                      allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",")
                                                            if o.strip()))
     except ValueError as e:  # "EngineConfig.max_queue = 0 is out of range" -> the flag's name
         field = str(e).split(".", 1)[1].split(" ", 1)[0]
-        raise CLIError(f"--{field.replace('_', '-')}: {str(e).split(' = ', 1)[1]}") from None
+        in_mb = {"max_body_bytes": "max_body_mb", "max_file_bytes": "max_file_mb"}.get(field)  # given in MB
+        value = f"{getattr(args, in_mb):g} is out of range" if in_mb else str(e).split(" = ", 1)[1]
+        raise CLIError(f"--{(in_mb or field).replace('_', '-')}: {value}") from None
     from backdrop.serve.running import stderr_logging
 
     with stderr_logging(args.log_level, args.log_format):

@@ -86,14 +86,15 @@ class Engine:
         self.pipe, self.config = pipeline, config
         self.batcher = Batcher(config.max_batch_size, config.max_queue_delay_ms / 1000, config.max_queue,
                                adaptive=config.adaptive_delay)
-        self.batcher.on_expire = self._notify
+        self.batcher.on_expire = self._expired
         self._last_key: BatchKey | None = None   # the key of the last batch run, for the batch-wait gauge
         backend = pipeline.backend
         self.metrics = ServerMetrics(queue_depth=lambda: self.batcher.depth, batch_wait=lambda: (
             self.batcher.max_queue_delay if self._last_key is None else self.batcher.delay(self._last_key)),
             info=dict(version=__version__, torch=torch.__version__, backend=getattr(backend, "name", "torch"),
                       device=str(backend.device), dtype=str(backend.dtype).removeprefix("torch."),
-                      model=config.model_name))
+                      model=config.model_name),
+            cpu_cache_limit=lambda: (self._rss_limit_mb or 0) * 2**20)
         self.ready = threading.Event()
         self.draining = threading.Event()  # shutting down: /readyz says 503, new work gets 503 shutting_down
         self.error: BaseException | None = None       # what went wrong in warm-up, shown by /readyz
@@ -169,6 +170,7 @@ class Engine:
             if self._rss_limit_mb is not None and runtime.rss_mb() > self._rss_limit_mb:
                 runtime.release_freed_memory()
                 self.memory_trims += 1
+                self.metrics.memory_trims.inc()
 
     def _warm_up(self) -> None:
         """One-step calls through every component (text encoder, VAE decode and, for inpainting models, encode; UNet
@@ -208,10 +210,24 @@ class Engine:
     def abandon(self, req: Request) -> None:
         """The client left or the deadline passed: drop the request; interrupt its batch if nobody else waits."""
         self.batcher.cancel(req)
+        self._dequeued(req, self.batcher.clock())
         self._notify(req)
         current = self._current
         if current is not None and all(e.request.finished for e in current[0].entries):
             current[1].set()
+
+    def _expired(self, req: Request) -> None:
+        self._dequeued(req, self.batcher.clock())
+        self._notify(req)
+
+    def _dequeued(self, req: Request, now: float) -> None:
+        """A request's queue time, once: to its first batch, or to its drop (deadline, client gone) if none ran it,
+        so that overload, when requests time out in the queue, shows in the histogram rather than hiding there."""
+        with self._lock:
+            if req.started is not None:
+                return
+            req.started = now
+        self.metrics.queue_seconds.observe(now - req.arrival)
 
     def _notify(self, req: Request) -> None:
         with self._lock:
@@ -229,9 +245,7 @@ class Engine:
         failed: dict[Request, BaseException] = {}
         now = self.batcher.clock()
         for req in {batch.entries[i].request for i in live}:
-            if req.started is None:  # its first batch: the time it queued
-                req.started = now
-                self.metrics.queue_seconds.observe(now - req.arrival)
+            self._dequeued(req, now)  # its first batch: the time it queued
         try:
             try:
                 self._call_into(batch, live, outputs, interrupt)

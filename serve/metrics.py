@@ -219,13 +219,14 @@ class ServerMetrics:
     backdrop_build_info (version, backend, device, ...)."""
 
     def __init__(self, queue_depth: Callable[[], float] = lambda: 0.0, batch_wait: Callable[[], float] = lambda: 0.0,
-                 info: dict[str, str] | None = None):
+                 info: dict[str, str] | None = None, cpu_cache_limit: Callable[[], float] = lambda: 0.0):
         self.batch_size = Histogram("backdrop_batch_size", "Items (images) per Pipeline call, i.e. per UNet batch "
                                     "before classifier-free guidance doubles it.", (1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
         self.batch_seconds = Histogram("backdrop_batch_duration_seconds", "Wall time of one Pipeline call.",
                                        (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
         self.queue_seconds = Histogram("backdrop_request_queue_duration_seconds", "Time from a request's "
-                                       "admission to the start of the first batch that runs it.",
+                                       "admission to the start of the first batch that runs it, or to its drop "
+                                       "(deadline passed, client gone) if none did.",
                                        (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
         self.latency = Histogram("backdrop_request_duration_seconds", "Request latency from the body read to the "
                                  "response, by endpoint.", (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
@@ -239,6 +240,11 @@ class ServerMetrics:
                                 fn=batch_wait)
         self.in_flight = Gauge("backdrop_requests_in_flight", "Image requests admitted and not yet answered.")
         self.ready = Gauge("backdrop_ready", "1 once the model is loaded and warmed up.")
+        self.cpu_cache_limit = Gauge("backdrop_cpu_cache_limit_bytes", "Resident memory above which freed CPU memory "
+                                     "kept for reuse goes back to the OS (the warmed-up footprint plus "
+                                     "--cpu-cache-mb); 0 when none is kept.", fn=cpu_cache_limit)
+        self.memory_trims = Counter("backdrop_memory_trims_total", "Times the freed CPU memory kept for reuse went "
+                                    "back to the OS: growth up to the limit is this cache, not a leak.")
         self.build_info = Sampled("backdrop_build_info", "Always 1; the labels say what is serving.", lambda: 1,
                                   labels=info)
         self.process = process_metrics()
@@ -247,7 +253,8 @@ class ServerMetrics:
         """The metrics of the serving itself (not build_info and the process_* ones): those a scale-out platform
         exports for each replica (serve/ray_serve.py mirrors them into Ray's)."""
         return (self.batch_size, self.batch_seconds, self.queue_seconds, self.latency, self.requests, self.images,
-                self.queue_depth, self.batch_wait, self.in_flight, self.ready)
+                self.queue_depth, self.batch_wait, self.in_flight, self.ready, self.cpu_cache_limit,
+                self.memory_trims)
 
     def render(self) -> str:
         metrics = (*self.served(), self.build_info, *self.process)

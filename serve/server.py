@@ -61,7 +61,7 @@ from backdrop.diffusion.pipeline import Pipeline
 from backdrop.diffusion.samplers import check_eta
 from backdrop.diffusion.schedule import RECIPES, build_schedule
 from backdrop.diffusion.text import check_clip_skip, clip_cut
-from backdrop.serve.access import BrowserGuard, ClientGone, endpoint
+from backdrop.serve.access import BrowserGuard, ClientGone, endpoint, log_refusal
 from backdrop.serve.batcher import QueueFull, ShuttingDown
 from backdrop.serve.body_limit import BodyLimit, BodyTimeout, BodyTooLarge
 from backdrop.serve.engine import Engine, Item, ServeKey
@@ -101,6 +101,7 @@ class ServerConfig:
     max_n: int = 10                      # OpenAI's limit on n
     file_ttl: float = 3600.0             # seconds a "url" image stays downloadable
     max_files: int = 256                 # images kept for "url" responses (oldest dropped first); 0: url refused
+    max_file_bytes: int = 256 * 2**20    # ... and their bytes at most
     echo_request_id: bool = True         # X-Request-ID in responses; off behind a proxy that sets it (Ray Serve's)
     allowed_origins: tuple[str, ...] = ()  # browser origins served ("*": any); other requests with an Origin: 403
 
@@ -109,7 +110,8 @@ class ServerConfig:
                   ("sampler", self.sampler in RECIPES), ("body_timeout", self.body_timeout > 0),
                   ("guidance_scale", self.guidance_scale >= 0), ("max_body_bytes", self.max_body_bytes > 0),
                   ("max_image_pixels", self.max_image_pixels is None or self.max_image_pixels >= MIN_SIDE**2),
-                  ("max_n", self.max_n >= 1), ("file_ttl", self.file_ttl > 0), ("max_files", self.max_files >= 0))
+                  ("max_n", self.max_n >= 1), ("file_ttl", self.file_ttl > 0), ("max_files", self.max_files >= 0),
+                  ("max_file_bytes", self.max_file_bytes > 0))
         for name, ok in checks:
             if not ok:
                 above = " (above max_steps, --max-steps)" if name == "steps" and self.steps > self.max_steps else ""
@@ -126,7 +128,7 @@ class _Handlers:
         native, static = engine.native_size, engine.pipe.fixed_size
         self.buckets = size_buckets(native) if static is None else {f"{static[1]}x{static[0]}": tuple(static)}
         self.max_pixels = config.max_image_pixels or (4 * native) ** 2
-        self.files = FileStore(config.file_ttl, config.max_files)
+        self.files = FileStore(config.file_ttl, config.max_files, config.max_file_bytes)
         self.formats = ("b64_json", "url") if config.max_files else ("b64_json",)  # no files kept: url gets a 400
         self.created = int(time.time())  # the model's `created` in /v1/models: loaded just before the app is made
 
@@ -448,10 +450,11 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()):
         await asyncio.to_thread(engine.close)  # the server already waited for in-flight requests: drain, join
 
     def count(scope, status: int) -> None:
-        """Count a response no endpoint() saw (routing errors, body limits), labelled by the route its path names
-        or "other": a fixed set of labels, whatever paths clients send."""
+        """Count and log a response no endpoint() saw (routing errors, body limits), labelled by the route its path
+        names or "other": a fixed set of labels, whatever paths clients send."""
         name = next((r.name for r in routes if r.matches(scope)[0] is not Match.NONE), "other")
         h.metrics.requests.inc(endpoint=name, code=str(status))
+        log_refusal(scope, status)
 
     async def http_error(request, exc: HTTPException):  # 404 / 405 from routing, in OpenAI's shape
         count(request.scope, exc.status_code)

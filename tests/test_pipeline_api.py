@@ -238,6 +238,11 @@ def test_prompts_over_77_tokens_are_cut_with_a_warning(models, caplog):
     kept, dropped = clip_cut(tok, long.upper().replace(" ", "  "))
     assert (kept, dropped) == (" ".join(["red"] * 75), "ceramic mug")
     assert torch.equal(tok([kept]), tok([long]))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="backdrop.diffusion.text"):  # a 4000-character prompt: a line, not 4 KB
+        pipe.encode_prompt(" ".join(["red"] * 75 + ["blue"] * 800))
+    [record] = caplog.records
+    assert len(record.getMessage()) < 200 and "(3999 characters)" in record.getMessage()
 
 
 def test_to_casts_in_place_like_loading_in_that_dtype(models):

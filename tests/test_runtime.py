@@ -97,7 +97,8 @@ key = ServeKey("generate", 256, 256, 2, "dpmpp-2m", engine.config.model_name, ((
 engine.submit(key, [Item("a red mug", seed=s) for s in range(2)], done.set)
 assert done.wait(300)
 engine.close(60)
-print(runtime.keeping_freed_memory(), engine.memory_trims)
+m = engine.metrics  # what /metrics says of it
+print(runtime.keeping_freed_memory(), engine.memory_trims, int(m.memory_trims.value()), m.cpu_cache_limit.value() > 0)
 """
 
 
@@ -105,6 +106,6 @@ print(runtime.keeping_freed_memory(), engine.memory_trims)
 def test_server_engine_keeps_freed_memory_within_budget(budget_mb, keeps):
     r = subprocess.run([sys.executable, "-c", ENGINE, str(budget_mb)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    kept, trims = r.stdout.split()[-2:]
-    assert kept == str(keeps)
+    kept, trims, counted, limit = r.stdout.split()[-4:]
+    assert kept == str(keeps) and limit == str(keeps) and counted == trims
     assert (int(trims) >= 1) if keeps else (trims == "0")

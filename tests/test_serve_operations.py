@@ -48,6 +48,15 @@ def test_each_request_has_an_id_and_one_access_line_with_why_it_failed(server, c
     assert line["method"] == "POST" and line["ms"] >= 0 and "steps" in line["error"] and line["level"] == "info"
     assert line["time"].endswith("Z") and line["logger"] == "backdrop.serve"
     assert scalar(metrics(server), 'backdrop_requests_total{endpoint="models",code="200"}') >= 1
+    # refused before any endpoint (routing, the body limit): logged too, with the client's id
+    with caplog.at_level("INFO", logger="backdrop.serve"):
+        assert httpx.get(f"{server.url}/v2/nothing", headers={"x-request-id": "r-404"}).status_code == 404
+        big = httpx.post(f"{server.url}/v1/inpaint", content=b"x" * (33 * 2**20), headers={  # over 32 MiB
+            **JSON, "x-request-id": "r-413"})
+        assert big.status_code == 413
+    said = {rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("r-4")}
+    assert said == {"r-404 127.0.0.1 GET /v2/nothing 404: refused before an endpoint",
+                    "r-413 127.0.0.1 POST /v1/inpaint 413: refused before an endpoint"}
 
 
 def test_json_log_lines_are_one_object_each_with_the_traceback():
@@ -200,3 +209,20 @@ def test_browsers_are_refused_unless_their_origin_is_allowed(serve_pipe):
                 assert 'endpoint="models",code="403"' in metrics(srv)
         finally:
             srv.stop()
+
+
+def test_url_images_are_bounded_by_bytes_and_expire_when_asked_for(capsys):
+    from backdrop.cli import main
+    from backdrop.serve.files import FileStore
+
+    store = FileStore(ttl=60, max_files=10, max_bytes=100)
+    first = store.put(b"a" * 60)
+    second = store.put(b"b" * 60)  # both would pass 100 bytes: the oldest goes
+    assert store.get(first) is None and store.get(second) == b"b" * 60 and store.size == (1, 60)
+    short = FileStore(ttl=0.05, max_files=10)
+    short.put(b"c" * 10)
+    time.sleep(0.1)
+    assert short.get("any") is None and short.size == (0, 0)  # gone without a later put
+    for flag in ("--max-file-mb", "--max-body-mb"):  # given in MB, named as given
+        assert main(["serve", "backdrop-tiny", "--port", "0", flag, "0"]) == 2
+        assert capsys.readouterr().err.strip().endswith(f"{flag}: 0 is out of range")
