@@ -3,7 +3,7 @@
 Public API (imported lazily, so `import backdrop` does no work):
     backdrop.load_model(path)          -> Model with .unet, .vae, .text_encoder, .tokenizer, .config
     backdrop.init_model(preset)        -> the same, random weights
-    backdrop.Pipeline.from_pretrained  -> generate / img2img / inpaint
+    backdrop.Pipeline.from_pretrained  -> generate / img2img / inpaint (interrupt= raises SamplingInterrupted)
     backdrop.load_image(path)          -> a PIL image as Backdrop reads files (upright, 8 bits, RGB profile kept)
 """
 __version__ = "0.1.0"
@@ -13,6 +13,7 @@ _LAZY = {
     "init_model": "backdrop.nn.checkpoint",
     "save_model": "backdrop.nn.checkpoint",
     "Pipeline": "backdrop.diffusion.pipeline",
+    "SamplingInterrupted": "backdrop.diffusion.pipeline",
     "load_image": "backdrop.diffusion.image_io",
 }
 

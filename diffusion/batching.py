@@ -10,7 +10,6 @@ import functools
 import inspect
 import math
 import numbers
-import secrets
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -43,7 +42,6 @@ DIFFUSERS_INSTEAD = {
                               "other attention arguments are not supported",
     "strength": "strength is img2img's and inpaint's (they start from an image); generate starts from pure noise",
     "height": _SAME_SIZE, "width": _SAME_SIZE,
-    "return_dict": "the result is an Output: take its .images",
     "timesteps": _NO_SCHEDULE, "sigmas": _NO_SCHEDULE,
     "masked_image_latents": "give image= and mask=; the masked image is encoded here",
     "ip_adapter_image": _NO_IP_ADAPTER, "ip_adapter_image_embeds": _NO_IP_ADAPTER,
@@ -76,9 +74,13 @@ def diffusers_names(fn: Callable) -> Callable:
     """Let `fn` also take diffusers' names for its arguments (num_inference_steps= for steps=, ...), so code written
     for a diffusers pipeline runs unchanged; giving both names is a TypeError, and so is a diffusers argument `fn`
     does not take (DIFFUSERS_INSTEAD: the error says what to do instead)."""
-    params = inspect.signature(fn).parameters
+    signature = inspect.signature(fn)
+    params = signature.parameters
     aliases = {theirs: ours for theirs, ours in DIFFUSERS_NAMES.items() if ours in params}
     instead = {theirs: hint for theirs, hint in DIFFUSERS_INSTEAD.items() if theirs not in params}
+    outputs = signature.return_annotation in ("Output", "'Output'")  # a pipeline call: return_dict applies
+    if not outputs:
+        instead["return_dict"] = "it returns no Output"
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
@@ -92,6 +94,8 @@ def diffusers_names(fn: Callable) -> Callable:
             if ours in kwargs:
                 raise TypeError(f"{fn.__name__}() got {ours}= and {theirs}= (diffusers' name for it); give one")
             kwargs[ours] = kwargs.pop(theirs)
+        if outputs and kwargs.pop("return_dict", True) is False:
+            return fn(*args, **kwargs).to_tuple()  # (images, None), as diffusers' (images, nsfw_content_detected)
         return fn(*args, **kwargs)
     return call
 
@@ -127,6 +131,9 @@ class Loop:
         check_eta(self.eta, self.sampler)
         if self.callback is not None:
             check_callback(self.callback)
+        if self.interrupt is not None and not callable(getattr(self.interrupt, "is_set", None)):
+            raise TypeError(f"interrupt must be a threading.Event (set it from another thread to stop the call), got "
+                            f"{type(self.interrupt).__name__}")
 
 
 @dataclass(frozen=True)
@@ -167,14 +174,18 @@ def check_callback(callback) -> None:
                         "took (step, timestep, latents))") from None
 
 
-def items(value, name: str) -> list:
+def items(value, name: str, mask: bool = False) -> list:
     """One request's value or a list of them: a list/tuple, a 4-D array (B, H, W, C) / tensor (B, C, H, W), or
-    one item (masks.py reads its batches the same way)."""
+    one item (masks.py reads its batches the same way). A `mask` is a batch in 3-D too, as diffusers reads one:
+    a tensor (B, H, W), or an array (B, H, W) whose last side is over 4 (else it is one (H, W, C) mask)."""
     if isinstance(value, (list, tuple)):
         if not value:
             raise ValueError(f"{name}: empty list")
         return list(value)
     if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 4:
+        return list(value)
+    if mask and (isinstance(value, torch.Tensor) and value.ndim == 3 or
+                 isinstance(value, np.ndarray) and value.ndim == 3 and value.shape[-1] > 4):
         return list(value)
     return [value]
 
@@ -205,8 +216,8 @@ def repeat(values: list, k: int) -> list:
 def seeds(seed, n: int, k: int) -> list[int]:
     """Per output item (n requests x k images): request i image j gets seeds[i] + j; an int s (numpy's too) is
     [s, s+k, ...]."""
-    if seed is None:
-        seed = secrets.randbelow(2**31)
+    if seed is None:  # from torch's global RNG, as diffusers' generator=None: torch.manual_seed(0) repeats a call
+        seed = int(torch.randint(0, 2**31, ()).item())
     one = isinstance(seed, numbers.Integral) and not isinstance(seed, (bool, np.bool_))
     base = [int(seed) + i * k for i in range(n)] if one else broadcast(items(seed, "seed"), n, "seed")
     for s in base:

@@ -43,7 +43,7 @@ MASK_SUFFIXES = (".mask", "_mask")  # NAME.mask.png, NAME_mask.jpg, ...: the mas
 
 # ----------------------------------------------------------------------------------------------- reading inputs
 
-def _array(x, name: str) -> np.ndarray:
+def _array(x, name: str, hint: str = " (a [-1, 1] image needs (x + 1) / 2 first)") -> np.ndarray:
     """One non-PIL item as (H, W, C) numpy, uint8 or float in [0, 1] (bool becomes uint8 0/255)."""
     if isinstance(x, torch.Tensor):
         if x.ndim == 3:
@@ -60,8 +60,7 @@ def _array(x, name: str) -> np.ndarray:
     if np.issubdtype(x.dtype, np.floating):
         lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
         if not (0.0 <= lo and hi <= 1.0):  # also catches NaN
-            raise ValueError(f"{name}: float values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]"
-                             " (a [-1, 1] image needs (x + 1) / 2 first)")
+            raise ValueError(f"{name}: float values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]{hint}")
         return x
     if x.dtype != np.uint8:
         raise ValueError(f"{name}: dtype {x.dtype} is not supported (use uint8 0..255, bool, or float in [0, 1])")
@@ -127,8 +126,10 @@ def _mask_item(x, name: str, kind: str) -> np.ndarray:
             raise ValueError(f"{name}: PIL mode {x.mode!r} has no alpha channel (the alpha convention needs"
                              " RGBA, LA or P with transparency)")
         x = np.asarray(x if x.mode in ("RGBA", "LA") else x.convert("L"))
-    a = _array(x, name)
+    a = _array(x, name, "" if kind != "image" else " (alpha is 0..1, or 0..255 as uint8)")
     c = a.shape[-1]
+    if kind != "image" and c in (1, 3) and a.dtype == np.uint8 and a.max(initial=0) == 1:
+        a = a * np.uint8(255)  # (seg > 0).astype(np.uint8): 0/1, as diffusers reads it, not 0 and 1/255
     if kind == "image":
         if c not in (2, 4):
             raise ValueError(f"{name}: {c} channels have no alpha (the alpha convention needs 2 (LA) or 4 (RGBA))")
@@ -203,9 +204,11 @@ def to_repaint_mask(mask=None, product_mask=None, image=None, *, threshold: floa
                   alpha 0 = edit, so repaint = 1 - alpha. A soft (anti-aliased) cutout edge becomes a soft mask,
                   and paste-back with it is exactly alpha-compositing the product over the generated backdrop.
 
-    Each accepts a PIL image (L, 1, RGB, RGBA, LA, P), a numpy (H, W) / (H, W, C) / (B, H, W, C) array or a torch
-    (H, W) / (C, H, W) / (B, C, H, W) tensor, uint8, bool or float in [0, 1], or a list of those; colour masks
-    are read by their luma like diffusers. Inversion happens in the input's own domain (255 - v for uint8), so the
+    Each accepts a PIL image (any mode: image_io.from_file), a numpy (H, W) / (H, W, C) / (B, H, W) /
+    (B, H, W, C) array or a torch (H, W) / (B, H, W) / (B, C, H, W) tensor (a 3-D mask is a batch, as diffusers
+    reads it; an (H, W, C) array has C <= 4), uint8, bool or float in [0, 1] (a uint8 mask holding only 0 and 1 is
+    0/1, as bool), or a list of those; colour masks are read by their luma like diffusers, masks with transparent
+    pixels by _transparent's rules. Inversion happens in the input's own domain (255 - v for uint8), so the
     three conventions give bit-identical masks. `threshold` binarises (>= threshold is repaint, as diffusers).
     `size` (H, W) is checked against the mask size. A mask with nothing to repaint is an error. Errors name the
     argument given, or `label` (what the caller's user calls it, e.g. a server's form field).
@@ -217,7 +220,7 @@ def to_repaint_mask(mask=None, product_mask=None, image=None, *, threshold: floa
     kind, value = given[0]
     name = label or kind
     arrays = []
-    for i, item in enumerate(items(value, name)):
+    for i, item in enumerate(items(value, name, mask=kind != "image")):
         a = _mask_item(item, f"{name}[{i}]", kind)
         if kind != "mask":
             a = 255 - a if a.dtype == np.uint8 else 1.0 - a

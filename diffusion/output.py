@@ -29,6 +29,14 @@ class Output:
     seeds: list[int]
     unchanged: list[int] = field(default_factory=list)
 
+    def to_tuple(self) -> tuple:
+        """(images, None): diffusers' (images, nsfw_content_detected) of return_dict=False; there is no checker."""
+        return self.images, None
+
+    def __getitem__(self, key):
+        """out[0] (the images) or out["images"], as diffusers' outputs index."""
+        return getattr(self, key) if isinstance(key, str) else (self.images,)[key]
+
 
 def format_output(images, seeds: list[int], output_type: str, unchanged: list[int] | None = None) -> Output:
     """VAE output (B, 3, H, W) in [-1, 1] or float (B, H, W, 3) in [0, 1] from uint8 -> the asked type

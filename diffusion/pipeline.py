@@ -11,7 +11,8 @@ prompts, images (of one size), masks, seeds and strengths:
     repeats each request k times: the output holds n * k items, request i's first.
   * Seeds. Output item m of request i is drawn from its own torch.Generator seeded with seeds[i] + j (j < k), so
     seed s gives the same image alone or in any batch (up to batched-matmul rounding, ~1/255). An int seed s means
-    seeds [s, s + k, s + 2k, ...], i.e. output item m gets s + m; None picks a random base. Output.seeds reports
+    seeds [s, s + k, s + 2k, ...], i.e. output item m gets s + m; None draws the base from torch's global RNG (so
+    torch.manual_seed repeats a call, as diffusers' generator=None does). Output.seeds reports
     every item's seed, so any image can be reproduced alone. The first draw of each generator is the initial
     noise (unless `latents` gives it), the later draws feed stochastic samplers, as diffusers with a list of
     generators. `generator` (diffusers' argument, instead of seed) takes the caller's torch.Generator(s): one for
@@ -277,7 +278,7 @@ class Pipeline(DiffusersAPI):
                     interrupt)
         images = image_items(image, "inpaint")
         kind, given = M.convention(mask, product_mask, images[0])
-        masks = items(given, kind) if kind != "image" else images
+        masks = items(given, kind, mask=True) if kind != "image" else images
         n_strengths = len(strength) if isinstance(strength, (list, tuple)) else 1
         req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
                        {"image": len(images), kind: len(masks), "strength": n_strengths},
@@ -377,9 +378,10 @@ class Pipeline(DiffusersAPI):
     def encode_prompt(self, prompt, clip_skip: int | None = None) -> torch.Tensor:
         """Text embeddings (n, 77, C) float32 on the pipeline's device, for `prompt_embeds` /
         `negative_prompt_embeds`: encode a prompt once and reuse it across calls, or pass embeddings made otherwise
-        (prompt weighting, longer contexts), as diffusers' prompt_embeds. clip_skip: as generate's."""
+        (prompt weighting, longer contexts), as diffusers' prompt_embeds. clip_skip: as generate's. An ordinary
+        tensor (the encoder runs in inference mode, whose tensors refuse in-place edits and autograd)."""
         return embed(self.backend, prompts(prompt, None, "prompt", self._width),
-                     check_clip_skip(clip_skip, self.backend))
+                     check_clip_skip(clip_skip, self.backend)).clone()
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) padded right/bottom to the processing multiple: reflect (continues texture), or replicate

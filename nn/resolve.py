@@ -96,6 +96,8 @@ def unet_width(path: Path) -> int | None:
 
 
 def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+        raise ValueError(f"dtype {dtype} is not a floating-point type: give one of {', '.join(DTYPES)}")
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if str(dtype) in DTYPES:

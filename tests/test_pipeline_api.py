@@ -355,3 +355,47 @@ def test_clip_skip_out_of_range_is_named(models):
                 call(bad)
     assert torch.equal(pipe.encode_prompt("x", clip_skip=0), pipe.encode_prompt("x", clip_skip=None))
     assert not torch.equal(pipe.encode_prompt("x", clip_skip=1), pipe.encode_prompt("x"))
+
+
+def test_masks_and_results_in_diffusers_forms(models):
+    """What code written for diffusers passes and expects: a 0/1 uint8 mask ((seg > 0).astype(np.uint8)) is 0/1
+    (read as 0 and 1/255, a product mask repainted the product); a 3-D mask tensor (B, H, W) is B masks (was one
+    colour mask for every item); return_dict=False and out[0]; torch.manual_seed(0) repeats a seedless call;
+    encode_prompt's embeddings take in-place edits (prompt weighting)."""
+    pipe = models["sd1-inpaint"].pipe
+    imgs = images(2)
+    product = np.zeros((2, 64, 64), np.uint8)
+    product[0, 16:48, 16:48] = product[1, 8:40, 20:60] = 1
+    run = dict(prompt="x", steps=2, seed=1, progress=False, output_type="np")
+    as_bool = pipe.inpaint(imgs, product_mask=[m > 0 for m in product], **run).images
+    for given in (list(product), torch.from_numpy(product), product):  # 0/1 uint8; (B, H, W) tensor and array
+        assert np.array_equal(pipe.inpaint(imgs, product_mask=given, **run).images, as_bool)
+    kept = product[0] > 0
+    assert np.array_equal((as_bool[0][kept] * 255).round(), np.asarray(imgs[0])[kept])
+
+    out = pipe.generate("x", steps=1, seed=3, progress=False)
+    assert out[0] is out.images and out["seeds"] == [3]
+    images_only, nsfw = pipe("x", steps=1, seed=3, progress=False, return_dict=False)
+    assert nsfw is None and np.array_equal(np.asarray(images_only[0]), np.asarray(out.images[0]))
+    assert pipe.generate("x", steps=1, seed=3, progress=False, return_dict=True).seeds == [3]
+    seeds = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        seeds.append(pipe.generate("x", steps=1, progress=False, output_type="latent").seeds)
+    assert seeds[0] == seeds[1]
+
+    embeds = pipe.encode_prompt("a red mug")
+    embeds[:, 3:6] *= 1.3  # inference-mode tensors refuse this
+    assert not embeds.is_inference()
+
+
+def test_misuses_are_named_early(models, tmp_path):
+    pipe = models["sd1-inpaint"].pipe
+    with pytest.raises(TypeError, match="interrupt must be a threading.Event .* got bool"):
+        pipe.generate("x", steps=1, progress=False, interrupt=True)
+    with pytest.raises(ValueError, match="dtype torch.int8 is not a floating-point type"):
+        Pipeline.from_pretrained(models["sd1-inpaint"].folder, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"mask\[0\]: float values must lie in \[0, 1\], got \[2, 2\]$"):
+        pipe.inpaint(images(1)[0], mask=np.full((64, 64), 2.0), prompt="x", steps=1, progress=False)
+    with pytest.raises(TypeError, match="return_dict"):
+        Pipeline.from_pretrained(models["sd1-inpaint"].folder, return_dict=False)
