@@ -21,7 +21,7 @@ from backdrop.diffusion.samplers import check_eta
 
 __all__ = ["OUTPUT_TYPES", "MAX_SEED", "DIFFUSERS_NAMES", "DIFFUSERS_INSTEAD", "DIFFUSERS_OFF", "diffusers_names",
            "as_number", "Loop", "check_callback", "items", "image_items", "broadcast", "repeat", "seeds",
-           "item_strengths", "groups", "prompts", "batch_size", "requests", "given_latents"]
+           "item_strengths", "groups", "prompts", "batch_size", "requests", "given_latents", "StepEnd"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64 - 1; we keep seed + item inside int64
@@ -34,9 +34,8 @@ _NO_IP_ADAPTER = "IP-Adapters are not supported"
 _NO_SAFETY_CHECKER = "there is no safety checker here (None / False, which ask for none, are taken)"
 # diffusers' arguments we do not take -> what to do instead; a TypeError says it where the function lacks the name
 DIFFUSERS_INSTEAD = {
-    "callback_on_step_end": "pass callback=fn(step, latents), run after every step (to stop early: "
-                            "interrupt=threading.Event(), set from another thread)",
-    "callback_on_step_end_tensor_inputs": "callback=fn(step, latents) is given the latents",
+    "callback_on_step_end": "it makes no images",
+    "callback_on_step_end_tensor_inputs": "it makes no images",
     "callback_steps": "callback=fn(step, latents) runs after every step: skip steps inside it",
     "cross_attention_kwargs": "a LoRA's scale is set when it is merged: load_lora_weights(path, lora_scale=...); "
                               "other attention arguments are not supported",
@@ -79,6 +78,9 @@ def diffusers_names(fn: Callable) -> Callable:
     aliases = {theirs: ours for theirs, ours in DIFFUSERS_NAMES.items() if ours in params}
     instead = {theirs: hint for theirs, hint in DIFFUSERS_INSTEAD.items() if theirs not in params}
     outputs = signature.return_annotation in ("Output", "'Output'")  # a pipeline call: return_dict applies
+    if "callback" in params:  # diffusers' callback_on_step_end is taken, through StepEnd
+        instead.pop("callback_on_step_end", None)
+        instead.pop("callback_on_step_end_tensor_inputs", None)
     if not outputs:
         instead["return_dict"] = "it returns no Output"
 
@@ -94,6 +96,13 @@ def diffusers_names(fn: Callable) -> Callable:
             if ours in kwargs:
                 raise TypeError(f"{fn.__name__}() got {ours}= and {theirs}= (diffusers' name for it); give one")
             kwargs[ours] = kwargs.pop(theirs)
+        if "callback_on_step_end" in kwargs and "callback" in params:
+            if kwargs.get("callback") is not None:
+                raise TypeError(f"{fn.__name__}() got callback= and callback_on_step_end=; give one")
+            kwargs["callback"] = StepEnd(kwargs.pop("callback_on_step_end"), args[0],
+                                         kwargs.pop("callback_on_step_end_tensor_inputs", ("latents",)))
+        elif "callback_on_step_end_tensor_inputs" in kwargs and "callback" in params:
+            raise TypeError(f"{fn.__name__}() got callback_on_step_end_tensor_inputs= without callback_on_step_end=")
         if outputs and kwargs.pop("return_dict", True) is False:
             return fn(*args, **kwargs).to_tuple()  # (images, None), as diffusers' (images, nsfw_content_detected)
         return fn(*args, **kwargs)
@@ -160,8 +169,39 @@ class MaskOptions:
             raise ValueError(f"mask_mode must be 'max' or 'diffusers', got {self.mode!r}")
 
 
+class StepEnd:
+    """diffusers' callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict, run after every step with the
+    latents as diffusers' loop holds them: VP-scaled x / sqrt(1 + sigma^2) for its VP schedulers (DDIM, DPM-Solver,
+    UniPC, LCM, PNDM, DDPM), x itself for Euler and Heun, whose latents live at sigma's scale. Latents it returns
+    replace ours. Only "latents" is offered (diffusers' prompt_embeds and the guidance attributes its callbacks
+    change are not); Heun and PNDM call it once per step, not at their intermediate model calls."""
+
+    def __init__(self, fn, pipe, inputs=("latents",)):
+        if not callable(fn):
+            raise TypeError(f"callback_on_step_end must be callable as fn(pipe, step, timestep, callback_kwargs), "
+                            f"got {fn!r:.80}")
+        if unknown := sorted(set(inputs) - {"latents"}):
+            raise ValueError(f"callback_on_step_end_tensor_inputs: {unknown} are not offered here; only 'latents'")
+        self.fn, self.pipe = fn, pipe
+
+    def __call__(self, i: int, x, sigma_next: float, schedule):
+        from backdrop.diffusion.recipes import RECIPES
+
+        scale = 1.0 if RECIPES[schedule.sampler].family == "k" else (1 + float(sigma_next) ** 2) ** -0.5
+        out = self.fn(self.pipe, i, schedule.timesteps[i], {"latents": x * scale})
+        new = out.get("latents") if isinstance(out, dict) else None
+        if new is None:
+            return x
+        if tuple(new.shape) != tuple(x.shape):
+            raise ValueError(f"callback_on_step_end returned latents of shape {tuple(new.shape)}, expected "
+                             f"{tuple(x.shape)}")
+        return new.to(x.device, x.dtype) / scale
+
+
 def check_callback(callback) -> None:
     """A TypeError now, not after the first step, unless callback(step, latents) can be called."""
+    if isinstance(callback, StepEnd):  # checked when made
+        return
     want = "callback must be callable as callback(step, latents), run after every step"
     if not callable(callback):
         raise TypeError(f"{want}; got {callback!r:.80}")

@@ -74,9 +74,9 @@ import torch
 
 from backdrop.diffusion import crop_paste as C
 from backdrop.diffusion import masks as M
-from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, MaskOptions, as_number, broadcast, diffusers_names,
-                                        given_latents, groups, image_items, item_strengths, items, prompts, repeat,
-                                        requests)
+from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, MaskOptions, StepEnd, as_number, broadcast,
+                                        diffusers_names, given_latents, groups, image_items, item_strengths, items,
+                                        prompts, repeat, requests)
 from backdrop.diffusion.diffusers_api import DiffusersAPI
 from backdrop.diffusion.guidance import CFGDenoiser
 from backdrop.diffusion.latents import (blend_known_region, default_noise_sampler, initial_latents, known_region,
@@ -456,7 +456,7 @@ class Pipeline(DiffusersAPI):
             if job["c_concat"] is not None:
                 args["c_concat"] = job["c_concat"][idx]
             x = sample(CFGDenoiser(self.backend.unet, sched, self.config.prediction_type), x, sched,
-                       extra_args=args, callback=_step_callback(blend, loop.callback),
+                       extra_args=args, callback=_step_callback(blend, loop.callback, sched),
                        noise_sampler=default_noise_sampler(x, gens if isinstance(gens, torch.Generator)
                                                            else [gens[i] for i in idx]), disable=_hidden(loop.progress),
                        interrupt=interrupt, blend=None if mask is None else known_region(x0, eps, mask[idx]),
@@ -470,15 +470,18 @@ class Pipeline(DiffusersAPI):
         return format_output(M.crop_to(y, job["size"]), job["seeds"], job["output_type"])
 
 
-def _step_callback(blend, user) -> Callable | None:
-    """The sampler's callback(i, x, sigma, sigma_next, denoised): the 4-channel blend, then the user's hook."""
+def _step_callback(blend, user, schedule) -> Callable | None:
+    """The sampler's callback(i, x, sigma, sigma_next, denoised): the 4-channel blend, then the user's hook (ours,
+    or diffusers' callback_on_step_end, which may replace the latents: batching.StepEnd)."""
     if blend is None and user is None:
         return None
 
     def step(i, x, sigma, sigma_next, denoised):
         if blend is not None:
             x = blend(i, x, sigma, sigma_next, denoised)
-        if user is not None:
+        if isinstance(user, StepEnd):
+            x = user(i, x, sigma_next, schedule)
+        elif user is not None:
             user(i, x)
         return x
     return step

@@ -41,6 +41,30 @@ def test_diffusers_argument_names_and_generators_equal_diffusers(models, ref, sa
         pipe.generate("a", steps=2, num_inference_steps=2)
 
 
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp-2m", "ddim"])
+def test_callback_on_step_end_sees_and_sets_diffusers_latents(models, ref, sampler):
+    """diffusers' callback_on_step_end(pipe, step, timestep, callback_kwargs): the same latents at every step as
+    diffusers' loop holds them (sigma's scale for Euler, VP-scaled for the others), the same timesteps, and latents
+    it returns replace ours as they replace diffusers' (the final images agree)."""
+    pipe = models["sd1"].pipe
+    seen = {"ours": [], "theirs": []}
+
+    def record(who):
+        def on_step_end(p, step, timestep, kwargs):
+            seen[who].append((step, float(timestep), kwargs["latents"].clone()))
+            return {"latents": kwargs["latents"] * 0.9} if step == 1 else {}
+        return on_step_end
+    ours = pipe.generate(PROMPTS[0], num_inference_steps=3, sampler=sampler, output_type="pt", progress=False,
+                         generator=torch.Generator().manual_seed(5), callback_on_step_end=record("ours"))
+    theirs = ref("sd1", "txt2img", sampler)(PROMPTS[0], num_inference_steps=3, output_type="pt", height=64, width=64,
+                                            generator=torch.Generator().manual_seed(5),
+                                            callback_on_step_end=record("theirs")).images
+    assert [s[:2] for s in seen["ours"]] == [s[:2] for s in seen["theirs"]] and len(seen["ours"]) == 3
+    for (_, _, a), (_, _, b) in zip(seen["ours"], seen["theirs"]):
+        assert (a - b).abs().max() <= 1e-3 * max(1.0, b.abs().max())
+    assert max_diff(ours.images, theirs) <= TOL
+
+
 def test_diffusers_inpaint_names_equal_ours(models):
     """mask_image= is mask=, padding_mask_crop= is crop_padding=, torch_dtype= is dtype=; output_type "pt" is
     "np" as (B, 3, H, W) also when an item is returned unchanged."""
@@ -103,8 +127,11 @@ def test_diffusers_arguments_we_lack_say_what_to_use_instead(models):
     arguments we lack, its prompt-first order, its (step, timestep, latents) callback."""
     pipe = models["sd1"].pipe
     img, mask = images(1)[0], rect_masks(1)[0]
-    refused = [(lambda: pipe.generate("x", callback_on_step_end=lambda *a: {}), r"generate\(\) does not take "
-                r"diffusers' callback_on_step_end=: pass callback=fn\(step, latents\)"),
+    refused = [(lambda: pipe.generate("x", callback_on_step_end=lambda *a: {}, callback=lambda i, x: None),
+                r"generate\(\) got callback= and callback_on_step_end=; give one"),
+               (lambda: pipe.generate("x", callback_on_step_end=1), r"callback_on_step_end must be callable"),
+               (lambda: Pipeline.from_pretrained(models["sd1"].folder, callback_on_step_end=print),
+                r"from_pretrained\(\) does not take diffusers' callback_on_step_end=: it makes no images"),
                (lambda: pipe.generate("x", cross_attention_kwargs={"scale": 0.5}), r"lora_scale="),
                (lambda: pipe.generate("x", strength=0.5), r"strength=: strength is img2img's and inpaint's"),
                (lambda: pipe.inpaint(img, mask, "x", height=64), r"inpaint\(\) does not take diffusers' height=: "
