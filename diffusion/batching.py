@@ -24,7 +24,7 @@ __all__ = ["OUTPUT_TYPES", "MAX_SEED", "DIFFUSERS_NAMES", "DIFFUSERS_INSTEAD", "
            "item_strengths", "groups", "prompts", "batch_size", "requests", "given_latents", "StepEnd"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64 - 1; we keep seed + item inside int64
+MAX_SEED = 2**32 - 1  # torch's CPU generator (mt19937) keeps a seed's low 32 bits: s and s + 2**32 draw alike
 # diffusers' argument names -> ours, taken as aliases wherever the function has our name
 DIFFUSERS_NAMES = {"num_inference_steps": "steps", "mask_image": "mask", "padding_mask_crop": "crop_padding",
                    "torch_dtype": "dtype"}
@@ -135,7 +135,7 @@ class Loop:
         for name, want, ok, integer in (("steps", "an int >= 1", lambda v: v >= 1, True),
                                         ("guidance_scale", "a finite number >= 0", lambda v: v >= 0, False),
                                         ("guidance_rescale", "a finite number in [0, 1]", lambda v: 0 <= v <= 1, False),
-                                        ("eta", "a number >= 0", lambda v: v >= 0, False)):
+                                        ("eta", "a number in [0, 1]", lambda v: 0 <= v <= 1, False)):
             object.__setattr__(self, name, as_number(getattr(self, name), name, want, ok, integer))
         check_eta(self.eta, self.sampler)
         if self.callback is not None:
@@ -261,9 +261,16 @@ def seeds(seed, n: int, k: int) -> list[int]:
     one = isinstance(seed, numbers.Integral) and not isinstance(seed, (bool, np.bool_))
     base = [int(seed) + i * k for i in range(n)] if one else broadcast(items(seed, "seed"), n, "seed")
     for s in base:
-        if not isinstance(s, numbers.Integral) or isinstance(s, (bool, np.bool_)) or not 0 <= s <= MAX_SEED - k:
-            raise ValueError(f"seed {s!r} must be an int in [0, 2**63 - 1 - num_images_per_prompt]")
-    return [int(s) + j for s in base for j in range(k)]
+        if not isinstance(s, numbers.Integral) or isinstance(s, (bool, np.bool_)) or not 0 <= s <= MAX_SEED + 1 - k:
+            raise ValueError(f"seed {s!r} must be an int in [0, 2**32 - num_images_per_prompt] (torch's generator "
+                             "keeps 32 bits of a seed)")
+    out = [int(s) + j for s in base for j in range(k)]
+    if k > 1 and len(set(out)) < len(out):  # seed=[10, 11] with 2 images each: 10, 11, 11, 12 (requests may share
+        # a seed, as the CLI's images do, but the ranges a request's images count up through should not overlap)
+        twice = next(s for s in out if out.count(s) > 1)
+        raise ValueError(f"seeds {base} with num_images_per_prompt={k} give two images the seed {twice} (request i "
+                         f"image j gets seed[i] + j): space the seeds at least {k} apart")
+    return out
 
 
 def item_strengths(strength, n: int, k: int) -> list[float]:

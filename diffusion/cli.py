@@ -133,7 +133,7 @@ def add_parser(subparsers) -> None:
                     "with --product-mask (white = the product); an RGBA IMAGE without either repaints its "
                     "transparent pixels. Pixels that are kept come out exactly as they went in: the decoded "
                     "8-bit pixels after EXIF rotation (16-bit inputs are reduced to 8 bits, CMYK is converted "
-                    "to RGB without colour management; an RGB ICC profile is carried over).",
+                    "to RGB through its ICC profile; an RGB ICC profile is carried over).",
         epilog="example: backdrop inpaint bottle.png --product-mask bottle-mask.png "
                "--prompt 'on a marble table, soft light' --n 4 --seed 7")
     which = inp.add_argument_group("mask").add_mutually_exclusive_group()
@@ -175,17 +175,18 @@ def _check(args) -> None:
              ("--steps", args.steps, args.steps >= 1, "at least 1"),
              ("--guidance-scale", args.guidance_scale, 0 <= args.guidance_scale < math.inf, "finite and >= 0"),
              ("--guidance-rescale", args.guidance_rescale, 0 <= args.guidance_rescale <= 1, "in [0, 1]"),
-             ("--eta", args.eta, 0 <= args.eta < math.inf, "finite and >= 0"),
+             ("--eta", args.eta, 0 <= args.eta <= 1, "in [0, 1]"),
              ("--clip-skip", args.clip_skip, args.clip_skip is None or args.clip_skip >= 0, ">= 0")]
     if args.seed is not None:
-        rules.append(("--seed", args.seed, 0 <= args.seed < 2**63 - args.n, "in [0, 2**63 - N)"))
+        rules.append(("--seed", args.seed, 0 <= args.seed <= 2**32 - args.n, "in [0, 2**32 - N]"))
     if args.kind == "generate":
         rules += [(f"--{k}", v, v is None or v >= 8, "at least 8") for k, v in
                   (("height", args.height), ("width", args.width))]
     else:
         rules.append(("--strength", args.strength, 0 < args.strength <= 1, "in (0, 1]"))
     if args.kind == "inpaint":
-        rules += [("--mask-blur", args.mask_blur, args.mask_blur is None or args.mask_blur >= 0, ">= 0"),
+        rules += [("--mask-blur", args.mask_blur, args.mask_blur is None or 0 <= args.mask_blur < math.inf,
+                   "finite and >= 0"),
                   ("--mask-dilate", args.mask_dilate, args.mask_dilate >= 0, ">= 0"),
                   ("--crop-padding", args.crop_padding, args.crop_padding is None or args.crop_padding >= 0,
                    ">= 0"),

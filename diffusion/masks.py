@@ -118,7 +118,8 @@ def _mask_item(x, name: str, kind: str) -> np.ndarray:
     """(H, W) mask values in the input's own domain (uint8 or float): for kind "image" the alpha channel; for "mask"
     and "product_mask" the luma (ITU-R 601-2, as diffusers' convert("L")), unless the mask has transparent pixels:
     then _transparent reads it."""
-    if isinstance(x, Image.Image):
+    pil = isinstance(x, Image.Image)  # pixel data, 0..255 whatever its values
+    if pil:
         x = _pil(x, name)
         if "transparency" in x.info:  # P / L / RGB with a transparent colour key
             x = x.convert("RGBA")
@@ -128,8 +129,8 @@ def _mask_item(x, name: str, kind: str) -> np.ndarray:
         x = np.asarray(x if x.mode in ("RGBA", "LA") else x.convert("L"))
     a = _array(x, name, "" if kind != "image" else " (alpha is 0..1, or 0..255 as uint8)")
     c = a.shape[-1]
-    if kind != "image" and c in (1, 3) and a.dtype == np.uint8 and a.max(initial=0) == 1:
-        a = a * np.uint8(255)  # (seg > 0).astype(np.uint8): 0/1, as diffusers reads it, not 0 and 1/255
+    if not pil and kind != "image" and c in (1, 3) and a.dtype == np.uint8 and a.max(initial=0) == 1:
+        a = a * np.uint8(255)  # an array (seg > 0).astype(np.uint8): 0/1, as diffusers reads it, not 0 and 1/255
     if kind == "image":
         if c not in (2, 4):
             raise ValueError(f"{name}: {c} channels have no alpha (the alpha convention needs 2 (LA) or 4 (RGBA))")
@@ -206,10 +207,10 @@ def to_repaint_mask(mask=None, product_mask=None, image=None, *, threshold: floa
 
     Each accepts a PIL image (any mode: image_io.from_file), a numpy (H, W) / (H, W, C) / (B, H, W) /
     (B, H, W, C) array or a torch (H, W) / (B, H, W) / (B, C, H, W) tensor (a 3-D mask is a batch, as diffusers
-    reads it; an (H, W, C) array has C <= 4), uint8, bool or float in [0, 1] (a uint8 mask holding only 0 and 1 is
-    0/1, as bool), or a list of those; colour masks are read by their luma like diffusers, masks with transparent
-    pixels by _transparent's rules. Inversion happens in the input's own domain (255 - v for uint8), so the
-    three conventions give bit-identical masks. `threshold` binarises (>= threshold is repaint, as diffusers).
+    reads it; an (H, W, C) array has C <= 4), uint8, bool or float in [0, 1] (a uint8 array holding only 0 and 1
+    is 0/1, as bool; a PIL image's pixels are 0..255 whatever their values), or a list of those; colour masks are
+    read by their luma like diffusers, masks with transparent pixels by _transparent's rules. Inversion happens in
+    the input's own domain (255 - v for uint8), so the three conventions give bit-identical masks. `threshold` binarises (>= threshold is repaint, as diffusers).
     `size` (H, W) is checked against the mask size. A mask with nothing to repaint is an error. Errors name the
     argument given, or `label` (what the caller's user calls it, e.g. a server's form field).
     """
@@ -357,6 +358,7 @@ def dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
     if pixels == 0:
         return m.clone()
     sign, r = (1.0, pixels) if pixels > 0 else (-1.0, -pixels)
+    r = min(r, max(m.shape[-2:]))  # a window past the image's size changes nothing more, and costs O(r)
     x = sign * m  # erosion = -maxpool(-m); max_pool2d pads with -inf, so the border never wins
     x = F.max_pool2d(x, (1, 2 * r + 1), stride=1, padding=(0, r))  # rows
     x = F.max_pool2d(x, (2 * r + 1, 1), stride=1, padding=(r, 0))  # columns
@@ -404,7 +406,7 @@ def gaussian_blur(mask: torch.Tensor, sigma: float) -> torch.Tensor:
     m = _check_mask(mask)
     if sigma <= 0:
         return m.clone()
-    r = math.ceil(3 * sigma)
+    r = min(math.ceil(3 * sigma), max(m.shape[-2:]))  # past the image's size the kernel would only cost memory
     t = torch.arange(-r, r + 1, dtype=torch.float64)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = (k / k.sum()).to(m.dtype)  # (2r + 1,)
@@ -426,15 +428,23 @@ def default_mask_blur(kind: str) -> float:
 
 
 def feather(mask: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Paste-back weight of the generated image: min(gaussian_blur(mask, sigma), mask).
+    """Paste-back weight of the generated image: min(b / peak, mask), b = gaussian_blur(mask, sigma), peak = the
+    largest b within the kernel radius (3 sigma) around each pixel.
 
     The usual mask blur (A1111's, diffusers' VaeImageProcessor.blur) is symmetric, so it leaks generated pixels
-    into the product. Clamping the blurred mask by the mask itself keeps the feather one-sided: a kept pixel
-    (mask == 0) has weight min(., 0) = 0 exactly, whatever the float error of the convolution, and no pixel gets
-    more generated than its mask asks. The weight steps from 0 to about 0.5 at the boundary, is 0.98 at 2 sigma
-    inside and 1 (up to float rounding) beyond the kernel radius, 3 sigma. We preferred this to eroding by the
-    kernel radius before blurring (a ramp from exactly 0): erosion deletes every repaint region narrower than
-    6 sigma, e.g. the gap inside a mug's handle, which would then show the old background; here a thin region
-    still gets weight ~0.5 or more.
+    into the product. Clamping by the mask itself keeps the feather one-sided: a kept pixel (mask == 0) has weight
+    min(., 0) = 0 exactly, whatever the float error of the convolution, and no pixel gets more generated than its
+    mask asks. In a region wider than the kernel, peak is 1 and the weight is the blurred mask: about 0.5 at the
+    boundary, 0.98 at 2 sigma inside, 1 beyond 3 sigma. A region narrower than that never reaches 1 when blurred (a
+    1-px line: 0.10 at sigma 4, a single pixel: nothing visible), so dividing by the local peak lifts its core to
+    full weight: the feather adapts to the region's width instead of erasing a thin or small repaint region, which
+    came back as the input. (Eroding by the kernel radius before blurring would delete such regions outright.)
     """
-    return torch.minimum(gaussian_blur(mask, sigma), mask)
+    m = _check_mask(mask)
+    if sigma <= 0:
+        return m.clone()
+    b = gaussian_blur(m, sigma)
+    r = min(math.ceil(3 * sigma), max(m.shape[-2:]))
+    peak = F.max_pool2d(b, (1, 2 * r + 1), stride=1, padding=(0, r))  # separable max over the kernel's square
+    peak = F.max_pool2d(peak, (2 * r + 1, 1), stride=1, padding=(r, 0))
+    return torch.minimum(b / peak.clamp_min(1e-12), m).clamp_max(1.0)

@@ -464,6 +464,9 @@ class Pipeline(DiffusersAPI):
             result[idx] = output_latents(x, sched)
         if interrupt is not None and interrupt.is_set():
             raise SamplingInterrupted(loop.steps, "interrupted after the last step, before decoding")
+        if bad := (~torch.isfinite(result.flatten(1))).any(1).nonzero().flatten().tolist():  # they decode to black
+            log.warning("items %s have non-finite latents (float overflow: guidance_scale %g too large, or fp16 "
+                        "out of range?); their images are black", bad, loop.guidance_scale)
         if not decode or job["output_type"] == "latent":
             return Output(result, job["seeds"])
         y = self.backend.vae_decode(result / self.config.scaling_factor).cpu()  # (B, 3, h*f, w*f) in [-1, 1]

@@ -427,10 +427,11 @@ def stochastic_samplers() -> str:
 
 
 def check_eta(eta, sampler: str) -> None:
-    """ValueError unless `eta` (DDIM's noise, diffusers' `eta`) is a number >= 0, and 0 for samplers other than
-    ddim: diffusers ignores it there; we refuse rather than silently drop it."""
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-        raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+    """ValueError unless `eta` (DDIM's noise, diffusers' `eta`) is a number in [0, 1] (1 = DDPM's noise; past it
+    DDIM's step has no real solution: diffusers returns NaN), and 0 for samplers other than ddim: diffusers ignores
+    it there; we refuse rather than silently drop it."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+        raise ValueError(f"eta must be a number in [0, 1] (1: as much noise as DDPM), got {eta!r}")
     if eta and sampler != "ddim":
         raise ValueError(f"eta ({eta}) is DDIM's noise and applies to sampler='ddim' only, not {sampler!r}; the "
                          f"stochastic samplers are {stochastic_samplers()}")

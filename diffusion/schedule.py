@@ -154,11 +154,11 @@ class Schedule:
         if self.start != 0:
             raise ValueError("Schedule.img2img: already a sub-schedule; call it on the full schedule")
         if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"img2img strength must be in [0, 1], got {strength}")
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
         n = self.num_steps
         t_start = max(n - min(int(n * strength), n), 0)
         if n - t_start < 1:
-            raise ValueError(f"img2img strength {strength} with {n} steps leaves no step to run "
+            raise ValueError(f"strength {strength} with {n} steps leaves no step to run "
                              f"(int({n} * {strength}) = 0); raise the strength or the step count")
         return Schedule(self.sampler, self.sigmas[t_start:], self.timesteps[t_start:], self.sigmas_to[t_start:],
                         self.init_noise_sigma, self.alphas_cumprod, self.order, self.stride, start=t_start)
@@ -256,7 +256,7 @@ def build_schedule(sampler: str, steps: int, config: SchedulerConfig | None = No
     if r.family == "dpm" and (np.diff(levels[levels > 0]) >= 0).any():  # the multistep solvers divide by the
         # log-sigma step, 0 where linspace spacing at N = T rounds two timesteps to one
         raise ValueError(f"{sampler} with {spacing} spacing and {steps} steps lands two steps on one noise level; "
-                         "use fewer steps")
+                         "try another number of steps (fewer, or another sampler)")
     return Schedule(
         sampler=sampler,
         sigmas=torch.tensor(levels),

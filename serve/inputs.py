@@ -40,7 +40,7 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")   # what OpenAI's edits accept; anything
 MIN_SIDE = 16               # smaller images cannot be reflect-padded to the VAE's multiple of 8 (masks.py)
 MAX_PROMPT_CHARS = 4000     # CLIP reads 77 tokens anyway; this only bounds the tokenizer's work
 MAX_STEPS = 1000            # the training schedule's timesteps
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**32 - 1  # torch's CPU generator keeps a seed's low 32 bits (diffusion/batching.py)
 # OpenAI fields accepted and ignored -> the values allowed (None: any string). One model is served (model); users are
 # not tracked (user, safety_identifier); the server's --steps fixes the work per image (quality, complexity); the
 # model has no style or moderation setting; the product's pixels are always kept exactly (input_fidelity).

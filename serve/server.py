@@ -167,7 +167,7 @@ class _Handlers:
         return n
 
     def _seed(self, value, n: int) -> int:
-        return number(value, "seed", 0, MAX_SEED - n, None, int) if value is not None else secrets.randbelow(2**31)
+        return number(value, "seed", 0, MAX_SEED + 1 - n, None, int) if value is not None else secrets.randbelow(2**31)
 
     def _clip_skip(self, value) -> int:
         layers = self.engine.pipe.config.text.num_layers

@@ -142,10 +142,10 @@ def test_a_catalogue_of_products_with_a_mask_folder(files, capsys, tmp_path):
     for name, (image, mask) in inputs.items():
         Image.fromarray(image).save(products / f"{name}.png")
         Image.fromarray(mask).save(masks / f"{name}{'.bmp' if name == 'c' else '.png'}")
-    code, paths, _ = run(capsys, "inpaint", *sorted(products.iterdir()), "--product-mask", masks,
+    code, paths, err = run(capsys, "inpaint", *sorted(products.iterdir()), "--product-mask", masks,
                          *fast(files, tmp_path / "out"), "--n", "2", "--seed", "5", "--batch-size", "3")
     assert code == 0 and sorted(p.rsplit("/", 1)[1] for p in paths) == [
-        f"inpaint-{n}-{s}.png" for n in "abc" for s in (5, 6)]
+        f"inpaint-{n}-{s}.png" for n in "abc" for s in (5, 6)], err
     for name, (image, mask) in inputs.items():
         for s in (5, 6):
             out = np.asarray(Image.open(tmp_path / f"out/inpaint-{name}-{s}.png"))
@@ -189,6 +189,10 @@ def test_inpaint_all_black_mask_writes_the_input(files, capsys, tmp_path):
     (["generate", "--n", "0"], "--n 0 must be in [1, 1000]"),
     (["generate", "--n", "100000000000"], "--n 100000000000 must be in [1, 1000]"),
     (["generate", "--guidance-scale", "inf"], "--guidance-scale inf must be finite and >= 0"),
+    (["inpaint", "{root}/product.png", "--mask", "{root}/black.png", "--mask-blur", "inf"],
+     "--mask-blur inf must be finite and >= 0"),
+    (["generate", "--seed", "4294967296"], "--seed 4294967296 must be in [0, 2**32 - N]"),
+    (["generate", "--sampler", "ddim", "--eta", "1.5"], "--eta 1.5 must be in [0, 1]"),
     (["generate", "--prompt", "a \udcff lamp"], "not valid Unicode text"),  # argv bytes that are not UTF-8
     (["generate", "--eta", "0.5"], "--eta is DDIM's noise: it applies to --sampler ddim only, not dpmpp-2m"),
     (["generate", "--steps", "5000"], "--steps 5000 --sampler dpmpp-2m: steps must be an int in [1, "),

@@ -426,3 +426,19 @@ def test_misuses_are_named_early(models, tmp_path):
         pipe.inpaint(images(1)[0], mask=np.full((64, 64), 2.0), prompt="x", steps=1, progress=False)
     with pytest.raises(TypeError, match="return_dict"):
         Pipeline.from_pretrained(models["sd1-inpaint"].folder, return_dict=False)
+    # torch's CPU generator keeps 32 bits of a seed: s and s + 2**32 were two "different" seeds of one image
+    with pytest.raises(ValueError, match=r"seed 4294967296 must be an int in \[0, 2\*\*32 - num_images_per_prompt\]"):
+        pipe.generate("x", steps=1, seed=2**32, progress=False)
+    assert pipe.generate("x", steps=1, seed=2**32 - 2, num_images_per_prompt=2, progress=False,
+                         output_type="latent").seeds == [2**32 - 2, 2**32 - 1]
+    with pytest.raises(ValueError, match="give two images the seed 11 .*at least 2 apart"):
+        pipe.generate(["x", "y"], steps=1, seed=[10, 11], num_images_per_prompt=2, progress=False)
+    with pytest.raises(ValueError, match=r"eta must be a number in \[0, 1\]"):  # diffusers: NaN past 1
+        pipe.generate("x", steps=1, sampler="ddim", eta=2, progress=False)
+
+
+def test_an_overflowing_guidance_scale_is_said_not_left_black(models, caplog):
+    pipe = models["sd1"].pipe
+    with caplog.at_level("WARNING", logger="backdrop.diffusion.pipeline"):
+        pipe.generate(["x", "y"], steps=1, guidance_scale=1e300, progress=False, output_type="latent", seed=0)
+    assert "items [0, 1] have non-finite latents" in caplog.text and "guidance_scale 1e+300" in caplog.text
