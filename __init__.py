@@ -14,6 +14,7 @@ _LAZY = {
     "save_model": "backdrop.nn.checkpoint",
     "Pipeline": "backdrop.diffusion.pipeline",
     "SamplingInterrupted": "backdrop.diffusion.pipeline",
+    "Output": "backdrop.diffusion.output",
     "load_image": "backdrop.diffusion.image_io",
 }
 

@@ -321,6 +321,9 @@ class Pipeline(DiffusersAPI):
         try:
             return M.to_repaint_mask(**{kind: value}, size=size, threshold=threshold)
         except M.EmptyMask:
+            if kind == "image":  # an exporter's RGBA, opaque everywhere: refused, as the CLI and the server do
+                raise ValueError(f"image[{i}] has no transparent pixel (its alpha channel is opaque everywhere), so "
+                                 "nothing marks what to repaint: give mask= or product_mask=") from None
             return None
         except ValueError as e:
             msg = str(e)

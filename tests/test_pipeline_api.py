@@ -435,6 +435,9 @@ def test_misuses_are_named_early(models, tmp_path):
         pipe.generate(["x", "y"], steps=1, seed=[10, 11], num_images_per_prompt=2, progress=False)
     with pytest.raises(ValueError, match=r"eta must be a number in \[0, 1\]"):  # diffusers: NaN past 1
         pipe.generate("x", steps=1, sampler="ddim", eta=2, progress=False)
+    opaque = np.dstack([np.asarray(images(1)[0]), np.full((64, 64), 255, np.uint8)])  # an exporter's RGBA
+    with pytest.raises(ValueError, match=r"image\[0\] has no transparent pixel .* give mask= or product_mask="):
+        pipe.inpaint(opaque, prompt="x", steps=1, progress=False)  # was returned unchanged; the CLI refused it
 
 
 def test_an_overflowing_guidance_scale_is_said_not_left_black(models, caplog):

@@ -10,16 +10,16 @@ __all__ = ["add_stage_parsers", "DEFAULT_LR"]
 
 DEFAULT_LR = {"clip": 5e-4, "vae": 1e-4, "pretrain": 1e-4, "inpaint": 5e-5}
 
-CHAIN = """the chain, each stage from the last one's OUT/final:
-  backdrop train clip     --data synthetic:20000 --out runs/clip --preset tiny
-  backdrop train vae      --data synthetic:20000 --out runs/vae --init runs/clip/final
-  backdrop train cache    --data synthetic:20000 --out cache/tiny --init runs/vae/final
+CHAIN = """the chain, each stage from the last one's OUT/final (the built-in model's, in short):
+  backdrop train clip     --data synthetic:100000 --out runs/clip --preset tiny
+  backdrop train vae      --data synthetic:200000 --out runs/vae --init runs/clip/final
+  backdrop train cache    --data synthetic:40000 --out cache/tiny --init runs/vae/final
   backdrop train pretrain --data cache/tiny --out runs/pretrain --init runs/vae/final --snr-gamma 5
   backdrop train inpaint  --data cache/tiny --out runs/inpaint --init runs/pretrain/final --snr-gamma 5
-  backdrop train inpaint  --data cache/tiny --out runs/product --init runs/inpaint/final --snr-gamma 5 \
+  backdrop train inpaint  --data cache/tiny --out runs/product --init runs/inpaint/final --snr-gamma 5 \\
                           --masks product
-  backdrop train vae      --data synthetic:20000 --out runs/decoder --init runs/product/final --decoder-only
-  backdrop train vae      --data synthetic:20000 --out runs/asym --init runs/decoder/final --decoder-only \\
+  backdrop train vae      --data synthetic:200000 --out runs/decoder --init runs/product/final --decoder-only
+  backdrop train vae      --data synthetic:200000 --out runs/asym --init runs/decoder/final --decoder-only \\
                           --mask-conditioned
 a stopped run continues with its command plus --resume OUT (or --resume latest)"""
 

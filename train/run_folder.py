@@ -152,7 +152,7 @@ def what_is_kept(out: Path) -> str:
     if not saved:
         return "no checkpoint was written before it (--save-every K writes them along the way): run the command " \
                "again to start over"
-    return f"the checkpoints written before are intact: --resume {out} goes on from {saved[-1].name}"
+    return f"the checkpoints are intact: --resume {out} goes on from {saved[-1].name}"
 
 
 class RunLock:
