@@ -264,13 +264,12 @@ def seeds(seed, n: int, k: int) -> list[int]:
         if not isinstance(s, numbers.Integral) or isinstance(s, (bool, np.bool_)) or not 0 <= s <= MAX_SEED + 1 - k:
             raise ValueError(f"seed {s!r} must be an int in [0, 2**32 - num_images_per_prompt] (torch's generator "
                              "keeps 32 bits of a seed)")
-    out = [int(s) + j for s in base for j in range(k)]
-    if k > 1 and len(set(out)) < len(out):  # seed=[10, 11] with 2 images each: 10, 11, 11, 12 (requests may share
-        # a seed, as the CLI's images do, but the ranges a request's images count up through should not overlap)
-        twice = next(s for s in out if out.count(s) > 1)
-        raise ValueError(f"seeds {base} with num_images_per_prompt={k} give two images the seed {twice} (request i "
-                         f"image j gets seed[i] + j): space the seeds at least {k} apart")
-    return out
+    starts = sorted({int(s) for s in base})  # requests may share a seed (one seed, several prompts), but ranges
+    for a, b in zip(starts, starts[1:]):  # that partly overlap are a slip: seed=[10, 11], 2 images each: 10, 11, 11, 12
+        if b - a < k:
+            raise ValueError(f"seeds {a} and {b} with num_images_per_prompt={k} give two images the seed {b} (request "
+                             f"i image j gets seed[i] + j): space the seeds at least {k} apart, or repeat one")
+    return [int(s) + j for s in base for j in range(k)]
 
 
 def item_strengths(strength, n: int, k: int) -> list[float]:

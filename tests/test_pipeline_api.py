@@ -431,8 +431,10 @@ def test_misuses_are_named_early(models, tmp_path):
         pipe.generate("x", steps=1, seed=2**32, progress=False)
     assert pipe.generate("x", steps=1, seed=2**32 - 2, num_images_per_prompt=2, progress=False,
                          output_type="latent").seeds == [2**32 - 2, 2**32 - 1]
-    with pytest.raises(ValueError, match="give two images the seed 11 .*at least 2 apart"):
+    with pytest.raises(ValueError, match="seeds 10 and 11 with num_images_per_prompt=2 give two images the seed 11"):
         pipe.generate(["x", "y"], steps=1, seed=[10, 11], num_images_per_prompt=2, progress=False)
+    assert pipe.generate(["x", "y"], steps=1, seed=[10, 10], num_images_per_prompt=2, progress=False,  # on purpose
+                         output_type="latent").seeds == [10, 11, 10, 11]
     with pytest.raises(ValueError, match=r"eta must be a number in \[0, 1\]"):  # diffusers: NaN past 1
         pipe.generate("x", steps=1, sampler="ddim", eta=2, progress=False)
     opaque = np.dstack([np.asarray(images(1)[0]), np.full((64, 64), 255, np.uint8)])  # an exporter's RGBA
