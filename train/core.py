@@ -15,14 +15,12 @@ import contextlib
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -30,6 +28,7 @@ from torch import nn
 from ..diffusion.latents import host_to_device
 from ..fsio import append_line
 from . import checkpointing as ckpt
+from . import rng
 
 __all__ = ["TrainConfig", "ConfigError", "Stage", "Trainer", "StopRequested", "EMA", "lr_at", "join_process_group"]
 
@@ -154,36 +153,6 @@ def _set_gradient_checkpointing(module: nn.Module, on: bool) -> None:
             m.gradient_checkpointing = on
 
 
-def _rng_state(generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
-    if torch.cuda.is_available():
-        tensors |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    np_state = np.random.get_state()
-    meta = {"python": _tuplify_to_list(random.getstate()),
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-    return tensors, meta
-
-
-def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, generator: torch.Generator) -> None:
-    torch.set_rng_state(tensors["torch"])
-    generator.set_state(tensors["generator"])
-    if torch.cuda.is_available():
-        cuda = [tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
-    random.setstate(_listify_to_tuple(meta["python"]))
-    n = meta["numpy"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
-
-
-def _tuplify_to_list(x):
-    return [_tuplify_to_list(v) for v in x] if isinstance(x, (tuple, list)) else x
-
-
-def _listify_to_tuple(x):
-    return tuple(_listify_to_tuple(v) for v in x) if isinstance(x, list) else x
-
-
 class StopRequested(Exception):
     """fit() stopped early on request (Trainer.request_stop), after saving a checkpoint of `step`."""
 
@@ -247,7 +216,7 @@ class Trainer:
         tensors |= {f"optim.{k}": v for k, v in opt_tensors.items()}
         if self.scaler.is_enabled():
             tensors["scaler.scale"] = torch.tensor(float(self.scaler.get_scale()))
-        per_rank = [(_rng_state(self.generator), self.loader.state_dict())]
+        per_rank = [(rng.state(self.generator), self.loader.state_dict())]
         if self.world > 1:
             gathered = [None] * self.world
             dist.all_gather_object(gathered, per_rank[0])
@@ -285,7 +254,7 @@ class Trainer:
             self.scaler.update(float(tensors["scaler.scale"]))
         self.step = int(meta["step"])
         if before == self.world:
-            _set_rng_state(sub(f"rng.{self.rank}."), meta["rng"][self.rank], self.generator)
+            rng.set_state(sub(f"rng.{self.rank}."), meta["rng"][self.rank], self.generator)
             self.loader.load_state_dict(meta["data"][self.rank])
         else:
             self._take_over(before, meta)
@@ -298,11 +267,7 @@ class Trainer:
         random numbers are seeded anew from (seed, step, rank), since the old ranks' streams do not map onto the
         new ones."""
         item = self.loader.continue_from(meta["data"])
-        seed = int(np.random.SeedSequence([self.cfg.seed, self.step, self.rank]).generate_state(1)[0])
-        torch.manual_seed(seed)  # (and every CUDA device's)
-        self.generator.manual_seed(seed)
-        np.random.seed(seed)
-        random.seed(seed)
+        rng.seed_all((self.cfg.seed, self.step, self.rank), self.generator)
         if self.rank == 0:
             old = meta["config"]["batch_size"] * meta["config"]["grad_accum"] * before
             new = self.cfg.batch_size * self.cfg.grad_accum * self.world
