@@ -215,6 +215,6 @@ def test_help_says_what_kept_exactly_means(capsys):
     with pytest.raises(SystemExit):
         main(["inpaint", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for said in ("after EXIF rotation", "without colour management", "ICC profile is carried over",
+    for said in ("after EXIF rotation", "through its ICC profile", "ICC profile is carried over",
                  "--overwrite", "--skip-existing", "'parameters'", "--batch-size 1"):
         assert said in text

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import glob
 import io
+import logging
 import os
 import re
 import socket
@@ -268,6 +269,18 @@ def test_app_builder_arguments():
             builder_args(args)
 
 
+@pytest.fixture
+def replica_logging():
+    """A replica hands the `backdrop` logger's records to Ray's (log_to_ray); made in this process, that handler
+    would re-emit every later test's log lines: put the logger back."""
+    logger = logging.getLogger("backdrop")
+    handlers, level = logger.handlers[:], logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+
+
+@pytest.mark.usefixtures("replica_logging")
 def test_a_replica_merges_its_loras_as_backdrop_serve_does(serve_model_dir, tmp_path):
     """build_app's lora (and the other model options) reach every replica's Pipeline; a bad file stops the replica
     with the option's one-line error."""
