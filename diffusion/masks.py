@@ -34,7 +34,8 @@ from backdrop.diffusion.image_io import from_file
 __all__ = [
     "to_repaint_mask", "invert", "binarize", "image_to_tensor", "image_to_uint8", "tensor_to_uint8", "to_pil",
     "fit_size", "pad_to_multiple", "crop_to", "dilate", "latent_mask", "masked_image", "gaussian_blur", "feather",
-    "default_mask_blur", "has_alpha", "has_transparency", "convention", "EmptyMask", "IMAGE_EXTS", "MASK_SUFFIXES",
+    "default_mask_blur", "has_alpha", "has_transparency", "convention", "read_mask", "EmptyMask", "IMAGE_EXTS",
+    "MASK_SUFFIXES",
 ]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif")  # files the commands read
@@ -118,7 +119,8 @@ def _mask_item(x, name: str, kind: str) -> np.ndarray:
     """(H, W) mask values in the input's own domain (uint8 or float): for kind "image" the alpha channel; for "mask"
     and "product_mask" the luma (ITU-R 601-2, as diffusers' convert("L")), unless the mask has transparent pixels:
     then _transparent reads it."""
-    pil = isinstance(x, Image.Image)  # pixel data, 0..255 whatever its values
+    pil = isinstance(x, Image.Image)
+    lossy = pil and x.format == "JPEG"  # compression noise, not labels: a near-black JPEG holds 0s and 1s too
     if pil:
         x = _pil(x, name)
         if "transparency" in x.info:  # P / L / RGB with a transparent colour key
@@ -129,8 +131,8 @@ def _mask_item(x, name: str, kind: str) -> np.ndarray:
         x = np.asarray(x if x.mode in ("RGBA", "LA") else x.convert("L"))
     a = _array(x, name, "" if kind != "image" else " (alpha is 0..1, or 0..255 as uint8)")
     c = a.shape[-1]
-    if not pil and kind != "image" and c in (1, 3) and a.dtype == np.uint8 and a.max(initial=0) == 1:
-        a = a * np.uint8(255)  # an array (seg > 0).astype(np.uint8): 0/1, as diffusers reads it, not 0 and 1/255
+    if not lossy and kind != "image" and c in (1, 3) and a.dtype == np.uint8 and a.max(initial=0) == 1:
+        a = a * np.uint8(255)  # (seg > 0).astype(np.uint8), a PNG label map: 0/1 as diffusers reads it, not 1/255
     if kind == "image":
         if c not in (2, 4):
             raise ValueError(f"{name}: {c} channels have no alpha (the alpha convention needs 2 (LA) or 4 (RGBA))")
@@ -141,6 +143,13 @@ def _mask_item(x, name: str, kind: str) -> np.ndarray:
     if c in (2, 4) and (a[..., -1] < (255 if a.dtype == np.uint8 else 1.0)).any():
         return _transparent(luma, a[..., -1], name, kind)
     return luma
+
+
+def read_mask(x: Image.Image, kind: str = "product_mask", name: str = "mask") -> np.ndarray:
+    """One mask as inference reads it, (H, W) uint8, 255 = the convention's white (for a product_mask: the
+    product), for readers of mask files outside a pipeline call (train/image_folder.py)."""
+    a = _mask_item(x, name, kind)
+    return a if a.dtype == np.uint8 else (a * 255).round().astype(np.uint8)
 
 
 def _luma(a: np.ndarray) -> np.ndarray:
@@ -208,9 +217,10 @@ def to_repaint_mask(mask=None, product_mask=None, image=None, *, threshold: floa
     Each accepts a PIL image (any mode: image_io.from_file), a numpy (H, W) / (H, W, C) / (B, H, W) /
     (B, H, W, C) array or a torch (H, W) / (B, H, W) / (B, C, H, W) tensor (a 3-D mask is a batch, as diffusers
     reads it; an (H, W, C) array has C <= 4), uint8, bool or float in [0, 1] (a uint8 array holding only 0 and 1
-    is 0/1, as bool; a PIL image's pixels are 0..255 whatever their values), or a list of those; colour masks are
+    is 0/1, as bool, and so is a PNG label map; a JPEG's are noise), or a list of those; colour masks are
     read by their luma like diffusers, masks with transparent pixels by _transparent's rules. Inversion happens in
-    the input's own domain (255 - v for uint8), so the three conventions give bit-identical masks. `threshold` binarises (>= threshold is repaint, as diffusers).
+    the input's own domain (255 - v for uint8), so the three conventions give bit-identical masks. `threshold`
+    binarises (>= threshold is repaint, as diffusers).
     `size` (H, W) is checked against the mask size. A mask with nothing to repaint is an error. Errors name the
     argument given, or `label` (what the caller's user calls it, e.g. a server's form field).
     """

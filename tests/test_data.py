@@ -226,9 +226,61 @@ def test_image_and_mask_get_the_same_crop_and_flip(tmp_path):
         white = (item["image"] > 0).all(0)
         m = item["mask"][0].bool()
         assert (white & m).sum() / (white | m).sum() > 0.85  # same place up to resampling at the edges
-    centre = ImageFolder(tmp_path, 48)[0]  # no random crop: (80 - 48) / 2 = 16 columns cut each side
+    centre = ImageFolder(tmp_path, 48)[0]  # no random crop: centred on the product, columns 30-45: 14 cut left
     cols = torch.nonzero(centre["mask"][0].any(0))[:, 0]
-    assert (cols.min().item(), cols.max().item()) == (30 - 16, 46 - 16 - 1)
+    assert (cols.min().item(), cols.max().item()) == (30 - 14, 46 - 14 - 1)
+    assert torch.equal((centre["image"] > 0).all(0).float(), centre["mask"][0])
+
+
+def test_a_product_at_one_end_of_a_wide_photo_stays_in_the_crop(tmp_path):
+    """A centred crop of a 512x128 photo whose product sits at its left end trained on a crop without it."""
+    img, mask = _picture(512, 128, (4, 40, 60, 100))
+    img.save(tmp_path / "wide.png")
+    mask.save(tmp_path / "wide_mask.png")
+    (tmp_path / "wide.txt").write_text("a mug")
+    item = ImageFolder(tmp_path, 64)[0]  # 512x128 -> 256x64, then a 64x64 crop
+    assert item["mask"].mean() > 0.2 and torch.equal((item["image"] > 0).all(0).float(), item["mask"][0])
+
+
+def test_folder_layouts_real_catalogues_have(tmp_path, caplog):
+    """Masks in masks/ beside the images (they were trained as images), captions as NAME.TXT, hidden files (macOS's
+    ._name, .thumbnails/: trained, or one warning each), a symlinked subfolder (skipped), and images sharing a name;
+    masks read as inference reads product masks (a cut-out's alpha, a 0/1 PNG label map were read by brightness)."""
+    (tmp_path / "shoes").mkdir()
+    (tmp_path / "masks/shoes").mkdir(parents=True)
+    labels = np.zeros((16, 16), np.uint8)
+    labels[4:12, 4:12] = 1  # a label map: 1 = product
+    for name, sub in (("a", ""), ("b", "shoes/")):
+        _picture(16, 16, (4, 4, 12, 12))[0].save(tmp_path / f"{sub}{name}.png")
+        (tmp_path / f"{sub}{name}.TXT").write_text(f"caption {name}")
+        Image.fromarray(labels).save(tmp_path / f"masks/{sub}{name}.png")
+    (tmp_path / "._a.png").write_bytes(b"\0\5\22AppleDouble")
+    (tmp_path / ".thumbnails").mkdir()
+    _picture(16, 16, (0, 0, 4, 4))[0].save(tmp_path / ".thumbnails/a.png")
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-linked"
+    elsewhere.mkdir()
+    _picture(16, 16, (4, 4, 12, 12))[0].save(elsewhere / "c.png")
+    (elsewhere / "c.txt").write_text("caption c")
+    cut = np.zeros((16, 16, 4), np.uint8)
+    cut[..., :3] = 255  # white everywhere, the product only in alpha: a cut-out exported as the mask
+    cut[4:12, 4:12, 3] = 255
+    Image.fromarray(cut, "RGBA").save(elsewhere / "c_mask.png")
+    (tmp_path / "linked").symlink_to(elsewhere, target_is_directory=True)
+    with caplog.at_level(logging.INFO):
+        ds = ImageFolder(tmp_path, 16)
+    names = [e[0].relative_to(tmp_path).as_posix() for e in ds.entries]
+    assert names == ["a.png", "linked/c.png", "shoes/b.png"]
+    assert [e[1] for e in ds.entries] == ["caption a", "caption c", "caption b"]
+    assert "left out 2 hidden files and folders" in caplog.text and "unreadable" not in caplog.text
+    want = torch.zeros(16, 16)
+    want[4:12, 4:12] = 1
+    for i in range(3):
+        assert torch.equal(ds[i]["mask"][0], want), names[i]
+    _picture(16, 16, (4, 4, 12, 12))[0].save(tmp_path / "a.jpg")  # sku.jpg beside sku.png
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        ImageFolder(tmp_path, 16)
+    assert "2 images in" in caplog.text and "share their name with another" in caplog.text
 
 
 def test_bad_folders_and_specs_are_refused_clearly(tmp_path):

@@ -178,9 +178,15 @@ class DataStream:
     def _check(self, state: dict, fields: tuple[str, ...]) -> None:
         mine = self.state_dict()
         for field in fields:
-            if state.get(field) != mine[field]:
-                raise ValueError(f"DataStream: the saved data position is for {field}={state.get(field)!r}, this "
-                                 f"stream has {field}={mine[field]!r}; resuming would not continue the same order")
+            if state.get(field) == mine[field]:
+                continue
+            if field == "n":
+                raise ValueError(f"the checkpoint's run read {state.get('n')} items, the data now has {mine['n']} (a "
+                                 "file added or removed, or now left out as unreadable: see the lines above); the "
+                                 "saved position is one in that order, so resume with the same data, or start a new "
+                                 "run from a model folder (--init)")
+            raise ValueError(f"DataStream: the saved data position is for {field}={state.get(field)!r}, this "
+                             f"stream has {field}={mine[field]!r}; resuming would not continue the same order")
 
 
 # ---------------------------------------------------------------------- inpainting masks

@@ -7,10 +7,13 @@
     root/train/metadata.jsonl (or .csv): HF's split layout, read when root has no metadata file of its own (the
                           train split is what diffusers' scripts train on)
     otherwise, every image under root (recursively, sorted) with its caption in `<stem>.txt` (UTF-8, a BOM is
-    fine) and its optional mask beside it as `<stem>.mask.<ext>` or `<stem>_mask.<ext>`; files named like masks
-    are never training images.
-    Images: IMAGE_EXTS. A mask is a greyscale image of the same size, white (>= 128) = product. Either every image
-    has one or none does. A folder whose captions are all empty is refused if a metadata file lies deeper in it.
+    fine) and its optional mask beside it as `<stem>.mask.<ext>` or `<stem>_mask.<ext>`, or in root/masks/ at the
+    image's relative path; files named like masks, and root/masks/, are never training images. Hidden files and
+    folders (a leading '.') are left out; symlinked folders are followed.
+    Images: IMAGE_EXTS. A mask is an image of the same size, read as inference reads a product mask (white = product,
+    a cut-out's alpha, a 0/1 PNG label map: diffusion/masks.py read_mask). Either every image has one or none does.
+    Without random_crop, an image with a mask is cropped around its product. A folder whose captions are all empty
+    is refused if a metadata file lies deeper in it.
 Every file is read as inference reads it (diffusion/image_io.py load_image: EXIF rotation, 16-bit scaled to 8 bits,
 CMYK as RGB); an image's alpha channel is not used (one warning names a few images with transparent pixels).
 The scan reads headers only: unreadable images and masks of another size are logged (with their paths) and left out.
@@ -24,6 +27,7 @@ import csv
 import io
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +35,7 @@ import torch
 from PIL import ExifTags, Image
 
 from ..diffusion.image_io import load_image
-from ..diffusion.masks import IMAGE_EXTS, MASK_SUFFIXES
+from ..diffusion.masks import IMAGE_EXTS, MASK_SUFFIXES, read_mask
 
 __all__ = ["ImageFolder", "DataFileError", "find_metadata", "IMAGE_EXTS", "image_tensor", "mask_tensor", "item_key"]
 
@@ -207,24 +211,65 @@ def _mask_of(image: Path, masks: dict) -> Path | None:
     return found[0] if found else None
 
 
-def _warn_strays(root: Path, images: list[Path], masks: dict, captions: set[Path]) -> None:
-    """Name masks and captions with no image beside them (an image in a format Backdrop does not read)."""
-    stems = {p.with_suffix("") for p in images}
+def _warn_strays(root: Path, images: list[Path], masks: dict, captions: dict) -> None:
+    """Name masks and captions with no image beside them (an image in a format Backdrop does not read), and images
+    that share a name (sku.jpg beside sku.png: one caption and one mask for both)."""
+    stems = collections.Counter(p.with_suffix("") for p in images)
     for what, strays in (("file(s) named like masks", [m for k, ms in masks.items() if k not in stems for m in ms]),
-                         ("caption file(s)", [t for t in sorted(captions) if t.with_suffix("") not in stems])):
+                         ("caption file(s)", [t for k, t in sorted(captions.items()) if k not in stems])):
         if strays:
             log.warning("not using %d %s in %s with no image beside them (images are %s), e.g. %s",
                         len(strays), what, root, ", ".join(IMAGE_EXTS), _few(strays))
+    if twins := sorted(p for p in images if stems[p.with_suffix("")] > 1):
+        log.warning("%d images in %s share their name with another (e.g. %s): each such group trains with one "
+                    "caption and one mask; rename them if they differ", len(twins), root, _few(twins))
+
+
+def _files(root: Path) -> list[Path]:
+    """Every file under root, sorted, following symlinked folders (each real folder once). Hidden files and
+    folders (a leading '.': macOS's ._name and .DS_Store, .thumbnails/) are left out, and counted in one line."""
+    found, hidden, seen = [], 0, set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink loop, or two links to one folder
+            dirs[:] = []
+            continue
+        seen.add(real)
+        hidden += sum(d.startswith(".") for d in dirs) + sum(n.startswith(".") for n in names)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(folder) / n for n in names if not n.startswith(".")]
+    if hidden:
+        log.info("left out %d hidden files and folders in %s (names starting with '.')", hidden, root)
+    return sorted(found)
 
 
 def _scan_folder(root: Path) -> list:
-    """The .txt layout: every image under root with its `<stem>.txt` caption and its optional mask."""
-    files = sorted(root.rglob("*"))
-    captions = {p for p in files if p.suffix == ".txt"}
-    images, masks = _split_masks([p for p in files if p.suffix.lower() in IMAGE_EXTS])
+    """The .txt layout: every image under root with its `<stem>.txt` caption (any case of .txt) and its optional
+    mask, beside it (NAME_mask.*, NAME.mask.*) or in root/masks/ at the image's relative path (masks/sub/NAME.*)."""
+    files = _files(root)
+    in_masks = [p for p in files if len(rel := p.relative_to(root).parts) > 1 and rel[0].lower() == "masks"]
+    held = set(in_masks)
+    captions = {p.with_suffix(""): p for p in files if p.suffix.lower() == ".txt" and p not in held}
+    images, masks = _split_masks([p for p in files if p.suffix.lower() in IMAGE_EXTS and p not in held])
+    for p in in_masks:
+        if p.suffix.lower() in IMAGE_EXTS:
+            rel = Path(*p.relative_to(root).parts[1:]).with_suffix("")
+            masks[root / rel.with_name(_mask_name(rel) or rel.name)].append(p)
     _warn_strays(root, images, masks, captions)
-    return [(p, _read_text(p.with_suffix(".txt")).strip() if p.with_suffix(".txt") in captions else "",
+    return [(p, _read_text(captions[p.with_suffix("")]).strip() if p.with_suffix("") in captions else "",
              _mask_of(p, masks)) for p in images]
+
+
+def _centre(mask: Image.Image | None, resized: tuple[int, int], size: int) -> tuple[int, int]:
+    """(left, top) of the size x size crop of an image resized to `resized`: centred on the product (its mask's
+    bounding box; a centred crop of a wide photo could leave out a product at one end), else on the image."""
+    nw, nh = resized
+    box = mask.getbbox() if mask is not None else None  # of the non-zero (product) pixels, at the original size
+    if box is None:
+        return (nw - size) // 2, (nh - size) // 2
+    cx, cy = (box[0] + box[2]) / 2 * nw / mask.width, (box[1] + box[3]) / 2 * nh / mask.height
+    clamp = lambda c, n: int(min(max(round(c - size / 2), 0), n - size))  # noqa: E731
+    return clamp(cx, nw), clamp(cy, nh)
 
 
 # ---------------------------------------------------------------------- the dataset
@@ -333,7 +378,7 @@ class ImageFolder(torch.utils.data.Dataset):
         img = _open(path).convert("RGB")
         mask = None
         if mask_path is not None:
-            mask = _open(mask_path).convert("L")
+            mask = Image.fromarray(read_mask(_open(mask_path), "product_mask", str(mask_path)), "L")  # as inference
             if mask.size != img.size:  # checked at scan time from the headers; a PNG's late EXIF can still differ
                 raise DataFileError(f"mask {mask_path} is {mask.size[0]}x{mask.size[1]}, its image {path} "
                                     f"{img.size[0]}x{img.size[1]} (once upright)")
@@ -344,7 +389,7 @@ class ImageFolder(torch.utils.data.Dataset):
         scale = self.size / min(w, h)
         nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
         left, top = ((int(rx * (nw - self.size + 1)), int(ry * (nh - self.size + 1))) if self.random_crop
-                     else ((nw - self.size) // 2, (nh - self.size) // 2))
+                     else _centre(mask, (nw, nh), self.size))
         box = (left, top, left + self.size, top + self.size)
         flip = self.flip and rflip < 0.5
         img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=2.0).crop(box)
