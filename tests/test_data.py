@@ -242,6 +242,15 @@ def test_a_product_at_one_end_of_a_wide_photo_stays_in_the_crop(tmp_path):
     assert item["mask"].mean() > 0.2 and torch.equal((item["image"] > 0).all(0).float(), item["mask"][0])
 
 
+def test_metadata_names_match_files_in_either_unicode_form(tmp_path):
+    import unicodedata
+
+    _picture(16, 16, (4, 4, 12, 12))[0].save(tmp_path / unicodedata.normalize("NFD", "café.png"))  # as macOS writes
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": unicodedata.normalize("NFC", "café.png"),
+                                                         "text": "a cup"}) + "\n", encoding="utf-8")
+    assert [e[1] for e in ImageFolder(tmp_path, 16).entries] == ["a cup"]
+
+
 def test_folder_layouts_real_catalogues_have(tmp_path, caplog):
     """Masks in masks/ beside the images (they were trained as images), captions as NAME.TXT, hidden files (macOS's
     ._name, .thumbnails/: trained, or one warning each), a symlinked subfolder (skipped), and images sharing a name;

@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -173,7 +174,19 @@ def _entry(rec, where: str, folder: Path) -> tuple:
     mask = rec.get("mask_file_name") or rec.get("mask")  # a CSV's empty cell is no mask
     if mask is not None and not isinstance(mask, str):
         raise ValueError(f"{where}: 'mask_file_name' must be a path relative to {folder}, got {mask!r}")
-    return folder / rec["file_name"], rec["text"], folder / mask if mask else None
+    return _named(folder, rec["file_name"]), rec["text"], _named(folder, mask) if mask else None
+
+
+def _named(folder: Path, name: str) -> Path:
+    """folder / name, or the file whose name differs from it only in Unicode normal form (macOS writes NFD names,
+    editors and JSON tools NFC: "café.jpg" may be either)."""
+    path = folder / name
+    if not path.exists():
+        for form in ("NFC", "NFD"):
+            other = folder / unicodedata.normalize(form, name)
+            if other.exists():
+                return other
+    return path
 
 
 def _read_metadata(path: Path) -> list:
