@@ -162,6 +162,7 @@ def build_cache(model: Model, dataset, out: str | os.PathLike, *, batch_size: in
             "format": FORMAT, "rows": n, "size": size, "shard_size": shard_size, "shards": shards,
             "dtype": dtype, "has_images": images, "has_masks": bool(has_masks),
             "has_product_latents": bool(has_masks), "source": source, "init": init,
+            "source_state": folder_state(source),
             "latent_channels": model.config.vae.latent_channels,
             "fingerprint": {"vae_encoder": vae_encoder_fingerprint(model.vae),
                             "text_encoder": fingerprint(model.text_encoder)},
@@ -175,6 +176,21 @@ def build_cache(model: Model, dataset, out: str | os.PathLike, *, batch_size: in
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def folder_state(source: str) -> dict | None:
+    """{"files", "sha256"} of a data folder's files (relative path, size, mtime; hidden ones aside), so that a
+    cache can tell it was made from other data than the folder now holds; None for synthetic data."""
+    root = Path(source)
+    if not source or not root.is_dir():
+        return None
+    lines = []
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(n for n in names if not n.startswith(".")):
+            st = (Path(folder) / name).stat()
+            lines.append(f"{(Path(folder) / name).relative_to(root)}\t{st.st_size}\t{st.st_mtime_ns}\n")
+    return {"files": len(lines), "sha256": hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()}
 
 
 class LatentCache(torch.utils.data.Dataset):
@@ -205,6 +221,20 @@ class LatentCache(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.manifest["rows"]
+
+    def source_changed(self) -> str | None:
+        """Why the data folder the cache was made from no longer matches it (files added, removed or modified),
+        or None (unchanged, synthetic, gone, or a cache made before folders were recorded)."""
+        m = self.manifest
+        then = m.get("source_state")
+        if then is None or not Path(m.get("source") or "").is_dir():
+            return None
+        now = folder_state(m["source"])
+        if now == then:
+            return None
+        return (f"{self.path} was made from {m['source']}, which has changed since ({then['files']} files then, "
+                f"{now['files']} now, or files modified): it trains on the data as it was; rebuild it with "
+                "`backdrop train cache` for the data as it is")
 
     def check(self, model: Model, size: int) -> None:
         """Refuse to train `model` at `size` px from latents another VAE / text encoder made."""

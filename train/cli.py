@@ -173,6 +173,8 @@ def _dataset(args, stage: str, size: int, model):
                            "stands in for, so give it images (synthetic:N or an image folder)")
         data = LatentCache(args.data)
         data.check(model, size)
+        if (changed := data.source_changed()) is not None:
+            print(f"warning: {changed}", file=sys.stderr)
         if stage == "inpaint" and not data.has_images and not (
                 args.masks == "product" and args.product_prob == 1 and data.has_product_latents):
             raise CLIError(f"--data {args.data}: cache built with --no-images, " + (
