@@ -6,6 +6,7 @@ import importlib
 import math
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -315,16 +316,43 @@ def main(argv: list[str] | None = None) -> int:
 
         keep_freed_memory()
     if not getattr(args, "func", None):
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
+    ours = argv is None  # a process of our own: stop the way shells expect (below)
+    if ours:
+        if hasattr(sys.stdout, "reconfigure"):  # a path's undecodable bytes go out as they came in
+            sys.stdout.reconfigure(errors="surrogateescape")
+        if args.command in ONE_SHOT:  # serve and train handle SIGTERM themselves (drain; save and exit 143)
+            signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
     except CLIError as e:
         print(f"{args.prog}: error: {as_typed(str(e), args)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, _Terminated, BrokenPipeError) as e:
+        # Temporary files are gone (the writers' cleanups ran). A process of our own then dies by the signal, so a
+        # shell loop over `backdrop` stops at Ctrl-C (an exit status 130 does not stop it) and `| head -1` is quiet.
+        number = {KeyboardInterrupt: signal.SIGINT, _Terminated: signal.SIGTERM}.get(type(e), signal.SIGPIPE)
+        if number != signal.SIGPIPE:
+            print("interrupted" if number == signal.SIGINT else "terminated", file=sys.stderr)
+        if not ours:
+            return 128 + number
+        if number == signal.SIGPIPE:  # nothing more can be written to stdout; keep Python's exit flush quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
+        return 128 + number  # (not reached)
+
+
+ONE_SHOT = ("generate", "img2img", "inpaint", "export")
+
+
+class _Terminated(BaseException):
+    """SIGTERM in a one-shot command: unwinds like Ctrl-C, so that a half-written output is removed."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
 
 
 if __name__ == "__main__":

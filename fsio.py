@@ -5,10 +5,12 @@ or a server running as another user, can read a model, a checkpoint, a cache or 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["usual_permissions", "append_line"]
+__all__ = ["usual_permissions", "append_line", "FolderLock", "FolderInUse"]
 
 
 @lru_cache(maxsize=1)
@@ -41,3 +43,43 @@ def append_line(path: str | os.PathLike, line: str) -> None:
             except OSError:
                 pass  # the torn line stays: nothing more can be done
             raise
+
+
+class FolderInUse(OSError):
+    """Another live process holds the folder's lock; `holder` says which ("pid N on HOST")."""
+
+    def __init__(self, folder: Path, holder: str):
+        super().__init__(f"{folder} is in use by {holder}")
+        self.holder = holder
+
+
+class FolderLock:
+    """An exclusive lock on FOLDER/.lock (fcntl.flock, released by the kernel if the process dies) for as long as a
+    process writes there: a second one is refused (FolderInUse) instead of interleaving its files with the first's.
+    Once held, the `stale` globs (temporary files of killed runs: no live run can own them now) are removed.
+    release() unlocks and removes the file."""
+
+    def __init__(self, folder: Path, stale: tuple[str, ...] = ()):
+        import fcntl
+
+        self.path = Path(folder) / ".lock"
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise FolderInUse(Path(folder), holder) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self._file.flush()
+        for pattern in stale:
+            for path in Path(folder).glob(pattern):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self.path.unlink(missing_ok=True)  # while still held: nobody else can be between unlink and unlock
+            self._file.close()

@@ -29,6 +29,7 @@ from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, ad
                           one_line, parse_device)
 from backdrop.diffusion.cli_files import Task, parameters, plan, read_jobs, write
 from backdrop.diffusion.recipes import RECIPES
+from backdrop.fsio import FolderInUse, FolderLock
 from backdrop.messages import some
 
 __all__ = ["add_parser"]
@@ -101,7 +102,8 @@ def _image_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("image", metavar="IMAGE", nargs="+",
                    help="the input picture (PNG, JPEG, WebP, ...), written as <command>-<name>-<seed>.png; "
-                        "several for a batch job")
+                        "several for a batch job, a folder for its images, @LIST for the paths in file LIST (one "
+                        "a line), - for paths on stdin")
     # one parser per subcommand: a shared --strength action would carry the last set_defaults to both
     p.add_argument("--strength", type=float, metavar="S",
                    help="how much to change: 1 starts from pure noise, 0.3 keeps most of the input "
@@ -179,6 +181,9 @@ def _check(args) -> None:
              ("--clip-skip", args.clip_skip, args.clip_skip is None or args.clip_skip >= 0, ">= 0")]
     if args.seed is not None:
         rules.append(("--seed", args.seed, 0 <= args.seed <= 2**32 - args.n, "in [0, 2**32 - N]"))
+    elif args.skip_existing:  # a new random seed names new files: every image would be made again
+        raise CLIError("--skip-existing needs the --seed of the run to complete: without one, a new random seed "
+                       "names new files and every image is made again")
     if args.kind == "generate":
         rules += [(f"--{k}", v, v is None or v >= 8, "at least 8") for k, v in
                   (("height", args.height), ("width", args.width))]
@@ -262,6 +267,18 @@ def _run(args) -> int:
     _check(args)
     jobs = read_jobs(args)
     folder = _out_folder(args.out)
+    try:  # one run writes a folder at a time; temporary files of killed runs are removed once the lock is held
+        lock = FolderLock(folder, stale=(".*.png.*.tmp",))
+    except FolderInUse as e:
+        raise CLIError(f"--out {folder} is in use by another backdrop run ({e.holder}); wait for it to end, or "
+                       "write elsewhere") from None
+    try:
+        return _make(args, jobs, folder)
+    finally:
+        lock.release()
+
+
+def _make(args, jobs, folder: Path) -> int:
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed  # drawn up front: it names the files
     tasks = plan(args, jobs, folder, seed)
     if not tasks:  # --skip-existing and every file is there
@@ -275,11 +292,20 @@ def _run(args) -> int:
         unchanged += [batch[i].job.name for i in out.unchanged]
         for im, task in zip(out.images, batch):
             write(im, task, parameters(args, task, im.size))
-            print(task.path, flush=True)
+            _say(task.path)
     if unchanged:  # inpaint only, where every job has a name
         print(f"note: the mask of {some(sorted(set(unchanged)))} has nothing to repaint; wrote the input unchanged",
               file=sys.stderr)
     return 0
+
+
+def _say(path: Path) -> None:
+    """One output path on stdout (a line: what `| while read` takes). A name with bytes that are not UTF-8 goes
+    out as it came in from a process of our own (cli.main sets stdout's surrogateescape), else backslash-escaped."""
+    try:
+        print(path, flush=True)
+    except UnicodeEncodeError:
+        print(str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), flush=True)
 
 
 def _batches(tasks: list[Task], size: int) -> list[list[Task]]:

@@ -2,6 +2,8 @@
 user errors (a mask of another size too) are one line on stderr with exit status 2 (no traceback); an all-black
 mask writes the input with a note; --help works. Output files, input checks and metadata:
 test_inference_cli_files.py."""
+import os
+import signal
 import subprocess
 import sys
 
@@ -192,6 +194,7 @@ def test_inpaint_all_black_mask_writes_the_input(files, capsys, tmp_path):
     (["inpaint", "{root}/product.png", "--mask", "{root}/black.png", "--mask-blur", "inf"],
      "--mask-blur inf must be finite and >= 0"),
     (["generate", "--seed", "4294967296"], "--seed 4294967296 must be in [0, 2**32 - N]"),
+    (["generate", "--skip-existing"], "--skip-existing needs the --seed of the run to complete"),
     (["generate", "--sampler", "ddim", "--eta", "1.5"], "--eta 1.5 must be in [0, 1]"),
     (["generate", "--prompt", "a \udcff lamp"], "not valid Unicode text"),  # argv bytes that are not UTF-8
     (["generate", "--eta", "0.5"], "--eta is DDIM's noise: it applies to --sampler ddim only, not dpmpp-2m"),
@@ -333,3 +336,64 @@ def test_the_installed_command_reports_errors_without_a_traceback(tmp_path):
                         str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "nowhere" in r.stderr
+
+
+def test_catalogue_inputs_from_a_folder_a_list_or_stdin(files, capsys, tmp_path, monkeypatch):
+    """Past a shell's argument-list limit: IMAGE may be a folder (its images, masks and hidden files aside), @LIST
+    (paths one a line) or - (paths on stdin)."""
+    import io
+
+    shop = tmp_path / "shop"
+    shop.mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(files["image"]).save(shop / f"{name}.png")
+    Image.fromarray(files["product"]).save(shop / "a_mask.png")  # named like a mask: not an input
+    (shop / "._a.png").write_bytes(b"AppleDouble")
+    argv = ("inpaint", "--product-mask", files["root"] / "product-mask.png", "--seed", "1")
+    code, paths, _ = run(capsys, *argv, shop, *fast(files, tmp_path / "o1"))
+    assert code == 0 and [p.rsplit("/", 1)[1] for p in paths] == ["inpaint-a-1.png", "inpaint-b-1.png"]
+    (tmp_path / "list.txt").write_text(f"{shop / 'b.png'}\n\n{shop / 'a.png'}\n")
+    code, paths, _ = run(capsys, *argv, f"@{tmp_path / 'list.txt'}", *fast(files, tmp_path / "o2"))
+    assert code == 0 and [p.rsplit("/", 1)[1] for p in paths] == ["inpaint-b-1.png", "inpaint-a-1.png"]
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{shop / 'a.png'}\n"))
+    code, paths, _ = run(capsys, *argv, "-", *fast(files, tmp_path / "o3"))
+    assert code == 0 and [p.rsplit("/", 1)[1] for p in paths] == ["inpaint-a-1.png"]
+
+
+def test_one_run_writes_a_folder_at_a_time_and_clears_what_killed_runs_left(files, capsys, tmp_path):
+    """Two runs into one --out mixed their images, both exiting 0; a run killed mid-save left a hidden .tmp that no
+    rerun removed. A name whose bytes are not UTF-8 is written (it crashed the PNG text after the model loaded)."""
+    from backdrop.fsio import FolderLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    held = FolderLock(out)  # a run still going
+    code, _, err = run(capsys, "generate", *fast(files, out), "--seed", "1")
+    assert code == 2 and "is in use by another backdrop run (pid " in err
+    held.release()
+    (out / ".generate-1.png.x8f2k.tmp").write_bytes(b"half a png")
+    code, paths, _ = run(capsys, "generate", *fast(files, out), "--seed", "1")
+    assert code == 0 and not list(out.glob(".*.tmp")) and not (out / ".lock").exists()
+    odd = os.fsdecode(b"sku\xff.png")
+    Image.fromarray(files["image"]).save(tmp_path / odd)
+    code, paths, err = run(capsys, "img2img", tmp_path / odd, *fast(files, out), "--seed", "1")
+    assert code == 0, err
+    assert "\\xff" in Image.open(out / os.fsdecode(b"img2img-sku\xff-1.png")).text["parameters"]
+
+
+def test_a_killed_or_piped_command_dies_by_its_signal(files, tmp_path):
+    """A shell loop over `backdrop` stops at Ctrl-C only if backdrop dies by SIGINT (exit status 130 does not stop
+    it); `| head -1` gave a BrokenPipeError traceback; SIGTERM printed nothing and left the .tmp of a save."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "backdrop", "generate", "--model", files["model"], "--steps", "2", "--quiet",
+           "--prompt", "x", "--seed", "1", "--batch-size", "1"]
+    piped = subprocess.run(f"{' '.join(cmd)} --n 6 --out {tmp_path / 'p'} | head -1", shell=True, env=env,
+                           capture_output=True, text=True, timeout=300, executable="/bin/bash")
+    assert piped.stdout.count("\n") == 1 and "Traceback" not in piped.stderr, piped.stderr
+    proc = subprocess.Popen(cmd + ["--n", "1000", "--out", str(tmp_path / "t")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline()  # the first image is written: it is in its loop
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGTERM and err.strip().endswith("terminated"), err
+    assert not list((tmp_path / "t").glob(".*.tmp"))

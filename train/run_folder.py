@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import sys
 from pathlib import Path
 
 from backdrop.cli import CLIError
+from backdrop.fsio import FolderInUse, FolderLock
 from backdrop.messages import some
 
 from . import checkpointing as ckpt
@@ -155,32 +154,14 @@ def what_is_kept(out: Path) -> str:
     return f"the checkpoints are intact: --resume {out} goes on from {saved[-1].name}"
 
 
-class RunLock:
-    """An exclusive lock on OUT/.lock (fcntl.flock) for as long as a run writes there, so that a second run in the
-    same folder (a requeued job beside a still-running one, a --resume of a live run) is refused instead of
-    interleaving its log and pruning the other's checkpoints. Released, and the file removed, by release()."""
+class RunLock(FolderLock):
+    """fsio.FolderLock on OUT/.lock for as long as a run writes there, so that a second run in the same folder (a
+    requeued job beside a still-running one, a --resume of a live run) is refused instead of interleaving its log
+    and pruning the other's checkpoints; a final model half-written by a killed run is removed once it is held."""
 
     def __init__(self, out: Path):
-        import fcntl
-
-        self.path = out / LOCK
-        self._file = open(self.path, "a+")
         try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._file.seek(0)
-            holder = self._file.read().strip() or "another process"
-            self._file.close()
-            raise CLIError(f"--out {out} is in use by a run still going ({holder}); wait for it to end, or stop it "
+            super().__init__(out, stale=(".final.*.tmp",))
+        except FolderInUse as e:
+            raise CLIError(f"--out {out} is in use by a run still going ({e.holder}); wait for it to end, or stop it "
                            "first") from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        self._file.flush()
-        for stale in out.glob(".final.*.tmp"):  # a final model half-written by a killed run: no run uses it now
-            shutil.rmtree(stale, ignore_errors=True)
-
-    def release(self) -> None:
-        if not self._file.closed:
-            self.path.unlink(missing_ok=True)  # while still held: nobody else can be between unlink and unlock
-            self._file.close()
