@@ -94,7 +94,8 @@ def _common_options() -> argparse.ArgumentParser:
                           help="make only the images whose files do not exist yet: rerun a job after a crash, or "
                                "after adding products, without redoing the rest")
     out.add_argument("--quiet", action="store_true",
-                     help="no progress bar (it is shown only when stderr is a terminal)")
+                     help="no progress bar (it is shown only when stderr is a terminal) and no notes; warnings "
+                          "and errors still show")
     return p
 
 

@@ -46,7 +46,7 @@ class Task:
 
 # ------------------------------------------------------------------------------------------------------ inputs
 
-def _open(path: str, what: str):
+def _open(path: str, what: str, quiet: bool = False):
     """The file as the Pipeline reads it (image_io.from_file: upright, 8 bits, RGB(A) or L, its RGB ICC profile
     kept), saying on stderr what the reading changed (16 bits to 8, CMYK to RGB, ...). Its EXIF orientation is kept
     in .info["orientation"] for the mask check. Images over Pillow's limit for untrusted files (89 Mpx) are refused,
@@ -69,7 +69,7 @@ def _open(path: str, what: str):
         raise CLIError(f"{what} {path}: too large to decode safely ({one_line(e)}); scale it down first") from None
     except Exception as e:  # whatever a decoder raises (OSError, ValueError, RuntimeError, SyntaxError, ...)
         raise CLIError(f"{what} {path}: cannot read it as an image ({type(e).__name__}: {one_line(e)})") from None
-    for note in [one_line(w.message) for w in caught] + notes(im):
+    for note in [] if quiet else [one_line(w.message) for w in caught] + notes(im):
         print(f"note: {what} {path}: {note}", file=sys.stderr)
     turned = orientation(im)
     try:
@@ -127,11 +127,11 @@ def _read_job(args, path: str, problems: list[str], listings: dict) -> Job | Non
     from backdrop.diffusion.image_io import rgb_icc
 
     job, key, mask = Job(Path(path).stem, path), _mask_option(args), None
-    image = _attempt(problems, _open, path, "image")
+    image = _attempt(problems, _open, path, "image", args.quiet)
     if key is not None:
         flag = f"--{key.replace('_', '-')}"
         job.mask_file = _attempt(problems, _mask_file, getattr(args, key), flag, path, listings)
-        mask = job.mask_file and _attempt(problems, _open, job.mask_file, key.replace("_", " "))
+        mask = job.mask_file and _attempt(problems, _open, job.mask_file, key.replace("_", " "), args.quiet)
         if image is None or mask is None:
             return None
         turned = _turned(image, mask, path, job.mask_file)
@@ -142,7 +142,7 @@ def _read_job(args, path: str, problems: list[str], listings: dict) -> Job | Non
             return None
         if turned:
             print(f"warning: {flag} {job.mask_file}: {turned.lstrip('; ')}", file=sys.stderr)
-        if mask.format == "JPEG" and args.mask_threshold is None:
+        if mask.format == "JPEG" and args.mask_threshold is None and not args.quiet:
             print(f"note: {flag} {job.mask_file} is a JPEG: its compression noise makes some pixels grey, which are "
                   "then partly repainted; --mask-threshold 0.5 makes it black and white", file=sys.stderr)
     if image is None:
@@ -246,8 +246,9 @@ def plan(args, jobs: list[Job], folder: Path, seed: int) -> list[Task]:
     if not args.skip_existing:
         raise CLIError(f"--out {folder}: {some(existing)} already exist{'s' if len(existing) == 1 else ''}: give "
                        "--overwrite to replace existing files or --skip-existing to make only the missing ones")
-    print(f"note: --skip-existing: {len(existing)} of {len(tasks)} files exist in {folder}"
-          f"{'; nothing to do' if not todo else ', making the rest'}", file=sys.stderr)
+    if not args.quiet:  # a nightly rerun's cron mail stays empty
+        print(f"note: --skip-existing: {len(existing)} of {len(tasks)} files exist in {folder}"
+              f"{'; nothing to do' if not todo else ', making the rest'}", file=sys.stderr)
     return todo
 
 

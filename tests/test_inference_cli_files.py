@@ -70,7 +70,8 @@ def test_skip_existing_makes_only_the_missing_images_and_overwrite_replaces(file
             files["root"] / "mask.png", *fast(files, tmp_path), "--seed", "5", "--n", "2"]
     done = tmp_path / "inpaint-sku1-6.png"
     done.write_bytes(b"made by an earlier run")
-    code, paths, err = run(capsys, *argv, "--skip-existing")
+    loud = [a for a in argv if a != "--quiet"]  # notes show without --quiet
+    code, paths, err = run(capsys, *loud, "--skip-existing")
     assert code == 0 and [Path(p).name for p in paths] == ["inpaint-sku1-5.png", "inpaint-sku2-5.png",
                                                            "inpaint-sku2-6.png"]
     assert err == f"note: --skip-existing: 1 of 4 files exist in {tmp_path}, making the rest"
@@ -78,9 +79,11 @@ def test_skip_existing_makes_only_the_missing_images_and_overwrite_replaces(file
 
     with monkeypatch.context() as m:  # all there: nothing to do, exit 0, no model loaded
         m.setattr("backdrop.diffusion.cli._pipeline", lambda args: pytest.fail("the model was loaded"))
-        code, paths, err = run(capsys, *argv, "--skip-existing")
-    assert code == 0 and paths == [] and err == f"note: --skip-existing: 4 of 4 files exist in {tmp_path}; " \
-        "nothing to do"
+        code, paths, err = run(capsys, *loud, "--skip-existing")
+        assert code == 0 and paths == [] and err == f"note: --skip-existing: 4 of 4 files exist in {tmp_path}; " \
+            "nothing to do"
+        code, paths, err = run(capsys, *argv, "--skip-existing")  # --quiet
+        assert code == 0 and paths == [] and err == ""  # a nightly rerun's cron mail stays empty
 
     code, paths, _ = run(capsys, *argv, "--overwrite")
     assert code == 0 and len(paths) == 4 and Image.open(done).size == (48, 40)
