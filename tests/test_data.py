@@ -251,6 +251,19 @@ def test_metadata_names_match_files_in_either_unicode_form(tmp_path):
     assert [e[1] for e in ImageFolder(tmp_path, 16).entries] == ["a cup"]
 
 
+def test_metadata_images_take_the_masks_beside_them(tmp_path):
+    """metadata.jsonl without mask_file_name, masks named as in the .txt layout: they were ignored (and the product
+    stage then said the folder had no masks)."""
+    for k in range(2):
+        img, mask = _picture(16, 16, (2, 2, 8 + k, 8))
+        img.save(tmp_path / f"{k}.png")
+        mask.save(tmp_path / f"{k}_mask.png")
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{k}.png", "text": f"item {k}"})
+                                                     + "\n" for k in range(2)))
+    ds = ImageFolder(tmp_path, 16)
+    assert ds.has_masks and [e[2].name for e in ds.entries] == ["0_mask.png", "1_mask.png"]
+
+
 def test_folder_layouts_real_catalogues_have(tmp_path, caplog):
     """Masks in masks/ beside the images (they were trained as images), captions as NAME.TXT, hidden files (macOS's
     ._name, .thumbnails/: trained, or one warning each), a symlinked subfolder (skipped), and images sharing a name;

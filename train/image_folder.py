@@ -2,7 +2,8 @@
 
     root/metadata.jsonl   one JSON object a line, paths relative to the metadata file's folder:
                           {"file_name": "mug.png", "text": "a red mug on sand", "mask_file_name": "mug_mask.png"}
-                          ("mask" is accepted in place of "mask_file_name")
+                          ("mask" is accepted in place of "mask_file_name"; without either, a mask beside the
+                          image named as in the .txt layout below)
     root/metadata.csv     the same as a CSV file with a header row: file_name,text[,mask_file_name]
     root/train/metadata.jsonl (or .csv): HF's split layout, read when root has no metadata file of its own (the
                           train split is what diffusers' scripts train on)
@@ -190,9 +191,21 @@ def _named(folder: Path, name: str) -> Path:
 
 
 def _read_metadata(path: Path) -> list:
+    """The records' (image, caption, mask) entries; an image without a mask_file_name takes the mask beside it
+    named as in the .txt layout (NAME_mask.png, NAME.mask.png), as a folder of both conventions holds them."""
     text = _read_text(path)
     records = _csv_records(path, text) if path.suffix.lower() == ".csv" else _jsonl_records(path, text)
-    return [_entry(rec, f"{path}:{n}", path.parent) for n, rec in records]
+    entries = [_entry(rec, f"{path}:{n}", path.parent) for n, rec in records]
+    masks_in: dict[Path, dict] = {}  # folder -> its masks by image path without suffix, listed once
+    out = []
+    for image, caption, mask in entries:
+        if mask is None and image.parent.is_dir():
+            if image.parent not in masks_in:
+                masks_in[image.parent] = _split_masks(sorted(p for p in image.parent.iterdir()
+                                                             if p.suffix.lower() in IMAGE_EXTS))[1]
+            mask = _mask_of(image, masks_in[image.parent])
+        out.append((image, caption, mask))
+    return out
 
 
 # ---------------------------------------------------------------------- the .txt layout
