@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -246,10 +247,35 @@ def plan(args, jobs: list[Job], folder: Path, seed: int) -> list[Task]:
     if not args.skip_existing:
         raise CLIError(f"--out {folder}: {some(existing)} already exist{'s' if len(existing) == 1 else ''}: give "
                        "--overwrite to replace existing files or --skip-existing to make only the missing ones")
+    if foreign := [t.path.name for t in tasks if os.path.lexists(t.path) and not _made_by(t, args)]:
+        raise CLIError(f"--skip-existing: {some(foreign)} exist{'s' if len(foreign) == 1 else ''} in {folder} but "
+                       "were not made by this command (another prompt, model or option, or not a Backdrop image): "
+                       "give --overwrite to make them again, or another --out")
     if not args.quiet:  # a nightly rerun's cron mail stays empty
         print(f"note: --skip-existing: {len(existing)} of {len(tasks)} files exist in {folder}"
               f"{'; nothing to do' if not todo else ', making the rest'}", file=sys.stderr)
     return todo
+
+
+def _made_by(task: Task, args) -> bool:
+    """Whether the existing file of `task` records the parameters this command would write (Backdrop's version
+    aside): --skip-existing keeps only what the same command made, not a file of another prompt or a damaged one."""
+    from PIL import Image
+
+    try:
+        with Image.open(task.path) as im:
+            said, size = getattr(im, "text", {}).get("parameters"), im.size
+    except Exception:  # unreadable, truncated, not an image
+        return False
+    if said is None:
+        return False
+    unversioned = lambda text: re.sub(r", Backdrop: [^,]*$", "", text)  # noqa: E731
+    return unversioned(said) == unversioned(_png_text(parameters(args, task, size)))
+
+
+def _png_text(text: str) -> str:
+    """Text a PNG chunk can hold: a file name's undecodable bytes (surrogate escapes) as \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _quote(value) -> str:
@@ -296,8 +322,8 @@ def write(image, task: Task, text: str) -> None:
     then renamed over the final one (os.replace is atomic), so a kill mid-save leaves at most a hidden .tmp file."""
     from PIL.PngImagePlugin import PngInfo
 
-    info = PngInfo()  # tEXt, or iTXt for text Latin-1 cannot hold; a file name's undecodable bytes as \xNN escapes
-    info.add_text("parameters", text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+    info = PngInfo()
+    info.add_text("parameters", _png_text(text))  # tEXt, or iTXt for text Latin-1 cannot hold
     tmp = None
     try:  # mkstemp: a new file of an unguessable name (O_EXCL), so a symlink planted in a shared --out is not followed
         fd, name = tempfile.mkstemp(prefix=f".{task.path.name}.", suffix=".tmp", dir=task.path.parent)

@@ -68,14 +68,14 @@ def test_existing_outputs_are_refused_before_the_model_loads(files, capsys, tmp_
 def test_skip_existing_makes_only_the_missing_images_and_overwrite_replaces(files, capsys, tmp_path, monkeypatch):
     argv = ["inpaint", files["root"] / "sku1.png", files["root"] / "sku2.png", "--product-mask",
             files["root"] / "mask.png", *fast(files, tmp_path), "--seed", "5", "--n", "2"]
-    done = tmp_path / "inpaint-sku1-6.png"
-    done.write_bytes(b"made by an earlier run")
     loud = [a for a in argv if a != "--quiet"]  # notes show without --quiet
+    code, paths, _ = run(capsys, *argv[:-1], "1")  # an earlier run of the same command made the first of each
+    done = tmp_path / "inpaint-sku1-5.png"
+    made = done.read_bytes()
     code, paths, err = run(capsys, *loud, "--skip-existing")
-    assert code == 0 and [Path(p).name for p in paths] == ["inpaint-sku1-5.png", "inpaint-sku2-5.png",
-                                                           "inpaint-sku2-6.png"]
-    assert err == f"note: --skip-existing: 1 of 4 files exist in {tmp_path}, making the rest"
-    assert done.read_bytes() == b"made by an earlier run"
+    assert code == 0 and [Path(p).name for p in paths] == ["inpaint-sku1-6.png", "inpaint-sku2-6.png"]
+    assert err == f"note: --skip-existing: 2 of 4 files exist in {tmp_path}, making the rest"
+    assert done.read_bytes() == made
 
     with monkeypatch.context() as m:  # all there: nothing to do, exit 0, no model loaded
         m.setattr("backdrop.diffusion.cli._pipeline", lambda args: pytest.fail("the model was loaded"))
@@ -84,6 +84,15 @@ def test_skip_existing_makes_only_the_missing_images_and_overwrite_replaces(file
             "nothing to do"
         code, paths, err = run(capsys, *argv, "--skip-existing")  # --quiet
         assert code == 0 and paths == [] and err == ""  # a nightly rerun's cron mail stays empty
+        # a file of another prompt, or not an image at all, under one of the names: not kept as if made here
+        code, _, err = run(capsys, *argv, "--skip-existing", "--prompt", "on grass")
+        names = "inpaint-sku1-5.png, inpaint-sku1-6.png, inpaint-sku2-5.png, inpaint-sku2-6.png"
+        assert code == 2 and f"{names} exist" in err
+        assert "were not made by this command (another prompt" in err
+        (tmp_path / "inpaint-sku2-6.png").write_bytes(b"made by an earlier run")
+        code, _, err = run(capsys, *argv, "--skip-existing")
+        assert code == 2 and "--skip-existing: inpaint-sku2-6.png exists in" in err
+    done.write_bytes(b"made by an earlier run")
 
     code, paths, _ = run(capsys, *argv, "--overwrite")
     assert code == 0 and len(paths) == 4 and Image.open(done).size == (48, 40)
