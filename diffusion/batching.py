@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from backdrop.diffusion.recipes import RECIPES
 from backdrop.diffusion.samplers import check_eta
 
 __all__ = ["OUTPUT_TYPES", "MAX_SEED", "DIFFUSERS_NAMES", "DIFFUSERS_INSTEAD", "DIFFUSERS_OFF", "diffusers_names",
@@ -185,8 +186,6 @@ class StepEnd:
         self.fn, self.pipe = fn, pipe
 
     def __call__(self, i: int, x, sigma_next: float, schedule):
-        from backdrop.diffusion.recipes import RECIPES
-
         scale = 1.0 if RECIPES[schedule.sampler].family == "k" else (1 + float(sigma_next) ** 2) ** -0.5
         out = self.fn(self.pipe, i, schedule.timesteps[i], {"latents": x * scale})
         new = out.get("latents") if isinstance(out, dict) else None

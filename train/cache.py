@@ -43,6 +43,7 @@ from ..fsio import usual_permissions
 from ..nn.checkpoint import Model
 from ..diffusion.masks import masked_image
 from .data import collate, product_repaint_mask
+from .image_folder import folder_files
 from .stages.common import posterior_moments
 
 __all__ = ["MANIFEST", "is_cache", "fingerprint", "vae_encoder_fingerprint", "build_cache", "LatentCache"]
@@ -185,12 +186,10 @@ def folder_state(source: str) -> dict | None:
     if not source or not root.is_dir():
         return None
     lines = []
-    for folder, dirs, names in os.walk(root, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(n for n in names if not n.startswith(".")):
-            st = (Path(folder) / name).stat()
-            lines.append(f"{(Path(folder) / name).relative_to(root)}\t{st.st_size}\t{st.st_mtime_ns}\n")
-    return {"files": len(lines), "sha256": hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()}
+    for path in folder_files(root):  # the files the image folder reads from: the same walk
+        st = path.stat()
+        lines.append(f"{path.relative_to(root)}\t{st.st_size}\t{st.st_mtime_ns}\n")
+    return {"files": len(lines), "sha256": hashlib.sha256("".join(lines).encode()).hexdigest()}
 
 
 class LatentCache(torch.utils.data.Dataset):

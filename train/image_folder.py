@@ -37,9 +37,10 @@ import torch
 from PIL import ExifTags, Image
 
 from ..diffusion.image_io import load_image
-from ..diffusion.masks import IMAGE_EXTS, MASK_SUFFIXES, read_mask
+from ..diffusion.masks import IMAGE_EXTS, MASK_SUFFIXES, has_transparency, read_mask
 
-__all__ = ["ImageFolder", "DataFileError", "find_metadata", "IMAGE_EXTS", "image_tensor", "mask_tensor", "item_key"]
+__all__ = ["ImageFolder", "DataFileError", "find_metadata", "folder_files", "IMAGE_EXTS", "image_tensor", "mask_tensor",
+           "item_key"]
 
 log = logging.getLogger(__name__)
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # the metadata files of HF's imagefolder
@@ -126,7 +127,7 @@ def _has_transparent_pixels(path: Path) -> bool:
         im = _open(path)
     except DataFileError:
         return False  # reported when it is loaded
-    return im.convert("RGBA").getchannel("A").getextrema()[0] < 255
+    return has_transparency(im)
 
 
 # ---------------------------------------------------------------------- metadata files
@@ -251,7 +252,7 @@ def _warn_strays(root: Path, images: list[Path], masks: dict, captions: dict) ->
                     "caption and one mask; rename them if they differ", len(twins), root, _few(twins))
 
 
-def _files(root: Path) -> list[Path]:
+def folder_files(root: Path) -> list[Path]:
     """Every file under root, sorted, following symlinked folders (each real folder once). Hidden files and
     folders (a leading '.': macOS's ._name and .DS_Store, .thumbnails/) are left out, and counted in one line."""
     found, hidden, seen = [], 0, set()
@@ -272,7 +273,7 @@ def _files(root: Path) -> list[Path]:
 def _scan_folder(root: Path) -> list:
     """The .txt layout: every image under root with its `<stem>.txt` caption (any case of .txt) and its optional
     mask, beside it (NAME_mask.*, NAME.mask.*) or in root/masks/ at the image's relative path (masks/sub/NAME.*)."""
-    files = _files(root)
+    files = folder_files(root)
     in_masks = [p for p in files if len(rel := p.relative_to(root).parts) > 1 and rel[0].lower() == "masks"]
     held = set(in_masks)
     captions = {p.with_suffix(""): p for p in files if p.suffix.lower() == ".txt" and p not in held}
