@@ -288,7 +288,8 @@ def _make(args, jobs, folder: Path) -> int:
     common = _sampling(args)
     unchanged = []
     for batch in _batches(tasks, args.batch_size):
-        per_item = {k: [t.job.inputs[k] for t in batch] for k in batch[0].job.inputs}
+        inputs = {id(t.job): t.job.load(args) for t in batch}  # a job's n images share its files, read once
+        per_item = {k: [inputs[id(t.job)][k] for t in batch] for k in inputs[id(batch[0].job)]}
         out = _call(getattr(pipe, args.kind), args, dict(common, **per_item, seed=[t.seed for t in batch]))
         unchanged += [batch[i].job.name for i in out.unchanged]
         for im, task in zip(out.images, batch):
@@ -313,7 +314,7 @@ def _batches(tasks: list[Task], size: int) -> list[list[Task]]:
     """The tasks in batches of at most `size`, a batch's images all of one size (one UNet batch)."""
     by_size: dict = {}
     for task in tasks:
-        by_size.setdefault(getattr(task.job.inputs.get("image"), "size", None), []).append(task)
+        by_size.setdefault(task.job.size, []).append(task)
     return [items[i:i + size] for items in by_size.values() for i in range(0, len(items), size)]
 
 

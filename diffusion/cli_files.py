@@ -32,9 +32,23 @@ class Job:
     """One input image (none for `generate`): the Pipeline's per-item arguments and what its files record."""
     name: str = ""  # the IMAGE's stem, part of its file names ("" for generate)
     source: str | None = None  # the IMAGE as given on the command line
-    inputs: dict = field(default_factory=dict)  # the Pipeline's image=, and mask= or product_mask=
+    inputs: dict = field(default_factory=dict)  # the Pipeline's image=, and mask= or product_mask=, while checked
     mask_file: str | None = None  # the --mask / --product-mask file this image uses
     icc: bytes | None = None  # the input's RGB ICC profile, carried over to its outputs
+    size: tuple[int, int] | None = None  # the image's (W, H) as read: one UNet batch holds one size
+
+    def load(self, args) -> dict:
+        """The Pipeline's inputs, read again from the files: read_jobs checks every input, then lets its pixels go
+        (5000 photos of 1024² and their masks, all held, would take 20 GB), so each batch reads its own."""
+        if self.source is None or self.inputs:
+            return self.inputs
+        inputs, key = {"image": _open(self.source, "image", quiet=True)}, _mask_option(args)
+        if key is not None:
+            inputs[key] = _open(self.mask_file, key.replace("_", " "), quiet=True)
+        if any(im.size != self.size for im in inputs.values()):
+            raise CLIError(f"image {self.source} or its mask changed while this run went on (it was "
+                           f"{self.size[0]}x{self.size[1]}); run again")
+        return inputs
 
 
 @dataclass(frozen=True)
@@ -154,7 +168,7 @@ def _read_job(args, path: str, problems: list[str], listings: dict) -> Job | Non
                         "the product to keep), or an image whose transparent pixels are to be repainted")
         return None
     job.inputs = dict(image=image) if key is None else {"image": image, key: mask}
-    job.icc = rgb_icc(image)
+    job.icc, job.size = rgb_icc(image), image.size
     return job
 
 
@@ -169,22 +183,23 @@ def _turned(image, mask, path: str, mask_path: str) -> str:
             "stored pixels of the other would land rotated")
 
 
-def _warn_if_nothing_kept(args, job: Job) -> None:
+def _nothing_kept(args, job: Job) -> str | None:
     """A product mask or alpha channel that keeps no pixel repaints the product too: in a catalogue, a failed
-    cut-out. Say so (a mask with nothing to repaint gets its own note when the input is written unchanged)."""
+    cut-out. The warning that says so (a mask with nothing to repaint gets its own note when the input is written
+    unchanged), or None."""
     from backdrop.diffusion import masks as M
 
     kind = _mask_option(args) or "image"  # "image": its alpha channel
     if args.kind != "inpaint" or kind == "mask":
-        return
+        return None
     try:
         repaint = M.to_repaint_mask(**{kind: job.inputs[kind]}, threshold=args.mask_threshold)
     except ValueError:  # nothing to repaint (M.EmptyMask), or a mask the Pipeline call will name
-        return
-    if repaint.amin() == 1:
-        what = f"--product-mask {job.mask_file}" if kind == "product_mask" else "the alpha channel"
-        print(f"warning: {what} keeps no pixel of {job.source}: the whole image is repainted, product and all",
-              file=sys.stderr)
+        return None
+    if repaint.amin() < 1:
+        return None
+    what = f"--product-mask {job.mask_file}" if kind == "product_mask" else "the alpha channel"
+    return f"warning: {what} keeps no pixel of {job.source}: the whole image is repainted, product and all"
 
 
 def _image_paths(given: list[str]) -> list[str]:
@@ -224,12 +239,17 @@ def read_jobs(args) -> list[Job]:
         raise CLIError(f"two IMAGEs are named {twice!r}: their output files would collide; rename one")
     problems: list[str] = []
     listings: dict = {}  # mask folder -> its files by stem
-    jobs = [_read_job(args, path, problems, listings) for path in args.image]
+    jobs, warnings = [], []
+    for path in args.image:
+        jobs.append(job := _read_job(args, path, problems, listings))
+        if job is not None:
+            warnings.append(_nothing_kept(args, job))
+            job.inputs = {}  # checked: its pixels are let go, and read again for its batch (Job.load)
     if problems:
         head = "" if len(problems) == 1 else f"{len(problems)} problems with the inputs: "
         raise CLIError(head + "; ".join(problems))
-    for job in jobs:
-        _warn_if_nothing_kept(args, job)
+    for warning in filter(None, warnings):
+        print(warning, file=sys.stderr)
     return jobs
 
 

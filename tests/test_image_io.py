@@ -171,3 +171,24 @@ def test_cli_inputs_say_what_reading_them_changed(tmp_path, capsys):
     with pytest.raises(CLIError, match="a mask must have its image's size; .*side.jpg is stored turned"):
         _jobs(sideways, "--product-mask", tmp_path / "masks/sku.gif")
     assert from_file(Image.open(sideways)).size == (16, 24)
+
+
+def test_cli_inputs_are_checked_then_read_again_for_their_batch(tmp_path):
+    """read_jobs checks every input and keeps no pixels (a catalogue's photos held at once could fill the memory);
+    each batch reads its files again, as checked, and a file changed in between is an error naming it."""
+    rgb = np.random.default_rng(5).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    keep = np.zeros((16, 24), np.uint8)
+    keep[4:12, 6:18] = 255
+    (tmp_path / "masks").mkdir()
+    for name in ("a", "b"):
+        saved(Image.fromarray(rgb), tmp_path / f"{name}.png")
+        saved(Image.fromarray(keep), tmp_path / f"masks/{name}.png")
+    args = build_parser().parse_args(["inpaint", str(tmp_path / "a.png"), str(tmp_path / "b.png"),
+                                      "--product-mask", str(tmp_path / "masks"), "--prompt", "x"])
+    jobs = read_jobs(args)
+    assert [j.inputs for j in jobs] == [{}, {}] and [j.size for j in jobs] == [(24, 16)] * 2
+    inputs = jobs[0].load(args)
+    assert np.array_equal(np.asarray(inputs["image"]), rgb) and np.array_equal(np.asarray(inputs["product_mask"]), keep)
+    saved(Image.fromarray(keep[:8]), tmp_path / "masks/b.png")  # replaced by another size while the run went on
+    with pytest.raises(CLIError, match=r"image .*b.png or its mask changed while this run went on \(it was 24x16\)"):
+        jobs[1].load(args)
