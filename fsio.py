@@ -10,7 +10,7 @@ import socket
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["usual_permissions", "append_line", "FolderLock", "FolderInUse"]
+__all__ = ["usual_permissions", "fsync", "append_line", "FolderLock", "FolderInUse"]
 
 
 @lru_cache(maxsize=1)
@@ -25,6 +25,16 @@ def usual_permissions(root: str | os.PathLike) -> None:
     root = Path(root)
     for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a folder's entries (which makes the renames inside it durable), to the disk: a power
+    cut after a rename then finds the new file whole, not empty."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:

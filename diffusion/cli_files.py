@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backdrop.cli import CLIError, one_line
-from backdrop.fsio import usual_permissions
+from backdrop.fsio import fsync, usual_permissions
 from backdrop.messages import some
 
 __all__ = ["Job", "Task", "read_jobs", "plan", "parameters", "write"]
@@ -339,7 +339,8 @@ def parameters(args, task: Task, size: tuple[int, int]) -> str:
 
 def write(image, task: Task, text: str) -> None:
     """Save one PNG with its `parameters` text and the input's ICC profile: to a temporary name in the same folder,
-    then renamed over the final one (os.replace is atomic), so a kill mid-save leaves at most a hidden .tmp file."""
+    then renamed over the final one (os.replace is atomic), so a kill mid-save leaves at most a hidden .tmp file
+    and a power cut the old file or the new one, whole."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
@@ -350,8 +351,10 @@ def write(image, task: Task, text: str) -> None:
         tmp = Path(name)
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info, **({"icc_profile": task.job.icc} if task.job.icc else {}))
+        fsync(tmp)  # on the disk before the rename: a power cut leaves the old file or the new one
         usual_permissions(tmp)  # mkstemp makes it 0600
         os.replace(tmp, task.path)
+        fsync(task.path.parent)  # the rename itself
     except OSError as e:
         if tmp is not None:
             tmp.unlink(missing_ok=True)

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..fsio import usual_permissions
+from ..fsio import fsync, usual_permissions
 from ..messages import some
 from .clip import TextEncoder
 from .config import (PREDICTION_TYPES, ModelConfig, SchedulerConfig, TextConfig, UNetConfig, VAEConfig,
@@ -338,14 +338,6 @@ def init_model(preset_or_config: str | ModelConfig, seed: int = 0, dtype: torch.
 
 # -------------------------------------------------------------------------------------------------- saving
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)  # a file, or a folder (which makes the renames inside it durable)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """save_file wants contiguous CPU tensors that share no storage; clone the rare ones that do."""
     seen, out = set(), {}
@@ -354,20 +346,20 @@ def _safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
         out[k] = t.clone() if t.untyped_storage().data_ptr() in seen else t
         seen.add(t.untyped_storage().data_ptr())
     save_file(out, str(path), metadata={"format": "pt", **(metadata or {})})
-    _fsync(path)
+    fsync(path)
 
 
 def _write_folder(model: Model, folder: Path) -> None:
     for name, obj in diffusers_configs(model.config, model.dtype).items():
         (folder / name).parent.mkdir(exist_ok=True)
         (folder / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        _fsync(folder / name)
+        fsync(folder / name)
     _safetensors(model.unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors")
     _safetensors(model.vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors")
     _safetensors(model.text_encoder.state_dict(), folder / "text_encoder" / "model.safetensors")
     model.tokenizer.save(folder / "tokenizer")
     for f in [*(folder / "tokenizer").iterdir(), *folder.iterdir()]:
-        _fsync(f)
+        fsync(f)
 
 
 def torch_model(backend, feature: str, instead: str) -> Model:
@@ -415,7 +407,7 @@ def save_model(model: Model, path, layout: str = "diffusers") -> Path:
             if path.exists():
                 os.replace(path, old)
             os.replace(tmp, path)
-        _fsync(path.parent)
+        fsync(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

@@ -116,6 +116,21 @@ def test_a_save_that_fails_halfway_leaves_the_earlier_file_whole(files, capsys, 
     assert [p.name for p in tmp_path.iterdir()] == ["generate-3.png"] and earlier.read_bytes() == b"earlier"
 
 
+def test_a_png_is_on_the_disk_before_its_rename_and_the_rename_after(files, capsys, tmp_path, monkeypatch):
+    """A power cut after a rename must not find an empty file (delayed allocation): the temporary file is fsynced
+    before os.replace, the folder after it."""
+    import backdrop.diffusion.cli_files as cli_files
+
+    events = []
+    monkeypatch.setattr(cli_files, "fsync", lambda path: events.append(("fsync", Path(path))))
+    replace = os.replace
+    monkeypatch.setattr(cli_files.os, "replace", lambda a, b: (events.append(("replace", Path(b))), replace(a, b)))
+    code, [printed], _ = run(capsys, "generate", *fast(files, tmp_path), "--seed", "3")
+    temporary, path = events[0][1], Path(printed)
+    assert code == 0 and events == [("fsync", temporary), ("replace", path), ("fsync", tmp_path)]
+    assert temporary.parent == tmp_path and temporary.name.startswith(".generate-3.png.") and path.is_file()
+
+
 class _Terminal(io.StringIO):
     def isatty(self):
         return True

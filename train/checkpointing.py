@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..fsio import usual_permissions
+from ..fsio import fsync, usual_permissions
 
 PREFIX = "step-"
 
@@ -26,18 +26,9 @@ class SaveError(OSError):
     """A checkpoint could not be written (disk full, no permission): the older complete ones are untouched."""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_synced(path: Path, write) -> None:
     write(path)
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    fsync(path)
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], meta: dict,
@@ -56,14 +47,14 @@ def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, torch
         _write_synced(tmp / "state.safetensors", lambda p: save_file(plain, str(p)))
         _write_synced(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta)))
         usual_permissions(tmp)
-        _fsync_dir(tmp)
+        fsync(tmp)
     except (OSError, SafetensorError) as e:  # safetensors reports I/O errors (a full disk) as SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)  # give the space back at once
         raise SaveError(f"{final}: cannot write the checkpoint ({' '.join(str(e).split())})") from None
     if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync(root)
     for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):
