@@ -28,7 +28,7 @@ from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, ad
                           add_textual_inversion_option, apply_model_options, checkpoint_options, make_folder,
                           one_line, parse_device)
 from backdrop.diffusion.cli_files import Task, parameters, plan, read_jobs, write
-from backdrop.diffusion.recipes import RECIPES
+from backdrop.diffusion.recipes import RECIPES, SAMPLING_DEFAULTS
 from backdrop.fsio import FolderInUse, FolderLock
 from backdrop.messages import some
 
@@ -64,12 +64,12 @@ def _common_options() -> argparse.ArgumentParser:
                    help="random seed; image i uses SEED + i, so any image can be remade alone: bit-exactly if it "
                         "was made with --batch-size 1, else to within 1 level on a few pixels (the same command on "
                         "the same machine is always bit-exact) (default: random)")
-    s.add_argument("--steps", "--num-inference-steps", type=int, default=30, metavar="N",
+    s.add_argument("--steps", "--num-inference-steps", type=int, default=SAMPLING_DEFAULTS["steps"], metavar="N",
                    help="denoising steps: more is slower, often finer (default: %(default)s)")
-    s.add_argument("--sampler", choices=list(RECIPES), default="dpmpp-2m", metavar="NAME",
+    s.add_argument("--sampler", choices=list(RECIPES), default=SAMPLING_DEFAULTS["sampler"], metavar="NAME",
                    help=f"one of: {', '.join(RECIPES)}; lcm is for LCM-distilled weights (an LCM-LoRA via "
                         "--lora), with --steps 4 --guidance-scale 1 (default: %(default)s)")
-    s.add_argument("--guidance-scale", type=float, default=7.5, metavar="SCALE",
+    s.add_argument("--guidance-scale", type=float, default=SAMPLING_DEFAULTS["guidance_scale"], metavar="SCALE",
                    help="how strongly to follow the prompt; 1 turns guidance off (default: %(default)s)")
     s.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
                    help="rescale the guided prediction toward the prompt-only one's spread (Lin et al. 2023), "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Recipe", "RECIPES", "LCM_ORIGINAL_STEPS"]
+__all__ = ["Recipe", "RECIPES", "LCM_ORIGINAL_STEPS", "SAMPLING_DEFAULTS"]
 
 
 @dataclass(frozen=True)
@@ -39,3 +39,7 @@ RECIPES: dict[str, Recipe] = {
 # LCMScheduler's original_inference_steps: consistency distillation (Luo et al. 2023) trains on 50 evenly spaced
 # timesteps, 19, 39, ..., 999; LCM sampling takes its steps from among them, so it runs at most 50.
 LCM_ORIGINAL_STEPS = 50
+
+# The Pipeline's defaults (its signatures spell them out; a test holds them equal), which `backdrop generate /
+# img2img / inpaint` and `backdrop serve` take from here without importing torch to build their help.
+SAMPLING_DEFAULTS = {"steps": 30, "guidance_scale": 7.5, "sampler": "dpmpp-2m"}

@@ -14,7 +14,7 @@ from pathlib import Path
 from backdrop import __version__
 from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, add_lora_option,
                           add_textual_inversion_option, apply_model_options, checkpoint_options, parse_device)
-from backdrop.diffusion.recipes import RECIPES
+from backdrop.diffusion.recipes import RECIPES, SAMPLING_DEFAULTS
 from backdrop.messages import require
 
 __all__ = ["add_parser", "model_id"]
@@ -101,13 +101,15 @@ def add_parser(subparsers) -> None:
     b.add_argument("--request-timeout", type=float, default=300, metavar="S",
                    help="seconds from arrival to answer, queueing included; later gets 504 (default: %(default)s)")
     s = p.add_argument_group("defaults of the OpenAI endpoints (/v1/inpaint may set its own)")
-    s.add_argument("--steps", type=int, default=30, metavar="N", help="denoising steps (default: %(default)s)")
+    s.add_argument("--steps", type=int, default=SAMPLING_DEFAULTS["steps"], metavar="N",
+                   help="denoising steps (default: %(default)s)")
     s.add_argument("--max-steps", type=int, default=150, metavar="N",
                    help="the most steps a /v1/inpaint request may ask for: one request's cost, which every other "
                         "client in its batch waits for, stays bounded (default: %(default)s)")
-    s.add_argument("--sampler", choices=list(RECIPES), default="dpmpp-2m", metavar="NAME",
+    s.add_argument("--sampler", choices=list(RECIPES), default=SAMPLING_DEFAULTS["sampler"], metavar="NAME",
                    help=f"one of: {', '.join(RECIPES)} (default: %(default)s)")
-    s.add_argument("--guidance-scale", type=float, default=7.5, metavar="SCALE", help="(default: %(default)s)")
+    s.add_argument("--guidance-scale", type=float, default=SAMPLING_DEFAULTS["guidance_scale"], metavar="SCALE",
+                   help="(default: %(default)s)")
     s.add_argument("--clip-skip", type=int, default=0, metavar="N",
                    help="text encoder layers to skip, diffusers' clip_skip (default: 0; --backend torch only)")
     m.add_argument("--cpu-cache-mb", type=float, default=1024, metavar="MB",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backdrop.cli import main
+from backdrop.cli import build_parser, main
 from backdrop.nn.checkpoint import init_model, save_model
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),  # conftest.py
@@ -90,9 +90,7 @@ def test_img2img_keeps_the_input_size(files, capsys, tmp_path):
 
 
 def test_img2img_and_inpaint_keep_their_own_default_strength():
-    from backdrop.cli import build_parser  # both share one option definition; each must keep its own default
-
-    parser = build_parser()
+    parser = build_parser()  # both share one option definition; each must keep its own default
     assert parser.parse_args(["img2img", "x.png", "--prompt", "a"]).strength == 0.75
     assert parser.parse_args(["inpaint", "x.png", "--mask", "m.png", "--prompt", "a"]).strength == 1.0
 
@@ -397,3 +395,19 @@ def test_a_killed_or_piped_command_dies_by_its_signal(files, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGTERM and err.strip().endswith("terminated"), err
     assert not list((tmp_path / "t").glob(".*.tmp"))
+
+
+def test_the_command_lines_default_to_the_pipelines_defaults():
+    """`backdrop generate / img2img / inpaint` and `backdrop serve` take steps, guidance and sampler from one table
+    (recipes.SAMPLING_DEFAULTS, no torch needed for --help); it must say what the Pipeline's signatures say."""
+    import inspect
+
+    from backdrop.diffusion.pipeline import Pipeline
+    from backdrop.diffusion.recipes import SAMPLING_DEFAULTS
+
+    for method in (Pipeline.generate, Pipeline.img2img, Pipeline.inpaint):
+        params = inspect.signature(method).parameters
+        assert {k: params[k].default for k in SAMPLING_DEFAULTS} == SAMPLING_DEFAULTS, method.__name__
+    for argv in (["generate", "--prompt", "x"], ["inpaint", "a.png", "--prompt", "x"], ["serve", "m"]):
+        args = build_parser().parse_args(argv)
+        assert {k: getattr(args, k) for k in SAMPLING_DEFAULTS} == SAMPLING_DEFAULTS, argv[0]
