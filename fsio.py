@@ -67,29 +67,56 @@ class FolderLock:
     """An exclusive lock on FOLDER/.lock (fcntl.flock, released by the kernel if the process dies) for as long as a
     process writes there: a second one is refused (FolderInUse) instead of interleaving its files with the first's.
     Once held, the `stale` globs (temporary files of killed runs: no live run can own them now) are removed.
-    release() unlocks and removes the file."""
+    release() removes the file, then unlocks it. A lock file left by a killed run of another user is locked
+    read-only (flock needs no write permission); an OSError (a folder we cannot write) names the lock file."""
 
     def __init__(self, folder: Path, stale: tuple[str, ...] = ()):
         import fcntl
 
         self.path = Path(folder) / ".lock"
-        self._file = open(self.path, "a+")
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        while True:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise FolderInUse(Path(folder), holder) from None
+            # Held, but perhaps on a file its holder removed (release) between our open and our flock, while a
+            # third process made and locked a new one: hold the lock only if our file is still the one at the path.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self._fd: int | None = fd
+        try:  # who holds it, for the refusal of the next one (not written into another user's lock file)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         except OSError:
-            self._file.seek(0)
-            holder = self._file.read().strip() or "another process"
-            self._file.close()
-            raise FolderInUse(Path(folder), holder) from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        self._file.flush()
+            pass
         for pattern in stale:
             for path in Path(folder).glob(pattern):
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:  # another user's file (a killed run's), in a folder we may write
+            try:
+                return os.open(self.path, os.O_RDONLY)
+            except OSError as e:
+                raise OSError(e.errno, f"cannot open the lock file {self.path}: {e.strerror}") from None
+        except OSError as e:
+            raise OSError(e.errno, f"cannot open the lock file {self.path}: {e.strerror}") from None
+
     def release(self) -> None:
-        if not self._file.closed:
-            self.path.unlink(missing_ok=True)  # while still held: nobody else can be between unlink and unlock
-            self._file.close()
+        if self._fd is not None:
+            try:
+                self.path.unlink(missing_ok=True)  # before unlocking: whoever opened it meanwhile sees it is gone
+            except OSError:
+                pass  # another user's file in a sticky folder: it stays, and the next run locks it as it is
+            os.close(self._fd)
+            self._fd = None

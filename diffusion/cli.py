@@ -273,6 +273,8 @@ def _run(args) -> int:
     except FolderInUse as e:
         raise CLIError(f"--out {folder} is in use by another backdrop run ({e.holder}); wait for it to end, or "
                        "write elsewhere") from None
+    except OSError as e:
+        raise CLIError(f"--out {folder}: {one_line(e)}") from None
     try:
         return _make(args, jobs, folder)
     finally:

@@ -165,3 +165,5 @@ class RunLock(FolderLock):
         except FolderInUse as e:
             raise CLIError(f"--out {out} is in use by a run still going ({e.holder}); wait for it to end, or stop it "
                            "first") from None
+        except OSError as e:
+            raise CLIError(f"--out {out}: {e.strerror or e}") from None
