@@ -168,9 +168,12 @@ def _transparent(luma: np.ndarray, alpha: np.ndarray, name: str, kind: str) -> n
     product); a repaint mask is refused, since in OpenAI's convention its transparent pixels are the ones to repaint,
     the opposite of flattening it."""
     full = 255 if luma.dtype == np.uint8 else 1.0
-    opaque = alpha >= full / 2
-    grey = (luma > 0.1 * full) & (luma < 0.9 * full)
-    if opaque.any() and grey[opaque].mean() > 0.05:  # more than anti-aliased edges: a picture
+    seen = luma[alpha >= full / 2]  # the opaque pixels' luma
+    grey = ((seen > 0.04 * full) & (seen < 0.96 * full)).mean() > 0.05 if seen.size else False  # beyond
+    # anti-aliased edges and a lossy file's noise: shades, a picture; and a product mask with no white to keep (a
+    # layer that would keep nothing) is the cut-out of a dark product (a phone: luma ~0.05, shades all under 0.1)
+    dark = kind == "product_mask" and seen.size and (seen >= 0.96 * full).mean() < 0.01
+    if grey or dark:
         if kind == "product_mask":
             return alpha
         raise ValueError(f"{name}: a mask with transparent pixels whose opaque ones are a picture, not black and "

@@ -100,6 +100,15 @@ def test_masks_with_transparent_pixels_mean_what_their_author_meant():
     opaque = _layer(stroke, np.full((8, 8), 255))  # an exporter's RGBA, opaque everywhere: its luma, as before
     assert torch.equal(M.to_repaint_mask(mask=opaque), M.to_repaint_mask(mask=stroke))
     assert not M.has_transparency(opaque) and M.has_transparency(layer) and not M.has_transparency(stroke)
+    # a dark product's cut-out (a phone, headphones: every shade under 0.1) is no black-and-white layer: it was
+    # flattened to all black, and the product repainted
+    for shades in ((5, 24), (0, 3)):
+        dark = _layer(np.random.default_rng(3).integers(*shades, (8, 8)), stroke)
+        assert torch.equal(M.to_repaint_mask(product_mask=dark)[0, 0], torch.from_numpy(1 - stroke / 255).float())
+    bw = stroke.copy()
+    bw[3, 2:5] = 0  # a layer painted black and white: flattened, its black stays black
+    layered = _layer(bw, np.where(stroke > 0, 255, 0))
+    assert torch.equal(M.to_repaint_mask(product_mask=layered)[0, 0], torch.from_numpy(1 - bw / 255).float())
 
 
 def _variants(data: bytes, n: int, rng: random.Random):
