@@ -278,8 +278,8 @@ def plan(args, jobs: list[Job], folder: Path, seed: int) -> list[Task]:
 
 
 def _made_by(task: Task, args) -> bool:
-    """Whether the existing file of `task` records the parameters this command would write (Backdrop's version
-    aside): --skip-existing keeps only what the same command made, not a file of another prompt or a damaged one."""
+    """Whether the existing file of `task` records the parameters this command would write (_as_made): --skip-existing
+    keeps only what the same command made, not a file of another prompt or a damaged one."""
     from PIL import Image
 
     try:
@@ -289,8 +289,13 @@ def _made_by(task: Task, args) -> bool:
         return False
     if said is None:
         return False
-    unversioned = lambda text: re.sub(r", Backdrop: [^,]*$", "", text)  # noqa: E731
-    return unversioned(said) == unversioned(_png_text(parameters(args, task, size)))
+    return _as_made(said) == _as_made(_png_text(parameters(args, task, size)))
+
+
+def _as_made(text: str) -> str:
+    """`parameters` less what does not change the image beyond a level on a few pixels: Backdrop's version and the
+    batch size (the out-of-memory error's advice is a rerun with a smaller one)."""
+    return re.sub(r", Batch size: \d+|, Backdrop: [^,]*$", "", text)
 
 
 def _png_text(text: str) -> str:

@@ -84,6 +84,9 @@ def test_skip_existing_makes_only_the_missing_images_and_overwrite_replaces(file
             "nothing to do"
         code, paths, err = run(capsys, *argv, "--skip-existing")  # --quiet
         assert code == 0 and paths == [] and err == ""  # a nightly rerun's cron mail stays empty
+        # the rerun the out-of-memory error advises, with a smaller batch, keeps what the first run made
+        code, paths, err = run(capsys, *argv, "--skip-existing", "--batch-size", "1")
+        assert code == 0 and paths == [] and err == ""
         # a file of another prompt, or not an image at all, under one of the names: not kept as if made here
         code, _, err = run(capsys, *argv, "--skip-existing", "--prompt", "on grass")
         names = "inpaint-sku1-5.png, inpaint-sku1-6.png, inpaint-sku2-5.png, inpaint-sku2-6.png"
