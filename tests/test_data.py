@@ -462,22 +462,3 @@ def test_inpaint_mask_keeps_the_product():
     assert all(not torch.equal(inpaint_mask(32, 32, g, None), 1 - pm) for _ in range(20))
     with pytest.raises(ValueError, match="product mask is"):
         inpaint_mask(16, 16, torch.Generator().manual_seed(0), pm, product_prob=1.0)
-
-
-def test_a_cache_says_when_its_folder_changed(tmp_path):
-    """A cache built from a folder that has since gained, lost or changed files trained on the old data silently."""
-    from backdrop.nn.checkpoint import init_model
-    from backdrop.train.cache import LatentCache, build_cache
-
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for k in range(3):
-        _picture(16, 16, (2, 2, 8 + k, 8))[0].save(folder / f"{k}.png")
-        (folder / f"{k}.txt").write_text(f"item {k}")
-    out = build_cache(init_model("tiny", seed=0), ImageFolder(folder, 16), tmp_path / "cache", batch_size=3,
-                      source=str(folder), progress=False)
-    assert LatentCache(out).source_changed() is None
-    (folder / ".DS_Store").write_bytes(b"x")  # hidden files do not count
-    assert LatentCache(out).source_changed() is None
-    _picture(16, 16, (1, 1, 5, 5))[0].save(folder / "3.png")
-    assert "has changed since (6 files then, 7 now" in LatentCache(out).source_changed()

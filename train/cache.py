@@ -41,9 +41,9 @@ from safetensors.torch import load_file, save_file
 
 from ..fsio import usual_permissions
 from ..nn.checkpoint import Model
-from ..diffusion.masks import masked_image
+from ..diffusion.masks import IMAGE_EXTS, masked_image
 from .data import collate, product_repaint_mask
-from .image_folder import folder_files
+from .image_folder import METADATA_FILES, folder_files
 from .stages.common import posterior_moments
 
 __all__ = ["MANIFEST", "is_cache", "fingerprint", "vae_encoder_fingerprint", "build_cache", "LatentCache"]
@@ -99,12 +99,15 @@ def _running(pid: int) -> bool:
 @torch.no_grad()
 def build_cache(model: Model, dataset, out: str | os.PathLike, *, batch_size: int = 16, shard_size: int = 512,
                 images: bool = True, dtype: str = "fp32", device="cpu", source: str = "", init: str | None = None,
-                num_workers: int = 0, progress: bool = True) -> Path:
+                source_state: dict | None = None, num_workers: int = 0, progress: bool = True) -> Path:
     """Encode every item of `dataset` with `model`'s VAE and text encoder into `out` (written atomically, in a
     temporary folder beside it; those of killed builds are removed). num_workers: processes decoding images.
-    source, init: the --data and --init it was made from, recorded for messages (the fingerprints decide)."""
+    source, init: the --data and --init it was made from, recorded for messages (the fingerprints decide);
+    source_state: folder_state(source) when `dataset` scanned it (by default: now, before any encoding), so that
+    files added while the cache is built count as changes."""
     from tqdm.auto import tqdm
 
+    source_state = source_state or folder_state(source)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out}: exists and is not empty; remove it or choose another --out")
@@ -163,7 +166,7 @@ def build_cache(model: Model, dataset, out: str | os.PathLike, *, batch_size: in
             "format": FORMAT, "rows": n, "size": size, "shard_size": shard_size, "shards": shards,
             "dtype": dtype, "has_images": images, "has_masks": bool(has_masks),
             "has_product_latents": bool(has_masks), "source": source, "init": init,
-            "source_state": folder_state(source),
+            "source_state": source_state,
             "latent_channels": model.config.vae.latent_channels,
             "fingerprint": {"vae_encoder": vae_encoder_fingerprint(model.vae),
                             "text_encoder": fingerprint(model.text_encoder)},
@@ -180,13 +183,16 @@ def build_cache(model: Model, dataset, out: str | os.PathLike, *, batch_size: in
 
 
 def folder_state(source: str) -> dict | None:
-    """{"files", "sha256"} of a data folder's files (relative path, size, mtime; hidden ones aside), so that a
-    cache can tell it was made from other data than the folder now holds; None for synthetic data."""
+    """{"files", "sha256"} of the data files in a folder (images, masks, captions and metadata files: relative
+    path, size, mtime; hidden ones aside), so that a cache can tell it was made from other data than the folder now
+    holds (a cache or a run folder kept inside it is not data); None for synthetic data."""
     root = Path(source)
     if not source or not root.is_dir():
         return None
     lines = []
     for path in folder_files(root):  # the files the image folder reads from: the same walk
+        if path.suffix.lower() not in (*IMAGE_EXTS, ".txt") and path.name not in METADATA_FILES:
+            continue
         st = path.stat()
         lines.append(f"{path.relative_to(root)}\t{st.st_size}\t{st.st_mtime_ns}\n")
     return {"files": len(lines), "sha256": hashlib.sha256("".join(lines).encode()).hexdigest()}

@@ -366,7 +366,7 @@ def _run_cache(args) -> int:
     from safetensors import SafetensorError
 
     from backdrop.train import run_folder
-    from backdrop.train.cache import build_cache, is_cache
+    from backdrop.train.cache import build_cache, folder_state, is_cache
     from backdrop.train.data import DataFileError
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -378,10 +378,13 @@ def _run_cache(args) -> int:
         raise CLIError(f"--out {args.out} is a file; give the folder the cache should be written to")
     device = _device(args)
     model = _model(args)
+    source = run_folder.normalised("data", args.data)  # absolute: a run elsewhere compares the same folder
+    state = folder_state(source)  # before the scan: files added while the cache is built are changes
     data = _dataset(args, "cache", _image_size(args, model), model)
     try:
         out = build_cache(model, data, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
-                          images=not args.no_images, dtype=args.dtype, device=device, source=args.data,
+                          images=not args.no_images, dtype=args.dtype, device=device, source=source,
+                          source_state=state,
                           init=args.init and run_folder.normalised("init", args.init), num_workers=args.num_workers,
                           progress=not args.quiet)
     except ValueError as e:
