@@ -141,6 +141,10 @@ def _serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--max-connections {args.max_connections} must be 1 or more")
     if not args.shutdown_delay >= 0:
         raise CLIError(f"--shutdown-delay {args.shutdown_delay:g} must be 0 or more seconds")
+    for flag in ("--max-body-mb", "--max-file-mb"):  # before int(MB * 2**20), which nan and inf break
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if not 0 < value < 2**40:
+            raise CLIError(f"{flag}: {value:g} is out of range")
     try:
         engine_config = EngineConfig(args.max_batch_size, args.max_queue_delay_ms, args.max_queue,
                                      args.request_timeout, model_name=model_id(args.model),

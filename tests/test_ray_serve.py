@@ -252,6 +252,9 @@ def test_app_builder_arguments():
                        server_config=ServerConfig(steps=20), url_responses=True, torch_threads=2, dtype="fp16",
                        cuda_graphs=False)
     assert builder_args({"model": "m", "num_replicas": "3"})["num_replicas"] == 3
+    fractional = builder_args({"model": "m", "max_queue_delay_ms": "12.5", "cpu_cache_mb": 0.5, "max_files": 8.0})
+    assert fractional["engine_config"] == EngineConfig(max_queue_delay_ms=12.5, cpu_cache_mb=0.5)  # were int()-ed
+    assert fractional["server_config"].max_files == 8
     for origins in ("https://a.example, https://b.example", ["https://a.example", "https://b.example"]):
         assert builder_args({"model": "m", "allowed_origins": origins})["server_config"].allowed_origins == (
             "https://a.example", "https://b.example")
@@ -263,6 +266,8 @@ def test_app_builder_arguments():
     for args, message in (({"num_replicas": "2"}, "give model=PATH"),
                           ({"model": "m", "loras": "x.safetensors"}, r"unknown arguments \['loras'\]"),
                           ({"model": "m", "adaptive_delay": "ture"}, "true or false"),
+                          ({"model": "m", "max_batch_size": 8.5}, r"max_batch_size=8.5: expected int .not a whole"),
+                          ({"model": "m", "steps": "many"}, r"steps='many': expected int"),
                           ({"model": "m", "max_queue": "0"}, "max_queue = 0 is out of range"),
                           ({"model": "m", "lora": "x.safetensors:inf"}, "finite")):
         with pytest.raises(ValueError, match=message):

@@ -223,6 +223,7 @@ def test_url_images_are_bounded_by_bytes_and_expire_when_asked_for(capsys):
     short.put(b"c" * 10)
     time.sleep(0.1)
     assert short.get("any") is None and short.size == (0, 0)  # gone without a later put
-    for flag in ("--max-file-mb", "--max-body-mb"):  # given in MB, named as given
-        assert main(["serve", "backdrop-tiny", "--port", "0", flag, "0"]) == 2
-        assert capsys.readouterr().err.strip().endswith(f"{flag}: 0 is out of range")
+    for flag in ("--max-file-mb", "--max-body-mb"):  # given in MB, named as given; nan and inf broke int()
+        for value in ("0", "nan", "inf"):
+            assert main(["serve", "backdrop-tiny", "--port", "0", flag, value]) == 2
+            assert capsys.readouterr().err.strip().endswith(f"{flag}: {value} is out of range")
