@@ -35,16 +35,17 @@ def orientation(im: Image.Image) -> int:
 
 
 def _eight_bits(im: Image.Image) -> Image.Image:
-    """Integer (I, I;16*) and float (F) greys as 8-bit L, by the range the samples use: 16-bit data (I;16, and I up to
-    65535) keeps its top 8 bits, I with values up to 255 is 8-bit data already, F in [0, 1] is scaled by 255 (F up to
-    255 taken as is). PIL's own convert clips at 255, so 16-bit white would be the only grey, [0, 1] floats black."""
+    """Integer (I, I;16*) and float (F) greys as 8-bit L, by the range the samples use: integers over 255 (16-bit
+    data) keep their top 8 bits, integers up to 255 are 8-bit values already (a 0/1 label map saved from a uint16
+    array: its top 8 bits were all 0), F in [0, 1] is scaled by 255 (F up to 255 taken as is). PIL's own convert
+    clips at 255, so 16-bit white would be the only grey, [0, 1] floats black."""
     a = np.asarray(im)
     if im.mode == "F":
         a = np.nan_to_num(a.astype(np.float64))
         scale = 255.0 if a.size and a.max() <= 1.0 else 1.0
         return Image.fromarray((a * scale).round().clip(0, 255).astype(np.uint8))
     a = a.astype(np.int64)
-    if im.mode.startswith("I;16") or (a.size and a.max() > 255):
+    if a.size and a.max() > 255:
         if a.size and a.max() > 65535:
             raise ValueError(f"{im.mode} samples up to {a.max()} (more than 16 bits) cannot be read as 8 bits")
         a = a >> 8
@@ -88,7 +89,10 @@ def from_file(im: Image.Image) -> Image.Image:
 def notes(im: Image.Image) -> list[str]:
     """What from_file changes beyond the orientation, for the CLI to say (before from_file, on the opened file)."""
     out = []
-    if im.mode.startswith("I;16") or im.mode == "I" or im.info.get("bits", 8) == 16:
+    if im.mode.startswith("I;16") or im.mode == "I":
+        out.append("16 bits a channel: read as its top 8 bits (the output is an 8-bit PNG)" if im.getextrema()[1] > 255
+                   else "16 bits a channel, all under 256: read as 8-bit values")
+    elif im.info.get("bits", 8) == 16:
         out.append("16 bits a channel: read as its top 8 bits (the output is an 8-bit PNG)")
     if im.mode == "F":
         out.append("floating-point samples: scaled to 8 bits")

@@ -38,6 +38,17 @@ def test_integer_and_float_greys_keep_their_levels(samples, tmp_path):
     assert im.mode == "L" and np.array_equal(np.asarray(im), LEVELS)
 
 
+def test_a_16_bit_label_map_mask_reads_as_its_8_bit_twin(tmp_path):
+    """A 0/1 label map saved from a uint16 array: its top 8 bits are all 0, so it read as all black (the product
+    repainted); 16-bit samples all under 256 are 8-bit values, as in mode I, and a 0/1 mask is 0/255."""
+    labels = np.zeros((8, 8), np.uint8)
+    labels[2:6, 2:6] = 1
+    wide = saved(Image.fromarray(labels.astype(np.uint16)), tmp_path / "labels16.png")
+    assert Image.open(wide).mode == "I;16" and notes(Image.open(wide)) == ["16 bits a channel, all under 256: read "
+                                                                           "as 8-bit values"]
+    assert np.array_equal(M.read_mask(load_image(wide)), labels * 255)
+
+
 def test_cmyk_converts_and_only_an_rgb_profile_is_kept(tmp_path):
     cmyk = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 4), dtype=np.uint8), "CMYK")
     junk = SRGB[:16] + b"CMYK" + SRGB[20:40]  # a CMYK profile ImageCms cannot use: PIL's plain conversion
