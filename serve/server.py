@@ -48,6 +48,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -396,7 +397,9 @@ class _Handlers:
         key = self._key("inpaint", (image.height, image.width), steps, sampler, **options)
         items = [Item(prompt, seed + j, negative, strength, image, repaint) for j in range(n)]
         images = await self._run(request, key, items, timeout)
-        return await self._respond(request, images, items, fmt, unchanged=repaint.getextrema()[1] == 0)
+        top, cut = repaint.getextrema()[1], options["mask_threshold"]  # as the Pipeline binarises: float32 >= cut
+        unchanged = top == 0 or (cut is not None and bool(np.float32(top) / np.float32(255) < np.float32(cut)))
+        return await self._respond(request, images, items, fmt, unchanged=unchanged)
 
     async def download(self, request: Request) -> Response:
         name = request.path_params["name"].removesuffix(".png")

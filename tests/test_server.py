@@ -476,6 +476,11 @@ def test_inpaint_says_when_nothing_was_repainted_and_answers_carry_the_inputs_pr
         image=base64.b64encode(png(rgba[..., :3])).decode(), mask=black, prompt=PROMPTS[0], n=2)))
     assert r.status_code == 200 and [d["unchanged"] for d in r.json()["data"]] == [True, True]
     assert np.array_equal(decode(r.json()["data"][0]["b64_json"]), rgba[..., :3])
+    faint = base64.b64encode(png(np.full(rgba.shape[:2], 100, np.uint8))).decode()  # nothing, once binarised
+    for cut, flagged in ((0.5, True), (0.3, None)):
+        r = httpx.post(f"{server.url}/v1/inpaint", timeout=120, headers=JSON, content=json.dumps(dict(
+            image=base64.b64encode(png(rgba[..., :3])).decode(), mask=faint, prompt=PROMPTS[0], mask_threshold=cut)))
+        assert r.status_code == 200 and r.json()["data"][0].get("unchanged") is flagged, cut
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     tagged = io.BytesIO()
     Image.fromarray(rgba, "RGBA").save(tagged, "PNG", icc_profile=srgb)
