@@ -69,8 +69,9 @@ def from_file(im: Image.Image) -> Image.Image:
     """An image as the pipeline reads it: upright (its EXIF orientation applied, as diffusers' load_image does: a
     phone photo is stored sideways), its first frame, 16-bit and float greys scaled to 8 bits (_eight_bits), CMYK
     converted through its profile (_cmyk_to_rgb), other modes (YCbCr, LAB, RGBX, ...) to RGB(A), and its RGB ICC
-    profile kept in .info (other profiles dropped: the pixels are RGB now). An image already so is returned as is."""
-    icc = rgb_icc(im)
+    profile kept in .info (other profiles dropped: the pixels are RGB now), and its file's .format (a JPEG mask's
+    noise is no label map: masks._mask_item). An image already so is returned as is."""
+    icc, kind = rgb_icc(im), im.format
     if orientation(im) != 1:
         im = ImageOps.exif_transpose(im)
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
@@ -83,6 +84,7 @@ def from_file(im: Image.Image) -> Image.Image:
         im.info.pop("icc_profile", None)
         if icc:
             im.info["icc_profile"] = icc
+    im.format = im.format or kind  # a new image (turned, converted) has none
     return im
 
 

@@ -212,3 +212,14 @@ def test_cli_inputs_are_checked_then_read_again_for_their_batch(tmp_path):
     saved(Image.fromarray(keep[:8]), tmp_path / "masks/b.png")  # replaced by another size while the run went on
     with pytest.raises(CLIError, match=r"image .*b.png or its mask changed while this run went on \(it was 24x16\)"):
         jobs[1].load(args)
+
+
+def test_a_turned_jpeg_mask_is_still_read_as_a_jpeg(tmp_path):
+    """Turning a file upright makes a new image, which had no .format: a JPEG mask's 0/1 compression noise was
+    then read as a 0/1 label map (repainted as white) and the CLI's JPEG note was not said."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    noise = np.random.default_rng(6).integers(0, 2, (16, 24), dtype=np.uint8)  # near-black, as a JPEG decodes
+    turned = from_file(Image.open(saved(Image.fromarray(noise), tmp_path / "m.jpg", exif=exif, quality=95)))
+    assert turned.format == "JPEG" and turned.size == (16, 24)
+    assert M.read_mask(turned, "mask").max() <= 2  # luma as it is, not 0/1 scaled to 0/255
