@@ -25,7 +25,8 @@ prompts, images (of one size), masks, seeds and strengths:
     torch_dtype (from_pretrained's dtype), output_type "pt"; see batching.DIFFUSERS_NAMES. diffusers' arguments
     we lack are a TypeError that says what to use instead (batching.DIFFUSERS_INSTEAD). img2img and inpaint take
     the image first (diffusers' pipelines: the prompt): pass diffusers' arguments by name.
-  * `latents` (B, 4, h, w) is unit-variance initial noise, as in diffusers (it is scaled by the schedule).
+  * `latents` (B, 4, h, w) is unit-variance initial noise, as in diffusers (it is scaled by the schedule); below
+    strength 1 it is the noise added to the image (diffusers' inpaint then starts from the noise alone).
   * `eta` is DDIM's noise (0 = deterministic, 1 = as DDPM), diffusers' `eta`: for sampler "ddim" only (diffusers
     ignores it elsewhere; we refuse it there rather than silently drop it).
   * Strengths. Samplers take one sigma per step for the whole batch, so items with different strengths run as
@@ -268,7 +269,8 @@ class Pipeline(DiffusersAPI):
         paste_back   put the input's pixels back wherever the mask keeps them (bit-identical).
         color_match  remove the generated image's colour cast, measured on the kept region, before pasting.
         mask_mode    "max" (ours: a latent cell is repainted if any of its pixels is) or "diffusers"
-                     (binarise at 0.5, nearest resize; reproduces StableDiffusionInpaintPipeline).
+                     (binarise at 0.5, nearest resize, a crop's mask Lanczos-resized; with mask_dilate=0 and
+                     paste_back=False, reproduces StableDiffusionInpaintPipeline).
         mask_threshold  None: the mask as given (grey = partly repainted); t in (0, 1]: binarised, >= t repaints
                      (for noisy masks, e.g. a JPEG product mask whose compression noise would otherwise mark
                      stray pixels for repainting; 0.5 is diffusers' binarisation).
@@ -346,8 +348,9 @@ class Pipeline(DiffusersAPI):
             size = self.fixed_size or M.fit_size(H, W, self._multiple, side=cfg.image_size)
             boxes = C.crop_box(model_mask, size, opts.crop_padding)
             x = M.image_to_tensor(C.crop_images(img, boxes, size))  # (B, 3, h*f, w*f)
-            m = C.crop_masks(model_mask, boxes, size)  # (B, 1, h*f, w*f)
-            dec_mask = C.crop_masks(mask, boxes, size) if conditioned else None
+            how = "diffusers" if opts.mode == "diffusers" else "max"  # diffusers: Lanczos, then binarised
+            m = C.crop_masks(model_mask, boxes, size, mode=how)  # (B, 1, h*f, w*f)
+            dec_mask = C.crop_masks(mask, boxes, size, mode=how) if conditioned else None
         lat_mask = M.latent_mask(m, mode=opts.mode, factor=f).to(self.backend.device)  # (B, 1, h, w)
         nine = cfg.unet.in_channels == 9
         if not nine and cfg.unet.in_channels != cfg.vae.latent_channels:

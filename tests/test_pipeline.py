@@ -164,6 +164,30 @@ def test_inpaint_9_channels_equals_diffusers(models, ref, sampler):
     assert max_diff(ours.images, theirs) <= TOL
 
 
+@pytest.mark.parametrize("soft", [False, True])
+def test_inpaint_of_a_crop_equals_diffusers_padding_mask_crop(models, ref, monkeypatch, soft):
+    """padding_mask_crop at the model's size (the image's here): the same box, and with mask_mode "diffusers" the
+    crop's mask Lanczos-resized and binarised as its mask processor does (it was max-pooled: 0.25 off in latents).
+    diffusers encodes the masked image with a posterior sample: its mean here, as ours."""
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpainting
+
+    monkeypatch.setattr(inpainting, "retrieve_latents", lambda out, **_: out.latent_dist.mode())
+    pipe, image = models["sd1-inpaint"].pipe, images(1, seed=7)[0]
+    mask = np.zeros((64, 64), np.uint8)
+    mask[24:40, 20:36] = 255
+    if soft:
+        mask[23, 20:36], mask[24:40, 19] = 200, 100
+    mask = Image.fromarray(mask)
+    last = {}
+    ref("sd1-inpaint", "inpaint", "euler")(
+        prompt=PROMPTS[0], image=image, mask_image=mask, padding_mask_crop=4, height=64, width=64,
+        num_inference_steps=5, generator=generators([3]),  # PIL only, with a crop: the last step's latents
+        callback_on_step_end=lambda p, i, t, kw: last.update(latents=kw["latents"]) or kw)
+    ours = pipe.inpaint(image, mask=mask, prompt=PROMPTS[0], crop_padding=4, steps=5, sampler="euler", seed=3,
+                        output_type="latent", paste_back=False, mask_mode="diffusers", mask_dilate=0, progress=False)
+    assert max_diff(ours.images, last["latents"]) <= 1e-3
+
+
 @pytest.mark.parametrize("sampler,strength", [("ddim", 0.8), ("euler", 1.0), ("heun", 1.0), ("heun", 0.5),
                                              ("pndm", 1.0)])
 def test_inpaint_4_channels_equals_diffusers(models, ref, sampler, strength):
