@@ -15,9 +15,13 @@ __all__ = ["usual_permissions", "fsync", "append_line", "FolderLock", "FolderInU
 
 @lru_cache(maxsize=1)
 def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it: put it back at once (first call, before any thread)
-    os.umask(mask)
-    return mask
+    try:  # Linux says it: setting it to read it would, for a moment, make other threads' new files 0666
+        with open("/proc/self/status") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)  # elsewhere reading the umask means setting it: put it back at once
+        os.umask(mask)
+        return mask
 
 
 def usual_permissions(root: str | os.PathLike) -> None:

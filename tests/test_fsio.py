@@ -49,3 +49,19 @@ def test_another_users_leftover_lock_file_is_locked_read_only(tmp_path, monkeypa
     monkeypatch.setattr(os, "open", lambda *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     with pytest.raises(OSError, match=r"cannot open the lock file .*\.lock: Permission denied"):
         FolderLock(tmp_path)  # a folder we cannot write at all: an error naming the file, for a one-line message
+
+
+def test_the_umask_is_read_without_setting_it(monkeypatch):
+    """os.umask(0) to read it made, for a moment, every file another thread created world-writable (the server
+    writes files from threads); on Linux it is read from /proc."""
+    from backdrop import fsio
+
+    mask = os.umask(0o027)
+    try:
+        fsio._umask.cache_clear()
+        monkeypatch.setattr(os, "umask", lambda m: pytest.fail("the umask was set"))
+        assert fsio._umask() == 0o027
+    finally:
+        monkeypatch.undo()
+        os.umask(mask)
+        fsio._umask.cache_clear()
