@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import tempfile
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,12 +106,12 @@ def _mask_file(spec: str, flag: str, image_path: str, listings: dict) -> str:
     if not folder.is_dir():
         return spec
     stem, image = Path(image_path).stem, Path(image_path).resolve()
-    names = {stem, *(stem + s for s in MASK_SUFFIXES)}
+    names = {_nfc(stem), *(_nfc(stem + s) for s in MASK_SUFFIXES)}
     if folder not in listings:  # listed once per run, not once per image (3000 images took 9 s of listing)
         by_stem: dict[str, list[Path]] = {}
         for p in folder.iterdir():
             if p.suffix.lower() in IMAGE_EXTS:
-                by_stem.setdefault(p.stem, []).append(p)
+                by_stem.setdefault(_nfc(p.stem), []).append(p)  # macOS writes NFD names, Linux tools NFC
         listings[folder] = by_stem
     found = sorted(str(p) for n in names for p in listings[folder].get(n, []) if p.resolve() != image)
     if not found:
@@ -119,6 +120,11 @@ def _mask_file(spec: str, flag: str, image_path: str, listings: dict) -> str:
     if len(found) > 1:
         raise CLIError(f"{flag} {spec}: {len(found)} masks for {image_path} ({some(found)}); keep one")
     return found[0]
+
+
+def _nfc(name: str) -> str:
+    """A name in Unicode's composed form: "café" typed, or copied from a Mac (NFD), finds its mask either way."""
+    return unicodedata.normalize("NFC", name)
 
 
 def _attempt(problems: list[str], fn, *args):

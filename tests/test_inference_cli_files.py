@@ -224,6 +224,15 @@ def test_a_mask_folder_beside_the_images_and_an_ambiguous_one(files, capsys, tmp
     assert code == 2 and f"--product-mask {stale}: 2 masks for {files['root'] / 'sku1.png'} ({stale / 'sku1.jpg'}, " \
         f"{stale / 'sku1.png'}); keep one" in err
 
+    composed, decomposed = tmp_path / "caf\u00e9", tmp_path / "cafe\u0301-masks"  # a Mac's masks are named in NFD
+    composed.mkdir()
+    decomposed.mkdir()
+    Image.fromarray(files["image"]).save(composed / "caf\u00e9.png")
+    Image.fromarray(files["product"]).save(decomposed / "cafe\u0301.png")
+    code, [path], err = run(capsys, "inpaint", composed / "caf\u00e9.png", "--product-mask", decomposed,
+                            *fast(files, tmp_path / "out3"), "--seed", "1")
+    assert code == 0 and np.array_equal(np.asarray(Image.open(path))[keep], files["image"][keep]), err
+
 
 @pytest.mark.parametrize("how", ["product-mask", "alpha"])
 def test_a_mask_that_keeps_no_pixel_is_warned_about(files, capsys, tmp_path, how):
