@@ -20,6 +20,7 @@ a bare "no attribute":
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 from backdrop.diffusion.batching import diffusers_names
@@ -28,6 +29,11 @@ from backdrop.diffusion.schedule import RECIPES
 __all__ = ["DiffusersAPI", "DIFFUSERS_ATTRIBUTES"]
 
 log = logging.getLogger(__name__)
+
+# Held while a LoRA or an embedding is merged into the weights or taken out, and while to() moves them (every
+# Pipeline: such changes are rare): two threads loading and unloading LoRAs on one Pipeline each saved weights the
+# other had changed as the "originals", and the base model was lost for good.
+WEIGHT_CHANGES = threading.RLock()
 
 _TI_INSTEAD = ("an exported text encoder's vocabulary is fixed. Encode the prompts with a torch pipeline that "
                "loaded the embedding (encode_prompt) and pass prompt_embeds= and negative_prompt_embeds=")
@@ -96,13 +102,15 @@ class DiffusersAPI:
         and text encoder now, at lora_scale: diffusers' load_lora_weights + fuse_lora(lora_scale). Several stack."""
         from backdrop.nn.checkpoint import torch_model
         from backdrop.nn.lora import LORA_INSTEAD, fuse_lora
-        self._loras.append(fuse_lora(torch_model(self.backend, "a LoRA", LORA_INSTEAD), path, lora_scale))
+        with WEIGHT_CHANGES:
+            self._loras.append(fuse_lora(torch_model(self.backend, "a LoRA", LORA_INSTEAD), path, lora_scale))
 
     def unload_lora_weights(self) -> None:
         """Undo every load_lora_weights: the weights are bit-identical to the ones before the first."""
         from backdrop.nn.lora import unfuse_lora
-        while self._loras:
-            unfuse_lora(self._loras.pop())
+        with WEIGHT_CHANGES:
+            while self._loras:
+                unfuse_lora(self._loras.pop())
 
     def load_textual_inversion(self, pretrained_model_name_or_path, token=None) -> list[str]:
         """Add textual inversion embeddings to the torch backend's tokenizer and text encoder, as diffusers'
@@ -112,14 +120,16 @@ class DiffusersAPI:
         Formats and errors: nn/textual_inversion.py."""
         from backdrop.nn.checkpoint import torch_model
         from backdrop.nn.textual_inversion import load_textual_inversion
-        return load_textual_inversion(torch_model(self.backend, "textual inversion", _TI_INSTEAD),
-                                      pretrained_model_name_or_path, token)
+        with WEIGHT_CHANGES:
+            return load_textual_inversion(torch_model(self.backend, "textual inversion", _TI_INSTEAD),
+                                          pretrained_model_name_or_path, token)
 
     def unload_textual_inversion(self) -> None:
         """Remove every loaded embedding: the tokenizer and the text encoder are bit-identical to before the first."""
         from backdrop.nn.checkpoint import torch_model
         from backdrop.nn.textual_inversion import unload_textual_inversion
-        unload_textual_inversion(torch_model(self.backend, "textual inversion", _TI_INSTEAD))
+        with WEIGHT_CHANGES:
+            unload_textual_inversion(torch_model(self.backend, "textual inversion", _TI_INSTEAD))
 
     # ---------------------------------------------------------------------------------------- switches
     def set_progress_bar_config(self, disable: bool | None = False, **tqdm_options) -> None:

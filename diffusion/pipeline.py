@@ -78,7 +78,7 @@ from backdrop.diffusion import masks as M
 from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, MaskOptions, StepEnd, as_number, broadcast,
                                         diffusers_names, given_latents, groups, image_items, item_strengths, items,
                                         prompts, repeat, requests)
-from backdrop.diffusion.diffusers_api import DiffusersAPI
+from backdrop.diffusion.diffusers_api import WEIGHT_CHANGES, DiffusersAPI
 from backdrop.diffusion.guidance import CFGDenoiser
 from backdrop.diffusion.latents import (blend_known_region, default_noise_sampler, initial_latents, known_region,
                                         noised_latents, output_latents, per_item_randn)
@@ -169,7 +169,8 @@ class Pipeline(DiffusersAPI):
             raise ValueError(f"to() moves the torch backend's weights; this {getattr(self.backend, 'name', '')} "
                              "backend was built for its device and precision: open it with from_pretrained(device=) "
                              "for another device; an export's precision is fixed when it is made")
-        self.backend = self.backend.to(device, parse_dtype(dtype))
+        with WEIGHT_CHANGES:
+            self.backend = self.backend.to(device, parse_dtype(dtype))
         return self
 
     # -------------------------------------------------------------------------------------------- public API

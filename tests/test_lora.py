@@ -294,6 +294,38 @@ def test_stacked_loras_unload_bit_exactly(files):
     pipe.unload_lora_weights()  # nothing loaded: a no-op
 
 
+def test_a_lora_loaded_while_another_thread_unloads_leaves_the_base_weights(files, monkeypatch):
+    """A web app loading a LoRA per request on one Pipeline from two threads: an unload running while the other
+    thread's merge was half done saved and restored mixed weights, and the base model was lost for good. Weight
+    changes take turns (diffusers_api.WEIGHT_CHANGES): the unload waits for the merge, then undoes it."""
+    import threading
+
+    import backdrop.nn.lora as lora
+
+    pipe = Pipeline.from_pretrained(files.folder, device="cpu", dtype=torch.float32)
+    before, merging, go = state(pipe.backend.model), threading.Event(), threading.Event()
+    fuse = lora.fuse_lora
+
+    def slow_fuse(*args):  # the merge of thread A, held halfway until the test lets it go on
+        merging.set()
+        go.wait(10)
+        return fuse(*args)
+
+    monkeypatch.setattr(lora, "fuse_lora", slow_fuse)
+    a = threading.Thread(target=pipe.load_lora_weights, args=(files.peft,))
+    a.start()
+    assert merging.wait(10)
+    b = threading.Thread(target=pipe.unload_lora_weights)
+    b.start()
+    b.join(0.3)
+    assert b.is_alive()  # waiting for A's merge, not undoing half of it
+    go.set()
+    a.join(10)
+    b.join(10)
+    assert not pipe._loras
+    assert_same(state(pipe.backend.model), before)
+
+
 def test_bf16_merges_in_float32_and_restores_exactly(files):
     model = load_model(files.folder, dtype=torch.bfloat16)
     before, want = state(model), merged(model, files.lora)  # float32 from the bf16 weights: rounded once, at the end
