@@ -62,6 +62,9 @@ class SamplingInterrupted(Exception):
         super().__init__(message or f"sampling interrupted before step {step}")
         self.step = step
 
+    def __reduce__(self):  # pickle and copy (a worker pool sends it back so) call __init__(step, message) again
+        return type(self), (self.step, str(self))
+
 
 # --------------------------------------------------------------------------------------------------- shared parts
 

@@ -196,6 +196,12 @@ def test_interrupt_stops_before_the_next_step():
     with pytest.raises(SamplingInterrupted):  # already set: no model call at all
         sample(model, x, schedule, interrupt=stop, disable=True)
     assert len(calls) == 4
+    import copy
+    import pickle
+
+    for given in (info.value, SamplingInterrupted(9, "interrupted after the last step, before decoding")):
+        for back in (pickle.loads(pickle.dumps(given)), copy.copy(given)):  # as a process pool sends it back
+            assert (type(back), str(back), back.step) == (SamplingInterrupted, str(given), given.step)
 
 
 def test_stochastic_samplers_demand_a_noise_sampler():
