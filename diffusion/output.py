@@ -14,7 +14,7 @@ import torch
 from backdrop.diffusion import masks as M
 from backdrop.diffusion.image_io import rgb_icc
 
-__all__ = ["Output", "format_output", "as_hwc", "with_profiles"]
+__all__ = ["Output", "decoded", "format_output", "as_hwc", "with_profiles"]
 
 
 @dataclass
@@ -36,6 +36,15 @@ class Output:
     def __getitem__(self, key):
         """out[0] (the images) or out["images"], as diffusers' outputs index."""
         return getattr(self, key) if isinstance(key, str) else (self.images,)[key]
+
+
+def decoded(backend, latents: torch.Tensor, scaling_factor: float, **cond) -> torch.Tensor:
+    """(B, C, h, w) latents -> (B, 3, h*f, w*f) images in [-1, 1] on the CPU. An item whose latents are not finite
+    (float overflow, which the pipeline logs) is black in every output type: NaN pixels were NaN in "np" and "pt",
+    and a numpy warning (an error under -W error) on the way to PIL."""
+    y = backend.vae_decode(latents / scaling_factor, **cond).cpu()
+    bad = ~torch.isfinite(latents.flatten(1)).all(1).cpu()  # (B,)
+    return y.masked_fill(bad.view(-1, 1, 1, 1), -1.0) if bad.any() else y
 
 
 def format_output(images, seeds: list[int], output_type: str, unchanged: list[int] | None = None) -> Output:

@@ -82,7 +82,7 @@ from backdrop.diffusion.diffusers_api import WEIGHT_CHANGES, DiffusersAPI
 from backdrop.diffusion.guidance import CFGDenoiser
 from backdrop.diffusion.latents import (blend_known_region, default_noise_sampler, initial_latents, known_region,
                                         noised_latents, output_latents, per_item_randn)
-from backdrop.diffusion.output import Output, as_hwc, format_output, with_profiles
+from backdrop.diffusion.output import Output, as_hwc, decoded, format_output, with_profiles
 from backdrop.diffusion.samplers import SamplingInterrupted, sample
 from backdrop.diffusion.schedule import build_schedule
 from backdrop.diffusion.text import check_clip_skip, contexts, embed
@@ -366,7 +366,7 @@ class Pipeline(DiffusersAPI):
         # A mask-conditioned VAE decodes with the known pixels too: the user's mask, not the one grown for the UNet
         # (the pixels the paste-back keeps are exactly the ones the decoder is told about)
         cond = dict(image=x, mask=M.binarize(dec_mask)) if conditioned else {}
-        y = self.backend.vae_decode(out.images / cfg.scaling_factor, **cond).cpu()  # (B, 3, h*f, w*f) in [-1, 1]
+        y = decoded(self.backend, out.images, cfg.scaling_factor, **cond)  # (B, 3, h*f, w*f) in [-1, 1]
         if boxes is None:
             y = M.crop_to(y, (H, W))
             if not (opts.paste_back or opts.color_match):  # the VAE's own float output, as diffusers' "np"
@@ -429,8 +429,8 @@ class Pipeline(DiffusersAPI):
         if self.config.unet.in_channels != 9:
             return None
         f = self.config.vae.downsample_factor
-        grey = self._encode_image(torch.zeros(1, 3, h * f, w * f)).expand(b, -1, -1, -1)  # (B, 4, h, w)
-        return torch.cat([torch.ones(b, 1, h, w, device=grey.device), grey], 1)  # (B, 5, h, w)
+        grey = self._encode_image(torch.zeros(1, 3, h * f, w * f, dtype=torch.float32)).expand(b, -1, -1, -1)
+        return torch.cat([torch.ones(b, 1, h, w, device=grey.device, dtype=grey.dtype), grey], 1)  # (B, 5, h, w)
 
     def _run(self, job: dict, hw, loop: Loop, latents, start: str, decode: bool = True) -> Output:
         """Noise, one sampler loop per distinct strength, then decode. start: "noise" (txt2img), "image"
@@ -446,7 +446,7 @@ class Pipeline(DiffusersAPI):
             noise = given_latents(latents, (job["n"] * job["k"], C, *hw), job.get("rows")).to(dev, torch.float32)
         guided, interrupt = loop.guidance_scale > 1, loop.interrupt
         ctx, uctx = contexts(self.backend, job["prompts"], job["negatives"], guided, job["clip_skip"])
-        result = torch.empty(shape, device=dev)
+        result = torch.empty(shape, device=dev, dtype=torch.float32)
         for strength, idx in groups(job["strengths"]).items():
             if interrupt is not None and interrupt.is_set():
                 raise SamplingInterrupted(0)
@@ -476,7 +476,7 @@ class Pipeline(DiffusersAPI):
                         "out of range?); their images are black", bad, loop.guidance_scale)
         if not decode or job["output_type"] == "latent":
             return Output(result, job["seeds"])
-        y = self.backend.vae_decode(result / self.config.scaling_factor).cpu()  # (B, 3, h*f, w*f) in [-1, 1]
+        y = decoded(self.backend, result, self.config.scaling_factor)  # (B, 3, h*f, w*f) in [-1, 1]
         return format_output(M.crop_to(y, job["size"]), job["seeds"], job["output_type"])
 
 

@@ -1,6 +1,7 @@
 """The Pipeline's API as users call it: diffusers' argument names and generators (equal to diffusers' images),
 mask_threshold, callbacks, progress and interrupts, long prompts, to(), loading by name, and errors that name the
 argument at fault (or say what to use instead of a diffusers argument we do not take)."""
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -447,3 +448,36 @@ def test_an_overflowing_guidance_scale_is_said_not_left_black(models, caplog):
     with caplog.at_level("WARNING", logger="backdrop.diffusion.pipeline"):
         pipe.generate(["x", "y"], steps=1, guidance_scale=1e300, progress=False, output_type="latent", seed=0)
     assert "items [0, 1] have non-finite latents" in caplog.text and "guidance_scale 1e+300" in caplog.text
+    for kind in ("np", "pil"):  # and black in every output type: NaN in "np", a numpy warning on the way to PIL
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = pipe.generate(["x", "y"], steps=1, guidance_scale=1e300, progress=False, output_type=kind,
+                                seed=0).images
+        assert all(np.asarray(im).max() == 0 for im in out), kind
+    out = models["sd1-inpaint"].pipe.inpaint(images(1), mask=rect_masks(1), prompt="x", steps=1, seed=0,
+                                             guidance_scale=1e300, paste_back=False, output_type="np", progress=False)
+    assert np.asarray(out.images).max() == 0
+
+
+def test_a_float64_default_dtype_in_the_host_process_changes_nothing(models):
+    """torch.set_default_dtype(torch.float64) in the caller's program (notebooks do) broke every call: a buffer
+    made without a dtype became float64."""
+    want = {kind: call(models) for kind, call in CALLS.items()}
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for kind, call in CALLS.items():
+            assert np.array_equal(call(models), want[kind]), kind
+    finally:
+        torch.set_default_dtype(old)
+
+
+CALLS = {
+    "generate": lambda m: m["sd1"].pipe.generate("x", steps=2, seed=1, output_type="np", progress=False).images,
+    "img2img": lambda m: m["sd1"].pipe.img2img(images(1), prompt="x", steps=2, seed=1, output_type="np",
+                                               progress=False).images,
+    "inpaint": lambda m: m["sd1-inpaint"].pipe.inpaint(images(1), mask=rect_masks(1), prompt="x", steps=2, seed=1,
+                                                       output_type="np", progress=False).images,
+    "generate 9ch": lambda m: m["sd1-inpaint"].pipe.generate("x", steps=2, seed=1, output_type="np",
+                                                             progress=False).images,
+}
