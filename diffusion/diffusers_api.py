@@ -134,14 +134,20 @@ class DiffusersAPI:
     # ---------------------------------------------------------------------------------------- switches
     def set_progress_bar_config(self, disable: bool | None = False, **tqdm_options) -> None:
         """disable=True hides the tqdm bar of every later call, False shows it, None shows it on a terminal only
-        (tqdm's meaning): the default of each call's progress=. diffusers hands other options (desc, leave, ...) to
-        tqdm; here they change nothing, and a log line says so."""
+        (tqdm's meaning): the default of each call's progress=. Other options go to tqdm, as in diffusers (file= to
+        write the bars into a log of the app's own, desc=, mininterval=, ascii=, leave=, ...)."""
+        import inspect
+
+        from tqdm.std import tqdm  # tqdm.auto's (a notebook's) takes **kwargs: the plain one names them
+
         if disable is not None and not isinstance(disable, bool):
             raise TypeError(f"set_progress_bar_config(disable=) must be True, False or None, got {disable!r}")
-        if tqdm_options:
-            log.info("set_progress_bar_config: %s not used (Backdrop's bar takes disable= only)",
-                     ", ".join(sorted(tqdm_options)))
-        self._progress = None if disable is None else not disable
+        known = set(inspect.signature(tqdm.__init__).parameters) - {"self", "iterable", "total", "disable",
+                                                                    "gui", "kwargs"}
+        if unknown := sorted(set(tqdm_options) - known):
+            raise TypeError(f"set_progress_bar_config: tqdm takes no {', '.join(unknown)} (it takes "
+                            f"{', '.join(sorted(known))})")
+        self._progress, self._bar = None if disable is None else not disable, dict(tqdm_options)
 
     def enable_xformers_memory_efficient_attention(self, attention_op=None) -> None:
         """A no-op: attention is always memory-efficient here (see the module docstring)."""

@@ -118,7 +118,7 @@ class Pipeline(DiffusersAPI):
         self._warned: set = set()  # processing sizes already warned about (processing_size)
         self._width = backend.config.unet.cross_attention_dim  # of the text context: prompt_embeds' last dim
         self._loras: list = []  # nn.lora.FusedLora of each load_lora_weights, oldest first
-        self._progress = True  # the default of each call's progress= (set_progress_bar_config)
+        self._progress, self._bar = True, {}  # the default of each call's progress=, and tqdm options
 
     @classmethod
     @diffusers_names
@@ -466,7 +466,8 @@ class Pipeline(DiffusersAPI):
                        extra_args=args, callback=_step_callback(blend, loop.callback, sched),
                        noise_sampler=default_noise_sampler(x, gens if isinstance(gens, torch.Generator)
                                                            else [gens[i] for i in idx]), disable=_hidden(loop.progress),
-                       interrupt=interrupt, blend=None if mask is None else known_region(x0, eps, mask[idx]),
+                       bar=self._bar, interrupt=interrupt,
+                       blend=None if mask is None else known_region(x0, eps, mask[idx]),
                        **({"eta": loop.eta} if loop.eta else {}))
             result[idx] = output_latents(x, sched)
         if interrupt is not None and interrupt.is_set():

@@ -36,6 +36,7 @@ Samplers take one sigma per step for the whole batch; items with different stren
 """
 from __future__ import annotations
 
+import contextvars
 import math
 import threading
 from dataclasses import dataclass
@@ -68,9 +69,13 @@ class SamplingInterrupted(Exception):
 
 # --------------------------------------------------------------------------------------------------- shared parts
 
+_BAR: contextvars.ContextVar[dict] = contextvars.ContextVar("bar", default={})  # sample(bar=): this call's
+
+
 def _progress(n: int, disable: bool | None, interrupt: threading.Event | None):
-    """range(n) with a tqdm bar (disable=None: hidden unless on a terminal) that checks `interrupt` before a step."""
-    with tqdm(total=n, disable=disable, leave=False) as bar:
+    """range(n) with a tqdm bar (disable=None: hidden unless on a terminal; sample(bar=) options, e.g. file=)
+    that checks `interrupt` before a step."""
+    with tqdm(total=n, disable=disable, **{"leave": False, **_BAR.get()}) as bar:
         for i in range(n):
             if interrupt is not None and interrupt.is_set():
                 raise SamplingInterrupted(i)
@@ -441,11 +446,21 @@ def check_eta(eta, sampler: str) -> None:
 
 
 def sample(model, x: torch.Tensor, schedule: Schedule, *, extra_args=None, callback=None, noise_sampler=None,
-           disable=None, interrupt=None, blend=None, **options) -> torch.Tensor:
+           disable=None, interrupt=None, blend=None, bar: dict | None = None, **options) -> torch.Tensor:
     """Run the sampler the schedule was built for. `options` go to the sampler (e.g. eta for ddim). blend(x, sigma):
     what 4-channel inpainting does to x at a level sigma (latents.known_region); the samplers with a model call
     between steps (heun, pndm) apply it there, as diffusers' pipeline blends after each scheduler step call; the
-    end of each step is the callback's."""
+    end of each step is the callback's. bar: tqdm options for the progress bar (file=, desc=, ...)."""
+    token = _BAR.set(dict(bar or {}))
+    try:
+        return _sample(model, x, schedule, extra_args=extra_args, callback=callback, noise_sampler=noise_sampler,
+                       disable=disable, interrupt=interrupt, blend=blend, **options)
+    finally:
+        _BAR.reset(token)
+
+
+def _sample(model, x, schedule: Schedule, *, extra_args, callback, noise_sampler, disable, interrupt, blend,
+            **options) -> torch.Tensor:
     spec = SAMPLERS[schedule.sampler]
     if blend is not None and schedule.sampler in ("heun", "pndm"):
         options["blend"] = blend

@@ -1,6 +1,7 @@
 """The Pipeline's API as users call it: diffusers' argument names and generators (equal to diffusers' images),
 mask_threshold, callbacks, progress and interrupts, long prompts, to(), loading by name, and errors that name the
 argument at fault (or say what to use instead of a diffusers argument we do not take)."""
+import io
 import warnings
 from pathlib import Path
 
@@ -217,11 +218,15 @@ def test_diffusers_pipeline_switches(models, capsys, caplog):
     pipe.set_progress_bar_config(disable=False)
     pipe.generate(**run)
     assert "0/2" in capsys.readouterr().err
-    with caplog.at_level("INFO", logger="backdrop.diffusion.diffusers_api"):
-        pipe.set_progress_bar_config(disable=None, leave=False, desc="x")  # None: tqdm's "on a terminal only"
-    assert "desc, leave not used" in caplog.text
+    pipe.set_progress_bar_config(disable=None, leave=False, desc="x")  # None: tqdm's "on a terminal only"
     pipe.generate(**run)
     assert capsys.readouterr().err == ""  # pytest's captured stderr is no terminal
+    log = io.StringIO()  # tqdm's options go to tqdm, as in diffusers: an app writes the bars into its own log
+    pipe.set_progress_bar_config(file=log, desc="denoising", ascii=True, leave=True)
+    pipe.generate(**run)
+    assert "denoising: 100%|##########| 2/2" in log.getvalue() and capsys.readouterr().err == ""
+    with pytest.raises(TypeError, match="tqdm takes no colour_scheme, total .it takes ascii, bar_format"):
+        pipe.set_progress_bar_config(total=3, colour_scheme="red")
     for switch in (pipe.enable_xformers_memory_efficient_attention, pipe.enable_attention_slicing,
                    pipe.disable_attention_slicing, pipe.disable_xformers_memory_efficient_attention):
         switch()
