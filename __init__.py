@@ -12,6 +12,7 @@ _LAZY = {
     "load_model": "backdrop.nn.checkpoint",
     "init_model": "backdrop.nn.checkpoint",
     "save_model": "backdrop.nn.checkpoint",
+    "CheckpointError": "backdrop.nn.checkpoint",
     "Pipeline": "backdrop.diffusion.pipeline",
     "SamplingInterrupted": "backdrop.diffusion.pipeline",
     "Output": "backdrop.diffusion.output",

@@ -29,15 +29,15 @@ from .clip import TextEncoder
 from .config import (PREDICTION_TYPES, ModelConfig, SchedulerConfig, TextConfig, UNetConfig, VAEConfig,
                      get_preset)
 from .ldm_keys import VAE as VAE_PREFIX
-from .ldm_keys import (FOLDER_EXTRAS, UNET, CheckpointError, Src, clip_prefix, detect_config, diffusers_configs,
-                       folder_key, from_ldm, known_extras, ldm_names, ldm_shape, prediction_type_of_ldm_config,
-                       to_ldm, vae_config, vae_names)
+from .ldm_keys import (FOLDER_EXTRAS, UNET, CheckpointError, MissingFile, Src, clip_prefix, detect_config,
+                       diffusers_configs, folder_key, from_ldm, known_extras, ldm_names, ldm_shape,
+                       prediction_type_of_ldm_config, to_ldm, vae_config, vae_names)
 from .tokenizer import Tokenizer
 from .weight_files import _json, _Reader, _weight_files
 from .unet import UNet
 from .vae import VAE
 
-__all__ = ["Model", "CheckpointError", "load_model", "load_vae", "save_model", "init_model",
+__all__ = ["Model", "CheckpointError", "MissingFile", "load_model", "load_vae", "save_model", "init_model",
            "config_to_dict", "config_from_dict", "diffusers_configs"]
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ def load_vae(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pickl
         _fill(*_component_plan(folder, "vae", vae, allow_pickle), dtype, device)
         return vae
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file or folder (the VAE)")
+        raise MissingFile(f"{path}: no such file or folder (the VAE)")
     reader = _Reader([path], allow_pickle)
     prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in reader.shapes) else ""
     cfg = vae_config(reader.shapes, reader.label, prefix)
@@ -318,7 +318,7 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", predictio
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
+        raise MissingFile(f"{path}: no such file or folder")
     given = load_vae(vae, dtype, device, allow_pickle) if vae is not None else None
     if path.is_dir():
         return _load_folder(path, dtype, device, prediction_type, allow_pickle, given)

@@ -24,8 +24,8 @@ from .config import ModelConfig, SchedulerConfig, TextConfig, UNetConfig, VAECon
 DIFFUSERS_VERSION = "0.30.0"     # the oldest diffusers whose folder layout and config fields we write
 TRANSFORMERS_VERSION = "4.40.0"  # likewise for transformers' CLIPTextModel config
 
-__all__ = ["CheckpointError", "Src", "UNET", "VAE", "CLIP", "OPENCLIP", "ldm_names", "ldm_shape", "to_ldm",
-           "from_ldm", "known_extras", "clip_prefix", "detect_config", "vae_config", "vae_names", "what_file",
+__all__ = ["CheckpointError", "MissingFile", "Src", "UNET", "VAE", "CLIP", "OPENCLIP", "ldm_names", "ldm_shape",
+           "to_ldm", "from_ldm", "known_extras", "clip_prefix", "detect_config", "vae_config", "vae_names", "what_file",
            "prediction_type_of_ldm_config", "folder_key", "FOLDER_EXTRAS", "diffusers_configs"]
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
@@ -35,6 +35,11 @@ CLIP, OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as asked; the message names the file and the key/shape at fault.
     (Defined here, the lower module, and re-exported by nn/checkpoint.py.)"""
+
+
+class MissingFile(CheckpointError, FileNotFoundError):
+    """A weight file or folder that is not there: a CheckpointError and, as a missing model or image is, a
+    FileNotFoundError (an app's `except FileNotFoundError` catches a missing LoRA too)."""
 
 
 @dataclass(frozen=True)

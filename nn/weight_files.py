@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .ldm_keys import CheckpointError
+from .ldm_keys import CheckpointError, MissingFile
 
 __all__ = ["PICKLE_SUFFIXES", "adapter_file", "stored_dtype"]
 
@@ -85,7 +85,7 @@ def adapter_file(path: Path, file_name: str, what: str, refusal=_pickle_refusal)
             raise CheckpointError(f"{path}: a folder without {file_name}; give the {what}'s .safetensors file")
         path = path / file_name
     elif not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+        raise MissingFile(f"{path}: no such file")
     if path.suffix in PICKLE_SUFFIXES:
         raise refusal(path)
     return path

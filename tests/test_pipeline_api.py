@@ -202,7 +202,7 @@ def test_callback_progress_and_interrupt(models, capsys):
                       callback=lambda i, x: stop.set() if i == 2 else None)
 
 
-def test_diffusers_pipeline_switches(models, capsys, caplog):
+def test_diffusers_pipeline_switches(models, capsys):
     """The switches diffusers code calls on a pipeline: set_progress_bar_config(disable=True) sets every call's
     default (a call's own progress= still wins); the attention switches are no-ops (attention is always
     memory-efficient) and change no image; safety_checker=None asks for what we do; pipe.device / pipe.dtype are
