@@ -249,6 +249,9 @@ def _load_folder(root: Path, dtype, device, prediction_type, allow_pickle, vae: 
         cfg = ModelConfig(unet=unet, vae=vae_cfg, text=text, scheduler=SchedulerConfig.from_diffusers(sched),
                           prediction_type=prediction_type or sched.get("prediction_type", "epsilon"),
                           image_size=unet.sample_size * vae_cfg.downsample_factor)
+        if text.vocab_size != tokenizer.vocab_size:  # rows no token reaches, or tokens without a row
+            raise CheckpointError(f"{root / 'text_encoder' / 'config.json'}: vocab_size {text.vocab_size}, but the "
+                                  f"tokenizer has {tokenizer.vocab_size} tokens (an added token's file missing?)")
     except CheckpointError:
         raise
     except (ValueError, TypeError) as e:

@@ -32,9 +32,7 @@ token, so every "!" in an SD2 prompt becomes id 0 on its own ("wow!!!" -> wow, 0
 from __future__ import annotations
 
 import gzip
-import json
 import os
-from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from typing import Sequence
@@ -43,18 +41,18 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 
+from .tokenizer_files import (BOS_TOKEN, EOS_TOKEN, SPECIAL_KEYS, _Added, _read_json, _read_merges, _read_specials,
+                              _read_tokenizer_json, _write_json)
+
 __all__ = ["Tokenizer", "CONTEXT_LENGTH", "BOS_TOKEN", "EOS_TOKEN", "check_texts"]
 
 CONTEXT_LENGTH = 77          # CLIP's text context: 77 positions = BOS + 75 tokens + EOS
-BOS_TOKEN = "<|startoftext|>"
-EOS_TOKEN = "<|endoftext|>"  # also CLIP's unknown token and SD1's pad token
 ASSET = "bpe_simple_vocab_16e6.txt.gz"  # openai/CLIP's merges, shipped with open_clip (assets/LICENSE-open_clip.txt)
 # CLIP uses the first 49152 - 256 - 2 = 48894 merges of the file, so that bytes + merges + 2 specials = 49152;
 # with the 256 "</w>" byte forms the vocabulary has 49408 ids (open_clip tokenizer.py, SimpleTokenizer.__init__).
 NUM_MERGES = 49152 - 256 - 2
 # openai/CLIP simple_tokenizer.py; applied after lower-casing, so its re.IGNORECASE is not needed here.
 CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 @lru_cache(maxsize=1)
@@ -77,39 +75,6 @@ def _asset_vocab() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     byte_chars = list(bytes_to_unicode().values())
     tokens = (*byte_chars, *(c + "</w>" for c in byte_chars), *("".join(m) for m in merges), BOS_TOKEN, EOS_TOKEN)
     return tokens, merges
-
-
-@dataclass(frozen=True)
-class _Added:
-    """A token cut out of the raw text before BPE (tokenizers' AddedToken). It is looked for before the normalizer
-    unless `normalized`, so only with normalized=True is "<|ENDOFTEXT|>" EOS too; decode skips `special` ones."""
-    content: str
-    normalized: bool | None = False
-    lstrip: bool = False
-    rstrip: bool = False
-    single_word: bool = False
-    special: bool = True
-
-    @classmethod
-    def parse(cls, value, where: str, special: bool | None = None) -> "_Added | str":
-        """A token string stays a string; an AddedToken dict becomes an _Added (`special` forced when given, else
-        the dict's, else False). A missing `normalized` stays None: tokenizers resolves it to `not special` only
-        when the token is registered, after transformers may have made it special."""
-        if isinstance(value, str):
-            return value
-        if not (isinstance(value, dict) and isinstance(value.get("content"), str)):
-            raise ValueError(f"{where}: expected a token string or an AddedToken dict with 'content', got {value!r}")
-        normalized = value.get("normalized")
-        return cls(value["content"], normalized=None if normalized is None else bool(normalized),
-                   lstrip=bool(value.get("lstrip", False)), rstrip=bool(value.get("rstrip", False)),
-                   single_word=bool(value.get("single_word", False)),
-                   special=bool(value.get("special", False)) if special is None else special)
-
-    def resolved(self) -> "_Added":
-        return self if self.normalized is not None else replace(self, normalized=not self.special)
-
-    def as_dict(self) -> dict:  # AddedToken's JSON form, as in tokenizer_config.json
-        return asdict(self)
 
 
 class Tokenizer:
@@ -141,6 +106,10 @@ class Tokenizer:
         self._built_size = len(vocab)  # ids from here on came from add_tokens
         self._extra: list[str] = []  # add_tokens' tokens, in id order (id = _built_size + position)
         self._expand: dict[int, tuple[int, ...]] = {}  # a multi-vector token's id -> its ids (add_tokens)
+        for t in self._added:  # a textual inversion saved into the folder: T stands for T, T_1, ... as diffusers'
+            n = next(i for i in range(1, len(vocab) + 1) if f"{t}_{i}" not in self._added)  # maybe_convert_prompt
+            if n > 1:
+                self._expand[vocab[t]] = tuple(vocab[t if i == 0 else f"{t}_{i}"] for i in range(n))
         self.bos_token_id = vocab[specials["bos_token"]]
         self.eos_token_id = vocab[specials["eos_token"]]
         self.pad_token_id = vocab[specials["pad_token"]]
@@ -197,7 +166,7 @@ class Tokenizer:
         extra, self._extra = self._extra, []
         for t in extra:
             del self._vocab[t], self._added[t]
-        self._expand.clear()
+        self._expand = {i: ids for i, ids in self._expand.items() if i < self._built_size}  # the folder's stay
         self.vocab_size = len(self._vocab)
         if extra:
             self._backend = self._build_backend()
@@ -242,7 +211,7 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer folder {path!r} does not exist")
         fast_file = os.path.join(path, "tokenizer.json")
         if os.path.isfile(fast_file):
-            vocab, merges, file_added = _read_tokenizer_json(fast_file)
+            vocab, merges, file_added, past = _read_tokenizer_json(fast_file)
         else:
             for name in ("vocab.json", "merges.txt"):
                 if not os.path.isfile(os.path.join(path, name)):
@@ -252,7 +221,7 @@ class Tokenizer:
             vocab = _read_json(vocab_file)
             if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
                 raise ValueError(f"{vocab_file}: expected a JSON object mapping token -> integer id")
-            merges, file_added = _read_merges(os.path.join(path, "merges.txt"), vocab), None
+            merges, file_added, past = _read_merges(os.path.join(path, "merges.txt"), vocab), None, {}
         config_file = os.path.join(path, "tokenizer_config.json")
         config = _read_json(config_file) if os.path.isfile(config_file) else {}
         if not isinstance(config, dict):
@@ -264,7 +233,13 @@ class Tokenizer:
         if config.get("model_max_length", CONTEXT_LENGTH) not in (CONTEXT_LENGTH, int(1e30)):
             raise ValueError(f"{config_file}: model_max_length is {config['model_max_length']}; the CLIP text "
                              f"encoder has {CONTEXT_LENGTH} positions")
-        specials, added = _read_specials(path, config, vocab, file_added)
+        beyond: dict[int, str] = dict(past)  # id -> token: added past the vocabulary (a textual inversion saved in)
+        specials, added = _read_specials(path, config, vocab, file_added, beyond)
+        for i in sorted(beyond):
+            if i != len(vocab):
+                raise ValueError(f"{path}: added token {beyond[i]!r} has id {i}, but the vocabulary ends at "
+                                 f"{len(vocab) - 1}: added tokens must follow it without a gap")
+            vocab = {**vocab, beyond[i]: i}
         return cls(vocab, merges, specials, added, source=path)
 
     # ------------------------------------------------------------------ use
@@ -349,128 +324,3 @@ def check_texts(texts) -> list[str]:
             raise ValueError(f"prompt {t[:40]!r} is not valid Unicode text (a lone surrogate at character "
                              f"{e.start})") from None
     return list(texts)
-
-
-def _read_json(file: str):
-    try:
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-
-
-def _write_json(file: str, obj) -> None:
-    with open(file, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2 if len(obj) < 100 else None)
-        f.write("\n")
-
-
-def _read_merges(file: str, vocab: dict[str, int]) -> list[tuple[str, str]]:
-    """merges.txt: one "left right" pair a line by rank, after an optional "#version" header."""
-    with open(file, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    start = 1 if lines and lines[0].startswith("#version") else 0
-    numbered = [(n, line.split()) for n, line in enumerate(lines[start:], start=start + 1) if line.strip()]
-    for n, pair in numbered:
-        _check_merge(pair, vocab, f"{file}:{n}")
-    return [(a, b) for _, (a, b) in numbered]
-
-
-def _check_merge(pair: list[str], vocab: dict[str, int], where: str) -> None:
-    """Both sides of a merge and their concatenation must be tokens of the vocabulary."""
-    if len(pair) != 2:
-        raise ValueError(f"{where}: expected two symbols separated by a space, got {' '.join(pair)!r}")
-    a, b = pair
-    if a not in vocab or b not in vocab or a + b not in vocab:
-        sym = next(s for s in (a, b, a + b) if s not in vocab)
-        raise ValueError(f"{where}: merge '{a} {b}' uses {sym!r}, which is not in the vocabulary")
-
-
-def _read_tokenizer_json(file: str) -> tuple[dict[str, int], list[tuple[str, str]], list[_Added]]:
-    """The vocabulary, merges and added tokens of a `tokenizers` file (what transformers 5 saves). Its normalizer and
-    pre-tokenizer are ignored, as transformers' CLIPTokenizer ignores them: they are CLIP's by definition."""
-    data = _read_json(file)
-    model = data.get("model") if isinstance(data, dict) else None
-    if not isinstance(model, dict) or model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
-        raise ValueError(f"{file}: not a CLIP tokenizer (expected model.type 'BPE' with end_of_word_suffix '</w>')")
-    vocab, merges = model.get("vocab"), model.get("merges")
-    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
-        raise ValueError(f"{file}: model.vocab must map token -> integer id")
-    if not isinstance(merges, list):
-        raise ValueError(f"{file}: model.merges must be a list")
-    merges = [m.split(" ") if isinstance(m, str) else list(m) for m in merges]  # "a b" (older files) or [a, b]
-    for i, pair in enumerate(merges):
-        _check_merge(pair, vocab, f"{file}: model.merges[{i}]")
-    added = []
-    for i, entry in enumerate(data.get("added_tokens") or []):
-        tok = _Added.parse(entry, f"{file}: added_tokens[{i}]")
-        if isinstance(tok, str) or vocab.get(tok.content) != entry.get("id"):
-            raise ValueError(f"{file}: added_tokens[{i}] {entry!r} is not a token of model.vocab with that id; "
-                             "tokens beyond the vocabulary are not supported")
-        added.append(tok)
-    return vocab, [tuple(m) for m in merges], sorted(added, key=lambda t: vocab[t.content])
-
-
-def _read_specials(path: str, config: dict, vocab: dict[str, int],
-                   file_added: list[_Added] | None = None) -> tuple[dict[str, str], list[_Added]]:
-    """The special tokens by role and every added token with its flags, as transformers 5.x's CLIPTokenizer
-    .from_pretrained resolves them (tokenization_utils_base.from_pretrained, TokenizersBackend.__init__).
-
-    Where the roles come from: a tokenizer_config.json with `added_tokens_decoder` (transformers >= 4.34 writes
-    one) is the only source; in older folders special_tokens_map.json wins over tokenizer_config.json. SD2's old
-    folders name the pad token "!" in special_tokens_map.json only, so this order decides SD2's pad id.
-    Which flags a token gets: the decoder's entries (else a tokenizer.json's added tokens) are registered first; then each role in SPECIAL_KEYS order,
-    unless its token is a decoder entry or an equal value was queued already; plain strings are special and not
-    normalized, and the last registration of a token wins. So in SD1.5's old folder (eos_token and unk_token
-    normalized, pad_token the plain string "<|endoftext|>") EOS ends up not normalized: "<|ENDOFTEXT|>" is BPE'd.
-    """
-    config_file = os.path.join(path, "tokenizer_config.json")
-    decoder = config.get("added_tokens_decoder")
-    roles: dict[str, _Added | str] = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN,
-                                      "pad_token": EOS_TOKEN}  # CLIPTokenizer.__init__'s defaults
-    queue: list[_Added | str] = []
-    if decoder is not None:
-        if not isinstance(decoder, dict):
-            raise ValueError(f"{config_file}: added_tokens_decoder must be an object id -> token")
-        if not all(str(k).isdigit() for k in decoder):
-            raise ValueError(f"{config_file}: added_tokens_decoder keys must be token ids")
-        for idx, value in sorted(decoder.items(), key=lambda kv: int(kv[0])):
-            tok = _Added.parse(value, f"{config_file}: added_tokens_decoder[{idx}]")
-            tok = _Added(tok) if isinstance(tok, str) else tok
-            if str(vocab.get(tok.content)) != str(idx):
-                raise ValueError(f"{config_file}: added_tokens_decoder gives {tok.content!r} id {idx}, vocab.json "
-                                 f"gives {vocab.get(tok.content)}; tokens beyond vocab.json are not supported")
-            queue.append(tok)
-        roles.update({k: _Added.parse(config[k], f"{config_file}: {k}") for k in SPECIAL_KEYS
-                      if config.get(k) is not None})
-    else:
-        queue.extend(file_added or [])
-        map_file = os.path.join(path, "special_tokens_map.json")
-        token_map = _read_json(map_file) if os.path.isfile(map_file) else {}
-        if not isinstance(token_map, dict):
-            raise ValueError(f"{map_file}: expected a JSON object")
-        for k in SPECIAL_KEYS:
-            if token_map.get(k) is not None:
-                roles[k] = _Added.parse(token_map[k], f"{map_file}: {k}", special=True)
-            elif config.get(k) is not None:
-                roles[k] = _Added.parse(config[k], f"{config_file}: {k}")
-    from_decoder = {t.content for t in queue}
-    for k in SPECIAL_KEYS:
-        v = roles.get(k)
-        if v is not None and getattr(v, "content", v) not in from_decoder and not any(_same(v, q) for q in queue):
-            queue.append(v)
-    specials = {k: getattr(v, "content", v) for k, v in roles.items()}
-    named = set(specials.values())
-    added = []
-    for tok in queue:  # transformers makes every role's token special; then the normalized default applies
-        tok = _Added(tok) if isinstance(tok, str) else replace(tok, special=tok.special or tok.content in named)
-        added.append(tok.resolved())
-    return specials, added
-
-
-def _same(a: _Added | str, b: _Added | str) -> bool:
-    """Python's AddedToken equality, which decides whether transformers queues a role's token again: all flags
-    compared, a missing `normalized` read as `not special`; a plain string equals only the same string."""
-    if isinstance(a, _Added) and isinstance(b, _Added):
-        return a.resolved() == b.resolved()
-    return a == b

@@ -122,6 +122,43 @@ def test_one_tensor_of_n_rows_gives_n_tokens(pipe, theirs):
         assert (pipe.encode_prompt(prompts) - theirs.encode_prompt(prompts, "cpu", 1, False)[0]).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("layout", ["tokenizer.json", "added_tokens.json"])
+def test_a_model_saved_with_its_embeddings_loads_them(theirs, files, tmp_path, layout):
+    """diffusers' save_pretrained after load_textual_inversion: the tokens follow the vocabulary in the tokenizer
+    (transformers 5's tokenizer.json; transformers 4's added_tokens.json, as concept-library exports have it) and
+    the text encoder has their rows. The old layout loaded with the tokens split into BPE pieces, their rows never
+    used; now both give diffusers' ids (multi-vector tokens written out) and prompt embeddings, and unload leaves
+    the folder's own tokens."""
+    import json
+
+    from backdrop.nn.tokenizer import Tokenizer
+
+    theirs.load_textual_inversion([files["cat-toy"], files["multi"]])
+    theirs.save_pretrained(tmp_path / "model")
+    tok = tmp_path / "model" / "tokenizer"
+    if layout == "added_tokens.json":
+        for f in tok.iterdir():
+            f.unlink()
+        Tokenizer.from_assets().save(tok)  # vocab.json + merges.txt, then the tokens as transformers 4 listed them
+        config = json.loads((tok / "tokenizer_config.json").read_text())
+        del config["added_tokens_decoder"]
+        (tok / "tokenizer_config.json").write_text(json.dumps(config))
+        (tok / "added_tokens.json").write_text(json.dumps({"<cat-toy>": VOCAB, "<multi>": VOCAB + 1,
+                                                           "<multi>_1": VOCAB + 2, "<multi>_2": VOCAB + 3}))
+    ours = Pipeline.from_pretrained(tmp_path / "model", device="cpu", dtype=torch.float32)
+    assert torch.equal(ours.backend.tokenizer(PROMPTS), their_ids(theirs, PROMPTS))
+    with torch.no_grad():
+        want = theirs.encode_prompt(PROMPTS, "cpu", 1, False)[0]
+    assert (ours.encode_prompt(PROMPTS) - want).abs().max() <= 1e-5
+    ours.unload_textual_inversion()  # nothing loaded at run time: the folder's tokens stay
+    assert torch.equal(ours.backend.tokenizer(PROMPTS), their_ids(theirs, PROMPTS))
+    (tok / ("tokenizer.json" if layout == "tokenizer.json" else "added_tokens.json")).unlink()
+    if layout == "tokenizer.json":
+        Tokenizer.from_assets().save(tok)
+    with pytest.raises(ValueError, match=r"text_encoder/config.json: vocab_size 49412, but the tokenizer has 49408"):
+        Pipeline.from_pretrained(tmp_path / "model")
+
+
 def test_unload_restores_tokenizer_and_embeddings_bit_exactly(pipe, files, tmp_path):
     from backdrop.nn.checkpoint import save_model
 
