@@ -75,8 +75,10 @@ class UNetConfig:
     def __post_init__(self):
         _check_fields(self, {"layers_per_block": 64, "num_heads": 1024, "sample_size": 1024,
                              "time_embed_dim_mult": 16})  # sample_size in latent px: 8192 px images
-        n = len(self.block_out_channels)
+        n, o = len(self.block_out_channels), self.out_channels
         _check(n >= 1, "UNetConfig", "block_out_channels must not be empty")
+        _check(self.in_channels in (o, 2 * o + 1), "UNetConfig", f"in_channels {self.in_channels}: not a text-to-image "
+               f"({o}) or inpainting ({2 * o + 1}) UNet (InstructPix2Pix's have 8, depth-to-image's 5): not supported")
         _check(len(self.attention_levels) == n, "UNetConfig",
                f"attention_levels has {len(self.attention_levels)} entries, block_out_channels has {n}")
         _check(len(self.num_heads) == n, "UNetConfig",
@@ -159,23 +161,23 @@ class UNetConfig:
         n = len(down)
         heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
         heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * n
-        cross = cfg.get("cross_attention_dim", 1280)
-        if isinstance(cross, (list, tuple)):
-            if len(set(cross)) != 1:
-                raise ValueError(f"{source}: per-level cross_attention_dim {cross} is not supported")
-            cross = cross[0]
+        def one(key: str, default):  # diffusers takes a value or a list of them (per level, or (h, w)): one here
+            v = default if cfg.get(key) is None else cfg[key]
+            if isinstance(v, (list, tuple)) and len(set(v)) != 1:
+                raise ValueError(f"{source}: {key} {v}: different values per level or side are not supported")
+            return v[0] if isinstance(v, (list, tuple)) else v
         return cls(
             in_channels=cfg.get("in_channels", 4),
             out_channels=cfg.get("out_channels", 4),
             block_out_channels=tuple(cfg.get("block_out_channels", (320, 640, 1280, 1280))),
             attention_levels=levels,
             num_heads=heads,
-            layers_per_block=cfg.get("layers_per_block", 2),
-            cross_attention_dim=cross,
+            layers_per_block=one("layers_per_block", 2),
+            cross_attention_dim=one("cross_attention_dim", 1280),
             use_linear_projection=bool(cfg.get("use_linear_projection", False)),
             norm_num_groups=cfg.get("norm_num_groups", 32),
             norm_eps=cfg.get("norm_eps", 1e-5),
-            sample_size=cfg.get("sample_size") or 64,
+            sample_size=one("sample_size", 64),
         )
 
 

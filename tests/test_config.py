@@ -52,5 +52,12 @@ def test_bad_configs_name_the_field():
         get_preset("sd3")
     with pytest.raises(ValueError, match="class_embed_type"):
         UNetConfig.from_diffusers({**PRESETS["sd15"].unet.to_diffusers(), "class_embed_type": "timestep"})
+    for inputs in (8, 5):  # InstructPix2Pix, depth-to-image: loaded, then every call failed inside the UNet
+        with pytest.raises(ValueError, match=rf"in_channels {inputs}: not a text-to-image \(4\) or inpainting \(9\)"):
+            UNetConfig.from_diffusers({**PRESETS["sd15"].unet.to_diffusers(), "in_channels": inputs})
+    uniform = {**PRESETS["sd15"].unet.to_diffusers(), "layers_per_block": [2] * 4, "sample_size": [64, 64]}
+    assert UNetConfig.from_diffusers(uniform) == PRESETS["sd15"].unet  # lists of one value, as diffusers takes
+    with pytest.raises(ValueError, match=r"layers_per_block \[1, 2, 2, 2\]: different values per level"):
+        UNetConfig.from_diffusers({**uniform, "layers_per_block": [1, 2, 2, 2]})
     with pytest.raises(ValueError, match="time_cond_proj_dim=256 is not supported .*an LCM-distilled UNet .*LCM-LoRA"):
         UNetConfig.from_diffusers({**PRESETS["sd15"].unet.to_diffusers(), "time_cond_proj_dim": 256})
