@@ -33,7 +33,7 @@ from .ldm_keys import (FOLDER_EXTRAS, UNET, CheckpointError, MissingFile, Src, c
                        diffusers_configs, folder_key, from_ldm, known_extras, ldm_names, ldm_shape,
                        prediction_type_of_ldm_config, to_ldm, vae_config, vae_names)
 from .tokenizer import Tokenizer
-from .weight_files import _json, _Reader, _weight_files
+from .weight_files import PickleRefused, _json, _Reader, _weight_files
 from .unet import UNet
 from .vae import VAE
 
@@ -259,7 +259,14 @@ def _load_folder(root: Path, dtype, device, prediction_type, allow_pickle, vae: 
     modules = _meta_modules(cfg)
     if vae is not None:
         modules["vae"] = vae
-    plans = [_component_plan(root / c, c, m, allow_pickle) for c, m in modules.items() if m is not vae]
+    plans, refused = [], []
+    for c, m in modules.items():
+        try:
+            plans += [_component_plan(root / c, c, m, allow_pickle)] if m is not vae else []
+        except PickleRefused as e:  # every component's pickle files named in one error, converted by one command
+            refused += e.files
+    if refused:
+        raise PickleRefused(refused)
     for m, names, reader in plans:
         _fill(m, names, reader, dtype, device)
     return Model(**modules, tokenizer=tokenizer, config=cfg)

@@ -63,17 +63,28 @@ def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict, dict[str, tup
     return shapes, metadata, where
 
 
+class PickleRefused(CheckpointError):
+    """Pickle weight files not read (allow_pickle off). `files`: (the pickle file, the .safetensors file the
+    loader reads in its place) pairs; the message gives one command that converts them all."""
+
+    def __init__(self, files: list[tuple[Path, Path]], option: bool = True):
+        self.files, self.option = list(files), option
+        pairs = repr([(str(a), str(b)) for a, b in self.files])
+        what = str(self.files[0][0]) if len(self.files) == 1 else \
+            f"{len(self.files)} pickle weight files ({', '.join(str(a) for a, _ in self.files)})"
+        super().__init__(
+            f"{what}: pickle checkpoints can run arbitrary code when loaded, so Backdrop reads .safetensors. "
+            f"Convert {'it' if len(self.files) == 1 else 'them'} once, where you trust the files:\n  python -c \""
+            f"import torch, safetensors.torch as st; [st.save_file({{k: v.contiguous().clone() for k, v in "
+            f"(lambda sd: sd.get('state_dict', sd))(torch.load(a, map_location='cpu', weights_only=True)).items() "
+            f"if isinstance(v, torch.Tensor)}}, b) for a, b in {pairs}]\"" +
+            ("\nor pass allow_pickle=True (--allow-pickle; it loads the files with torch.load(weights_only=True))."
+             if option else ""))
+
+
 def _pickle_refusal(path: Path, option: bool = True) -> CheckpointError:
     """option: mention load_model's allow_pickle (LoRA files, nn/lora.py, have no such option)."""
-    out = path.with_suffix(".safetensors")
-    return CheckpointError(
-        f"{path}: pickle checkpoints can run arbitrary code when loaded, so Backdrop reads .safetensors. Convert "
-        f"it once, where you trust the file:\n  python -c \"import torch, safetensors.torch as st; "
-        f"sd = torch.load('{path}', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
-        f"st.save_file({{k: v.contiguous().clone() for k, v in sd.items() if isinstance(v, torch.Tensor)}}, "
-        f"'{out}')\"" + ("\nor pass allow_pickle=True (--allow-pickle; it loads the file with "
-                         "torch.load(weights_only=True))."
-                         if option else ""))
+    return PickleRefused([(path, path.with_suffix(".safetensors"))], option)
 
 
 def adapter_file(path: Path, file_name: str, what: str, refusal=_pickle_refusal) -> Path:
@@ -188,10 +199,17 @@ def _weight_files(folder: Path, stem: str, allow_pickle: bool) -> list[Path]:
         if (folder / name).is_file():
             return _shards(folder / name) if name.endswith(".json") else [folder / name]
     for name in (f"{stem}.bin", f"pytorch_{stem}.bin", f"{stem}.fp16.bin", f"pytorch_{stem}.fp16.bin"):
+        if (folder / name).is_file():  # converted, it is read as the .safetensors name of its variant
+            if not allow_pickle:
+                raise PickleRefused([(folder / name, folder / f"{stem}{'.fp16' * ('.fp16.' in name)}.safetensors")])
+            return [folder / name]
+    for name in (f"{stem}.bin.index.json", f"pytorch_{stem}.bin.index.json"):
         if (folder / name).is_file():
             if not allow_pickle:
-                raise _pickle_refusal(folder / name)
-            return [folder / name]
+                raise CheckpointError(f"{folder / name}: sharded pickle weights, which can run arbitrary code when "
+                                      "loaded: pass allow_pickle=True (--allow-pickle) where you trust them, or "
+                                      "save the model again with diffusers' save_pretrained(safe_serialization=True)")
+            return _shards(folder / name)
     raise CheckpointError(f"{folder}: no weights: expected {stem}.safetensors (or sharded "
                           f"{stem}.safetensors.index.json, or the {stem}.fp16.safetensors variant)")
 

@@ -10,8 +10,11 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import shutil
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -338,7 +341,8 @@ def test_pickle_refused_with_a_working_recipe_and_allowed_on_request(saved, tmp_
     assert "allow_pickle=True" in str(err.value)
     loaded = load_model(ckpt, allow_pickle=True)
     assert_same_tensors(loaded, model)
-    exec(re.search(r'python -c "(.*)"', str(err.value))[1])  # the conversion one-liner the message gives
+    recipe = re.search(r'python -c "(.*)"', str(err.value))[1]  # the conversion one-liner the message gives
+    subprocess.run([sys.executable, "-c", recipe], check=True, timeout=120)
     assert_same_tensors(load_model(tmp_path / "model.safetensors"), model)
 
 
@@ -432,15 +436,32 @@ def test_bad_folders_say_what_was_expected(saved, tmp_path):
     msg = _error(broken)
     assert str(weights) in msg and "1 missing: conv_in.weight" in msg
 
-    pickled = tmp_path / "pickled"
+    pickled = tmp_path / "pickled"  # an old Hub folder: every component a pickle
     shutil.copytree(root / "folder", pickled)
-    te = pickled / "text_encoder"
-    torch.save(load_file(te / "model.safetensors"), te / "pytorch_model.bin")  # transformers' pickle name
-    (te / "model.safetensors").unlink()
-    assert "pickle checkpoints can run arbitrary code" in _error(pickled)
+    for part, stem, name in (("unet", "diffusion_pytorch_model", "diffusion_pytorch_model.bin"),
+                             ("vae", "diffusion_pytorch_model", "diffusion_pytorch_model.bin"),
+                             ("text_encoder", "model", "pytorch_model.bin")):  # transformers' pickle name
+        torch.save(load_file(pickled / part / f"{stem}.safetensors"), pickled / part / name)
+        (pickled / part / f"{stem}.safetensors").unlink()
+    msg = _error(pickled)  # all three in one error, and one command that converts them to the names read
+    assert msg.startswith(f"3 pickle weight files ({pickled / 'unet'}") and "can run arbitrary code" in msg
     assert_same_tensors(load_model(pickled, allow_pickle=True), saved[0])
-    (te / "pytorch_model.bin").unlink()
-    assert "no weights: expected model.safetensors" in _error(pickled)
+    subprocess.run([sys.executable, "-c", shlex.split(msg.split("python -c ", 1)[1])[0]], check=True, timeout=120)
+    assert_same_tensors(load_model(pickled), saved[0])  # it converted text_encoder/pytorch_model.bin to model.*
+    for part in ("unet", "vae", "text_encoder"):
+        for f in (pickled / part).glob("*.safetensors"):
+            f.unlink()
+    sd = load_file(root / "folder" / "unet" / "diffusion_pytorch_model.safetensors")  # diffusers' sharded pickle
+    half = sorted(sd)[:len(sd) // 2]
+    for i, keys in ((1, half), (2, [k for k in sd if k not in half])):
+        torch.save({k: sd[k] for k in keys}, pickled / "unet" / f"diffusion_pytorch_model-0000{i}-of-00002.bin")
+    (pickled / "unet" / "diffusion_pytorch_model.bin").unlink()
+    (pickled / "unet" / "diffusion_pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {
+        k: f"diffusion_pytorch_model-0000{1 if k in half else 2}-of-00002.bin" for k in sd}}))
+    assert "diffusion_pytorch_model.bin.index.json: sharded pickle weights" in _error(pickled)
+    assert_same_tensors(load_model(pickled, allow_pickle=True), saved[0])
+    (pickled / "text_encoder" / "pytorch_model.bin").unlink()
+    assert "no weights: expected model.safetensors" in _error(pickled, allow_pickle=True)
 
 
 def test_mask_conditioned_vae_folder(tmp_path):
