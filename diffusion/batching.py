@@ -47,7 +47,9 @@ DIFFUSERS_INSTEAD = {
     "ip_adapter_image": _NO_IP_ADAPTER, "ip_adapter_image_embeds": _NO_IP_ADAPTER,
     "safety_checker": _NO_SAFETY_CHECKER, "requires_safety_checker": _NO_SAFETY_CHECKER,
     "feature_extractor": _NO_SAFETY_CHECKER,
-    "variant": "give the folder or .safetensors file to load", "use_safetensors": "only .safetensors are read",
+    "variant": "leave it out: a folder's *.fp16.safetensors files are read where the full-precision ones are "
+               "absent, and dtype=torch.float16 (torch_dtype=) runs in fp16",
+    "use_safetensors": "only .safetensors are read (True is taken)",
     "adapter_name": "LoRAs are merged into the weights, not kept as named adapters; unload_lora_weights() undoes "
                     "them all",
     "weight_name": "give the LoRA file's own path: load_lora_weights(folder / weight_name)",
@@ -67,7 +69,7 @@ DIFFUSERS_INSTEAD = {
 
 # diffusers' arguments whose "off" value asks for what Backdrop does anyway: taken with that value, refused with another
 DIFFUSERS_OFF = {"safety_checker": None, "requires_safety_checker": False, "feature_extractor": None,
-                 "load_safety_checker": False, "local_files_only": True}
+                 "load_safety_checker": False, "local_files_only": True, "use_safetensors": True}
 
 
 def diffusers_names(fn: Callable) -> Callable:

@@ -32,6 +32,7 @@ from .ldm_keys import VAE as VAE_PREFIX
 from .ldm_keys import (FOLDER_EXTRAS, UNET, CheckpointError, MissingFile, Src, clip_prefix, detect_config,
                        diffusers_configs, folder_key, from_ldm, known_extras, ldm_names, ldm_shape,
                        prediction_type_of_ldm_config, to_ldm, vae_config, vae_names)
+from .resolve import hub_snapshot
 from .tokenizer import Tokenizer
 from .weight_files import PickleRefused, _json, _Reader, _weight_files
 from .unet import UNet
@@ -221,6 +222,34 @@ def _component_plan(folder: Path, c: str, m: nn.Module, allow_pickle: bool) -> t
     return m, names, reader
 
 
+# model_index.json's _class_name prefixes of the diffusers pipelines whose models are not SD 1.x/2.x: named in
+# the refusal, where the first unsupported config key or missing folder would have read like a damaged download
+OTHER_FAMILIES = {"StableDiffusionXL": "an SDXL model", "StableDiffusion3": "a Stable Diffusion 3 model",
+                  "StableDiffusionUpscale": "an upscaler", "StableDiffusionLatentUpscale": "an upscaler",
+                  "StableUnCLIP": "an unCLIP model", "Kandinsky": "a Kandinsky model", "IF": "a DeepFloyd IF model",
+                  "StableCascade": "a Stable Cascade model", "Wuerstchen": "a Wuerstchen model",
+                  "PixArt": "a PixArt model", "Flux": "a FLUX model", "StableVideoDiffusion": "a video model"}
+_USED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor")
+
+
+def _check_model_index(root: Path, scheduler: dict) -> None:
+    """Refuse another model family by name; warn of the parts of the folder that are not used (a ControlNet, an
+    IP-adapter's image encoder) and of an LCM scheduler, whose model wants sampler "lcm"."""
+    index = _json(root / "model_index.json")
+    name = str(index.get("_class_name", ""))
+    family = next((what for prefix, what in OTHER_FAMILIES.items() if name.startswith(prefix)), None)
+    if family is not None:
+        raise CheckpointError(f"{root}: {family} ({name}, model_index.json); Backdrop runs Stable Diffusion 1.x/2.x")
+    unused = [k for k, v in index.items() if not k.startswith("_") and k not in _USED and isinstance(v, list)
+              and any(v)]
+    if unused:
+        log.warning("%s: %s not used (Backdrop runs the UNet, VAE and text encoder of %s)", root,
+                    ", ".join(f"{k}/" for k in unused), name or "the folder")
+    if scheduler.get("_class_name") == "LCMScheduler":
+        log.warning("%s: its scheduler is LCMScheduler: an LCM model wants sampler=\"lcm\" (--sampler lcm), about "
+                    "4 steps and guidance_scale 1; other samplers give poor images", root)
+
+
 def _load_folder(root: Path, dtype, device, prediction_type, allow_pickle, vae: VAE | None) -> Model:
     if not (root / "model_index.json").is_file():
         if (root / "final" / "model_index.json").is_file():  # `backdrop train`'s --out
@@ -231,6 +260,8 @@ def _load_folder(root: Path, dtype, device, prediction_type, allow_pickle, vae: 
         raise CheckpointError(f"{root}: not a model folder: expected a diffusers Stable Diffusion folder "
                               "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or an LDM "
                               "single .safetensors file")
+    scheduler_file = root / "scheduler" / "scheduler_config.json"
+    _check_model_index(root, _json(scheduler_file) if scheduler_file.is_file() else {})
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (root / sub).is_dir() and not (sub == "vae" and vae is not None):
             raise CheckpointError(f"{root}: model folder has no {sub}/ (a diffusers Stable Diffusion folder has "
@@ -239,7 +270,7 @@ def _load_folder(root: Path, dtype, device, prediction_type, allow_pickle, vae: 
         tokenizer = Tokenizer.from_folder(root / "tokenizer")
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{root / 'tokenizer'}: {e}") from None
-    sched = _json(root / "scheduler" / "scheduler_config.json")
+    sched = _json(scheduler_file)
     try:
         unet = UNetConfig.from_diffusers(_json(root / "unet" / "config.json"), str(root / "unet" / "config.json"))
         vae_cfg = vae.cfg if vae is not None else VAEConfig.from_diffusers(_json(root / "vae" / "config.json"),
@@ -254,8 +285,8 @@ def _load_folder(root: Path, dtype, device, prediction_type, allow_pickle, vae: 
                                   f"tokenizer has {tokenizer.vocab_size} tokens (an added token's file missing?)")
     except CheckpointError:
         raise
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{root}: {e}") from None
+    except (ValueError, TypeError) as e:  # a config file's own message names the file already
+        raise CheckpointError(str(e) if str(e).startswith(str(root)) else f"{root}: {e}") from None
     modules = _meta_modules(cfg)
     if vae is not None:
         modules["vae"] = vae
@@ -326,7 +357,7 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", predictio
     """
     if prediction_type not in (None, *PREDICTION_TYPES):
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    path = Path(path)
+    path = hub_snapshot(Path(path))  # a Hugging Face cache entry: the snapshot its refs/main names
     if not path.exists():
         raise MissingFile(f"{path}: no such file or folder")
     given = load_vae(vae, dtype, device, allow_pickle) if vae is not None else None

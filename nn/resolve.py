@@ -10,6 +10,7 @@ bf16 for full-size models, which we measured 2x faster than fp32 with images at 
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -17,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-__all__ = ["builtin_models", "resolve_model", "default_device", "default_dtype", "unet_width", "parse_dtype",
-           "DTYPES", "SMALL_UNET_WIDTH"]
+__all__ = ["builtin_models", "resolve_model", "hub_snapshot", "default_device", "default_dtype", "unet_width",
+           "parse_dtype", "DTYPES", "SMALL_UNET_WIDTH"]
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -34,16 +35,44 @@ def builtin_models() -> dict[str, Path]:
 
 
 def resolve_model(path_or_name) -> Path:
-    """A model folder or .safetensors file, or a built-in model's name ("backdrop-tiny" -> assets/backdrop-tiny/)."""
+    """A model folder or .safetensors file, or a built-in model's name ("backdrop-tiny" -> assets/backdrop-tiny/),
+    or a model the Hugging Face hub client downloaded: its cache entry (models--org--name) or repo id (org/name,
+    looked up in the local cache only: $HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub) means the
+    snapshot its refs/main names."""
     path = Path(path_or_name).expanduser()
     if path.exists():
-        return path
+        return hub_snapshot(path)
     known = builtin_models()
     if str(path_or_name) in known:
         return known[str(path_or_name)]
+    parts = str(path_or_name).split("/")
+    if len(parts) == 2 and all(parts):
+        entry = _hub_cache() / f"models--{parts[0]}--{parts[1]}"
+        if entry.is_dir():
+            return hub_snapshot(entry)
     listed = ", ".join(known) or "none installed (backdrop-tiny ships with the training issue)"
     raise FileNotFoundError(f"model {str(path_or_name)!r}: no such file or folder, and not a built-in model "
                             f"(built-in: {listed}); pass a diffusers model folder or a .safetensors file")
+
+
+def _hub_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME") or "~/.cache/huggingface").expanduser() / "hub"
+
+
+def hub_snapshot(path: Path) -> Path:
+    """A hub cache entry's snapshot (refs/main names it); any other path as it is."""
+    if not (path.is_dir() and (path / "snapshots").is_dir() and path.name.startswith("models--")):
+        return path
+    ref = path / "refs" / "main"
+    snapshots = sorted(p for p in (path / "snapshots").iterdir() if p.is_dir())
+    chosen = (path / "snapshots" / ref.read_text().strip()) if ref.is_file() else \
+        (snapshots[0] if len(snapshots) == 1 else None)
+    if chosen is None or not chosen.is_dir():
+        raise FileNotFoundError(f"{path}: a Hugging Face cache entry without a snapshot refs/main names "
+                                f"({len(snapshots)} in snapshots/); give the snapshot folder itself")
+    return chosen
 
 
 def default_device() -> torch.device:

@@ -4,6 +4,7 @@ folder's weight files, and the refusal of pickle files with the one-line convers
 from __future__ import annotations
 
 import json
+import logging
 import math
 import struct
 from pathlib import Path
@@ -14,6 +15,8 @@ from safetensors import SafetensorError, safe_open
 from .ldm_keys import CheckpointError, MissingFile
 
 __all__ = ["PICKLE_SUFFIXES", "adapter_file", "stored_dtype"]
+
+log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
@@ -194,9 +197,13 @@ def _shards(index: Path) -> list[Path]:
 
 def _weight_files(folder: Path, stem: str, allow_pickle: bool) -> list[Path]:
     """A component folder's weights: `stem`.safetensors, else sharded, else the .fp16 variant (diffusers naming)."""
+    full_pickle = [folder / n for n in (f"{stem}.bin", f"pytorch_{stem}.bin") if (folder / n).is_file()]
     for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{stem}.fp16.safetensors",
                  f"{stem}.safetensors.index.fp16.json"):
         if (folder / name).is_file():
+            if "fp16" in name and full_pickle:  # diffusers, not asked for the variant, would read the pickle
+                log.warning("%s: reading the fp16 variant %s; the full-precision weights are in %s, a pickle: "
+                            "convert it to %s.safetensors to read those", folder, name, full_pickle[0].name, stem)
             return _shards(folder / name) if name.endswith(".json") else [folder / name]
     for name in (f"{stem}.bin", f"pytorch_{stem}.bin", f"{stem}.fp16.bin", f"pytorch_{stem}.fp16.bin"):
         if (folder / name).is_file():  # converted, it is read as the .safetensors name of its variant
@@ -210,6 +217,9 @@ def _weight_files(folder: Path, stem: str, allow_pickle: bool) -> list[Path]:
                                       "loaded: pass allow_pickle=True (--allow-pickle) where you trust them, or "
                                       "save the model again with diffusers' save_pretrained(safe_serialization=True)")
             return _shards(folder / name)
+    if broken := sorted(p.name for p in folder.glob(f"*{stem}*") if p.is_symlink() and not p.exists()):
+        raise CheckpointError(f"{folder}: {', '.join(broken)}: a link whose target is gone (a Hugging Face cache "
+                              "blob deleted?): download the model again")
     raise CheckpointError(f"{folder}: no weights: expected {stem}.safetensors (or sharded "
                           f"{stem}.safetensors.index.json, or the {stem}.fp16.safetensors variant)")
 
