@@ -245,6 +245,10 @@ def what_file(shapes: Mapping) -> str | None:
         return "a LoRA, not a model: load a model and merge it with --lora / pipe.load_lora_weights"
     if keys and all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", VAE)) for k in keys):
         return "a VAE alone, not a model: give it beside a model with --vae / vae="
+    if "conv_in.weight" in shapes and any(k.startswith(("down_blocks.", "mid_block.")) for k in keys):
+        return "a diffusers UNet's weights (unet/ of a model folder), not a model: give the model folder"
+    if keys and all(k.startswith("text_model.") for k in keys):
+        return "a text encoder alone (text_encoder/ of a model folder), not a model: give the model folder"
     has = {what: any(k.startswith(p) for k in keys) for what, p in (("UNet", UNET), ("VAE", VAE))}
     if has["UNet"] and not any(k.startswith(("cond_stage_model.", CLIP, OPENCLIP)) for k in keys):
         return "a UNet" + (" and VAE" if has["VAE"] else "") + " without the text encoder a model needs"

@@ -132,6 +132,9 @@ def test_a_vae_given_beside_the_model(tmp_path):
     ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 8)}, "a LoRA, not a model: .*--lora"),
     ({"encoder.conv_in.weight": (8, 3, 3, 3), "decoder.conv_out.weight": (3, 8, 3, 3)}, "a VAE alone, .*--vae"),
     ({ldm_keys.UNET + "input_blocks.0.0.weight": (8, 4, 3, 3)}, "a UNet without the text encoder"),
+    ({"conv_in.weight": (8, 4, 3, 3), "down_blocks.0.resnets.0.conv1.weight": (8, 8, 3, 3)},  # unet/ of a folder
+     "a diffusers UNet's weights .unet/ of a model folder., not a model: give the model folder"),
+    ({"text_model.embeddings.token_embedding.weight": (49408, 8)}, "a text encoder alone"),
 ])
 def test_files_that_are_not_models_say_what_they_are(tmp_path, keys, says):
     path = write(tmp_path, "file.safetensors", {k: torch.zeros(s) for k, s in keys.items()})
