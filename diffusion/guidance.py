@@ -23,7 +23,7 @@ import torch
 from backdrop.diffusion.schedule import Schedule
 from backdrop.nn.config import PREDICTION_TYPES
 
-__all__ = ["Denoiser", "CFGDenoiser", "rescale_noise_cfg"]
+__all__ = ["Denoiser", "CFGDenoiser", "rescale_noise_cfg", "check_start"]
 
 
 
@@ -45,6 +45,15 @@ def _column(value, like: torch.Tensor):
     return value
 
 
+def check_start(schedule: Schedule, prediction_type: str) -> None:
+    """Refuse a schedule that starts at sigma = inf (zero terminal SNR with DDIM/DDPM/LCM) for an epsilon model,
+    which cannot predict x0 there (the server checks it before queueing: in a batch it would fail its neighbours)."""
+    if prediction_type == "epsilon" and math.isinf(float(schedule.sigmas[0])):
+        raise ValueError(f"zero terminal SNR (rescale_betas_zero_snr) with {schedule.sampler} starts at sigma = "
+                         "inf, where an epsilon-prediction model cannot predict x0; use a v_prediction model, or "
+                         "a sampler that starts below it (euler, dpmpp-2m, ...)")
+
+
 class Denoiser:
     """`denoised = Denoiser(unet, schedule, prediction_type)(x, sigma, context=None, c_concat=None)`.
 
@@ -56,9 +65,7 @@ class Denoiser:
     def __init__(self, unet: Callable, schedule: Schedule, prediction_type: str = "epsilon"):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-        if prediction_type == "epsilon" and math.isinf(float(schedule.sigmas[0])):
-            raise ValueError(f"zero terminal SNR (rescale_betas_zero_snr) with {schedule.sampler} starts at sigma = "
-                             "inf, where an epsilon-prediction model cannot predict x0; use a v_prediction model")
+        check_start(schedule, prediction_type)
         self.unet, self.schedule, self.prediction_type = unet, schedule, prediction_type
 
     # ------------------------------------------------------------------------------------------------ scalings

@@ -56,6 +56,8 @@ def _array(x, name: str, hint: str = " (a [-1, 1] image needs (x + 1) / 2 first)
         x = x[..., None]  # (H, W) -> (H, W, 1)
     if x.ndim != 3:
         raise ValueError(f"{name}: expected (H, W) or (H, W, C) arrays / (C, H, W) tensors, got shape {x.shape}")
+    if not x.shape[0] or not x.shape[1]:
+        raise ValueError(f"{name}: has no pixels (shape {x.shape})")
     if x.dtype == np.bool_:
         return x.astype(np.uint8) * 255
     if np.issubdtype(x.dtype, np.floating):

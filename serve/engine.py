@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -43,13 +44,13 @@ class ServeKey(BatchKey):
 
 @dataclass(frozen=True)
 class Item:
-    """One image to make. `image` (RGB) and `mask` (L, white = repaint) only for inpainting."""
+    """One image to make. `image` (RGB) and `mask` ((H, W) float32 in [0, 1], 1 = repaint) only for inpainting."""
     prompt: str
     seed: int
     negative_prompt: str = ""
     strength: float = 1.0
     image: Image.Image | None = None
-    mask: Image.Image | None = None
+    mask: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

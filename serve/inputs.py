@@ -128,17 +128,18 @@ def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
     return from_file(im)  # upright; 16-bit, CMYK, ...: to what masks.py reads; its RGB profile kept
 
 
-def repaint_mask(kind: str, value: Image.Image, size: tuple[int, int], param: str) -> Image.Image:
-    """Any mask convention (masks.to_repaint_mask) -> mode "L", white = repaint, the same pixels exactly
-    (the float mask holds uint8 / 255), so every request of a batch uses the Pipeline's `mask=` form. An empty mask
-    is all black: the Pipeline returns the input unchanged (/v1/inpaint); edits refuse it (require_edit_area)."""
+def repaint_mask(kind: str, value: Image.Image, size: tuple[int, int], param: str) -> np.ndarray:
+    """Any mask convention (masks.to_repaint_mask) -> (H, W) float32 in [0, 1], 1 = repaint, so every request of a
+    batch uses the Pipeline's `mask=` form with the very values the Python API would use (an 8-bit image of it was
+    read again, and a mask peaking at 1/255 taken for a 0/1 label map: repainted whole). An empty mask is all 0:
+    the Pipeline returns the input unchanged (/v1/inpaint); edits refuse it (require_edit_area)."""
     try:
         m = M.to_repaint_mask(**{kind: value}, size=size, label=param)  # (1, 1, H, W)
     except M.EmptyMask:
-        return Image.new("L", (size[1], size[0]), 0)
+        return np.zeros(size, np.float32)
     except ValueError as e:
         raise APIError(400, str(e), param=param, code="invalid_mask") from None
-    return Image.fromarray((m[0, 0].numpy() * 255).round().astype(np.uint8), "L")
+    return m[0, 0].numpy().astype(np.float32)
 
 
 def require_transparency(image: Image.Image) -> None:
@@ -150,10 +151,10 @@ def require_transparency(image: Image.Image) -> None:
                        code="invalid_image")
 
 
-def require_edit_area(repaint: Image.Image, param: str) -> None:
+def require_edit_area(repaint: np.ndarray, param: str) -> None:
     """OpenAI edits repaint the fully transparent pixels (alpha 0) of the mask, or of the image without one: a
     `param` with none of them marks nothing to edit, and its edit would return the input unchanged."""
-    if repaint.getextrema()[1] < 255:  # white = alpha 0
+    if repaint.max() < 1:  # 1 = alpha 0
         raise APIError(400, f"{param} has no fully transparent pixel (alpha 0), so nothing marks what to edit: make "
                        "the pixels to repaint transparent" + (", or send a mask" if param == "image" else ""),
                        param=param, code="invalid_image" if param == "image" else "invalid_mask")

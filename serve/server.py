@@ -57,6 +57,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
+from backdrop.diffusion.guidance import check_start
 from backdrop.diffusion.masks import default_mask_blur
 from backdrop.diffusion.pipeline import Pipeline
 from backdrop.diffusion.samplers import check_eta
@@ -139,10 +140,14 @@ class _Handlers:
         1000; int(steps * strength) = 0 leaves no step) before it is queued: in a batch it would fail every request
         beside it."""
         try:
-            build_schedule(sampler, steps, self.engine.pipe.config.scheduler).img2img(strength)
+            schedule = build_schedule(sampler, steps, self.engine.pipe.config.scheduler).img2img(strength)
         except ValueError as e:
             raise APIError(400, str(e), param="strength" if "strength" in str(e) else "steps",
                            code="invalid_value") from None
+        try:  # an epsilon model at sigma = inf (zero terminal SNR): it failed in the batch, a 500
+            check_start(schedule, self.engine.pipe.config.prediction_type)
+        except ValueError as e:
+            raise APIError(400, str(e), param="sampler", code="invalid_value") from None
 
     def _size(self, value) -> tuple[int, int] | None:
         if value is None or value == "auto":
@@ -397,8 +402,8 @@ class _Handlers:
         key = self._key("inpaint", (image.height, image.width), steps, sampler, **options)
         items = [Item(prompt, seed + j, negative, strength, image, repaint) for j in range(n)]
         images = await self._run(request, key, items, timeout)
-        top, cut = repaint.getextrema()[1], options["mask_threshold"]  # as the Pipeline binarises: float32 >= cut
-        unchanged = top == 0 or (cut is not None and bool(np.float32(top) / np.float32(255) < np.float32(cut)))
+        top, cut = repaint.max(), options["mask_threshold"]  # the Pipeline's float32 mask, binarised at >= cut
+        unchanged = bool(top == 0 or (cut is not None and top < np.float32(cut)))
         return await self._respond(request, images, items, fmt, unchanged=unchanged)
 
     async def download(self, request: Request) -> Response:

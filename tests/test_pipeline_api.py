@@ -486,3 +486,13 @@ CALLS = {
     "generate 9ch": lambda m: m["sd1-inpaint"].pipe.generate("x", steps=2, seed=1, output_type="np",
                                                              progress=False).images,
 }
+
+
+def test_an_image_without_pixels_is_a_value_error_naming_it(models):
+    """A 0-pixel image escaped inpaint as an IndexError from a reduction over no pixels."""
+    pipe = models["sd1-inpaint"].pipe
+    for call in (lambda: pipe.inpaint(np.zeros((0, 64, 3), np.uint8), mask=np.zeros((0, 64), np.uint8), prompt="x"),
+                 lambda: pipe.inpaint(np.zeros((0, 64, 4), np.uint8), prompt="x"),
+                 lambda: pipe.img2img(Image.new("RGB", (0, 64)), prompt="x")):
+        with pytest.raises(ValueError, match=r"image\[0\]: has no pixels \(shape \("):
+            call()
