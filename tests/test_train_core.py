@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -89,8 +90,8 @@ def test_loss_falls_and_ema(tmp_path):
     assert all(torch.equal(loaded[k], ema[k]) for k in ema)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_resume_equals_straight_run(tmp_path, precision):
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])  # fp16: the grad scaler's state resumes too (it
+def test_resume_equals_straight_run(tmp_path, precision):  # crashed: "Attempted update but _scale is None")
     cfg = TrainConfig(steps=12, batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=3, ema_decay=0.95, save_every=5,
                       keep_last=5, precision=precision)
     straight = Trainer(Regression(), Loader(4), cfg, tmp_path / "a", progress=False)
@@ -109,6 +110,7 @@ def test_resume_equals_straight_run(tmp_path, precision):
     a, b = _weights(straight.module), _weights(resumed.module)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the straight run"
     assert all(torch.equal(straight.ema.shadow[k], resumed.ema.shadow[k]) for k in a)
+    assert straight.scaler.state_dict() == resumed.scaler.state_dict()
 
 
 def test_a_stop_request_saves_the_step_it_ends_and_resumes_exactly(tmp_path):
@@ -158,6 +160,25 @@ def test_keep_last_and_resolve(tmp_path):
     assert ckpt.resolve(tmp_path).name == "step-00000006"
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         ckpt.resolve(tmp_path / "nothing")
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, capsys, monkeypatch):
+    """Resumed from step 2 of a run that saved 2, 4 and 6, the new run's checkpoints were pruned at once (4 and 6
+    ranked higher) and --resume latest then picked the old step 6. A step saved again replaces its checkpoint
+    whole, or leaves the old one if the rename fails (it was deleted first)."""
+    cfg = TrainConfig(steps=6, batch_size=2, save_every=2, keep_last=3)
+    Trainer(Regression(), Loader(2), cfg, tmp_path, progress=False).fit()
+    again = Trainer(Regression(), Loader(2), replace(cfg, steps=3, keep_last=2), tmp_path, progress=False)
+    again.resume(tmp_path / "checkpoints" / "step-00000002")
+    assert "set aside as abandoned-step-00000004, abandoned-step-00000006" in capsys.readouterr().err
+    again.fit()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step-00000002", "step-00000003"]
+    assert ckpt.resolve(tmp_path).name == "step-00000003"
+    monkeypatch.setattr(ckpt.os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(28, "No space left")) if
+                        ".tmp-" in str(a) else os.rename(a, b))
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(tmp_path / "checkpoints", 3, {"w": torch.ones(1)}, {"step": 3})
+    assert ckpt.load_checkpoint(tmp_path)[1]["step"] == 3  # the step's old checkpoint, whole
 
 
 def test_half_written_checkpoint_is_never_picked(tmp_path):

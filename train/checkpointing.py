@@ -51,15 +51,36 @@ def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, torch
     except (OSError, SafetensorError) as e:  # safetensors reports I/O errors (a full disk) as SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)  # give the space back at once
         raise SaveError(f"{final}: cannot write the checkpoint ({' '.join(str(e).split())})") from None
-    if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    old = root / f".old-{final.name}-{os.getpid()}"
+    if final.exists():  # re-saving the same step (e.g. the final save after a periodic one): swapped, then the old
+        os.replace(final, old)  # one removed (removing it first left no checkpoint of the step for as long as that
+    try:  # took, or for good if the rename then failed)
+        os.replace(tmp, final)
+    except OSError:
+        if old.exists():
+            os.replace(old, final)
+        raise
     fsync(root)
+    shutil.rmtree(old, ignore_errors=True)
     for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def set_aside_after(root: str | os.PathLike, step: int) -> list[Path]:
+    """Rename the complete checkpoints past `step` under `root` to abandoned-step-N: a run resumed from an earlier
+    checkpoint in its own folder goes another way from there, and those of the way given up outranked its own (the
+    pruning kept them and deleted the new ones; --resume latest picked them). Returns their new paths."""
+    moved = []
+    for path in list_checkpoints(root):
+        if int(path.name[len(PREFIX):]) > step:
+            dest = path.with_name(f"abandoned-{path.name}")
+            dest = dest if not dest.exists() else dest.with_name(f"{dest.name}-{os.getpid()}")
+            os.replace(path, dest)
+            moved.append(dest)
+    return moved
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:

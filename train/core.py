@@ -165,7 +165,8 @@ class Trainer:
     """Runs `cfg.steps` optimizer steps of `stage` over `loader` and writes checkpoints under `out/`.
 
     `loader` is an iterator of batches with `state_dict()` / `load_state_dict()` (its position), already sharded for
-    this process's rank; with `continue_from(states)` too, it resumes checkpoints of another number of processes. Under torchrun, call `torch.distributed.init_process_group` before creating the Trainer.
+    this process's rank; with `continue_from(states)` too, it resumes checkpoints of another number of processes.
+    Under torchrun, call `torch.distributed.init_process_group` before creating the Trainer.
     `run` (JSON-able) is written into each checkpoint's meta.json as "run", for whoever resumes it to compare.
     """
 
@@ -214,8 +215,6 @@ class Trainer:
             tensors |= {f"ema.{k}": v for k, v in self.ema.shadow.items()}
         opt_tensors, opt_meta = ckpt.flatten_optimizer(self.optimizer.state_dict())
         tensors |= {f"optim.{k}": v for k, v in opt_tensors.items()}
-        if self.scaler.is_enabled():
-            tensors["scaler.scale"] = torch.tensor(float(self.scaler.get_scale()))
         per_rank = [(rng.state(self.generator), self.loader.state_dict())]
         if self.world > 1:
             gathered = [None] * self.world
@@ -224,7 +223,8 @@ class Trainer:
         for r, ((rng_tensors, _), _) in enumerate(per_rank):
             tensors |= {f"rng.{r}.{k}": v for k, v in rng_tensors.items()}
         meta = {"step": self.step, "config": asdict(self.cfg), "optimizer": opt_meta, "world_size": self.world,
-                "rng": [m for (_, m), _ in per_rank], "data": [d for _, d in per_rank], "run": self.run}
+                "rng": [m for (_, m), _ in per_rank], "data": [d for _, d in per_rank], "run": self.run,
+                "scaler": self.scaler.state_dict()}  # fp16: its scale and growth tracker ({} otherwise)
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -250,8 +250,9 @@ class Trainer:
                 raise ValueError("the checkpoint's EMA weights do not match this run's model")
             self.ema.shadow = {k: v.float().clone() for k, v in ema.items()}
         self.optimizer.load_state_dict(ckpt.unflatten_optimizer(sub("optim."), meta["optimizer"]))
-        if self.scaler.is_enabled() and "scaler.scale" in tensors:
-            self.scaler.update(float(tensors["scaler.scale"]))
+        saved = meta.get("scaler") or ({"scale": float(tensors["scaler.scale"])} if "scaler.scale" in tensors else {})
+        if self.scaler.is_enabled() and saved:  # (older checkpoints kept the scale alone, as a tensor)
+            self.scaler.load_state_dict({**self.scaler.state_dict(), **saved})
         self.step = int(meta["step"])
         if before == self.world:
             rng.set_state(sub(f"rng.{self.rank}."), meta["rng"][self.rank], self.generator)
@@ -260,6 +261,9 @@ class Trainer:
             self._take_over(before, meta)
         if self.rank == 0:
             self._forget_logged_steps_after(self.step)
+            if moved := ckpt.set_aside_after(self.out / "checkpoints", self.step):
+                print(f"warning: resumed at step {self.step}: this folder's later checkpoints belong to the run given "
+                      f"up there, and are set aside as {', '.join(p.name for p in moved)}", file=sys.stderr)
 
     def _take_over(self, before: int, meta: dict) -> None:
         """Go on from a checkpoint written by `before` processes with this run's number (torchrun elastic, a job
