@@ -103,7 +103,10 @@ class FolderLock:
             pass
         for pattern in stale:
             for path in Path(folder).glob(pattern):
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                try:
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                except OSError:  # another user's, in a shared sticky folder: not ours to remove, and in no one's way
+                    pass
 
     def _open(self) -> int:
         try:

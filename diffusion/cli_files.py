@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import sys
 import tempfile
 import unicodedata
@@ -37,19 +38,37 @@ class Job:
     mask_file: str | None = None  # the --mask / --product-mask file this image uses
     icc: bytes | None = None  # the input's RGB ICC profile, carried over to its outputs
     size: tuple[int, int] | None = None  # the image's (W, H) as read: one UNet batch holds one size
+    stamps: tuple = ()  # (size, mtime, inode) of its files when checked: Job.load reads them again only if equal
+
+    def release(self) -> None:
+        """Let the checked pixels go (5000 photos of 1024² and their masks, all held, would take 20 GB): Job.load
+        reads them again for their batch. Inputs that are no regular files (a pipe, /dev/stdin) are kept."""
+        files = [f for f in (self.source, self.mask_file) if f is not None]
+        stats = [os.stat(f) for f in files]
+        if all(stat.S_ISREG(st.st_mode) for st in stats):
+            self.stamps, self.inputs = tuple(_stamp(st) for st in stats), {}
 
     def load(self, args) -> dict:
-        """The Pipeline's inputs, read again from the files: read_jobs checks every input, then lets its pixels go
-        (5000 photos of 1024² and their masks, all held, would take 20 GB), so each batch reads its own."""
+        """The Pipeline's inputs: as checked, or read again from their files if released, which must not have
+        changed since (a photo replaced by another of its size was used silently)."""
         if self.source is None or self.inputs:
             return self.inputs
+        files = [f for f in (self.source, self.mask_file) if f is not None]
+        try:
+            same = tuple(_stamp(os.stat(f)) for f in files) == self.stamps
+        except OSError:
+            same = False
+        if not same:
+            raise CLIError(f"image {self.source}" + (f" or its mask {self.mask_file}" if self.mask_file else "") +
+                           " changed while this run went on; run again (--skip-existing keeps what was made)")
         inputs, key = {"image": _open(self.source, "image", quiet=True)}, _mask_option(args)
         if key is not None:
             inputs[key] = _open(self.mask_file, key.replace("_", " "), quiet=True)
-        if any(im.size != self.size for im in inputs.values()):
-            raise CLIError(f"image {self.source} or its mask changed while this run went on (it was "
-                           f"{self.size[0]}x{self.size[1]}); run again")
         return inputs
+
+
+def _stamp(st: os.stat_result) -> tuple:
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
 
 
 @dataclass(frozen=True)
@@ -250,7 +269,7 @@ def read_jobs(args) -> list[Job]:
         jobs.append(job := _read_job(args, path, problems, listings))
         if job is not None:
             warnings.append(_nothing_kept(args, job))
-            job.inputs = {}  # checked: its pixels are let go, and read again for its batch (Job.load)
+            job.release()  # checked: its pixels are let go, and read again for its batch (Job.load)
     if problems:
         head = "" if len(problems) == 1 else f"{len(problems)} problems with the inputs: "
         raise CLIError(head + "; ".join(problems))

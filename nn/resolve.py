@@ -56,19 +56,22 @@ def resolve_model(path_or_name) -> Path:
 
 
 def _hub_cache() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    return Path(os.environ.get("HF_HOME") or "~/.cache/huggingface").expanduser() / "hub"
+    """Where huggingface_hub keeps its downloads (its own order of variables)."""
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(name):
+            return Path(os.environ[name]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
 
 
 def hub_snapshot(path: Path) -> Path:
     """A hub cache entry's snapshot (refs/main names it); any other path as it is."""
     if not (path.is_dir() and (path / "snapshots").is_dir() and path.name.startswith("models--")):
         return path
-    ref = path / "refs" / "main"
+    ref = (path / "refs" / "main").read_text().strip() if (path / "refs" / "main").is_file() else ""
     snapshots = sorted(p for p in (path / "snapshots").iterdir() if p.is_dir())
-    chosen = (path / "snapshots" / ref.read_text().strip()) if ref.is_file() else \
-        (snapshots[0] if len(snapshots) == 1 else None)
+    named = ref and ref not in (".", "..") and "/" not in ref  # a commit hash, nothing that leads elsewhere
+    chosen = (path / "snapshots" / ref) if named else (snapshots[0] if len(snapshots) == 1 else None)
     if chosen is None or not chosen.is_dir():
         raise FileNotFoundError(f"{path}: a Hugging Face cache entry without a snapshot refs/main names "
                                 f"({len(snapshots)} in snapshots/); give the snapshot folder itself")

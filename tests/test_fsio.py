@@ -65,3 +65,16 @@ def test_the_umask_is_read_without_setting_it(monkeypatch):
         monkeypatch.undo()
         os.umask(mask)
         fsio._umask.cache_clear()
+
+
+def test_a_stale_file_that_is_not_ours_to_remove_is_left(tmp_path, monkeypatch):
+    """Another user's temporary file left by a killed run in a shared sticky --out: removing it is refused, and
+    every run failed with "Operation not permitted"; it is left where it is, and the lock is held."""
+    from pathlib import Path
+
+    (tmp_path / ".x.png.abc.tmp").write_bytes(b"half")
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: (_ for _ in ()).throw(PermissionError(1, "no")))
+    held = FolderLock(tmp_path, stale=(".*.png.*.tmp",))
+    monkeypatch.undo()
+    assert (tmp_path / ".x.png.abc.tmp").exists()
+    held.release()

@@ -75,7 +75,9 @@ def test_a_hub_cache_entry_or_repo_id_opens_its_snapshot(folder, tmp_path, monke
     entry = hub_cache(folder, tmp_path / "hub")
     want = load_model(folder)
     assert same(load_model(entry), want)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    (entry / "refs" / "main").write_text("")  # an empty ref: the one snapshot there (it named snapshots/ itself)
+    assert same(load_model(entry), want)
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "hub"))  # huggingface_hub's older variable
     pipe = Pipeline.from_pretrained("acme/product-sd15", device="cpu", dtype="fp32")
     assert same(pipe.backend.model, want)
     with pytest.raises(FileNotFoundError, match="'acme/other': no such file or folder, and not a built-in model"):

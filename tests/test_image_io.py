@@ -5,7 +5,9 @@ CLI reads their files (upright by EXIF, any mode), masks with transparent pixels
 refused, and corrupt files of every format are one-line CLI errors.
 """
 import io
+import os
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -209,9 +211,17 @@ def test_cli_inputs_are_checked_then_read_again_for_their_batch(tmp_path):
     assert [j.inputs for j in jobs] == [{}, {}] and [j.size for j in jobs] == [(24, 16)] * 2
     inputs = jobs[0].load(args)
     assert np.array_equal(np.asarray(inputs["image"]), rgb) and np.array_equal(np.asarray(inputs["product_mask"]), keep)
-    saved(Image.fromarray(keep[:8]), tmp_path / "masks/b.png")  # replaced by another size while the run went on
-    with pytest.raises(CLIError, match=r"image .*b.png or its mask changed while this run went on \(it was 24x16\)"):
+    saved(Image.fromarray(255 - keep), tmp_path / "masks/b.png")  # replaced while the run went on, even at its size
+    with pytest.raises(CLIError, match=r"image .*b.png or its mask .*masks/b.png changed while this run went on"):
         jobs[1].load(args)
+    fifo = tmp_path / "mask-fifo"  # `--product-mask <(...)`: a pipe is read once, so its pixels are kept
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes((tmp_path / "masks/a.png").read_bytes()))
+    writer.start()
+    args = build_parser().parse_args(["inpaint", str(tmp_path / "a.png"), "--product-mask", str(fifo), "--prompt", "x"])
+    [job] = read_jobs(args)
+    writer.join()
+    assert np.array_equal(np.asarray(job.load(args)["product_mask"]), keep)
 
 
 def test_a_turned_jpeg_mask_is_still_read_as_a_jpeg(tmp_path):
