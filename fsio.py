@@ -110,12 +110,10 @@ class FolderLock:
 
     def _open(self) -> int:
         try:
-            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except PermissionError:  # another user's file (a killed run's), in a folder we may write
             try:
+                return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except PermissionError:  # another user's file (a killed run's), in a folder we may write
                 return os.open(self.path, os.O_RDONLY)
-            except OSError as e:
-                raise OSError(e.errno, f"cannot open the lock file {self.path}: {e.strerror}") from None
         except OSError as e:
             raise OSError(e.errno, f"cannot open the lock file {self.path}: {e.strerror}") from None
 

@@ -292,7 +292,8 @@ def _make(args, jobs, folder: Path) -> int:
     for batch in _batches(tasks, args.batch_size):
         inputs = {}  # a job's n images share its files, read once
         for t in batch:
-            inputs[id(t.job)] = inputs.get(id(t.job)) or t.job.load(args)
+            if id(t.job) not in inputs:
+                inputs[id(t.job)] = t.job.load(args)
         per_item = {k: [inputs[id(t.job)][k] for t in batch] for k in inputs[id(batch[0].job)]}
         out = _call(getattr(pipe, args.kind), args, dict(common, **per_item, seed=[t.seed for t in batch]))
         unchanged += [batch[i].job.name for i in out.unchanged]

@@ -40,11 +40,14 @@ class Job:
     size: tuple[int, int] | None = None  # the image's (W, H) as read: one UNet batch holds one size
     stamps: tuple = ()  # (size, mtime, inode) of its files when checked: Job.load reads them again only if equal
 
+    @property
+    def files(self) -> list[str]:
+        return [f for f in (self.source, self.mask_file) if f is not None]
+
     def release(self) -> None:
         """Let the checked pixels go (5000 photos of 1024² and their masks, all held, would take 20 GB): Job.load
         reads them again for their batch. Inputs that are no regular files (a pipe, /dev/stdin) are kept."""
-        files = [f for f in (self.source, self.mask_file) if f is not None]
-        stats = [os.stat(f) for f in files]
+        stats = [os.stat(f) for f in self.files]
         if all(stat.S_ISREG(st.st_mode) for st in stats):
             self.stamps, self.inputs = tuple(_stamp(st) for st in stats), {}
 
@@ -53,9 +56,8 @@ class Job:
         changed since (a photo replaced by another of its size was used silently)."""
         if self.source is None or self.inputs:
             return self.inputs
-        files = [f for f in (self.source, self.mask_file) if f is not None]
         try:
-            same = tuple(_stamp(os.stat(f)) for f in files) == self.stamps
+            same = tuple(_stamp(os.stat(f)) for f in self.files) == self.stamps
         except OSError:
             same = False
         if not same:

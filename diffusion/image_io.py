@@ -46,7 +46,7 @@ def _eight_bits(im: Image.Image) -> Image.Image:
         return Image.fromarray((a * scale).round().clip(0, 255).astype(np.uint8))
     a = a.astype(np.int64)
     if a.size and a.max() > 255:
-        if a.size and a.max() > 65535:
+        if a.max() > 65535:
             raise ValueError(f"{im.mode} samples up to {a.max()} (more than 16 bits) cannot be read as 8 bits")
         a = a >> 8
     return Image.fromarray(a.clip(0, 255).astype(np.uint8))
@@ -91,10 +91,10 @@ def from_file(im: Image.Image) -> Image.Image:
 def notes(im: Image.Image) -> list[str]:
     """What from_file changes beyond the orientation, for the CLI to say (before from_file, on the opened file)."""
     out = []
-    if im.mode.startswith("I;16") or im.mode == "I":
-        out.append("16 bits a channel: read as its top 8 bits (the output is an 8-bit PNG)" if im.getextrema()[1] > 255
-                   else "16 bits a channel, all under 256: read as 8-bit values")
-    elif im.info.get("bits", 8) == 16:
+    wide = im.mode.startswith("I;16") or im.mode == "I"
+    if wide and im.getextrema()[1] <= 255:
+        out.append("16 bits a channel, all under 256: read as 8-bit values")
+    elif wide or im.info.get("bits", 8) == 16:
         out.append("16 bits a channel: read as its top 8 bits (the output is an 8-bit PNG)")
     if im.mode == "F":
         out.append("floating-point samples: scaled to 8 bits")

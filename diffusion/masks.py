@@ -459,7 +459,5 @@ def feather(mask: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma <= 0:
         return m.clone()
     b = gaussian_blur(m, sigma)
-    r = min(math.ceil(3 * sigma), max(m.shape[-2:]))
-    peak = F.max_pool2d(b, (1, 2 * r + 1), stride=1, padding=(0, r))  # separable max over the kernel's square
-    peak = F.max_pool2d(peak, (2 * r + 1, 1), stride=1, padding=(r, 0))
+    peak = dilate(b, math.ceil(3 * sigma))  # the max over the kernel's square around each pixel
     return torch.minimum(b / peak.clamp_min(1e-12), m).clamp_max(1.0)

@@ -451,16 +451,6 @@ def sample(model, x: torch.Tensor, schedule: Schedule, *, extra_args=None, callb
     what 4-channel inpainting does to x at a level sigma (latents.known_region); the samplers with a model call
     between steps (heun, pndm) apply it there, as diffusers' pipeline blends after each scheduler step call; the
     end of each step is the callback's. bar: tqdm options for the progress bar (file=, desc=, ...)."""
-    token = _BAR.set(dict(bar or {}))
-    try:
-        return _sample(model, x, schedule, extra_args=extra_args, callback=callback, noise_sampler=noise_sampler,
-                       disable=disable, interrupt=interrupt, blend=blend, **options)
-    finally:
-        _BAR.reset(token)
-
-
-def _sample(model, x, schedule: Schedule, *, extra_args, callback, noise_sampler, disable, interrupt, blend,
-            **options) -> torch.Tensor:
     spec = SAMPLERS[schedule.sampler]
     if blend is not None and schedule.sampler in ("heun", "pndm"):
         options["blend"] = blend
@@ -476,5 +466,9 @@ def _sample(model, x, schedule: Schedule, *, extra_args, callback, noise_sampler
                              "guidance.Denoiser does)")
         redo = (schedule.sigma_at(int(schedule.timesteps[1]) + schedule.stride) if schedule.num_steps > 1 else None)
         options.update(sigmas_to=schedule.sigmas_to, sigma_redo=redo, prediction_type=model.prediction_type)
-    return spec.fn(model, x, schedule.sigmas, extra_args=extra_args, callback=callback, noise_sampler=noise_sampler,
-                   disable=disable, interrupt=interrupt, **options)
+    token = _BAR.set(dict(bar or {}))  # for _progress: this call's, whatever other threads' calls set
+    try:
+        return spec.fn(model, x, schedule.sigmas, extra_args=extra_args, callback=callback,
+                       noise_sampler=noise_sampler, disable=disable, interrupt=interrupt, **options)
+    finally:
+        _BAR.reset(token)

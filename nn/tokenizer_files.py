@@ -81,9 +81,10 @@ def _check_merge(pair: list[str], vocab: dict[str, int], where: str) -> None:
         raise ValueError(f"{where}: merge '{a} {b}' uses {sym!r}, which is not in the vocabulary")
 
 
-def _read_tokenizer_json(file: str) -> tuple[dict[str, int], list[tuple[str, str]], list[_Added]]:
-    """The vocabulary, merges and added tokens of a `tokenizers` file (what transformers 5 saves). Its normalizer and
-    pre-tokenizer are ignored, as transformers' CLIPTokenizer ignores them: they are CLIP's by definition."""
+def _read_tokenizer_json(file: str) -> tuple[dict[str, int], list[tuple[str, str]], list[_Added], dict[int, str]]:
+    """The vocabulary, merges and added tokens of a `tokenizers` file (what transformers 5 saves), and those of the
+    added tokens past the vocabulary (id -> token). Its normalizer and pre-tokenizer are ignored, as transformers'
+    CLIPTokenizer ignores them: they are CLIP's by definition."""
     data = _read_json(file)
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
@@ -131,16 +132,17 @@ def _added_tokens_json(path: str, vocab: dict[str, int], beyond: dict[int, str] 
 def _read_specials(path: str, config: dict, vocab: dict[str, int], file_added: list[_Added] | None = None,
                    beyond: dict[int, str] | None = None) -> tuple[dict[str, str], list[_Added]]:
     """The special tokens by role and every added token with its flags (those past the vocabulary also put in
-    `beyond`, id -> token), as transformers 5.x's CLIPTokenizer
-    .from_pretrained resolves them (tokenization_utils_base.from_pretrained, TokenizersBackend.__init__).
+    `beyond`, id -> token), as transformers 5.x's CLIPTokenizer.from_pretrained resolves them
+    (tokenization_utils_base.from_pretrained, TokenizersBackend.__init__).
 
     Where the roles come from: a tokenizer_config.json with `added_tokens_decoder` (transformers >= 4.34 writes
     one) is the only source; in older folders special_tokens_map.json wins over tokenizer_config.json. SD2's old
     folders name the pad token "!" in special_tokens_map.json only, so this order decides SD2's pad id.
     Which flags a token gets: the decoder's entries (else a tokenizer.json's added tokens and added_tokens.json's)
     are registered first; then each role in SPECIAL_KEYS order, unless its token is a decoder entry or an equal
-    value was queued already; plain strings are special and not normalized, and the last registration of a token wins. So in SD1.5's old folder (eos_token and unk_token
-    normalized, pad_token the plain string "<|endoftext|>") EOS ends up not normalized: "<|ENDOFTEXT|>" is BPE'd.
+    value was queued already; plain strings are special and not normalized, and the last registration of a token
+    wins. So in SD1.5's old folder (eos_token and unk_token normalized, pad_token the plain string "<|endoftext|>")
+    EOS ends up not normalized: "<|ENDOFTEXT|>" is BPE'd.
     """
     config_file = os.path.join(path, "tokenizer_config.json")
     decoder = config.get("added_tokens_decoder")
