@@ -101,7 +101,8 @@ def add_checkpoint_options(group) -> None:
                             "it, else epsilon, guessed with a warning for SD 2.x text-to-image files)")
     group.add_argument("--vae", default=None, metavar="PATH",
                        help="run this VAE instead of the model's own: a .safetensors file (e.g. "
-                            "vae-ft-mse-840000-ema-pruned.safetensors) or a diffusers VAE or model folder")
+                            "vae-ft-mse-840000-ema-pruned.safetensors), a diffusers VAE or model folder, or a "
+                            "hub repo id already in the local Hugging Face cache (stabilityai/sd-vae-ft-mse)")
     group.add_argument("--allow-pickle", action="store_true",
                        help="read pickle .ckpt/.bin files with torch.load(weights_only=True); only files you trust")
 

@@ -32,7 +32,7 @@ from .ldm_keys import VAE as VAE_PREFIX
 from .ldm_keys import (FOLDER_EXTRAS, UNET, CheckpointError, MissingFile, Src, clip_prefix, detect_config,
                        diffusers_configs, folder_key, from_ldm, known_extras, ldm_names, ldm_shape,
                        prediction_type_of_ldm_config, to_ldm, vae_config, vae_names)
-from .resolve import hub_snapshot
+from .resolve import hub_snapshot, resolve_model
 from .tokenizer import Tokenizer
 from .weight_files import PickleRefused, _json, _Reader, _weight_files
 from .unet import UNet
@@ -307,8 +307,13 @@ def load_vae(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pickl
     """A VAE on its own, to run in place of a model's (A1111's "SD VAE", diffusers' vae=): a diffusers VAE folder
     (config.json + weights), a model folder (its vae/), or an LDM file: a VAE-only one such as
     vae-ft-mse-840000-ema-pruned.safetensors (keys encoder.*, decoder.*, ...) or a whole checkpoint's
-    first_stage_model.*. Strict, as load_model."""
-    path = Path(path)
+    first_stage_model.*. Strict, as load_model. `path` may also be a built-in model's name or a model the Hugging
+    Face hub client downloaded (a repo id such as stabilityai/sd-vae-ft-mse, or its cache entry), as in
+    resolve_model."""
+    try:
+        path = resolve_model(path)
+    except FileNotFoundError as e:
+        raise MissingFile(f"the VAE: {e}") from None
     if path.is_dir():
         folder = path / "vae" if (path / "model_index.json").is_file() else path
         if not (folder / "config.json").is_file():
@@ -322,8 +327,6 @@ def load_vae(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pickl
             vae = VAE(cfg)
         _fill(*_component_plan(folder, "vae", vae, allow_pickle), dtype, device)
         return vae
-    if not path.is_file():
-        raise MissingFile(f"{path}: no such file or folder (the VAE)")
     reader = _Reader([path], allow_pickle)
     prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in reader.shapes) else ""
     cfg = vae_config(reader.shapes, reader.label, prefix)

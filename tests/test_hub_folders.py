@@ -53,9 +53,9 @@ def test_other_families_are_refused_by_name_and_unused_parts_said(folder, tmp_pa
     assert 'its scheduler is LCMScheduler: an LCM model wants sampler="lcm"' in caplog.text
 
 
-def hub_cache(folder, cache):
+def hub_cache(folder, cache, name="models--acme--product-sd15"):
     """The layout huggingface_hub writes: blobs/ by hash, snapshots/<commit>/ of relative links, refs/main."""
-    entry = cache / "models--acme--product-sd15"
+    entry = cache / name
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             blob = entry / "blobs" / f"{abs(hash(path.read_bytes())):x}"
@@ -82,6 +82,10 @@ def test_a_hub_cache_entry_or_repo_id_opens_its_snapshot(folder, tmp_path, monke
     assert same(pipe.backend.model, want)
     with pytest.raises(FileNotFoundError, match="'acme/other': no such file or folder, and not a built-in model"):
         Pipeline.from_pretrained("acme/other")
+    hub_cache(folder / "vae", tmp_path / "hub", "models--acme--vae-ft")  # a VAE-only repo, opened by its id
+    assert load_model(folder, vae="acme/vae-ft").vae.cfg == want.vae.cfg  # was 'no such file or folder (the VAE)'
+    with pytest.raises(CheckpointError, match="the VAE: model 'acme/vae-ft2': no such file or folder"):
+        load_model(folder, vae="acme/vae-ft2")
     unet = entry / "snapshots" / "0123abc" / "unet" / "diffusion_pytorch_model.safetensors"
     unet.resolve().unlink()
     with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model.safetensors: a link whose target is gone"):
