@@ -462,3 +462,24 @@ def test_inpaint_mask_keeps_the_product():
     assert all(not torch.equal(inpaint_mask(32, 32, g, None), 1 - pm) for _ in range(20))
     with pytest.raises(ValueError, match="product mask is"):
         inpaint_mask(16, 16, torch.Generator().manual_seed(0), pm, product_prob=1.0)
+
+
+def test_product_masks_that_train_something_else_are_named_once(tmp_path, caplog):
+    """A mask with no product, all product, or inverted (white = the backdrop, as some segmentation tools export
+    it) trained silently: the inverted one teaches the model to repaint the product and keep the backdrop."""
+    boxes = {"empty": (0, 0, 0, 0), "full": (0, 0, 32, 32), "inverted": None, "good": (4, 4, 12, 20)}
+    for name, box in boxes.items():
+        img, mask = _picture(32, 32, box or (8, 8, 24, 24))
+        img.save(tmp_path / f"{name}.png")
+        (Image.fromarray(255 - np.asarray(mask)) if box is None else mask).save(tmp_path / f"{name}.mask.png")
+    ds = ImageFolder(tmp_path, 16)
+    with caplog.at_level(logging.WARNING, logger="backdrop.train.image_folder"):
+        for _ in range(2):
+            items = [ds[i] for i in range(len(ds))]
+    said = {name: [r.message for r in caplog.records if f"{name}.mask.png" in r.message] for name in boxes}
+    assert said["empty"] == [f"product mask {tmp_path / 'empty.mask.png'} has no white (no product): its item "
+                             "trains as a full repaint"]
+    assert "is all white (all product)" in said["full"][0] and len(said["full"]) == 1
+    assert "is white on 100% of its border" in said["inverted"][0] and "inverted" in said["inverted"][0]
+    assert said["good"] == [] and sum(r.message.startswith("product mask") for r in caplog.records) == 3
+    assert all(torch.equal(a["mask"], b["mask"]) for a, b in zip(items, [ds[i] for i in range(len(ds))]))

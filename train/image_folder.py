@@ -19,7 +19,8 @@ Every file is read as inference reads it (diffusion/image_io.py load_image: EXIF
 CMYK as RGB); an image's alpha channel is not used (one warning names a few images with transparent pixels).
 The scan reads headers only: unreadable images and masks of another size are logged (with their paths) and left out.
 A file that breaks after its header (a truncated body) stops a run with a DataFileError naming it at load time:
-no other item stands in for it, since that would train another image twice and shift a latent cache's rows.
+no other item stands in for it, since that would train another image twice and shift a latent cache's rows. A mask
+with no product, all product, or white over most of its border (inverted?) is warned about once when first loaded.
 """
 from __future__ import annotations
 
@@ -313,6 +314,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def __init__(self, root, size: int, *, metadata=None, random_crop: bool = False, flip: bool = False,
                  seed: int = 0, masks: bool = True):
         self.root, self.size, self.random_crop, self.flip, self.seed = Path(root), size, random_crop, flip, seed
+        self._doubted: set[Path] = set()  # masks warned about (_doubt)
         if not self.root.is_dir():
             raise ValueError(f"{self.root}: not a folder of images")
         meta = Path(metadata) if metadata is not None else find_metadata(self.root)
@@ -391,6 +393,20 @@ class ImageFolder(torch.utils.data.Dataset):
                         "pixels train as whatever colour they hold (often black); flatten them onto a backdrop "
                         "first if the model should not learn that colour", self.root, _few(found))
 
+    def _doubt(self, path: Path, mask: np.ndarray) -> None:
+        """Warn once per file (per worker) about a product mask that trains something else than meant: one with no
+        product (a full repaint), all product (nothing to repaint) or white over most of its border (white = the
+        backdrop: an inverted mask trains the model to repaint the product and keep its surroundings)."""
+        white = mask >= 128  # (H, W)
+        border = np.concatenate([white[0], white[-1], white[1:-1, 0], white[1:-1, -1]])
+        doubt = ("has no white (no product): its item trains as a full repaint" if not white.any() else
+                 "is all white (all product): its item has nothing to repaint" if white.all() else
+                 f"is white on {border.mean():.0%} of its border: white is the product to keep; is the mask "
+                 "inverted (white = backdrop)?" if border.mean() > 0.5 else None)
+        if doubt and path not in self._doubted:
+            self._doubted.add(path)
+            log.warning("product mask %s %s", path, doubt)
+
     def __len__(self) -> int:
         return len(self.entries)
 
@@ -406,6 +422,7 @@ class ImageFolder(torch.utils.data.Dataset):
         mask = None
         if mask_path is not None:
             mask = Image.fromarray(read_mask(_open(mask_path), "product_mask", str(mask_path)), "L")  # as inference
+            self._doubt(mask_path, np.asarray(mask))
             if mask.size != img.size:  # checked at scan time from the headers; a PNG's late EXIF can still differ
                 raise DataFileError(f"mask {mask_path} is {mask.size[0]}x{mask.size[1]}, its image {path} "
                                     f"{img.size[0]}x{img.size[1]} (once upright)")
