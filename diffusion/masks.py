@@ -21,6 +21,7 @@ The inpaint path of the pipeline, front to back (`grow` in latent cells, (h, w) 
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -35,8 +36,10 @@ __all__ = [
     "to_repaint_mask", "invert", "binarize", "image_to_tensor", "image_to_uint8", "tensor_to_uint8", "to_pil",
     "fit_size", "pad_to_multiple", "crop_to", "dilate", "latent_mask", "masked_image", "gaussian_blur", "feather",
     "default_mask_blur", "has_alpha", "has_transparency", "convention", "read_mask", "EmptyMask", "IMAGE_EXTS",
-    "MASK_SUFFIXES",
+    "MASK_SUFFIXES", "border_share",
 ]
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif")  # files the commands read
 MASK_SUFFIXES = (".mask", "_mask")  # NAME.mask.png, NAME_mask.jpg, ...: the mask of NAME.<ext> beside it
@@ -186,6 +189,14 @@ def _transparent(luma: np.ndarray, alpha: np.ndarray, name: str, kind: str) -> n
     return luma * alpha
 
 
+def border_share(a: np.ndarray) -> float:
+    """The share of an (H, W) mask's outermost pixels that are white (>= half of uint8's or float's full scale).
+    More than half for a product mask means it is likely inverted (white = the backdrop): products are shot with
+    the backdrop around them."""
+    white = a >= (128 if a.dtype == np.uint8 else 0.5)
+    return float(np.concatenate([white[0], white[-1], white[1:-1, 0], white[1:-1, -1]]).mean())
+
+
 def _to_float(a: np.ndarray) -> torch.Tensor:
     # uint8 / 255 in float32, exactly diffusers' VaeImageProcessor.pil_to_numpy
     return torch.from_numpy(a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32))
@@ -238,6 +249,10 @@ def to_repaint_mask(mask=None, product_mask=None, image=None, *, threshold: floa
     arrays = []
     for i, item in enumerate(items(value, name, mask=kind != "image")):
         a = _mask_item(item, f"{name}[{i}]", kind)
+        if kind == "product_mask" and border_share(a) > 0.5:
+            log.warning("%s[%d] is white on %.0f%% of its border, and white is the product to keep: is it inverted "
+                        "(white = backdrop)? Then give it as the repaint mask (mask= / --mask)", name, i,
+                        100 * border_share(a))
         if kind != "mask":
             a = 255 - a if a.dtype == np.uint8 else 1.0 - a
         arrays.append(a)

@@ -150,6 +150,24 @@ def test_clear_errors(call, words):
         assert word in str(err.value), (word, str(err.value))
 
 
+def test_an_inverted_product_mask_is_named(caplog):
+    """A background mask given as the product mask (white = backdrop, as segmentation tools often export it) kept
+    the backdrop and repainted the product without a word; it is used as given, with a warning that says what to
+    pass instead. A product filling the bottom edge (a sofa) is not doubted."""
+    product = np.zeros((40, 60), np.uint8)
+    product[10:30, 20:40] = 255
+    sofa = np.zeros((40, 60), np.uint8)
+    sofa[15:, 5:55] = 255
+    with caplog.at_level("WARNING", logger="backdrop.diffusion.masks"):
+        M.to_repaint_mask(product_mask=[product, sofa])
+        assert caplog.text == ""
+        m = M.to_repaint_mask(product_mask=[sofa, 255 - product])
+    assert torch.equal(m[1, 0], torch.from_numpy(product / 255).float())  # as given
+    assert caplog.messages == ["product_mask[1] is white on 100% of its border, and white is the product to keep: "
+                               "is it inverted (white = backdrop)? Then give it as the repaint mask (mask= / --mask)"]
+    assert M.border_share(sofa) < 0.5 < M.border_share(255 - sofa)
+
+
 # ----------------------------------------------------------------------------------------------- images vs diffusers
 
 def test_image_conversions_match_diffusers():

@@ -38,7 +38,7 @@ import torch
 from PIL import ExifTags, Image
 
 from ..diffusion.image_io import load_image
-from ..diffusion.masks import IMAGE_EXTS, MASK_SUFFIXES, has_transparency, read_mask
+from ..diffusion.masks import IMAGE_EXTS, MASK_SUFFIXES, border_share, has_transparency, read_mask
 
 __all__ = ["ImageFolder", "DataFileError", "find_metadata", "folder_files", "IMAGE_EXTS", "image_tensor", "mask_tensor",
            "item_key"]
@@ -397,12 +397,11 @@ class ImageFolder(torch.utils.data.Dataset):
         """Warn once per file (per worker) about a product mask that trains something else than meant: one with no
         product (a full repaint), all product (nothing to repaint) or white over most of its border (white = the
         backdrop: an inverted mask trains the model to repaint the product and keep its surroundings)."""
-        white = mask >= 128  # (H, W)
-        border = np.concatenate([white[0], white[-1], white[1:-1, 0], white[1:-1, -1]])
+        white, border = mask >= 128, border_share(mask)  # (H, W), the share of its outermost pixels white
         doubt = ("has no white (no product): its item trains as a full repaint" if not white.any() else
                  "is all white (all product): its item has nothing to repaint" if white.all() else
-                 f"is white on {border.mean():.0%} of its border: white is the product to keep; is the mask "
-                 "inverted (white = backdrop)?" if border.mean() > 0.5 else None)
+                 f"is white on {border:.0%} of its border: white is the product to keep; is the mask "
+                 "inverted (white = backdrop)?" if border > 0.5 else None)
         if doubt and path not in self._doubted:
             self._doubted.add(path)
             log.warning("product mask %s %s", path, doubt)
