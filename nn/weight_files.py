@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
 import struct
 from pathlib import Path
 
@@ -75,12 +76,13 @@ class PickleRefused(CheckpointError):
         pairs = repr([(str(a), str(b)) for a, b in self.files])
         what = str(self.files[0][0]) if len(self.files) == 1 else \
             f"{len(self.files)} pickle weight files ({', '.join(str(a) for a, _ in self.files)})"
-        super().__init__(
+        program = ("import torch, safetensors.torch as st; [st.save_file({k: v.contiguous().clone() for k, v in "
+                   "(lambda sd: sd.get('state_dict', sd))(torch.load(a, map_location='cpu', weights_only=True))"
+                   f".items() if isinstance(v, torch.Tensor)}}, b) for a, b in {pairs}]")
+        super().__init__(  # quoted for a POSIX shell: paths with ' or $ in them stay as they are
             f"{what}: pickle checkpoints can run arbitrary code when loaded, so Backdrop reads .safetensors. "
-            f"Convert {'it' if len(self.files) == 1 else 'them'} once, where you trust the files:\n  python -c \""
-            f"import torch, safetensors.torch as st; [st.save_file({{k: v.contiguous().clone() for k, v in "
-            f"(lambda sd: sd.get('state_dict', sd))(torch.load(a, map_location='cpu', weights_only=True)).items() "
-            f"if isinstance(v, torch.Tensor)}}, b) for a, b in {pairs}]\"" +
+            f"Convert {'it' if len(self.files) == 1 else 'them'} once, where you trust the files:\n"
+            f"  python -c {shlex.quote(program)}" +
             ("\nor pass allow_pickle=True (--allow-pickle; it loads the files with torch.load(weights_only=True))."
              if option else ""))
 

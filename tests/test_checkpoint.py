@@ -334,16 +334,16 @@ def test_sd1_file_without_text_model_level(saved, tmp_path):
 
 def test_pickle_refused_with_a_working_recipe_and_allowed_on_request(saved, tmp_path):
     model, root = saved
-    ckpt = tmp_path / "model.ckpt"
+    ckpt = tmp_path / "Bob's $HOME" / "model.ckpt"  # the command is for a shell: quoted, these stay as they are
+    ckpt.parent.mkdir()
     torch.save({"state_dict": load_file(root / "sd.safetensors"), "global_step": 12}, ckpt)
     with pytest.raises(CheckpointError, match=re.escape(str(ckpt))) as err:
         load_model(ckpt)
     assert "allow_pickle=True" in str(err.value)
-    loaded = load_model(ckpt, allow_pickle=True)
-    assert_same_tensors(loaded, model)
-    recipe = re.search(r'python -c "(.*)"', str(err.value))[1]  # the conversion one-liner the message gives
-    subprocess.run([sys.executable, "-c", recipe], check=True, timeout=120)
-    assert_same_tensors(load_model(tmp_path / "model.safetensors"), model)
+    assert_same_tensors(load_model(ckpt, allow_pickle=True), model)
+    recipe = str(err.value).split("\n  python ", 1)[1].split("\n")[0]  # the conversion one-liner the message gives
+    subprocess.run(f"{shlex.quote(sys.executable)} {recipe}", shell=True, check=True, timeout=120)
+    assert_same_tensors(load_model(ckpt.with_suffix(".safetensors")), model)
 
 
 def test_init_model_is_deterministic_in_seed():
