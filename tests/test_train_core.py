@@ -168,10 +168,15 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, caps
     whole, or leaves the old one if the rename fails (it was deleted first)."""
     cfg = TrainConfig(steps=6, batch_size=2, save_every=2, keep_last=3)
     Trainer(Regression(), Loader(2), cfg, tmp_path, progress=False).fit()
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")]
+    failed = Trainer(Regression(), Loader(2), replace(cfg, steps=3, keep_last=2), tmp_path, progress=False)
+    failed.resume(tmp_path / "checkpoints" / "step-00000002")  # a resumed run that fails before it saves ...
+    assert "later checkpoints (step-00000004, step-00000006)" in capsys.readouterr().err
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == names  # ... leaves them be
     again = Trainer(Regression(), Loader(2), replace(cfg, steps=3, keep_last=2), tmp_path, progress=False)
     again.resume(tmp_path / "checkpoints" / "step-00000002")
-    assert "set aside as abandoned-step-00000004, abandoned-step-00000006" in capsys.readouterr().err
     again.fit()
+    assert "set aside as abandoned-step-00000004, abandoned-step-00000006" in capsys.readouterr().err
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step-00000002", "step-00000003"]
     assert ckpt.resolve(tmp_path).name == "step-00000003"
     monkeypatch.setattr(ckpt.os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(28, "No space left")) if
@@ -179,6 +184,16 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, caps
     with pytest.raises(OSError):
         ckpt.save_checkpoint(tmp_path / "checkpoints", 3, {"w": torch.ones(1)}, {"step": 3})
     assert ckpt.load_checkpoint(tmp_path)[1]["step"] == 3  # the step's old checkpoint, whole
+    monkeypatch.setattr(ckpt.os, "replace", lambda a, b: (_ for _ in ()).throw(KeyboardInterrupt) if
+                        ".tmp-" in str(a) else os.rename(a, b))  # Ctrl-C between the two renames
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path / "checkpoints", 3, {"w": torch.ones(1)}, {"step": 3})
+    assert ckpt.load_checkpoint(tmp_path)[1]["step"] == 3
+    monkeypatch.setattr(ckpt.os, "replace", os.rename)
+    os.rename(tmp_path / "checkpoints" / "step-00000003", tmp_path / "checkpoints" / ".old-step-00000003-99")  # killed
+    ckpt.save_checkpoint(tmp_path / "checkpoints", 4, {"w": torch.ones(1)}, {"step": 4}, keep_last=0)  # the next save
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [f"step-0000000{n}" for n in (2, 3, 4)]
+    assert not list((tmp_path / "checkpoints").glob(".*"))
 
 
 def test_half_written_checkpoint_is_never_picked(tmp_path):

@@ -56,17 +56,29 @@ def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, torch
         os.replace(final, old)  # one removed (removing it first left no checkpoint of the step for as long as that
     try:  # took, or for good if the rename then failed)
         os.replace(tmp, final)
-    except OSError:
+    except BaseException:  # a failed rename, or Ctrl-C / a second SIGTERM (KeyboardInterrupt) between the two
         if old.exists():
             os.replace(old, final)
         raise
     fsync(root)
     shutil.rmtree(old, ignore_errors=True)
+    _restore_swapped(root)
     for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _restore_swapped(root: Path) -> None:
+    """A run killed between a re-save's two renames left its step's old checkpoint as .old-step-N-<pid>: put back
+    where no step-N stands, else removed."""
+    for old in root.glob(f".old-{PREFIX}*"):
+        final = root / old.name[len(".old-"):].rsplit("-", 1)[0]
+        if not final.exists() and (old / "meta.json").is_file():
+            os.replace(old, final)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def set_aside_after(root: str | os.PathLike, step: int) -> list[Path]:

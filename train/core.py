@@ -204,6 +204,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.log_path = self.out / "log.jsonl"
+        self._abandon_after: int | None = None  # resumed here, before later checkpoints: set them aside at a save
         self._log_failed = False  # a log line could not be written (warned once)
 
     # ---------------------------------------------------------------- checkpoints
@@ -261,9 +262,13 @@ class Trainer:
             self._take_over(before, meta)
         if self.rank == 0:
             self._forget_logged_steps_after(self.step)
-            if moved := ckpt.set_aside_after(self.out / "checkpoints", self.step):
-                print(f"warning: resumed at step {self.step}: this folder's later checkpoints belong to the run given "
-                      f"up there, and are set aside as {', '.join(p.name for p in moved)}", file=sys.stderr)
+            later = [p.name for p in ckpt.list_checkpoints(self.out / "checkpoints")
+                     if int(p.name[len(ckpt.PREFIX):]) > self.step]
+            if later:  # set aside at this run's first save: a resumed run that fails before it leaves them be
+                self._abandon_after = self.step
+                print(f"warning: resumed at step {self.step}: this folder's later checkpoints ({', '.join(later)}) "
+                      "belong to the run given up there; this run's first checkpoint sets them aside as "
+                      "abandoned-step-N", file=sys.stderr)
 
     def _take_over(self, before: int, meta: dict) -> None:
         """Go on from a checkpoint written by `before` processes with this run's number (torchrun elastic, a job
@@ -300,8 +305,16 @@ class Trainer:
 
     def save(self) -> Path | None:
         tensors, meta = self.state()  # every rank takes part in the gather
-        return self.on_rank0(lambda: ckpt.save_checkpoint(self.out / "checkpoints", self.step, tensors, meta,
-                                                           keep_last=self.cfg.keep_last), "the checkpoint")
+        return self.on_rank0(lambda: self._write_checkpoint(tensors, meta), "the checkpoint")
+
+    def _write_checkpoint(self, tensors: dict, meta: dict) -> Path:
+        root = self.out / "checkpoints"
+        if self._abandon_after is not None:  # resumed from an earlier checkpoint: the later ones go out of the way
+            resumed, self._abandon_after = self._abandon_after, None
+            moved = ckpt.set_aside_after(root, resumed)
+            print(f"warning: the checkpoints past step {resumed} (of the run given up there) are set aside as "
+                  f"{', '.join(p.name for p in moved)}", file=sys.stderr)
+        return ckpt.save_checkpoint(root, self.step, tensors, meta, keep_last=self.cfg.keep_last)
 
     def on_rank0(self, write: Callable[[], Any], what: str) -> Any:
         """write() on rank 0 (the others get None). Under DDP every rank then learns whether it worked: a failed
