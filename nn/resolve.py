@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .ldm_keys import MissingFile
+
 __all__ = ["builtin_models", "resolve_model", "hub_snapshot", "default_device", "default_dtype", "unet_width",
            "parse_dtype", "DTYPES", "SMALL_UNET_WIDTH"]
 
@@ -51,7 +53,7 @@ def resolve_model(path_or_name) -> Path:
         if entry.is_dir():
             return hub_snapshot(entry)
     listed = ", ".join(known) or "none installed (backdrop-tiny ships with the training issue)"
-    raise FileNotFoundError(f"model {str(path_or_name)!r}: no such file or folder, and not a built-in model "
+    raise MissingFile(f"model {str(path_or_name)!r}: no such file or folder, and not a built-in model "
                             f"(built-in: {listed}); pass a diffusers model folder or a .safetensors file")
 
 
@@ -59,9 +61,14 @@ def _hub_cache() -> Path:
     """Where huggingface_hub keeps its downloads (its own order of variables)."""
     for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if os.environ.get(name):
-            return Path(os.environ[name]).expanduser()
+            return _expanded(os.environ[name])
     home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface"
-    return Path(home).expanduser() / "hub"
+    return _expanded(home) / "hub"
+
+
+def _expanded(path) -> Path:
+    """~ and $VARS expanded, as huggingface_hub does (an env file that no shell read holds HF_HOME=$SCRATCH/hf)."""
+    return Path(os.path.expandvars(os.path.expanduser(str(path))))
 
 
 def hub_snapshot(path: Path) -> Path:
@@ -73,7 +80,7 @@ def hub_snapshot(path: Path) -> Path:
     named = ref and ref not in (".", "..") and "/" not in ref  # a commit hash, nothing that leads elsewhere
     chosen = (path / "snapshots" / ref) if named else (snapshots[0] if len(snapshots) == 1 else None)
     if chosen is None or not chosen.is_dir():
-        raise FileNotFoundError(f"{path}: a Hugging Face cache entry without a snapshot refs/main names "
+        raise MissingFile(f"{path}: a Hugging Face cache entry without a snapshot refs/main names "
                                 f"({len(snapshots)} in snapshots/); give the snapshot folder itself")
     return chosen
 

@@ -98,7 +98,7 @@ def adapter_file(path: Path, file_name: str, what: str, refusal=_pickle_refusal)
     how to convert it), is a CheckpointError naming the path."""
     if path.is_dir():
         if not (path / file_name).is_file():
-            raise CheckpointError(f"{path}: a folder without {file_name}; give the {what}'s .safetensors file")
+            raise MissingFile(f"{path}: a folder without {file_name}; give the {what}'s .safetensors file")
         path = path / file_name
     elif not path.is_file():
         raise MissingFile(f"{path}: no such file")
@@ -222,7 +222,7 @@ def _weight_files(folder: Path, stem: str, allow_pickle: bool) -> list[Path]:
     if broken := sorted(p.name for p in folder.glob(f"*{stem}*") if p.is_symlink() and not p.exists()):
         raise CheckpointError(f"{folder}: {', '.join(broken)}: a link whose target is gone (a Hugging Face cache "
                               "blob deleted?): download the model again")
-    raise CheckpointError(f"{folder}: no weights: expected {stem}.safetensors (or sharded "
+    raise MissingFile(f"{folder}: no weights: expected {stem}.safetensors (or sharded "
                           f"{stem}.safetensors.index.json, or the {stem}.fp16.safetensors variant)")
 
 

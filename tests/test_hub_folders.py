@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from backdrop.diffusion.pipeline import Pipeline
-from backdrop.nn.checkpoint import CheckpointError, init_model, load_model, save_model
+from backdrop.nn.checkpoint import CheckpointError, MissingFile, init_model, load_model, save_model
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +77,12 @@ def test_a_hub_cache_entry_or_repo_id_opens_its_snapshot(folder, tmp_path, monke
     assert same(load_model(entry), want)
     (entry / "refs" / "main").write_text("")  # an empty ref: the one snapshot there (it named snapshots/ itself)
     assert same(load_model(entry), want)
-    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "hub"))  # huggingface_hub's older variable
+    monkeypatch.setenv("SCRATCH", str(tmp_path))
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", "$SCRATCH/hub")  # the older variable, from an env file: expanded
     pipe = Pipeline.from_pretrained("acme/product-sd15", device="cpu", dtype="fp32")
     assert same(pipe.backend.model, want)
-    with pytest.raises(FileNotFoundError, match="'acme/other': no such file or folder, and not a built-in model"):
-        Pipeline.from_pretrained("acme/other")
+    with pytest.raises(MissingFile, match="'acme/other': no such file or folder, and not a built-in model"):
+        Pipeline.from_pretrained("acme/other")  # a CheckpointError and a FileNotFoundError, as from load_model
     hub_cache(folder / "vae", tmp_path / "hub", "models--acme--vae-ft")  # a VAE-only repo, opened by its id
     assert load_model(folder, vae="acme/vae-ft").vae.cfg == want.vae.cfg  # was 'no such file or folder (the VAE)'
     with pytest.raises(CheckpointError, match="the VAE: model 'acme/vae-ft2': no such file or folder"):
@@ -89,6 +90,9 @@ def test_a_hub_cache_entry_or_repo_id_opens_its_snapshot(folder, tmp_path, monke
     unet = entry / "snapshots" / "0123abc" / "unet" / "diffusion_pytorch_model.safetensors"
     unet.resolve().unlink()
     with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model.safetensors: a link whose target is gone"):
+        load_model(entry)
+    unet.unlink()  # a partial download
+    with pytest.raises(MissingFile, match=r"unet: no weights: expected diffusion_pytorch_model.safetensors"):
         load_model(entry)
 
 

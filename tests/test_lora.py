@@ -375,7 +375,7 @@ def test_bad_files_name_file_and_key_and_change_nothing(files, tmp_path):
             path.write_bytes(b"\x80\x04")
         with pytest.raises(CheckpointError, match=phrase) as e:
             fuse_lora(model, path)
-        assert isinstance(e.value, FileNotFoundError) == (phrase == "no such file")  # as a missing model is
+        assert isinstance(e.value, FileNotFoundError) == (phrase != "pickle")  # as a missing model is
     for scale in (float("nan"), True):
         with pytest.raises(ValueError, match="lora_scale"):
             fuse_lora(model, files.peft, scale)
