@@ -6,6 +6,7 @@ output_type "pil" (list of PIL images), "np" (float32 (B, H, W, 3) in [0, 1]: th
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +16,8 @@ from backdrop.diffusion import masks as M
 from backdrop.diffusion.image_io import rgb_icc
 
 __all__ = ["Output", "decoded", "format_output", "as_hwc", "with_profiles"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,10 +43,16 @@ class Output:
 
 def decoded(backend, latents: torch.Tensor, scaling_factor: float, **cond) -> torch.Tensor:
     """(B, C, h, w) latents -> (B, 3, h*f, w*f) images in [-1, 1] on the CPU. An item whose latents are not finite
-    (float overflow, which the pipeline logs) is black in every output type: NaN pixels were NaN in "np" and "pt",
-    and a numpy warning (an error under -W error) on the way to PIL."""
+    (float overflow, which the pipeline logs) or whose decoded image is not (the VAE overflowed in fp16, logged
+    here) is black in every output type: NaN pixels were NaN in "np" and "pt", and a numpy warning (an error under
+    -W error) on the way to PIL."""
     y = backend.vae_decode(latents / scaling_factor, **cond).cpu()
     bad = ~torch.isfinite(latents.flatten(1)).all(1).cpu()  # (B,)
+    if overflowed := (~torch.isfinite(y.flatten(1)).all(1) & ~bad).nonzero().flatten().tolist():
+        log.warning("items %s: the VAE's output is not finite, though their latents are (the VAE overflowed in %s: "
+                    "run it in float32, dtype=torch.float32 / --dtype fp32); their images are black",
+                    overflowed, getattr(backend, "dtype", "its dtype"))
+        bad[overflowed] = True
     return y.masked_fill(bad.view(-1, 1, 1, 1), -1.0) if bad.any() else y
 
 

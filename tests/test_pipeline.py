@@ -20,6 +20,7 @@ from PIL import Image
 from backdrop.diffusion import masks as M
 from backdrop.diffusion.pipeline import Output, Pipeline
 from backdrop.diffusion.latents import per_item_randn
+from backdrop.diffusion.output import decoded
 from backdrop.diffusion.schedule import build_schedule
 from backdrop.export.backends import TorchBackend
 from backdrop.nn.checkpoint import init_model, save_model
@@ -457,3 +458,15 @@ def test_inpaint_decodes_with_the_known_pixels_on_a_mask_conditioned_vae(tmp_pat
     out = pipe.inpaint(img, mask, output_type="np", mask_blur=0, **kw).images  # pasted back: kept pixels exact
     np.testing.assert_array_equal((out * 255).round().astype(np.uint8)[kept],
                                   np.stack([np.asarray(i) for i in img])[kept])
+
+
+def test_an_fp16_vae_that_overflows_on_finite_latents_gives_black_said_not_nan(caplog):
+    """SD's VAE in fp16 overflows on ordinary latents: the item's NaN pixels went out in "np", with no log line."""
+    backend = TorchBackend(init_model("tiny", seed=3), device="cpu", dtype=torch.float16)
+    lat = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    lat[1] = lat[1].clamp(-1, 1) * 60000  # finite in fp16 (max 65504); the decoder's sums are not
+    with caplog.at_level("WARNING", logger="backdrop.diffusion.output"):
+        y = decoded(backend, lat, 1.0)
+    assert torch.isfinite(y).all() and (y[1] == -1).all() and (y[0] > -1).any()
+    assert "items [1]: the VAE's output is not finite, though their latents are (the VAE overflowed in " \
+           "torch.float16: run it in float32" in caplog.text

@@ -255,6 +255,8 @@ def test_app_builder_arguments():
     fractional = builder_args({"model": "m", "max_queue_delay_ms": "12.5", "cpu_cache_mb": 0.5, "max_files": 8.0})
     assert fractional["engine_config"] == EngineConfig(max_queue_delay_ms=12.5, cpu_cache_mb=0.5)  # were int()-ed
     assert fractional["server_config"].max_files == 8
+    for none in (None, "null", "None"):  # an `int | None` field's own None (YAML null) was "expected int | None"
+        assert builder_args({"model": "m", "max_image_pixels": none})["server_config"].max_image_pixels is None
     for origins in ("https://a.example, https://b.example", ["https://a.example", "https://b.example"]):
         assert builder_args({"model": "m", "allowed_origins": origins})["server_config"].allowed_origins == (
             "https://a.example", "https://b.example")
