@@ -67,6 +67,20 @@ class FolderInUse(OSError):
         self.holder = holder
 
 
+def _live(note: str) -> str:
+    """The holder a lock file names ("pid N on HOST"), unless that process is gone: a lock file of another user's
+    is locked read-only and keeps the note of the run that made it."""
+    words = note.split()
+    if len(words) == 4 and words[0] == "pid" and words[1].isdigit() and words[3] == socket.gethostname():
+        try:
+            os.kill(int(words[1]), 0)
+        except ProcessLookupError:
+            return f"another process (the lock file still names {note}, which has ended)"
+        except OSError:  # alive, another user's
+            pass
+    return note or "another process"
+
+
 class FolderLock:
     """An exclusive lock on FOLDER/.lock (fcntl.flock, released by the kernel if the process dies) for as long as a
     process writes there: a second one is refused (FolderInUse) instead of interleaving its files with the first's.
@@ -83,7 +97,7 @@ class FolderLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                holder = _live(os.pread(fd, 200, 0).decode(errors="replace").strip())
                 os.close(fd)
                 raise FolderInUse(Path(folder), holder) from None
             # Held, but perhaps on a file its holder removed (release) between our open and our flock, while a

@@ -2,6 +2,8 @@
 lock file left by a killed run of another user neither blocks the folder nor ends in a traceback."""
 import fcntl
 import os
+import socket
+import subprocess
 
 import pytest
 
@@ -33,7 +35,9 @@ def test_a_lock_released_between_anothers_open_and_flock_is_not_held_twice(tmp_p
 def test_another_users_leftover_lock_file_is_locked_read_only(tmp_path, monkeypatch):
     """A run killed by SIGKILL leaves its .lock (0644): another user cannot open it for writing, and the run ended
     in a PermissionError traceback. flock needs no write permission: the file is locked read-only, as it is."""
-    (tmp_path / ".lock").write_text("pid 123 on otherhost\n")
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a process of this host that has ended: the run that left the file
+    (tmp_path / ".lock").write_text(f"pid {dead.pid} on {socket.gethostname()}\n")
     real_open = os.open
 
     def as_another_user(path, flags, *mode):  # root passes permission checks; refuse writing as they would
@@ -43,7 +47,13 @@ def test_another_users_leftover_lock_file_is_locked_read_only(tmp_path, monkeypa
 
     monkeypatch.setattr(os, "open", as_another_user)
     held = FolderLock(tmp_path)
-    with pytest.raises(FolderInUse, match="in use by pid 123 on otherhost"):  # its old text stays: not ours to write
+    with pytest.raises(FolderInUse, match=rf"in use by another process \(the lock file still names pid {dead.pid} "
+                                          r"on .*, which has ended\)"):  # its old text stays: not ours to write
+        FolderLock(tmp_path)
+    held.release()
+    (tmp_path / ".lock").write_text("pid 123 on otherhost\n")  # another host's: not ours to check
+    held = FolderLock(tmp_path)
+    with pytest.raises(FolderInUse, match="in use by pid 123 on otherhost"):
         FolderLock(tmp_path)
     held.release()
     monkeypatch.setattr(os, "open", lambda *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
