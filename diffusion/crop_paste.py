@@ -5,6 +5,8 @@ Masks and images follow masks.py's conventions: (B, 1, H, W) float, 1 = repaint;
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -120,20 +122,24 @@ def color_match(generated: np.ndarray, image: np.ndarray, mask: torch.Tensor, bo
     if gen.shape != img.shape or m.shape[-2:] != img.shape[1:3]:
         raise ValueError(f"color_match: generated {gen.shape}, image {img.shape} and mask {tuple(m.shape)} differ")
     out = gen.copy()
+    levels = np.arange(256, dtype=np.float64)
     for i in range(len(gen)):
-        keep = (m[i, 0] == 0).numpy()  # (H, W)
-        if boxes is not None:
-            x1, y1, x2, y2 = boxes[i]
-            inside = np.zeros_like(keep)
-            inside[y1:y2, x1:x2] = True
-            keep &= inside
-        if keep.sum() < min_pixels:
+        x1, y1, x2, y2 = boxes[i] if boxes is not None else (0, 0, img.shape[2], img.shape[1])
+        keep = (m[i, 0, y1:y2, x1:x2] == 0).numpy()  # (h, w) of the box
+        n = int(keep.sum())
+        if n < min_pixels:
             continue
-        g, t = gen[i][keep].astype(np.float64), img[i][keep].astype(np.float64)  # (N, 3)
-        sg, st = g.std(0), t.std(0)
-        scale = np.where(sg < 1.0, 1.0, np.clip(st / np.maximum(sg, 1e-12), 0.5, 2.0))
-        fixed = (gen[i].astype(np.float64) - g.mean(0)) * scale + t.mean(0)
-        out[i] = np.clip(np.rint(fixed), 0, 255).astype(np.uint8)
+        g, t = gen[i, y1:y2, x1:x2][keep], img[i, y1:y2, x1:x2][keep]  # (N, 3) uint8
+        for c in range(3):  # mean and std from the 256-bin histograms; the map as a lookup table of the 256 levels
+            stats = []
+            for a in (g[:, c], t[:, c]):
+                hist = np.bincount(a, minlength=256)
+                mean = hist @ levels / n
+                stats.append((mean, math.sqrt(hist @ (levels - mean) ** 2 / n)))
+            (mg, sg), (mt, st) = stats
+            scale = 1.0 if sg < 1.0 else min(max(st / max(sg, 1e-12), 0.5), 2.0)
+            lut = np.clip(np.rint((levels - mg) * scale + mt), 0, 255).astype(np.uint8)
+            out[i, ..., c] = lut[gen[i, ..., c]]
     return out
 
 
@@ -150,10 +156,13 @@ def paste_back(image: np.ndarray, generated: np.ndarray, blend: torch.Tensor) ->
     if (b.shape[0], *b.shape[-2:]) != img.shape[:3]:
         raise ValueError(f"paste_back: blend is {b.shape[-2]}x{b.shape[-1]} (HxW, batch {b.shape[0]}) but the"
                          f" image is {img.shape[1]}x{img.shape[2]} (batch {img.shape[0]})")
-    w = b[:, 0, :, :, None].detach().cpu().float().numpy()  # (B, H, W, 1)
-    f_img, f_gen = img.astype(np.float32), gen.astype(np.float32)
-    mixed = np.clip(np.rint(f_img + w * (f_gen - f_img)), 0, 255).astype(np.uint8)
-    return np.where(w <= 0, img, np.where(w >= 1, gen, mixed))
+    w = b[:, 0].detach().cpu().float().numpy()  # (B, H, W)
+    out = np.where((w >= 1)[..., None], gen, img)  # (B, H, W, 3) uint8: a 0/1 blend needs no arithmetic
+    soft = (w > 0) & (w < 1)  # the feathered edge only: float arithmetic there, not over the whole image
+    if soft.any():
+        f_img, f_gen = img[soft].astype(np.float32), gen[soft].astype(np.float32)  # (N, 3)
+        out[soft] = np.clip(np.rint(f_img + w[soft][:, None] * (f_gen - f_img)), 0, 255).astype(np.uint8)
+    return out
 
 
 def composite(image, generated, mask: torch.Tensor, *, boxes: list[Box] | None = None, mask_blur: float = 0.0,

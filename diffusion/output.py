@@ -57,12 +57,17 @@ def decoded(backend, latents: torch.Tensor, scaling_factor: float, **cond) -> to
 
 
 def format_output(images, seeds: list[int], output_type: str, unchanged: list[int] | None = None) -> Output:
-    """VAE output (B, 3, H, W) in [-1, 1] or float (B, H, W, 3) in [0, 1] from uint8 -> the asked type
-    ("pt": float32 (B, 3, H, W) in [0, 1], as diffusers' "pt")."""
+    """VAE output (B, 3, H, W) in [-1, 1], uint8 (B, H, W, 3) (what paste-back made: to PIL as it is, no float round
+    trip of the whole image) or float (B, H, W, 3) in [0, 1] -> the asked type ("np": float32 (B, H, W, 3), "pt":
+    float32 (B, 3, H, W), in [0, 1] as diffusers')."""
     if isinstance(images, torch.Tensor):  # diffusers' postprocess: (x / 2 + 0.5).clamp(0, 1), float32
         if output_type == "pil":
             return Output(M.to_pil(images), seeds, unchanged or [])
         images = (images.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
+    if images.dtype == np.uint8:
+        if output_type == "pil":
+            return Output(M.to_pil(images), seeds, unchanged or [])
+        images = images.astype(np.float32) / 255
     if output_type == "pil":
         return Output(M.to_pil((images * 255).round().astype(np.uint8)), seeds, unchanged or [])
     images = images.astype(np.float32)

@@ -301,8 +301,7 @@ class Pipeline(DiffusersAPI):
             raise ValueError(f"inpaint items {unchanged} have nothing to repaint; output_type='latent' has no "
                              "latents to return for them")
         if not todo:
-            return with_profiles(format_output(img.astype(np.float32) / 255, req["seeds"], output_type, unchanged),
-                                 images, k)
+            return with_profiles(format_output(img, req["seeds"], output_type, unchanged), images, k)
         pick = lambda v: [v[i] for i in todo]  # noqa: E731 - the items that have something to repaint
         mask_t = torch.cat([per_item[i // k] for i in todo])  # (B', 1, H, W), 1 = repaint
         gens = req["generators"]
@@ -378,7 +377,7 @@ class Pipeline(DiffusersAPI):
             done = gen if boxes is None else C.uncrop(img, gen, boxes)  # (B, H, W, 3)
             if opts.color_match:
                 done = C.color_match(done, img, mask, boxes)
-        return format_output(done.astype(np.float32) / 255, out.seeds, req["output_type"])
+        return format_output(done, out.seeds, req["output_type"])  # uint8 (B, H, W, 3)
 
     # -------------------------------------------------------------------------------------------- shared core
 
