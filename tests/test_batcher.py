@@ -174,6 +174,35 @@ def test_queue_limit_raises_queue_full_with_retry_after():
     b.submit(req(n=1))                           # exactly full is fine
 
 
+def test_retry_after_counts_running_batches_and_learns_their_duration():
+    """Retry-After stayed at its 1 s floor whatever ran or how long batches took."""
+    b, clock = make(max_batch=2, max_queue=2)
+    b.submit(req(n=2))
+    running = b.poll()                           # one batch running, then one queued: 2 batches ahead
+    b.submit(req(n=2))
+    with pytest.raises(QueueFull) as e:
+        b.submit(req())
+    assert e.value.retry_after == 2
+    clock.t += 10                                # that batch took 10 s
+    b.complete(running, ["x", "y"])
+    assert b.retry_after() >= 3
+
+
+def test_the_learned_wait_never_passes_max_queue_delay():
+    """A partial batch that misses a request doubles its wait, up to the operator's --max-queue-delay, never past."""
+    b, clock = make(max_batch=4, delay=0.05)
+    for _ in range(3):
+        b.submit(req(name="a"))
+        clock.t += 0.05
+        alone = b.poll()                         # left short ...
+        clock.t += 0.01
+        b.submit(req(name="b"))                  # ... and missed this one while it ran
+        b.complete(alone, alone.payloads)
+        clock.t += 1
+        b.complete(later := b.poll(), later.payloads)
+    assert b.delay(A) == 0.05
+
+
 def test_deadline_expires_queued_work_and_discards_late_results():
     b, clock = make(max_batch=2, delay=10)
     expired = []

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from backdrop.diffusion.pipeline import Pipeline
 from backdrop.nn.checkpoint import CheckpointError, MissingFile, init_model, load_model, save_model
@@ -115,3 +115,12 @@ def test_the_model_card_snippet_and_an_fp16_variant_beside_full_pickles(folder, 
         load_model(mixed)
     assert "reading the fp16 variant diffusion_pytorch_model.fp16.safetensors; the full-precision weights are in " \
            "diffusion_pytorch_model.bin, a pickle" in caplog.text
+
+
+def test_a_folder_with_a_tensor_the_model_does_not_have_is_refused(folder, tmp_path):
+    """Strict as single files are: a bigger or other UNet's extra blocks were dropped without a word."""
+    extra = copied(folder, tmp_path / "extra")
+    weights = extra / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({**load_file(weights), "down_blocks.9.extra.weight": torch.zeros(3)}, str(weights))
+    with pytest.raises(CheckpointError, match=r"1 unexpected: .*down_blocks\.9\.extra\.weight"):
+        load_model(extra)

@@ -214,6 +214,9 @@ def test_double_backward_is_right(causal):
     ours = penalty(lambda *a, **kw: kernels.attention(*a, **kw, impl="triton"), x)
     ref = penalty(kernels.reference.attention_math, x.double())
     assert _err(ours, ref) < TOL[torch.float32]["bwd"] and (ours - 1).abs().max() > 0.1  # not only the x.sum() term
+    q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64) for _ in range(3))  # the UNet's calls give no scale:
+    torch.testing.assert_close(kernels.reference.attention_math(q, k, v, causal=causal),  # the default is D^-0.5
+                               kernels.reference.attention_ref(q, k, v, causal=causal))
 
 
 def test_dispatch_env_and_impl(monkeypatch):

@@ -1,6 +1,7 @@
 """diffusion/masks.py and crop_paste.py: mask conventions agree, paste-back keeps kept pixels bit-identical under
 every option, and the diffusers-convention paths (preprocess, postprocess, mask latents, crop box, crop + overlay)
 equal diffusers' own VaeImageProcessor / StableDiffusionInpaintPipeline code on the same inputs."""
+import io
 import time
 
 import numpy as np
@@ -359,6 +360,39 @@ def test_color_match_removes_a_cast():
     assert np.abs(fixed[keep].astype(int) - img[keep]).max() <= 1  # kept region back on the input's colours
     assert np.abs(fixed.astype(int) - scene).max() <= 1  # and the same correction undoes the cast everywhere
     assert np.array_equal(C.color_match(img, img, mask), img)  # no cast, no change
+
+
+def test_color_match_measures_inside_the_box_and_clamps_its_scale():
+    """With crop_padding the pixels outside the box are the input's (uncrop): counted, they pulled the correction
+    toward none. A washed-out generation is stretched at most 2x."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(40, 200, (1, 64, 64, 3)).astype(np.uint8)
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 24:40, 24:40] = 1
+    gen = img.copy()
+    gen[0, 16:48, 16:48] = np.clip(gen[0, 16:48, 16:48].astype(int) + 30, 0, 255)  # a cast inside the box only
+    keep = np.zeros((64, 64), bool)
+    keep[16:48, 16:48], keep[24:40, 24:40] = True, False
+    assert np.abs(C.color_match(gen, img, mask, [(16, 16, 48, 48)])[0][keep].astype(int) - img[0][keep]).max() <= 1
+    ramp = np.tile(np.arange(0, 256, 4, dtype=np.uint8)[None, :, None], (64, 1, 3))[None]  # std 74
+    flat = ramp // 8 + 100  # std 9: a ratio of 8
+    kept = (mask[0, 0] == 0).numpy()
+    out = C.color_match(flat, ramp, mask)[0][kept].astype(float)
+    assert out.std() == pytest.approx(2 * flat[0][kept].astype(float).std(), rel=0.05)
+
+
+def test_mask_edge_cases():
+    """A JPEG of a near-black mask holds 0/1 values and is no label map (a PNG of them is); a mask value at
+    mask_threshold repaints (>=, as diffusers binarises): a white mask at 1.0 was returned unchanged; the blend
+    rounds: 0.6 of the way from 0 to 1 is 1."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ones((16, 16), np.uint8)).save(buf, "JPEG", quality=100)
+    jpeg = Image.open(io.BytesIO(buf.getvalue()))
+    assert np.asarray(jpeg).max() == 1 and M.to_repaint_mask(mask=jpeg).max() <= 1 / 255 + 1e-7
+    assert M.binarize(torch.tensor([[[[0.5, 1.0]]]]), 0.5).flatten().tolist() == [1.0, 1.0]
+    assert M.to_repaint_mask(mask=np.full((8, 8), 255, np.uint8), threshold=1.0).min() == 1
+    assert C.paste_back(np.zeros((1, 1, 1, 3), np.uint8), np.ones((1, 1, 1, 3), np.uint8),
+                        torch.full((1, 1, 1, 1), 0.6)).max() == 1
 
 
 def test_full_resolution_shortcuts_equal_the_plain_computation():

@@ -47,6 +47,22 @@ def test_a_product_mask_at_any_level_keeps_what_the_python_api_keeps(server, ser
         assert want.unchanged == ([0] if unchanged else [])
 
 
+def test_an_sd_mask_without_options_and_at_the_threshold_is_read_as_the_python_api_reads_it(server, serve_pipe):
+    """mask= (white = repaint) with no mask_blur takes the API's default feather (4 px); a white mask at
+    mask_threshold 1.0 repaints (>= the threshold), and is not answered "unchanged"."""
+    image = np.random.default_rng(4).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[8:40, 16:56] = 255
+    for cut in (None, 1.0):
+        body = dict(image=b64(image), mask=b64(mask), prompt="a shelf", seed=2, mask_threshold=cut)
+        r = httpx.post(f"{server.url}/v1/inpaint", headers=JSON, content=json.dumps(body), timeout=120)
+        assert r.status_code == 200 and "unchanged" not in r.json()["data"][0], (cut, r.text)
+        want = serve_pipe.inpaint(image, mask=Image.fromarray(mask), prompt="a shelf", seed=2, steps=STEPS,
+                                  mask_threshold=cut, progress=False).images[0]
+        got = decode(r.json()["data"][0]["b64_json"]).astype(int)
+        assert np.abs(got - np.asarray(want, int)).max() <= 2 and np.abs(got - image).max() > 10, cut
+
+
 def test_a_sampler_the_model_cannot_start_is_a_400(tmp_path_factory):
     """An epsilon model with zero terminal SNR cannot start DDIM, DDPM or LCM (sigma = inf): the request passed the
     handler's checks and failed inside its batch, a 500 model_error (and every request beside it was run again)."""

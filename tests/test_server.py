@@ -182,6 +182,7 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server):
         ("no alpha, no mask", edit(image=png(product(1)[..., :3])), 400, "image"),
         ("wrong mask size", edit(mask=png(np.zeros((32, 32, 4), np.uint8))), 400, "mask"),
         ("mask without alpha", edit(mask=png(np.zeros((64, 64), np.uint8))), 400, "mask"),
+        ("mask half transparent", edit(mask=png(np.full((64, 64, 4), 128, np.uint8))), 400, "mask"),  # none alpha 0
         ("n = 0", edit(n="0"), 400, "n"),
         ("n = 11", edit(n="11"), 400, "n"),
         ("n not a number", edit(n="two"), 400, "n"),
@@ -366,6 +367,7 @@ def test_timeouts_say_do_not_retry_and_full_queues_let_the_client_retry(serve_pi
                          lambda: None)  # the queue's one place
     full = asyncio.run(post(inpaint_body(product(1))))
     assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1, full.text
+    assert full.json()["error"]["type"] == "rate_limit_error"  # OpenAI's type for it
     assert "x-should-retry" not in full.headers
     engine.abandon(held)
     late = asyncio.run(post(inpaint_body(product(1), timeout=0.05)))
