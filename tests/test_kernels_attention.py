@@ -12,7 +12,7 @@ import torch
 
 # TRITON_INTERPRET=1 (no GPU) is set by tests/conftest.py before anything imports triton.
 from backdrop import kernels
-from backdrop.kernels.attention import _attention_bwd, _attention_fwd
+from backdrop.kernels.attention import _attention_bwd, _attention_fwd, _row_align
 from backdrop.kernels.reference import attention_ref
 from backdrop.kernels.attention_kernels import _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd, _head_dim_split, _prune
 from triton_h100 import compile_for_h100  # tests/ is on sys.path (pyproject pythonpath)
@@ -99,6 +99,15 @@ def test_head_dim_split_wastes_little():
         d0, dk1, dv1 = _head_dim_split(d)
         assert d0 + dv1 >= d and d0 + dk1 >= d and dk1 in (0,) + tuple(2 ** i for i in range(4, 8))
         assert (d0 + dk1) / d < 1.5 or d < 32, f"D={d} pads to {d0 + dk1}"
+
+
+def test_the_alignment_hint_divides_every_row_stride():
+    """tl.multiple_of is a no-op in the interpreter: a hint larger than a stride allows would load misaligned
+    vectors on a GPU and nothing here would see it, so the hint itself is checked."""
+    assert _row_align(torch.empty(2, 3, 5, 40)) == 8  # strides 600, 200, 40
+    assert _row_align(torch.empty(2, 5, 3, 64).transpose(1, 2)) == 16  # (B, S, H, D) viewed as (B, H, S, D)
+    assert _row_align(torch.empty(1, 1, 7, 77)[..., :40]) == 1  # a slice keeps the parent's stride 77
+    assert _row_align(torch.empty(1, 2, 4, 64), torch.empty(1, 2, 4, 80)[..., 8:72]) == 16
 
 
 def test_autograd_through_dispatch_keeps_layout_and_scale():

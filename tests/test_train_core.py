@@ -205,6 +205,9 @@ def test_half_written_checkpoint_is_never_picked(tmp_path):
     (partial / "state.safetensors").write_bytes(b"\x10\x00\x00")
     tensors, meta = ckpt.load_checkpoint(tmp_path)
     assert meta["step"] == 1 and torch.equal(tensors["w"], torch.ones(3))
+    (root / "step-00000003").mkdir()  # a step-N copied in part (rsync, a cloud sync): no meta.json, never picked
+    (root / "step-00000003" / "state.safetensors").write_bytes(b"\x10\x00\x00")
+    assert ckpt.resolve(tmp_path).name == "step-00000001"
 
 
 def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path):
