@@ -36,14 +36,14 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..fsio import usual_permissions
 from ..nn.checkpoint import Model
 from ..diffusion.masks import IMAGE_EXTS, masked_image
 from .data import collate, product_repaint_mask
-from .image_folder import METADATA_FILES, folder_files
+from .image_folder import METADATA_FILES, find_metadata, folder_files, read_metadata
 from .stages.common import posterior_moments
 
 __all__ = ["MANIFEST", "is_cache", "fingerprint", "vae_encoder_fingerprint", "build_cache", "LatentCache"]
@@ -99,10 +99,12 @@ def _running(pid: int) -> bool:
 @torch.no_grad()
 def build_cache(model: Model, dataset, out: str | os.PathLike, *, batch_size: int = 16, shard_size: int = 512,
                 images: bool = True, dtype: str = "fp32", device="cpu", source: str = "", init: str | None = None,
-                source_state: dict | None = None, num_workers: int = 0, progress: bool = True) -> Path:
+                source_state: dict | None = None, num_workers: int = 0, progress: bool = True,
+                random_init: dict | None = None) -> Path:
     """Encode every item of `dataset` with `model`'s VAE and text encoder into `out` (written atomically, in a
     temporary folder beside it; those of killed builds are removed). num_workers: processes decoding images.
-    source, init: the --data and --init it was made from, recorded for messages (the fingerprints decide);
+    source, init: the --data and --init it was made from, recorded for messages (the fingerprints decide), or
+    random_init: the {"preset", "seed"} of the random model it was made with;
     source_state: folder_state(source) when `dataset` scanned it (by default: now, before any encoding), so that
     files added while the cache is built count as changes."""
     from tqdm.auto import tqdm
@@ -165,7 +167,7 @@ def build_cache(model: Model, dataset, out: str | os.PathLike, *, batch_size: in
         manifest = {
             "format": FORMAT, "rows": n, "size": size, "shard_size": shard_size, "shards": shards,
             "dtype": dtype, "has_images": images, "has_masks": bool(has_masks),
-            "has_product_latents": bool(has_masks), "source": source, "init": init,
+            "has_product_latents": bool(has_masks), "source": source, "init": init, "random_init": random_init,
             "source_state": source_state,
             "latent_channels": model.config.vae.latent_channels,
             "fingerprint": {"vae_encoder": vae_encoder_fingerprint(model.vae),
@@ -185,16 +187,26 @@ def build_cache(model: Model, dataset, out: str | os.PathLike, *, batch_size: in
 def folder_state(source: str) -> dict | None:
     """{"files", "sha256"} of the data files in a folder (images, masks, captions and metadata files: relative
     path, size, mtime; hidden ones aside), so that a cache can tell it was made from other data than the folder now
-    holds (a cache or a run folder kept inside it is not data); None for synthetic data."""
-    root = Path(source)
-    if not source or not root.is_dir():
+    holds (a cache or a run folder kept inside it is not data); None for synthetic data. A metadata file given as
+    the data stands for its folder; files a metadata file names outside its folder (../shared/a.png) count too.
+    Changes are seen by size and modification time (a copy that keeps both, cp -p of same-size files, is not)."""
+    path = Path(source)
+    if not source or not path.exists() or path.is_file() and path.name not in METADATA_FILES:
         return None
+    root = path if path.is_dir() else path.parent
+    files = [p for p in folder_files(root)  # the files the image folder reads from: the same walk
+             if p.suffix.lower() in (*IMAGE_EXTS, ".txt") or p.name in METADATA_FILES]
+    meta = path if path.is_file() else find_metadata(root)
+    try:
+        named = [f for image, _, mask in (read_metadata(meta) if meta else []) for f in (image, mask) if f]
+    except (OSError, ValueError):  # unreadable metadata: the dataset says why; its own file still counts
+        named = []
+    inside = {f.resolve() for f in files}
+    outside = sorted({f.resolve() for f in named if f.is_file()} - inside)
     lines = []
-    for path in folder_files(root):  # the files the image folder reads from: the same walk
-        if path.suffix.lower() not in (*IMAGE_EXTS, ".txt") and path.name not in METADATA_FILES:
-            continue
-        st = path.stat()
-        lines.append(f"{path.relative_to(root)}\t{st.st_size}\t{st.st_mtime_ns}\n")
+    for f, name in [(f, f.relative_to(root)) for f in files] + [(f, f) for f in outside]:
+        st = f.stat()
+        lines.append(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n")
     return {"files": len(lines), "sha256": hashlib.sha256("".join(lines).encode()).hexdigest()}
 
 
@@ -213,9 +225,18 @@ class LatentCache(torch.utils.data.Dataset):
         m = self.manifest
         if m.get("format") != FORMAT:
             raise ValueError(f"{self.path / MANIFEST}: format {m.get('format')!r}, this Backdrop reads {FORMAT}")
-        for shard in m["shards"]:
-            if not (self.path / shard["file"]).is_file():
-                raise ValueError(f"{self.path}: shard {shard['file']} named in {MANIFEST} is missing")
+        for shard in m["shards"]:  # each header read now: a damaged shard stopped a run when first reached, hours in
+            try:
+                with safe_open(str(self.path / shard["file"]), "pt") as f:
+                    rows = {f.get_slice(k).get_shape()[0] for k in f.keys()}
+            except FileNotFoundError:
+                raise ValueError(f"{self.path}: shard {shard['file']} named in {MANIFEST} is missing") from None
+            except (OSError, SafetensorError) as e:
+                raise ValueError(f"{self.path}: shard {shard['file']} is damaged ({e}); rebuild the cache with "
+                                 "`backdrop train cache`") from None
+            if rows != {shard["rows"]}:
+                raise ValueError(f"{self.path}: shard {shard['file']} holds {sorted(rows)} rows, {MANIFEST} says "
+                                 f"{shard['rows']}; rebuild the cache with `backdrop train cache`")
         if sum(s["rows"] for s in m["shards"]) != m["rows"]:
             raise ValueError(f"{self.path / MANIFEST}: the shards hold {sum(s['rows'] for s in m['shards'])} rows, "
                              f"the manifest says {m['rows']}")
@@ -232,7 +253,7 @@ class LatentCache(torch.utils.data.Dataset):
         or None (unchanged, synthetic, gone, or a cache made before folders were recorded)."""
         m = self.manifest
         then = m.get("source_state")
-        if then is None or not Path(m.get("source") or "").is_dir():
+        if then is None or not Path(m.get("source") or "").exists():
             return None
         now = folder_state(m["source"])
         if now == then:
@@ -252,7 +273,11 @@ class LatentCache(torch.utils.data.Dataset):
             ("vae", fingerprint(model.vae))  # a cache from before the encoder-only rule
         for name, have in (vae, ("text_encoder", fingerprint(model.text_encoder))):
             if have != made[name]:
+                made_by = m.get("random_init")  # no --init: the random model of a --preset and --seed
                 fix = (f"train with --init {m['init']}, the model it was made with, or rebuild it" if m.get("init")
+                       else f"it was made from random weights (--preset {made_by['preset']} --seed "
+                            f"{made_by['seed']}): train with those, or rebuild it with `backdrop train cache --init` "
+                            "the model you train" if made_by
                        else "rebuild it with `backdrop train cache --init` the same model")
                 raise ValueError(f"{self.path}: made with a different {name.replace('_', ' ')} than the model being "
                                  f"trained (fingerprint {made[name]} vs {have}); {fix}")

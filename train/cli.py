@@ -386,6 +386,7 @@ def _run_cache(args) -> int:
                           images=not args.no_images, dtype=args.dtype, device=device, source=source,
                           source_state=state,
                           init=args.init and run_folder.normalised("init", args.init), num_workers=args.num_workers,
+                          random_init=None if args.init else {"preset": args.preset, "seed": args.seed},
                           progress=not args.quiet)
     except ValueError as e:
         raise _named("--out", args.out, e) from None

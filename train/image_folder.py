@@ -40,8 +40,8 @@ from PIL import ExifTags, Image
 from ..diffusion.image_io import load_image
 from ..diffusion.masks import IMAGE_EXTS, MASK_SUFFIXES, border_share, has_transparency, read_mask
 
-__all__ = ["ImageFolder", "DataFileError", "find_metadata", "folder_files", "IMAGE_EXTS", "image_tensor", "mask_tensor",
-           "item_key"]
+__all__ = ["ImageFolder", "DataFileError", "find_metadata", "read_metadata", "folder_files", "IMAGE_EXTS",
+           "image_tensor", "mask_tensor", "item_key"]
 
 log = logging.getLogger(__name__)
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # the metadata files of HF's imagefolder
@@ -192,7 +192,7 @@ def _named(folder: Path, name: str) -> Path:
     return path
 
 
-def _read_metadata(path: Path) -> list:
+def read_metadata(path: Path) -> list:
     """The records' (image, caption, mask) entries; an image without a mask_file_name takes the mask beside it
     named as in the .txt layout (NAME_mask.png, NAME.mask.png), as a folder of both conventions holds them."""
     text = _read_text(path)
@@ -318,7 +318,7 @@ class ImageFolder(torch.utils.data.Dataset):
         if not self.root.is_dir():
             raise ValueError(f"{self.root}: not a folder of images")
         meta = Path(metadata) if metadata is not None else find_metadata(self.root)
-        entries = _read_metadata(meta) if meta is not None else _scan_folder(self.root)
+        entries = read_metadata(meta) if meta is not None else _scan_folder(self.root)
         if not masks:  # a stage that reads no masks: the folder's are neither checked nor loaded
             entries = [(image, caption, None) for image, caption, _ in entries]
         self.entries, with_alpha = self._usable(entries)  # (image path, caption, mask path or None)
