@@ -178,7 +178,13 @@ def _load_single_file(path: Path, dtype, device, prediction_type, allow_pickle, 
         _fill(m, names[c], reader, dtype, device)
     if vae is not None:
         modules["vae"] = vae
-    return Model(**modules, tokenizer=Tokenizer.from_assets(cfg.text.pad_token_id), config=cfg)
+    tokenizer = Tokenizer.from_assets(cfg.text.pad_token_id)
+    if cfg.text.vocab_size > tokenizer.vocab_size:
+        log.warning("%s: its text encoder has %d token rows, CLIP's vocabulary %d ids: the rows beyond (textual "
+                    "inversion tokens?) are out of a prompt's reach, since a single file holds no tokenizer; load "
+                    "the diffusers folder it was made from, or the tokens as embeddings (load_textual_inversion)",
+                    path, cfg.text.vocab_size, tokenizer.vocab_size)
+    return Model(**modules, tokenizer=tokenizer, config=cfg)
 
 
 def _sidecar_prediction_type(path: Path) -> str | None:
@@ -268,8 +274,9 @@ def _load_folder(root: Path, dtype, device, prediction_type, allow_pickle, vae: 
                                   "unet/, vae/, text_encoder/, tokenizer/ and scheduler/)")
     try:
         tokenizer = Tokenizer.from_folder(root / "tokenizer")
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{root / 'tokenizer'}: {e}") from None
+    except (OSError, ValueError) as e:  # named once: the tokenizer's own messages may begin with its folder
+        raise CheckpointError(str(e) if str(e).startswith(str(root / "tokenizer")) else
+                              f"{root / 'tokenizer'}: {e}") from None
     sched = _json(scheduler_file)
     try:
         unet = UNetConfig.from_diffusers(_json(root / "unet" / "config.json"), str(root / "unet" / "config.json"))
@@ -281,8 +288,10 @@ def _load_folder(root: Path, dtype, device, prediction_type, allow_pickle, vae: 
                           prediction_type=prediction_type or sched.get("prediction_type", "epsilon"),
                           image_size=unet.sample_size * vae_cfg.downsample_factor)
         if text.vocab_size != tokenizer.vocab_size:  # rows no token reaches, or tokens without a row
+            hint = ("an added token's file missing?" if text.vocab_size > tokenizer.vocab_size else
+                    "tokens added to the tokenizer without their embedding rows?")
             raise CheckpointError(f"{root / 'text_encoder' / 'config.json'}: vocab_size {text.vocab_size}, but the "
-                                  f"tokenizer has {tokenizer.vocab_size} tokens (an added token's file missing?)")
+                                  f"tokenizer has {tokenizer.vocab_size} tokens ({hint})")
     except CheckpointError:
         raise
     except (ValueError, TypeError) as e:  # a config file's own message names the file already
@@ -436,6 +445,12 @@ def save_model(model: Model, path, layout: str = "diffusers") -> Path:
         extra = rows - model.config.text.vocab_size
         raise ValueError(f"{path}: the model has textual inversion embeddings loaded ({extra} added tokens), which "
                          "a model folder cannot record; unload_textual_inversion() first")
+    clip = Tokenizer.from_assets().vocab_size
+    if layout == "ldm" and model.tokenizer.vocab_size > clip:  # an LDM file's tokenizer is always CLIP's own
+        raise ValueError(f"{path}: the model's tokenizer has {model.tokenizer.vocab_size - clip} tokens beyond "
+                         f"CLIP's {clip} (textual inversion saved into its folder), which an LDM single file cannot "
+                         "record (it has no tokenizer: they would load as plain words); save it as a diffusers "
+                         "folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     old = path.with_name(f".{path.name}.old-{os.getpid()}")

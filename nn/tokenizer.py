@@ -179,12 +179,13 @@ class Tokenizer:
     def taken_by(self, token: str) -> str | None:
         """The entry a new add_tokens token would shadow, or None. Added tokens are matched after the normalizer
         (case-insensitively), so "Cat" would take every "cat" of a prompt: an entry is shadowed when it equals
-        the token's normalized form as a word or word start ("cat</w>", "cat") or as an added token ("CAT")."""
+        the token's normalized form as a word or word start ("cat</w>", "cat") or as an added token, the folder's
+        own or a loaded one ("<DOG>" and "<Dog>")."""
         def norm(t: str) -> str:
             return self._backend.normalizer.normalize_str(t)
         key = norm(token)
         return next((t for t in (key + "</w>", key) if t in self._vocab and self._vocab[t] < self._built_size),
-                    next((t for t in self._extra if norm(t) == key), None))
+                    next((t for t in self._added if norm(t) == key), None))
 
     def _expanded(self, ids: list[int]) -> list[int]:
         """ids with every multi-vector token written out as its n ids (add_tokens)."""

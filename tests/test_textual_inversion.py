@@ -6,6 +6,7 @@ exported backends refuse textual inversion and clip_skip by name; the --textual-
 import shlex
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 
 from backdrop.cli import main, textual_inversion_spec
 from backdrop.diffusion.pipeline import Pipeline
+from backdrop.nn.checkpoint import init_model, load_model, save_model
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),  # conftest.py
               pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
@@ -152,11 +154,33 @@ def test_a_model_saved_with_its_embeddings_loads_them(theirs, files, tmp_path, l
     assert (ours.encode_prompt(PROMPTS) - want).abs().max() <= 1e-5
     ours.unload_textual_inversion()  # nothing loaded at run time: the folder's tokens stay
     assert torch.equal(ours.backend.tokenizer(PROMPTS), their_ids(theirs, PROMPTS))
+    with pytest.raises(ValueError, match="4 tokens beyond CLIP's 49408 .* an LDM single file cannot record"):
+        save_model(ours.backend.model, tmp_path / "model.safetensors", layout="ldm")  # they loaded as plain words
     (tok / ("tokenizer.json" if layout == "tokenizer.json" else "added_tokens.json")).unlink()
     if layout == "tokenizer.json":
         Tokenizer.from_assets().save(tok)
     with pytest.raises(ValueError, match=r"text_encoder/config.json: vocab_size 49412, but the tokenizer has 49408"):
         Pipeline.from_pretrained(tmp_path / "model")
+
+
+def test_a_token_differing_only_in_case_from_a_folders_own_is_refused(tmp_path, caplog):
+    """Prompts match added tokens case-insensitively: a loaded "<DOG>" over a folder's "<Dog>" was accepted and its
+    rows never reached ("<CAT>" over "<cat>" was refused). A single file whose text encoder has rows past CLIP's
+    vocabulary (a folder's tokens, saved elsewhere) says they are out of reach."""
+    from backdrop.nn.tokenizer import Tokenizer, _asset_vocab
+    from backdrop.nn.tokenizer_files import _Added
+
+    tokens, merges = _asset_vocab()
+    tok = Tokenizer({**{t: i for i, t in enumerate(tokens)}, "<Dog>": VOCAB}, merges,
+                    added=[_Added("<Dog>", normalized=True, special=False)])
+    assert tok.taken_by("<DOG>") == "<Dog>" and tok.taken_by("<cow>") is None
+    model = init_model("tiny", seed=0)
+    embeddings = model.text_encoder.text_model.embeddings
+    embeddings.token_embedding = torch.nn.Embedding(VOCAB + 2, embeddings.token_embedding.embedding_dim)
+    model = replace(model, config=replace(model.config, text=replace(model.config.text, vocab_size=VOCAB + 2)))
+    with caplog.at_level("WARNING", logger="backdrop.nn.checkpoint"):
+        load_model(save_model(model, tmp_path / "m.safetensors", layout="ldm"))
+    assert "its text encoder has 49410 token rows, CLIP's vocabulary 49408 ids" in caplog.text
 
 
 def test_unload_restores_tokenizer_and_embeddings_bit_exactly(pipe, files, tmp_path):
