@@ -166,7 +166,7 @@ def paste_back(image: np.ndarray, generated: np.ndarray, blend: torch.Tensor) ->
 
 
 def composite(image, generated, mask: torch.Tensor, *, boxes: list[Box] | None = None, mask_blur: float = 0.0,
-              match_color: bool = False) -> np.ndarray:
+              match_color: bool = False, blend: torch.Tensor | None = None) -> np.ndarray:
     """The back half of inpainting: uint8 (B, H, W, 3) output with every kept pixel bit-identical to `image`.
 
     image      the original images (B, H, W, 3) (anything image_to_uint8 reads).
@@ -175,9 +175,10 @@ def composite(image, generated, mask: torch.Tensor, *, boxes: list[Box] | None =
     mask_blur  feather sigma in pixels (see `feather`); 0 keeps the mask as is, right for RGBA cutouts whose
                transparent pixels hold no real colour.
     match_color  apply `color_match` before pasting.
+    blend      feather(mask, mask_blur) when the caller has it already (made once for items sharing a mask).
     """
     img = image_to_uint8(image)
     gen = uncrop(img, generated, boxes) if boxes is not None else image_to_uint8(generated)
     if match_color:
         gen = color_match(gen, img, mask, boxes)
-    return paste_back(img, gen, feather(_check_mask(mask), mask_blur))
+    return paste_back(img, gen, feather(_check_mask(mask), mask_blur) if blend is None else blend)

@@ -190,9 +190,8 @@ def _transparent(luma: np.ndarray, alpha: np.ndarray, name: str, kind: str) -> n
 
 
 def border_share(a: np.ndarray) -> float:
-    """The share of an (H, W) mask's outermost pixels that are white (>= half of uint8's or float's full scale).
-    More than half for a product mask means it is likely inverted (white = the backdrop): products are shot with
-    the backdrop around them."""
+    """The share of an (H, W) mask's outermost pixels that are white (>= half of full scale). Over half for a
+    product mask: likely inverted (white = the backdrop), since products are shot with the backdrop around them."""
     white = a >= (128 if a.dtype == np.uint8 else 0.5)
     return float(np.concatenate([white[0], white[-1], white[1:-1, 0], white[1:-1, -1]]).mean())
 
@@ -394,8 +393,7 @@ def dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
 
 
 def _window_max(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
-    """max over x[j - r .. j + r] along `dim` (outside counts as -inf): max_pool1d's result in O(log r) whole-tensor
-    maxima instead of a (2r + 1)-wide window, which at 4096x3072 took most of a product photo's mask work."""
+    """max over x[j - r .. j + r] along `dim` (outside: -inf), in O(log r) whole-tensor maxima, not a 2r + 1 window."""
     n = 2 * r + 1
     pad = [0, 0] * (-dim - 1) + [r, r]
     a, width = F.pad(x, pad, value=-math.inf), 1  # a[j] = the max of width values from j
@@ -484,18 +482,16 @@ def feather(mask: torch.Tensor, sigma: float) -> torch.Tensor:
     m = _check_mask(mask)
     if sigma <= 0:
         return m.clone()
-    reach, tile = 2 * math.ceil(3 * sigma), _FEATHER_TILE  # a weight depends on the mask within the blur's radius
+    reach, tile = 2 * math.ceil(3 * sigma), 256  # a weight depends on the mask within the blur's radius
     out = m.clone()  # and the peak's: 2 kernel radii. Where the mask is constant that far, the weight is the mask
     for y in range(0, m.shape[-2], tile):  # (b == peak there, so b / peak == 1): only tiles near an edge are computed,
         for x in range(0, m.shape[-1], tile):  # each from its tile grown by `reach` (a photo's mask has few edges)
             y0, x0 = max(y - reach, 0), max(x - reach, 0)
             near = m[..., y0:y + tile + reach, x0:x + tile + reach]
             if near.amin() != near.amax():
-                out[..., y:y + tile, x:x + tile] = _feather(near, sigma)[..., y - y0:y - y0 + tile, x - x0:x - x0 + tile]
+                done = _feather(near, sigma)
+                out[..., y:y + tile, x:x + tile] = done[..., y - y0:y - y0 + tile, x - x0:x - x0 + tile]
     return out
-
-
-_FEATHER_TILE = 256
 
 
 def _feather(m: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -79,6 +79,7 @@ from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, MaskOptions, StepEn
                                         diffusers_names, given_latents, groups, image_items, item_strengths, items,
                                         prompts, repeat, requests)
 from backdrop.diffusion.diffusers_api import WEIGHT_CHANGES, DiffusersAPI
+from backdrop.diffusion.inpaint_items import PerDistinct, distinct, repaint_masks
 from backdrop.diffusion.guidance import CFGDenoiser
 from backdrop.diffusion.latents import (blend_known_region, default_noise_sampler, initial_latents, known_region,
                                         noised_latents, output_latents, per_item_randn)
@@ -294,7 +295,7 @@ class Pipeline(DiffusersAPI):
                            mask_threshold, mask_mode, paste_back, color_match)
         img = M.image_to_uint8(repeat(images, k))  # (B, H, W, 3): the pixels paste-back keeps
         H, W = img.shape[1:3]
-        per_item = [self._repaint_mask(kind, m, i, (H, W), opts.threshold) for i, m in enumerate(masks)]
+        per_item = repaint_masks(kind, masks, (H, W), opts.threshold)  # (1, 1, H, W) each, None: nothing to do
         todo = [i for i in range(n * k) if per_item[i // k] is not None]
         unchanged = [i for i in range(n * k) if per_item[i // k] is None]
         if unchanged and output_type == "latent":
@@ -308,7 +309,8 @@ class Pipeline(DiffusersAPI):
         out = self._inpaint(img[todo], mask_t, dict(req, prompts=pick(req["prompts"]),
                             negatives=pick(req["negatives"]), seeds=pick(req["seeds"]), strengths=pick(strengths),
                             generators=gens if gens is None or isinstance(gens, torch.Generator) else pick(gens),
-                            rows=todo), opts, loop, latents)
+                            rows=todo, distinct=distinct([(id(images[i // k]), id(masks[i // k])) for i in todo])),
+                            opts, loop, latents)
         if unchanged:
             full = img.astype(np.float32) / 255  # (B, H, W, 3)
             full[todo] = as_hwc(out.images)
@@ -317,39 +319,22 @@ class Pipeline(DiffusersAPI):
 
     # ---------------------------------------------------------------------------------------------- inpainting
 
-    @staticmethod
-    def _repaint_mask(kind: str, value, i: int, size, threshold: float | None) -> torch.Tensor | None:
-        """(1, 1, H, W) float repaint mask of request i, or None when it has nothing to repaint."""
-        try:
-            return M.to_repaint_mask(**{kind: value}, size=size, threshold=threshold)
-        except M.EmptyMask:
-            if kind == "image":  # an exporter's RGBA, opaque everywhere: refused, as the CLI and the server do
-                raise ValueError(f"image[{i}] has no transparent pixel (its alpha channel is opaque everywhere), so "
-                                 "nothing marks what to repaint: give mask= or product_mask=") from None
-            return None
-        except ValueError as e:
-            msg = str(e)
-            if msg.startswith(f"{kind}[0]"):  # masks.py saw one item; name the request's index
-                msg = f"{kind}[{i}]" + msg[len(kind) + 3:]
-            elif i > 0:
-                msg = f"{kind}[{i}]: {msg}"
-            raise ValueError(msg) from None
-
     def _inpaint(self, img, mask, req, opts: MaskOptions, loop: Loop, latents) -> Output:
         cfg, f = self.config, self.config.vae.downsample_factor
         H, W = img.shape[1:3]
-        model_mask = M.dilate(mask, f * opts.dilate)  # grown for the model only; paste-back uses `mask`
+        one = PerDistinct(req["distinct"])  # the full-size mask work once per distinct (image, mask) item
+        model_mask = M.dilate(one.pick(mask), f * opts.dilate)  # (U, 1, H, W) the model's; paste-back uses `mask`
         boxes, conditioned = None, cfg.vae.mask_conditioned
         if opts.crop_padding is None:
             x = self._pad(M.image_to_tensor(img))  # (B, 3, H', W')
-            m = self._pad(model_mask)  # (B, 1, H', W')
+            m = self._pad(one.spread(model_mask))  # (B, 1, H', W')
             dec_mask = self._pad(mask) if conditioned else None
         else:
             size = self.fixed_size or M.fit_size(H, W, self._multiple, side=cfg.image_size)
-            boxes = C.crop_box(model_mask, size, opts.crop_padding)
-            x = M.image_to_tensor(C.crop_images(img, boxes, size))  # (B, 3, h*f, w*f)
+            box = C.crop_box(model_mask, size, opts.crop_padding)  # per distinct item
+            x = M.image_to_tensor(one.spread(C.crop_images(one.pick(img), box, size)))  # (B, 3, h*f, w*f)
             how = "diffusers" if opts.mode == "diffusers" else "max"  # diffusers: Lanczos, then binarised
-            m = C.crop_masks(model_mask, boxes, size, mode=how)  # (B, 1, h*f, w*f)
+            m, boxes = one.spread(C.crop_masks(model_mask, box, size, mode=how)), one.spread(box)  # (B, 1, h*f, w*f)
             dec_mask = C.crop_masks(mask, boxes, size, mode=how) if conditioned else None
         lat_mask = M.latent_mask(m, mode=opts.mode, factor=f).to(self.backend.device)  # (B, 1, h, w)
         nine = cfg.unet.in_channels == 9
@@ -372,7 +357,8 @@ class Pipeline(DiffusersAPI):
                 return format_output(y, out.seeds, req["output_type"])
         gen = M.tensor_to_uint8(y)  # (B, H, W, 3), or the crops (B, h*f, w*f, 3)
         if opts.paste_back:
-            done = C.composite(img, gen, mask, boxes=boxes, mask_blur=opts.blur, match_color=opts.color_match)
+            done = C.composite(img, gen, mask, boxes=boxes, mask_blur=opts.blur, match_color=opts.color_match,
+                               blend=one.spread(M.feather(one.pick(mask), opts.blur)))
         else:
             done = gen if boxes is None else C.uncrop(img, gen, boxes)  # (B, H, W, 3)
             if opts.color_match:

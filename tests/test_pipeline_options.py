@@ -43,3 +43,16 @@ def test_a_nine_channel_unet_asked_to_generate_sees_a_full_mask(models):
     finally:
         del pipe.backend.unet  # the class's method again
     assert seen and all(bool((s == 1).all()) for s in seen)
+
+
+@pytest.mark.parametrize("crop_padding", [None, 8])
+def test_one_image_and_mask_for_many_items_is_prepared_once_with_the_same_images(models, crop_padding):
+    """The CLI's --n passes one photo and mask object n times: its mask work (read, dilate, crop, feather) is done
+    once, and each image equals the one made from separate copies."""
+    pipe = models["sd1-inpaint"].pipe
+    image, mask = images(1, seed=6)[0], rect_masks(1, seed=6)[0]
+    kw = dict(prompt="x", seed=[1, 2, 3], steps=2, crop_padding=crop_padding, mask_blur=2, output_type="np",
+              progress=False)
+    shared = pipe.inpaint([image] * 3, mask=[mask] * 3, **kw).images
+    copies = pipe.inpaint([image.copy() for _ in range(3)], mask=[mask.copy() for _ in range(3)], **kw).images
+    assert np.array_equal(shared, copies) and not np.array_equal(shared[0], shared[1])
