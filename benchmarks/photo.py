@@ -8,7 +8,8 @@ The job: a 4096x3072 photo with its product mask; the model repaints a crop arou
 weights, saved once with a 64-cell sample size (so both sides process at 512 px, as an SD1.5 inpainting model
 does): it costs little, so the figures are what a call does at full resolution besides the model (reading the
 masks, growing and cropping them, resizing the crop in and out, pasting back, converting the output), which is
-what a 12-megapixel photo adds to a GPU run. One DPM-Solver++ 2M step, guidance 7.5, output_type "np".
+what a 12-megapixel photo adds to a GPU run. One DPM-Solver++ 2M step, guidance 7.5, output_type "pil" (the only
+one diffusers allows with padding_mask_crop).
 
 ours         product_mask, crop_padding=32 (the mask grown by one latent cell, the product pasted back exactly)
 ours:mask=   mask= (white = repaint), crop_padding=32, the 4 px one-sided feather of mask=
@@ -69,7 +70,7 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     photo, product = Image.open(spec["photo"]), Image.open(spec["mask"])
     photo.load(), product.load()
-    n, common = spec["batch"], dict(guidance_scale=7.5, output_type="np")
+    n, common = spec["batch"], dict(guidance_scale=7.5, output_type="pil")
     if spec["impl"] == "diffusers":
         import diffusers
 
