@@ -166,7 +166,7 @@ def paste_back(image: np.ndarray, generated: np.ndarray, blend: torch.Tensor) ->
 
 
 def composite(image, generated, mask: torch.Tensor, *, boxes: list[Box] | None = None, mask_blur: float = 0.0,
-              match_color: bool = False, blend: torch.Tensor | None = None) -> np.ndarray:
+              match_color: bool = False, blend=None) -> np.ndarray:
     """The back half of inpainting: uint8 (B, H, W, 3) output with every kept pixel bit-identical to `image`.
 
     image      the original images (B, H, W, 3) (anything image_to_uint8 reads).
@@ -175,10 +175,20 @@ def composite(image, generated, mask: torch.Tensor, *, boxes: list[Box] | None =
     mask_blur  feather sigma in pixels (see `feather`); 0 keeps the mask as is, right for RGBA cutouts whose
                transparent pixels hold no real colour.
     match_color  apply `color_match` before pasting.
-    blend      feather(mask, mask_blur) when the caller has it already (made once for items sharing a mask).
+    blend      feather(mask, mask_blur) when the caller has it already (made once for items sharing a mask): a
+               (B, 1, H, W) tensor or a list of B (1, H, W) ones (views of one for items that share it).
+    Item by item: a photo's full-size temporaries (the uncropped image, the blend's arithmetic) exist for one item
+    at a time, not the batch's.
     """
-    img = image_to_uint8(image)
-    gen = uncrop(img, generated, boxes) if boxes is not None else image_to_uint8(generated)
-    if match_color:
-        gen = color_match(gen, img, mask, boxes)
-    return paste_back(img, gen, feather(_check_mask(mask), mask_blur) if blend is None else blend)
+    img, m = image_to_uint8(image), _check_mask(mask)
+    batch = isinstance(generated, np.ndarray) and generated.ndim == 4 and generated.dtype == np.uint8
+    generated = generated if batch else image_to_uint8(generated)  # (B, h, w, 3), as the pipeline gives it
+    blend = feather(m, mask_blur) if blend is None else blend
+    out = np.empty_like(img)
+    for i in range(len(img)):
+        one = slice(i, i + 1)
+        gen = uncrop(img[one], generated[one], boxes[one]) if boxes is not None else generated[one]
+        if match_color:
+            gen = color_match(gen, img[one], m[one], boxes[one] if boxes is not None else None)
+        out[i] = paste_back(img[one], gen, blend[i][None])[0]
+    return out

@@ -277,10 +277,12 @@ def binarize(mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- images
 
 def _image_arrays(images, name: str) -> list[np.ndarray]:
-    out = []
+    out, seen = [], {}  # one PIL image given for many items is converted once
     for i, x in enumerate(items(images, name)):
         if isinstance(x, Image.Image):
-            out.append(np.asarray(_pil(x, f"{name}[{i}]").convert("RGB")))  # alpha dropped, P/L expanded
+            if id(x) not in seen:
+                seen[id(x)] = np.asarray(_pil(x, f"{name}[{i}]").convert("RGB"))  # alpha dropped, P/L expanded
+            out.append(seen[id(x)])
             continue
         a = _array(x, f"{name}[{i}]")
         if a.shape[-1] not in (1, 3, 4):
@@ -394,14 +396,12 @@ def dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
 
 def _window_max(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
     """max over x[j - r .. j + r] along `dim` (outside: -inf), in O(log r) whole-tensor maxima, not a 2r + 1 window."""
-    n = 2 * r + 1
-    pad = [0, 0] * (-dim - 1) + [r, r]
-    a, width = F.pad(x, pad, value=-math.inf), 1  # a[j] = the max of width values from j
+    n, size = 2 * r + 1, x.shape[dim]
+    a, width = F.pad(x, [0, 0] * (-dim - 1) + [r, r], value=-math.inf), 1  # a[j] = the max of width values from j
     while 2 * width <= n:
-        a, width = torch.maximum(a.narrow(dim, 0, a.shape[dim] - width), a.narrow(dim, width, a.shape[dim] - width)), \
-            2 * width
-    size = x.shape[dim]  # two windows of `width` (width <= n < 2 width) overlap to cover the n values from j
-    return torch.maximum(a.narrow(dim, 0, size), a.narrow(dim, n - width, size))
+        end = a.shape[dim] - width
+        a, width = torch.maximum(a.narrow(dim, 0, end), a.narrow(dim, width, end)), 2 * width
+    return torch.maximum(a.narrow(dim, 0, size), a.narrow(dim, n - width, size))  # 2 windows (n < 2 width) cover n
 
 
 def latent_mask(mask: torch.Tensor, size: tuple[int, int] | None = None, mode: str = "max",

@@ -358,7 +358,7 @@ class Pipeline(DiffusersAPI):
         gen = M.tensor_to_uint8(y)  # (B, H, W, 3), or the crops (B, h*f, w*f, 3)
         if opts.paste_back:
             done = C.composite(img, gen, mask, boxes=boxes, mask_blur=opts.blur, match_color=opts.color_match,
-                               blend=one.spread(M.feather(one.pick(mask), opts.blur)))
+                               blend=one.views(M.feather(one.pick(mask), opts.blur)))
         else:
             done = gen if boxes is None else C.uncrop(img, gen, boxes)  # (B, H, W, 3)
             if opts.color_match:
