@@ -248,10 +248,9 @@ def to_repaint_mask(mask=None, product_mask=None, image=None, *, threshold: floa
     arrays = []
     for i, item in enumerate(items(value, name, mask=kind != "image")):
         a = _mask_item(item, f"{name}[{i}]", kind)
-        if kind == "product_mask" and border_share(a) > 0.5:
+        if kind == "product_mask" and (share := border_share(a)) > 0.5:
             log.warning("%s[%d] is white on %.0f%% of its border, and white is the product to keep: is it inverted "
-                        "(white = backdrop)? Then give it as the repaint mask (mask= / --mask)", name, i,
-                        100 * border_share(a))
+                        "(white = backdrop)? Then give it as the repaint mask (mask= / --mask)", name, i, 100 * share)
         if kind != "mask":
             a = 255 - a if a.dtype == np.uint8 else 1.0 - a
         arrays.append(a)
