@@ -183,6 +183,9 @@ def composite(image, generated, mask: torch.Tensor, *, boxes: list[Box] | None =
     img, m = image_to_uint8(image), _check_mask(mask)
     batch = isinstance(generated, np.ndarray) and generated.ndim == 4 and generated.dtype == np.uint8
     generated = generated if batch else image_to_uint8(generated)  # (B, h, w, 3), as the pipeline gives it
+    if len(generated) != len(img) or m.shape[0] != len(img) or boxes is not None and len(boxes) != len(img):
+        raise ValueError(f"composite: {len(img)} images, {len(generated)} generated, {m.shape[0]} masks"
+                         f"{'' if boxes is None else f', {len(boxes)} boxes'}: give one of each per item")
     blend = feather(m, mask_blur) if blend is None else blend
     out = np.empty_like(img)
     for i in range(len(img)):

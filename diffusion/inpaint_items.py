@@ -22,20 +22,16 @@ def repaint_masks(kind: str, masks: list, size: tuple[int, int], threshold: floa
 
 
 def _repaint_mask(kind: str, value, i: int, size, threshold: float | None) -> torch.Tensor | None:
-    try:
-        return M.to_repaint_mask(**{kind: value}, size=size, threshold=threshold)
+    try:  # one item of the request: named as its i-th in messages and warnings
+        return M.to_repaint_mask(**{kind: value}, size=size, threshold=threshold, first=i)
     except M.EmptyMask:
         if kind == "image":  # an exporter's RGBA, opaque everywhere: refused, as the CLI and the server do
             raise ValueError(f"image[{i}] has no transparent pixel (its alpha channel is opaque everywhere), so "
                              "nothing marks what to repaint: give mask= or product_mask=") from None
         return None
-    except ValueError as e:
+    except ValueError as e:  # a message about the whole value (its size) gets the item's name
         msg = str(e)
-        if msg.startswith(f"{kind}[0]"):  # masks.py saw one item; name the request's index
-            msg = f"{kind}[{i}]" + msg[len(kind) + 3:]
-        elif i > 0:
-            msg = f"{kind}[{i}]: {msg}"
-        raise ValueError(msg) from None
+        raise ValueError(msg if msg.startswith(f"{kind}[{i}]") or i == 0 else f"{kind}[{i}]: {msg}") from None
 
 
 def distinct(keys: list) -> list[int]:

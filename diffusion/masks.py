@@ -190,8 +190,7 @@ def _transparent(luma: np.ndarray, alpha: np.ndarray, name: str, kind: str) -> n
 
 
 def border_share(a: np.ndarray) -> float:
-    """The share of an (H, W) mask's outermost pixels that are white (>= half of full scale). Over half for a
-    product mask: likely inverted (white = the backdrop), since products are shot with the backdrop around them."""
+    """The share of an (H, W) mask's outermost pixels that are white: over half, a product mask is likely inverted."""
     white = a >= (128 if a.dtype == np.uint8 else 0.5)
     return float(np.concatenate([white[0], white[-1], white[1:-1, 0], white[1:-1, -1]]).mean())
 
@@ -220,7 +219,7 @@ def _check_mask(mask, name: str = "mask") -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- conventions
 
 def to_repaint_mask(mask=None, product_mask=None, image=None, *, threshold: float | None = None,
-                    size: tuple[int, int] | None = None, label: str | None = None) -> torch.Tensor:
+                    size: tuple[int, int] | None = None, label: str | None = None, first: int = 0) -> torch.Tensor:
     """Normalise any mask convention to float32 (B, 1, H, W) in [0, 1], 1 = repaint. Give exactly one of:
 
     mask          Stable Diffusion: white = repaint.
@@ -234,11 +233,11 @@ def to_repaint_mask(mask=None, product_mask=None, image=None, *, threshold: floa
     reads it; an (H, W, C) array has C <= 4), uint8, bool or float in [0, 1] (a uint8 array holding only 0 and 1
     is 0/1, as bool, and so is a PNG label map; a JPEG's are noise), or a list of those; colour masks are
     read by their luma like diffusers, masks with transparent pixels by _transparent's rules. Inversion happens in
-    the input's own domain (255 - v for uint8), so the three conventions give bit-identical masks. `threshold`
-    binarises (>= threshold is repaint, as diffusers).
-    `size` (H, W) is checked against the mask size. A mask with nothing to repaint is an error. Errors name the
-    argument given, or `label` (what the caller's user calls it, e.g. a server's form field).
-    """
+    the input's own domain (255 - v for uint8): the three conventions give bit-identical masks. `threshold`
+    binarises (>= threshold is repaint, as diffusers). `size` (H, W) is checked against the mask size. A mask with
+    nothing to repaint is an error. Errors name the argument, or `label` (a server's form field), and the item
+    counted from `first` (for a caller that reads a request's masks one at a time). A product mask white over most
+    of its border (inverted?) is warned about."""
     given = [(k, v) for k, v in (("mask", mask), ("product_mask", product_mask), ("image", image)) if v is not None]
     if len(given) != 1:
         raise ValueError("to_repaint_mask: give exactly one of mask= (white = repaint), product_mask= (white ="
@@ -247,10 +246,12 @@ def to_repaint_mask(mask=None, product_mask=None, image=None, *, threshold: floa
     name = label or kind
     arrays = []
     for i, item in enumerate(items(value, name, mask=kind != "image")):
-        a = _mask_item(item, f"{name}[{i}]", kind)
-        if kind == "product_mask" and (share := border_share(a)) > 0.5:
+        a = _mask_item(item, f"{name}[{first + i}]", kind)
+        half = 128 if a.dtype == np.uint8 else 0.5  # all white (all product) is no inversion: nothing to repaint
+        if kind == "product_mask" and (share := border_share(a)) > 0.5 and a.min() < half:
             log.warning("%s[%d] is white on %.0f%% of its border, and white is the product to keep: is it inverted "
-                        "(white = backdrop)? Then give it as the repaint mask (mask= / --mask)", name, i, 100 * share)
+                        "(white = backdrop)? Then give it as the repaint mask (mask= / --mask)", name, first + i,
+                        100 * share)
         if kind != "mask":
             a = 255 - a if a.dtype == np.uint8 else 1.0 - a
         arrays.append(a)
@@ -259,7 +260,7 @@ def to_repaint_mask(mask=None, product_mask=None, image=None, *, threshold: floa
     if threshold is not None:
         m = binarize(m, threshold)
     for i in torch.nonzero(m.flatten(1).amax(1) == 0).flatten().tolist():
-        raise EmptyMask(f"{name}[{i}]: the mask is empty, nothing to repaint (every pixel would be kept)")
+        raise EmptyMask(f"{name}[{first + i}]: the mask is empty, nothing to repaint (every pixel would be kept)")
     return m
 
 
@@ -469,27 +470,27 @@ def feather(mask: torch.Tensor, sigma: float) -> torch.Tensor:
     """Paste-back weight of the generated image: min(b / peak, mask), b = gaussian_blur(mask, sigma), peak = the
     largest b within the kernel radius (3 sigma) around each pixel.
 
-    The usual mask blur (A1111's, diffusers' VaeImageProcessor.blur) is symmetric, so it leaks generated pixels
-    into the product. Clamping by the mask itself keeps the feather one-sided: a kept pixel (mask == 0) has weight
-    min(., 0) = 0 exactly, whatever the float error of the convolution, and no pixel gets more generated than its
-    mask asks. In a region wider than the kernel, peak is 1 and the weight is the blurred mask: about 0.5 at the
-    boundary, 0.98 at 2 sigma inside, 1 beyond 3 sigma. A region narrower than that never reaches 1 when blurred (a
-    1-px line: 0.10 at sigma 4, a single pixel: nothing visible), so dividing by the local peak lifts its core to
-    full weight: the feather adapts to the region's width instead of erasing a thin or small repaint region, which
-    came back as the input. (Eroding by the kernel radius before blurring would delete such regions outright.)
+    The usual mask blur (A1111's, diffusers') is symmetric: it leaks generated pixels into the product. Clamping by
+    the mask keeps the feather one-sided: a kept pixel (mask == 0) has weight exactly 0, and no pixel gets more
+    generated than its mask asks. In a region wider than the kernel, peak is 1 and the weight is the blurred mask
+    (0.5 at the boundary, 0.98 at 2 sigma inside, 1 beyond 3 sigma). A narrower region never reaches 1 blurred (a
+    1-px line: 0.10 at sigma 4): dividing by the local peak lifts its core to full weight, where it came back as the
+    input (eroding by the kernel radius before blurring would delete it outright).
     """
     m = _check_mask(mask)
     if sigma <= 0:
         return m.clone()
-    reach, tile = 2 * math.ceil(3 * sigma), 256  # a weight depends on the mask within the blur's radius
-    out = m.clone()  # and the peak's: 2 kernel radii. Where the mask is constant that far, the weight is the mask
-    for y in range(0, m.shape[-2], tile):  # (b == peak there, so b / peak == 1): only tiles near an edge are computed,
-        for x in range(0, m.shape[-1], tile):  # each from its tile grown by `reach` (a photo's mask has few edges)
+    # A weight depends on the mask within 2 kernel radii (the blur's, the peak's); where it is constant that far, the
+    # weight is the mask (b == peak). Only tiles near an edge are computed, each from the tile grown by `reach`: the
+    # whole image's result within ~1e-7 (a convolution rounds by its tensor's size). Tiles grow with sigma.
+    reach = 2 * math.ceil(3 * sigma)
+    t, out = max(256, 4 * reach), m.clamp_max(1.0)
+    for y in range(0, m.shape[-2], t):
+        for x in range(0, m.shape[-1], t):
             y0, x0 = max(y - reach, 0), max(x - reach, 0)
-            near = m[..., y0:y + tile + reach, x0:x + tile + reach]
+            near = m[..., y0:y + t + reach, x0:x + t + reach]
             if near.amin() != near.amax():
-                done = _feather(near, sigma)
-                out[..., y:y + tile, x:x + tile] = done[..., y - y0:y - y0 + tile, x - x0:x - x0 + tile]
+                out[..., y:y + t, x:x + t] = _feather(near, sigma)[..., y - y0:y - y0 + t, x - x0:x - x0 + t]
     return out
 
 

@@ -41,17 +41,20 @@ class Output:
         return getattr(self, key) if isinstance(key, str) else (self.images,)[key]
 
 
-def decoded(backend, latents: torch.Tensor, scaling_factor: float, **cond) -> torch.Tensor:
+def decoded(backend, latents: torch.Tensor, scaling_factor: float, rows: list[int] | None = None,
+            **cond) -> torch.Tensor:
     """(B, C, h, w) latents -> (B, 3, h*f, w*f) images in [-1, 1] on the CPU. An item whose latents are not finite
-    (float overflow, which the pipeline logs) or whose decoded image is not (the VAE overflowed in fp16, logged
-    here) is black in every output type: NaN pixels were NaN in "np" and "pt", and a numpy warning (an error under
-    -W error) on the way to PIL."""
+    (float overflow, which the pipeline logs) or whose decoded image is not (the VAE overflowed, logged here) is
+    black in every output type: NaN pixels were NaN in "np" and "pt", and a numpy warning (an error under -W error)
+    on the way to PIL. rows: the call's item number of each latent (for the log), when they are not 0..B-1."""
     y = backend.vae_decode(latents / scaling_factor, **cond).cpu()
     bad = ~torch.isfinite(latents.flatten(1)).all(1).cpu()  # (B,)
     if overflowed := (~torch.isfinite(y.flatten(1)).all(1) & ~bad).nonzero().flatten().tolist():
-        log.warning("items %s: the VAE's output is not finite, though their latents are (the VAE overflowed in %s: "
-                    "run it in float32, dtype=torch.float32 / --dtype fp32); their images are black",
-                    overflowed, getattr(backend, "dtype", "its dtype"))
+        dtype = getattr(backend, "dtype", None)
+        fix = ("run it in float32: dtype=torch.float32 / --dtype fp32" if dtype in (torch.float16, torch.bfloat16)
+               else "its weights or these latents are out of range")
+        log.warning("items %s: the VAE's output is not finite, though their latents are (%s); their images are "
+                    "black", overflowed if rows is None else [rows[i] for i in overflowed], fix)
         bad[overflowed] = True
     return y.masked_fill(bad.view(-1, 1, 1, 1), -1.0) if bad.any() else y
 

@@ -350,7 +350,7 @@ class Pipeline(DiffusersAPI):
         # A mask-conditioned VAE decodes with the known pixels too: the user's mask, not the one grown for the UNet
         # (the pixels the paste-back keeps are exactly the ones the decoder is told about)
         cond = dict(image=x, mask=M.binarize(dec_mask)) if conditioned else {}
-        y = decoded(self.backend, out.images, cfg.scaling_factor, **cond)  # (B, 3, h*f, w*f) in [-1, 1]
+        y = decoded(self.backend, out.images, cfg.scaling_factor, rows=req["rows"], **cond)  # (B, 3, h*f, w*f)
         if boxes is None:
             y = M.crop_to(y, (H, W))
             if not (opts.paste_back or opts.color_match):  # the VAE's own float output, as diffusers' "np"
@@ -459,11 +459,16 @@ class Pipeline(DiffusersAPI):
             raise SamplingInterrupted(loop.steps, "interrupted after the last step, before decoding")
         if bad := (~torch.isfinite(result.flatten(1))).any(1).nonzero().flatten().tolist():  # they decode to black
             log.warning("items %s have non-finite latents (float overflow: guidance_scale %g too large, or fp16 "
-                        "out of range?); their images are black", bad, loop.guidance_scale)
+                        "out of range?); their images are black", _rows(job, bad), loop.guidance_scale)
         if not decode or job["output_type"] == "latent":
             return Output(result, job["seeds"])
         y = decoded(self.backend, result, self.config.scaling_factor)  # (B, 3, h*f, w*f) in [-1, 1]
         return format_output(M.crop_to(y, job["size"]), job["seeds"], job["output_type"])
+
+
+def _rows(job: dict, positions: list[int]) -> list[int]:
+    """The call's item numbers of positions in a batch that holds only some of them (inpaint: those with a mask)."""
+    return [job["rows"][p] for p in positions] if job.get("rows") is not None else positions
 
 
 def _step_callback(blend, user, schedule) -> Callable | None:

@@ -163,6 +163,8 @@ def test_an_inverted_product_mask_is_named(caplog):
         M.to_repaint_mask(product_mask=[product, sofa])
         assert caplog.text == ""
         m = M.to_repaint_mask(product_mask=[sofa, 255 - product])
+        with pytest.raises(M.EmptyMask, match=r"product_mask\[3\]: the mask is empty"):  # all product: not inverted
+            M.to_repaint_mask(product_mask=np.full((40, 60), 255, np.uint8), first=3)  # (a request's 4th item)
     assert torch.equal(m[1, 0], torch.from_numpy(product / 255).float())  # as given
     assert caplog.messages == ["product_mask[1] is white on 100% of its border, and white is the product to keep: "
                                "is it inverted (white = backdrop)? Then give it as the repaint mask (mask= / --mask)"]
@@ -398,11 +400,15 @@ def test_mask_edge_cases():
 def test_full_resolution_shortcuts_equal_the_plain_computation():
     """At photo sizes the mask work is done where it matters (feather: tiles near an edge; paste-back: float maths on
     soft pixels; colour match: histograms and a table of the 256 levels; dilate: maxima by doubling), which made a
-    4096x3072 inpaint 2-3x faster: each equals the plain whole-image computation."""
+    4096x3072 inpaint 2-3x faster: each equals the plain whole-image computation (feather within float rounding).
+    composite checks its batch sizes itself."""
     rng = np.random.default_rng(5)
     mask = M.to_repaint_mask(mask=[random_mask(rng, 333, 517, soft=s) for s in (False, True)])  # 2x3 tiles of 256
-    for sigma in (1.5, 4.0, 12.0):
-        assert torch.equal(M.feather(mask, sigma), M._feather(mask, sigma))
+    g = torch.Generator().manual_seed(0)
+    speckled = torch.rand(1, 1, 600, 700, generator=g) * (torch.rand(1, 1, 600, 700, generator=g) > 0.9)
+    for sigma in (1.5, 4.0, 12.0, 30.0):  # tiles grow with sigma (at 30: 720 px), so margins stay under half
+        for m in (mask, speckled):  # a convolution's sums round by the tensor's size: within 1e-6, not bit-equal
+            assert (M.feather(m, sigma) - M._feather(m, sigma)).abs().max() <= 1e-6
     img, gen = random_image(rng, 333, 517)[None].repeat(2, 0), random_image(rng, 333, 517)[None].repeat(2, 0)
     w = M.feather(mask, 4.0)
     f_img, f_gen, f_w = img.astype(np.float32), gen.astype(np.float32), w[:, 0, :, :, None].numpy()
@@ -416,6 +422,8 @@ def test_full_resolution_shortcuts_equal_the_plain_computation():
         scale = np.where(g.std(0) < 1, 1.0, np.clip(t.std(0) / g.std(0), 0.5, 2.0))
         want = np.clip(np.rint((gen[i] - g.mean(0)) * scale + t.mean(0)), 0, 255)
         assert np.abs(C.color_match(gen, img, mask, boxes)[i] - want).max() <= 1e-9
+    with pytest.raises(ValueError, match="composite: 2 images, 1 generated, 2 masks: give one of each per item"):
+        C.composite(img, gen[:1], mask, mask_blur=4.0)
     x = torch.rand(1, 1, 40, 70)
     for r in (1, 8, 12, 100):
         ref = F.max_pool2d(F.pad(x, (r, r, r, r), value=-1.0), 2 * r + 1, stride=1)

@@ -466,7 +466,6 @@ def test_an_fp16_vae_that_overflows_on_finite_latents_gives_black_said_not_nan(c
     lat = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     lat[1] = lat[1].clamp(-1, 1) * 60000  # finite in fp16 (max 65504); the decoder's sums are not
     with caplog.at_level("WARNING", logger="backdrop.diffusion.output"):
-        y = decoded(backend, lat, 1.0)
+        y = decoded(backend, lat, 1.0, rows=[1, 2])  # the call's items 1 and 2 (its item 0 had nothing to repaint)
     assert torch.isfinite(y).all() and (y[1] == -1).all() and (y[0] > -1).any()
-    assert "items [1]: the VAE's output is not finite, though their latents are (the VAE overflowed in " \
-           "torch.float16: run it in float32" in caplog.text
+    assert "items [2]: the VAE's output is not finite, though their latents are (run it in float32" in caplog.text
