@@ -188,7 +188,8 @@ def folder_state(source: str) -> dict | None:
     """{"files", "sha256"} of the data files in a folder (images, masks, captions and metadata files: relative
     path, size, mtime; hidden ones aside), so that a cache can tell it was made from other data than the folder now
     holds (a cache or a run folder kept inside it is not data); None for synthetic data. A metadata file given as
-    the data (.jsonl or .csv, by any name, as make_dataset takes it) stands for its folder; files a metadata file names outside its folder (../shared/a.png) count too.
+    the data (.jsonl or .csv, by any name, as make_dataset takes it) stands for its folder; files a metadata file
+    names outside its folder (../shared/a.png) count too.
     Changes are seen by size and modification time (a copy that keeps both, cp -p of same-size files, is not)."""
     path = Path(source)
     if not source or not path.exists() or path.is_file() and path.suffix.lower() not in (".jsonl", ".csv"):
