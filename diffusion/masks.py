@@ -191,8 +191,8 @@ def _transparent(luma: np.ndarray, alpha: np.ndarray, name: str, kind: str) -> n
 
 def border_share(a: np.ndarray) -> float:
     """The share of an (H, W) mask's outermost pixels that are white: over half, a product mask is likely inverted."""
-    white = a >= (128 if a.dtype == np.uint8 else 0.5)
-    return float(np.concatenate([white[0], white[-1], white[1:-1, 0], white[1:-1, -1]]).mean())
+    edge = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])  # the border only: no full-image comparison
+    return float((edge >= (128 if a.dtype == np.uint8 else 0.5)).mean())
 
 
 def _to_float(a: np.ndarray) -> torch.Tensor:

@@ -445,8 +445,8 @@ def save_model(model: Model, path, layout: str = "diffusers") -> Path:
         extra = rows - model.config.text.vocab_size
         raise ValueError(f"{path}: the model has textual inversion embeddings loaded ({extra} added tokens), which "
                          "a model folder cannot record; unload_textual_inversion() first")
-    clip = Tokenizer.from_assets().vocab_size
-    if layout == "ldm" and model.tokenizer.vocab_size > clip:  # an LDM file's tokenizer is always CLIP's own
+    # an LDM file's tokenizer is always CLIP's own (the asset vocabulary is built only for that layout)
+    if layout == "ldm" and model.tokenizer.vocab_size > (clip := Tokenizer.from_assets().vocab_size):
         raise ValueError(f"{path}: the model's tokenizer has {model.tokenizer.vocab_size - clip} tokens beyond "
                          f"CLIP's {clip} (textual inversion saved into its folder), which an LDM single file cannot "
                          "record (it has no tokenizer: they would load as plain words); save it as a diffusers "

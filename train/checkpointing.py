@@ -86,13 +86,17 @@ def set_aside_after(root: str | os.PathLike, step: int) -> list[Path]:
     checkpoint in its own folder goes another way from there, and those of the way given up outranked its own (the
     pruning kept them and deleted the new ones; --resume latest picked them). Returns their new paths."""
     moved = []
-    for path in list_checkpoints(root):
-        if int(path.name[len(PREFIX):]) > step:
-            dest = path.with_name(f"abandoned-{path.name}")
-            dest = dest if not dest.exists() else dest.with_name(f"{dest.name}-{os.getpid()}")
-            os.replace(path, dest)
-            moved.append(dest)
+    for path in checkpoints_after(root, step):
+        dest = path.with_name(f"abandoned-{path.name}")
+        dest = dest if not dest.exists() else dest.with_name(f"{dest.name}-{os.getpid()}")
+        os.replace(path, dest)
+        moved.append(dest)
     return moved
+
+
+def checkpoints_after(root: str | os.PathLike, step: int) -> list[Path]:
+    """The complete checkpoints under `root` past `step`, oldest first."""
+    return [p for p in list_checkpoints(root) if int(p.name[len(PREFIX):]) > step]
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:

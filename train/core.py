@@ -262,8 +262,7 @@ class Trainer:
             self._take_over(before, meta)
         if self.rank == 0:
             self._forget_logged_steps_after(self.step)
-            later = [p.name for p in ckpt.list_checkpoints(self.out / "checkpoints")
-                     if int(p.name[len(ckpt.PREFIX):]) > self.step]
+            later = [p.name for p in ckpt.checkpoints_after(self.out / "checkpoints", self.step)]
             if later:  # set aside at this run's first save: a resumed run that fails before it leaves them be
                 self._abandon_after = self.step
                 print(f"warning: resumed at step {self.step}: this folder's later checkpoints ({', '.join(later)}) "

@@ -314,7 +314,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def __init__(self, root, size: int, *, metadata=None, random_crop: bool = False, flip: bool = False,
                  seed: int = 0, masks: bool = True):
         self.root, self.size, self.random_crop, self.flip, self.seed = Path(root), size, random_crop, flip, seed
-        self._doubted: set[Path] = set()  # masks warned about (_doubt)
+        self._checked: set[Path] = set()  # masks looked at by _doubt
         if not self.root.is_dir():
             raise ValueError(f"{self.root}: not a folder of images")
         meta = Path(metadata) if metadata is not None else find_metadata(self.root)
@@ -397,13 +397,15 @@ class ImageFolder(torch.utils.data.Dataset):
         """Warn once per file (per worker) about a product mask that trains something else than meant: one with no
         product (a full repaint), all product (nothing to repaint) or white over most of its border (white = the
         backdrop: an inverted mask trains the model to repaint the product and keep its surroundings)."""
+        if path in self._checked:  # a file is looked at once, not at every epoch's load
+            return
+        self._checked.add(path)
         white, border = mask >= 128, border_share(mask)  # (H, W), the share of its outermost pixels white
         doubt = ("has no white (no product): its item trains as a full repaint" if not white.any() else
                  "is all white (all product): its item has nothing to repaint" if white.all() else
                  f"is white on {border:.0%} of its border: white is the product to keep; is the mask "
                  "inverted (white = backdrop)?" if border > 0.5 else None)
-        if doubt and path not in self._doubted:
-            self._doubted.add(path)
+        if doubt:
             log.warning("product mask %s %s", path, doubt)
 
     def __len__(self) -> int:
