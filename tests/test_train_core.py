@@ -253,6 +253,7 @@ trainer.fit()
 if rank == 0:
     torch.save(trainer.module.state_dict(), os.path.join({out!r}, "w.pt"))
 dist.barrier()  # both ranks leave together: a rank tearing gloo down while its peer still works can abort (CI once)
+trainer.close()  # DDP's reducer holds the group: held at exit, it aborts the process (SIGABRT) now and then
 dist.destroy_process_group()
 """
 
@@ -341,6 +342,7 @@ except StopRequested as e:
     with open(os.path.join({report!r}, f"rank-{{rank}}.txt"), "w") as f:
         f.write(str(e.step))
 dist.barrier()
+trainer.close()
 dist.destroy_process_group()
 """
 

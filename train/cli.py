@@ -318,7 +318,7 @@ def _run_stage(args) -> int:
     run_folder.check_out(out, resume)
     if resume is not None:
         run_folder.resumed_init(args, resume)
-    lock = None
+    lock = trainer = None
     try:
         rank, world, device = _distributed(args)
         if out.is_dir():  # before the trainer, which reads (and may cut) the run's log
@@ -357,6 +357,8 @@ def _run_stage(args) -> int:
     finally:
         if lock is not None:
             lock.release()
+        if trainer is not None:
+            trainer.close()  # before the process group goes
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
