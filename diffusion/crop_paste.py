@@ -1,6 +1,9 @@
 """The inpaint path's pixel-space ends: the "only masked" crop (process the mask's box at the model's size, like
 diffusers' `padding_mask_crop`) and the paste-back that keeps a product's pixels exact, optionally colour-matched.
-Masks and images follow masks.py's conventions: (B, 1, H, W) float, 1 = repaint; uint8 (B, H, W, 3) pixels.
+Masks and images follow masks.py's conventions: (B, 1, H, W) float, 1 = repaint; uint8 (B, H, W, 3) pixels. The
+functions that take full-size originals (crop_images, uncrop, color_match, composite) also take them as lists of
+items, where items that share a photo or a mask share one object (pixels.image_rows; (1, 1, H, W) masks): a product
+photo inpainted n times is not copied n times.
     out[mask == 0] is bit-identical to img[mask == 0] after `composite`, whatever the options.
 """
 from __future__ import annotations
@@ -12,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .masks import _check_mask, _to_float, feather, image_to_uint8
+from .masks import _check_mask, feather
+from .pixels import _to_float, image_rows, image_to_uint8
 
 __all__ = ["Box", "crop_box", "crop_images", "crop_masks", "uncrop", "color_match", "paste_back", "composite"]
 
@@ -66,10 +70,9 @@ def crop_images(images: np.ndarray, boxes: list[Box], size: tuple[int, int]) -> 
     resize whenever the box has the processing aspect ratio, which crop_box aims for. A plain resize is the exact
     geometric inverse of `uncrop`'s, also when the box was clipped at the image border.
     """
-    images = image_to_uint8(images)
     h, w = size
     return np.stack([np.asarray(Image.fromarray(img).crop(box).resize((w, h), Image.LANCZOS))
-                     for img, box in zip(images, boxes, strict=True)])
+                     for img, box in zip(image_rows(images), boxes, strict=True)])
 
 
 def crop_masks(mask: torch.Tensor, boxes: list[Box], size: tuple[int, int], mode: str = "max") -> torch.Tensor:
@@ -98,7 +101,7 @@ def crop_masks(mask: torch.Tensor, boxes: list[Box], size: tuple[int, int], mode
 def uncrop(image: np.ndarray, generated: np.ndarray, boxes: list[Box]) -> np.ndarray:
     """Full-size generated images: a copy of `image` (B, H, W, 3) with each generated crop (B, h, w, 3) resized back
     to its box (Lanczos) and pasted in. Pixels outside the boxes are the input's, so paste-back keeps them anyway."""
-    out = image_to_uint8(image).copy()
+    out = image_to_uint8(image)  # a new array
     for o, g, (x1, y1, x2, y2) in zip(out, image_to_uint8(generated), boxes, strict=True):
         o[y1:y2, x1:x2] = np.asarray(Image.fromarray(g).resize((x2 - x1, y2 - y1), Image.LANCZOS))
     return out
@@ -118,18 +121,18 @@ def color_match(generated: np.ndarray, image: np.ndarray, mask: torch.Tensor, bo
     [0.5, 2]; fewer than `min_pixels` kept pixels leave the item as is. Kept pixels are then restored exactly by
     paste_back, so this never changes them in the output.
     """
-    gen, img, m = image_to_uint8(generated), image_to_uint8(image), _check_mask(mask)
-    if gen.shape != img.shape or m.shape[-2:] != img.shape[1:3]:
-        raise ValueError(f"color_match: generated {gen.shape}, image {img.shape} and mask {tuple(m.shape)} differ")
-    out = gen.copy()
+    out, img, m = image_to_uint8(generated), image_rows(image), _mask_rows(mask)  # out: a new array
+    if len(img) != len(out) or len(m) != len(out) or img[0].shape != out.shape[1:] or m[0].shape[-2:] != out.shape[1:3]:
+        raise ValueError(f"color_match: generated {out.shape}, {len(img)} images {img[0].shape} and {len(m)} masks "
+                         f"{tuple(m[0].shape)} differ")
     levels = np.arange(256, dtype=np.float64)
-    for i in range(len(gen)):
-        x1, y1, x2, y2 = boxes[i] if boxes is not None else (0, 0, img.shape[2], img.shape[1])
-        keep = (m[i, 0, y1:y2, x1:x2] == 0).numpy()  # (h, w) of the box
+    for i in range(len(out)):
+        x1, y1, x2, y2 = boxes[i] if boxes is not None else (0, 0, out.shape[2], out.shape[1])
+        keep = (m[i][0, 0, y1:y2, x1:x2] == 0).numpy()  # (h, w) of the box
         n = int(keep.sum())
         if n < min_pixels:
             continue
-        g, t = gen[i, y1:y2, x1:x2][keep], img[i, y1:y2, x1:x2][keep]  # (N, 3) uint8
+        g, t = out[i, y1:y2, x1:x2][keep], img[i][y1:y2, x1:x2][keep]  # (N, 3) uint8
         for c in range(3):  # mean and std from the 256-bin histograms; the map as a lookup table of the 256 levels
             stats = []
             for a in (g[:, c], t[:, c]):
@@ -139,7 +142,7 @@ def color_match(generated: np.ndarray, image: np.ndarray, mask: torch.Tensor, bo
             (mg, sg), (mt, st) = stats
             scale = 1.0 if sg < 1.0 else min(max(st / max(sg, 1e-12), 0.5), 2.0)
             lut = np.clip(np.rint((levels - mg) * scale + mt), 0, 255).astype(np.uint8)
-            out[i, ..., c] = lut[gen[i, ..., c]]
+            out[i, ..., c] = lut[out[i, ..., c]]  # g was read before: each channel is mapped once
     return out
 
 
@@ -165,33 +168,43 @@ def paste_back(image: np.ndarray, generated: np.ndarray, blend: torch.Tensor) ->
     return out
 
 
-def composite(image, generated, mask: torch.Tensor, *, boxes: list[Box] | None = None, mask_blur: float = 0.0,
-              match_color: bool = False, blend=None) -> np.ndarray:
+def composite(image, generated, mask, *, boxes: list[Box] | None = None, mask_blur: float = 0.0,
+              match_color: bool = False) -> np.ndarray:
     """The back half of inpainting: uint8 (B, H, W, 3) output with every kept pixel bit-identical to `image`.
 
-    image      the original images (B, H, W, 3) (anything image_to_uint8 reads).
+    image      the original images (B, H, W, 3) (anything image_rows reads).
     generated  the decoded images: full size (B, H, W, 3), or with `boxes` the processed crops (B, h, w, 3).
-    mask       the *original* repaint mask (B, 1, H, W) (not the dilated one the model saw).
+    mask       the *original* repaint mask (B, 1, H, W), or a list of (1, 1, H, W) (not the dilated one the model saw).
     mask_blur  feather sigma in pixels (see `feather`); 0 keeps the mask as is, right for RGBA cutouts whose
                transparent pixels hold no real colour.
     match_color  apply `color_match` before pasting.
-    blend      feather(mask, mask_blur) when the caller has it already (made once for items sharing a mask): a
-               (B, 1, H, W) tensor or a list of B (1, H, W) ones (views of one for items that share it).
     Item by item: a photo's full-size temporaries (the uncropped image, the blend's arithmetic) exist for one item
-    at a time, not the batch's.
+    at a time, not the batch's; a mask given as one object for several items is feathered once.
     """
-    img, m = image_to_uint8(image), _check_mask(mask)
+    img, m = image_rows(image), _mask_rows(mask)
     batch = isinstance(generated, np.ndarray) and generated.ndim == 4 and generated.dtype == np.uint8
     generated = generated if batch else image_to_uint8(generated)  # (B, h, w, 3), as the pipeline gives it
-    if len(generated) != len(img) or m.shape[0] != len(img) or boxes is not None and len(boxes) != len(img):
-        raise ValueError(f"composite: {len(img)} images, {len(generated)} generated, {m.shape[0]} masks"
+    if len(generated) != len(img) or len(m) != len(img) or boxes is not None and len(boxes) != len(img):
+        raise ValueError(f"composite: {len(img)} images, {len(generated)} generated, {len(m)} masks"
                          f"{'' if boxes is None else f', {len(boxes)} boxes'}: give one of each per item")
-    blend = feather(m, mask_blur) if blend is None else blend
-    out = np.empty_like(img)
+    out, blends = np.empty((len(img), *img[0].shape), np.uint8), {}
     for i in range(len(img)):
-        one = slice(i, i + 1)
-        gen = uncrop(img[one], generated[one], boxes[one]) if boxes is not None else generated[one]
+        one, im = slice(i, i + 1), img[i][None]  # (1, H, W, 3), a view
+        gen = uncrop(im, generated[one], boxes[one]) if boxes is not None else generated[one]
         if match_color:
-            gen = color_match(gen, img[one], m[one], boxes[one] if boxes is not None else None)
-        out[i] = paste_back(img[one], gen, blend[i][None])[0]
+            gen = color_match(gen, im, m[i], boxes[one] if boxes is not None else None)
+        if id(m[i]) not in blends:
+            blends[id(m[i])] = feather(m[i], mask_blur)  # (1, 1, H, W)
+        out[i] = paste_back(im, gen, blends[id(m[i])])[0]
     return out
+
+
+def _mask_rows(mask) -> list[torch.Tensor]:
+    """A (B, 1, H, W) mask or a list of (1, 1, H, W) ones -> a (1, 1, H, W) tensor per item."""
+    if not isinstance(mask, (list, tuple)):
+        return list(_check_mask(mask).split(1))
+    rows = [_check_mask(m, f"mask[{i}]") for i, m in enumerate(mask)]
+    if not rows or any(len(r) != 1 or r.shape[-2:] != rows[0].shape[-2:] for r in rows):
+        raise ValueError(f"mask: a list of masks needs (1, 1, H, W) tensors of one size, got "
+                         f"{[tuple(r.shape) for r in rows]}")
+    return rows

@@ -53,7 +53,3 @@ class PerDistinct:
 
     def spread(self, y):
         return y if self.at is None else [y[j] for j in self.at] if isinstance(y, list) else y[self.at]
-
-    def views(self, y) -> list:
-        """Every item's row of y (made for the distinct items), without copies: items sharing one share it."""
-        return list(y) if self.at is None else [y[j] for j in self.at]

@@ -1,5 +1,5 @@
-"""Mask conventions, image <-> tensor conversion, sizes, the model's mask and feathering. The "only masked" crop and
-the paste-back that keeps a product's pixels exact are in crop_paste.py (named C. below), which builds on these.
+"""Mask conventions, sizes, the model's mask and feathering. Images are read and converted by pixels.py (P. below);
+the "only masked" crop and the paste-back that keeps a product's pixels exact are in crop_paste.py (C. below).
 
 One internal mask form: float32 tensor (B, 1, H, W) in [0, 1], 1 = repaint (Stable Diffusion's convention).
 Images are uint8 numpy (B, H, W, 3) wherever pixels must stay exact (paste-back), float32 (B, 3, H, W) in [-1, 1]
@@ -7,15 +7,15 @@ for the VAE. Every function works per item over a batch of equal-sized items; li
 
 The inpaint path of the pipeline, front to back (`grow` in latent cells, (h, w) the processing size):
 
-    img    = image_to_uint8(image)                                   # (B, H, W, 3): the pixels we keep
-    mask   = to_repaint_mask(product_mask=pm, size=img.shape[1:3])   # (B, 1, H, W), 1 = repaint
+    img    = P.image_rows(image)                                     # (H, W, 3) uint8 per item: the pixels we keep
+    mask   = to_repaint_mask(product_mask=pm, size=img[0].shape[:2]) # (B, 1, H, W), 1 = repaint
     model  = dilate(mask, 8 * grow)                                  # the model's mask only, never the paste-back's
-    whole image:  x = pad_to_multiple(image_to_tensor(img));  m = pad_to_multiple(model)
+    whole image:  x = pad_to_multiple(P.image_to_tensor(img));  m = pad_to_multiple(model)
     "only masked": boxes = C.crop_box(model, (h, w), pad)
-                   x = image_to_tensor(C.crop_images(img, boxes, (h, w)));  m = C.crop_masks(model, boxes, (h, w))
+                   x = P.image_to_tensor(C.crop_images(img, boxes, (h, w)));  m = C.crop_masks(model, boxes, (h, w))
     latents_mask = latent_mask(m);  masked = masked_image(x, m)      # the 9-channel UNet's extra inputs
     ... sample, vae_decode -> y (B, 3, h', w') in [-1, 1] ...
-    gen    = tensor_to_uint8(crop_to(y, (H, W)))   or, cropped:  tensor_to_uint8(y)
+    gen    = P.tensor_to_uint8(crop_to(y, (H, W)))   or, cropped:  P.tensor_to_uint8(y)
     out    = C.composite(img, gen, mask, boxes=boxes, mask_blur=default_mask_blur("product_mask"), match_color=True)
     out[mask == 0] is bit-identical to img[mask == 0], whatever the options.
 """
@@ -30,55 +30,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 from backdrop.diffusion.batching import items
-from backdrop.diffusion.image_io import from_file
+from backdrop.diffusion.pixels import _array, _pil, _same_size, _to_float
 
 __all__ = [
-    "to_repaint_mask", "invert", "binarize", "image_to_tensor", "image_to_uint8", "tensor_to_uint8", "to_pil",
-    "fit_size", "pad_to_multiple", "crop_to", "dilate", "latent_mask", "masked_image", "gaussian_blur", "feather",
-    "default_mask_blur", "has_alpha", "has_transparency", "convention", "read_mask", "EmptyMask", "IMAGE_EXTS",
-    "MASK_SUFFIXES", "border_share",
+    "to_repaint_mask", "invert", "binarize", "fit_size", "pad_to_multiple", "crop_to", "dilate", "latent_mask",
+    "masked_image", "gaussian_blur", "feather", "default_mask_blur", "has_alpha", "has_transparency", "convention",
+    "read_mask", "EmptyMask", "IMAGE_EXTS", "MASK_SUFFIXES", "border_share",
 ]
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif")  # files the commands read
 MASK_SUFFIXES = (".mask", "_mask")  # NAME.mask.png, NAME_mask.jpg, ...: the mask of NAME.<ext> beside it
-
-
-# ----------------------------------------------------------------------------------------------- reading inputs
-
-def _array(x, name: str, hint: str = " (a [-1, 1] image needs (x + 1) / 2 first)") -> np.ndarray:
-    """One non-PIL item as (H, W, C) numpy, uint8 or float in [0, 1] (bool becomes uint8 0/255)."""
-    if isinstance(x, torch.Tensor):
-        if x.ndim == 3:
-            x = x.permute(1, 2, 0)  # (C, H, W) -> (H, W, C)
-        x = (x.float() if x.is_floating_point() else x).detach().cpu().numpy()
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name}: expected a PIL image, numpy array or torch tensor, got {type(x).__name__}")
-    if x.ndim == 2:
-        x = x[..., None]  # (H, W) -> (H, W, 1)
-    if x.ndim != 3:
-        raise ValueError(f"{name}: expected (H, W) or (H, W, C) arrays / (C, H, W) tensors, got shape {x.shape}")
-    if not x.shape[0] or not x.shape[1]:
-        raise ValueError(f"{name}: has no pixels (shape {x.shape})")
-    if x.dtype == np.bool_:
-        return x.astype(np.uint8) * 255
-    if np.issubdtype(x.dtype, np.floating):
-        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
-        if not (0.0 <= lo and hi <= 1.0):  # also catches NaN
-            raise ValueError(f"{name}: float values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]{hint}")
-        return x
-    if x.dtype != np.uint8:
-        raise ValueError(f"{name}: dtype {x.dtype} is not supported (use uint8 0..255, bool, or float in [0, 1])")
-    return x
-
-
-def _pil(x: Image.Image, name: str) -> Image.Image:
-    """A PIL input as a file of it is read (image_io.from_file): upright by its EXIF orientation, 8 bits, RGB(A)."""
-    try:
-        return from_file(x)
-    except ValueError as e:
-        raise ValueError(f"{name}: {e}") from None
 
 
 class EmptyMask(ValueError):
@@ -195,20 +158,6 @@ def border_share(a: np.ndarray) -> float:
     return float((edge >= (128 if a.dtype == np.uint8 else 0.5)).mean())
 
 
-def _to_float(a: np.ndarray) -> torch.Tensor:
-    # uint8 / 255 in float32, exactly diffusers' VaeImageProcessor.pil_to_numpy
-    return torch.from_numpy(a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32))
-
-
-def _same_size(sizes: list[tuple[int, int]], name: str, size: tuple[int, int] | None = None) -> None:
-    for i, s in enumerate(sizes):
-        if s != sizes[0]:
-            raise ValueError(f"{name}: item {i} is {s[0]}x{s[1]} (HxW) but item 0 is {sizes[0][0]}x{sizes[0][1]}; "
-                             "the items of one call share a size (one batch): make a call per size")
-    if size is not None and tuple(sizes[0]) != tuple(size):
-        raise ValueError(f"{name} is {sizes[0][0]}x{sizes[0][1]} (HxW) but the image is {size[0]}x{size[1]}")
-
-
 def _check_mask(mask, name: str = "mask") -> torch.Tensor:
     if not (isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[1] == 1 and mask.is_floating_point()):
         what = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
@@ -272,64 +221,6 @@ def invert(mask: torch.Tensor) -> torch.Tensor:
 def binarize(mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """1 where mask >= threshold, else 0 (diffusers' VaeImageProcessor.binarize uses >= 0.5)."""
     return (_check_mask(mask) >= threshold).to(mask.dtype)
-
-
-# ----------------------------------------------------------------------------------------------- images
-
-def _image_arrays(images, name: str) -> list[np.ndarray]:
-    out, seen = [], {}  # one PIL image given for many items is converted once
-    for i, x in enumerate(items(images, name)):
-        if isinstance(x, Image.Image):
-            if id(x) not in seen:
-                seen[id(x)] = np.asarray(_pil(x, f"{name}[{i}]").convert("RGB"))  # alpha dropped, P/L expanded
-            out.append(seen[id(x)])
-            continue
-        a = _array(x, f"{name}[{i}]")
-        if a.shape[-1] not in (1, 3, 4):
-            raise ValueError(f"{name}[{i}]: an image needs 1, 3 or 4 channels, got shape {a.shape}")
-        out.append(np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a[..., :3])
-    _same_size([a.shape[:2] for a in out], name)
-    if len({a.dtype for a in out}) > 1:
-        raise ValueError(f"{name}: items mix dtypes {sorted({str(a.dtype) for a in out})}")
-    return out
-
-
-def image_to_tensor(images) -> torch.Tensor:
-    """Images (PIL, uint8 or [0, 1] float arrays/tensors, or lists) -> float32 (B, 3, H, W) in [-1, 1].
-
-    Bit-identical to diffusers' VaeImageProcessor.preprocess without resizing: float32 v / 255, then 2 x - 1.
-    """
-    x = torch.stack([_to_float(a) for a in _image_arrays(images, "image")])  # (B, H, W, 3) in [0, 1]
-    return 2.0 * x.permute(0, 3, 1, 2).contiguous() - 1.0  # (B, 3, H, W)
-
-
-def image_to_uint8(images) -> np.ndarray:
-    """Images -> uint8 (B, H, W, 3), the exact pixels paste-back keeps. Floats round like `tensor_to_uint8`."""
-    arrays = _image_arrays(images, "image")
-    if arrays[0].dtype != np.uint8:
-        arrays = [(a.astype(np.float32) * 255).round().astype(np.uint8) for a in arrays]
-    return np.stack(arrays)
-
-
-def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
-    """VAE output (B, C, H, W) in [-1, 1] -> uint8 (B, H, W, C).
-
-    Exactly diffusers' VaeImageProcessor.postprocess + numpy_to_pil: (x * 0.5 + 0.5).clamp(0, 1) in x's dtype,
-    then float32 numpy, * 255, np.round (round half to even), astype uint8.
-    """
-    if not (isinstance(x, torch.Tensor) and x.ndim == 4 and x.is_floating_point()):
-        raise ValueError(f"tensor_to_uint8: expected a float tensor (B, C, H, W), got {getattr(x, 'shape', type(x))}")
-    x = (x * 0.5 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()  # (B, H, W, C)
-    return (x * 255).round().astype(np.uint8)
-
-
-def to_pil(x) -> list[Image.Image]:
-    """A [-1, 1] tensor (B, C, H, W) or uint8 array (B, H, W, C) / (H, W, C) -> list of PIL images."""
-    a = tensor_to_uint8(x) if isinstance(x, torch.Tensor) else np.asarray(x)
-    if a.dtype != np.uint8 or a.ndim not in (3, 4):
-        raise ValueError(f"to_pil: expected uint8 (B, H, W, C) or a [-1, 1] tensor, got {a.dtype} {a.shape}")
-    a = a[None] if a.ndim == 3 else a
-    return [Image.fromarray(i[..., 0] if i.shape[-1] == 1 else i) for i in a]
 
 
 # ----------------------------------------------------------------------------------------------- sizes

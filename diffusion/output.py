@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from backdrop.diffusion import masks as M
+from backdrop.diffusion import pixels as P
 from backdrop.diffusion.image_io import rgb_icc
 
 __all__ = ["Output", "decoded", "format_output", "as_hwc", "with_profiles"]
@@ -65,14 +65,14 @@ def format_output(images, seeds: list[int], output_type: str, unchanged: list[in
     float32 (B, 3, H, W), in [0, 1] as diffusers')."""
     if isinstance(images, torch.Tensor):  # diffusers' postprocess: (x / 2 + 0.5).clamp(0, 1), float32
         if output_type == "pil":
-            return Output(M.to_pil(images), seeds, unchanged or [])
+            return Output(P.to_pil(images), seeds, unchanged or [])
         images = (images.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
     if images.dtype == np.uint8:
         if output_type == "pil":
-            return Output(M.to_pil(images), seeds, unchanged or [])
+            return Output(P.to_pil(images), seeds, unchanged or [])
         images = images.astype(np.float32) / 255
     if output_type == "pil":
-        return Output(M.to_pil((images * 255).round().astype(np.uint8)), seeds, unchanged or [])
+        return Output(P.to_pil((images * 255).round().astype(np.uint8)), seeds, unchanged or [])
     images = images.astype(np.float32)
     return Output(torch.from_numpy(images).permute(0, 3, 1, 2) if output_type == "pt" else images, seeds,
                   unchanged or [])

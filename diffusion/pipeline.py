@@ -75,6 +75,7 @@ import torch
 
 from backdrop.diffusion import crop_paste as C
 from backdrop.diffusion import masks as M
+from backdrop.diffusion import pixels as P
 from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, MaskOptions, StepEnd, as_number, broadcast,
                                         diffusers_names, given_latents, groups, image_items, item_strengths, items,
                                         prompts, repeat, requests)
@@ -241,10 +242,10 @@ class Pipeline(DiffusersAPI):
         req["clip_skip"] = check_clip_skip(clip_skip, self.backend)
         n, k = req["n"], req["k"]
         images = broadcast(images, n, "image")
-        img = M.image_to_uint8(repeat(images, k))  # (B, H, W, 3)
+        img = P.image_to_uint8(repeat(images, k))  # (B, H, W, 3)
         strengths = item_strengths(strength, n, k)
         H, W = img.shape[1:3]
-        x0 = self._encode_image(self._pad(M.image_to_tensor(img)))  # (B, 4, h, w)
+        x0 = self._encode_image(self._pad(P.image_to_tensor(img)))  # (B, 4, h, w)
         job = dict(req, strengths=strengths, x0=x0, size=(H, W),
                    c_concat=self._empty_concat(len(img), *x0.shape[-2:]))
         return with_profiles(self._run(job, tuple(x0.shape[-2:]), loop, latents, start="image"), images, k)
@@ -293,8 +294,8 @@ class Pipeline(DiffusersAPI):
         strengths = item_strengths(strength, n, k)
         opts = MaskOptions(M.default_mask_blur(kind) if mask_blur is None else mask_blur, mask_dilate, crop_padding,
                            mask_threshold, mask_mode, paste_back, color_match)
-        img = M.image_to_uint8(repeat(images, k))  # (B, H, W, 3): the pixels paste-back keeps
-        H, W = img.shape[1:3]
+        img = P.image_rows(repeat(images, k))  # (H, W, 3) uint8 per item, the pixels paste-back keeps; one per photo
+        H, W = img[0].shape[:2]
         per_item = repaint_masks(kind, masks, (H, W), opts.threshold)  # (1, 1, H, W) each, None: nothing to do
         todo = [i for i in range(n * k) if per_item[i // k] is not None]
         unchanged = [i for i in range(n * k) if per_item[i // k] is None]
@@ -302,40 +303,41 @@ class Pipeline(DiffusersAPI):
             raise ValueError(f"inpaint items {unchanged} have nothing to repaint; output_type='latent' has no "
                              "latents to return for them")
         if not todo:
-            return with_profiles(format_output(img, req["seeds"], output_type, unchanged), images, k)
+            return with_profiles(format_output(np.stack(img), req["seeds"], output_type, unchanged), images, k)
         pick = lambda v: [v[i] for i in todo]  # noqa: E731 - the items that have something to repaint
-        mask_t = torch.cat([per_item[i // k] for i in todo])  # (B', 1, H, W), 1 = repaint
         gens = req["generators"]
-        out = self._inpaint(img[todo], mask_t, dict(req, prompts=pick(req["prompts"]),
-                            negatives=pick(req["negatives"]), seeds=pick(req["seeds"]), strengths=pick(strengths),
-                            generators=gens if gens is None or isinstance(gens, torch.Generator) else pick(gens),
-                            rows=todo, distinct=distinct([(id(images[i // k]), id(masks[i // k])) for i in todo])),
-                            opts, loop, latents)
+        out = self._inpaint(pick(img), [per_item[i // k] for i in todo], dict(  # masks shared like the photos
+            req, prompts=pick(req["prompts"]), negatives=pick(req["negatives"]), seeds=pick(req["seeds"]),
+            strengths=pick(strengths), rows=todo,
+            generators=gens if gens is None or isinstance(gens, torch.Generator) else pick(gens)), opts, loop, latents)
         if unchanged:
-            full = img.astype(np.float32) / 255  # (B, H, W, 3)
+            full = np.stack(img).astype(np.float32) / 255  # (B, H, W, 3)
             full[todo] = as_hwc(out.images)
             out = format_output(full, req["seeds"], output_type, unchanged)
         return with_profiles(out, images, k)
 
     # ---------------------------------------------------------------------------------------------- inpainting
 
-    def _inpaint(self, img, mask, req, opts: MaskOptions, loop: Loop, latents) -> Output:
+    def _inpaint(self, img: list, mask: list, req, opts: MaskOptions, loop: Loop, latents) -> Output:
+        """img: a uint8 (H, W, 3) per item, mask: a (1, 1, H, W) repaint mask per item, shared between items of
+        one photo and mask (a photo inpainted n times is one array, its full-size mask work done once)."""
         cfg, f = self.config, self.config.vae.downsample_factor
-        H, W = img.shape[1:3]
-        one = PerDistinct(req["distinct"])  # the full-size mask work once per distinct (image, mask) item
-        model_mask = M.dilate(one.pick(mask), f * opts.dilate)  # (U, 1, H, W) the model's; paste-back uses `mask`
+        H, W = img[0].shape[:2]
+        one = PerDistinct(distinct([(id(a), id(m)) for a, m in zip(img, mask)]))
+        given = torch.cat(one.pick(mask))  # (U, 1, H, W) per distinct item
+        model_mask = M.dilate(given, f * opts.dilate)  # (U, 1, H, W) the model's; paste-back uses `mask`
         boxes, conditioned = None, cfg.vae.mask_conditioned
         if opts.crop_padding is None:
-            x = self._pad(M.image_to_tensor(img))  # (B, 3, H', W')
+            x = self._pad(P.image_to_tensor(img))  # (B, 3, H', W')
             m = self._pad(one.spread(model_mask))  # (B, 1, H', W')
-            dec_mask = self._pad(mask) if conditioned else None
+            dec_mask = self._pad(one.spread(given)) if conditioned else None
         else:
             size = self.fixed_size or M.fit_size(H, W, self._multiple, side=cfg.image_size)
             box = C.crop_box(model_mask, size, opts.crop_padding)  # per distinct item
-            x = M.image_to_tensor(one.spread(C.crop_images(one.pick(img), box, size)))  # (B, 3, h*f, w*f)
+            x = P.image_to_tensor(one.spread(C.crop_images(one.pick(img), box, size)))  # (B, 3, h*f, w*f)
             how = "diffusers" if opts.mode == "diffusers" else "max"  # diffusers: Lanczos, then binarised
             m, boxes = one.spread(C.crop_masks(model_mask, box, size, mode=how)), one.spread(box)  # (B, 1, h*f, w*f)
-            dec_mask = C.crop_masks(mask, boxes, size, mode=how) if conditioned else None
+            dec_mask = one.spread(C.crop_masks(given, box, size, mode=how)) if conditioned else None
         lat_mask = M.latent_mask(m, mode=opts.mode, factor=f).to(self.backend.device)  # (B, 1, h, w)
         nine = cfg.unet.in_channels == 9
         if not nine and cfg.unet.in_channels != cfg.vae.latent_channels:
@@ -355,10 +357,9 @@ class Pipeline(DiffusersAPI):
             y = M.crop_to(y, (H, W))
             if not (opts.paste_back or opts.color_match):  # the VAE's own float output, as diffusers' "np"
                 return format_output(y, out.seeds, req["output_type"])
-        gen = M.tensor_to_uint8(y)  # (B, H, W, 3), or the crops (B, h*f, w*f, 3)
+        gen = P.tensor_to_uint8(y)  # (B, H, W, 3), or the crops (B, h*f, w*f, 3)
         if opts.paste_back:
-            done = C.composite(img, gen, mask, boxes=boxes, mask_blur=opts.blur, match_color=opts.color_match,
-                               blend=one.views(M.feather(one.pick(mask), opts.blur)))
+            done = C.composite(img, gen, mask, boxes=boxes, mask_blur=opts.blur, match_color=opts.color_match)
         else:
             done = gen if boxes is None else C.uncrop(img, gen, boxes)  # (B, H, W, 3)
             if opts.color_match:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from backdrop.diffusion import masks as M
+from backdrop.diffusion import pixels as P
 from backdrop.diffusion.pipeline import Pipeline
 from backdrop.nn.checkpoint import init_model, save_model
 from backdrop.nn.config import PRESETS, SchedulerConfig
@@ -96,7 +96,7 @@ def rect_masks(n, h=64, w=64, seed=0, soft=True):
 
 def latents_of(pipe, imgs):
     """The scaled image latents our pipeline samples from: the VAE posterior mean times the scaling factor."""
-    return pipe.backend.vae_encode(M.image_to_tensor(imgs)) * pipe.config.scaling_factor
+    return pipe.backend.vae_encode(P.image_to_tensor(imgs)) * pipe.config.scaling_factor
 
 
 def max_diff(a, b) -> float:

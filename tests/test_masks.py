@@ -12,6 +12,7 @@ from PIL import Image
 
 from backdrop.diffusion import crop_paste as C
 from backdrop.diffusion import masks as M
+from backdrop.diffusion import pixels as P
 
 ODD = [(67, 45), (333, 517)]  # not multiples of 8, portrait and landscape
 
@@ -95,9 +96,9 @@ def test_batches_of_masks_and_images():
     for i, m in enumerate(ms):
         assert torch.equal(batch[i:i + 1], M.to_repaint_mask(mask=m))
     assert torch.equal(M.to_repaint_mask(mask=np.stack(ms)[..., None]), batch)  # (B, H, W, 1)
-    x = M.image_to_tensor([Image.fromarray(i) for i in ims])
-    assert x.shape == (3, 3, 45, 67) and torch.equal(x, M.image_to_tensor(np.stack(ims)))
-    assert np.array_equal(M.image_to_uint8(x.add(1).div(2)), np.stack(ims))  # [0, 1] tensors round back exactly
+    x = P.image_to_tensor([Image.fromarray(i) for i in ims])
+    assert x.shape == (3, 3, 45, 67) and torch.equal(x, P.image_to_tensor(np.stack(ims)))
+    assert np.array_equal(P.image_to_uint8(x.add(1).div(2)), np.stack(ims))  # [0, 1] tensors round back exactly
     gens = np.stack([random_image(rng, 32, 32) for _ in range(3)])
     boxes = C.crop_box(batch, (32, 32), pad=2)
     assert len(set(boxes)) == 3  # per-item boxes
@@ -132,8 +133,8 @@ def _openai_mask() -> Image.Image:
     (lambda: M.to_repaint_mask(mask=np.zeros((4, 4), np.uint8)), ["empty", "mask[0]"]),
     (lambda: M.to_repaint_mask(product_mask=[np.zeros((4, 4)), np.ones((4, 4))]), ["empty", "product_mask[1]"]),
     (lambda: M.to_repaint_mask(mask="mask.png"), ["str"]),
-    (lambda: M.image_to_tensor(torch.rand(1, 3, 8, 8) * 2 - 1), ["[0, 1]", "(x + 1) / 2"]),
-    (lambda: M.image_to_tensor([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9, 3), np.uint8)]), ["8x8", "8x9"]),
+    (lambda: P.image_to_tensor(torch.rand(1, 3, 8, 8) * 2 - 1), ["[0, 1]", "(x + 1) / 2"]),
+    (lambda: P.image_to_tensor([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9, 3), np.uint8)]), ["8x8", "8x9"]),
     (lambda: M.dilate(np.ones((1, 1, 8, 8)), 1), ["(B, 1, H, W)"]),
     (lambda: M.latent_mask(torch.ones(1, 1, 67, 45)), ["67x45", "pad_to_multiple"]),
     (lambda: M.latent_mask(torch.ones(1, 1, 8, 8), mode="bilinear"), ["mode"]),
@@ -177,16 +178,16 @@ def test_image_conversions_match_diffusers():
     image_proc, _ = vae_processors()
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(random_image(rng, 64, 40)) for _ in range(2)]
-    assert torch.equal(M.image_to_tensor(imgs), image_proc.preprocess(imgs, height=64, width=40))
+    assert torch.equal(P.image_to_tensor(imgs), image_proc.preprocess(imgs, height=64, width=40))
     # postprocess rounding, including values off [-1, 1], exact half levels, and fp16 decoder output
     halves = torch.arange(256, dtype=torch.float32).add(0.5).div(255).mul(2).sub(1)
     for x in [torch.randn(2, 3, 67, 45) * 0.7, halves.view(1, 1, 16, 16).expand(1, 3, 16, 16).clone(),
               (torch.randn(1, 3, 33, 17) * 0.6).half()]:
         ref = np.stack([np.asarray(p) for p in image_proc.postprocess(x, output_type="pil")])
-        assert np.array_equal(M.tensor_to_uint8(x), ref)
-        assert all(np.array_equal(np.asarray(p), r) for p, r in zip(M.to_pil(x), ref))
+        assert np.array_equal(P.tensor_to_uint8(x), ref)
+        assert all(np.array_equal(np.asarray(p), r) for p, r in zip(P.to_pil(x), ref))
     u8 = random_image(rng, 67, 45)
-    assert np.array_equal(M.tensor_to_uint8(M.image_to_tensor(u8))[0], u8)  # uint8 -> [-1, 1] -> uint8 is exact
+    assert np.array_equal(P.tensor_to_uint8(P.image_to_tensor(u8))[0], u8)  # uint8 -> [-1, 1] -> uint8 is exact
 
 
 @pytest.mark.parametrize("h,w,mode", [(64, 48, "L"), (40, 72, "RGB"), (8, 8, "L")])
@@ -207,7 +208,7 @@ def test_mask_latents_match_diffusers(h, w, mode):
 
     mask = M.to_repaint_mask(mask=masks)
     assert torch.equal(M.binarize(mask), mask_condition)
-    assert torch.equal(M.masked_image(M.image_to_tensor(images), mask), ref_masked)
+    assert torch.equal(M.masked_image(P.image_to_tensor(images), mask), ref_masked)
     assert torch.equal(M.latent_mask(mask, mode="diffusers"), ref_latent)
 
 
@@ -330,9 +331,9 @@ def test_kept_pixels_are_bit_identical(h, w, crop_pad):
                                  size=(h, w))
         model_mask = M.dilate(mask, 8)  # what the model repaints: larger than what paste-back takes
         if crop_pad is None:
-            boxes, x = None, M.pad_to_multiple(M.image_to_tensor(img))
+            boxes, x = None, M.pad_to_multiple(P.image_to_tensor(img))
             y = (x + 0.3 * torch.randn_like(x)).clamp(-1.2, 1.2)  # a "decoded" image: input plus noise and a cast
-            gen = M.tensor_to_uint8(M.crop_to(y, (h, w)))
+            gen = P.tensor_to_uint8(M.crop_to(y, (h, w)))
         else:
             boxes = C.crop_box(model_mask, size, pad=crop_pad)
             gen = random_image(rng, *size)[None].repeat(2, 0)
@@ -464,7 +465,7 @@ def test_crop_and_overlay_match_diffusers(seed):
     assert boxes == [crops] and crops[2] - crops[0] == crops[3] - crops[1]  # square box: "fill" == plain resize
     ref_init = image_proc.preprocess(img, height=64, width=64, crops_coords=crops, resize_mode="fill")
     ref_cond = mask_proc.preprocess(mask_pil, height=64, width=64, crops_coords=crops, resize_mode="fill")
-    assert torch.equal(M.image_to_tensor(C.crop_images(M.image_to_uint8(img), boxes, size)), ref_init)
+    assert torch.equal(P.image_to_tensor(C.crop_images(P.image_to_uint8(img), boxes, size)), ref_init)
     assert torch.equal(M.binarize(C.crop_masks(mask, boxes, size, mode="diffusers")), ref_cond)
     ref_out = np.asarray(image_proc.apply_overlay(mask_pil, img, gen, crops))
     assert np.array_equal(C.composite(img, gen, mask, boxes=boxes)[0], ref_out)

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from backdrop.diffusion import masks as M
+from backdrop.diffusion import pixels as P
 from backdrop.diffusion.pipeline import Output, Pipeline
 from backdrop.diffusion.latents import per_item_randn
 from backdrop.diffusion.output import decoded
@@ -153,7 +154,7 @@ def test_inpaint_9_channels_equals_diffusers(models, ref, sampler):
     ours = pipe.inpaint(imgs, masks, prompt=PROMPTS, seed=seeds, steps=5, sampler=sampler, paste_back=False,
                         mask_mode="diffusers", mask_dilate=0, output_type="np", progress=False)
     d = ref("sd1-inpaint", "inpaint", sampler)
-    masked = M.masked_image(M.image_to_tensor(imgs), M.to_repaint_mask(mask=masks))  # (2, 3, 64, 64)
+    masked = M.masked_image(P.image_to_tensor(imgs), M.to_repaint_mask(mask=masks))  # (2, 3, 64, 64)
     masked_latents = pipe.backend.vae_encode(masked) * pipe.config.scaling_factor
     with torch.no_grad():
         mean = d.vae.encode(masked).latent_dist.mean * d.vae.config.scaling_factor
@@ -446,7 +447,7 @@ def test_inpaint_decodes_with_the_known_pixels_on_a_mask_conditioned_vae(tmp_pat
     kw = dict(prompt=PROMPTS, seed=[1, 2], steps=3, mask_dilate=1, progress=False)
     lat = pipe.inpaint(img, mask, output_type="latent", **kw).images
     got = pipe.inpaint(img, mask, output_type="np", paste_back=False, **kw).images
-    x = M.image_to_tensor(img)  # (2, 3, 64, 64) in [-1, 1]
+    x = P.image_to_tensor(img)  # (2, 3, 64, 64) in [-1, 1]
     m = torch.stack([torch.from_numpy(np.asarray(k) / 255.0).float()[None] for k in mask]) >= 0.5
     with torch.no_grad():
         y = pipe.backend.vae_decode(lat / cfg.vae.scaling_factor, image=x, mask=m.float())

@@ -8,6 +8,7 @@ import torch
 
 from backdrop.diffusion import crop_paste as C
 from backdrop.diffusion import masks as M
+from backdrop.diffusion import pixels as P
 
 from pipeline_helpers import images, rect_masks
 
@@ -30,7 +31,7 @@ def test_color_match_acts_without_paste_back(models):
     kw = dict(seed=1, steps=2, paste_back=False, output_type="np", **KW)
     raw = pipe.inpaint(image, mask, color_match=False, **kw).images
     got = pipe.inpaint(image, mask, color_match=True, **kw).images
-    want = C.color_match((raw * 255).round().astype(np.uint8), M.image_to_uint8(image), M.to_repaint_mask(mask=mask))
+    want = C.color_match((raw * 255).round().astype(np.uint8), P.image_to_uint8(image), M.to_repaint_mask(mask=mask))
     assert np.array_equal((got * 255).round().astype(np.uint8), want) and not np.array_equal(got, raw)
 
 
