@@ -1,7 +1,7 @@
 """`backdrop generate`, `backdrop img2img` and `backdrop inpaint`: the Pipeline from the command line.
 
 Options the three share are defined once, in parent parsers (`_common_options`, `_image_options`). Every user
-error (unreadable file, bad option value, unknown model, a mask of another size than its image) is one line on
+error (unreadable file, bad option value, unknown model, a mask of another shape than its image) is one line on
 stderr and exit status 2 (backdrop.cli.CLIError); an all-black mask writes the input unchanged with a note. Images
 are written to OUT/<kind>-<image name>-<seed>.png (generate: OUT/generate-<seed>.png) and their paths printed, one
 per line, as each batch of --batch-size images finishes (image i has seed SEED + i whatever the batch size). The

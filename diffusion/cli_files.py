@@ -1,7 +1,7 @@
 """The files of `backdrop generate | img2img | inpaint` (diffusion/cli.py): the inputs read and the outputs written.
 
 Inputs: every IMAGE and mask is read and checked before any work, and every problem (an unreadable image, a missing,
-ambiguous or unreadable mask, a mask of another size) is named in one error, so a nightly catalogue job is mended in
+ambiguous or unreadable mask, a mask of another shape) is named in one error, so a nightly catalogue job is mended in
 one go rather than one failed run per bad file.
 
 Outputs: one file per (image, seed), named up front (`<command>-<image stem>-<seed>.png`, `generate-<seed>.png`).
@@ -65,8 +65,19 @@ class Job:
                            " changed while this run went on; run again (--skip-existing keeps what was made)")
         inputs, key = {"image": _open(self.source, "image", quiet=True)}, _mask_option(args)
         if key is not None:
-            inputs[key] = _open(self.mask_file, key.replace("_", " "), quiet=True)
+            inputs[key] = _fit(_open(self.mask_file, key.replace("_", " "), quiet=True), inputs["image"].size)
         return inputs
+
+
+def _fit(mask, size: tuple[int, int]):
+    """A mask of its image's shape at another scale (masks.same_shape, checked), resized to the image's (W, H)."""
+    from PIL import Image
+
+    if mask.size == size:
+        return mask
+    out = mask.resize(size, Image.Resampling.BILINEAR)  # PIL keeps its info (orientation, transparency)
+    out.format = mask.format  # a JPEG's compression noise is read as such (masks.py)
+    return out
 
 
 def _stamp(st: os.stat_result) -> tuple:
@@ -177,11 +188,15 @@ def _read_job(args, path: str, problems: list[str], listings: dict) -> Job | Non
         if image is None or mask is None:
             return None
         turned = _turned(image, mask, path, job.mask_file)
-        if mask.size != image.size:  # most likely another photo's mask: resizing it would move the product's edge
-            (w, h), (mw, mh) = image.size, mask.size
+        (w, h), (mw, mh) = image.size, mask.size
+        if not M.same_shape(mask.size, image.size):  # most likely another photo's mask
             problems.append(f"{flag} {job.mask_file} is {mw}x{mh} but image {path} is {w}x{h} (WxH): a mask must "
-                            f"have its image's size{turned}")
+                            f"have its image's size, or its shape at another scale{turned}")
             return None
+        if mask.size != image.size:
+            print(f"warning: {flag} {job.mask_file} is {mw}x{mh}, image {path} {w}x{h}: the mask is resized to the "
+                  "image (bilinear), so the kept edge is only as exact as the mask's pixels", file=sys.stderr)
+            mask = _fit(mask, image.size)
         if turned:
             print(f"warning: {flag} {job.mask_file}: {turned.lstrip('; ')}", file=sys.stderr)
         if mask.format == "JPEG" and args.mask_threshold is None and not args.quiet:

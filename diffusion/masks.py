@@ -35,7 +35,7 @@ from backdrop.diffusion.pixels import _array, _pil, _same_size, _to_float
 __all__ = [
     "to_repaint_mask", "invert", "binarize", "fit_size", "pad_to_multiple", "crop_to", "dilate", "latent_mask",
     "masked_image", "gaussian_blur", "feather", "default_mask_blur", "has_alpha", "has_transparency", "convention",
-    "read_mask", "EmptyMask", "IMAGE_EXTS", "MASK_SUFFIXES", "border_share",
+    "read_mask", "EmptyMask", "IMAGE_EXTS", "MASK_SUFFIXES", "border_share", "same_shape",
 ]
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,12 @@ def _transparent(luma: np.ndarray, alpha: np.ndarray, name: str, kind: str) -> n
     if luma.dtype == np.uint8:
         return ((luma.astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)
     return luma * alpha
+
+
+def same_shape(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether sizes a and b (w, h) are one shape at two scales: aspect ratios within 1% (whole-pixel rounding). A
+    mask of its image's shape at another scale (a segmentation model's, of a camera photo) can be resized to it."""
+    return abs(a[0] * b[1] - a[1] * b[0]) <= 0.01 * a[1] * b[0]
 
 
 def border_share(a: np.ndarray) -> float:

@@ -163,27 +163,6 @@ def _rotated_jpeg(path, w, h):
     _picture(w, h, (2, 2, 8, 8))[0].save(path, exif=exif)
 
 
-def test_masks_of_another_size_are_dropped_at_scan_time(tmp_path, caplog):
-    for name in ("a", "b", "c"):
-        img, mask = _picture(32, 32, (4, 4, 12, 20))
-        img.save(tmp_path / f"{name}.png")
-        (mask.resize((16, 16)) if name == "b" else mask).save(tmp_path / f"{name}.mask.png")
-        (tmp_path / f"{name}.txt").write_text(name)
-    _rotated_jpeg(tmp_path / "d.jpg", 32, 16)  # stored 32x16, upright 16x32 like its mask
-    _picture(16, 32, (2, 2, 8, 8))[1].save(tmp_path / "d.mask.png")
-    (tmp_path / "d.txt").write_text("d")
-    with caplog.at_level(logging.WARNING):
-        ds = ImageFolder(tmp_path, 16)
-    assert [e[0].name for e in ds.entries] == ["a.png", "c.png", "d.jpg"]
-    assert str(tmp_path / "b.mask.png") in caplog.text and "(16x16)" in caplog.text
-    assert [ds[i]["caption"] for i in range(3)] == ["a", "c", "d"]  # each item is itself, none stands in twice
-    for name in ("a", "c", "d"):
-        (tmp_path / f"{name}.mask.png").unlink()
-        _picture(8, 8, (2, 2, 4, 4))[1].save(tmp_path / f"{name}.mask.png")
-    with pytest.raises(ValueError, match=f"{tmp_path}: no usable images"):  # a ValueError: one line in the CLI
-        ImageFolder(tmp_path, 16)
-
-
 def test_files_are_read_as_inference_reads_them(tmp_path, caplog):
     Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(tmp_path / "deep.png")  # 16-bit greyscale
     rgba = np.zeros((16, 16, 4), np.uint8)

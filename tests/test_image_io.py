@@ -190,7 +190,8 @@ def test_cli_inputs_say_what_reading_them_changed(tmp_path, capsys):
     assert "turned.jpg is stored turned (EXIF orientation 3) and" in capsys.readouterr().err
     exif[0x0112] = 6
     sideways = saved(Image.fromarray(rgb), tmp_path / "side.jpg", exif=exif)
-    with pytest.raises(CLIError, match="a mask must have its image's size; .*side.jpg is stored turned"):
+    with pytest.raises(CLIError, match="a mask must have its image's size, or its shape at another scale; "
+                                       ".*side.jpg is stored turned"):
         _jobs(sideways, "--product-mask", tmp_path / "masks/sku.gif")
     assert from_file(Image.open(sideways)).size == (16, 24)
 

@@ -29,6 +29,7 @@ def files(tmp_path_factory, one_thread):
     product[10:35, 20:45] = 255  # white = the product to keep
     Image.fromarray(product).save(root / "product-mask.png")
     Image.fromarray(product).resize((134, 90)).save(root / "big-mask.png")  # 2x the image size
+    Image.fromarray(product).resize((134, 45)).save(root / "wide-mask.png")  # another shape
     Image.new("L", (67, 45), 0).save(root / "black.png")
     (root / "not-an-image.png").write_text("hello")
     return dict(root=root, model=str(model), image=image, product=product)
@@ -165,12 +166,30 @@ def test_a_catalogue_of_products_with_a_mask_folder(files, capsys, tmp_path):
     assert code == 2 and "two IMAGEs are named 'a'" in err
 
 
-def test_a_mask_of_another_size_is_an_error_naming_both_files(files, capsys, tmp_path):
-    """Most likely another photo's mask: resized, it would move the product's edge and change its pixels."""
-    image, mask = files["root"] / "product.png", files["root"] / "big-mask.png"
+def test_a_mask_of_another_shape_is_an_error_naming_both_files(files, capsys, tmp_path):
+    """Most likely another photo's mask: stretched to the image, it would move the product's edge."""
+    image, mask = files["root"] / "product.png", files["root"] / "wide-mask.png"
     code, paths, err = run(capsys, "inpaint", image, "--product-mask", mask, *fast(files, tmp_path), "--seed", "1")
     assert code == 2 and paths == [] and not list(tmp_path.iterdir())
-    assert f"--product-mask {mask} is 134x90 but image {image} is 67x45 (WxH)" in err
+    assert f"--product-mask {mask} is 134x45 but image {image} is 67x45 (WxH): a mask must have its image's size, " \
+           "or its shape at another scale" in err
+
+
+def test_a_mask_at_another_scale_is_resized_with_a_warning(files, capsys, tmp_path):
+    """A segmentation model's mask at 2x the photo: resized to it (bilinear), said once, and the image is the one
+    made with that resized mask given, its kept pixels exact."""
+    image, mask = files["root"] / "product.png", files["root"] / "big-mask.png"
+    code, paths, err = run(capsys, "inpaint", image, "--product-mask", mask, *fast(files, tmp_path / "a"),
+                           "--seed", "1")
+    assert code == 0 and f"--product-mask {mask} is 134x90, image {image} 67x45: the mask is resized" in err
+    fitted = Image.open(mask).resize((67, 45), Image.Resampling.BILINEAR)
+    fitted.save(tmp_path / "fitted.png")
+    _, want, _ = run(capsys, "inpaint", image, "--product-mask", tmp_path / "fitted.png", *fast(files, tmp_path / "b"),
+                     "--seed", "1")
+    got = np.asarray(Image.open(paths[0]))
+    assert np.array_equal(got, np.asarray(Image.open(want[0])))
+    kept = np.asarray(fitted) == 255
+    assert kept.sum() > 400 and np.array_equal(got[kept], files["image"][kept])
 
 
 def test_inpaint_all_black_mask_writes_the_input(files, capsys, tmp_path):

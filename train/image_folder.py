@@ -11,13 +11,14 @@
     fine) and its optional mask beside it as `<stem>.mask.<ext>` or `<stem>_mask.<ext>`, or in root/masks/ at the
     image's relative path; files named like masks, and root/masks/, are never training images. Hidden files and
     folders (a leading '.') are left out; symlinked folders are followed.
-    Images: IMAGE_EXTS. A mask is an image of the same size, read as inference reads a product mask (white = product,
+    Images: IMAGE_EXTS. A mask is an image of the same shape (its size, or a scale of it: a segmentation model's
+    1024x768 mask of a 4000x3000 photo is resized with it), read as inference reads a product mask (white = product,
     a cut-out's alpha, a 0/1 PNG label map: diffusion/masks.py read_mask). Either every image has one or none does.
     Without random_crop, an image with a mask is cropped around its product. A folder whose captions are all empty
     is refused if a metadata file lies deeper in it.
 Every file is read as inference reads it (diffusion/image_io.py load_image: EXIF rotation, 16-bit scaled to 8 bits,
 CMYK as RGB); an image's alpha channel is not used (one warning names a few images with transparent pixels).
-The scan reads headers only: unreadable images and masks of another size are logged (with their paths) and left out.
+The scan reads headers only: unreadable images and masks of another shape are logged (with their paths) and left out.
 A file that breaks after its header (a truncated body) stops a run with a DataFileError naming it at load time:
 no other item stands in for it, since that would train another image twice and shift a latent cache's rows. A mask
 with no product, all product, or white over most of its border (inverted?) is warned about once when first loaded.
@@ -38,7 +39,7 @@ import torch
 from PIL import ExifTags, Image
 
 from ..diffusion.image_io import load_image
-from ..diffusion.masks import IMAGE_EXTS, MASK_SUFFIXES, border_share, has_transparency, read_mask
+from ..diffusion.masks import IMAGE_EXTS, MASK_SUFFIXES, border_share, has_transparency, read_mask, same_shape
 
 __all__ = ["ImageFolder", "DataFileError", "find_metadata", "read_metadata", "folder_files", "IMAGE_EXTS",
            "image_tensor", "mask_tensor", "item_key"]
@@ -308,7 +309,7 @@ class ImageFolder(torch.utils.data.Dataset):
     Each image is resized so its shorter side is `size`, then cropped to size x size (centred, or at a random
     offset with `random_crop`), and mirrored half the time with `flip`; the mask goes through the same resize,
     crop and flip. masks=False ignores the folder's masks (for a stage that reads none); with masks, every image
-    needs one, of its own size (an image whose mask is another size is left out, with a warning).
+    needs one, of its own shape (an image whose mask has another aspect ratio is left out, with a warning).
     """
 
     def __init__(self, root, size: int, *, metadata=None, random_crop: bool = False, flip: bool = False,
@@ -324,16 +325,16 @@ class ImageFolder(torch.utils.data.Dataset):
         self.entries, with_alpha = self._usable(entries)  # (image path, caption, mask path or None)
         if not self.entries:
             raise ValueError(f"{self.root}: no usable images in this folder ({', '.join(IMAGE_EXTS)}; unreadable "
-                             "ones and masks of another size are logged above)")
+                             "ones and masks of another shape are logged above)")
         self._check_captions(meta)
         self._check_masks()
         self._warn_transparent(with_alpha)
 
     def _usable(self, entries) -> tuple[list, list]:
-        """The entries whose image and mask headers read, with the mask the size of its image; and the images of
-        those with an alpha channel. What is left out is logged: unreadable files one by one, masks of another size
-        in one warning."""
-        usable, with_alpha, mismatched = [], [], []
+        """The entries whose image and mask headers read, with the mask the shape of its image; and the images of
+        those with an alpha channel. What is left out is logged: unreadable files one by one, masks of another shape
+        in one warning; masks at another scale, used, in one line."""
+        usable, with_alpha, mismatched, scaled = [], [], [], []
         for image, caption, mask in entries:
             head = _logged_header(image, f"image {image}")
             mask_head = _logged_header(mask, f"mask {mask} (and its image)") if mask is not None and head else head
@@ -341,14 +342,20 @@ class ImageFolder(torch.utils.data.Dataset):
                 continue
             (size, alpha), mask_size = head, mask_head[0]
             if mask_size != size:
-                mismatched.append(f"{mask} ({mask_size[0]}x{mask_size[1]}) for {image} ({size[0]}x{size[1]})")
-                continue
+                fits = same_shape(mask_size, size)
+                (scaled if fits else mismatched).append(f"{mask} ({mask_size[0]}x{mask_size[1]}) for {image} "
+                                                        f"({size[0]}x{size[1]})")
+                if not fits:
+                    continue
             usable.append((image, caption, mask))
             if alpha:
                 with_alpha.append(image)
         if mismatched:
-            log.warning("skipping %d of %d images in %s whose mask is another size than the image: %s",
+            log.warning("skipping %d of %d images in %s whose mask has another aspect ratio than the image: %s",
                         len(mismatched), len(entries), self.root, _few(mismatched))
+        if scaled:
+            log.info("%d masks in %s are at another scale than their image, resized with it: %s", len(scaled),
+                     self.root, _few(scaled))
         return usable, with_alpha
 
     def _check_captions(self, meta: Path | None) -> None:
@@ -424,9 +431,9 @@ class ImageFolder(torch.utils.data.Dataset):
         if mask_path is not None:
             mask = Image.fromarray(read_mask(_open(mask_path), "product_mask", str(mask_path)), "L")  # as inference
             self._doubt(mask_path, np.asarray(mask))
-            if mask.size != img.size:  # checked at scan time from the headers; a PNG's late EXIF can still differ
+            if not same_shape(mask.size, img.size):  # checked at scan time from the headers; a late EXIF can differ
                 raise DataFileError(f"mask {mask_path} is {mask.size[0]}x{mask.size[1]}, its image {path} "
-                                    f"{img.size[0]}x{img.size[1]} (once upright)")
+                                    f"{img.size[0]}x{img.size[1]} (once upright): another aspect ratio")
         # Every random choice comes from (seed, epoch, index), drawn in a fixed order.
         rng = np.random.default_rng([self.seed, epoch, i])
         rx, ry, rflip = rng.random(3)
