@@ -97,20 +97,28 @@ class DiffusersAPI:
 
     # ---------------------------------------------------------------------------------------- adapters
     @diffusers_names
-    def load_lora_weights(self, path, lora_scale: float = 1.0) -> None:
-        """Merge a LoRA .safetensors file (diffusers/PEFT or kohya-ss; see nn/lora.py) into the torch backend's UNet
-        and text encoder now, at lora_scale: diffusers' load_lora_weights + fuse_lora(lora_scale). Several stack."""
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, lora_scale: float = 1.0) -> None:
+        """Merge a LoRA into the torch backend's UNet and text encoder now, at lora_scale: diffusers'
+        load_lora_weights + fuse_lora(lora_scale). The LoRA is a .safetensors file (diffusers/PEFT or kohya-ss; see
+        nn/lora.py), diffusers' LoRA folder, a hub repo id (org/name) in the local Hugging Face cache, or a state
+        dict of tensors. Several stack; the stack keeps one CPU copy of each weight a LoRA changed (its original)."""
         from backdrop.nn.checkpoint import torch_model
         from backdrop.nn.lora import LORA_INSTEAD, fuse_lora
         with WEIGHT_CHANGES:
-            self._loras.append(fuse_lora(torch_model(self.backend, "a LoRA", LORA_INSTEAD), path, lora_scale))
+            model = torch_model(self.backend, "a LoRA", LORA_INSTEAD)
+            fused = fuse_lora(model, pretrained_model_name_or_path_or_dict, lora_scale, after=self._loras)
+            if fused.path is not None and (twice := next(
+                    (f for f in self._loras if f.path is not None and f.path.resolve() == fused.path.resolve()), None)):
+                log.warning("%s was already loaded (at lora_scale %g): loaded again, its effect is doubled; "
+                            "unload_lora_weights() and load it once to change its scale", fused.path, twice.scale)
+            self._loras.append(fused)
 
     def unload_lora_weights(self) -> None:
         """Undo every load_lora_weights: the weights are bit-identical to the ones before the first."""
         from backdrop.nn.lora import unfuse_lora
         with WEIGHT_CHANGES:
-            while self._loras:
-                unfuse_lora(self._loras.pop())
+            unfuse_lora(self._loras)  # together: a later LoRA holds no copy of weights an earlier one saved
+            self._loras.clear()
 
     def load_textual_inversion(self, pretrained_model_name_or_path, token=None) -> list[str]:
         """Add textual inversion embeddings to the torch backend's tokenizer and text encoder, as diffusers'

@@ -10,7 +10,9 @@ an exported (ONNX / TensorRT) text encoder ends at its last layer.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import re
 
 import torch
 
@@ -21,6 +23,8 @@ __all__ = ["check_clip_skip", "clip_cut", "embed", "contexts"]
 
 log = logging.getLogger(__name__)
 
+# A1111's and ComfyUI's prompt syntax for loading a LoRA (LyCORIS: <lyco:...>); here it is only text
+_A1111_LORA = re.compile(r"<(lora|lyco):[^>]+>", re.IGNORECASE)
 _SKIP_INSTEAD = ("encode the prompts with a torch pipeline, encode_prompt(text, clip_skip=...), and pass "
                  "prompt_embeds= and negative_prompt_embeds=")
 
@@ -50,10 +54,19 @@ def clip_cut(tokenizer, text: str) -> tuple[str, str] | None:
     return tokenizer.decode(ids[1:CONTEXT_LENGTH - 1]), tokenizer.decode(ids[CONTEXT_LENGTH - 1:-1])
 
 
+@functools.cache  # once a process: a server would log it on every request
+def _warn_a1111_lora() -> None:
+    log.warning("a prompt holds A1111's <lora:NAME:WEIGHT> syntax, which loads nothing here: the text encoder reads "
+                "it as words. Load the LoRA with pipe.load_lora_weights(path, lora_scale=WEIGHT) (the CLI's --lora "
+                "PATH:WEIGHT) and leave the tag out of the prompt (warned once)")
+
+
 def embed(backend, texts: list[str], clip_skip: int = 0) -> torch.Tensor:
     """(U, 77, C) float32 in one text encoder call; a text over CLIP's 77 tokens is cut there, with a warning.
     clip_skip: checked by check_clip_skip."""
     tok = backend.tokenizer
+    if any(_A1111_LORA.search(t) for t in texts):
+        _warn_a1111_lora()
     for t in texts:
         cut = clip_cut(tok, t)
         if cut:

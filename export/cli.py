@@ -1,6 +1,7 @@
 """`backdrop export onnx` and `backdrop export tensorrt`: make a model runnable by ONNX Runtime or TensorRT.
 
     backdrop export onnx sd15-inpaint/ --out sd15-onnx            # four checked graphs + tokenizer + configs
+    backdrop export onnx sd15/ --out style-onnx --lora style.safetensors:0.8   # a LoRA merged into the weights
     backdrop export tensorrt sd15-onnx --out sd15-trt --bucket 512 --bucket 512x768:1-4
     backdrop inpaint ... / Pipeline.from_pretrained("sd15-onnx", backend="onnxruntime")
 
@@ -13,7 +14,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from backdrop.cli import CLIError, add_checkpoint_options, checkpoint_options, parse_device
+from backdrop.cli import CLIError, add_checkpoint_options, checkpoint_options, lora_spec, one_line, parse_device
 from backdrop.messages import require
 
 __all__ = ["add_parser"]
@@ -57,6 +58,10 @@ def add_parser(subparsers) -> None:
     onnx.add_argument("--external-data", action="store_true",
                       help="always keep weights in model.onnx.data next to each graph (automatic above 2 GB)")
     add_checkpoint_options(onnx)
+    onnx.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="PATH[:SCALE]",
+                      help="merge a LoRA .safetensors file (diffusers/PEFT or kohya-ss format) into the model's "
+                           "weights before exporting, scaled by SCALE (default 1); repeat to stack several. The "
+                           "export holds the merged weights: a LoRA cannot be added to or taken out of it later")
     onnx.add_argument("--quiet", action="store_true", help="no progress bar")
     onnx.add_argument("--device", default="cpu",
                       help="where to trace and check the model: cpu, cuda, ... (default: %(default)s)")
@@ -156,6 +161,14 @@ def _onnx(args) -> int:
                            **checkpoint_options(args))
     except (OSError, ValueError, RuntimeError) as e:  # missing files, CheckpointError
         raise CLIError(f"cannot load model {args.model}: {e}") from None
+    if args.lora:
+        from backdrop.nn.lora import fuse_lora
+        stack = []  # after=: one CPU copy of each weight however many LoRAs change it
+        for lora, scale in args.lora:  # as generate's --lora (backdrop.cli.load_loras), on the model itself
+            try:
+                stack.append(fuse_lora(model, lora, scale, after=stack))
+            except (OSError, ValueError) as e:  # CheckpointError (a ValueError) names the file and the keys
+                raise CLIError(f"--lora: {one_line(e)}") from None
     try:
         path = export_onnx(model, args.out, dtype=args.dtype, static_hw=static_hw, components=components,
                            opset=args.opset, external_data=True if args.external_data else None,

@@ -21,19 +21,35 @@ so up @ down is one matmul over the flattened kernel. The file formats people ha
                      (sd-scripts' networks/lora.py; what A1111 and ComfyUI read)
 
 Module names are diffusers' UNet2DConditionModel's and transformers' CLIPTextModel's, which are ours, resolved with
-nn/ldm_keys.folder_key exactly as a diffusers folder's keys are (transformers >= 5 drops `text_model.`). Loading is
-as strict as nn/checkpoint.py's: every tensor of the file must belong to a complete down/up pair for a Linear or
-Conv2d weight of the model, with shapes that fit, or one CheckpointError names the file and the keys and nothing is
-merged; the whole file is checked (from its header, plus the alpha scalars) before any weight changes. The merge runs
-in float32, cast back to the weight's dtype, in place (CUDA graphs captured over the weights stay valid). The weights
-it touches are copied to the CPU first (no accelerator memory spent), so `unfuse_lora` restores them bit-exactly.
+nn/ldm_keys.folder_key exactly as a diffusers folder's keys are (transformers >= 5 drops `text_model.`). A file with
+no component prefix at all holds UNet keys (what UNet2DConditionModel.save_attn_procs / save_lora_adapter write, read
+as diffusers' unet.load_attn_procs / load_lora_adapter read them); kohya names may also use the original LDM UNet
+blocks (lora_unet_input_blocks_1_1_..., as A1111 and ComfyUI read them), mapped through nn/ldm_keys' table. The
+source is a file, diffusers' LoRA folder, a hub repo id or cache entry in the local Hugging Face cache, or a state
+dict of tensors. Loading is as strict as nn/checkpoint.py's: every tensor of the file must belong to a complete
+down/up pair (rank >= 1) for a Linear or Conv2d weight of the model, with shapes that fit, and every alpha must be one
+finite number, or one CheckpointError names the file and the keys and nothing is merged; the whole file is checked
+(from its header, plus the alpha scalars) before any weight changes. SDXL LoRAs and LyCORIS variants (LoHa, LoKr,
+norm and full-diff weights) and DoRA are refused by name. An alpha of 0 merges nothing (diffusers' arithmetic; kohya
+reads it as alpha = rank), with a warning.
+
+The merge runs in float32, cast back to the weight's dtype, in place (CUDA graphs captured over the weights stay
+valid); a merged weight that is not finite in that dtype (inf/NaN in the file, or fp16 overflow at a large scale)
+is refused with the model left as it was. The weights it touches are copied to the CPU first (no accelerator memory
+spent), so `unfuse_lora` restores them bit-exactly. That copy costs host memory, the touched weights' size: for a
+kohya LoRA on SD1.5's transformer blocks and text encoder 0.66 GiB in fp16, for a LoCon 1.76 GiB. A stack fused
+with `after=` (as Pipeline.load_lora_weights does) keeps one copy of each weight, the oldest, however many of its
+LoRAs touch it, and is undone as a whole.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
+import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +58,12 @@ from torch import nn
 
 from .checkpoint import CheckpointError, Model, _Problems
 from .weight_files import _pickle_refusal, _Reader, adapter_file
-from .ldm_keys import folder_key
+from .ldm_keys import UNET, folder_key, ldm_names
+from ..messages import some
 
 __all__ = ["FusedLora", "fuse_lora", "unfuse_lora", "LORA_INSTEAD", "COMPONENTS"]
+
+log = logging.getLogger(__name__)
 
 COMPONENTS = ("unet", "text_encoder")  # what SD 1.x / 2.x LoRAs patch; never the VAE
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the file diffusers' save_lora_weights(folder) writes
@@ -61,8 +80,16 @@ _PROCESSOR = re.compile(r"(?P<attn>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v
                         r"\.weight")
 _PROJ = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
          "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
-# Adapters that are not a plain low-rank pair: LyCORIS LoHa / LoKr / Tucker (lora_mid), DoRA, embedding and bias LoRA
-_UNSUPPORTED = re.compile(r".*(hada_|lokr_|lora_mid|dora_scale|lora_magnitude_vector|lora_embedding_|lora_B\.bias).*")
+# Adapters that are not a plain low-rank pair, by the key that gives them away (LyCORIS: KohakuBlueleaf/LyCORIS)
+_UNSUPPORTED = {"a LyCORIS LoHa": re.compile(r".*hada_.*"), "a LyCORIS LoKr": re.compile(r".*lokr_.*"),
+                "a LyCORIS Tucker LoRA (lora_mid)": re.compile(r".*lora_mid.*"),
+                "a LyCORIS norm weight": re.compile(r".*\.[wb]_norm"),
+                "a LyCORIS full diff": re.compile(r".*\.diff(_b)?"),
+                "DoRA": re.compile(r".*(dora_scale|lora_magnitude_vector).*"),
+                "an embedding or bias LoRA": re.compile(r".*(lora_embedding_|lora_B\.bias).*")}
+# Keys only SDXL LoRAs have: its second text encoder, as kohya (te1/te2) and diffusers name it
+_SDXL = ("lora_te1_", "lora_te2_", "text_encoder_2.")
+_PREFIXED = ("unet.", "text_encoder.", *_KOHYA_PREFIXES)  # a key naming its component
 
 
 @dataclass(frozen=True)
@@ -81,8 +108,9 @@ def _with_role(component: str, rest: str, roles, kohya: bool) -> _Key | None:
     return None
 
 
-def _parse(key: str) -> _Key | None:
-    """The module and role a file key names, or None when it is not a LoRA key of a format we read."""
+def _parse(key: str, bare_unet: bool = False) -> _Key | None:
+    """The module and role a file key names, or None when it is not a LoRA key of a format we read. bare_unet: the
+    file names no component, so its keys are the UNet's (save_attn_procs / save_lora_adapter files)."""
     for prefix, component in _KOHYA_PREFIXES.items():
         if key.startswith(prefix):
             return _with_role(component, key[len(prefix):], _KOHYA_ROLES, kohya=True)
@@ -92,7 +120,12 @@ def _parse(key: str) -> _Key | None:
         component, rest = "unet", key
     if m := _PROCESSOR.fullmatch(rest):
         return _Key(component, f"{m['attn']}.{_PROJ[component][m['proj']]}", m["role"])
-    return None if bare else _with_role(component, rest, _DIFFUSERS_ROLES, kohya=False)
+    return None if bare and not bare_unet else _with_role(component, rest, _DIFFUSERS_ROLES, kohya=False)
+
+
+def _unsupported(key: str) -> str | None:
+    """What kind of adapter `key` belongs to when it is one we name but do not merge."""
+    return next((kind for kind, pattern in _UNSUPPORTED.items() if pattern.fullmatch(key)), None)
 
 
 @dataclass(frozen=True)
@@ -156,31 +189,56 @@ def _fits(down: tuple[int, ...], up: tuple[int, ...], weight: tuple[int, ...]) -
             and down[1] == weight[1] and _kernel(up) == () and _kernel(down) == _kernel(weight))
 
 
-def _alpha(reader: _Reader, key: str | None, problems: _Problems) -> float | None:
+class _LoraProblems(_Problems):
+    """nn/checkpoint.py's list of faults, plus alphas that are not one finite number. Only down/up widths that differ
+    from the weight's suggest a LoRA for another base model; a bad alpha or an empty (rank 0) module is the file's."""
+
+    def __init__(self):
+        super().__init__()
+        self.alphas, self.widths = [], 0
+
+    def raise_if_any(self, label: str, what: str) -> None:
+        if self.widths:  # SD 1.x's text width is 768, 2.x's 1024, SDXL's 768 + 1280 (its UNet's context 2048)
+            what += " (a LoRA for another base model? SD 1.x, 2.x and SDXL LoRAs do not fit each other)"
+        found = ((self.missing, "missing"), (self.unexpected, "unexpected"), (self.shapes, "with the wrong shape"),
+                 (self.alphas, "with a bad alpha"))
+        parts = [f"{len(items)} {kind}: {some(items)}" for items, kind in found if items]
+        if parts:
+            raise CheckpointError(f"{label}: does not match {what}: " + "; ".join(parts))
+
+
+def _alpha(reader: _Reader, key: str | None, problems: _LoraProblems) -> float | None:
     if key is None:
         return None
     t = reader.get(key)
     if t.numel() != 1 or not math.isfinite(value := t.float().item()):
-        problems.shapes.append(f"{key}: an alpha is one finite number, got {tuple(t.shape)} {t.flatten()[:4]}")
+        problems.alphas.append(f"{key}: an alpha is one finite number, got {tuple(t.shape)} {t.flatten()[:4]}")
         return None
     return value
 
 
-def _groups(reader: _Reader, problems: _Problems) -> dict[tuple[str, str, bool], dict[str, str]]:
+def _groups(reader: _Reader, problems: _LoraProblems) -> dict[tuple[str, str, bool], dict[str, str]]:
     """{(component, module, kohya): {role: file key}}; keys of no format we read go to `problems`."""
-    parsed = {k: _parse(k) for k in reader.shapes}
+    if sdxl := next((k for k in reader.shapes if k.startswith(_SDXL)), None):
+        raise CheckpointError(f"{reader.label}: an SDXL LoRA (its key {sdxl!r} names one of SDXL's two text "
+                              "encoders); this model is SD 1.x/2.x: use a LoRA made for it")
+    bare_unet = not any(k.startswith(_PREFIXED) for k in reader.shapes)
+    parsed = {k: _parse(k, bare_unet) for k in reader.shapes}
     if not any(parsed.values()):
         example = f", e.g. {next(iter(parsed))!r}" if parsed else ""
         embedding = len(parsed) <= 2 and all(len(s) <= 2 for s in reader.shapes.values())  # (C,) or (n, C) each
         hint = ("; it looks like a textual-inversion embedding: load it with Pipeline.load_textual_inversion "
                 "(the CLI's --textual-inversion)") if parsed and embedding else ""
+        if kind := next((k for k in map(_unsupported, parsed) if k), None):
+            hint = f"; it is {kind}, not a plain LoRA: not supported"
         raise CheckpointError(f"{reader.label}: not a LoRA file: none of its {len(parsed)} tensors is named as a "
                               f"LoRA weight (diffusers/PEFT lora_A/lora_B, kohya-ss lora_down/lora_up){example}{hint}")
     groups = {}
     for key, p in parsed.items():
         if p is None:
-            why = ("not a plain LoRA (LoHa, LoKr, DoRA, ...)" if _UNSUPPORTED.fullmatch(key) else
-                   "not a LoRA key for an SD 1.x/2.x UNet or text encoder")
+            kind = _unsupported(key)
+            why = f"not a plain LoRA: {kind}, not supported" if kind else \
+                "not a LoRA key for an SD 1.x/2.x UNet or text encoder"
             problems.unexpected.append(f"{key} ({why})")
             continue
         roles = groups.setdefault((p.component, p.module, p.kohya), {})
@@ -191,13 +249,22 @@ def _groups(reader: _Reader, problems: _Problems) -> dict[tuple[str, str, bool],
     return groups
 
 
+def _kohya_names(model: Model, params: dict[str, dict[str, nn.Parameter]]) -> dict[str, dict[str, str]]:
+    """{component: {kohya's flat module name: our weight}}: ours with "_" for "."; for the UNet also its original
+    LDM name (input_blocks_1_1_transformer_blocks_0_attn1_to_k, in A1111's and ComfyUI's files)."""
+    flat = {c: {n.removesuffix(".weight").replace(".", "_"): n for n in params[c] if n.endswith(".weight")}
+            for c in COMPONENTS}
+    ldm = ldm_names(model.config, {"unet": flat["unet"].values(), "vae": (), "text_encoder": ()})["unet"]
+    flat["unet"] |= {src.key.removeprefix(UNET).removesuffix(".weight").replace(".", "_"): n for n, src in ldm.items()}
+    return flat
+
+
 def _plan(model: Model, reader: _Reader) -> list[_Pair]:
     """Every down/up pair of the file, matched to the model's weights; one CheckpointError lists all faults."""
-    problems = _Problems()
+    problems = _LoraProblems()
     groups = _groups(reader, problems)
     params = {c: dict(getattr(model, c).named_parameters()) for c in COMPONENTS}
-    flat = {c: {n.removesuffix(".weight").replace(".", "_"): n for n in params[c] if n.endswith(".weight")}
-            for c in COMPONENTS}  # kohya's module names: ours with "_" for "."
+    flat = _kohya_names(model, params)
     configs, pairs, seen = _peft_configs(reader), [], {}
     for (c, module, kohya), roles in groups.items():
         if "down" not in roles or "up" not in roles:
@@ -216,12 +283,17 @@ def _plan(model: Model, reader: _Reader) -> list[_Pair]:
         if not _fits(down, up, tuple(weight.shape)):
             problems.shapes.append(f"{roles['down']} {down} and {roles['up']} {up}: file vs model {c}.{target} "
                                    f"{tuple(weight.shape)}")
+            problems.widths += 1
+            continue
+        if down[0] == 0:  # alpha / rank would divide by zero
+            problems.shapes.append(f"{roles['down']} {down} and {roles['up']} {up}: rank 0, an empty module")
             continue
         factor = configs.get(c, _PeftConfig()).factor(module, down[0], _alpha(reader, roles.get("alpha"), problems))
         pairs.append(_Pair(c, target, roles["down"], roles["up"], factor))
-    # weights of other shapes: most often a LoRA trained for another base model (SD 1.x's text width is 768, 2.x's 1024)
-    problems.raise_if_any(reader.label, "this model's UNet and text encoder" + (
-        " (a LoRA for another base model? SD 1.x and 2.x LoRAs do not fit each other)" if problems.shapes else ""))
+    problems.raise_if_any(reader.label, "this model's UNet and text encoder")
+    if zero := [p.down for p in pairs if p.factor == 0]:
+        log.warning("%s: alpha 0 for %d of its %d modules (%s): they change nothing, as in diffusers (kohya's "
+                    "sd-scripts reads alpha 0 as alpha = rank)", reader.label, len(zero), len(pairs), some(zero, 2))
     return pairs
 
 
@@ -230,10 +302,11 @@ def _plan(model: Model, reader: _Reader) -> list[_Pair]:
 @dataclass(frozen=True)
 class FusedLora:
     """A LoRA merged into a model: what unfuse_lora needs to put the weights it changed back, bit-exactly."""
-    path: Path
+    path: Path | None                                        # None: merged from a state dict
     scale: float
     targets: tuple[str, ...]                                 # "unet.<param>" / "text_encoder.<param>", merge order
     saved: tuple[tuple[nn.Parameter, torch.Tensor], ...]     # (the live weight, its values before, on the CPU)
+    borrowed: tuple[str, ...] = ()  # targets not in `saved`: an earlier LoRA of its stack (after=) holds them
 
 
 @torch.no_grad()
@@ -242,34 +315,76 @@ def _restore(saved) -> None:
         weight.copy_(before)
 
 
+def _open(source) -> tuple[Path | None, _Reader]:
+    """(the file, its reader) for a path, diffusers' LoRA folder or hub repo id; (None, reader) for a state dict."""
+    if isinstance(source, Mapping):  # diffusers' load_lora_weights(state_dict), e.g. keys converted in memory
+        return None, _Reader.of_tensors(source, "the LoRA state dict")
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"a LoRA is a .safetensors file, diffusers' LoRA folder, a hub repo id in the local cache "
+                        f"or a state dict of tensors, got a {type(source).__name__}")
+    file = adapter_file(Path(source), DIFFUSERS_FILE, "LoRA", lambda p: _pickle_refusal(p, option=False))
+    return file, _Reader([file])
+
+
+def _not_finite(label: str, p: _Pair, down, up, weight, scale: float) -> CheckpointError:
+    """Why merging `p` made a weight inf/NaN, as an error naming the file, the keys and the weight."""
+    if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+        cause = "inf/NaN in the file (a training run that overflowed?)"
+    elif not torch.isfinite(weight).all():
+        cause = "the model's weight is inf/NaN already"
+    else:
+        cause = f"out of {str(weight.dtype).removeprefix('torch.')} range at scale {scale:g}: use a smaller scale"
+    return CheckpointError(f"{label}: {p.down} and {p.up} would make {p.component}.{p.target} inf/NaN ({cause}); "
+                           "nothing was merged")
+
+
 @torch.no_grad()
-def fuse_lora(model: Model, path, scale: float = 1.0) -> FusedLora:
-    """Merge the LoRA file (or diffusers' LoRA folder) at `path` into model's UNet and text encoder, in place:
-    W += scale * alpha / rank * up @ down, as diffusers' load_lora_weights + fuse_lora(lora_scale=scale).
-    Fuse several to stack them; unfuse_lora in the reverse order restores the weights bit-exactly."""
+def fuse_lora(model: Model, path, scale: float = 1.0, after: Sequence[FusedLora] = ()) -> FusedLora:
+    """Merge the LoRA at `path` (a .safetensors file, diffusers' LoRA folder, a hub repo id in the local cache, or a
+    state dict of tensors) into model's UNet and text encoder, in place: W += scale * alpha / rank * up @ down, as
+    diffusers' load_lora_weights + fuse_lora(lora_scale=scale). Fuse several to stack them; unfuse_lora in the
+    reverse order restores the weights bit-exactly.
+    after: the LoRAs of this stack still fused into `model`, oldest first. The weights one of them saved are not
+    copied again (the oldest copy is the original), so the stack keeps one copy of each weight; such a LoRA is
+    undone together with those it borrows from: unfuse_lora([*after, fused])."""
     if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"lora_scale must be a finite number, got {scale!r}")
-    file = adapter_file(Path(path), DIFFUSERS_FILE, "LoRA", lambda p: _pickle_refusal(p, option=False))
-    reader = _Reader([file])
-    pairs, saved = _plan(model, reader), []
+    file, reader = _open(path)
+    pairs, before = _plan(model, reader), []
+    kept = {id(weight) for f in after for weight, _ in f.saved}
     try:
         for p in pairs:
             weight = getattr(model, p.component).get_parameter(p.target)
-            saved.append((weight, weight.detach().to("cpu", copy=True)))
+            before.append((weight, weight.detach().to("cpu", copy=True)))  # all of them until the merge is done
             down = reader.get(p.down).to(weight.device, torch.float32).flatten(1)  # (rank, in * kh * kw)
             up = reader.get(p.up).to(weight.device, torch.float32).flatten(1)  # (out, rank)
             delta = (up @ down).view(weight.shape)  # (out, in[, kh, kw])
-            weight.copy_((weight.float() + delta * (scale * p.factor)).to(weight.dtype))
-    except BaseException:  # an unreadable tensor, out of memory, Ctrl-C: leave the model as it was
-        _restore(saved)
+            merged = (weight.float() + delta * (scale * p.factor)).to(weight.dtype)
+            if not torch.isfinite(merged).all():  # else every image after this is black (diffusers' safe_fusing)
+                raise _not_finite(reader.label, p, down, up, weight, scale)
+            weight.copy_(merged)
+    except BaseException:  # an unreadable tensor, a non-finite merge, out of memory, Ctrl-C: leave the model be
+        _restore(before)
         raise
-    return FusedLora(file, float(scale), tuple(f"{p.component}.{p.target}" for p in pairs), tuple(saved))
+    names = tuple(f"{p.component}.{p.target}" for p in pairs)
+    return FusedLora(file, float(scale), names, tuple((w, b) for w, b in before if id(w) not in kept),
+                     tuple(n for n, (w, _) in zip(names, before) if id(w) in kept))
 
 
-def unfuse_lora(fused: FusedLora) -> None:
-    """Put back the weights `fused` changed, as they were before it (undo stacked LoRAs newest first)."""
-    _restore(fused.saved)
+def unfuse_lora(fused: FusedLora | Sequence[FusedLora]) -> None:
+    """Put back the weights as they were before `fused`: one FusedLora, or a stack of them (oldest first, as they
+    were fused), undone newest first. A LoRA fused with after= kept no copy of the weights the earlier ones had
+    saved: it is undone only in a stack that holds them (a ValueError says so, before any weight changes)."""
+    stack, held = [fused] if isinstance(fused, FusedLora) else list(fused), set()
+    for f in stack:
+        if lacking := [t for t in f.borrowed if t not in held]:
+            raise ValueError(f"unfuse_lora: the LoRA {f.path or 'state dict'} was fused after= others and keeps no "
+                             f"copy of {some(lacking, 2)}: undo it together with them, unfuse_lora([*after, fused])")
+        held |= set(f.targets)
+    for f in reversed(stack):
+        _restore(f.saved)
 
 
 LORA_INSTEAD = ("LoRAs are merged into PyTorch weights and an export holds fixed weights. Merge the LoRA first "
-                "(backdrop.nn.lora.fuse_lora on backdrop.load_model(...), then save_model) and export that model")
+                "(backdrop.nn.lora.fuse_lora on backdrop.load_model(...), then save_model) and export that model, "
+                "or export with it merged: backdrop export onnx MODEL --lora PATH[:SCALE]")

@@ -1,6 +1,7 @@
 """Reading weight files without loading them: safetensors headers checked against the file size, the tensors of one
-checkpoint (a file, its shards, or an allowed pickle) fetched by key on demand (mmap), a diffusers component
-folder's weight files, and the refusal of pickle files with the one-line conversion that replaces them."""
+checkpoint (a file, its shards, an allowed pickle, or a state dict already in memory) fetched by key on demand
+(mmap), a diffusers component folder's weight files, an add-on's file (a path, a folder, or a hub repo id in the
+local cache), and the refusal of pickle files with the one-line conversion that replaces them."""
 from __future__ import annotations
 
 import json
@@ -8,12 +9,14 @@ import logging
 import math
 import shlex
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .ldm_keys import CheckpointError, MissingFile
+from .resolve import _hub_cache, hub_snapshot
 
 __all__ = ["PICKLE_SUFFIXES", "adapter_file", "stored_dtype"]
 
@@ -31,6 +34,10 @@ def _json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
+# The first bytes of torch.save's zip format, of its legacy format (pickle PROTO 2, then its magic number as a LONG1)
+# and of a plain pickle (PROTO 4/5, FRAME). Read as a safetensors header length, each is far longer than the file:
+# they are looked for only then, to tell such a file from a truncated safetensors one.
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02\x8a\x0a", b"\x80\x04\x95", b"\x80\x05\x95")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
@@ -46,6 +53,10 @@ def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict, dict[str, tup
                                   "header length")
         n = struct.unpack("<Q", head)[0]  # little-endian u64 header length
         if 8 + n > size:
+            if head.startswith(_PICKLE_MAGIC):  # a CheckpointError, not a PickleRefused: allow_pickle cannot help
+                refusal = PickleRefused([(path, path.with_name(f"{path.stem}-converted.safetensors"))], option=False,
+                                        what=f"{path}: a pickle (torch.save) file under a {path.suffix} name")
+                raise CheckpointError(str(refusal))
             raise CheckpointError(f"{path}: not a safetensors file, or truncated: {size} bytes cannot hold "
                                   f"the {n}-byte header it announces")
         try:
@@ -71,11 +82,12 @@ class PickleRefused(CheckpointError):
     """Pickle weight files not read (allow_pickle off). `files`: (the pickle file, the .safetensors file the
     loader reads in its place) pairs; the message gives one command that converts them all."""
 
-    def __init__(self, files: list[tuple[Path, Path]], option: bool = True):
+    def __init__(self, files: list[tuple[Path, Path]], option: bool = True, what: str | None = None):
+        """what: how the message names the files (default: the path, or how many and which)."""
         self.files, self.option = list(files), option
         pairs = repr([(str(a), str(b)) for a, b in self.files])
-        what = str(self.files[0][0]) if len(self.files) == 1 else \
-            f"{len(self.files)} pickle weight files ({', '.join(str(a) for a, _ in self.files)})"
+        what = what or (str(self.files[0][0]) if len(self.files) == 1 else
+                        f"{len(self.files)} pickle weight files ({', '.join(str(a) for a, _ in self.files)})")
         program = ("import torch, safetensors.torch as st; [st.save_file({k: v.contiguous().clone() for k, v in "
                    "(lambda sd: sd.get('state_dict', sd))(torch.load(a, map_location='cpu', weights_only=True))"
                    f".items() if isinstance(v, torch.Tensor)}}, b) for a, b in {pairs}]")
@@ -94,14 +106,25 @@ def _pickle_refusal(path: Path, option: bool = True) -> CheckpointError:
 
 def adapter_file(path: Path, file_name: str, what: str, refusal=_pickle_refusal) -> Path:
     """The .safetensors file of an add-on (a LoRA, an embedding) that `path` names: the file itself, or `file_name`
-    inside a folder (diffusers' save folders, Hub downloads). A missing one, or a pickle file (`refusal(path)` says
-    how to convert it), is a CheckpointError naming the path."""
+    inside a folder (diffusers' save folders, Hub downloads): a hub cache entry (models--org--name) or a repo id
+    (org/name) means its snapshot, looked up in the local Hugging Face cache only, as nn/resolve.resolve_model
+    does for models. A missing one, or a pickle file (`refusal(path)` says how to convert it), is a
+    CheckpointError naming the path."""
+    parts = str(path).split("/")  # org/name, as diffusers users write it; not a missing dir/file.safetensors
+    repo_id = (not path.exists() and len(parts) == 2 and all(parts)
+               and not parts[1].endswith((".safetensors", *PICKLE_SUFFIXES)))
+    entry = _hub_cache() / f"models--{parts[0]}--{parts[-1]}"
+    path = hub_snapshot(entry if repo_id and entry.is_dir() else path)
     if path.is_dir():
         if not (path / file_name).is_file():
-            raise MissingFile(f"{path}: a folder without {file_name}; give the {what}'s .safetensors file")
+            others = sorted(p.name for p in path.glob("*.safetensors"))
+            held = f" (it holds {', '.join(others[:5])}: give one's path)" if others else ""
+            raise MissingFile(f"{path}: a folder without {file_name}{held}; give the {what}'s .safetensors file")
         path = path / file_name
     elif not path.is_file():
-        raise MissingFile(f"{path}: no such file")
+        cache = f", nor a repo id in the local Hugging Face cache {_hub_cache()} (nothing is downloaded)" \
+            if repo_id else ""
+        raise MissingFile(f"{path}: no such file{cache}")
     if path.suffix in PICKLE_SUFFIXES:
         raise refusal(path)
     return path
@@ -147,7 +170,20 @@ class _Reader:
                 self._spans |= spans
             self.shapes |= shapes
             self.where |= dict.fromkeys(shapes, f)
-        self.label = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} shards)"
+        self.label = "" if not files else str(files[0]) if len(files) == 1 else \
+            f"{files[0].parent} ({len(files)} shards)"
+
+    @classmethod
+    def of_tensors(cls, tensors: Mapping, label: str) -> _Reader:
+        """A reader of a state dict already in memory ({key: tensor}), named `label` in errors."""
+        for k, v in tensors.items():
+            if not (isinstance(k, str) and isinstance(v, torch.Tensor)):
+                raise CheckpointError(f"{label}: its entry {k!r} is a {type(v).__name__}; expected str -> tensor")
+        reader = cls([])
+        reader._pickled = dict(tensors)  # held as a loaded pickle's tensors are
+        reader.shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        reader.label = label
+        return reader
 
     def dtype(self, key: str) -> torch.dtype | None:
         """The stored dtype of `key` (None for one torch cannot hold)."""

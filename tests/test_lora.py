@@ -306,10 +306,10 @@ def test_a_lora_loaded_while_another_thread_unloads_leaves_the_base_weights(file
     before, merging, go = state(pipe.backend.model), threading.Event(), threading.Event()
     fuse = lora.fuse_lora
 
-    def slow_fuse(*args):  # the merge of thread A, held halfway until the test lets it go on
+    def slow_fuse(*args, **kwargs):  # the merge of thread A, held halfway until the test lets it go on
         merging.set()
         go.wait(10)
-        return fuse(*args)
+        return fuse(*args, **kwargs)
 
     monkeypatch.setattr(lora, "fuse_lora", slow_fuse)
     a = threading.Thread(target=pipe.load_lora_weights, args=(files.peft,))
