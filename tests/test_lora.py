@@ -140,13 +140,17 @@ def assert_same(a: dict, b: dict):
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory, one_thread):
-    root = tmp_path_factory.mktemp("lora")
+def lora_files(root) -> SimpleNamespace:
+    """A tiny model folder, a random LoRA for it and that LoRA as PEFT and kohya files, under `root`."""
     folder = save_model(init_model("tiny", seed=1), root / "model")
     lora = random_lora(load_model(folder))
     return SimpleNamespace(root=root, folder=folder, lora=lora, peft=peft_file(lora, root / "peft.safetensors"),
                            kohya=kohya_file(lora, root / "kohya.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, one_thread):
+    return lora_files(tmp_path_factory.mktemp("lora"))
 
 
 def test_the_lora_covers_what_it_should(files):

@@ -5,7 +5,6 @@ without a prefix, LDM block names, SDXL and LyCORIS files named as such, bad alp
 import logging
 import math
 from dataclasses import replace
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,12 +14,12 @@ from safetensors.torch import load_file, save_file
 from backdrop.cli import main
 from backdrop.diffusion import text
 from backdrop.diffusion.pipeline import Pipeline
-from backdrop.nn.checkpoint import CheckpointError, MissingFile, init_model, load_model, save_model
+from backdrop.nn.checkpoint import CheckpointError, MissingFile, load_model
 from backdrop.nn.ldm_keys import UNET, ldm_names
 from backdrop.nn.lora import fuse_lora, unfuse_lora
 from backdrop.nn.textual_inversion import load_textual_inversion
 from test_hub_folders import hub_cache
-from test_lora import SCALE, assert_same, kohya_file, merged, peft_file, random_lora, state
+from test_lora import SCALE, assert_same, lora_files, merged, state
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning"),
               pytest.mark.usefixtures("one_thread")]  # tests/conftest.py
@@ -28,12 +27,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, one_thread):
-    """tests/test_lora.py's tiny model and LoRA (UNet attention, a 3x3 and a 1x1 conv, the text encoder)."""
-    root = tmp_path_factory.mktemp("lora-files")
-    folder = save_model(init_model("tiny", seed=1), root / "model")
-    lora = random_lora(load_model(folder))
-    return SimpleNamespace(root=root, folder=folder, lora=lora, peft=peft_file(lora, root / "peft.safetensors"),
-                           kohya=kohya_file(lora, root / "kohya.safetensors"))
+    return lora_files(tmp_path_factory.mktemp("lora-files"))
 
 
 def kohya_tensors(files) -> dict[str, torch.Tensor]:
