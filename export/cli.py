@@ -169,16 +169,24 @@ def _onnx(args) -> int:
                 stack.append(fuse_lora(model, lora, scale, after=stack))
             except (OSError, ValueError) as e:  # CheckpointError (a ValueError) names the file and the keys
                 raise CLIError(f"--lora: {one_line(e)}") from None
+    merged = [{"lora": str(f.path), "sha256": _sha256(f.path), "scale": f.scale} for f in stack] if args.lora else []
     try:
         path = export_onnx(model, args.out, dtype=args.dtype, static_hw=static_hw, components=components,
                            opset=args.opset, external_data=True if args.external_data else None,
-                           progress=False if args.quiet else None)  # a bar on a terminal only
+                           progress=False if args.quiet else None, merged=merged)  # a bar on a terminal only
     except OSError as e:  # the model is loaded: writing --out failed (full disk, permissions changed)
         raise CLIError(_out_error(args.out, e)) from None
     except (ExportError, ValueError) as e:
         raise CLIError(str(e)) from None
     print(path)
     return 0
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _tensorrt(args) -> int:

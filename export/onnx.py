@@ -391,13 +391,15 @@ def _static_latent_hw(spec: GraphSpec, f: int) -> tuple[int, int] | None:
 
 def export_onnx(model: Model, out, *, dtype: str = "fp32", static_hw: tuple[int, int] | None = None,
                 components: tuple[str, ...] = COMPONENTS, opset: int = OPSET, external_data: bool | None = None,
-                progress: bool | None = True) -> Path:
+                progress: bool | None = True, merged: list[dict] | None = None) -> Path:
     """Export `model` (float32 weights, any device) into the folder `out`, each graph checked against torch.
 
     dtype: "fp32" or "fp16" (weights and arithmetic; inputs/outputs stay float32). static_hw: (height, width)
     in pixels to fix the spatial dims (TensorRT then builds for that size only); default dynamic. external_data:
     weights in model.onnx.data; default only above 2 GB. The folder is written next to `out` and swapped in,
     so a failed export leaves what was there before. Raises ExportError naming the component at fault.
+    merged: what was merged into the weights before (the CLI's --lora: file, sha256, scale), kept in the manifest
+    as "merged", so that an export says which LoRAs it holds.
     """
     from tqdm import tqdm
 
@@ -428,7 +430,7 @@ def export_onnx(model: Model, out, *, dtype: str = "fp32", static_hw: tuple[int,
         write_json(tmp / "model_config.json", {k: v for k, v in config_to_dict(cfg).items() if k != "scheduler"})
         write_json(tmp / MANIFEST, {"format": FORMAT, "opset": opset, "dtype": dtype,
                                      "static_hw": list(static_hw) if static_hw else None,
-                                     "versions": _versions(), "components": entries})
+                                     "versions": _versions(), "merged": merged or [], "components": entries})
         usual_permissions(tmp)
         swap_in(tmp, out, MANIFEST)
     except BaseException:

@@ -2,6 +2,8 @@
 this reuses): non-finite merges refused, one host copy per weight for a stack, hub repo ids, state dicts, UNet keys
 without a prefix, LDM block names, SDXL and LyCORIS files named as such, bad alphas and rank-0 modules, `export onnx
 --lora`, and the warnings (A1111 prompt tags, alpha 0, the same file twice, a pickle named .safetensors)."""
+import hashlib
+import json
 import logging
 import math
 from dataclasses import replace
@@ -261,6 +263,9 @@ def test_export_onnx_merges_lora_first(files, tmp_path, capsys):
     with torch.no_grad():
         want, before = model.text_encoder(ids).numpy(), base.text_encoder(ids).numpy()
     assert np.abs(got - want).max() <= 1e-4 and np.abs(got - before).max() > 1e-2  # merged, and it mattered
+    manifest = json.loads((out / "backdrop_export.json").read_text())  # the export says which LoRA it holds
+    assert manifest["merged"] == [{"lora": str(files.kohya), "scale": SCALE,
+                                   "sha256": hashlib.sha256(files.kohya.read_bytes()).hexdigest()}]
     capsys.readouterr()
     assert main(command + ["--out", str(tmp_path / "x"), "--lora", str(tmp_path / "missing.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
