@@ -120,6 +120,19 @@ class DiffusersAPI:
             unfuse_lora(self._loras)  # together: a later LoRA holds no copy of weights an earlier one saved
             self._loras.clear()
 
+    def get_active_adapters(self) -> list[str]:
+        """The loaded LoRAs, oldest first, named as diffusers names adapters loaded without adapter_name
+        (default_0, default_1, ...); every loaded LoRA is active, as it is merged."""
+        return [f"default_{i}" for i in range(len(self._loras))]
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """{component: the loaded LoRAs that change it}, as diffusers' get_list_adapters."""
+        out: dict[str, list[str]] = {}
+        for name, fused in zip(self.get_active_adapters(), self._loras):
+            for component in dict.fromkeys(t.partition(".")[0] for t in fused.targets):
+                out.setdefault(component, []).append(name)
+        return out
+
     def load_textual_inversion(self, pretrained_model_name_or_path, token=None) -> list[str]:
         """Add textual inversion embeddings to the torch backend's tokenizer and text encoder, as diffusers'
         load_textual_inversion: a .safetensors file in diffusers' or A1111's format, a folder holding diffusers'

@@ -86,8 +86,12 @@ def test_a_stack_keeps_one_copy_of_each_weight_and_unloads_bit_exactly(files, tm
     assert len(second.saved) == 1 and second.saved[0][0] is pipe.backend.model.text_encoder.get_parameter(fc1)
     copies = [id(w) for f in pipe._loras for w, _ in f.saved]
     assert len(copies) == len(set(copies)) == len(files.lora) + 1
+    assert pipe.get_active_adapters() == ["default_0", "default_1"]  # diffusers' names without adapter_name=
+    assert pipe.get_list_adapters() == {"unet": ["default_0", "default_1"],
+                                        "text_encoder": ["default_0", "default_1"]}
     pipe.unload_lora_weights()
     assert_same(state(pipe.backend.model), before)
+    assert pipe.get_active_adapters() == [] and pipe.get_list_adapters() == {}
 
 
 def test_unfuse_lora_keeps_its_contract(files):
