@@ -102,7 +102,7 @@ def uncrop(image: np.ndarray, generated: np.ndarray, boxes: list[Box]) -> np.nda
     """Full-size generated images: a copy of `image` (B, H, W, 3) with each generated crop (B, h, w, 3) resized back
     to its box (Lanczos) and pasted in. Pixels outside the boxes are the input's, so paste-back keeps them anyway."""
     out = image_to_uint8(image)  # a new array
-    for o, g, (x1, y1, x2, y2) in zip(out, image_to_uint8(generated), boxes, strict=True):
+    for o, g, (x1, y1, x2, y2) in zip(out, _pixels(generated), boxes, strict=True):
         o[y1:y2, x1:x2] = np.asarray(Image.fromarray(g).resize((x2 - x1, y2 - y1), Image.LANCZOS))
     return out
 
@@ -152,7 +152,7 @@ def paste_back(image: np.ndarray, generated: np.ndarray, blend: torch.Tensor) ->
     out = image where blend == 0 (bit-identical), generated where blend >= 1, round(image + blend (gen - image))
     in between. Working on uint8 makes "the product's pixels are kept" a bit-exact statement.
     """
-    img, gen, b = image_to_uint8(image), image_to_uint8(generated), _check_mask(blend, "blend")
+    img, gen, b = _pixels(image), _pixels(generated), _check_mask(blend, "blend")
     if img.shape != gen.shape:
         raise ValueError(f"paste_back: image is {img.shape[1]}x{img.shape[2]} (HxW, batch {img.shape[0]}) but"
                          f" generated is {gen.shape[1]}x{gen.shape[2]} (batch {gen.shape[0]})")
@@ -181,9 +181,7 @@ def composite(image, generated, mask, *, boxes: list[Box] | None = None, mask_bl
     Item by item: a photo's full-size temporaries (the uncropped image, the blend's arithmetic) exist for one item
     at a time, not the batch's; a mask given as one object for several items is feathered once.
     """
-    img, m = image_rows(image), _mask_rows(mask)
-    batch = isinstance(generated, np.ndarray) and generated.ndim == 4 and generated.dtype == np.uint8
-    generated = generated if batch else image_to_uint8(generated)  # (B, h, w, 3), as the pipeline gives it
+    img, m, generated = image_rows(image), _mask_rows(mask), _pixels(generated)  # (B, h, w, 3) generated
     if len(generated) != len(img) or len(m) != len(img) or boxes is not None and len(boxes) != len(img):
         raise ValueError(f"composite: {len(img)} images, {len(generated)} generated, {len(m)} masks"
                          f"{'' if boxes is None else f', {len(boxes)} boxes'}: give one of each per item")
@@ -197,6 +195,13 @@ def composite(image, generated, mask, *, boxes: list[Box] | None = None, mask_bl
             blends[id(m[i])] = feather(m[i], mask_blur)  # (1, 1, H, W)
         out[i] = paste_back(im, gen, blends[id(m[i])])[0]
     return out
+
+
+def _pixels(images) -> np.ndarray:
+    """uint8 (B, H, W, 3) to read: such an array as it is (the pipeline's; a 12-megapixel photo is not copied to be
+    read), anything else through image_to_uint8."""
+    ready = isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype == np.uint8 and images.shape[-1] == 3
+    return images if ready else image_to_uint8(images)
 
 
 def _mask_rows(mask) -> list[torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 from backdrop.diffusion import pixels as P
 from backdrop.diffusion.image_io import rgb_icc
 
-__all__ = ["Output", "decoded", "format_output", "as_hwc", "with_profiles"]
+__all__ = ["Output", "decoded", "format_output", "as_hwc", "with_profiles", "item_numbers"]
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,15 @@ def decoded(backend, latents: torch.Tensor, scaling_factor: float, rows: list[in
         fix = ("run it in float32: dtype=torch.float32 / --dtype fp32" if dtype in (torch.float16, torch.bfloat16)
                else "its weights or these latents are out of range")
         log.warning("items %s: the VAE's output is not finite, though their latents are (%s); their images are "
-                    "black", overflowed if rows is None else [rows[i] for i in overflowed], fix)
+                    "black", item_numbers(rows, overflowed), fix)
         bad[overflowed] = True
     return y.masked_fill(bad.view(-1, 1, 1, 1), -1.0) if bad.any() else y
+
+
+def item_numbers(rows: list[int] | None, positions: list[int]) -> list[int]:
+    """The call's item numbers of positions in a batch that holds only some of its items (rows: the number of each;
+    None: all of them, in order), for messages."""
+    return positions if rows is None else [rows[p] for p in positions]
 
 
 def format_output(images, seeds: list[int], output_type: str, unchanged: list[int] | None = None) -> Output:

@@ -84,7 +84,7 @@ from backdrop.diffusion.inpaint_items import PerDistinct, distinct, repaint_mask
 from backdrop.diffusion.guidance import CFGDenoiser
 from backdrop.diffusion.latents import (blend_known_region, default_noise_sampler, initial_latents, known_region,
                                         noised_latents, output_latents, per_item_randn)
-from backdrop.diffusion.output import Output, as_hwc, decoded, format_output, with_profiles
+from backdrop.diffusion.output import Output, as_hwc, decoded, format_output, item_numbers, with_profiles
 from backdrop.diffusion.samplers import SamplingInterrupted, sample
 from backdrop.diffusion.schedule import build_schedule
 from backdrop.diffusion.text import check_clip_skip, contexts, embed
@@ -460,16 +460,12 @@ class Pipeline(DiffusersAPI):
             raise SamplingInterrupted(loop.steps, "interrupted after the last step, before decoding")
         if bad := (~torch.isfinite(result.flatten(1))).any(1).nonzero().flatten().tolist():  # they decode to black
             log.warning("items %s have non-finite latents (float overflow: guidance_scale %g too large, or fp16 "
-                        "out of range?); their images are black", _rows(job, bad), loop.guidance_scale)
+                        "out of range?); their images are black", item_numbers(job.get("rows"), bad),
+                        loop.guidance_scale)
         if not decode or job["output_type"] == "latent":
             return Output(result, job["seeds"])
         y = decoded(self.backend, result, self.config.scaling_factor)  # (B, 3, h*f, w*f) in [-1, 1]
         return format_output(M.crop_to(y, job["size"]), job["seeds"], job["output_type"])
-
-
-def _rows(job: dict, positions: list[int]) -> list[int]:
-    """The call's item numbers of positions in a batch that holds only some of them (inpaint: those with a mask)."""
-    return [job["rows"][p] for p in positions] if job.get("rows") is not None else positions
 
 
 def _step_callback(blend, user, schedule) -> Callable | None:

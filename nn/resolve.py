@@ -47,14 +47,27 @@ def resolve_model(path_or_name) -> Path:
     known = builtin_models()
     if str(path_or_name) in known:
         return known[str(path_or_name)]
-    parts = str(path_or_name).split("/")
-    if len(parts) == 2 and all(parts):
-        entry = _hub_cache() / f"models--{parts[0]}--{parts[1]}"
-        if entry.is_dir():
-            return hub_snapshot(entry)
+    if (snapshot := cached_repo(path_or_name)) is not None:
+        return snapshot
     listed = ", ".join(known) or "none installed (backdrop-tiny ships with the training issue)"
     raise MissingFile(f"model {str(path_or_name)!r}: no such file or folder, and not a built-in model "
-                            f"(built-in: {listed}); pass a diffusers model folder or a .safetensors file")
+                      f"(built-in: {listed}); pass a diffusers model folder or a .safetensors file")
+
+
+def is_repo_id(name) -> bool:
+    """Whether `name` is written as a hub repo id, org/name."""
+    parts = str(name).split("/")
+    return len(parts) == 2 and all(parts)
+
+
+def cached_repo(name) -> Path | None:
+    """The snapshot of repo id `name` (org/name) in the local Hugging Face cache, or None when `name` is no repo id
+    or the cache does not hold it (nothing is downloaded)."""
+    if not is_repo_id(name):
+        return None
+    org, repo = str(name).split("/")
+    entry = _hub_cache() / f"models--{org}--{repo}"
+    return hub_snapshot(entry) if entry.is_dir() else None
 
 
 def _hub_cache() -> Path:
@@ -81,7 +94,7 @@ def hub_snapshot(path: Path) -> Path:
     chosen = (path / "snapshots" / ref) if named else (snapshots[0] if len(snapshots) == 1 else None)
     if chosen is None or not chosen.is_dir():
         raise MissingFile(f"{path}: a Hugging Face cache entry without a snapshot refs/main names "
-                                f"({len(snapshots)} in snapshots/); give the snapshot folder itself")
+                          f"({len(snapshots)} in snapshots/); give the snapshot folder itself")
     return chosen
 
 

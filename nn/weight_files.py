@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .ldm_keys import CheckpointError, MissingFile
-from .resolve import _hub_cache, hub_snapshot
+from .resolve import _hub_cache, cached_repo, hub_snapshot, is_repo_id
 
 __all__ = ["PICKLE_SUFFIXES", "adapter_file", "stored_dtype"]
 
@@ -110,11 +110,9 @@ def adapter_file(path: Path, file_name: str, what: str, refusal=_pickle_refusal)
     (org/name) means its snapshot, looked up in the local Hugging Face cache only, as nn/resolve.resolve_model
     does for models. A missing one, or a pickle file (`refusal(path)` says how to convert it), is a
     CheckpointError naming the path."""
-    parts = str(path).split("/")  # org/name, as diffusers users write it; not a missing dir/file.safetensors
-    repo_id = (not path.exists() and len(parts) == 2 and all(parts)
-               and not parts[1].endswith((".safetensors", *PICKLE_SUFFIXES)))
-    entry = _hub_cache() / f"models--{parts[0]}--{parts[-1]}"
-    path = hub_snapshot(entry if repo_id and entry.is_dir() else path)
+    # org/name, as diffusers users write it; not a missing dir/file.safetensors
+    repo_id = not path.exists() and is_repo_id(path) and path.suffix not in (".safetensors", *PICKLE_SUFFIXES)
+    path = (repo_id and cached_repo(path)) or hub_snapshot(path)
     if path.is_dir():
         if not (path / file_name).is_file():
             others = sorted(p.name for p in path.glob("*.safetensors"))
