@@ -121,12 +121,16 @@ def add_lora_option(group) -> None:
 
 
 def load_loras(pipe, loras: list[tuple[str, float]]) -> None:
-    """Merge each --lora into the pipeline's weights; a bad file or key is a one-line CLIError."""
-    for path, scale in loras:
-        try:
-            pipe.load_lora_weights(path, lora_scale=scale)
-        except (OSError, ValueError) as e:  # CheckpointError (a ValueError) names the file and the keys
-            raise CLIError(f"--lora: {one_line(e)}") from None
+    """Merge every --lora into the pipeline's weights, all active at once; a bad file or key is a one-line
+    CLIError."""
+    names = [f"lora_{i}" for i in range(len(loras))]
+    try:
+        for (path, scale), name in zip(loras, names):
+            pipe.load_lora_weights(path, adapter_name=name, lora_scale=scale)  # each alone: checked one by one
+        if len(names) > 1:
+            pipe.set_adapters(names)
+    except (OSError, ValueError) as e:  # CheckpointError (a ValueError) names the file and the keys
+        raise CLIError(f"--lora: {one_line(e)}") from None
 
 
 def textual_inversion_spec(text: str) -> tuple[str, str | None]:

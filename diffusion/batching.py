@@ -38,8 +38,8 @@ DIFFUSERS_INSTEAD = {
     "callback_on_step_end": "it makes no images",
     "callback_on_step_end_tensor_inputs": "it makes no images",
     "callback_steps": "callback=fn(step, latents) runs after every step: skip steps inside it",
-    "cross_attention_kwargs": "a LoRA's scale is set when it is merged: load_lora_weights(path, lora_scale=...); "
-                              "other attention arguments are not supported",
+    "cross_attention_kwargs": "a LoRA's scale is set when it is merged: set_adapters(name, weight) or "
+                              "fuse_lora(lora_scale=...); other attention arguments are not supported",
     "strength": "strength is img2img's and inpaint's (they start from an image); generate starts from pure noise",
     "height": _SAME_SIZE, "width": _SAME_SIZE,
     "timesteps": _NO_SCHEDULE, "sigmas": _NO_SCHEDULE,
@@ -50,9 +50,6 @@ DIFFUSERS_INSTEAD = {
     "variant": "leave it out: a folder's *.fp16.safetensors files are read where the full-precision ones are "
                "absent, and dtype=torch.float16 (torch_dtype=) runs in fp16",
     "use_safetensors": "only .safetensors are read (True is taken)",
-    "adapter_name": "LoRAs are merged into the weights, not kept as named adapters; unload_lora_weights() undoes "
-                    "them all",
-    "weight_name": "give the LoRA file's own path: load_lora_weights(folder / weight_name)",
     # from_single_file's: the configuration is read from the file's tensor shapes
     "config": "a file's configuration is read from its tensor shapes; for a v-prediction file pass "
               "prediction_type=\"v_prediction\" (or original_config= its .yaml)",

@@ -20,7 +20,9 @@ a bare "no attribute":
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from backdrop.diffusion.batching import diffusers_names
@@ -39,8 +41,6 @@ _TI_INSTEAD = ("an exported text encoder's vocabulary is fixed. Encode the promp
                "loaded the embedding (encode_prompt) and pass prompt_embeds= and negative_prompt_embeds=")
 _SAMPLER = ("the sampler is chosen per call: sampler= one of " + ", ".join(RECIPES) + " (each equal to the "
             "diffusers scheduler of that name, e.g. unipc = UniPCMultistepScheduler; see diffusion/samplers.py)")
-_LORA = ("a LoRA is merged when it is loaded: load_lora_weights(path, lora_scale=...) (call it again to stack "
-         "several), unload_lora_weights() undoes them all")
 _MODEL = ("the torch modules are pipe.backend.model.unet, .vae, .text_encoder and .tokenizer (torch backend; an "
           "export has no torch modules)")
 _ONE_DEVICE = "not supported: the whole model lives on one device (pipe.to(device), or from_pretrained(device=))"
@@ -48,8 +48,6 @@ _ONE_DEVICE = "not supported: the whole model lives on one device (pipe.to(devic
 DIFFUSERS_ATTRIBUTES = {
     "scheduler": _SAMPLER,
     "unet": _MODEL, "vae": _MODEL, "text_encoder": _MODEL, "tokenizer": _MODEL,
-    "fuse_lora": _LORA, "unfuse_lora": _LORA, "set_adapters": _LORA, "delete_adapters": _LORA,
-    "enable_lora": _LORA, "disable_lora": _LORA,
     "enable_model_cpu_offload": _ONE_DEVICE, "enable_sequential_cpu_offload": _ONE_DEVICE,
     "enable_vae_tiling": "not supported: images are made at their own size; for a large product photo use "
                          "inpaint(crop_padding=N), which works at the model's native size and pastes back",
@@ -64,7 +62,7 @@ DIFFUSERS_ATTRIBUTES = {
 
 
 class DiffusersAPI:
-    """Mixed into Pipeline: needs self.backend, self._loras (a list) and self._progress (bool, or None: on a
+    """Mixed into Pipeline: needs self.backend, self._adapters (an Adapters) and self._progress (bool, or None: on a
     terminal only)."""
 
     @classmethod
@@ -96,54 +94,81 @@ class DiffusersAPI:
         return cls.from_pretrained(Path(given), **kwargs)
 
     # ---------------------------------------------------------------------------------------- adapters
+    # LoRAs as diffusers' named adapters, always merged into the weights: diffusion/adapters.py says how.
     @diffusers_names
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, lora_scale: float = 1.0) -> None:
-        """Merge a LoRA into the torch backend's UNet and text encoder now, at lora_scale: diffusers'
-        load_lora_weights + fuse_lora(lora_scale). The LoRA is a .safetensors file (diffusers/PEFT or kohya-ss; see
-        nn/lora.py), diffusers' LoRA folder, a hub repo id (org/name) in the local Hugging Face cache, or a state
-        dict of tensors. Several stack; the stack keeps one CPU copy of each weight a LoRA changed (its original)."""
-        from backdrop.nn.checkpoint import torch_model
-        from backdrop.nn.lora import LORA_INSTEAD, fuse_lora
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
+                          weight_name: str | None = None, lora_scale: float = 1.0) -> None:
+        """Load a LoRA into the torch backend's UNet and text encoder as the adapter `adapter_name` (default
+        default_0, default_1, ...) and make it the only active one, as diffusers' load_lora_weights does;
+        set_adapters combines several. It is merged into the weights now, at lora_scale (ours: diffusers would need
+        set_adapters(name, lora_scale) for it). The LoRA is a .safetensors file (diffusers/PEFT or kohya-ss; see
+        nn/lora.py), diffusers' LoRA folder or a hub repo id (org/name) in the local Hugging Face cache (weight_name=:
+        the file in it), or a state dict of tensors. The merged LoRAs keep one CPU copy of each weight they change."""
+        source = _weight_file(pretrained_model_name_or_path_or_dict, weight_name, "LoRA", pickle_option=False)
         with WEIGHT_CHANGES:
-            model = torch_model(self.backend, "a LoRA", LORA_INSTEAD)
-            fused = fuse_lora(model, pretrained_model_name_or_path_or_dict, lora_scale, after=self._loras)
-            if fused.path is not None and (twice := next(
-                    (f for f in self._loras if f.path is not None and f.path.resolve() == fused.path.resolve()), None)):
-                log.warning("%s was already loaded (at lora_scale %g): loaded again, its effect is doubled; "
-                            "unload_lora_weights() and load it once to change its scale", fused.path, twice.scale)
-            self._loras.append(fused)
+            self._adapters.load(self._lora_model(), source, adapter_name, lora_scale)
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None):
+        """Make these adapters the active ones, each at its weight (default 1), as diffusers' set_adapters."""
+        with WEIGHT_CHANGES:
+            self._adapters.set_active(self._lora_model(), adapter_names, adapter_weights)
+
+    def delete_adapters(self, adapter_names: str | list[str]) -> None:
+        with WEIGHT_CHANGES:
+            self._adapters.delete(self._lora_model(), adapter_names)
+
+    def disable_lora(self) -> None:
+        """The base weights, the adapters kept (enable_lora() merges the active ones again)."""
+        with WEIGHT_CHANGES:
+            self._adapters.enable(self._lora_model(), False)
+
+    def enable_lora(self) -> None:
+        with WEIGHT_CHANGES:
+            self._adapters.enable(self._lora_model(), True)
+
+    def fuse_lora(self, components: Sequence[str] = ("unet", "text_encoder"), lora_scale: float = 1.0,
+                  safe_fusing: bool = False, adapter_names: list[str] | None = None) -> None:
+        """diffusers' fuse_lora: the active adapters (or adapter_names) now count lora_scale times in `components`
+        until unfuse_lora(); then unload_lora_weights() keeps them merged and frees the copies. A merge that
+        would put inf/NaN in a weight is always refused (safe_fusing=True's check, whatever it says)."""
+        with WEIGHT_CHANGES:
+            self._adapters.fuse(self._lora_model(), list(components), lora_scale, adapter_names)
+
+    def unfuse_lora(self, components: Sequence[str] = ("unet", "text_encoder")) -> None:
+        with WEIGHT_CHANGES:
+            self._adapters.unfuse(self._lora_model(), list(components))
 
     def unload_lora_weights(self) -> None:
-        """Undo every load_lora_weights: the weights are bit-identical to the ones before the first."""
-        from backdrop.nn.lora import unfuse_lora
+        """Forget every adapter: the weights are bit-identical to the ones before the first load, except for what
+        fuse_lora fused (kept, as diffusers keeps it)."""
         with WEIGHT_CHANGES:
-            unfuse_lora(self._loras)  # together: a later LoRA holds no copy of weights an earlier one saved
-            self._loras.clear()
+            self._adapters.unload(self._lora_model())
 
     def get_active_adapters(self) -> list[str]:
-        """The loaded LoRAs, oldest first, named as diffusers names adapters loaded without adapter_name
-        (default_0, default_1, ...); every loaded LoRA is active, as it is merged."""
-        return [f"default_{i}" for i in range(len(self._loras))]
+        return self._adapters.active()
 
     def get_list_adapters(self) -> dict[str, list[str]]:
-        """{component: the loaded LoRAs that change it}, as diffusers' get_list_adapters."""
-        out: dict[str, list[str]] = {}
-        for name, fused in zip(self.get_active_adapters(), self._loras):
-            for component in dict.fromkeys(t.partition(".")[0] for t in fused.targets):
-                out.setdefault(component, []).append(name)
-        return out
+        """{component: the loaded adapters that change it}, as diffusers' get_list_adapters."""
+        return self._adapters.by_component()
 
-    def load_textual_inversion(self, pretrained_model_name_or_path, token=None) -> list[str]:
+    def _lora_model(self):
+        from backdrop.nn.checkpoint import torch_model
+        from backdrop.nn.lora import LORA_INSTEAD
+        return torch_model(self.backend, "a LoRA", LORA_INSTEAD)
+
+    @diffusers_names
+    def load_textual_inversion(self, pretrained_model_name_or_path, token=None,
+                               weight_name: str | None = None) -> list[str]:
         """Add textual inversion embeddings to the torch backend's tokenizer and text encoder, as diffusers'
         load_textual_inversion: a .safetensors file in diffusers' or A1111's format, a folder holding diffusers'
-        learned_embeds.safetensors, a state dict or a tensor, or a list of them; `token` (or one per embedding)
-        names the word prompts use. Several loads stack. Returns the words prompts use, one per embedding.
-        Formats and errors: nn/textual_inversion.py."""
+        learned_embeds.safetensors (weight_name=: another file in it), a state dict or a tensor, or a list of them;
+        `token` (or one per embedding) names the word prompts use. Several loads stack. Returns the words prompts
+        use, one per embedding. Formats and errors: nn/textual_inversion.py."""
         from backdrop.nn.checkpoint import torch_model
         from backdrop.nn.textual_inversion import load_textual_inversion
+        source = _weight_file(pretrained_model_name_or_path, weight_name, "embedding", pickle_option=True)
         with WEIGHT_CHANGES:
-            return load_textual_inversion(torch_model(self.backend, "textual inversion", _TI_INSTEAD),
-                                          pretrained_model_name_or_path, token)
+            return load_textual_inversion(torch_model(self.backend, "textual inversion", _TI_INSTEAD), source, token)
 
     def unload_textual_inversion(self) -> None:
         """Remove every loaded embedding: the tokenizer and the text encoder are bit-identical to before the first."""
@@ -199,6 +224,17 @@ class DiffusersAPI:
     @scheduler.setter
     def scheduler(self, value):
         raise AttributeError(f"Pipeline has no scheduler to replace (diffusers' pipelines do): {_SAMPLER}")
+
+
+def _weight_file(source, weight_name: str | None, what: str, pickle_option: bool):
+    """diffusers' weight_name=: the file of that name in the folder, hub cache entry or repo id `source` names."""
+    if weight_name is None:
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"weight_name={weight_name!r} names a file in a folder or hub repo; the {what} given is a "
+                        f"{type(source).__name__}")
+    from backdrop.nn.weight_files import _pickle_refusal, adapter_file
+    return adapter_file(Path(source), weight_name, what, lambda p: _pickle_refusal(p, pickle_option))
 
 
 def _lacking_message(name: str) -> str:

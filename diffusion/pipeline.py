@@ -76,6 +76,7 @@ import torch
 from backdrop.diffusion import crop_paste as C
 from backdrop.diffusion import masks as M
 from backdrop.diffusion import pixels as P
+from backdrop.diffusion.adapters import Adapters
 from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, MaskOptions, StepEnd, as_number, broadcast,
                                         diffusers_names, given_latents, groups, image_items, item_strengths, items,
                                         prompts, repeat, requests)
@@ -119,7 +120,7 @@ class Pipeline(DiffusersAPI):
         self.fixed_size = getattr(backend, "static_hw", None)  # (H, W) px of an export made with --size, else None
         self._warned: set = set()  # processing sizes already warned about (processing_size)
         self._width = backend.config.unet.cross_attention_dim  # of the text context: prompt_embeds' last dim
-        self._loras: list = []  # nn.lora.FusedLora of each load_lora_weights, oldest first
+        self._adapters = Adapters()  # the LoRAs loaded (load_lora_weights), the active ones, what is merged
         self._progress, self._bar = True, {}  # the default of each call's progress=, and tqdm options
 
     @classmethod

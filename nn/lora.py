@@ -38,8 +38,8 @@ valid); a merged weight that is not finite in that dtype (inf/NaN in the file, o
 is refused with the model left as it was. The weights it touches are copied to the CPU first (no accelerator memory
 spent), so `unfuse_lora` restores them bit-exactly. That copy costs host memory, the touched weights' size: for a
 kohya LoRA on SD1.5's transformer blocks and text encoder 0.66 GiB in fp16, for a LoCon 1.76 GiB. A stack fused
-with `after=` (as Pipeline.load_lora_weights does) keeps one copy of each weight, the oldest, however many of its
-LoRAs touch it, and is undone as a whole.
+with `after=` (as a Pipeline merges its active adapters, diffusion/adapters.py) keeps one copy of each weight, the
+oldest, however many of its LoRAs touch it, and is undone as a whole.
 """
 from __future__ import annotations
 
@@ -303,7 +303,7 @@ def _plan(model: Model, reader: _Reader) -> list[_Pair]:
 class FusedLora:
     """A LoRA merged into a model: what unfuse_lora needs to put the weights it changed back, bit-exactly."""
     path: Path | None                                        # None: merged from a state dict
-    scale: float
+    scale: float | dict[str, float]                         # as given to fuse_lora
     targets: tuple[str, ...]                                 # "unet.<param>" / "text_encoder.<param>", merge order
     saved: tuple[tuple[nn.Parameter, torch.Tensor], ...]     # (the live weight, its values before, on the CPU)
     borrowed: tuple[str, ...] = ()  # targets not in `saved`: an earlier LoRA of its stack (after=) holds them
@@ -326,6 +326,14 @@ def _open(source) -> tuple[Path | None, _Reader]:
     return file, _Reader([file])
 
 
+def lora_components(model: Model, source) -> tuple[Path | None, tuple[str, ...]]:
+    """(the file `source` names, None for a state dict; the components the LoRA changes), after every check
+    fuse_lora makes before merging; nothing is merged."""
+    file, reader = _open(source)
+    changed = {p.component for p in _plan(model, reader)}
+    return file, tuple(c for c in COMPONENTS if c in changed)
+
+
 def _not_finite(label: str, p: _Pair, down, up, weight, scale: float) -> CheckpointError:
     """Why merging `p` made a weight inf/NaN, as an error naming the file, the keys and the weight."""
     if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
@@ -339,18 +347,25 @@ def _not_finite(label: str, p: _Pair, down, up, weight, scale: float) -> Checkpo
 
 
 @torch.no_grad()
-def fuse_lora(model: Model, path, scale: float = 1.0, after: Sequence[FusedLora] = ()) -> FusedLora:
+def fuse_lora(model: Model, path, scale: float | Mapping[str, float] = 1.0,
+              after: Sequence[FusedLora] = ()) -> FusedLora:
     """Merge the LoRA at `path` (a .safetensors file, diffusers' LoRA folder, a hub repo id in the local cache, or a
     state dict of tensors) into model's UNet and text encoder, in place: W += scale * alpha / rank * up @ down, as
     diffusers' load_lora_weights + fuse_lora(lora_scale=scale). Fuse several to stack them; unfuse_lora in the
     reverse order restores the weights bit-exactly.
     after: the LoRAs of this stack still fused into `model`, oldest first. The weights one of them saved are not
     copied again (the oldest copy is the original), so the stack keeps one copy of each weight; such a LoRA is
-    undone together with those it borrows from: unfuse_lora([*after, fused])."""
-    if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise ValueError(f"lora_scale must be a finite number, got {scale!r}")
+    undone together with those it borrows from: unfuse_lora([*after, fused]).
+    scale: one for the whole LoRA, or {component: scale} ("unet", "text_encoder"): a component left out is not
+    merged (what Pipeline.fuse_lora(components=) needs)."""
+    scales = scale if isinstance(scale, Mapping) else dict.fromkeys(COMPONENTS, scale)
+    for s in scales.values():
+        if not isinstance(s, numbers.Real) or isinstance(s, bool) or not math.isfinite(s):
+            raise ValueError(f"lora_scale must be a finite number, got {s!r}")
+    if unknown := set(scales) - set(COMPONENTS):
+        raise ValueError(f"lora_scale: no component {some(sorted(unknown), 2)} (they are {', '.join(COMPONENTS)})")
     file, reader = _open(path)
-    pairs, before = _plan(model, reader), []
+    pairs, before = [p for p in _plan(model, reader) if p.component in scales], []
     kept = {id(weight) for f in after for weight, _ in f.saved}
     try:
         for p in pairs:
@@ -359,15 +374,16 @@ def fuse_lora(model: Model, path, scale: float = 1.0, after: Sequence[FusedLora]
             down = reader.get(p.down).to(weight.device, torch.float32).flatten(1)  # (rank, in * kh * kw)
             up = reader.get(p.up).to(weight.device, torch.float32).flatten(1)  # (out, rank)
             delta = (up @ down).view(weight.shape)  # (out, in[, kh, kw])
-            merged = (weight.float() + delta * (scale * p.factor)).to(weight.dtype)
+            merged = (weight.float() + delta * (scales[p.component] * p.factor)).to(weight.dtype)
             if not torch.isfinite(merged).all():  # else every image after this is black (diffusers' safe_fusing)
-                raise _not_finite(reader.label, p, down, up, weight, scale)
+                raise _not_finite(reader.label, p, down, up, weight, scales[p.component])
             weight.copy_(merged)
     except BaseException:  # an unreadable tensor, a non-finite merge, out of memory, Ctrl-C: leave the model be
         _restore(before)
         raise
     names = tuple(f"{p.component}.{p.target}" for p in pairs)
-    return FusedLora(file, float(scale), names, tuple((w, b) for w, b in before if id(w) not in kept),
+    return FusedLora(file, dict(scale) if isinstance(scale, Mapping) else float(scale), names,
+                     tuple((w, b) for w, b in before if id(w) not in kept),
                      tuple(n for n, (w, _) in zip(names, before) if id(w) in kept))
 
 

@@ -291,6 +291,7 @@ def test_stacked_loras_unload_bit_exactly(files):
     before = state(pipe.backend.model)
     pipe.load_lora_weights(files.peft, lora_scale=SCALE)
     pipe.load_lora_weights(files.kohya, lora_scale=-0.3)  # overlapping targets, a negative scale
+    pipe.set_adapters(["default_0", "default_1"])  # as in diffusers, the last one loaded was the only one active
     got, want = state(pipe.backend.model), merged(load_model(files.folder), files.lora, SCALE - 0.3)
     assert all((got[k] - w).abs().max() <= 1e-5 for k, w in want.items())
     pipe.unload_lora_weights()
@@ -304,18 +305,18 @@ def test_a_lora_loaded_while_another_thread_unloads_leaves_the_base_weights(file
     changes take turns (diffusers_api.WEIGHT_CHANGES): the unload waits for the merge, then undoes it."""
     import threading
 
-    import backdrop.nn.lora as lora
+    import backdrop.diffusion.adapters as adapters
 
     pipe = Pipeline.from_pretrained(files.folder, device="cpu", dtype=torch.float32)
     before, merging, go = state(pipe.backend.model), threading.Event(), threading.Event()
-    fuse = lora.fuse_lora
+    fuse = adapters.fuse_lora
 
     def slow_fuse(*args, **kwargs):  # the merge of thread A, held halfway until the test lets it go on
         merging.set()
         go.wait(10)
         return fuse(*args, **kwargs)
 
-    monkeypatch.setattr(lora, "fuse_lora", slow_fuse)
+    monkeypatch.setattr(adapters, "fuse_lora", slow_fuse)
     a = threading.Thread(target=pipe.load_lora_weights, args=(files.peft,))
     a.start()
     assert merging.wait(10)
@@ -326,7 +327,7 @@ def test_a_lora_loaded_while_another_thread_unloads_leaves_the_base_weights(file
     go.set()
     a.join(10)
     b.join(10)
-    assert not pipe._loras
+    assert not pipe._adapters.merged and not pipe.get_list_adapters()
     assert_same(state(pipe.backend.model), before)
 
 
@@ -420,17 +421,9 @@ def test_cli_lora_option(files, capsys, tmp_path):
     pipe = Pipeline.from_pretrained(files.folder, device="cpu")
     pipe.load_lora_weights(files.peft, lora_scale=SCALE)
     pipe.load_lora_weights(files.kohya)
+    pipe.set_adapters(["default_0", "default_1"])  # --lora stacks them
     want = pipe.generate("a lamp", steps=2, seed=3, progress=False).images[0]
     assert np.array_equal(np.asarray(Image.open(path)), np.asarray(want))
-
-
-def test_diffusers_lora_arguments_say_what_to_use_instead(files):
-    pipe = Pipeline.from_pretrained(files.folder, device="cpu", dtype=torch.float32)
-    with pytest.raises(TypeError, match=r"load_lora_weights\(\) does not take diffusers' adapter_name=: LoRAs are "
-                                        "merged into the weights"):
-        pipe.load_lora_weights(files.peft, adapter_name="style")
-    with pytest.raises(TypeError, match=r"weight_name=: give the LoRA file's own path"):
-        pipe.load_lora_weights(files.root, weight_name=files.peft.name)
 
 
 def test_lora_spec_splits_a_scale_off_paths_with_colons(tmp_path, monkeypatch):

@@ -80,11 +80,12 @@ def test_a_stack_keeps_one_copy_of_each_weight_and_unloads_bit_exactly(files, tm
     save_file(extra, str(tmp_path / "more.safetensors"))
     pipe.load_lora_weights(files.peft, lora_scale=SCALE)
     pipe.load_lora_weights(tmp_path / "more.safetensors", lora_scale=-0.3)
-    first, second = pipe._loras
+    pipe.set_adapters(["default_0", "default_1"])
+    first, second = pipe._adapters.merged
     assert len(first.saved) == len(first.targets) == len(files.lora)
     assert sorted(second.borrowed) == sorted(first.targets)
     assert len(second.saved) == 1 and second.saved[0][0] is pipe.backend.model.text_encoder.get_parameter(fc1)
-    copies = [id(w) for f in pipe._loras for w, _ in f.saved]
+    copies = [id(w) for f in pipe._adapters.merged for w, _ in f.saved]
     assert len(copies) == len(set(copies)) == len(files.lora) + 1
     assert pipe.get_active_adapters() == ["default_0", "default_1"]  # diffusers' names without adapter_name=
     assert pipe.get_list_adapters() == {"unet": ["default_0", "default_1"],
@@ -149,7 +150,7 @@ def test_a_state_dict_and_diffusers_keyword_load(files):
         pipe = Pipeline.from_pretrained(files.folder, device="cpu", dtype=torch.float32)
         if how == "dict":
             pipe.load_lora_weights(kohya_tensors(files), lora_scale=SCALE)
-            assert pipe._loras[0].path is None
+            assert pipe._adapters.merged[0].path is None
         else:
             pipe.load_lora_weights(pretrained_model_name_or_path_or_dict=files.kohya, lora_scale=SCALE)
         assert_same(state(pipe.backend.model), state(want))
@@ -310,14 +311,3 @@ def test_a_pickle_named_safetensors_gets_the_conversion(files, tmp_path):
         torch.save(kohya_tensors(files), path, _use_new_zipfile_serialization=zipped)
         refused(model, path, f"{path}: a pickle (torch.save) file under a .safetensors name: pickle checkpoints "
                 "can run arbitrary code", f"zipped-{zipped}-converted.safetensors")
-
-
-def test_loading_the_same_file_twice_warns_that_it_doubles(files, caplog):
-    pipe = Pipeline.from_pretrained(files.folder, device="cpu", dtype=torch.float32)
-    with caplog.at_level(logging.WARNING, logger="backdrop.diffusion.diffusers_api"):
-        pipe.load_lora_weights(files.kohya, lora_scale=SCALE)
-        pipe.load_lora_weights(files.peft)
-        assert "already loaded" not in caplog.text
-        pipe.load_lora_weights(files.root / ".." / files.root.name / "kohya.safetensors")
-    assert "kohya.safetensors was already loaded (at lora_scale 0.7): loaded again, its effect is doubled" \
-        in caplog.text

@@ -237,7 +237,7 @@ def test_diffusers_pipeline_switches(models, capsys):
     torch.Generator(pipe.device).manual_seed(0)  # the diffusers docs' idiom
     with pytest.raises(AttributeError, match="no scheduler to replace .*sampler= one of .*unipc"):
         pipe.scheduler = object()
-    lacking = {"scheduler": "sampler= one of", "unet": r"pipe.backend.model.unet", "fuse_lora": "load_lora_weights",
+    lacking = {"scheduler": "sampler= one of", "unet": r"pipe.backend.model.unet", "enable_freeu": "not supported",
                "enable_model_cpu_offload": "one device", "enable_vae_tiling": "crop_padding",
                "save_pretrained": "save_model"}
     for name, hint in lacking.items():
