@@ -56,8 +56,6 @@ DIFFUSERS_ATTRIBUTES = {
     "enable_freeu": "FreeU is not supported",
     "progress_bar": "set_progress_bar_config(disable=True), or progress=False in a call",
     "components": _MODEL,
-    "save_pretrained": "save the torch model with backdrop.nn.checkpoint.save_model(pipe.backend.model, folder) (a "
-                       "diffusers folder that diffusers opens too)",
 }
 
 
@@ -178,6 +176,25 @@ class DiffusersAPI:
             unload_textual_inversion(torch_model(self.backend, "textual inversion", _TI_INSTEAD))
 
     # ---------------------------------------------------------------------------------------- switches
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None) -> Path:
+        """diffusers' save_pretrained: the torch backend's model as a diffusers folder, in its dtype
+        (nn.checkpoint.save_model: safetensors, written atomically; diffusers and Backdrop open it). Refused while
+        LoRA adapters are loaded (their weights are merged here): unload_lora_weights() first, or fuse_lora() and
+        then unload_lora_weights() to save the LoRAs merged, as in diffusers."""
+        from backdrop.nn.checkpoint import save_model, torch_model
+        if safe_serialization is not True:
+            raise ValueError("save_pretrained: only .safetensors files are written (safe_serialization=True)")
+        if variant is not None:
+            raise ValueError(f"save_pretrained: variant={variant!r}: the weights are saved under their plain names "
+                             "in the pipeline's dtype (pipe.to(torch.float16) first for a half-size folder)")
+        with WEIGHT_CHANGES:
+            if loaded := self.get_list_adapters():
+                names = sorted({n for found in loaded.values() for n in found})
+                raise ValueError(f"save_pretrained: LoRA adapters {', '.join(names)} are loaded, merged into the "
+                                 "weights: unload_lora_weights() first, or fuse_lora() then unload_lora_weights() to "
+                                 "save them merged")
+            return save_model(torch_model(self.backend, "save_pretrained", _MODEL), save_directory)
+
     def set_progress_bar_config(self, disable: bool | None = False, **tqdm_options) -> None:
         """disable=True hides the tqdm bar of every later call, False shows it, None shows it on a terminal only
         (tqdm's meaning): the default of each call's progress=. Other options go to tqdm, as in diffusers (file= to

@@ -222,3 +222,25 @@ def test_cli_stacks_every_lora_and_images_match_set_adapters(files, tmp_path, ca
     pipe.load_lora_weights(files.other, adapter_name="y")
     pipe.set_adapters(["x", "y"], [0.6, -0.5])
     assert np.array_equal(got, np.asarray(pipe.generate("a lamp", steps=2, seed=3, progress=False).images[0]))
+
+
+def test_save_pretrained_writes_what_diffusers_opens_with_fused_loras_merged(files, tmp_path):
+    """diffusers' recipe for baking a LoRA into a checkpoint: load, fuse_lora, unload_lora_weights, save_pretrained."""
+    import diffusers
+    pipe = Pipeline.from_pretrained(files.folder, device="cpu", dtype=torch.float32)
+    pipe.load_lora_weights(files.peft, adapter_name="style")
+    with pytest.raises(ValueError, match=r"LoRA adapters style are loaded, merged into the weights: "
+                                         r"unload_lora_weights\(\) first, or fuse_lora\(\) then"):
+        pipe.save_pretrained(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    pipe.fuse_lora(lora_scale=0.5)
+    pipe.unload_lora_weights()
+    with pytest.raises(ValueError, match="only .safetensors"):
+        pipe.save_pretrained(tmp_path / "out", safe_serialization=False)
+    saved = pipe.save_pretrained(tmp_path / "out")
+    again = Pipeline.from_pretrained(saved, device="cpu", dtype=torch.float32)
+    assert_same(state(again.backend.model), state(pipe.backend.model))
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(saved, safety_checker=None, feature_extractor=None,
+                                                               requires_safety_checker=False)
+    agree(pipe, theirs, outputs(Pipeline.from_pretrained(files.folder, device="cpu", dtype=torch.float32),
+                                pipe.backend.tokenizer([PROMPT])))

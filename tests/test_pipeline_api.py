@@ -239,7 +239,7 @@ def test_diffusers_pipeline_switches(models, capsys):
         pipe.scheduler = object()
     lacking = {"scheduler": "sampler= one of", "unet": r"pipe.backend.model.unet", "enable_freeu": "not supported",
                "enable_model_cpu_offload": "one device", "enable_vae_tiling": "crop_padding",
-               "save_pretrained": "save_model"}
+               "enable_vae_slicing": "fewer images per call"}
     for name, hint in lacking.items():
         with pytest.raises(AttributeError, match=rf"Pipeline has no {name} \(diffusers' pipelines do\): .*{hint}"):
             getattr(pipe, name)
