@@ -49,10 +49,6 @@ DIFFUSERS_ATTRIBUTES = {
     "scheduler": _SAMPLER,
     "unet": _MODEL, "vae": _MODEL, "text_encoder": _MODEL, "tokenizer": _MODEL,
     "enable_model_cpu_offload": _ONE_DEVICE, "enable_sequential_cpu_offload": _ONE_DEVICE,
-    "enable_vae_tiling": "not supported: images are made at their own size; for a large product photo use "
-                         "inpaint(crop_padding=N), which works at the model's native size and pastes back",
-    "enable_vae_slicing": "not supported: the VAE decodes a call's images together; for less memory make fewer "
-                          "images per call",
     "enable_freeu": "FreeU is not supported",
     "progress_bar": "set_progress_bar_config(disable=True), or progress=False in a call",
     "components": _MODEL,
@@ -211,6 +207,27 @@ class DiffusersAPI:
             raise TypeError(f"set_progress_bar_config: tqdm takes no {', '.join(unknown)} (it takes "
                             f"{', '.join(sorted(known))})")
         self._progress, self._bar = None if disable is None else not disable, dict(tqdm_options)
+
+    def enable_vae_tiling(self) -> None:
+        """diffusers' enable_vae_tiling: images larger than the VAE's sample_size are encoded and decoded in
+        overlapping tiles (memory of one tile; results differ slightly from untiled ones, as diffusers'; see
+        nn/vae.py). Torch backend only. For a large product photo, inpaint(crop_padding=N) is the better tool: it
+        works at the model's native size and pastes back."""
+        self._vae("enable_vae_tiling").use_tiling = True
+
+    def disable_vae_tiling(self) -> None:
+        self._vae("disable_vae_tiling").use_tiling = False
+
+    def enable_vae_slicing(self) -> None:
+        """diffusers' enable_vae_slicing: the VAE takes a call's images one at a time (less memory, same images)."""
+        self._vae("enable_vae_slicing").use_slicing = True
+
+    def disable_vae_slicing(self) -> None:
+        self._vae("disable_vae_slicing").use_slicing = False
+
+    def _vae(self, feature: str):
+        from backdrop.nn.checkpoint import torch_model
+        return torch_model(self.backend, feature, "an export's VAE runs whole").vae
 
     def enable_xformers_memory_efficient_attention(self, attention_op=None) -> None:
         """A no-op: attention is always memory-efficient here (see the module docstring)."""

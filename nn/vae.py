@@ -4,8 +4,13 @@ Diffusion Models", sec. 3.1): images in [-1, 1] <-> latents 8x smaller with 4 ch
 Module paths mirror diffusers' AutoencoderKL (diffusers/models/autoencoders/{autoencoder_kl,vae}.py), so a
 diffusers `vae/` folder loads with a strict load_state_dict; with `mask_conditioned` they mirror its
 AsymmetricAutoencoderKL (Zhu et al. 2023, "Designing a Better Asymmetric VQGAN for StableDiffusion"), whose decoder
-also reads the known pixels of an inpainting task (and may be wider than the encoder). Latents here are UNSCALED: the pipeline multiplies
-by `cfg.scaling_factor` after `encode` and divides before `decode`.
+also reads the known pixels of an inpainting task (and may be wider than the encoder). Latents here are UNSCALED:
+the pipeline multiplies by `cfg.scaling_factor` after `encode` and divides before `decode`.
+
+`use_tiling` / `use_slicing` are diffusers' enable_tiling / enable_slicing: images larger than `cfg.sample_size`
+(latents larger than sample_size / 8) are encoded/decoded in overlapping tiles blended into each other, exactly as
+AutoencoderKL.tiled_encode / tiled_decode do (so memory stays that of one tile; a tiled result differs slightly from
+an untiled one, as there), and a batch one image at a time.
 """
 from __future__ import annotations
 
@@ -199,6 +204,46 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_norm_out(x))
 
 
+def _blend(before: torch.Tensor, tile: torch.Tensor, extent: int, dim: int) -> torch.Tensor:
+    """`tile` with its first `extent` rows (dim 2) or columns (dim 3) faded in from the last ones of `before`."""
+    extent = min(before.shape[dim], tile.shape[dim], extent)
+    if extent == 0:
+        return tile
+    w = torch.arange(extent, device=tile.device, dtype=tile.dtype) / extent  # 0, 1/e, ... : weight of `tile`
+    w = w.view(-1, 1) if dim == 2 else w
+    head = before.narrow(dim, before.shape[dim] - extent, extent) * (1 - w) + tile.narrow(dim, 0, extent) * w
+    return torch.cat([head, tile.narrow(dim, extent, tile.shape[dim] - extent)], dim)
+
+
+def tiled(fn, x: torch.Tensor, tile: int, out_tile: int, overlap: float = 0.25,
+          condition: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """fn over tile x tile windows of x (B, C, H, W) that start every tile * (1 - overlap); fn maps a window (and
+    the same window of each `condition` tensor, at fn's output scale) to out_tile / tile times its size. Each result
+    fades into the one above and the one to its left over out_tile * overlap rows/columns and keeps its first
+    out_tile * (1 - overlap): diffusers' AutoencoderKL tiled_encode / tiled_decode. When fn shrinks (the encoder),
+    a last window narrower than one output pixel is left out: what it would add is already covered (diffusers
+    encodes it and fails, e.g. at 4 px, or returns a row more than an untiled encode)."""
+    step, blend = int(tile * (1 - overlap)), int(out_tile * overlap)
+    keep, f = out_tile - blend, out_tile / tile
+    starts = [range(0, n, step) if f >= 1 else [s for s in range(0, n, step) if (n - s) * f >= 1]
+              for n in x.shape[2:]]
+    rows: list[list[torch.Tensor]] = []
+    for i in starts[0]:
+        row: list[torch.Tensor] = []
+        for j in starts[1]:
+            window = (slice(None), slice(None), slice(i, i + tile), slice(j, j + tile))
+            scaled = (slice(None), slice(None), slice(int(i * f), int((i + tile) * f)),
+                      slice(int(j * f), int((j + tile) * f)))
+            out = fn(x[window], *(c[scaled] for c in condition))
+            if rows:
+                out = _blend(rows[-1][len(row)], out, blend, 2)
+            if row:
+                out = _blend(row[-1], out, blend, 3)
+            row.append(out)
+        rows.append(row)
+    return torch.cat([torch.cat([t[:, :, :keep, :keep] for t in row], 3) for row in rows], 2)
+
+
 class VAE(nn.Module):
     """AutoencoderKL. `encode` gives the posterior mean, `decode` maps latents back to (unclamped) images."""
 
@@ -212,6 +257,9 @@ class VAE(nn.Module):
         self.post_quant_conv = nn.Conv2d(c, c, 1)
         # Recompute resnet/attention activations in backward (training only); see layers.maybe_checkpoint.
         self.gradient_checkpointing = False
+        self.use_tiling = False   # diffusers' enable_tiling(): see the module docstring
+        self.use_slicing = False  # diffusers' enable_slicing(): one image of a batch at a time
+        self.tile_overlap_factor = 0.25
 
     def _check(self, x: torch.Tensor, channels: int, what: str, name: str) -> None:
         if x.dim() != 4 or x.shape[1] != channels:
@@ -223,7 +271,15 @@ class VAE(nn.Module):
         Sides that are not multiples of 8 round down, as in diffusers (the encoder pads one row/column)."""
         self._check(images, self.cfg.in_channels, "encode", "images")
         ckpt = self.gradient_checkpointing and self.training
-        return DiagonalGaussian(self.quant_conv(self.encoder(images, ckpt)))  # moments (B, 2C, h, w)
+        size = self.cfg.sample_size
+
+        def moments(x: torch.Tensor) -> torch.Tensor:  # (B, 2C, h, w)
+            if self.use_tiling and max(x.shape[2:]) > size:
+                return tiled(moments, x, size, size // self.cfg.downsample_factor, self.tile_overlap_factor)
+            return self.quant_conv(self.encoder(x, ckpt))
+        if self.use_slicing and images.shape[0] > 1:
+            return DiagonalGaussian(torch.cat([moments(x) for x in images.split(1)]))
+        return DiagonalGaussian(moments(images))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [-1, 1] -> posterior mean (B, 4, H/8, W/8), unscaled."""
@@ -250,7 +306,16 @@ class VAE(nn.Module):
                     raise ValueError(f"VAE.decode: {name} must be {(B, c, h * f, w * f)} for latents "
                                      f"{tuple(latents.shape)}, got {tuple(t.shape)}")
         ckpt = self.gradient_checkpointing and self.training
-        return self.decoder(self.post_quant_conv(latents), ckpt, image, mask)
+        size = self.cfg.sample_size // self.cfg.downsample_factor
+        cond = () if image is None else (image, mask)
+
+        def decode(z: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+            if self.use_tiling and max(z.shape[2:]) > size:
+                return tiled(decode, z, size, self.cfg.sample_size, self.tile_overlap_factor, cond)
+            return self.decoder(self.post_quant_conv(z), ckpt, *cond)
+        if self.use_slicing and latents.shape[0] > 1:
+            return torch.cat([decode(*items) for items in zip(*(t.split(1) for t in (latents, *cond)))])
+        return decode(latents, *cond)
 
     def forward(self, images: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:

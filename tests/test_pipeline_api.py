@@ -238,8 +238,8 @@ def test_diffusers_pipeline_switches(models, capsys):
     with pytest.raises(AttributeError, match="no scheduler to replace .*sampler= one of .*unipc"):
         pipe.scheduler = object()
     lacking = {"scheduler": "sampler= one of", "unet": r"pipe.backend.model.unet", "enable_freeu": "not supported",
-               "enable_model_cpu_offload": "one device", "enable_vae_tiling": "crop_padding",
-               "enable_vae_slicing": "fewer images per call"}
+               "enable_model_cpu_offload": "one device",
+               "components": r"pipe.backend.model.unet"}
     for name, hint in lacking.items():
         with pytest.raises(AttributeError, match=rf"Pipeline has no {name} \(diffusers' pipelines do\): .*{hint}"):
             getattr(pipe, name)
