@@ -47,8 +47,6 @@ DIFFUSERS_INSTEAD = {
     "ip_adapter_image": _NO_IP_ADAPTER, "ip_adapter_image_embeds": _NO_IP_ADAPTER,
     "safety_checker": _NO_SAFETY_CHECKER, "requires_safety_checker": _NO_SAFETY_CHECKER,
     "feature_extractor": _NO_SAFETY_CHECKER,
-    "variant": "leave it out: a folder's *.fp16.safetensors files are read where the full-precision ones are "
-               "absent, and dtype=torch.float16 (torch_dtype=) runs in fp16",
     "use_safetensors": "only .safetensors are read (True is taken)",
     # from_single_file's: the configuration is read from the file's tensor shapes
     "config": "a file's configuration is read from its tensor shapes; for a v-prediction file pass "

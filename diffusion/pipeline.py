@@ -127,13 +127,14 @@ class Pipeline(DiffusersAPI):
     @diffusers_names
     def from_pretrained(cls, path_or_name, device=None, dtype=None, backend: str = "torch",
                         prediction_type: str | None = None, vae=None, allow_pickle: bool = False,
-                        **backend_options) -> "Pipeline":
+                        variant: str | None = None, **backend_options) -> "Pipeline":
         """A model folder, one .safetensors file, or a built-in model's name (backend "torch"), or an export
         folder (backend "onnxruntime" / "tensorrt", see export/). device: default CUDA if present; dtype
         (torch.dtype or "fp32"/"bf16"/"fp16", or "auto": as the UNet's weights are stored, diffusers'
         torch_dtype="auto"): default `default_dtype(device, unet_width(path))` for torch.
         prediction_type ("epsilon" / "v_prediction": what a single file's UNet predicts, which the file does not
-        say), vae (a VAE file or folder to run instead of the model's) and allow_pickle: load_model's.
+        say), vae (a VAE file or folder to run instead of the model's), allow_pickle and variant (diffusers':
+        "fp16" reads a folder's .fp16.safetensors files): load_model's.
         backend_options: an export backend's own (onnxruntime: providers=("tensorrt", "cuda"), threads=,
         trt_cache=; tensorrt: cuda_graphs=), as Optimum's ORT pipelines take provider= and session options."""
         from backdrop.export.backends import make_backend
@@ -143,10 +144,10 @@ class Pipeline(DiffusersAPI):
         path = resolve_model(path_or_name)
         device = torch.device(device) if device is not None else default_device()
         if dtype == "auto":  # an export's backend runs in its own precision: None takes it
-            dtype = stored_dtype(path) if backend == "torch" else None
+            dtype = stored_dtype(path, variant) if backend == "torch" else None
         if backend != "torch":  # an export folder runs in its own precision; the backend refuses another
             loading = [n for n, v in (("prediction_type", prediction_type), ("vae", vae),
-                                      ("allow_pickle", allow_pickle)) if v]
+                                      ("allow_pickle", allow_pickle), ("variant", variant)) if v]
             if loading:
                 raise ValueError(f"from_pretrained: {loading[0]}= is for loading a model; an export holds the model "
                                 "as it was exported (give it to `backdrop export` instead)")
@@ -159,7 +160,7 @@ class Pipeline(DiffusersAPI):
             raise TypeError(f"from_pretrained: vae= takes the path of a VAE (.safetensors file or folder), got a "
                             f"{type(vae).__name__}")
         model = load_model(path, dtype=dtype, device=device, prediction_type=prediction_type, vae=vae,
-                           allow_pickle=allow_pickle)
+                           allow_pickle=allow_pickle, variant=variant)
         return cls(make_backend("torch", model, device=device, dtype=dtype))
 
     def to(self, device=None, dtype=None) -> "Pipeline":

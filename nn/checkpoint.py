@@ -215,10 +215,10 @@ def _guess_prediction_type(path: Path, reader: _Reader, cfg: ModelConfig) -> str
     return guess
 
 
-def _component_plan(folder: Path, c: str, m: nn.Module, allow_pickle: bool) -> tuple:
+def _component_plan(folder: Path, c: str, m: nn.Module, allow_pickle: bool, variant: str | None = None) -> tuple:
     """(module, names, reader) of one diffusers component folder, checked strictly (CheckpointError naming it)."""
     stem = "model" if c == "text_encoder" else "diffusion_pytorch_model"
-    reader = _Reader(_weight_files(folder, stem, allow_pickle), allow_pickle)
+    reader = _Reader(_weight_files(folder, stem, allow_pickle, variant), allow_pickle)
     ours = {folder_key(c, k): k for k in reader.shapes}  # our key -> file key
     names = {k: Src(ours.get(k, k)) for k in m.state_dict()}
     problems = _Problems()
@@ -256,7 +256,8 @@ def _check_model_index(root: Path, scheduler: dict) -> None:
                     "4 steps and guidance_scale 1; other samplers give poor images", root)
 
 
-def _load_folder(root: Path, dtype, device, prediction_type, allow_pickle, vae: VAE | None) -> Model:
+def _load_folder(root: Path, dtype, device, prediction_type, allow_pickle, vae: VAE | None,
+                 variant: str | None) -> Model:
     if not (root / "model_index.json").is_file():
         if (root / "final" / "model_index.json").is_file():  # `backdrop train`'s --out
             raise CheckpointError(f"{root}: a training run's folder, not a model; its model is {root / 'final'}")
@@ -302,7 +303,7 @@ def _load_folder(root: Path, dtype, device, prediction_type, allow_pickle, vae: 
     plans, refused = [], []
     for c, m in modules.items():
         try:
-            plans += [_component_plan(root / c, c, m, allow_pickle)] if m is not vae else []
+            plans += [_component_plan(root / c, c, m, allow_pickle, variant)] if m is not vae else []
         except PickleRefused as e:  # every component's pickle files named in one error, converted by one command
             refused += e.files
     if refused:
@@ -353,7 +354,7 @@ def load_vae(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pickl
 
 
 def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", prediction_type: str | None = None,
-               allow_pickle: bool = False, vae=None) -> Model:
+               allow_pickle: bool = False, vae=None, variant: str | None = None) -> Model:
     """Load a Stable Diffusion 1.x/2.x model (eval mode) from a diffusers folder or an LDM single file.
 
     path: a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), or one
@@ -365,6 +366,8 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", predictio
     allow_pickle: read .ckpt/.bin/.pt/.pth with torch.load(weights_only=True); only for files you trust.
     vae: a VAE to run instead of the model's own (a file or folder, see load_vae), e.g. for a checkpoint
         shipped without one.
+    variant: diffusers' variant= for a folder: read each component's `<weights>.<variant>.safetensors` (e.g.
+        "fp16": the half-size files of a Hub snapshot that holds both), falling back to its other weights.
     Any missing, unexpected or mis-shaped tensor raises CheckpointError naming the file and the keys.
     """
     if prediction_type not in (None, *PREDICTION_TYPES):
@@ -372,9 +375,13 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", predictio
     path = hub_snapshot(Path(path))  # a Hugging Face cache entry: the snapshot its refs/main names
     if not path.exists():
         raise MissingFile(f"{path}: no such file or folder")
+    if variant is not None and (not isinstance(variant, str) or not re.fullmatch(r"[\w-]+", variant)):
+        raise ValueError(f"variant must be a name such as 'fp16', got {variant!r}")
+    if variant is not None and not path.is_dir():
+        raise ValueError(f"{path}: variant={variant!r} picks a model folder's weight files; this is one file")
     given = load_vae(vae, dtype, device, allow_pickle) if vae is not None else None
     if path.is_dir():
-        return _load_folder(path, dtype, device, prediction_type, allow_pickle, given)
+        return _load_folder(path, dtype, device, prediction_type, allow_pickle, given, variant)
     return _load_single_file(path, dtype, device, prediction_type, allow_pickle, given)
 
 

@@ -231,8 +231,16 @@ def _shards(index: Path) -> list[Path]:
     return files
 
 
-def _weight_files(folder: Path, stem: str, allow_pickle: bool) -> list[Path]:
-    """A component folder's weights: `stem`.safetensors, else sharded, else the .fp16 variant (diffusers naming)."""
+def _weight_files(folder: Path, stem: str, allow_pickle: bool, variant: str | None = None) -> list[Path]:
+    """A component folder's weights: `stem`.safetensors, else sharded, else the .fp16 variant (diffusers naming).
+    variant ("fp16", ...: diffusers' variant=): `stem`.<variant>.safetensors or its shards first; a folder without
+    them is read as without variant=, with a warning."""
+    if variant is not None:
+        for name in (f"{stem}.{variant}.safetensors", f"{stem}.safetensors.index.{variant}.json"):
+            if (folder / name).is_file():
+                return _shards(folder / name) if name.endswith(".json") else [folder / name]
+        log.warning("%s: no %s variant (%s.%s.safetensors): reading its other weights", folder, variant, stem,
+                    variant)
     full_pickle = [folder / n for n in (f"{stem}.bin", f"pytorch_{stem}.bin") if (folder / n).is_file()]
     for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{stem}.fp16.safetensors",
                  f"{stem}.safetensors.index.fp16.json"):
@@ -265,12 +273,12 @@ _TORCH_DTYPES = {**_STORED_DTYPES, "F64": torch.float64, "I64": torch.int64, "I3
                  "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def stored_dtype(path) -> torch.dtype | None:
+def stored_dtype(path, variant: str | None = None) -> torch.dtype | None:
     """The precision a model's UNet weights are stored in (fp32/fp16/bf16), for diffusers' torch_dtype="auto";
     None where it cannot be read without loading (pickle weights, an unreadable file: load_model says why)."""
     path = Path(path)
     try:
-        file = _weight_files(path / "unet", "diffusion_pytorch_model", True)[0] if path.is_dir() else path
+        file = _weight_files(path / "unet", "diffusion_pytorch_model", True, variant)[0] if path.is_dir() else path
         with safe_open(str(file), framework="pt") as f:
             key = next(k for k in f.keys() if path.is_dir() or k.startswith("model.diffusion_model."))
             return _STORED_DTYPES.get(f.get_slice(key).get_dtype())

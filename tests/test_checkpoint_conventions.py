@@ -160,3 +160,30 @@ def test_full_precision_weights_win_over_the_fp16_variant_beside_them(tmp_path):
         for k, v in ours.items():
             assert v.dtype == torch.float32 and torch.equal(v, original[k]), f"{name}.{k}"
             assert torch.equal(v, ref[k]), f"{name}.{k}: diffusers/transformers read other values"
+
+
+def test_variant_reads_the_variant_files_as_diffusers_does(tmp_path, caplog):
+    """from_pretrained(variant="fp16"): each component's .fp16.safetensors (sharded too), as diffusers' pipeline
+    reads them; a component without the variant is read from its other weights, with a warning."""
+    from diffusers import StableDiffusionPipeline
+    folder = save_model(init_model("tiny", seed=1), tmp_path / "m")
+    half = load_model(save_model(init_model("tiny", seed=2), tmp_path / "other"), dtype=torch.float16)
+    for c, stem in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):  # vae: no variant
+        saved = load_file(save_model(half, tmp_path / "half") / c / f"{stem}.safetensors")
+        save_file(saved, folder / c / f"{stem}.fp16.safetensors")
+    theirs = StableDiffusionPipeline.from_pretrained(folder, variant="fp16", torch_dtype=torch.float16,
+                                                     safety_checker=None, feature_extractor=None,
+                                                     requires_safety_checker=False)
+    with caplog.at_level(logging.WARNING, logger="backdrop.nn.weight_files"):
+        pipe = Pipeline.from_pretrained(folder, device="cpu", dtype="auto", variant="fp16")
+    assert pipe.dtype == torch.float16 and f"{folder / 'vae'}: no fp16 variant" in caplog.text
+    model, plain = pipe.backend.model, load_model(folder)
+    for name in ("unet", "text_encoder", "vae"):
+        ref = {ldm_keys.folder_key(name, k): v for k, v in getattr(theirs, name).state_dict().items()}
+        source = plain if name == "vae" else half  # the vae's own weights, cast; the variants' values
+        for k, v in getattr(model, name).state_dict().items():
+            assert torch.equal(v, ref[k]) and torch.equal(v, getattr(source, name).state_dict()[k].half()), k
+    with pytest.raises(ValueError, match="variant='fp16' picks a model folder's weight files; this is one file"):
+        load_model(save_model(plain, tmp_path / "one.safetensors", layout="ldm"), variant="fp16")
+    with pytest.raises(ValueError, match="variant must be a name"):
+        load_model(folder, variant="../x")

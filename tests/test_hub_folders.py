@@ -97,12 +97,11 @@ def test_a_hub_cache_entry_or_repo_id_opens_its_snapshot(folder, tmp_path, monke
 
 
 def test_the_model_card_snippet_and_an_fp16_variant_beside_full_pickles(folder, tmp_path, caplog):
-    """from_pretrained(..., use_safetensors=True) asks for what Backdrop does: taken; variant= says what to do. An
-    fp16 variant read where the full-precision weights are a pickle (diffusers would read that) is said."""
+    """from_pretrained(..., use_safetensors=True) asks for what Backdrop does: taken (variant=: see
+    test_checkpoint_conventions). An fp16 variant read where the full-precision weights are a pickle (diffusers
+    would read that) is said."""
     pipe = Pipeline.from_pretrained(folder, device="cpu", torch_dtype=torch.float32, use_safetensors=True)
     assert same(pipe.backend.model, load_model(folder))
-    with pytest.raises(TypeError, match=r"variant=: leave it out: a folder's \*.fp16.safetensors files are read"):
-        Pipeline.from_pretrained(folder, variant="fp16")
     mixed = copied(folder, tmp_path / "mixed")
     unet = mixed / "unet"
     weights = load_file(unet / "diffusion_pytorch_model.safetensors")
