@@ -213,17 +213,17 @@ class DiffusersAPI:
         overlapping tiles (memory of one tile; results differ slightly from untiled ones, as diffusers'; see
         nn/vae.py). Torch backend only. For a large product photo, inpaint(crop_padding=N) is the better tool: it
         works at the model's native size and pastes back."""
-        self._vae("enable_vae_tiling").use_tiling = True
+        self._vae("enable_vae_tiling").enable_tiling()
 
     def disable_vae_tiling(self) -> None:
-        self._vae("disable_vae_tiling").use_tiling = False
+        self._vae("disable_vae_tiling").disable_tiling()
 
     def enable_vae_slicing(self) -> None:
         """diffusers' enable_vae_slicing: the VAE takes a call's images one at a time (less memory, same images)."""
-        self._vae("enable_vae_slicing").use_slicing = True
+        self._vae("enable_vae_slicing").enable_slicing()
 
     def disable_vae_slicing(self) -> None:
-        self._vae("disable_vae_slicing").use_slicing = False
+        self._vae("disable_vae_slicing").disable_slicing()
 
     def _vae(self, feature: str):
         from backdrop.nn.checkpoint import torch_model

@@ -261,6 +261,18 @@ class VAE(nn.Module):
         self.use_slicing = False  # diffusers' enable_slicing(): one image of a batch at a time
         self.tile_overlap_factor = 0.25
 
+    def enable_tiling(self, use_tiling: bool = True) -> None:  # diffusers' AutoencoderKL switches
+        self.use_tiling = use_tiling
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def enable_slicing(self) -> None:
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
     def _check(self, x: torch.Tensor, channels: int, what: str, name: str) -> None:
         if x.dim() != 4 or x.shape[1] != channels:
             raise ValueError(f"VAE.{what}: {name} must be (B, {channels}, H, W), got shape {tuple(x.shape)}")

@@ -85,6 +85,12 @@ def test_pipeline_switches_give_diffusers_images(folder):
     theirs.set_progress_bar_config(disable=True)
     theirs.vae.enable_tiling()
     pipe = Pipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    vae = pipe.backend.model.vae
+    vae.enable_tiling()  # diffusers' AutoencoderKL switches, on ours
+    vae.enable_slicing()
+    assert vae.use_tiling and vae.use_slicing
+    vae.disable_tiling()
+    vae.disable_slicing()
     noise = off_centre(1, 4, 12, 16, seed=3)
     run = dict(steps=3, sampler="ddim", latents=noise, height=96, width=128, output_type="np", progress=False)
     plain = pipe.generate("a lamp on a table", **run).images
