@@ -94,7 +94,7 @@ def add_dtype_option(group) -> None:
 
 def add_checkpoint_options(group) -> None:
     """How a model file is read, shared by the commands that load one (generate, img2img, inpaint, serve, export):
-    load_model's prediction_type, vae and allow_pickle."""
+    load_model's prediction_type, vae, allow_pickle and variant."""
     group.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                        help="what the model's UNet predicts, for a single file that does not say: SD 2.x 768-v files "
                             "are v_prediction (default: the folder's scheduler config; for a file its .yaml beside "
@@ -105,11 +105,15 @@ def add_checkpoint_options(group) -> None:
                             "hub repo id already in the local Hugging Face cache (stabilityai/sd-vae-ft-mse)")
     group.add_argument("--allow-pickle", action="store_true",
                        help="read pickle .ckpt/.bin files with torch.load(weights_only=True); only files you trust")
+    group.add_argument("--variant", default=None, metavar="NAME",
+                       help="read a model folder's NAME variant of its weights, e.g. fp16: the "
+                            "*.fp16.safetensors files of a Hub snapshot that holds both (diffusers' variant=)")
 
 
 def checkpoint_options(args) -> dict:
     """add_checkpoint_options' values as load_model's / Pipeline.from_pretrained's keyword arguments."""
-    return dict(prediction_type=args.prediction_type, vae=args.vae, allow_pickle=args.allow_pickle)
+    return dict(prediction_type=args.prediction_type, vae=args.vae, allow_pickle=args.allow_pickle,
+                variant=args.variant)
 
 
 def add_lora_option(group) -> None:

@@ -42,9 +42,9 @@ Then point OpenAI clients at http://<any node>:8000/v1. How it maps onto Ray Ser
   * A client that disconnects cancels its request in the replica (the handler is cancelled; it calls
     Engine.abandon), as under uvicorn.
 Options: model, device, dtype, backend, torch_threads, cuda_graphs, `backdrop serve`'s model options (lora,
-textual_inversion, vae, prediction_type, allow_pickle) and every EngineConfig and ServerConfig field. Not here:
-`backdrop serve`'s network and shutdown flags (Ray's http_options and the deployment options above take their place).
-Each replica holds its own copy of the model and of its CUDA graphs.
+textual_inversion, vae, prediction_type, allow_pickle, variant) and every EngineConfig and ServerConfig field. Not
+here: `backdrop serve`'s network and shutdown flags (Ray's http_options and the deployment options above take their
+place). Each replica holds its own copy of the model and of its CUDA graphs.
 Tested (tests/test_ray_serve.py) on one CPU machine: a private local Ray instance, two replicas of the tiny model.
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ PICKED = {"device": str, "dtype": str, "backend": str, "torch_threads": int, "ur
           "cuda_graphs": _flag}
 # Pipeline.from_pretrained's and `backdrop serve`'s model options, for every replica
 MODEL = {"lora": _specs(lora_spec), "textual_inversion": _specs(textual_inversion_spec), "vae": str,
-         "prediction_type": str, "allow_pickle": _flag}
+         "prediction_type": str, "allow_pickle": _flag, "variant": str}
 
 
 def serve_options(engine_config: EngineConfig = EngineConfig(), server_config: ServerConfig = ServerConfig(),
@@ -265,7 +265,7 @@ def build_app(model: str, engine_config: EngineConfig = EngineConfig(), server_c
               dtype: str | None = None, backend: str = "torch", torch_threads: int | None = None,
               name: str = "backdrop", deployment_options: dict | None = None, url_responses: bool | None = None,
               cuda_graphs: bool = True, lora=(), textual_inversion=(), vae: str | None = None,
-              prediction_type: str | None = None, allow_pickle: bool = False):
+              prediction_type: str | None = None, allow_pickle: bool = False, variant: str | None = None):
     """A Ray Serve application (pass it to `serve.run`): `num_replicas` copies of the server for `model`.
     ray_actor_options: resources per replica, e.g. {"num_gpus": 1} (one GPU each), {"num_gpus": 0.5} (two replicas
     on a GPU: each holds its own model and CUDA graphs) or {"num_cpus": 4}. num_replicas: 1 by default; "auto" lets
@@ -274,7 +274,8 @@ def build_app(model: str, engine_config: EngineConfig = EngineConfig(), server_c
     None = only with one replica (replica_server_config). torch_threads: intra-op threads per replica (CPU serving).
     cuda_graphs: replay the UNet from CUDA graphs on CUDA with the torch backend (`backdrop serve`'s default).
     lora: (path, scale) pairs merged into every replica's weights; textual_inversion: (path, token or None) pairs;
-    vae, prediction_type, allow_pickle: as Pipeline.from_pretrained's. Paths must be readable on every node."""
+    vae, prediction_type, allow_pickle, variant: as Pipeline.from_pretrained's. Paths must be readable on every
+    node."""
     from ray import serve
 
     options = serve_options(engine_config, server_config, num_replicas, ray_actor_options, deployment_options)
@@ -282,7 +283,8 @@ def build_app(model: str, engine_config: EngineConfig = EngineConfig(), server_c
     # serve.ingress() with no app: the ASGI app is built per replica, after __init__, by __serve_build_asgi_app__
     deployment = serve.deployment(name=name)(serve.ingress()(BackdropReplica))
     model_options = dict(lora=[(str(p), float(w)) for p, w in lora], vae=vae, prediction_type=prediction_type,
-                         textual_inversion=[(str(p), t) for p, t in textual_inversion], allow_pickle=allow_pickle)
+                         textual_inversion=[(str(p), t) for p, t in textual_inversion], allow_pickle=allow_pickle,
+                         variant=variant)
     return deployment.options(**options).bind(str(model), engine_config, server_config, device, dtype, backend,
                                               torch_threads, cuda_graphs, model_options)
 
@@ -336,7 +338,7 @@ def app_builder(args: dict):
     [num_cpus=C] [device=cuda] [dtype=fp16] [max_batch_size=8] [steps=30] ...`, and Serve config files'
     `import_path` + `args`: every EngineConfig and ServerConfig field by name, build_app's device, dtype, backend,
     torch_threads, url_responses and cuda_graphs, the model options (lora=a.safetensors:0.8,b.safetensors and
-    textual_inversion=x.safetensors:<tok>, comma-separated or YAML lists; vae, prediction_type, allow_pickle),
+    textual_inversion=x.safetensors:<tok>, comma-separated or YAML lists; vae, prediction_type, allow_pickle, variant),
     autoscaling (min_replicas, max_replicas, initial_replicas, target_ongoing_requests, upscale_delay_s,
     downscale_delay_s: they imply num_replicas=auto) and the deployment's
     max_ongoing_requests, max_queued_requests, graceful_shutdown_timeout_s, health_check_period_s and

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -187,3 +188,13 @@ def test_variant_reads_the_variant_files_as_diffusers_does(tmp_path, caplog):
         load_model(save_model(plain, tmp_path / "one.safetensors", layout="ldm"), variant="fp16")
     with pytest.raises(ValueError, match="variant must be a name"):
         load_model(folder, variant="../x")
+    # the commands' --variant (generate here; serve and export share the option)
+    from PIL import Image
+
+    from backdrop.cli import main
+    args = ["generate", "--model", folder, "--variant", "fp16", "--dtype", "fp32", "--steps", "2", "--seed", "1",
+            "--prompt", "a cup", "--quiet", "--out", tmp_path / "out"]
+    assert main([str(a) for a in args]) == 0
+    want = Pipeline.from_pretrained(folder, device="cpu", dtype=torch.float32, variant="fp16")
+    image = want.generate("a cup", steps=2, seed=1, progress=False).images[0]
+    assert np.array_equal(np.asarray(Image.open(next((tmp_path / "out").glob("*.png")))), np.asarray(image))

@@ -261,10 +261,10 @@ def test_app_builder_arguments():
         assert builder_args({"model": "m", "allowed_origins": origins})["server_config"].allowed_origins == (
             "https://a.example", "https://b.example")
     models = builder_args({"model": "m", "lora": "a.safetensors:0.5, b.safetensors", "vae": "v.safetensors",
-                           "textual_inversion": ["t.safetensors:<cat>"], "allow_pickle": "no"})
-    assert {k: models[k] for k in ("lora", "textual_inversion", "vae", "allow_pickle")} == dict(
+                           "textual_inversion": ["t.safetensors:<cat>"], "allow_pickle": "no", "variant": "fp16"})
+    assert {k: models[k] for k in ("lora", "textual_inversion", "vae", "allow_pickle", "variant")} == dict(
         lora=[("a.safetensors", 0.5), ("b.safetensors", 1.0)], textual_inversion=[("t.safetensors", "<cat>")],
-        vae="v.safetensors", allow_pickle=False)
+        vae="v.safetensors", allow_pickle=False, variant="fp16")
     for args, message in (({"num_replicas": "2"}, "give model=PATH"),
                           ({"model": "m", "loras": "x.safetensors"}, r"unknown arguments \['loras'\]"),
                           ({"model": "m", "adaptive_delay": "ture"}, "true or false"),
