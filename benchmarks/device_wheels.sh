@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 # licence fields (77 or later), which the image's may predate (device_setup.sh installs the checkout without
 # build isolation).
 PACKAGES="
-diffusers==0.42.1 importlib_metadata==10.2.0 accelerate==1.15.0
+diffusers==0.42.1 accelerate==1.15.0 typing_extensions==4.16.0
 starlette==1.10.0 uvicorn==0.54.0 python-multipart==0.0.34
 openai==3.54.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 jiter==0.19.0 sniffio==1.3.1
 pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5

@@ -12,11 +12,13 @@
 #
 #   tests16       attention + GroupNorm tests in fp16 and bf16 on CUDA (bf16 runs only there)      ~5-8 min
 #   tests32       the rest of those two files (fp32, sm_90a fits, dispatch), the UNet-level kernel
-#                 test, the CUDA-graph server tests, the no-host-sync training and sampling tests ~4-6 min
+#                 test, the CUDA-graph replay test (tests/test_serve_engine.py), the no-host-sync
+#                 training and sampling tests                                                     ~4-6 min
 #   suite         every other test file, on a machine where CUDA is there (-n 8)                  ~3 min
 #   kernels-fp16  benchmarks/kernels.py, attention + GroupNorm, forward and forward+backward      ~5-7 min
 #   kernels-bf16  the same in bf16 (the CSV is written row by row: a run cut short keeps its rows)
-#   graphs        benchmarks/kernels.py attention forward as CUDA-graph replays (launch-free)     ~3 min
+#   graphs        benchmarks/kernels.py attention forward as CUDA-graph replays (launch-free), fp16;
+#                 its forward+backward rows are timed too, eagerly                               ~4-5 min
 #   txt2img       benchmarks/pipeline.py SD1.5 512², 30 steps, batch 1: fp16 vs diffusers, graphs ~5 min
 #   inpaint       the same for inpainting                                                         ~5 min
 #   cl            txt2img, ours fp16 vs channels-last weights (an experiment: worth a default on CUDA?) ~2 min
@@ -41,12 +43,13 @@ command_of() {  # the command line of step $1
   case "$1" in
     tests16) echo "python3 -m pytest -q -n 8 $KERNEL_TESTS -k 'fp16 or bf16'" ;;
     tests32) echo "python3 -m pytest -q -n 8 $KERNEL_TESTS -k 'not fp16 and not bf16'; s=\$?; python3 -m pytest" \
-                  "-q tests/test_unet.py tests/test_server.py tests/test_stages.py tests/test_pipeline.py" \
+                  "-q tests/test_unet.py tests/test_serve_engine.py tests/test_stages.py tests/test_pipeline.py" \
                   "-k 'triton or cuda or graph' && exit \$s" ;;
     suite) echo "python3 -m pytest -q -n 8 tests --deselect tests/test_kernels_attention.py" \
                 "--deselect tests/test_kernels_group_norm.py" ;;
     kernels-fp16 | kernels-bf16) echo "python3 benchmarks/kernels.py --dtypes ${1#kernels-} --out $OUT/$1.csv" ;;
-    graphs) echo "python3 benchmarks/kernels.py --ops attention --cudagraph --out $OUT/kernels-cudagraph.csv" ;;
+    graphs) echo "python3 benchmarks/kernels.py --ops attention --cudagraph --dtypes fp16" \
+                 "--out $OUT/kernels-cudagraph.csv" ;;
     cl) echo "python3 benchmarks/pipeline.py --models sd15 --tasks txt2img --batches 1 --steps 30 --repeats 3" \
              "--impls ours:fp16,ours:cl" ;;
     txt2img | inpaint) echo "python3 benchmarks/pipeline.py --models sd15 --tasks $1 --batches 1 --steps 30" \

@@ -42,6 +42,11 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 _ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # F.gelu default is the exact erf form (OpenCLIP ViT-H)
 
 
+def _on_host(t: torch.Tensor) -> bool:
+    """Values checks that read `t` cost nothing on the CPU; on CUDA they wait for the GPU (a host sync)."""
+    return t.device.type == "cpu" and t.numel() > 0
+
+
 def _eager() -> bool:
     """False under torch.jit tracing (legacy ONNX export) and torch.compile/torch.export (is_compiling covers
     both): checks that read tensor values (a host sync, data-dependent control flow) are skipped there."""
@@ -151,7 +156,8 @@ class TextTransformer(nn.Module):
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens; the text encoder has "
                              f"max_position_embeddings={cfg.max_position_embeddings}")
         vocab = self.embeddings.token_embedding.num_embeddings  # cfg.vocab_size plus any textual inversion tokens
-        if _eager() and input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
+        # ids on the host only: on an accelerator the test would wait for it (a training step per batch)
+        if _eager() and _on_host(input_ids) and (input_ids.min() < 0 or input_ids.max() >= vocab):
             raise ValueError(f"input_ids hold values in [{int(input_ids.min())}, {int(input_ids.max())}], "
                              f"outside the vocabulary [0, {vocab})")
 
@@ -183,7 +189,7 @@ class TextTransformer(nn.Module):
             index = input_ids.argmax(dim=-1)  # (B,)
         else:
             is_eos = input_ids == eos  # (B, L)
-            if _eager() and not bool(is_eos.any(dim=-1).all()):
+            if _eager() and _on_host(is_eos) and not bool(is_eos.any(dim=-1).all()):
                 rows = (~is_eos.any(dim=-1)).nonzero().flatten().tolist()
                 raise ValueError(f"input_ids rows {rows} contain no EOS token (eos_token_id={eos}); "
                                  "pooling reads the hidden state at the first EOS")

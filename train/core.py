@@ -475,8 +475,8 @@ class Trainer:
 def _to_device(batch, device: torch.device):
     if isinstance(batch, torch.Tensor):
         return host_to_device(batch, device)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, dict):  # product masks stay on the host, where the stages draw repaint masks from them
+        return {k: v if k == "mask" else _to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
