@@ -190,7 +190,7 @@ class Adapters:
         self.merged.clear()
         try:
             for adapter, scales in plan:
-                self.merged.append(fuse_lora(model, adapter.source, scales, after=self.merged))
+                self.merged.append(fuse_lora(model, adapter.source, scales, after=self.merged, warn=False))
         except BaseException:
             unfuse_lora(self.merged)
             self.merged.clear()

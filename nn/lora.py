@@ -259,7 +259,7 @@ def _kohya_names(model: Model, params: dict[str, dict[str, nn.Parameter]]) -> di
     return flat
 
 
-def _plan(model: Model, reader: _Reader) -> list[_Pair]:
+def _plan(model: Model, reader: _Reader, warn: bool = True) -> list[_Pair]:
     """Every down/up pair of the file, matched to the model's weights; one CheckpointError lists all faults."""
     problems = _LoraProblems()
     groups = _groups(reader, problems)
@@ -291,7 +291,7 @@ def _plan(model: Model, reader: _Reader) -> list[_Pair]:
         factor = configs.get(c, _PeftConfig()).factor(module, down[0], _alpha(reader, roles.get("alpha"), problems))
         pairs.append(_Pair(c, target, roles["down"], roles["up"], factor))
     problems.raise_if_any(reader.label, "this model's UNet and text encoder")
-    if zero := [p.down for p in pairs if p.factor == 0]:
+    if warn and (zero := [p.down for p in pairs if p.factor == 0]):
         log.warning("%s: alpha 0 for %d of its %d modules (%s): they change nothing, as in diffusers (kohya's "
                     "sd-scripts reads alpha 0 as alpha = rank)", reader.label, len(zero), len(pairs), some(zero, 2))
     return pairs
@@ -348,7 +348,7 @@ def _not_finite(label: str, p: _Pair, down, up, weight, scale: float) -> Checkpo
 
 @torch.no_grad()
 def fuse_lora(model: Model, path, scale: float | Mapping[str, float] = 1.0,
-              after: Sequence[FusedLora] = ()) -> FusedLora:
+              after: Sequence[FusedLora] = (), warn: bool = True) -> FusedLora:
     """Merge the LoRA at `path` (a .safetensors file, diffusers' LoRA folder, a hub repo id in the local cache, or a
     state dict of tensors) into model's UNet and text encoder, in place: W += scale * alpha / rank * up @ down, as
     diffusers' load_lora_weights + fuse_lora(lora_scale=scale). Fuse several to stack them; unfuse_lora in the
@@ -357,7 +357,8 @@ def fuse_lora(model: Model, path, scale: float | Mapping[str, float] = 1.0,
     copied again (the oldest copy is the original), so the stack keeps one copy of each weight; such a LoRA is
     undone together with those it borrows from: unfuse_lora([*after, fused]).
     scale: one for the whole LoRA, or {component: scale} ("unet", "text_encoder"): a component left out is not
-    merged (what Pipeline.fuse_lora(components=) needs)."""
+    merged (what Pipeline.fuse_lora(components=) needs). warn=False: no warning about the file (a LoRA merged
+    again, warned about when it was first read)."""
     scales = scale if isinstance(scale, Mapping) else dict.fromkeys(COMPONENTS, scale)
     for s in scales.values():
         if not isinstance(s, numbers.Real) or isinstance(s, bool) or not math.isfinite(s):
@@ -365,7 +366,7 @@ def fuse_lora(model: Model, path, scale: float | Mapping[str, float] = 1.0,
     if unknown := set(scales) - set(COMPONENTS):
         raise ValueError(f"lora_scale: no component {some(sorted(unknown), 2)} (they are {', '.join(COMPONENTS)})")
     file, reader = _open(path)
-    pairs, before = [p for p in _plan(model, reader) if p.component in scales], []
+    pairs, before = [p for p in _plan(model, reader, warn) if p.component in scales], []
     kept = {id(weight) for f in after for weight, _ in f.saved}
     try:
         for p in pairs:

@@ -302,6 +302,12 @@ def test_alpha_0_merges_nothing_with_a_warning(files, tmp_path, caplog):
     assert torch.equal(state(model)[key], before[key])  # diffusers' arithmetic: alpha / rank = 0
     assert f"zero.safetensors: alpha 0 for 1 of its {len(files.lora)} modules ({flat}.lora_down.weight)" \
         in caplog.text and "kohya's sd-scripts reads alpha 0 as alpha = rank" in caplog.text
+    caplog.clear()
+    pipe = Pipeline.from_pretrained(files.folder, device="cpu", dtype=torch.float32)
+    with caplog.at_level(logging.WARNING, logger="backdrop.nn.lora"):  # read once, merged again at every change
+        pipe.load_lora_weights(tmp_path / "zero.safetensors")
+        pipe.set_adapters("default_0", 0.5)
+    assert caplog.text.count("alpha 0 for 1 of its") == 1
 
 
 def test_a_pickle_named_safetensors_gets_the_conversion(files, tmp_path):
