@@ -78,8 +78,10 @@ def from_file(im: Image.Image) -> Image.Image:
         im = _eight_bits(im)
     elif im.mode == "CMYK":
         im = _cmyk_to_rgb(im)
-    elif im.mode not in PIL_MODES:
-        im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+    elif im.mode == "La":  # premultiplied grey + alpha (Pillow converts La only to LA, which undoes it)
+        im = im.convert("LA")
+    elif im.mode not in PIL_MODES:  # RGBa (premultiplied: alpha band "a"), PA, YCbCr, ...
+        im = im.convert("RGBA" if {"A", "a"} & set(im.getbands()) else "RGB")
     if im.info.get("icc_profile") != icc:
         im.info.pop("icc_profile", None)
         if icc:

@@ -50,10 +50,10 @@ class EmptyMask(ValueError):
 
 
 def has_alpha(x) -> bool:
-    """Whether an image carries an alpha channel: PIL RGBA / LA or a transparent colour key; numpy (H, W, C) or torch
-    (C, H, W) with 2 (LA) or 4 (RGBA) channels."""
+    """Whether an image carries an alpha channel: PIL with an alpha band (RGBA, LA, PA; premultiplied RGBa, La) or a
+    transparent colour key; numpy (H, W, C) or torch (C, H, W) with 2 (LA) or 4 (RGBA) channels."""
     if isinstance(x, Image.Image):
-        return x.mode in ("RGBA", "LA") or "transparency" in x.info
+        return bool({"A", "a"} & set(x.getbands())) or "transparency" in x.info
     shape = tuple(getattr(x, "shape", ()))
     channels = shape[-1] if isinstance(x, np.ndarray) else (shape[0] if shape else 0)
     return len(shape) == 3 and channels in (2, 4)
