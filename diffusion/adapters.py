@@ -57,13 +57,6 @@ class AdapterState:
                 for name, weight in self.active.items()]
 
 
-def _names(adapter_names, what: str) -> list[str]:
-    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-    if not all(isinstance(n, str) for n in names):
-        raise TypeError(f"{what}: adapter names are strings, got {adapter_names!r}")
-    return names
-
-
 def _number(value, what: str) -> float:
     if isinstance(value, Mapping):
         raise ValueError(f"{what} is a dict (weights per component or block): not supported, give one number")
@@ -110,10 +103,7 @@ class Adapters:
 
     def set_active(self, model, adapter_names, adapter_weights=None) -> None:
         self._not_fused("set_adapters")
-        names = _names(adapter_names, "set_adapters")
-        if missing := [n for n in names if n not in self.state.loaded]:
-            raise ValueError(f"set_adapters: no adapter {', '.join(missing)}; loaded: "
-                             f"{', '.join(self.state.loaded) or 'none'}")
+        names = self._loaded(adapter_names, "set_adapters")
         if len(set(names)) != len(names):
             raise ValueError(f"set_adapters: {names} names an adapter twice")
         weights = adapter_weights if isinstance(adapter_weights, Sequence) else [adapter_weights] * len(names)
@@ -125,10 +115,7 @@ class Adapters:
 
     def delete(self, model, adapter_names) -> None:
         self._not_fused("delete_adapters")
-        names = _names(adapter_names, "delete_adapters")
-        if missing := [n for n in names if n not in self.state.loaded]:
-            raise ValueError(f"delete_adapters: no adapter {', '.join(missing)}; loaded: "
-                             f"{', '.join(self.state.loaded) or 'none'}")
+        names = self._loaded(adapter_names, "delete_adapters")
         s = self.state
         self.change(model, replace(s, loaded={n: a for n, a in s.loaded.items() if n not in names},
                                    active={n: w for n, w in s.active.items() if n not in names}))
@@ -143,10 +130,7 @@ class Adapters:
         if not components:
             raise ValueError("fuse_lora: components= is empty")
         lora_scale = _number(lora_scale, "fuse_lora: lora_scale")
-        names = list(self.state.active) if adapter_names is None else _names(adapter_names, "fuse_lora")
-        if missing := [n for n in names if n not in self.state.loaded]:
-            raise ValueError(f"fuse_lora: no adapter {', '.join(missing)}; loaded: "
-                             f"{', '.join(self.state.loaded) or 'none'}")
+        names = list(self.state.active) if adapter_names is None else self._loaded(adapter_names, "fuse_lora")
         fused = dict(self.state.fused)
         for key in ((n, c) for n in names for c in components):
             if key in fused:
@@ -168,6 +152,16 @@ class Adapters:
             self.state = AdapterState()
 
     # ------------------------------------------------------------------------------------------- merging
+    def _loaded(self, adapter_names, what: str) -> list[str]:
+        """A name or names given to `what`, each of a loaded adapter (else a ValueError naming those loaded)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError(f"{what}: adapter names are strings, got {adapter_names!r}")
+        if missing := [n for n in names if n not in self.state.loaded]:
+            raise ValueError(f"{what}: no adapter {', '.join(missing)}; loaded: "
+                             f"{', '.join(self.state.loaded) or 'none'}")
+        return names
+
     def _not_fused(self, what: str) -> None:
         if self.state.fused:
             raise ValueError(f"{what}: {_FUSED}")

@@ -285,10 +285,13 @@ class VAE(nn.Module):
         ckpt = self.gradient_checkpointing and self.training
         size = self.cfg.sample_size
 
-        def moments(x: torch.Tensor) -> torch.Tensor:  # (B, 2C, h, w)
-            if self.use_tiling and max(x.shape[2:]) > size:
-                return tiled(moments, x, size, size // self.cfg.downsample_factor, self.tile_overlap_factor)
+        def whole(x: torch.Tensor) -> torch.Tensor:  # (B, 2C, h, w)
             return self.quant_conv(self.encoder(x, ckpt))
+
+        def moments(x: torch.Tensor) -> torch.Tensor:
+            if self.use_tiling and max(x.shape[2:]) > size:
+                return tiled(whole, x, size, size // self.cfg.downsample_factor, self.tile_overlap_factor)
+            return whole(x)
         if self.use_slicing and images.shape[0] > 1:
             return DiagonalGaussian(torch.cat([moments(x) for x in images.split(1)]))
         return DiagonalGaussian(moments(images))
@@ -321,10 +324,13 @@ class VAE(nn.Module):
         size = self.cfg.sample_size // self.cfg.downsample_factor
         cond = () if image is None else (image, mask)
 
+        def whole(z: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+            return self.decoder(self.post_quant_conv(z), ckpt, *cond)
+
         def decode(z: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
             if self.use_tiling and max(z.shape[2:]) > size:
-                return tiled(decode, z, size, self.cfg.sample_size, self.tile_overlap_factor, cond)
-            return self.decoder(self.post_quant_conv(z), ckpt, *cond)
+                return tiled(whole, z, size, self.cfg.sample_size, self.tile_overlap_factor, cond)
+            return whole(z, *cond)
         if self.use_slicing and latents.shape[0] > 1:
             return torch.cat([decode(*items) for items in zip(*(t.split(1) for t in (latents, *cond)))])
         return decode(latents, *cond)
