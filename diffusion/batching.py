@@ -11,14 +11,16 @@ import inspect
 import math
 import numbers
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 
-from backdrop.diffusion.recipes import RECIPES
+from backdrop.diffusion.recipes import RECIPES, SAMPLING_DEFAULTS
 from backdrop.diffusion.samplers import check_eta
+from backdrop.diffusion.schedule import Schedule, build_schedule
+from backdrop.nn.config import SchedulerConfig
 
 __all__ = ["OUTPUT_TYPES", "MAX_SEED", "DIFFUSERS_NAMES", "DIFFUSERS_INSTEAD", "DIFFUSERS_OFF", "diffusers_names",
            "as_number", "Loop", "check_callback", "items", "image_items", "broadcast", "repeat", "seeds",
@@ -30,7 +32,6 @@ MAX_SEED = 2**32 - 1  # torch's CPU generator (mt19937) keeps a seed's low 32 bi
 DIFFUSERS_NAMES = {"num_inference_steps": "steps", "mask_image": "mask", "padding_mask_crop": "crop_padding",
                    "torch_dtype": "dtype"}
 _SAME_SIZE = "the output has the input image's size: resize the image (and mask) first"
-_NO_SCHEDULE = "custom schedules are not supported: choose sampler= and steps="
 _NO_IP_ADAPTER = "IP-Adapters are not supported"
 _NO_SAFETY_CHECKER = "there is no safety checker here (None / False, which ask for none, are taken)"
 # diffusers' arguments we do not take -> what to do instead; a TypeError says it where the function lacks the name
@@ -42,7 +43,6 @@ DIFFUSERS_INSTEAD = {
                               "fuse_lora(lora_scale=...); other attention arguments are not supported",
     "strength": "strength is img2img's and inpaint's (they start from an image); generate starts from pure noise",
     "height": _SAME_SIZE, "width": _SAME_SIZE,
-    "timesteps": _NO_SCHEDULE, "sigmas": _NO_SCHEDULE,
     "masked_image_latents": "give image= and mask=; the masked image is encoded here",
     "ip_adapter_image": _NO_IP_ADAPTER, "ip_adapter_image_embeds": _NO_IP_ADAPTER,
     "safety_checker": _NO_SAFETY_CHECKER, "requires_safety_checker": _NO_SAFETY_CHECKER,
@@ -119,7 +119,9 @@ def as_number(value, name: str, want: str, ok: Callable = lambda v: True, intege
 
 @dataclass(frozen=True)
 class Loop:
-    """One call's sampling settings, as the public methods take them; passed through to Pipeline._run unchanged."""
+    """One call's sampling settings, as the public methods take them; passed through to Pipeline._run unchanged.
+    `schedule` is the full Schedule of the model's `scheduler` config, built here so that a bad steps/sampler/custom
+    schedule is refused before any work; with custom timesteps/sigmas, `steps` becomes their number of steps."""
     steps: int
     sampler: str
     eta: float
@@ -128,6 +130,10 @@ class Loop:
     progress: bool | None  # None: shown on a terminal only (tqdm's disable=None)
     callback: Callable | None
     interrupt: threading.Event | None
+    scheduler: SchedulerConfig
+    timesteps: object = None  # diffusers' custom schedules (schedule.custom_schedule): a list, or a name ("ays")
+    sigmas: object = None
+    schedule: Schedule = field(init=False)
 
     def __post_init__(self):  # numbers checked and made Python ints/floats (numpy scalars welcome)
         for name, want, ok, integer in (("steps", "an int >= 1", lambda v: v >= 1, True),
@@ -136,6 +142,15 @@ class Loop:
                                         ("eta", "a number in [0, 1]", lambda v: 0 <= v <= 1, False)):
             object.__setattr__(self, name, as_number(getattr(self, name), name, want, ok, integer))
         check_eta(self.eta, self.sampler)
+        schedule = build_schedule(self.sampler, self.steps, self.scheduler, timesteps=self.timesteps,
+                                  sigmas=self.sigmas)
+        if schedule.num_steps != self.steps:  # a custom schedule sets the step count (steps= ignored, as diffusers)
+            if self.steps != SAMPLING_DEFAULTS["steps"]:  # ... unless it was given and says otherwise
+                kind = "timesteps" if self.timesteps is not None else "sigmas"
+                raise ValueError(f"steps={self.steps}, but {kind}= has {schedule.num_steps} steps: give one of them "
+                                 f"(a custom schedule sets the number of steps)")
+            object.__setattr__(self, "steps", schedule.num_steps)
+        object.__setattr__(self, "schedule", schedule)
         if self.callback is not None:
             check_callback(self.callback)
         if self.interrupt is not None and not callable(getattr(self.interrupt, "is_set", None)):
@@ -155,14 +170,14 @@ class MaskOptions:
     color_match: bool
 
     def __post_init__(self):  # numbers checked and made Python ints/floats, as Loop's; named as inpaint's arguments
-        for field, name, want, ok, integer in (
+        for attr, name, want, ok, integer in (
                 ("blur", "mask_blur", "a number >= 0 (pixels) or None", lambda v: v >= 0, False),
                 ("dilate", "mask_dilate", "an int >= 0 (latent cells)", lambda v: v >= 0, True),
                 ("crop_padding", "crop_padding", "an int >= 0 (pixels) or None", lambda v: v >= 0, True),
                 ("threshold", "mask_threshold", "a number in (0, 1] or None", lambda v: 0 < v <= 1, False)):
-            value = getattr(self, field)
-            if value is not None or field == "dilate":  # blur is never None here: inpaint resolves its default
-                object.__setattr__(self, field, as_number(value, name, want, ok, integer))
+            value = getattr(self, attr)
+            if value is not None or attr == "dilate":  # blur is never None here: inpaint resolves its default
+                object.__setattr__(self, attr, as_number(value, name, want, ok, integer))
         if self.mode not in ("max", "diffusers"):
             raise ValueError(f"mask_mode must be 'max' or 'diffusers', got {self.mode!r}")
 

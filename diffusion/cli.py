@@ -69,6 +69,13 @@ def _common_options() -> argparse.ArgumentParser:
     s.add_argument("--sampler", choices=list(RECIPES), default=SAMPLING_DEFAULTS["sampler"], metavar="NAME",
                    help=f"one of: {', '.join(RECIPES)}; lcm is for LCM-distilled weights (an LCM-LoRA via "
                         "--lora), with --steps 4 --guidance-scale 1 (default: %(default)s)")
+    custom = s.add_mutually_exclusive_group()
+    custom.add_argument("--timesteps", type=_custom_list(int), default=None, metavar="T1,T2,...",
+                        help="a custom schedule instead of --steps: descending UNet timesteps, or 'ays' (Align Your "
+                             "Steps' 10 for SD1.5), for --sampler ddpm, euler, heun, dpmpp-2m(-sde) or lcm")
+    custom.add_argument("--sigmas", type=_custom_list(float), default=None, metavar="S1,S2,...",
+                        help="a custom schedule instead of --steps: descending noise levels ending with the final "
+                             "one (usually 0), or 'ays', for --sampler euler")
     s.add_argument("--guidance-scale", type=float, default=SAMPLING_DEFAULTS["guidance_scale"], metavar="SCALE",
                    help="how strongly to follow the prompt; 1 turns guidance off (default: %(default)s)")
     s.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
@@ -168,6 +175,19 @@ def add_parser(subparsers) -> None:
 
 # ------------------------------------------------------------------------------------------------------ running
 
+def _custom_list(kind: type):
+    """argparse type of --timesteps / --sigmas: a name (recipes.NAMED_SCHEDULES) or comma-separated numbers."""
+    def parse(text: str):
+        if text.strip().isidentifier():
+            return text.strip()
+        try:
+            return tuple(kind(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
+                                             f"{'ints' if kind is int else 'numbers'} or a name (ays)") from None
+    return parse
+
+
 MAX_N = 1000  # images per run (written as each batch of --batch-size finishes)
 
 
@@ -237,20 +257,28 @@ def _pipeline(args):
     apply_model_options(pipe, args)
     # a call's progress=None falls back to this default, which is True (a bar even in a cron log) until set
     pipe.set_progress_bar_config(disable=None)
+    custom = next((f"--{k} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
+                   for k in ("timesteps", "sigmas") if (v := getattr(args, k)) is not None), None)
     try:  # the model's scheduler decides which steps/sampler/strength it can run: say so before any work
-        schedule = build_schedule(args.sampler, args.steps, pipe.config.scheduler)
+        schedule = build_schedule(args.sampler, args.steps, pipe.config.scheduler, timesteps=args.timesteps,
+                                  sigmas=args.sigmas)
         if args.kind != "generate":
             schedule.img2img(args.strength)
     except ValueError as e:
         strength = "" if args.kind == "generate" else f" --strength {args.strength}"
-        raise CLIError(f"--steps {args.steps} --sampler {args.sampler}{strength}: {one_line(e)}") from None
+        steps = custom or f"--steps {args.steps}"
+        raise CLIError(f"{steps} --sampler {args.sampler}{strength}: {one_line(e)}") from None
+    if custom and args.steps not in (SAMPLING_DEFAULTS["steps"], schedule.num_steps):
+        raise CLIError(f"--steps {args.steps} and {custom} ({schedule.num_steps} steps): give one of them")
+    args.steps = schedule.num_steps  # what the images' parameters record
     return pipe
 
 
 def _sampling(args) -> dict:
     """The Pipeline arguments every image of the run shares."""
     common = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                  sampler=args.sampler, guidance_scale=args.guidance_scale,
+                  sampler=args.sampler, timesteps=args.timesteps, sigmas=args.sigmas,
+                  guidance_scale=args.guidance_scale,
                   guidance_rescale=args.guidance_rescale, eta=args.eta, clip_skip=args.clip_skip,
                   progress=False if args.quiet else None)  # None: tqdm's disable=None, a bar on a terminal only
     if args.kind == "generate":

@@ -369,7 +369,11 @@ def parameters(args, task: Task, size: tuple[int, int]) -> str:
     are left out."""
     from backdrop import __version__
 
-    fields = {"Steps": args.steps, "Sampler": args.sampler, "CFG scale": args.guidance_scale, "Seed": task.seed,
+    custom = args.timesteps if args.timesteps is not None else args.sigmas
+    fields = {"Steps": args.steps, "Sampler": args.sampler,
+              "Schedule": f"{'timesteps' if args.timesteps is not None else 'sigmas'} "
+                          f"{custom if isinstance(custom, str) else ','.join(map(str, custom))}" if custom else None,
+              "CFG scale": args.guidance_scale, "Seed": task.seed,
               "Size": f"{size[0]}x{size[1]}", "Model": args.model,
               "Denoising strength": None if args.kind == "generate" else args.strength,
               "Clip skip": None if not args.clip_skip else args.clip_skip + 1,  # A1111 counts the last layer as 1

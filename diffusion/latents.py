@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from backdrop.diffusion.schedule import Schedule
+from backdrop.diffusion.schedule import RECIPES, Schedule
 
 __all__ = ["host_to_device", "per_item_randn", "default_noise_sampler", "initial_latents", "noised_latents",
            "output_latents", "blend_known_region", "known_region"]
@@ -75,9 +75,10 @@ def noised_latents(x0: torch.Tensor, noise: torch.Tensor, schedule: Schedule) ->
 def output_latents(x: torch.Tensor, schedule: Schedule) -> torch.Tensor:
     """The latents diffusers hands to the VAE (before / scaling_factor): x_vp at the final level. That is x itself
     for samplers ending at sigma 0; DDIM with set_alpha_to_one=False ends at sigma(alphas_cumprod[0]) and
-    diffusers decodes those (slightly noisy) VP latents, not x0."""
+    diffusers decodes those (slightly noisy) VP latents, not x0. Euler's schedulers hold VE latents, which they hand
+    over as they are at a final level above 0 (a custom sigmas= list may end there)."""
     s = float(schedule.sigmas[-1])
-    return x if s == 0 else x / math.sqrt(1 + s * s)
+    return x if s == 0 or RECIPES[schedule.sampler].family == "k" else x / math.sqrt(1 + s * s)
 
 
 def known_region(x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor) -> Callable:

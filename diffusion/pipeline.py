@@ -27,6 +27,11 @@ prompts, images (of one size), masks, seeds and strengths:
     the image first (diffusers' pipelines: the prompt): pass diffusers' arguments by name.
   * `latents` (B, 4, h, w) is unit-variance initial noise, as in diffusers (it is scaled by the schedule); below
     strength 1 it is the noise added to the image (diffusers' inpaint then starts from the noise alone).
+  * `timesteps` / `sigmas` (diffusers' arguments) give a custom schedule, e.g. Align Your Steps' 10 steps for SD1.5
+    (timesteps="ays" or sigmas="ays" name them: recipes.NAMED_SCHEDULES): descending timesteps for ddpm, euler,
+    heun, dpmpp-2m(-sde) and lcm, descending sigmas (the last one the final level, usually 0) for euler, as
+    diffusers' schedulers take them. The number of steps is then the list's (a steps= other than the default that
+    disagrees is an error); img2img and inpaint with strength s run its last int(N * s) steps.
   * `eta` is DDIM's noise (0 = deterministic, 1 = as DDPM), diffusers' `eta`: for sampler "ddim" only (diffusers
     ignores it elsewhere; we refuse it there rather than silently drop it).
   * Strengths. Samplers take one sigma per step for the whole batch, so items with different strengths run as
@@ -87,7 +92,6 @@ from backdrop.diffusion.latents import (blend_known_region, default_noise_sample
                                         noised_latents, output_latents, per_item_randn)
 from backdrop.diffusion.output import Output, as_hwc, decoded, format_output, item_numbers, with_profiles
 from backdrop.diffusion.samplers import SamplingInterrupted, sample
-from backdrop.diffusion.schedule import build_schedule
 from backdrop.diffusion.text import check_clip_skip, contexts, embed
 from backdrop.nn.resolve import (DTYPES, default_device, default_dtype, parse_dtype, resolve_model,
                                  unet_width)
@@ -206,13 +210,13 @@ class Pipeline(DiffusersAPI):
                  steps: int = 30, guidance_scale: float = 7.5, sampler: str = "dpmpp-2m", seed=None, latents=None,
                  num_images_per_prompt: int = 1, output_type: str = "pil", guidance_rescale: float = 0.0,
                  eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None, generator=None,
-                 clip_skip: int | None = None, progress: bool | None = None, callback: Callable | None = None,
-                 interrupt: threading.Event | None = None) -> Output:
+                 clip_skip: int | None = None, timesteps=None, sigmas=None, progress: bool | None = None,
+                 callback: Callable | None = None, interrupt: threading.Event | None = None) -> Output:
         """Text to image. height/width: default the model's native config.image_size (an export made with a fixed
         --size: that size); any positive size works (sampled at the next multiple of 8, then cropped).
         `callback(step, latents)` runs after every step."""
         loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, self._shows(progress), callback,
-                    interrupt)
+                    interrupt, self.config.scheduler, timesteps, sigmas)
         native = self.fixed_size or (self.config.image_size,) * 2
         H, W = (default if v is None else as_number(v, name, "an int >= 1 (pixels) or None", lambda v: v >= 1,
                                                     integer=True)
@@ -230,12 +234,12 @@ class Pipeline(DiffusersAPI):
                 guidance_scale: float = 7.5, sampler: str = "dpmpp-2m", seed=None, latents=None,
                 num_images_per_prompt: int = 1, output_type: str = "pil", guidance_rescale: float = 0.0,
                 eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None, generator=None,
-                clip_skip: int | None = None, progress: bool | None = None, callback: Callable | None = None,
-                interrupt: threading.Event | None = None) -> Output:
+                clip_skip: int | None = None, timesteps=None, sigmas=None, progress: bool | None = None,
+                callback: Callable | None = None, interrupt: threading.Event | None = None) -> Output:
         """Image to image: the image's latents noised to `strength` (1 = all noise), then int(steps * strength)
         steps, as diffusers' StableDiffusionImg2ImgPipeline. Output has the input's size."""
         loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, self._shows(progress), callback,
-                    interrupt)
+                    interrupt, self.config.scheduler, timesteps, sigmas)
         images = image_items(image, "img2img")
         n_strengths = len(strength) if isinstance(strength, (list, tuple)) else 1
         req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
@@ -259,8 +263,9 @@ class Pipeline(DiffusersAPI):
                 sampler: str = "dpmpp-2m", seed=None, latents=None, num_images_per_prompt: int = 1,
                 output_type: str = "pil", guidance_rescale: float = 0.0, eta: float = 0.0, mask_mode: str = "max",
                 mask_threshold: float | None = None, prompt_embeds=None, negative_prompt_embeds=None,
-                generator=None, clip_skip: int | None = None, progress: bool | None = None,
-                callback: Callable | None = None, interrupt: threading.Event | None = None) -> Output:
+                generator=None, clip_skip: int | None = None, timesteps=None, sigmas=None,
+                progress: bool | None = None, callback: Callable | None = None,
+                interrupt: threading.Event | None = None) -> Output:
         """Repaint the masked region. Give `mask` (white = repaint), `product_mask` (white = keep the product), or
         neither with RGBA images (OpenAI's convention: alpha 0 = repaint).
 
@@ -282,7 +287,7 @@ class Pipeline(DiffusersAPI):
         An item whose mask has nothing to repaint is returned as the input (listed in Output.unchanged).
         """
         loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, self._shows(progress), callback,
-                    interrupt)
+                    interrupt, self.config.scheduler, timesteps, sigmas)
         images = image_items(image, "inpaint")
         kind, given = M.convention(mask, product_mask, images[0])
         masks = items(given, kind, mask=True) if kind != "image" else images
@@ -423,7 +428,7 @@ class Pipeline(DiffusersAPI):
     def _run(self, job: dict, hw, loop: Loop, latents, start: str, decode: bool = True) -> Output:
         """Noise, one sampler loop per distinct strength, then decode. start: "noise" (txt2img), "image"
         (img2img: x0 noised to the strength) or "inpaint" (pure noise at strength 1, else as img2img)."""
-        full = build_schedule(loop.sampler, loop.steps, self.config.scheduler)
+        full = loop.schedule
         B, C, dev = len(job["prompts"]), self.config.vae.latent_channels, self.backend.device
         gens = job.get("generators") or [torch.Generator().manual_seed(s) for s in job["seeds"]]  # CPU: same noise
         # on any device; one generator given by the caller draws for the whole batch (diffusers' single generator)

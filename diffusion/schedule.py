@@ -14,17 +14,18 @@ bit for bit rather than to a tolerance.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 import torch
 
-from backdrop.diffusion.recipes import LCM_ORIGINAL_STEPS, RECIPES, Recipe
+from backdrop.diffusion.recipes import LCM_ORIGINAL_STEPS, NAMED_SCHEDULES, RECIPES, Recipe
 from backdrop.nn.config import SchedulerConfig
 
-__all__ = ["Recipe", "RECIPES", "LCM_ORIGINAL_STEPS", "Schedule", "build_schedule", "betas", "alphas_cumprod",
-           "rescale_zero_terminal_snr", "karras_sigmas", "sigma_to_t"]
+__all__ = ["Recipe", "RECIPES", "LCM_ORIGINAL_STEPS", "Schedule", "build_schedule", "custom_schedule", "betas",
+           "alphas_cumprod", "rescale_zero_terminal_snr", "karras_sigmas", "sigma_to_t"]
 
 # diffusers' EulerDiscrete/EulerAncestral/DPMSolverMultistep/UniPC schedulers replace a zero terminal alphas_cumprod
 # by 2**-24 (sigma_max ~ 4096) so that the VE sigma stays finite; DDIM, DDPM and LCM keep the exact 0 (sigma = inf).
@@ -189,13 +190,58 @@ def _spaced(spacing: str, n: int, cfg: SchedulerConfig, family: str) -> np.ndarr
     return np.round(np.arange(big_t, 0, -big_t / n)).astype(np.int64) - 1  # trailing
 
 
-def build_schedule(sampler: str, steps: int, config: SchedulerConfig | None = None) -> Schedule:
-    """The Schedule diffusers' scheduler for `sampler` (see RECIPES) would run for `steps` under `config`."""
+def custom_schedule(sampler: str, timesteps=None, sigmas=None, num_train_timesteps: int = 1000):
+    """diffusers' timesteps= / sigmas= checked for `sampler`: (timesteps int64 or None, sigmas float32 or None).
+    Either may be a name in NAMED_SCHEDULES ("ays"). Timesteps are ints in [0, T), sigmas numbers >= 0 (the last
+    one the final level: 0 for a clean image), each list strictly descending; only the samplers whose diffusers
+    class takes such a list (Recipe.custom) accept one."""
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("give timesteps= or sigmas=, not both")
+    kind, given = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
+    if given is None:
+        return None, None
+    able = [n for n, r in RECIPES.items() if kind in r.custom]
+    if kind not in RECIPES[sampler].custom:
+        raise ValueError(f"{sampler} takes no custom {kind}= (diffusers' {RECIPES[sampler].scheduler} does not, "
+                         f"with SD's config); samplers that do: {', '.join(able)}")
+    if isinstance(given, str):
+        if given not in NAMED_SCHEDULES[kind]:
+            raise ValueError(f"{kind}={given!r}: not a named schedule; give a list, or one of "
+                             f"{', '.join(NAMED_SCHEDULES[kind])}")
+        given = NAMED_SCHEDULES[kind][given]
+    values = given.tolist() if hasattr(given, "tolist") else given
+    if not isinstance(values, (list, tuple)) or len(values) < (1 if kind == "timesteps" else 2):
+        want = "a list of at least one timestep" if kind == "timesteps" else "a list of at least two sigmas"
+        raise ValueError(f"{kind}= must be {want} (descending), got {given!r}")
+    if kind == "timesteps":
+        bad = [v for v in values if not isinstance(v, numbers.Integral) or isinstance(v, bool)
+               or not 0 <= v < num_train_timesteps]
+        want = f"ints in [0, num_train_timesteps={num_train_timesteps})"
+    else:
+        bad = [v for v in values if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v)
+               or v < 0]
+        want = "finite numbers >= 0"
+    if bad:
+        raise ValueError(f"{kind}= must be {want}; {bad[0]!r} is not")
+    if any(b >= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{kind}= must be strictly descending, got {list(values)}")
+    if kind == "timesteps":
+        return np.asarray(values, dtype=np.int64), None
+    return None, np.asarray(values, dtype=np.float64).astype(np.float32)
+
+
+def build_schedule(sampler: str, steps: int | None, config: SchedulerConfig | None = None, *, timesteps=None,
+                   sigmas=None) -> Schedule:
+    """The Schedule diffusers' scheduler for `sampler` (see RECIPES) would run for `steps` under `config`, or over
+    the custom `timesteps` / `sigmas` (see custom_schedule; `steps` is then ignored, as in diffusers)."""
     cfg = config or SchedulerConfig()
     if sampler not in RECIPES:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(RECIPES)}")
     r = RECIPES[sampler]
     big_t = cfg.num_train_timesteps
+    custom_ts, custom_sig = custom_schedule(sampler, timesteps, sigmas, big_t)
+    if custom_ts is not None or custom_sig is not None:
+        steps = len(custom_ts) if custom_ts is not None else len(custom_sig) - 1
     if not isinstance(steps, int) or not 1 <= steps <= big_t:
         raise ValueError(f"steps must be an int in [1, num_train_timesteps={big_t}], got {steps!r}")
     if cfg.rescale_betas_zero_snr and not r.zero_snr:
@@ -216,7 +262,7 @@ def build_schedule(sampler: str, steps: int, config: SchedulerConfig | None = No
     ac = alphas_cumprod(cfg, patch_zero_snr=r.family in ("k", "dpm"))
     train_sigmas = (((1 - ac) / ac) ** 0.5).numpy()  # (T,) float32, ascending in t; inf at a zero terminal SNR
     # len(ts) may exceed steps by one: trailing spacing with a step count that does not divide T (as diffusers)
-    ts = _spaced(spacing, steps, cfg, r.family)
+    ts = _spaced(spacing, steps, cfg, r.family) if custom_ts is None else custom_ts
     if r.family in ("ddpm", "lcm") and int(np.max(ts)) >= big_t:  # leading spacing, steps_offset, N = T
         raise ValueError(f"{sampler} with {spacing} spacing and {steps} steps would use timestep {int(np.max(ts))} >= "
                          f"num_train_timesteps {big_t}; use fewer steps")
@@ -241,9 +287,11 @@ def build_schedule(sampler: str, steps: int, config: SchedulerConfig | None = No
             if cfg.beta_schedule != "squaredcos_cap_v2" or r.scheduler != "DPMSolverMultistepScheduler":
                 ts = ts.round()  # DPM leaves cosine's fractional ones unrounded, and int64 truncates them
             ts = ts.astype(np.int64)
+        elif custom_sig is not None:  # Euler's sigmas=: taken as given, the last one included
+            ts = sigma_to_t(custom_sig[:-1], np.log(train_sigmas))
         else:
             sig = np.interp(ts, np.arange(0, big_t), train_sigmas)
-        sig = np.concatenate([sig, [0.0]]).astype(np.float32)
+        sig = custom_sig if custom_sig is not None else np.concatenate([sig, [0.0]]).astype(np.float32)
         to = sig[1:]
         s_max = torch.from_numpy(sig).max()
         if r.family == "dpm":

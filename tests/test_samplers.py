@@ -44,10 +44,11 @@ def generators():
     return [torch.Generator().manual_seed(s) for s in SEEDS]
 
 
-def diffusers_loop(name, n, cfg, pred, eta=0.0, strength=None, x0=None):
-    """diffusers' own loop, as StableDiffusion(Img2Img)Pipeline drives it (no guidance)."""
+def diffusers_loop(name, n, cfg, pred, eta=0.0, strength=None, x0=None, custom=None):
+    """diffusers' own loop, as StableDiffusion(Img2Img)Pipeline drives it (no guidance). custom: set_timesteps'
+    timesteps= or sigmas= (n must then be their number of steps)."""
     sch = diffusers_scheduler(name, cfg, pred)
-    sch.set_timesteps(n)
+    sch.set_timesteps(**(custom or {"num_inference_steps": n}))
     calls, unet, gens = [], None, generators()
     unet = make_unet(calls)
     noise = per_item_randn(SHAPE, gens)
@@ -75,8 +76,8 @@ def diffusers_loop(name, n, cfg, pred, eta=0.0, strength=None, x0=None):
     return lat, calls
 
 
-def our_loop(name, n, cfg, pred, eta=0.0, strength=None, x0=None):
-    schedule = build_schedule(name, n, cfg)
+def our_loop(name, n, cfg, pred, eta=0.0, strength=None, x0=None, custom=None):
+    schedule = build_schedule(name, n, cfg, **(custom or {}))
     if strength is not None:
         schedule = schedule.img2img(strength)
     calls, gens = [], generators()
