@@ -85,6 +85,10 @@ def _common_options() -> argparse.ArgumentParser:
                    help="condition on the text encoder's output N layers before its last (diffusers' clip_skip; "
                         "A1111's 'CLIP skip' is N + 1): 1 for models trained that way, e.g. many anime SD1.5 "
                         "fine-tunes (default: 0, the last layer; --backend torch only)")
+    s.add_argument("--freeu", type=_freeu, default=None, metavar="S1,S2,B1,B2",
+                   help="FreeU (Si et al. 2023): weigh the UNet's backbone features up and its skips' low "
+                        "frequencies down, training-free; 'sd1' (0.9,0.2,1.5,1.6) and 'sd2' (0.9,0.2,1.4,1.6) are "
+                        "the authors' values (default: off; --backend torch only)")
     s.add_argument("--eta", type=float, default=0.0,
                    help="with --sampler ddim: fresh noise each step, 0 = none (deterministic), 1 = as DDPM "
                         "(default: %(default)s)")
@@ -188,6 +192,22 @@ def _custom_list(kind: type):
     return parse
 
 
+FREEU = {"sd1": (0.9, 0.2, 1.5, 1.6), "sd2": (0.9, 0.2, 1.4, 1.6)}  # the FreeU authors' s1, s2, b1, b2
+
+
+def _freeu(text: str) -> tuple[float, ...]:
+    """argparse type of --freeu: a name in FREEU, or four comma-separated numbers."""
+    if text.strip() in FREEU:
+        return FREEU[text.strip()]
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"{text!r} is not four comma-separated numbers S1,S2,B1,B2, sd1 or sd2")
+    return values
+
+
 MAX_N = 1000  # images per run (written as each batch of --batch-size finishes)
 
 
@@ -255,6 +275,11 @@ def _pipeline(args):
     except (OSError, ValueError, RuntimeError, ImportError) as e:  # missing files, CheckpointError, OOM, no ORT/TRT
         raise CLIError(f"cannot load model {args.model}: {one_line(e)}") from None
     apply_model_options(pipe, args)
+    if args.freeu is not None:
+        try:
+            pipe.enable_freeu(*args.freeu)
+        except ValueError as e:  # a scale <= 0, or another backend
+            raise CLIError(f"--freeu {','.join(f'{v:g}' for v in args.freeu)}: {one_line(e)}") from None
     # a call's progress=None falls back to this default, which is True (a bar even in a cron log) until set
     pipe.set_progress_bar_config(disable=None)
     custom = next((f"--{k} {','.join(map(str, v)) if isinstance(v, tuple) else v}"

@@ -377,7 +377,8 @@ def parameters(args, task: Task, size: tuple[int, int]) -> str:
               "Size": f"{size[0]}x{size[1]}", "Model": args.model,
               "Denoising strength": None if args.kind == "generate" else args.strength,
               "Clip skip": None if not args.clip_skip else args.clip_skip + 1,  # A1111 counts the last layer as 1
-              "Guidance rescale": args.guidance_rescale, "Eta": args.eta, "Batch size": args.batch_size}
+              "Guidance rescale": args.guidance_rescale, "Eta": args.eta, "Batch size": args.batch_size,
+              "FreeU": args.freeu and ",".join(f"{v:g}" for v in args.freeu)}
     if args.kind == "inpaint":
         fields.update(_mask_fields(args, task.job))
     fields.update({"LoRA": ", ".join(f"{path}:{scale:g}" for path, scale in args.lora) or None,

@@ -49,7 +49,6 @@ DIFFUSERS_ATTRIBUTES = {
     "scheduler": _SAMPLER,
     "unet": _MODEL, "vae": _MODEL, "text_encoder": _MODEL, "tokenizer": _MODEL,
     "enable_model_cpu_offload": _ONE_DEVICE, "enable_sequential_cpu_offload": _ONE_DEVICE,
-    "enable_freeu": "FreeU is not supported",
     "progress_bar": "set_progress_bar_config(disable=True), or progress=False in a call",
     "components": _MODEL,
 }
@@ -224,6 +223,20 @@ class DiffusersAPI:
 
     def disable_vae_slicing(self) -> None:
         self._vae("disable_vae_slicing").disable_slicing()
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """diffusers' enable_freeu (nn/unet.py's FreeU): the UNet's two coarsest up levels weigh their backbone
+        features up (b1, b2) and their skips' lowest frequencies down (s1, s2) in every later call. Training-free;
+        the authors' values for SD1.x are s1=0.9, s2=0.2, b1=1.5, b2=1.6 (SD2.x: b1=1.4). Torch backend only."""
+        from backdrop.nn.checkpoint import torch_model
+        from backdrop.nn.unet import FreeU
+
+        freeu = FreeU(s1, s2, b1, b2)
+        torch_model(self.backend, "enable_freeu", "an export's UNet is fixed").unet.freeu = freeu
+
+    def disable_freeu(self) -> None:
+        from backdrop.nn.checkpoint import torch_model
+        torch_model(self.backend, "disable_freeu", "an export's UNet is fixed").unet.freeu = None
 
     def _vae(self, feature: str):
         from backdrop.nn.checkpoint import torch_model

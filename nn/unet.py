@@ -7,6 +7,9 @@ SD1 and SD2 differ only in config: per-level head counts, text width, and Linear
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +18,43 @@ from .config import UNetConfig
 from .layers import (Attention, Downsample2D, FeedForward, GroupNorm, LayerNorm, ResnetBlock2D, TimestepEmbedding,
                      Timesteps, Upsample2D, maybe_checkpoint)
 
-__all__ = ["UNet"]
+__all__ = ["UNet", "FreeU", "fourier_filter"]
+
+
+def fourier_filter(x: torch.Tensor, scale: float, threshold: int = 1) -> torch.Tensor:
+    """x (B, C, H, W) with its lowest spatial frequencies (the centred 2*threshold square of the shifted spectrum)
+    scaled by `scale`; the FFT runs in float32 (fp16 FFTs are experimental, bf16 ones missing), as diffusers'."""
+    freq = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=(-2, -1)), dim=(-2, -1))  # (B, C, H, W) complex
+    H, W = x.shape[-2:]
+    mask = torch.ones(H, W, device=x.device)
+    mask[H // 2 - threshold:H // 2 + threshold, W // 2 - threshold:W // 2 + threshold] = scale
+    freq = torch.fft.ifftshift(freq * mask, dim=(-2, -1))
+    return torch.fft.ifftn(freq, dim=(-2, -1)).real.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class FreeU:
+    """FreeU (Si et al. 2023, arXiv:2309.11497), diffusers' enable_freeu: in the two coarsest up levels, the first
+    half of the backbone's channels is scaled by b1 (b2) and the skip connection's lowest frequencies by s1 (s2),
+    before they are concatenated. Training-free; the authors' values are s1=0.9, s2=0.2, b1=1.5 (SD2: 1.4), b2=1.6."""
+    s1: float
+    s2: float
+    b1: float
+    b2: float
+
+    def __post_init__(self):
+        for name in ("s1", "s2", "b1", "b2"):  # diffusers silently turns FreeU off for a 0 (or None)
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"FreeU {name} must be a finite number > 0, got {value!r}")
+
+    def __call__(self, level: int, h: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up level `level`'s backbone h (B, C, H, W) and skip (B, C_skip, H, W), FreeU'd (levels 0 and 1 only)."""
+        if level > 1:
+            return h, skip
+        half = h.shape[1] // 2
+        b, s = (self.b1, self.s1) if level == 0 else (self.b2, self.s2)
+        return torch.cat([h[:, :half] * b, h[:, half:]], dim=1), fourier_filter(skip, s)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -89,7 +128,8 @@ class MidBlock(nn.Module):
 class UNet(nn.Module):
     """UNet2DConditionModel for SD1/SD2: forward(sample (B, Cin, h, w), timestep, context (B, L, C)) -> (B, 4, h, w).
 
-    Set `gradient_checkpointing = True` to recompute each resnet/attention block in backward when training.
+    Set `gradient_checkpointing = True` to recompute each resnet/attention block in backward when training, and
+    `freeu` to a FreeU to apply it (None: off).
     """
 
     def __init__(self, cfg: UNetConfig):
@@ -134,6 +174,7 @@ class UNet(nn.Module):
         self.conv_norm_out = GroupNorm(g, ch[0], eps, silu=True)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         self.gradient_checkpointing = False
+        self.freeu: FreeU | None = None
 
     def _timesteps(self, timestep, batch: int, device: torch.device) -> torch.Tensor:
         """int / float / 0-dim / (1,) / (B,) -> (B,) float32. Fractional timesteps are kept (Euler, Karras)."""
@@ -175,9 +216,12 @@ class UNet(nn.Module):
         h = maybe_checkpoint(ckpt, mid.attentions[0], h, context)
         h = maybe_checkpoint(ckpt, mid.resnets[1], h, emb)
 
-        for level in self.up_blocks:
+        for i, level in enumerate(self.up_blocks):
             for j, resnet in enumerate(level.resnets):
-                h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+                skip = skips.pop()
+                if self.freeu is not None:
+                    h, skip = self.freeu(i, h, skip)
+                h = torch.cat([h, skip], dim=1)  # (B, C + C_skip, H, W)
                 h = maybe_checkpoint(ckpt, resnet, h, emb)
                 if level.attentions is not None:
                     h = maybe_checkpoint(ckpt, level.attentions[j], h, context)

@@ -237,7 +237,7 @@ def test_diffusers_pipeline_switches(models, capsys):
     torch.Generator(pipe.device).manual_seed(0)  # the diffusers docs' idiom
     with pytest.raises(AttributeError, match="no scheduler to replace .*sampler= one of .*unipc"):
         pipe.scheduler = object()
-    lacking = {"scheduler": "sampler= one of", "unet": r"pipe.backend.model.unet", "enable_freeu": "not supported",
+    lacking = {"scheduler": "sampler= one of", "unet": r"pipe.backend.model.unet",
                "enable_model_cpu_offload": "one device",
                "components": r"pipe.backend.model.unet"}
     for name, hint in lacking.items():
