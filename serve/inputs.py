@@ -32,9 +32,9 @@ from backdrop.nn.tokenizer import check_texts
 
 __all__ = ["APIError", "size_buckets", "decode_image", "repaint_mask", "require_edit_area", "require_transparency",
            "one_image", "edit_inputs", "number", "form_int", "form_bool", "seconds", "boolean", "text", "choice",
-           "check_fields", "b64decode", "shown", "clip", "IMAGE_FORMATS", "MIN_SIDE", "MAX_PROMPT_CHARS", "MAX_STEPS",
-           "MAX_SEED",
-           "IDENTITY_IGNORED", "EDIT_IGNORED", "GENERATE_IGNORED", "OPENAI_OUTPUT", "UNSUPPORTED"]
+           "check_fields", "b64decode", "shown", "clip", "custom_schedule", "IMAGE_FORMATS", "MIN_SIDE",
+           "MAX_PROMPT_CHARS", "MAX_STEPS", "MAX_SEED", "IDENTITY_IGNORED", "EDIT_IGNORED", "GENERATE_IGNORED",
+           "OPENAI_OUTPUT", "UNSUPPORTED"]
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")   # what OpenAI's edits accept; anything else PIL reads is refused
 MIN_SIDE = 16               # smaller images cannot be reflect-padded to the VAE's multiple of 8 (masks.py)
@@ -199,6 +199,21 @@ def number(value, name: str, lo, hi, default, kind=float):
     if not lo <= x <= hi or x in (math.inf, -math.inf):  # NaN fails the first; math.isfinite(10**400) overflows
         raise APIError(400, f"{name} must be in [{lo}, {hi}], got {shown(value)}", param=name, code="invalid_value")
     return x
+
+
+def custom_schedule(fields: dict, max_steps: int) -> dict:
+    """/v1/inpaint's custom schedule: {"timesteps": tuple} or {"sigmas": tuple} (a JSON list, or a name such as
+    "ays"), or {}; the list's values are the schedule's to check (build_schedule)."""
+    custom = {}
+    for name in ("timesteps", "sigmas"):
+        value = fields.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, (list, str)) or len(value) > max_steps + 1:
+            raise APIError(400, f"{name} must be a list of at most {max_steps} steps (--max-steps) or a schedule "
+                                f"name (ays), got {shown(value)}", param=name, code="invalid_value")
+        custom[name] = tuple(value) if isinstance(value, list) else value
+    return custom
 
 
 def _numeric(value, name: str, kind):

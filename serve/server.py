@@ -69,9 +69,9 @@ from backdrop.serve.body_limit import BodyLimit, BodyTimeout, BodyTooLarge
 from backdrop.serve.engine import Engine, Item, ServeKey
 from backdrop.serve.files import FileStore, png_bytes
 from backdrop.serve.inputs import (EDIT_IGNORED, GENERATE_IGNORED, MAX_SEED, MAX_STEPS, MIN_SIDE, OPENAI_OUTPUT,
-                                   APIError, b64decode, boolean, check_fields, choice, clip, decode_image, edit_inputs,
-                                   form_int, number, one_image, repaint_mask, require_transparency, seconds, shown,
-                                   size_buckets, text)
+                                   APIError, b64decode, boolean, check_fields, choice, clip, custom_schedule,
+                                   decode_image, edit_inputs, form_int, number, one_image, repaint_mask,
+                                   require_transparency, seconds, shown, size_buckets, text)
 from backdrop.serve.metrics import CONTENT_TYPE
 
 __all__ = ["ServerConfig", "create_app"]
@@ -135,19 +135,21 @@ class _Handlers:
         self.created = int(time.time())  # the model's `created` in /v1/models: loaded just before the app is made
 
     # ---------------------------------------------------------------------------------- shared steps
-    def _schedule(self, sampler: str, steps: int, strength: float) -> None:
+    def _schedule(self, sampler: str, steps: int, strength: float, **custom) -> int:
         """Refuse what this model's scheduler cannot run (DDIM's leading spacing at 1000 steps would pass timestep
         1000; int(steps * strength) = 0 leaves no step) before it is queued: in a batch it would fail every request
-        beside it."""
+        beside it. custom: timesteps= or sigmas= (a list, checked by _custom). Returns the number of steps."""
         try:
-            schedule = build_schedule(sampler, steps, self.engine.pipe.config.scheduler).img2img(strength)
+            full = build_schedule(sampler, steps, self.engine.pipe.config.scheduler, **custom)
+            schedule = full.img2img(strength)
         except ValueError as e:
-            raise APIError(400, str(e), param="strength" if "strength" in str(e) else "steps",
-                           code="invalid_value") from None
+            param = next((k for k in (*custom, "strength") if f"{k}=" in str(e) or k in str(e)), "steps")
+            raise APIError(400, str(e), param=param, code="invalid_value") from None
         try:  # an epsilon model at sigma = inf (zero terminal SNR): it failed in the batch, a 500
             check_start(schedule, self.engine.pipe.config.prediction_type)
         except ValueError as e:
             raise APIError(400, str(e), param="sampler", code="invalid_value") from None
+        return full.num_steps
 
     def _size(self, value) -> tuple[int, int] | None:
         if value is None or value == "auto":
@@ -351,7 +353,7 @@ class _Handlers:
         check_fields(f, ("image", "mask", "product_mask", "prompt", "negative_prompt", "n", "seed", "strength",
                           "steps", "sampler", "eta", "guidance_scale", "guidance_rescale", "mask_dilate",
                           "mask_blur", "crop_padding", "color_match", "paste_back", "mask_mode", "response_format",
-                          "timeout", "mask_threshold", "clip_skip"))
+                          "timeout", "mask_threshold", "clip_skip", "timesteps", "sigmas"))
         if "image" not in f:
             raise APIError(400, "image is required (base64 PNG, JPEG or WebP)", param="image", code="invalid_image")
         if f.get("mask") is not None and f.get("product_mask") is not None:
@@ -364,7 +366,12 @@ class _Handlers:
         strength = number(f.get("strength"), "strength", 1e-3, 1.0, DEFAULT["strength"])
         steps = number(f.get("steps"), "steps", 1, self.config.max_steps, self.config.steps, int)
         sampler = choice(f.get("sampler"), "sampler", tuple(RECIPES), self.config.sampler)
-        self._schedule(sampler, steps, strength)
+        custom = custom_schedule(f, self.config.max_steps)
+        length = self._schedule(sampler, steps, strength, **custom)
+        if custom and f.get("steps") is not None and steps != length:
+            raise APIError(400, f"steps {steps}, but {next(iter(custom))} has {length} steps: give one of them",
+                           param="steps", code="invalid_value")
+        steps = length
         eta = number(f.get("eta"), "eta", 0.0, 1.0, DEFAULT["eta"])
         try:
             check_eta(eta, sampler)
@@ -383,7 +390,7 @@ class _Handlers:
             paste_back=boolean(f.get("paste_back"), "paste_back", DEFAULT["paste_back"]),
             mask_mode=choice(f.get("mask_mode"), "mask_mode", ("max", "diffusers"), DEFAULT["mask_mode"]),
             mask_threshold=number(f.get("mask_threshold"), "mask_threshold", 1e-3, 1.0, None),
-            clip_skip=self._clip_skip(f.get("clip_skip")))
+            clip_skip=self._clip_skip(f.get("clip_skip")), **custom)
         fmt = self._format(f.get("response_format"))
         timeout = seconds(f.get("timeout"), "timeout")
         image_bytes, mask_bytes = b64decode(f["image"], "image"), (b64decode(f[kind], kind) if kind else None)

@@ -84,3 +84,35 @@ def test_a_sampler_the_model_cannot_start_is_a_400(tmp_path_factory):
                 assert error["param"] == "sampler" and "zero terminal SNR" in error["message"]
     finally:
         srv.stop()
+
+
+def test_a_custom_schedule_is_the_python_apis(server, serve_pipe):
+    """timesteps / sigmas (a list or "ays") run the Pipeline's custom schedule; a bad one is a 400 naming it."""
+    image = np.random.default_rng(5).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[8:40, 16:56] = 255
+    for custom in (dict(timesteps=[999, 600, 200]), dict(sigmas=[14.6, 2.0, 0.3, 0.0], sampler="euler"),
+                   dict(timesteps="ays", strength=0.5)):
+        body = dict(image=b64(image), mask=b64(mask), prompt="a shelf", seed=3, **custom)
+        r = httpx.post(f"{server.url}/v1/inpaint", headers=JSON, content=json.dumps(body), timeout=120)
+        assert r.status_code == 200, (custom, r.text)
+        want = serve_pipe.inpaint(image, mask=Image.fromarray(mask), prompt="a shelf", seed=3, progress=False,
+                                  **custom).images[0]
+        got = decode(r.json()["data"][0]["b64_json"]).astype(int)
+        assert np.abs(got - np.asarray(want, int)).max() <= 2, custom
+    plain = serve_pipe.inpaint(image, mask=Image.fromarray(mask), prompt="a shelf", seed=3, steps=3,
+                               progress=False).images[0]
+    assert np.abs(got - np.asarray(plain, int)).max() > 10  # the schedule did something
+    for custom, param, said in [
+            (dict(timesteps=[200, 600]), "timesteps", "timesteps= must be strictly descending"),
+            (dict(sigmas="ays"), "sigmas", "dpmpp-2m takes no custom sigmas="),
+            (dict(timesteps=[999, 500, 1], steps=5), "steps", "steps 5, but timesteps has 3 steps: give one of them"),
+            (dict(timesteps=999), "timesteps", "timesteps must be a list of at most 150 steps (--max-steps) or a "
+                                               "schedule name (ays), got 999"),
+            (dict(timesteps=list(range(999, 0, -5))), "timesteps", "a list of at most 150 steps"),
+            (dict(timesteps=[999, 2], strength=0.2), "strength", "leaves no step to run")]:
+        body = dict(image=b64(image), mask=b64(mask), prompt="a shelf", **custom)
+        r = httpx.post(f"{server.url}/v1/inpaint", headers=JSON, content=json.dumps(body), timeout=120)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (custom, r.text)
+        assert said in r.json()["error"]["message"], r.text
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
