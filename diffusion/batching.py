@@ -23,8 +23,8 @@ from backdrop.diffusion.schedule import Schedule, build_schedule
 from backdrop.nn.config import SchedulerConfig
 
 __all__ = ["OUTPUT_TYPES", "MAX_SEED", "DIFFUSERS_NAMES", "DIFFUSERS_INSTEAD", "DIFFUSERS_OFF", "diffusers_names",
-           "as_number", "Loop", "check_callback", "items", "image_items", "broadcast", "repeat", "seeds",
-           "item_strengths", "groups", "prompts", "batch_size", "requests", "given_latents", "StepEnd"]
+           "as_number", "Loop", "step_callback", "check_callback", "items", "image_items", "broadcast", "repeat",
+           "seeds", "item_strengths", "groups", "prompts", "batch_size", "requests", "given_latents", "StepEnd"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_SEED = 2**32 - 1  # torch's CPU generator (mt19937) keeps a seed's low 32 bits: s and s + 2**32 draw alike
@@ -32,7 +32,6 @@ MAX_SEED = 2**32 - 1  # torch's CPU generator (mt19937) keeps a seed's low 32 bi
 DIFFUSERS_NAMES = {"num_inference_steps": "steps", "mask_image": "mask", "padding_mask_crop": "crop_padding",
                    "torch_dtype": "dtype"}
 _SAME_SIZE = "the output has the input image's size: resize the image (and mask) first"
-_NO_IP_ADAPTER = "IP-Adapters are not supported"
 _NO_SAFETY_CHECKER = "there is no safety checker here (None / False, which ask for none, are taken)"
 # diffusers' arguments we do not take -> what to do instead; a TypeError says it where the function lacks the name
 DIFFUSERS_INSTEAD = {
@@ -44,7 +43,8 @@ DIFFUSERS_INSTEAD = {
     "strength": "strength is img2img's and inpaint's (they start from an image); generate starts from pure noise",
     "height": _SAME_SIZE, "width": _SAME_SIZE,
     "masked_image_latents": "give image= and mask=; the masked image is encoded here",
-    "ip_adapter_image": _NO_IP_ADAPTER, "ip_adapter_image_embeds": _NO_IP_ADAPTER,
+    "ip_adapter_image": "it takes no image prompt",
+    "ip_adapter_image_embeds": "give ip_adapter_image=: its embedding is made here",
     "safety_checker": _NO_SAFETY_CHECKER, "requires_safety_checker": _NO_SAFETY_CHECKER,
     "feature_extractor": _NO_SAFETY_CHECKER,
     "use_safetensors": "only .safetensors are read (True is taken)",
@@ -379,3 +379,21 @@ def given_latents(latents, shape: tuple, rows: list[int] | None = None) -> torch
         raise ValueError(f"latents must have shape {tuple(shape)} (batch, latent channels, height / 8, width / 8)"
                          f", got {tuple(latents.shape)}")
     return latents if rows is None else latents[rows]
+
+
+def step_callback(blend, user, schedule) -> Callable | None:
+    """The sampler's callback(i, x, sigma, sigma_next, denoised): the 4-channel blend, then the user's hook (ours,
+    or diffusers' callback_on_step_end, which may replace the latents: batching.StepEnd)."""
+    if blend is None and user is None:
+        return None
+
+    def step(i, x, sigma, sigma_next, denoised):
+        if blend is not None:
+            x = blend(i, x, sigma, sigma_next, denoised)
+        if isinstance(user, StepEnd):
+            x = user(i, x, sigma_next, schedule)
+        elif user is not None:
+            user(i, x)
+        return x
+    return step
+

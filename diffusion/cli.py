@@ -27,7 +27,7 @@ from pathlib import Path
 from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, add_lora_option,
                           add_textual_inversion_option, apply_model_options, checkpoint_options, make_folder,
                           one_line, parse_device)
-from backdrop.diffusion.cli_files import Task, parameters, plan, read_jobs, write
+from backdrop.diffusion.cli_files import Task, parameters, plan, read_image, read_jobs, write
 from backdrop.diffusion.recipes import RECIPES, SAMPLING_DEFAULTS
 from backdrop.fsio import FolderInUse, FolderLock
 from backdrop.messages import some
@@ -92,6 +92,16 @@ def _common_options() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=float, default=0.0,
                    help="with --sampler ddim: fresh noise each step, 0 = none (deterministic), 1 = as DDPM "
                         "(default: %(default)s)")
+    ip = p.add_argument_group("image prompt")
+    ip.add_argument("--ip-adapter", metavar="FILE",
+                    help="an IP-Adapter .safetensors (ip-adapter_sd15.safetensors; its image encoder is the "
+                         "image_encoder folder beside it, as in h94/IP-Adapter's models/ folder); --backend torch "
+                         "only")
+    ip.add_argument("--ip-adapter-image", metavar="IMAGE",
+                    help="with --ip-adapter: a photo of the scene or style wanted, to guide the image beside the "
+                         "prompt")
+    ip.add_argument("--ip-adapter-scale", type=float, default=1.0, metavar="S",
+                    help="how strongly the image prompt counts: 0 not at all, 1 as trained (default: %(default)s)")
     out = p.add_argument_group("output")
     out.add_argument("--out", default="outputs", metavar="DIR",
                      help="folder for the PNG files: <command>-<image name>-<seed>.png, generate-<seed>.png "
@@ -219,7 +229,12 @@ def _check(args) -> None:
              ("--guidance-scale", args.guidance_scale, 0 <= args.guidance_scale < math.inf, "finite and >= 0"),
              ("--guidance-rescale", args.guidance_rescale, 0 <= args.guidance_rescale <= 1, "in [0, 1]"),
              ("--eta", args.eta, 0 <= args.eta <= 1, "in [0, 1]"),
-             ("--clip-skip", args.clip_skip, args.clip_skip is None or args.clip_skip >= 0, ">= 0")]
+             ("--clip-skip", args.clip_skip, args.clip_skip is None or args.clip_skip >= 0, ">= 0"),
+             ("--ip-adapter-scale", args.ip_adapter_scale, 0 <= args.ip_adapter_scale < math.inf, "finite and >= 0")]
+    if (args.ip_adapter is None) != (args.ip_adapter_image is None):
+        given, lacking = ("--ip-adapter", "--ip-adapter-image") if args.ip_adapter_image is None else \
+            ("--ip-adapter-image", "--ip-adapter")
+        raise CLIError(f"{given} needs {lacking}: the image prompt is an IP-Adapter and an image")
     if args.seed is not None:
         rules.append(("--seed", args.seed, 0 <= args.seed <= 2**32 - args.n, "in [0, 2**32 - N]"))
     elif args.skip_existing:  # a new random seed names new files: every image would be made again
@@ -275,6 +290,15 @@ def _pipeline(args):
     except (OSError, ValueError, RuntimeError, ImportError) as e:  # missing files, CheckpointError, OOM, no ORT/TRT
         raise CLIError(f"cannot load model {args.model}: {one_line(e)}") from None
     apply_model_options(pipe, args)
+    if args.ip_adapter is not None:
+        weights = Path(args.ip_adapter)
+        if not weights.is_file():
+            raise CLIError(f"--ip-adapter {weights}: no such file (an IP-Adapter's .safetensors)")
+        try:
+            pipe.load_ip_adapter(str(weights.parent), subfolder="", weight_name=weights.name)
+            pipe.set_ip_adapter_scale(args.ip_adapter_scale)
+        except (OSError, ValueError) as e:  # CheckpointError, a missing image encoder, another backend
+            raise CLIError(f"--ip-adapter {weights}: {one_line(e)}") from None
     if args.freeu is not None:
         try:
             pipe.enable_freeu(*args.freeu)
@@ -302,6 +326,7 @@ def _pipeline(args):
 def _sampling(args) -> dict:
     """The Pipeline arguments every image of the run shares."""
     common = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                  ip_adapter_image=args.ip_image,
                   sampler=args.sampler, timesteps=args.timesteps, sigmas=args.sigmas,
                   guidance_scale=args.guidance_scale,
                   guidance_rescale=args.guidance_rescale, eta=args.eta, clip_skip=args.clip_skip,
@@ -320,6 +345,7 @@ def _sampling(args) -> dict:
 def _run(args) -> int:
     _check(args)
     jobs = read_jobs(args)
+    args.ip_image = None if args.ip_adapter_image is None else read_image(args.ip_adapter_image, "--ip-adapter-image")
     folder = _out_folder(args.out)
     try:  # one run writes a folder at a time; temporary files of killed runs are removed once the lock is held
         lock = FolderLock(folder, stale=(".*.png.*.tmp",))

@@ -26,7 +26,7 @@ from backdrop.cli import CLIError, one_line
 from backdrop.fsio import fsync, usual_permissions
 from backdrop.messages import some
 
-__all__ = ["Job", "Task", "read_jobs", "plan", "parameters", "write"]
+__all__ = ["Job", "Task", "read_image", "read_jobs", "plan", "parameters", "write"]
 
 
 @dataclass
@@ -63,9 +63,9 @@ class Job:
         if not same:
             raise CLIError(f"image {self.source}" + (f" or its mask {self.mask_file}" if self.mask_file else "") +
                            " changed while this run went on; run again (--skip-existing keeps what was made)")
-        inputs, key = {"image": _open(self.source, "image", quiet=True)}, _mask_option(args)
+        inputs, key = {"image": read_image(self.source, "image", quiet=True)}, _mask_option(args)
         if key is not None:
-            inputs[key] = _fit(_open(self.mask_file, key.replace("_", " "), quiet=True), inputs["image"].size)
+            inputs[key] = _fit(read_image(self.mask_file, key.replace("_", " "), quiet=True), inputs["image"].size)
         return inputs
 
 
@@ -94,7 +94,7 @@ class Task:
 
 # ------------------------------------------------------------------------------------------------------ inputs
 
-def _open(path: str, what: str, quiet: bool = False):
+def read_image(path: str, what: str, quiet: bool = False):
     """The file as the Pipeline reads it (image_io.from_file: upright, 8 bits, RGB(A) or L, its RGB ICC profile
     kept), saying on stderr what the reading changed (16 bits to 8, CMYK to RGB, ...). Its EXIF orientation is kept
     in .info["orientation"] for the mask check. Images over Pillow's limit for untrusted files (89 Mpx) are refused,
@@ -180,11 +180,11 @@ def _read_job(args, path: str, problems: list[str], listings: dict) -> Job | Non
     from backdrop.diffusion.image_io import rgb_icc
 
     job, key, mask = Job(Path(path).stem, path), _mask_option(args), None
-    image = _attempt(problems, _open, path, "image", args.quiet)
+    image = _attempt(problems, read_image, path, "image", args.quiet)
     if key is not None:
         flag = f"--{key.replace('_', '-')}"
         job.mask_file = _attempt(problems, _mask_file, getattr(args, key), flag, path, listings)
-        mask = job.mask_file and _attempt(problems, _open, job.mask_file, key.replace("_", " "), args.quiet)
+        mask = job.mask_file and _attempt(problems, read_image, job.mask_file, key.replace("_", " "), args.quiet)
         if image is None or mask is None:
             return None
         turned = _turned(image, mask, path, job.mask_file)
@@ -378,7 +378,9 @@ def parameters(args, task: Task, size: tuple[int, int]) -> str:
               "Denoising strength": None if args.kind == "generate" else args.strength,
               "Clip skip": None if not args.clip_skip else args.clip_skip + 1,  # A1111 counts the last layer as 1
               "Guidance rescale": args.guidance_rescale, "Eta": args.eta, "Batch size": args.batch_size,
-              "FreeU": args.freeu and ",".join(f"{v:g}" for v in args.freeu)}
+              "FreeU": args.freeu and ",".join(f"{v:g}" for v in args.freeu),
+              "IP-Adapter": args.ip_adapter and f"{args.ip_adapter}:{args.ip_adapter_scale:g}",
+              "IP-Adapter image": args.ip_adapter_image}
     if args.kind == "inpaint":
         fields.update(_mask_fields(args, task.job))
     fields.update({"LoRA": ", ".join(f"{path}:{scale:g}" for path, scale in args.lora) or None,

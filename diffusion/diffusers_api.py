@@ -224,6 +224,80 @@ class DiffusersAPI:
     def disable_vae_slicing(self) -> None:
         self._vae("disable_vae_slicing").disable_slicing()
 
+    def load_ip_adapter(self, pretrained_model_name_or_path_or_dict, subfolder: str, weight_name: str,
+                        image_encoder_folder: str | None = "image_encoder") -> None:
+        """diffusers' load_ip_adapter: an image prompt (nn/ip_adapter.py), given per call as ip_adapter_image=.
+        The IP-Adapter is `subfolder`/`weight_name` in a folder or a hub repo id in the local cache
+        (load_ip_adapter("h94/IP-Adapter", subfolder="models", weight_name="ip-adapter_sd15.safetensors")), its
+        image encoder the CLIPVisionModelWithProjection folder `image_encoder_folder` inside `subfolder` (a name
+        with a / is from the top). Its scale starts at 1 (set_ip_adapter_scale). Torch backend only; one at a time."""
+        from backdrop.nn.checkpoint import torch_model
+        from backdrop.nn.ip_adapter import read_image_encoder, read_ip_adapter
+        from backdrop.nn.ldm_keys import MissingFile
+        from backdrop.nn.resolve import cached_repo, hub_snapshot, is_repo_id
+        from backdrop.nn.weight_files import adapter_file
+
+        model = torch_model(self.backend, "load_ip_adapter", "an export's UNet has no image-prompt attention")
+        if self._ip is not None:
+            raise ValueError("an IP-Adapter is loaded already: unload_ip_adapter() first (one at a time here)")
+        if not isinstance(pretrained_model_name_or_path_or_dict, (str, os.PathLike)):
+            raise TypeError("load_ip_adapter takes a folder or a hub repo id holding the IP-Adapter and its image "
+                            f"encoder, got a {type(pretrained_model_name_or_path_or_dict).__name__}")
+        if image_encoder_folder is None:
+            raise ValueError("image_encoder_folder=None: the image encoder is loaded with the IP-Adapter here; name "
+                             "its folder (a CLIPVisionModelWithProjection)")
+        root = Path(pretrained_model_name_or_path_or_dict)
+        if not root.exists():
+            if not (snapshot := cached_repo(root)):  # None for a path that is no repo id
+                where = ", nor a repo id in the local Hugging Face cache (nothing is downloaded)" * is_repo_id(root)
+                raise MissingFile(f"{root}: no such folder{where}")
+            root = snapshot
+        root = hub_snapshot(root)
+        weights = adapter_file(root / subfolder, weight_name, "IP-Adapter")
+        encoder = root / (image_encoder_folder if "/" in image_encoder_folder else
+                          Path(subfolder, image_encoder_folder))
+        p = next(model.unet.parameters())
+        adapter = read_ip_adapter(weights, model.unet, read_image_encoder(encoder, p.dtype, p.device))
+        adapter.attach(model.unet, 1.0)
+        self._ip = adapter
+
+    def set_ip_adapter_scale(self, scale) -> None:
+        """diffusers' set_ip_adapter_scale: how strongly the image prompt counts (0: not at all, 1: as trained); a
+        number, or a list of one (one per IP-Adapter, as diffusers takes it)."""
+        from backdrop.diffusion.batching import as_number
+        if self._ip is None:
+            raise ValueError("no IP-Adapter is loaded: load_ip_adapter(...) first")
+        if isinstance(scale, dict):
+            raise ValueError("per-block IP-Adapter scales (InstantStyle's dicts) are not supported: give one number")
+        if isinstance(scale, (list, tuple)):
+            if len(scale) != 1:
+                raise ValueError(f"ip_adapter scale: {len(scale)} values for the 1 IP-Adapter loaded")
+            scale = scale[0]
+        self._ip.attach(self.backend.model.unet, as_number(scale, "ip_adapter scale", "a finite number"))
+
+    def unload_ip_adapter(self) -> None:
+        """diffusers' unload_ip_adapter: the UNet attends to the text alone again."""
+        if self._ip is not None:
+            self._ip.detach(self.backend.model.unet)
+            self._ip = None
+
+    def _ip_tokens(self, image):
+        """(tokens, unconditional tokens), each (1, N, C), of ip_adapter_image for the loaded IP-Adapter; None
+        without an image prompt."""
+        from backdrop.diffusion import pixels as P
+        from backdrop.diffusion.batching import items
+        if self._ip is None:
+            if image is not None:
+                raise ValueError("ip_adapter_image= needs an IP-Adapter: load_ip_adapter(...) first")
+            return None
+        if image is None:
+            raise ValueError("an IP-Adapter is loaded: give ip_adapter_image= (the image prompt), or "
+                             "unload_ip_adapter()")
+        if len(given := items(image, "ip_adapter_image")) != 1:
+            raise ValueError(f"ip_adapter_image: {len(given)} images; give one image prompt for the call (several "
+                             "images for one IP-Adapter, diffusers' nested lists, are not supported)")
+        return self._ip.tokens(P.image_to_tensor(given))
+
     def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
         """diffusers' enable_freeu (nn/unet.py's FreeU): the UNet's two coarsest up levels weigh their backbone
         features up (b1, b2) and their skips' lowest frequencies down (s1, s2) in every later call. Training-free;

@@ -82,7 +82,7 @@ from backdrop.diffusion import crop_paste as C
 from backdrop.diffusion import masks as M
 from backdrop.diffusion import pixels as P
 from backdrop.diffusion.adapters import Adapters
-from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, MaskOptions, StepEnd, as_number, broadcast,
+from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, MaskOptions, as_number, broadcast, step_callback,
                                         diffusers_names, given_latents, groups, image_items, item_strengths, items,
                                         prompts, repeat, requests)
 from backdrop.diffusion.diffusers_api import WEIGHT_CHANGES, DiffusersAPI
@@ -125,6 +125,7 @@ class Pipeline(DiffusersAPI):
         self._warned: set = set()  # processing sizes already warned about (processing_size)
         self._width = backend.config.unet.cross_attention_dim  # of the text context: prompt_embeds' last dim
         self._adapters = Adapters()  # the LoRAs loaded (load_lora_weights), the active ones, what is merged
+        self._ip = None  # the IPAdapter loaded (load_ip_adapter), nn/ip_adapter.py
         self._progress, self._bar = True, {}  # the default of each call's progress=, and tqdm options
 
     @classmethod
@@ -179,6 +180,8 @@ class Pipeline(DiffusersAPI):
                              "for another device; an export's precision is fixed when it is made")
         with WEIGHT_CHANGES:
             self.backend = self.backend.to(device, parse_dtype(dtype))
+            if self._ip is not None:
+                self._ip.to(self.backend.device, self.backend.dtype)
         return self
 
     # -------------------------------------------------------------------------------------------- public API
@@ -210,8 +213,9 @@ class Pipeline(DiffusersAPI):
                  steps: int = 30, guidance_scale: float = 7.5, sampler: str = "dpmpp-2m", seed=None, latents=None,
                  num_images_per_prompt: int = 1, output_type: str = "pil", guidance_rescale: float = 0.0,
                  eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None, generator=None,
-                 clip_skip: int | None = None, timesteps=None, sigmas=None, progress: bool | None = None,
-                 callback: Callable | None = None, interrupt: threading.Event | None = None) -> Output:
+                 clip_skip: int | None = None, timesteps=None, sigmas=None, ip_adapter_image=None,
+                 progress: bool | None = None, callback: Callable | None = None,
+                 interrupt: threading.Event | None = None) -> Output:
         """Text to image. height/width: default the model's native config.image_size (an export made with a fixed
         --size: that size); any positive size works (sampled at the next multiple of 8, then cropped).
         `callback(step, latents)` runs after every step."""
@@ -223,7 +227,7 @@ class Pipeline(DiffusersAPI):
                 for v, name, default in ((height, "height", native[0]), (width, "width", native[1])))
         req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
                        embeds=(prompt_embeds, negative_prompt_embeds), width=self._width, generator=generator)
-        req["clip_skip"] = check_clip_skip(clip_skip, self.backend)
+        req["clip_skip"], req["ip"] = check_clip_skip(clip_skip, self.backend), self._ip_tokens(ip_adapter_image)
         B, f = len(req["prompts"]), self.config.vae.downsample_factor
         h, w = (d // f for d in self.processing_size(H, W))
         job = dict(req, strengths=[1.0] * B, x0=None, size=(H, W), c_concat=self._empty_concat(B, h, w))
@@ -234,8 +238,9 @@ class Pipeline(DiffusersAPI):
                 guidance_scale: float = 7.5, sampler: str = "dpmpp-2m", seed=None, latents=None,
                 num_images_per_prompt: int = 1, output_type: str = "pil", guidance_rescale: float = 0.0,
                 eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None, generator=None,
-                clip_skip: int | None = None, timesteps=None, sigmas=None, progress: bool | None = None,
-                callback: Callable | None = None, interrupt: threading.Event | None = None) -> Output:
+                clip_skip: int | None = None, timesteps=None, sigmas=None, ip_adapter_image=None,
+                progress: bool | None = None, callback: Callable | None = None,
+                interrupt: threading.Event | None = None) -> Output:
         """Image to image: the image's latents noised to `strength` (1 = all noise), then int(steps * strength)
         steps, as diffusers' StableDiffusionImg2ImgPipeline. Output has the input's size."""
         loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, self._shows(progress), callback,
@@ -245,7 +250,7 @@ class Pipeline(DiffusersAPI):
         req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
                        {"image": len(images), "strength": n_strengths}, embeds=(prompt_embeds, negative_prompt_embeds),
                        width=self._width, generator=generator)
-        req["clip_skip"] = check_clip_skip(clip_skip, self.backend)
+        req["clip_skip"], req["ip"] = check_clip_skip(clip_skip, self.backend), self._ip_tokens(ip_adapter_image)
         n, k = req["n"], req["k"]
         images = broadcast(images, n, "image")
         img = P.image_to_uint8(repeat(images, k))  # (B, H, W, 3)
@@ -264,7 +269,7 @@ class Pipeline(DiffusersAPI):
                 output_type: str = "pil", guidance_rescale: float = 0.0, eta: float = 0.0, mask_mode: str = "max",
                 mask_threshold: float | None = None, prompt_embeds=None, negative_prompt_embeds=None,
                 generator=None, clip_skip: int | None = None, timesteps=None, sigmas=None,
-                progress: bool | None = None, callback: Callable | None = None,
+                ip_adapter_image=None, progress: bool | None = None, callback: Callable | None = None,
                 interrupt: threading.Event | None = None) -> Output:
         """Repaint the masked region. Give `mask` (white = repaint), `product_mask` (white = keep the product), or
         neither with RGBA images (OpenAI's convention: alpha 0 = repaint).
@@ -295,7 +300,7 @@ class Pipeline(DiffusersAPI):
         req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
                        {"image": len(images), kind: len(masks), "strength": n_strengths},
                        embeds=(prompt_embeds, negative_prompt_embeds), width=self._width, generator=generator)
-        req["clip_skip"] = check_clip_skip(clip_skip, self.backend)
+        req["clip_skip"], req["ip"] = check_clip_skip(clip_skip, self.backend), self._ip_tokens(ip_adapter_image)
         n, k = req["n"], req["k"]
         images, masks = broadcast(images, n, "image"), broadcast(masks, n, kind)
         strengths = item_strengths(strength, n, k)
@@ -439,6 +444,9 @@ class Pipeline(DiffusersAPI):
             noise = given_latents(latents, (job["n"] * job["k"], C, *hw), job.get("rows")).to(dev, torch.float32)
         guided, interrupt = loop.guidance_scale > 1, loop.interrupt
         ctx, uctx = contexts(self.backend, job["prompts"], job["negatives"], guided, job["clip_skip"])
+        if job["ip"] is not None:  # an IP-Adapter's image tokens follow the text's (nn/ip_adapter.py)
+            ctx, uctx = (None if c is None else torch.cat([c, t.to(c).expand(B, -1, -1)], 1)
+                         for c, t in zip((ctx, uctx), job["ip"]))
         result = torch.empty(shape, device=dev, dtype=torch.float32)
         for strength, idx in groups(job["strengths"]).items():
             if interrupt is not None and interrupt.is_set():
@@ -456,7 +464,7 @@ class Pipeline(DiffusersAPI):
             if job["c_concat"] is not None:
                 args["c_concat"] = job["c_concat"][idx]
             x = sample(CFGDenoiser(self.backend.unet, sched, self.config.prediction_type), x, sched,
-                       extra_args=args, callback=_step_callback(blend, loop.callback, sched),
+                       extra_args=args, callback=step_callback(blend, loop.callback, sched),
                        noise_sampler=default_noise_sampler(x, gens if isinstance(gens, torch.Generator)
                                                            else [gens[i] for i in idx]), disable=_hidden(loop.progress),
                        bar=self._bar, interrupt=interrupt,
@@ -473,21 +481,4 @@ class Pipeline(DiffusersAPI):
             return Output(result, job["seeds"])
         y = decoded(self.backend, result, self.config.scaling_factor)  # (B, 3, h*f, w*f) in [-1, 1]
         return format_output(M.crop_to(y, job["size"]), job["seeds"], job["output_type"])
-
-
-def _step_callback(blend, user, schedule) -> Callable | None:
-    """The sampler's callback(i, x, sigma, sigma_next, denoised): the 4-channel blend, then the user's hook (ours,
-    or diffusers' callback_on_step_end, which may replace the latents: batching.StepEnd)."""
-    if blend is None and user is None:
-        return None
-
-    def step(i, x, sigma, sigma_next, denoised):
-        if blend is not None:
-            x = blend(i, x, sigma, sigma_next, denoised)
-        if isinstance(user, StepEnd):
-            x = user(i, x, sigma_next, schedule)
-        elif user is not None:
-            user(i, x)
-        return x
-    return step
 

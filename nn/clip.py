@@ -23,7 +23,7 @@ from .config import TextConfig, VisionConfig
 
 __all__ = [
     "EncoderLayer", "Encoder", "TextTransformer", "TextEncoder", "VisionTransformer", "VisionTower", "CLIP",
-    "clip_preprocess", "CLIP_MEAN", "CLIP_STD",
+    "vision_config_from_transformers", "clip_preprocess", "CLIP_MEAN", "CLIP_STD",
 ]
 
 # The per-channel statistics CLIP was trained with, for inputs in [0, 1] (openai/CLIP clip/clip.py `_transform`;
@@ -332,6 +332,21 @@ class CLIP(nn.Module):
         logits_per_image, logits_per_text = self(input_ids, pixel_values)
         labels = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
         return (F.cross_entropy(logits_per_text, labels) + F.cross_entropy(logits_per_image, labels)) / 2
+
+
+def vision_config_from_transformers(d: dict, source: str = "image_encoder/config.json") -> VisionConfig:
+    """The VisionConfig of a transformers CLIPVisionConfig (config.json of a CLIPVisionModelWithProjection); a
+    ValueError naming `source` for a missing or bad field."""
+    try:
+        return VisionConfig(image_size=d["image_size"], patch_size=d["patch_size"],
+                            num_channels=d.get("num_channels", 3), hidden_size=d["hidden_size"],
+                            intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
+                            num_heads=d["num_attention_heads"], hidden_act=d.get("hidden_act", "quick_gelu"),
+                            layer_norm_eps=d.get("layer_norm_eps", 1e-5), projection_dim=d["projection_dim"])
+    except KeyError as e:
+        raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 def clip_preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:

@@ -179,15 +179,22 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(cross_attention_dim or query_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])  # key: to_out.0
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, ip=None) -> torch.Tensor:
+        """ip: (image tokens (B, N, C), an IPAttention, scale): the IP-Adapter's attention to the image tokens,
+        added to the text attention's before to_out (nn/ip_adapter.py)."""
         context = x if context is None else context
         B, S, _ = x.shape
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, S, H*D), (B, L, H*D) x2
         D = q.shape[-1] // self.heads
-        q = q.view(B, S, self.heads, D).transpose(1, 2)  # (B, H, S, D)
-        k = k.view(B, -1, self.heads, D).transpose(1, 2)  # (B, H, L, D)
-        v = v.view(B, -1, self.heads, D).transpose(1, 2)  # (B, H, L, D)
-        out = kernels.attention(q, k, v)  # (B, H, S, D)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, L, H*D) -> (B, H, L, D), a view
+            return t.view(B, -1, self.heads, D).transpose(1, 2)
+
+        q = heads(q)  # (B, H, S, D)
+        out = kernels.attention(q, heads(k), heads(v))  # (B, H, S, D)
+        if ip is not None:
+            tokens, layer, scale = ip
+            out = out + scale * kernels.attention(q, heads(layer.to_k_ip(tokens)), heads(layer.to_v_ip(tokens)))
         out = out.transpose(1, 2).reshape(B, S, self.heads * D)  # (B, S, H*D)
         return self.to_out[1](self.to_out[0](out))
 

@@ -69,9 +69,10 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, ip=None) -> torch.Tensor:
+        """ip: (image tokens (B, N, C), their IPAttention, scale) from an IP-Adapter (nn/ip_adapter.py), or None."""
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.attn2(self.norm2(x), context, ip)
         return x + self.ff(self.norm3(x))
 
 
@@ -92,13 +93,21 @@ class Transformer2D(nn.Module):
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, cross_attention_dim)])
         self.proj_out = proj()
+        self.ip = None  # an IPLink while an IP-Adapter is loaded (nn/ip_adapter.py): not a module of the UNet
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        ip = None
+        if self.ip is not None:  # the image tokens travel at the end of the context
+            n = self.ip.num_tokens
+            if context.shape[1] <= n:
+                raise ValueError(f"UNet.forward: an IP-Adapter is loaded, so the context ends with its {n} image "
+                                 f"tokens; got {context.shape[1]} tokens in all")
+            context, ip = context[:, :-n], (context[:, -n:], self.ip.layer, self.ip.scale)
         B, C, H, W = x.shape
         h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C): one copy of the transposed map
         h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)  # weight (C, C) or (C, C, 1, 1)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, ip)
         h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)
         return x + h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # x first: the sum takes its NCHW layout
 

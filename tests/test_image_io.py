@@ -16,7 +16,7 @@ from PIL import Image, ImageCms
 
 from backdrop.cli import CLIError, build_parser
 from backdrop.diffusion import masks as M
-from backdrop.diffusion.cli_files import _open, read_jobs
+from backdrop.diffusion.cli_files import read_image, read_jobs
 from backdrop.diffusion.image_io import from_file, load_image, notes, rgb_icc
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -144,7 +144,7 @@ def test_corrupt_files_of_every_format_are_one_line_errors(tmp_path):
         for data in _variants(buf.getvalue(), 40, rng):
             path.write_bytes(data)
             try:
-                _open(str(path), "image")
+                read_image(str(path), "image")
             except CLIError as e:
                 assert "\n" not in str(e) and str(path) in str(e)
 
@@ -154,7 +154,7 @@ def test_a_decompression_bomb_is_refused_before_decoding(tmp_path):
     with only Pillow's warning, then ran out of memory)."""
     big = saved(Image.new("1", (10000, 10000)), tmp_path / "big.png")
     with pytest.raises(CLIError, match=r"big.png: too large to decode safely \(Image size \(100000000 pixels\)"):
-        _open(str(big), "image")
+        read_image(str(big), "image")
 
 
 def _jobs(*argv):

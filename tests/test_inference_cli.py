@@ -97,22 +97,22 @@ def test_img2img_and_inpaint_keep_their_own_default_strength():
 
 
 def test_a_16_bit_image_is_scaled_not_clipped(files, tmp_path):
-    from backdrop.diffusion.cli_files import _open
+    from backdrop.diffusion.cli_files import read_image
 
     grey = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
     Image.fromarray(grey).save(tmp_path / "grey16.png")  # opens as I;16 / I
-    im = _open(str(tmp_path / "grey16.png"), "image")
+    im = read_image(str(tmp_path / "grey16.png"), "image")
     assert np.array_equal(np.asarray(im.convert("L")), (grey >> 8).astype(np.uint8))
 
 
 def test_an_exif_rotated_photo_is_read_upright(tmp_path):
-    from backdrop.diffusion.cli_files import _open
+    from backdrop.diffusion.cli_files import read_image
 
     stored = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)  # HxW 48x64 on disk
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display, as phones store portraits
     Image.fromarray(stored).save(tmp_path / "phone.png", exif=exif)
-    assert np.array_equal(np.asarray(_open(str(tmp_path / "phone.png"), "image")), np.rot90(stored, -1))
+    assert np.array_equal(np.asarray(read_image(str(tmp_path / "phone.png"), "image")), np.rot90(stored, -1))
 
 
 def test_inpaint_keeps_the_product_pixels(files, capsys, tmp_path):

@@ -30,7 +30,7 @@ from torch import nn
 from ...diffusion.latents import host_to_device
 from ...fsio import usual_permissions
 from ...nn.checkpoint import CheckpointError, Model, load_model
-from ...nn.clip import CLIP, clip_preprocess
+from ...nn.clip import CLIP, clip_preprocess, vision_config_from_transformers
 from ...nn.config import VisionConfig
 from .common import write_model
 
@@ -60,16 +60,9 @@ def _vision_to_transformers(cfg: VisionConfig) -> dict:
 
 def _vision_from_transformers(d: dict, source: str) -> VisionConfig:
     try:
-        return VisionConfig(image_size=d["image_size"], patch_size=d["patch_size"],
-                            num_channels=d.get("num_channels", 3),
-                            hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-                            num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
-                            hidden_act=d.get("hidden_act", "quick_gelu"), layer_norm_eps=d.get("layer_norm_eps", 1e-5),
-                            projection_dim=d["projection_dim"])
-    except KeyError as e:
-        raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
+        return vision_config_from_transformers(d, source)
     except ValueError as e:
-        raise CheckpointError(f"{source}: {e}") from None
+        raise CheckpointError(str(e)) from None
 
 
 def save_image_encoder(clip: CLIP, model_dir: str | os.PathLike) -> Path:
