@@ -258,8 +258,9 @@ class DiffusersAPI:
                           Path(subfolder, image_encoder_folder))
         p = next(model.unet.parameters())
         adapter = read_ip_adapter(weights, model.unet, read_image_encoder(encoder, p.dtype, p.device))
-        adapter.attach(model.unet, 1.0)
-        self._ip = adapter
+        with WEIGHT_CHANGES:  # as a LoRA's merge: not while another thread loads or moves weights
+            adapter.attach(model.unet, 1.0)
+            self._ip = adapter
 
     def set_ip_adapter_scale(self, scale) -> None:
         """diffusers' set_ip_adapter_scale: how strongly the image prompt counts (0: not at all, 1: as trained); a
@@ -273,13 +274,15 @@ class DiffusersAPI:
             if len(scale) != 1:
                 raise ValueError(f"ip_adapter scale: {len(scale)} values for the 1 IP-Adapter loaded")
             scale = scale[0]
-        self._ip.attach(self.backend.model.unet, as_number(scale, "ip_adapter scale", "a finite number"))
+        with WEIGHT_CHANGES:
+            self._ip.attach(self.backend.model.unet, as_number(scale, "ip_adapter scale", "a finite number"))
 
     def unload_ip_adapter(self) -> None:
         """diffusers' unload_ip_adapter: the UNet attends to the text alone again."""
-        if self._ip is not None:
-            self._ip.detach(self.backend.model.unet)
-            self._ip = None
+        with WEIGHT_CHANGES:
+            if self._ip is not None:
+                self._ip.detach(self.backend.model.unet)
+                self._ip = None
 
     def _ip_tokens(self, image):
         """(tokens, unconditional tokens), each (1, N, C), of ip_adapter_image for the loaded IP-Adapter; None
