@@ -259,23 +259,25 @@ class DiffusersAPI:
         p = next(model.unet.parameters())
         adapter = read_ip_adapter(weights, model.unet, read_image_encoder(encoder, p.dtype, p.device))
         with WEIGHT_CHANGES:  # as a LoRA's merge: not while another thread loads or moves weights
-            adapter.attach(model.unet, 1.0)
+            adapter.attach(model.unet, [1.0] * len(adapter.layers))
             self._ip = adapter
 
     def set_ip_adapter_scale(self, scale) -> None:
         """diffusers' set_ip_adapter_scale: how strongly the image prompt counts (0: not at all, 1: as trained); a
-        number, or a list of one (one per IP-Adapter, as diffusers takes it)."""
+        number, or InstantStyle's per-level dict, e.g. {"up": {"block_1": [0.0, 1.0, 0.0]}} for the style alone
+        on SD1.5 (nn/ip_adapter.layer_scales), or a list of one of these (one per IP-Adapter, as diffusers)."""
         from backdrop.diffusion.batching import as_number
+        from backdrop.nn.ip_adapter import layer_scales
         if self._ip is None:
             raise ValueError("no IP-Adapter is loaded: load_ip_adapter(...) first")
-        if isinstance(scale, dict):
-            raise ValueError("per-block IP-Adapter scales (InstantStyle's dicts) are not supported: give one number")
         if isinstance(scale, (list, tuple)):
             if len(scale) != 1:
                 raise ValueError(f"ip_adapter scale: {len(scale)} values for the 1 IP-Adapter loaded")
             scale = scale[0]
+        unet = self.backend.model.unet
+        scales = layer_scales(unet, scale, lambda v: as_number(v, "ip_adapter scale", "a finite number"))
         with WEIGHT_CHANGES:
-            self._ip.attach(self.backend.model.unet, as_number(scale, "ip_adapter scale", "a finite number"))
+            self._ip.attach(unet, scales)
 
     def unload_ip_adapter(self) -> None:
         """diffusers' unload_ip_adapter: the UNet attends to the text alone again."""

@@ -28,7 +28,8 @@ from .ldm_keys import CheckpointError, MissingFile, Src
 from .unet import Transformer2D, UNet
 from .weight_files import _Reader, _weight_files
 
-__all__ = ["IPAdapter", "IPLink", "ImageProjection", "cross_attentions", "read_ip_adapter", "read_image_encoder"]
+__all__ = ["IPAdapter", "IPLink", "ImageProjection", "cross_attentions", "layer_scales", "read_ip_adapter",
+           "read_image_encoder"]
 
 # image_proj keys of the variants we do not run -> their name
 _VARIANTS = {"latents": "IP-Adapter Plus (a Resampler over the image encoder's hidden states)",
@@ -74,6 +75,41 @@ def cross_attentions(unet: UNet) -> list[tuple[str, Transformer2D]]:
     return sorted(found, key=lambda nm: order.index(nm[0].split(".")[0]))
 
 
+def layer_scales(unet: UNet, scale, number=float) -> list[float]:
+    """One scale per cross-attention (cross_attentions order) from diffusers' set_ip_adapter_scale forms: a number
+    for all, or InstantStyle's dict, e.g. {"down": {"block_2": [0.0, 1.0]}, "up": {"block_1": [0.0, 1.0, 0.0]},
+    "mid": 0.0}: per level (a number, or one per attention of the level), per side, and "mid"; what the dict leaves
+    out is 0, as in diffusers. Unlike diffusers, a level without attention layers (SD1.5's up block_0, which SDXL
+    recipes name) or a key that names nothing is an error, not silently ignored. `number` checks each value."""
+    names = [name for name, _ in cross_attentions(unet)]
+    if not isinstance(scale, dict):
+        return [number(scale)] * len(names)
+    if unknown := sorted(set(scale) - {"down", "mid", "up"}):
+        raise ValueError(f"IP-Adapter scale: unknown key {unknown[0]!r}; the keys are down, mid and up")
+    mid, out = scale.get("mid", 0.0), {}
+    if isinstance(mid, (list, tuple)):
+        if len(mid) != 1:
+            raise ValueError(f"IP-Adapter scale: mid has one attention layer, got {len(mid)} scales")
+        mid = mid[0]
+    for side in ("down", "up"):
+        levels = sorted({int(n.split(".")[1]) for n in names if n.startswith(f"{side}_blocks.")})
+        per = unet.cfg.layers_per_block + (side == "up")
+        given = scale.get(side, 0.0)
+        given = given if isinstance(given, dict) else {f"block_{i}": given for i in levels}
+        if unknown := sorted(set(given) - {f"block_{i}" for i in levels}):
+            raise ValueError(f"IP-Adapter scale: {side} {unknown[0]} has no attention layers in this UNet; its "
+                             f"{side} levels with attention are {', '.join(f'block_{i}' for i in levels)}")
+        for i in levels:
+            values = given.get(f"block_{i}", 0.0)
+            values = [values] * per if not isinstance(values, (list, tuple)) else list(values) * (
+                per if len(values) == 1 else 1)
+            if len(values) != per:
+                raise ValueError(f"IP-Adapter scale: {side} block_{i} has {per} attention layers, got "
+                                 f"{len(values)} scales")
+            out |= {f"{side}_blocks.{i}.attentions.{j}": v for j, v in enumerate(values)}
+    return [number(mid if n.startswith("mid_block") else out[n]) for n in names]
+
+
 class IPAdapter(nn.Module):
     """The image encoder, the projection and one IPAttention per cross-attention (in cross_attentions order)."""
 
@@ -92,10 +128,11 @@ class IPAdapter(nn.Module):
         embeds = enc(clip_preprocess(images.float(), enc.cfg.image_size).to(p.device, p.dtype))  # (B, D)
         return self.image_proj(embeds).float(), self.image_proj(torch.zeros_like(embeds)).float()
 
-    def attach(self, unet: UNet, scale: float) -> None:
-        """Link every cross-attention of `unet` to its IPAttention (a plain attribute: no module is registered)."""
+    def attach(self, unet: UNet, scales: list[float]) -> None:
+        """Link every cross-attention of `unet` to its IPAttention at its scale (layer_scales), a plain attribute:
+        no module is registered."""
         n = self.image_proj.num_tokens
-        for (_, t2d), layer in zip(cross_attentions(unet), self.layers, strict=True):
+        for (_, t2d), layer, scale in zip(cross_attentions(unet), self.layers, scales, strict=True):
             t2d.ip = IPLink(layer, n, scale)
 
     @staticmethod

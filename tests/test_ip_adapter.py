@@ -147,7 +147,6 @@ def test_bad_ip_adapter_files_and_calls_are_named(models, adapters, tmp_path):
                 (lambda: pipe.generate("a cat", steps=1, progress=False, ip_adapter_image=[style_image()] * 2),
                  ValueError, r"ip_adapter_image: 2 images; give one"),
                 (lambda: loaded(pipe, folder), ValueError, r"an IP-Adapter is loaded already"),
-                (lambda: pipe.set_ip_adapter_scale({"down": {"block_2": [0.0, 1.0]}}), ValueError, "InstantStyle"),
                 (lambda: pipe.set_ip_adapter_scale([0.5, 0.5]), ValueError, r"2 values for the 1 IP-Adapter"),
                 (lambda: pipe.set_ip_adapter_scale(float("nan")), ValueError, r"ip_adapter scale must be a finite")]:
             with pytest.raises(error, match=message):
@@ -220,3 +219,36 @@ def test_cli_image_prompt(models, adapters, capsys, tmp_path):
                          "--ip-adapter-scale", "-1"], "--ip-adapter-scale -1 must be finite and >= 0")]:
         assert main(base + args) == 2
         assert said in capsys.readouterr().err
+
+
+def test_per_level_scales_equal_diffusers_instantstyle(models, ref, adapters):
+    """InstantStyle's dicts: the tiny UNet's levels with attention are down block_0..2 (1 layer each) and up
+    block_1..3 (2 each); what the dict leaves out is 0."""
+    pipe, noise = models["sd1"].pipe, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    run = dict(steps=3, sampler="euler", latents=noise, output_type="np", progress=False)
+    plain = pipe.generate("a cat", **run).images
+    style = {"up": {"block_1": [0.0, 1.0]}, "down": {"block_2": 0.5}, "mid": [0.3]}
+    theirs_pipe = loaded(ref("sd1", "txt2img", "euler"), adapters["sd1"], style)
+    try:
+        theirs = theirs_pipe("a cat", num_inference_steps=3, latents=noise.clone(), height=64, width=64,
+                             ip_adapter_image=style_image(), output_type="np").images
+    finally:
+        theirs_pipe.unload_ip_adapter()
+    loaded(pipe, adapters["sd1"], style)
+    try:
+        ours = pipe.generate("a cat", ip_adapter_image=style_image(), **run).images
+        scales = [t2d.ip.scale for _, t2d in cross_attentions(pipe.backend.model.unet)]
+        assert scales == [0.0, 0.0, 0.5, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.3]  # down 0-2, up 1-3 (2 each), mid
+        pipe.set_ip_adapter_scale({"up": 0.0})
+        assert np.array_equal(pipe.generate("a cat", ip_adapter_image=style_image(), **run).images, plain)
+        for scale, message in [({"up": {"block_0": [0.0, 1.0, 0.0]}}, r"up block_0 has no attention layers in this "
+                                r"UNet; its up levels with attention are block_1, block_2, block_3"),
+                               ({"up": {"block_1": [1.0, 0.0, 1.0]}}, r"up block_1 has 2 attention layers, got 3"),
+                               ({"mid": [1.0, 1.0]}, r"mid has one attention layer, got 2"),
+                               ({"middle": 1.0}, r"unknown key 'middle'"),
+                               ({"down": {"block_1": "x"}}, r"ip_adapter scale must be a finite number")]:
+            with pytest.raises(ValueError, match=message):
+                pipe.set_ip_adapter_scale(scale)
+    finally:
+        pipe.unload_ip_adapter()
+    assert max_diff(ours, theirs) <= TOL and max_diff(ours, plain) > 10 * TOL
