@@ -264,8 +264,8 @@ class DiffusersAPI:
 
     def set_ip_adapter_scale(self, scale) -> None:
         """diffusers' set_ip_adapter_scale: how strongly the image prompt counts (0: not at all, 1: as trained); a
-        number, or InstantStyle's per-level dict, e.g. {"up": {"block_1": [0.0, 1.0, 0.0]}} for the style alone
-        on SD1.5 (nn/ip_adapter.layer_scales), or a list of one of these (one per IP-Adapter, as diffusers)."""
+        number, or InstantStyle's per-level dict, e.g. {"up": {"block_1": [0.0, 1.0, 0.0]}}: one attention layer
+        of one level (nn/ip_adapter.layer_scales), or a list of one of these (one per IP-Adapter, as diffusers)."""
         from backdrop.diffusion.batching import as_number
         from backdrop.nn.ip_adapter import layer_scales
         if self._ip is None:
