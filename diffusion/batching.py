@@ -396,4 +396,3 @@ def step_callback(blend, user, schedule) -> Callable | None:
             user(i, x)
         return x
     return step
-

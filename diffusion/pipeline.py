@@ -32,6 +32,8 @@ prompts, images (of one size), masks, seeds and strengths:
     heun, dpmpp-2m(-sde) and lcm, descending sigmas (the last one the final level, usually 0) for euler, as
     diffusers' schedulers take them. The number of steps is then the list's (a steps= other than the default that
     disagrees is an error); img2img and inpaint with strength s run its last int(N * s) steps.
+  * `ip_adapter_image` (diffusers' argument): the image prompt of an IP-Adapter loaded with load_ip_adapter; one
+    image for the whole call (nn/ip_adapter.py).
   * `eta` is DDIM's noise (0 = deterministic, 1 = as DDPM), diffusers' `eta`: for sampler "ddim" only (diffusers
     ignores it elsewhere; we refuse it there rather than silently drop it).
   * Strengths. Samplers take one sigma per step for the whole batch, so items with different strengths run as
