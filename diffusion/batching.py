@@ -144,11 +144,13 @@ class Loop:
         check_eta(self.eta, self.sampler)
         schedule = build_schedule(self.sampler, self.steps, self.scheduler, timesteps=self.timesteps,
                                   sigmas=self.sigmas)
-        if schedule.num_steps != self.steps:  # a custom schedule sets the step count (steps= ignored, as diffusers)
-            if self.steps != SAMPLING_DEFAULTS["steps"]:  # ... unless it was given and says otherwise
-                kind = "timesteps" if self.timesteps is not None else "sigmas"
-                raise ValueError(f"steps={self.steps}, but {kind}= has {schedule.num_steps} steps: give one of them "
-                                 f"(a custom schedule sets the number of steps)")
+        custom = "timesteps" if self.timesteps is not None else "sigmas" if self.sigmas is not None else None
+        # a custom schedule sets the step count (steps= ignored, as diffusers), unless steps= was given and says
+        # otherwise (without one, trailing spacing at some N runs N + 1 steps, as diffusers: steps= stays N)
+        if custom and schedule.num_steps != self.steps:
+            if self.steps != SAMPLING_DEFAULTS["steps"]:
+                raise ValueError(f"steps={self.steps}, but {custom}= has {schedule.num_steps} steps: give one of "
+                                 "them (a custom schedule sets the number of steps)")
             object.__setattr__(self, "steps", schedule.num_steps)
         object.__setattr__(self, "schedule", schedule)
         if self.callback is not None:

@@ -28,7 +28,7 @@ from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, ad
                           add_textual_inversion_option, apply_model_options, checkpoint_options, make_folder,
                           one_line, parse_device)
 from backdrop.diffusion.cli_files import Task, parameters, plan, read_image, read_jobs, write
-from backdrop.diffusion.recipes import RECIPES, SAMPLING_DEFAULTS
+from backdrop.diffusion.recipes import NAMED_SCHEDULES, RECIPES, SAMPLING_DEFAULTS
 from backdrop.fsio import FolderInUse, FolderLock
 from backdrop.messages import some
 
@@ -189,6 +189,12 @@ def add_parser(subparsers) -> None:
 
 # ------------------------------------------------------------------------------------------------------ running
 
+def _custom_flag(args) -> str | None:
+    """The --timesteps / --sigmas option given, as written, or None."""
+    return next((f"--{k} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
+                 for k in ("timesteps", "sigmas") if (v := getattr(args, k)) is not None), None)
+
+
 def _custom_list(kind: type):
     """argparse type of --timesteps / --sigmas: a name (recipes.NAMED_SCHEDULES) or comma-separated numbers."""
     def parse(text: str):
@@ -256,6 +262,13 @@ def _check(args) -> None:
     for flag, value, ok, want in rules:
         if not ok:
             raise CLIError(f"{flag} {value} must be {want}")
+    if custom := _custom_flag(args):  # the list sets the number of steps (what the images' parameters record)
+        given = args.timesteps if args.timesteps is not None else args.sigmas
+        named = NAMED_SCHEDULES["timesteps" if args.timesteps is not None else "sigmas"]
+        steps = len(named.get(given, ()) if isinstance(given, str) else given) - (args.timesteps is None)
+        if steps >= 1 and args.steps not in (SAMPLING_DEFAULTS["steps"], steps):
+            raise CLIError(f"--steps {args.steps} and {custom} ({steps} steps): give one of them")
+        args.steps = max(steps, 1)  # an unknown name or too short a list: build_schedule names it
     if args.eta and args.sampler != "ddim":
         from backdrop.diffusion.samplers import stochastic_samplers
         raise CLIError(f"--eta is DDIM's noise: it applies to --sampler ddim only, not {args.sampler} (the "
@@ -306,8 +319,6 @@ def _pipeline(args):
             raise CLIError(f"--freeu {','.join(f'{v:g}' for v in args.freeu)}: {one_line(e)}") from None
     # a call's progress=None falls back to this default, which is True (a bar even in a cron log) until set
     pipe.set_progress_bar_config(disable=None)
-    custom = next((f"--{k} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
-                   for k in ("timesteps", "sigmas") if (v := getattr(args, k)) is not None), None)
     try:  # the model's scheduler decides which steps/sampler/strength it can run: say so before any work
         schedule = build_schedule(args.sampler, args.steps, pipe.config.scheduler, timesteps=args.timesteps,
                                   sigmas=args.sigmas)
@@ -315,11 +326,8 @@ def _pipeline(args):
             schedule.img2img(args.strength)
     except ValueError as e:
         strength = "" if args.kind == "generate" else f" --strength {args.strength}"
-        steps = custom or f"--steps {args.steps}"
-        raise CLIError(f"{steps} --sampler {args.sampler}{strength}: {one_line(e)}") from None
-    if custom and args.steps not in (SAMPLING_DEFAULTS["steps"], schedule.num_steps):
-        raise CLIError(f"--steps {args.steps} and {custom} ({schedule.num_steps} steps): give one of them")
-    args.steps = schedule.num_steps  # what the images' parameters record
+        raise CLIError(f"{_custom_flag(args) or f'--steps {args.steps}'} --sampler {args.sampler}{strength}: "
+                       f"{one_line(e)}") from None
     return pipe
 
 

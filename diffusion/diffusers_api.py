@@ -230,19 +230,22 @@ class DiffusersAPI:
         The IP-Adapter is `subfolder`/`weight_name` in a folder or a hub repo id in the local cache
         (load_ip_adapter("h94/IP-Adapter", subfolder="models", weight_name="ip-adapter_sd15.safetensors")), its
         image encoder the CLIPVisionModelWithProjection folder `image_encoder_folder` inside `subfolder` (a name
-        with a / is from the top). Its scale starts at 1 (set_ip_adapter_scale). Torch backend only; one at a time."""
+        with a / is from the top). Its scale starts at 1 (set_ip_adapter_scale). Torch backend only; one at a time.
+        A call running in another thread meanwhile keeps the IP-Adapter it started with (or none)."""
         from backdrop.nn.checkpoint import torch_model
         from backdrop.nn.ip_adapter import read_image_encoder, read_ip_adapter
-        from backdrop.nn.ldm_keys import MissingFile
+        from backdrop.nn.ldm_keys import CheckpointError, MissingFile
         from backdrop.nn.resolve import cached_repo, hub_snapshot, is_repo_id
         from backdrop.nn.weight_files import adapter_file
 
         model = torch_model(self.backend, "load_ip_adapter", "an export's UNet has no image-prompt attention")
         if self._ip is not None:
             raise ValueError("an IP-Adapter is loaded already: unload_ip_adapter() first (one at a time here)")
-        if not isinstance(pretrained_model_name_or_path_or_dict, (str, os.PathLike)):
-            raise TypeError("load_ip_adapter takes a folder or a hub repo id holding the IP-Adapter and its image "
-                            f"encoder, got a {type(pretrained_model_name_or_path_or_dict).__name__}")
+        given = (pretrained_model_name_or_path_or_dict, subfolder, weight_name, image_encoder_folder)
+        if not all(isinstance(g, (str, os.PathLike)) for g in given[:3]) or not isinstance(given[3], (str, type(None))):
+            raise TypeError("load_ip_adapter takes one IP-Adapter: a folder or hub repo id, and the subfolder and "
+                            f"file name in it, as strings (diffusers' lists of several are not supported), got "
+                            f"{', '.join(type(g).__name__ for g in given)}")
         if image_encoder_folder is None:
             raise ValueError("image_encoder_folder=None: the image encoder is loaded with the IP-Adapter here; name "
                              "its folder (a CLIPVisionModelWithProjection)")
@@ -253,14 +256,17 @@ class DiffusersAPI:
                 raise MissingFile(f"{root}: no such folder{where}")
             root = snapshot
         root = hub_snapshot(root)
-        weights = adapter_file(root / subfolder, weight_name, "IP-Adapter")
+        weights = adapter_file(root / subfolder, weight_name, "IP-Adapter", lambda p: CheckpointError(
+            f"{p}: a pickle file, which can run code when loaded, and is not read here: use the .safetensors file "
+            "published beside it (h94/IP-Adapter has models/ip-adapter_sd15.safetensors)"))
         encoder = root / (image_encoder_folder if "/" in image_encoder_folder else
                           Path(subfolder, image_encoder_folder))
         p = next(model.unet.parameters())
         adapter = read_ip_adapter(weights, model.unet, read_image_encoder(encoder, p.dtype, p.device))
-        with WEIGHT_CHANGES:  # as a LoRA's merge: not while another thread loads or moves weights
-            adapter.attach(model.unet, [1.0] * len(adapter.layers))
-            self._ip = adapter
+        with WEIGHT_CHANGES:  # as a LoRA's load: not while another thread loads or moves weights
+            if self._ip is not None:
+                raise ValueError("an IP-Adapter is loaded already: unload_ip_adapter() first (one at a time here)")
+            self._ip = (adapter, adapter.links(model.unet, [1.0] * len(adapter.layers)))
 
     def set_ip_adapter_scale(self, scale) -> None:
         """diffusers' set_ip_adapter_scale: how strongly the image prompt counts (0: not at all, 1: as trained); a
@@ -268,8 +274,6 @@ class DiffusersAPI:
         of one level (nn/ip_adapter.layer_scales), or a list of one of these (one per IP-Adapter, as diffusers)."""
         from backdrop.diffusion.batching import as_number
         from backdrop.nn.ip_adapter import layer_scales
-        if self._ip is None:
-            raise ValueError("no IP-Adapter is loaded: load_ip_adapter(...) first")
         if isinstance(scale, (list, tuple)):
             if len(scale) != 1:
                 raise ValueError(f"ip_adapter scale: {len(scale)} values for the 1 IP-Adapter loaded")
@@ -277,21 +281,24 @@ class DiffusersAPI:
         unet = self.backend.model.unet
         scales = layer_scales(unet, scale, lambda v: as_number(v, "ip_adapter scale", "a finite number"))
         with WEIGHT_CHANGES:
-            self._ip.attach(unet, scales)
+            if self._ip is None:
+                raise ValueError("no IP-Adapter is loaded: load_ip_adapter(...) first")
+            self._ip = (self._ip[0], self._ip[0].links(unet, scales))
 
     def unload_ip_adapter(self) -> None:
-        """diffusers' unload_ip_adapter: the UNet attends to the text alone again."""
+        """diffusers' unload_ip_adapter: later calls attend to the text alone again."""
         with WEIGHT_CHANGES:
-            if self._ip is not None:
-                self._ip.detach(self.backend.model.unet)
-                self._ip = None
+            self._ip = None
 
     def _ip_tokens(self, image):
-        """(tokens, unconditional tokens), each (1, N, C), of ip_adapter_image for the loaded IP-Adapter; None
-        without an image prompt."""
+        """(tokens, unconditional tokens, links) of ip_adapter_image for the IP-Adapter loaded now: tokens (1, N,
+        C) each, and the links its call sets (nn.unet.IP_LINKS); None without an image prompt."""
+        from PIL import Image
+
         from backdrop.diffusion import pixels as P
         from backdrop.diffusion.batching import items
-        if self._ip is None:
+        ip = self._ip  # one read: the call keeps this IP-Adapter whatever another thread loads meanwhile
+        if ip is None:
             if image is not None:
                 raise ValueError("ip_adapter_image= needs an IP-Adapter: load_ip_adapter(...) first")
             return None
@@ -301,7 +308,10 @@ class DiffusersAPI:
         if len(given := items(image, "ip_adapter_image")) != 1:
             raise ValueError(f"ip_adapter_image: {len(given)} images; give one image prompt for the call (several "
                              "images for one IP-Adapter, diffusers' nested lists, are not supported)")
-        return self._ip.tokens(P.image_to_tensor(given))
+        picture = given[0]
+        if isinstance(picture, Image.Image) and picture.mode != "RGB":  # transparency onto white, as transformers'
+            picture = Image.alpha_composite(Image.new("RGBA", picture.size, "white"), picture.convert("RGBA"))
+        return (*ip[0].tokens(P.image_to_tensor([picture])), ip[1])
 
     def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
         """diffusers' enable_freeu (nn/unet.py's FreeU): the UNet's two coarsest up levels weigh their backbone

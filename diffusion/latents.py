@@ -96,9 +96,11 @@ def blend_known_region(x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor
     x where mask = 1 (repaint) and put back the known latents x0 noised to the new level with the initial `noise`
     (clean x0 after the last step). mask: (B, 1, h, w) at latent size, 1 = repaint."""
     n, blend = schedule.num_steps, known_region(x0, noise, mask)
+    ve = RECIPES[schedule.sampler].family == "k"  # Euler's schedulers hold VE latents, the others VP ones
 
     def callback(i, x, sigma, sigma_next, denoised):
-        if i == n - 1:  # VP x0 at the final level (sigma 0 except DDIM's sigma(alphas_cumprod[0]))
-            return (1 - mask) * x0 * math.sqrt(1 + sigma_next**2) + mask * x
+        if i == n - 1:  # x0 at the final level (sigma 0 except DDIM's sigma(alphas_cumprod[0]), or a custom
+            # sigmas= list's last): as the VE latents of the VP x0 diffusers puts back, or x0 itself for Euler's
+            return (1 - mask) * x0 * (1 if ve else math.sqrt(1 + sigma_next**2)) + mask * x
         return blend(x, sigma_next)
     return callback

@@ -95,6 +95,7 @@ from backdrop.diffusion.latents import (blend_known_region, default_noise_sample
 from backdrop.diffusion.output import Output, as_hwc, decoded, format_output, item_numbers, with_profiles
 from backdrop.diffusion.samplers import SamplingInterrupted, sample
 from backdrop.diffusion.text import check_clip_skip, contexts, embed
+from backdrop.nn.ip_adapter import with_ip_links
 from backdrop.nn.resolve import (DTYPES, default_device, default_dtype, parse_dtype, resolve_model,
                                  unet_width)
 
@@ -127,7 +128,7 @@ class Pipeline(DiffusersAPI):
         self._warned: set = set()  # processing sizes already warned about (processing_size)
         self._width = backend.config.unet.cross_attention_dim  # of the text context: prompt_embeds' last dim
         self._adapters = Adapters()  # the LoRAs loaded (load_lora_weights), the active ones, what is merged
-        self._ip = None  # the IPAdapter loaded (load_ip_adapter), nn/ip_adapter.py
+        self._ip = None  # (IPAdapter, its links) loaded by load_ip_adapter: nn/ip_adapter.py
         self._progress, self._bar = True, {}  # the default of each call's progress=, and tqdm options
 
     @classmethod
@@ -183,7 +184,7 @@ class Pipeline(DiffusersAPI):
         with WEIGHT_CHANGES:
             self.backend = self.backend.to(device, parse_dtype(dtype))
             if self._ip is not None:
-                self._ip.to(self.backend.device, self.backend.dtype)
+                self._ip[0].to(self.backend.device, self.backend.dtype)
         return self
 
     # -------------------------------------------------------------------------------------------- public API
@@ -446,9 +447,11 @@ class Pipeline(DiffusersAPI):
             noise = given_latents(latents, (job["n"] * job["k"], C, *hw), job.get("rows")).to(dev, torch.float32)
         guided, interrupt = loop.guidance_scale > 1, loop.interrupt
         ctx, uctx = contexts(self.backend, job["prompts"], job["negatives"], guided, job["clip_skip"])
+        unet = self.backend.unet
         if job["ip"] is not None:  # an IP-Adapter's image tokens follow the text's (nn/ip_adapter.py)
             ctx, uctx = (None if c is None else torch.cat([c, t.to(c).expand(B, -1, -1)], 1)
-                         for c, t in zip((ctx, uctx), job["ip"]))
+                         for c, t in zip((ctx, uctx), job["ip"][:2]))
+            unet = with_ip_links(unet, job["ip"][2])
         result = torch.empty(shape, device=dev, dtype=torch.float32)
         for strength, idx in groups(job["strengths"]).items():
             if interrupt is not None and interrupt.is_set():
@@ -465,7 +468,7 @@ class Pipeline(DiffusersAPI):
                         guidance_scale=loop.guidance_scale, guidance_rescale=loop.guidance_rescale)
             if job["c_concat"] is not None:
                 args["c_concat"] = job["c_concat"][idx]
-            x = sample(CFGDenoiser(self.backend.unet, sched, self.config.prediction_type), x, sched,
+            x = sample(CFGDenoiser(unet, sched, self.config.prediction_type), x, sched,
                        extra_args=args, callback=step_callback(blend, loop.callback, sched),
                        noise_sampler=default_noise_sampler(x, gens if isinstance(gens, torch.Generator)
                                                            else [gens[i] for i in idx]), disable=_hidden(loop.progress),

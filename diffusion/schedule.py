@@ -202,8 +202,9 @@ def custom_schedule(sampler: str, timesteps=None, sigmas=None, num_train_timeste
         return None, None
     able = [n for n, r in RECIPES.items() if kind in r.custom]
     if kind not in RECIPES[sampler].custom:
-        raise ValueError(f"{sampler} takes no custom {kind}= (diffusers' {RECIPES[sampler].scheduler} does not, "
-                         f"with SD's config); samplers that do: {', '.join(able)}")
+        why = "refuses them with Karras sigmas" if RECIPES[sampler].karras else "takes none with SD's config"
+        raise ValueError(f"{sampler} takes no custom {kind}= (diffusers' {RECIPES[sampler].scheduler} {why}); "
+                         f"samplers that do: {', '.join(able)}")
     if isinstance(given, str):
         if given not in NAMED_SCHEDULES[kind]:
             raise ValueError(f"{kind}={given!r}: not a named schedule; give a list, or one of "
@@ -251,7 +252,7 @@ def build_schedule(sampler: str, steps: int | None, config: SchedulerConfig | No
     if cfg.clip_sample and r.clip_sample:
         raise ValueError(f"SchedulerConfig.clip_sample=True is not supported ({sampler!r}): latent diffusion does "
                          "not clip x0 to [-1, 1]; set clip_sample to false")
-    if r.family == "lcm" and steps > LCM_ORIGINAL_STEPS:
+    if r.family == "lcm" and steps > LCM_ORIGINAL_STEPS and custom_ts is None:  # a list: diffusers only warns
         raise ValueError(f"lcm takes its steps from the {LCM_ORIGINAL_STEPS} timesteps of consistency distillation, "
                          f"so at most {LCM_ORIGINAL_STEPS}, got {steps} (LCM-LoRAs are made for 2 to 8)")
     spacing = cfg.timestep_spacing or r.spacing

@@ -4,9 +4,10 @@ attends to them with its own key/value projections, the result added to the text
 
     attn2(x) = to_out(softmax(q k_text^T) v_text + scale * softmax(q k_ip^T) v_ip),  k_ip = to_k_ip(tokens), ...
 
-The tokens travel at the end of the UNet's context (B, 77 + N, C), as the original implementation passes them: a
-Transformer2D with an IP link splits them off, so the Backend contract `unet(latents, t, context)` is unchanged.
-The weights stay outside the UNet's modules (its state dict, LoRA merges, saving and export never see them).
+The tokens travel at the end of the UNet's context (B, 77 + N, C), as the original implementation passes them: in a
+call that set nn.unet.IP_LINKS (a context variable: per call and thread) each Transformer2D splits them off, so the
+Backend contract `unet(latents, t, context)` is unchanged. The weights stay outside the UNet's modules (its state
+dict, LoRA merges, saving and export never see them), and a call in another thread is never affected.
 
 Files are the published ones (h94/IP-Adapter's `ip-adapter_sd15.safetensors`, `_light`, the SD2.1 one): keys
 image_proj.{proj,norm}.* and ip_adapter.<i>.to_{k,v}_ip.weight, i = 1, 3, 5, ... over the UNet's cross-attentions in
@@ -25,11 +26,11 @@ from torch import nn
 from .checkpoint import _fill, _Problems
 from .clip import VisionTower, clip_preprocess, vision_config_from_transformers
 from .ldm_keys import CheckpointError, MissingFile, Src
-from .unet import Transformer2D, UNet
+from .unet import IP_LINKS, Transformer2D, UNet
 from .weight_files import _Reader, _weight_files
 
 __all__ = ["IPAdapter", "IPLink", "ImageProjection", "cross_attentions", "layer_scales", "read_ip_adapter",
-           "read_image_encoder"]
+           "read_image_encoder", "with_ip_links"]
 
 # image_proj keys of the variants we do not run -> their name
 _VARIANTS = {"latents": "IP-Adapter Plus (a Resampler over the image encoder's hidden states)",
@@ -66,6 +67,18 @@ class IPLink:
     layer: IPAttention
     num_tokens: int
     scale: float
+
+
+def with_ip_links(unet_call, links: dict[Transformer2D, IPLink]):
+    """`unet_call` (a Backend's unet) with nn.unet.IP_LINKS set to `links` around each call: the context it is
+    given ends with the image tokens."""
+    def call(*args, **kwargs):
+        token = IP_LINKS.set(links)
+        try:
+            return unet_call(*args, **kwargs)
+        finally:
+            IP_LINKS.reset(token)
+    return call
 
 
 def cross_attentions(unet: UNet) -> list[tuple[str, Transformer2D]]:
@@ -128,17 +141,12 @@ class IPAdapter(nn.Module):
         embeds = enc(clip_preprocess(images.float(), enc.cfg.image_size).to(p.device, p.dtype))  # (B, D)
         return self.image_proj(embeds).float(), self.image_proj(torch.zeros_like(embeds)).float()
 
-    def attach(self, unet: UNet, scales: list[float]) -> None:
-        """Link every cross-attention of `unet` to its IPAttention at its scale (layer_scales), a plain attribute:
-        no module is registered."""
+    def links(self, unet: UNet, scales: list[float]) -> dict[Transformer2D, IPLink]:
+        """Every cross-attention of `unet` with its IPAttention at its scale (layer_scales): what a call sets in
+        nn.unet.IP_LINKS (no module of the UNet changes)."""
         n = self.image_proj.num_tokens
-        for (_, t2d), layer, scale in zip(cross_attentions(unet), self.layers, scales, strict=True):
-            t2d.ip = IPLink(layer, n, scale)
-
-    @staticmethod
-    def detach(unet: UNet) -> None:
-        for _, t2d in cross_attentions(unet):
-            t2d.ip = None
+        return {t2d: IPLink(layer, n, scale)
+                for (_, t2d), layer, scale in zip(cross_attentions(unet), self.layers, scales, strict=True)}
 
 
 def read_image_encoder(folder: Path, dtype: torch.dtype, device) -> VisionTower:

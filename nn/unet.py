@@ -8,6 +8,8 @@ SD1 and SD2 differ only in config: per-level head counts, text width, and Linear
 from __future__ import annotations
 
 import math
+import numbers
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +20,12 @@ from .config import UNetConfig
 from .layers import (Attention, Downsample2D, FeedForward, GroupNorm, LayerNorm, ResnetBlock2D, TimestepEmbedding,
                      Timesteps, Upsample2D, maybe_checkpoint)
 
-__all__ = ["UNet", "FreeU", "fourier_filter"]
+__all__ = ["UNet", "FreeU", "fourier_filter", "IP_LINKS"]
+
+# The IP-Adapter links of the call running in this thread (or task): {Transformer2D: IPLink}, set by the pipeline
+# for one call (nn/ip_adapter.py). Per call, not a module attribute, so that loading or unloading an IP-Adapter
+# while another thread's call runs cannot make that call read its text tokens as image tokens.
+IP_LINKS: ContextVar[dict | None] = ContextVar("backdrop_ip_links", default=None)
 
 
 def fourier_filter(x: torch.Tensor, scale: float, threshold: int = 1) -> torch.Tensor:
@@ -45,7 +52,7 @@ class FreeU:
     def __post_init__(self):
         for name in ("s1", "s2", "b1", "b2"):  # diffusers silently turns FreeU off for a 0 (or None)
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
                 raise ValueError(f"FreeU {name} must be a finite number > 0, got {value!r}")
 
     def __call__(self, level: int, h: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,16 +100,15 @@ class Transformer2D(nn.Module):
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, cross_attention_dim)])
         self.proj_out = proj()
-        self.ip = None  # an IPLink while an IP-Adapter is loaded (nn/ip_adapter.py): not a module of the UNet
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        ip = None
-        if self.ip is not None:  # the image tokens travel at the end of the context
-            n = self.ip.num_tokens
+        ip, links = None, IP_LINKS.get()
+        if links is not None and (link := links.get(self)) is not None:  # image tokens end the context
+            n = link.num_tokens
             if context.shape[1] <= n:
-                raise ValueError(f"UNet.forward: an IP-Adapter is loaded, so the context ends with its {n} image "
-                                 f"tokens; got {context.shape[1]} tokens in all")
-            context, ip = context[:, :-n], (context[:, -n:], self.ip.layer, self.ip.scale)
+                raise ValueError(f"UNet.forward: in an IP-Adapter call the context ends with its {n} image tokens; "
+                                 f"got {context.shape[1]} tokens in all")
+            context, ip = context[:, :-n], (context[:, -n:], link.layer, link.scale)
         B, C, H, W = x.shape
         h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C): one copy of the transposed map
         h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)  # weight (C, C) or (C, C, 1, 1)

@@ -209,7 +209,7 @@ def custom_schedule(fields: dict, max_steps: int) -> dict:
         value = fields.get(name)
         if value is None:
             continue
-        if not isinstance(value, (list, str)) or len(value) > max_steps + 1:
+        if not isinstance(value, (list, str)) or len(value) > max_steps + (name == "sigmas"):  # N + 1 sigmas
             raise APIError(400, f"{name} must be a list of at most {max_steps} steps (--max-steps) or a schedule "
                                 f"name (ays), got {shown(value)}", param=name, code="invalid_value")
         custom[name] = tuple(value) if isinstance(value, list) else value

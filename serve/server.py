@@ -371,7 +371,7 @@ class _Handlers:
         if custom and f.get("steps") is not None and steps != length:
             raise APIError(400, f"steps {steps}, but {next(iter(custom))} has {length} steps: give one of them",
                            param="steps", code="invalid_value")
-        steps = length
+        steps = length if custom else steps  # (trailing spacing runs N + 1 steps at some N: steps stays N)
         eta = number(f.get("eta"), "eta", 0.0, 1.0, DEFAULT["eta"])
         try:
             check_eta(eta, sampler)

@@ -71,8 +71,9 @@ def test_samplers_whose_diffusers_scheduler_takes_no_list_refuse_one():
         for kind in ("timesteps", "sigmas"):
             if kind in r.custom:
                 continue
+            why = "refuses them with Karras sigmas" if r.karras else "takes none with SD's config"
             with pytest.raises(ValueError, match=rf"{name} takes no custom {kind}= \(diffusers' {r.scheduler} "
-                                                 rf"does not.*samplers that do: "):
+                                                 rf"{why}\); samplers that do: "):
                 build_schedule(name, None, **{kind: AYS_T if kind == "timesteps" else AYS_SIGMAS})
             with pytest.raises((TypeError, ValueError)):  # diffusers refuses it as well
                 sch = diffusers_scheduler(name, sched_config())
@@ -190,3 +191,54 @@ def test_cli_takes_a_custom_schedule_and_records_it(models, capsys, tmp_path):
         except SystemExit as e:  # argparse's own errors
             code = e.code
         assert code == 2 and said in capsys.readouterr().err
+
+
+def test_trailing_spacing_that_runs_n_plus_one_steps_is_no_custom_schedule(models, capsys, tmp_path):
+    """Trailing spacing at N = 61 (and 103, 121, 122 of T = 1000) gives 62 timesteps, as diffusers: steps=61 ran
+    (the step check took it for a custom list), and the CLI passed steps=62 on (another schedule) and recorded it."""
+    from PIL import Image
+
+    from backdrop.cli import main
+
+    model = models["sd2"]  # trailing spacing
+    assert build_schedule("euler", 61, model.pipe.config.scheduler).num_steps == 62
+    calls = []
+    out = model.pipe.generate("a cat", steps=61, sampler="euler", output_type="latent", progress=False, seed=1,
+                              callback=lambda i, x: calls.append(i))
+    assert len(calls) == 62 and out.images.shape[0] == 1
+    base = ["generate", "--model", model.folder, "--prompt", "a cat", "--seed", "1", "--steps", "61", "--sampler",
+            "euler", "--quiet", "--out", str(tmp_path)]
+    assert main(base) == 0
+    with Image.open(capsys.readouterr().out.split()[0]) as im:
+        assert "\nSteps: 61, Sampler: euler," in im.info["parameters"]
+        assert np.array_equal(np.asarray(im), np.asarray(model.pipe.generate(
+            "a cat", steps=61, sampler="euler", seed=1, progress=False).images[0]))
+
+
+def test_cli_skip_existing_knows_the_images_a_custom_schedule_made(models, capsys, tmp_path):
+    from backdrop.cli import main
+
+    base = ["generate", "--model", models["sd1"].folder, "--prompt", "a cat", "--seed", "2", "--quiet", "--out",
+            str(tmp_path), "--sigmas", "14.6,2,0", "--sampler", "euler"]
+    assert main(base) == 0 and len(capsys.readouterr().out.split()) == 1
+    assert main(base + ["--skip-existing"]) == 0  # refused them: "not made by this command"
+    assert capsys.readouterr().out.split() == []
+
+
+def test_euler_sigmas_ending_above_zero_inpaint_with_a_4_channel_unet_as_diffusers(models, ref):
+    """The last blend put back the VE form of VP x0, x0 * sqrt(1 + s^2); Euler's latents are VE: x0 itself."""
+    pipe, x0, masks, seeds = models["sd1"].pipe, images(2, seed=1), rect_masks(2, seed=1), [5, 6]
+    sig = [10.0, 3.0, 1.0, 0.6]
+    ours = pipe.inpaint(x0, masks, PROMPTS, seed=seeds, sampler="euler", sigmas=sig, paste_back=False,
+                        mask_mode="diffusers", mask_dilate=0, output_type="latent", progress=False).images
+    lat = latents_of(pipe, x0)
+    theirs = ref("sd1", "inpaint", "euler")(
+        prompt=PROMPTS, image=lat, mask_image=masks, masked_image_latents=lat, height=64, width=64, sigmas=sig,
+        guidance_scale=7.5, generator=generators(seeds), output_type="latent").images
+    assert (ours - theirs).abs().max() <= 1e-4
+
+
+def test_lcm_takes_a_custom_list_longer_than_its_distillation_as_diffusers_does():
+    assert build_schedule("lcm", None, timesteps=list(range(999, 0, -16))).num_steps == 63
+    with pytest.raises(ValueError, match=r"at most 50, got 63"):
+        build_schedule("lcm", 63)

@@ -111,3 +111,7 @@ def test_cli_freeu(models, capsys, tmp_path):
         main(base + ["--freeu", "1,2,3"])
     assert info.value.code == 2
     assert "'1,2,3' is not four comma-separated numbers S1,S2,B1,B2, sd1 or sd2" in capsys.readouterr().err
+
+
+def test_freeu_takes_numpy_scales():
+    assert FreeU(np.float32(0.9), np.float64(0.2), np.int64(2), 1.6).b1 == 2

@@ -171,13 +171,20 @@ def test_bad_ip_adapter_files_and_calls_are_named(models, adapters, tmp_path):
         save_file(state, str(bad / WEIGHTS))
         with pytest.raises(CheckpointError, match=message):
             loaded(pipe, bad.parent)
-        assert pipe._ip is None and all(t2d.ip is None for _, t2d in cross_attentions(pipe.backend.model.unet))
+        assert pipe._ip is None
     with pytest.raises(FileNotFoundError, match=r"no such folder, nor a repo id in the local Hugging Face cache"):
         pipe.load_ip_adapter("h94/not-cached", subfolder="models", weight_name=WEIGHTS)
     with pytest.raises(FileNotFoundError, match=r"elsewhere: no such file"):
         pipe.load_ip_adapter(str(folder), subfolder="elsewhere", weight_name=WEIGHTS)
     with pytest.raises(FileNotFoundError, match=r"not an image encoder folder \(no config.json\)"):
         pipe.load_ip_adapter(str(folder), subfolder="models", weight_name=WEIGHTS, image_encoder_folder="gone")
+    (bad / "ip-adapter_sd15.bin").write_bytes(b"a pickle")  # h94 ships both: only the .safetensors is read
+    with pytest.raises(CheckpointError, match=r"ip-adapter_sd15.bin: a pickle file, which can run code when loaded, "
+                                              r"and is not read here: use the .safetensors file published beside it"):
+        pipe.load_ip_adapter(str(bad.parent), subfolder="models", weight_name="ip-adapter_sd15.bin")
+    with pytest.raises(TypeError, match=r"load_ip_adapter takes one IP-Adapter: .* \(diffusers' lists of several "
+                                        r"are not supported\), got str, str, list, str"):
+        pipe.load_ip_adapter(str(folder), subfolder="models", weight_name=[WEIGHTS])
 
 
 def test_to_moves_the_ip_adapter_with_the_model(models, adapters):
@@ -185,7 +192,7 @@ def test_to_moves_the_ip_adapter_with_the_model(models, adapters):
 
     pipe = loaded(Pipeline.from_pretrained(models["sd1"].folder, device="cpu", dtype=torch.float32), adapters["sd1"])
     pipe.to(torch.bfloat16)
-    assert {p.dtype for p in pipe._ip.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in pipe._ip[0].parameters()} == {torch.bfloat16}
     out = pipe.generate("a cat", steps=2, progress=False, output_type="np", ip_adapter_image=style_image()).images
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
 
@@ -237,7 +244,8 @@ def test_per_level_scales_equal_diffusers_instantstyle(models, ref, adapters):
     loaded(pipe, adapters["sd1"], style)
     try:
         ours = pipe.generate("a cat", ip_adapter_image=style_image(), **run).images
-        scales = [t2d.ip.scale for _, t2d in cross_attentions(pipe.backend.model.unet)]
+        links = pipe._ip[1]
+        scales = [links[t2d].scale for _, t2d in cross_attentions(pipe.backend.model.unet)]
         assert scales == [0.0, 0.0, 0.5, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.3]  # down 0-2, up 1-3 (2 each), mid
         pipe.set_ip_adapter_scale({"up": 0.0})
         assert np.array_equal(pipe.generate("a cat", ip_adapter_image=style_image(), **run).images, plain)
@@ -252,3 +260,63 @@ def test_per_level_scales_equal_diffusers_instantstyle(models, ref, adapters):
     finally:
         pipe.unload_ip_adapter()
     assert max_diff(ours, theirs) <= TOL and max_diff(ours, plain) > 10 * TOL
+
+
+def test_a_transparent_image_prompt_is_seen_on_white_as_diffusers_sees_it(models, ref, adapters):
+    """transformers' CLIPImageProcessor composites transparency onto white; dropping the alpha band instead showed
+    the encoder whatever colour the transparent pixels held."""
+    pipe, noise = models["sd1"].pipe, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    rgba = np.asarray(style_image()).copy()
+    rgba = np.dstack([rgba, np.where(np.arange(32)[None, :] < 16, 0, 255).repeat(32, 0).astype(np.uint8)])
+    cutout = Image.fromarray(rgba, "RGBA")  # the left half transparent, its colours kept
+    theirs_pipe = loaded(ref("sd1", "txt2img", "euler"), adapters["sd1"])
+    try:
+        theirs = theirs_pipe("a cat", num_inference_steps=3, latents=noise.clone(), height=64, width=64,
+                             ip_adapter_image=cutout, output_type="np").images
+    finally:
+        theirs_pipe.unload_ip_adapter()
+    loaded(pipe, adapters["sd1"])
+    try:
+        ours = pipe.generate("a cat", steps=3, sampler="euler", latents=noise, output_type="np", progress=False,
+                             ip_adapter_image=cutout).images
+    finally:
+        pipe.unload_ip_adapter()
+    assert max_diff(ours, theirs) <= TOL
+
+
+def test_a_call_keeps_the_ip_adapter_it_started_with(models, adapters):
+    """A text-only call overlapping load_ip_adapter in another thread gives the text-only image (it read its last
+    text tokens as image tokens), and the UNet called directly never splits its context."""
+    import threading
+
+    pipe, noise = models["sd1"].pipe, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    run = dict(steps=4, sampler="euler", latents=noise, output_type="np", progress=False)
+    plain = pipe.generate("a cat", **run).images
+    started, done = threading.Event(), threading.Event()
+
+    def hold(i, x):
+        if i == 0:
+            started.set()
+            assert done.wait(30)
+
+    def load():
+        assert started.wait(30)
+        loaded(pipe, adapters["sd1"])
+        done.set()
+
+    other = threading.Thread(target=load)
+    other.start()
+    try:
+        racing = pipe.generate("a cat", callback=hold, **run).images
+        other.join()
+        unet, x = pipe.backend.model.unet, torch.randn(1, 4, 8, 8)
+        context = torch.randn(1, 77, unet.cfg.cross_attention_dim)
+        with torch.no_grad():
+            attached = unet(x, 500, context)
+        pipe.unload_ip_adapter()
+        with torch.no_grad():
+            assert torch.equal(unet(x, 500, context), attached)
+    finally:
+        other.join()
+        pipe.unload_ip_adapter()
+    assert np.array_equal(racing, plain)

@@ -110,6 +110,8 @@ def test_a_custom_schedule_is_the_python_apis(server, serve_pipe):
             (dict(timesteps=999), "timesteps", "timesteps must be a list of at most 150 steps (--max-steps) or a "
                                                "schedule name (ays), got 999"),
             (dict(timesteps=list(range(999, 0, -5))), "timesteps", "a list of at most 150 steps"),
+            (dict(timesteps=list(range(999, 848, -1))), "timesteps", "a list of at most 150 steps"),  # 151
+            (dict(sigmas=[10.0 - i / 20 for i in range(152)]), "sigmas", "a list of at most 150 steps"),  # N + 1
             (dict(timesteps=[999, 2], strength=0.2), "strength", "leaves no step to run")]:
         body = dict(image=b64(image), mask=b64(mask), prompt="a shelf", **custom)
         r = httpx.post(f"{server.url}/v1/inpaint", headers=JSON, content=json.dumps(body), timeout=120)
