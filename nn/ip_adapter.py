@@ -9,7 +9,7 @@ call that set nn.unet.IP_LINKS (a context variable: per call and thread) each Tr
 Backend contract `unet(latents, t, context)` is unchanged. The weights stay outside the UNet's modules (its state
 dict, LoRA merges, saving and export never see them), and a call in another thread is never affected.
 
-Files are the published ones (h94/IP-Adapter's `ip-adapter_sd15.safetensors`, `_light`, the SD2.1 one): keys
+Files are the published ones (h94/IP-Adapter's `ip-adapter_sd15.safetensors` and its `_light` version): keys
 image_proj.{proj,norm}.* and ip_adapter.<i>.to_{k,v}_ip.weight, i = 1, 3, 5, ... over the UNet's cross-attentions in
 diffusers' order (down levels, up levels, mid block), with the image encoder a transformers
 CLIPVisionModelWithProjection folder. The Plus, Full-face and FaceID variants are refused by name.
@@ -181,8 +181,8 @@ def read_ip_adapter(path: Path, unet: UNet, image_encoder: VisionTower) -> IPAda
     keys = set(reader.shapes)
     proj = {k.removeprefix("image_proj."): k for k in keys if k.startswith("image_proj.")}
     if variant := next((name for key, name in _VARIANTS.items() if key in proj), None):
-        raise CheckpointError(f"{path}: an {variant} file: only the base IP-Adapter (ip-adapter_sd15, its _light "
-                              "version, ip-adapter_sd21) is supported")
+        raise CheckpointError(f"{path}: an {variant} file: only the base IP-Adapter (ip-adapter_sd15 and its _light "
+                              "version) is supported")
     if "proj.weight" not in proj:
         raise CheckpointError(f"{path}: not an IP-Adapter file (no image_proj.proj.weight; keys: "
                               f"{', '.join(sorted(keys)[:5])})")
