@@ -142,6 +142,30 @@ def textual_inversion_spec(text: str) -> tuple[str, str | None]:
     return _path_and_suffix(text, "TOKEN")
 
 
+FREEU = {"sd1": (0.9, 0.2, 1.5, 1.6), "sd2": (0.9, 0.2, 1.4, 1.6)}  # the FreeU authors' s1, s2, b1, b2
+
+
+def freeu_spec(text: str) -> tuple[float, ...]:
+    """argparse type of --freeu: a name in FREEU, or four comma-separated numbers."""
+    if text.strip() in FREEU:
+        return FREEU[text.strip()]
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"{text!r} is not four comma-separated numbers S1,S2,B1,B2, sd1 or sd2")
+    return values
+
+
+def add_freeu_option(group) -> None:
+    """--freeu, for the commands that load a model."""
+    group.add_argument("--freeu", type=freeu_spec, default=None, metavar="S1,S2,B1,B2",
+                       help="FreeU (Si et al. 2023): weigh the UNet's backbone features up and its skips' low "
+                            "frequencies down, training-free; 'sd1' (0.9,0.2,1.5,1.6) and 'sd2' (0.9,0.2,1.4,1.6) "
+                            "are the authors' values (default: off; --backend torch only)")
+
+
 def add_textual_inversion_option(group) -> None:
     """--textual-inversion, for the commands that load a model."""
     group.add_argument("--textual-inversion", action="append", default=[], type=textual_inversion_spec,
@@ -226,12 +250,17 @@ def _abbreviated(prefix: str, names: dict[str, str]) -> str | None:
 
 def apply_model_options(pipe, args) -> None:
     """The model options of the commands that load one (generate, img2img, inpaint, serve), in order: merge
-    --lora, add --textual-inversion words, check --clip-skip against the model (its text encoder's layers; an
+    --lora, add --textual-inversion words, turn on --freeu, check --clip-skip against the model (its text encoder's layers; an
     exported backend cannot skip). Each error is a one-line CLIError naming its option."""
     from backdrop.diffusion.text import check_clip_skip
 
     load_loras(pipe, args.lora)
     load_textual_inversions(pipe, args.textual_inversion)
+    if (freeu := getattr(args, "freeu", None)) is not None:
+        try:
+            pipe.enable_freeu(*freeu)
+        except ValueError as e:  # a scale <= 0, or another backend
+            raise CLIError(f"--freeu {','.join(f'{v:g}' for v in freeu)}: {one_line(e)}") from None
     try:
         check_clip_skip(args.clip_skip, pipe.backend,
                         "run the model folder with --backend torch, or leave out --clip-skip")

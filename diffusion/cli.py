@@ -24,7 +24,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, add_lora_option,
+from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, add_freeu_option, add_lora_option,
                           add_textual_inversion_option, apply_model_options, checkpoint_options, make_folder,
                           one_line, parse_device)
 from backdrop.diffusion.cli_files import Task, parameters, plan, read_image, read_jobs, write
@@ -85,10 +85,7 @@ def _common_options() -> argparse.ArgumentParser:
                    help="condition on the text encoder's output N layers before its last (diffusers' clip_skip; "
                         "A1111's 'CLIP skip' is N + 1): 1 for models trained that way, e.g. many anime SD1.5 "
                         "fine-tunes (default: 0, the last layer; --backend torch only)")
-    s.add_argument("--freeu", type=_freeu, default=None, metavar="S1,S2,B1,B2",
-                   help="FreeU (Si et al. 2023): weigh the UNet's backbone features up and its skips' low "
-                        "frequencies down, training-free; 'sd1' (0.9,0.2,1.5,1.6) and 'sd2' (0.9,0.2,1.4,1.6) are "
-                        "the authors' values (default: off; --backend torch only)")
+    add_freeu_option(s)
     s.add_argument("--eta", type=float, default=0.0,
                    help="with --sampler ddim: fresh noise each step, 0 = none (deterministic), 1 = as DDPM "
                         "(default: %(default)s)")
@@ -312,11 +309,6 @@ def _pipeline(args):
             pipe.set_ip_adapter_scale(args.ip_adapter_scale)
         except (OSError, ValueError) as e:  # CheckpointError, a missing image encoder, another backend
             raise CLIError(f"--ip-adapter {weights}: {one_line(e)}") from None
-    if args.freeu is not None:
-        try:
-            pipe.enable_freeu(*args.freeu)
-        except ValueError as e:  # a scale <= 0, or another backend
-            raise CLIError(f"--freeu {','.join(f'{v:g}' for v in args.freeu)}: {one_line(e)}") from None
     # a call's progress=None falls back to this default, which is True (a bar even in a cron log) until set
     pipe.set_progress_bar_config(disable=None)
     try:  # the model's scheduler decides which steps/sampler/strength it can run: say so before any work

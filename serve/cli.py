@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from backdrop import __version__
-from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, add_lora_option,
+from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, add_freeu_option, add_lora_option,
                           add_textual_inversion_option, apply_model_options, checkpoint_options, parse_device)
 from backdrop.diffusion.recipes import RECIPES, SAMPLING_DEFAULTS
 from backdrop.messages import require
@@ -84,6 +84,7 @@ def add_parser(subparsers) -> None:
     add_dtype_option(m)
     add_checkpoint_options(m)
     add_lora_option(m)
+    add_freeu_option(m)
     add_textual_inversion_option(m)
     m.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on CUDA with the torch backend, run the UNet eagerly instead of replaying CUDA graphs")

@@ -115,3 +115,16 @@ def test_cli_freeu(models, capsys, tmp_path):
 
 def test_freeu_takes_numpy_scales():
     assert FreeU(np.float32(0.9), np.float64(0.2), np.int64(2), 1.6).b1 == 2
+
+
+def test_serve_takes_freeu_as_the_generating_commands_do(models):
+    from backdrop.cli import apply_model_options, build_parser
+    from backdrop.nn.unet import FreeU
+
+    pipe = models["sd1"].pipe
+    args = build_parser().parse_args(["serve", models["sd1"].folder, "--freeu", "0.8,0.3,1.2,1.4"])
+    try:
+        apply_model_options(pipe, args)  # what `backdrop serve` runs before warming up (and capturing CUDA graphs)
+        assert pipe.backend.model.unet.freeu == FreeU(0.8, 0.3, 1.2, 1.4)
+    finally:
+        pipe.disable_freeu()
