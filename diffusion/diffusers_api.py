@@ -97,7 +97,9 @@ class DiffusersAPI:
         set_adapters(name, lora_scale) for it). The LoRA is a .safetensors file (diffusers/PEFT or kohya-ss; see
         nn/lora.py), diffusers' LoRA folder or a hub repo id (org/name) in the local Hugging Face cache (weight_name=:
         the file in it), or a state dict of tensors. The merged LoRAs keep one CPU copy of each weight they change."""
-        source = _weight_file(pretrained_model_name_or_path_or_dict, weight_name, "LoRA", pickle_option=False)
+        from backdrop.nn.weight_files import _pickle_refusal
+        source = _weight_file(pretrained_model_name_or_path_or_dict, weight_name, "LoRA",
+                              lambda p: _pickle_refusal(p, option=False))  # no allow_pickle for LoRAs
         with WEIGHT_CHANGES:
             self._adapters.load(self._lora_model(), source, adapter_name, lora_scale)
 
@@ -158,8 +160,9 @@ class DiffusersAPI:
         `token` (or one per embedding) names the word prompts use. Several loads stack. Returns the words prompts
         use, one per embedding. Formats and errors: nn/textual_inversion.py."""
         from backdrop.nn.checkpoint import torch_model
-        from backdrop.nn.textual_inversion import load_textual_inversion
-        source = _weight_file(pretrained_model_name_or_path, weight_name, "embedding", pickle_option=True)
+        from backdrop.nn.textual_inversion import _pickle_refusal, load_textual_inversion
+        # A1111's .pt nests its vector: the conversion that unpacks it, as for the file given by path
+        source = _weight_file(pretrained_model_name_or_path, weight_name, "embedding", _pickle_refusal)
         with WEIGHT_CHANGES:
             return load_textual_inversion(torch_model(self.backend, "textual inversion", _TI_INSTEAD), source, token)
 
@@ -362,15 +365,16 @@ class DiffusersAPI:
         raise AttributeError(f"Pipeline has no scheduler to replace (diffusers' pipelines do): {_SAMPLER}")
 
 
-def _weight_file(source, weight_name: str | None, what: str, pickle_option: bool):
-    """diffusers' weight_name=: the file of that name in the folder, hub cache entry or repo id `source` names."""
+def _weight_file(source, weight_name: str | None, what: str, refusal):
+    """diffusers' weight_name=: the file of that name in the folder, hub cache entry or repo id `source` names;
+    refusal(path): the CheckpointError for a pickle file, with the conversion that fits the file's kind."""
     if weight_name is None:
         return source
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"weight_name={weight_name!r} names a file in a folder or hub repo; the {what} given is a "
                         f"{type(source).__name__}")
-    from backdrop.nn.weight_files import _pickle_refusal, adapter_file
-    return adapter_file(Path(source), weight_name, what, lambda p: _pickle_refusal(p, pickle_option))
+    from backdrop.nn.weight_files import adapter_file
+    return adapter_file(Path(source), weight_name, what, refusal)
 
 
 def _lacking_message(name: str) -> str:

@@ -67,3 +67,21 @@ def test_token_picks_one_tensor_of_a_file_with_several(model, tmp_path):
         assert "<a>" not in model.tokenizer
     finally:
         unload_textual_inversion(model)
+
+
+def test_a_pickle_named_by_weight_name_gets_the_embedding_conversion(tmp_path):
+    """load_textual_inversion(folder, weight_name="x.pt") refused A1111's .pt with the model checkpoints' advice:
+    pass allow_pickle (which it does not take), and a conversion of the top-level tensors only, which makes A1111's
+    nested {"string_to_param": {"*": ...}} an empty file. By path, the same file got the right advice."""
+    from backdrop.diffusion.pipeline import Pipeline
+    from backdrop.nn.checkpoint import save_model
+
+    pipe = Pipeline.from_pretrained(save_model(init_model("tiny", seed=1), tmp_path / "m"), device="cpu",
+                                    dtype=torch.float32)
+    (tmp_path / "emb").mkdir()
+    torch.save({"string_to_param": {"*": torch.zeros(1, 64)}, "name": "old"}, tmp_path / "emb" / "old.pt")
+    for call in (lambda: pipe.load_textual_inversion(tmp_path / "emb" / "old.pt"),
+                 lambda: pipe.load_textual_inversion(tmp_path / "emb", weight_name="old.pt")):
+        with pytest.raises(CheckpointError, match=r"old.pt: a pickle file") as info:
+            call()
+        assert "string_to_param" in str(info.value) and "allow_pickle" not in str(info.value)
