@@ -250,8 +250,8 @@ def _abbreviated(prefix: str, names: dict[str, str]) -> str | None:
 
 def apply_model_options(pipe, args) -> None:
     """The model options of the commands that load one (generate, img2img, inpaint, serve), in order: merge
-    --lora, add --textual-inversion words, turn on --freeu, check --clip-skip against the model (its text encoder's layers; an
-    exported backend cannot skip). Each error is a one-line CLIError naming its option."""
+    --lora, add --textual-inversion words, turn on --freeu, check --clip-skip against the model (its text
+    encoder's layers; an exported backend cannot skip). Each error is a one-line CLIError naming its option."""
     from backdrop.diffusion.text import check_clip_skip
 
     load_loras(pipe, args.lora)

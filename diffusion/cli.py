@@ -205,22 +205,6 @@ def _custom_list(kind: type):
     return parse
 
 
-FREEU = {"sd1": (0.9, 0.2, 1.5, 1.6), "sd2": (0.9, 0.2, 1.4, 1.6)}  # the FreeU authors' s1, s2, b1, b2
-
-
-def _freeu(text: str) -> tuple[float, ...]:
-    """argparse type of --freeu: a name in FREEU, or four comma-separated numbers."""
-    if text.strip() in FREEU:
-        return FREEU[text.strip()]
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 4:
-        raise argparse.ArgumentTypeError(f"{text!r} is not four comma-separated numbers S1,S2,B1,B2, sd1 or sd2")
-    return values
-
-
 MAX_N = 1000  # images per run (written as each batch of --batch-size finishes)
 
 

@@ -61,15 +61,20 @@ def loaded(pipe, folder, scale=None):
     return pipe
 
 
+def diffusers_txt2img(ref, adapters, prompt, noise, image, steps=3, scale=None):
+    """diffusers' StableDiffusionPipeline (euler, guidance 7.5) on the tiny SD1 after its load_ip_adapter."""
+    pipe = loaded(ref("sd1", "txt2img", "euler"), adapters["sd1"], scale)
+    try:
+        return pipe(prompt, num_inference_steps=steps, guidance_scale=7.5, latents=noise.clone(), height=64,
+                    width=64, ip_adapter_image=image, output_type="np").images
+    finally:
+        pipe.unload_ip_adapter()
+
+
 @pytest.mark.parametrize("scale", [1.0, 0.6])
 def test_generate_with_an_image_prompt_equals_diffusers(models, ref, adapters, scale):
     pipe, noise = models["sd1"].pipe, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    theirs_pipe = loaded(ref("sd1", "txt2img", "euler"), adapters["sd1"], scale)
-    try:
-        theirs = theirs_pipe(PROMPTS, num_inference_steps=4, guidance_scale=7.5, latents=noise.clone(), height=64,
-                             width=64, ip_adapter_image=style_image(), output_type="np").images
-    finally:
-        theirs_pipe.unload_ip_adapter()
+    theirs = diffusers_txt2img(ref, adapters, PROMPTS, noise, style_image(), steps=4, scale=scale)
     plain = pipe.generate(PROMPTS, steps=4, sampler="euler", latents=noise, output_type="np", progress=False).images
     loaded(pipe, adapters["sd1"], scale)
     try:
@@ -122,12 +127,7 @@ def test_scale_zero_is_the_text_alone_and_a_resized_image_prompt_is_close_to_dif
         ours = pipe.generate("a cat", ip_adapter_image=wide, **run).images
     finally:
         pipe.unload_ip_adapter()
-    theirs_pipe = loaded(ref("sd1", "txt2img", "euler"), adapters["sd1"])
-    try:
-        theirs = theirs_pipe("a cat", num_inference_steps=3, latents=noise.clone(), height=64, width=64,
-                             ip_adapter_image=wide, output_type="np").images
-    finally:
-        theirs_pipe.unload_ip_adapter()
+    theirs = diffusers_txt2img(ref, adapters, "a cat", noise, wide)
     assert max_diff(ours, theirs) <= 5e-3  # PIL's bicubic on uint8 vs ours on floats: the encoder sees ~1/255
 
 
@@ -235,12 +235,7 @@ def test_per_level_scales_equal_diffusers_instantstyle(models, ref, adapters):
     run = dict(steps=3, sampler="euler", latents=noise, output_type="np", progress=False)
     plain = pipe.generate("a cat", **run).images
     style = {"up": {"block_1": [0.0, 1.0]}, "down": {"block_2": 0.5}, "mid": [0.3]}
-    theirs_pipe = loaded(ref("sd1", "txt2img", "euler"), adapters["sd1"], style)
-    try:
-        theirs = theirs_pipe("a cat", num_inference_steps=3, latents=noise.clone(), height=64, width=64,
-                             ip_adapter_image=style_image(), output_type="np").images
-    finally:
-        theirs_pipe.unload_ip_adapter()
+    theirs = diffusers_txt2img(ref, adapters, "a cat", noise, style_image(), scale=style)
     loaded(pipe, adapters["sd1"], style)
     try:
         ours = pipe.generate("a cat", ip_adapter_image=style_image(), **run).images
@@ -269,12 +264,7 @@ def test_a_transparent_image_prompt_is_seen_on_white_as_diffusers_sees_it(models
     rgba = np.asarray(style_image()).copy()
     rgba = np.dstack([rgba, np.where(np.arange(32)[None, :] < 16, 0, 255).repeat(32, 0).astype(np.uint8)])
     cutout = Image.fromarray(rgba, "RGBA")  # the left half transparent, its colours kept
-    theirs_pipe = loaded(ref("sd1", "txt2img", "euler"), adapters["sd1"])
-    try:
-        theirs = theirs_pipe("a cat", num_inference_steps=3, latents=noise.clone(), height=64, width=64,
-                             ip_adapter_image=cutout, output_type="np").images
-    finally:
-        theirs_pipe.unload_ip_adapter()
+    theirs = diffusers_txt2img(ref, adapters, "a cat", noise, cutout)
     loaded(pipe, adapters["sd1"])
     try:
         ours = pipe.generate("a cat", steps=3, sampler="euler", latents=noise, output_type="np", progress=False,
