@@ -268,17 +268,20 @@ def test_app_builder_arguments():
         assert builder_args({"model": "m", "allowed_origins": origins})["server_config"].allowed_origins == (
             "https://a.example", "https://b.example")
     models = builder_args({"model": "m", "lora": "a.safetensors:0.5, b.safetensors", "vae": "v.safetensors",
-                           "textual_inversion": ["t.safetensors:<cat>"], "allow_pickle": "no", "variant": "fp16"})
-    assert {k: models[k] for k in ("lora", "textual_inversion", "vae", "allow_pickle", "variant")} == dict(
+                           "textual_inversion": ["t.safetensors:<cat>"], "allow_pickle": "no", "variant": "fp16",
+                           "freeu": "sd1"})
+    assert {k: models[k] for k in ("lora", "textual_inversion", "vae", "allow_pickle", "variant", "freeu")} == dict(
         lora=[("a.safetensors", 0.5), ("b.safetensors", 1.0)], textual_inversion=[("t.safetensors", "<cat>")],
-        vae="v.safetensors", allow_pickle=False, variant="fp16")
+        vae="v.safetensors", allow_pickle=False, variant="fp16", freeu=(0.9, 0.2, 1.5, 1.6))
+    assert builder_args({"model": "m", "freeu": [0.8, 0.3, 1.2, 1.4]})["freeu"] == (0.8, 0.3, 1.2, 1.4)  # YAML
     for args, message in (({"num_replicas": "2"}, "give model=PATH"),
                           ({"model": "m", "loras": "x.safetensors"}, r"unknown arguments \['loras'\]"),
                           ({"model": "m", "adaptive_delay": "ture"}, "true or false"),
                           ({"model": "m", "max_batch_size": 8.5}, r"max_batch_size=8.5: expected int .not a whole"),
                           ({"model": "m", "steps": "many"}, r"steps='many': expected int"),
                           ({"model": "m", "max_queue": "0"}, "max_queue = 0 is out of range"),
-                          ({"model": "m", "lora": "x.safetensors:inf"}, "finite")):
+                          ({"model": "m", "lora": "x.safetensors:inf"}, "finite"),
+                          ({"model": "m", "freeu": "0.9,0.2"}, "not four comma-separated numbers")):
         with pytest.raises(ValueError, match=message):
             builder_args(args)
 
@@ -299,6 +302,7 @@ def test_a_replica_merges_its_loras_as_backdrop_serve_does(serve_model_dir, tmp_
     """build_app's lora (and the other model options) reach every replica's Pipeline; a bad file stops the replica
     with the option's one-line error."""
     from backdrop.nn.checkpoint import load_model
+    from backdrop.nn.unet import FreeU
     from test_lora import assert_same, peft_file, random_lora, state
 
     base = load_model(serve_model_dir)
@@ -307,10 +311,12 @@ def test_a_replica_merges_its_loras_as_backdrop_serve_does(serve_model_dir, tmp_
     expected.load_lora_weights(path, lora_scale=0.5)
     replica = BackdropReplica(str(serve_model_dir), EngineConfig(max_batch_size=1), ServerConfig(steps=1),
                               device="cpu", dtype="fp32", cuda_graphs=False,
-                              model_options=dict(lora=[(str(path), 0.5)], textual_inversion=[], vae=None))
+                              model_options=dict(lora=[(str(path), 0.5)], textual_inversion=[], vae=None,
+                                                 freeu=(0.8, 0.3, 1.2, 1.4)))
     try:
         ours, theirs, base = state(replica.engine.pipe.backend.model), state(expected.backend.model), state(base)
         assert_same(ours, theirs)
+        assert replica.engine.pipe.backend.model.unet.freeu == FreeU(0.8, 0.3, 1.2, 1.4)  # as `backdrop serve`'s
         assert sum(not torch.equal(ours[k], base[k]) for k in base) > 10  # the LoRA's modules changed
     finally:
         replica.__del__()
