@@ -256,11 +256,11 @@ def apply_model_options(pipe, args) -> None:
 
     load_loras(pipe, args.lora)
     load_textual_inversions(pipe, args.textual_inversion)
-    if (freeu := getattr(args, "freeu", None)) is not None:
+    if args.freeu is not None:
         try:
-            pipe.enable_freeu(*freeu)
+            pipe.enable_freeu(*args.freeu)
         except ValueError as e:  # a scale <= 0, or another backend
-            raise CLIError(f"--freeu {','.join(f'{v:g}' for v in freeu)}: {one_line(e)}") from None
+            raise CLIError(f"--freeu {','.join(f'{v:g}' for v in args.freeu)}: {one_line(e)}") from None
     try:
         check_clip_skip(args.clip_skip, pipe.backend,
                         "run the model folder with --backend torch, or leave out --clip-skip")

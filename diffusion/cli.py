@@ -27,7 +27,7 @@ from pathlib import Path
 from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, add_freeu_option, add_lora_option,
                           add_textual_inversion_option, apply_model_options, checkpoint_options, make_folder,
                           one_line, parse_device)
-from backdrop.diffusion.cli_files import Task, parameters, plan, read_image, read_jobs, write
+from backdrop.diffusion.cli_files import Task, custom_schedule_text, parameters, plan, read_image, read_jobs, write
 from backdrop.diffusion.recipes import NAMED_SCHEDULES, RECIPES, SAMPLING_DEFAULTS
 from backdrop.fsio import FolderInUse, FolderLock
 from backdrop.messages import some
@@ -188,8 +188,7 @@ def add_parser(subparsers) -> None:
 
 def _custom_flag(args) -> str | None:
     """The --timesteps / --sigmas option given, as written, or None."""
-    return next((f"--{k} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
-                 for k in ("timesteps", "sigmas") if (v := getattr(args, k)) is not None), None)
+    return (text := custom_schedule_text(args)) and f"--{text}"
 
 
 def _custom_list(kind: type):

@@ -26,7 +26,7 @@ from backdrop.cli import CLIError, one_line
 from backdrop.fsio import fsync, usual_permissions
 from backdrop.messages import some
 
-__all__ = ["Job", "Task", "read_image", "read_jobs", "plan", "parameters", "write"]
+__all__ = ["Job", "Task", "read_image", "read_jobs", "plan", "custom_schedule_text", "parameters", "write"]
 
 
 @dataclass
@@ -363,16 +363,21 @@ def _mask_fields(args, job: Job) -> dict:
             "Mask threshold": args.mask_threshold, "Color match": args.color_match, "Paste back": args.paste_back}
 
 
+def custom_schedule_text(args) -> str | None:
+    """--timesteps / --sigmas as given ("timesteps ays", "sigmas 14.6,2.0,0.0"), or None."""
+    for kind in ("timesteps", "sigmas"):
+        if (given := getattr(args, kind)) is not None:
+            return f"{kind} {given if isinstance(given, str) else ','.join(map(str, given))}"
+    return None
+
+
 def parameters(args, task: Task, size: tuple[int, int]) -> str:
     """How one image was made, as A1111 records it (its PNG Info tab and image sites read this): the prompt, the
     negative prompt's line, then `Key: value` pairs, A1111's keys first, Backdrop's own after; options left unset
     are left out."""
     from backdrop import __version__
 
-    custom = args.timesteps if args.timesteps is not None else args.sigmas
-    fields = {"Steps": args.steps, "Sampler": args.sampler,
-              "Schedule": f"{'timesteps' if args.timesteps is not None else 'sigmas'} "
-                          f"{custom if isinstance(custom, str) else ','.join(map(str, custom))}" if custom else None,
+    fields = {"Steps": args.steps, "Sampler": args.sampler, "Schedule": custom_schedule_text(args),
               "CFG scale": args.guidance_scale, "Seed": task.seed,
               "Size": f"{size[0]}x{size[1]}", "Model": args.model,
               "Denoising strength": None if args.kind == "generate" else args.strength,

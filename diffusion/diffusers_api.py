@@ -43,6 +43,7 @@ _SAMPLER = ("the sampler is chosen per call: sampler= one of " + ", ".join(RECIP
             "diffusers scheduler of that name, e.g. unipc = UniPCMultistepScheduler; see diffusion/samplers.py)")
 _MODEL = ("the torch modules are pipe.backend.model.unet, .vae, .text_encoder and .tokenizer (torch backend; an "
           "export has no torch modules)")
+_ONE_IP_ADAPTER = "an IP-Adapter is loaded already: unload_ip_adapter() first (one at a time here)"
 _ONE_DEVICE = "not supported: the whole model lives on one device (pipe.to(device), or from_pretrained(device=))"
 # diffusers pipeline attributes Backdrop does not have -> what to do instead (an AttributeError says it)
 DIFFUSERS_ATTRIBUTES = {
@@ -242,8 +243,8 @@ class DiffusersAPI:
         from backdrop.nn.weight_files import adapter_file
 
         model = torch_model(self.backend, "load_ip_adapter", "an export's UNet has no image-prompt attention")
-        if self._ip is not None:
-            raise ValueError("an IP-Adapter is loaded already: unload_ip_adapter() first (one at a time here)")
+        if self._ip is not None:  # before reading the files; checked again under the lock
+            raise ValueError(_ONE_IP_ADAPTER)
         given = (pretrained_model_name_or_path_or_dict, subfolder, weight_name, image_encoder_folder)
         if not all(isinstance(g, (str, os.PathLike)) for g in given[:3]) or not isinstance(given[3], (str, type(None))):
             raise TypeError("load_ip_adapter takes one IP-Adapter: a folder or hub repo id, and the subfolder and "
@@ -268,7 +269,7 @@ class DiffusersAPI:
         adapter = read_ip_adapter(weights, model.unet, read_image_encoder(encoder, p.dtype, p.device))
         with WEIGHT_CHANGES:  # as a LoRA's load: not while another thread loads or moves weights
             if self._ip is not None:
-                raise ValueError("an IP-Adapter is loaded already: unload_ip_adapter() first (one at a time here)")
+                raise ValueError(_ONE_IP_ADAPTER)
             self._ip = (adapter, adapter.links(model.unet, [1.0] * len(adapter.layers)))
 
     def set_ip_adapter_scale(self, scale) -> None:
@@ -320,15 +321,17 @@ class DiffusersAPI:
         """diffusers' enable_freeu (nn/unet.py's FreeU): the UNet's two coarsest up levels weigh their backbone
         features up (b1, b2) and their skips' lowest frequencies down (s1, s2) in every later call. Training-free;
         the authors' values for SD1.x are s1=0.9, s2=0.2, b1=1.5, b2=1.6 (SD2.x: b1=1.4). Torch backend only."""
-        from backdrop.nn.checkpoint import torch_model
         from backdrop.nn.unet import FreeU
 
         freeu = FreeU(s1, s2, b1, b2)
-        torch_model(self.backend, "enable_freeu", "an export's UNet is fixed").unet.freeu = freeu
+        self._unet("enable_freeu").freeu = freeu
 
     def disable_freeu(self) -> None:
+        self._unet("disable_freeu").freeu = None
+
+    def _unet(self, feature: str):
         from backdrop.nn.checkpoint import torch_model
-        torch_model(self.backend, "disable_freeu", "an export's UNet is fixed").unet.freeu = None
+        return torch_model(self.backend, feature, "an export's UNet is fixed").unet
 
     def _vae(self, feature: str):
         from backdrop.nn.checkpoint import torch_model

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from backdrop.diffusion.schedule import RECIPES, Schedule
+from backdrop.diffusion.schedule import Schedule
 
 __all__ = ["host_to_device", "per_item_randn", "default_noise_sampler", "initial_latents", "noised_latents",
            "output_latents", "blend_known_region", "known_region"]
@@ -78,7 +78,7 @@ def output_latents(x: torch.Tensor, schedule: Schedule) -> torch.Tensor:
     diffusers decodes those (slightly noisy) VP latents, not x0. Euler's schedulers hold VE latents, which they hand
     over as they are at a final level above 0 (a custom sigmas= list may end there)."""
     s = float(schedule.sigmas[-1])
-    return x if s == 0 or RECIPES[schedule.sampler].family == "k" else x / math.sqrt(1 + s * s)
+    return x if s == 0 or schedule.ve else x / math.sqrt(1 + s * s)
 
 
 def known_region(x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor) -> Callable:
@@ -96,11 +96,10 @@ def blend_known_region(x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor
     x where mask = 1 (repaint) and put back the known latents x0 noised to the new level with the initial `noise`
     (clean x0 after the last step). mask: (B, 1, h, w) at latent size, 1 = repaint."""
     n, blend = schedule.num_steps, known_region(x0, noise, mask)
-    ve = RECIPES[schedule.sampler].family == "k"  # Euler's schedulers hold VE latents, the others VP ones
 
     def callback(i, x, sigma, sigma_next, denoised):
         if i == n - 1:  # x0 at the final level (sigma 0 except DDIM's sigma(alphas_cumprod[0]), or a custom
             # sigmas= list's last): as the VE latents of the VP x0 diffusers puts back, or x0 itself for Euler's
-            return (1 - mask) * x0 * (1 if ve else math.sqrt(1 + sigma_next**2)) + mask * x
+            return (1 - mask) * x0 * (1 if schedule.ve else math.sqrt(1 + sigma_next**2)) + mask * x
         return blend(x, sigma_next)
     return callback

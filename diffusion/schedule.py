@@ -129,6 +129,12 @@ class Schedule:
     def num_steps(self) -> int:
         return self.timesteps.shape[0]
 
+    @property
+    def ve(self) -> bool:
+        """Whether diffusers' scheduler holds VE latents (Euler's and Heun's) rather than VP ones: what its final
+        latents and an inpainting blend's x0 are when the last level is above 0."""
+        return RECIPES[self.sampler].family == "k"
+
     @cached_property
     def _pairs(self) -> dict[float, float]:
         return dict(zip(self.sigmas[:-1].tolist(), self.timesteps.tolist()))

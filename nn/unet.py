@@ -33,10 +33,8 @@ def fourier_filter(x: torch.Tensor, scale: float, threshold: int = 1) -> torch.T
     scaled by `scale`; the FFT runs in float32 (fp16 FFTs are experimental, bf16 ones missing), as diffusers'."""
     freq = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=(-2, -1)), dim=(-2, -1))  # (B, C, H, W) complex
     H, W = x.shape[-2:]
-    mask = torch.ones(H, W, device=x.device)
-    mask[H // 2 - threshold:H // 2 + threshold, W // 2 - threshold:W // 2 + threshold] = scale
-    freq = torch.fft.ifftshift(freq * mask, dim=(-2, -1))
-    return torch.fft.ifftn(freq, dim=(-2, -1)).real.to(x.dtype)
+    freq[..., H // 2 - threshold:H // 2 + threshold, W // 2 - threshold:W // 2 + threshold] *= scale
+    return torch.fft.ifftn(torch.fft.ifftshift(freq, dim=(-2, -1)), dim=(-2, -1)).real.to(x.dtype)
 
 
 @dataclass(frozen=True)

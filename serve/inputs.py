@@ -32,7 +32,7 @@ from backdrop.nn.tokenizer import check_texts
 
 __all__ = ["APIError", "size_buckets", "decode_image", "repaint_mask", "require_edit_area", "require_transparency",
            "one_image", "edit_inputs", "number", "form_int", "form_bool", "seconds", "boolean", "text", "choice",
-           "check_fields", "b64decode", "shown", "clip", "custom_schedule", "IMAGE_FORMATS", "MIN_SIDE",
+           "check_fields", "b64decode", "shown", "clip", "custom_schedule_fields", "IMAGE_FORMATS", "MIN_SIDE",
            "MAX_PROMPT_CHARS", "MAX_STEPS", "MAX_SEED", "IDENTITY_IGNORED", "EDIT_IGNORED", "GENERATE_IGNORED",
            "OPENAI_OUTPUT", "UNSUPPORTED"]
 
@@ -201,7 +201,7 @@ def number(value, name: str, lo, hi, default, kind=float):
     return x
 
 
-def custom_schedule(fields: dict, max_steps: int) -> dict:
+def custom_schedule_fields(fields: dict, max_steps: int) -> dict:
     """/v1/inpaint's custom schedule: {"timesteps": tuple} or {"sigmas": tuple} (a JSON list, or a name such as
     "ays"), or {}; the list's values are the schedule's to check (build_schedule)."""
     custom = {}

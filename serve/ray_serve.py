@@ -83,6 +83,8 @@ AUTOSCALING = {"min_replicas": int, "max_replicas": int, "initial_replicas": int
                "upscale_delay_s": float, "downscale_delay_s": float}
 DEPLOYMENT = {"max_ongoing_requests": int, "max_queued_requests": int, "graceful_shutdown_timeout_s": float,
               "health_check_period_s": float, "health_check_timeout_s": float}
+
+
 def _freeu(value) -> tuple[float, ...]:
     """`freeu`: "sd1", "sd2", "S1,S2,B1,B2" or a YAML list of four numbers, as `backdrop serve --freeu`."""
     try:

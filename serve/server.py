@@ -69,7 +69,7 @@ from backdrop.serve.body_limit import BodyLimit, BodyTimeout, BodyTooLarge
 from backdrop.serve.engine import Engine, Item, ServeKey
 from backdrop.serve.files import FileStore, png_bytes
 from backdrop.serve.inputs import (EDIT_IGNORED, GENERATE_IGNORED, MAX_SEED, MAX_STEPS, MIN_SIDE, OPENAI_OUTPUT,
-                                   APIError, b64decode, boolean, check_fields, choice, clip, custom_schedule,
+                                   APIError, b64decode, boolean, check_fields, choice, clip, custom_schedule_fields,
                                    decode_image, edit_inputs, form_int, number, one_image, repaint_mask,
                                    require_transparency, seconds, shown, size_buckets, text)
 from backdrop.serve.metrics import CONTENT_TYPE
@@ -138,12 +138,12 @@ class _Handlers:
     def _schedule(self, sampler: str, steps: int, strength: float, **custom) -> int:
         """Refuse what this model's scheduler cannot run (DDIM's leading spacing at 1000 steps would pass timestep
         1000; int(steps * strength) = 0 leaves no step) before it is queued: in a batch it would fail every request
-        beside it. custom: timesteps= or sigmas= (a list, checked by _custom). Returns the number of steps."""
+        beside it. custom: timesteps= or sigmas= (inputs.custom_schedule_fields). Returns the number of steps."""
         try:
             full = build_schedule(sampler, steps, self.engine.pipe.config.scheduler, **custom)
             schedule = full.img2img(strength)
         except ValueError as e:
-            param = next((k for k in (*custom, "strength") if f"{k}=" in str(e) or k in str(e)), "steps")
+            param = next((k for k in (*custom, "strength") if k in str(e)), "steps")
             raise APIError(400, str(e), param=param, code="invalid_value") from None
         try:  # an epsilon model at sigma = inf (zero terminal SNR): it failed in the batch, a 500
             check_start(schedule, self.engine.pipe.config.prediction_type)
@@ -366,7 +366,7 @@ class _Handlers:
         strength = number(f.get("strength"), "strength", 1e-3, 1.0, DEFAULT["strength"])
         steps = number(f.get("steps"), "steps", 1, self.config.max_steps, self.config.steps, int)
         sampler = choice(f.get("sampler"), "sampler", tuple(RECIPES), self.config.sampler)
-        custom = custom_schedule(f, self.config.max_steps)
+        custom = custom_schedule_fields(f, self.config.max_steps)
         length = self._schedule(sampler, steps, strength, **custom)
         if custom and f.get("steps") is not None and steps != length:
             raise APIError(400, f"steps {steps}, but {next(iter(custom))} has {length} steps: give one of them",
