@@ -149,27 +149,8 @@ class UNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         ch, heads, n = cfg.block_out_channels, cfg.num_heads, len(cfg.block_out_channels)
-        g, eps, temb = cfg.norm_num_groups, cfg.norm_eps, ch[0] * cfg.time_embed_dim_mult
-
-        def resnet(c_in: int, c_out: int) -> ResnetBlock2D:
-            return ResnetBlock2D(c_in, c_out, temb, g, eps)
-
-        def attention(c: int, h: int) -> Transformer2D:
-            return Transformer2D(c, h, cfg.cross_attention_dim, g, cfg.use_linear_projection)
-
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.time_proj = Timesteps(ch[0])
-        self.time_embedding = TimestepEmbedding(ch[0], temb)
-
-        self.down_blocks = nn.ModuleList()
-        for i in range(n):
-            c_in, c = ch[max(i - 1, 0)], ch[i]
-            self.down_blocks.append(Level(
-                [resnet(c_in if j == 0 else c, c) for j in range(cfg.layers_per_block)],
-                [attention(c, heads[i]) for _ in range(cfg.layers_per_block)] if cfg.attention_levels[i] else None,
-                down=Downsample2D(c, padding=1) if i < n - 1 else None))
-
-        self.mid_block = MidBlock([resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])], attention(ch[-1], heads[-1]))
+        self.time_proj, self.time_embedding, self.down_blocks, self.mid_block = encoder_modules(cfg)
 
         # Up level i mirrors down level n-1-i. Its resnet j takes the previous up level's output (j == 0) or its
         # own, concatenated with one skip; a level's last skip is the next finer down level's downsampled output
@@ -180,54 +161,36 @@ class UNet(nn.Module):
             c, c_prev, c_skip_last = rev[i], rev[max(i - 1, 0)], rev[min(i + 1, n - 1)]
             layers = cfg.layers_per_block + 1
             self.up_blocks.append(Level(
-                [resnet((c_prev if j == 0 else c) + (c_skip_last if j == layers - 1 else c), c) for j in range(layers)],
-                [attention(c, rev_heads[i]) for _ in range(layers)] if rev_attn[i] else None,
+                [_resnet(cfg, (c_prev if j == 0 else c) + (c_skip_last if j == layers - 1 else c), c)
+                 for j in range(layers)],
+                [_attention(cfg, c, rev_heads[i]) for _ in range(layers)] if rev_attn[i] else None,
                 up=Upsample2D(c) if i < n - 1 else None))
 
-        self.conv_norm_out = GroupNorm(g, ch[0], eps, silu=True)
+        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps, silu=True)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         self.gradient_checkpointing = False
         self.freeu: FreeU | None = None
 
-    def _timesteps(self, timestep, batch: int, device: torch.device) -> torch.Tensor:
-        """int / float / 0-dim / (1,) / (B,) -> (B,) float32. Fractional timesteps are kept (Euler, Karras)."""
-        t = torch.as_tensor(timestep, device=device)
-        if t.dim() == 0:
-            t = t[None]
-        if t.dim() != 1 or t.shape[0] not in (1, batch):
-            raise ValueError(f"UNet.forward: timestep must be a scalar or shape (B,) with B={batch}, "
-                             f"got shape {tuple(t.shape)}")
-        return t.float().expand(batch)
-
-    def forward(self, sample: torch.Tensor, timestep, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep, context: torch.Tensor,
+                down_block_additional_residuals=None, mid_block_additional_residual=None) -> torch.Tensor:
+        """The residuals (diffusers' names): a ControlNet's (nn/controlnet.py), one per skip (B, C_skip, H, W) in
+        the down path's order and one for the mid block's output; they are added to the skips and to the mid
+        block's output, as diffusers' UNet2DConditionModel adds them."""
         cfg = self.cfg
         if sample.dim() != 4 or sample.shape[1] != cfg.in_channels:
             raise ValueError(f"UNet.forward: sample must be (B, {cfg.in_channels}, h, w), got {tuple(sample.shape)}")
-        B = sample.shape[0]
-        if context.dim() != 3 or context.shape[0] != B or context.shape[2] != cfg.cross_attention_dim:
-            raise ValueError(f"UNet.forward: context must be ({B}, L, {cfg.cross_attention_dim}), "
-                             f"got {tuple(context.shape)}")
+        check_context(cfg, context, sample.shape[0], "UNet.forward")
         ckpt = self.gradient_checkpointing and self.training
-
-        t_emb = self.time_proj(self._timesteps(timestep, B, sample.device)).to(sample.dtype)  # (B, C0)
-        emb = self.time_embedding(t_emb)  # (B, 4*C0)
-
-        h = self.conv_in(sample)
-        skips = [h]
-        for level in self.down_blocks:
-            for j, resnet in enumerate(level.resnets):
-                h = maybe_checkpoint(ckpt, resnet, h, emb)
-                if level.attentions is not None:
-                    h = maybe_checkpoint(ckpt, level.attentions[j], h, context)
-                skips.append(h)
-            if level.downsamplers is not None:
-                h = level.downsamplers[0](h)
-                skips.append(h)
-
-        mid = self.mid_block
-        h = maybe_checkpoint(ckpt, mid.resnets[0], h, emb)
-        h = maybe_checkpoint(ckpt, mid.attentions[0], h, context)
-        h = maybe_checkpoint(ckpt, mid.resnets[1], h, emb)
+        emb = time_embedding(self, timestep, sample)  # (B, 4*C0)
+        h, skips = encode(self.down_blocks, self.mid_block, self.conv_in(sample), emb, context, ckpt)
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips) or mid_block_additional_residual is None:
+                raise ValueError(f"UNet.forward: {len(skips)} down residuals and a mid one, one per skip, got "
+                                 f"{len(down_block_additional_residuals)} and "
+                                 f"{'a' if mid_block_additional_residual is not None else 'no'} mid one")
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual
 
         for i, level in enumerate(self.up_blocks):
             for j, resnet in enumerate(level.resnets):
@@ -243,3 +206,67 @@ class UNet(nn.Module):
                 # were rounded up by the stride-2 convs (diffusers' forward_upsample_size / upsample_size).
                 h = level.upsamplers[0](h, skips[-1].shape[-2:])
         return self.conv_out(self.conv_norm_out(h))
+
+
+# -------------------------------------------------------------------- the encoder UNet and ControlNet share
+
+def _resnet(cfg: UNetConfig, c_in: int, c_out: int) -> ResnetBlock2D:
+    return ResnetBlock2D(c_in, c_out, cfg.block_out_channels[0] * cfg.time_embed_dim_mult, cfg.norm_num_groups,
+                         cfg.norm_eps)
+
+
+def _attention(cfg: UNetConfig, c: int, heads: int) -> Transformer2D:
+    return Transformer2D(c, heads, cfg.cross_attention_dim, cfg.norm_num_groups, cfg.use_linear_projection)
+
+
+def encoder_modules(cfg: UNetConfig) -> tuple[Timesteps, TimestepEmbedding, nn.ModuleList, MidBlock]:
+    """time_proj, time_embedding, down_blocks and mid_block (diffusers' names): what a UNet and a ControlNet
+    have alike."""
+    ch, heads, n = cfg.block_out_channels, cfg.num_heads, len(cfg.block_out_channels)
+    down_blocks = nn.ModuleList()
+    for i in range(n):
+        c_in, c = ch[max(i - 1, 0)], ch[i]
+        down_blocks.append(Level(
+            [_resnet(cfg, c_in if j == 0 else c, c) for j in range(cfg.layers_per_block)],
+            [_attention(cfg, c, heads[i]) for _ in range(cfg.layers_per_block)] if cfg.attention_levels[i] else None,
+            down=Downsample2D(c, padding=1) if i < n - 1 else None))
+    mid = MidBlock([_resnet(cfg, ch[-1], ch[-1]), _resnet(cfg, ch[-1], ch[-1])], _attention(cfg, ch[-1], heads[-1]))
+    return Timesteps(ch[0]), TimestepEmbedding(ch[0], ch[0] * cfg.time_embed_dim_mult), down_blocks, mid
+
+
+def check_context(cfg: UNetConfig, context: torch.Tensor, batch: int, where: str) -> None:
+    if context.dim() != 3 or context.shape[0] != batch or context.shape[2] != cfg.cross_attention_dim:
+        raise ValueError(f"{where}: context must be ({batch}, L, {cfg.cross_attention_dim}), "
+                         f"got {tuple(context.shape)}")
+
+
+def time_embedding(model: nn.Module, timestep, sample: torch.Tensor) -> torch.Tensor:
+    """model.time_embedding(model.time_proj(timesteps)) (B, 4*C0) for a timestep given as an int / float / 0-dim /
+    (1,) / (B,); fractional timesteps are kept (Euler, Karras)."""
+    B = sample.shape[0]
+    t = torch.as_tensor(timestep, device=sample.device)
+    if t.dim() == 0:
+        t = t[None]
+    if t.dim() != 1 or t.shape[0] not in (1, B):
+        raise ValueError(f"{type(model).__name__}.forward: timestep must be a scalar or shape (B,) with B={B}, "
+                         f"got shape {tuple(t.shape)}")
+    return model.time_embedding(model.time_proj(t.float().expand(B)).to(sample.dtype))
+
+
+def encode(down_blocks: nn.ModuleList, mid: MidBlock, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+           ckpt: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The down path from conv_in's output h, then the mid block: (the mid block's output, the skips: h and every
+    down resnet/attention and downsampler output, in order)."""
+    skips = [h]
+    for level in down_blocks:
+        for j, resnet in enumerate(level.resnets):
+            h = maybe_checkpoint(ckpt, resnet, h, emb)
+            if level.attentions is not None:
+                h = maybe_checkpoint(ckpt, level.attentions[j], h, context)
+            skips.append(h)
+        if level.downsamplers is not None:
+            h = level.downsamplers[0](h)
+            skips.append(h)
+    h = maybe_checkpoint(ckpt, mid.resnets[0], h, emb)
+    h = maybe_checkpoint(ckpt, mid.attentions[0], h, context)
+    return maybe_checkpoint(ckpt, mid.resnets[1], h, emb), skips
