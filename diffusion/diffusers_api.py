@@ -317,6 +317,45 @@ class DiffusersAPI:
             picture = Image.alpha_composite(Image.new("RGBA", picture.size, "white"), picture.convert("RGBA"))
         return (*ip[0].tokens(P.image_to_tensor([picture])), ip[1])
 
+    @property
+    def controlnet(self):
+        """diffusers' pipe.controlnet: the ControlNet every call runs (then control_image= is required), a list of
+        them (residuals summed, as diffusers' MultiControlNetModel), or None."""
+        nets = self._controlnets
+        return None if not nets else nets[0] if len(nets) == 1 else list(nets)
+
+    @controlnet.setter
+    def controlnet(self, value) -> None:
+        """A ControlNet (nn/controlnet.py), the path of one (a diffusers folder or an original single file), a list
+        of those, or None; moved to the pipeline's device and dtype. Torch backend only."""
+        from backdrop.nn.checkpoint import torch_model
+        from backdrop.nn.controlnet import ControlNet, load_controlnet
+        given = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+        nets = []
+        for i, net in enumerate(given):
+            unet = torch_model(self.backend, "ControlNet", "an export's UNet takes no ControlNet residuals").unet
+            if isinstance(net, (str, os.PathLike)):
+                net = load_controlnet(net, self.backend.dtype, self.backend.device)
+            if not isinstance(net, ControlNet):
+                raise TypeError(f"controlnet[{i}]: a backdrop.nn.controlnet.ControlNet or the path of one, got a "
+                                f"{type(net).__name__}")
+            ours, theirs = net.cfg.unet, unet.cfg
+            for name in ("block_out_channels", "layers_per_block", "attention_levels", "cross_attention_dim"):
+                if getattr(ours, name) != getattr(theirs, name):
+                    raise ValueError(f"controlnet[{i}] does not fit this model: its {name} is {getattr(ours, name)}, "
+                                     f"the UNet's {getattr(theirs, name)} (a ControlNet for another base model?)")
+            if net.cfg.downsample_factor != self.config.vae.downsample_factor:
+                raise ValueError(f"controlnet[{i}] reads control images at 1/{net.cfg.downsample_factor} of the "
+                                 f"pixels, this model's latents are 1/{self.config.vae.downsample_factor}")
+            nets.append(net.to(self.backend.device, self.backend.dtype).eval())
+        with WEIGHT_CHANGES:
+            self._controlnets = tuple(nets)
+
+    def _control(self, control_image, scale, start, end, guess_mode, req):
+        """The call's diffusion.control.Control from its arguments (None without a ControlNet)."""
+        from backdrop.diffusion.control import control_request
+        return control_request(self._controlnets, control_image, scale, start, end, guess_mode, req["n"], req["k"])
+
     def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
         """diffusers' enable_freeu (nn/unet.py's FreeU): the UNet's two coarsest up levels weigh their backbone
         features up (b1, b2) and their skips' lowest frequencies down (s1, s2) in every later call. Training-free;

@@ -84,6 +84,7 @@ from backdrop.diffusion import crop_paste as C
 from backdrop.diffusion import masks as M
 from backdrop.diffusion import pixels as P
 from backdrop.diffusion.adapters import Adapters
+from backdrop.diffusion.control import controlled_unet
 from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, MaskOptions, as_number, broadcast, step_callback,
                                         diffusers_names, given_latents, groups, image_items, item_strengths, items,
                                         prompts, repeat, requests)
@@ -129,20 +130,22 @@ class Pipeline(DiffusersAPI):
         self._width = backend.config.unet.cross_attention_dim  # of the text context: prompt_embeds' last dim
         self._adapters = Adapters()  # the LoRAs loaded (load_lora_weights), the active ones, what is merged
         self._ip = None  # (IPAdapter, its links) loaded by load_ip_adapter: nn/ip_adapter.py
+        self._controlnets = ()  # the ControlNets every call runs (pipe.controlnet): nn/controlnet.py
         self._progress, self._bar = True, {}  # the default of each call's progress=, and tqdm options
 
     @classmethod
     @diffusers_names
     def from_pretrained(cls, path_or_name, device=None, dtype=None, backend: str = "torch",
                         prediction_type: str | None = None, vae=None, allow_pickle: bool = False,
-                        variant: str | None = None, **backend_options) -> "Pipeline":
+                        variant: str | None = None, controlnet=None, **backend_options) -> "Pipeline":
         """A model folder, one .safetensors file, or a built-in model's name (backend "torch"), or an export
         folder (backend "onnxruntime" / "tensorrt", see export/). device: default CUDA if present; dtype
         (torch.dtype or "fp32"/"bf16"/"fp16", or "auto": as the UNet's weights are stored, diffusers'
         torch_dtype="auto"): default `default_dtype(device, unet_width(path))` for torch.
         prediction_type ("epsilon" / "v_prediction": what a single file's UNet predicts, which the file does not
         say), vae (a VAE file or folder to run instead of the model's), allow_pickle and variant (diffusers':
-        "fp16" reads a folder's .fp16.safetensors files): load_model's.
+        "fp16" reads a folder's .fp16.safetensors files): load_model's. controlnet: a ControlNet, its path, or a
+        list of them (pipe.controlnet).
         backend_options: an export backend's own (onnxruntime: providers=("tensorrt", "cuda"), threads=,
         trt_cache=; tensorrt: cuda_graphs=), as Optimum's ORT pipelines take provider= and session options."""
         from backdrop.export.backends import make_backend
@@ -153,6 +156,9 @@ class Pipeline(DiffusersAPI):
         device = torch.device(device) if device is not None else default_device()
         if dtype == "auto":  # an export's backend runs in its own precision: None takes it
             dtype = stored_dtype(path, variant) if backend == "torch" else None
+        if backend != "torch" and controlnet is not None:
+            raise ValueError(f"controlnet= needs the torch backend, not {backend}: an export's UNet takes no "
+                             "ControlNet residuals")
         if backend != "torch":  # an export folder runs in its own precision; the backend refuses another
             loading = [n for n, v in (("prediction_type", prediction_type), ("vae", vae),
                                       ("allow_pickle", allow_pickle), ("variant", variant)) if v]
@@ -169,7 +175,9 @@ class Pipeline(DiffusersAPI):
                             f"{type(vae).__name__}")
         model = load_model(path, dtype=dtype, device=device, prediction_type=prediction_type, vae=vae,
                            allow_pickle=allow_pickle, variant=variant)
-        return cls(make_backend("torch", model, device=device, dtype=dtype))
+        pipe = cls(make_backend("torch", model, device=device, dtype=dtype))
+        pipe.controlnet = controlnet
+        return pipe
 
     def to(self, device=None, dtype=None) -> "Pipeline":
         """Move the weights to `device` and/or cast them to `dtype` (torch.dtype or "fp16", ...), in place, as
@@ -185,6 +193,7 @@ class Pipeline(DiffusersAPI):
             self.backend = self.backend.to(device, parse_dtype(dtype))
             if self._ip is not None:
                 self._ip[0].to(self.backend.device, self.backend.dtype)
+            self._controlnets = tuple(n.to(self.backend.device, self.backend.dtype) for n in self._controlnets)
         return self
 
     # -------------------------------------------------------------------------------------------- public API
@@ -197,7 +206,9 @@ class Pipeline(DiffusersAPI):
     def __call__(self, prompt=None, image=None, mask_image=None, **kwargs) -> Output:
         """diffusers' pipe(prompt, image=, mask_image=, ...): inpaint when a mask is given (mask_image=, mask= or
         product_mask=), img2img when only an image is, generate otherwise; other arguments as that method takes
-        them. An RGBA cut-out alone is img2img here, as in diffusers: call inpaint for OpenAI's alpha convention."""
+        them. An RGBA cut-out alone is img2img here, as in diffusers: call inpaint for OpenAI's alpha convention.
+        With a ControlNet, an image without control_image= is the control image of generate (diffusers'
+        StableDiffusionControlNetPipeline)."""
         if image is None and prompt is not None and not isinstance(prompt, (str, list, tuple)):
             raise TypeError(f"pipe() takes the prompt first, as diffusers' pipelines; got a {type(prompt).__name__} "
                             "there: pass the image as image=")
@@ -207,6 +218,8 @@ class Pipeline(DiffusersAPI):
             if image is None:
                 raise TypeError("a mask without image=: inpainting needs the image the mask belongs to")
             return self.inpaint(image, prompt=prompt, **masks, **kwargs)
+        if image is not None and self._controlnets and kwargs.get("control_image") is None:
+            return self.generate(prompt, control_image=image, **kwargs)  # diffusers' ControlNet pipeline's image=
         if image is not None:
             return self.img2img(image, prompt=prompt, **kwargs)
         return self.generate(prompt, **kwargs)
@@ -217,8 +230,9 @@ class Pipeline(DiffusersAPI):
                  num_images_per_prompt: int = 1, output_type: str = "pil", guidance_rescale: float = 0.0,
                  eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None, generator=None,
                  clip_skip: int | None = None, timesteps=None, sigmas=None, ip_adapter_image=None,
-                 progress: bool | None = None, callback: Callable | None = None,
-                 interrupt: threading.Event | None = None) -> Output:
+                 control_image=None, controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
+                 control_guidance_end=1.0, guess_mode: bool = False, progress: bool | None = None,
+                 callback: Callable | None = None, interrupt: threading.Event | None = None) -> Output:
         """Text to image. height/width: default the model's native config.image_size (an export made with a fixed
         --size: that size); any positive size works (sampled at the next multiple of 8, then cropped).
         `callback(step, latents)` runs after every step."""
@@ -231,9 +245,12 @@ class Pipeline(DiffusersAPI):
         req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
                        embeds=(prompt_embeds, negative_prompt_embeds), width=self._width, generator=generator)
         req["clip_skip"], req["ip"] = check_clip_skip(clip_skip, self.backend), self._ip_tokens(ip_adapter_image)
+        control = self._control(control_image, controlnet_conditioning_scale, control_guidance_start,
+                                control_guidance_end, guess_mode, req)
         B, f = len(req["prompts"]), self.config.vae.downsample_factor
         h, w = (d // f for d in self.processing_size(H, W))
-        job = dict(req, strengths=[1.0] * B, x0=None, size=(H, W), c_concat=self._empty_concat(B, h, w))
+        job = dict(req, strengths=[1.0] * B, x0=None, size=(H, W), c_concat=self._empty_concat(B, h, w),
+                   control=control and control.at((H, W), self._pad))
         return self._run(job, (h, w), loop, latents, start="noise")
 
     @diffusers_names
@@ -242,8 +259,9 @@ class Pipeline(DiffusersAPI):
                 num_images_per_prompt: int = 1, output_type: str = "pil", guidance_rescale: float = 0.0,
                 eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None, generator=None,
                 clip_skip: int | None = None, timesteps=None, sigmas=None, ip_adapter_image=None,
-                progress: bool | None = None, callback: Callable | None = None,
-                interrupt: threading.Event | None = None) -> Output:
+                control_image=None, controlnet_conditioning_scale=0.8, control_guidance_start=0.0,
+                control_guidance_end=1.0, guess_mode: bool = False, progress: bool | None = None,
+                callback: Callable | None = None, interrupt: threading.Event | None = None) -> Output:
         """Image to image: the image's latents noised to `strength` (1 = all noise), then int(steps * strength)
         steps, as diffusers' StableDiffusionImg2ImgPipeline. Output has the input's size."""
         loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, self._shows(progress), callback,
@@ -254,13 +272,15 @@ class Pipeline(DiffusersAPI):
                        {"image": len(images), "strength": n_strengths}, embeds=(prompt_embeds, negative_prompt_embeds),
                        width=self._width, generator=generator)
         req["clip_skip"], req["ip"] = check_clip_skip(clip_skip, self.backend), self._ip_tokens(ip_adapter_image)
+        control = self._control(control_image, controlnet_conditioning_scale, control_guidance_start,
+                                control_guidance_end, guess_mode, req)
         n, k = req["n"], req["k"]
         images = broadcast(images, n, "image")
         img = P.image_to_uint8(repeat(images, k))  # (B, H, W, 3)
         strengths = item_strengths(strength, n, k)
         H, W = img.shape[1:3]
         x0 = self._encode_image(self._pad(P.image_to_tensor(img)))  # (B, 4, h, w)
-        job = dict(req, strengths=strengths, x0=x0, size=(H, W),
+        job = dict(req, strengths=strengths, x0=x0, size=(H, W), control=control and control.at((H, W), self._pad),
                    c_concat=self._empty_concat(len(img), *x0.shape[-2:]))
         return with_profiles(self._run(job, tuple(x0.shape[-2:]), loop, latents, start="image"), images, k)
 
@@ -272,7 +292,9 @@ class Pipeline(DiffusersAPI):
                 output_type: str = "pil", guidance_rescale: float = 0.0, eta: float = 0.0, mask_mode: str = "max",
                 mask_threshold: float | None = None, prompt_embeds=None, negative_prompt_embeds=None,
                 generator=None, clip_skip: int | None = None, timesteps=None, sigmas=None,
-                ip_adapter_image=None, progress: bool | None = None, callback: Callable | None = None,
+                ip_adapter_image=None, control_image=None, controlnet_conditioning_scale=0.5,
+                control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False,
+                progress: bool | None = None, callback: Callable | None = None,
                 interrupt: threading.Event | None = None) -> Output:
         """Repaint the masked region. Give `mask` (white = repaint), `product_mask` (white = keep the product), or
         neither with RGBA images (OpenAI's convention: alpha 0 = repaint).
@@ -304,6 +326,8 @@ class Pipeline(DiffusersAPI):
                        {"image": len(images), kind: len(masks), "strength": n_strengths},
                        embeds=(prompt_embeds, negative_prompt_embeds), width=self._width, generator=generator)
         req["clip_skip"], req["ip"] = check_clip_skip(clip_skip, self.backend), self._ip_tokens(ip_adapter_image)
+        control = self._control(control_image, controlnet_conditioning_scale, control_guidance_start,
+                                control_guidance_end, guess_mode, req)
         n, k = req["n"], req["k"]
         images, masks = broadcast(images, n, "image"), broadcast(masks, n, kind)
         strengths = item_strengths(strength, n, k)
@@ -323,7 +347,7 @@ class Pipeline(DiffusersAPI):
         gens = req["generators"]
         out = self._inpaint(pick(img), [per_item[i // k] for i in todo], dict(  # masks shared like the photos
             req, prompts=pick(req["prompts"]), negatives=pick(req["negatives"]), seeds=pick(req["seeds"]),
-            strengths=pick(strengths), rows=todo,
+            strengths=pick(strengths), rows=todo, control=control and control.pick(todo),
             generators=gens if gens is None or isinstance(gens, torch.Generator) else pick(gens)), opts, loop, latents)
         if unchanged:
             full = np.stack(img).astype(np.float32) / 255  # (B, H, W, 3)
@@ -346,6 +370,7 @@ class Pipeline(DiffusersAPI):
             x = self._pad(P.image_to_tensor(img))  # (B, 3, H', W')
             m = self._pad(one.spread(model_mask))  # (B, 1, H', W')
             dec_mask = self._pad(one.spread(given)) if conditioned else None
+            control = req["control"] and req["control"].at((H, W), self._pad)
         else:
             size = self.fixed_size or M.fit_size(H, W, self._multiple, side=cfg.image_size)
             box = C.crop_box(model_mask, size, opts.crop_padding)  # per distinct item
@@ -353,6 +378,7 @@ class Pipeline(DiffusersAPI):
             how = "diffusers" if opts.mode == "diffusers" else "max"  # diffusers: Lanczos, then binarised
             m, boxes = one.spread(C.crop_masks(model_mask, box, size, mode=how)), one.spread(box)  # (B, 1, h*f, w*f)
             dec_mask = one.spread(C.crop_masks(given, box, size, mode=how)) if conditioned else None
+            control = req["control"] and req["control"].at((H, W), crop=(boxes, size))
         lat_mask = M.latent_mask(m, mode=opts.mode, factor=f).to(self.backend.device)  # (B, 1, h, w)
         nine = cfg.unet.in_channels == 9
         if not nine and cfg.unet.in_channels != cfg.vae.latent_channels:
@@ -360,7 +386,7 @@ class Pipeline(DiffusersAPI):
                              f" one; this UNet takes {cfg.unet.in_channels} input channels")
         x0 = self._encode_image(x) if not nine or min(req["strengths"]) < 1 else None
         c_concat = torch.cat([lat_mask, self._encode_image(M.masked_image(x, m))], 1) if nine else None
-        job = dict(req, x0=x0, size=(H, W), c_concat=c_concat, mask=None if nine else lat_mask)
+        job = dict(req, x0=x0, size=(H, W), c_concat=c_concat, mask=None if nine else lat_mask, control=control)
         out = self._run(job, tuple(lat_mask.shape[-2:]), loop, latents, start="inpaint", decode=False)
         if req["output_type"] == "latent":
             return out
@@ -447,17 +473,22 @@ class Pipeline(DiffusersAPI):
             noise = given_latents(latents, (job["n"] * job["k"], C, *hw), job.get("rows")).to(dev, torch.float32)
         guided, interrupt = loop.guidance_scale > 1, loop.interrupt
         ctx, uctx = contexts(self.backend, job["prompts"], job["negatives"], guided, job["clip_skip"])
-        unet = self.backend.unet
+        text_tokens = ctx.shape[1]
         if job["ip"] is not None:  # an IP-Adapter's image tokens follow the text's (nn/ip_adapter.py)
             ctx, uctx = (None if c is None else torch.cat([c, t.to(c).expand(B, -1, -1)], 1)
                          for c, t in zip((ctx, uctx), job["ip"][:2]))
-            unet = with_ip_links(unet, job["ip"][2])
         result = torch.empty(shape, device=dev, dtype=torch.float32)
         for strength, idx in groups(job["strengths"]).items():
             if interrupt is not None and interrupt.is_set():
                 raise SamplingInterrupted(0)
             sched = full if start == "noise" else full.img2img(strength)
             x0, eps = (None if job["x0"] is None else job["x0"][idx]), noise[idx]
+            unet = self.backend.unet
+            if (control := job.get("control")) is not None:  # the UNet with ControlNet residuals (control.py)
+                unet = controlled_unet(self.backend.model.unet, control, idx, sched, text_tokens, dev,
+                                       self.backend.dtype)
+            if job["ip"] is not None:
+                unet = with_ip_links(unet, job["ip"][2])
             if start == "noise" or (start == "inpaint" and strength == 1.0):
                 x = initial_latents(eps, sched)
             else:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import UNetConfig, _check
+from .config import UNetConfig, _check, _check_fields
 from .ldm_keys import CheckpointError, MissingFile, Src
 from .unet import check_context, encode, encoder_modules, time_embedding
 
@@ -37,10 +37,11 @@ class ControlNetConfig:
     global_pool_conditions: bool = False  # residuals averaged over space (the "shuffle" ControlNet)
 
     def __post_init__(self):
+        _check_fields(self, {"conditioning_channels": 16})
         _check(self.unet.in_channels == self.unet.out_channels, "ControlNetConfig",
                f"in_channels {self.unet.in_channels}: a ControlNet reads the {self.unet.out_channels} latent channels")
-        _check(len(self.conditioning_embedding_out_channels) >= 1 and self.conditioning_channels >= 1,
-               "ControlNetConfig", "conditioning_embedding_out_channels and conditioning_channels must not be empty")
+        _check(min(self.conditioning_embedding_out_channels) >= 1 and self.conditioning_channels >= 1,
+               "ControlNetConfig", "conditioning_embedding_out_channels and conditioning_channels must be positive")
         _check(self.channel_order in ("rgb", "bgr"), "ControlNetConfig",
                f"controlnet_conditioning_channel_order {self.channel_order!r}: 'rgb' or 'bgr'")
 
@@ -72,7 +73,8 @@ class ControlNetConfig:
                 "controlnet_conditioning_channel_order", "global_pool_conditions")
         unet = UNetConfig.from_diffusers({k: v for k, v in cfg.items() if k not in ours} | {
             "up_block_types": up, "out_channels": cfg.get("in_channels", 4)}, source)
-        return cls(unet, tuple(cfg.get("conditioning_embedding_out_channels", (16, 32, 96, 256))),
+        widths = cfg.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
+        return cls(unet, tuple(widths) if isinstance(widths, list) else widths,
                    cfg.get("conditioning_channels", 3), cfg.get("controlnet_conditioning_channel_order", "rgb"),
                    bool(cfg.get("global_pool_conditions", False)))
 
@@ -120,7 +122,8 @@ class ControlNet(nn.Module):
                 conditioning_scale: float = 1.0, guess_mode: bool = False):
         u, f = self.cfg.unet, self.cfg.downsample_factor
         if sample.dim() != 4 or sample.shape[1] != u.in_channels:
-            raise ValueError(f"ControlNet.forward: sample must be (B, {u.in_channels}, h, w), got {tuple(sample.shape)}")
+            raise ValueError(f"ControlNet.forward: sample must be (B, {u.in_channels}, h, w), "
+                             f"got {tuple(sample.shape)}")
         B, _, h, w = sample.shape
         want = (B, self.cfg.conditioning_channels, h * f, w * f)
         if tuple(cond.shape) != want:
@@ -147,12 +150,13 @@ class ControlNet(nn.Module):
 def load_controlnet(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pickle: bool = False,
                     variant: str | None = None) -> ControlNet:
     """A diffusers ControlNetModel folder (config.json + diffusion_pytorch_model[.variant].safetensors, or a model
-    folder's controlnet/ subfolder) or an original single file (nn/controlnet_ldm.py), every key and shape checked (CheckpointError naming the file and the keys)."""
-    from .checkpoint import _fill, _Problems
+    folder's controlnet/ subfolder) or an original single file (nn/controlnet_ldm.py), every key and shape checked
+    (CheckpointError naming the file and the keys)."""
+    from .checkpoint import _fill, _Problems, _SkipInit
     from .weight_files import _Reader, _weight_files
 
     folder = Path(path)
-    if folder.is_file() and folder.suffix in (".safetensors", ".ckpt", ".pth", ".pt"):  # an original (LDM) file
+    if folder.is_file():  # an original (LDM) file
         from .controlnet_ldm import read_ldm_controlnet
         return read_ldm_controlnet(folder, dtype, device, allow_pickle)
     if folder.is_dir() and not (folder / "config.json").is_file() and (folder / "controlnet").is_dir():
@@ -170,7 +174,7 @@ def load_controlnet(path, dtype: torch.dtype = torch.float32, device="cpu", allo
     except (ValueError, TypeError) as e:
         raise CheckpointError(str(e)) from None
     reader = _Reader(_weight_files(folder, "diffusion_pytorch_model", allow_pickle, variant))
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         net = ControlNet(cfg)
     names = {k: Src(k) for k in net.state_dict()}
     problems = _Problems()

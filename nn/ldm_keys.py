@@ -338,23 +338,7 @@ def _detect(shapes: Mapping, shape, source: str, prediction_type: str | None, va
                               f"{OPENCLIP!r} (SD2); is this a Stable Diffusion 1.x/2.x checkpoint?")
 
     conv_in = shape(UNET + "input_blocks.0.0.weight")  # (C0, in_channels, 3, 3)
-    inputs = _blocks(shapes, UNET + "input_blocks.")
-    downs = [i for i in inputs if UNET + f"input_blocks.{i}.0.op.weight" in shapes]
-    n = len(downs) + 1
-    layers = (len(inputs) - 1 - len(downs)) // n  # input_blocks = conv_in + n * layers resnets + (n - 1) downs
-    if inputs != list(range(len(inputs))) or layers < 1 or 1 + n * layers + len(downs) != len(inputs):
-        raise CheckpointError(f"{source}: the UNet's input_blocks {inputs} (downsamplers at {downs}) are not "
-                              "an SD 1.x/2.x layout")
-    first = [1 + i * (layers + 1) for i in range(n)]  # the first resnet of each level
-    channels = tuple(shape(UNET + f"input_blocks.{i}.0.out_layers.3.weight")[0] for i in first)
-    attention = tuple(UNET + f"input_blocks.{i}.1.proj_in.weight" in shapes for i in first)
-    if family == "sd1":
-        heads = (8,) * n
-    else:
-        if any(c % 64 for c, a in zip(channels, attention) if a) or channels[-1] % 64:
-            raise CheckpointError(f"{source}: SD2 attention uses 64-wide heads, but the UNet's channels are "
-                                  f"{channels}")
-        heads = tuple(max(c // 64, 1) for c in channels)
+    channels, attention, heads, layers = encoder_levels(shapes, UNET, shape, source, family == "sd2")
     v = prediction_type == "v_prediction" and family == "sd2"
     linear = len(shape(UNET + "middle_block.1.proj_in.weight")) == 2  # Linear (C, C) or 1x1 conv (C, C, 1, 1)
     unet = UNetConfig(in_channels=conv_in[1], out_channels=shape(UNET + "out.2.weight")[0],
@@ -365,6 +349,26 @@ def _detect(shapes: Mapping, shape, source: str, prediction_type: str | None, va
     vae = vae or vae_config(shapes, source)
     return ModelConfig(unet=unet, vae=vae, text=text, scheduler=SchedulerConfig(),
                        prediction_type=prediction_type or "epsilon", image_size=768 if v else 512)
+
+
+def encoder_levels(shapes: Mapping, p: str, shape, source: str, sd2: bool) -> tuple[tuple, tuple, tuple, int]:
+    """(block_out_channels, attention_levels, num_heads, layers_per_block) of the UNet encoder (input_blocks)
+    under prefix p: a UNet's, or a ControlNet's. shape(key) gives a full key's shape or names it missing."""
+    inputs = _blocks(shapes, p + "input_blocks.")
+    downs = [i for i in inputs if p + f"input_blocks.{i}.0.op.weight" in shapes]
+    n = len(downs) + 1
+    layers = (len(inputs) - 1 - len(downs)) // n  # input_blocks = conv_in + n * layers resnets + (n - 1) downs
+    if inputs != list(range(len(inputs))) or layers < 1 or 1 + n * layers + len(downs) != len(inputs):
+        raise CheckpointError(f"{source}: the input_blocks {inputs} (downsamplers at {downs}) are not an SD 1.x/2.x "
+                              "layout")
+    first = [1 + i * (layers + 1) for i in range(n)]  # the first resnet of each level
+    channels = tuple(shape(p + f"input_blocks.{i}.0.out_layers.3.weight")[0] for i in first)
+    attention = tuple(p + f"input_blocks.{i}.1.proj_in.weight" in shapes for i in first)
+    if not sd2:
+        return channels, attention, (8,) * n, layers
+    if any(c % 64 for c, a in zip(channels, attention) if a) or channels[-1] % 64:
+        raise CheckpointError(f"{source}: SD2 attention uses 64-wide heads, but the channels are {channels}")
+    return channels, attention, tuple(max(c // 64, 1) for c in channels), layers
 
 
 # ------------------------------------------------------------------------------------------- diffusers folders

@@ -1,0 +1,152 @@
+"""ControlNet in the pipelines (nn/controlnet.py): what diffusers' StableDiffusionControlNet{,Img2Img,Inpaint}Pipeline
+do around their UNet call, for one ControlNet or several (diffusers' MultiControlNetModel: residuals summed).
+
+  * control_image: one image for every item, or one per request (num_images_per_prompt repeats it); with several
+    ControlNets, as diffusers: one image per ControlNet ([canny, pose]), or per request one per ControlNet
+    ([[canny_1, pose_1], [canny_2, pose_2]]). Read as 8-bit RGB, resized with Lanczos to the output size
+    unless it has it (diffusers' control image processor), in [0, 1]; padded and cropped as the image is (sizes that
+    are not multiples of 8, inpaint's crop_padding), so it stays aligned with the pixels it controls.
+  * controlnet_conditioning_scale multiplies the residuals (default as diffusers': 1 for generate, 0.8 for img2img,
+    0.5 for inpaint); control_guidance_start / end (fractions of the steps)
+    limit the steps the ControlNet acts on: step i of N runs it unless i / N < start or (i + 1) / N > end, as
+    diffusers' controlnet_keep (a second-order sampler's correction call counts as the step it corrects).
+  * The ControlNet reads the latents (a 9-channel inpainting UNet's first 4 channels, as diffusers'
+    StableDiffusionControlNetInpaintPipeline) and the text context (not an IP-Adapter's image tokens), for the
+    unconditional and conditional halves of the guided batch alike; guess_mode runs it on the conditional half
+    only (the unconditional half gets no residuals) with residuals scaled 0.1 .. 1 from the finest skip to the
+    mid block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from backdrop.diffusion import pixels as P
+from backdrop.diffusion.batching import as_number, broadcast, items, repeat
+from backdrop.diffusion.schedule import Schedule
+
+__all__ = ["Control", "control_request", "controlled_unet"]
+
+
+@dataclass(frozen=True)
+class Control:
+    """One call's ControlNets and their per-item control images: raw (`images`, per net a list over the output
+    items) until `at` makes them tensors (`tensors`, per net (B, 3, H, W) in [0, 1] on the CPU)."""
+    nets: tuple
+    images: tuple[list, ...]
+    scales: tuple[float, ...]
+    starts: tuple[float, ...]
+    ends: tuple[float, ...]
+    guess_mode: bool
+    tensors: tuple[torch.Tensor, ...] | None = None
+
+    def pick(self, rows: list[int]) -> "Control":
+        """The control of output items `rows` only (inpaint's items that have something to repaint)."""
+        return replace(self, images=tuple([imgs[i] for i in rows] for imgs in self.images))
+
+    def at(self, size: tuple[int, int], pad=None, crop=None) -> "Control":
+        """Control images for an H x W output: each resized to `size` (Lanczos) unless it has it, then either
+        `crop` = (a box per item, (h, w)) cut and resized as inpaint's crop_padding cuts the image, or `pad`
+        (the pipeline's padding to the processing size) applied."""
+        from backdrop.diffusion import crop_paste as C
+        out = []
+        for imgs in self.images:
+            rows, seen = [], {}  # an image given for many items is read and resized once
+            for i, x in enumerate(imgs):
+                if id(x) not in seen:
+                    seen[id(x)] = _resized(x, size, f"control_image[{i}]")
+                rows.append(seen[id(x)])
+            a = np.stack(rows) if crop is None else C.crop_images(np.stack(rows), *crop)  # (B, H, W, 3) uint8
+            t = torch.from_numpy(a.astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
+            out.append(t if pad is None else pad(t))
+        return replace(self, tensors=tuple(out))
+
+
+def _resized(x, size: tuple[int, int], name: str) -> np.ndarray:
+    if isinstance(x, str):
+        raise TypeError(f"{name}: a path string; give the image (PIL.Image.open(path)), as for image=")
+    a = P._image_array(x, name)  # (H, W, 3) uint8, or float in [0, 1]: rounded as the image's pixels are
+    a = a if a.dtype == np.uint8 else (a.astype(np.float32) * 255).round().astype(np.uint8)
+    if a.shape[:2] != tuple(size):
+        a = np.asarray(Image.fromarray(a).resize((size[1], size[0]), Image.LANCZOS))
+    return a  # (H, W, 3) uint8
+
+
+def _per_net(value, n: int, name: str, check) -> tuple:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{name}: {len(values)} values for the {n} ControlNets loaded; give one, or one each")
+    return tuple(check(v) for v in values)
+
+
+def control_request(nets, control_image, scale, start, end, guess_mode, n: int, k: int) -> Control | None:
+    """The call's Control (None without a ControlNet), its arguments checked: `nets` the pipeline's ControlNets
+    (a list; empty: none loaded), n requests of k images each."""
+    if not nets:
+        if control_image is not None:
+            raise ValueError("control_image= needs a ControlNet: Pipeline.from_pretrained(..., controlnet=path), "
+                             "or set pipe.controlnet")
+        return None
+    if control_image is None:
+        raise ValueError(f"{len(nets)} ControlNet{'s' * (len(nets) > 1)} loaded: give control_image= (the edges, "
+                         "depth, ... to follow), or set pipe.controlnet = None")
+    given = [control_image]
+    if len(nets) > 1:
+        if not isinstance(control_image, (list, tuple)) or not control_image:
+            raise ValueError(f"control_image: {len(nets)} ControlNets take a list: one control image each, or per "
+                             f"request a list of {len(nets)} (diffusers' [[canny_1, pose_1], [canny_2, pose_2]])")
+        nested = [isinstance(c, (list, tuple)) for c in control_image]
+        if any(nested) and not all(nested and len(c) == len(nets) for c, nested in zip(control_image, nested)):
+            raise ValueError(f"control_image: a request's list must hold one image for each of the {len(nets)} "
+                             "ControlNets")
+        given = [list(c) for c in zip(*control_image)] if any(nested) else list(control_image)
+        if len(given) != len(nets):
+            raise ValueError(f"control_image: {len(given)} control images for the {len(nets)} ControlNets loaded")
+    images = tuple(repeat(broadcast(items(g, "control_image"), n, "control_image"), k) for g in given)
+    fraction = lambda name: lambda v: as_number(v, name, "a number in [0, 1]", lambda v: 0 <= v <= 1)  # noqa: E731
+    scales = _per_net(scale, len(nets), "controlnet_conditioning_scale",
+                      lambda v: as_number(v, "controlnet_conditioning_scale", "a finite number"))
+    starts = _per_net(start, len(nets), "control_guidance_start", fraction("control_guidance_start"))
+    ends = _per_net(end, len(nets), "control_guidance_end", fraction("control_guidance_end"))
+    for s, e in zip(starts, ends):
+        if s >= e:
+            raise ValueError(f"control_guidance_start {s} must be below control_guidance_end {e}")
+    if not isinstance(guess_mode, (bool, np.bool_)):
+        raise TypeError(f"guess_mode must be True or False, got {guess_mode!r}")
+    return Control(tuple(nets), images, scales, starts, ends, bool(guess_mode))
+
+
+def controlled_unet(unet, control: Control, rows: list[int], schedule: Schedule, text_tokens: int, device, dtype):
+    """A Backend-style unet(x, t, context) running the torch `unet` (an nn.UNet) with the residuals of `control`'s
+    ControlNets for output items `rows`: x holds those items (len(rows) rows) or, guided, their unconditional
+    then conditional rows (2 * len(rows)); the context's first `text_tokens` tokens are the text's."""
+    b, n_steps = len(rows), schedule.num_steps
+
+    @torch.inference_mode()
+    def call(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] not in (b, 2 * b):
+            raise ValueError(f"ControlNet: {x.shape[0]} UNet rows for {b} items (want {b}, or {2 * b} guided)")
+        x, t, context = x.to(device, dtype), t.to(device), context.to(device, dtype)
+        guided = x.shape[0] == 2 * b
+        i = int(torch.argmin((schedule.timesteps - float(t[0])).abs()))  # the step this call belongs to
+        down = mid = None
+        for net, image, scale, start, end in zip(control.nets, control.tensors, control.scales, control.starts,
+                                                 control.ends):
+            if i / n_steps < start or (i + 1) / n_steps > end:
+                continue  # diffusers runs it at scale 0 here: no residual at all, the same sum
+            cond = image[rows].to(device, dtype)  # (b, 3, H, W)
+            lat, ctx, ts = x[:, :net.cfg.unet.in_channels], context[:, :text_tokens], t
+            if guided and control.guess_mode:  # the conditional rows only
+                lat, ctx, ts = lat[b:], ctx[b:], t[b:]
+            elif guided:
+                cond = torch.cat([cond, cond])
+            d, m = net(lat, ts, ctx, cond, scale, control.guess_mode)
+            if guided and control.guess_mode:
+                d, m = [torch.cat([torch.zeros_like(r), r]) for r in d], torch.cat([torch.zeros_like(m), m])
+            down = d if down is None else [u + v for u, v in zip(down, d)]
+            mid = m if mid is None else mid + m
+        return unet(x, t, context, down, mid).float()
+    return call
