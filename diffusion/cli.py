@@ -27,7 +27,8 @@ from pathlib import Path
 from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, add_freeu_option, add_lora_option,
                           add_textual_inversion_option, apply_model_options, checkpoint_options, make_folder,
                           one_line, parse_device)
-from backdrop.diffusion.cli_files import Task, custom_schedule_text, parameters, plan, read_image, read_jobs, write
+from backdrop.diffusion.cli_files import (Task, custom_schedule_text, parameters, per_controlnet, plan, read_image,
+                                          read_jobs, write)
 from backdrop.diffusion.recipes import NAMED_SCHEDULES, RECIPES, SAMPLING_DEFAULTS
 from backdrop.fsio import FolderInUse, FolderLock
 from backdrop.messages import some
@@ -99,6 +100,8 @@ def _common_options() -> argparse.ArgumentParser:
                          "prompt")
     ip.add_argument("--ip-adapter-scale", type=float, default=1.0, metavar="S",
                     help="how strongly the image prompt counts: 0 not at all, 1 as trained (default: %(default)s)")
+    _control_options(p.add_argument_group("ControlNet", "make the picture follow the edges, depth, pose, ... of a "
+                                          "control image (--backend torch only)"))
     out = p.add_argument_group("output")
     out.add_argument("--out", default="outputs", metavar="DIR",
                      help="folder for the PNG files: <command>-<image name>-<seed>.png, generate-<seed>.png "
@@ -115,6 +118,32 @@ def _common_options() -> argparse.ArgumentParser:
                      help="no progress bar (it is shown only when stderr is a terminal) and no notes; warnings "
                           "and errors still show")
     return p
+
+
+def _control_options(c) -> None:
+    """--controlnet and its options: repeated, one per ControlNet in the same order (a scale or guidance
+    fraction given once is every ControlNet's)."""
+    c.add_argument("--controlnet", action="append", metavar="PATH",
+                   help="a ControlNet made for the model's base (SD1.5 or SD2): a diffusers ControlNetModel folder "
+                        "(e.g. a download of lllyasviel/control_v11p_sd15_canny) or an original single .safetensors "
+                        "file; repeat for several (their effects add up), each with its own --control-image")
+    c.add_argument("--control-image", action="append", metavar="IMAGE",
+                   help="the control image of the --controlnet in the same position: the map it was trained on "
+                        "(white edges on black for canny, a depth map for depth, ...), not a photo; resized to the "
+                        "output's size")
+    c.add_argument("--controlnet-scale", action="append", type=float, metavar="S",
+                   help="how strongly the control image counts: 0 not at all, 1 as trained; once for every "
+                        "ControlNet or once each (default, as diffusers: 1 for generate, 0.8 for img2img, 0.5 for "
+                        "inpaint)")
+    c.add_argument("--control-guidance-start", action="append", type=float, metavar="F",
+                   help="the ControlNets act from this fraction of the steps on (0-1): later leaves the rough "
+                        "layout to the prompt; once for all or once each (default: 0)")
+    c.add_argument("--control-guidance-end", action="append", type=float, metavar="F",
+                   help="the ControlNets act up to this fraction of the steps (0-1): earlier leaves the fine "
+                        "details to the prompt; once for all or once each (default: 1)")
+    c.add_argument("--guess-mode", action="store_true",
+                   help="the ControlNets recognise the control image's content even without a prompt (diffusers' "
+                        "guess_mode: they steer the prompt's side of the guidance only); try --guidance-scale 3-5")
 
 
 def _image_options() -> argparse.ArgumentParser:
@@ -221,6 +250,7 @@ def _check(args) -> None:
         given, lacking = ("--ip-adapter", "--ip-adapter-image") if args.ip_adapter_image is None else \
             ("--ip-adapter-image", "--ip-adapter")
         raise CLIError(f"{given} needs {lacking}: the image prompt is an IP-Adapter and an image")
+    rules += _control_rules(args)
     if args.seed is not None:
         rules.append(("--seed", args.seed, 0 <= args.seed <= 2**32 - args.n, "in [0, 2**32 - N]"))
     elif args.skip_existing:  # a new random seed names new files: every image would be made again
@@ -254,6 +284,33 @@ def _check(args) -> None:
         raise CLIError(f"--eta is DDIM's noise: it applies to --sampler ddim only, not {args.sampler} (the "
                        f"stochastic samplers are {stochastic_samplers()})")
     parse_device(args.device)
+
+
+def _control_rules(args) -> list:
+    """--controlnet's options checked against each other; their value rules as _check's."""
+    nets, per_net = args.controlnet or [], ("controlnet_scale", "control_guidance_start", "control_guidance_end")
+    if bool(nets) != bool(args.control_image):
+        given, lacking = ("--controlnet", "--control-image") if nets else ("--control-image", "--controlnet")
+        raise CLIError(f"{given} needs {lacking}: a ControlNet follows a control image, one for each --controlnet")
+    if not nets:
+        used = [n for n in per_net if getattr(args, n) is not None] + ["guess_mode"] * args.guess_mode
+        if used:
+            raise CLIError(f"--{used[0].replace('_', '-')} is an option of --controlnet, which is not given")
+        return []
+    if len(args.control_image) != len(nets):
+        raise CLIError(f"{len(nets)} --controlnet and {len(args.control_image)} --control-image: give one control "
+                       "image for each ControlNet, in the same order")
+    for name in per_net:
+        if len(getattr(args, name) or [1]) not in (1, len(nets)):
+            raise CLIError(f"--{name.replace('_', '-')} is given {len(getattr(args, name))} times for "
+                           f"{len(nets)} --controlnet: give it once for all of them, or once for each")
+    starts = per_controlnet(args, "control_guidance_start", 0.0)
+    ends = per_controlnet(args, "control_guidance_end", 1.0)
+    rules = [("--controlnet-scale", s, math.isfinite(s), "finite") for s in args.controlnet_scale or []]
+    rules += [(f"--control-guidance-{k}", v, 0 <= v <= 1, "in [0, 1]") for k in ("start", "end")
+              for v in getattr(args, f"control_guidance_{k}") or []]
+    rules += [("--control-guidance-start", s, s < e, f"below --control-guidance-end {e}") for s, e in zip(starts, ends)]
+    return rules
 
 
 def _out_folder(path: str) -> Path:
@@ -292,6 +349,13 @@ def _pipeline(args):
             pipe.set_ip_adapter_scale(args.ip_adapter_scale)
         except (OSError, ValueError) as e:  # CheckpointError, a missing image encoder, another backend
             raise CLIError(f"--ip-adapter {weights}: {one_line(e)}") from None
+    nets = []  # one at a time, so that an error names its --controlnet; each is loaded once
+    for path in args.controlnet or []:
+        try:
+            pipe.controlnet = nets + [path]
+        except (OSError, ValueError) as e:  # CheckpointError, one that does not fit the model, another backend
+            raise CLIError(f"--controlnet {path}: {one_line(e)}") from None
+        nets = pipe.controlnet if isinstance(pipe.controlnet, list) else [pipe.controlnet]
     # a call's progress=None falls back to this default, which is True (a bar even in a cron log) until set
     pipe.set_progress_bar_config(disable=None)
     try:  # the model's scheduler decides which steps/sampler/strength it can run: say so before any work
@@ -314,6 +378,12 @@ def _sampling(args) -> dict:
                   guidance_scale=args.guidance_scale,
                   guidance_rescale=args.guidance_rescale, eta=args.eta, clip_skip=args.clip_skip,
                   progress=False if args.quiet else None)  # None: tqdm's disable=None, a bar on a terminal only
+    if args.controlnet:  # a scale not given: the Pipeline's default for the command (diffusers')
+        given = dict(controlnet_conditioning_scale=args.controlnet_scale, control_guidance_start=
+                     args.control_guidance_start, control_guidance_end=args.control_guidance_end)
+        common.update({k: v[0] if len(v) == 1 else v for k, v in given.items() if v is not None},
+                      control_image=args.control[0] if len(args.control) == 1 else args.control,
+                      guess_mode=args.guess_mode)
     if args.kind == "generate":
         common.update(height=args.height, width=args.width)
     elif args.kind == "img2img":
@@ -329,6 +399,11 @@ def _run(args) -> int:
     _check(args)
     jobs = read_jobs(args)
     args.ip_image = None if args.ip_adapter_image is None else read_image(args.ip_adapter_image, "--ip-adapter-image")
+    args.control = [read_image(path, "--control-image") for path in args.control_image or []]
+    for path in args.controlnet or []:  # before any work, as the images
+        if not os.path.exists(path):
+            raise CLIError(f"--controlnet {path}: no such file or folder (a diffusers ControlNetModel folder or "
+                           "a ControlNet .safetensors file)")
     folder = _out_folder(args.out)
     try:  # one run writes a folder at a time; temporary files of killed runs are removed once the lock is held
         lock = FolderLock(folder, stale=(".*.png.*.tmp",))

@@ -26,7 +26,8 @@ from backdrop.cli import CLIError, one_line
 from backdrop.fsio import fsync, usual_permissions
 from backdrop.messages import some
 
-__all__ = ["Job", "Task", "read_image", "read_jobs", "plan", "custom_schedule_text", "parameters", "write"]
+__all__ = ["Job", "Task", "read_image", "read_jobs", "plan", "custom_schedule_text", "per_controlnet", "parameters",
+           "write"]
 
 
 @dataclass
@@ -371,6 +372,32 @@ def custom_schedule_text(args) -> str | None:
     return None
 
 
+def per_controlnet(args, name: str, default: float) -> list[float]:
+    """A per-ControlNet option (controlnet_scale, control_guidance_start/end) for each --controlnet: as given, the
+    one value given for all, or `default`."""
+    given = getattr(args, name) or [default]
+    return given * len(args.controlnet) if len(given) == 1 else list(given)
+
+
+def _control_fields(args) -> dict:
+    """--controlnet and its options: each ControlNet with the scale it ran at (the Pipeline's default for the
+    command when not given), the control images, the guidance window when given, guess mode when on."""
+    if not args.controlnet:
+        return {}
+    import inspect
+
+    from backdrop.diffusion.pipeline import Pipeline
+
+    default = inspect.signature(getattr(Pipeline, args.kind)).parameters["controlnet_conditioning_scale"].default
+    scales = per_controlnet(args, "controlnet_scale", default)
+    window = zip(per_controlnet(args, "control_guidance_start", 0.0), per_controlnet(args, "control_guidance_end", 1.0))
+    given = args.control_guidance_start or args.control_guidance_end
+    return {"ControlNet": ", ".join(f"{path}:{scale:g}" for path, scale in zip(args.controlnet, scales)),
+            "Control image": ", ".join(args.control_image),
+            "Control guidance": ", ".join(f"{s:g}-{e:g}" for s, e in window) if given else None,
+            "Guess mode": args.guess_mode or None}
+
+
 def parameters(args, task: Task, size: tuple[int, int]) -> str:
     """How one image was made, as A1111 records it (its PNG Info tab and image sites read this): the prompt, the
     negative prompt's line, then `Key: value` pairs, A1111's keys first, Backdrop's own after; options left unset
@@ -385,7 +412,7 @@ def parameters(args, task: Task, size: tuple[int, int]) -> str:
               "Guidance rescale": args.guidance_rescale, "Eta": args.eta, "Batch size": args.batch_size,
               "FreeU": args.freeu and ",".join(f"{v:g}" for v in args.freeu),
               "IP-Adapter": args.ip_adapter and f"{args.ip_adapter}:{args.ip_adapter_scale:g}",
-              "IP-Adapter image": args.ip_adapter_image}
+              "IP-Adapter image": args.ip_adapter_image, **_control_fields(args)}
     if args.kind == "inpaint":
         fields.update(_mask_fields(args, task.job))
     fields.update({"LoRA": ", ".join(f"{path}:{scale:g}" for path, scale in args.lora) or None,

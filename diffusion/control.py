@@ -8,13 +8,14 @@ do around their UNet call, for one ControlNet or several (diffusers' MultiContro
     are not multiples of 8, inpaint's crop_padding), so it stays aligned with the pixels it controls.
   * controlnet_conditioning_scale multiplies the residuals (default as diffusers': 1 for generate, 0.8 for img2img,
     0.5 for inpaint); control_guidance_start / end (fractions of the steps)
-    limit the steps the ControlNet acts on: step i of N runs it unless i / N < start or (i + 1) / N > end, as
-    diffusers' controlnet_keep (a second-order sampler's correction call counts as the step it corrects).
+    limit the steps the ControlNet acts on: UNet call i of N runs it unless i / N < start or (i + 1) / N > end, as
+    diffusers' controlnet_keep, which counts calls (heun's 2 a step but the last, pndm's one extra) as steps.
   * The ControlNet reads the latents (a 9-channel inpainting UNet's first 4 channels, as diffusers'
     StableDiffusionControlNetInpaintPipeline) and the text context (not an IP-Adapter's image tokens), for the
     unconditional and conditional halves of the guided batch alike; guess_mode runs it on the conditional half
     only (the unconditional half gets no residuals) with residuals scaled 0.1 .. 1 from the finest skip to the
-    mid block.
+    mid block. A ControlNet with global_pool_conditions (the "shuffle" one) always runs in guess mode, as in
+    diffusers.
 """
 from __future__ import annotations
 
@@ -123,28 +124,30 @@ def controlled_unet(unet, control: Control, rows: list[int], schedule: Schedule,
     """A Backend-style unet(x, t, context) running the torch `unet` (an nn.UNet) with the residuals of `control`'s
     ControlNets for output items `rows`: x holds those items (len(rows) rows) or, guided, their unconditional
     then conditional rows (2 * len(rows)); the context's first `text_tokens` tokens are the text's."""
-    b, n_steps = len(rows), schedule.num_steps
+    b, n = len(rows), schedule.num_steps
+    n_calls = {"heun": 2 * n - 1, "pndm": n + 1}.get(schedule.sampler, n)  # the UNet calls of the sampler loop
+    images = [image[rows].to(device, dtype) for image in control.tensors]  # (b, 3, H, W) each
+    done = [0]  # calls made so far: the index of the next one
 
     @torch.inference_mode()
     def call(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if x.shape[0] not in (b, 2 * b):
             raise ValueError(f"ControlNet: {x.shape[0]} UNet rows for {b} items (want {b}, or {2 * b} guided)")
         x, t, context = x.to(device, dtype), t.to(device), context.to(device, dtype)
-        guided = x.shape[0] == 2 * b
-        i = int(torch.argmin((schedule.timesteps - float(t[0])).abs()))  # the step this call belongs to
+        guided, i = x.shape[0] == 2 * b, done[0]
+        done[0] += 1
         down = mid = None
-        for net, image, scale, start, end in zip(control.nets, control.tensors, control.scales, control.starts,
-                                                 control.ends):
-            if i / n_steps < start or (i + 1) / n_steps > end:
+        for net, cond, scale, start, end in zip(control.nets, images, control.scales, control.starts, control.ends):
+            if i / n_calls < start or (i + 1) / n_calls > end:
                 continue  # diffusers runs it at scale 0 here: no residual at all, the same sum
-            cond = image[rows].to(device, dtype)  # (b, 3, H, W)
+            guess = control.guess_mode or net.cfg.global_pool_conditions
             lat, ctx, ts = x[:, :net.cfg.unet.in_channels], context[:, :text_tokens], t
-            if guided and control.guess_mode:  # the conditional rows only
+            if guided and guess:  # the conditional rows only
                 lat, ctx, ts = lat[b:], ctx[b:], t[b:]
             elif guided:
                 cond = torch.cat([cond, cond])
-            d, m = net(lat, ts, ctx, cond, scale, control.guess_mode)
-            if guided and control.guess_mode:
+            d, m = net(lat, ts, ctx, cond, scale, guess)
+            if guided and guess:
                 d, m = [torch.cat([torch.zeros_like(r), r]) for r in d], torch.cat([torch.zeros_like(m), m])
             down = d if down is None else [u + v for u, v in zip(down, d)]
             mid = m if mid is None else mid + m

@@ -117,8 +117,8 @@ def test_load_controlnet_from_a_diffusers_folder_strictly(tmp_path):
 def nets(models, tmp_path_factory):
     """{name: (folder, diffusers ControlNetModel)}: two random ControlNets for the tiny models, saved as folders."""
     out = {}
-    for name, seed in (("a", 5), ("b", 6)):
-        cfg = ControlNetConfig(models["sd1"].pipe.backend.model.unet.cfg, EMBED)
+    for name, seed, pooled in (("a", 5, False), ("b", 6, False), ("shuffle", 7, True)):
+        cfg = ControlNetConfig(models["sd1"].pipe.backend.model.unet.cfg, EMBED, global_pool_conditions=pooled)
         ref = reference(cfg, seed)
         folder = tmp_path_factory.mktemp(f"controlnet-{name}")
         ref.save_pretrained(folder)
@@ -225,6 +225,22 @@ def test_two_controlnets_and_guess_mode_equal_diffusers(controlled, ref, nets):
         ours = pipe.generate(PROMPTS, steps=4, sampler="euler", latents=noise, output_type="np", progress=False,
                              control_image=given, **args).images
         assert max_diff(ours, theirs) <= TOL, guess
+
+
+@pytest.mark.parametrize("sampler,net", [("heun", "a"), ("pndm", "a"), ("euler", "shuffle")])
+def test_guidance_windows_of_multi_call_samplers_and_a_shuffle_controlnet_equal_diffusers(controlled, ref, nets,
+                                                                                          sampler, net):
+    """heun calls the UNet twice a step (but the last), pndm once more in all: diffusers' window counts calls. A
+    global_pool_conditions ControlNet ("shuffle") always runs in guess mode, as diffusers forces it."""
+    pipe, noise = controlled["sd1"].pipe, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    pipe.controlnet = nets[net][0]
+    window = dict(control_guidance_start=0.15, control_guidance_end=0.6)
+    theirs = diffusers_pipe(controlled, ref, nets, "sd1", "txt2img", sampler, names=(net,))(
+        PROMPTS, image=control_images(2), num_inference_steps=4, guidance_scale=7.5, latents=noise.clone(),
+        output_type="np", **window).images
+    ours = pipe.generate(PROMPTS, steps=4, sampler=sampler, latents=noise, output_type="np", progress=False,
+                         control_image=control_images(2), **window).images
+    assert max_diff(ours, theirs) <= TOL
 
 
 def test_a_seed_gives_its_image_alone_or_in_a_batch_of_other_controls(controlled):
