@@ -3,9 +3,12 @@ do around their UNet call, for one ControlNet or several (diffusers' MultiContro
 
   * control_image: one image for every item, or one per request (num_images_per_prompt repeats it); with several
     ControlNets, as diffusers: one image per ControlNet ([canny, pose]), or per request one per ControlNet
-    ([[canny_1, pose_1], [canny_2, pose_2]]). Read as 8-bit RGB, resized with Lanczos to the output size
-    unless it has it (diffusers' control image processor), in [0, 1]; padded and cropped as the image is (sizes that
-    are not multiples of 8, inpaint's crop_padding), so it stays aligned with the pixels it controls.
+    ([[canny_1, pose_1], [canny_2, pose_2]]). generate without height/width makes images of the (first) control
+    image's size (diffusers rounds it down to a multiple of 8). Control images are read as image= is (8-bit RGB:
+    EXIF orientation applied, 16-bit depth maps scaled to 8 bits where diffusers clips them, float arrays rounded
+    to 8 bits), resized with Lanczos to the output size unless they have it (diffusers: PIL images with Lanczos,
+    arrays nearest), in [0, 1]; padded and cropped as the image is (sizes that are not multiples of 8, inpaint's
+    crop_padding), so they stay aligned with the pixels they control.
   * controlnet_conditioning_scale multiplies the residuals (default as diffusers': 1 for generate, 0.8 for img2img,
     0.5 for inpaint); control_guidance_start / end (fractions of the steps)
     limit the steps the ControlNet acts on: UNet call i of N runs it unless i / N < start or (i + 1) / N > end, as
@@ -34,8 +37,9 @@ __all__ = ["Control", "control_request", "controlled_unet"]
 
 @dataclass(frozen=True)
 class Control:
-    """One call's ControlNets and their per-item control images: raw (`images`, per net a list over the output
-    items) until `at` makes them tensors (`tensors`, per net (B, 3, H, W) in [0, 1] on the CPU)."""
+    """One call's ControlNets and their per-item control images: uint8 (H, W, 3) arrays (`images`, per net a list
+    over the output items; items given one image share its array) until `at` makes them tensors (`tensors`, per
+    net (B, 3, H, W) in [0, 1] on the CPU)."""
     nets: tuple
     images: tuple[list, ...]
     scales: tuple[float, ...]
@@ -55,25 +59,35 @@ class Control:
         from backdrop.diffusion import crop_paste as C
         out = []
         for imgs in self.images:
-            rows, seen = [], {}  # an image given for many items is read and resized once
-            for i, x in enumerate(imgs):
-                if id(x) not in seen:
-                    seen[id(x)] = _resized(x, size, f"control_image[{i}]")
-                rows.append(seen[id(x)])
+            rows, seen = [], {}  # an image given for many items is resized once
+            for a in imgs:
+                if id(a) not in seen:
+                    seen[id(a)] = a if a.shape[:2] == tuple(size) else np.asarray(
+                        Image.fromarray(a).resize((size[1], size[0]), Image.LANCZOS))
+                rows.append(seen[id(a)])
             a = np.stack(rows) if crop is None else C.crop_images(np.stack(rows), *crop)  # (B, H, W, 3) uint8
             t = torch.from_numpy(a.astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
             out.append(t if pad is None else pad(t))
         return replace(self, tensors=tuple(out))
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) of the first control image: generate's default output size, as diffusers'."""
+        return self.images[0][0].shape[:2]
 
-def _resized(x, size: tuple[int, int], name: str) -> np.ndarray:
-    if isinstance(x, str):
-        raise TypeError(f"{name}: a path string; give the image (PIL.Image.open(path)), as for image=")
-    a = P._image_array(x, name)  # (H, W, 3) uint8, or float in [0, 1]: rounded as the image's pixels are
-    a = a if a.dtype == np.uint8 else (a.astype(np.float32) * 255).round().astype(np.uint8)
-    if a.shape[:2] != tuple(size):
-        a = np.asarray(Image.fromarray(a).resize((size[1], size[0]), Image.LANCZOS))
-    return a  # (H, W, 3) uint8
+
+def _read(images: list, name: str) -> list[np.ndarray]:
+    """Control images (one ControlNet's, one per request) as uint8 (H, W, 3) arrays, each distinct one read once."""
+    out, seen = [], {}
+    for j, x in enumerate(images):
+        where = name if len(images) == 1 else f"{name}[{j}]"
+        if isinstance(x, (str, bytes)):
+            raise TypeError(f"{where}: a path string; give the image (PIL.Image.open(path)), as for image=")
+        if id(x) not in seen:
+            a = P._image_array(x, where)  # (H, W, 3) uint8, or float in [0, 1]: rounded as the image's pixels are
+            seen[id(x)] = a if a.dtype == np.uint8 else (a.astype(np.float32) * 255).round().astype(np.uint8)
+        out.append(seen[id(x)])
+    return out
 
 
 def _per_net(value, n: int, name: str, check) -> tuple:
@@ -94,7 +108,7 @@ def control_request(nets, control_image, scale, start, end, guess_mode, n: int, 
     if control_image is None:
         raise ValueError(f"{len(nets)} ControlNet{'s' * (len(nets) > 1)} loaded: give control_image= (the edges, "
                          "depth, ... to follow), or set pipe.controlnet = None")
-    given = [control_image]
+    given, names = [control_image], ["control_image"]
     if len(nets) > 1:
         if not isinstance(control_image, (list, tuple)) or not control_image:
             raise ValueError(f"control_image: {len(nets)} ControlNets take a list: one control image each, or per "
@@ -106,7 +120,8 @@ def control_request(nets, control_image, scale, start, end, guess_mode, n: int, 
         given = [list(c) for c in zip(*control_image)] if any(nested) else list(control_image)
         if len(given) != len(nets):
             raise ValueError(f"control_image: {len(given)} control images for the {len(nets)} ControlNets loaded")
-    images = tuple(repeat(broadcast(items(g, "control_image"), n, "control_image"), k) for g in given)
+        names = [f"control_image (ControlNet {i})" for i in range(len(nets))]
+    images = tuple(repeat(broadcast(_read(items(g, name), name), n, name), k) for g, name in zip(given, names))
     fraction = lambda name: lambda v: as_number(v, name, "a number in [0, 1]", lambda v: 0 <= v <= 1)  # noqa: E731
     scales = _per_net(scale, len(nets), "controlnet_conditioning_scale",
                       lambda v: as_number(v, "controlnet_conditioning_scale", "a finite number"))

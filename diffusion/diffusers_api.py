@@ -327,7 +327,8 @@ class DiffusersAPI:
     @controlnet.setter
     def controlnet(self, value) -> None:
         """A ControlNet (nn/controlnet.py), the path of one (a diffusers folder or an original single file), a list
-        of those, or None; moved to the pipeline's device and dtype. Torch backend only."""
+        of those, or None; moved to the pipeline's device and dtype in place (as diffusers' pipe.to moves its
+        ControlNet: share one between pipelines of one device and dtype only). Torch backend only."""
         from backdrop.nn.checkpoint import torch_model
         from backdrop.nn.controlnet import ControlNet, load_controlnet
         given = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
@@ -347,9 +348,9 @@ class DiffusersAPI:
             if net.cfg.downsample_factor != self.config.vae.downsample_factor:
                 raise ValueError(f"controlnet[{i}] reads control images at 1/{net.cfg.downsample_factor} of the "
                                  f"pixels, this model's latents are 1/{self.config.vae.downsample_factor}")
-            nets.append(net.to(self.backend.device, self.backend.dtype).eval())
-        with WEIGHT_CHANGES:
-            self._controlnets = tuple(nets)
+            nets.append(net)
+        with WEIGHT_CHANGES:  # not while to() moves the model
+            self._controlnets = tuple(net.to(self.backend.device, self.backend.dtype).eval() for net in nets)
 
     def _control(self, control_image, scale, start, end, guess_mode, req):
         """The call's diffusion.control.Control from its arguments (None without a ControlNet)."""

@@ -148,7 +148,7 @@ class Pipeline(DiffusersAPI, Processing):
         prediction_type ("epsilon" / "v_prediction": what a single file's UNet predicts, which the file does not
         say), vae (a VAE file or folder to run instead of the model's), allow_pickle and variant (diffusers':
         "fp16" reads a folder's .fp16.safetensors files): load_model's. controlnet: a ControlNet, its path, or a
-        list of them (pipe.controlnet).
+        list of them (pipe.controlnet); a saved diffusers ControlNet pipeline folder brings its own.
         backend_options: an export backend's own (onnxruntime: providers=("tensorrt", "cuda"), threads=,
         trt_cache=; tensorrt: cuda_graphs=), as Optimum's ORT pipelines take provider= and session options."""
         from backdrop.export.backends import make_backend
@@ -179,7 +179,12 @@ class Pipeline(DiffusersAPI, Processing):
         model = load_model(path, dtype=dtype, device=device, prediction_type=prediction_type, vae=vae,
                            allow_pickle=allow_pickle, variant=variant)
         pipe = cls(make_backend("torch", model, device=device, dtype=dtype))
-        pipe.controlnet = controlnet
+        from backdrop.nn.controlnet import load_controlnet, saved_controlnets
+        nets = controlnet if isinstance(controlnet, (list, tuple)) else [controlnet] * (controlnet is not None)
+        nets = [load_controlnet(n, dtype, device, allow_pickle, variant) if isinstance(n, (str, os.PathLike)) else n
+                for n in nets or saved_controlnets(path)]  # a saved ControlNet pipeline's own, as diffusers'
+        pipe.controlnet = None if not nets else nets if isinstance(controlnet, (list, tuple)) or len(nets) > 1 \
+            else nets[0]
         return pipe
 
     def to(self, device=None, dtype=None) -> "Pipeline":
@@ -237,19 +242,19 @@ class Pipeline(DiffusersAPI, Processing):
                  control_guidance_end=1.0, guess_mode: bool = False, progress: bool | None = None,
                  callback: Callable | None = None, interrupt: threading.Event | None = None) -> Output:
         """Text to image. height/width: default the model's native config.image_size (an export made with a fixed
-        --size: that size); any positive size works (sampled at the next multiple of 8, then cropped).
-        `callback(step, latents)` runs after every step."""
+        --size: that size; with a ControlNet, the control image's size); any positive size works (sampled at the
+        next multiple of 8, then cropped). `callback(step, latents)` runs after every step."""
         loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, self._shows(progress), callback,
                     interrupt, self.config.scheduler, timesteps, sigmas)
-        native = self.fixed_size or (self.config.image_size,) * 2
-        H, W = (default if v is None else as_number(v, name, "an int >= 1 (pixels) or None", lambda v: v >= 1,
-                                                    integer=True)
-                for v, name, default in ((height, "height", native[0]), (width, "width", native[1])))
         req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
                        embeds=(prompt_embeds, negative_prompt_embeds), width=self._width, generator=generator)
         req["clip_skip"], req["ip"] = check_clip_skip(clip_skip, self.backend), self._ip_tokens(ip_adapter_image)
         control = self._control(control_image, controlnet_conditioning_scale, control_guidance_start,
                                 control_guidance_end, guess_mode, req)
+        native = self.fixed_size or (control.size if control else (self.config.image_size,) * 2)
+        H, W = (default if v is None else as_number(v, name, "an int >= 1 (pixels) or None", lambda v: v >= 1,
+                                                    integer=True)
+                for v, name, default in ((height, "height", native[0]), (width, "width", native[1])))
         B, f = len(req["prompts"]), self.config.vae.downsample_factor
         h, w = (d // f for d in self.processing_size(H, W))
         job = dict(req, strengths=[1.0] * B, x0=None, size=(H, W), c_concat=self._empty_concat(B, h, w),

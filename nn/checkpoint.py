@@ -235,7 +235,8 @@ OTHER_FAMILIES = {"StableDiffusionXL": "an SDXL model", "StableDiffusion3": "a S
                   "StableUnCLIP": "an unCLIP model", "Kandinsky": "a Kandinsky model", "IF": "a DeepFloyd IF model",
                   "StableCascade": "a Stable Cascade model", "Wuerstchen": "a Wuerstchen model",
                   "PixArt": "a PixArt model", "Flux": "a FLUX model", "StableVideoDiffusion": "a video model"}
-_USED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor")
+# controlnet: Pipeline.from_pretrained loads it (nn/controlnet.saved_controlnets)
+_USED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor", "controlnet")
 
 
 def _check_model_index(root: Path, scheduler: dict) -> None:

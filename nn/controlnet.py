@@ -23,7 +23,7 @@ from .config import UNetConfig, _check, _check_fields
 from .ldm_keys import CheckpointError, MissingFile, Src
 from .unet import check_context, encode, encoder_modules, time_embedding
 
-__all__ = ["ControlNet", "ControlNetConfig", "ConditioningEmbedding", "load_controlnet"]
+__all__ = ["ControlNet", "ControlNetConfig", "ConditioningEmbedding", "load_controlnet", "saved_controlnets"]
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class ControlNetConfig:
         widths = cfg.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
         return cls(unet, tuple(widths) if isinstance(widths, list) else widths,
                    cfg.get("conditioning_channels", 3), cfg.get("controlnet_conditioning_channel_order", "rgb"),
-                   bool(cfg.get("global_pool_conditions", False)))
+                   cfg.get("global_pool_conditions", False))  # a bool, or __post_init__ names it
 
 
 class ConditioningEmbedding(nn.Module):
@@ -172,7 +172,7 @@ def load_controlnet(path, dtype: torch.dtype = torch.float32, device="cpu", allo
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config}: not JSON ({e})") from None
     except (ValueError, TypeError) as e:
-        raise CheckpointError(str(e)) from None
+        raise CheckpointError(f"{config}: {e}" if str(config) not in str(e) else str(e)) from None
     reader = _Reader(_weight_files(folder, "diffusion_pytorch_model", allow_pickle, variant))
     with torch.device("meta"), _SkipInit():
         net = ControlNet(cfg)
@@ -183,3 +183,15 @@ def load_controlnet(path, dtype: torch.dtype = torch.float32, device="cpu", allo
     problems.raise_if_any(reader.label, "a ControlNetModel of its config.json")
     _fill(net, names, reader, dtype, device)
     return net
+
+
+def saved_controlnets(root: Path) -> list[Path]:
+    """The ControlNet folders of a saved diffusers ControlNet pipeline (model_index.json names a controlnet):
+    controlnet/, and controlnet_1/, controlnet_2/, ... after it for a MultiControlNetModel; [] for other folders."""
+    index = root / "model_index.json"
+    if not root.is_dir() or not index.is_file() or '"controlnet"' not in index.read_text():
+        return []
+    found = []
+    while (folder := root / ("controlnet" + (f"_{len(found)}" if found else ""))).is_dir():
+        found.append(folder)
+    return found

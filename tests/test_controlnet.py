@@ -27,10 +27,15 @@ SD2 = replace(SD1, num_heads=(1, 2, 4, 4), cross_attention_dim=40, use_linear_pr
 EMBED = (8, 16, 16, 32)  # the conditioning embedding's widths: three stride-2 convs, 8x as the real (16, 32, 96, 256)
 
 
-def reference(cfg: ControlNetConfig, seed: int = 0):
-    """diffusers' ControlNetModel with random weights (its zero convs too: they would hide every bug)."""
+def reference(cfg: ControlNetConfig, seed: int = 0, sensitive: bool = False):
+    """diffusers' ControlNetModel with random weights (its zero convs too: they would hide every bug). sensitive:
+    the control image's embedding outweighs the latents' (random weights barely look at the image otherwise, and a
+    flipped or misplaced control image would pass unseen)."""
     ref = diffusers.ControlNetModel.from_config(cfg.to_diffusers()).eval()
     randomize_(ref, seed)
+    if sensitive:
+        with torch.no_grad():
+            ref.controlnet_cond_embedding.conv_out.weight *= 30
     return ref
 
 
@@ -119,7 +124,7 @@ def nets(models, tmp_path_factory):
     out = {}
     for name, seed, pooled in (("a", 5, False), ("b", 6, False), ("shuffle", 7, True)):
         cfg = ControlNetConfig(models["sd1"].pipe.backend.model.unet.cfg, EMBED, global_pool_conditions=pooled)
-        ref = reference(cfg, seed)
+        ref = reference(cfg, seed, sensitive=True)
         folder = tmp_path_factory.mktemp(f"controlnet-{name}")
         ref.save_pretrained(folder)
         out[name] = (str(folder), ref)
@@ -262,10 +267,10 @@ def test_bad_controlnet_calls_are_named(models, nets, tmp_path):
     with pytest.raises(ValueError, match=r"control_image= needs a ControlNet: Pipeline.from_pretrained\(\.\.\., "
                                          r"controlnet=path\)"):
         pipe.generate("a cat", steps=1, progress=False, control_image=control_images(1)[0])
-    wrong = ControlNetConfig(replace(SD1, cross_attention_dim=64), EMBED)
-    with pytest.raises(ValueError, match=r"controlnet\[0\] does not fit this model: its block_out_channels is "
-                                         r"\(32, 64, 64, 64\), the UNet's \(32, 64, 64, 64\)|layers_per_block is 2"):
-        pipe.controlnet = ControlNet(wrong)
+    sd2 = ControlNetConfig(replace(pipe.backend.model.unet.cfg, cross_attention_dim=1024), EMBED)  # else the same
+    with pytest.raises(ValueError, match=r"controlnet\[0\] does not fit this model: its cross_attention_dim is 1024, "
+                                         r"the UNet's 64 \(a ControlNet for another base model\?\)"):
+        pipe.controlnet = ControlNet(sd2)
     with pytest.raises(TypeError, match=r"controlnet\[1\]: a backdrop.nn.controlnet.ControlNet or the path of one, "
                                         r"got a dict"):
         pipe.controlnet = [nets["a"][0], {}]
@@ -281,7 +286,7 @@ def test_bad_controlnet_calls_are_named(models, nets, tmp_path):
                  r"controlnet_conditioning_scale: 2 values for the 1 ControlNets loaded"),
                 ({"control_image": control_images(1), "control_guidance_end": 1.5}, ValueError,
                  r"control_guidance_end must be a number in \[0, 1\]"),
-                ({"control_image": "edges.png"}, TypeError, r"control_image\[0\]: a path string; give the image"),
+                ({"control_image": "edges.png"}, TypeError, r"control_image: a path string; give the image"),
                 ({"control_image": control_images(1), "guess_mode": "yes"}, TypeError,
                  r"guess_mode must be True or False")]:
             with pytest.raises(error, match=message):
@@ -312,3 +317,65 @@ def test_to_moves_the_controlnet_and_a_resized_control_image_runs(models, nets):
     out = pipe.generate("a cat", height=60, width=44, steps=2, progress=False, output_type="np",
                         control_image=wide).images
     assert out.shape == (1, 60, 44, 3) and np.isfinite(out).all()
+
+
+def test_without_a_size_generate_makes_the_control_images_and_inpaint_crops_it_as_diffusers(controlled, ref, nets,
+                                                                                         monkeypatch):
+    """diffusers' ControlNet pipeline samples at the control image's size; its inpaint pipeline crops the control
+    image with padding_mask_crop's box (both posterior means: diffusers' retrieve_latents patched)."""
+    import diffusers.pipelines.controlnet.pipeline_controlnet_inpaint as inpainting
+
+    pipe, edges = controlled["sd1"].pipe, control_images(1, seed=6)[0].resize((96, 48))  # 48x96 (HxW)
+    noise = torch.randn(1, 4, 6, 12, generator=torch.Generator().manual_seed(5))
+    theirs = diffusers_pipe(controlled, ref, nets, "sd1", "txt2img", "euler")(
+        "a cat", image=edges, num_inference_steps=3, latents=noise.clone(), output_type="np").images
+    ours = pipe("a cat", image=edges, steps=3, sampler="euler", latents=noise, output_type="np", progress=False)
+    assert ours.images.shape == theirs.shape == (1, 48, 96, 3) and max_diff(ours.images, theirs) <= TOL
+    monkeypatch.setattr(inpainting, "retrieve_latents", lambda out, **_: out.latent_dist.mode())
+    inpainter, image, last = controlled["sd1-inpaint"].pipe, images(1, seed=7)[0], {}
+    mask = np.zeros((64, 64), np.uint8)
+    mask[24:40, 20:36] = 255
+    mask, control = Image.fromarray(mask), control_images(1, seed=9)[0]
+    diffusers_pipe(controlled, ref, nets, "sd1-inpaint", "inpaint", "euler")(
+        prompt="a cat", image=image, mask_image=mask, control_image=control, padding_mask_crop=4, height=64,
+        width=64, num_inference_steps=4, generator=generators([3]),
+        callback_on_step_end=lambda p, i, t, kw: last.update(latents=kw["latents"]) or kw)
+    ours = inpainter.inpaint(image, mask=mask, prompt="a cat", control_image=control, crop_padding=4, steps=4,
+                             sampler="euler", seed=3, output_type="latent", paste_back=False, mask_mode="diffusers",
+                             mask_dilate=0, progress=False)
+    assert max_diff(ours.images, last["latents"]) <= 1e-3
+
+
+def test_loading_options_reach_the_controlnet_and_a_saved_controlnet_pipeline_brings_its_own(models, nets, ref,
+                                                                                            tmp_path):
+    from test_controlnet_ldm import to_ldm
+
+    from backdrop.diffusion.pipeline import Pipeline
+
+    folder, net = models["sd1"].folder, nets["a"][1]
+    torch.save(to_ldm(net.state_dict(), load_controlnet(nets["a"][0]).cfg), tmp_path / "control.ckpt")
+    with pytest.raises(CheckpointError, match=r"control.ckpt.*pickle"):
+        Pipeline.from_pretrained(folder, device="cpu", controlnet=str(tmp_path / "control.ckpt"))
+    pipe = Pipeline.from_pretrained(folder, device="cpu", allow_pickle=True, controlnet=str(tmp_path / "control.ckpt"))
+    assert isinstance(pipe.controlnet, ControlNet)
+    base = ref("sd1", "txt2img", "euler")
+    parts = {k: v for k, v in base.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    for names in (["a"], ["a", "b"]):
+        saved = tmp_path / "-".join(names)
+        controlnet = nets[names[0]][1] if len(names) == 1 else [nets[n][1] for n in names]
+        diffusers.StableDiffusionControlNetPipeline(**parts, controlnet=controlnet, safety_checker=None,
+                                                    feature_extractor=None, requires_safety_checker=False
+                                                    ).save_pretrained(saved)
+        pipe = Pipeline.from_pretrained(saved, device="cpu", dtype=torch.float32)
+        got = pipe.controlnet if len(names) > 1 else [pipe.controlnet]
+        assert [n.controlnet_mid_block.bias.tolist() for n in got] == [
+            nets[n][1].controlnet_mid_block.bias.tolist() for n in names]
+
+
+def test_config_values_are_checked_and_name_the_file(tmp_path):
+    reference(ControlNetConfig(SD1, EMBED)).save_pretrained(tmp_path)
+    config = tmp_path / "config.json"
+    config.write_text(config.read_text().replace('"global_pool_conditions": false', '"global_pool_conditions": "false"'))
+    with pytest.raises(CheckpointError, match=r"config.json: ControlNetConfig: global_pool_conditions = 'false' is "
+                                              r"not a bool"):
+        load_controlnet(tmp_path)

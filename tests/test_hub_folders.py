@@ -35,7 +35,8 @@ def same(a, b):
 def test_other_families_are_refused_by_name_and_unused_parts_said(folder, tmp_path, caplog):
     """An SDXL folder was refused on its first unsupported config key ('addition_embed_type ... implements None'),
     a Kandinsky one as 'has no vae/' (a broken download?); a ControlNet pipeline's folder loaded with its
-    controlnet/ silently unused, and an LCM folder ran dpmpp-2m at 30 steps, with no hint."""
+    controlnet/ silently unused (Pipeline.from_pretrained loads it now: tests/test_controlnet.py), an IP-Adapter's
+    image_encoder/ too, and an LCM folder ran dpmpp-2m at 30 steps, with no hint."""
     for name, what in (("StableDiffusionXLPipeline", "an SDXL model"), ("KandinskyV22Pipeline", "a Kandinsky model"),
                        ("StableDiffusionUpscalePipeline", "an upscaler")):
         bad = copied(folder, tmp_path / name, index={"_class_name": name})
@@ -44,12 +45,13 @@ def test_other_families_are_refused_by_name_and_unused_parts_said(folder, tmp_pa
             load_model(bad)
     extra = copied(folder, tmp_path / "controlnet", index={"_class_name": "StableDiffusionControlNetPipeline",
                                                            "controlnet": ["diffusers", "ControlNetModel"],
-                                                           "image_encoder": [None, None]},
+                                                           "image_encoder": ["transformers", "CLIPVisionModel"],
+                                                           "feature_extractor": [None, None]},
                    scheduler={"_class_name": "LCMScheduler"})
     with caplog.at_level("WARNING", logger="backdrop.nn.checkpoint"):
         assert same(load_model(extra), load_model(folder))
-    assert "controlnet/ not used (Backdrop runs the UNet, VAE and text encoder of StableDiffusionControlNetPipeline)" \
-        in caplog.text and "image_encoder" not in caplog.text
+    assert "image_encoder/ not used (Backdrop runs the UNet, VAE and text encoder of " \
+        "StableDiffusionControlNetPipeline)" in caplog.text and "controlnet/" not in caplog.text
     assert 'its scheduler is LCMScheduler: an LCM model wants sampler="lcm"' in caplog.text
 
 
