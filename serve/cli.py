@@ -13,7 +13,8 @@ from pathlib import Path
 
 from backdrop import __version__
 from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, add_freeu_option, add_lora_option,
-                          add_textual_inversion_option, apply_model_options, checkpoint_options, parse_device)
+                          add_textual_inversion_option, apply_model_options, checkpoint_options, one_line,
+                          parse_device)
 from backdrop.diffusion.recipes import RECIPES, SAMPLING_DEFAULTS
 from backdrop.messages import require
 
@@ -86,6 +87,13 @@ def add_parser(subparsers) -> None:
     add_lora_option(m)
     add_freeu_option(m)
     add_textual_inversion_option(m)
+    m.add_argument("--controlnet", action="append", metavar="PATH",
+                   help="a ControlNet every request runs (a diffusers ControlNetModel folder or an original "
+                        ".safetensors, made for the model's base); repeat for several, their residuals summed. "
+                        "POST /v1/inpaint then requires control_image (a list of one per ControlNet, in this "
+                        "order) and takes controlnet_conditioning_scale, control_guidance_start / _end and "
+                        "guess_mode; the OpenAI endpoints cannot carry a control image and answer 400 (use "
+                        "/v1/inpaint). --backend torch only")
     m.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on CUDA with the torch backend, run the UNet eagerly instead of replaying CUDA graphs")
     b = p.add_argument_group("batching")
@@ -140,6 +148,13 @@ def _serve(args: argparse.Namespace) -> int:
             raise CLIError(f"{flag} {value:g} must be more than 0 seconds")
     if args.max_connections is not None and args.max_connections < 1:
         raise CLIError(f"--max-connections {args.max_connections} must be 1 or more")
+    for path in args.controlnet or []:  # before binding and loading, as the other options
+        if args.backend != "torch":
+            raise CLIError(f"--controlnet needs --backend torch, not {args.backend}: an export's UNet takes no "
+                           "ControlNet residuals")
+        if not Path(path).expanduser().exists():
+            raise CLIError(f"--controlnet {path}: no such file or folder (a diffusers ControlNetModel folder or a "
+                           "ControlNet .safetensors file)")
     if not args.shutdown_delay >= 0:
         raise CLIError(f"--shutdown-delay {args.shutdown_delay:g} must be 0 or more seconds")
     for flag in ("--max-body-mb", "--max-file-mb"):  # before int(MB * 2**20), which nan and inf break
@@ -224,4 +239,13 @@ def _load(args, engine_config):
     except (FileNotFoundError, ValueError, OSError) as e:  # CheckpointError is a ValueError naming file and key
         raise CLIError(str(e)) from None
     apply_model_options(pipe, args)  # LoRAs merged before any CUDA graph is captured
+    nets = []  # one at a time, so that an error names its --controlnet; set before the engine's warm-up
+    for path in args.controlnet or []:
+        try:
+            pipe.controlnet = nets + [path]
+        except (OSError, ValueError, TypeError) as e:  # CheckpointError, one that does not fit the model
+            raise CLIError(f"--controlnet {path}: {one_line(e)}") from None
+        nets = pipe.controlnet if isinstance(pipe.controlnet, list) else [pipe.controlnet]
+    if nets:
+        log.info("ControlNets (/v1/inpaint requires control_image, in this order): %s", ", ".join(args.controlnet))
     return Engine(with_cuda_graphs(pipe) if args.cuda_graphs else pipe, engine_config)

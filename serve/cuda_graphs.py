@@ -128,4 +128,6 @@ def with_cuda_graphs(pipe):
     backend = pipe.backend
     if getattr(backend, "name", None) != "torch" or torch.device(backend.device).type != "cuda":
         return pipe
-    return Pipeline(GraphedBackend(backend))
+    graphed = Pipeline(GraphedBackend(backend))
+    graphed.controlnet = pipe.controlnet  # its ControlNets (`serve --controlnet`): a call with them runs eagerly
+    return graphed

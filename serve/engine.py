@@ -1,10 +1,11 @@
 """The serving engine: one Pipeline, one Batcher, one worker thread. No HTTP here (that is server.py).
 
 Like nano-vllm's LLMEngine, the step is a few lines: the worker takes the next batch from the Batcher
-(serve/batcher.py), runs it as ONE Pipeline call with per-item prompts, images, masks, seeds and strengths, and
-hands each item its image. What must be equal for items to share that call is the batch key: the Batcher's
-BatchKey (kind, size, steps, sampler, model) plus `options`, the Pipeline arguments that are one value per call
-(guidance scale, mask blur, crop padding, ...). Requests with the server's defaults all share one key per size.
+(serve/batcher.py), runs it as ONE Pipeline call with per-item prompts, images, masks, seeds, strengths and control
+images (ControlNet), and hands each item its image. What must be equal for items to share that call is the batch
+key: the Batcher's BatchKey (kind, size, steps, sampler, model) plus `options`, the Pipeline arguments that are one
+value per call (guidance scale, mask blur, crop padding, ControlNet scales, ...). Requests with the server's
+defaults all share one key per size.
 
 Callers (the async HTTP handlers) wait without blocking their event loop: `submit(..., on_done)` registers a
 callback the worker calls (from its thread) when the request finishes, whether done, failed or expired.
@@ -31,7 +32,7 @@ from backdrop.serve.batcher import Batch, BatchKey, Batcher, Request
 from backdrop.serve.cuda_graphs import BATCH_BUCKETS
 from backdrop.serve.metrics import ServerMetrics
 
-__all__ = ["ServeKey", "Item", "Engine", "EngineConfig", "warm_up_batches"]
+__all__ = ["ServeKey", "Item", "Engine", "EngineConfig", "warm_up_batches", "controlnet_count"]
 
 log = logging.getLogger("backdrop.serve")
 
@@ -51,6 +52,7 @@ class Item:
     strength: float = 1.0
     image: Image.Image | None = None
     mask: np.ndarray | None = None
+    control: tuple[Image.Image, ...] | None = None  # one control image per ControlNet the pipeline runs, in order
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,13 @@ class EngineConfig:
                          ("request_timeout", self.request_timeout > 0), ("cpu_cache_mb", self.cpu_cache_mb >= 0)):
             if not ok:
                 raise ValueError(f"EngineConfig.{name} = {getattr(self, name)!r} is out of range")
+
+
+def controlnet_count(pipe: Pipeline) -> int:
+    """How many ControlNets `pipe` runs (pipe.controlnet: None, one, or a list): each call needs as many control
+    images."""
+    nets = pipe.controlnet
+    return 0 if nets is None else len(nets) if isinstance(nets, list) else 1
 
 
 def warm_up_batches(device_type: str, max_batch_size: int) -> list[int]:
@@ -182,14 +191,16 @@ class Engine:
         h, w = self.native_hw
         t0 = time.perf_counter()
         sizes = warm_up_batches(torch.device(self.pipe.backend.device).type, self.config.max_batch_size)
+        nets, black = controlnet_count(self.pipe), Image.new("RGB", (w, h))
+        control = {"control_image": black if nets == 1 else [black] * nets} if nets else {}  # with --controlnet
         for b in sizes:
             if self.pipe.config.unet.in_channels == 9:
                 image = Image.new("RGB", (w, h), (128, 128, 128))
                 mask = Image.new("L", (w, h), 255)
                 self.pipe.inpaint(image, mask=mask, prompt=["warm-up"] * b, seed=list(range(b)), steps=1,
-                                  progress=False)
+                                  progress=False, **control)
             else:
-                self.pipe.generate(["warm-up"] * b, seed=list(range(b)), steps=1, progress=False)
+                self.pipe.generate(["warm-up"] * b, seed=list(range(b)), steps=1, progress=False, **control)
         log.info("warm-up (batches of %s) took %.1f s", sizes, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------------------------------ requests
@@ -306,6 +317,8 @@ class Engine:
         args = dict(prompt=[it.prompt for it in items], negative_prompt=[it.negative_prompt for it in items],
                     seed=[it.seed for it in items], steps=key.steps, sampler=key.sampler, progress=False,
                     interrupt=interrupt, **dict(key.options))
+        if items[0].control is not None:  # per item one image per ControlNet: diffusers' nested form for several
+            args["control_image"] = [it.control[0] if len(it.control) == 1 else list(it.control) for it in items]
         if key.kind == "generate":
             out = self.pipe.generate(height=key.height, width=key.width, **args)
         elif key.kind == "inpaint":

@@ -27,14 +27,16 @@ from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse
 
 from backdrop.diffusion import masks as M
+from backdrop.diffusion.guidance import check_start
 from backdrop.diffusion.image_io import from_file
+from backdrop.diffusion.schedule import build_schedule
 from backdrop.nn.tokenizer import check_texts
 
 __all__ = ["APIError", "size_buckets", "decode_image", "repaint_mask", "require_edit_area", "require_transparency",
            "one_image", "edit_inputs", "number", "form_int", "form_bool", "seconds", "boolean", "text", "choice",
-           "check_fields", "b64decode", "shown", "clip", "custom_schedule_fields", "IMAGE_FORMATS", "MIN_SIDE",
-           "MAX_PROMPT_CHARS", "MAX_STEPS", "MAX_SEED", "IDENTITY_IGNORED", "EDIT_IGNORED", "GENERATE_IGNORED",
-           "OPENAI_OUTPUT", "UNSUPPORTED"]
+           "check_fields", "b64decode", "shown", "clip", "custom_schedule_fields", "schedule_steps", "IMAGE_FORMATS",
+           "MIN_SIDE", "MAX_PROMPT_CHARS", "MAX_STEPS", "MAX_SEED", "IDENTITY_IGNORED", "EDIT_IGNORED",
+           "GENERATE_IGNORED", "OPENAI_OUTPUT", "UNSUPPORTED"]
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")   # what OpenAI's edits accept; anything else PIL reads is refused
 MIN_SIDE = 16               # smaller images cannot be reflect-padded to the VAE's multiple of 8 (masks.py)
@@ -214,6 +216,24 @@ def custom_schedule_fields(fields: dict, max_steps: int) -> dict:
                                 f"name (ays), got {shown(value)}", param=name, code="invalid_value")
         custom[name] = tuple(value) if isinstance(value, list) else value
     return custom
+
+
+def schedule_steps(config, sampler: str, steps: int, strength: float, **custom) -> int:
+    """Refuse what the model's scheduler cannot run (DDIM's leading spacing at 1000 steps would pass timestep 1000;
+    int(steps * strength) = 0 leaves no step) before it is queued: in a batch it would fail every request beside it.
+    config: the model's ModelConfig; custom: timesteps= or sigmas= (custom_schedule_fields). Returns the number of
+    steps."""
+    try:
+        full = build_schedule(sampler, steps, config.scheduler, **custom)
+        schedule = full.img2img(strength)
+    except ValueError as e:
+        param = next((k for k in (*custom, "strength") if k in str(e)), "steps")
+        raise APIError(400, str(e), param=param, code="invalid_value") from None
+    try:  # an epsilon model at sigma = inf (zero terminal SNR): it failed in the batch, a 500
+        check_start(schedule, config.prediction_type)
+    except ValueError as e:
+        raise APIError(400, str(e), param="sampler", code="invalid_value") from None
+    return full.num_steps
 
 
 def _numeric(value, name: str, kind):

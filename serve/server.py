@@ -5,7 +5,8 @@
                                   (inputs.EDIT_IGNORED) or refused when they ask for streaming, non-PNG output or
                                   transparency
     POST /v1/images/generations   JSON, as OpenAI's Images API (ignored: inputs.GENERATE_IGNORED)
-    POST /v1/inpaint              JSON, every Pipeline.inpaint option; images as base64 PNG/JPEG/WebP
+    POST /v1/inpaint              JSON, every Pipeline.inpaint option; images as base64 PNG/JPEG/WebP; with
+                                  --controlnet, control_image (required) and the ControlNet options (serve/control.py)
     GET  /v1/files/<id>.png       the images of `response_format: "url"` responses (kept in memory, see serve/files.py)
     GET  /v1/models, /v1/models/<id>   the one model served, as OpenAI's Model objects
     GET  /healthz (process up), /readyz (model loaded and warmed up), /metrics (Prometheus text)
@@ -19,7 +20,9 @@ http URLs served by this server for `FileStore.ttl` seconds (refused when max_fi
 replicas). Responses carry OpenAI's `created`, `size`, `background` ("opaque") and `output_format` ("png"); not
 `usage` (no tokens are counted) nor `quality`. Sizes: generations take a bucket "WxH" with W, H in {native, 2 x
 native} of the model (512x512, 1024x512, ... for SD1.5; 64x64 ... 128x128 for the tiny model) or "auto" (native);
-edits keep the input image's own size, so `size` may only repeat it.
+edits keep the input image's own size, so `size` may only repeat it. A server started with --controlnet runs its
+ControlNets in every call, and OpenAI's endpoints cannot carry the control image that needs: there they answer 400
+(param control_image) saying to use /v1/inpaint with control_image.
 
 Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for bad fields and undecodable, too
 small or too large images or mismatched masks; 413 for bodies over the limit (Content-Length checked before reading,
@@ -57,7 +60,6 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
-from backdrop.diffusion.guidance import check_start
 from backdrop.diffusion.masks import default_mask_blur
 from backdrop.diffusion.pipeline import Pipeline
 from backdrop.diffusion.samplers import check_eta
@@ -66,12 +68,13 @@ from backdrop.diffusion.text import check_clip_skip, clip_cut
 from backdrop.serve.access import BrowserGuard, ClientGone, endpoint, log_refusal
 from backdrop.serve.batcher import QueueFull, ShuttingDown
 from backdrop.serve.body_limit import BodyLimit, BodyTimeout, BodyTooLarge
-from backdrop.serve.engine import Engine, Item, ServeKey
+from backdrop.serve.control import CONTROL_FIELDS, control_fields, decode_controls, refuse_openai
+from backdrop.serve.engine import Engine, Item, ServeKey, controlnet_count
 from backdrop.serve.files import FileStore, png_bytes
 from backdrop.serve.inputs import (EDIT_IGNORED, GENERATE_IGNORED, MAX_SEED, MAX_STEPS, MIN_SIDE, OPENAI_OUTPUT,
                                    APIError, b64decode, boolean, check_fields, choice, clip, custom_schedule_fields,
                                    decode_image, edit_inputs, form_int, number, one_image, repaint_mask,
-                                   require_transparency, seconds, shown, size_buckets, text)
+                                   require_transparency, schedule_steps, seconds, shown, size_buckets, text)
 from backdrop.serve.metrics import CONTENT_TYPE
 
 __all__ = ["ServerConfig", "create_app"]
@@ -133,24 +136,9 @@ class _Handlers:
         self.files = FileStore(config.file_ttl, config.max_files, config.max_file_bytes)
         self.formats = ("b64_json", "url") if config.max_files else ("b64_json",)  # no files kept: url gets a 400
         self.created = int(time.time())  # the model's `created` in /v1/models: loaded just before the app is made
+        self.nets = controlnet_count(engine.pipe)  # --controlnet: /v1/inpaint requires control_image (control.py)
 
     # ---------------------------------------------------------------------------------- shared steps
-    def _schedule(self, sampler: str, steps: int, strength: float, **custom) -> int:
-        """Refuse what this model's scheduler cannot run (DDIM's leading spacing at 1000 steps would pass timestep
-        1000; int(steps * strength) = 0 leaves no step) before it is queued: in a batch it would fail every request
-        beside it. custom: timesteps= or sigmas= (inputs.custom_schedule_fields). Returns the number of steps."""
-        try:
-            full = build_schedule(sampler, steps, self.engine.pipe.config.scheduler, **custom)
-            schedule = full.img2img(strength)
-        except ValueError as e:
-            param = next((k for k in (*custom, "strength") if k in str(e)), "steps")
-            raise APIError(400, str(e), param=param, code="invalid_value") from None
-        try:  # an epsilon model at sigma = inf (zero terminal SNR): it failed in the batch, a 500
-            check_start(schedule, self.engine.pipe.config.prediction_type)
-        except ValueError as e:
-            raise APIError(400, str(e), param="sampler", code="invalid_value") from None
-        return full.num_steps
-
     def _size(self, value) -> tuple[int, int] | None:
         if value is None or value == "auto":
             return None
@@ -308,6 +296,7 @@ class _Handlers:
     async def edits(self, request: Request) -> Response:
         form = await self._form(request)
         try:
+            refuse_openai(self.nets, "/v1/images/edits")
             fields = {k: v for k, v in form.multi_items() if k not in ("image", "image[]")}
             check_fields(fields, EDIT_FIELDS, EDIT_IGNORED, form=True)
             upload = one_image(form)
@@ -337,6 +326,7 @@ class _Handlers:
 
     async def generations(self, request: Request) -> Response:
         f = await self._json(request)
+        refuse_openai(self.nets, "/v1/images/generations")
         check_fields(f, GENERATE_FIELDS, GENERATE_IGNORED)
         prompt, negative = text(f.get("prompt"), "prompt", True), text(f.get("negative_prompt"), "negative_prompt")
         n, hw = self._n(f.get("n")), self._size(f.get("size")) or self.engine.native_hw
@@ -353,7 +343,7 @@ class _Handlers:
         check_fields(f, ("image", "mask", "product_mask", "prompt", "negative_prompt", "n", "seed", "strength",
                           "steps", "sampler", "eta", "guidance_scale", "guidance_rescale", "mask_dilate",
                           "mask_blur", "crop_padding", "color_match", "paste_back", "mask_mode", "response_format",
-                          "timeout", "mask_threshold", "clip_skip", "timesteps", "sigmas"))
+                          "timeout", "mask_threshold", "clip_skip", "timesteps", "sigmas", *CONTROL_FIELDS))
         if "image" not in f:
             raise APIError(400, "image is required (base64 PNG, JPEG or WebP)", param="image", code="invalid_image")
         if f.get("mask") is not None and f.get("product_mask") is not None:
@@ -367,7 +357,7 @@ class _Handlers:
         steps = number(f.get("steps"), "steps", 1, self.config.max_steps, self.config.steps, int)
         sampler = choice(f.get("sampler"), "sampler", tuple(RECIPES), self.config.sampler)
         custom = custom_schedule_fields(f, self.config.max_steps)
-        length = self._schedule(sampler, steps, strength, **custom)
+        length = schedule_steps(self.engine.pipe.config, sampler, steps, strength, **custom)
         if custom and f.get("steps") is not None and steps != length:
             raise APIError(400, f"steps {steps}, but {next(iter(custom))} has {length} steps: give one of them",
                            param="steps", code="invalid_value")
@@ -391,6 +381,8 @@ class _Handlers:
             mask_mode=choice(f.get("mask_mode"), "mask_mode", ("max", "diffusers"), DEFAULT["mask_mode"]),
             mask_threshold=number(f.get("mask_threshold"), "mask_threshold", 1e-3, 1.0, None),
             clip_skip=self._clip_skip(f.get("clip_skip")), **custom)
+        control_bytes, control_options = control_fields(f, self.nets, DEFAULT)  # ({} without --controlnet)
+        options.update(control_options)
         fmt = self._format(f.get("response_format"))
         timeout = seconds(f.get("timeout"), "timeout")
         image_bytes, mask_bytes = b64decode(f["image"], "image"), (b64decode(f[kind], kind) if kind else None)
@@ -404,10 +396,11 @@ class _Handlers:
             return image.convert("RGB"), repaint_mask(kind, decode_image(mask_bytes, kind, self.max_pixels), hw,
                                                        kind)
         image, repaint = await run_in_threadpool(decode)
+        control = control_bytes and await run_in_threadpool(decode_controls, control_bytes, self.max_pixels)
         if options["crop_padding"] is None:  # a crop runs at the model's (or the export's) own size
             self._runs((image.height, image.width))
         key = self._key("inpaint", (image.height, image.width), steps, sampler, **options)
-        items = [Item(prompt, seed + j, negative, strength, image, repaint) for j in range(n)]
+        items = [Item(prompt, seed + j, negative, strength, image, repaint, control) for j in range(n)]
         images = await self._run(request, key, items, timeout)
         top, cut = repaint.max(), options["mask_threshold"]  # the Pipeline's float32 mask, binarised at >= cut
         unchanged = bool(top == 0 or (cut is not None and top < np.float32(cut)))

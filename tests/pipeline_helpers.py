@@ -105,3 +105,34 @@ def max_diff(a, b) -> float:
 
 def u8(img) -> np.ndarray:
     return np.asarray(img).astype(np.int16)
+
+
+# ------------------------------------------------------------------------------------------------- ControlNet
+
+CONTROL_EMBED = (8, 16, 16, 32)  # the conditioning embedding's widths: three stride-2 convs, 8x as the real ones
+
+
+def edges(seed: int, h: int = 64, w: int = 64) -> Image.Image:
+    """An edge-map-like control image: white lines on black."""
+    rng, a = np.random.default_rng(seed), np.zeros((h, w, 3), np.uint8)
+    for _ in range(4):
+        a[rng.integers(0, h), :] = 255
+        a[:, rng.integers(0, w)] = 255
+    return Image.fromarray(a)
+
+
+def controlnet_folder(unet_cfg, folder, seed: int, tune=None) -> str:
+    """A diffusers ControlNetModel folder with random weights (its zero convs too) for a UNet of `unet_cfg` (its
+    in_channels: the latents'); tune(model) may reweigh them first."""
+    import diffusers
+
+    from backdrop.nn.controlnet import ControlNetConfig
+    from backdrop.nn.testing import randomize_
+
+    ref = diffusers.ControlNetModel.from_config(ControlNetConfig(unet_cfg, CONTROL_EMBED).to_diffusers()).eval()
+    randomize_(ref, seed)
+    if tune is not None:
+        with torch.no_grad():
+            tune(ref)
+    ref.save_pretrained(folder)
+    return str(folder)

@@ -15,32 +15,14 @@ from PIL import Image
 from backdrop.cli import build_parser, main
 from backdrop.nn.checkpoint import init_model, save_model
 from backdrop.nn.config import PRESETS
-from backdrop.nn.controlnet import ControlNetConfig
-from backdrop.nn.testing import randomize_
+
+from pipeline_helpers import controlnet_folder, edges
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = [pytest.mark.usefixtures("one_thread"),  # conftest.py
               pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")]
 
-EMBED = (8, 16, 16, 32)  # the conditioning embedding's widths: three stride-2 convs (8x), as the real ones
 PROMPT = "a bottle on a marble table"
-
-
-def edges(seed: int, h: int = 64, w: int = 64) -> Image.Image:
-    """An edge-map-like control image: white lines on black."""
-    rng, a = np.random.default_rng(seed), np.zeros((h, w, 3), np.uint8)
-    for _ in range(4):
-        a[rng.integers(0, h), :] = 255
-        a[:, rng.integers(0, w)] = 255
-    return Image.fromarray(a)
-
-
-def controlnet_folder(unet_cfg, folder, seed: int) -> str:
-    """A diffusers ControlNetModel folder with random weights (its zero convs too) for a UNet of `unet_cfg`."""
-    ref = diffusers.ControlNetModel.from_config(ControlNetConfig(unet_cfg, EMBED).to_diffusers()).eval()
-    randomize_(ref, seed)
-    ref.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
