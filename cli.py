@@ -250,12 +250,13 @@ def _abbreviated(prefix: str, names: dict[str, str]) -> str | None:
 
 def apply_model_options(pipe, args) -> None:
     """The model options of the commands that load one (generate, img2img, inpaint, serve), in order: merge
-    --lora, add --textual-inversion words, turn on --freeu, check --clip-skip against the model (its text
+    --lora, add --textual-inversion words, set the --controlnet ones, turn on --freeu, check --clip-skip against the model (its text
     encoder's layers; an exported backend cannot skip). Each error is a one-line CLIError naming its option."""
     from backdrop.diffusion.text import check_clip_skip
 
     load_loras(pipe, args.lora)
     load_textual_inversions(pipe, args.textual_inversion)
+    load_controlnets(pipe, getattr(args, "controlnet", None) or [], getattr(args, "allow_pickle", False))
     if args.freeu is not None:
         try:
             pipe.enable_freeu(*args.freeu)
@@ -268,6 +269,22 @@ def apply_model_options(pipe, args) -> None:
         layers, n = pipe.config.text.num_layers, args.clip_skip
         why = one_line(e) if 0 <= n <= layers else f"give 0 to {layers} (this model's text encoder has {layers} layers)"
         raise CLIError(f"--clip-skip {n}: {why}") from None
+
+
+def load_controlnets(pipe, paths: list, allow_pickle: bool = False) -> None:
+    """--controlnet (repeatable): pipe.controlnet runs them all, in order; loaded one at a time, so that an error
+    (a file that is no ControlNet, one for another base model, another backend) names its path."""
+    from backdrop.nn.checkpoint import torch_model
+    from backdrop.nn.controlnet import load_controlnet
+
+    nets = []
+    for path in paths:
+        try:
+            torch_model(pipe.backend, "--controlnet", "an export's UNet takes no ControlNet residuals (--backend torch)")
+            nets.append(load_controlnet(path, pipe.backend.dtype, pipe.backend.device, allow_pickle))
+            pipe.controlnet = nets
+        except (OSError, ValueError, TypeError) as e:  # CheckpointError, MissingFile
+            raise CLIError(f"--controlnet {path}: {one_line(e)}") from None
 
 
 class _Parser(argparse.ArgumentParser):

@@ -349,13 +349,6 @@ def _pipeline(args):
             pipe.set_ip_adapter_scale(args.ip_adapter_scale)
         except (OSError, ValueError) as e:  # CheckpointError, a missing image encoder, another backend
             raise CLIError(f"--ip-adapter {weights}: {one_line(e)}") from None
-    nets = []  # one at a time, so that an error names its --controlnet; each is loaded once
-    for path in args.controlnet or []:
-        try:
-            pipe.controlnet = nets + [path]
-        except (OSError, ValueError) as e:  # CheckpointError, one that does not fit the model, another backend
-            raise CLIError(f"--controlnet {path}: {one_line(e)}") from None
-        nets = pipe.controlnet if isinstance(pipe.controlnet, list) else [pipe.controlnet]
     # a call's progress=None falls back to this default, which is True (a bar even in a cron log) until set
     pipe.set_progress_bar_config(disable=None)
     try:  # the model's scheduler decides which steps/sampler/strength it can run: say so before any work

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from backdrop import __version__
 from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, add_freeu_option, add_lora_option,
-                          add_textual_inversion_option, apply_model_options, checkpoint_options, one_line,
-                          parse_device)
+                          add_textual_inversion_option, apply_model_options, checkpoint_options, parse_device)
 from backdrop.diffusion.recipes import RECIPES, SAMPLING_DEFAULTS
 from backdrop.messages import require
 
@@ -239,13 +238,6 @@ def _load(args, engine_config):
     except (FileNotFoundError, ValueError, OSError) as e:  # CheckpointError is a ValueError naming file and key
         raise CLIError(str(e)) from None
     apply_model_options(pipe, args)  # LoRAs merged before any CUDA graph is captured
-    nets = []  # one at a time, so that an error names its --controlnet; set before the engine's warm-up
-    for path in args.controlnet or []:
-        try:
-            pipe.controlnet = nets + [path]
-        except (OSError, ValueError, TypeError) as e:  # CheckpointError, one that does not fit the model
-            raise CLIError(f"--controlnet {path}: {one_line(e)}") from None
-        nets = pipe.controlnet if isinstance(pipe.controlnet, list) else [pipe.controlnet]
-    if nets:
+    if args.controlnet:  # set by apply_model_options, before the engine's warm-up
         log.info("ControlNets (/v1/inpaint requires control_image, in this order): %s", ", ".join(args.controlnet))
     return Engine(with_cuda_graphs(pipe) if args.cuda_graphs else pipe, engine_config)

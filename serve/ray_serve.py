@@ -42,7 +42,8 @@ Then point OpenAI clients at http://<any node>:8000/v1. How it maps onto Ray Ser
   * A client that disconnects cancels its request in the replica (the handler is cancelled; it calls
     Engine.abandon), as under uvicorn.
 Options: model, device, dtype, backend, torch_threads, cuda_graphs, `backdrop serve`'s model options (lora,
-textual_inversion, vae, prediction_type, allow_pickle, variant, freeu) and every EngineConfig and ServerConfig
+textual_inversion, vae, prediction_type, allow_pickle, variant, freeu, controlnet) and every EngineConfig and
+ServerConfig
 field. Not here: `backdrop serve`'s network and shutdown flags (Ray's http_options and the deployment options above
 take their place). Each replica holds its own copy of the model and of its CUDA graphs.
 Tested (tests/test_ray_serve.py) on one CPU machine: a private local Ray instance, two replicas of the tiny model.
@@ -108,7 +109,7 @@ PICKED = {"device": str, "dtype": str, "backend": str, "torch_threads": int, "ur
           "cuda_graphs": _flag}
 # Pipeline.from_pretrained's and `backdrop serve`'s model options, for every replica
 MODEL = {"lora": _specs(lora_spec), "textual_inversion": _specs(textual_inversion_spec), "vae": str,
-         "prediction_type": str, "allow_pickle": _flag, "variant": str, "freeu": _freeu}
+         "prediction_type": str, "allow_pickle": _flag, "variant": str, "freeu": _freeu, "controlnet": _specs(str)}
 
 
 def serve_options(engine_config: EngineConfig = EngineConfig(), server_config: ServerConfig = ServerConfig(),
@@ -237,10 +238,13 @@ class BackdropReplica:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         options = dict(model_options or {})
-        specs = {k: options.pop(k, ()) for k in ("lora", "textual_inversion")} | {"freeu": options.pop("freeu", None)}
+        specs = {k: options.pop(k, ()) for k in ("lora", "textual_inversion", "controlnet")} | {
+            "freeu": options.pop("freeu", None)}
         pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, backend=backend, **options)
-        # as `backdrop serve`: LoRAs merged before any CUDA graph is captured, the errors naming the option
-        apply_model_options(pipe, SimpleNamespace(**specs, clip_skip=server_config.clip_skip))
+        # as `backdrop serve`: LoRAs merged (and ControlNets set) before any CUDA graph is captured, the errors naming
+        # the option
+        apply_model_options(pipe, SimpleNamespace(**specs, clip_skip=server_config.clip_skip,
+                                                  allow_pickle=options.get("allow_pickle", False)))
         self.engine = Engine(with_cuda_graphs(pipe) if cuda_graphs else pipe, engine_config)
         self.server_config = server_config
         self._stop_metrics = threading.Event()
@@ -276,7 +280,7 @@ def build_app(model: str, engine_config: EngineConfig = EngineConfig(), server_c
               name: str = "backdrop", deployment_options: dict | None = None, url_responses: bool | None = None,
               cuda_graphs: bool = True, lora=(), textual_inversion=(), vae: str | None = None,
               prediction_type: str | None = None, allow_pickle: bool = False, variant: str | None = None,
-              freeu: tuple[float, float, float, float] | None = None):
+              freeu: tuple[float, float, float, float] | None = None, controlnet=()):
     """A Ray Serve application (pass it to `serve.run`): `num_replicas` copies of the server for `model`.
     ray_actor_options: resources per replica, e.g. {"num_gpus": 1} (one GPU each), {"num_gpus": 0.5} (two replicas
     on a GPU: each holds its own model and CUDA graphs) or {"num_cpus": 4}. num_replicas: 1 by default; "auto" lets
@@ -286,7 +290,8 @@ def build_app(model: str, engine_config: EngineConfig = EngineConfig(), server_c
     cuda_graphs: replay the UNet from CUDA graphs on CUDA with the torch backend (`backdrop serve`'s default).
     lora: (path, scale) pairs merged into every replica's weights; textual_inversion: (path, token or None) pairs;
     vae, prediction_type, allow_pickle, variant: as Pipeline.from_pretrained's; freeu: (s1, s2, b1, b2), as
-    `backdrop serve --freeu`. Paths must be readable on every node."""
+    `backdrop serve --freeu`; controlnet: ControlNet paths, as `backdrop serve --controlnet` (/v1/inpaint then
+    takes control_image). Paths must be readable on every node."""
     from ray import serve
 
     options = serve_options(engine_config, server_config, num_replicas, ray_actor_options, deployment_options)
@@ -295,7 +300,8 @@ def build_app(model: str, engine_config: EngineConfig = EngineConfig(), server_c
     deployment = serve.deployment(name=name)(serve.ingress()(BackdropReplica))
     model_options = dict(lora=[(str(p), float(w)) for p, w in lora], vae=vae, prediction_type=prediction_type,
                          textual_inversion=[(str(p), t) for p, t in textual_inversion], allow_pickle=allow_pickle,
-                         variant=variant, freeu=None if freeu is None else tuple(map(float, freeu)))
+                         variant=variant, freeu=None if freeu is None else tuple(map(float, freeu)),
+                         controlnet=[str(p) for p in controlnet])
     return deployment.options(**options).bind(str(model), engine_config, server_config, device, dtype, backend,
                                               torch_threads, cuda_graphs, model_options)
 
