@@ -1,8 +1,10 @@
-"""Images per second and peak memory of text-to-image and inpainting: Backdrop's Pipeline vs diffusers' pipelines
-on identical weights, same sampler (DPM-Solver++ 2M), steps, size, guidance 7.5, batch 1 and 4, in one run.
+"""Images per second and peak memory of text-to-image (also with a ControlNet) and inpainting: Backdrop's Pipeline
+vs diffusers' pipelines on identical weights, same sampler (DPM-Solver++ 2M), steps, size, guidance 7.5, batch 1 and
+4, in one run.
 
-    .venv/bin/python benchmarks/pipeline.py [--models tiny,sd15] [--batches 1,4] [--steps 4] [--repeats 1]
-                                           [--cache DIR] [--impls diffusers:fp32,diffusers:bf16,ours:fp32,ours:default]
+    .venv/bin/python benchmarks/pipeline.py [--models tiny,sd15] [--tasks txt2img,inpaint] [--batches 1,4]
+                                           [--steps 4] [--repeats 1] [--cache DIR]
+                                           [--impls diffusers:fp32,diffusers:bf16,ours:fp32,ours:default]
 
 Models: random weights in full SD1.5 shapes ("sd15"; the 9-channel "sd15-inpaint" for inpainting) and the tiny
 preset, built with init_model, saved once as diffusers folders (--cache) and loaded by both sides. CPU: SD1.5 at
@@ -20,15 +22,28 @@ cuDNN's fp16 convolutions prefer NHWC and our transformer's token permutes becom
 steps_per_s is steps / wall time of the whole call (text encoding and VAE decode included), a lower bound on the
 denoising loop's rate that progress bars (and stable-fast's figures) report; one step is one guided UNet call.
 
+Task "controlnet" (not in the default --tasks): text-to-image with one ControlNet, ours (`Pipeline.from_pretrained(
+model, controlnet=DIR)`, `generate(control_image=edges)`) vs diffusers' StableDiffusionControlNetPipeline (`image=
+edges`), everything else as txt2img. The ControlNet has random weights (nn/testing.randomize_: its zero convs too,
+so its residuals count) in the real shape for the model's UNet: lllyasviel's control_v11 conditioning embedding (16,
+32, 96, 256) for sd15, (8, 16, 16, 32) for tiny; built once beside the models (--cache). The control image is a
+synthetic edge map (white lines on black) of the output size (random weights barely look at it, yet a flipped one
+moves the tiny model's fp32 output to 73 dB, well below the ~130 dB of parity). With a ControlNet our calls run the
+UNet eagerly, not from CUDA graphs, so the ours:graphs row of this task measures that (fp16, eager). E.g. on this
+CPU, with txt2img for the ratio's context: `.venv/bin/python benchmarks/pipeline.py --models tiny --tasks
+txt2img,controlnet --batches 1 --steps 4`; on CUDA: `python benchmarks/pipeline.py --models sd15 --tasks
+txt2img,controlnet --batches 1 --steps 30 --repeats 3`.
+
 Ratios: "same precision" is ours / diffusers at the same dtype, nothing else changed (ours:graphs: plus graphs); "vs
 diffusers default" is ours at our default settings, the ones `backdrop generate` and `backdrop inpaint` run with
 (Pipeline.from_pretrained's default_dtype, and backdrop.runtime.keep_freed_memory on the CPU), / diffusers at its
-default, fp32. Quality: PSNR of each output against ours in fp32 on the same seeds. For text-to-image the two
-pipelines compute the same image (same per-item noise), so diffusers' PSNR there is a parity check; for inpainting
-they do not (ours dilates the mask and pastes the product back, diffusers samples the masked-image latents from the
-VAE posterior), so there it is only informative; the exact parity tests are tests/test_pipeline.py. Results:
-printed, and written into benchmarks/results/pipeline-<device>.csv (--out), this run's rows replacing the earlier ones
-of their configuration; a ratio divides rows of one invocation only (the `run` column)."""
+default, fp32. Quality: PSNR of each output against ours in fp32 on the same seeds. For text-to-image, with or
+without ControlNet, the two pipelines compute the same image (same per-item noise), so diffusers' PSNR there is a
+parity check; for inpainting they do not (ours dilates the mask and pastes the product back, diffusers samples the
+masked-image latents from the VAE posterior), so there it is only informative; the exact parity tests are
+tests/test_pipeline.py. Results: printed, and written into benchmarks/results/pipeline-<device>.csv (--out), this
+run's rows replacing the earlier ones of their configuration; a ratio divides rows of one invocation only (the `run`
+column)."""
 from __future__ import annotations
 
 import argparse
@@ -68,21 +83,63 @@ def product_inputs(size: int):
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), Image.fromarray(product)
 
 
-def prepare(model: str, task: str, cache: Path) -> Path:
-    """The diffusers folder of a random-weight model, built once (the 9-channel variant for inpainting)."""
-    return random_model(INPAINT_PRESET[model] if task == "inpaint" else model, cache)
+def edge_map(size: int):
+    """The control image: a synthetic edge map, white lines (size / 32 wide) on black, of the bottle's outline, the
+    table's edge and a few fixed random lines."""
+    from PIL import Image
+
+    a, w = np.zeros((size, size, 3), np.uint8), max(1, size // 32)
+    top, bottom, left, right = size // 4, size - size // 8, 3 * size // 8, 5 * size // 8
+    a[top:top + w, left:right] = a[bottom - w:bottom, left:right] = 255  # the bottle's box
+    a[top:bottom, left:left + w] = a[top:bottom, right - w:right] = 255
+    a[2 * size // 3:2 * size // 3 + w, :] = 255  # the table's edge
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        y, x = rng.integers(0, size - w, 2)
+        a[y:y + w, : size // 3] = 255
+        a[: size // 3, x:x + w] = 255
+    return Image.fromarray(a)
+
+
+CONTROL_EMBED = {"tiny": (8, 16, 16, 32), "sd15": (16, 32, 96, 256)}  # sd15: lllyasviel's control_v11 widths
+
+
+def random_controlnet(model: str, cache: Path) -> Path:
+    """A diffusers ControlNetModel folder with random weights (randomize_, seed 0: the zero convs too) for the
+    UNet of preset `model`, in the real shape (CONTROL_EMBED), built once under `cache`."""
+    folder = cache / f"{model}-controlnet"
+    if not (folder / "config.json").is_file():
+        import diffusers
+
+        from backdrop.nn.config import PRESETS
+        from backdrop.nn.controlnet import ControlNetConfig
+        from backdrop.nn.testing import randomize_
+
+        print(f"building random {model} ControlNet in {folder} ...", flush=True)
+        cfg = ControlNetConfig(PRESETS[model].unet, CONTROL_EMBED[model])
+        net = diffusers.ControlNetModel.from_config(cfg.to_diffusers()).eval()
+        randomize_(net, seed=0)
+        net.save_pretrained(folder)
+    return folder
+
+
+def prepare(model: str, task: str, cache: Path) -> tuple[Path, Path | None]:
+    """The diffusers folder of a random-weight model, built once (the 9-channel variant for inpainting), and that
+    of its ControlNet for task "controlnet" (else None)."""
+    folder = random_model(INPAINT_PRESET[model] if task == "inpaint" else model, cache)
+    return folder, random_controlnet(model, cache) if task == "controlnet" else None
 
 
 # ------------------------------------------------------------------------------------------------------ worker
 
-def _ours(folder, dtype, device):
+def _ours(folder, dtype, device, controlnet=None):
     from backdrop.diffusion.pipeline import Pipeline
     from backdrop.runtime import keep_freed_memory
 
     if dtype == "default":  # our defaults are what `backdrop generate|inpaint` run with: they keep freed memory
         keep_freed_memory()
 
-    pipe = Pipeline.from_pretrained(folder, device=device,
+    pipe = Pipeline.from_pretrained(folder, device=device, controlnet=controlnet,
                                     dtype=None if dtype in ("default", "graphs", "cl") else dtype)
     name = str(pipe.backend.dtype).removeprefix("torch.")
     if dtype == "cl":  # an experiment: our default dtype with channels-last UNet and VAE weights (NHWC convs)
@@ -91,26 +148,34 @@ def _ours(folder, dtype, device):
     if dtype == "graphs":  # our default dtype, the UNet replayed from CUDA graphs, as `backdrop serve` runs on a GPU
         from backdrop.serve.cuda_graphs import GraphedBackend
 
-        pipe = Pipeline(GraphedBackend(pipe.backend))
+        nets, pipe = pipe.controlnet, Pipeline(GraphedBackend(pipe.backend))
+        pipe.controlnet = nets  # as serve's with_cuda_graphs: calls with a ControlNet run the UNet eagerly
 
     def call(task, batch, steps, size, seeds):
         common = dict(negative_prompt=NEGATIVE, seed=seeds, steps=steps, sampler="dpmpp-2m", guidance_scale=7.5,
                       output_type="np", progress=False)
         if task == "txt2img":
             return pipe.generate([PROMPT] * batch, height=size, width=size, **common).images
+        if task == "controlnet":  # one control image for every item
+            return pipe.generate([PROMPT] * batch, height=size, width=size, control_image=edge_map(size),
+                                 **common).images
         image, product = product_inputs(size)
         return pipe.inpaint(image, product_mask=product, prompt=[PROMPT] * batch, **common).images
     return call, name
 
 
-def _diffusers(folder, dtype, device):
+def _diffusers(folder, dtype, device, controlnet=None):
     import diffusers
     from PIL import ImageOps
 
     task_cls = {"txt2img": diffusers.StableDiffusionPipeline, "inpaint": diffusers.StableDiffusionInpaintPipeline}
     cls = task_cls["inpaint" if "inpaint" in Path(folder).name else "txt2img"]
+    extra = {}
+    if controlnet is not None:
+        cls = diffusers.StableDiffusionControlNetPipeline
+        extra = dict(controlnet=diffusers.ControlNetModel.from_pretrained(controlnet, torch_dtype=DTYPES[dtype]))
     pipe = cls.from_pretrained(folder, torch_dtype=DTYPES[dtype], safety_checker=None, feature_extractor=None,
-                               requires_safety_checker=False).to(device)
+                               requires_safety_checker=False, **extra).to(device)
     pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # = "dpmpp-2m"
     pipe.set_progress_bar_config(disable=True)
 
@@ -120,6 +185,8 @@ def _diffusers(folder, dtype, device):
                       guidance_scale=7.5, height=size, width=size, generator=gens, output_type="np")
         if task == "txt2img":
             return pipe(**common).images
+        if task == "controlnet":  # one control image, repeated for the batch by diffusers
+            return pipe(image=edge_map(size), **common).images
         image, product = product_inputs(size)
         # one image and mask for the batch: a list of `batch` copies beside per-item generators makes diffusers run
         # the VAE encoder once per item, where ours (and diffusers given one image) encodes it once
@@ -131,7 +198,8 @@ def worker(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    call, dtype = (_ours if spec["impl"] == "ours" else _diffusers)(spec["folder"], spec["dtype"], device)
+    call, dtype = (_ours if spec["impl"] == "ours" else _diffusers)(spec["folder"], spec["dtype"], device,
+                                                                    spec.get("controlnet"))
     seeds = list(range(100, 100 + spec["batch"]))
     call(spec["task"], 1, 1, spec["size"], seeds[:1])  # warm-up: touches every weight, builds the primitives
     if spec["batch"] > 1:  # and those of the timed batch (oneDNN; on CUDA Triton specialises on it, graphs capture)
@@ -213,18 +281,19 @@ def main() -> None:
         for model in args.models.split(","):
             size = 512 if cuda and model == "sd15" else (256 if model == "sd15" else 64)
             for task in args.tasks.split(","):
-                folder = prepare(model, task, cache)
+                folder, controlnet = prepare(model, task, cache)
                 for batch in map(int, args.batches.split(",")):
                     group = []
                     for impl, setting in impls:
                         spec = dict(impl=impl, dtype=setting, folder=str(folder), task=task, batch=batch,
+                                    controlnet=controlnet and str(controlnet),
                                     steps=args.steps, size=size, device=str(device),
                                     repeats=args.repeats or (5 if model == "tiny" else 1), threads=args.threads,
                                     images=os.path.join(tmp, f"{impl}-{setting}.npy"))
                         res = run_one(spec)
                         if res is None:
                             continue
-                        print(f"  {model:5s} {task:8s} b{batch} {impl:9s} {setting:8s} {res['dtype']:9s} "
+                        print(f"  {model:5s} {task:10s} b{batch} {impl:9s} {setting:8s} {res['dtype']:9s} "
                               f"{batch / res['wall_s']:7.4f} img/s  {res['cpu_s'] / batch:7.2f} cpu-s/img  "
                               f"{res['peak_mb']:7.0f} MB  (load {res['load']})", flush=True)
                         group.append(dict(
@@ -309,10 +378,10 @@ def write(old: list[dict], rows: list[dict], path: Path) -> list[dict]:
 
 
 def report(rows: list[dict]) -> None:
-    print(f"{'benchmark':28s} {'b':>2s} {'t':>2s} {'impl':9s} {'setting':8s} {'img/s':>8s} {'cpu-s/img':>9s} "
+    print(f"{'benchmark':30s} {'b':>2s} {'t':>2s} {'impl':9s} {'setting':8s} {'img/s':>8s} {'cpu-s/img':>9s} "
           f"{'MB':>6s} {'same-prec':>9s} {'vs-default':>10s} {'PSNR':>6s} runs")
     for r in rows:
-        print(f"{r['benchmark']:28s} {r['batch']!s:>2s} {r['threads']!s:>2s} {r['impl']:9s} {r['setting']:8s} "
+        print(f"{r['benchmark']:30s} {r['batch']!s:>2s} {r['threads']!s:>2s} {r['impl']:9s} {r['setting']:8s} "
               f"{float(r['images_per_s']):8.4f} {float(r['cpu_s_per_image']):9.2f} {float(r['peak_mb']):6.0f} "
               f"{r['speedup_same_precision']!s:>9s} {r['speedup_vs_diffusers_default']!s:>10s} "
               f"{r.get('psnr_vs_ours_fp32_db', '')!s:>6s} {r.get('runs', '')}")
