@@ -21,6 +21,7 @@
 #                 its forward+backward rows are timed too, eagerly                               ~4-5 min
 #   txt2img       benchmarks/pipeline.py SD1.5 512², 30 steps, batch 1: fp16 vs diffusers, graphs ~5 min
 #   inpaint       the same for inpainting                                                         ~5 min
+#   controlnet    the same, text-to-image with one ControlNet (our ControlNet calls run eagerly)   ~6 min
 #   cl            txt2img, ours fp16 vs channels-last weights (an experiment: worth a default on CUDA?) ~2 min
 #   train256      benchmarks/train.py SD1.5 at 256², inpaint stage, bf16, batch 32                ~4 min
 #   train512      the same at 512², batch 16                                                      ~5 min
@@ -52,7 +53,7 @@ command_of() {  # the command line of step $1
                  "--out $OUT/kernels-cudagraph.csv" ;;
     cl) echo "python3 benchmarks/pipeline.py --models sd15 --tasks txt2img --batches 1 --steps 30 --repeats 3" \
              "--impls ours:fp16,ours:cl" ;;
-    txt2img | inpaint) echo "python3 benchmarks/pipeline.py --models sd15 --tasks $1 --batches 1 --steps 30" \
+    txt2img | inpaint | controlnet) echo "python3 benchmarks/pipeline.py --models sd15 --tasks $1 --batches 1 --steps 30" \
                             "--repeats 3" ;;
     train256 | train512) echo "python3 benchmarks/train.py --cases sd15-${1#train} --stages inpaint --repeats 1" ;;
     pretrain256 | pretrain512) echo "python3 benchmarks/train.py --cases sd15-${1#pretrain} --stages pretrain" \
