@@ -53,8 +53,8 @@ command_of() {  # the command line of step $1
                  "--out $OUT/kernels-cudagraph.csv" ;;
     cl) echo "python3 benchmarks/pipeline.py --models sd15 --tasks txt2img --batches 1 --steps 30 --repeats 3" \
              "--impls ours:fp16,ours:cl" ;;
-    txt2img | inpaint | controlnet) echo "python3 benchmarks/pipeline.py --models sd15 --tasks $1 --batches 1 --steps 30" \
-                            "--repeats 3" ;;
+    txt2img | inpaint | controlnet) echo "python3 benchmarks/pipeline.py --models sd15 --tasks $1 --batches 1" \
+                                         "--steps 30 --repeats 3" ;;
     train256 | train512) echo "python3 benchmarks/train.py --cases sd15-${1#train} --stages inpaint --repeats 1" ;;
     pretrain256 | pretrain512) echo "python3 benchmarks/train.py --cases sd15-${1#pretrain} --stages pretrain" \
                                     "--repeats 1" ;;
