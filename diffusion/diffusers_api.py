@@ -177,7 +177,8 @@ class DiffusersAPI:
     # ---------------------------------------------------------------------------------------- switches
     def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None) -> Path:
         """diffusers' save_pretrained: the torch backend's model as a diffusers folder, in its dtype
-        (nn.checkpoint.save_model: safetensors, written atomically; diffusers and Backdrop open it). Refused while
+        (nn.checkpoint.save_model: safetensors, written atomically; diffusers and Backdrop open it), with its
+        ControlNets in diffusers' ControlNet pipeline layout (controlnet/, controlnet_1/, ...). Refused while
         LoRA adapters are loaded (their weights are merged here): unload_lora_weights() first, or fuse_lora() and
         then unload_lora_weights() to save the LoRAs merged, as in diffusers."""
         from backdrop.nn.checkpoint import save_model, torch_model
@@ -192,7 +193,8 @@ class DiffusersAPI:
                 raise ValueError(f"save_pretrained: LoRA adapters {', '.join(names)} are loaded, merged into the "
                                  "weights: unload_lora_weights() first, or fuse_lora() then unload_lora_weights() to "
                                  "save them merged")
-            return save_model(torch_model(self.backend, "save_pretrained", _MODEL), save_directory)
+            return save_model(torch_model(self.backend, "save_pretrained", _MODEL), save_directory,
+                              controlnets=self._controlnets)
 
     def set_progress_bar_config(self, disable: bool | None = False, **tqdm_options) -> None:
         """disable=True hides the tqdm bar of every later call, False shows it, None shows it on a terminal only

@@ -29,8 +29,8 @@ from .clip import TextEncoder
 from .config import (PREDICTION_TYPES, ModelConfig, SchedulerConfig, TextConfig, UNetConfig, VAEConfig,
                      get_preset)
 from .ldm_keys import VAE as VAE_PREFIX
-from .ldm_keys import (FOLDER_EXTRAS, UNET, CheckpointError, MissingFile, Src, clip_prefix, detect_config,
-                       diffusers_configs, folder_key, from_ldm, known_extras, ldm_names, ldm_shape,
+from .ldm_keys import (DIFFUSERS_VERSION, FOLDER_EXTRAS, UNET, CheckpointError, MissingFile, Src, clip_prefix,
+                       detect_config, diffusers_configs, folder_key, from_ldm, known_extras, ldm_names, ldm_shape,
                        prediction_type_of_ldm_config, to_ldm, vae_config, vae_names)
 from .resolve import hub_snapshot, resolve_model
 from .tokenizer import Tokenizer
@@ -410,11 +410,21 @@ def _safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     fsync(path)
 
 
-def _write_folder(model: Model, folder: Path) -> None:
-    for name, obj in diffusers_configs(model.config, model.dtype).items():
+def _write_folder(model: Model, folder: Path, controlnets: tuple = ()) -> None:
+    configs = diffusers_configs(model.config, model.dtype)
+    subs = ["controlnet" + (f"_{i}" if i else "") for i in range(len(controlnets))]  # diffusers' ControlNet layout
+    configs |= {f"{sub}/config.json": {"_diffusers_version": DIFFUSERS_VERSION, **net.cfg.to_diffusers()}
+                for sub, net in zip(subs, controlnets)}
+    if controlnets:
+        index = configs["model_index.json"]
+        index["_class_name"] = index["_class_name"].replace("StableDiffusion", "StableDiffusionControlNet", 1)
+        index["controlnet"] = ["diffusers", "ControlNetModel" if len(controlnets) == 1 else "MultiControlNetModel"]
+    for name, obj in configs.items():
         (folder / name).parent.mkdir(exist_ok=True)
         (folder / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
         fsync(folder / name)
+    for sub, net in zip(subs, controlnets):
+        _safetensors(net.state_dict(), folder / sub / "diffusion_pytorch_model.safetensors")
     _safetensors(model.unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors")
     _safetensors(model.vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors")
     _safetensors(model.text_encoder.state_dict(), folder / "text_encoder" / "model.safetensors")
@@ -433,9 +443,10 @@ def torch_model(backend, feature: str, instead: str) -> Model:
     return model
 
 
-def save_model(model: Model, path, layout: str = "diffusers") -> Path:
+def save_model(model: Model, path, layout: str = "diffusers", controlnets: tuple = ()) -> Path:
     """Write `model` as a diffusers folder (layout="diffusers"; diffusers' from_pretrained opens it) or as one LDM
-    .safetensors file (layout="ldm", with the ModelConfig in its metadata).
+    .safetensors file (layout="ldm", with the ModelConfig in its metadata). controlnets (nn.controlnet.ControlNet):
+    written beside it as a diffusers ControlNet pipeline folder does (diffusers layout only).
 
     Atomic: the new version is written next to `path` (a temporary name in the same folder), flushed to disk,
     then renamed over it, so a crash leaves the old version or the new one, never half of one (an old folder sits
@@ -445,6 +456,8 @@ def save_model(model: Model, path, layout: str = "diffusers") -> Path:
         raise ValueError(f"layout must be 'diffusers' or 'ldm', got {layout!r}")
     if layout == "ldm" and path.suffix != ".safetensors":
         raise ValueError(f"{path}: an LDM single file is saved as .safetensors")
+    if layout == "ldm" and controlnets:
+        raise ValueError(f"{path}: an LDM single file holds no ControlNet; save it as a diffusers folder")
     if layout == "diffusers" and path.exists() and not (
             path.is_dir() and ((path / "model_index.json").is_file() or not any(path.iterdir()))):
         raise ValueError(f"{path}: exists and is not a model folder; refusing to replace it")
@@ -469,7 +482,7 @@ def save_model(model: Model, path, layout: str = "diffusers") -> Path:
             usual_permissions(tmp / path.name)
             os.replace(tmp / path.name, path)
         else:  # a folder cannot be renamed over a folder: move the old one aside for the instant of the swap
-            _write_folder(model, tmp)
+            _write_folder(model, tmp, tuple(controlnets))
             usual_permissions(tmp)
             if path.exists():
                 os.replace(path, old)

@@ -375,7 +375,31 @@ def test_loading_options_reach_the_controlnet_and_a_saved_controlnet_pipeline_br
 def test_config_values_are_checked_and_name_the_file(tmp_path):
     reference(ControlNetConfig(SD1, EMBED)).save_pretrained(tmp_path)
     config = tmp_path / "config.json"
-    config.write_text(config.read_text().replace('"global_pool_conditions": false', '"global_pool_conditions": "false"'))
+    text = config.read_text()
+    config.write_text(text.replace('"global_pool_conditions": false', '"global_pool_conditions": "false"'))
     with pytest.raises(CheckpointError, match=r"config.json: ControlNetConfig: global_pool_conditions = 'false' is "
                                               r"not a bool"):
         load_controlnet(tmp_path)
+
+
+def test_save_pretrained_writes_the_controlnets_as_diffusers_does(models, nets, tmp_path):
+    """A ControlNet pipeline saved here opens in diffusers' StableDiffusionControlNetPipeline (and its inpainting
+    one) with the same ControlNet weights, and here again with them; an LDM file cannot hold one."""
+    from backdrop.diffusion.pipeline import Pipeline
+    from backdrop.nn.checkpoint import save_model
+
+    for model, names, cls in (("sd1", ["a"], diffusers.StableDiffusionControlNetPipeline),
+                              ("sd1-inpaint", ["a", "b"], diffusers.StableDiffusionControlNetInpaintPipeline)):
+        pipe = Pipeline.from_pretrained(models[model].folder, device="cpu", dtype=torch.float32,
+                                        controlnet=[nets[n][0] for n in names])
+        folder = pipe.save_pretrained(tmp_path / model)
+        theirs = cls.from_pretrained(folder, safety_checker=None, feature_extractor=None)
+        loaded = theirs.controlnet.nets if len(names) > 1 else [theirs.controlnet]
+        ours = Pipeline.from_pretrained(folder, device="cpu", dtype=torch.float32).controlnet
+        ours = ours if len(names) > 1 else [ours]
+        for name, diffusers_net, our_net in zip(names, loaded, ours, strict=True):
+            want = nets[name][1].state_dict()
+            assert all(torch.equal(diffusers_net.state_dict()[k], v) for k, v in want.items())
+            assert all(torch.equal(our_net.state_dict()[k], v) for k, v in want.items())
+    with pytest.raises(ValueError, match=r"an LDM single file holds no ControlNet"):
+        save_model(pipe.backend.model, tmp_path / "m.safetensors", layout="ldm", controlnets=pipe._controlnets)
