@@ -85,17 +85,17 @@ from backdrop.diffusion import crop_paste as C
 from backdrop.diffusion import masks as M
 from backdrop.diffusion import pixels as P
 from backdrop.diffusion.adapters import Adapters
-from backdrop.diffusion.control import controlled_unet
 from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, MaskOptions, as_number, broadcast, step_callback,
                                         diffusers_names, given_latents, groups, image_items, item_strengths, items,
                                         prompts, repeat, requests)
+from backdrop.diffusion.control import controlled_unet
 from backdrop.diffusion.diffusers_api import WEIGHT_CHANGES, DiffusersAPI
 from backdrop.diffusion.inpaint_items import PerDistinct, distinct, repaint_masks
 from backdrop.diffusion.guidance import CFGDenoiser
 from backdrop.diffusion.latents import (blend_known_region, default_noise_sampler, initial_latents, known_region,
                                         noised_latents, output_latents, per_item_randn)
-from backdrop.diffusion.processing import Processing
 from backdrop.diffusion.output import Output, as_hwc, decoded, format_output, item_numbers, with_profiles
+from backdrop.diffusion.processing import Processing
 from backdrop.diffusion.samplers import SamplingInterrupted, sample
 from backdrop.diffusion.text import check_clip_skip, contexts, embed
 from backdrop.nn.ip_adapter import with_ip_links
@@ -153,6 +153,7 @@ class Pipeline(DiffusersAPI, Processing):
         trt_cache=; tensorrt: cuda_graphs=), as Optimum's ORT pipelines take provider= and session options."""
         from backdrop.export.backends import make_backend
         from backdrop.nn.checkpoint import load_model
+        from backdrop.nn.controlnet import load_controlnet, saved_controlnets
         from backdrop.nn.weight_files import stored_dtype
 
         path = resolve_model(path_or_name)
@@ -179,12 +180,10 @@ class Pipeline(DiffusersAPI, Processing):
         model = load_model(path, dtype=dtype, device=device, prediction_type=prediction_type, vae=vae,
                            allow_pickle=allow_pickle, variant=variant)
         pipe = cls(make_backend("torch", model, device=device, dtype=dtype))
-        from backdrop.nn.controlnet import load_controlnet, saved_controlnets
         nets = controlnet if isinstance(controlnet, (list, tuple)) else [controlnet] * (controlnet is not None)
         nets = [load_controlnet(n, dtype, device, allow_pickle, variant) if isinstance(n, (str, os.PathLike)) else n
                 for n in nets or saved_controlnets(path)]  # a saved ControlNet pipeline's own, as diffusers'
-        pipe.controlnet = None if not nets else nets if isinstance(controlnet, (list, tuple)) or len(nets) > 1 \
-            else nets[0]
+        pipe.controlnet = nets if isinstance(controlnet, (list, tuple)) or len(nets) > 1 else (nets or [None])[0]
         return pipe
 
     def to(self, device=None, dtype=None) -> "Pipeline":
