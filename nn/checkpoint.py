@@ -215,8 +215,10 @@ def _guess_prediction_type(path: Path, reader: _Reader, cfg: ModelConfig) -> str
     return guess
 
 
-def _component_plan(folder: Path, c: str, m: nn.Module, allow_pickle: bool, variant: str | None = None) -> tuple:
-    """(module, names, reader) of one diffusers component folder, checked strictly (CheckpointError naming it)."""
+def _component_plan(folder: Path, c: str, m: nn.Module, allow_pickle: bool, variant: str | None = None,
+                    what: str | None = None) -> tuple:
+    """(module, names, reader) of one diffusers component folder, checked strictly (CheckpointError naming it and
+    saying it does not match `what`, by default the component its config.json describes)."""
     stem = "model" if c == "text_encoder" else "diffusion_pytorch_model"
     reader = _Reader(_weight_files(folder, stem, allow_pickle, variant), allow_pickle)
     ours = {folder_key(c, k): k for k in reader.shapes}  # our key -> file key
@@ -224,7 +226,7 @@ def _component_plan(folder: Path, c: str, m: nn.Module, allow_pickle: bool, vari
     problems = _Problems()
     problems.check(m, names, reader)
     problems.unexpected = [f for k, f in ours.items() if k not in names and not FOLDER_EXTRAS.fullmatch(f)]
-    problems.raise_if_any(reader.label, f"the {c} its {folder.name}/config.json describes")
+    problems.raise_if_any(reader.label, what or f"the {c} its {folder.name}/config.json describes")
     return m, names, reader
 
 

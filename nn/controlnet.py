@@ -11,7 +11,6 @@ residuals go to UNet.forward's down_block_additional_residuals / mid_block_addit
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UNetConfig, _check, _check_fields
-from .ldm_keys import CheckpointError, MissingFile, Src
+from .ldm_keys import CheckpointError, MissingFile
 from .unet import check_context, encode, encoder_modules, time_embedding
 
 __all__ = ["ControlNet", "ControlNetConfig", "ConditioningEmbedding", "load_controlnet", "saved_controlnets"]
@@ -152,8 +151,8 @@ def load_controlnet(path, dtype: torch.dtype = torch.float32, device="cpu", allo
     """A diffusers ControlNetModel folder (config.json + diffusion_pytorch_model[.variant].safetensors, or a model
     folder's controlnet/ subfolder) or an original single file (nn/controlnet_ldm.py), every key and shape checked
     (CheckpointError naming the file and the keys)."""
-    from .checkpoint import _fill, _Problems, _SkipInit
-    from .weight_files import _Reader, _weight_files
+    from .checkpoint import _component_plan, _fill, _SkipInit
+    from .weight_files import _json
 
     folder = Path(path)
     if folder.is_file():  # an original (LDM) file
@@ -168,20 +167,13 @@ def load_controlnet(path, dtype: torch.dtype = torch.float32, device="cpu", allo
         raise MissingFile(f"{folder}: not a ControlNet folder (no config.json); a ControlNet is a diffusers "
                           "ControlNetModel folder (config.json + diffusion_pytorch_model.safetensors)")
     try:
-        cfg = ControlNetConfig.from_diffusers(json.loads(config.read_text()), str(config))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config}: not JSON ({e})") from None
-    except (ValueError, TypeError) as e:
+        cfg = ControlNetConfig.from_diffusers(_json(config), str(config))
+    except (ValueError, TypeError) as e:  # a CheckpointError (not JSON) names the file already
         raise CheckpointError(f"{config}: {e}" if str(config) not in str(e) else str(e)) from None
-    reader = _Reader(_weight_files(folder, "diffusion_pytorch_model", allow_pickle, variant))
     with torch.device("meta"), _SkipInit():
         net = ControlNet(cfg)
-    names = {k: Src(k) for k in net.state_dict()}
-    problems = _Problems()
-    problems.check(net, names, reader)
-    problems.unexpected = sorted(set(reader.shapes) - set(names))
-    problems.raise_if_any(reader.label, "a ControlNetModel of its config.json")
-    _fill(net, names, reader, dtype, device)
+    _fill(*_component_plan(folder, "controlnet", net, allow_pickle, variant, "a ControlNetModel of its config.json"),
+          dtype, device)
     return net
 
 

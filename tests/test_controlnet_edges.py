@@ -287,6 +287,17 @@ def test_loading_refuses_an_extra_tensor_and_reads_a_variant_and_a_dtype(models,
         load_controlnet(tmp_path / "full")
 
 
+def test_a_pickled_folder_loads_with_allow_pickle_only(tmp_path):
+    """diffusers' save_pretrained(safe_serialization=False) writes diffusion_pytorch_model.bin: refused, and read
+    when allow_pickle=True (the folder's reader was once opened without it, refusing the file it had listed)."""
+    ref = reference(ControlNetConfig(SD1, EMBED))
+    ref.save_pretrained(tmp_path, safe_serialization=False)
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model.bin"):
+        load_controlnet(tmp_path)
+    net = load_controlnet(tmp_path, allow_pickle=True)
+    assert net.controlnet_mid_block.bias.tolist() == ref.controlnet_mid_block.bias.tolist()
+
+
 def test_an_original_file_with_a_one_channel_hint_reads_its_channels(tmp_path):
     """cldm.py's input_hint_block reads as many channels as its first conv takes (diffusers' conditioning_channels)."""
     from safetensors.torch import save_file
