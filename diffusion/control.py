@@ -142,6 +142,7 @@ def controlled_unet(unet, control: Control, rows: list[int], schedule: Schedule,
     b, n = len(rows), schedule.num_steps
     n_calls = {"heun": 2 * n - 1, "pndm": n + 1}.get(schedule.sampler, n)  # the UNet calls of the sampler loop
     images = [image[rows].to(device, dtype) for image in control.tensors]  # (b, 3, H, W) each
+    doubled = []  # the same for the guided batch's [uncond; cond] rows, (2b, 3, H, W): made at the first such call
     done = [0]  # calls made so far: the index of the next one
 
     @torch.inference_mode()
@@ -152,15 +153,17 @@ def controlled_unet(unet, control: Control, rows: list[int], schedule: Schedule,
         guided, i = x.shape[0] == 2 * b, done[0]
         done[0] += 1
         down = mid = None
-        for net, cond, scale, start, end in zip(control.nets, images, control.scales, control.starts, control.ends):
+        if guided and not doubled:
+            doubled.extend(torch.cat([c, c]) for c in images)
+        for j, (net, scale, start, end) in enumerate(zip(control.nets, control.scales, control.starts, control.ends)):
             if i / n_calls < start or (i + 1) / n_calls > end:
                 continue  # diffusers runs it at scale 0 here: no residual at all, the same sum
             guess = control.guess_mode or net.cfg.global_pool_conditions
-            lat, ctx, ts = x[:, :net.cfg.unet.in_channels], context[:, :text_tokens], t
+            lat, ctx, ts, cond = x[:, :net.cfg.unet.in_channels], context[:, :text_tokens], t, images[j]
             if guided and guess:  # the conditional rows only
                 lat, ctx, ts = lat[b:], ctx[b:], t[b:]
             elif guided:
-                cond = torch.cat([cond, cond])
+                cond = doubled[j]
             d, m = net(lat, ts, ctx, cond, scale, guess)
             if guided and guess:
                 d, m = [torch.cat([torch.zeros_like(r), r]) for r in d], torch.cat([torch.zeros_like(m), m])

@@ -335,8 +335,9 @@ class DiffusersAPI:
         from backdrop.nn.controlnet import ControlNet, load_controlnet
         given = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
         nets = []
-        for i, net in enumerate(given):
+        if given:
             unet = torch_model(self.backend, "ControlNet", "an export's UNet takes no ControlNet residuals").unet
+        for i, net in enumerate(given):
             if isinstance(net, (str, os.PathLike)):
                 net = load_controlnet(net, self.backend.dtype, self.backend.device)
             if not isinstance(net, ControlNet):
