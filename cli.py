@@ -175,6 +175,42 @@ def add_textual_inversion_option(group) -> None:
                             "A1111's: the file's name); repeat for several (--backend torch only)")
 
 
+def add_ip_adapter_options(group, image: str) -> None:
+    """--ip-adapter and --ip-adapter-scale, for the commands that load a model; `image`: where its image prompt
+    comes from (the command's own words)."""
+    group.add_argument("--ip-adapter", metavar="FILE",
+                       help="an IP-Adapter .safetensors (ip-adapter_sd15.safetensors; its image encoder is the "
+                            f"image_encoder folder beside it, as in h94/IP-Adapter's models/ folder); {image}; "
+                            "--backend torch only")
+    group.add_argument("--ip-adapter-scale", type=float, default=1.0, metavar="S",
+                       help="how strongly the image prompt counts: 0 not at all, 1 as trained (default: %(default)s)")
+
+
+def check_ip_adapter_options(args) -> None:
+    """Before the model loads: --ip-adapter names a file, --backend is torch, --ip-adapter-scale is finite, >= 0."""
+    if not 0 <= args.ip_adapter_scale < math.inf:
+        raise CLIError(f"--ip-adapter-scale {args.ip_adapter_scale:g} must be finite and >= 0")
+    if args.ip_adapter is None:
+        return
+    if args.backend != "torch":
+        raise CLIError(f"--ip-adapter needs --backend torch, not {args.backend}: an export's UNet has no "
+                       "image-prompt attention")
+    if not Path(args.ip_adapter).expanduser().is_file():
+        raise CLIError(f"--ip-adapter {args.ip_adapter}: no such file (an IP-Adapter's .safetensors)")
+
+
+def load_ip_adapter(pipe, path: str | None, scale: float) -> None:
+    """--ip-adapter FILE at --ip-adapter-scale: its image encoder is the image_encoder folder beside it."""
+    if path is None:
+        return
+    weights = Path(path).expanduser()
+    try:
+        pipe.load_ip_adapter(str(weights.parent), subfolder="", weight_name=weights.name)
+        pipe.set_ip_adapter_scale(scale)
+    except (OSError, ValueError) as e:  # CheckpointError, a missing image encoder, another backend
+        raise CLIError(f"--ip-adapter {path}: {one_line(e)}") from None
+
+
 def load_textual_inversions(pipe, specs: list[tuple[str, str | None]]) -> None:
     """Load each --textual-inversion into the pipeline; a bad file, key or token is a one-line CLIError."""
     for path, token in specs:
@@ -250,13 +286,15 @@ def _abbreviated(prefix: str, names: dict[str, str]) -> str | None:
 
 def apply_model_options(pipe, args) -> None:
     """The model options of the commands that load one (generate, img2img, inpaint, serve), in order: merge
-    --lora, add --textual-inversion words, set the --controlnet ones, turn on --freeu, check --clip-skip against the model (its text
-    encoder's layers; an exported backend cannot skip). Each error is a one-line CLIError naming its option."""
+    --lora, add --textual-inversion words, set the --controlnet ones, load --ip-adapter, turn on --freeu, check
+    --clip-skip against the model (its text encoder's layers; an exported backend cannot skip). Each error is a
+    one-line CLIError naming its option."""
     from backdrop.diffusion.text import check_clip_skip
 
     load_loras(pipe, args.lora)
     load_textual_inversions(pipe, args.textual_inversion)
     load_controlnets(pipe, getattr(args, "controlnet", None) or [], getattr(args, "allow_pickle", False))
+    load_ip_adapter(pipe, getattr(args, "ip_adapter", None), getattr(args, "ip_adapter_scale", 1.0))
     if args.freeu is not None:
         try:
             pipe.enable_freeu(*args.freeu)
@@ -280,7 +318,8 @@ def load_controlnets(pipe, paths: list, allow_pickle: bool = False) -> None:
     nets = []
     for path in paths:
         try:
-            torch_model(pipe.backend, "--controlnet", "an export's UNet takes no ControlNet residuals (--backend torch)")
+            torch_model(pipe.backend, "--controlnet",
+                        "an export's UNet takes no ControlNet residuals (--backend torch)")
             nets.append(load_controlnet(path, pipe.backend.dtype, pipe.backend.device, allow_pickle))
             pipe.controlnet = nets
         except (OSError, ValueError, TypeError) as e:  # CheckpointError, MissingFile

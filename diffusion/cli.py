@@ -24,9 +24,9 @@ import secrets
 import sys
 from pathlib import Path
 
-from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, add_freeu_option, add_lora_option,
-                          add_textual_inversion_option, apply_model_options, checkpoint_options, make_folder,
-                          one_line, parse_device)
+from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, add_freeu_option,
+                          add_ip_adapter_options, add_lora_option, add_textual_inversion_option, apply_model_options,
+                          check_ip_adapter_options, checkpoint_options, make_folder, one_line, parse_device)
 from backdrop.diffusion.cli_files import (Task, custom_schedule_text, parameters, per_controlnet, plan, read_image,
                                           read_jobs, write)
 from backdrop.diffusion.recipes import NAMED_SCHEDULES, RECIPES, SAMPLING_DEFAULTS
@@ -91,15 +91,10 @@ def _common_options() -> argparse.ArgumentParser:
                    help="with --sampler ddim: fresh noise each step, 0 = none (deterministic), 1 = as DDPM "
                         "(default: %(default)s)")
     ip = p.add_argument_group("image prompt")
-    ip.add_argument("--ip-adapter", metavar="FILE",
-                    help="an IP-Adapter .safetensors (ip-adapter_sd15.safetensors; its image encoder is the "
-                         "image_encoder folder beside it, as in h94/IP-Adapter's models/ folder); --backend torch "
-                         "only")
+    add_ip_adapter_options(ip, "with --ip-adapter-image")
     ip.add_argument("--ip-adapter-image", metavar="IMAGE",
                     help="with --ip-adapter: a photo of the scene or style wanted, to guide the image beside the "
                          "prompt")
-    ip.add_argument("--ip-adapter-scale", type=float, default=1.0, metavar="S",
-                    help="how strongly the image prompt counts: 0 not at all, 1 as trained (default: %(default)s)")
     _control_options(p.add_argument_group("ControlNet", "make the picture follow the edges, depth, pose, ... of a "
                                           "control image (--backend torch only)"))
     out = p.add_argument_group("output")
@@ -244,12 +239,12 @@ def _check(args) -> None:
              ("--guidance-scale", args.guidance_scale, 0 <= args.guidance_scale < math.inf, "finite and >= 0"),
              ("--guidance-rescale", args.guidance_rescale, 0 <= args.guidance_rescale <= 1, "in [0, 1]"),
              ("--eta", args.eta, 0 <= args.eta <= 1, "in [0, 1]"),
-             ("--clip-skip", args.clip_skip, args.clip_skip is None or args.clip_skip >= 0, ">= 0"),
-             ("--ip-adapter-scale", args.ip_adapter_scale, 0 <= args.ip_adapter_scale < math.inf, "finite and >= 0")]
+             ("--clip-skip", args.clip_skip, args.clip_skip is None or args.clip_skip >= 0, ">= 0")]
     if (args.ip_adapter is None) != (args.ip_adapter_image is None):
         given, lacking = ("--ip-adapter", "--ip-adapter-image") if args.ip_adapter_image is None else \
             ("--ip-adapter-image", "--ip-adapter")
         raise CLIError(f"{given} needs {lacking}: the image prompt is an IP-Adapter and an image")
+    check_ip_adapter_options(args)
     rules += _control_rules(args)
     if args.seed is not None:
         rules.append(("--seed", args.seed, 0 <= args.seed <= 2**32 - args.n, "in [0, 2**32 - N]"))
@@ -340,15 +335,6 @@ def _pipeline(args):
     except (OSError, ValueError, RuntimeError, ImportError) as e:  # missing files, CheckpointError, OOM, no ORT/TRT
         raise CLIError(f"cannot load model {args.model}: {one_line(e)}") from None
     apply_model_options(pipe, args)
-    if args.ip_adapter is not None:
-        weights = Path(args.ip_adapter)
-        if not weights.is_file():
-            raise CLIError(f"--ip-adapter {weights}: no such file (an IP-Adapter's .safetensors)")
-        try:
-            pipe.load_ip_adapter(str(weights.parent), subfolder="", weight_name=weights.name)
-            pipe.set_ip_adapter_scale(args.ip_adapter_scale)
-        except (OSError, ValueError) as e:  # CheckpointError, a missing image encoder, another backend
-            raise CLIError(f"--ip-adapter {weights}: {one_line(e)}") from None
     # a call's progress=None falls back to this default, which is True (a bar even in a cron log) until set
     pipe.set_progress_bar_config(disable=None)
     try:  # the model's scheduler decides which steps/sampler/strength it can run: say so before any work

@@ -291,33 +291,15 @@ class DiffusersAPI:
                 raise ValueError("no IP-Adapter is loaded: load_ip_adapter(...) first")
             self._ip = (self._ip[0], self._ip[0].links(unet, scales))
 
+    @property
+    def ip_adapter_loaded(self) -> bool:
+        """Whether an IP-Adapter is loaded: every call then needs ip_adapter_image=."""
+        return self._ip is not None
+
     def unload_ip_adapter(self) -> None:
         """diffusers' unload_ip_adapter: later calls attend to the text alone again."""
         with WEIGHT_CHANGES:
             self._ip = None
-
-    def _ip_tokens(self, image):
-        """(tokens, unconditional tokens, links) of ip_adapter_image for the IP-Adapter loaded now: tokens (1, N,
-        C) each, and the links its call sets (nn.unet.IP_LINKS); None without an image prompt."""
-        from PIL import Image
-
-        from backdrop.diffusion import pixels as P
-        from backdrop.diffusion.batching import items
-        ip = self._ip  # one read: the call keeps this IP-Adapter whatever another thread loads meanwhile
-        if ip is None:
-            if image is not None:
-                raise ValueError("ip_adapter_image= needs an IP-Adapter: load_ip_adapter(...) first")
-            return None
-        if image is None:
-            raise ValueError("an IP-Adapter is loaded: give ip_adapter_image= (the image prompt), or "
-                             "unload_ip_adapter()")
-        if len(given := items(image, "ip_adapter_image")) != 1:
-            raise ValueError(f"ip_adapter_image: {len(given)} images; give one image prompt for the call (several "
-                             "images for one IP-Adapter, diffusers' nested lists, are not supported)")
-        picture = given[0]
-        if isinstance(picture, Image.Image) and picture.mode != "RGB":  # transparency onto white, as transformers'
-            picture = Image.alpha_composite(Image.new("RGBA", picture.size, "white"), picture.convert("RGBA"))
-        return (*ip[0].tokens(P.image_to_tensor([picture])), ip[1])
 
     @property
     def controlnet(self):

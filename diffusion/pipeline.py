@@ -33,7 +33,7 @@ prompts, images (of one size), masks, seeds and strengths:
     diffusers' schedulers take them. The number of steps is then the list's (a steps= other than the default that
     disagrees is an error); img2img and inpaint with strength s run its last int(N * s) steps.
   * `ip_adapter_image` (diffusers' argument): the image prompt of an IP-Adapter loaded with load_ip_adapter; one
-    image for the whole call (nn/ip_adapter.py).
+    image for the whole call, or one per request (nn/ip_adapter.py, image_prompt.py).
   * `control_image` with pipe.controlnet set (diffusers' ControlNet pipelines' arguments): diffusion/control.py.
   * `eta` is DDIM's noise (0 = deterministic, 1 = as DDPM), diffusers' `eta`: for sampler "ddim" only (diffusers
     ignores it elsewhere; we refuse it there rather than silently drop it).
@@ -90,8 +90,9 @@ from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, MaskOptions, as_num
                                         prompts, repeat, requests)
 from backdrop.diffusion.control import controlled_unet
 from backdrop.diffusion.diffusers_api import WEIGHT_CHANGES, DiffusersAPI
-from backdrop.diffusion.inpaint_items import PerDistinct, distinct, repaint_masks
 from backdrop.diffusion.guidance import CFGDenoiser
+from backdrop.diffusion.image_prompt import image_prompt
+from backdrop.diffusion.inpaint_items import PerDistinct, distinct, repaint_masks
 from backdrop.diffusion.latents import (blend_known_region, default_noise_sampler, initial_latents, known_region,
                                         noised_latents, output_latents, per_item_randn)
 from backdrop.diffusion.output import Output, as_hwc, decoded, format_output, item_numbers, with_profiles
@@ -245,9 +246,10 @@ class Pipeline(DiffusersAPI, Processing):
         next multiple of 8, then cropped). `callback(step, latents)` runs after every step."""
         loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, self._shows(progress), callback,
                     interrupt, self.config.scheduler, timesteps, sigmas)
-        req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
+        ip = image_prompt(self._ip, ip_adapter_image)  # the IP-Adapter loaded now: the call keeps it
+        req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type, ip.lengths,
                        embeds=(prompt_embeds, negative_prompt_embeds), width=self._width, generator=generator)
-        req["clip_skip"], req["ip"] = check_clip_skip(clip_skip, self.backend), self._ip_tokens(ip_adapter_image)
+        req["clip_skip"], req["ip"] = check_clip_skip(clip_skip, self.backend), ip.tokens(req["n"], req["k"])
         control = self._control(control_image, controlnet_conditioning_scale, control_guidance_start,
                                 control_guidance_end, guess_mode, req)
         native = self.fixed_size or (control.size if control else (self.config.image_size,) * 2)
@@ -275,10 +277,11 @@ class Pipeline(DiffusersAPI, Processing):
                     interrupt, self.config.scheduler, timesteps, sigmas)
         images = image_items(image, "img2img")
         n_strengths = len(strength) if isinstance(strength, (list, tuple)) else 1
+        ip = image_prompt(self._ip, ip_adapter_image)
         req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
-                       {"image": len(images), "strength": n_strengths}, embeds=(prompt_embeds, negative_prompt_embeds),
-                       width=self._width, generator=generator)
-        req["clip_skip"], req["ip"] = check_clip_skip(clip_skip, self.backend), self._ip_tokens(ip_adapter_image)
+                       {"image": len(images), "strength": n_strengths, **ip.lengths},
+                       embeds=(prompt_embeds, negative_prompt_embeds), width=self._width, generator=generator)
+        req["clip_skip"], req["ip"] = check_clip_skip(clip_skip, self.backend), ip.tokens(req["n"], req["k"])
         control = self._control(control_image, controlnet_conditioning_scale, control_guidance_start,
                                 control_guidance_end, guess_mode, req)
         n, k = req["n"], req["k"]
@@ -329,10 +332,11 @@ class Pipeline(DiffusersAPI, Processing):
         kind, given = M.convention(mask, product_mask, images[0])
         masks = items(given, kind, mask=True) if kind != "image" else images
         n_strengths = len(strength) if isinstance(strength, (list, tuple)) else 1
+        ip = image_prompt(self._ip, ip_adapter_image)
         req = requests(prompt, negative_prompt, seed, num_images_per_prompt, output_type,
-                       {"image": len(images), kind: len(masks), "strength": n_strengths},
+                       {"image": len(images), kind: len(masks), "strength": n_strengths, **ip.lengths},
                        embeds=(prompt_embeds, negative_prompt_embeds), width=self._width, generator=generator)
-        req["clip_skip"], req["ip"] = check_clip_skip(clip_skip, self.backend), self._ip_tokens(ip_adapter_image)
+        req["clip_skip"], req["ip"] = check_clip_skip(clip_skip, self.backend), ip.tokens(req["n"], req["k"])
         control = self._control(control_image, controlnet_conditioning_scale, control_guidance_start,
                                 control_guidance_end, guess_mode, req)
         n, k = req["n"], req["k"]
@@ -355,6 +359,7 @@ class Pipeline(DiffusersAPI, Processing):
         out = self._inpaint(pick(img), [per_item[i // k] for i in todo], dict(  # masks shared like the photos
             req, prompts=pick(req["prompts"]), negatives=pick(req["negatives"]), seeds=pick(req["seeds"]),
             strengths=pick(strengths), rows=todo, control=control and control.pick(todo),
+            ip=req["ip"] and (req["ip"][0][todo], req["ip"][1][todo], req["ip"][2]),
             generators=gens if gens is None or isinstance(gens, torch.Generator) else pick(gens)), opts, loop, latents)
         if unchanged:
             full = np.stack(img).astype(np.float32) / 255  # (B, H, W, 3)
@@ -440,7 +445,7 @@ class Pipeline(DiffusersAPI, Processing):
         ctx, uctx = contexts(self.backend, job["prompts"], job["negatives"], guided, job["clip_skip"])
         text_tokens = ctx.shape[1]
         if job["ip"] is not None:  # an IP-Adapter's image tokens follow the text's (nn/ip_adapter.py)
-            ctx, uctx = (None if c is None else torch.cat([c, t.to(c).expand(B, -1, -1)], 1)
+            ctx, uctx = (None if c is None else torch.cat([c, t.to(c)], 1)  # (B, 77 + N, C)
                          for c, t in zip((ctx, uctx), job["ip"][:2]))
         result = torch.empty(shape, device=dev, dtype=torch.float32)
         for strength, idx in groups(job["strengths"]).items():

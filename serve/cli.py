@@ -12,8 +12,9 @@ import logging
 from pathlib import Path
 
 from backdrop import __version__
-from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, add_freeu_option, add_lora_option,
-                          add_textual_inversion_option, apply_model_options, checkpoint_options, parse_device)
+from backdrop.cli import (CLIError, add_checkpoint_options, add_dtype_option, add_freeu_option, add_ip_adapter_options,
+                          add_lora_option, add_textual_inversion_option, apply_model_options, check_ip_adapter_options,
+                          checkpoint_options, parse_device)
 from backdrop.diffusion.recipes import RECIPES, SAMPLING_DEFAULTS
 from backdrop.messages import require
 
@@ -93,6 +94,8 @@ def add_parser(subparsers) -> None:
                         "order) and takes controlnet_conditioning_scale, control_guidance_start / _end and "
                         "guess_mode; the OpenAI endpoints cannot carry a control image and answer 400 (use "
                         "/v1/inpaint). --backend torch only")
+    add_ip_adapter_options(m, "POST /v1/inpaint then requires ip_adapter_image (base64: a photo of the scene or "
+                              "style wanted, one per request); the OpenAI endpoints cannot carry it and answer 400")
     m.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on CUDA with the torch backend, run the UNet eagerly instead of replaying CUDA graphs")
     b = p.add_argument_group("batching")
@@ -154,6 +157,7 @@ def _serve(args: argparse.Namespace) -> int:
         if not Path(path).expanduser().exists():
             raise CLIError(f"--controlnet {path}: no such file or folder (a diffusers ControlNetModel folder or a "
                            "ControlNet .safetensors file)")
+    check_ip_adapter_options(args)
     if not args.shutdown_delay >= 0:
         raise CLIError(f"--shutdown-delay {args.shutdown_delay:g} must be 0 or more seconds")
     for flag in ("--max-body-mb", "--max-file-mb"):  # before int(MB * 2**20), which nan and inf break

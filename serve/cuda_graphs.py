@@ -130,4 +130,5 @@ def with_cuda_graphs(pipe):
         return pipe
     graphed = Pipeline(GraphedBackend(backend))
     graphed.controlnet = pipe.controlnet  # its ControlNets (`serve --controlnet`): a call with them runs eagerly
+    graphed._ip = pipe._ip  # its IP-Adapter (`serve --ip-adapter`): captured with its scale, which serve never changes
     return graphed

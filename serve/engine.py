@@ -53,6 +53,7 @@ class Item:
     image: Image.Image | None = None
     mask: np.ndarray | None = None
     control: tuple[Image.Image, ...] | None = None  # one control image per ControlNet the pipeline runs, in order
+    ip_image: Image.Image | None = None  # the image prompt, when the pipeline runs an IP-Adapter
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,8 @@ class Engine:
         sizes = warm_up_batches(torch.device(self.pipe.backend.device).type, self.config.max_batch_size)
         nets, black = controlnet_count(self.pipe), Image.new("RGB", (w, h))
         control = {"control_image": black if nets == 1 else [black] * nets} if nets else {}  # with --controlnet
+        if self.pipe.ip_adapter_loaded:  # with --ip-adapter: its image encoder warms up too
+            control["ip_adapter_image"] = black
         for b in sizes:
             if self.pipe.config.unet.in_channels == 9:
                 image = Image.new("RGB", (w, h), (128, 128, 128))
@@ -319,6 +322,8 @@ class Engine:
                     interrupt=interrupt, **dict(key.options))
         if items[0].control is not None:  # per item one image per ControlNet: diffusers' nested form for several
             args["control_image"] = [it.control[0] if len(it.control) == 1 else list(it.control) for it in items]
+        if items[0].ip_image is not None:  # one image prompt per item (diffusion/image_prompt.py)
+            args["ip_adapter_image"] = [it.ip_image for it in items]
         if key.kind == "generate":
             out = self.pipe.generate(height=key.height, width=key.width, **args)
         elif key.kind == "inpaint":

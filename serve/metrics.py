@@ -2,7 +2,8 @@
 
 Why not prometheus-client: we need four metric types' worth of text and six /proc reads (its process collector's
 families, process_metrics below), not its multiprocess mode or global default registry (a module-level registry
-would be shared state between the test's servers). The format is small and stable: https://prometheus.io/docs/instrumenting/exposition_formats/
+would be shared state between the test's servers). The format is small and stable:
+https://prometheus.io/docs/instrumenting/exposition_formats/
 
     # HELP backdrop_batch_size Items per UNet batch.
     # TYPE backdrop_batch_size histogram

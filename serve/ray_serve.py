@@ -109,7 +109,8 @@ PICKED = {"device": str, "dtype": str, "backend": str, "torch_threads": int, "ur
           "cuda_graphs": _flag}
 # Pipeline.from_pretrained's and `backdrop serve`'s model options, for every replica
 MODEL = {"lora": _specs(lora_spec), "textual_inversion": _specs(textual_inversion_spec), "vae": str,
-         "prediction_type": str, "allow_pickle": _flag, "variant": str, "freeu": _freeu, "controlnet": _specs(str)}
+         "prediction_type": str, "allow_pickle": _flag, "variant": str, "freeu": _freeu, "controlnet": _specs(str),
+         "ip_adapter": str, "ip_adapter_scale": float}
 
 
 def serve_options(engine_config: EngineConfig = EngineConfig(), server_config: ServerConfig = ServerConfig(),
@@ -239,7 +240,8 @@ class BackdropReplica:
             torch.set_num_threads(torch_threads)
         options = dict(model_options or {})
         specs = {k: options.pop(k, ()) for k in ("lora", "textual_inversion", "controlnet")} | {
-            "freeu": options.pop("freeu", None)}
+            "freeu": options.pop("freeu", None), "ip_adapter": options.pop("ip_adapter", None),
+            "ip_adapter_scale": options.pop("ip_adapter_scale", 1.0)}
         pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, backend=backend, **options)
         # as `backdrop serve`: LoRAs merged (and ControlNets set) before any CUDA graph is captured, the errors naming
         # the option
@@ -280,7 +282,8 @@ def build_app(model: str, engine_config: EngineConfig = EngineConfig(), server_c
               name: str = "backdrop", deployment_options: dict | None = None, url_responses: bool | None = None,
               cuda_graphs: bool = True, lora=(), textual_inversion=(), vae: str | None = None,
               prediction_type: str | None = None, allow_pickle: bool = False, variant: str | None = None,
-              freeu: tuple[float, float, float, float] | None = None, controlnet=()):
+              freeu: tuple[float, float, float, float] | None = None, controlnet=(), ip_adapter: str | None = None,
+              ip_adapter_scale: float = 1.0):
     """A Ray Serve application (pass it to `serve.run`): `num_replicas` copies of the server for `model`.
     ray_actor_options: resources per replica, e.g. {"num_gpus": 1} (one GPU each), {"num_gpus": 0.5} (two replicas
     on a GPU: each holds its own model and CUDA graphs) or {"num_cpus": 4}. num_replicas: 1 by default; "auto" lets
@@ -291,7 +294,8 @@ def build_app(model: str, engine_config: EngineConfig = EngineConfig(), server_c
     lora: (path, scale) pairs merged into every replica's weights; textual_inversion: (path, token or None) pairs;
     vae, prediction_type, allow_pickle, variant: as Pipeline.from_pretrained's; freeu: (s1, s2, b1, b2), as
     `backdrop serve --freeu`; controlnet: ControlNet paths, as `backdrop serve --controlnet` (/v1/inpaint then
-    takes control_image). Paths must be readable on every node."""
+    takes control_image); ip_adapter, ip_adapter_scale: as `backdrop serve --ip-adapter` (/v1/inpaint then takes
+    ip_adapter_image). Paths must be readable on every node."""
     from ray import serve
 
     options = serve_options(engine_config, server_config, num_replicas, ray_actor_options, deployment_options)
@@ -301,7 +305,9 @@ def build_app(model: str, engine_config: EngineConfig = EngineConfig(), server_c
     model_options = dict(lora=[(str(p), float(w)) for p, w in lora], vae=vae, prediction_type=prediction_type,
                          textual_inversion=[(str(p), t) for p, t in textual_inversion], allow_pickle=allow_pickle,
                          variant=variant, freeu=None if freeu is None else tuple(map(float, freeu)),
-                         controlnet=[str(p) for p in controlnet])
+                         controlnet=[str(p) for p in controlnet],
+                         ip_adapter=None if ip_adapter is None else str(ip_adapter),
+                         ip_adapter_scale=float(ip_adapter_scale))
     return deployment.options(**options).bind(str(model), engine_config, server_config, device, dtype, backend,
                                               torch_threads, cuda_graphs, model_options)
 

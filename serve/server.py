@@ -6,7 +6,8 @@
                                   transparency
     POST /v1/images/generations   JSON, as OpenAI's Images API (ignored: inputs.GENERATE_IGNORED)
     POST /v1/inpaint              JSON, every Pipeline.inpaint option; images as base64 PNG/JPEG/WebP; with
-                                  --controlnet, control_image (required) and the ControlNet options (serve/control.py)
+                                  --controlnet, control_image (required) and the ControlNet options (serve/control.py);
+                                  with --ip-adapter, ip_adapter_image (required: serve/image_prompt.py)
     GET  /v1/files/<id>.png       the images of `response_format: "url"` responses (kept in memory, see serve/files.py)
     GET  /v1/models, /v1/models/<id>   the one model served, as OpenAI's Model objects
     GET  /healthz (process up), /readyz (model loaded and warmed up), /metrics (Prometheus text)
@@ -22,7 +23,7 @@ replicas). Responses carry OpenAI's `created`, `size`, `background` ("opaque") a
 native} of the model (512x512, 1024x512, ... for SD1.5; 64x64 ... 128x128 for the tiny model) or "auto" (native);
 edits keep the input image's own size, so `size` may only repeat it. A server started with --controlnet runs its
 ControlNets in every call, and OpenAI's endpoints cannot carry the control image that needs: there they answer 400
-(param control_image) saying to use /v1/inpaint with control_image.
+(param control_image) saying to use /v1/inpaint with control_image; the same for --ip-adapter and its image prompt.
 
 Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for bad fields and undecodable, too
 small or too large images or mismatched masks; 413 for bodies over the limit (Content-Length checked before reading,
@@ -67,6 +68,7 @@ from backdrop.diffusion.schedule import RECIPES, build_schedule
 from backdrop.diffusion.text import check_clip_skip, clip_cut
 from backdrop.serve.access import BrowserGuard, ClientGone, endpoint, log_refusal
 from backdrop.serve.batcher import QueueFull, ShuttingDown
+from backdrop.serve import image_prompt
 from backdrop.serve.body_limit import BodyLimit, BodyTimeout, BodyTooLarge
 from backdrop.serve.control import CONTROL_FIELDS, control_fields, decode_controls, refuse_openai
 from backdrop.serve.engine import Engine, Item, ServeKey, controlnet_count
@@ -137,6 +139,7 @@ class _Handlers:
         self.formats = ("b64_json", "url") if config.max_files else ("b64_json",)  # no files kept: url gets a 400
         self.created = int(time.time())  # the model's `created` in /v1/models: loaded just before the app is made
         self.nets = controlnet_count(engine.pipe)  # --controlnet: /v1/inpaint requires control_image (control.py)
+        self.ip = engine.pipe.ip_adapter_loaded  # --ip-adapter: /v1/inpaint requires ip_adapter_image
 
     # ---------------------------------------------------------------------------------- shared steps
     def _size(self, value) -> tuple[int, int] | None:
@@ -297,6 +300,7 @@ class _Handlers:
         form = await self._form(request)
         try:
             refuse_openai(self.nets, "/v1/images/edits")
+            image_prompt.refuse_openai(self.ip, "/v1/images/edits")
             fields = {k: v for k, v in form.multi_items() if k not in ("image", "image[]")}
             check_fields(fields, EDIT_FIELDS, EDIT_IGNORED, form=True)
             upload = one_image(form)
@@ -327,6 +331,7 @@ class _Handlers:
     async def generations(self, request: Request) -> Response:
         f = await self._json(request)
         refuse_openai(self.nets, "/v1/images/generations")
+        image_prompt.refuse_openai(self.ip, "/v1/images/generations")
         check_fields(f, GENERATE_FIELDS, GENERATE_IGNORED)
         prompt, negative = text(f.get("prompt"), "prompt", True), text(f.get("negative_prompt"), "negative_prompt")
         n, hw = self._n(f.get("n")), self._size(f.get("size")) or self.engine.native_hw
@@ -343,7 +348,8 @@ class _Handlers:
         check_fields(f, ("image", "mask", "product_mask", "prompt", "negative_prompt", "n", "seed", "strength",
                           "steps", "sampler", "eta", "guidance_scale", "guidance_rescale", "mask_dilate",
                           "mask_blur", "crop_padding", "color_match", "paste_back", "mask_mode", "response_format",
-                          "timeout", "mask_threshold", "clip_skip", "timesteps", "sigmas", *CONTROL_FIELDS))
+                          "timeout", "mask_threshold", "clip_skip", "timesteps", "sigmas", *CONTROL_FIELDS,
+                          image_prompt.IP_FIELD))
         if "image" not in f:
             raise APIError(400, "image is required (base64 PNG, JPEG or WebP)", param="image", code="invalid_image")
         if f.get("mask") is not None and f.get("product_mask") is not None:
@@ -383,6 +389,7 @@ class _Handlers:
             clip_skip=self._clip_skip(f.get("clip_skip")), **custom)
         control_bytes, control_options = control_fields(f, self.nets, DEFAULT)  # ({} without --controlnet)
         options.update(control_options)
+        ip_bytes = image_prompt.ip_field(f, self.ip)  # None without --ip-adapter
         fmt = self._format(f.get("response_format"))
         timeout = seconds(f.get("timeout"), "timeout")
         image_bytes, mask_bytes = b64decode(f["image"], "image"), (b64decode(f[kind], kind) if kind else None)
@@ -397,10 +404,11 @@ class _Handlers:
                                                        kind)
         image, repaint = await run_in_threadpool(decode)
         control = control_bytes and await run_in_threadpool(decode_controls, control_bytes, self.max_pixels)
+        reference = await run_in_threadpool(image_prompt.decode_ip_image, ip_bytes, self.max_pixels)
         if options["crop_padding"] is None:  # a crop runs at the model's (or the export's) own size
             self._runs((image.height, image.width))
         key = self._key("inpaint", (image.height, image.width), steps, sampler, **options)
-        items = [Item(prompt, seed + j, negative, strength, image, repaint, control) for j in range(n)]
+        items = [Item(prompt, seed + j, negative, strength, image, repaint, control, reference) for j in range(n)]
         images = await self._run(request, key, items, timeout)
         top, cut = repaint.max(), options["mask_threshold"]  # the Pipeline's float32 mask, binarised at >= cut
         unchanged = bool(top == 0 or (cut is not None and top < np.float32(cut)))

@@ -115,6 +115,40 @@ def test_inpaint_with_an_image_prompt_equals_diffusers(models, ref, adapters):
         assert np.array_equal(np.asarray(out)[keep], np.asarray(img)[keep])
 
 
+def test_one_image_prompt_per_request_equals_each_request_alone(models, adapters):
+    """A list of image prompts is one per request, as every other argument (diffusers takes one per IP-Adapter):
+    each request's images, in a batch or with k images each, are the ones it gives alone with its seeds."""
+    pipe, refs = models["sd1"].pipe, [style_image(9), style_image(3)]
+    run = dict(steps=3, sampler="euler-a", output_type="np", progress=False)
+    loaded(pipe, adapters["sd1"])
+    try:
+        both = pipe.generate(PROMPTS, seed=[5, 8], num_images_per_prompt=2, ip_adapter_image=refs, **run).images
+        alone = [pipe.generate(p, seed=s, num_images_per_prompt=2, ip_adapter_image=r, **run).images
+                 for p, s, r in zip(PROMPTS, [5, 8], refs)]
+        swapped = pipe.generate(PROMPTS, seed=[5, 8], num_images_per_prompt=2, ip_adapter_image=refs[::-1],
+                                **run).images
+    finally:
+        pipe.unload_ip_adapter()
+    assert max_diff(both, np.concatenate(alone)) <= TOL
+    assert max_diff(both[:2], swapped[:2]) > 10 * TOL  # the image prompt counts, per request
+
+
+def test_inpaint_takes_one_image_prompt_per_request_past_items_with_nothing_to_repaint(models, adapters):
+    pipe, x0 = models["sd1-inpaint"].pipe, images(3, seed=4)
+    masks = rect_masks(3, seed=4)
+    masks[1] = Image.new("L", masks[1].size)  # nothing to repaint: returned as given, its image prompt unused
+    refs, prompts = [style_image(9), style_image(3), style_image(5)], ["a red cube", "a cat", "a blue ball"]
+    run = dict(steps=3, progress=False, output_type="np")
+    loaded(pipe, adapters["sd1-inpaint"])
+    try:
+        out = pipe.inpaint(x0, masks, prompts, seed=[1, 2, 3], ip_adapter_image=refs, **run)
+        alone = [pipe.inpaint(x0[i], masks[i], prompts[i], seed=i + 1, ip_adapter_image=refs[i], **run).images[0]
+                 for i in (0, 2)]
+    finally:
+        pipe.unload_ip_adapter()
+    assert out.unchanged == [1] and max_diff(out.images[[0, 2]], np.stack(alone)) <= TOL
+
+
 def test_scale_zero_is_the_text_alone_and_a_resized_image_prompt_is_close_to_diffusers(models, ref, adapters):
     pipe, noise = models["sd1"].pipe, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     run = dict(steps=3, sampler="euler", latents=noise, output_type="np", progress=False)
@@ -144,8 +178,10 @@ def test_bad_ip_adapter_files_and_calls_are_named(models, adapters, tmp_path):
         for call, error, message in [
                 (lambda: pipe.generate("a cat", steps=1, progress=False), ValueError,
                  r"an IP-Adapter is loaded: give ip_adapter_image="),
-                (lambda: pipe.generate("a cat", steps=1, progress=False, ip_adapter_image=[style_image()] * 2),
-                 ValueError, r"ip_adapter_image: 2 images; give one"),
+                (lambda: pipe.generate(PROMPTS, steps=1, progress=False, ip_adapter_image=[style_image()] * 3),
+                 ValueError, r"ip_adapter_image has 3 values and prompt 2"),
+                (lambda: pipe.generate("a cat", steps=1, progress=False, ip_adapter_image=[[style_image()] * 2]),
+                 ValueError, r"ip_adapter_image: a nested list \(diffusers' several images for one IP-Adapter\)"),
                 (lambda: loaded(pipe, folder), ValueError, r"an IP-Adapter is loaded already"),
                 (lambda: pipe.set_ip_adapter_scale([0.5, 0.5]), ValueError, r"2 values for the 1 IP-Adapter"),
                 (lambda: pipe.set_ip_adapter_scale(float("nan")), ValueError, r"ip_adapter scale must be a finite")]:
@@ -160,7 +196,7 @@ def test_bad_ip_adapter_files_and_calls_are_named(models, adapters, tmp_path):
     (bad / "image_encoder").mkdir(parents=True)
     for f in (folder / "models" / "image_encoder").iterdir():
         (bad / "image_encoder" / f.name).write_bytes(f.read_bytes())
-    cases = [({**good, "image_proj.latents": torch.zeros(1, 16, 64)}, r"an IP-Adapter Plus .* file: only the base"),
+    cases = [({**good, "image_proj.proj.3.weight": torch.zeros(64)}, r"an IP-Adapter Full Face file"),
              ({k: v for k, v in good.items() if k != "ip_adapter.3.to_v_ip.weight"}, r"1 missing: ip_adapter.3.to_v"),
              ({**good, "ip_adapter.1.to_k_ip.weight": torch.zeros(5, 64)}, r"ip_adapter.1.to_k_ip.weight: file "
               r"\(5, 64\) vs model \(32, 64\)"),

@@ -277,6 +277,8 @@ def test_app_builder_arguments():
     assert builder_args({"model": "m", "freeu": [0.8, 0.3, 1.2, 1.4]})["freeu"] == (0.8, 0.3, 1.2, 1.4)  # YAML
     assert builder_args({"model": "m", "controlnet": "a,b"})["controlnet"] == ["a", "b"]
     assert builder_args({"model": "m", "controlnet": ["c"]})["controlnet"] == ["c"]  # YAML
+    given = builder_args({"model": "m", "ip_adapter": "ip.safetensors", "ip_adapter_scale": "0.6"})
+    assert (given["ip_adapter"], given["ip_adapter_scale"]) == ("ip.safetensors", 0.6)
     for args, message in (({"num_replicas": "2"}, "give model=PATH"),
                           ({"model": "m", "loras": "x.safetensors"}, r"unknown arguments \['loras'\]"),
                           ({"model": "m", "adaptive_delay": "ture"}, "true or false"),
@@ -307,6 +309,7 @@ def test_a_replica_merges_its_loras_as_backdrop_serve_does(serve_model_dir, tmp_
     from backdrop.nn.checkpoint import load_model
     from backdrop.nn.controlnet import load_controlnet
     from backdrop.nn.unet import FreeU
+    from test_ip_adapter import WEIGHTS, ip_adapter_folder
     from test_lora import assert_same, peft_file, random_lora, state
 
     from pipeline_helpers import controlnet_folder
@@ -314,18 +317,21 @@ def test_a_replica_merges_its_loras_as_backdrop_serve_does(serve_model_dir, tmp_
     base = load_model(serve_model_dir)
     path = peft_file(random_lora(base, seed=3), tmp_path / "style.safetensors")
     net = controlnet_folder(replace(base.config.unet, in_channels=4), tmp_path / "controlnet", seed=2)
+    ip = ip_adapter_folder(tmp_path / "ip", base.unet) / "models" / WEIGHTS
     expected = Pipeline.from_pretrained(serve_model_dir, device="cpu", dtype=torch.float32)
     expected.load_lora_weights(path, lora_scale=0.5)
     replica = BackdropReplica(str(serve_model_dir), EngineConfig(max_batch_size=1), ServerConfig(steps=1),
                               device="cpu", dtype="fp32", cuda_graphs=False,
                               model_options=dict(lora=[(str(path), 0.5)], textual_inversion=[], vae=None,
-                                                 freeu=(0.8, 0.3, 1.2, 1.4), controlnet=[net]))
+                                                 freeu=(0.8, 0.3, 1.2, 1.4), controlnet=[net],
+                                                 ip_adapter=str(ip), ip_adapter_scale=0.5))
     try:
         ours, theirs, base = state(replica.engine.pipe.backend.model), state(expected.backend.model), state(base)
         assert_same(ours, theirs)
         assert replica.engine.pipe.backend.model.unet.freeu == FreeU(0.8, 0.3, 1.2, 1.4)  # as `backdrop serve`'s
         assert replica.engine.pipe.controlnet.controlnet_mid_block.bias.tolist() == \
             load_controlnet(net).controlnet_mid_block.bias.tolist()  # warmed up with a control image
+        assert {link.scale for link in replica.engine.pipe._ip[1].values()} == {0.5}  # and an image prompt
         assert sum(not torch.equal(ours[k], base[k]) for k in base) > 10  # the LoRA's modules changed
     finally:
         replica.__del__()
