@@ -179,9 +179,9 @@ def add_ip_adapter_options(group, image: str) -> None:
     """--ip-adapter and --ip-adapter-scale, for the commands that load a model; `image`: where its image prompt
     comes from (the command's own words)."""
     group.add_argument("--ip-adapter", metavar="FILE",
-                       help="an IP-Adapter .safetensors (ip-adapter_sd15.safetensors; its image encoder is the "
-                            f"image_encoder folder beside it, as in h94/IP-Adapter's models/ folder); {image}; "
-                            "--backend torch only")
+                       help="an IP-Adapter .safetensors (ip-adapter_sd15 or ip-adapter-plus_sd15; its image "
+                            "encoder is the image_encoder folder beside it, as in h94/IP-Adapter's models/ folder); "
+                            f"{image}; --backend torch only")
     group.add_argument("--ip-adapter-scale", type=float, default=1.0, metavar="S",
                        help="how strongly the image prompt counts: 0 not at all, 1 as trained (default: %(default)s)")
 

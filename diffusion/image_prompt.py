@@ -38,7 +38,14 @@ class ImagePrompt:
             return None
         pictures = broadcast(list(self.images), n, "ip_adapter_image")
         first = distinct([id(p) for p in pictures])  # an image given for many requests is encoded once
-        done = {i: self.adapter.tokens(P.image_to_tensor([_on_white(pictures[i])])) for i in sorted(set(first))}
+        by_size: dict[tuple, list] = {}  # the distinct images of one size go through the image encoder together
+        for i in sorted(set(first)):
+            x = P.image_to_tensor([_on_white(pictures[i])])  # (1, 3, H, W)
+            by_size.setdefault(tuple(x.shape[-2:]), []).append((i, x))
+        done = {}
+        for group in by_size.values():
+            tokens, uncond = self.adapter.tokens(torch.cat([x for _, x in group]))  # (G, N, C) each
+            done |= {i: (tokens[j:j + 1], uncond[j:j + 1]) for j, (i, _) in enumerate(group)}
         rows = [first[i] for i in range(n) for _ in range(k)]
         return (torch.cat([done[i][0] for i in rows]), torch.cat([done[i][1] for i in rows]), self.links)
 

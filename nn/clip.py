@@ -259,14 +259,23 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """pixel_values (B, 3, S, S), CLIP-normalised -> (last_hidden_state (B, N + 1, C), pooled (B, C))."""
+        x = self.hidden_state(pixel_values)  # (B, N + 1, C)
+        return x, self.post_layernorm(x[:, 0])
+
+    def hidden_state(self, pixel_values: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """pixel_values (B, 3, S, S) -> transformers' hidden_states[layer] (B, N + 1, C): 0 is the embeddings after
+        pre_layrnorm, i the output of encoder layer i, -1 the last (last_hidden_state), -2 the penultimate
+        (IP-Adapter Plus' input); post_layernorm is never applied (it is the pooled state's only)."""
         cfg = self.cfg
         want = (cfg.num_channels, cfg.image_size, cfg.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:
             raise ValueError(f"pixel_values must be (B, {', '.join(map(str, want))}), got "
                              f"{tuple(pixel_values.shape)}; resize with clip_preprocess(images, {cfg.image_size})")
+        n = cfg.num_layers
+        if not -n - 1 <= layer <= n:
+            raise ValueError(f"layer={layer} is out of range for a {n}-layer vision tower ({-n - 1}..{n})")
         x = self.pre_layrnorm(self.embeddings(pixel_values))
-        x = self.encoder(x, causal=False)  # (B, N + 1, C)
-        return x, self.post_layernorm(x[:, 0])
+        return self.encoder(x, causal=False, num_layers=layer % (n + 1))
 
 
 class VisionTower(nn.Module):

@@ -137,8 +137,9 @@ def test_inpaint_takes_one_image_prompt_per_request_past_items_with_nothing_to_r
     pipe, x0 = models["sd1-inpaint"].pipe, images(3, seed=4)
     masks = rect_masks(3, seed=4)
     masks[1] = Image.new("L", masks[1].size)  # nothing to repaint: returned as given, its image prompt unused
-    refs, prompts = [style_image(9), style_image(3), style_image(5)], ["a red cube", "a cat", "a blue ball"]
-    run = dict(steps=3, progress=False, output_type="np")
+    refs = [style_image(9), style_image(3), style_image(5, size=(45, 70))]  # two sizes: two image encoder calls
+    prompts = ["a red cube", "a cat", "a blue ball"]
+    run = dict(steps=3, progress=False, output_type="np", paste_back=False)  # floats, not rounded to 8 bits
     loaded(pipe, adapters["sd1-inpaint"])
     try:
         out = pipe.inpaint(x0, masks, prompts, seed=[1, 2, 3], ip_adapter_image=refs, **run)
