@@ -12,6 +12,8 @@ a bare "no attribute":
       the default of every call's `progress` (a call's own progress= still wins)
   pipe.device, pipe.dtype
       the backend's
+  pipe(prompt, image=, mask_image=, ...), pipe.to(device or dtype)
+      diffusers' call (inpaint, img2img or generate, by the arguments given) and its in-place move / cast
   Pipeline.from_single_file(path)
       from_pretrained of one original (LDM) .safetensors file
   pipe.scheduler = ...
@@ -24,9 +26,13 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backdrop.diffusion.batching import diffusers_names
 from backdrop.diffusion.schedule import RECIPES
+
+if TYPE_CHECKING:
+    from backdrop.diffusion.output import Output
 
 __all__ = ["DiffusersAPI", "DIFFUSERS_ATTRIBUTES"]
 
@@ -86,6 +92,47 @@ class DiffusersAPI:
             raise FileNotFoundError(f"from_single_file: {given} is not a file (a model folder or a built-in model's "
                                     "name opens with from_pretrained)")
         return cls.from_pretrained(Path(given), **kwargs)
+
+    def __call__(self, prompt=None, image=None, mask_image=None, **kwargs) -> "Output":
+        """diffusers' pipe(prompt, image=, mask_image=, ...): inpaint when a mask is given (mask_image=, mask= or
+        product_mask=), img2img when only an image is, generate otherwise; other arguments as that method takes
+        them. An RGBA cut-out alone is img2img here, as in diffusers: call inpaint for OpenAI's alpha convention.
+        With a ControlNet, an image without control_image= is the control image of generate (diffusers'
+        StableDiffusionControlNetPipeline)."""
+        if image is None and prompt is not None and not isinstance(prompt, (str, list, tuple)):
+            raise TypeError(f"pipe() takes the prompt first, as diffusers' pipelines; got a {type(prompt).__name__} "
+                            "there: pass the image as image=")
+        masks = {k: v for k, v in (("mask_image", mask_image), ("mask", kwargs.pop("mask", None)),
+                                   ("product_mask", kwargs.pop("product_mask", None))) if v is not None}
+        if masks:
+            if image is None:
+                raise TypeError("a mask without image=: inpainting needs the image the mask belongs to")
+            return self.inpaint(image, prompt=prompt, **masks, **kwargs)
+        if image is not None and self._controlnets and kwargs.get("control_image") is None:
+            return self.generate(prompt, control_image=image, **kwargs)  # diffusers' ControlNet pipeline's image=
+        if image is not None:
+            return self.img2img(image, prompt=prompt, **kwargs)
+        return self.generate(prompt, **kwargs)
+
+    def to(self, device=None, dtype=None) -> "DiffusersAPI":
+        """Move the weights to `device` and/or cast them to `dtype` (torch.dtype or "fp16", ...), in place, as
+        diffusers' pipe.to("cuda") / pipe.to(torch.float16); returns the pipeline. Torch backend only."""
+        import torch
+
+        from backdrop.export.backends import TorchBackend
+        from backdrop.nn.resolve import DTYPES, parse_dtype
+        if isinstance(device, torch.dtype) or (dtype is None and str(device) in DTYPES):  # pipe.to(torch.float16)
+            device, dtype = None, device
+        if type(self.backend) is not TorchBackend:  # an export, or a wrapper (CUDA graphs) built for one device
+            raise ValueError(f"to() moves the torch backend's weights; this {getattr(self.backend, 'name', '')} "
+                             "backend was built for its device and precision: open it with from_pretrained(device=) "
+                             "for another device; an export's precision is fixed when it is made")
+        with WEIGHT_CHANGES:
+            self.backend = self.backend.to(device, parse_dtype(dtype))
+            if self._ip is not None:
+                self._ip[0].to(self.backend.device, self.backend.dtype)
+            self._controlnets = tuple(n.to(self.backend.device, self.backend.dtype) for n in self._controlnets)
+        return self
 
     # ---------------------------------------------------------------------------------------- adapters
     # LoRAs as diffusers' named adapters, always merged into the weights: diffusion/adapters.py says how.

@@ -89,7 +89,7 @@ from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, MaskOptions, as_num
                                         diffusers_names, given_latents, groups, image_items, item_strengths, items,
                                         prompts, repeat, requests)
 from backdrop.diffusion.control import controlled_unet
-from backdrop.diffusion.diffusers_api import WEIGHT_CHANGES, DiffusersAPI
+from backdrop.diffusion.diffusers_api import DiffusersAPI
 from backdrop.diffusion.guidance import CFGDenoiser
 from backdrop.diffusion.image_prompt import image_prompt
 from backdrop.diffusion.inpaint_items import PerDistinct, distinct, repaint_masks
@@ -100,8 +100,7 @@ from backdrop.diffusion.processing import Processing
 from backdrop.diffusion.samplers import SamplingInterrupted, sample
 from backdrop.diffusion.text import check_clip_skip, contexts, embed
 from backdrop.nn.ip_adapter import with_ip_links
-from backdrop.nn.resolve import (DTYPES, default_device, default_dtype, parse_dtype, resolve_model,
-                                 unet_width)
+from backdrop.nn.resolve import default_device, default_dtype, parse_dtype, resolve_model, unet_width
 
 __all__ = ["Pipeline", "Output", "SamplingInterrupted", "OUTPUT_TYPES"]
 
@@ -187,50 +186,12 @@ class Pipeline(DiffusersAPI, Processing):
         pipe.controlnet = nets if isinstance(controlnet, (list, tuple)) or len(nets) > 1 else (nets or [None])[0]
         return pipe
 
-    def to(self, device=None, dtype=None) -> "Pipeline":
-        """Move the weights to `device` and/or cast them to `dtype` (torch.dtype or "fp16", ...), in place, as
-        diffusers' pipe.to("cuda") / pipe.to(torch.float16); returns the pipeline. Torch backend only."""
-        if isinstance(device, torch.dtype) or (dtype is None and str(device) in DTYPES):  # pipe.to(torch.float16)
-            device, dtype = None, device
-        from backdrop.export.backends import TorchBackend
-        if type(self.backend) is not TorchBackend:  # an export, or a wrapper (CUDA graphs) built for one device
-            raise ValueError(f"to() moves the torch backend's weights; this {getattr(self.backend, 'name', '')} "
-                             "backend was built for its device and precision: open it with from_pretrained(device=) "
-                             "for another device; an export's precision is fixed when it is made")
-        with WEIGHT_CHANGES:
-            self.backend = self.backend.to(device, parse_dtype(dtype))
-            if self._ip is not None:
-                self._ip[0].to(self.backend.device, self.backend.dtype)
-            self._controlnets = tuple(n.to(self.backend.device, self.backend.dtype) for n in self._controlnets)
-        return self
-
     # -------------------------------------------------------------------------------------------- public API
 
     def _shows(self, progress: bool | None) -> bool | None:
         """Whether a call shows its tqdm bar (None: on a terminal only): its own progress=, else the
         set_progress_bar_config default."""
         return self._progress if progress is None else bool(progress)
-
-    def __call__(self, prompt=None, image=None, mask_image=None, **kwargs) -> Output:
-        """diffusers' pipe(prompt, image=, mask_image=, ...): inpaint when a mask is given (mask_image=, mask= or
-        product_mask=), img2img when only an image is, generate otherwise; other arguments as that method takes
-        them. An RGBA cut-out alone is img2img here, as in diffusers: call inpaint for OpenAI's alpha convention.
-        With a ControlNet, an image without control_image= is the control image of generate (diffusers'
-        StableDiffusionControlNetPipeline)."""
-        if image is None and prompt is not None and not isinstance(prompt, (str, list, tuple)):
-            raise TypeError(f"pipe() takes the prompt first, as diffusers' pipelines; got a {type(prompt).__name__} "
-                            "there: pass the image as image=")
-        masks = {k: v for k, v in (("mask_image", mask_image), ("mask", kwargs.pop("mask", None)),
-                                   ("product_mask", kwargs.pop("product_mask", None))) if v is not None}
-        if masks:
-            if image is None:
-                raise TypeError("a mask without image=: inpainting needs the image the mask belongs to")
-            return self.inpaint(image, prompt=prompt, **masks, **kwargs)
-        if image is not None and self._controlnets and kwargs.get("control_image") is None:
-            return self.generate(prompt, control_image=image, **kwargs)  # diffusers' ControlNet pipeline's image=
-        if image is not None:
-            return self.img2img(image, prompt=prompt, **kwargs)
-        return self.generate(prompt, **kwargs)
 
     @diffusers_names
     def generate(self, prompt=None, negative_prompt="", height: int | None = None, width: int | None = None,
