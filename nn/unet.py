@@ -172,17 +172,23 @@ class UNet(nn.Module):
         self.freeu: FreeU | None = None
 
     def forward(self, sample: torch.Tensor, timestep, context: torch.Tensor,
-                down_block_additional_residuals=None, mid_block_additional_residual=None) -> torch.Tensor:
-        """The residuals (diffusers' names): a ControlNet's (nn/controlnet.py), one per skip (B, C_skip, H, W) in
-        the down path's order and one for the mid block's output; they are added to the skips and to the mid
-        block's output, as diffusers' UNet2DConditionModel adds them."""
+                down_block_additional_residuals=None, mid_block_additional_residual=None,
+                down_intrablock_additional_residuals=None) -> torch.Tensor:
+        """The residuals (diffusers' names):
+        - a ControlNet's (nn/controlnet.py): one per skip (B, C_skip, H, W) in the down path's order and one for the
+          mid block's output, added to the skips and to the mid block's output;
+        - a T2I-Adapter's (nn/t2i_adapter.py) down_intrablock_additional_residuals: a list of at most one tensor
+          per down level, from the first, each of that level's output shape (B, C_i, H_i, W_i), added inside the
+          down path (see encode);
+        as diffusers' UNet2DConditionModel adds them; both kinds may be given together."""
         cfg = self.cfg
         if sample.dim() != 4 or sample.shape[1] != cfg.in_channels:
             raise ValueError(f"UNet.forward: sample must be (B, {cfg.in_channels}, h, w), got {tuple(sample.shape)}")
         check_context(cfg, context, sample.shape[0], "UNet.forward")
+        intrablock = check_intrablock(down_intrablock_additional_residuals, len(self.down_blocks))
         ckpt = self.gradient_checkpointing and self.training
         emb = time_embedding(self, timestep, sample)  # (B, 4*C0)
-        h, skips = encode(self.down_blocks, self.mid_block, self.conv_in(sample), emb, context, ckpt)
+        h, skips = encode(self.down_blocks, self.mid_block, self.conv_in(sample), emb, context, ckpt, intrablock)
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips) or mid_block_additional_residual is None:
                 raise ValueError(f"UNet.forward: {len(skips)} down residuals and a mid one, one per skip, got "
@@ -253,20 +259,52 @@ def time_embedding(model: nn.Module, timestep, sample: torch.Tensor) -> torch.Te
     return model.time_embedding(model.time_proj(t.float().expand(B)).to(sample.dtype))
 
 
+def check_intrablock(residuals, levels: int) -> list[torch.Tensor]:
+    """down_intrablock_additional_residuals as a list ([] for None): a list or tuple of at most `levels` tensors."""
+    if residuals is None:
+        return []
+    if not isinstance(residuals, (list, tuple)) or not all(isinstance(r, torch.Tensor) for r in residuals):
+        got = type(residuals).__name__ if not isinstance(residuals, (list, tuple)) else \
+            f"a {type(residuals).__name__} of {', '.join(sorted({type(r).__name__ for r in residuals}))}"
+        raise ValueError("UNet.forward: down_intrablock_additional_residuals must be a list of tensors, one per down "
+                         f"level from the first, got {got}")
+    if len(residuals) > levels:
+        raise ValueError(f"UNet.forward: down_intrablock_additional_residuals: at most one per down level ({levels}), "
+                         f"got {len(residuals)}")
+    return list(residuals)
+
+
+def _add_intrablock(h: torch.Tensor, residual: torch.Tensor, level: int) -> torch.Tensor:
+    if residual.shape != h.shape:
+        raise ValueError(f"UNet.forward: down_intrablock_additional_residuals[{level}] must have down level {level}'s "
+                         f"output shape {tuple(h.shape)}, got {tuple(residual.shape)}")
+    return h + residual
+
+
 def encode(down_blocks: nn.ModuleList, mid: MidBlock, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
-           ckpt: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+           ckpt: bool, intrablock: list[torch.Tensor] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The down path from conv_in's output h, then the mid block: (the mid block's output, the skips: h and every
-    down resnet/attention and downsampler output, in order)."""
+    down resnet/attention and downsampler output, in order).
+
+    intrablock: a T2I-Adapter's features, for the first len(intrablock) down levels, placed as diffusers places its
+    down_intrablock_additional_residuals: in a level with cross-attention, added to its last (resnet, attention)
+    output, before that is kept as a skip and downsampled; in a level without, added to the level's output after
+    its downsampler (if any), and (diffusers adds it in place) to the level's last skip, that same tensor."""
     skips = [h]
-    for level in down_blocks:
+    for i, level in enumerate(down_blocks):
+        extra = intrablock[i] if i < len(intrablock) else None
         for j, resnet in enumerate(level.resnets):
             h = maybe_checkpoint(ckpt, resnet, h, emb)
             if level.attentions is not None:
                 h = maybe_checkpoint(ckpt, level.attentions[j], h, context)
+                if extra is not None and j == len(level.resnets) - 1:
+                    h = _add_intrablock(h, extra, i)
             skips.append(h)
         if level.downsamplers is not None:
             h = level.downsamplers[0](h)
             skips.append(h)
+        if extra is not None and level.attentions is None:
+            h = skips[-1] = _add_intrablock(h, extra, i)
     h = maybe_checkpoint(ckpt, mid.resnets[0], h, emb)
     h = maybe_checkpoint(ckpt, mid.attentions[0], h, context)
     return maybe_checkpoint(ckpt, mid.resnets[1], h, emb), skips
