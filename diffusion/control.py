@@ -32,7 +32,7 @@ from backdrop.diffusion import pixels as P
 from backdrop.diffusion.batching import as_number, broadcast, items, repeat
 from backdrop.diffusion.schedule import Schedule
 
-__all__ = ["Control", "control_request", "controlled_unet"]
+__all__ = ["Control", "Controls", "control_request", "controlled_unet", "per_net", "per_net_images"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,24 @@ class Control:
         return self.images[0][0].shape[:2]
 
 
+@dataclass(frozen=True)
+class Controls:
+    """A call's ControlNets and T2I-Adapters (t2i.py), each a Control or None; made only when one is."""
+    nets: Control | None
+    adapters: Control | None
+
+    def pick(self, rows: list[int]) -> "Controls":
+        return Controls(*(c and c.pick(rows) for c in (self.nets, self.adapters)))
+
+    def at(self, size: tuple[int, int], pad=None, crop=None) -> "Controls":
+        return Controls(*(c and c.at(size, pad, crop) for c in (self.nets, self.adapters)))
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """generate's default size: the first control image's, else the first adapter image's."""
+        return (self.nets or self.adapters).size
+
+
 def _read(images: list, name: str) -> list[np.ndarray]:
     """Control images (one ControlNet's, one per request) as uint8 (H, W, 3) arrays, each distinct one read once."""
     out, seen = [], {}
@@ -90,11 +108,31 @@ def _read(images: list, name: str) -> list[np.ndarray]:
     return out
 
 
-def _per_net(value, n: int, name: str, check) -> tuple:
+def per_net(value, n: int, name: str, check, nets: str = "ControlNets") -> tuple:
+    """A number for each of the n `nets` loaded: one given for all, or a list of one each; `check` reads each."""
     values = list(value) if isinstance(value, (list, tuple)) else [value] * n
     if len(values) != n:
-        raise ValueError(f"{name}: {len(values)} values for the {n} ControlNets loaded; give one, or one each")
+        raise ValueError(f"{name}: {len(values)} values for the {n} {nets} loaded; give one, or one each")
     return tuple(check(v) for v in values)
+
+
+def per_net_images(image, nets: int, name: str, noun: str, n: int, k: int) -> tuple[list, ...]:
+    """`image` (control_image, adapter_image) for `nets` networks (`noun`: what they are) as, per network, a uint8
+    (H, W, 3) array for each of the n x k output items: one image, or one per request; with several networks one
+    each ([canny, pose]), or per request one each ([[canny_1, pose_1], [canny_2, pose_2]]), as diffusers takes them."""
+    given, names, label = [image], [name], name.removesuffix("_image")
+    if nets > 1:
+        if not isinstance(image, (list, tuple)) or not image:
+            raise ValueError(f"{name}: {nets} {noun} take a list: one {label} image each, or per request a list of "
+                             f"{nets} (diffusers' [[canny_1, pose_1], [canny_2, pose_2]])")
+        nested = [isinstance(c, (list, tuple)) for c in image]
+        if any(nested) and not all(nested and len(c) == nets for c, nested in zip(image, nested)):
+            raise ValueError(f"{name}: a request's list must hold one image for each of the {nets} {noun}")
+        given = [list(c) for c in zip(*image)] if any(nested) else list(image)
+        if len(given) != nets:
+            raise ValueError(f"{name}: {len(given)} {label} images for the {nets} {noun} loaded")
+        names = [f"{name} ({noun[:-1]} {i})" for i in range(nets)]
+    return tuple(repeat(broadcast(_read(items(g, nm), nm), n, nm), k) for g, nm in zip(given, names))
 
 
 def control_request(nets, control_image, scale, start, end, guess_mode, n: int, k: int) -> Control | None:
@@ -108,25 +146,12 @@ def control_request(nets, control_image, scale, start, end, guess_mode, n: int, 
     if control_image is None:
         raise ValueError(f"{len(nets)} ControlNet{'s' * (len(nets) > 1)} loaded: give control_image= (the edges, "
                          "depth, ... to follow), or set pipe.controlnet = None")
-    given, names = [control_image], ["control_image"]
-    if len(nets) > 1:
-        if not isinstance(control_image, (list, tuple)) or not control_image:
-            raise ValueError(f"control_image: {len(nets)} ControlNets take a list: one control image each, or per "
-                             f"request a list of {len(nets)} (diffusers' [[canny_1, pose_1], [canny_2, pose_2]])")
-        nested = [isinstance(c, (list, tuple)) for c in control_image]
-        if any(nested) and not all(nested and len(c) == len(nets) for c, nested in zip(control_image, nested)):
-            raise ValueError(f"control_image: a request's list must hold one image for each of the {len(nets)} "
-                             "ControlNets")
-        given = [list(c) for c in zip(*control_image)] if any(nested) else list(control_image)
-        if len(given) != len(nets):
-            raise ValueError(f"control_image: {len(given)} control images for the {len(nets)} ControlNets loaded")
-        names = [f"control_image (ControlNet {i})" for i in range(len(nets))]
-    images = tuple(repeat(broadcast(_read(items(g, name), name), n, name), k) for g, name in zip(given, names))
+    images = per_net_images(control_image, len(nets), "control_image", "ControlNets", n, k)
     fraction = lambda name: lambda v: as_number(v, name, "a number in [0, 1]", lambda v: 0 <= v <= 1)  # noqa: E731
-    scales = _per_net(scale, len(nets), "controlnet_conditioning_scale",
+    scales = per_net(scale, len(nets), "controlnet_conditioning_scale",
                       lambda v: as_number(v, "controlnet_conditioning_scale", "a finite number"))
-    starts = _per_net(start, len(nets), "control_guidance_start", fraction("control_guidance_start"))
-    ends = _per_net(end, len(nets), "control_guidance_end", fraction("control_guidance_end"))
+    starts = per_net(start, len(nets), "control_guidance_start", fraction("control_guidance_start"))
+    ends = per_net(end, len(nets), "control_guidance_end", fraction("control_guidance_end"))
     for s, e in zip(starts, ends):
         if s >= e:
             raise ValueError(f"control_guidance_start {s} must be below control_guidance_end {e}")
@@ -135,27 +160,34 @@ def control_request(nets, control_image, scale, start, end, guess_mode, n: int, 
     return Control(tuple(nets), images, scales, starts, ends, bool(guess_mode))
 
 
-def controlled_unet(unet, control: Control, rows: list[int], schedule: Schedule, text_tokens: int, device, dtype):
+def controlled_unet(unet, control: Control | None, rows: list[int], schedule: Schedule, text_tokens: int, device,
+                    dtype, adapters: Control | None = None):
     """A Backend-style unet(x, t, context) running the torch `unet` (an nn.UNet) with the residuals of `control`'s
-    ControlNets for output items `rows`: x holds those items (len(rows) rows) or, guided, their unconditional
-    then conditional rows (2 * len(rows)); the context's first `text_tokens` tokens are the text's."""
+    ControlNets and the features of `adapters`' T2I-Adapters (t2i.py; either may be None) for output items `rows`:
+    x holds those items (len(rows) rows) or, guided, their unconditional then conditional rows (2 * len(rows)); the
+    context's first `text_tokens` tokens are the text's."""
+    from backdrop.diffusion.t2i import adapter_features
     b, n = len(rows), schedule.num_steps
     n_calls = {"heun": 2 * n - 1, "pndm": n + 1}.get(schedule.sampler, n)  # the UNet calls of the sampler loop
-    images = [image[rows].to(device, dtype) for image in control.tensors]  # (b, 3, H, W) each
-    doubled = []  # the same for the guided batch's [uncond; cond] rows, (2b, 3, H, W): made at the first such call
+    windows = [] if control is None else list(zip(control.nets, control.scales, control.starts, control.ends))
+    images = [] if control is None else [image[rows].to(device, dtype) for image in control.tensors]  # (b, 3, H, W)
+    features = adapter_features(adapters, rows, device, dtype) if adapters is not None else None  # once a loop
+    adapted = 0 if adapters is None else int(n * adapters.ends[0])  # the calls that get them, as diffusers counts
+    doubled = []  # images and features for the guided batch's [uncond; cond] rows (2b, ...): made at its first call
     done = [0]  # calls made so far: the index of the next one
 
     @torch.inference_mode()
     def call(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if x.shape[0] not in (b, 2 * b):
-            raise ValueError(f"ControlNet: {x.shape[0]} UNet rows for {b} items (want {b}, or {2 * b} guided)")
+            raise ValueError(f"ControlNet / T2I-Adapter: {x.shape[0]} UNet rows for {b} items (want {b}, or {2 * b} "
+                             "guided)")
         x, t, context = x.to(device, dtype), t.to(device), context.to(device, dtype)
         guided, i = x.shape[0] == 2 * b, done[0]
         done[0] += 1
         down = mid = None
         if guided and not doubled:
-            doubled.extend(torch.cat([c, c]) for c in images)
-        for j, (net, scale, start, end) in enumerate(zip(control.nets, control.scales, control.starts, control.ends)):
+            doubled.extend(torch.cat([c, c]) for c in images + (features or []))
+        for j, (net, scale, start, end) in enumerate(windows):
             if i / n_calls < start or (i + 1) / n_calls > end:
                 continue  # diffusers runs it at scale 0 here: no residual at all, the same sum
             guess = control.guess_mode or net.cfg.global_pool_conditions
@@ -169,5 +201,8 @@ def controlled_unet(unet, control: Control, rows: list[int], schedule: Schedule,
                 d, m = [torch.cat([torch.zeros_like(r), r]) for r in d], torch.cat([torch.zeros_like(m), m])
             down = d if down is None else [u + v for u, v in zip(down, d)]
             mid = m if mid is None else mid + m
-        return unet(x, t, context, down, mid).float()
+        intrablock = None
+        if features is not None and i < adapted:
+            intrablock = doubled[len(images):] if guided else features
+        return unet(x, t, context, down, mid, intrablock).float()
     return call

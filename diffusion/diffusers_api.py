@@ -49,7 +49,6 @@ _SAMPLER = ("the sampler is chosen per call: sampler= one of " + ", ".join(RECIP
             "diffusers scheduler of that name, e.g. unipc = UniPCMultistepScheduler; see diffusion/samplers.py)")
 _MODEL = ("the torch modules are pipe.backend.model.unet, .vae, .text_encoder and .tokenizer (torch backend; an "
           "export has no torch modules)")
-_ONE_IP_ADAPTER = "an IP-Adapter is loaded already: unload_ip_adapter() first (one at a time here)"
 _ONE_DEVICE = "not supported: the whole model lives on one device (pipe.to(device), or from_pretrained(device=))"
 # diffusers pipeline attributes Backdrop does not have -> what to do instead (an AttributeError says it)
 DIFFUSERS_ATTRIBUTES = {
@@ -97,7 +96,8 @@ class DiffusersAPI:
         """diffusers' pipe(prompt, image=, mask_image=, ...): inpaint when a mask is given (mask_image=, mask= or
         product_mask=), img2img when only an image is, generate otherwise; other arguments as that method takes
         them. An RGBA cut-out alone is img2img here, as in diffusers: call inpaint for OpenAI's alpha convention.
-        With a ControlNet, an image without control_image= is the control image of generate (diffusers'
+        With a ControlNet (a T2I-Adapter), an image without control_image= (adapter_image=) is the control (adapter)
+        image of generate (diffusers'
         StableDiffusionControlNetPipeline)."""
         if image is None and prompt is not None and not isinstance(prompt, (str, list, tuple)):
             raise TypeError(f"pipe() takes the prompt first, as diffusers' pipelines; got a {type(prompt).__name__} "
@@ -110,6 +110,8 @@ class DiffusersAPI:
             return self.inpaint(image, prompt=prompt, **masks, **kwargs)
         if image is not None and self._controlnets and kwargs.get("control_image") is None:
             return self.generate(prompt, control_image=image, **kwargs)  # diffusers' ControlNet pipeline's image=
+        if image is not None and self._t2i and kwargs.get("adapter_image") is None:
+            return self.generate(prompt, adapter_image=image, **kwargs)  # diffusers' T2I-Adapter pipeline's image=
         if image is not None:
             return self.img2img(image, prompt=prompt, **kwargs)
         return self.generate(prompt, **kwargs)
@@ -132,6 +134,7 @@ class DiffusersAPI:
             if self._ip is not None:
                 self._ip[0].to(self.backend.device, self.backend.dtype)
             self._controlnets = tuple(n.to(self.backend.device, self.backend.dtype) for n in self._controlnets)
+            self._t2i = tuple(a.to(self.backend.device, self.backend.dtype) for a in self._t2i)
         return self
 
     # ---------------------------------------------------------------------------------------- adapters
@@ -234,6 +237,9 @@ class DiffusersAPI:
         if variant is not None:
             raise ValueError(f"save_pretrained: variant={variant!r}: the weights are saved under their plain names "
                              "in the pipeline's dtype (pipe.to(torch.float16) first for a half-size folder)")
+        if self._t2i:
+            raise ValueError("save_pretrained: a T2I-Adapter is set (pipe.adapter), which is not written here: save "
+                             "without it (pipe.adapter = None) and keep the adapter's own folder beside")
         with WEIGHT_CHANGES:
             if loaded := self.get_list_adapters():
                 names = sorted({n for found in loaded.values() for n in found})
@@ -277,77 +283,6 @@ class DiffusersAPI:
     def disable_vae_slicing(self) -> None:
         self._vae("disable_vae_slicing").disable_slicing()
 
-    def load_ip_adapter(self, pretrained_model_name_or_path_or_dict, subfolder: str, weight_name: str,
-                        image_encoder_folder: str | None = "image_encoder") -> None:
-        """diffusers' load_ip_adapter: an image prompt (nn/ip_adapter.py), given per call as ip_adapter_image=.
-        The IP-Adapter is `subfolder`/`weight_name` in a folder or a hub repo id in the local cache
-        (load_ip_adapter("h94/IP-Adapter", subfolder="models", weight_name="ip-adapter_sd15.safetensors")), its
-        image encoder the CLIPVisionModelWithProjection folder `image_encoder_folder` inside `subfolder` (a name
-        with a / is from the top). Its scale starts at 1 (set_ip_adapter_scale). Torch backend only; one at a time.
-        A call running in another thread meanwhile keeps the IP-Adapter it started with (or none)."""
-        from backdrop.nn.checkpoint import torch_model
-        from backdrop.nn.ip_adapter import read_image_encoder, read_ip_adapter
-        from backdrop.nn.ldm_keys import CheckpointError, MissingFile
-        from backdrop.nn.resolve import cached_repo, hub_snapshot, is_repo_id
-        from backdrop.nn.weight_files import adapter_file
-
-        model = torch_model(self.backend, "load_ip_adapter", "an export's UNet has no image-prompt attention")
-        if self._ip is not None:  # before reading the files; checked again under the lock
-            raise ValueError(_ONE_IP_ADAPTER)
-        given = (pretrained_model_name_or_path_or_dict, subfolder, weight_name, image_encoder_folder)
-        if not all(isinstance(g, (str, os.PathLike)) for g in given[:3]) or not isinstance(given[3], (str, type(None))):
-            raise TypeError("load_ip_adapter takes one IP-Adapter: a folder or hub repo id, and the subfolder and "
-                            f"file name in it, as strings (diffusers' lists of several are not supported), got "
-                            f"{', '.join(type(g).__name__ for g in given)}")
-        if image_encoder_folder is None:
-            raise ValueError("image_encoder_folder=None: the image encoder is loaded with the IP-Adapter here; name "
-                             "its folder (a CLIPVisionModelWithProjection)")
-        root = Path(pretrained_model_name_or_path_or_dict)
-        if not root.exists():
-            if not (snapshot := cached_repo(root)):  # None for a path that is no repo id
-                where = ", nor a repo id in the local Hugging Face cache (nothing is downloaded)" * is_repo_id(root)
-                raise MissingFile(f"{root}: no such folder{where}")
-            root = snapshot
-        root = hub_snapshot(root)
-        weights = adapter_file(root / subfolder, weight_name, "IP-Adapter", lambda p: CheckpointError(
-            f"{p}: a pickle file, which can run code when loaded, and is not read here: use the .safetensors file "
-            "published beside it (h94/IP-Adapter has models/ip-adapter_sd15.safetensors)"))
-        encoder = root / (image_encoder_folder if "/" in image_encoder_folder else
-                          Path(subfolder, image_encoder_folder))
-        p = next(model.unet.parameters())
-        adapter = read_ip_adapter(weights, model.unet, read_image_encoder(encoder, p.dtype, p.device))
-        with WEIGHT_CHANGES:  # as a LoRA's load: not while another thread loads or moves weights
-            if self._ip is not None:
-                raise ValueError(_ONE_IP_ADAPTER)
-            self._ip = (adapter, adapter.links(model.unet, [1.0] * len(adapter.layers)))
-
-    def set_ip_adapter_scale(self, scale) -> None:
-        """diffusers' set_ip_adapter_scale: how strongly the image prompt counts (0: not at all, 1: as trained); a
-        number, or InstantStyle's per-level dict, e.g. {"up": {"block_1": [0.0, 1.0, 0.0]}}: one attention layer
-        of one level (nn/ip_adapter.layer_scales), or a list of one of these (one per IP-Adapter, as diffusers)."""
-        from backdrop.diffusion.batching import as_number
-        from backdrop.nn.ip_adapter import layer_scales
-        if isinstance(scale, (list, tuple)):
-            if len(scale) != 1:
-                raise ValueError(f"ip_adapter scale: {len(scale)} values for the 1 IP-Adapter loaded")
-            scale = scale[0]
-        unet = self.backend.model.unet
-        scales = layer_scales(unet, scale, lambda v: as_number(v, "ip_adapter scale", "a finite number"))
-        with WEIGHT_CHANGES:
-            if self._ip is None:
-                raise ValueError("no IP-Adapter is loaded: load_ip_adapter(...) first")
-            self._ip = (self._ip[0], self._ip[0].links(unet, scales))
-
-    @property
-    def ip_adapter_loaded(self) -> bool:
-        """Whether an IP-Adapter is loaded: every call then needs ip_adapter_image=."""
-        return self._ip is not None
-
-    def unload_ip_adapter(self) -> None:
-        """diffusers' unload_ip_adapter: later calls attend to the text alone again."""
-        with WEIGHT_CHANGES:
-            self._ip = None
-
     @property
     def controlnet(self):
         """diffusers' pipe.controlnet: the ControlNet every call runs (then control_image= is required), a list of
@@ -384,10 +319,44 @@ class DiffusersAPI:
         with WEIGHT_CHANGES:  # not while to() moves the model
             self._controlnets = tuple(net.to(self.backend.device, self.backend.dtype).eval() for net in nets)
 
-    def _control(self, control_image, scale, start, end, guess_mode, req):
-        """The call's diffusion.control.Control from its arguments (None without a ControlNet)."""
-        from backdrop.diffusion.control import control_request
-        return control_request(self._controlnets, control_image, scale, start, end, guess_mode, req["n"], req["k"])
+    def _control(self, control_image, scale, start, end, guess_mode, req, adapter_image, adapter_scale,
+                 adapter_factor):
+        """The call's diffusion.control.Controls from its arguments (None without a ControlNet or T2I-Adapter)."""
+        from backdrop.diffusion.control import Controls, control_request
+        from backdrop.diffusion.t2i import adapter_request
+        nets = control_request(self._controlnets, control_image, scale, start, end, guess_mode, req["n"], req["k"])
+        adapters = adapter_request(self._t2i, adapter_image, adapter_scale, adapter_factor, req["n"], req["k"])
+        return None if nets is None and adapters is None else Controls(nets, adapters)
+
+    @property
+    def adapter(self):
+        """diffusers' pipe.adapter (StableDiffusionAdapterPipeline): the T2I-Adapter every call runs (then
+        adapter_image= is required), a list of them (features summed, as diffusers' MultiAdapter), or None."""
+        adapters = self._t2i
+        return None if not adapters else adapters[0] if len(adapters) == 1 else list(adapters)
+
+    @adapter.setter
+    def adapter(self, value) -> None:
+        """A T2IAdapter (nn/t2i_adapter.py), its diffusers folder, a list of them, or None; moved and cast to the
+        pipeline's device and dtype (in place, as diffusers' pipe.to). Torch backend only."""
+        from backdrop.nn.checkpoint import torch_model
+        from backdrop.nn.t2i_adapter import T2IAdapter, load_t2i_adapter
+        given = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+        if given:
+            torch_model(self.backend, "a T2I-Adapter", "an export's UNet takes no adapter features")
+        dev, dtype = self.backend.device, self.backend.dtype
+        adapters = [load_t2i_adapter(a, dtype, dev) if isinstance(a, (str, os.PathLike)) else a for a in given]
+        if bad := [type(a).__name__ for a in adapters if not isinstance(a, T2IAdapter)]:
+            raise TypeError(f"pipe.adapter takes T2IAdapters (nn/t2i_adapter.py) or their folders, got {bad[0]}")
+        unet = self.backend.model.unet.cfg if adapters else None
+        for i, a in enumerate(adapters):
+            features = list(a.cfg.feature_channels)
+            if features != list(unet.block_out_channels[:len(features)]):
+                raise ValueError(f"T2I-Adapter {i}: features of {list(a.cfg.feature_channels)} channels do not fit "
+                                 f"this UNet's down levels ({list(unet.block_out_channels)}): an adapter for another "
+                                 "base model")
+        with WEIGHT_CHANGES:
+            self._t2i = tuple(a.to(dev, dtype).eval() for a in adapters)
 
     def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
         """diffusers' enable_freeu (nn/unet.py's FreeU): the UNet's two coarsest up levels weigh their backbone

@@ -34,7 +34,8 @@ prompts, images (of one size), masks, seeds and strengths:
     disagrees is an error); img2img and inpaint with strength s run its last int(N * s) steps.
   * `ip_adapter_image` (diffusers' argument): the image prompt of an IP-Adapter loaded with load_ip_adapter; one
     image for the whole call, or one per request (nn/ip_adapter.py, image_prompt.py).
-  * `control_image` with pipe.controlnet set (diffusers' ControlNet pipelines' arguments): diffusion/control.py.
+  * `control_image` with pipe.controlnet set (diffusers' ControlNet pipelines' arguments): diffusion/control.py;
+    `adapter_image` with pipe.adapter set (diffusers' T2I-Adapter pipeline's image=): diffusion/t2i.py.
   * `eta` is DDIM's noise (0 = deterministic, 1 = as DDPM), diffusers' `eta`: for sampler "ddim" only (diffusers
     ignores it elsewhere; we refuse it there rather than silently drop it).
   * Strengths. Samplers take one sigma per step for the whole batch, so items with different strengths run as
@@ -91,7 +92,7 @@ from backdrop.diffusion.batching import (OUTPUT_TYPES, Loop, MaskOptions, as_num
 from backdrop.diffusion.control import controlled_unet
 from backdrop.diffusion.diffusers_api import DiffusersAPI
 from backdrop.diffusion.guidance import CFGDenoiser
-from backdrop.diffusion.image_prompt import image_prompt
+from backdrop.diffusion.image_prompt import IPAdapterMixin, image_prompt
 from backdrop.diffusion.inpaint_items import PerDistinct, distinct, repaint_masks
 from backdrop.diffusion.latents import (blend_known_region, default_noise_sampler, initial_latents, known_region,
                                         noised_latents, output_latents, per_item_randn)
@@ -113,10 +114,11 @@ def _hidden(progress: bool | None) -> bool | None:
 
 # ----------------------------------------------------------------------------------------------------- pipeline
 
-class Pipeline(DiffusersAPI, Processing):
+class Pipeline(DiffusersAPI, IPAdapterMixin, Processing):
     """generate / img2img / inpaint over a Backend (encode_text, unet, vae_encode, vae_decode); LoRA / textual
-    inversion loading and diffusers' switches (set_progress_bar_config, ...) come from diffusers_api.py, image
-    sizes, padding and VAE encoding from processing.py."""
+    inversion loading, ControlNets, T2I-Adapters and diffusers' switches (set_progress_bar_config, ...) come from
+    diffusers_api.py, the IP-Adapter methods from image_prompt.py, image sizes, padding and VAE encoding from
+    processing.py."""
 
     def __init__(self, backend):
         for attr in ("config", "tokenizer", "device", "encode_text", "unet", "vae_encode", "vae_decode"):
@@ -134,13 +136,14 @@ class Pipeline(DiffusersAPI, Processing):
         self._adapters = Adapters()  # the LoRAs loaded (load_lora_weights), the active ones, what is merged
         self._ip = None  # (IPAdapter, its links) loaded by load_ip_adapter: nn/ip_adapter.py
         self._controlnets = ()  # the ControlNets every call runs (pipe.controlnet): nn/controlnet.py
+        self._t2i = ()  # the T2I-Adapters every call runs (pipe.adapter): nn/t2i_adapter.py
         self._progress, self._bar = True, {}  # the default of each call's progress=, and tqdm options
 
     @classmethod
     @diffusers_names
     def from_pretrained(cls, path_or_name, device=None, dtype=None, backend: str = "torch",
                         prediction_type: str | None = None, vae=None, allow_pickle: bool = False,
-                        variant: str | None = None, controlnet=None, **backend_options) -> "Pipeline":
+                        variant: str | None = None, controlnet=None, adapter=None, **backend_options) -> "Pipeline":
         """A model folder, one .safetensors file, or a built-in model's name (backend "torch"), or an export
         folder (backend "onnxruntime" / "tensorrt", see export/). device: default CUDA if present; dtype
         (torch.dtype or "fp32"/"bf16"/"fp16", or "auto": as the UNet's weights are stored, diffusers'
@@ -148,7 +151,8 @@ class Pipeline(DiffusersAPI, Processing):
         prediction_type ("epsilon" / "v_prediction": what a single file's UNet predicts, which the file does not
         say), vae (a VAE file or folder to run instead of the model's), allow_pickle and variant (diffusers':
         "fp16" reads a folder's .fp16.safetensors files): load_model's. controlnet: a ControlNet, its path, or a
-        list of them (pipe.controlnet); a saved diffusers ControlNet pipeline folder brings its own.
+        list of them (pipe.controlnet); a saved diffusers ControlNet pipeline folder brings its own. adapter: a
+        T2I-Adapter's diffusers folder, or a list of them (pipe.adapter).
         backend_options: an export backend's own (onnxruntime: providers=("tensorrt", "cuda"), threads=,
         trt_cache=; tensorrt: cuda_graphs=), as Optimum's ORT pipelines take provider= and session options."""
         from backdrop.export.backends import make_backend
@@ -160,6 +164,9 @@ class Pipeline(DiffusersAPI, Processing):
         device = torch.device(device) if device is not None else default_device()
         if dtype == "auto":  # an export's backend runs in its own precision: None takes it
             dtype = stored_dtype(path, variant) if backend == "torch" else None
+        if backend != "torch" and adapter is not None:
+            raise ValueError(f"adapter= needs the torch backend, not {backend}: an export's UNet takes no adapter "
+                             "features")
         if backend != "torch" and controlnet is not None:
             raise ValueError(f"controlnet= needs the torch backend, not {backend}: an export's UNet takes no "
                              "ControlNet residuals")
@@ -184,6 +191,7 @@ class Pipeline(DiffusersAPI, Processing):
         nets = [load_controlnet(n, dtype, device, allow_pickle, variant) if isinstance(n, (str, os.PathLike)) else n
                 for n in nets or saved_controlnets(path)]  # a saved ControlNet pipeline's own, as diffusers'
         pipe.controlnet = nets if isinstance(controlnet, (list, tuple)) or len(nets) > 1 else (nets or [None])[0]
+        pipe.adapter = adapter
         return pipe
 
     # -------------------------------------------------------------------------------------------- public API
@@ -200,11 +208,13 @@ class Pipeline(DiffusersAPI, Processing):
                  eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None, generator=None,
                  clip_skip: int | None = None, timesteps=None, sigmas=None, ip_adapter_image=None,
                  control_image=None, controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
-                 control_guidance_end=1.0, guess_mode: bool = False, progress: bool | None = None,
+                 control_guidance_end=1.0, guess_mode: bool = False, adapter_image=None,
+                 adapter_conditioning_scale=1.0, adapter_conditioning_factor=1.0, progress: bool | None = None,
                  callback: Callable | None = None, interrupt: threading.Event | None = None) -> Output:
         """Text to image. height/width: default the model's native config.image_size (an export made with a fixed
-        --size: that size; with a ControlNet, the control image's size); any positive size works (sampled at the
-        next multiple of 8, then cropped). `callback(step, latents)` runs after every step."""
+        --size: that size; with a ControlNet or a T2I-Adapter, the control / adapter image's size); any positive
+        size works (sampled at the next multiple of 8, then cropped). `callback(step, latents)` runs after every
+        step."""
         loop = Loop(steps, sampler, eta, guidance_scale, guidance_rescale, self._shows(progress), callback,
                     interrupt, self.config.scheduler, timesteps, sigmas)
         ip = image_prompt(self._ip, ip_adapter_image)  # the IP-Adapter loaded now: the call keeps it
@@ -212,7 +222,8 @@ class Pipeline(DiffusersAPI, Processing):
                        embeds=(prompt_embeds, negative_prompt_embeds), width=self._width, generator=generator)
         req["clip_skip"], req["ip"] = check_clip_skip(clip_skip, self.backend), ip.tokens(req["n"], req["k"])
         control = self._control(control_image, controlnet_conditioning_scale, control_guidance_start,
-                                control_guidance_end, guess_mode, req)
+                                control_guidance_end, guess_mode, req, adapter_image, adapter_conditioning_scale,
+                                adapter_conditioning_factor)
         native = self.fixed_size or (control.size if control else (self.config.image_size,) * 2)
         H, W = (default if v is None else as_number(v, name, "an int >= 1 (pixels) or None", lambda v: v >= 1,
                                                     integer=True)
@@ -230,7 +241,8 @@ class Pipeline(DiffusersAPI, Processing):
                 eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None, generator=None,
                 clip_skip: int | None = None, timesteps=None, sigmas=None, ip_adapter_image=None,
                 control_image=None, controlnet_conditioning_scale=0.8, control_guidance_start=0.0,
-                control_guidance_end=1.0, guess_mode: bool = False, progress: bool | None = None,
+                control_guidance_end=1.0, guess_mode: bool = False, adapter_image=None,
+                adapter_conditioning_scale=1.0, adapter_conditioning_factor=1.0, progress: bool | None = None,
                 callback: Callable | None = None, interrupt: threading.Event | None = None) -> Output:
         """Image to image: the image's latents noised to `strength` (1 = all noise), then int(steps * strength)
         steps, as diffusers' StableDiffusionImg2ImgPipeline. Output has the input's size."""
@@ -244,7 +256,8 @@ class Pipeline(DiffusersAPI, Processing):
                        embeds=(prompt_embeds, negative_prompt_embeds), width=self._width, generator=generator)
         req["clip_skip"], req["ip"] = check_clip_skip(clip_skip, self.backend), ip.tokens(req["n"], req["k"])
         control = self._control(control_image, controlnet_conditioning_scale, control_guidance_start,
-                                control_guidance_end, guess_mode, req)
+                                control_guidance_end, guess_mode, req, adapter_image, adapter_conditioning_scale,
+                                adapter_conditioning_factor)
         n, k = req["n"], req["k"]
         images = broadcast(images, n, "image")
         img = P.image_to_uint8(repeat(images, k))  # (B, H, W, 3)
@@ -265,6 +278,7 @@ class Pipeline(DiffusersAPI, Processing):
                 generator=None, clip_skip: int | None = None, timesteps=None, sigmas=None,
                 ip_adapter_image=None, control_image=None, controlnet_conditioning_scale=0.5,
                 control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False,
+                adapter_image=None, adapter_conditioning_scale=1.0, adapter_conditioning_factor=1.0,
                 progress: bool | None = None, callback: Callable | None = None,
                 interrupt: threading.Event | None = None) -> Output:
         """Repaint the masked region. Give `mask` (white = repaint), `product_mask` (white = keep the product), or
@@ -299,7 +313,8 @@ class Pipeline(DiffusersAPI, Processing):
                        embeds=(prompt_embeds, negative_prompt_embeds), width=self._width, generator=generator)
         req["clip_skip"], req["ip"] = check_clip_skip(clip_skip, self.backend), ip.tokens(req["n"], req["k"])
         control = self._control(control_image, controlnet_conditioning_scale, control_guidance_start,
-                                control_guidance_end, guess_mode, req)
+                                control_guidance_end, guess_mode, req, adapter_image, adapter_conditioning_scale,
+                                adapter_conditioning_factor)
         n, k = req["n"], req["k"]
         images, masks = broadcast(images, n, "image"), broadcast(masks, n, kind)
         strengths = item_strengths(strength, n, k)
@@ -415,9 +430,9 @@ class Pipeline(DiffusersAPI, Processing):
             sched = full if start == "noise" else full.img2img(strength)
             x0, eps = (None if job["x0"] is None else job["x0"][idx]), noise[idx]
             unet = self.backend.unet
-            if (control := job.get("control")) is not None:  # the UNet with ControlNet residuals (control.py)
-                unet = controlled_unet(self.backend.model.unet, control, idx, sched, text_tokens, dev,
-                                       self.backend.dtype)
+            if (control := job.get("control")) is not None:  # with ControlNet residuals, T2I-Adapter features
+                unet = controlled_unet(self.backend.model.unet, control.nets, idx, sched, text_tokens, dev,
+                                       self.backend.dtype, control.adapters)
             if job["ip"] is not None:
                 unet = with_ip_links(unet, job["ip"][2])
             if start == "noise" or (start == "inpaint" and strength == 1.0):
