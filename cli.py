@@ -286,14 +286,15 @@ def _abbreviated(prefix: str, names: dict[str, str]) -> str | None:
 
 def apply_model_options(pipe, args) -> None:
     """The model options of the commands that load one (generate, img2img, inpaint, serve), in order: merge
-    --lora, add --textual-inversion words, set the --controlnet ones, load --ip-adapter, turn on --freeu, check
-    --clip-skip against the model (its text encoder's layers; an exported backend cannot skip). Each error is a
-    one-line CLIError naming its option."""
+    --lora, add --textual-inversion words, set the --controlnet and --adapter ones, load --ip-adapter, turn on
+    --freeu, check --clip-skip against the model (its text encoder's layers; an exported backend cannot skip).
+    Each error is a one-line CLIError naming its option."""
     from backdrop.diffusion.text import check_clip_skip
 
     load_loras(pipe, args.lora)
     load_textual_inversions(pipe, args.textual_inversion)
     load_controlnets(pipe, getattr(args, "controlnet", None) or [], getattr(args, "allow_pickle", False))
+    load_adapters(pipe, getattr(args, "adapter", None) or [])
     load_ip_adapter(pipe, getattr(args, "ip_adapter", None), getattr(args, "ip_adapter_scale", 1.0))
     if args.freeu is not None:
         try:
@@ -307,6 +308,22 @@ def apply_model_options(pipe, args) -> None:
         layers, n = pipe.config.text.num_layers, args.clip_skip
         why = one_line(e) if 0 <= n <= layers else f"give 0 to {layers} (this model's text encoder has {layers} layers)"
         raise CLIError(f"--clip-skip {n}: {why}") from None
+
+
+def load_adapters(pipe, paths: list) -> None:
+    """--adapter (repeatable): pipe.adapter runs them all, in order; set one at a time, so that an error (a folder
+    that is no T2I-Adapter, one for another base model, another backend) names its path."""
+    from backdrop.nn.checkpoint import torch_model
+    from backdrop.nn.t2i_adapter import load_t2i_adapter
+
+    adapters = []
+    for path in paths:
+        try:
+            torch_model(pipe.backend, "--adapter", "an export's UNet takes no adapter features (--backend torch)")
+            adapters.append(load_t2i_adapter(path, pipe.backend.dtype, pipe.backend.device))
+            pipe.adapter = adapters
+        except (OSError, ValueError, TypeError) as e:  # CheckpointError, MissingFile, a misfit, another backend
+            raise CLIError(f"--adapter {path}: {one_line(e)}") from None
 
 
 def load_controlnets(pipe, paths: list, allow_pickle: bool = False) -> None:

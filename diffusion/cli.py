@@ -97,6 +97,8 @@ def _common_options() -> argparse.ArgumentParser:
                          "prompt")
     _control_options(p.add_argument_group("ControlNet", "make the picture follow the edges, depth, pose, ... of a "
                                           "control image (--backend torch only)"))
+    _adapter_options(p.add_argument_group("T2I-Adapter", "the same with a T2I-Adapter: lighter than a ControlNet, it "
+                                          "reads its image once, not at every step (--backend torch only)"))
     out = p.add_argument_group("output")
     out.add_argument("--out", default="outputs", metavar="DIR",
                      help="folder for the PNG files: <command>-<image name>-<seed>.png, generate-<seed>.png "
@@ -245,7 +247,7 @@ def _check(args) -> None:
             ("--ip-adapter-image", "--ip-adapter")
         raise CLIError(f"{given} needs {lacking}: the image prompt is an IP-Adapter and an image")
     check_ip_adapter_options(args)
-    rules += _control_rules(args)
+    rules += _control_rules(args) + _adapter_rules(args)
     if args.seed is not None:
         rules.append(("--seed", args.seed, 0 <= args.seed <= 2**32 - args.n, "in [0, 2**32 - N]"))
     elif args.skip_existing:  # a new random seed names new files: every image would be made again
@@ -279,6 +281,34 @@ def _check(args) -> None:
         raise CLIError(f"--eta is DDIM's noise: it applies to --sampler ddim only, not {args.sampler} (the "
                        f"stochastic samplers are {stochastic_samplers()})")
     parse_device(args.device)
+
+
+def _adapter_options(a) -> None:
+    """--adapter and its options: repeated, one per T2I-Adapter in the same order."""
+    a.add_argument("--adapter", action="append", metavar="DIR",
+                   help="a T2I-Adapter made for the model's base: a diffusers T2IAdapter folder (e.g. a download of "
+                        "TencentARC/t2iadapter_canny_sd15v2); repeat for several (their effects add up), each with "
+                        "its own --adapter-image")
+    a.add_argument("--adapter-image", action="append", metavar="IMAGE",
+                   help="the image of the --adapter in the same position: the map it was trained on (edges, depth, "
+                        "a sketch, ...), resized to the output's size")
+    a.add_argument("--adapter-scale", action="append", type=float, metavar="S",
+                   help="how strongly the adapter image counts: 0 not at all, 1 as trained; once for every adapter "
+                        "or once each (default: 1)")
+
+
+def _adapter_rules(args) -> list:
+    """--adapter's options checked against each other; their value rules as _check's."""
+    adapters, images, scales = args.adapter or [], args.adapter_image or [], args.adapter_scale or []
+    if len(adapters) != len(images):
+        raise CLIError(f"{len(adapters)} --adapter and {len(images)} --adapter-image: give one adapter image for "
+                       "each T2I-Adapter, in the same order")
+    if scales and not adapters:
+        raise CLIError("--adapter-scale is an option of --adapter, which is not given")
+    if len(scales) not in (0, 1, len(adapters)):
+        raise CLIError(f"--adapter-scale is given {len(scales)} times for {len(adapters)} --adapter: give it once "
+                       "for all of them, or once for each")
+    return [("--adapter-scale", v, math.isfinite(v), "finite") for v in scales]
 
 
 def _control_rules(args) -> list:
@@ -363,6 +393,10 @@ def _sampling(args) -> dict:
         common.update({k: v[0] if len(v) == 1 else v for k, v in given.items() if v is not None},
                       control_image=args.control[0] if len(args.control) == 1 else args.control,
                       guess_mode=args.guess_mode)
+    if args.adapter:
+        common.update(adapter_image=args.adapted[0] if len(args.adapted) == 1 else args.adapted,
+                      adapter_conditioning_scale=(args.adapter_scale or [1.0])[0] if len(args.adapter_scale or []) < 2
+                      else args.adapter_scale)
     if args.kind == "generate":
         common.update(height=args.height, width=args.width)
     elif args.kind == "img2img":
@@ -379,10 +413,14 @@ def _run(args) -> int:
     jobs = read_jobs(args)
     args.ip_image = None if args.ip_adapter_image is None else read_image(args.ip_adapter_image, "--ip-adapter-image")
     args.control = [read_image(path, "--control-image") for path in args.control_image or []]
+    args.adapted = [read_image(path, "--adapter-image") for path in args.adapter_image or []]
     for path in args.controlnet or []:  # before any work, as the images
         if not os.path.exists(path):
             raise CLIError(f"--controlnet {path}: no such file or folder (a diffusers ControlNetModel folder or "
                            "a ControlNet .safetensors file)")
+    for path in args.adapter or []:
+        if not os.path.isdir(path):
+            raise CLIError(f"--adapter {path}: no such folder (a diffusers T2IAdapter folder)")
     folder = _out_folder(args.out)
     try:  # one run writes a folder at a time; temporary files of killed runs are removed once the lock is held
         lock = FolderLock(folder, stale=(".*.png.*.tmp",))

@@ -398,6 +398,16 @@ def _control_fields(args) -> dict:
             "Guess mode": args.guess_mode or None}
 
 
+def _adapter_fields(args) -> dict:
+    """--adapter and its options: each T2I-Adapter with the scale it ran at, and the adapter images."""
+    if not getattr(args, "adapter", None):
+        return {}
+    scales = args.adapter_scale or [1.0]
+    scales = scales * len(args.adapter) if len(scales) == 1 else scales
+    return {"T2I-Adapter": ", ".join(f"{path}:{scale:g}" for path, scale in zip(args.adapter, scales)),
+            "Adapter image": ", ".join(args.adapter_image)}
+
+
 def parameters(args, task: Task, size: tuple[int, int]) -> str:
     """How one image was made, as A1111 records it (its PNG Info tab and image sites read this): the prompt, the
     negative prompt's line, then `Key: value` pairs, A1111's keys first, Backdrop's own after; options left unset
@@ -412,7 +422,7 @@ def parameters(args, task: Task, size: tuple[int, int]) -> str:
               "Guidance rescale": args.guidance_rescale, "Eta": args.eta, "Batch size": args.batch_size,
               "FreeU": args.freeu and ",".join(f"{v:g}" for v in args.freeu),
               "IP-Adapter": args.ip_adapter and f"{args.ip_adapter}:{args.ip_adapter_scale:g}",
-              "IP-Adapter image": args.ip_adapter_image, **_control_fields(args)}
+              "IP-Adapter image": args.ip_adapter_image, **_control_fields(args), **_adapter_fields(args)}
     if args.kind == "inpaint":
         fields.update(_mask_fields(args, task.job))
     fields.update({"LoRA": ", ".join(f"{path}:{scale:g}" for path, scale in args.lora) or None,

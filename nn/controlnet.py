@@ -64,8 +64,9 @@ class ControlNetConfig:
         """Read a diffusers ControlNetModel config; refuse what we do not implement, naming the field."""
         name = cfg.get("_class_name", "ControlNetModel")
         if name != "ControlNetModel":
-            raise ValueError(f"{source}: _class_name {name!r}: not a ControlNetModel (SDXL's ControlNetUnion, T2I "
-                             "adapters and ControlNet-XS are not supported)")
+            t2i = "; a T2IAdapter is given as adapter= (pipe.adapter), not as a ControlNet" * (name == "T2IAdapter")
+            raise ValueError(f"{source}: _class_name {name!r}: not a ControlNetModel (SDXL's ControlNetUnion and "
+                             f"ControlNet-XS are not supported){t2i}")
         down = cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
         up = ["CrossAttnUpBlock2D" if t == "CrossAttnDownBlock2D" else "UpBlock2D" for t in reversed(down)]
         ours = ("conditioning_embedding_out_channels", "conditioning_channels",

@@ -189,5 +189,10 @@ def test_bad_adapter_calls_are_named(sd1, models, adapters, tmp_path):
                                         r"got int"):
         sd1.adapter = 12
     assert len(sd1._t2i) == 2  # a refused setting leaves the adapters as they were
+    from backdrop.nn.controlnet import load_controlnet
+    from backdrop.nn.ldm_keys import CheckpointError
+    with pytest.raises(CheckpointError, match=r"_class_name 'T2IAdapter': not a ControlNetModel .*; a T2IAdapter is "
+                                              r"given as adapter= \(pipe.adapter\), not as a ControlNet"):
+        load_controlnet(adapters["full"][0])
     with pytest.raises(ValueError, match=r"adapter= needs the torch backend, not onnxruntime"):
         Pipeline.from_pretrained(models["sd1"].folder, backend="onnxruntime", adapter=adapters["full"][0])
