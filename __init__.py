@@ -28,3 +28,8 @@ def __getattr__(name):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'backdrop' has no attribute {name!r}")
+
+
+def __dir__():
+    """The lazy public names too (PEP 562), for dir() and tab completion."""
+    return sorted({*globals(), *__all__})

@@ -311,9 +311,10 @@ def plan(args, jobs: list[Job], folder: Path, seed: int) -> list[Task]:
         raise CLIError(f"--out {folder}: {some(existing)} already exist{'s' if len(existing) == 1 else ''}: give "
                        "--overwrite to replace existing files or --skip-existing to make only the missing ones")
     if foreign := [t.path.name for t in tasks if os.path.lexists(t.path) and not _made_by(t, args)]:
-        raise CLIError(f"--skip-existing: {some(foreign)} exist{'s' if len(foreign) == 1 else ''} in {folder} but "
-                       "were not made by this command (another prompt, model or option, or not a Backdrop image): "
-                       "give --overwrite to make them again, or another --out")
+        one = len(foreign) == 1
+        raise CLIError(f"--skip-existing: {some(foreign)} exist{'s' * one} in {folder} but {'was' if one else 'were'} "
+                       "not made by this command (another prompt, model, option or input path, or not a Backdrop "
+                       f"image): give --overwrite to make {'it' if one else 'them'} again, or another --out")
     if not args.quiet:  # a nightly rerun's cron mail stays empty
         print(f"note: --skip-existing: {len(existing)} of {len(tasks)} files exist in {folder}"
               f"{'; nothing to do' if not todo else ', making the rest'}", file=sys.stderr)

@@ -265,6 +265,10 @@ def not_an_export(folder: Path) -> str:
     if (folder / "model_index.json").is_file() and (folder / "unet" / "model.onnx").is_file():
         return (f"an Optimum ONNX folder (ORTStableDiffusionPipeline), which Backdrop does not run; export the "
                 f"diffusers model it came from with `backdrop export onnx MODEL --out {beside(folder, '-backdrop')}`")
+    from backdrop.nn.resolve import builtin_models
+    if name := next((n for n, p in builtin_models().items() if Path(p).resolve() == folder.resolve()), None):
+        return (f"a built-in model, not a Backdrop ONNX export; export it with `backdrop export onnx {name} --out "
+                f"{name}-onnx` (not inside the installed package)")
     if (folder / "model_index.json").is_file() or folder.is_file():
         return (f"a model, not a Backdrop ONNX export; export it with `backdrop export onnx {folder} --out "
                 f"{beside(folder.with_suffix('') if folder.is_file() else folder, '-onnx')}`")

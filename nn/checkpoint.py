@@ -32,7 +32,7 @@ from .ldm_keys import VAE as VAE_PREFIX
 from .ldm_keys import (DIFFUSERS_VERSION, FOLDER_EXTRAS, UNET, CheckpointError, MissingFile, Src, clip_prefix,
                        detect_config, diffusers_configs, folder_key, from_ldm, known_extras, ldm_names, ldm_shape,
                        prediction_type_of_ldm_config, to_ldm, vae_config, vae_names)
-from .resolve import hub_snapshot, resolve_model
+from .resolve import resolve_model
 from .tokenizer import Tokenizer
 from .weight_files import PickleRefused, _json, _Reader, _weight_files
 from .unet import UNet
@@ -375,9 +375,7 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", predictio
     """
     if prediction_type not in (None, *PREDICTION_TYPES):
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    path = hub_snapshot(Path(path))  # a Hugging Face cache entry: the snapshot its refs/main names
-    if not path.exists():
-        raise MissingFile(f"{path}: no such file or folder")
+    path = resolve_model(path)  # a built-in model's name, or a Hugging Face cache entry's snapshot, as Pipeline's
     if variant is not None and (not isinstance(variant, str) or not re.fullmatch(r"[\w-]+", variant)):
         raise ValueError(f"variant must be a name such as 'fp16', got {variant!r}")
     if variant is not None and not path.is_dir():

@@ -307,6 +307,8 @@ class _Handlers:
             mask = fields.get("mask")
             if mask is not None and not isinstance(mask, UploadFile):
                 raise APIError(400, "mask must be a file (a PNG with alpha)", param="mask", code="invalid_mask")
+            if file := next((k for k, v in fields.items() if k != "mask" and isinstance(v, UploadFile)), None):
+                raise APIError(400, f"{file} must be a form field, not a file", param=file, code="invalid_value")
             prompt, negative = text(fields.get("prompt"), "prompt", True), text(fields.get("negative_prompt"),
                                                                                    "negative_prompt")
             n, size = self._n(form_int(fields.get("n"), "n")), fields.get("size")

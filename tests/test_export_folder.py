@@ -114,6 +114,14 @@ def test_folders_the_backend_cannot_run_are_named(export_folder, tmp_path, damag
     assert str(e.value) == message.format(d=folder)
 
 
+def test_a_built_in_model_given_as_an_export_is_told_to_export_outside_the_package():
+    from backdrop.nn.resolve import builtin_models
+
+    with pytest.raises(FileNotFoundError, match=r"a built-in model, not a Backdrop ONNX export; export it with "
+                                                r"`backdrop export onnx backdrop-tiny --out backdrop-tiny-onnx`"):
+        OnnxRuntimeBackend(builtin_models()["backdrop-tiny"])
+
+
 def test_a_damaged_graph_file_is_one_error_naming_it(export_folder, tmp_path, capsys):
     from backdrop.cli import main
 

@@ -94,7 +94,7 @@ def test_skip_existing_makes_only_the_missing_images_and_overwrite_replaces(file
         assert "were not made by this command (another prompt" in err
         (tmp_path / "inpaint-sku2-6.png").write_bytes(b"made by an earlier run")
         code, _, err = run(capsys, *argv, "--skip-existing")
-        assert code == 2 and "--skip-existing: inpaint-sku2-6.png exists in" in err
+        assert code == 2 and "--skip-existing: inpaint-sku2-6.png exists in" in err and "but was not made" in err
     done.write_bytes(b"made by an earlier run")
 
     code, paths, _ = run(capsys, *argv, "--overwrite")

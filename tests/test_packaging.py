@@ -50,3 +50,10 @@ def test_a_missing_extra_is_one_line_before_any_work(command, module, extra, mon
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"pip install '{DISTRIBUTION}[{extra}]'" in err and module in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_lazy_public_names_are_listed_and_load_model_knows_the_built_in_model():
+    import backdrop
+
+    assert {"Pipeline", "load_model", "load_image", "CheckpointError"} <= set(dir(backdrop))
+    assert backdrop.load_model("backdrop-tiny").config == backdrop.Pipeline.from_pretrained("backdrop-tiny").config

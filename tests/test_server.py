@@ -189,6 +189,8 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server):
         ("n = '1_0'", edit(n="1_0"), 400, "n"),  # form fields: digits only, though int() takes "1_0", " 2 ", "+2"
         ("n = ' 2 '", edit(n=" 2 "), 400, "n"),
         ("seed = '+2'", edit(seed="+2"), 400, "seed"),
+        ("seed sent as a file", httpx.post(f"{url}/v1/images/edits", data={"prompt": "x"}, timeout=60, files={
+            "image": ("i.png", good, "image/png"), "seed": ("s.txt", b"12", "text/plain")}), 400, "seed"),
         ("unknown size", edit(size="100x100"), 400, "size"),
         ("size not the image's", edit(size="128x128"), 400, "size"),
         ("empty prompt", edit(prompt=""), 400, "prompt"),
@@ -247,6 +249,7 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server):
         assert r.status_code == status, f"{what}: {r.status_code} {r.text[:300]}"
         err = r.json()["error"]
         assert err["message"] and err["type"] == "invalid_request_error" and err["param"] == param, (what, err)
+        assert "UploadFile" not in err["message"], (what, err)  # a file where a value belongs: said so, no repr
 
     # 2 GB declared: refused from the header alone, before a byte of the body is read
     status, body = raw_http(server, b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-"
