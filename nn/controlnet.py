@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UNetConfig, _check, _check_fields
-from .ldm_keys import CheckpointError, MissingFile
 from .unet import check_context, encode, encoder_modules, time_embedding
 
 __all__ = ["ControlNet", "ControlNetConfig", "ConditioningEmbedding", "load_controlnet", "saved_controlnets"]
@@ -152,30 +151,13 @@ def load_controlnet(path, dtype: torch.dtype = torch.float32, device="cpu", allo
     """A diffusers ControlNetModel folder (config.json + diffusion_pytorch_model[.variant].safetensors, or a model
     folder's controlnet/ subfolder) or an original single file (nn/controlnet_ldm.py), every key and shape checked
     (CheckpointError naming the file and the keys)."""
-    from .checkpoint import _component_plan, _fill, _SkipInit
-    from .weight_files import _json
+    from .component_folder import read_component
 
-    folder = Path(path)
-    if folder.is_file():  # an original (LDM) file
+    if Path(path).is_file():  # an original (LDM) file
         from .controlnet_ldm import read_ldm_controlnet
-        return read_ldm_controlnet(folder, dtype, device, allow_pickle)
-    if folder.is_dir() and not (folder / "config.json").is_file() and (folder / "controlnet").is_dir():
-        folder = folder / "controlnet"
-    config = folder / "config.json"
-    if not folder.exists():
-        raise MissingFile(f"{folder}: no such ControlNet folder")
-    if not config.is_file():
-        raise MissingFile(f"{folder}: not a ControlNet folder (no config.json); a ControlNet is a diffusers "
-                          "ControlNetModel folder (config.json + diffusion_pytorch_model.safetensors)")
-    try:
-        cfg = ControlNetConfig.from_diffusers(_json(config), str(config))
-    except (ValueError, TypeError) as e:  # a CheckpointError (not JSON) names the file already
-        raise CheckpointError(f"{config}: {e}" if str(config) not in str(e) else str(e)) from None
-    with torch.device("meta"), _SkipInit():
-        net = ControlNet(cfg)
-    _fill(*_component_plan(folder, "controlnet", net, allow_pickle, variant, "a ControlNetModel of its config.json"),
-          dtype, device)
-    return net
+        return read_ldm_controlnet(Path(path), dtype, device, allow_pickle)
+    return read_component(path, "controlnet", "ControlNet", "ControlNetModel", ControlNetConfig.from_diffusers,
+                          ControlNet, dtype, device, allow_pickle, variant)
 
 
 def saved_controlnets(root: Path) -> list[Path]:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import _check, _check_fields
-from .ldm_keys import CheckpointError, MissingFile
+from .ldm_keys import CheckpointError
 
 __all__ = ["T2IAdapter", "T2IAdapterConfig", "load_t2i_adapter"]
 
@@ -171,31 +171,12 @@ def load_t2i_adapter(path, dtype: torch.dtype = torch.float32, device="cpu", var
     """A diffusers T2IAdapter folder (config.json + diffusion_pytorch_model[.variant].safetensors, or a model folder's
     adapter/ subfolder), every key and shape checked (CheckpointError naming the file and the keys). Pickle weights
     are never read."""
-    from .checkpoint import _component_plan, _fill, _SkipInit
-    from .weight_files import PickleRefused, _json
+    from .component_folder import read_component
 
     folder = Path(path)
     if folder.is_file():
         raise CheckpointError(f"{folder}: a single file; a T2I-Adapter is read from a diffusers T2IAdapter folder "
                               "(config.json + diffusion_pytorch_model.safetensors, e.g. "
                               "TencentARC/t2iadapter_canny_sd15v2), not from the original .pth files")
-    if not folder.exists():
-        raise MissingFile(f"{folder}: no such T2I-Adapter folder")
-    if not (folder / "config.json").is_file() and (folder / "adapter" / "config.json").is_file():
-        folder = folder / "adapter"
-    config = folder / "config.json"
-    if not config.is_file():
-        raise MissingFile(f"{folder}: not a T2I-Adapter folder (no config.json); a T2I-Adapter is a diffusers "
-                          "T2IAdapter folder (config.json + diffusion_pytorch_model.safetensors)")
-    try:
-        cfg = T2IAdapterConfig.from_diffusers(_json(config), str(config))
-    except (ValueError, TypeError) as e:  # a CheckpointError (not JSON) names the file already
-        raise CheckpointError(f"{config}: {e}" if str(config) not in str(e) else str(e)) from None
-    with torch.device("meta"), _SkipInit():
-        net = T2IAdapter(cfg)
-    try:
-        plan = _component_plan(folder, "adapter", net, False, variant, "a T2IAdapter of its config.json")
-    except PickleRefused as e:  # without the allow_pickle option it would mention
-        raise PickleRefused(e.files, option=False) from None
-    _fill(*plan, dtype, device)
-    return net
+    return read_component(folder, "adapter", "T2I-Adapter", "T2IAdapter", T2IAdapterConfig.from_diffusers,
+                          T2IAdapter, dtype, device, variant=variant, pickle_option=False)

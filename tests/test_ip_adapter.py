@@ -54,8 +54,8 @@ def style_image(seed: int = 9, size=(32, 32)) -> Image.Image:
     return images(1, *size, seed=seed)[0]
 
 
-def loaded(pipe, folder, scale=None):
-    pipe.load_ip_adapter(str(folder), subfolder="models", weight_name=WEIGHTS)
+def loaded(pipe, folder, scale=None, weight=WEIGHTS):
+    pipe.load_ip_adapter(str(folder), subfolder="models", weight_name=weight)
     if scale is not None:
         pipe.set_ip_adapter_scale(scale)
     return pipe
@@ -87,29 +87,41 @@ def test_generate_with_an_image_prompt_equals_diffusers(models, ref, adapters, s
     assert np.array_equal(again, plain)  # unloaded: the text alone, bit-exactly
 
 
-def test_inpaint_with_an_image_prompt_equals_diffusers(models, ref, adapters):
+def inpaint_pair(models, ref, folder, steps: int, weight: str = WEIGHTS):
+    """(ours, diffusers') 9-channel inpainting images of two requests with the IP-Adapter `weight` of `folder` and
+    one image prompt, made as diffusers makes them (no dilation, no paste-back, its mask reading)."""
     from backdrop.diffusion import masks as M
     from backdrop.diffusion import pixels as P
 
     pipe, x0, masks, seeds = models["sd1-inpaint"].pipe, images(2, seed=4), rect_masks(2, seed=4), [7, 8]
     masked = M.masked_image(P.image_to_tensor(x0), M.to_repaint_mask(mask=masks))
-    theirs_pipe = loaded(ref("sd1-inpaint", "inpaint", "dpmpp-2m"), adapters["sd1-inpaint"])
+    theirs_pipe = loaded(ref("sd1-inpaint", "inpaint", "dpmpp-2m"), folder, weight=weight)
     try:
-        theirs = theirs_pipe(prompt=PROMPTS, image=x0, mask_image=masks, height=64, width=64, num_inference_steps=5,
+        theirs = theirs_pipe(prompt=PROMPTS, image=x0, mask_image=masks, height=64, width=64,
+                             num_inference_steps=steps, guidance_scale=7.5, generator=generators(seeds),
                              masked_image_latents=pipe.backend.vae_encode(masked) * pipe.config.scaling_factor,
-                             guidance_scale=7.5, generator=generators(seeds), ip_adapter_image=style_image(3),
-                             output_type="np").images
+                             ip_adapter_image=style_image(3), output_type="np").images
     finally:
         theirs_pipe.unload_ip_adapter()
-    loaded(pipe, adapters["sd1-inpaint"])
+    loaded(pipe, folder, weight=weight)
     try:
-        ours = pipe.inpaint(x0, masks, PROMPTS, seed=seeds, steps=5, sampler="dpmpp-2m", mask_dilate=0,
+        ours = pipe.inpaint(x0, masks, PROMPTS, seed=seeds, steps=steps, sampler="dpmpp-2m", mask_dilate=0,
                             paste_back=False, mask_mode="diffusers", output_type="np", progress=False,
                             ip_adapter_image=style_image(3)).images
-        kept = pipe.inpaint(x0, masks, PROMPTS, seed=seeds, steps=5, progress=False, ip_adapter_image=style_image(3))
     finally:
         pipe.unload_ip_adapter()
+    return ours, theirs
+
+
+def test_inpaint_with_an_image_prompt_equals_diffusers(models, ref, adapters):
+    ours, theirs = inpaint_pair(models, ref, adapters["sd1-inpaint"], steps=5)
     assert max_diff(ours, theirs) <= TOL
+    pipe, x0, masks = models["sd1-inpaint"].pipe, images(2, seed=4), rect_masks(2, seed=4)
+    loaded(pipe, adapters["sd1-inpaint"])
+    try:
+        kept = pipe.inpaint(x0, masks, PROMPTS, seed=[7, 8], steps=5, progress=False, ip_adapter_image=style_image(3))
+    finally:
+        pipe.unload_ip_adapter()
     for out, img, mask in zip(kept.images, x0, masks):  # the product's pixels are kept, image prompt or not
         keep = np.asarray(mask) == 0
         assert np.array_equal(np.asarray(out)[keep], np.asarray(img)[keep])

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from backdrop.nn.checkpoint import CheckpointError
 from backdrop.nn.ip_adapter import Resampler, cross_attentions
 
-from pipeline_helpers import PROMPTS, TOL, generators, images, max_diff, rect_masks
+from pipeline_helpers import PROMPTS, TOL, images, max_diff
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),  # conftest.py
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # diffusers' numpy-2 __array__ notices
@@ -97,26 +97,9 @@ def test_generate_with_a_plus_image_prompt_equals_diffusers(models, ref, adapter
 
 
 def test_inpaint_with_a_plus_image_prompt_equals_diffusers(models, ref, adapters):
-    from backdrop.diffusion import masks as M
-    from backdrop.diffusion import pixels as P
+    from test_ip_adapter import inpaint_pair
 
-    pipe, x0, masks, seeds = models["sd1-inpaint"].pipe, images(2, seed=4), rect_masks(2, seed=4), [7, 8]
-    masked = M.masked_image(P.image_to_tensor(x0), M.to_repaint_mask(mask=masks))
-    theirs_pipe = loaded(ref("sd1-inpaint", "inpaint", "dpmpp-2m"), adapters["sd1-inpaint"])
-    try:
-        theirs = theirs_pipe(prompt=PROMPTS, image=x0, mask_image=masks, height=64, width=64, num_inference_steps=4,
-                             masked_image_latents=pipe.backend.vae_encode(masked) * pipe.config.scaling_factor,
-                             guidance_scale=7.5, generator=generators(seeds), ip_adapter_image=style_image(3),
-                             output_type="np").images
-    finally:
-        theirs_pipe.unload_ip_adapter()
-    loaded(pipe, adapters["sd1-inpaint"])
-    try:
-        ours = pipe.inpaint(x0, masks, PROMPTS, seed=seeds, steps=4, sampler="dpmpp-2m", mask_dilate=0,
-                            paste_back=False, mask_mode="diffusers", output_type="np", progress=False,
-                            ip_adapter_image=style_image(3)).images
-    finally:
-        pipe.unload_ip_adapter()
+    ours, theirs = inpaint_pair(models, ref, adapters["sd1-inpaint"], steps=4, weight=PLUS)
     assert max_diff(ours, theirs) <= TOL
 
 
