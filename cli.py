@@ -203,6 +203,8 @@ def load_ip_adapter(pipe, path: str | None, scale: float) -> None:
     """--ip-adapter FILE at --ip-adapter-scale: its image encoder is the image_encoder folder beside it."""
     if path is None:
         return
+    if not 0 <= scale < math.inf:  # before loading (Ray Serve's replicas come here without check_ip_adapter_options)
+        raise CLIError(f"--ip-adapter-scale {scale:g} must be finite and >= 0")
     weights = Path(path).expanduser()
     try:
         pipe.load_ip_adapter(str(weights.parent), subfolder="", weight_name=weights.name)

@@ -123,8 +123,8 @@ def test_resampler_tokens_equal_diffusers_and_each_row_is_its_image_alone(models
     assert isinstance(adapter.image_proj, Resampler) and adapter.image_proj.num_tokens == 4
     assert cond.shape == uncond.shape == (2, 4, 64) and cond.dtype == uncond.dtype == torch.float32
     for i, (c, u) in enumerate(alone):
-        torch.testing.assert_close(cond[i:i + 1], c, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(uncond[i:i + 1], u, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cond[i:i + 1], c, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(uncond[i:i + 1], u, rtol=1e-4, atol=1e-5)
     assert (cond[0] - cond[1]).abs().max() > 1e-2  # two images, two sets of tokens
 
     encoder = CLIPVisionModelWithProjection.from_pretrained(folder / "models" / "image_encoder").eval()

@@ -335,6 +335,9 @@ def test_a_replica_merges_its_loras_as_backdrop_serve_does(serve_model_dir, tmp_
         assert sum(not torch.equal(ours[k], base[k]) for k in base) > 10  # the LoRA's modules changed
     finally:
         replica.__del__()
+    with pytest.raises(CLIError, match=r"--ip-adapter-scale -1 must be finite and >= 0"):  # as `backdrop serve`
+        BackdropReplica(str(serve_model_dir), EngineConfig(), ServerConfig(), device="cpu", dtype="fp32",
+                        model_options=dict(ip_adapter=str(ip), ip_adapter_scale=-1.0))
     with pytest.raises(CLIError, match="--lora: .*missing.safetensors"):
         BackdropReplica(str(serve_model_dir), EngineConfig(), ServerConfig(), device="cpu", dtype="fp32",
                         model_options=dict(lora=[(str(tmp_path / "missing.safetensors"), 1.0)]))
