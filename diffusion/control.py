@@ -172,7 +172,7 @@ def controlled_unet(unet, control: Control | None, rows: list[int], schedule: Sc
     windows = [] if control is None else list(zip(control.nets, control.scales, control.starts, control.ends))
     images = [] if control is None else [image[rows].to(device, dtype) for image in control.tensors]  # (b, 3, H, W)
     features = adapter_features(adapters, rows, device, dtype) if adapters is not None else None  # once a loop
-    adapted = 0 if adapters is None else int(n * adapters.ends[0])  # the calls that get them, as diffusers counts
+    adapted = 0 if adapters is None else int(n_calls * adapters.ends[0])  # the first calls get them (all at 1)
     doubled = []  # images and features for the guided batch's [uncond; cond] rows (2b, ...): made at its first call
     done = [0]  # calls made so far: the index of the next one
 

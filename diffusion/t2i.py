@@ -9,8 +9,10 @@ img2img and inpaint (diffusers has the text-to-image pipeline only, for SD 1.x/2
     size makes the first adapter image's (a ControlNet's control image's first).
   * adapter_conditioning_scale multiplies the features (default 1; a number, or one per adapter).
   * adapter_conditioning_factor (diffusers' SDXL adapter pipeline's; its SD 1.x/2.x one always uses 1): the
-    fraction of the steps, from the first, that get the features: UNet call i of a loop of N steps while
-    i < int(N * factor), as diffusers' loop counts them (a UNet call an index).
+    fraction of the sampler loop's UNet calls, from the first, that get the features: call i of C while
+    i < int(C * factor). For one-call-a-step samplers (C = N steps) that is diffusers' rule; for heun (C = 2N - 1)
+    and pndm (C = N + 1) diffusers compares the call index with int(N * factor), which at factor 1 would leave the
+    last calls without the features that its SD 1.x/2.x pipeline gives every call.
   * The adapters run once a sampler loop, not once a step: a T2I-Adapter sees neither the latents nor the timestep.
     Both halves of the guided batch get the features, as in diffusers. With a ControlNet as well, the UNet takes
     both (nn/unet.py).
