@@ -136,3 +136,15 @@ def controlnet_folder(unet_cfg, folder, seed: int, tune=None) -> str:
             tune(ref)
     ref.save_pretrained(folder)
     return str(folder)
+
+
+def cli_files(root) -> dict:
+    """What the CLI tests run on: the tiny SD1 and SD1-inpainting model folders ("tiny", "tiny-inpaint"), a 67x45
+    product photo ("product") and its product mask ("mask", white = keep), under `root` ("root")."""
+    out = {name: str(save_model(init_model(name, seed=1), root / name)) for name in ("tiny", "tiny-inpaint")}
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (45, 67, 3), dtype=np.uint8)).save(root / "product.png")
+    product = np.zeros((45, 67), np.uint8)
+    product[10:35, 20:45] = 255  # white = the product to keep
+    Image.fromarray(product).save(root / "product-mask.png")
+    return out | {"root": root, "product": str(root / "product.png"), "mask": str(root / "product-mask.png")}

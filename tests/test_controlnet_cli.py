@@ -13,10 +13,9 @@ import torch
 from PIL import Image
 
 from backdrop.cli import build_parser, main
-from backdrop.nn.checkpoint import init_model, save_model
 from backdrop.nn.config import PRESETS
 
-from pipeline_helpers import controlnet_folder, edges
+from pipeline_helpers import cli_files, controlnet_folder, edges
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = [pytest.mark.usefixtures("one_thread"),  # conftest.py
@@ -30,20 +29,14 @@ def files(tmp_path_factory, one_thread):
     """The tiny SD1 and SD1-inpainting models, two ControlNets that fit both, one that does not, control images (one
     not of the output's size), a product photo and its mask."""
     root = tmp_path_factory.mktemp("controlnet-cli")
-    out = {name: str(save_model(init_model(name, seed=1), root / name)) for name in ("tiny", "tiny-inpaint")}
+    out = cli_files(root)
     unet = PRESETS["tiny"].unet
     out |= {"a": controlnet_folder(unet, root / "net-a", 5), "b": controlnet_folder(unet, root / "net-b", 6),
             "wrong": controlnet_folder(replace(unet, cross_attention_dim=48), root / "net-wrong", 7)}
     for name, seed, size in (("edges-a", 1, (64, 64)), ("edges-b", 2, (40, 56))):
         edges(seed, *size).save(root / f"{name}.png")
         out[name] = str(root / f"{name}.png")
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (45, 67, 3), dtype=np.uint8)).save(root / "product.png")
-    product = np.zeros((45, 67), np.uint8)
-    product[10:35, 20:45] = 255  # white = the product to keep
-    Image.fromarray(product).save(root / "product-mask.png")
     (root / "not-an-image.png").write_text("hello")
-    out |= {"root": root, "product": str(root / "product.png"), "mask": str(root / "product-mask.png")}
     return out
 
 

@@ -8,16 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from backdrop.cli import main
-from backdrop.nn.checkpoint import init_model, save_model
-
+from pipeline_helpers import cli_files
+from test_controlnet_cli import PROMPT, cli, png
 from test_t2i_pipeline import FULL, LIGHT, adapter_folder, sketches
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = [pytest.mark.usefixtures("one_thread"),  # conftest.py
               pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")]
-
-PROMPT = "a bottle on a marble table"
 
 
 @pytest.fixture(scope="module")
@@ -27,27 +24,13 @@ def files(tmp_path_factory, one_thread):
     from dataclasses import replace
 
     root = tmp_path_factory.mktemp("t2i-cli")
-    out = {name: str(save_model(init_model(name, seed=1), root / name)) for name in ("tiny", "tiny-inpaint")}
+    out = cli_files(root)
     out |= {"full": adapter_folder(FULL, root / "full", 1)[0], "light": adapter_folder(LIGHT, root / "light", 2)[0],
             "wrong": adapter_folder(replace(FULL, channels=(48, 64)), root / "wrong", 3)[0]}
     for name, seed, size in (("sketch-a", 1, (64, 64)), ("sketch-b", 2, (40, 56))):
         sketches(1, seed=seed)[0].resize(size[::-1]).save(root / f"{name}.png")
         out[name] = str(root / f"{name}.png")
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (45, 67, 3), dtype=np.uint8)).save(root / "product.png")
-    product = np.zeros((45, 67), np.uint8)
-    product[10:35, 20:45] = 255  # white = the product to keep
-    Image.fromarray(product).save(root / "product-mask.png")
-    return out | {"root": root, "product": str(root / "product.png"), "mask": str(root / "product-mask.png")}
-
-
-def cli(capsys, kind: str, *argv, model=None, out=None):
-    """Run `backdrop KIND ...` in-process: (exit status, output paths, stderr)."""
-    base = ["--model", model, "--device", "cpu", "--dtype", "fp32", "--steps", "3", "--quiet", "--prompt", PROMPT,
-            "--out", str(out)] if model else []
-    code = main([kind, *map(str, argv), *base])
-    said = capsys.readouterr()
-    return code, said.out.split(), said.err.strip()
+    return out
 
 
 def api(folder, kind: str, adapters: list[str], *args, **kwargs) -> list[np.ndarray]:
@@ -56,11 +39,6 @@ def api(folder, kind: str, adapters: list[str], *args, **kwargs) -> list[np.ndar
     pipe = Pipeline.from_pretrained(folder, device="cpu", dtype=torch.float32, adapter=adapters)
     out = getattr(pipe, kind)(*args, prompt=PROMPT, steps=3, progress=False, **kwargs).images
     return [np.asarray(im) for im in out]
-
-
-def png(path) -> tuple[np.ndarray, str]:
-    with Image.open(path) as im:
-        return np.asarray(im), im.info["parameters"]
 
 
 def test_generate_with_an_adapter_is_the_pipelines_image(files, capsys, tmp_path):
@@ -102,7 +80,8 @@ def test_misuse_is_one_line(files, capsys, tmp_path):
     assert "0 --adapter and 1 --adapter-image" in fails("--adapter-image", files["sketch-a"])
     assert "--adapter-scale is an option of --adapter, which is not given" in fails("--adapter-scale", "0.5")
     assert "--adapter-scale is given 2 times for 1 --adapter" in fails(
-        "--adapter", files["full"], "--adapter-image", files["sketch-a"], "--adapter-scale", "1", "--adapter-scale", "2")
+        "--adapter", files["full"], "--adapter-image", files["sketch-a"], "--adapter-scale", "1",
+        "--adapter-scale", "2")
     assert "--adapter-scale" in fails("--adapter", files["full"], "--adapter-image", files["sketch-a"],
                                       "--adapter-scale", "nan")
     gone = tmp_path / "gone"
