@@ -313,36 +313,34 @@ def apply_model_options(pipe, args) -> None:
 
 
 def load_adapters(pipe, paths: list) -> None:
-    """--adapter (repeatable): pipe.adapter runs them all, in order; set one at a time, so that an error (a folder
-    that is no T2I-Adapter, one for another base model, another backend) names its path."""
-    from backdrop.nn.checkpoint import torch_model
+    """--adapter (repeatable): pipe.adapter runs them all, in order."""
     from backdrop.nn.t2i_adapter import load_t2i_adapter
-
-    adapters = []
-    for path in paths:
-        try:
-            torch_model(pipe.backend, "--adapter", "an export's UNet takes no adapter features (--backend torch)")
-            adapters.append(load_t2i_adapter(path, pipe.backend.dtype, pipe.backend.device))
-            pipe.adapter = adapters
-        except (OSError, ValueError, TypeError) as e:  # CheckpointError, MissingFile, a misfit, another backend
-            raise CLIError(f"--adapter {path}: {one_line(e)}") from None
+    _set_in_order(pipe, "adapter", "--adapter", paths, load_t2i_adapter,
+                  "an export's UNet takes no adapter features (--backend torch)")
 
 
 def load_controlnets(pipe, paths: list, allow_pickle: bool = False) -> None:
-    """--controlnet (repeatable): pipe.controlnet runs them all, in order; loaded one at a time, so that an error
-    (a file that is no ControlNet, one for another base model, another backend) names its path."""
-    from backdrop.nn.checkpoint import torch_model
+    """--controlnet (repeatable): pipe.controlnet runs them all, in order."""
     from backdrop.nn.controlnet import load_controlnet
+    _set_in_order(pipe, "controlnet", "--controlnet", paths,
+                  lambda path, dtype, device: load_controlnet(path, dtype, device, allow_pickle),
+                  "an export's UNet takes no ControlNet residuals (--backend torch)")
 
-    nets = []
+
+def _set_in_order(pipe, attribute: str, flag: str, paths: list, load, instead: str) -> None:
+    """pipe.<attribute> (controlnet, adapter) = the networks at `paths`, loaded by load(path, dtype, device) and set
+    one at a time, so that an error (a file that is no such network, one for another base model, another backend)
+    is a one-line CLIError naming its `flag` and path."""
+    from backdrop.nn.checkpoint import torch_model
+
+    loaded = []
     for path in paths:
         try:
-            torch_model(pipe.backend, "--controlnet",
-                        "an export's UNet takes no ControlNet residuals (--backend torch)")
-            nets.append(load_controlnet(path, pipe.backend.dtype, pipe.backend.device, allow_pickle))
-            pipe.controlnet = nets
-        except (OSError, ValueError, TypeError) as e:  # CheckpointError, MissingFile
-            raise CLIError(f"--controlnet {path}: {one_line(e)}") from None
+            torch_model(pipe.backend, flag, instead)
+            loaded.append(load(path, pipe.backend.dtype, pipe.backend.device))
+            setattr(pipe, attribute, loaded)
+        except (OSError, ValueError, TypeError) as e:  # CheckpointError, MissingFile, a misfit, another backend
+            raise CLIError(f"{flag} {path}: {one_line(e)}") from None
 
 
 class _Parser(argparse.ArgumentParser):
